@@ -1,0 +1,57 @@
+//! keel-wal: the write-ahead log and the snapshot files of one member.
+//!
+//! Owns the files in `<data-dir>/member/wal/` (`%016x-%016x.wal`, sequence-index) and
+//! `<data-dir>/member/snap/` (`%016x-%016x.snap`, term-index). Records are opaque bytes with a
+//! one-byte type; what they mean belongs to the caller (keel-raft). Calls nothing else in Keel.
+//!
+//! Record layout, every record 8-byte aligned:
+//! `len: u32 LE | crc32c(type|payload): u32 LE | type: u8 | payload | zero padding`.
+//! `len` counts type and payload. Segments are preallocated with zeros, so a zero `len` marks the
+//! end of the written part.
+//!
+//! Recovery rules:
+//! - In the last segment, a record that runs past the end of the file, or whose checksum fails
+//!   while a zeroed sector or nothing but zeros follows it, is a torn write: it and everything
+//!   after it are cut off, with a warning.
+//! - Any other checksum failure, anywhere, is corruption: opening fails with an error naming the
+//!   file and the offset.
+
+mod snap;
+mod wal;
+
+pub use snap::{SnapFile, Snapshotter};
+pub use wal::{Record, Wal, WalOptions, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
+
+use std::path::PathBuf;
+
+/// Errors of the WAL and snapshot files.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("wal: io error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("wal: corrupt record in {path} at offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("wal: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
+
+/// Fsyncs a directory so that file creations, renames and removals in it are durable.
+pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    let f = std::fs::File::open(dir).map_err(io_err(dir))?;
+    f.sync_all().map_err(io_err(dir))
+}

@@ -1,0 +1,497 @@
+//! Segmented, checksummed, preallocated log files.
+
+use crate::{io_err, sync_dir, Error, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Member metadata (cluster and member identity); first record of every segment.
+pub const RECORD_METADATA: u8 = 1;
+/// A raft log entry.
+pub const RECORD_ENTRY: u8 = 2;
+/// A raft hard state (term, vote, commit).
+pub const RECORD_STATE: u8 = 3;
+/// Marks that a snapshot was taken at some (term, index).
+pub const RECORD_SNAPSHOT: u8 = 5;
+
+const HEADER: usize = 8;
+const SECTOR: usize = 512;
+/// etcd's segment size.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1000 * 1000;
+
+/// One record: a type and its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub kind: u8,
+    pub data: Vec<u8>,
+}
+
+/// Tunables; the defaults are etcd's.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// A segment is cut once it holds this many bytes (and preallocated to this size).
+    pub segment_bytes: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions { segment_bytes: DEFAULT_SEGMENT_BYTES }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SegmentName {
+    seq: u64,
+    index: u64,
+}
+
+impl SegmentName {
+    fn file_name(&self) -> String {
+        format!("{:016x}-{:016x}.wal", self.seq, self.index)
+    }
+
+    fn parse(name: &str) -> Option<SegmentName> {
+        let stem = name.strip_suffix(".wal")?;
+        let (a, b) = stem.split_once('-')?;
+        if a.len() != 16 || b.len() != 16 {
+            return None;
+        }
+        Some(SegmentName { seq: u64::from_str_radix(a, 16).ok()?, index: u64::from_str_radix(b, 16).ok()? })
+    }
+}
+
+/// An open write-ahead log, positioned for appending at the end of its last segment.
+pub struct Wal {
+    dir: PathBuf,
+    opts: WalOptions,
+    segments: Vec<SegmentName>,
+    file: File,
+    offset: u64,
+    metadata: Vec<u8>,
+    last_state: Option<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+fn padded(len: usize) -> usize {
+    (len + 7) & !7
+}
+
+fn encode_into(buf: &mut Vec<u8>, kind: u8, data: &[u8]) {
+    let len = 1 + data.len();
+    let mut crc = crc32c::crc32c(&[kind]);
+    crc = crc32c::crc32c_append(crc, data);
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf.push(kind);
+    buf.extend_from_slice(data);
+    let pad = padded(len) - len;
+    buf.extend(std::iter::repeat_n(0u8, pad));
+}
+
+/// Outcome of scanning one segment's bytes.
+struct Scan {
+    records: Vec<Record>,
+    /// Offset just past the last good record.
+    end: u64,
+    /// Why scanning stopped early, if it was not a clean end.
+    damage: Option<(u64, String, bool)>, // (offset, reason, looks_torn)
+}
+
+fn scan(bytes: &[u8]) -> Scan {
+    let mut records = Vec::new();
+    let mut off = 0usize;
+    loop {
+        if off + HEADER > bytes.len() {
+            let rest = &bytes[off..];
+            let damage = if rest.iter().all(|b| *b == 0) {
+                None
+            } else {
+                Some((off as u64, "partial record header".to_string(), true))
+            };
+            return Scan { records, end: off as u64, damage };
+        }
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+        let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap_or([0; 4]));
+        if len == 0 {
+            let rest = &bytes[off..];
+            let damage = if rest.iter().all(|b| *b == 0) {
+                None
+            } else {
+                Some((off as u64, "zero-length record followed by data".to_string(), false))
+            };
+            return Scan { records, end: off as u64, damage };
+        }
+        let body_start = off + HEADER;
+        if body_start + len > bytes.len() {
+            return Scan {
+                records,
+                end: off as u64,
+                damage: Some((off as u64, format!("record of {len} bytes runs past the end of the file"), true)),
+            };
+        }
+        let body = &bytes[body_start..body_start + len];
+        if crc32c::crc32c(body) != crc {
+            // A torn write leaves a whole sector unwritten (zeros) inside the record, or leaves
+            // nothing valid behind it.
+            let rec_end = (body_start + padded(len)).min(bytes.len());
+            let has_zero_sector = {
+                let first = off.div_ceil(SECTOR) * SECTOR;
+                let mut s = first;
+                let mut found = false;
+                while s + SECTOR <= rec_end {
+                    if bytes[s..s + SECTOR].iter().all(|b| *b == 0) {
+                        found = true;
+                        break;
+                    }
+                    s += SECTOR;
+                }
+                found
+            };
+            let tail_zero = bytes[rec_end..].iter().all(|b| *b == 0);
+            let torn = has_zero_sector || tail_zero;
+            return Scan {
+                records,
+                end: off as u64,
+                damage: Some((off as u64, format!("crc mismatch (stored {crc:#010x})"), torn)),
+            };
+        }
+        records.push(Record { kind: body[0], data: body[1..].to_vec() });
+        off = body_start + padded(len);
+    }
+}
+
+impl Wal {
+    /// True if `dir` holds at least one WAL segment.
+    pub fn exists(dir: &Path) -> bool {
+        list_segments(dir).map(|s| !s.is_empty()).unwrap_or(false)
+    }
+
+    /// Creates a new WAL in `dir` (which must hold no segment) whose segments all begin with
+    /// `metadata`.
+    pub fn create(dir: &Path, metadata: &[u8], opts: WalOptions) -> Result<Wal> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if !list_segments(dir)?.is_empty() {
+            return Err(Error::Invalid(format!("{} already holds a WAL", dir.display())));
+        }
+        let name = SegmentName { seq: 0, index: 0 };
+        let file = create_segment(dir, name, &opts, metadata, None)?;
+        let offset = file_offset_after_header(metadata, None);
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            opts,
+            segments: vec![name],
+            file,
+            offset,
+            metadata: metadata.to_vec(),
+            last_state: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Opens the WAL in `dir`, checks every record and returns them in order. A torn tail of the
+    /// last segment is cut off (with a warning); other damage is an error.
+    pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Vec<Record>)> {
+        let segments = list_segments(dir)?;
+        if segments.is_empty() {
+            return Err(Error::Invalid(format!("no WAL segment in {}", dir.display())));
+        }
+        for pair in segments.windows(2) {
+            if pair[1].seq != pair[0].seq + 1 {
+                return Err(Error::Invalid(format!(
+                    "WAL segments out of sequence in {}: {} followed by {}",
+                    dir.display(),
+                    pair[0].file_name(),
+                    pair[1].file_name()
+                )));
+            }
+        }
+        let mut all = Vec::new();
+        let mut tail_end = 0u64;
+        for (i, seg) in segments.iter().enumerate() {
+            let path = dir.join(seg.file_name());
+            let mut bytes = Vec::new();
+            File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(&path))?;
+            let s = scan(&bytes);
+            let last = i + 1 == segments.len();
+            if let Some((offset, reason, torn)) = s.damage {
+                if last && torn {
+                    tracing::warn!(
+                        file = %path.display(),
+                        offset,
+                        reason = %reason,
+                        "wal: torn last record; truncating the tail of the WAL"
+                    );
+                } else {
+                    return Err(Error::Corrupt { path, offset, reason });
+                }
+            }
+            if s.records.first().map(|r| r.kind) != Some(RECORD_METADATA) {
+                return Err(Error::Corrupt { path, offset: 0, reason: "segment does not start with metadata".into() });
+            }
+            if last {
+                tail_end = s.end;
+            }
+            all.extend(s.records);
+        }
+        let metadata = all.first().map(|r| r.data.clone()).unwrap_or_default();
+        let last_state = all.iter().rev().find(|r| r.kind == RECORD_STATE).map(|r| r.data.clone());
+        let last = *segments.last().ok_or_else(|| Error::Invalid("no segment".into()))?;
+        let path = dir.join(last.file_name());
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
+        // Zero everything after the last good record, so that stale bytes can never be read back as
+        // records once new ones are appended in front of them.
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        if len > tail_end {
+            file.set_len(tail_end).map_err(io_err(&path))?;
+        }
+        file.set_len(opts.segment_bytes.max(tail_end)).map_err(io_err(&path))?;
+        file.sync_all().map_err(io_err(&path))?;
+        let wal = Wal { dir: dir.to_path_buf(), opts, segments, file, offset: tail_end, metadata, last_state, buf: Vec::new() };
+        Ok((wal, all))
+    }
+
+    /// Appends `records` and makes them durable (fdatasync) before returning. `next_index` is the
+    /// index the next raft entry after these records would get; it names a new segment when the
+    /// current one is full.
+    pub fn save(&mut self, records: &[(u8, &[u8])], next_index: u64) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.buf.clear();
+        for (kind, data) in records {
+            encode_into(&mut self.buf, *kind, data);
+            if *kind == RECORD_STATE {
+                self.last_state = Some(data.to_vec());
+            }
+        }
+        let path = self.current_path();
+        self.file.seek(SeekFrom::Start(self.offset)).map_err(io_err(&path))?;
+        self.file.write_all(&self.buf).map_err(io_err(&path))?;
+        self.offset += self.buf.len() as u64;
+        if self.offset > self.opts.segment_bytes {
+            // The file grew past its preallocation: extend metadata too.
+            self.file.sync_all().map_err(io_err(&path))?;
+        } else {
+            self.file.sync_data().map_err(io_err(&path))?;
+        }
+        if self.offset >= self.opts.segment_bytes {
+            self.cut(next_index)?;
+        }
+        Ok(())
+    }
+
+    fn current_path(&self) -> PathBuf {
+        match self.segments.last() {
+            Some(s) => self.dir.join(s.file_name()),
+            None => self.dir.clone(),
+        }
+    }
+
+    /// Starts a new segment; it begins with the metadata and the latest hard state.
+    fn cut(&mut self, next_index: u64) -> Result<()> {
+        let seq = self.segments.last().map(|s| s.seq + 1).unwrap_or(0);
+        let name = SegmentName { seq, index: next_index };
+        let file = create_segment(&self.dir, name, &self.opts, &self.metadata, self.last_state.as_deref())?;
+        self.offset = file_offset_after_header(&self.metadata, self.last_state.as_deref());
+        self.file = file;
+        self.segments.push(name);
+        tracing::info!(segment = %name.file_name(), "wal: cut a new segment");
+        Ok(())
+    }
+
+    /// Removes segments that hold only entries at or below `index` (a snapshot covers them).
+    /// The last segment is always kept.
+    pub fn release_to(&mut self, index: u64) -> Result<()> {
+        let mut removable = 0;
+        for i in 0..self.segments.len().saturating_sub(1) {
+            if self.segments[i + 1].index <= index + 1 {
+                removable = i + 1;
+            }
+        }
+        for seg in self.segments.drain(..removable) {
+            let path = self.dir.join(seg.file_name());
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            tracing::info!(segment = %seg.file_name(), "wal: released segment covered by a snapshot");
+        }
+        if removable > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// The names of the segments currently on disk, oldest first.
+    pub fn segment_files(&self) -> Vec<String> {
+        self.segments.iter().map(|s| s.file_name()).collect()
+    }
+
+    /// The metadata every segment begins with.
+    pub fn metadata(&self) -> &[u8] {
+        &self.metadata
+    }
+}
+
+fn file_offset_after_header(metadata: &[u8], state: Option<&[u8]>) -> u64 {
+    let mut n = padded(HEADER + 1 + metadata.len());
+    if let Some(s) = state {
+        n += padded(HEADER + 1 + s.len());
+    }
+    n as u64
+}
+
+fn create_segment(dir: &Path, name: SegmentName, opts: &WalOptions, metadata: &[u8], state: Option<&[u8]>) -> Result<File> {
+    let tmp = dir.join(format!("{}.tmp", name.file_name()));
+    let fin = dir.join(name.file_name());
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(io_err(&tmp))?;
+    let mut buf = Vec::new();
+    encode_into(&mut buf, RECORD_METADATA, metadata);
+    if let Some(s) = state {
+        encode_into(&mut buf, RECORD_STATE, s);
+    }
+    f.write_all(&buf).map_err(io_err(&tmp))?;
+    f.set_len(opts.segment_bytes.max(buf.len() as u64)).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &fin).map_err(io_err(&fin))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<SegmentName>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Io { path: dir.to_path_buf(), source: e }),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(io_err(dir))?;
+        let name = ent.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".tmp") {
+            // A segment whose creation did not finish: never held acknowledged data.
+            let _ = fs::remove_file(ent.path());
+            continue;
+        }
+        if let Some(s) = SegmentName::parse(&name) {
+            out.push(s);
+        }
+    }
+    out.sort_by_key(|s| s.seq);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> WalOptions {
+        WalOptions { segment_bytes: 4096 }
+    }
+
+    fn entries(wal: &mut Wal, from: u64, to: u64) {
+        for i in from..=to {
+            let data = format!("entry-{i:08}-{}", "x".repeat(100));
+            wal.save(&[(RECORD_ENTRY, data.as_bytes())], i + 1).expect("save");
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", small()).unwrap();
+        entries(&mut w, 1, 100);
+        w.save(&[(RECORD_STATE, b"hs")], 101).unwrap();
+        let segs = w.segment_files();
+        assert!(segs.len() > 2, "expected several segments, got {segs:?}");
+        drop(w);
+        let (w, recs) = Wal::open(d.path(), small()).unwrap();
+        let ents: Vec<_> = recs.iter().filter(|r| r.kind == RECORD_ENTRY).collect();
+        assert_eq!(ents.len(), 100);
+        assert!(ents[99].data.starts_with(b"entry-00000100"));
+        assert_eq!(w.metadata(), b"meta");
+    }
+
+    #[test]
+    fn release_keeps_needed_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", small()).unwrap();
+        entries(&mut w, 1, 100);
+        let before = w.segment_files().len();
+        w.release_to(60).unwrap();
+        assert!(w.segment_files().len() < before);
+        drop(w);
+        let (_, recs) = Wal::open(d.path(), small()).unwrap();
+        let first = recs.iter().find(|r| r.kind == RECORD_ENTRY).unwrap();
+        let idx: u64 = std::str::from_utf8(&first.data[6..14]).unwrap().parse().unwrap();
+        assert!(idx <= 61, "entry 61 must survive release_to(60), first is {idx}");
+    }
+
+    #[test]
+    fn torn_tail_is_truncated() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", WalOptions::default()).unwrap();
+        entries(&mut w, 1, 10);
+        let end = w.offset;
+        drop(w);
+        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
+        // Cut the last record in half.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(end - 50).unwrap();
+        drop(f);
+        let (mut w, recs) = Wal::open(d.path(), WalOptions::default()).unwrap();
+        assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 9);
+        entries(&mut w, 10, 12);
+        drop(w);
+        let (_, recs) = Wal::open(d.path(), WalOptions::default()).unwrap();
+        assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 12);
+    }
+
+    #[test]
+    fn garbage_in_last_record_is_torn() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", WalOptions::default()).unwrap();
+        entries(&mut w, 1, 10);
+        let end = w.offset;
+        drop(w);
+        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[end as usize - 20] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        let (_, recs) = Wal::open(d.path(), WalOptions::default()).unwrap();
+        assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 9);
+    }
+
+    #[test]
+    fn flipped_byte_in_middle_is_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", WalOptions::default()).unwrap();
+        entries(&mut w, 1, 10);
+        drop(w);
+        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[200] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        match Wal::open(d.path(), WalOptions::default()) {
+            Err(Error::Corrupt { path: p, offset, .. }) => {
+                assert_eq!(p, path);
+                assert!(offset <= 200);
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("corruption was not detected"),
+        }
+    }
+
+    #[test]
+    fn flipped_byte_in_closed_segment_is_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", small()).unwrap();
+        entries(&mut w, 1, 100);
+        let first = d.path().join(w.segment_files()[0].clone());
+        drop(w);
+        let mut bytes = fs::read(&first).unwrap();
+        // Damage the last record of the closed first segment: still corruption, not a torn tail.
+        let s = scan(&bytes);
+        bytes[s.end as usize - 10] ^= 0x01;
+        fs::write(&first, &bytes).unwrap();
+        assert!(matches!(Wal::open(d.path(), small()), Err(Error::Corrupt { .. })));
+    }
+}
