@@ -1,1 +1,23 @@
+//! keel-mvcc: the multi-version key-value store of one member.
+//!
+//! Owns `<data-dir>/member/snap/db` (a redb file) and the in-memory key index. Every change gets a
+//! revision (main, sub); keys keep create_revision, mod_revision, version and lease; a delete writes
+//! a tombstone that ends the key's generation; reads at any revision that is not compacted.
+//!
+//! - [`index`]: the in-memory ordered index, key -> revision history.
+//! - [`backend`]: the redb tables, committed in batches together with the consistent index.
+//! - [`store`]: ties index and backend together: versioned reads, atomic write transactions,
+//!   compaction, restore on open.
+//! - [`kv`]: etcd's request semantics (Range, Put, DeleteRange, Txn, Compact) on top of the store.
+//!
+//! Called by the server's apply path (writes) and read path (reads). Calls only keel-proto and redb.
 
+pub mod backend;
+pub mod index;
+pub mod kv;
+pub mod revision;
+pub mod store;
+
+pub use kv::{KvError, TxnLimits};
+pub use revision::Revision;
+pub use store::Store;

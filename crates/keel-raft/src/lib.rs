@@ -1,1 +1,21 @@
+//! keel-raft: the raft node of one member, on the `raft` crate (tikv/raft-rs, etcd's design).
+//!
+//! Owns the `RawNode`, the tick timer and the Ready loop: persist entries and hard state to the
+//! WAL and fsync, then hand committed entries to the state machine, then advance. Also owns
+//! snapshots (every `snapshot_count` applied entries) and WAL release.
+//!
+//! - [`disk`]: what a member has on disk (WAL + snapshot files) and how it is read back.
+//! - [`node`]: the driver thread and the handle the server uses to propose and to read.
+//! - [`logger`]: raft-rs logs (slog) forwarded to `tracing`.
+//!
+//! Calls keel-wal for durability and the [`StateMachine`] it is given for applying; knows nothing
+//! of keys, revisions or gRPC.
 
+pub mod disk;
+pub mod logger;
+pub mod node;
+pub mod storage;
+
+pub use disk::{Disk, Identity};
+pub use node::{start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport};
+pub use raft::eraftpb;

@@ -69,6 +69,8 @@ pub struct Wal {
     offset: u64,
     metadata: Vec<u8>,
     last_state: Option<Vec<u8>>,
+    /// Highest `next_index` seen; names the next segment.
+    next_index: u64,
     buf: Vec<u8>,
 }
 
@@ -184,6 +186,7 @@ impl Wal {
             offset,
             metadata: metadata.to_vec(),
             last_state: None,
+            next_index: 0,
             buf: Vec::new(),
         })
     }
@@ -246,17 +249,19 @@ impl Wal {
         }
         file.set_len(opts.segment_bytes.max(tail_end)).map_err(io_err(&path))?;
         file.sync_all().map_err(io_err(&path))?;
-        let wal = Wal { dir: dir.to_path_buf(), opts, segments, file, offset: tail_end, metadata, last_state, buf: Vec::new() };
+        let next_index = last.index;
+        let wal = Wal { dir: dir.to_path_buf(), opts, segments, file, offset: tail_end, metadata, last_state, next_index, buf: Vec::new() };
         Ok((wal, all))
     }
 
     /// Appends `records` and makes them durable (fdatasync) before returning. `next_index` is the
-    /// index the next raft entry after these records would get; it names a new segment when the
-    /// current one is full.
+    /// index the next raft entry after these records would get (0 if unknown); the highest one
+    /// seen names the next segment, so a segment's name never exceeds the entries before it.
     pub fn save(&mut self, records: &[(u8, &[u8])], next_index: u64) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
+        self.next_index = self.next_index.max(next_index);
         self.buf.clear();
         for (kind, data) in records {
             encode_into(&mut self.buf, *kind, data);
@@ -275,7 +280,7 @@ impl Wal {
             self.file.sync_data().map_err(io_err(&path))?;
         }
         if self.offset >= self.opts.segment_bytes {
-            self.cut(next_index)?;
+            self.cut(self.next_index)?;
         }
         Ok(())
     }

@@ -1,0 +1,177 @@
+//! The persistent backend: redb tables `key` (revision -> mvccpb.KeyValue) and `meta`.
+//!
+//! Writes are buffered by the store and committed here in batches, each batch in one redb
+//! transaction together with the consistent index, so that a crash leaves the backend at a batch
+//! boundary and replaying the WAL from the stored consistent index applies each entry exactly once.
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("key");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Records of other modules (members, ...), committed in the same batches as keys.
+const AUX: TableDefinition<&str, &[u8]> = TableDefinition::new("aux");
+
+const META_CONSISTENT_INDEX: &str = "consistent_index";
+const META_TERM: &str = "term";
+const META_CURRENT_REV: &str = "current_revision";
+const META_COMPACTED_REV: &str = "finished_compact_revision";
+
+/// A backend failure: the disk or the redb file. Not recoverable by the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("backend {path}: {msg}")]
+pub struct BackendError {
+    pub path: PathBuf,
+    pub msg: String,
+}
+
+/// What the backend records besides keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Index of the last raft entry whose effects are in the backend.
+    pub consistent_index: u64,
+    pub term: u64,
+    pub current_rev: i64,
+    pub compacted_rev: i64,
+}
+
+pub struct Backend {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Backend {
+    fn err(&self, e: impl std::fmt::Display) -> BackendError {
+        BackendError { path: self.path.clone(), msg: e.to_string() }
+    }
+
+    /// Opens or creates the backend file.
+    pub fn open(path: &Path) -> Result<Backend, BackendError> {
+        let mk = |e: &dyn std::fmt::Display| BackendError { path: path.to_path_buf(), msg: e.to_string() };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| mk(&e))?;
+        }
+        let db = Database::create(path).map_err(|e| mk(&e))?;
+        let b = Backend { db, path: path.to_path_buf() };
+        // Make sure both tables exist so that read transactions can always open them.
+        let tx = b.db.begin_write().map_err(|e| b.err(e))?;
+        {
+            tx.open_table(KEYS).map_err(|e| b.err(e))?;
+            tx.open_table(META).map_err(|e| b.err(e))?;
+            tx.open_table(AUX).map_err(|e| b.err(e))?;
+        }
+        tx.commit().map_err(|e| b.err(e))?;
+        Ok(b)
+    }
+
+    pub fn read_meta(&self) -> Result<Meta, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(META).map_err(|e| self.err(e))?;
+        let get = |k: &str| -> Result<u64, BackendError> {
+            match t.get(k).map_err(|e| self.err(e))? {
+                Some(v) => {
+                    let b: [u8; 8] = v.value().try_into().map_err(|_| self.err(format!("meta {k} is not 8 bytes")))?;
+                    Ok(u64::from_be_bytes(b))
+                }
+                None => Ok(0),
+            }
+        };
+        Ok(Meta {
+            consistent_index: get(META_CONSISTENT_INDEX)?,
+            term: get(META_TERM)?,
+            current_rev: get(META_CURRENT_REV)? as i64,
+            compacted_rev: get(META_COMPACTED_REV)? as i64,
+        })
+    }
+
+    /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
+    pub fn commit(&self, changes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;
+            for (k, v) in aux {
+                a.insert(k.as_str(), v.as_slice()).map_err(|e| self.err(e))?;
+            }
+            let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+            for (k, v) in changes {
+                match v {
+                    Some(v) => {
+                        keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
+                    }
+                    None => {
+                        keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
+                    }
+                }
+            }
+            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+            m.insert(META_CONSISTENT_INDEX, meta.consistent_index.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+            m.insert(META_TERM, meta.term.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+            m.insert(META_CURRENT_REV, (meta.current_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+            m.insert(META_COMPACTED_REV, (meta.compacted_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every auxiliary record.
+    pub fn read_aux(&self) -> Result<BTreeMap<String, Vec<u8>>, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(AUX).map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for item in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.insert(k.value().to_string(), v.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Starts a consistent read of the committed state.
+    pub fn reader(&self) -> Result<Reader, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+        Ok(Reader { table: t, path: self.path.clone() })
+    }
+
+    /// Calls `f` for every stored (revision key, value) in revision order.
+    pub fn scan(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), BackendError>) -> Result<(), BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+        for item in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            f(k.value(), v.value())?;
+        }
+        Ok(())
+    }
+
+    /// Size of the file, and the bytes of it that hold live data.
+    pub fn size(&self) -> (u64, u64) {
+        let total = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let in_use = self
+            .db
+            .begin_write()
+            .ok()
+            .and_then(|tx| {
+                let s = tx.stats().ok().map(|s| s.stored_bytes() + s.metadata_bytes());
+                let _ = tx.abort();
+                s
+            })
+            .unwrap_or(total);
+        (total, in_use.min(total.max(in_use)))
+    }
+}
+
+/// A read-only view of the committed key table.
+pub struct Reader {
+    table: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    path: PathBuf,
+}
+
+impl Reader {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
+        self.table
+            .get(key)
+            .map(|o| o.map(|v| v.value().to_vec()))
+            .map_err(|e| BackendError { path: self.path.clone(), msg: e.to_string() })
+    }
+}

@@ -1,0 +1,209 @@
+//! The in-memory ordered index: for each key, the revisions of its changes still held.
+//!
+//! Pure data structure; knows nothing of the backend. Invariants (checked in debug builds):
+//! a key's revisions strictly increase; `created`/`version` describe its live generation and are
+//! zero when the newest change is a tombstone.
+
+use crate::revision::Revision;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// One change of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub rev: Revision,
+    pub tombstone: bool,
+}
+
+/// A key's history.
+#[derive(Debug, Clone, Default)]
+pub struct KeyHistory {
+    pub changes: Vec<Change>,
+    /// create_revision of the live generation, 0 when the key does not exist now.
+    pub created: i64,
+    /// version of the live generation, 0 when the key does not exist now.
+    pub version: i64,
+    /// lease of the live value.
+    pub lease: i64,
+}
+
+impl KeyHistory {
+    /// The change visible at revision `at`: the newest with main <= at, if it is not a tombstone.
+    pub fn visible_at(&self, at: i64) -> Option<Revision> {
+        let pos = self.changes.partition_point(|c| c.rev.main <= at);
+        if pos == 0 {
+            return None;
+        }
+        let c = self.changes[pos - 1];
+        if c.tombstone {
+            None
+        } else {
+            Some(c.rev)
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.changes.last().map(|c| !c.tombstone).unwrap_or(false)
+    }
+}
+
+/// The ordered key index.
+#[derive(Debug, Default)]
+pub struct Index {
+    keys: BTreeMap<Vec<u8>, KeyHistory>,
+}
+
+/// The range `[key, end)`; an empty `end` means the single key, `end == [0]` means every key >= key.
+pub fn bounds<'a>(key: &'a [u8], end: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+    if end.is_empty() {
+        (Bound::Included(key), Bound::Included(key))
+    } else if end == [0u8] {
+        (Bound::Included(key), Bound::Unbounded)
+    } else {
+        (Bound::Included(key), Bound::Excluded(end))
+    }
+}
+
+/// True when the range is empty by construction (end <= key, end not special).
+fn empty_range(key: &[u8], end: &[u8]) -> bool {
+    !end.is_empty() && end != [0u8] && end <= key
+}
+
+impl Index {
+    pub fn get(&self, key: &[u8]) -> Option<&KeyHistory> {
+        self.keys.get(key)
+    }
+
+    /// Records a put at `rev`; returns the history's state before it.
+    pub fn put(&mut self, key: &[u8], rev: Revision, lease: i64) {
+        let h = self.keys.entry(key.to_vec()).or_default();
+        debug_assert!(h.changes.last().map(|c| c.rev < rev).unwrap_or(true), "revisions must increase");
+        if !h.is_live() {
+            h.created = rev.main;
+            h.version = 0;
+        }
+        h.version += 1;
+        h.lease = lease;
+        h.changes.push(Change { rev, tombstone: false });
+    }
+
+    /// Records a tombstone at `rev`. The key must be live.
+    pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
+        if let Some(h) = self.keys.get_mut(key) {
+            debug_assert!(h.is_live(), "tombstone on a deleted key");
+            h.changes.push(Change { rev, tombstone: true });
+            h.created = 0;
+            h.version = 0;
+            h.lease = 0;
+        }
+    }
+
+    /// Restores one change read back from the backend, in revision order.
+    pub fn restore(&mut self, key: &[u8], rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64) {
+        let h = self.keys.entry(key.to_vec()).or_default();
+        h.changes.push(Change { rev, tombstone });
+        if tombstone {
+            h.created = 0;
+            h.version = 0;
+            h.lease = 0;
+        } else {
+            h.created = created;
+            h.version = version;
+            h.lease = lease;
+        }
+    }
+
+    /// Keys in `[key, end)` that exist at revision `at`, in key order, with the visible revision.
+    pub fn range_at<'a>(&'a self, key: &'a [u8], end: &'a [u8], at: i64) -> impl Iterator<Item = (&'a [u8], Revision)> + 'a {
+        let empty = empty_range(key, end);
+        let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
+        it.into_iter().flatten().filter_map(move |(k, h)| h.visible_at(at).map(|r| (k.as_slice(), r)))
+    }
+
+    /// Keys in `[key, end)` that are live now, with their history.
+    pub fn live_range<'a>(&'a self, key: &'a [u8], end: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
+        let empty = empty_range(key, end);
+        let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
+        it.into_iter().flatten().filter(|(_, h)| h.is_live()).map(|(k, h)| (k.as_slice(), h))
+    }
+
+    /// Drops every change superseded at revision `at`: for each key, all changes older than the
+    /// newest one with main <= at, and that one too if it is a tombstone. Returns the dropped
+    /// changes so the backend can delete them.
+    pub fn compact(&mut self, at: i64) -> Vec<Change> {
+        let mut dropped = Vec::new();
+        self.keys.retain(|_, h| {
+            let pos = h.changes.partition_point(|c| c.rev.main <= at);
+            if pos == 0 {
+                return true;
+            }
+            let newest = h.changes[pos - 1];
+            let cut = if newest.tombstone { pos } else { pos - 1 };
+            dropped.extend(h.changes.drain(..cut));
+            !h.changes.is_empty()
+        });
+        dropped
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(m: i64) -> Revision {
+        Revision::new(m, 0)
+    }
+
+    #[test]
+    fn generations_and_visibility() {
+        let mut ix = Index::default();
+        ix.put(b"a", r(2), 0);
+        ix.put(b"a", r(3), 0);
+        ix.tombstone(b"a", r(4));
+        ix.put(b"a", r(5), 0);
+        let h = ix.get(b"a").unwrap();
+        assert_eq!((h.created, h.version), (5, 1));
+        assert_eq!(h.visible_at(1), None);
+        assert_eq!(h.visible_at(3), Some(r(3)));
+        assert_eq!(h.visible_at(4), None);
+        assert_eq!(h.visible_at(9), Some(r(5)));
+    }
+
+    #[test]
+    fn compaction_keeps_what_is_visible() {
+        let mut ix = Index::default();
+        ix.put(b"a", r(2), 0);
+        ix.put(b"a", r(3), 0);
+        ix.put(b"b", r(4), 0);
+        ix.tombstone(b"b", r(5));
+        ix.put(b"c", r(6), 0);
+        let dropped = ix.compact(5);
+        let revs: Vec<i64> = dropped.iter().map(|c| c.rev.main).collect();
+        assert_eq!(revs, vec![2, 4, 5]);
+        assert!(ix.get(b"b").is_none());
+        assert_eq!(ix.get(b"a").unwrap().visible_at(5), Some(r(3)));
+        assert_eq!(ix.get(b"c").unwrap().changes.len(), 1);
+    }
+
+    #[test]
+    fn range_bounds() {
+        let mut ix = Index::default();
+        for (i, k) in [b"a".as_slice(), b"b", b"c"].iter().enumerate() {
+            ix.put(k, r(i as i64 + 2), 0);
+        }
+        let all: Vec<_> = ix.range_at(b"\0", b"\0", 10).map(|(k, _)| k.to_vec()).collect();
+        assert_eq!(all.len(), 3);
+        let ab: Vec<_> = ix.range_at(b"a", b"c", 10).map(|(k, _)| k.to_vec()).collect();
+        assert_eq!(ab, vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(ix.range_at(b"c", b"a", 10).count(), 0);
+        assert_eq!(ix.range_at(b"b", b"", 10).count(), 1);
+    }
+}

@@ -1,0 +1,304 @@
+//! etcd's KV semantics on top of the store: Range, Put, DeleteRange, Txn and Compact.
+//!
+//! Requests arrive here already validated for shape (non-empty keys, txn size, duplicate keys);
+//! what depends on the store's state (revisions, lease and key existence) is checked here, before
+//! any change, so that a failing request changes nothing.
+
+use crate::backend::BackendError;
+use crate::store::{Store, WriteTxn};
+use keel_proto::etcdserverpb::{
+    compare, request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use keel_proto::mvccpb::{Event, KeyValue};
+
+/// Failures that depend on the store's state. Messages are etcd's (without "etcdserver: ").
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("{0}")]
+    Backend(BackendError),
+    #[error("mvcc: corrupt store: {0}")]
+    Corrupt(String),
+}
+
+/// Limits checked on requests before they are proposed.
+#[derive(Debug, Clone, Copy)]
+pub struct TxnLimits {
+    pub max_txn_ops: usize,
+}
+
+/// Answers whether a lease exists; the lessor lives outside this crate.
+pub trait Leases {
+    fn exists(&self, id: i64) -> bool;
+}
+
+/// No lease exists (a store without a lessor).
+pub struct NoLeases;
+impl Leases for NoLeases {
+    fn exists(&self, _id: i64) -> bool {
+        false
+    }
+}
+
+/// What a read needs from either the committed store or a write transaction in progress.
+trait View {
+    fn store(&self) -> &Store;
+    fn read_rev(&self) -> i64;
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError>;
+}
+
+impl View for Store {
+    fn store(&self) -> &Store {
+        self
+    }
+    fn read_rev(&self) -> i64 {
+        self.current_rev()
+    }
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
+        self.range_at(key, end, at, limit, count_only)
+    }
+}
+
+impl View for WriteTxn<'_> {
+    fn store(&self) -> &Store {
+        WriteTxn::store(self)
+    }
+    fn read_rev(&self) -> i64 {
+        WriteTxn::read_rev(self)
+    }
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
+        self.range_at(key, end, at, limit, count_only)
+    }
+}
+
+fn header(rev: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader { revision: rev, ..Default::default() })
+}
+
+/// Serves a Range on the committed store.
+pub fn range(store: &Store, req: &RangeRequest) -> Result<RangeResponse, KvError> {
+    do_range(store, req)
+}
+
+fn do_range(view: &dyn View, req: &RangeRequest) -> Result<RangeResponse, KvError> {
+    let cur = view.read_rev();
+    let at = view.store().check_rev(req.revision, cur)?;
+    let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let filtered = req.min_mod_revision != 0 || req.max_mod_revision != 0 || req.min_create_revision != 0 || req.max_create_revision != 0;
+    let mut fetch_limit = if sort_order != SortOrder::None || filtered { 0 } else { req.limit.max(0) as usize };
+    if fetch_limit > 0 {
+        fetch_limit += 1; // one more, to tell whether there is more
+    }
+    let (mut kvs, count) = view.range_kvs(&req.key, &req.range_end, at, fetch_limit, req.count_only)?;
+    if filtered {
+        kvs.retain(|kv| {
+            !(req.max_mod_revision != 0 && kv.mod_revision > req.max_mod_revision
+                || req.min_mod_revision != 0 && kv.mod_revision < req.min_mod_revision
+                || req.max_create_revision != 0 && kv.create_revision > req.max_create_revision
+                || req.min_create_revision != 0 && kv.create_revision < req.min_create_revision)
+        });
+    }
+    let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None { SortOrder::Ascend } else { sort_order };
+    if order != SortOrder::None {
+        match sort_target {
+            SortTarget::Key => kvs.sort_by(|a, b| a.key.cmp(&b.key)),
+            SortTarget::Version => kvs.sort_by_key(|k| k.version),
+            SortTarget::Create => kvs.sort_by_key(|k| k.create_revision),
+            SortTarget::Mod => kvs.sort_by_key(|k| k.mod_revision),
+            SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
+        }
+        if order == SortOrder::Descend {
+            kvs.reverse();
+        }
+    }
+    let mut more = false;
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse { header: header(cur), kvs, more, count })
+}
+
+fn check_put(view: &dyn View, req: &PutRequest, leases: &dyn Leases) -> Result<(), KvError> {
+    if (req.ignore_value || req.ignore_lease) && view.store().live(&req.key).is_none() {
+        return Err(KvError::KeyNotFound);
+    }
+    if !req.ignore_lease && req.lease != 0 && !leases.exists(req.lease) {
+        return Err(KvError::LeaseNotFound);
+    }
+    Ok(())
+}
+
+fn check_range(view: &dyn View, req: &RangeRequest) -> Result<(), KvError> {
+    view.store().check_rev(req.revision, view.read_rev()).map(|_| ())
+}
+
+/// Applies a Put.
+pub fn put(w: &mut WriteTxn, req: &PutRequest, leases: &dyn Leases) -> Result<PutResponse, KvError> {
+    check_put(w, req, leases)?;
+    let prev = do_put(w, req)?;
+    Ok(PutResponse { header: None, prev_kv: prev })
+}
+
+fn do_put(w: &mut WriteTxn, req: &PutRequest) -> Result<Option<KeyValue>, KvError> {
+    let value = if req.ignore_value { None } else { Some(req.value.as_slice()) };
+    let lease = if req.ignore_lease { None } else { Some(req.lease) };
+    let prev = w.put(&req.key, value, lease, req.prev_kv)?;
+    Ok(if req.prev_kv { prev } else { None })
+}
+
+/// Applies a DeleteRange.
+pub fn delete_range(w: &mut WriteTxn, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError> {
+    let (deleted, prev_kvs) = w.delete_range(&req.key, &req.range_end, req.prev_kv)?;
+    Ok(DeleteRangeResponse { header: None, deleted, prev_kvs })
+}
+
+/// Evaluates one comparison against the view.
+fn compare_holds(view: &dyn View, c: &Compare) -> Result<bool, KvError> {
+    let at = view.read_rev();
+    let (kvs, _) = view.range_kvs(&c.key, &c.range_end, at, 0, false)?;
+    let target = compare::CompareTarget::try_from(c.target).unwrap_or(compare::CompareTarget::Version);
+    if kvs.is_empty() {
+        if target == compare::CompareTarget::Value {
+            // A missing key has no value to compare; etcd fails the comparison.
+            return Ok(false);
+        }
+        return Ok(compare_kv(c, target, &KeyValue::default()));
+    }
+    Ok(kvs.iter().all(|kv| compare_kv(c, target, kv)))
+}
+
+fn compare_kv(c: &Compare, target: compare::CompareTarget, kv: &KeyValue) -> bool {
+    use compare::{CompareResult, CompareTarget, TargetUnion};
+    let ord = match target {
+        CompareTarget::Value => {
+            let want: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(want)
+        }
+        _ => {
+            let (have, want) = match target {
+                CompareTarget::Version => (kv.version, matches_i64(&c.target_union, |t| if let TargetUnion::Version(v) = t { Some(*v) } else { None })),
+                CompareTarget::Create => (kv.create_revision, matches_i64(&c.target_union, |t| if let TargetUnion::CreateRevision(v) = t { Some(*v) } else { None })),
+                CompareTarget::Mod => (kv.mod_revision, matches_i64(&c.target_union, |t| if let TargetUnion::ModRevision(v) = t { Some(*v) } else { None })),
+                _ => (kv.lease, matches_i64(&c.target_union, |t| if let TargetUnion::Lease(v) = t { Some(*v) } else { None })),
+            };
+            have.cmp(&want)
+        }
+    };
+    match CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal) {
+        CompareResult::Equal => ord.is_eq(),
+        CompareResult::NotEqual => ord.is_ne(),
+        CompareResult::Greater => ord.is_gt(),
+        CompareResult::Less => ord.is_lt(),
+    }
+}
+
+fn matches_i64(t: &Option<compare::TargetUnion>, f: impl Fn(&compare::TargetUnion) -> Option<i64>) -> i64 {
+    t.as_ref().and_then(f).unwrap_or(0)
+}
+
+/// Which branch each (nested) transaction takes, in depth-first order, decided before any change.
+fn txn_path(view: &dyn View, req: &TxnRequest, path: &mut Vec<bool>) -> Result<(), KvError> {
+    let mut ok = true;
+    for c in &req.compare {
+        if !compare_holds(view, c)? {
+            ok = false;
+            break;
+        }
+    }
+    path.push(ok);
+    let ops = if ok { &req.success } else { &req.failure };
+    for op in ops {
+        if let Some(request_op::Request::RequestTxn(t)) = &op.request {
+            txn_path(view, t, path)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_ops(view: &dyn View, req: &TxnRequest, path: &[bool], pos: &mut usize, leases: &dyn Leases) -> Result<(), KvError> {
+    let ok = path.get(*pos).copied().unwrap_or(false);
+    *pos += 1;
+    for op in if ok { &req.success } else { &req.failure } {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => check_range(view, r)?,
+            Some(request_op::Request::RequestPut(p)) => check_put(view, p, leases)?,
+            Some(request_op::Request::RequestTxn(t)) => check_ops(view, t, path, pos, leases)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Applies a Txn: compares, then every op of the chosen branch, all at one revision.
+pub fn txn(w: &mut WriteTxn, req: &TxnRequest, leases: &dyn Leases) -> Result<TxnResponse, KvError> {
+    let mut path = Vec::new();
+    txn_path(w, req, &mut path)?;
+    let mut pos = 0;
+    check_ops(w, req, &path, &mut pos, leases)?;
+    let mut pos = 0;
+    exec_txn(w, req, &path, &mut pos)
+}
+
+fn exec_txn(w: &mut WriteTxn, req: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse, KvError> {
+    let ok = path.get(*pos).copied().unwrap_or(false);
+    *pos += 1;
+    let ops: &[RequestOp] = if ok { &req.success } else { &req.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let resp = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                let mut rr = do_range(w, r)?;
+                rr.header = header(w.read_rev());
+                Some(response_op::Response::ResponseRange(rr))
+            }
+            Some(request_op::Request::RequestPut(p)) => {
+                let prev = do_put(w, p)?;
+                Some(response_op::Response::ResponsePut(PutResponse { header: header(w.read_rev()), prev_kv: prev }))
+            }
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                let mut dr = delete_range(w, d)?;
+                dr.header = header(w.read_rev());
+                Some(response_op::Response::ResponseDeleteRange(dr))
+            }
+            Some(request_op::Request::RequestTxn(t)) => {
+                let mut tr = exec_txn(w, t, path, pos)?;
+                tr.header = header(w.read_rev());
+                Some(response_op::Response::ResponseTxn(tr))
+            }
+            None => None,
+        };
+        responses.push(ResponseOp { response: resp });
+    }
+    Ok(TxnResponse { header: None, succeeded: ok, responses })
+}
+
+/// True when the transaction (and every nested one) only reads.
+pub fn txn_is_read_only(req: &TxnRequest) -> bool {
+    req.success.iter().chain(req.failure.iter()).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(_)) | None => true,
+        Some(request_op::Request::RequestTxn(t)) => txn_is_read_only(t),
+        _ => false,
+    })
+}
+
+/// Events produced by a write, for watchers.
+pub type Events = Vec<Event>;

@@ -1,0 +1,311 @@
+//! The store: index + backend + the batch of changes not yet committed to the backend.
+//!
+//! Writers (the apply path) hold `&mut Store`; readers hold `&Store`. The server puts the store
+//! behind a lock, so a write transaction is atomic to readers.
+
+use crate::backend::{Backend, BackendError, Meta, Reader};
+use crate::index::{Change, Index, KeyHistory};
+use crate::kv::KvError;
+use crate::revision::Revision;
+use keel_proto::mvccpb::{event::EventType, Event, KeyValue};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// etcd's backend batching: commit every 100 ms or 10,000 changes, whichever comes first.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
+pub const BATCH_LIMIT: usize = 10_000;
+
+pub struct Store {
+    backend: Backend,
+    index: Index,
+    /// Changes not yet in the backend: Some(value) to write, None to delete.
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Auxiliary records (other modules' state), all of them; `aux_dirty` are not yet committed.
+    aux: BTreeMap<String, Vec<u8>>,
+    aux_dirty: BTreeMap<String, Vec<u8>>,
+    meta: Meta,
+    committed: Meta,
+    last_commit: Instant,
+}
+
+fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
+    KeyValue::decode(bytes).map_err(|e| KvError::Corrupt(format!("undecodable key-value record: {e}")))
+}
+
+impl Store {
+    /// Opens the backend at `path` and rebuilds the index from it.
+    pub fn open(path: &Path) -> Result<Store, BackendError> {
+        let backend = Backend::open(path)?;
+        let mut meta = backend.read_meta()?;
+        let mut index = Index::default();
+        let mut last_main = 0i64;
+        let bad = |msg: String| BackendError { path: path.to_path_buf(), msg };
+        backend.scan(|k, v| {
+            let (rev, tomb) = Revision::from_key(k).ok_or_else(|| bad(format!("bad revision key {k:?}")))?;
+            let kv = KeyValue::decode(v).map_err(|e| bad(format!("bad record at {rev:?}: {e}")))?;
+            index.restore(&kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease);
+            last_main = last_main.max(rev.main);
+            Ok(())
+        })?;
+        meta.current_rev = meta.current_rev.max(last_main).max(meta.compacted_rev);
+        if meta.current_rev == 0 {
+            // etcd starts at revision 1: the empty store.
+            meta.current_rev = 1;
+        }
+        tracing::info!(
+            consistent_index = meta.consistent_index,
+            current_revision = meta.current_rev,
+            compacted_revision = meta.compacted_rev,
+            keys = index.len(),
+            "mvcc: restored store"
+        );
+        let aux = backend.read_aux()?;
+        Ok(Store {
+            backend,
+            index,
+            pending: BTreeMap::new(),
+            aux,
+            aux_dirty: BTreeMap::new(),
+            committed: meta,
+            meta,
+            last_commit: Instant::now(),
+        })
+    }
+
+    pub fn current_rev(&self) -> i64 {
+        self.meta.current_rev
+    }
+
+    pub fn compacted_rev(&self) -> i64 {
+        self.meta.compacted_rev
+    }
+
+    /// Index of the last raft entry applied to this store (committed or not).
+    pub fn consistent_index(&self) -> u64 {
+        self.meta.consistent_index
+    }
+
+    /// Index of the last raft entry whose effects are durable in the backend.
+    pub fn committed_index(&self) -> u64 {
+        self.committed.consistent_index
+    }
+
+    /// Records that raft entry `index` (of `term`) has been applied.
+    pub fn set_consistent_index(&mut self, index: u64, term: u64) {
+        debug_assert!(index >= self.meta.consistent_index, "consistent index must not go back");
+        self.meta.consistent_index = index;
+        self.meta.term = term;
+    }
+
+    /// True when the batch is due: old enough or large enough.
+    pub fn commit_due(&self) -> bool {
+        self.pending.len() >= BATCH_LIMIT || (self.meta != self.committed && self.last_commit.elapsed() >= BATCH_INTERVAL)
+    }
+
+    /// Commits the pending batch to the backend now (durably).
+    pub fn commit(&mut self) -> Result<(), BackendError> {
+        self.last_commit = Instant::now();
+        if self.pending.is_empty() && self.aux_dirty.is_empty() && self.meta == self.committed {
+            return Ok(());
+        }
+        self.backend.commit(&self.pending, &self.aux_dirty, &self.meta)?;
+        self.pending.clear();
+        self.aux_dirty.clear();
+        self.committed = self.meta;
+        Ok(())
+    }
+
+    /// Sets an auxiliary record; committed with the current batch (so atomically with the
+    /// consistent index of the entry that set it).
+    pub fn set_aux(&mut self, key: &str, value: Vec<u8>) {
+        self.aux.insert(key.to_string(), value.clone());
+        self.aux_dirty.insert(key.to_string(), value);
+    }
+
+    pub fn aux(&self, key: &str) -> Option<&[u8]> {
+        self.aux.get(key).map(|v| v.as_slice())
+    }
+
+    /// (file size, bytes in use) of the backend.
+    pub fn db_size(&self) -> (u64, u64) {
+        self.backend.size()
+    }
+
+    /// Number of keys held by the index (live or with history).
+    pub fn key_count(&self) -> usize {
+        self.index.len()
+    }
+
+    fn fetch(&self, reader: &mut Option<Reader>, rev: Revision) -> Result<KeyValue, KvError> {
+        let k = rev.to_key(false);
+        if let Some(v) = self.pending.get(&k) {
+            return match v {
+                Some(v) => decode_kv(v),
+                None => Err(KvError::Corrupt(format!("revision {rev:?} is deleted but still indexed"))),
+            };
+        }
+        if reader.is_none() {
+            *reader = Some(self.backend.reader().map_err(KvError::Backend)?);
+        }
+        let r = reader.as_ref().ok_or_else(|| KvError::Corrupt("no reader".into()))?;
+        match r.get(&k).map_err(KvError::Backend)? {
+            Some(v) => decode_kv(&v),
+            None => Err(KvError::Corrupt(format!("revision {rev:?} is indexed but missing from the backend"))),
+        }
+    }
+
+    /// Keys in `[key, end)` at revision `at` (already validated): up to `limit` key-values (0: all)
+    /// unless `count_only`, and the number of keys in the range.
+    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
+        let mut reader = None;
+        let mut kvs = Vec::new();
+        let mut count = 0i64;
+        for (_, rev) in self.index.range_at(key, end, at) {
+            count += 1;
+            if !count_only && (limit == 0 || kvs.len() < limit) {
+                kvs.push(self.fetch(&mut reader, rev)?);
+            }
+        }
+        Ok((kvs, count))
+    }
+
+    /// Validates a read revision: `at <= 0` means current.
+    pub fn check_rev(&self, at: i64, current: i64) -> Result<i64, KvError> {
+        let at = if at <= 0 { current } else { at };
+        if at > current {
+            return Err(KvError::FutureRev);
+        }
+        if at < self.meta.compacted_rev {
+            return Err(KvError::Compacted);
+        }
+        Ok(at)
+    }
+
+    /// The live history of `key`, if the key exists now.
+    pub fn live(&self, key: &[u8]) -> Option<&KeyHistory> {
+        self.index.get(key).filter(|h| h.is_live())
+    }
+
+    /// Starts a write transaction: all its changes share one main revision.
+    pub fn write(&mut self) -> WriteTxn<'_> {
+        let main = self.meta.current_rev + 1;
+        WriteTxn { store: self, main, sub: 0, events: Vec::new() }
+    }
+
+    /// Compacts history up to `rev`: drops superseded revisions from index and backend.
+    pub fn compact(&mut self, rev: i64) -> Result<usize, KvError> {
+        if rev <= self.meta.compacted_rev {
+            return Err(KvError::Compacted);
+        }
+        if rev > self.meta.current_rev {
+            return Err(KvError::FutureRev);
+        }
+        let dropped: Vec<Change> = self.index.compact(rev);
+        for c in &dropped {
+            self.pending.insert(c.rev.to_key(c.tombstone), None);
+        }
+        self.meta.compacted_rev = rev;
+        tracing::info!(compact_revision = rev, removed = dropped.len(), "mvcc: compacted");
+        Ok(dropped.len())
+    }
+}
+
+/// An atomic group of changes at one main revision. Reads through it see its own changes.
+pub struct WriteTxn<'a> {
+    store: &'a mut Store,
+    main: i64,
+    sub: i64,
+    events: Vec<Event>,
+}
+
+impl WriteTxn<'_> {
+    /// The revision reads inside this transaction see by default.
+    pub fn read_rev(&self) -> i64 {
+        if self.sub > 0 {
+            self.main
+        } else {
+            self.main - 1
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        self.store
+    }
+
+    /// Puts `key`. `value`/`lease` of `None` keep the previous one (ignore_value/ignore_lease); the
+    /// caller has checked that the key exists in that case. Returns the previous key-value.
+    pub fn put(&mut self, key: &[u8], value: Option<&[u8]>, lease: Option<i64>, want_prev: bool) -> Result<Option<KeyValue>, KvError> {
+        let rev = Revision::new(self.main, self.sub);
+        let (created, version, prev) = match self.store.live(key) {
+            Some(h) => {
+                let cur = h.changes.last().map(|c| c.rev).unwrap_or_default();
+                let (created, version) = (h.created, h.version);
+                let prev = if want_prev || value.is_none() || lease.is_none() {
+                    let mut r = None;
+                    Some(self.store.fetch(&mut r, cur)?)
+                } else {
+                    None
+                };
+                (created, version, prev)
+            }
+            None => (self.main, 0, None),
+        };
+        let value = match value {
+            Some(v) => v.to_vec(),
+            None => prev.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
+        };
+        let lease = match lease {
+            Some(l) => l,
+            None => prev.as_ref().map(|p| p.lease).unwrap_or(0),
+        };
+        let kv = KeyValue { key: key.to_vec(), create_revision: created, mod_revision: self.main, version: version + 1, value, lease };
+        self.store.pending.insert(rev.to_key(false), Some(kv.encode_to_vec()));
+        self.store.index.put(key, rev, lease);
+        self.sub += 1;
+        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
+        Ok(prev)
+    }
+
+    /// Deletes the live keys in `[key, end)`; returns the deleted key-values when asked (else
+    /// bare keys), and their number.
+    pub fn delete_range(&mut self, key: &[u8], end: &[u8], want_prev: bool) -> Result<(i64, Vec<KeyValue>), KvError> {
+        let targets: Vec<(Vec<u8>, Revision)> = self
+            .store
+            .index
+            .live_range(key, end)
+            .map(|(k, h)| (k.to_vec(), h.changes.last().map(|c| c.rev).unwrap_or_default()))
+            .collect();
+        let mut prevs = Vec::new();
+        let mut reader = None;
+        for (k, cur) in &targets {
+            let prev = if want_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
+            let rev = Revision::new(self.main, self.sub);
+            let tomb = KeyValue { key: k.clone(), ..Default::default() };
+            self.store.pending.insert(rev.to_key(true), Some(tomb.encode_to_vec()));
+            self.store.index.tombstone(k, rev);
+            self.sub += 1;
+            let ev_kv = KeyValue { key: k.clone(), mod_revision: self.main, ..Default::default() };
+            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(ev_kv), prev_kv: prev.clone() });
+            if let Some(p) = prev {
+                prevs.push(p);
+            }
+        }
+        Ok((targets.len() as i64, prevs))
+    }
+
+    /// Range as seen inside this transaction (`at` already validated against `read_rev`).
+    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
+        self.store.range_at(key, end, at, limit, count_only)
+    }
+
+    /// Ends the transaction; returns the revision it produced (or the unchanged current one) and
+    /// its events, in order.
+    pub fn end(self) -> (i64, Vec<Event>) {
+        if self.sub > 0 {
+            self.store.meta.current_rev = self.main;
+        }
+        (self.store.meta.current_rev, self.events)
+    }
+}

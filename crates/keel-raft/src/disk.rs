@@ -1,0 +1,183 @@
+//! A member's persistent raft state: WAL (entries, hard state, snapshot markers) and snapshot
+//! files. Read back once at start; written by the node afterwards.
+
+use keel_wal::{Snapshotter, Wal, WalOptions, RECORD_ENTRY, RECORD_SNAPSHOT, RECORD_STATE};
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, HardState, Snapshot};
+use std::path::{Path, PathBuf};
+
+/// Errors reading or writing a member's raft state.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error(transparent)]
+    Wal(#[from] keel_wal::Error),
+    #[error("raft state in {path}: {msg}")]
+    Decode { path: PathBuf, msg: String },
+}
+
+/// Who this member is. Written as the metadata record that starts every WAL segment, so that a
+/// restarted member keeps its identity whatever its flags say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    /// Voters of the initial configuration (before any membership change).
+    pub initial_voters: Vec<u64>,
+}
+
+impl Identity {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(16 + 8 * self.initial_voters.len());
+        b.extend_from_slice(&self.cluster_id.to_be_bytes());
+        b.extend_from_slice(&self.member_id.to_be_bytes());
+        for v in &self.initial_voters {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Identity> {
+        if b.len() < 16 || b.len() % 8 != 0 {
+            return None;
+        }
+        let word = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        Some(Identity { cluster_id: word(0), member_id: word(1), initial_voters: (2..b.len() / 8).map(word).collect() })
+    }
+}
+
+/// Everything read back from disk at start, plus the open WAL and snapshotter.
+pub struct Disk {
+    pub identity: Identity,
+    /// True when this start created the WAL (a new member).
+    pub fresh: bool,
+    pub snapshot: Option<Snapshot>,
+    /// Entries after the snapshot, in index order.
+    pub entries: Vec<Entry>,
+    pub hard_state: HardState,
+    pub(crate) wal: Wal,
+    pub(crate) snapshotter: Snapshotter,
+}
+
+fn decode_err(path: &Path, msg: impl std::fmt::Display) -> DiskError {
+    DiskError::Decode { path: path.to_path_buf(), msg: msg.to_string() }
+}
+
+impl Disk {
+    /// True if `wal_dir` already holds a WAL (the member was started before).
+    pub fn exists(wal_dir: &Path) -> bool {
+        Wal::exists(wal_dir)
+    }
+
+    /// Opens the member's raft state, creating it with `identity` when there is none.
+    pub fn open(wal_dir: &Path, snap_dir: &Path, identity: Identity) -> Result<Disk, DiskError> {
+        let snapshotter = Snapshotter::new(snap_dir)?;
+        if !Wal::exists(wal_dir) {
+            let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
+            return Ok(Disk {
+                identity,
+                fresh: true,
+                snapshot: None,
+                entries: Vec::new(),
+                hard_state: HardState::default(),
+                wal,
+                snapshotter,
+            });
+        }
+        let snapshot = match snapshotter.load_newest()? {
+            Some(f) => {
+                let s = Snapshot::parse_from_bytes(&f.data).map_err(|e| decode_err(snap_dir, e))?;
+                if s.get_metadata().index != f.index || s.get_metadata().term != f.term {
+                    return Err(decode_err(snap_dir, "snapshot file name does not match its contents"));
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        let (wal, records) = Wal::open(wal_dir, WalOptions::default())?;
+        let identity = Identity::decode(wal.metadata()).ok_or_else(|| decode_err(wal_dir, "bad WAL metadata record"))?;
+        let snap_index = snapshot.as_ref().map(|s| s.get_metadata().index).unwrap_or(0);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut hard_state = HardState::default();
+        let mut saw_snapshot_marker = snap_index == 0;
+        for r in records {
+            match r.kind {
+                RECORD_ENTRY => {
+                    let e = Entry::parse_from_bytes(&r.data).map_err(|e| decode_err(wal_dir, e))?;
+                    if e.index <= snap_index {
+                        continue;
+                    }
+                    // A later entry at an index replaces that one and everything after it
+                    // (a new leader overwrote an uncommitted tail).
+                    if let Some(first) = entries.first().map(|f| f.index) {
+                        if e.index < first {
+                            entries.clear();
+                        } else {
+                            entries.truncate((e.index - first) as usize);
+                        }
+                    }
+                    if let Some(last) = entries.last() {
+                        if last.index + 1 != e.index {
+                            return Err(decode_err(wal_dir, format!("gap in WAL entries: {} then {}", last.index, e.index)));
+                        }
+                    } else if e.index != snap_index + 1 {
+                        return Err(decode_err(wal_dir, format!("WAL entries start at {} but the snapshot is at {}", e.index, snap_index)));
+                    }
+                    entries.push(e);
+                }
+                RECORD_STATE => {
+                    hard_state = HardState::parse_from_bytes(&r.data).map_err(|e| decode_err(wal_dir, e))?;
+                }
+                RECORD_SNAPSHOT => {
+                    if r.data.len() == 16 {
+                        let idx = u64::from_be_bytes(r.data[8..16].try_into().unwrap_or([0; 8]));
+                        if idx == snap_index {
+                            saw_snapshot_marker = true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !saw_snapshot_marker {
+            tracing::warn!(snapshot_index = snap_index, "raft: snapshot file has no matching WAL marker");
+        }
+        tracing::info!(
+            member_id = format!("{:x}", identity.member_id),
+            cluster_id = format!("{:x}", identity.cluster_id),
+            snapshot_index = snap_index,
+            entries = entries.len(),
+            commit = hard_state.commit,
+            term = hard_state.term,
+            "raft: recovered state from WAL and snapshot"
+        );
+        Ok(Disk { identity, fresh: false, snapshot, entries, hard_state, wal, snapshotter })
+    }
+
+    /// Appends entries and hard state; durable when this returns.
+    pub(crate) fn save(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), DiskError> {
+        let mut bufs: Vec<(u8, Vec<u8>)> = Vec::with_capacity(entries.len() + 1);
+        for e in entries {
+            bufs.push((RECORD_ENTRY, e.write_to_bytes().map_err(|e| decode_err(Path::new("wal"), e))?));
+        }
+        if let Some(hs) = hs {
+            bufs.push((RECORD_STATE, hs.write_to_bytes().map_err(|e| decode_err(Path::new("wal"), e))?));
+        }
+        let next = entries.last().map(|e| e.index + 1).unwrap_or(0);
+        let refs: Vec<(u8, &[u8])> = bufs.iter().map(|(k, d)| (*k, d.as_slice())).collect();
+        self.wal.save(&refs, next)?;
+        Ok(())
+    }
+
+    /// Durably saves a snapshot file and its WAL marker, then releases WAL segments it covers.
+    pub(crate) fn save_snapshot(&mut self, snap: &Snapshot) -> Result<(), DiskError> {
+        let m = snap.get_metadata();
+        let bytes = snap.write_to_bytes().map_err(|e| decode_err(Path::new("snap"), e))?;
+        self.snapshotter.save(m.term, m.index, &bytes)?;
+        let mut marker = Vec::with_capacity(16);
+        marker.extend_from_slice(&m.term.to_be_bytes());
+        marker.extend_from_slice(&m.index.to_be_bytes());
+        self.wal.save(&[(RECORD_SNAPSHOT, &marker)], m.index + 1)?;
+        self.wal.release_to(m.index)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,520 @@
+//! The raft driver: one thread owns the `RawNode`; everything else talks to it via [`NodeHandle`].
+//!
+//! Loop: take every queued message (proposals, reads, peer messages) so that many proposals share
+//! one Ready and one fsync; tick on time; then handle the Ready in etcd's order: send messages,
+//! persist snapshot/entries/hard state (fsync), apply committed entries, send messages that had
+//! to wait for persistence, advance.
+
+use crate::disk::{Disk, DiskError};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use crate::storage::LogStore;
+use raft::{Config, RawNode, ReadOnlyOption, StateRole};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// What the node needs from the application it replicates.
+pub trait StateMachine: Send + 'static {
+    /// Index of the last entry whose effects are already in the state machine (from its durable
+    /// state at start). Entries at or below it are delivered again after a restart and must be
+    /// skipped by [`StateMachine::apply`].
+    fn applied_index(&self) -> u64;
+    /// Applies a committed normal entry (its data may be empty: a new leader's no-op).
+    fn apply(&mut self, entry: &Entry);
+    /// Called after raft applied a committed configuration change; `cs` is the new configuration.
+    fn apply_conf_change(&mut self, entry: &Entry, cs: &ConfState);
+    /// Called on every tick and after every batch of applies (e.g. to commit backend batches).
+    fn maintain(&mut self);
+    /// Makes everything applied so far durable; called before a snapshot lets WAL go.
+    fn sync(&mut self) -> Result<(), String>;
+    /// The application data a snapshot at the current applied index carries.
+    fn snapshot_data(&self) -> Vec<u8>;
+}
+
+/// Sends raft messages to other members. Must not block.
+pub trait Transport: Send + 'static {
+    fn send(&mut self, msgs: Vec<Message>);
+}
+
+/// A transport for a cluster of one.
+pub struct NoTransport;
+impl Transport for NoTransport {
+    fn send(&mut self, msgs: Vec<Message>) {
+        if !msgs.is_empty() {
+            tracing::debug!(count = msgs.len(), "raft: no transport; dropping messages");
+        }
+    }
+}
+
+/// Why a proposal or read could not be started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("no leader")]
+    NoLeader,
+    #[error("server stopped")]
+    Stopped,
+    #[error("too many requests")]
+    Busy,
+    #[error("request timed out")]
+    Timeout,
+}
+
+/// Raft settings, in etcd's terms.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// `--heartbeat-interval`: one tick.
+    pub tick: Duration,
+    /// `--election-timeout` in ticks.
+    pub election_ticks: usize,
+    /// `--snapshot-count`.
+    pub snapshot_count: u64,
+    /// Entries kept in memory after a snapshot for slow followers (etcd: 5000).
+    pub catchup_entries: u64,
+}
+
+/// Live status, readable without talking to the node thread.
+#[derive(Debug, Default)]
+pub struct NodeStatus {
+    pub leader: AtomicU64,
+    pub term: AtomicU64,
+    pub commit: AtomicU64,
+    pub applied: AtomicU64,
+    pub last_index: AtomicU64,
+    pub is_leader: AtomicBool,
+    pub stopped: AtomicBool,
+}
+
+impl NodeStatus {
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Acquire)
+    }
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+    pub fn commit(&self) -> u64 {
+        self.commit.load(Ordering::Acquire)
+    }
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+}
+
+enum Msg {
+    Propose { data: Vec<u8>, done: oneshot::Sender<Result<(), ProposeError>> },
+    ReadIndex { done: oneshot::Sender<Result<u64, ProposeError>> },
+    Step(Box<Message>),
+    Stop,
+}
+
+/// Bound of the node's inbox: a full inbox answers "too many requests" instead of queueing more.
+const INBOX: usize = 65_536;
+/// Most messages taken from the inbox before the next Ready is handled.
+const BATCH: usize = 8_192;
+
+/// How the server talks to the node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: SyncSender<Msg>,
+    pub status: Arc<NodeStatus>,
+}
+
+impl NodeHandle {
+    fn send(&self, m: Msg) -> Result<(), ProposeError> {
+        self.tx.try_send(m).map_err(|e| match e {
+            TrySendError::Full(_) => ProposeError::Busy,
+            TrySendError::Disconnected(_) => ProposeError::Stopped,
+        })
+    }
+
+    /// Proposes `data`; returns once raft has taken it (not once it is committed).
+    pub async fn propose(&self, data: Vec<u8>) -> Result<(), ProposeError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Msg::Propose { data, done })?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Linearizable read barrier: returns once this member has applied everything committed when
+    /// the read began (raft ReadIndex, answered after the apply caught up).
+    pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Msg::ReadIndex { done })?;
+        rx.await.map_err(|_| ProposeError::Timeout)?
+    }
+
+    /// Hands a message from a peer to raft.
+    pub fn step(&self, m: Message) -> Result<(), ProposeError> {
+        self.send(Msg::Step(Box::new(m)))
+    }
+
+    /// Asks the node to stop after the current Ready.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+    }
+}
+
+struct PendingRead {
+    senders: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
+    issued_tick: u64,
+}
+
+struct Driver<S: StateMachine, T: Transport> {
+    cfg: NodeConfig,
+    node: RawNode<LogStore>,
+    disk: Disk,
+    sm: S,
+    transport: T,
+    status: Arc<NodeStatus>,
+    applied: u64,
+    applied_term: u64,
+    snap_index: u64,
+    conf_state: ConfState,
+    ticks: u64,
+    read_ctx: u64,
+    /// Reads waiting for raft to confirm an index, by context.
+    reads_waiting: HashMap<u64, PendingRead>,
+    /// Reads whose index is known, waiting for apply to catch up: (index, senders).
+    reads_ready: Vec<(u64, Vec<oneshot::Sender<Result<u64, ProposeError>>>)>,
+    reads_new: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
+    last_leader: u64,
+}
+
+/// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
+pub fn start<S: StateMachine, T: Transport>(
+    cfg: NodeConfig,
+    disk: Disk,
+    sm: S,
+    transport: T,
+) -> Result<(NodeHandle, std::thread::JoinHandle<Result<(), String>>), String> {
+    let storage = LogStore::default();
+    let mut snap_index = 0;
+    let mut snap_term = 0;
+    let conf_state;
+    {
+        let mut core = storage.wl();
+        if let Some(snap) = &disk.snapshot {
+            snap_index = snap.get_metadata().index;
+            snap_term = snap.get_metadata().term;
+            core.apply_snapshot(snap.clone());
+        } else {
+            core.conf_state = ConfState { voters: disk.identity.initial_voters.clone(), ..Default::default() };
+        }
+        core.append(&disk.entries).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
+        let last = core.last_index();
+        let applied = sm.applied_index();
+        if applied > last {
+            return Err(format!(
+                "raft: the backend has applied index {applied} but the WAL ends at {last}: the WAL is missing entries"
+            ));
+        }
+        let mut hs = disk.hard_state.clone();
+        if hs.term < snap_term {
+            hs.term = snap_term;
+        }
+        // Entries in the backend were committed, even if the commit index was not yet persisted.
+        hs.commit = hs.commit.max(snap_index).max(applied).min(last);
+        core.hard_state = hs;
+        conf_state = core.conf_state.clone();
+    }
+    let config = Config {
+        id: cfg.id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: 1,
+        applied: snap_index,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 512,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    config.validate().map_err(|e| format!("raft: bad configuration: {e}"))?;
+    let mut node = RawNode::new(&config, storage, &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
+    if conf_state.voters == [cfg.id] && conf_state.learners.is_empty() {
+        // A cluster of one need not wait for an election timeout.
+        node.campaign().map_err(|e| format!("raft: campaign: {e}"))?;
+    }
+    let status = Arc::new(NodeStatus::default());
+    let (tx, rx) = mpsc::sync_channel(INBOX);
+    let handle = NodeHandle { tx, status: status.clone() };
+    let driver = Driver {
+        cfg,
+        node,
+        disk,
+        sm,
+        transport,
+        status,
+        applied: snap_index,
+        applied_term: snap_term,
+        snap_index,
+        conf_state,
+        ticks: 0,
+        read_ctx: 0,
+        reads_waiting: HashMap::new(),
+        reads_ready: Vec::new(),
+        reads_new: Vec::new(),
+        last_leader: 0,
+    };
+    let join = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || driver.run(rx))
+        .map_err(|e| format!("raft: cannot start thread: {e}"))?;
+    Ok((handle, join))
+}
+
+impl<S: StateMachine, T: Transport> Driver<S, T> {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) -> Result<(), String> {
+        let mut next_tick = Instant::now() + self.cfg.tick;
+        let result = loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let mut stop = false;
+            match rx.recv_timeout(wait) {
+                Ok(m) => {
+                    stop |= self.handle(m);
+                    let mut n = 1;
+                    while n < BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => stop |= self.handle(m),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            self.flush_reads();
+            if Instant::now() >= next_tick {
+                self.node.tick();
+                self.ticks += 1;
+                self.expire_reads();
+                self.sm.maintain();
+                next_tick += self.cfg.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.cfg.tick;
+                }
+            }
+            if let Err(e) = self.on_ready() {
+                break Err(e.to_string());
+            }
+            if stop {
+                break Ok(());
+            }
+        };
+        self.status.stopped.store(true, Ordering::Release);
+        if let Err(e) = self.sm.sync() {
+            tracing::error!(error = %e, "raft: final sync of the state machine failed");
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "raft: node stopped on a fatal error");
+        }
+        result
+    }
+
+    /// Handles one inbox message; returns true on Stop.
+    fn handle(&mut self, m: Msg) -> bool {
+        match m {
+            Msg::Propose { data, done } => {
+                let r = self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader);
+                let _ = done.send(r);
+            }
+            Msg::ReadIndex { done } => self.reads_new.push(done),
+            Msg::Step(m) => {
+                if let Err(e) = self.node.step(*m) {
+                    tracing::debug!(error = %e, "raft: step failed");
+                }
+            }
+            Msg::Stop => return true,
+        }
+        false
+    }
+
+    /// Starts one ReadIndex round for all reads that arrived since the last one.
+    fn flush_reads(&mut self) {
+        if self.reads_new.is_empty() {
+            return;
+        }
+        self.read_ctx += 1;
+        let ctx = self.read_ctx;
+        self.node.read_index(ctx.to_be_bytes().to_vec());
+        let senders = std::mem::take(&mut self.reads_new);
+        self.reads_waiting.insert(ctx, PendingRead { senders, issued_tick: self.ticks });
+    }
+
+    /// Fails reads raft never confirmed (no leader, or the leader changed) after two election
+    /// timeouts, so callers do not wait forever.
+    fn expire_reads(&mut self) {
+        let limit = 2 * self.cfg.election_ticks as u64;
+        let now = self.ticks;
+        self.reads_waiting.retain(|_, r| {
+            if now.saturating_sub(r.issued_tick) > limit {
+                for s in r.senders.drain(..) {
+                    let _ = s.send(Err(ProposeError::Timeout));
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.applied;
+        let mut i = 0;
+        while i < self.reads_ready.len() {
+            if self.reads_ready[i].0 <= applied {
+                let (idx, senders) = self.reads_ready.swap_remove(i);
+                for s in senders {
+                    let _ = s.send(Ok(idx));
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), DiskError> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.node.ready();
+        if !rd.messages().is_empty() {
+            self.transport.send(rd.take_messages());
+        }
+        if let Some(ss) = rd.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(snap)?;
+        }
+        let entries = rd.take_entries();
+        let hs = rd.hs().cloned();
+        if !entries.is_empty() || hs.is_some() {
+            self.disk.save(hs.as_ref(), &entries)?;
+            let mut core = self.node.mut_store().wl();
+            if !entries.is_empty() {
+                core.append(&entries).map_err(|e| DiskError::Decode { path: "raft log".into(), msg: e })?;
+            }
+            if let Some(hs) = hs {
+                core.hard_state = hs;
+            }
+        }
+        for rs in rd.take_read_states() {
+            let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            if let Some(p) = self.reads_waiting.remove(&ctx) {
+                self.reads_ready.push((rs.index, p.senders));
+            }
+        }
+        self.apply(rd.take_committed_entries());
+        if !rd.persisted_messages().is_empty() {
+            self.transport.send(rd.take_persisted_messages());
+        }
+        let mut light = self.node.advance(rd);
+        if let Some(c) = light.commit_index() {
+            self.node.mut_store().wl().hard_state.commit = c;
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(light.take_messages());
+        }
+        self.apply(light.take_committed_entries());
+        self.node.advance_apply();
+        self.sm.maintain();
+        self.maybe_snapshot()?;
+        self.release_reads();
+        self.publish_status();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        if leader != self.last_leader {
+            let term = self.node.raft.term;
+            if leader == 0 {
+                tracing::info!(term, "raft: lost leader");
+            } else {
+                tracing::info!(leader = format!("{leader:x}"), term, "raft: elected leader");
+            }
+            self.last_leader = leader;
+        }
+        self.status.leader.store(leader, Ordering::Release);
+        self.status.is_leader.store(role == StateRole::Leader, Ordering::Release);
+    }
+
+    fn publish_status(&self) {
+        let raft = &self.node.raft;
+        self.status.term.store(raft.term, Ordering::Release);
+        self.status.commit.store(raft.raft_log.committed, Ordering::Release);
+        self.status.applied.store(self.applied, Ordering::Release);
+        self.status.last_index.store(raft.raft_log.last_index(), Ordering::Release);
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal => self.sm.apply(&e),
+                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
+                    Ok(cc) => self.apply_conf_change(&e, &cc),
+                    Err(err) => tracing::error!(index = e.index, error = %err, "raft: undecodable conf change"),
+                },
+                EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(e.get_data()) {
+                    Ok(cc) => self.apply_conf_change(&e, &cc),
+                    Err(err) => tracing::error!(index = e.index, error = %err, "raft: undecodable conf change"),
+                },
+            }
+            self.applied = e.index;
+            self.applied_term = e.term;
+        }
+        self.status.applied.store(self.applied, Ordering::Release);
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry, cc: &impl raft_proto::ConfChangeI) {
+        match self.node.apply_conf_change(cc) {
+            Ok(cs) => {
+                self.node.mut_store().wl().conf_state = cs.clone();
+                self.conf_state = cs.clone();
+                self.sm.apply_conf_change(e, &cs);
+            }
+            Err(err) => tracing::warn!(index = e.index, error = %err, "raft: conf change rejected"),
+        }
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), DiskError> {
+        self.disk.save_snapshot(&snap)?;
+        let idx = snap.get_metadata().index;
+        let term = snap.get_metadata().term;
+        self.conf_state = snap.get_metadata().get_conf_state().clone();
+        self.node.mut_store().wl().apply_snapshot(snap);
+        self.applied = idx;
+        self.applied_term = term;
+        self.snap_index = idx;
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), DiskError> {
+        if self.applied <= self.snap_index + self.cfg.snapshot_count {
+            return Ok(());
+        }
+        if let Err(e) = self.sm.sync() {
+            tracing::error!(error = %e, "raft: cannot sync the state machine; snapshot postponed");
+            return Ok(());
+        }
+        let mut snap = Snapshot::default();
+        snap.set_data(self.sm.snapshot_data().into());
+        {
+            let meta = snap.mut_metadata();
+            meta.index = self.applied;
+            meta.term = self.applied_term;
+            meta.set_conf_state(self.conf_state.clone());
+        }
+        self.disk.save_snapshot(&snap)?;
+        tracing::info!(index = self.applied, term = self.applied_term, "raft: saved snapshot");
+        self.snap_index = self.applied;
+        let keep_from = self.applied.saturating_sub(self.cfg.catchup_entries) + 1;
+        self.node.mut_store().wl().set_snapshot(snap, keep_from);
+        Ok(())
+    }
+}

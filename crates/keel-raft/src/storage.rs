@@ -1,0 +1,149 @@
+//! The raft log in memory: what raft reads back (entries, terms, hard state, the latest
+//! snapshot). The WAL makes it durable; this is rebuilt from the WAL at start.
+//!
+//! Unlike raft-rs's `MemStorage`, the snapshot kept here carries the application's data, so the
+//! leader can send it to a follower that fell behind the compacted log.
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+#[derive(Default)]
+pub struct Core {
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+    /// The newest snapshot; its metadata marks where `entries` begin.
+    pub snapshot: Snapshot,
+    /// Entries after the snapshot index, contiguous.
+    pub entries: Vec<Entry>,
+}
+
+impl Core {
+    pub fn first_index(&self) -> u64 {
+        self.entries.first().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index + 1)
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.entries.last().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index)
+    }
+
+    /// Appends entries, replacing any existing entries at or after the first new index.
+    pub fn append(&mut self, ents: &[Entry]) -> Result<(), String> {
+        let Some(first_new) = ents.first().map(|e| e.index) else { return Ok(()) };
+        let first = self.first_index();
+        if first_new < first {
+            return Err(format!("append at {first_new} is before the first index {first}"));
+        }
+        if first_new > self.last_index() + 1 {
+            return Err(format!("append at {first_new} leaves a gap after {}", self.last_index()));
+        }
+        self.entries.truncate((first_new - first) as usize);
+        self.entries.extend_from_slice(ents);
+        Ok(())
+    }
+
+    /// Replaces the whole log by a snapshot (installed from the leader or loaded at start).
+    pub fn apply_snapshot(&mut self, snap: Snapshot) {
+        let m = snap.get_metadata();
+        if self.hard_state.term < m.term {
+            self.hard_state.term = m.term;
+        }
+        if self.hard_state.commit < m.index {
+            self.hard_state.commit = m.index;
+        }
+        self.conf_state = m.get_conf_state().clone();
+        self.entries.clear();
+        self.snapshot = snap;
+    }
+
+    /// Records a snapshot taken locally at an applied index, keeping entries after `keep_from`.
+    pub fn set_snapshot(&mut self, snap: Snapshot, keep_from: u64) {
+        let keep_from = keep_from.min(snap.get_metadata().index + 1);
+        let first = self.first_index();
+        if keep_from > first {
+            let n = ((keep_from - first) as usize).min(self.entries.len());
+            self.entries.drain(..n);
+        }
+        // Kept entries may start before the snapshot index; raft asks for a snapshot only for
+        // entries before them.
+        self.snapshot = snap;
+    }
+}
+
+/// Shared handle to the in-memory log; raft holds one clone, the driver another.
+#[derive(Clone, Default)]
+pub struct LogStore {
+    core: Arc<RwLock<Core>>,
+}
+
+impl LogStore {
+    pub fn rl(&self) -> RwLockReadGuard<'_, Core> {
+        self.core.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn wl(&self) -> RwLockWriteGuard<'_, Core> {
+        self.core.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let c = self.rl();
+        Ok(RaftState { hard_state: c.hard_state.clone(), conf_state: c.conf_state.clone() })
+    }
+
+    fn entries(&self, low: u64, high: u64, max_size: impl Into<Option<u64>>, _ctx: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+        let c = self.rl();
+        let first = c.first_index();
+        if low < first {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > c.last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let lo = (low - first) as usize;
+        let hi = (high - first) as usize;
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::with_capacity(hi - lo);
+        let mut size = 0u64;
+        for e in &c.entries[lo..hi] {
+            size += protobuf::Message::compute_size(e) as u64;
+            if !out.is_empty() && size > max {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let c = self.rl();
+        if idx == c.snapshot.get_metadata().index {
+            return Ok(c.snapshot.get_metadata().term);
+        }
+        let first = c.first_index();
+        if idx < first {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > c.last_index() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(c.entries[(idx - first) as usize].term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.rl().first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.rl().last_index())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let c = self.rl();
+        if c.snapshot.get_metadata().index < request_index || c.snapshot.get_metadata().index == 0 {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(c.snapshot.clone())
+    }
+}
