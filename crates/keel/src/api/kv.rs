@@ -1,0 +1,109 @@
+//! etcdserverpb.KV: Range, Put, DeleteRange, Txn, Compact.
+
+use super::validate;
+use crate::apply::Applied;
+use crate::errors;
+use crate::server::Server;
+use keel_mvcc::kv as mvcc_kv;
+use keel_mvcc::kv::NoLeases;
+use keel_proto::etcdserverpb::kv_server::Kv;
+use keel_proto::etcdserverpb::{
+    request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, TxnRequest, TxnResponse,
+};
+use keel_proto::keelpb::internal_request::Request;
+use std::sync::Arc;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+pub struct KvService {
+    pub server: Arc<Server>,
+}
+
+fn unexpected() -> Status {
+    Status::internal("etcdserver: unexpected apply result")
+}
+
+/// True when every range in the transaction (and nested ones) is serializable.
+fn txn_serializable(t: &TxnRequest) -> bool {
+    t.success.iter().chain(t.failure.iter()).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(r)) => r.serializable,
+        Some(request_op::Request::RequestTxn(t)) => txn_serializable(t),
+        _ => true,
+    })
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let r = req.into_inner();
+        validate::range(&r)?;
+        if !r.serializable {
+            self.server.linearizable_barrier().await?;
+        }
+        let mut resp = mvcc_kv::range(&self.server.store(), &r).map_err(errors::kv)?;
+        let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        resp.header = self.server.header(rev);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = req.into_inner();
+        validate::put(&r)?;
+        match self.server.propose(Request::Put(r)).await? {
+            (Applied::Put(mut resp), rev) => {
+                resp.header = self.server.header(rev);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn delete_range(&self, req: GrpcRequest<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let r = req.into_inner();
+        validate::delete_range(&r)?;
+        match self.server.propose(Request::DeleteRange(r)).await? {
+            (Applied::DeleteRange(mut resp), rev) => {
+                resp.header = self.server.header(rev);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn txn(&self, req: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let r = req.into_inner();
+        validate::txn(&r, self.server.cfg.max_txn_ops as usize)?;
+        if mvcc_kv::txn_is_read_only(&r) {
+            // Read-only: no proposal; a linearizable barrier unless every read is serializable.
+            if !txn_serializable(&r) {
+                self.server.linearizable_barrier().await?;
+            }
+            let mut store = self.server.store.write().unwrap_or_else(|p| p.into_inner());
+            let mut w = store.write();
+            let res = mvcc_kv::txn(&mut w, &r, &NoLeases);
+            let (rev, _) = w.end();
+            drop(store);
+            let mut resp = res.map_err(errors::kv)?;
+            resp.header = self.server.header(rev);
+            return Ok(Response::new(resp));
+        }
+        match self.server.propose(Request::Txn(r)).await? {
+            (Applied::Txn(mut resp), rev) => {
+                resp.header = self.server.header(rev);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn compact(&self, req: GrpcRequest<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let r = req.into_inner();
+        match self.server.propose(Request::Compaction(r)).await? {
+            (Applied::Compaction(mut resp), rev) => {
+                resp.header = self.server.header(rev);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+}

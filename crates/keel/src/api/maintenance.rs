@@ -1,0 +1,71 @@
+//! etcdserverpb.Maintenance: Status and Alarm for now; the rest comes with the operations issue.
+
+use crate::config::ETCD_VERSION;
+use crate::server::Server;
+use keel_proto::etcdserverpb::maintenance_server::Maintenance;
+use keel_proto::etcdserverpb::*;
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct MaintenanceService {
+    pub server: Arc<Server>,
+}
+
+type SnapshotStream = Pin<Box<dyn futures::Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, _req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let rev = self.server.store().current_rev();
+        Ok(Response::new(AlarmResponse { header: self.server.header(rev), alarms: vec![] }))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = &self.server;
+        let (rev, (db_size, in_use)) = {
+            let store = s.store();
+            (store.current_rev(), store.db_size())
+        };
+        let st = &s.node.status;
+        let is_learner = s.members().get(s.member_id).map(|m| m.is_learner).unwrap_or(false);
+        Ok(Response::new(StatusResponse {
+            header: s.header(rev),
+            version: ETCD_VERSION.to_string(),
+            db_size: db_size as i64,
+            leader: st.leader(),
+            raft_index: st.commit(),
+            raft_term: st.term(),
+            raft_applied_index: st.applied(),
+            errors: vec![],
+            db_size_in_use: in_use as i64,
+            is_learner,
+        }))
+    }
+
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: defragment is not implemented yet"))
+    }
+
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: hash is not implemented yet"))
+    }
+
+    async fn hash_kv(&self, _req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: hashkv is not implemented yet"))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("etcdserver: snapshot is not implemented yet"))
+    }
+
+    async fn move_leader(&self, _req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: move-leader is not implemented yet"))
+    }
+
+    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: downgrade is not implemented"))
+    }
+}

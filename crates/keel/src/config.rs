@@ -1,0 +1,280 @@
+//! Command-line flags and `ETCD_*` environment variables, as etcd spells them.
+//!
+//! Flags follow Go's flag syntax as etcd users type it: `--flag value`, `--flag=value`, a single
+//! dash, and bare booleans (`--client-cert-auth`). etcd flags Keel does not implement and that
+//! change no semantics are accepted with a warning.
+
+use clap::{ArgAction, CommandFactory, Parser};
+use std::time::Duration;
+
+/// Version of the etcd API Keel speaks, reported to clients.
+pub const ETCD_VERSION: &str = "3.5.0";
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "keel", version, about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API")]
+pub struct Config {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: ${name}.etcd).
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<String>,
+    /// Path to the dedicated WAL directory.
+    #[arg(long, env = "ETCD_WAL_DIR")]
+    pub wal_dir: Option<String>,
+    /// URLs to listen on for client traffic.
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub listen_client_urls: String,
+    /// Client URLs of this member advertised to the cluster.
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub advertise_client_urls: String,
+    /// URLs to listen on for peer traffic.
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    pub listen_peer_urls: String,
+    /// Peer URLs of this member advertised to the cluster.
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping (name=peerURL,...).
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: i64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: u32,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: u32,
+    /// Log level: debug, info, warn, error, panic, fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<String>,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<String>,
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<String>,
+    /// Enable client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub client_cert_auth: bool,
+    /// Client TLS using generated certificates.
+    #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub auto_tls: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<String>,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<String>,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<String>,
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub peer_client_cert_auth: bool,
+    /// Peer TLS using self-generated certificates.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub peer_auto_tls: bool,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = ArgAction::Set)]
+    pub strict_reconfig_check: bool,
+    /// List of URLs to listen on for the metrics and health endpoints.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS")]
+    pub listen_metrics_urls: Option<String>,
+    /// Maximum concurrent streams that each client can open at a time.
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
+    pub max_concurrent_streams: u32,
+}
+
+/// etcd flags Keel accepts and ignores (they tune etcd internals or select features Keel does
+/// differently); each is reported once at start.
+const IGNORED_HINT: &str = "flag is accepted for compatibility with etcd and has no effect in Keel";
+
+impl Config {
+    /// Parses the process's arguments (and environment) the way etcd does.
+    pub fn from_args() -> Result<Config, clap::Error> {
+        Self::parse_from_args(std::env::args().collect())
+    }
+
+    pub fn parse_from_args(args: Vec<String>) -> Result<Config, clap::Error> {
+        let (args, ignored) = normalize_args(args);
+        let cfg = Config::try_parse_from(args)?;
+        for f in ignored {
+            tracing::warn!(flag = %f, "{IGNORED_HINT}");
+        }
+        Ok(cfg)
+    }
+
+    pub fn data_dir(&self) -> String {
+        self.data_dir.clone().unwrap_or_else(|| format!("{}.etcd", self.name))
+    }
+
+    pub fn wal_dir(&self) -> String {
+        self.wal_dir.clone().unwrap_or_else(|| format!("{}/member/wal", self.data_dir()))
+    }
+
+    pub fn snap_dir(&self) -> String {
+        format!("{}/member/snap", self.data_dir())
+    }
+
+    /// `--initial-cluster`, or `name=<advertised peer URLs>` when not given (as etcd does).
+    pub fn initial_cluster(&self) -> String {
+        match &self.initial_cluster {
+            Some(c) if !c.is_empty() => c.clone(),
+            _ => split_urls(&self.initial_advertise_peer_urls).iter().map(|u| format!("{}={}", self.name, u)).collect::<Vec<_>>().join(","),
+        }
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval.max(1))
+    }
+
+    /// etcd's request timeout: 5 s + 2 × election timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(5) + Duration::from_millis(2 * self.election_timeout)
+    }
+
+    /// Checks the flags etcd checks at start.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval == 0 {
+            return Err("--heartbeat-interval must be > 0".into());
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(format!(
+                "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.election_timeout > 50_000 {
+            return Err(format!("--election-timeout[{}ms] is too long, and should be set less than 50000ms", self.election_timeout));
+        }
+        match self.initial_cluster_state.as_str() {
+            "new" | "existing" => {}
+            other => return Err(format!("invalid value \"{other}\" for flag -initial-cluster-state: valid values are \"new\" and \"existing\"")),
+        }
+        if !self.data_dir().is_empty() && self.max_txn_ops == 0 {
+            return Err("--max-txn-ops must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Splits a comma-separated URL list.
+pub fn split_urls(s: &str) -> Vec<String> {
+    s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
+}
+
+/// Rewrites Go-style arguments for clap: `-flag` becomes `--flag`, and etcd flags Keel does not
+/// know are removed (with their value). Returns the arguments and the removed flag names.
+fn normalize_args(args: Vec<String>) -> (Vec<String>, Vec<String>) {
+    let cmd = Config::command();
+    let known: std::collections::HashSet<String> =
+        cmd.get_arguments().filter_map(|a| a.get_long().map(|s| s.to_string())).chain(["help".to_string(), "version".to_string()]).collect();
+    let mut out = Vec::with_capacity(args.len());
+    let mut ignored = Vec::new();
+    let mut it = args.into_iter().peekable();
+    if let Some(bin) = it.next() {
+        out.push(bin);
+    }
+    while let Some(a) = it.next() {
+        let body = if let Some(b) = a.strip_prefix("--") {
+            b.to_string()
+        } else if let Some(b) = a.strip_prefix('-') {
+            if b.is_empty() {
+                out.push(a);
+                continue;
+            }
+            b.to_string()
+        } else {
+            out.push(a);
+            continue;
+        };
+        let (name, has_value) = match body.split_once('=') {
+            Some((n, _)) => (n.to_string(), true),
+            None => (body.clone(), false),
+        };
+        if known.contains(&name) {
+            out.push(format!("--{body}"));
+            continue;
+        }
+        ignored.push(name);
+        if !has_value {
+            if let Some(next) = it.peek() {
+                if !next.starts_with('-') {
+                    it.next();
+                }
+            }
+        }
+    }
+    (out, ignored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(a: &[&str]) -> Config {
+        let mut v = vec!["keel".to_string()];
+        v.extend(a.iter().map(|s| s.to_string()));
+        Config::parse_from_args(v).expect("parse")
+    }
+
+    #[test]
+    fn defaults_are_etcds() {
+        let c = parse(&[]);
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir(), "default.etcd");
+        assert_eq!(c.initial_cluster(), "default=http://localhost:2380");
+        assert_eq!(c.snapshot_count, 100_000);
+        assert_eq!(c.max_request_bytes, 1_572_864);
+        assert_eq!(c.max_txn_ops, 128);
+        assert!(c.strict_reconfig_check);
+        assert_eq!(c.request_timeout(), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn go_style_flags_and_unknown_flags() {
+        let c = parse(&[
+            "-name",
+            "n1",
+            "--peer-auto-tls",
+            "--strict-reconfig-check=false",
+            "--experimental-initial-corrupt-check",
+            "--enable-pprof",
+            "--auto-compaction-retention",
+            "1h",
+            "--snapshot-count=5",
+        ]);
+        assert_eq!(c.name, "n1");
+        assert!(c.peer_auto_tls);
+        assert!(!c.strict_reconfig_check);
+        assert_eq!(c.snapshot_count, 5);
+        assert_eq!(c.initial_cluster(), "n1=http://localhost:2380");
+    }
+
+    #[test]
+    fn election_timeout_checked() {
+        let c = parse(&["--heartbeat-interval", "100", "--election-timeout", "300"]);
+        assert!(c.validate().is_err());
+    }
+}

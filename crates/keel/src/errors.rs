@@ -1,0 +1,60 @@
+//! etcd's gRPC errors: the same codes and messages (`api/v3rpc/rpctypes`).
+
+use keel_mvcc::KvError;
+use keel_raft::ProposeError;
+use tonic::{Code, Status};
+
+fn st(code: Code, msg: &str) -> Status {
+    Status::new(code, format!("etcdserver: {msg}"))
+}
+
+pub fn empty_key() -> Status {
+    st(Code::InvalidArgument, "key is not provided")
+}
+pub fn value_provided() -> Status {
+    st(Code::InvalidArgument, "value is provided")
+}
+pub fn lease_provided() -> Status {
+    st(Code::InvalidArgument, "lease is provided")
+}
+pub fn too_many_ops() -> Status {
+    st(Code::InvalidArgument, "too many operations in txn request")
+}
+pub fn duplicate_key() -> Status {
+    st(Code::InvalidArgument, "duplicate key given in txn request")
+}
+pub fn invalid_sort_option() -> Status {
+    st(Code::InvalidArgument, "invalid sort option")
+}
+pub fn request_too_large() -> Status {
+    st(Code::InvalidArgument, "request is too large")
+}
+pub fn timeout() -> Status {
+    st(Code::Unavailable, "request timed out")
+}
+pub fn stopped() -> Status {
+    st(Code::Unavailable, "server stopped")
+}
+pub fn no_leader() -> Status {
+    st(Code::Unavailable, "no leader")
+}
+
+pub fn propose(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NoLeader => no_leader(),
+        ProposeError::Stopped => stopped(),
+        ProposeError::Busy => st(Code::ResourceExhausted, "too many requests"),
+        ProposeError::Timeout => timeout(),
+    }
+}
+
+pub fn kv(e: KvError) -> Status {
+    match e {
+        KvError::Compacted => st(Code::OutOfRange, "mvcc: required revision has been compacted"),
+        KvError::FutureRev => st(Code::OutOfRange, "mvcc: required revision is a future revision"),
+        KvError::LeaseNotFound => st(Code::NotFound, "requested lease not found"),
+        KvError::KeyNotFound => st(Code::InvalidArgument, "key not found"),
+        KvError::Backend(e) => Status::internal(format!("etcdserver: {e}")),
+        KvError::Corrupt(e) => Status::data_loss(format!("etcdserver: corrupt cluster: {e}")),
+    }
+}

@@ -1,0 +1,37 @@
+//! Plain HTTP on the client port: `/health` and `/version` (the rest of etcd's HTTP surface comes
+//! with the operations issue). Calls the server core for a linearizable read.
+
+use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
+use crate::server::Server;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use keel_proto::etcdserverpb::RangeRequest;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new().route("/health", get(health)).route("/version", get(version)).with_state(server)
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": ETCD_CLUSTER_VERSION }))
+}
+
+/// etcd's health check: a leader, then a read (linearizable unless `?serializable=true`).
+async fn health(State(s): State<Arc<Server>>, Query(q): Query<HashMap<String, String>>) -> (StatusCode, Json<serde_json::Value>) {
+    let unhealthy = |reason: &str| (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"health": "false", "reason": reason})));
+    if s.node.status.leader() == 0 {
+        return unhealthy("RAFT NO LEADER");
+    }
+    let serializable = q.get("serializable").map(|v| v == "true").unwrap_or(false);
+    if !serializable && s.linearizable_barrier().await.is_err() {
+        return unhealthy("QGET ERROR");
+    }
+    let r = RangeRequest { key: b"health".to_vec(), limit: 1, ..Default::default() };
+    if keel_mvcc::kv::range(&s.store(), &r).is_err() {
+        return unhealthy("QGET ERROR");
+    }
+    (StatusCode::OK, Json(serde_json::json!({"health": "true", "reason": ""})))
+}

@@ -1,0 +1,122 @@
+//! Cluster membership: member IDs derived as etcd derives them, the member list, and its
+//! persistent form (a `keelpb.SnapshotData` record in the backend).
+
+use keel_proto::etcdserverpb::Member;
+use keel_proto::keelpb::{MemberRecord, SnapshotData};
+use prost::Message;
+use sha1::{Digest, Sha1};
+
+/// Backend record that holds the membership.
+pub const AUX_MEMBERS: &str = "members";
+
+/// etcd's member ID: the first 8 bytes (big-endian) of SHA-1 over the sorted peer URLs joined,
+/// followed by the cluster token.
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut b = urls.join("").into_bytes();
+    b.extend_from_slice(token.as_bytes());
+    first8(&Sha1::digest(&b))
+}
+
+/// etcd's cluster ID: SHA-1 over the sorted member IDs (8 bytes big-endian each).
+pub fn cluster_id(member_ids: &[u64]) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort_unstable();
+    let mut b = Vec::with_capacity(8 * ids.len());
+    for id in ids {
+        b.extend_from_slice(&id.to_be_bytes());
+    }
+    first8(&Sha1::digest(&b))
+}
+
+fn first8(h: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// The members of the cluster, in ID order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Members {
+    pub cluster_id: u64,
+    pub members: Vec<MemberRecord>,
+}
+
+impl Members {
+    /// Parses `--initial-cluster` (`name=url,name=url2,...`) into members; a name may appear with
+    /// several URLs.
+    pub fn from_initial_cluster(s: &str, token: &str) -> Result<Members, String> {
+        let mut by_name: Vec<(String, Vec<String>)> = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, url) = part.split_once('=').ok_or_else(|| format!("invalid --initial-cluster entry {part:?}: want name=url"))?;
+            if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("unix://") || url.starts_with("unixs://")) {
+                return Err(format!("invalid --initial-cluster URL {url:?}: URL scheme must be http, https, unix, or unixs"));
+            }
+            match by_name.iter_mut().find(|(n, _)| n == name) {
+                Some((_, urls)) => urls.push(url.to_string()),
+                None => by_name.push((name.to_string(), vec![url.to_string()])),
+            }
+        }
+        if by_name.is_empty() {
+            return Err("--initial-cluster is empty".into());
+        }
+        let mut members: Vec<MemberRecord> = by_name
+            .into_iter()
+            .map(|(name, peer_urls)| MemberRecord { id: member_id(&peer_urls, token), name, peer_urls, client_urls: vec![], is_learner: false })
+            .collect();
+        members.sort_by_key(|m| m.id);
+        for w in members.windows(2) {
+            if w[0].id == w[1].id {
+                return Err(format!("member {:x} appears twice in --initial-cluster", w[0].id));
+            }
+        }
+        let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+        Ok(Members { cluster_id: cluster_id(&ids), members })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        SnapshotData { cluster_id: self.cluster_id, members: self.members.clone() }.encode_to_vec()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Members, String> {
+        let d = SnapshotData::decode(b).map_err(|e| format!("undecodable membership record: {e}"))?;
+        Ok(Members { cluster_id: d.cluster_id, members: d.members })
+    }
+
+    pub fn get(&self, id: u64) -> Option<&MemberRecord> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut MemberRecord> {
+        self.members.iter_mut().find(|m| m.id == id)
+    }
+
+    /// The member list as the Cluster API returns it.
+    pub fn to_proto(&self) -> Vec<Member> {
+        self.members
+            .iter()
+            .map(|m| Member { id: m.id, name: m.name.clone(), peer_ur_ls: m.peer_urls.clone(), client_ur_ls: m.client_urls.clone(), is_learner: m.is_learner })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_match_etcd() {
+        // etcd 3.4.23 started with `--name default` and default flags reports member
+        // 8e9e05c52164694d in cluster cdf818194e3a8c32.
+        let m = Members::from_initial_cluster("default=http://localhost:2380", "etcd-cluster").unwrap();
+        assert_eq!(format!("{:x}", m.members[0].id), "8e9e05c52164694d");
+        assert_eq!(format!("{:x}", m.cluster_id), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn bad_initial_cluster() {
+        assert!(Members::from_initial_cluster("nourl", "t").is_err());
+        assert!(Members::from_initial_cluster("a=ftp://x", "t").is_err());
+    }
+}

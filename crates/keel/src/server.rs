@@ -1,0 +1,85 @@
+//! The member's core: what every API handler shares. Turns client writes into raft proposals and
+//! waits for their apply; gives reads a linearizable barrier; builds response headers.
+//!
+//! Calls keel-raft (propose, read index) and reads keel-mvcc; never writes the store itself.
+
+use crate::apply::{Applied, Waiters};
+use crate::config::Config;
+use crate::errors;
+use crate::membership::Members;
+use keel_mvcc::Store;
+use keel_proto::etcdserverpb::ResponseHeader;
+use keel_proto::keelpb::{internal_request::Request, InternalRequest};
+use keel_raft::NodeHandle;
+use prost::Message;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use tonic::Status;
+
+pub struct Server {
+    pub cfg: Config,
+    pub member_id: u64,
+    pub cluster_id: u64,
+    pub store: Arc<RwLock<Store>>,
+    pub members: Arc<RwLock<Members>>,
+    pub node: NodeHandle,
+    pub waiters: Arc<Waiters>,
+    next_id: AtomicU64,
+}
+
+impl Server {
+    pub fn new(cfg: Config, member_id: u64, cluster_id: u64, store: Arc<RwLock<Store>>, members: Arc<RwLock<Members>>, node: NodeHandle, waiters: Arc<Waiters>) -> Server {
+        // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
+        // unique across restarts of this member.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
+        Server { cfg, member_id, cluster_id, store, members, node, waiters, next_id: AtomicU64::new(base) }
+    }
+
+    pub fn store(&self) -> RwLockReadGuard<'_, Store> {
+        self.store.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn members(&self) -> RwLockReadGuard<'_, Members> {
+        self.members.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A response header at `revision`.
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.node.status.term() })
+    }
+
+    /// Proposes `req` through raft and waits until it is applied on this member.
+    pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Status> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let data = InternalRequest { id, request: Some(req) }.encode_to_vec();
+        if data.len() > self.cfg.max_request_bytes as usize {
+            return Err(errors::request_too_large());
+        }
+        let rx = self.waiters.register(id);
+        let work = async {
+            self.node.propose(data).await.map_err(errors::propose)?;
+            rx.await.map_err(|_| errors::stopped())?.map_err(errors::kv)
+        };
+        match tokio::time::timeout(self.cfg.request_timeout(), work).await {
+            Ok(r) => {
+                if r.is_err() {
+                    self.waiters.cancel(id);
+                }
+                r
+            }
+            Err(_) => {
+                self.waiters.cancel(id);
+                Err(errors::timeout())
+            }
+        }
+    }
+
+    /// Waits until this member has applied everything committed before the call (ReadIndex).
+    pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        match tokio::time::timeout(self.cfg.request_timeout(), self.node.read_index()).await {
+            Ok(r) => r.map(|_| ()).map_err(errors::propose),
+            Err(_) => Err(errors::timeout()),
+        }
+    }
+}
