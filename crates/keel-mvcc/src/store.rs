@@ -87,6 +87,11 @@ impl Store {
         self.meta.consistent_index
     }
 
+    /// Term of the entry at [`Store::consistent_index`].
+    pub fn consistent_term(&self) -> u64 {
+        self.meta.term
+    }
+
     /// Index of the last raft entry whose effects are durable in the backend.
     pub fn committed_index(&self) -> u64 {
         self.committed.consistent_index

@@ -23,6 +23,8 @@ pub trait StateMachine: Send + 'static {
     /// state at start). Entries at or below it are delivered again after a restart and must be
     /// skipped by [`StateMachine::apply`].
     fn applied_index(&self) -> u64;
+    /// Term of the entry at [`StateMachine::applied_index`].
+    fn applied_term(&self) -> u64;
     /// Applies a committed normal entry (its data may be empty: a new leader's no-op).
     fn apply(&mut self, entry: &Entry);
     /// Called after raft applied a committed configuration change; `cs` is the new configuration.
@@ -191,6 +193,7 @@ pub fn start<S: StateMachine, T: Transport>(
     transport: T,
 ) -> Result<(NodeHandle, std::thread::JoinHandle<Result<(), String>>), String> {
     let storage = LogStore::default();
+    let mut disk = disk;
     let mut snap_index = 0;
     let mut snap_term = 0;
     let conf_state;
@@ -207,10 +210,25 @@ pub fn start<S: StateMachine, T: Transport>(
         let last = core.last_index();
         let applied = sm.applied_index();
         if applied > last {
-            return Err(format!(
-                "raft: the backend has applied index {applied} but the WAL ends at {last}: the WAL is missing entries"
-            ));
+            // The WAL lost its tail (a torn write was cut off) but the backend already holds the
+            // effects of those committed entries: the backend is a snapshot at `applied`.
+            tracing::warn!(
+                applied,
+                wal_last_index = last,
+                "raft: the backend is ahead of the WAL; continuing from the backend as a snapshot"
+            );
+            let mut snap = Snapshot::default();
+            snap.set_data(sm.snapshot_data().into());
+            let m = snap.mut_metadata();
+            m.index = applied;
+            m.term = sm.applied_term();
+            m.set_conf_state(core.conf_state.clone());
+            disk.save_snapshot(&snap).map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
+            snap_index = applied;
+            snap_term = snap.get_metadata().term;
+            core.apply_snapshot(snap);
         }
+        let last = core.last_index();
         let mut hs = disk.hard_state.clone();
         if hs.term < snap_term {
             hs.term = snap_term;

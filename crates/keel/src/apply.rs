@@ -121,6 +121,10 @@ impl keel_raft::StateMachine for Applier {
         self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_index()
     }
 
+    fn applied_term(&self) -> u64 {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_term()
+    }
+
     fn apply(&mut self, entry: &Entry) {
         let mut store = self.store_mut();
         if entry.index <= store.consistent_index() {

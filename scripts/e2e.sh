@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs etcd's own end-to-end suite (Debian golang-etcd-server-dev, etcd 3.4.23) against Keel.
+#
+#   scripts/e2e.sh                 run every test named in tests/e2e-passing.txt
+#   scripts/e2e.sh REGEX           run the tests matching REGEX (go test -run syntax)
+#
+# Needs: golang-go, golang-etcd-server-dev, etcd-client (etcdctl), and a release build of keel
+# (built here if missing). Prints go test's verdict lines and a final "N passed, N failed".
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+suite=/usr/share/gocode/src/go.etcd.io/etcd/tests/e2e
+work=${KEEL_E2E_DIR:-$root/target/e2e}
+mkdir -p "$work/bin"
+
+if [ ! -x "$root/target/release/keel" ]; then
+  (cd "$root" && cargo build --release --bin keel)
+fi
+ln -sf "$root/target/release/keel" "$work/bin/etcd"
+ln -sf /usr/bin/etcdctl "$work/bin/etcdctl"
+
+if [ ! -x "$work/e2e.test" ] || [ "$suite" -nt "$work/e2e.test" ]; then
+  (cd "$suite" && GOPATH=/usr/share/gocode GO111MODULE=off GOFLAGS=-mod=mod go test -c -o "$work/e2e.test" .)
+fi
+
+if [ $# -ge 1 ]; then
+  regex="$1"
+else
+  names=$(grep -v '^\s*#' "$root/tests/e2e-passing.txt" | grep -v '^\s*$' | paste -sd'|')
+  regex="^(${names})\$"
+fi
+
+log="$work/e2e.log"
+cd "$suite"
+set +e
+"$work/e2e.test" -bin-dir "$work/bin" -test.run "$regex" -test.v -test.timeout 40m >"$log" 2>&1
+rc=$?
+set -e
+grep -E '^(--- |=== RUN|ok|FAIL|PASS)' "$log" | grep -E '^--- ' || true
+passed=$(grep -cE '^--- PASS' "$log" || true)
+failed=$(grep -cE '^--- FAIL' "$log" || true)
+if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+  tail -50 "$log"
+  failed=1
+fi
+echo "e2e: ${passed} passed, ${failed} failed"
+[ "$failed" -eq 0 ]
