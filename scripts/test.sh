@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite: cargo tests (unit, property, multi-process) then etcd's e2e tests that
+# Keel passes. Installs the Debian packages it needs when they are missing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+need=()
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v go >/dev/null || need+=(golang-go)
+[ -d /usr/share/gocode/src/go.etcd.io/etcd/tests/e2e ] || need+=(golang-etcd-server-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+cargo build --release --bin keel
+cargo test --release --workspace
+scripts/e2e.sh
