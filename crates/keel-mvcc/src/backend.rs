@@ -43,17 +43,26 @@ pub struct Backend {
 
 impl Backend {
     fn err(&self, e: impl std::fmt::Display) -> BackendError {
-        BackendError { path: self.path.clone(), msg: e.to_string() }
+        BackendError {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        }
     }
 
     /// Opens or creates the backend file.
     pub fn open(path: &Path) -> Result<Backend, BackendError> {
-        let mk = |e: &dyn std::fmt::Display| BackendError { path: path.to_path_buf(), msg: e.to_string() };
+        let mk = |e: &dyn std::fmt::Display| BackendError {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| mk(&e))?;
         }
         let db = Database::create(path).map_err(|e| mk(&e))?;
-        let b = Backend { db, path: path.to_path_buf() };
+        let b = Backend {
+            db,
+            path: path.to_path_buf(),
+        };
         // Make sure both tables exist so that read transactions can always open them.
         let tx = b.db.begin_write().map_err(|e| b.err(e))?;
         {
@@ -71,7 +80,10 @@ impl Backend {
         let get = |k: &str| -> Result<u64, BackendError> {
             match t.get(k).map_err(|e| self.err(e))? {
                 Some(v) => {
-                    let b: [u8; 8] = v.value().try_into().map_err(|_| self.err(format!("meta {k} is not 8 bytes")))?;
+                    let b: [u8; 8] = v
+                        .value()
+                        .try_into()
+                        .map_err(|_| self.err(format!("meta {k} is not 8 bytes")))?;
                     Ok(u64::from_be_bytes(b))
                 }
                 None => Ok(0),
@@ -86,18 +98,25 @@ impl Backend {
     }
 
     /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
-    pub fn commit(&self, changes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
+    pub fn commit(
+        &self,
+        changes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+        aux: &BTreeMap<String, Vec<u8>>,
+        meta: &Meta,
+    ) -> Result<(), BackendError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;
             for (k, v) in aux {
-                a.insert(k.as_str(), v.as_slice()).map_err(|e| self.err(e))?;
+                a.insert(k.as_str(), v.as_slice())
+                    .map_err(|e| self.err(e))?;
             }
             let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
             for (k, v) in changes {
                 match v {
                     Some(v) => {
-                        keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
+                        keys.insert(k.as_slice(), v.as_slice())
+                            .map_err(|e| self.err(e))?;
                     }
                     None => {
                         keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
@@ -105,10 +124,23 @@ impl Backend {
                 }
             }
             let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-            m.insert(META_CONSISTENT_INDEX, meta.consistent_index.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            m.insert(META_TERM, meta.term.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            m.insert(META_CURRENT_REV, (meta.current_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            m.insert(META_COMPACTED_REV, (meta.compacted_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+            m.insert(
+                META_CONSISTENT_INDEX,
+                meta.consistent_index.to_be_bytes().as_slice(),
+            )
+            .map_err(|e| self.err(e))?;
+            m.insert(META_TERM, meta.term.to_be_bytes().as_slice())
+                .map_err(|e| self.err(e))?;
+            m.insert(
+                META_CURRENT_REV,
+                (meta.current_rev as u64).to_be_bytes().as_slice(),
+            )
+            .map_err(|e| self.err(e))?;
+            m.insert(
+                META_COMPACTED_REV,
+                (meta.compacted_rev as u64).to_be_bytes().as_slice(),
+            )
+            .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(())
@@ -130,11 +162,17 @@ impl Backend {
     pub fn reader(&self) -> Result<Reader, BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-        Ok(Reader { table: t, path: self.path.clone() })
+        Ok(Reader {
+            table: t,
+            path: self.path.clone(),
+        })
     }
 
     /// Calls `f` for every stored (revision key, value) in revision order.
-    pub fn scan(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), BackendError>) -> Result<(), BackendError> {
+    pub fn scan(
+        &self,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
         for item in t.iter().map_err(|e| self.err(e))? {
@@ -152,7 +190,10 @@ impl Backend {
             .begin_write()
             .ok()
             .and_then(|tx| {
-                let s = tx.stats().ok().map(|s| s.stored_bytes() + s.metadata_bytes());
+                let s = tx
+                    .stats()
+                    .ok()
+                    .map(|s| s.stored_bytes() + s.metadata_bytes());
                 let _ = tx.abort();
                 s
             })
@@ -172,6 +213,9 @@ impl Reader {
         self.table
             .get(key)
             .map(|o| o.map(|v| v.value().to_vec()))
-            .map_err(|e| BackendError { path: self.path.clone(), msg: e.to_string() })
+            .map_err(|e| BackendError {
+                path: self.path.clone(),
+                msg: e.to_string(),
+            })
     }
 }

@@ -17,5 +17,7 @@ pub mod node;
 pub mod storage;
 
 pub use disk::{Disk, Identity};
-pub use node::{start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport};
+pub use node::{
+    start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport,
+};
 pub use raft::eraftpb;

@@ -6,9 +6,9 @@
 //! to wait for persistence, advance.
 
 use crate::disk::{Disk, DiskError};
+use crate::storage::LogStore;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
-use crate::storage::LogStore;
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,8 +107,13 @@ impl NodeStatus {
 }
 
 enum Msg {
-    Propose { data: Vec<u8>, done: oneshot::Sender<Result<(), ProposeError>> },
-    ReadIndex { done: oneshot::Sender<Result<u64, ProposeError>> },
+    Propose {
+        data: Vec<u8>,
+        done: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    ReadIndex {
+        done: oneshot::Sender<Result<u64, ProposeError>>,
+    },
     Step(Box<Message>),
     Stop,
 }
@@ -159,8 +164,10 @@ impl NodeHandle {
     }
 }
 
+type ReadSender = oneshot::Sender<Result<u64, ProposeError>>;
+
 struct PendingRead {
-    senders: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
+    senders: Vec<ReadSender>,
     issued_tick: u64,
 }
 
@@ -180,8 +187,8 @@ struct Driver<S: StateMachine, T: Transport> {
     /// Reads waiting for raft to confirm an index, by context.
     reads_waiting: HashMap<u64, PendingRead>,
     /// Reads whose index is known, waiting for apply to catch up: (index, senders).
-    reads_ready: Vec<(u64, Vec<oneshot::Sender<Result<u64, ProposeError>>>)>,
-    reads_new: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
+    reads_ready: Vec<(u64, Vec<ReadSender>)>,
+    reads_new: Vec<ReadSender>,
     last_leader: u64,
 }
 
@@ -204,9 +211,13 @@ pub fn start<S: StateMachine, T: Transport>(
             snap_term = snap.get_metadata().term;
             core.apply_snapshot(snap.clone());
         } else {
-            core.conf_state = ConfState { voters: disk.identity.initial_voters.clone(), ..Default::default() };
+            core.conf_state = ConfState {
+                voters: disk.identity.initial_voters.clone(),
+                ..Default::default()
+            };
         }
-        core.append(&disk.entries).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
+        core.append(&disk.entries)
+            .map_err(|e| format!("raft: cannot restore entries: {e}"))?;
         let last = core.last_index();
         let applied = sm.applied_index();
         if applied > last {
@@ -223,7 +234,8 @@ pub fn start<S: StateMachine, T: Transport>(
             m.index = applied;
             m.term = sm.applied_term();
             m.set_conf_state(core.conf_state.clone());
-            disk.save_snapshot(&snap).map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
+            disk.save_snapshot(&snap)
+                .map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
             snap_index = applied;
             snap_term = snap.get_metadata().term;
             core.apply_snapshot(snap);
@@ -250,15 +262,22 @@ pub fn start<S: StateMachine, T: Transport>(
         read_only_option: ReadOnlyOption::Safe,
         ..Default::default()
     };
-    config.validate().map_err(|e| format!("raft: bad configuration: {e}"))?;
-    let mut node = RawNode::new(&config, storage, &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| format!("raft: bad configuration: {e}"))?;
+    let mut node = RawNode::new(&config, storage, &crate::logger::logger())
+        .map_err(|e| format!("raft: {e}"))?;
     if conf_state.voters == [cfg.id] && conf_state.learners.is_empty() {
         // A cluster of one need not wait for an election timeout.
-        node.campaign().map_err(|e| format!("raft: campaign: {e}"))?;
+        node.campaign()
+            .map_err(|e| format!("raft: campaign: {e}"))?;
     }
     let status = Arc::new(NodeStatus::default());
     let (tx, rx) = mpsc::sync_channel(INBOX);
-    let handle = NodeHandle { tx, status: status.clone() };
+    let handle = NodeHandle {
+        tx,
+        status: status.clone(),
+    };
     let driver = Driver {
         cfg,
         node,
@@ -337,7 +356,10 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Propose { data, done } => {
-                let r = self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader);
+                let r = self
+                    .node
+                    .propose(vec![], data)
+                    .map_err(|_| ProposeError::NoLeader);
                 let _ = done.send(r);
             }
             Msg::ReadIndex { done } => self.reads_new.push(done),
@@ -360,7 +382,13 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         let ctx = self.read_ctx;
         self.node.read_index(ctx.to_be_bytes().to_vec());
         let senders = std::mem::take(&mut self.reads_new);
-        self.reads_waiting.insert(ctx, PendingRead { senders, issued_tick: self.ticks });
+        self.reads_waiting.insert(
+            ctx,
+            PendingRead {
+                senders,
+                issued_tick: self.ticks,
+            },
+        );
     }
 
     /// Fails reads raft never confirmed (no leader, or the leader changed) after two election
@@ -416,7 +444,10 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             self.disk.save(hs.as_ref(), &entries)?;
             let mut core = self.node.mut_store().wl();
             if !entries.is_empty() {
-                core.append(&entries).map_err(|e| DiskError::Decode { path: "raft log".into(), msg: e })?;
+                core.append(&entries).map_err(|e| DiskError::Decode {
+                    path: "raft log".into(),
+                    msg: e,
+                })?;
             }
             if let Some(hs) = hs {
                 core.hard_state = hs;
@@ -459,15 +490,21 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             self.last_leader = leader;
         }
         self.status.leader.store(leader, Ordering::Release);
-        self.status.is_leader.store(role == StateRole::Leader, Ordering::Release);
+        self.status
+            .is_leader
+            .store(role == StateRole::Leader, Ordering::Release);
     }
 
     fn publish_status(&self) {
         let raft = &self.node.raft;
         self.status.term.store(raft.term, Ordering::Release);
-        self.status.commit.store(raft.raft_log.committed, Ordering::Release);
+        self.status
+            .commit
+            .store(raft.raft_log.committed, Ordering::Release);
         self.status.applied.store(self.applied, Ordering::Release);
-        self.status.last_index.store(raft.raft_log.last_index(), Ordering::Release);
+        self.status
+            .last_index
+            .store(raft.raft_log.last_index(), Ordering::Release);
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {
@@ -476,12 +513,18 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 EntryType::EntryNormal => self.sm.apply(&e),
                 EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
                     Ok(cc) => self.apply_conf_change(&e, &cc),
-                    Err(err) => tracing::error!(index = e.index, error = %err, "raft: undecodable conf change"),
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "raft: undecodable conf change")
+                    }
                 },
-                EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(e.get_data()) {
-                    Ok(cc) => self.apply_conf_change(&e, &cc),
-                    Err(err) => tracing::error!(index = e.index, error = %err, "raft: undecodable conf change"),
-                },
+                EntryType::EntryConfChangeV2 => {
+                    match ConfChangeV2::parse_from_bytes(e.get_data()) {
+                        Ok(cc) => self.apply_conf_change(&e, &cc),
+                        Err(err) => {
+                            tracing::error!(index = e.index, error = %err, "raft: undecodable conf change")
+                        }
+                    }
+                }
             }
             self.applied = e.index;
             self.applied_term = e.term;
@@ -529,7 +572,11 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             meta.set_conf_state(self.conf_state.clone());
         }
         self.disk.save_snapshot(&snap)?;
-        tracing::info!(index = self.applied, term = self.applied_term, "raft: saved snapshot");
+        tracing::info!(
+            index = self.applied,
+            term = self.applied_term,
+            "raft: saved snapshot"
+        );
         self.snap_index = self.applied;
         let keep_from = self.applied.saturating_sub(self.cfg.catchup_entries) + 1;
         self.node.mut_store().wl().set_snapshot(snap, keep_from);

@@ -20,7 +20,9 @@ mod snap;
 mod wal;
 
 pub use snap::{SnapFile, Snapshotter};
-pub use wal::{Record, Wal, WalOptions, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
+pub use wal::{
+    Record, Wal, WalOptions, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE,
+};
 
 use std::path::PathBuf;
 

@@ -101,7 +101,10 @@ impl Applier {
                         fatal("backend commit failed", e);
                     }
                 }
-                Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
+                Ok((
+                    Applied::Compaction(CompactionResponse { header: None }),
+                    store.current_rev(),
+                ))
             }
             Request::MemberAttributes(a) => {
                 let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
@@ -118,11 +121,17 @@ impl Applier {
 
 impl keel_raft::StateMachine for Applier {
     fn applied_index(&self) -> u64 {
-        self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_index()
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .consistent_index()
     }
 
     fn applied_term(&self) -> u64 {
-        self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_term()
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .consistent_term()
     }
 
     fn apply(&mut self, entry: &Entry) {
@@ -134,9 +143,14 @@ impl keel_raft::StateMachine for Applier {
         let mut outcome = None;
         if !entry.get_data().is_empty() {
             match InternalRequest::decode(entry.get_data()) {
-                Ok(InternalRequest { id, request: Some(req) }) => outcome = Some((id, self.apply_request(&mut store, req))),
+                Ok(InternalRequest {
+                    id,
+                    request: Some(req),
+                }) => outcome = Some((id, self.apply_request(&mut store, req))),
                 Ok(_) => tracing::warn!(index = entry.index, "apply: empty request"),
-                Err(e) => tracing::error!(index = entry.index, error = %e, "apply: undecodable entry skipped"),
+                Err(e) => {
+                    tracing::error!(index = entry.index, error = %e, "apply: undecodable entry skipped")
+                }
             }
         }
         store.set_consistent_index(entry.index, entry.term);
@@ -156,7 +170,11 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn maintain(&mut self) {
-        let due = self.store.read().unwrap_or_else(|p| p.into_inner()).commit_due();
+        let due = self
+            .store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .commit_due();
         if due {
             if let Err(e) = self.store_mut().commit() {
                 fatal("backend commit failed", e);
@@ -169,6 +187,9 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn snapshot_data(&self) -> Vec<u8> {
-        self.members.read().unwrap_or_else(|p| p.into_inner()).encode()
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .encode()
     }
 }

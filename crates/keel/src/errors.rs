@@ -50,8 +50,14 @@ pub fn propose(e: ProposeError) -> Status {
 
 pub fn kv(e: KvError) -> Status {
     match e {
-        KvError::Compacted => st(Code::OutOfRange, "mvcc: required revision has been compacted"),
-        KvError::FutureRev => st(Code::OutOfRange, "mvcc: required revision is a future revision"),
+        KvError::Compacted => st(
+            Code::OutOfRange,
+            "mvcc: required revision has been compacted",
+        ),
+        KvError::FutureRev => st(
+            Code::OutOfRange,
+            "mvcc: required revision is a future revision",
+        ),
         KvError::LeaseNotFound => st(Code::NotFound, "requested lease not found"),
         KvError::KeyNotFound => st(Code::InvalidArgument, "key not found"),
         KvError::Backend(e) => Status::internal(format!("etcdserver: {e}")),

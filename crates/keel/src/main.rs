@@ -40,8 +40,13 @@ fn init_logging(level: &str) {
         "error" | "panic" | "fatal" | "dpanic" => "error",
         _ => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -49,7 +54,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_logging(&cfg.log_level);
@@ -57,7 +66,10 @@ fn main() -> ExitCode {
         tracing::error!(error = %e, "invalid configuration");
         return ExitCode::from(1);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -80,7 +92,8 @@ async fn run(cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
 
     // Identity: from the WAL if this member ran before, else from the bootstrap flags.
-    let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token).map_err(anyhow::Error::msg)?;
+    let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token)
+        .map_err(anyhow::Error::msg)?;
     let existed = Disk::exists(Path::new(&wal_dir));
     let me = initial.members.iter().find(|m| m.name == cfg.name);
     let member_id = match me {
@@ -100,20 +113,38 @@ async fn run(cfg: Config) -> Result<()> {
             m.id
         }
         None if existed => 0,
-        None => bail!("couldn't find local name {:?} in the initial cluster configuration", cfg.name),
+        None => bail!(
+            "couldn't find local name {:?} in the initial cluster configuration",
+            cfg.name
+        ),
     };
     if cfg.initial_cluster_state == "existing" && !existed {
-        bail!("joining an existing cluster (--initial-cluster-state=existing) is not supported yet");
+        bail!(
+            "joining an existing cluster (--initial-cluster-state=existing) is not supported yet"
+        );
     }
-    let identity = Identity { cluster_id: initial.cluster_id, member_id, initial_voters: initial.members.iter().map(|m| m.id).collect() };
+    let identity = Identity {
+        cluster_id: initial.cluster_id,
+        member_id,
+        initial_voters: initial.members.iter().map(|m| m.id).collect(),
+    };
 
     let store = Store::open(&Path::new(&snap_dir).join("db")).context("open backend")?;
-    let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), identity.clone()).context("open WAL")?;
+    let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), identity.clone())
+        .context("open WAL")?;
     let identity = disk.identity.clone();
     if existed {
-        tracing::info!(member_id = format!("{:x}", identity.member_id), cluster_id = format!("{:x}", identity.cluster_id), "restarting member");
+        tracing::info!(
+            member_id = format!("{:x}", identity.member_id),
+            cluster_id = format!("{:x}", identity.cluster_id),
+            "restarting member"
+        );
     } else {
-        tracing::info!(member_id = format!("{:x}", identity.member_id), cluster_id = format!("{:x}", identity.cluster_id), "starting a new member");
+        tracing::info!(
+            member_id = format!("{:x}", identity.member_id),
+            cluster_id = format!("{:x}", identity.cluster_id),
+            "starting a new member"
+        );
     }
 
     // Membership: the backend's record, else the snapshot's, else the bootstrap flags.
@@ -128,13 +159,21 @@ async fn run(cfg: Config) -> Result<()> {
         initial.clone()
     };
     if members.cluster_id != identity.cluster_id {
-        bail!("cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}", members.cluster_id, identity.cluster_id);
+        bail!(
+            "cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}",
+            members.cluster_id,
+            identity.cluster_id
+        );
     }
 
     let store = Arc::new(RwLock::new(store));
     let members = Arc::new(RwLock::new(members));
     let waiters = Arc::new(Waiters::default());
-    let applier = Applier { store: store.clone(), members: members.clone(), waiters: waiters.clone() };
+    let applier = Applier {
+        store: store.clone(),
+        members: members.clone(),
+        waiters: waiters.clone(),
+    };
     let node_cfg = NodeConfig {
         id: identity.member_id,
         tick: cfg.heartbeat(),
@@ -142,7 +181,9 @@ async fn run(cfg: Config) -> Result<()> {
         snapshot_count: cfg.snapshot_count.max(1),
         catchup_entries: 5000,
     };
-    let (node, join) = keel_raft::node::start(node_cfg, disk, applier, keel_raft::node::NoTransport).map_err(anyhow::Error::msg)?;
+    let (node, join) =
+        keel_raft::node::start(node_cfg, disk, applier, keel_raft::node::NoTransport)
+            .map_err(anyhow::Error::msg)?;
     std::thread::spawn(move || {
         let code = match join.join() {
             Ok(Ok(())) => 0,
@@ -153,15 +194,37 @@ async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    let server = Arc::new(Server::new(cfg.clone(), identity.member_id, identity.cluster_id, store, members, node.clone(), waiters));
+    let server = Arc::new(Server::new(
+        cfg.clone(),
+        identity.member_id,
+        identity.cluster_id,
+        store,
+        members,
+        node.clone(),
+        waiters,
+    ));
 
     // Client listeners.
     let max_recv = cfg.max_request_bytes as usize + 512 * 1024;
     let grpc = tonic::service::Routes::new(
-        KvServer::new(api::kv::KvService { server: server.clone() }).max_decoding_message_size(max_recv).max_encoding_message_size(usize::MAX),
+        KvServer::new(api::kv::KvService {
+            server: server.clone(),
+        })
+        .max_decoding_message_size(max_recv)
+        .max_encoding_message_size(usize::MAX),
     )
-    .add_service(MaintenanceServer::new(api::maintenance::MaintenanceService { server: server.clone() }).max_decoding_message_size(max_recv))
-    .add_service(ClusterServer::new(api::cluster::ClusterService { server: server.clone() }).max_decoding_message_size(max_recv));
+    .add_service(
+        MaintenanceServer::new(api::maintenance::MaintenanceService {
+            server: server.clone(),
+        })
+        .max_decoding_message_size(max_recv),
+    )
+    .add_service(
+        ClusterServer::new(api::cluster::ClusterService {
+            server: server.clone(),
+        })
+        .max_decoding_message_size(max_recv),
+    );
     let router = grpc.into_axum_router().merge(http::router(server.clone()));
     let tls = serve::client_tls(&cfg)?;
     let listeners = serve::bind(&split_urls(&cfg.listen_client_urls)).await?;
@@ -175,7 +238,12 @@ async fn run(cfg: Config) -> Result<()> {
             None
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-        tokio::spawn(serve::serve(l, acceptor, router.clone(), cfg.max_concurrent_streams));
+        tokio::spawn(serve::serve(
+            l,
+            acceptor,
+            router.clone(),
+            cfg.max_concurrent_streams,
+        ));
     }
 
     tokio::spawn(publish(server.clone()));
@@ -189,9 +257,16 @@ async fn run(cfg: Config) -> Result<()> {
 /// Publishes this member's name and client URLs through raft (as etcd does), then announces that
 /// the member serves.
 async fn publish(server: Arc<Server>) {
-    let attrs = MemberAttributes { id: server.member_id, name: server.cfg.name.clone(), client_urls: split_urls(&server.cfg.advertise_client_urls) };
+    let attrs = MemberAttributes {
+        id: server.member_id,
+        name: server.cfg.name.clone(),
+        client_urls: split_urls(&server.cfg.advertise_client_urls),
+    };
     loop {
-        match server.propose(Request::MemberAttributes(attrs.clone())).await {
+        match server
+            .propose(Request::MemberAttributes(attrs.clone()))
+            .await
+        {
             Ok(_) => break,
             Err(e) => {
                 tracing::warn!(error = %e.message(), "failed to publish local member to cluster through raft; retrying");
@@ -199,7 +274,10 @@ async fn publish(server: Arc<Server>) {
             }
         }
     }
-    tracing::info!(cluster_version = config::ETCD_CLUSTER_VERSION, "enabled capabilities for version 3.5");
+    tracing::info!(
+        cluster_version = config::ETCD_CLUSTER_VERSION,
+        "enabled capabilities for version 3.5"
+    );
     tracing::info!(
         local_member_id = format!("{:x}", server.member_id),
         name = %attrs.name,

@@ -21,24 +21,40 @@ pub struct ListenUrl {
 }
 
 pub fn parse_listen_url(u: &str) -> Result<ListenUrl> {
-    let (scheme, rest) = u.split_once("://").ok_or_else(|| anyhow!("URL {u:?} has no scheme"))?;
+    let (scheme, rest) = u
+        .split_once("://")
+        .ok_or_else(|| anyhow!("URL {u:?} has no scheme"))?;
     let tls = match scheme {
         "http" => false,
         "https" => true,
         other => bail!("URL scheme must be http or https (got {other:?} in {u:?})"),
     };
     let hostport = rest.trim_end_matches('/');
-    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| anyhow!("URL {u:?} has no port"))?;
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("URL {u:?} has no port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = if host == "localhost" || host.is_empty() { "127.0.0.1" } else { host };
+    let host = if host == "localhost" || host.is_empty() {
+        "127.0.0.1"
+    } else {
+        host
+    };
     let port: u16 = port.parse().with_context(|| format!("bad port in {u:?}"))?;
-    let ip = host.parse().with_context(|| format!("listen URL {u:?} must name an IP address or localhost"))?;
-    Ok(ListenUrl { tls, addr: SocketAddr::new(ip, port), url: u.to_string() })
+    let ip = host
+        .parse()
+        .with_context(|| format!("listen URL {u:?} must name an IP address or localhost"))?;
+    Ok(ListenUrl {
+        tls,
+        addr: SocketAddr::new(ip, port),
+        url: u.to_string(),
+    })
 }
 
 fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
     let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(f)).collect::<Result<Vec<_>, _>>().with_context(|| format!("read {path}"))?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(f))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("read {path}"))?;
     if certs.is_empty() {
         bail!("no certificate in {path}");
     }
@@ -47,7 +63,9 @@ fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
 
 fn load_key(path: &str) -> Result<PrivateKeyDer<'static>> {
     let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
-    rustls_pemfile::private_key(&mut std::io::BufReader::new(f)).with_context(|| format!("read {path}"))?.ok_or_else(|| anyhow!("no private key in {path}"))
+    rustls_pemfile::private_key(&mut std::io::BufReader::new(f))
+        .with_context(|| format!("read {path}"))?
+        .ok_or_else(|| anyhow!("no private key in {path}"))
 }
 
 /// Writes a self-signed certificate for `--auto-tls` into `dir` (kept across restarts).
@@ -56,12 +74,19 @@ fn auto_cert(dir: &Path) -> Result<(String, String)> {
     let key = dir.join("key.pem");
     if !cert.exists() || !key.exists() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).context("generate certificate")?;
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .context("generate certificate")?;
         std::fs::write(&cert, ck.cert.pem()).context("write certificate")?;
         std::fs::write(&key, ck.key_pair.serialize_pem()).context("write key")?;
         tracing::info!(dir = %dir.display(), "generated a self-signed certificate for --auto-tls");
     }
-    Ok((cert.to_string_lossy().into_owned(), key.to_string_lossy().into_owned()))
+    Ok((
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    ))
 }
 
 /// The TLS acceptor for client connections, from `--cert-file`/`--key-file` or `--auto-tls`.
@@ -72,19 +97,28 @@ pub fn client_tls(cfg: &Config) -> Result<Option<TlsAcceptor>> {
         _ => return Ok(None),
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().context("TLS versions")?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?;
     let builder = match (&cfg.trusted_ca_file, cfg.client_cert_auth) {
         (Some(ca), true) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in load_certs(ca)? {
                 roots.add(c).context("trusted CA")?;
             }
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().context("client verifier")?;
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .context("client verifier")?;
             builder.with_client_cert_verifier(v)
         }
         _ => builder.with_no_client_auth(),
     };
-    let mut sc = builder.with_single_cert(load_certs(&cert)?, load_key(&key)?).context("server certificate")?;
+    let mut sc = builder
+        .with_single_cert(load_certs(&cert)?, load_key(&key)?)
+        .context("server certificate")?;
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(sc))))
 }
@@ -94,14 +128,21 @@ pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, TcpListener)>> {
     let mut out = Vec::new();
     for u in urls {
         let lu = parse_listen_url(u)?;
-        let l = TcpListener::bind(lu.addr).await.with_context(|| format!("listen on {u}"))?;
+        let l = TcpListener::bind(lu.addr)
+            .await
+            .with_context(|| format!("listen on {u}"))?;
         out.push((lu, l));
     }
     Ok(out)
 }
 
 /// Serves `router` on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: axum::Router, max_streams: u32) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: axum::Router,
+    max_streams: u32,
+) {
     loop {
         let (sock, _peer) = match listener.accept().await {
             Ok(x) => x,
@@ -120,13 +161,21 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: axum
             builder.http2().max_concurrent_streams(max_streams);
             let res = match tls {
                 Some(acc) => match acc.accept(sock).await {
-                    Ok(s) => builder.serve_connection_with_upgrades(TokioIo::new(s), svc).await,
+                    Ok(s) => {
+                        builder
+                            .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                            .await
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
                     }
                 },
-                None => builder.serve_connection_with_upgrades(TokioIo::new(sock), svc).await,
+                None => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(sock), svc)
+                        .await
+                }
             };
             if let Err(e) = res {
                 tracing::debug!(error = %e, "client connection ended with an error");

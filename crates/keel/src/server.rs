@@ -28,12 +28,32 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(cfg: Config, member_id: u64, cluster_id: u64, store: Arc<RwLock<Store>>, members: Arc<RwLock<Members>>, node: NodeHandle, waiters: Arc<Waiters>) -> Server {
+    pub fn new(
+        cfg: Config,
+        member_id: u64,
+        cluster_id: u64,
+        store: Arc<RwLock<Store>>,
+        members: Arc<RwLock<Members>>,
+        node: NodeHandle,
+        waiters: Arc<Waiters>,
+    ) -> Server {
         // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
         // unique across restarts of this member.
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
-        Server { cfg, member_id, cluster_id, store, members, node, waiters, next_id: AtomicU64::new(base) }
+        Server {
+            cfg,
+            member_id,
+            cluster_id,
+            store,
+            members,
+            node,
+            waiters,
+            next_id: AtomicU64::new(base),
+        }
     }
 
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {
@@ -46,13 +66,22 @@ impl Server {
 
     /// A response header at `revision`.
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.node.status.term() })
+        Some(ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term: self.node.status.term(),
+        })
     }
 
     /// Proposes `req` through raft and waits until it is applied on this member.
     pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let data = InternalRequest { id, request: Some(req) }.encode_to_vec();
+        let data = InternalRequest {
+            id,
+            request: Some(req),
+        }
+        .encode_to_vec();
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(errors::request_too_large());
         }
