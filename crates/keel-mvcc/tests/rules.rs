@@ -1,0 +1,221 @@
+//! The MVCC rules, checked on the store directly: revisions, versions, tombstones, history reads,
+//! compaction, range options, restart. The same rules are checked against real etcd by
+//! `crates/keel/tests/etcd_oracle.rs`.
+
+use keel_mvcc::kv::{self, NoLeases};
+use keel_mvcc::{KvError, Store};
+use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use keel_proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest};
+use keel_proto::mvccpb::KeyValue;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+fn put(s: &mut Store, k: &str, v: &str) -> i64 {
+    let mut w = s.write();
+    kv::put(&mut w, &PutRequest { key: k.into(), value: v.into(), ..Default::default() }, &NoLeases).unwrap();
+    w.end().0
+}
+
+fn del(s: &mut Store, k: &str, end: &str) -> (i64, i64) {
+    let mut w = s.write();
+    let r = kv::delete_range(&mut w, &DeleteRangeRequest { key: k.into(), range_end: end.into(), ..Default::default() }).unwrap();
+    (w.end().0, r.deleted)
+}
+
+fn get_at(s: &Store, k: &str, rev: i64) -> Result<Option<KeyValue>, KvError> {
+    kv::range(s, &RangeRequest { key: k.into(), revision: rev, ..Default::default() }).map(|r| r.kvs.into_iter().next())
+}
+
+fn open() -> (tempfile::TempDir, Store) {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(&d.path().join("db")).unwrap();
+    (d, s)
+}
+
+#[test]
+fn revisions_versions_and_tombstones() {
+    let (_d, mut s) = open();
+    assert_eq!(s.current_rev(), 1, "an empty store is at revision 1, as etcd");
+    assert_eq!(put(&mut s, "a", "1"), 2);
+    assert_eq!(put(&mut s, "a", "2"), 3);
+    let kv = get_at(&s, "a", 0).unwrap().unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+    assert_eq!(del(&mut s, "a", ""), (4, 1));
+    assert!(get_at(&s, "a", 0).unwrap().is_none());
+    // Deleting nothing does not make a revision.
+    assert_eq!(del(&mut s, "a", ""), (4, 0));
+    assert_eq!(put(&mut s, "a", "3"), 5);
+    let kv = get_at(&s, "a", 0).unwrap().unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (5, 5, 1), "a new generation starts at version 1");
+    // History.
+    assert_eq!(get_at(&s, "a", 2).unwrap().unwrap().value, b"1");
+    assert_eq!(get_at(&s, "a", 3).unwrap().unwrap().value, b"2");
+    assert!(get_at(&s, "a", 4).unwrap().is_none());
+    assert!(matches!(get_at(&s, "a", 6), Err(KvError::FutureRev)));
+}
+
+#[test]
+fn compaction_rules() {
+    let (_d, mut s) = open();
+    for i in 0..5 {
+        put(&mut s, "k", &i.to_string()); // revisions 2..=6
+    }
+    put(&mut s, "gone", "x"); // 7
+    del(&mut s, "gone", ""); // 8
+    s.compact(5).unwrap();
+    assert!(matches!(get_at(&s, "k", 4), Err(KvError::Compacted)));
+    assert_eq!(get_at(&s, "k", 5).unwrap().unwrap().value, b"3", "the compaction revision itself stays readable");
+    assert!(matches!(s.compact(5), Err(KvError::Compacted)));
+    assert!(matches!(s.compact(4), Err(KvError::Compacted)));
+    assert!(matches!(s.compact(100), Err(KvError::FutureRev)));
+    s.compact(8).unwrap();
+    assert!(get_at(&s, "gone", 0).unwrap().is_none());
+    assert_eq!(get_at(&s, "k", 0).unwrap().unwrap().version, 5);
+}
+
+#[test]
+fn range_options() {
+    let (_d, mut s) = open();
+    for (k, v) in [("a", "3"), ("b", "1"), ("c", "2"), ("d", "0")] {
+        put(&mut s, k, v);
+    }
+    put(&mut s, "b", "9"); // b: version 2, mod 6
+    let all = |mut r: RangeRequest| {
+        r.key = b"a".to_vec();
+        r.range_end = b"z".to_vec();
+        kv::range(&s, &r).unwrap()
+    };
+    let r = all(RangeRequest { limit: 2, ..Default::default() });
+    assert_eq!((r.kvs.len(), r.more, r.count), (2, true, 4));
+    let r = all(RangeRequest { count_only: true, ..Default::default() });
+    assert_eq!((r.kvs.len(), r.count), (0, 4));
+    let r = all(RangeRequest { keys_only: true, ..Default::default() });
+    assert!(r.kvs.iter().all(|kv| kv.value.is_empty()));
+    let r = all(RangeRequest { sort_target: SortTarget::Value as i32, sort_order: SortOrder::Descend as i32, ..Default::default() });
+    let keys: Vec<_> = r.kvs.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(keys, vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]);
+    let r = all(RangeRequest { min_mod_revision: 4, max_mod_revision: 5, ..Default::default() });
+    let keys: Vec<_> = r.kvs.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(keys, vec![b"c".to_vec(), b"d".to_vec()]);
+    assert_eq!(r.count, 4, "count ignores filters, as etcd's");
+    let r = all(RangeRequest { min_create_revision: 3, max_create_revision: 3, ..Default::default() });
+    assert_eq!(r.kvs.len(), 1);
+    // "\0" as range end: every key from `key`.
+    let r = kv::range(&s, &RangeRequest { key: b"c".to_vec(), range_end: vec![0], ..Default::default() }).unwrap();
+    assert_eq!(r.count, 2);
+}
+
+#[test]
+fn restart_restores_everything_committed() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("db");
+    {
+        let mut s = Store::open(&path).unwrap();
+        put(&mut s, "a", "1");
+        put(&mut s, "a", "2");
+        del(&mut s, "a", "");
+        put(&mut s, "b", "1");
+        s.compact(3).unwrap();
+        s.set_consistent_index(9, 2);
+        s.commit().unwrap();
+        put(&mut s, "uncommitted", "x");
+    }
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.current_rev(), 5);
+    assert_eq!(s.compacted_rev(), 3);
+    assert_eq!(s.consistent_index(), 9);
+    assert!(get_at(&s, "a", 0).unwrap().is_none());
+    assert_eq!(get_at(&s, "a", 3).unwrap().unwrap().value, b"2");
+    assert!(get_at(&s, "uncommitted", 0).unwrap().is_none(), "what was never committed is replayed from the WAL instead");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put(u8, u8),
+    Del(u8, u8),
+    Compact,
+    Commit,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u8..6, 0u8..4).prop_map(|(k, v)| Op::Put(k, v)),
+        2 => (0u8..6, 0u8..7).prop_map(|(k, e)| Op::Del(k, e)),
+        1 => Just(Op::Compact),
+        1 => Just(Op::Commit),
+    ]
+}
+
+/// A model: the full map of live keys after every revision.
+type Model = BTreeMap<i64, BTreeMap<Vec<u8>, KeyValue>>;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn store_matches_model(ops in prop::collection::vec(op(), 1..60)) {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("db");
+        let mut s = Store::open(&path).unwrap();
+        let mut model: Model = BTreeMap::new();
+        model.insert(1, BTreeMap::new());
+        let mut compacted = 0i64;
+        let mut ci = 0u64;
+        for o in &ops {
+            let cur = *model.keys().last().unwrap();
+            let mut live = model[&cur].clone();
+            match o {
+                Op::Put(k, v) => {
+                    let key = vec![b'a' + k];
+                    let rev = put(&mut s, std::str::from_utf8(&key).unwrap(), &v.to_string());
+                    prop_assert_eq!(rev, cur + 1);
+                    let prev = live.get(&key).cloned();
+                    live.insert(key.clone(), KeyValue {
+                        key, create_revision: prev.as_ref().map(|p| p.create_revision).unwrap_or(rev),
+                        mod_revision: rev, version: prev.map(|p| p.version).unwrap_or(0) + 1,
+                        value: v.to_string().into_bytes(), lease: 0,
+                    });
+                    model.insert(rev, live);
+                }
+                Op::Del(k, e) => {
+                    let key = vec![b'a' + k];
+                    let end = if *e == 0 { vec![] } else { vec![b'a' + k + e] };
+                    let victims: Vec<_> = live.keys().filter(|x| if end.is_empty() { **x == key } else { **x >= key && **x < end }).cloned().collect();
+                    let (rev, n) = del(&mut s, std::str::from_utf8(&key).unwrap(), std::str::from_utf8(&end).unwrap());
+                    prop_assert_eq!(n as usize, victims.len());
+                    if !victims.is_empty() {
+                        prop_assert_eq!(rev, cur + 1);
+                        for v in victims { live.remove(&v); }
+                        model.insert(rev, live);
+                    } else {
+                        prop_assert_eq!(rev, cur);
+                    }
+                }
+                Op::Compact => {
+                    let at = (compacted + cur) / 2 + 1;
+                    if at > compacted && at <= cur {
+                        s.compact(at).unwrap();
+                        compacted = at;
+                    }
+                }
+                Op::Commit => {
+                    ci += 1;
+                    s.set_consistent_index(ci, 1);
+                    s.commit().unwrap();
+                    drop(s);
+                    s = Store::open(&path).unwrap();
+                }
+            }
+        }
+        // Every revision reads as the model says, or is compacted.
+        let cur = *model.keys().last().unwrap();
+        for rev in 1..=cur {
+            let r = kv::range(&s, &RangeRequest { key: vec![0], range_end: vec![0], revision: rev, ..Default::default() });
+            if rev < compacted {
+                prop_assert!(matches!(r, Err(KvError::Compacted)));
+                continue;
+            }
+            let want: Vec<KeyValue> = model.range(..=rev).next_back().map(|(_, m)| m.values().cloned().collect()).unwrap_or_default();
+            prop_assert_eq!(r.unwrap().kvs, want, "at revision {}", rev);
+        }
+    }
+}
