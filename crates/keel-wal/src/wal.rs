@@ -301,8 +301,7 @@ impl Wal {
         if len > tail_end {
             file.set_len(tail_end).map_err(io_err(&path))?;
         }
-        file.set_len(opts.segment_bytes.max(tail_end))
-            .map_err(io_err(&path))?;
+        preallocate(&file, opts.segment_bytes.max(tail_end)).map_err(io_err(&path))?;
         file.sync_all().map_err(io_err(&path))?;
         let next_index = last.index;
         let wal = Wal {
@@ -456,8 +455,7 @@ fn create_segment(
         encode_into(&mut buf, RECORD_STATE, s);
     }
     f.write_all(&buf).map_err(io_err(&tmp))?;
-    f.set_len(opts.segment_bytes.max(buf.len() as u64))
-        .map_err(io_err(&tmp))?;
+    preallocate(&f, opts.segment_bytes.max(buf.len() as u64)).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, &fin).map_err(io_err(&fin))?;
     sync_dir(dir)?;
