@@ -40,7 +40,8 @@ failed=0
 failed_names=()
 for t in $tests; do
   set +e
-  timeout 300 "$work/e2e.test" -bin-dir "$work/bin" -test.run "^${t}\$" -test.v -test.timeout 280s >"$work/$t.log" 2>&1
+  limit=${KEEL_E2E_TIMEOUT:-300}
+  timeout "$limit" "$work/e2e.test" -bin-dir "$work/bin" -test.run "^${t}\$" -test.v -test.timeout "$((limit - 10))s" >"$work/$t.log" 2>&1
   rc=$?
   set -e
   cat "$work/$t.log" >>"$log"
