@@ -36,10 +36,17 @@ pub struct Meta {
     pub compacted_rev: i64,
 }
 
+/// A handle to the backend file; clones share it (a snapshot sender reads while the store
+/// writes).
+#[derive(Clone)]
 pub struct Backend {
-    db: Database,
+    db: std::sync::Arc<Database>,
     path: PathBuf,
 }
+
+/// Table numbers in a backend dump.
+pub const TABLE_KEYS: u32 = 0;
+pub const TABLE_AUX: u32 = 1;
 
 impl Backend {
     fn err(&self, e: impl std::fmt::Display) -> BackendError {
@@ -60,7 +67,7 @@ impl Backend {
         }
         let db = Database::create(path).map_err(|e| mk(&e))?;
         let b = Backend {
-            db,
+            db: std::sync::Arc::new(db),
             path: path.to_path_buf(),
         };
         // Make sure both tables exist so that read transactions can always open them.
@@ -179,6 +186,99 @@ impl Backend {
             let (k, v) = item.map_err(|e| self.err(e))?;
             f(k.value(), v.value())?;
         }
+        Ok(())
+    }
+
+    /// Calls `f(table, key, value)` for every key and auxiliary record of one consistent read
+    /// (the committed state), then returns that state's meta record.
+    pub fn dump(&self, mut f: impl FnMut(u32, &[u8], &[u8]) -> bool) -> Result<Meta, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let meta = {
+            let t = tx.open_table(META).map_err(|e| self.err(e))?;
+            let get = |k: &str| -> Result<u64, BackendError> {
+                match t.get(k).map_err(|e| self.err(e))? {
+                    Some(v) => Ok(u64::from_be_bytes(
+                        v.value().try_into().map_err(|_| self.err("bad meta"))?,
+                    )),
+                    None => Ok(0),
+                }
+            };
+            Meta {
+                consistent_index: get(META_CONSISTENT_INDEX)?,
+                term: get(META_TERM)?,
+                current_rev: get(META_CURRENT_REV)? as i64,
+                compacted_rev: get(META_COMPACTED_REV)? as i64,
+            }
+        };
+        for (num, def) in [(TABLE_KEYS, KEYS)] {
+            let t = tx.open_table(def).map_err(|e| self.err(e))?;
+            for item in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                if !f(num, k.value(), v.value()) {
+                    return Err(self.err("dump aborted"));
+                }
+            }
+        }
+        let t = tx.open_table(AUX).map_err(|e| self.err(e))?;
+        for item in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if !f(TABLE_AUX, k.value().as_bytes(), v.value()) {
+                return Err(self.err("dump aborted"));
+            }
+        }
+        Ok(meta)
+    }
+
+    /// Adds dumped records to this (new) backend; durable when `meta` is given (the last call).
+    pub fn load(
+        &self,
+        records: &[(u32, Vec<u8>, Vec<u8>)],
+        meta: Option<&Meta>,
+    ) -> Result<(), BackendError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        if meta.is_none() {
+            tx.set_durability(redb::Durability::None)
+                .map_err(|e| self.err(e))?;
+        }
+        {
+            let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+            let mut aux = tx.open_table(AUX).map_err(|e| self.err(e))?;
+            for (table, k, v) in records {
+                match *table {
+                    TABLE_KEYS => {
+                        keys.insert(k.as_slice(), v.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    TABLE_AUX => {
+                        let name = std::str::from_utf8(k)
+                            .map_err(|_| self.err("aux record name is not UTF-8"))?;
+                        aux.insert(name, v.as_slice()).map_err(|e| self.err(e))?;
+                    }
+                    other => return Err(self.err(format!("unknown table {other} in snapshot"))),
+                }
+            }
+            if let Some(meta) = meta {
+                let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+                m.insert(
+                    META_CONSISTENT_INDEX,
+                    meta.consistent_index.to_be_bytes().as_slice(),
+                )
+                .map_err(|e| self.err(e))?;
+                m.insert(META_TERM, meta.term.to_be_bytes().as_slice())
+                    .map_err(|e| self.err(e))?;
+                m.insert(
+                    META_CURRENT_REV,
+                    (meta.current_rev as u64).to_be_bytes().as_slice(),
+                )
+                .map_err(|e| self.err(e))?;
+                m.insert(
+                    META_COMPACTED_REV,
+                    (meta.compacted_rev as u64).to_be_bytes().as_slice(),
+                )
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
         Ok(())
     }
 

@@ -143,6 +143,12 @@ impl Store {
         self.aux.get(key).map(|v| v.as_slice())
     }
 
+    /// A handle to the backend for reading its committed state from another thread (call
+    /// [`Store::commit`] first to include everything applied).
+    pub fn backend(&self) -> Backend {
+        self.backend.clone()
+    }
+
     /// (file size, bytes in use) of the backend.
     pub fn db_size(&self) -> (u64, u64) {
         self.backend.size()

@@ -3,7 +3,7 @@
 
 use keel_wal::{Snapshotter, Wal, WalOptions, RECORD_ENTRY, RECORD_SNAPSHOT, RECORD_STATE};
 use protobuf::Message as _;
-use raft::eraftpb::{Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, HardState, Snapshot};
 use std::path::{Path, PathBuf};
 
 /// Errors reading or writing a member's raft state.
@@ -76,19 +76,55 @@ impl Disk {
     }
 
     /// Opens the member's raft state, creating it with `identity` when there is none.
-    pub fn open(wal_dir: &Path, snap_dir: &Path, identity: Identity) -> Result<Disk, DiskError> {
+    ///
+    /// A new cluster's members start with the same log (as etcd bootstraps): one committed
+    /// AddNode conf change per initial member at term 1, carrying `bootstrap`'s context bytes, so
+    /// that a member added later learns the initial membership from the log. A member joining an
+    /// existing cluster passes no bootstrap entries and receives the log from the leader.
+    pub fn open(
+        wal_dir: &Path,
+        snap_dir: &Path,
+        identity: Identity,
+        bootstrap: &[(u64, Vec<u8>)],
+    ) -> Result<Disk, DiskError> {
         let snapshotter = Snapshotter::new(snap_dir)?;
         if !Wal::exists(wal_dir) {
             let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
-            return Ok(Disk {
+            let mut entries = Vec::with_capacity(bootstrap.len());
+            for (i, (id, ctx)) in bootstrap.iter().enumerate() {
+                let mut cc = ConfChange::default();
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = *id;
+                cc.context = ctx.clone().into();
+                let mut e = Entry::default();
+                e.set_entry_type(EntryType::EntryConfChange);
+                e.term = 1;
+                e.index = i as u64 + 1;
+                e.data = cc
+                    .write_to_bytes()
+                    .map_err(|e| decode_err(wal_dir, e))?
+                    .into();
+                entries.push(e);
+            }
+            let mut hard_state = HardState::default();
+            if !entries.is_empty() {
+                hard_state.term = 1;
+                hard_state.commit = entries.len() as u64;
+            }
+            let mut disk = Disk {
                 identity,
                 fresh: true,
                 snapshot: None,
                 entries: Vec::new(),
-                hard_state: HardState::default(),
+                hard_state: hard_state.clone(),
                 wal,
                 snapshotter,
-            });
+            };
+            if !entries.is_empty() {
+                disk.save(Some(&hard_state), &entries)?;
+            }
+            disk.entries = entries;
+            return Ok(disk);
         }
         let snapshot = match snapshotter.load_newest()? {
             Some(f) => {

@@ -20,4 +20,5 @@ pub use disk::{Disk, Identity};
 pub use node::{
     start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport,
 };
+pub use protobuf::Message as ProtoMessage;
 pub use raft::eraftpb;

@@ -35,6 +35,21 @@ pub trait StateMachine: Send + 'static {
     fn sync(&mut self) -> Result<(), String>;
     /// The application data a snapshot at the current applied index carries.
     fn snapshot_data(&self) -> Vec<u8>;
+    /// Replaces the whole state with a snapshot received from the leader; `backend` is the file
+    /// holding the leader's backend that came with it.
+    fn restore(
+        &mut self,
+        snap: &Snapshot,
+        backend: Option<std::path::PathBuf>,
+    ) -> Result<(), String>;
+}
+
+/// Replication progress of one member, as the leader sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerProgress {
+    pub matched: u64,
+    pub leader_commit: u64,
+    pub recent_active: bool,
 }
 
 /// Sends raft messages to other members. Must not block.
@@ -115,6 +130,23 @@ enum Msg {
         done: oneshot::Sender<Result<u64, ProposeError>>,
     },
     Step(Box<Message>),
+    ProposeConfChange {
+        cc: ConfChange,
+        done: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    InstallSnapshot {
+        msg: Box<Message>,
+        backend: std::path::PathBuf,
+    },
+    Unreachable(u64),
+    SnapshotDone {
+        to: u64,
+        ok: bool,
+    },
+    TransferLeader(u64),
+    Progress {
+        done: oneshot::Sender<HashMap<u64, PeerProgress>>,
+    },
     Stop,
 }
 
@@ -158,6 +190,47 @@ impl NodeHandle {
         self.send(Msg::Step(Box::new(m)))
     }
 
+    /// Proposes a membership change; returns once raft has taken it.
+    pub async fn propose_conf_change(&self, cc: ConfChange) -> Result<(), ProposeError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Msg::ProposeConfChange { cc, done })?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Hands a snapshot message from the leader to raft, with the backend file received with it.
+    pub fn install_snapshot(
+        &self,
+        msg: Message,
+        backend: std::path::PathBuf,
+    ) -> Result<(), ProposeError> {
+        self.send(Msg::InstallSnapshot {
+            msg: Box::new(msg),
+            backend,
+        })
+    }
+
+    /// Tells raft a member could not be reached (its messages were dropped).
+    pub fn report_unreachable(&self, id: u64) {
+        let _ = self.send(Msg::Unreachable(id));
+    }
+
+    /// Tells raft how sending a snapshot to `to` ended.
+    pub fn report_snapshot(&self, to: u64, ok: bool) {
+        let _ = self.send(Msg::SnapshotDone { to, ok });
+    }
+
+    /// Asks the leader to hand leadership to `to`.
+    pub fn transfer_leader(&self, to: u64) -> Result<(), ProposeError> {
+        self.send(Msg::TransferLeader(to))
+    }
+
+    /// Replication progress of every member (empty unless this member leads).
+    pub async fn progress(&self) -> Result<HashMap<u64, PeerProgress>, ProposeError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Msg::Progress { done })?;
+        rx.await.map_err(|_| ProposeError::Stopped)
+    }
+
     /// Asks the node to stop after the current Ready.
     pub fn stop(&self) {
         let _ = self.tx.send(Msg::Stop);
@@ -190,6 +263,10 @@ struct Driver<S: StateMachine, T: Transport> {
     reads_ready: Vec<(u64, Vec<ReadSender>)>,
     reads_new: Vec<ReadSender>,
     last_leader: u64,
+    /// The backend file that came with the snapshot message last stepped into raft.
+    pending_backend: Option<std::path::PathBuf>,
+    /// Set once asked to stop: the tick by which to stop even if leadership was not handed off.
+    stopping: Option<u64>,
 }
 
 /// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
@@ -248,6 +325,9 @@ pub fn start<S: StateMachine, T: Transport>(
         // Entries in the backend were committed, even if the commit index was not yet persisted.
         hs.commit = hs.commit.max(snap_index).max(applied).min(last);
         core.hard_state = hs;
+        core.applied_index = snap_index;
+        core.applied_term = snap_term;
+        core.app_data = sm.snapshot_data();
         conf_state = core.conf_state.clone();
     }
     let config = Config {
@@ -295,6 +375,8 @@ pub fn start<S: StateMachine, T: Transport>(
         reads_ready: Vec::new(),
         reads_new: Vec::new(),
         last_leader: 0,
+        pending_backend: None,
+        stopping: None,
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
@@ -338,8 +420,17 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             if let Err(e) = self.on_ready() {
                 break Err(e.to_string());
             }
-            if stop {
-                break Ok(());
+            if stop && self.stopping.is_none() {
+                self.stopping = Some(self.ticks + self.cfg.election_ticks as u64);
+                self.hand_off_leadership();
+            }
+            if let Some(deadline) = self.stopping {
+                if !self.status.is_leader.load(Ordering::Acquire)
+                    || self.ticks >= deadline
+                    || self.voters() <= 1
+                {
+                    break Ok(());
+                }
             }
         };
         self.status.stopped.store(true, Ordering::Release);
@@ -368,9 +459,77 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                     tracing::debug!(error = %e, "raft: step failed");
                 }
             }
+            Msg::ProposeConfChange { cc, done } => {
+                let r = self
+                    .node
+                    .propose_conf_change(vec![], cc)
+                    .map_err(|_| ProposeError::NoLeader);
+                let _ = done.send(r);
+            }
+            Msg::InstallSnapshot { msg, backend } => {
+                if let Some(old) = self.pending_backend.replace(backend) {
+                    let _ = std::fs::remove_file(old);
+                }
+                if let Err(e) = self.node.step(*msg) {
+                    tracing::warn!(error = %e, "raft: snapshot message rejected");
+                }
+            }
+            Msg::Unreachable(id) => self.node.report_unreachable(id),
+            Msg::SnapshotDone { to, ok } => {
+                let st = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, st);
+            }
+            Msg::TransferLeader(to) => self.node.transfer_leader(to),
+            Msg::Progress { done } => {
+                let mut out = HashMap::new();
+                if self.node.raft.state == StateRole::Leader {
+                    let commit = self.node.raft.raft_log.committed;
+                    for (id, pr) in self.node.raft.prs().iter() {
+                        out.insert(
+                            *id,
+                            PeerProgress {
+                                matched: pr.matched,
+                                leader_commit: commit,
+                                recent_active: pr.recent_active,
+                            },
+                        );
+                    }
+                }
+                let _ = done.send(out);
+            }
             Msg::Stop => return true,
         }
         false
+    }
+
+    fn voters(&self) -> usize {
+        self.conf_state.voters.len()
+    }
+
+    /// A leader that stops hands leadership to the most up-to-date other voter first.
+    fn hand_off_leadership(&mut self) {
+        if self.node.raft.state != StateRole::Leader || self.voters() <= 1 {
+            return;
+        }
+        let me = self.cfg.id;
+        let best = self
+            .conf_state
+            .voters
+            .iter()
+            .filter(|v| **v != me)
+            .filter_map(|v| self.node.raft.prs().get(*v).map(|p| (*v, p.matched)))
+            .max_by_key(|(_, m)| *m);
+        if let Some((to, _)) = best {
+            tracing::info!(
+                transferee = format!("{to:x}"),
+                "raft: leader is stopping; transferring leadership"
+            );
+            self.node.transfer_leader(to);
+        }
     }
 
     /// Starts one ReadIndex round for all reads that arrived since the last one.
@@ -473,6 +632,13 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         self.apply(light.take_committed_entries());
         self.node.advance_apply();
         self.sm.maintain();
+        if self.node.store().rl().applied_index != self.applied {
+            let data = self.sm.snapshot_data();
+            let mut core = self.node.mut_store().wl();
+            core.applied_index = self.applied;
+            core.applied_term = self.applied_term;
+            core.app_data = data;
+        }
         self.maybe_snapshot()?;
         self.release_reads();
         self.publish_status();
@@ -544,9 +710,21 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
     }
 
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), DiskError> {
+        let backend = self.pending_backend.take();
+        if let Err(e) = self.sm.restore(&snap, backend) {
+            return Err(DiskError::Decode {
+                path: "snapshot".into(),
+                msg: e,
+            });
+        }
         self.disk.save_snapshot(&snap)?;
         let idx = snap.get_metadata().index;
         let term = snap.get_metadata().term;
+        tracing::info!(
+            index = idx,
+            term,
+            "raft: installed snapshot from the leader"
+        );
         self.conf_state = snap.get_metadata().get_conf_state().clone();
         self.node.mut_store().wl().apply_snapshot(snap);
         self.applied = idx;

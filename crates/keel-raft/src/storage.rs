@@ -16,6 +16,11 @@ pub struct Core {
     pub snapshot: Snapshot,
     /// Entries after the snapshot index, contiguous.
     pub entries: Vec<Entry>,
+    /// What a snapshot for a follower is built from: the applied index and its term, and the
+    /// application's snapshot data at that index (kept current by the driver).
+    pub applied_index: u64,
+    pub applied_term: u64,
+    pub app_data: Vec<u8>,
 }
 
 impl Core {

@@ -8,8 +8,9 @@ use crate::membership::{Members, AUX_MEMBERS};
 use keel_mvcc::kv::{self, NoLeases};
 use keel_mvcc::{KvError, Store};
 use keel_proto::etcdserverpb::{CompactionResponse, DeleteRangeResponse, PutResponse, TxnResponse};
-use keel_proto::keelpb::{internal_request::Request, InternalRequest};
-use keel_raft::eraftpb::{ConfState, Entry};
+use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest};
+use keel_raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, Snapshot};
+use keel_raft::ProtoMessage;
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,6 +24,8 @@ pub enum Applied {
     Txn(TxnResponse),
     Compaction(CompactionResponse),
     MemberAttributes,
+    /// A membership change: the member list after it.
+    Members(Vec<keel_proto::etcdserverpb::Member>),
 }
 
 /// The store's revision after the request, with what it produced.
@@ -60,6 +63,11 @@ pub struct Applier {
     pub store: Arc<RwLock<Store>>,
     pub members: Arc<RwLock<Members>>,
     pub waiters: Arc<Waiters>,
+    pub member_id: u64,
+    /// Where the backend lives (replaced when a snapshot from the leader is installed).
+    pub db_path: std::path::PathBuf,
+    /// Told when this member has been removed from the cluster.
+    pub removed: Arc<tokio::sync::Notify>,
 }
 
 /// A backend failure leaves the member unable to keep its promises: stop the process, as etcd does.
@@ -115,6 +123,14 @@ impl Applier {
                 store.set_aux(AUX_MEMBERS, members.encode());
                 Ok((Applied::MemberAttributes, store.current_rev()))
             }
+            Request::MemberUpdate(u) => {
+                let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+                if let Some(m) = members.get_mut(u.id) {
+                    m.peer_urls = u.peer_urls;
+                }
+                store.set_aux(AUX_MEMBERS, members.encode());
+                Ok((Applied::Members(members.to_proto()), store.current_rev()))
+            }
         }
     }
 }
@@ -164,9 +180,91 @@ impl keel_raft::StateMachine for Applier {
 
     fn apply_conf_change(&mut self, entry: &Entry, _cs: &ConfState) {
         let mut store = self.store_mut();
-        if entry.index > store.consistent_index() {
-            store.set_consistent_index(entry.index, entry.term);
+        if entry.index <= store.consistent_index() {
+            return;
         }
+        let cc = match ConfChange::parse_from_bytes(entry.get_data()) {
+            Ok(cc) => cc,
+            Err(e) => {
+                tracing::error!(index = entry.index, error = %e, "apply: undecodable conf change");
+                store.set_consistent_index(entry.index, entry.term);
+                return;
+            }
+        };
+        let ctx = ConfChangeContext::decode(cc.get_context()).unwrap_or_default();
+        let id = cc.node_id;
+        let mut removed_self = false;
+        let list = {
+            let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+            match cc.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
+                    match (members.get_mut(id), ctx.member) {
+                        (Some(m), _) => m.is_learner = learner,
+                        (None, Some(mut rec)) => {
+                            rec.id = id;
+                            rec.is_learner = learner;
+                            tracing::info!(member_id = format!("{id:x}"), peer_urls = ?rec.peer_urls, learner, "added member");
+                            members.upsert(rec);
+                        }
+                        (None, None) => tracing::warn!(
+                            member_id = format!("{id:x}"),
+                            "conf change adds a member without its record"
+                        ),
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    if members.remove(id) {
+                        tracing::info!(member_id = format!("{id:x}"), "removed member");
+                    }
+                    removed_self = id == self.member_id;
+                }
+            }
+            store.set_aux(AUX_MEMBERS, members.encode());
+            members.to_proto()
+        };
+        store.set_consistent_index(entry.index, entry.term);
+        let rev = store.current_rev();
+        drop(store);
+        if ctx.request_id != 0 {
+            self.waiters
+                .trigger(ctx.request_id, Ok((Applied::Members(list), rev)));
+        }
+        if removed_self {
+            tracing::warn!("the member has been permanently removed from the cluster");
+            self.removed.notify_one();
+        }
+    }
+
+    fn restore(
+        &mut self,
+        snap: &Snapshot,
+        backend: Option<std::path::PathBuf>,
+    ) -> Result<(), String> {
+        let path = backend.ok_or("a snapshot arrived without the leader's backend")?;
+        let mut store = self.store_mut();
+        std::fs::rename(&path, &self.db_path)
+            .map_err(|e| format!("install backend {}: {e}", path.display()))?;
+        let new = Store::open(&self.db_path).map_err(|e| e.to_string())?;
+        if new.consistent_index() < snap.get_metadata().index {
+            return Err(format!(
+                "the leader's backend (index {}) is older than its snapshot (index {})",
+                new.consistent_index(),
+                snap.get_metadata().index
+            ));
+        }
+        let members = match new.aux(AUX_MEMBERS) {
+            Some(b) => Members::decode(b)?,
+            None => Members::decode(snap.get_data())?,
+        };
+        *store = new;
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
+        tracing::info!(
+            consistent_index = store.consistent_index(),
+            revision = store.current_rev(),
+            "restored backend from the leader's snapshot"
+        );
+        Ok(())
     }
 
     fn maintain(&mut self) {

@@ -39,6 +39,55 @@ pub fn no_leader() -> Status {
     st(Code::Unavailable, "no leader")
 }
 
+pub fn learner() -> Status {
+    st(Code::FailedPrecondition, "rpc not supported for learner")
+}
+pub fn member_not_found() -> Status {
+    st(Code::NotFound, "member not found")
+}
+pub fn member_exists() -> Status {
+    st(Code::FailedPrecondition, "member ID already exist")
+}
+pub fn peer_url_exists() -> Status {
+    st(Code::FailedPrecondition, "Peer URLs already exists")
+}
+pub fn invalid_member_urls() -> Status {
+    st(Code::InvalidArgument, "given member URLs are invalid")
+}
+pub fn not_enough_started() -> Status {
+    st(
+        Code::FailedPrecondition,
+        "re-configuration failed due to not enough started members",
+    )
+}
+pub fn unhealthy() -> Status {
+    st(Code::Unavailable, "unhealthy cluster")
+}
+pub fn learner_not_ready() -> Status {
+    st(
+        Code::FailedPrecondition,
+        "can only promote a learner member which is in sync with leader",
+    )
+}
+pub fn not_learner() -> Status {
+    st(
+        Code::FailedPrecondition,
+        "can only promote a learner member",
+    )
+}
+pub fn too_many_learners() -> Status {
+    st(
+        Code::FailedPrecondition,
+        "too many learner members in cluster",
+    )
+}
+pub fn not_leader() -> Status {
+    st(Code::FailedPrecondition, "not leader")
+}
+pub fn bad_transferee() -> Status {
+    st(Code::FailedPrecondition, "bad leader transferee")
+}
+
 pub fn propose(e: ProposeError) -> Status {
     match e {
         ProposeError::NoLeader => no_leader(),

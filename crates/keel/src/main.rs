@@ -15,8 +15,10 @@ mod config;
 mod errors;
 mod http;
 mod membership;
+mod peer;
 mod serve;
 mod server;
+mod tls;
 
 use anyhow::{bail, Context, Result};
 use apply::{Applier, Waiters};
@@ -25,13 +27,16 @@ use keel_mvcc::Store;
 use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use keel_proto::keelpb::peer_server::PeerServer;
 use keel_proto::keelpb::{internal_request::Request, MemberAttributes};
 use keel_raft::{Disk, Identity, NodeConfig};
 use membership::{Members, AUX_MEMBERS};
+use prost::Message;
 use server::Server;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 fn init_logging(level: &str) {
     let level = match level {
@@ -85,53 +90,138 @@ fn main() -> ExitCode {
     }
 }
 
+/// Who this member is and how its log starts, decided from the flags for a member that never
+/// ran (a persisted member keeps what its WAL says).
+struct Bootstrap {
+    identity: Identity,
+    /// Initial log entries (new cluster only): (member ID, conf change context).
+    entries: Vec<(u64, Vec<u8>)>,
+    members: Members,
+}
+
+async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Result<Bootstrap> {
+    let mut mine = split_urls(&cfg.initial_advertise_peer_urls);
+    mine.sort();
+    if cfg.initial_cluster_state == "existing" {
+        // Join: the cluster already added this member (etcdctl member add); learn its ID from the
+        // other members.
+        let others: Vec<String> = initial
+            .members
+            .iter()
+            .flat_map(|m| m.peer_urls.clone())
+            .filter(|u| !mine.contains(u))
+            .collect();
+        let data = peer::fetch_members(dialer, &others).await?;
+        let me = data
+            .members
+            .iter()
+            .find(|m| {
+                let mut u = m.peer_urls.clone();
+                u.sort();
+                u == mine
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no member with peer URLs {} in the cluster; add it first (etcdctl member add)",
+                    mine.join(",")
+                )
+            })?;
+        tracing::info!(
+            member_id = format!("{:x}", me.id),
+            cluster_id = format!("{:x}", data.cluster_id),
+            "joining an existing cluster"
+        );
+        return Ok(Bootstrap {
+            identity: Identity {
+                cluster_id: data.cluster_id,
+                member_id: me.id,
+                initial_voters: vec![],
+            },
+            entries: vec![],
+            members: Members {
+                cluster_id: data.cluster_id,
+                members: data.members,
+            },
+        });
+    }
+    let me = initial
+        .members
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "couldn't find local name {:?} in the initial cluster configuration",
+                cfg.name
+            )
+        })?;
+    let mut have = me.peer_urls.clone();
+    have.sort();
+    if have != mine {
+        bail!(
+            "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={} (advertise peer URLs must match the initial cluster)",
+            cfg.name,
+            have.join(","),
+            mine.join(",")
+        );
+    }
+    let entries = initial
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                keel_proto::keelpb::ConfChangeContext {
+                    request_id: 0,
+                    member: Some(m.clone()),
+                }
+                .encode_to_vec(),
+            )
+        })
+        .collect();
+    Ok(Bootstrap {
+        identity: Identity {
+            cluster_id: initial.cluster_id,
+            member_id: me.id,
+            initial_voters: initial.members.iter().map(|m| m.id).collect(),
+        },
+        entries,
+        members: initial.clone(),
+    })
+}
+
 async fn run(cfg: Config) -> Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), etcd_api = config::ETCD_VERSION, name = %cfg.name, data_dir = %cfg.data_dir(), "starting keel");
     let snap_dir = cfg.snap_dir();
     let wal_dir = cfg.wal_dir();
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
 
-    // Identity: from the WAL if this member ran before, else from the bootstrap flags.
     let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token)
         .map_err(anyhow::Error::msg)?;
+    let dialer = peer::Dialer::new(tls::peer_client(&cfg)?);
     let existed = Disk::exists(Path::new(&wal_dir));
-    let me = initial.members.iter().find(|m| m.name == cfg.name);
-    let member_id = match me {
-        Some(m) => {
-            let mut want = split_urls(&cfg.initial_advertise_peer_urls);
-            want.sort();
-            let mut have = m.peer_urls.clone();
-            have.sort();
-            if want != have && !existed {
-                bail!(
-                    "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={} (advertise peer URLs must match the initial cluster)",
-                    cfg.name,
-                    have.join(","),
-                    want.join(",")
-                );
-            }
-            m.id
+    let boot = if existed {
+        Bootstrap {
+            identity: Identity {
+                cluster_id: 0,
+                member_id: 0,
+                initial_voters: vec![],
+            },
+            entries: vec![],
+            members: initial.clone(),
         }
-        None if existed => 0,
-        None => bail!(
-            "couldn't find local name {:?} in the initial cluster configuration",
-            cfg.name
-        ),
-    };
-    if cfg.initial_cluster_state == "existing" && !existed {
-        bail!(
-            "joining an existing cluster (--initial-cluster-state=existing) is not supported yet"
-        );
-    }
-    let identity = Identity {
-        cluster_id: initial.cluster_id,
-        member_id,
-        initial_voters: initial.members.iter().map(|m| m.id).collect(),
+    } else {
+        bootstrap(&cfg, &initial, &dialer).await?
     };
 
-    let store = Store::open(&Path::new(&snap_dir).join("db")).context("open backend")?;
-    let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), identity.clone())
-        .context("open WAL")?;
+    let db_path = Path::new(&snap_dir).join("db");
+    let mut store = Store::open(&db_path).context("open backend")?;
+    let disk = Disk::open(
+        Path::new(&wal_dir),
+        Path::new(&snap_dir),
+        boot.identity.clone(),
+        &boot.entries,
+    )
+    .context("open WAL")?;
     let identity = disk.identity.clone();
     if existed {
         tracing::info!(
@@ -147,16 +237,15 @@ async fn run(cfg: Config) -> Result<()> {
         );
     }
 
-    // Membership: the backend's record, else the snapshot's, else the bootstrap flags.
-    let mut store = store;
+    // Membership: the backend's record, else the snapshot's, else the bootstrap's.
     let members = if let Some(b) = store.aux(AUX_MEMBERS) {
         Members::decode(b).map_err(anyhow::Error::msg)?
     } else if let Some(s) = disk.snapshot.as_ref().filter(|s| !s.get_data().is_empty()) {
         Members::decode(s.get_data()).map_err(anyhow::Error::msg)?
     } else {
-        store.set_aux(AUX_MEMBERS, initial.encode());
+        store.set_aux(AUX_MEMBERS, boot.members.encode());
         store.commit().context("backend commit")?;
-        initial.clone()
+        boot.members.clone()
     };
     if members.cluster_id != identity.cluster_id {
         bail!(
@@ -169,10 +258,21 @@ async fn run(cfg: Config) -> Result<()> {
     let store = Arc::new(RwLock::new(store));
     let members = Arc::new(RwLock::new(members));
     let waiters = Arc::new(Waiters::default());
+    let removed = Arc::new(tokio::sync::Notify::new());
+    let transport = peer::PeerTransport::new(
+        identity.member_id,
+        identity.cluster_id,
+        members.clone(),
+        store.clone(),
+        dialer,
+    );
     let applier = Applier {
         store: store.clone(),
         members: members.clone(),
         waiters: waiters.clone(),
+        member_id: identity.member_id,
+        db_path: db_path.clone(),
+        removed: removed.clone(),
     };
     let node_cfg = NodeConfig {
         id: identity.member_id,
@@ -181,16 +281,15 @@ async fn run(cfg: Config) -> Result<()> {
         snapshot_count: cfg.snapshot_count.max(1),
         catchup_entries: 5000,
     };
-    let (node, join) =
-        keel_raft::node::start(node_cfg, disk, applier, keel_raft::node::NoTransport)
-            .map_err(anyhow::Error::msg)?;
+    let (node, join) = keel_raft::node::start(node_cfg, disk, applier, transport.clone())
+        .map_err(anyhow::Error::msg)?;
+    transport.set_node(node.clone());
+    transport.keep_connected();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<bool>();
     std::thread::spawn(move || {
-        let code = match join.join() {
-            Ok(Ok(())) => 0,
-            _ => 1,
-        };
-        if code != 0 {
-            std::process::exit(code);
+        let ok = matches!(join.join(), Ok(Ok(())));
+        if stopped_tx.send(ok).is_err() || !ok {
+            std::process::exit(if ok { 0 } else { 1 });
         }
     });
 
@@ -199,10 +298,34 @@ async fn run(cfg: Config) -> Result<()> {
         identity.member_id,
         identity.cluster_id,
         store,
-        members,
+        members.clone(),
         node.clone(),
         waiters,
     ));
+
+    // Peer listeners.
+    let peer_tls = tls::peer_server(&cfg)?;
+    let peer_router = tonic::service::Routes::new(
+        PeerServer::new(peer::PeerService {
+            cluster_id: identity.cluster_id,
+            node: node.clone(),
+            members: members.clone(),
+            snap_dir: Path::new(&snap_dir).to_path_buf(),
+            server: server.clone(),
+        })
+        .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
+        .max_encoding_message_size(peer::MAX_PEER_MESSAGE),
+    )
+    .into_axum_router();
+    for (lu, l) in serve::bind(&split_urls(&cfg.listen_peer_urls)).await? {
+        let acceptor = match (lu.tls, &peer_tls) {
+            (true, Some(t)) => Some(t.clone()),
+            (true, None) => bail!("TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme", lu.url),
+            (false, _) => None,
+        };
+        tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
+        tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), u32::MAX));
+    }
 
     // Client listeners.
     let max_recv = cfg.max_request_bytes as usize + 512 * 1024;
@@ -222,20 +345,17 @@ async fn run(cfg: Config) -> Result<()> {
     .add_service(
         ClusterServer::new(api::cluster::ClusterService {
             server: server.clone(),
+            transport,
         })
         .max_decoding_message_size(max_recv),
     );
     let router = grpc.into_axum_router().merge(http::router(server.clone()));
-    let tls = serve::client_tls(&cfg)?;
-    let listeners = serve::bind(&split_urls(&cfg.listen_client_urls)).await?;
-    for (lu, l) in listeners {
-        let acceptor = if lu.tls {
-            match &tls {
-                Some(t) => Some(t.clone()),
-                None => bail!("TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme", lu.url),
-            }
-        } else {
-            None
+    let client_tls = tls::client_server(&cfg)?;
+    for (lu, l) in serve::bind(&split_urls(&cfg.listen_client_urls)).await? {
+        let acceptor = match (lu.tls, &client_tls) {
+            (true, Some(t)) => Some(t.clone()),
+            (true, None) => bail!("TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme", lu.url),
+            (false, _) => None,
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
         tokio::spawn(serve::serve(
@@ -248,9 +368,16 @@ async fn run(cfg: Config) -> Result<()> {
 
     tokio::spawn(publish(server.clone()));
 
-    wait_for_shutdown().await;
-    tracing::info!("received a stop signal; stopping");
+    tokio::select! {
+        _ = wait_for_shutdown() => tracing::info!("received a stop signal; stopping"),
+        _ = removed.notified() => tracing::warn!("this member was removed from the cluster; stopping"),
+    }
     node.stop();
+    // The node hands leadership off and syncs the backend before it ends.
+    let limit = Duration::from_millis(cfg.election_timeout * 2) + Duration::from_secs(2);
+    if tokio::time::timeout(limit, stopped_rx).await.is_err() {
+        tracing::warn!("raft node did not stop in time");
+    }
     Ok(())
 }
 

@@ -19,6 +19,15 @@ pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
     first8(&Sha1::digest(&b))
 }
 
+/// etcd's ID for a member added at run time: SHA-1 over the sorted peer URLs and the time.
+pub fn new_member_id(peer_urls: &[String], now_unix: u64) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut b = urls.join("").into_bytes();
+    b.extend_from_slice(now_unix.to_string().as_bytes());
+    first8(&Sha1::digest(&b))
+}
+
 /// etcd's cluster ID: SHA-1 over the sorted member IDs (8 bytes big-endian each).
 pub fn cluster_id(member_ids: &[u64]) -> u64 {
     let mut ids = member_ids.to_vec();
@@ -116,6 +125,28 @@ impl Members {
 
     pub fn get_mut(&mut self, id: u64) -> Option<&mut MemberRecord> {
         self.members.iter_mut().find(|m| m.id == id)
+    }
+
+    /// Adds a member, or replaces the one with the same ID.
+    pub fn upsert(&mut self, m: MemberRecord) {
+        match self.get_mut(m.id) {
+            Some(old) => *old = m,
+            None => {
+                self.members.push(m);
+                self.members.sort_by_key(|m| m.id);
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: u64) -> bool {
+        let before = self.members.len();
+        self.members.retain(|m| m.id != id);
+        before != self.members.len()
+    }
+
+    /// Voting members.
+    pub fn voters(&self) -> impl Iterator<Item = &MemberRecord> {
+        self.members.iter().filter(|m| !m.is_learner)
     }
 
     /// The member list as the Cluster API returns it.

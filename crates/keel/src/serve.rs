@@ -1,15 +1,11 @@
 //! Client listeners: one per `--listen-client-urls` entry, http or https, each serving gRPC and
 //! HTTP on the same port (HTTP/2 with prior knowledge, HTTP/1.1, TLS with ALPN).
 
-use crate::config::Config;
 use anyhow::{anyhow, bail, Context, Result};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -48,79 +44,6 @@ pub fn parse_listen_url(u: &str) -> Result<ListenUrl> {
         addr: SocketAddr::new(ip, port),
         url: u.to_string(),
     })
-}
-
-fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(f))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("read {path}"))?;
-    if certs.is_empty() {
-        bail!("no certificate in {path}");
-    }
-    Ok(certs)
-}
-
-fn load_key(path: &str) -> Result<PrivateKeyDer<'static>> {
-    let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
-    rustls_pemfile::private_key(&mut std::io::BufReader::new(f))
-        .with_context(|| format!("read {path}"))?
-        .ok_or_else(|| anyhow!("no private key in {path}"))
-}
-
-/// Writes a self-signed certificate for `--auto-tls` into `dir` (kept across restarts).
-fn auto_cert(dir: &Path) -> Result<(String, String)> {
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    if !cert.exists() || !key.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let ck = rcgen::generate_simple_self_signed(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-        ])
-        .context("generate certificate")?;
-        std::fs::write(&cert, ck.cert.pem()).context("write certificate")?;
-        std::fs::write(&key, ck.key_pair.serialize_pem()).context("write key")?;
-        tracing::info!(dir = %dir.display(), "generated a self-signed certificate for --auto-tls");
-    }
-    Ok((
-        cert.to_string_lossy().into_owned(),
-        key.to_string_lossy().into_owned(),
-    ))
-}
-
-/// The TLS acceptor for client connections, from `--cert-file`/`--key-file` or `--auto-tls`.
-pub fn client_tls(cfg: &Config) -> Result<Option<TlsAcceptor>> {
-    let (cert, key) = match (&cfg.cert_file, &cfg.key_file) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
-        _ if cfg.auto_tls => auto_cert(&Path::new(&cfg.data_dir()).join("fixtures/client"))?,
-        _ => return Ok(None),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?;
-    let builder = match (&cfg.trusted_ca_file, cfg.client_cert_auth) {
-        (Some(ca), true) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in load_certs(ca)? {
-                roots.add(c).context("trusted CA")?;
-            }
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .context("client verifier")?;
-            builder.with_client_cert_verifier(v)
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    let mut sc = builder
-        .with_single_cert(load_certs(&cert)?, load_key(&key)?)
-        .context("server certificate")?;
-    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Some(TlsAcceptor::from(Arc::new(sc))))
 }
 
 /// Binds every client URL; fails if any cannot be bound.

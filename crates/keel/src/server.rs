@@ -9,7 +9,10 @@ use crate::errors;
 use crate::membership::Members;
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::ResponseHeader;
-use keel_proto::keelpb::{internal_request::Request, InternalRequest};
+use keel_proto::keelpb::{
+    internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord,
+};
+use keel_raft::eraftpb::{ConfChange, ConfChangeType};
 use keel_raft::NodeHandle;
 use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +105,58 @@ impl Server {
                 Err(errors::timeout())
             }
         }
+    }
+
+    /// Proposes a raft membership change for `node_id` carrying `member`, and waits until it is
+    /// applied here; returns the member list after it.
+    pub async fn propose_conf_change(
+        &self,
+        change: ConfChangeType,
+        node_id: u64,
+        member: Option<MemberRecord>,
+    ) -> Result<(Applied, i64), Status> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ctx = ConfChangeContext {
+            request_id: id,
+            member,
+        }
+        .encode_to_vec();
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change);
+        cc.node_id = node_id;
+        cc.context = ctx.into();
+        let rx = self.waiters.register(id);
+        let work = async {
+            self.node
+                .propose_conf_change(cc)
+                .await
+                .map_err(errors::propose)?;
+            rx.await.map_err(|_| errors::stopped())?.map_err(errors::kv)
+        };
+        let r = match tokio::time::timeout(self.cfg.request_timeout(), work).await {
+            Ok(r) => r,
+            Err(_) => Err(errors::timeout()),
+        };
+        if r.is_err() {
+            self.waiters.cancel(id);
+        }
+        r
+    }
+
+    /// True when this member is a learner (it does not serve writes or linearizable reads).
+    pub fn is_learner(&self) -> bool {
+        self.members()
+            .get(self.member_id)
+            .map(|m| m.is_learner)
+            .unwrap_or(false)
+    }
+
+    /// Fails with etcd's error when this member is a learner.
+    pub fn not_learner(&self) -> Result<(), Status> {
+        if self.is_learner() {
+            return Err(errors::learner());
+        }
+        Ok(())
     }
 
     /// Waits until this member has applied everything committed before the call (ReadIndex).

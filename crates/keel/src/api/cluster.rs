@@ -1,42 +1,249 @@
-//! etcdserverpb.Cluster: MemberList for now; membership changes come with the cluster issue.
+//! etcdserverpb.Cluster: member list and membership changes through raft, with etcd's strict
+//! reconfiguration checks (`--strict-reconfig-check`).
 
+use crate::apply::Applied;
+use crate::errors;
+use crate::membership::new_member_id;
+use crate::peer::PeerTransport;
 use crate::server::Server;
 use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::*;
+use keel_proto::keelpb::{internal_request::Request as Internal, MemberRecord, MemberUpdate};
+use keel_raft::eraftpb::ConfChangeType;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
+
+/// etcd's HealthInterval: a peer counts as connected once its stream has been up this long.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct ClusterService {
     pub server: Arc<Server>,
+    pub transport: PeerTransport,
+}
+
+fn valid_urls(urls: &[String]) -> Result<(), Status> {
+    if urls.is_empty() {
+        return Err(errors::invalid_member_urls());
+    }
+    for u in urls {
+        let ok = match u.split_once("://") {
+            Some(("http" | "https" | "unix" | "unixs", rest)) => {
+                let hp = rest.trim_end_matches('/');
+                !hp.is_empty()
+                    && !hp.contains('/')
+                    && hp
+                        .rsplit_once(':')
+                        .map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                        .unwrap_or(false)
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(errors::invalid_member_urls());
+        }
+    }
+    Ok(())
+}
+
+fn members_of(applied: Applied) -> Result<Vec<Member>, Status> {
+    match applied {
+        Applied::Members(m) => Ok(m),
+        _ => Err(Status::internal("etcdserver: unexpected apply result")),
+    }
+}
+
+impl ClusterService {
+    /// Connected to `id` for at least the health interval.
+    fn connected(&self, id: u64, cutoff: Instant) -> bool {
+        id == self.server.member_id
+            || self
+                .transport
+                .active_since(id)
+                .map(|t| t <= cutoff)
+                .unwrap_or(false)
+    }
+
+    fn may_add_voter(&self) -> Result<(), Status> {
+        if !self.server.cfg.strict_reconfig_check {
+            return Ok(());
+        }
+        let members = self.server.members();
+        let voters: Vec<_> = members.voters().collect();
+        let nmembers = voters.len() + 1;
+        let nstarted = voters.iter().filter(|m| !m.name.is_empty()).count();
+        if !(nstarted == 1 && nmembers == 2) && nstarted < nmembers / 2 + 1 {
+            return Err(errors::not_enough_started());
+        }
+        let cutoff = Instant::now()
+            .checked_sub(HEALTH_INTERVAL)
+            .unwrap_or_else(Instant::now);
+        if !voters.iter().all(|m| self.connected(m.id, cutoff)) {
+            return Err(errors::unhealthy());
+        }
+        Ok(())
+    }
+
+    fn may_remove(&self, id: u64) -> Result<(), Status> {
+        if !self.server.cfg.strict_reconfig_check {
+            return Ok(());
+        }
+        let members = self.server.members();
+        if members.get(id).map(|m| m.is_learner).unwrap_or(false) {
+            return Ok(());
+        }
+        let voters: Vec<_> = members.voters().collect();
+        let others: Vec<_> = voters.iter().filter(|m| m.id != id).collect();
+        let nstarted = others.iter().filter(|m| !m.name.is_empty()).count();
+        if nstarted < others.len() / 2 + 1 {
+            return Err(errors::not_enough_started());
+        }
+        // A member that is down is not part of the active quorum: removing it is safe.
+        if id != self.server.member_id && self.transport.active_since(id).is_none() {
+            return Ok(());
+        }
+        let cutoff = Instant::now()
+            .checked_sub(HEALTH_INTERVAL)
+            .unwrap_or_else(Instant::now);
+        let active = voters
+            .iter()
+            .filter(|m| self.connected(m.id, cutoff))
+            .count();
+        if active < 2 + (voters.len() - 1) / 2 {
+            return Err(errors::unhealthy());
+        }
+        Ok(())
+    }
+}
+
+/// Checks and proposes the promotion of a learner; runs on the leader.
+pub async fn promote(server: &Server, id: u64) -> Result<Vec<Member>, Status> {
+    let m = server
+        .members()
+        .get(id)
+        .cloned()
+        .ok_or_else(errors::member_not_found)?;
+    if !m.is_learner {
+        return Err(errors::not_learner());
+    }
+    let progress = server.node.progress().await.map_err(errors::propose)?;
+    let leader = progress
+        .get(&server.member_id)
+        .ok_or_else(errors::not_leader)?;
+    let learner = progress.get(&id).ok_or_else(errors::learner_not_ready)?;
+    if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
+        return Err(errors::learner_not_ready());
+    }
+    let (applied, _) = server
+        .propose_conf_change(ConfChangeType::AddNode, id, None)
+        .await?;
+    members_of(applied)
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
-        _req: Request<MemberAddRequest>,
+        req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: member add is not implemented yet",
-        ))
+        let r = req.into_inner();
+        valid_urls(&r.peer_ur_ls)?;
+        let s = &self.server;
+        {
+            let members = s.members();
+            if members
+                .members
+                .iter()
+                .any(|m| m.peer_urls.iter().any(|u| r.peer_ur_ls.contains(u)))
+            {
+                return Err(errors::peer_url_exists());
+            }
+            if r.is_learner && members.members.iter().filter(|m| m.is_learner).count() >= 1 {
+                return Err(errors::too_many_learners());
+            }
+        }
+        if !r.is_learner {
+            self.may_add_voter()?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let id = new_member_id(&r.peer_ur_ls, now);
+        if s.members().get(id).is_some() {
+            return Err(errors::member_exists());
+        }
+        let rec = MemberRecord {
+            id,
+            name: String::new(),
+            peer_urls: r.peer_ur_ls.clone(),
+            client_urls: vec![],
+            is_learner: r.is_learner,
+        };
+        let change = if r.is_learner {
+            ConfChangeType::AddLearnerNode
+        } else {
+            ConfChangeType::AddNode
+        };
+        let (applied, rev) = s.propose_conf_change(change, id, Some(rec)).await?;
+        let members = members_of(applied)?;
+        let member = members.iter().find(|m| m.id == id).cloned();
+        Ok(Response::new(MemberAddResponse {
+            header: s.header(rev),
+            member,
+            members,
+        }))
     }
 
     async fn member_remove(
         &self,
-        _req: Request<MemberRemoveRequest>,
+        req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: member remove is not implemented yet",
-        ))
+        let id = req.into_inner().id;
+        let s = &self.server;
+        if s.members().get(id).is_none() {
+            return Err(errors::member_not_found());
+        }
+        self.may_remove(id)?;
+        let (applied, rev) = s
+            .propose_conf_change(ConfChangeType::RemoveNode, id, None)
+            .await?;
+        Ok(Response::new(MemberRemoveResponse {
+            header: s.header(rev),
+            members: members_of(applied)?,
+        }))
     }
 
     async fn member_update(
         &self,
-        _req: Request<MemberUpdateRequest>,
+        req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: member update is not implemented yet",
-        ))
+        let r = req.into_inner();
+        valid_urls(&r.peer_ur_ls)?;
+        let s = &self.server;
+        {
+            let members = s.members();
+            if members.get(r.id).is_none() {
+                return Err(errors::member_not_found());
+            }
+            if members
+                .members
+                .iter()
+                .any(|m| m.id != r.id && m.peer_urls.iter().any(|u| r.peer_ur_ls.contains(u)))
+            {
+                return Err(errors::peer_url_exists());
+            }
+        }
+        let (applied, rev) = s
+            .propose(Internal::MemberUpdate(MemberUpdate {
+                id: r.id,
+                peer_urls: r.peer_ur_ls,
+            }))
+            .await?;
+        Ok(Response::new(MemberUpdateResponse {
+            header: s.header(rev),
+            members: members_of(applied)?,
+        }))
     }
 
     async fn member_list(
@@ -56,10 +263,28 @@ impl Cluster for ClusterService {
 
     async fn member_promote(
         &self,
-        _req: Request<MemberPromoteRequest>,
+        req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: member promote is not implemented yet",
-        ))
+        let id = req.into_inner().id;
+        let s = &self.server;
+        let members = if s
+            .node
+            .status
+            .is_leader
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            promote(s, id).await?
+        } else {
+            let leader = s.node.status.leader();
+            if leader == 0 {
+                return Err(errors::no_leader());
+            }
+            self.transport.forward_promote(leader, id).await?
+        };
+        let rev = s.store().current_rev();
+        Ok(Response::new(MemberPromoteResponse {
+            header: s.header(rev),
+            members,
+        }))
     }
 }

@@ -44,6 +44,7 @@ impl Kv for KvService {
         let r = req.into_inner();
         validate::range(&r)?;
         if !r.serializable {
+            self.server.not_learner()?;
             self.server.linearizable_barrier().await?;
         }
         let mut resp = mvcc_kv::range(&self.server.store(), &r).map_err(errors::kv)?;
@@ -55,6 +56,7 @@ impl Kv for KvService {
     async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = req.into_inner();
         validate::put(&r)?;
+        self.server.not_learner()?;
         match self.server.propose(Request::Put(r)).await? {
             (Applied::Put(mut resp), rev) => {
                 resp.header = self.server.header(rev);
@@ -70,6 +72,7 @@ impl Kv for KvService {
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         validate::delete_range(&r)?;
+        self.server.not_learner()?;
         match self.server.propose(Request::DeleteRange(r)).await? {
             (Applied::DeleteRange(mut resp), rev) => {
                 resp.header = self.server.header(rev);
@@ -82,6 +85,10 @@ impl Kv for KvService {
     async fn txn(&self, req: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let r = req.into_inner();
         validate::txn(&r, self.server.cfg.max_txn_ops as usize)?;
+        let serializable_reads = mvcc_kv::txn_is_read_only(&r) && txn_serializable(&r);
+        if !serializable_reads {
+            self.server.not_learner()?;
+        }
         if mvcc_kv::txn_is_read_only(&r) {
             // Read-only: no proposal; a linearizable barrier unless every read is serializable.
             if !txn_serializable(&r) {
@@ -110,6 +117,7 @@ impl Kv for KvService {
         req: GrpcRequest<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
+        self.server.not_learner()?;
         match self.server.propose(Request::Compaction(r)).await? {
             (Applied::Compaction(mut resp), rev) => {
                 resp.header = self.server.header(rev);

@@ -1,6 +1,7 @@
 //! etcdserverpb.Maintenance: Status and Alarm for now; the rest comes with the operations issue.
 
 use crate::config::ETCD_VERSION;
+use crate::errors;
 use crate::server::Server;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::*;
@@ -90,11 +91,37 @@ impl Maintenance for MaintenanceService {
 
     async fn move_leader(
         &self,
-        _req: Request<MoveLeaderRequest>,
+        req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: move-leader is not implemented yet",
-        ))
+        let target = req.into_inner().target_id;
+        let s = &self.server;
+        if !s
+            .node
+            .status
+            .is_leader
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(errors::not_leader());
+        }
+        match s.members().get(target) {
+            Some(m) if !m.is_learner => {}
+            _ => return Err(errors::bad_transferee()),
+        }
+        if target != s.member_id {
+            s.node.transfer_leader(target).map_err(errors::propose)?;
+            let deadline = tokio::time::Instant::now() + s.cfg.request_timeout();
+            while s.node.status.leader() != target {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(errors::timeout());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            tracing::info!(transferee = format!("{target:x}"), "leadership transferred");
+        }
+        let rev = s.store().current_rev();
+        Ok(Response::new(MoveLeaderResponse {
+            header: s.header(rev),
+        }))
     }
 
     async fn downgrade(

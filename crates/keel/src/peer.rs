@@ -1,0 +1,662 @@
+//! Peer traffic between members on the peer URLs: raft messages on one long-lived stream per
+//! peer, snapshots (raft message + the leader's backend) on a separate stream, and the member list
+//! for members joining an existing cluster.
+//!
+//! Sending side ([`PeerTransport`]): never blocks the raft thread. Each peer has a bounded queue
+//! drained by its own task; a full queue or a broken stream drops messages and reports the peer
+//! unreachable to raft, which retries. Receiving side ([`PeerService`]): checks the sender's
+//! cluster ID and hands messages to the node.
+
+use crate::membership::Members;
+use anyhow::{anyhow, Context, Result};
+use keel_mvcc::backend::{Backend, Meta};
+use keel_mvcc::Store;
+use keel_proto::keelpb::peer_client::PeerClient;
+use keel_proto::keelpb::peer_server::Peer;
+use keel_proto::keelpb::{
+    BackendRecord, MembersRequest, PeerAck, RaftBatch, SnapshotChunk, SnapshotData,
+};
+use keel_raft::eraftpb::{Message, MessageType};
+use keel_raft::{NodeHandle, ProtoMessage, Transport};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+/// gRPC metadata carrying the sender's cluster ID (hex), checked by the receiver.
+const CLUSTER_ID_HEADER: &str = "x-etcd-cluster-id";
+/// Largest message on the peer streams.
+pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
+/// Raft messages queued per peer before new ones are dropped.
+const PEER_QUEUE: usize = 4096;
+/// Bytes of raft messages sent in one batch.
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes of backend records in one snapshot chunk.
+const CHUNK_BYTES: usize = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+/// How to dial peers: plain, or TLS with the peer certificate settings.
+#[derive(Clone)]
+pub struct Dialer {
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+impl Dialer {
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Dialer {
+        Dialer { tls }
+    }
+
+    /// A channel to `url` (http or https); connects lazily.
+    pub fn channel(&self, url: &str) -> Result<Channel> {
+        let (ep, connector) = self.endpoint(url)?;
+        Ok(ep.connect_with_connector_lazy(connector))
+    }
+
+    /// A channel to `url`, connected now.
+    pub async fn connect(&self, url: &str) -> Result<Channel> {
+        let (ep, connector) = self.endpoint(url)?;
+        Ok(ep.connect_with_connector(connector).await?)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn endpoint(
+        &self,
+        url: &str,
+    ) -> Result<(
+        Endpoint,
+        impl tower::Service<
+                http::Uri,
+                Response = hyper_util::rt::TokioIo<Box<dyn Io>>,
+                Error = std::io::Error,
+                Future = impl std::future::Future<
+                    Output = std::io::Result<hyper_util::rt::TokioIo<Box<dyn Io>>>,
+                > + Send,
+            > + Clone
+            + Send
+            + 'static,
+    )> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
+        let hostport = rest.trim_end_matches('/').to_string();
+        let tls = match scheme {
+            "https" => Some(
+                self.tls
+                    .clone()
+                    .ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?,
+            ),
+            "http" => None,
+            other => return Err(anyhow!("unsupported peer URL scheme {other:?}")),
+        };
+        let ep = Endpoint::from_shared(format!("http://{hostport}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let host = hostport
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+            .unwrap_or_default();
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let hostport = hostport.clone();
+            let host = host.clone();
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&hostport).await?;
+                let _ = tcp.set_nodelay(true);
+                let io: Box<dyn Io> = match tls {
+                    Some(cfg) => {
+                        let name = rustls::pki_types::ServerName::try_from(host)
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        Box::new(
+                            tokio_rustls::TlsConnector::from(cfg)
+                                .connect(name, tcp)
+                                .await?,
+                        )
+                    }
+                    None => Box::new(tcp),
+                };
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+            }
+        });
+        Ok((ep, connector))
+    }
+}
+
+fn client(ch: Channel) -> PeerClient<Channel> {
+    PeerClient::new(ch)
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE)
+}
+
+fn with_cluster<T>(msg: T, cluster_id: u64) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Ok(v) = format!("{cluster_id:x}").parse() {
+        r.metadata_mut().insert(CLUSTER_ID_HEADER, v);
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sending
+
+struct Inner {
+    self_id: u64,
+    cluster_id: u64,
+    members: Arc<RwLock<Members>>,
+    store: Arc<RwLock<Store>>,
+    node: OnceLock<NodeHandle>,
+    dialer: Dialer,
+    rt: tokio::runtime::Handle,
+    queues: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
+    /// When each peer's stream last became active (None: not connected).
+    active_since: Mutex<HashMap<u64, Instant>>,
+}
+
+/// The raft transport over the peer URLs. Clone it freely; all clones share the connections.
+#[derive(Clone)]
+pub struct PeerTransport {
+    inner: Arc<Inner>,
+}
+
+impl PeerTransport {
+    pub fn new(
+        self_id: u64,
+        cluster_id: u64,
+        members: Arc<RwLock<Members>>,
+        store: Arc<RwLock<Store>>,
+        dialer: Dialer,
+    ) -> PeerTransport {
+        PeerTransport {
+            inner: Arc::new(Inner {
+                self_id,
+                cluster_id,
+                members,
+                store,
+                node: OnceLock::new(),
+                dialer,
+                rt: tokio::runtime::Handle::current(),
+                queues: Mutex::new(HashMap::new()),
+                active_since: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Connects the transport to the node it reports to.
+    pub fn set_node(&self, node: NodeHandle) {
+        let _ = self.inner.node.set(node);
+    }
+
+    /// Since when the stream to `id` has been up, if it is.
+    pub fn active_since(&self, id: u64) -> Option<Instant> {
+        self.inner
+            .active_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied()
+    }
+
+    /// Asks the leader to promote learner `id` (only the leader knows its progress).
+    pub async fn forward_promote(
+        &self,
+        leader: u64,
+        id: u64,
+    ) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
+        let url = self
+            .inner
+            .peer_url(leader)
+            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let ch = self
+            .inner
+            .dialer
+            .channel(&url)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let r = client(ch)
+            .promote(with_cluster(
+                keel_proto::etcdserverpb::MemberPromoteRequest { id },
+                self.inner.cluster_id,
+            ))
+            .await?;
+        Ok(r.into_inner().members)
+    }
+
+    /// Keeps a connection to every other member, whether or not raft has something to send, so
+    /// that connectivity is known (etcd's strict reconfiguration checks rely on it).
+    pub fn keep_connected(&self) {
+        let t = self.clone();
+        self.inner.rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let ids: Vec<u64> = t
+                    .inner
+                    .members
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .members
+                    .iter()
+                    .map(|m| m.id)
+                    .collect();
+                for id in ids {
+                    if id != t.inner.self_id {
+                        t.queue(id);
+                    }
+                }
+            }
+        });
+    }
+
+    fn queue(&self, to: u64) -> mpsc::Sender<Vec<u8>> {
+        let mut q = self.inner.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = q.get(&to) {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        q.insert(to, tx.clone());
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(peer_loop(inner, to, rx));
+        tx
+    }
+}
+
+impl Inner {
+    fn unreachable(&self, to: u64) {
+        self.active_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&to);
+        if let Some(n) = self.node.get() {
+            n.report_unreachable(to);
+        }
+    }
+
+    fn peer_url(&self, to: u64) -> Option<String> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(to)
+            .and_then(|m| m.peer_urls.first().cloned())
+    }
+
+    fn is_member(&self, to: u64) -> bool {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(to)
+            .is_some()
+    }
+}
+
+impl Transport for PeerTransport {
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            if to == self.inner.self_id || to == 0 {
+                continue;
+            }
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let inner = self.inner.clone();
+                self.inner.rt.spawn(send_snapshot(inner, m));
+                continue;
+            }
+            let bytes = match m.write_to_bytes() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "peer: cannot encode a raft message");
+                    continue;
+                }
+            };
+            if self.queue(to).try_send(bytes).is_err() {
+                self.inner.unreachable(to);
+            }
+        }
+    }
+}
+
+/// Keeps one stream open to `to` and feeds it from the queue, reconnecting with backoff.
+async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut backoff = Duration::from_millis(50);
+    let mut logged_down = false;
+    loop {
+        if !inner.is_member(to) {
+            tracing::info!(
+                peer = format!("{to:x}"),
+                "peer: stopped sending to a removed member"
+            );
+            inner
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&to);
+            return;
+        }
+        let Some(url) = inner.peer_url(to) else {
+            return;
+        };
+        let ch = match tokio::time::timeout(Duration::from_secs(2), inner.dialer.connect(&url))
+            .await
+        {
+            Ok(Ok(c)) => c,
+            failed => {
+                if !logged_down {
+                    let why = match failed {
+                        Ok(Err(e)) => format!("{e:#}"),
+                        _ => "timed out".to_string(),
+                    };
+                    tracing::warn!(peer = format!("{to:x}"), url = %url, error = %why, "peer: cannot connect; retrying");
+                    logged_down = true;
+                }
+                inner.unreachable(to);
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        inner
+            .active_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(to)
+            .or_insert_with(Instant::now);
+        if logged_down {
+            tracing::info!(peer = format!("{to:x}"), "peer: connected");
+            logged_down = false;
+        }
+        backoff = Duration::from_millis(50);
+        let (btx, brx) = mpsc::channel::<RaftBatch>(16);
+        let mut c = client(ch);
+        let req = with_cluster(ReceiverStream::new(brx), inner.cluster_id);
+        let mut call = tokio::spawn(async move { c.raft(req).await });
+        let broken = loop {
+            let first = tokio::select! {
+                m = rx.recv() => match m { Some(m) => m, None => return },
+                r = &mut call => break format!("{:?}", r.map(|r| r.map(|_| ()))),
+            };
+            let mut size = first.len();
+            let mut batch = vec![first];
+            while size < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        size += m.len();
+                        batch.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if btx.send(RaftBatch { messages: batch }).await.is_err() {
+                break "stream closed".to_string();
+            }
+        };
+        call.abort();
+        tracing::warn!(peer = format!("{to:x}"), url = %url, reason = %broken, "peer: lost connection; retrying");
+        inner.unreachable(to);
+        // Drop what queued up meanwhile: raft resends what matters.
+        while rx.try_recv().is_ok() {}
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Sends a raft snapshot message to its follower together with this member's backend, read
+/// in one consistent transaction at least as new as the snapshot.
+async fn send_snapshot(inner: Arc<Inner>, m: Message) {
+    let to = m.to;
+    let index = m.get_snapshot().get_metadata().index;
+    let ok = match snapshot_stream(&inner, m).await {
+        Ok(()) => {
+            tracing::info!(peer = format!("{to:x}"), index, "peer: sent snapshot");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                peer = format!("{to:x}"),
+                index,
+                error = format!("{e:#}"),
+                "peer: sending snapshot failed"
+            );
+            false
+        }
+    };
+    if let Some(n) = inner.node.get() {
+        n.report_snapshot(to, ok);
+    }
+}
+
+async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
+    let to = m.to;
+    let url = inner
+        .peer_url(to)
+        .ok_or_else(|| anyhow!("unknown peer {to:x}"))?;
+    let backend: Backend = {
+        let mut s = inner.store.write().unwrap_or_else(|p| p.into_inner());
+        s.commit().context("commit before snapshot")?;
+        s.backend()
+    };
+    let msg = m.write_to_bytes().context("encode snapshot message")?;
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
+    tx.send(SnapshotChunk {
+        message: msg,
+        ..Default::default()
+    })
+    .await
+    .map_err(|_| anyhow!("stream closed"))?;
+    let dump = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        let mut size = 0usize;
+        let meta = backend.dump(|table, k, v| {
+            size += k.len() + v.len() + 8;
+            buf.push(BackendRecord {
+                table,
+                key: k.to_vec(),
+                value: v.to_vec(),
+            });
+            if size >= CHUNK_BYTES {
+                size = 0;
+                let records = std::mem::take(&mut buf);
+                return tx
+                    .blocking_send(SnapshotChunk {
+                        records,
+                        ..Default::default()
+                    })
+                    .is_ok();
+            }
+            true
+        })?;
+        let last = SnapshotChunk {
+            records: buf,
+            done: true,
+            consistent_index: meta.consistent_index,
+            term: meta.term,
+            current_revision: meta.current_rev,
+            compacted_revision: meta.compacted_rev,
+            ..Default::default()
+        };
+        tx.blocking_send(last)
+            .map_err(|_| keel_mvcc::backend::BackendError {
+                path: PathBuf::new(),
+                msg: "stream closed".into(),
+            })?;
+        Ok::<_, keel_mvcc::backend::BackendError>(())
+    });
+    let mut c = client(inner.dialer.channel(&url)?);
+    let res = c
+        .snapshot(with_cluster(ReceiverStream::new(rx), inner.cluster_id))
+        .await;
+    dump.await.map_err(|e| anyhow!("dump task: {e}"))??;
+    res.map_err(|s| anyhow!("{}", s.message()))?;
+    Ok(())
+}
+
+/// Asks the members at `urls` for the cluster's member list (for joining an existing cluster).
+pub async fn fetch_members(dialer: &Dialer, urls: &[String]) -> Result<SnapshotData> {
+    let mut last = anyhow!("no peer URL to ask");
+    for _ in 0..30 {
+        for u in urls {
+            match dialer.channel(u) {
+                Ok(ch) => match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client(ch).members(MembersRequest {}),
+                )
+                .await
+                {
+                    Ok(Ok(r)) => return Ok(r.into_inner()),
+                    Ok(Err(e)) => last = anyhow!("{u}: {}", e.message()),
+                    Err(_) => last = anyhow!("{u}: timed out"),
+                },
+                Err(e) => last = e,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(last.context("cannot fetch the cluster's members from its peers"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiving
+
+pub struct PeerService {
+    pub cluster_id: u64,
+    pub node: NodeHandle,
+    pub members: Arc<RwLock<Members>>,
+    pub snap_dir: PathBuf,
+    pub server: Arc<crate::server::Server>,
+}
+
+impl PeerService {
+    fn check_cluster<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        let theirs = r
+            .metadata()
+            .get(CLUSTER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| u64::from_str_radix(s, 16).ok());
+        match theirs {
+            Some(id) if id == self.cluster_id => Ok(()),
+            Some(id) => {
+                tracing::warn!(
+                    local = format!("{:x}", self.cluster_id),
+                    remote = format!("{id:x}"),
+                    "peer: request from another cluster rejected"
+                );
+                Err(Status::failed_precondition(
+                    "etcdserver: cluster ID mismatch",
+                ))
+            }
+            None => Err(Status::failed_precondition(
+                "etcdserver: cluster ID mismatch",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<PeerAck>, Status> {
+        self.check_cluster(&req)?;
+        let mut s = req.into_inner();
+        while let Some(batch) = s.message().await? {
+            for b in batch.messages {
+                let m = Message::parse_from_bytes(&b)
+                    .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+                if self.node.step(m).is_err() {
+                    // The node is busy or stopping: drop, raft retries.
+                    continue;
+                }
+            }
+        }
+        Ok(Response::new(PeerAck {}))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        self.check_cluster(&req)?;
+        let mut s = req.into_inner();
+        let first = s
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let msg = Message::parse_from_bytes(&first.message)
+            .map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+        let index = msg.get_snapshot().get_metadata().index;
+        let tmp = self.snap_dir.join(format!("{index:016x}.snap.db.tmp"));
+        let fin = self.snap_dir.join(format!("{index:016x}.snap.db"));
+        let _ = std::fs::remove_file(&tmp);
+        let internal = |e: keel_mvcc::backend::BackendError| Status::internal(e.to_string());
+        let backend = Backend::open(&tmp).map_err(internal)?;
+        let mut done = false;
+        while let Some(chunk) = s.message().await? {
+            let records: Vec<(u32, Vec<u8>, Vec<u8>)> = chunk
+                .records
+                .into_iter()
+                .map(|r| (r.table, r.key, r.value))
+                .collect();
+            let meta = chunk.done.then_some(Meta {
+                consistent_index: chunk.consistent_index,
+                term: chunk.term,
+                current_rev: chunk.current_revision,
+                compacted_rev: chunk.compacted_revision,
+            });
+            let b = backend.clone();
+            tokio::task::spawn_blocking(move || b.load(&records, meta.as_ref()))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(internal)?;
+            if chunk.done {
+                done = true;
+                break;
+            }
+        }
+        drop(backend);
+        if !done {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Status::aborted("snapshot stream ended early"));
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(index, file = %fin.display(), "peer: received snapshot with backend");
+        self.node
+            .install_snapshot(msg, fin)
+            .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        Ok(Response::new(PeerAck {}))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<keel_proto::etcdserverpb::MemberPromoteRequest>,
+    ) -> Result<Response<keel_proto::etcdserverpb::MemberPromoteResponse>, Status> {
+        self.check_cluster(&req)?;
+        let id = req.into_inner().id;
+        let members = crate::api::cluster::promote(&self.server, id).await?;
+        let rev = self.server.store().current_rev();
+        Ok(Response::new(
+            keel_proto::etcdserverpb::MemberPromoteResponse {
+                header: self.server.header(rev),
+                members,
+            },
+        ))
+    }
+
+    async fn members(
+        &self,
+        _req: Request<MembersRequest>,
+    ) -> Result<Response<SnapshotData>, Status> {
+        let m = self.members.read().unwrap_or_else(|p| p.into_inner());
+        Ok(Response::new(SnapshotData {
+            cluster_id: m.cluster_id,
+            members: m.members.clone(),
+        }))
+    }
+}

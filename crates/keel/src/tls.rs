@@ -1,0 +1,212 @@
+//! TLS settings from etcd's flags (rustls, no OpenSSL): the client listeners' server config, the
+//! peer listeners' server config, and the config members dial each other with. `--auto-tls` and
+//! `--peer-auto-tls` generate self-signed certificates in the data dir, kept across restarts.
+
+use crate::config::Config;
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::path::Path;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(f))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("read {path}"))?;
+    if certs.is_empty() {
+        bail!("no certificate in {path}");
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &str) -> Result<PrivateKeyDer<'static>> {
+    let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
+    rustls_pemfile::private_key(&mut std::io::BufReader::new(f))
+        .with_context(|| format!("read {path}"))?
+        .ok_or_else(|| anyhow!("no private key in {path}"))
+}
+
+fn roots(ca: &str) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).context("trusted CA")?;
+    }
+    Ok(roots)
+}
+
+/// Writes a self-signed certificate into `dir` unless one is there already.
+fn auto_cert(dir: &Path) -> Result<(String, String)> {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    if !cert.exists() || !key.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .context("generate certificate")?;
+        std::fs::write(&cert, ck.cert.pem()).context("write certificate")?;
+        std::fs::write(&key, ck.key_pair.serialize_pem()).context("write key")?;
+        tracing::info!(dir = %dir.display(), "generated a self-signed certificate");
+    }
+    Ok((
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    ))
+}
+
+/// One side's TLS flags.
+struct Side<'a> {
+    cert: &'a Option<String>,
+    key: &'a Option<String>,
+    ca: &'a Option<String>,
+    client_cert_auth: bool,
+    auto: bool,
+    auto_dir: &'static str,
+}
+
+fn cert_and_key(cfg: &Config, side: &Side) -> Result<Option<(String, String)>> {
+    Ok(match (side.cert, side.key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ if side.auto => Some(auto_cert(&Path::new(&cfg.data_dir()).join(side.auto_dir))?),
+        _ => None,
+    })
+}
+
+fn server_config(cfg: &Config, side: &Side) -> Result<Option<TlsAcceptor>> {
+    let Some((cert, key)) = cert_and_key(cfg, side)? else {
+        return Ok(None);
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?;
+    let builder = match (side.ca, side.client_cert_auth) {
+        (Some(ca), true) => {
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(ca)?),
+                provider(),
+            )
+            .build()
+            .context("client verifier")?;
+            builder.with_client_cert_verifier(v)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut sc = builder
+        .with_single_cert(load_certs(&cert)?, load_key(&key)?)
+        .context("server certificate")?;
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(sc))))
+}
+
+/// TLS for client listeners (`--cert-file`/`--key-file`, or `--auto-tls`).
+pub fn client_server(cfg: &Config) -> Result<Option<TlsAcceptor>> {
+    server_config(
+        cfg,
+        &Side {
+            cert: &cfg.cert_file,
+            key: &cfg.key_file,
+            ca: &cfg.trusted_ca_file,
+            client_cert_auth: cfg.client_cert_auth,
+            auto: cfg.auto_tls,
+            auto_dir: "fixtures/client",
+        },
+    )
+}
+
+fn peer_side(cfg: &Config) -> Side<'_> {
+    Side {
+        cert: &cfg.peer_cert_file,
+        key: &cfg.peer_key_file,
+        ca: &cfg.peer_trusted_ca_file,
+        client_cert_auth: cfg.peer_client_cert_auth,
+        auto: cfg.peer_auto_tls,
+        auto_dir: "fixtures/peer",
+    }
+}
+
+/// TLS for peer listeners (`--peer-cert-file`/`--peer-key-file`, or `--peer-auto-tls`).
+pub fn peer_server(cfg: &Config) -> Result<Option<TlsAcceptor>> {
+    server_config(cfg, &peer_side(cfg))
+}
+
+/// How this member dials its peers over https: verifies them with `--peer-trusted-ca-file`
+/// (with `--peer-auto-tls` and no CA, like etcd, it does not verify), and presents its peer
+/// certificate.
+pub fn peer_client(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    let side = peer_side(cfg);
+    let Some((cert, key)) = cert_and_key(cfg, &side)? else {
+        return Ok(None);
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?;
+    let builder = match side.ca {
+        Some(ca) => builder.with_root_certificates(roots(ca)?),
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider()))),
+    };
+    let mut cc = builder
+        .with_client_auth_cert(load_certs(&cert)?, load_key(&key)?)
+        .context("peer client certificate")?;
+    cc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(Arc::new(cc)))
+}
+
+/// Accepts any server certificate (still checking the handshake signature): `--peer-auto-tls`
+/// peers have self-signed certificates nobody can verify.
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
