@@ -1,20 +1,11 @@
 //! Compiles the .proto files in `proto/` in pure Rust (protox), so no system protoc is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "proto/kv.proto",
-        "proto/auth.proto",
-        "proto/rpc.proto",
-        "proto/v3election.proto",
-        "proto/v3lock.proto",
-        "proto/keel.proto",
-    ];
+    let files =
+        ["proto/kv.proto", "proto/auth.proto", "proto/rpc.proto", "proto/v3election.proto", "proto/v3lock.proto", "proto/keel.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

@@ -50,26 +50,17 @@ pub const TABLE_AUX: u32 = 1;
 
 impl Backend {
     fn err(&self, e: impl std::fmt::Display) -> BackendError {
-        BackendError {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        }
+        BackendError { path: self.path.clone(), msg: e.to_string() }
     }
 
     /// Opens or creates the backend file.
     pub fn open(path: &Path) -> Result<Backend, BackendError> {
-        let mk = |e: &dyn std::fmt::Display| BackendError {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        };
+        let mk = |e: &dyn std::fmt::Display| BackendError { path: path.to_path_buf(), msg: e.to_string() };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| mk(&e))?;
         }
         let db = Database::create(path).map_err(|e| mk(&e))?;
-        let b = Backend {
-            db: std::sync::Arc::new(db),
-            path: path.to_path_buf(),
-        };
+        let b = Backend { db: std::sync::Arc::new(db), path: path.to_path_buf() };
         // Make sure both tables exist so that read transactions can always open them.
         let tx = b.db.begin_write().map_err(|e| b.err(e))?;
         {
@@ -87,10 +78,7 @@ impl Backend {
         let get = |k: &str| -> Result<u64, BackendError> {
             match t.get(k).map_err(|e| self.err(e))? {
                 Some(v) => {
-                    let b: [u8; 8] = v
-                        .value()
-                        .try_into()
-                        .map_err(|_| self.err(format!("meta {k} is not 8 bytes")))?;
+                    let b: [u8; 8] = v.value().try_into().map_err(|_| self.err(format!("meta {k} is not 8 bytes")))?;
                     Ok(u64::from_be_bytes(b))
                 }
                 None => Ok(0),
@@ -115,15 +103,13 @@ impl Backend {
         {
             let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;
             for (k, v) in aux {
-                a.insert(k.as_str(), v.as_slice())
-                    .map_err(|e| self.err(e))?;
+                a.insert(k.as_str(), v.as_slice()).map_err(|e| self.err(e))?;
             }
             let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
             for (k, v) in changes {
                 match v {
                     Some(v) => {
-                        keys.insert(k.as_slice(), v.as_slice())
-                            .map_err(|e| self.err(e))?;
+                        keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
                     }
                     None => {
                         keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
@@ -131,23 +117,10 @@ impl Backend {
                 }
             }
             let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-            m.insert(
-                META_CONSISTENT_INDEX,
-                meta.consistent_index.to_be_bytes().as_slice(),
-            )
-            .map_err(|e| self.err(e))?;
-            m.insert(META_TERM, meta.term.to_be_bytes().as_slice())
-                .map_err(|e| self.err(e))?;
-            m.insert(
-                META_CURRENT_REV,
-                (meta.current_rev as u64).to_be_bytes().as_slice(),
-            )
-            .map_err(|e| self.err(e))?;
-            m.insert(
-                META_COMPACTED_REV,
-                (meta.compacted_rev as u64).to_be_bytes().as_slice(),
-            )
-            .map_err(|e| self.err(e))?;
+            m.insert(META_CONSISTENT_INDEX, meta.consistent_index.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+            m.insert(META_TERM, meta.term.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+            m.insert(META_CURRENT_REV, (meta.current_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+            m.insert(META_COMPACTED_REV, (meta.compacted_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(())
@@ -169,17 +142,11 @@ impl Backend {
     pub fn reader(&self) -> Result<Reader, BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-        Ok(Reader {
-            table: t,
-            path: self.path.clone(),
-        })
+        Ok(Reader { table: t, path: self.path.clone() })
     }
 
     /// Calls `f` for every stored (revision key, value) in revision order.
-    pub fn scan(
-        &self,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), BackendError>,
-    ) -> Result<(), BackendError> {
+    pub fn scan(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), BackendError>) -> Result<(), BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
         for item in t.iter().map_err(|e| self.err(e))? {
@@ -197,9 +164,7 @@ impl Backend {
             let t = tx.open_table(META).map_err(|e| self.err(e))?;
             let get = |k: &str| -> Result<u64, BackendError> {
                 match t.get(k).map_err(|e| self.err(e))? {
-                    Some(v) => Ok(u64::from_be_bytes(
-                        v.value().try_into().map_err(|_| self.err("bad meta"))?,
-                    )),
+                    Some(v) => Ok(u64::from_be_bytes(v.value().try_into().map_err(|_| self.err("bad meta"))?)),
                     None => Ok(0),
                 }
             };
@@ -230,15 +195,10 @@ impl Backend {
     }
 
     /// Adds dumped records to this (new) backend; durable when `meta` is given (the last call).
-    pub fn load(
-        &self,
-        records: &[(u32, Vec<u8>, Vec<u8>)],
-        meta: Option<&Meta>,
-    ) -> Result<(), BackendError> {
+    pub fn load(&self, records: &[(u32, Vec<u8>, Vec<u8>)], meta: Option<&Meta>) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         if meta.is_none() {
-            tx.set_durability(redb::Durability::None)
-                .map_err(|e| self.err(e))?;
+            tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
         }
         {
             let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
@@ -246,12 +206,10 @@ impl Backend {
             for (table, k, v) in records {
                 match *table {
                     TABLE_KEYS => {
-                        keys.insert(k.as_slice(), v.as_slice())
-                            .map_err(|e| self.err(e))?;
+                        keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
                     }
                     TABLE_AUX => {
-                        let name = std::str::from_utf8(k)
-                            .map_err(|_| self.err("aux record name is not UTF-8"))?;
+                        let name = std::str::from_utf8(k).map_err(|_| self.err("aux record name is not UTF-8"))?;
                         aux.insert(name, v.as_slice()).map_err(|e| self.err(e))?;
                     }
                     other => return Err(self.err(format!("unknown table {other} in snapshot"))),
@@ -259,23 +217,10 @@ impl Backend {
             }
             if let Some(meta) = meta {
                 let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-                m.insert(
-                    META_CONSISTENT_INDEX,
-                    meta.consistent_index.to_be_bytes().as_slice(),
-                )
-                .map_err(|e| self.err(e))?;
-                m.insert(META_TERM, meta.term.to_be_bytes().as_slice())
-                    .map_err(|e| self.err(e))?;
-                m.insert(
-                    META_CURRENT_REV,
-                    (meta.current_rev as u64).to_be_bytes().as_slice(),
-                )
-                .map_err(|e| self.err(e))?;
-                m.insert(
-                    META_COMPACTED_REV,
-                    (meta.compacted_rev as u64).to_be_bytes().as_slice(),
-                )
-                .map_err(|e| self.err(e))?;
+                m.insert(META_CONSISTENT_INDEX, meta.consistent_index.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+                m.insert(META_TERM, meta.term.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+                m.insert(META_CURRENT_REV, (meta.current_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+                m.insert(META_COMPACTED_REV, (meta.compacted_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
             }
         }
         tx.commit().map_err(|e| self.err(e))?;
@@ -290,10 +235,7 @@ impl Backend {
             .begin_write()
             .ok()
             .and_then(|tx| {
-                let s = tx
-                    .stats()
-                    .ok()
-                    .map(|s| s.stored_bytes() + s.metadata_bytes());
+                let s = tx.stats().ok().map(|s| s.stored_bytes() + s.metadata_bytes());
                 let _ = tx.abort();
                 s
             })
@@ -310,12 +252,6 @@ pub struct Reader {
 
 impl Reader {
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
-        self.table
-            .get(key)
-            .map(|o| o.map(|v| v.value().to_vec()))
-            .map_err(|e| BackendError {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })
+        self.table.get(key).map(|o| o.map(|v| v.value().to_vec())).map_err(|e| BackendError { path: self.path.clone(), msg: e.to_string() })
     }
 }

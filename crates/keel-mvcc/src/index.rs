@@ -77,30 +77,21 @@ impl Index {
     /// Records a put at `rev`; returns the history's state before it.
     pub fn put(&mut self, key: &[u8], rev: Revision, lease: i64) {
         let h = self.keys.entry(key.to_vec()).or_default();
-        debug_assert!(
-            h.changes.last().map(|c| c.rev < rev).unwrap_or(true),
-            "revisions must increase"
-        );
+        debug_assert!(h.changes.last().map(|c| c.rev < rev).unwrap_or(true), "revisions must increase");
         if !h.is_live() {
             h.created = rev.main;
             h.version = 0;
         }
         h.version += 1;
         h.lease = lease;
-        h.changes.push(Change {
-            rev,
-            tombstone: false,
-        });
+        h.changes.push(Change { rev, tombstone: false });
     }
 
     /// Records a tombstone at `rev`. The key must be live.
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
         if let Some(h) = self.keys.get_mut(key) {
             debug_assert!(h.is_live(), "tombstone on a deleted key");
-            h.changes.push(Change {
-                rev,
-                tombstone: true,
-            });
+            h.changes.push(Change { rev, tombstone: true });
             h.created = 0;
             h.version = 0;
             h.lease = 0;
@@ -108,15 +99,7 @@ impl Index {
     }
 
     /// Restores one change read back from the backend, in revision order.
-    pub fn restore(
-        &mut self,
-        key: &[u8],
-        rev: Revision,
-        tombstone: bool,
-        created: i64,
-        version: i64,
-        lease: i64,
-    ) {
+    pub fn restore(&mut self, key: &[u8], rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64) {
         let h = self.keys.entry(key.to_vec()).or_default();
         h.changes.push(Change { rev, tombstone });
         if tombstone {
@@ -131,39 +114,17 @@ impl Index {
     }
 
     /// Keys in `[key, end)` that exist at revision `at`, in key order, with the visible revision.
-    pub fn range_at<'a>(
-        &'a self,
-        key: &'a [u8],
-        end: &'a [u8],
-        at: i64,
-    ) -> impl Iterator<Item = (&'a [u8], Revision)> + 'a {
+    pub fn range_at<'a>(&'a self, key: &'a [u8], end: &'a [u8], at: i64) -> impl Iterator<Item = (&'a [u8], Revision)> + 'a {
         let empty = empty_range(key, end);
-        let it = if empty {
-            None
-        } else {
-            Some(self.keys.range::<[u8], _>(bounds(key, end)))
-        };
-        it.into_iter()
-            .flatten()
-            .filter_map(move |(k, h)| h.visible_at(at).map(|r| (k.as_slice(), r)))
+        let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
+        it.into_iter().flatten().filter_map(move |(k, h)| h.visible_at(at).map(|r| (k.as_slice(), r)))
     }
 
     /// Keys in `[key, end)` that are live now, with their history.
-    pub fn live_range<'a>(
-        &'a self,
-        key: &'a [u8],
-        end: &'a [u8],
-    ) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
+    pub fn live_range<'a>(&'a self, key: &'a [u8], end: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
         let empty = empty_range(key, end);
-        let it = if empty {
-            None
-        } else {
-            Some(self.keys.range::<[u8], _>(bounds(key, end)))
-        };
-        it.into_iter()
-            .flatten()
-            .filter(|(_, h)| h.is_live())
-            .map(|(k, h)| (k.as_slice(), h))
+        let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
+        it.into_iter().flatten().filter(|(_, h)| h.is_live()).map(|(k, h)| (k.as_slice(), h))
     }
 
     /// Drops every change superseded at revision `at`: for each key, all changes older than the
@@ -238,15 +199,9 @@ mod tests {
         for (i, k) in [b"a".as_slice(), b"b", b"c"].iter().enumerate() {
             ix.put(k, r(i as i64 + 2), 0);
         }
-        let all: Vec<_> = ix
-            .range_at(b"\0", b"\0", 10)
-            .map(|(k, _)| k.to_vec())
-            .collect();
+        let all: Vec<_> = ix.range_at(b"\0", b"\0", 10).map(|(k, _)| k.to_vec()).collect();
         assert_eq!(all.len(), 3);
-        let ab: Vec<_> = ix
-            .range_at(b"a", b"c", 10)
-            .map(|(k, _)| k.to_vec())
-            .collect();
+        let ab: Vec<_> = ix.range_at(b"a", b"c", 10).map(|(k, _)| k.to_vec()).collect();
         assert_eq!(ab, vec![b"a".to_vec(), b"b".to_vec()]);
         assert_eq!(ix.range_at(b"c", b"a", 10).count(), 0);
         assert_eq!(ix.range_at(b"b", b"", 10).count(), 1);

@@ -8,9 +8,8 @@ use crate::backend::BackendError;
 use crate::store::{Store, WriteTxn};
 use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use keel_proto::etcdserverpb::{
-    compare, request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
-    TxnResponse,
+    compare, request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use keel_proto::mvccpb::{Event, KeyValue};
 
@@ -54,14 +53,7 @@ impl Leases for NoLeases {
 trait View {
     fn store(&self) -> &Store;
     fn read_rev(&self) -> i64;
-    fn range_kvs(
-        &self,
-        key: &[u8],
-        end: &[u8],
-        at: i64,
-        limit: usize,
-        count_only: bool,
-    ) -> Result<(Vec<KeyValue>, i64), KvError>;
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError>;
 }
 
 impl View for Store {
@@ -71,14 +63,7 @@ impl View for Store {
     fn read_rev(&self) -> i64 {
         self.current_rev()
     }
-    fn range_kvs(
-        &self,
-        key: &[u8],
-        end: &[u8],
-        at: i64,
-        limit: usize,
-        count_only: bool,
-    ) -> Result<(Vec<KeyValue>, i64), KvError> {
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
         self.range_at(key, end, at, limit, count_only)
     }
 }
@@ -90,23 +75,13 @@ impl View for WriteTxn<'_> {
     fn read_rev(&self) -> i64 {
         WriteTxn::read_rev(self)
     }
-    fn range_kvs(
-        &self,
-        key: &[u8],
-        end: &[u8],
-        at: i64,
-        limit: usize,
-        count_only: bool,
-    ) -> Result<(Vec<KeyValue>, i64), KvError> {
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
         self.range_at(key, end, at, limit, count_only)
     }
 }
 
 fn header(rev: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader {
-        revision: rev,
-        ..Default::default()
-    })
+    Some(ResponseHeader { revision: rev, ..Default::default() })
 }
 
 /// Serves a Range on the committed store.
@@ -119,20 +94,12 @@ fn do_range(view: &dyn View, req: &RangeRequest) -> Result<RangeResponse, KvErro
     let at = view.store().check_rev(req.revision, cur)?;
     let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
     let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
-    let filtered = req.min_mod_revision != 0
-        || req.max_mod_revision != 0
-        || req.min_create_revision != 0
-        || req.max_create_revision != 0;
-    let mut fetch_limit = if sort_order != SortOrder::None || filtered {
-        0
-    } else {
-        req.limit.max(0) as usize
-    };
+    let filtered = req.min_mod_revision != 0 || req.max_mod_revision != 0 || req.min_create_revision != 0 || req.max_create_revision != 0;
+    let mut fetch_limit = if sort_order != SortOrder::None || filtered { 0 } else { req.limit.max(0) as usize };
     if fetch_limit > 0 {
         fetch_limit += 1; // one more, to tell whether there is more
     }
-    let (mut kvs, count) =
-        view.range_kvs(&req.key, &req.range_end, at, fetch_limit, req.count_only)?;
+    let (mut kvs, count) = view.range_kvs(&req.key, &req.range_end, at, fetch_limit, req.count_only)?;
     if filtered {
         kvs.retain(|kv| {
             !(req.max_mod_revision != 0 && kv.mod_revision > req.max_mod_revision
@@ -141,11 +108,7 @@ fn do_range(view: &dyn View, req: &RangeRequest) -> Result<RangeResponse, KvErro
                 || req.min_create_revision != 0 && kv.create_revision < req.min_create_revision)
         });
     }
-    let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None {
-        SortOrder::Ascend
-    } else {
-        sort_order
-    };
+    let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None { SortOrder::Ascend } else { sort_order };
     if order != SortOrder::None {
         // Stable either way: keys that tie on the target stay in key order (as etcd's small-slice
         // sort leaves them).
@@ -176,12 +139,7 @@ fn do_range(view: &dyn View, req: &RangeRequest) -> Result<RangeResponse, KvErro
             kv.value.clear();
         }
     }
-    Ok(RangeResponse {
-        header: header(cur),
-        kvs,
-        more,
-        count,
-    })
+    Ok(RangeResponse { header: header(cur), kvs, more, count })
 }
 
 fn check_put(view: &dyn View, req: &PutRequest, leases: &dyn Leases) -> Result<(), KvError> {
@@ -195,59 +153,34 @@ fn check_put(view: &dyn View, req: &PutRequest, leases: &dyn Leases) -> Result<(
 }
 
 fn check_range(view: &dyn View, req: &RangeRequest) -> Result<(), KvError> {
-    view.store()
-        .check_rev(req.revision, view.read_rev())
-        .map(|_| ())
+    view.store().check_rev(req.revision, view.read_rev()).map(|_| ())
 }
 
 /// Applies a Put.
-pub fn put(
-    w: &mut WriteTxn,
-    req: &PutRequest,
-    leases: &dyn Leases,
-) -> Result<PutResponse, KvError> {
+pub fn put(w: &mut WriteTxn, req: &PutRequest, leases: &dyn Leases) -> Result<PutResponse, KvError> {
     check_put(w, req, leases)?;
     let prev = do_put(w, req)?;
-    Ok(PutResponse {
-        header: None,
-        prev_kv: prev,
-    })
+    Ok(PutResponse { header: None, prev_kv: prev })
 }
 
 fn do_put(w: &mut WriteTxn, req: &PutRequest) -> Result<Option<KeyValue>, KvError> {
-    let value = if req.ignore_value {
-        None
-    } else {
-        Some(req.value.as_slice())
-    };
-    let lease = if req.ignore_lease {
-        None
-    } else {
-        Some(req.lease)
-    };
+    let value = if req.ignore_value { None } else { Some(req.value.as_slice()) };
+    let lease = if req.ignore_lease { None } else { Some(req.lease) };
     let prev = w.put(&req.key, value, lease, req.prev_kv)?;
     Ok(if req.prev_kv { prev } else { None })
 }
 
 /// Applies a DeleteRange.
-pub fn delete_range(
-    w: &mut WriteTxn,
-    req: &DeleteRangeRequest,
-) -> Result<DeleteRangeResponse, KvError> {
+pub fn delete_range(w: &mut WriteTxn, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError> {
     let (deleted, prev_kvs) = w.delete_range(&req.key, &req.range_end, req.prev_kv)?;
-    Ok(DeleteRangeResponse {
-        header: None,
-        deleted,
-        prev_kvs,
-    })
+    Ok(DeleteRangeResponse { header: None, deleted, prev_kvs })
 }
 
 /// Evaluates one comparison against the view.
 fn compare_holds(view: &dyn View, c: &Compare) -> Result<bool, KvError> {
     let at = view.read_rev();
     let (kvs, _) = view.range_kvs(&c.key, &c.range_end, at, 0, false)?;
-    let target =
-        compare::CompareTarget::try_from(c.target).unwrap_or(compare::CompareTarget::Version);
+    let target = compare::CompareTarget::try_from(c.target).unwrap_or(compare::CompareTarget::Version);
     if kvs.is_empty() {
         if target == compare::CompareTarget::Value {
             // A missing key has no value to compare; etcd fails the comparison.
@@ -270,46 +203,17 @@ fn compare_kv(c: &Compare, target: compare::CompareTarget, kv: &KeyValue) -> boo
         }
         _ => {
             let (have, want) = match target {
-                CompareTarget::Version => (
-                    kv.version,
-                    matches_i64(&c.target_union, |t| {
-                        if let TargetUnion::Version(v) = t {
-                            Some(*v)
-                        } else {
-                            None
-                        }
-                    }),
-                ),
+                CompareTarget::Version => {
+                    (kv.version, matches_i64(&c.target_union, |t| if let TargetUnion::Version(v) = t { Some(*v) } else { None }))
+                }
                 CompareTarget::Create => (
                     kv.create_revision,
-                    matches_i64(&c.target_union, |t| {
-                        if let TargetUnion::CreateRevision(v) = t {
-                            Some(*v)
-                        } else {
-                            None
-                        }
-                    }),
+                    matches_i64(&c.target_union, |t| if let TargetUnion::CreateRevision(v) = t { Some(*v) } else { None }),
                 ),
-                CompareTarget::Mod => (
-                    kv.mod_revision,
-                    matches_i64(&c.target_union, |t| {
-                        if let TargetUnion::ModRevision(v) = t {
-                            Some(*v)
-                        } else {
-                            None
-                        }
-                    }),
-                ),
-                _ => (
-                    kv.lease,
-                    matches_i64(&c.target_union, |t| {
-                        if let TargetUnion::Lease(v) = t {
-                            Some(*v)
-                        } else {
-                            None
-                        }
-                    }),
-                ),
+                CompareTarget::Mod => {
+                    (kv.mod_revision, matches_i64(&c.target_union, |t| if let TargetUnion::ModRevision(v) = t { Some(*v) } else { None }))
+                }
+                _ => (kv.lease, matches_i64(&c.target_union, |t| if let TargetUnion::Lease(v) = t { Some(*v) } else { None })),
             };
             have.cmp(&want)
         }
@@ -322,10 +226,7 @@ fn compare_kv(c: &Compare, target: compare::CompareTarget, kv: &KeyValue) -> boo
     }
 }
 
-fn matches_i64(
-    t: &Option<compare::TargetUnion>,
-    f: impl Fn(&compare::TargetUnion) -> Option<i64>,
-) -> i64 {
+fn matches_i64(t: &Option<compare::TargetUnion>, f: impl Fn(&compare::TargetUnion) -> Option<i64>) -> i64 {
     t.as_ref().and_then(f).unwrap_or(0)
 }
 
@@ -348,13 +249,7 @@ fn txn_path(view: &dyn View, req: &TxnRequest, path: &mut Vec<bool>) -> Result<(
     Ok(())
 }
 
-fn check_ops(
-    view: &dyn View,
-    req: &TxnRequest,
-    path: &[bool],
-    pos: &mut usize,
-    leases: &dyn Leases,
-) -> Result<(), KvError> {
+fn check_ops(view: &dyn View, req: &TxnRequest, path: &[bool], pos: &mut usize, leases: &dyn Leases) -> Result<(), KvError> {
     let ok = path.get(*pos).copied().unwrap_or(false);
     *pos += 1;
     for op in if ok { &req.success } else { &req.failure } {
@@ -369,11 +264,7 @@ fn check_ops(
 }
 
 /// Applies a Txn: compares, then every op of the chosen branch, all at one revision.
-pub fn txn(
-    w: &mut WriteTxn,
-    req: &TxnRequest,
-    leases: &dyn Leases,
-) -> Result<TxnResponse, KvError> {
+pub fn txn(w: &mut WriteTxn, req: &TxnRequest, leases: &dyn Leases) -> Result<TxnResponse, KvError> {
     let mut path = Vec::new();
     txn_path(w, req, &mut path)?;
     let mut pos = 0;
@@ -382,12 +273,7 @@ pub fn txn(
     exec_txn(w, req, &path, &mut pos)
 }
 
-fn exec_txn(
-    w: &mut WriteTxn,
-    req: &TxnRequest,
-    path: &[bool],
-    pos: &mut usize,
-) -> Result<TxnResponse, KvError> {
+fn exec_txn(w: &mut WriteTxn, req: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse, KvError> {
     let ok = path.get(*pos).copied().unwrap_or(false);
     *pos += 1;
     let ops: &[RequestOp] = if ok { &req.success } else { &req.failure };
@@ -401,10 +287,7 @@ fn exec_txn(
             }
             Some(request_op::Request::RequestPut(p)) => {
                 let prev = do_put(w, p)?;
-                Some(response_op::Response::ResponsePut(PutResponse {
-                    header: header(w.read_rev()),
-                    prev_kv: prev,
-                }))
+                Some(response_op::Response::ResponsePut(PutResponse { header: header(w.read_rev()), prev_kv: prev }))
             }
             Some(request_op::Request::RequestDeleteRange(d)) => {
                 let mut dr = delete_range(w, d)?;
@@ -421,23 +304,16 @@ fn exec_txn(
         };
         responses.push(ResponseOp { response: resp });
     }
-    Ok(TxnResponse {
-        header: None,
-        succeeded: ok,
-        responses,
-    })
+    Ok(TxnResponse { header: None, succeeded: ok, responses })
 }
 
 /// True when the transaction (and every nested one) only reads.
 pub fn txn_is_read_only(req: &TxnRequest) -> bool {
-    req.success
-        .iter()
-        .chain(req.failure.iter())
-        .all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(_)) | None => true,
-            Some(request_op::Request::RequestTxn(t)) => txn_is_read_only(t),
-            _ => false,
-        })
+    req.success.iter().chain(req.failure.iter()).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(_)) | None => true,
+        Some(request_op::Request::RequestTxn(t)) => txn_is_read_only(t),
+        _ => false,
+    })
 }
 
 /// Events produced by a write, for watchers.

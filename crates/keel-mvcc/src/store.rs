@@ -31,8 +31,7 @@ pub struct Store {
 }
 
 fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
-    KeyValue::decode(bytes)
-        .map_err(|e| KvError::Corrupt(format!("undecodable key-value record: {e}")))
+    KeyValue::decode(bytes).map_err(|e| KvError::Corrupt(format!("undecodable key-value record: {e}")))
 }
 
 impl Store {
@@ -42,13 +41,9 @@ impl Store {
         let mut meta = backend.read_meta()?;
         let mut index = Index::default();
         let mut last_main = 0i64;
-        let bad = |msg: String| BackendError {
-            path: path.to_path_buf(),
-            msg,
-        };
+        let bad = |msg: String| BackendError { path: path.to_path_buf(), msg };
         backend.scan(|k, v| {
-            let (rev, tomb) =
-                Revision::from_key(k).ok_or_else(|| bad(format!("bad revision key {k:?}")))?;
+            let (rev, tomb) = Revision::from_key(k).ok_or_else(|| bad(format!("bad revision key {k:?}")))?;
             let kv = KeyValue::decode(v).map_err(|e| bad(format!("bad record at {rev:?}: {e}")))?;
             index.restore(&kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease);
             last_main = last_main.max(rev.main);
@@ -104,18 +99,14 @@ impl Store {
 
     /// Records that raft entry `index` (of `term`) has been applied.
     pub fn set_consistent_index(&mut self, index: u64, term: u64) {
-        debug_assert!(
-            index >= self.meta.consistent_index,
-            "consistent index must not go back"
-        );
+        debug_assert!(index >= self.meta.consistent_index, "consistent index must not go back");
         self.meta.consistent_index = index;
         self.meta.term = term;
     }
 
     /// True when the batch is due: old enough or large enough.
     pub fn commit_due(&self) -> bool {
-        self.pending.len() >= BATCH_LIMIT
-            || (self.meta != self.committed && self.last_commit.elapsed() >= BATCH_INTERVAL)
+        self.pending.len() >= BATCH_LIMIT || (self.meta != self.committed && self.last_commit.elapsed() >= BATCH_INTERVAL)
     }
 
     /// Commits the pending batch to the backend now (durably).
@@ -124,8 +115,7 @@ impl Store {
         if self.pending.is_empty() && self.aux_dirty.is_empty() && self.meta == self.committed {
             return Ok(());
         }
-        self.backend
-            .commit(&self.pending, &self.aux_dirty, &self.meta)?;
+        self.backend.commit(&self.pending, &self.aux_dirty, &self.meta)?;
         self.pending.clear();
         self.aux_dirty.clear();
         self.committed = self.meta;
@@ -164,35 +154,22 @@ impl Store {
         if let Some(v) = self.pending.get(&k) {
             return match v {
                 Some(v) => decode_kv(v),
-                None => Err(KvError::Corrupt(format!(
-                    "revision {rev:?} is deleted but still indexed"
-                ))),
+                None => Err(KvError::Corrupt(format!("revision {rev:?} is deleted but still indexed"))),
             };
         }
         if reader.is_none() {
             *reader = Some(self.backend.reader().map_err(KvError::Backend)?);
         }
-        let r = reader
-            .as_ref()
-            .ok_or_else(|| KvError::Corrupt("no reader".into()))?;
+        let r = reader.as_ref().ok_or_else(|| KvError::Corrupt("no reader".into()))?;
         match r.get(&k).map_err(KvError::Backend)? {
             Some(v) => decode_kv(&v),
-            None => Err(KvError::Corrupt(format!(
-                "revision {rev:?} is indexed but missing from the backend"
-            ))),
+            None => Err(KvError::Corrupt(format!("revision {rev:?} is indexed but missing from the backend"))),
         }
     }
 
     /// Keys in `[key, end)` at revision `at` (already validated): up to `limit` key-values (0: all)
     /// unless `count_only`, and the number of keys in the range.
-    pub fn range_at(
-        &self,
-        key: &[u8],
-        end: &[u8],
-        at: i64,
-        limit: usize,
-        count_only: bool,
-    ) -> Result<(Vec<KeyValue>, i64), KvError> {
+    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
         let mut reader = None;
         let mut kvs = Vec::new();
         let mut count = 0i64;
@@ -225,12 +202,7 @@ impl Store {
     /// Starts a write transaction: all its changes share one main revision.
     pub fn write(&mut self) -> WriteTxn<'_> {
         let main = self.meta.current_rev + 1;
-        WriteTxn {
-            store: self,
-            main,
-            sub: 0,
-            events: Vec::new(),
-        }
+        WriteTxn { store: self, main, sub: 0, events: Vec::new() }
     }
 
     /// Compacts history up to `rev`: drops superseded revisions from index and backend.
@@ -246,11 +218,7 @@ impl Store {
             self.pending.insert(c.rev.to_key(c.tombstone), None);
         }
         self.meta.compacted_rev = rev;
-        tracing::info!(
-            compact_revision = rev,
-            removed = dropped.len(),
-            "mvcc: compacted"
-        );
+        tracing::info!(compact_revision = rev, removed = dropped.len(), "mvcc: compacted");
         Ok(dropped.len())
     }
 }
@@ -279,13 +247,7 @@ impl WriteTxn<'_> {
 
     /// Puts `key`. `value`/`lease` of `None` keep the previous one (ignore_value/ignore_lease); the
     /// caller has checked that the key exists in that case. Returns the previous key-value.
-    pub fn put(
-        &mut self,
-        key: &[u8],
-        value: Option<&[u8]>,
-        lease: Option<i64>,
-        want_prev: bool,
-    ) -> Result<Option<KeyValue>, KvError> {
+    pub fn put(&mut self, key: &[u8], value: Option<&[u8]>, lease: Option<i64>, want_prev: bool) -> Result<Option<KeyValue>, KvError> {
         let rev = Revision::new(self.main, self.sub);
         let (created, version, prev) = match self.store.live(key) {
             Some(h) => {
@@ -309,74 +271,30 @@ impl WriteTxn<'_> {
             Some(l) => l,
             None => prev.as_ref().map(|p| p.lease).unwrap_or(0),
         };
-        let kv = KeyValue {
-            key: key.to_vec(),
-            create_revision: created,
-            mod_revision: self.main,
-            version: version + 1,
-            value,
-            lease,
-        };
-        self.store
-            .pending
-            .insert(rev.to_key(false), Some(kv.encode_to_vec()));
+        let kv = KeyValue { key: key.to_vec(), create_revision: created, mod_revision: self.main, version: version + 1, value, lease };
+        self.store.pending.insert(rev.to_key(false), Some(kv.encode_to_vec()));
         self.store.index.put(key, rev, lease);
         self.sub += 1;
-        self.events.push(Event {
-            r#type: EventType::Put as i32,
-            kv: Some(kv),
-            prev_kv: prev.clone(),
-        });
+        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
         Ok(prev)
     }
 
     /// Deletes the live keys in `[key, end)`; returns the deleted key-values when asked (else
     /// bare keys), and their number.
-    pub fn delete_range(
-        &mut self,
-        key: &[u8],
-        end: &[u8],
-        want_prev: bool,
-    ) -> Result<(i64, Vec<KeyValue>), KvError> {
-        let targets: Vec<(Vec<u8>, Revision)> = self
-            .store
-            .index
-            .live_range(key, end)
-            .map(|(k, h)| {
-                (
-                    k.to_vec(),
-                    h.changes.last().map(|c| c.rev).unwrap_or_default(),
-                )
-            })
-            .collect();
+    pub fn delete_range(&mut self, key: &[u8], end: &[u8], want_prev: bool) -> Result<(i64, Vec<KeyValue>), KvError> {
+        let targets: Vec<(Vec<u8>, Revision)> =
+            self.store.index.live_range(key, end).map(|(k, h)| (k.to_vec(), h.changes.last().map(|c| c.rev).unwrap_or_default())).collect();
         let mut prevs = Vec::new();
         let mut reader = None;
         for (k, cur) in &targets {
-            let prev = if want_prev {
-                Some(self.store.fetch(&mut reader, *cur)?)
-            } else {
-                None
-            };
+            let prev = if want_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
             let rev = Revision::new(self.main, self.sub);
-            let tomb = KeyValue {
-                key: k.clone(),
-                ..Default::default()
-            };
-            self.store
-                .pending
-                .insert(rev.to_key(true), Some(tomb.encode_to_vec()));
+            let tomb = KeyValue { key: k.clone(), ..Default::default() };
+            self.store.pending.insert(rev.to_key(true), Some(tomb.encode_to_vec()));
             self.store.index.tombstone(k, rev);
             self.sub += 1;
-            let ev_kv = KeyValue {
-                key: k.clone(),
-                mod_revision: self.main,
-                ..Default::default()
-            };
-            self.events.push(Event {
-                r#type: EventType::Delete as i32,
-                kv: Some(ev_kv),
-                prev_kv: prev.clone(),
-            });
+            let ev_kv = KeyValue { key: k.clone(), mod_revision: self.main, ..Default::default() };
+            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(ev_kv), prev_kv: prev.clone() });
             if let Some(p) = prev {
                 prevs.push(p);
             }
@@ -385,14 +303,7 @@ impl WriteTxn<'_> {
     }
 
     /// Range as seen inside this transaction (`at` already validated against `read_rev`).
-    pub fn range_at(
-        &self,
-        key: &[u8],
-        end: &[u8],
-        at: i64,
-        limit: usize,
-        count_only: bool,
-    ) -> Result<(Vec<KeyValue>, i64), KvError> {
+    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
         self.store.range_at(key, end, at, limit, count_only)
     }
 

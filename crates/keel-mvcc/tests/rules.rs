@@ -12,43 +12,18 @@ use std::collections::BTreeMap;
 
 fn put(s: &mut Store, k: &str, v: &str) -> i64 {
     let mut w = s.write();
-    kv::put(
-        &mut w,
-        &PutRequest {
-            key: k.into(),
-            value: v.into(),
-            ..Default::default()
-        },
-        &NoLeases,
-    )
-    .unwrap();
+    kv::put(&mut w, &PutRequest { key: k.into(), value: v.into(), ..Default::default() }, &NoLeases).unwrap();
     w.end().0
 }
 
 fn del(s: &mut Store, k: &str, end: &str) -> (i64, i64) {
     let mut w = s.write();
-    let r = kv::delete_range(
-        &mut w,
-        &DeleteRangeRequest {
-            key: k.into(),
-            range_end: end.into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = kv::delete_range(&mut w, &DeleteRangeRequest { key: k.into(), range_end: end.into(), ..Default::default() }).unwrap();
     (w.end().0, r.deleted)
 }
 
 fn get_at(s: &Store, k: &str, rev: i64) -> Result<Option<KeyValue>, KvError> {
-    kv::range(
-        s,
-        &RangeRequest {
-            key: k.into(),
-            revision: rev,
-            ..Default::default()
-        },
-    )
-    .map(|r| r.kvs.into_iter().next())
+    kv::range(s, &RangeRequest { key: k.into(), revision: rev, ..Default::default() }).map(|r| r.kvs.into_iter().next())
 }
 
 fn open() -> (tempfile::TempDir, Store) {
@@ -60,11 +35,7 @@ fn open() -> (tempfile::TempDir, Store) {
 #[test]
 fn revisions_versions_and_tombstones() {
     let (_d, mut s) = open();
-    assert_eq!(
-        s.current_rev(),
-        1,
-        "an empty store is at revision 1, as etcd"
-    );
+    assert_eq!(s.current_rev(), 1, "an empty store is at revision 1, as etcd");
     assert_eq!(put(&mut s, "a", "1"), 2);
     assert_eq!(put(&mut s, "a", "2"), 3);
     let kv = get_at(&s, "a", 0).unwrap().unwrap();
@@ -75,11 +46,7 @@ fn revisions_versions_and_tombstones() {
     assert_eq!(del(&mut s, "a", ""), (4, 0));
     assert_eq!(put(&mut s, "a", "3"), 5);
     let kv = get_at(&s, "a", 0).unwrap().unwrap();
-    assert_eq!(
-        (kv.create_revision, kv.mod_revision, kv.version),
-        (5, 5, 1),
-        "a new generation starts at version 1"
-    );
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (5, 5, 1), "a new generation starts at version 1");
     // History.
     assert_eq!(get_at(&s, "a", 2).unwrap().unwrap().value, b"1");
     assert_eq!(get_at(&s, "a", 3).unwrap().unwrap().value, b"2");
@@ -97,11 +64,7 @@ fn compaction_rules() {
     del(&mut s, "gone", ""); // 8
     s.compact(5).unwrap();
     assert!(matches!(get_at(&s, "k", 4), Err(KvError::Compacted)));
-    assert_eq!(
-        get_at(&s, "k", 5).unwrap().unwrap().value,
-        b"3",
-        "the compaction revision itself stays readable"
-    );
+    assert_eq!(get_at(&s, "k", 5).unwrap().unwrap().value, b"3", "the compaction revision itself stays readable");
     assert!(matches!(s.compact(5), Err(KvError::Compacted)));
     assert!(matches!(s.compact(4), Err(KvError::Compacted)));
     assert!(matches!(s.compact(100), Err(KvError::FutureRev)));
@@ -122,55 +85,23 @@ fn range_options() {
         r.range_end = b"z".to_vec();
         kv::range(&s, &r).unwrap()
     };
-    let r = all(RangeRequest {
-        limit: 2,
-        ..Default::default()
-    });
+    let r = all(RangeRequest { limit: 2, ..Default::default() });
     assert_eq!((r.kvs.len(), r.more, r.count), (2, true, 4));
-    let r = all(RangeRequest {
-        count_only: true,
-        ..Default::default()
-    });
+    let r = all(RangeRequest { count_only: true, ..Default::default() });
     assert_eq!((r.kvs.len(), r.count), (0, 4));
-    let r = all(RangeRequest {
-        keys_only: true,
-        ..Default::default()
-    });
+    let r = all(RangeRequest { keys_only: true, ..Default::default() });
     assert!(r.kvs.iter().all(|kv| kv.value.is_empty()));
-    let r = all(RangeRequest {
-        sort_target: SortTarget::Value as i32,
-        sort_order: SortOrder::Descend as i32,
-        ..Default::default()
-    });
+    let r = all(RangeRequest { sort_target: SortTarget::Value as i32, sort_order: SortOrder::Descend as i32, ..Default::default() });
     let keys: Vec<_> = r.kvs.iter().map(|kv| kv.key.clone()).collect();
-    assert_eq!(
-        keys,
-        vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]
-    );
-    let r = all(RangeRequest {
-        min_mod_revision: 4,
-        max_mod_revision: 5,
-        ..Default::default()
-    });
+    assert_eq!(keys, vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]);
+    let r = all(RangeRequest { min_mod_revision: 4, max_mod_revision: 5, ..Default::default() });
     let keys: Vec<_> = r.kvs.iter().map(|kv| kv.key.clone()).collect();
     assert_eq!(keys, vec![b"c".to_vec(), b"d".to_vec()]);
     assert_eq!(r.count, 4, "count ignores filters, as etcd's");
-    let r = all(RangeRequest {
-        min_create_revision: 3,
-        max_create_revision: 3,
-        ..Default::default()
-    });
+    let r = all(RangeRequest { min_create_revision: 3, max_create_revision: 3, ..Default::default() });
     assert_eq!(r.kvs.len(), 1);
     // "\0" as range end: every key from `key`.
-    let r = kv::range(
-        &s,
-        &RangeRequest {
-            key: b"c".to_vec(),
-            range_end: vec![0],
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = kv::range(&s, &RangeRequest { key: b"c".to_vec(), range_end: vec![0], ..Default::default() }).unwrap();
     assert_eq!(r.count, 2);
 }
 
@@ -195,10 +126,7 @@ fn restart_restores_everything_committed() {
     assert_eq!(s.consistent_index(), 9);
     assert!(get_at(&s, "a", 0).unwrap().is_none());
     assert_eq!(get_at(&s, "a", 3).unwrap().unwrap().value, b"2");
-    assert!(
-        get_at(&s, "uncommitted", 0).unwrap().is_none(),
-        "what was never committed is replayed from the WAL instead"
-    );
+    assert!(get_at(&s, "uncommitted", 0).unwrap().is_none(), "what was never committed is replayed from the WAL instead");
 }
 
 #[derive(Debug, Clone)]

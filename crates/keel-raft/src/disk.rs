@@ -41,11 +41,7 @@ impl Identity {
             return None;
         }
         let word = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        Some(Identity {
-            cluster_id: word(0),
-            member_id: word(1),
-            initial_voters: (2..b.len() / 8).map(word).collect(),
-        })
+        Some(Identity { cluster_id: word(0), member_id: word(1), initial_voters: (2..b.len() / 8).map(word).collect() })
     }
 }
 
@@ -63,10 +59,7 @@ pub struct Disk {
 }
 
 fn decode_err(path: &Path, msg: impl std::fmt::Display) -> DiskError {
-    DiskError::Decode {
-        path: path.to_path_buf(),
-        msg: msg.to_string(),
-    }
+    DiskError::Decode { path: path.to_path_buf(), msg: msg.to_string() }
 }
 
 impl Disk {
@@ -81,12 +74,7 @@ impl Disk {
     /// AddNode conf change per initial member at term 1, carrying `bootstrap`'s context bytes, so
     /// that a member added later learns the initial membership from the log. A member joining an
     /// existing cluster passes no bootstrap entries and receives the log from the leader.
-    pub fn open(
-        wal_dir: &Path,
-        snap_dir: &Path,
-        identity: Identity,
-        bootstrap: &[(u64, Vec<u8>)],
-    ) -> Result<Disk, DiskError> {
+    pub fn open(wal_dir: &Path, snap_dir: &Path, identity: Identity, bootstrap: &[(u64, Vec<u8>)]) -> Result<Disk, DiskError> {
         let snapshotter = Snapshotter::new(snap_dir)?;
         if !Wal::exists(wal_dir) {
             let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
@@ -100,10 +88,7 @@ impl Disk {
                 e.set_entry_type(EntryType::EntryConfChange);
                 e.term = 1;
                 e.index = i as u64 + 1;
-                e.data = cc
-                    .write_to_bytes()
-                    .map_err(|e| decode_err(wal_dir, e))?
-                    .into();
+                e.data = cc.write_to_bytes().map_err(|e| decode_err(wal_dir, e))?.into();
                 entries.push(e);
             }
             let mut hard_state = HardState::default();
@@ -111,15 +96,8 @@ impl Disk {
                 hard_state.term = 1;
                 hard_state.commit = entries.len() as u64;
             }
-            let mut disk = Disk {
-                identity,
-                fresh: true,
-                snapshot: None,
-                entries: Vec::new(),
-                hard_state: hard_state.clone(),
-                wal,
-                snapshotter,
-            };
+            let mut disk =
+                Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), wal, snapshotter };
             if !entries.is_empty() {
                 disk.save(Some(&hard_state), &entries)?;
             }
@@ -130,22 +108,15 @@ impl Disk {
             Some(f) => {
                 let s = Snapshot::parse_from_bytes(&f.data).map_err(|e| decode_err(snap_dir, e))?;
                 if s.get_metadata().index != f.index || s.get_metadata().term != f.term {
-                    return Err(decode_err(
-                        snap_dir,
-                        "snapshot file name does not match its contents",
-                    ));
+                    return Err(decode_err(snap_dir, "snapshot file name does not match its contents"));
                 }
                 Some(s)
             }
             None => None,
         };
         let (wal, records) = Wal::open(wal_dir, WalOptions::default())?;
-        let identity = Identity::decode(wal.metadata())
-            .ok_or_else(|| decode_err(wal_dir, "bad WAL metadata record"))?;
-        let snap_index = snapshot
-            .as_ref()
-            .map(|s| s.get_metadata().index)
-            .unwrap_or(0);
+        let identity = Identity::decode(wal.metadata()).ok_or_else(|| decode_err(wal_dir, "bad WAL metadata record"))?;
+        let snap_index = snapshot.as_ref().map(|s| s.get_metadata().index).unwrap_or(0);
         let mut entries: Vec<Entry> = Vec::new();
         let mut hard_state = HardState::default();
         let mut saw_snapshot_marker = snap_index == 0;
@@ -167,25 +138,15 @@ impl Disk {
                     }
                     if let Some(last) = entries.last() {
                         if last.index + 1 != e.index {
-                            return Err(decode_err(
-                                wal_dir,
-                                format!("gap in WAL entries: {} then {}", last.index, e.index),
-                            ));
+                            return Err(decode_err(wal_dir, format!("gap in WAL entries: {} then {}", last.index, e.index)));
                         }
                     } else if e.index != snap_index + 1 {
-                        return Err(decode_err(
-                            wal_dir,
-                            format!(
-                                "WAL entries start at {} but the snapshot is at {}",
-                                e.index, snap_index
-                            ),
-                        ));
+                        return Err(decode_err(wal_dir, format!("WAL entries start at {} but the snapshot is at {}", e.index, snap_index)));
                     }
                     entries.push(e);
                 }
                 RECORD_STATE => {
-                    hard_state =
-                        HardState::parse_from_bytes(&r.data).map_err(|e| decode_err(wal_dir, e))?;
+                    hard_state = HardState::parse_from_bytes(&r.data).map_err(|e| decode_err(wal_dir, e))?;
                 }
                 RECORD_SNAPSHOT if r.data.len() == 16 => {
                     let idx = u64::from_be_bytes(r.data[8..16].try_into().unwrap_or([0; 8]));
@@ -197,10 +158,7 @@ impl Disk {
             }
         }
         if !saw_snapshot_marker {
-            tracing::warn!(
-                snapshot_index = snap_index,
-                "raft: snapshot file has no matching WAL marker"
-            );
+            tracing::warn!(snapshot_index = snap_index, "raft: snapshot file has no matching WAL marker");
         }
         tracing::info!(
             member_id = format!("{:x}", identity.member_id),
@@ -211,37 +169,17 @@ impl Disk {
             term = hard_state.term,
             "raft: recovered state from WAL and snapshot"
         );
-        Ok(Disk {
-            identity,
-            fresh: false,
-            snapshot,
-            entries,
-            hard_state,
-            wal,
-            snapshotter,
-        })
+        Ok(Disk { identity, fresh: false, snapshot, entries, hard_state, wal, snapshotter })
     }
 
     /// Appends entries and hard state; durable when this returns.
-    pub(crate) fn save(
-        &mut self,
-        hs: Option<&HardState>,
-        entries: &[Entry],
-    ) -> Result<(), DiskError> {
+    pub(crate) fn save(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), DiskError> {
         let mut bufs: Vec<(u8, Vec<u8>)> = Vec::with_capacity(entries.len() + 1);
         for e in entries {
-            bufs.push((
-                RECORD_ENTRY,
-                e.write_to_bytes()
-                    .map_err(|e| decode_err(Path::new("wal"), e))?,
-            ));
+            bufs.push((RECORD_ENTRY, e.write_to_bytes().map_err(|e| decode_err(Path::new("wal"), e))?));
         }
         if let Some(hs) = hs {
-            bufs.push((
-                RECORD_STATE,
-                hs.write_to_bytes()
-                    .map_err(|e| decode_err(Path::new("wal"), e))?,
-            ));
+            bufs.push((RECORD_STATE, hs.write_to_bytes().map_err(|e| decode_err(Path::new("wal"), e))?));
         }
         let next = entries.last().map(|e| e.index + 1).unwrap_or(0);
         let refs: Vec<(u8, &[u8])> = bufs.iter().map(|(k, d)| (*k, d.as_slice())).collect();
@@ -252,9 +190,7 @@ impl Disk {
     /// Durably saves a snapshot file and its WAL marker, then releases WAL segments it covers.
     pub(crate) fn save_snapshot(&mut self, snap: &Snapshot) -> Result<(), DiskError> {
         let m = snap.get_metadata();
-        let bytes = snap
-            .write_to_bytes()
-            .map_err(|e| decode_err(Path::new("snap"), e))?;
+        let bytes = snap.write_to_bytes().map_err(|e| decode_err(Path::new("snap"), e))?;
         self.snapshotter.save(m.term, m.index, &bytes)?;
         let mut marker = Vec::with_capacity(16);
         marker.extend_from_slice(&m.term.to_be_bytes());

@@ -17,8 +17,6 @@ pub mod node;
 pub mod storage;
 
 pub use disk::{Disk, Identity};
-pub use node::{
-    start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport,
-};
+pub use node::{start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport};
 pub use protobuf::Message as ProtoMessage;
 pub use raft::eraftpb;

@@ -37,11 +37,7 @@ pub trait StateMachine: Send + 'static {
     fn snapshot_data(&self) -> Vec<u8>;
     /// Replaces the whole state with a snapshot received from the leader; `backend` is the file
     /// holding the leader's backend that came with it.
-    fn restore(
-        &mut self,
-        snap: &Snapshot,
-        backend: Option<std::path::PathBuf>,
-    ) -> Result<(), String>;
+    fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String>;
 }
 
 /// Replication progress of one member, as the leader sees it.
@@ -122,31 +118,15 @@ impl NodeStatus {
 }
 
 enum Msg {
-    Propose {
-        data: Vec<u8>,
-        done: oneshot::Sender<Result<(), ProposeError>>,
-    },
-    ReadIndex {
-        done: oneshot::Sender<Result<u64, ProposeError>>,
-    },
+    Propose { data: Vec<u8>, done: oneshot::Sender<Result<(), ProposeError>> },
+    ReadIndex { done: oneshot::Sender<Result<u64, ProposeError>> },
     Step(Box<Message>),
-    ProposeConfChange {
-        cc: ConfChange,
-        done: oneshot::Sender<Result<(), ProposeError>>,
-    },
-    InstallSnapshot {
-        msg: Box<Message>,
-        backend: std::path::PathBuf,
-    },
+    ProposeConfChange { cc: ConfChange, done: oneshot::Sender<Result<(), ProposeError>> },
+    InstallSnapshot { msg: Box<Message>, backend: std::path::PathBuf },
     Unreachable(u64),
-    SnapshotDone {
-        to: u64,
-        ok: bool,
-    },
+    SnapshotDone { to: u64, ok: bool },
     TransferLeader(u64),
-    Progress {
-        done: oneshot::Sender<HashMap<u64, PeerProgress>>,
-    },
+    Progress { done: oneshot::Sender<HashMap<u64, PeerProgress>> },
     Stop,
 }
 
@@ -198,15 +178,8 @@ impl NodeHandle {
     }
 
     /// Hands a snapshot message from the leader to raft, with the backend file received with it.
-    pub fn install_snapshot(
-        &self,
-        msg: Message,
-        backend: std::path::PathBuf,
-    ) -> Result<(), ProposeError> {
-        self.send(Msg::InstallSnapshot {
-            msg: Box::new(msg),
-            backend,
-        })
+    pub fn install_snapshot(&self, msg: Message, backend: std::path::PathBuf) -> Result<(), ProposeError> {
+        self.send(Msg::InstallSnapshot { msg: Box::new(msg), backend })
     }
 
     /// Tells raft a member could not be reached (its messages were dropped).
@@ -288,13 +261,9 @@ pub fn start<S: StateMachine, T: Transport>(
             snap_term = snap.get_metadata().term;
             core.apply_snapshot(snap.clone());
         } else {
-            core.conf_state = ConfState {
-                voters: disk.identity.initial_voters.clone(),
-                ..Default::default()
-            };
+            core.conf_state = ConfState { voters: disk.identity.initial_voters.clone(), ..Default::default() };
         }
-        core.append(&disk.entries)
-            .map_err(|e| format!("raft: cannot restore entries: {e}"))?;
+        core.append(&disk.entries).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
         let last = core.last_index();
         let applied = sm.applied_index();
         if applied > last {
@@ -311,8 +280,7 @@ pub fn start<S: StateMachine, T: Transport>(
             m.index = applied;
             m.term = sm.applied_term();
             m.set_conf_state(core.conf_state.clone());
-            disk.save_snapshot(&snap)
-                .map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
+            disk.save_snapshot(&snap).map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
             snap_index = applied;
             snap_term = snap.get_metadata().term;
             core.apply_snapshot(snap);
@@ -342,22 +310,15 @@ pub fn start<S: StateMachine, T: Transport>(
         read_only_option: ReadOnlyOption::Safe,
         ..Default::default()
     };
-    config
-        .validate()
-        .map_err(|e| format!("raft: bad configuration: {e}"))?;
-    let mut node = RawNode::new(&config, storage, &crate::logger::logger())
-        .map_err(|e| format!("raft: {e}"))?;
+    config.validate().map_err(|e| format!("raft: bad configuration: {e}"))?;
+    let mut node = RawNode::new(&config, storage, &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
     if conf_state.voters == [cfg.id] && conf_state.learners.is_empty() {
         // A cluster of one need not wait for an election timeout.
-        node.campaign()
-            .map_err(|e| format!("raft: campaign: {e}"))?;
+        node.campaign().map_err(|e| format!("raft: campaign: {e}"))?;
     }
     let status = Arc::new(NodeStatus::default());
     let (tx, rx) = mpsc::sync_channel(INBOX);
-    let handle = NodeHandle {
-        tx,
-        status: status.clone(),
-    };
+    let handle = NodeHandle { tx, status: status.clone() };
     let driver = Driver {
         cfg,
         node,
@@ -425,10 +386,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 self.hand_off_leadership();
             }
             if let Some(deadline) = self.stopping {
-                if !self.status.is_leader.load(Ordering::Acquire)
-                    || self.ticks >= deadline
-                    || self.voters() <= 1
-                {
+                if !self.status.is_leader.load(Ordering::Acquire) || self.ticks >= deadline || self.voters() <= 1 {
                     break Ok(());
                 }
             }
@@ -447,10 +405,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Propose { data, done } => {
-                let r = self
-                    .node
-                    .propose(vec![], data)
-                    .map_err(|_| ProposeError::NoLeader);
+                let r = self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader);
                 let _ = done.send(r);
             }
             Msg::ReadIndex { done } => self.reads_new.push(done),
@@ -460,10 +415,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 }
             }
             Msg::ProposeConfChange { cc, done } => {
-                let r = self
-                    .node
-                    .propose_conf_change(vec![], cc)
-                    .map_err(|_| ProposeError::NoLeader);
+                let r = self.node.propose_conf_change(vec![], cc).map_err(|_| ProposeError::NoLeader);
                 let _ = done.send(r);
             }
             Msg::InstallSnapshot { msg, backend } => {
@@ -476,11 +428,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             }
             Msg::Unreachable(id) => self.node.report_unreachable(id),
             Msg::SnapshotDone { to, ok } => {
-                let st = if ok {
-                    raft::SnapshotStatus::Finish
-                } else {
-                    raft::SnapshotStatus::Failure
-                };
+                let st = if ok { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
                 self.node.report_snapshot(to, st);
             }
             Msg::TransferLeader(to) => self.node.transfer_leader(to),
@@ -489,14 +437,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 if self.node.raft.state == StateRole::Leader {
                     let commit = self.node.raft.raft_log.committed;
                     for (id, pr) in self.node.raft.prs().iter() {
-                        out.insert(
-                            *id,
-                            PeerProgress {
-                                matched: pr.matched,
-                                leader_commit: commit,
-                                recent_active: pr.recent_active,
-                            },
-                        );
+                        out.insert(*id, PeerProgress { matched: pr.matched, leader_commit: commit, recent_active: pr.recent_active });
                     }
                 }
                 let _ = done.send(out);
@@ -524,10 +465,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             .filter_map(|v| self.node.raft.prs().get(*v).map(|p| (*v, p.matched)))
             .max_by_key(|(_, m)| *m);
         if let Some((to, _)) = best {
-            tracing::info!(
-                transferee = format!("{to:x}"),
-                "raft: leader is stopping; transferring leadership"
-            );
+            tracing::info!(transferee = format!("{to:x}"), "raft: leader is stopping; transferring leadership");
             self.node.transfer_leader(to);
         }
     }
@@ -541,13 +479,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         let ctx = self.read_ctx;
         self.node.read_index(ctx.to_be_bytes().to_vec());
         let senders = std::mem::take(&mut self.reads_new);
-        self.reads_waiting.insert(
-            ctx,
-            PendingRead {
-                senders,
-                issued_tick: self.ticks,
-            },
-        );
+        self.reads_waiting.insert(ctx, PendingRead { senders, issued_tick: self.ticks });
     }
 
     /// Fails reads raft never confirmed (no leader, or the leader changed) after two election
@@ -603,10 +535,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             self.disk.save(hs.as_ref(), &entries)?;
             let mut core = self.node.mut_store().wl();
             if !entries.is_empty() {
-                core.append(&entries).map_err(|e| DiskError::Decode {
-                    path: "raft log".into(),
-                    msg: e,
-                })?;
+                core.append(&entries).map_err(|e| DiskError::Decode { path: "raft log".into(), msg: e })?;
             }
             if let Some(hs) = hs {
                 core.hard_state = hs;
@@ -656,21 +585,15 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             self.last_leader = leader;
         }
         self.status.leader.store(leader, Ordering::Release);
-        self.status
-            .is_leader
-            .store(role == StateRole::Leader, Ordering::Release);
+        self.status.is_leader.store(role == StateRole::Leader, Ordering::Release);
     }
 
     fn publish_status(&self) {
         let raft = &self.node.raft;
         self.status.term.store(raft.term, Ordering::Release);
-        self.status
-            .commit
-            .store(raft.raft_log.committed, Ordering::Release);
+        self.status.commit.store(raft.raft_log.committed, Ordering::Release);
         self.status.applied.store(self.applied, Ordering::Release);
-        self.status
-            .last_index
-            .store(raft.raft_log.last_index(), Ordering::Release);
+        self.status.last_index.store(raft.raft_log.last_index(), Ordering::Release);
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {
@@ -683,14 +606,12 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                         tracing::error!(index = e.index, error = %err, "raft: undecodable conf change")
                     }
                 },
-                EntryType::EntryConfChangeV2 => {
-                    match ConfChangeV2::parse_from_bytes(e.get_data()) {
-                        Ok(cc) => self.apply_conf_change(&e, &cc),
-                        Err(err) => {
-                            tracing::error!(index = e.index, error = %err, "raft: undecodable conf change")
-                        }
+                EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(e.get_data()) {
+                    Ok(cc) => self.apply_conf_change(&e, &cc),
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "raft: undecodable conf change")
                     }
-                }
+                },
             }
             self.applied = e.index;
             self.applied_term = e.term;
@@ -712,19 +633,12 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), DiskError> {
         let backend = self.pending_backend.take();
         if let Err(e) = self.sm.restore(&snap, backend) {
-            return Err(DiskError::Decode {
-                path: "snapshot".into(),
-                msg: e,
-            });
+            return Err(DiskError::Decode { path: "snapshot".into(), msg: e });
         }
         self.disk.save_snapshot(&snap)?;
         let idx = snap.get_metadata().index;
         let term = snap.get_metadata().term;
-        tracing::info!(
-            index = idx,
-            term,
-            "raft: installed snapshot from the leader"
-        );
+        tracing::info!(index = idx, term, "raft: installed snapshot from the leader");
         self.conf_state = snap.get_metadata().get_conf_state().clone();
         self.node.mut_store().wl().apply_snapshot(snap);
         self.applied = idx;
@@ -750,11 +664,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             meta.set_conf_state(self.conf_state.clone());
         }
         self.disk.save_snapshot(&snap)?;
-        tracing::info!(
-            index = self.applied,
-            term = self.applied_term,
-            "raft: saved snapshot"
-        );
+        tracing::info!(index = self.applied, term = self.applied_term, "raft: saved snapshot");
         self.snap_index = self.applied;
         let keep_from = self.applied.saturating_sub(self.cfg.catchup_entries) + 1;
         self.node.mut_store().wl().set_snapshot(snap, keep_from);

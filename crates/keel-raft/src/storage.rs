@@ -25,17 +25,11 @@ pub struct Core {
 
 impl Core {
     pub fn first_index(&self) -> u64 {
-        self.entries
-            .first()
-            .map(|e| e.index)
-            .unwrap_or(self.snapshot.get_metadata().index + 1)
+        self.entries.first().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index + 1)
     }
 
     pub fn last_index(&self) -> u64 {
-        self.entries
-            .last()
-            .map(|e| e.index)
-            .unwrap_or(self.snapshot.get_metadata().index)
+        self.entries.last().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index)
     }
 
     /// Appends entries, replacing any existing entries at or after the first new index.
@@ -45,15 +39,10 @@ impl Core {
         };
         let first = self.first_index();
         if first_new < first {
-            return Err(format!(
-                "append at {first_new} is before the first index {first}"
-            ));
+            return Err(format!("append at {first_new} is before the first index {first}"));
         }
         if first_new > self.last_index() + 1 {
-            return Err(format!(
-                "append at {first_new} leaves a gap after {}",
-                self.last_index()
-            ));
+            return Err(format!("append at {first_new} leaves a gap after {}", self.last_index()));
         }
         self.entries.truncate((first_new - first) as usize);
         self.entries.extend_from_slice(ents);
@@ -107,19 +96,10 @@ impl LogStore {
 impl Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let c = self.rl();
-        Ok(RaftState {
-            hard_state: c.hard_state.clone(),
-            conf_state: c.conf_state.clone(),
-        })
+        Ok(RaftState { hard_state: c.hard_state.clone(), conf_state: c.conf_state.clone() })
     }
 
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        _ctx: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
+    fn entries(&self, low: u64, high: u64, max_size: impl Into<Option<u64>>, _ctx: GetEntriesContext) -> raft::Result<Vec<Entry>> {
         let c = self.rl();
         let first = c.first_index();
         if low < first {
@@ -169,9 +149,7 @@ impl Storage for LogStore {
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let c = self.rl();
         if c.snapshot.get_metadata().index < request_index || c.snapshot.get_metadata().index == 0 {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(c.snapshot.clone())
     }

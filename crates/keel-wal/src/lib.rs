@@ -20,9 +20,7 @@ mod snap;
 mod wal;
 
 pub use snap::{SnapFile, Snapshotter};
-pub use wal::{
-    Record, Wal, WalOptions, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE,
-};
+pub use wal::{Record, Wal, WalOptions, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
 
 use std::path::PathBuf;
 
@@ -36,11 +34,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("wal: corrupt record in {path} at offset {offset}: {reason}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("wal: {0}")]
     Invalid(String),
 }

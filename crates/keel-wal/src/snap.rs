@@ -26,18 +26,13 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
     if a.len() != 16 || b.len() != 16 {
         return None;
     }
-    Some((
-        u64::from_str_radix(a, 16).ok()?,
-        u64::from_str_radix(b, 16).ok()?,
-    ))
+    Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
 }
 
 impl Snapshotter {
     pub fn new(dir: &Path) -> Result<Snapshotter> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        Ok(Snapshotter {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Snapshotter { dir: dir.to_path_buf() })
     }
 
     /// Durably writes a snapshot file, then removes the oldest beyond the five newest.
@@ -91,11 +86,7 @@ impl Snapshotter {
                 crc32c::crc32c(&bytes[4..]) == crc
             };
             if ok {
-                return Ok(Some(SnapFile {
-                    term,
-                    index,
-                    data: bytes[4..].to_vec(),
-                }));
+                return Ok(Some(SnapFile { term, index, data: bytes[4..].to_vec() }));
             }
             tracing::warn!(file = %path.display(), "snap: checksum mismatch; renaming to .broken");
             let broken = self.dir.join(format!("{name}.broken"));

@@ -35,9 +35,7 @@ pub struct WalOptions {
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions {
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
-        }
+        WalOptions { segment_bytes: DEFAULT_SEGMENT_BYTES }
     }
 }
 
@@ -58,10 +56,7 @@ impl SegmentName {
         if a.len() != 16 || b.len() != 16 {
             return None;
         }
-        Some(SegmentName {
-            seq: u64::from_str_radix(a, 16).ok()?,
-            index: u64::from_str_radix(b, 16).ok()?,
-        })
+        Some(SegmentName { seq: u64::from_str_radix(a, 16).ok()?, index: u64::from_str_radix(b, 16).ok()? })
     }
 }
 
@@ -110,16 +105,8 @@ fn scan(bytes: &[u8]) -> Scan {
     loop {
         if off + HEADER > bytes.len() {
             let rest = &bytes[off..];
-            let damage = if rest.iter().all(|b| *b == 0) {
-                None
-            } else {
-                Some((off as u64, "partial record header".to_string(), true))
-            };
-            return Scan {
-                records,
-                end: off as u64,
-                damage,
-            };
+            let damage = if rest.iter().all(|b| *b == 0) { None } else { Some((off as u64, "partial record header".to_string(), true)) };
+            return Scan { records, end: off as u64, damage };
         }
         let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
         let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap_or([0; 4]));
@@ -128,28 +115,16 @@ fn scan(bytes: &[u8]) -> Scan {
             let damage = if rest.iter().all(|b| *b == 0) {
                 None
             } else {
-                Some((
-                    off as u64,
-                    "zero-length record followed by data".to_string(),
-                    false,
-                ))
+                Some((off as u64, "zero-length record followed by data".to_string(), false))
             };
-            return Scan {
-                records,
-                end: off as u64,
-                damage,
-            };
+            return Scan { records, end: off as u64, damage };
         }
         let body_start = off + HEADER;
         if body_start + len > bytes.len() {
             return Scan {
                 records,
                 end: off as u64,
-                damage: Some((
-                    off as u64,
-                    format!("record of {len} bytes runs past the end of the file"),
-                    true,
-                )),
+                damage: Some((off as u64, format!("record of {len} bytes runs past the end of the file"), true)),
             };
         }
         let body = &bytes[body_start..body_start + len];
@@ -172,20 +147,9 @@ fn scan(bytes: &[u8]) -> Scan {
             };
             let tail_zero = bytes[rec_end..].iter().all(|b| *b == 0);
             let torn = has_zero_sector || tail_zero;
-            return Scan {
-                records,
-                end: off as u64,
-                damage: Some((
-                    off as u64,
-                    format!("crc mismatch (stored {crc:#010x})"),
-                    torn,
-                )),
-            };
+            return Scan { records, end: off as u64, damage: Some((off as u64, format!("crc mismatch (stored {crc:#010x})"), torn)) };
         }
-        records.push(Record {
-            kind: body[0],
-            data: body[1..].to_vec(),
-        });
+        records.push(Record { kind: body[0], data: body[1..].to_vec() });
         off = body_start + padded(len);
     }
 }
@@ -201,10 +165,7 @@ impl Wal {
     pub fn create(dir: &Path, metadata: &[u8], opts: WalOptions) -> Result<Wal> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         if !list_segments(dir)?.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{} already holds a WAL",
-                dir.display()
-            )));
+            return Err(Error::Invalid(format!("{} already holds a WAL", dir.display())));
         }
         let name = SegmentName { seq: 0, index: 0 };
         let file = create_segment(dir, name, &opts, metadata, None)?;
@@ -227,10 +188,7 @@ impl Wal {
     pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Vec<Record>)> {
         let segments = list_segments(dir)?;
         if segments.is_empty() {
-            return Err(Error::Invalid(format!(
-                "no WAL segment in {}",
-                dir.display()
-            )));
+            return Err(Error::Invalid(format!("no WAL segment in {}", dir.display())));
         }
         for pair in segments.windows(2) {
             if pair[1].seq != pair[0].seq + 1 {
@@ -247,9 +205,7 @@ impl Wal {
         for (i, seg) in segments.iter().enumerate() {
             let path = dir.join(seg.file_name());
             let mut bytes = Vec::new();
-            File::open(&path)
-                .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(io_err(&path))?;
+            File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(&path))?;
             let s = scan(&bytes);
             let last = i + 1 == segments.len();
             if let Some((offset, reason, torn)) = s.damage {
@@ -261,19 +217,11 @@ impl Wal {
                         "wal: torn last record; truncating the tail of the WAL"
                     );
                 } else {
-                    return Err(Error::Corrupt {
-                        path,
-                        offset,
-                        reason,
-                    });
+                    return Err(Error::Corrupt { path, offset, reason });
                 }
             }
             if s.records.first().map(|r| r.kind) != Some(RECORD_METADATA) {
-                return Err(Error::Corrupt {
-                    path,
-                    offset: 0,
-                    reason: "segment does not start with metadata".into(),
-                });
+                return Err(Error::Corrupt { path, offset: 0, reason: "segment does not start with metadata".into() });
             }
             if last {
                 tail_end = s.end;
@@ -281,20 +229,10 @@ impl Wal {
             all.extend(s.records);
         }
         let metadata = all.first().map(|r| r.data.clone()).unwrap_or_default();
-        let last_state = all
-            .iter()
-            .rev()
-            .find(|r| r.kind == RECORD_STATE)
-            .map(|r| r.data.clone());
-        let last = *segments
-            .last()
-            .ok_or_else(|| Error::Invalid("no segment".into()))?;
+        let last_state = all.iter().rev().find(|r| r.kind == RECORD_STATE).map(|r| r.data.clone());
+        let last = *segments.last().ok_or_else(|| Error::Invalid("no segment".into()))?;
         let path = dir.join(last.file_name());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
         // Zero everything after the last good record, so that stale bytes can never be read back as
         // records once new ones are appended in front of them.
         let len = file.metadata().map_err(io_err(&path))?.len();
@@ -304,17 +242,7 @@ impl Wal {
         preallocate(&file, opts.segment_bytes.max(tail_end)).map_err(io_err(&path))?;
         file.sync_all().map_err(io_err(&path))?;
         let next_index = last.index;
-        let wal = Wal {
-            dir: dir.to_path_buf(),
-            opts,
-            segments,
-            file,
-            offset: tail_end,
-            metadata,
-            last_state,
-            next_index,
-            buf: Vec::new(),
-        };
+        let wal = Wal { dir: dir.to_path_buf(), opts, segments, file, offset: tail_end, metadata, last_state, next_index, buf: Vec::new() };
         Ok((wal, all))
     }
 
@@ -334,9 +262,7 @@ impl Wal {
             }
         }
         let path = self.current_path();
-        self.file
-            .seek(SeekFrom::Start(self.offset))
-            .map_err(io_err(&path))?;
+        self.file.seek(SeekFrom::Start(self.offset)).map_err(io_err(&path))?;
         self.file.write_all(&self.buf).map_err(io_err(&path))?;
         self.offset += self.buf.len() as u64;
         if self.offset > self.opts.segment_bytes {
@@ -361,17 +287,8 @@ impl Wal {
     /// Starts a new segment; it begins with the metadata and the latest hard state.
     fn cut(&mut self, next_index: u64) -> Result<()> {
         let seq = self.segments.last().map(|s| s.seq + 1).unwrap_or(0);
-        let name = SegmentName {
-            seq,
-            index: next_index,
-        };
-        let file = create_segment(
-            &self.dir,
-            name,
-            &self.opts,
-            &self.metadata,
-            self.last_state.as_deref(),
-        )?;
+        let name = SegmentName { seq, index: next_index };
+        let file = create_segment(&self.dir, name, &self.opts, &self.metadata, self.last_state.as_deref())?;
         self.offset = file_offset_after_header(&self.metadata, self.last_state.as_deref());
         self.file = file;
         self.segments.push(name);
@@ -433,22 +350,10 @@ fn preallocate(f: &File, len: u64) -> std::io::Result<()> {
     f.set_len(len)
 }
 
-fn create_segment(
-    dir: &Path,
-    name: SegmentName,
-    opts: &WalOptions,
-    metadata: &[u8],
-    state: Option<&[u8]>,
-) -> Result<File> {
+fn create_segment(dir: &Path, name: SegmentName, opts: &WalOptions, metadata: &[u8], state: Option<&[u8]>) -> Result<File> {
     let tmp = dir.join(format!("{}.tmp", name.file_name()));
     let fin = dir.join(name.file_name());
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(io_err(&tmp))?;
     let mut buf = Vec::new();
     encode_into(&mut buf, RECORD_METADATA, metadata);
     if let Some(s) = state {
@@ -466,12 +371,7 @@ fn list_segments(dir: &Path) -> Result<Vec<SegmentName>> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(Error::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })
-        }
+        Err(e) => return Err(Error::Io { path: dir.to_path_buf(), source: e }),
     };
     let mut out = Vec::new();
     for ent in rd {
@@ -496,16 +396,13 @@ mod tests {
     use super::*;
 
     fn small() -> WalOptions {
-        WalOptions {
-            segment_bytes: 4096,
-        }
+        WalOptions { segment_bytes: 4096 }
     }
 
     fn entries(wal: &mut Wal, from: u64, to: u64) {
         for i in from..=to {
             let data = format!("entry-{i:08}-{}", "x".repeat(100));
-            wal.save(&[(RECORD_ENTRY, data.as_bytes())], i + 1)
-                .expect("save");
+            wal.save(&[(RECORD_ENTRY, data.as_bytes())], i + 1).expect("save");
         }
     }
 
@@ -536,14 +433,8 @@ mod tests {
         drop(w);
         let (_, recs) = Wal::open(d.path(), small()).unwrap();
         let first = recs.iter().find(|r| r.kind == RECORD_ENTRY).unwrap();
-        let idx: u64 = std::str::from_utf8(&first.data[6..14])
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(
-            idx <= 61,
-            "entry 61 must survive release_to(60), first is {idx}"
-        );
+        let idx: u64 = std::str::from_utf8(&first.data[6..14]).unwrap().parse().unwrap();
+        assert!(idx <= 61, "entry 61 must survive release_to(60), first is {idx}");
     }
 
     #[test]
@@ -592,9 +483,7 @@ mod tests {
         bytes[200] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
         match Wal::open(d.path(), WalOptions::default()) {
-            Err(Error::Corrupt {
-                path: p, offset, ..
-            }) => {
+            Err(Error::Corrupt { path: p, offset, .. }) => {
                 assert_eq!(p, path);
                 assert!(offset <= 200);
             }
@@ -615,9 +504,6 @@ mod tests {
         let s = scan(&bytes);
         bytes[s.end as usize - 10] ^= 0x01;
         fs::write(&first, &bytes).unwrap();
-        assert!(matches!(
-            Wal::open(d.path(), small()),
-            Err(Error::Corrupt { .. })
-        ));
+        assert!(matches!(Wal::open(d.path(), small()), Err(Error::Corrupt { .. })));
     }
 }

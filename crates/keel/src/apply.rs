@@ -109,10 +109,7 @@ impl Applier {
                         fatal("backend commit failed", e);
                     }
                 }
-                Ok((
-                    Applied::Compaction(CompactionResponse { header: None }),
-                    store.current_rev(),
-                ))
+                Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
             }
             Request::MemberAttributes(a) => {
                 let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
@@ -137,17 +134,11 @@ impl Applier {
 
 impl keel_raft::StateMachine for Applier {
     fn applied_index(&self) -> u64 {
-        self.store
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .consistent_index()
+        self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_index()
     }
 
     fn applied_term(&self) -> u64 {
-        self.store
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .consistent_term()
+        self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_term()
     }
 
     fn apply(&mut self, entry: &Entry) {
@@ -159,10 +150,7 @@ impl keel_raft::StateMachine for Applier {
         let mut outcome = None;
         if !entry.get_data().is_empty() {
             match InternalRequest::decode(entry.get_data()) {
-                Ok(InternalRequest {
-                    id,
-                    request: Some(req),
-                }) => outcome = Some((id, self.apply_request(&mut store, req))),
+                Ok(InternalRequest { id, request: Some(req) }) => outcome = Some((id, self.apply_request(&mut store, req))),
                 Ok(_) => tracing::warn!(index = entry.index, "apply: empty request"),
                 Err(e) => {
                     tracing::error!(index = entry.index, error = %e, "apply: undecodable entry skipped")
@@ -207,10 +195,7 @@ impl keel_raft::StateMachine for Applier {
                             tracing::info!(member_id = format!("{id:x}"), peer_urls = ?rec.peer_urls, learner, "added member");
                             members.upsert(rec);
                         }
-                        (None, None) => tracing::warn!(
-                            member_id = format!("{id:x}"),
-                            "conf change adds a member without its record"
-                        ),
+                        (None, None) => tracing::warn!(member_id = format!("{id:x}"), "conf change adds a member without its record"),
                     }
                 }
                 ConfChangeType::RemoveNode => {
@@ -227,8 +212,7 @@ impl keel_raft::StateMachine for Applier {
         let rev = store.current_rev();
         drop(store);
         if ctx.request_id != 0 {
-            self.waiters
-                .trigger(ctx.request_id, Ok((Applied::Members(list), rev)));
+            self.waiters.trigger(ctx.request_id, Ok((Applied::Members(list), rev)));
         }
         if removed_self {
             tracing::warn!("the member has been permanently removed from the cluster");
@@ -236,15 +220,10 @@ impl keel_raft::StateMachine for Applier {
         }
     }
 
-    fn restore(
-        &mut self,
-        snap: &Snapshot,
-        backend: Option<std::path::PathBuf>,
-    ) -> Result<(), String> {
+    fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
         let path = backend.ok_or("a snapshot arrived without the leader's backend")?;
         let mut store = self.store_mut();
-        std::fs::rename(&path, &self.db_path)
-            .map_err(|e| format!("install backend {}: {e}", path.display()))?;
+        std::fs::rename(&path, &self.db_path).map_err(|e| format!("install backend {}: {e}", path.display()))?;
         let new = Store::open(&self.db_path).map_err(|e| e.to_string())?;
         if new.consistent_index() < snap.get_metadata().index {
             return Err(format!(
@@ -268,11 +247,7 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn maintain(&mut self) {
-        let due = self
-            .store
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .commit_due();
+        let due = self.store.read().unwrap_or_else(|p| p.into_inner()).commit_due();
         if due {
             if let Err(e) = self.store_mut().commit() {
                 fatal("backend commit failed", e);
@@ -285,9 +260,6 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn snapshot_data(&self) -> Vec<u8> {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .encode()
+        self.members.read().unwrap_or_else(|p| p.into_inner()).encode()
     }
 }

@@ -12,11 +12,7 @@ pub const ETCD_VERSION: &str = "3.5.0";
 pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 
 #[derive(Parser, Debug, Clone)]
-#[command(
-    name = "keel",
-    version,
-    about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API"
-)]
+#[command(name = "keel", version, about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API")]
 pub struct Config {
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = "default")]
@@ -28,32 +24,16 @@ pub struct Config {
     #[arg(long, env = "ETCD_WAL_DIR")]
     pub wal_dir: Option<String>,
     /// URLs to listen on for client traffic.
-    #[arg(
-        long,
-        env = "ETCD_LISTEN_CLIENT_URLS",
-        default_value = "http://localhost:2379"
-    )]
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
     pub listen_client_urls: String,
     /// Client URLs of this member advertised to the cluster.
-    #[arg(
-        long,
-        env = "ETCD_ADVERTISE_CLIENT_URLS",
-        default_value = "http://localhost:2379"
-    )]
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
     pub advertise_client_urls: String,
     /// URLs to listen on for peer traffic.
-    #[arg(
-        long,
-        env = "ETCD_LISTEN_PEER_URLS",
-        default_value = "http://localhost:2380"
-    )]
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
     pub listen_peer_urls: String,
     /// Peer URLs of this member advertised to the cluster.
-    #[arg(
-        long,
-        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
-        default_value = "http://localhost:2380"
-    )]
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
     pub initial_advertise_peer_urls: String,
     /// Initial cluster configuration for bootstrapping (name=peerURL,...).
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
@@ -62,11 +42,7 @@ pub struct Config {
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
     pub initial_cluster_state: String,
     /// Initial cluster token for the cluster during bootstrap.
-    #[arg(
-        long,
-        env = "ETCD_INITIAL_CLUSTER_TOKEN",
-        default_value = "etcd-cluster"
-    )]
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
     pub initial_cluster_token: String,
     /// Number of committed transactions to trigger a snapshot to disk.
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
@@ -150,15 +126,11 @@ impl Config {
     }
 
     pub fn data_dir(&self) -> String {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| format!("{}.etcd", self.name))
+        self.data_dir.clone().unwrap_or_else(|| format!("{}.etcd", self.name))
     }
 
     pub fn wal_dir(&self) -> String {
-        self.wal_dir
-            .clone()
-            .unwrap_or_else(|| format!("{}/member/wal", self.data_dir()))
+        self.wal_dir.clone().unwrap_or_else(|| format!("{}/member/wal", self.data_dir()))
     }
 
     pub fn snap_dir(&self) -> String {
@@ -169,11 +141,7 @@ impl Config {
     pub fn initial_cluster(&self) -> String {
         match &self.initial_cluster {
             Some(c) if !c.is_empty() => c.clone(),
-            _ => split_urls(&self.initial_advertise_peer_urls)
-                .iter()
-                .map(|u| format!("{}={}", self.name, u))
-                .collect::<Vec<_>>()
-                .join(","),
+            _ => split_urls(&self.initial_advertise_peer_urls).iter().map(|u| format!("{}={}", self.name, u)).collect::<Vec<_>>().join(","),
         }
     }
 
@@ -198,14 +166,13 @@ impl Config {
             ));
         }
         if self.election_timeout > 50_000 {
-            return Err(format!(
-                "--election-timeout[{}ms] is too long, and should be set less than 50000ms",
-                self.election_timeout
-            ));
+            return Err(format!("--election-timeout[{}ms] is too long, and should be set less than 50000ms", self.election_timeout));
         }
         match self.initial_cluster_state.as_str() {
             "new" | "existing" => {}
-            other => return Err(format!("invalid value \"{other}\" for flag -initial-cluster-state: valid values are \"new\" and \"existing\"")),
+            other => {
+                return Err(format!("invalid value \"{other}\" for flag -initial-cluster-state: valid values are \"new\" and \"existing\""))
+            }
         }
         if !self.data_dir().is_empty() && self.max_txn_ops == 0 {
             return Err("--max-txn-ops must be > 0".into());
@@ -216,10 +183,7 @@ impl Config {
 
 /// Splits a comma-separated URL list.
 pub fn split_urls(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(|u| u.trim().to_string())
-        .filter(|u| !u.is_empty())
-        .collect()
+    s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
 }
 
 /// Rewrites Go-style arguments for clap: `-flag` becomes `--flag`, and etcd flags Keel does not

@@ -55,31 +55,19 @@ pub fn invalid_member_urls() -> Status {
     st(Code::InvalidArgument, "given member URLs are invalid")
 }
 pub fn not_enough_started() -> Status {
-    st(
-        Code::FailedPrecondition,
-        "re-configuration failed due to not enough started members",
-    )
+    st(Code::FailedPrecondition, "re-configuration failed due to not enough started members")
 }
 pub fn unhealthy() -> Status {
     st(Code::Unavailable, "unhealthy cluster")
 }
 pub fn learner_not_ready() -> Status {
-    st(
-        Code::FailedPrecondition,
-        "can only promote a learner member which is in sync with leader",
-    )
+    st(Code::FailedPrecondition, "can only promote a learner member which is in sync with leader")
 }
 pub fn not_learner() -> Status {
-    st(
-        Code::FailedPrecondition,
-        "can only promote a learner member",
-    )
+    st(Code::FailedPrecondition, "can only promote a learner member")
 }
 pub fn too_many_learners() -> Status {
-    st(
-        Code::FailedPrecondition,
-        "too many learner members in cluster",
-    )
+    st(Code::FailedPrecondition, "too many learner members in cluster")
 }
 pub fn not_leader() -> Status {
     st(Code::FailedPrecondition, "not leader")
@@ -99,14 +87,8 @@ pub fn propose(e: ProposeError) -> Status {
 
 pub fn kv(e: KvError) -> Status {
     match e {
-        KvError::Compacted => st(
-            Code::OutOfRange,
-            "mvcc: required revision has been compacted",
-        ),
-        KvError::FutureRev => st(
-            Code::OutOfRange,
-            "mvcc: required revision is a future revision",
-        ),
+        KvError::Compacted => st(Code::OutOfRange, "mvcc: required revision has been compacted"),
+        KvError::FutureRev => st(Code::OutOfRange, "mvcc: required revision is a future revision"),
         KvError::LeaseNotFound => st(Code::NotFound, "requested lease not found"),
         KvError::KeyNotFound => st(Code::InvalidArgument, "key not found"),
         KvError::Backend(e) => Status::internal(format!("etcdserver: {e}")),

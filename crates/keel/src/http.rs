@@ -12,10 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub fn router(server: Arc<Server>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/version", get(version))
-        .with_state(server)
+    Router::new().route("/health", get(health)).route("/version", get(version)).with_state(server)
 }
 
 async fn version() -> Json<serde_json::Value> {
@@ -23,16 +20,8 @@ async fn version() -> Json<serde_json::Value> {
 }
 
 /// etcd's health check: a leader, then a read (linearizable unless `?serializable=true`).
-async fn health(
-    State(s): State<Arc<Server>>,
-    Query(q): Query<HashMap<String, String>>,
-) -> (StatusCode, Json<serde_json::Value>) {
-    let unhealthy = |reason: &str| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"health": "false", "reason": reason})),
-        )
-    };
+async fn health(State(s): State<Arc<Server>>, Query(q): Query<HashMap<String, String>>) -> (StatusCode, Json<serde_json::Value>) {
+    let unhealthy = |reason: &str| (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"health": "false", "reason": reason})));
     if s.node.status.leader() == 0 {
         return unhealthy("RAFT NO LEADER");
     }
@@ -40,16 +29,9 @@ async fn health(
     if !serializable && s.linearizable_barrier().await.is_err() {
         return unhealthy("QGET ERROR");
     }
-    let r = RangeRequest {
-        key: b"health".to_vec(),
-        limit: 1,
-        ..Default::default()
-    };
+    let r = RangeRequest { key: b"health".to_vec(), limit: 1, ..Default::default() };
     if keel_mvcc::kv::range(&s.store(), &r).is_err() {
         return unhealthy("QGET ERROR");
     }
-    (
-        StatusCode::OK,
-        Json(serde_json::json!({"health": "true", "reason": ""})),
-    )
+    (StatusCode::OK, Json(serde_json::json!({"health": "true", "reason": ""})))
 }

@@ -45,13 +45,8 @@ fn init_logging(level: &str) {
         "error" | "panic" | "fatal" | "dpanic" => "error",
         _ => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
 }
 
 fn main() -> ExitCode {
@@ -59,11 +54,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
     init_logging(&cfg.log_level);
@@ -71,10 +62,7 @@ fn main() -> ExitCode {
         tracing::error!(error = %e, "invalid configuration");
         return ExitCode::from(1);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -105,12 +93,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
     if cfg.initial_cluster_state == "existing" {
         // Join: the cluster already added this member (etcdctl member add); learn its ID from the
         // other members.
-        let others: Vec<String> = initial
-            .members
-            .iter()
-            .flat_map(|m| m.peer_urls.clone())
-            .filter(|u| !mine.contains(u))
-            .collect();
+        let others: Vec<String> = initial.members.iter().flat_map(|m| m.peer_urls.clone()).filter(|u| !mine.contains(u)).collect();
         let data = peer::fetch_members(dialer, &others).await?;
         let me = data
             .members
@@ -121,39 +104,20 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
                 u == mine
             })
             .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no member with peer URLs {} in the cluster; add it first (etcdctl member add)",
-                    mine.join(",")
-                )
+                anyhow::anyhow!("no member with peer URLs {} in the cluster; add it first (etcdctl member add)", mine.join(","))
             })?;
-        tracing::info!(
-            member_id = format!("{:x}", me.id),
-            cluster_id = format!("{:x}", data.cluster_id),
-            "joining an existing cluster"
-        );
+        tracing::info!(member_id = format!("{:x}", me.id), cluster_id = format!("{:x}", data.cluster_id), "joining an existing cluster");
         return Ok(Bootstrap {
-            identity: Identity {
-                cluster_id: data.cluster_id,
-                member_id: me.id,
-                initial_voters: vec![],
-            },
+            identity: Identity { cluster_id: data.cluster_id, member_id: me.id, initial_voters: vec![] },
             entries: vec![],
-            members: Members {
-                cluster_id: data.cluster_id,
-                members: data.members,
-            },
+            members: Members { cluster_id: data.cluster_id, members: data.members },
         });
     }
     let me = initial
         .members
         .iter()
         .find(|m| m.name == cfg.name)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "couldn't find local name {:?} in the initial cluster configuration",
-                cfg.name
-            )
-        })?;
+        .ok_or_else(|| anyhow::anyhow!("couldn't find local name {:?} in the initial cluster configuration", cfg.name))?;
     let mut have = me.peer_urls.clone();
     have.sort();
     if have != mine {
@@ -167,16 +131,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
     let entries = initial
         .members
         .iter()
-        .map(|m| {
-            (
-                m.id,
-                keel_proto::keelpb::ConfChangeContext {
-                    request_id: 0,
-                    member: Some(m.clone()),
-                }
-                .encode_to_vec(),
-            )
-        })
+        .map(|m| (m.id, keel_proto::keelpb::ConfChangeContext { request_id: 0, member: Some(m.clone()) }.encode_to_vec()))
         .collect();
     Ok(Bootstrap {
         identity: Identity {
@@ -195,33 +150,18 @@ async fn run(cfg: Config) -> Result<()> {
     let wal_dir = cfg.wal_dir();
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
 
-    let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token)
-        .map_err(anyhow::Error::msg)?;
+    let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token).map_err(anyhow::Error::msg)?;
     let dialer = peer::Dialer::new(tls::peer_client(&cfg)?);
     let existed = Disk::exists(Path::new(&wal_dir));
     let boot = if existed {
-        Bootstrap {
-            identity: Identity {
-                cluster_id: 0,
-                member_id: 0,
-                initial_voters: vec![],
-            },
-            entries: vec![],
-            members: initial.clone(),
-        }
+        Bootstrap { identity: Identity { cluster_id: 0, member_id: 0, initial_voters: vec![] }, entries: vec![], members: initial.clone() }
     } else {
         bootstrap(&cfg, &initial, &dialer).await?
     };
 
     let db_path = Path::new(&snap_dir).join("db");
     let mut store = Store::open(&db_path).context("open backend")?;
-    let disk = Disk::open(
-        Path::new(&wal_dir),
-        Path::new(&snap_dir),
-        boot.identity.clone(),
-        &boot.entries,
-    )
-    .context("open WAL")?;
+    let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries).context("open WAL")?;
     let identity = disk.identity.clone();
     if existed {
         tracing::info!(
@@ -248,24 +188,14 @@ async fn run(cfg: Config) -> Result<()> {
         boot.members.clone()
     };
     if members.cluster_id != identity.cluster_id {
-        bail!(
-            "cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}",
-            members.cluster_id,
-            identity.cluster_id
-        );
+        bail!("cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}", members.cluster_id, identity.cluster_id);
     }
 
     let store = Arc::new(RwLock::new(store));
     let members = Arc::new(RwLock::new(members));
     let waiters = Arc::new(Waiters::default());
     let removed = Arc::new(tokio::sync::Notify::new());
-    let transport = peer::PeerTransport::new(
-        identity.member_id,
-        identity.cluster_id,
-        members.clone(),
-        store.clone(),
-        dialer,
-    );
+    let transport = peer::PeerTransport::new(identity.member_id, identity.cluster_id, members.clone(), store.clone(), dialer);
     let applier = Applier {
         store: store.clone(),
         members: members.clone(),
@@ -281,8 +211,7 @@ async fn run(cfg: Config) -> Result<()> {
         snapshot_count: cfg.snapshot_count.max(1),
         catchup_entries: 5000,
     };
-    let (node, join) = keel_raft::node::start(node_cfg, disk, applier, transport.clone())
-        .map_err(anyhow::Error::msg)?;
+    let (node, join) = keel_raft::node::start(node_cfg, disk, applier, transport.clone()).map_err(anyhow::Error::msg)?;
     transport.set_node(node.clone());
     transport.keep_connected();
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<bool>();
@@ -293,15 +222,7 @@ async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    let server = Arc::new(Server::new(
-        cfg.clone(),
-        identity.member_id,
-        identity.cluster_id,
-        store,
-        members.clone(),
-        node.clone(),
-        waiters,
-    ));
+    let server = Arc::new(Server::new(cfg.clone(), identity.member_id, identity.cluster_id, store, members.clone(), node.clone(), waiters));
 
     // Peer listeners.
     let peer_tls = tls::peer_server(&cfg)?;
@@ -320,7 +241,9 @@ async fn run(cfg: Config) -> Result<()> {
     for (lu, l) in serve::bind(&split_urls(&cfg.listen_peer_urls)).await? {
         let acceptor = match (lu.tls, &peer_tls) {
             (true, Some(t)) => Some(t.clone()),
-            (true, None) => bail!("TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme", lu.url),
+            (true, None) => {
+                bail!("TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme", lu.url)
+            }
             (false, _) => None,
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
@@ -330,24 +253,15 @@ async fn run(cfg: Config) -> Result<()> {
     // Client listeners.
     let max_recv = cfg.max_request_bytes as usize + 512 * 1024;
     let grpc = tonic::service::Routes::new(
-        KvServer::new(api::kv::KvService {
-            server: server.clone(),
-        })
-        .max_decoding_message_size(max_recv)
-        .max_encoding_message_size(usize::MAX),
+        KvServer::new(api::kv::KvService { server: server.clone() })
+            .max_decoding_message_size(max_recv)
+            .max_encoding_message_size(usize::MAX),
     )
     .add_service(
-        MaintenanceServer::new(api::maintenance::MaintenanceService {
-            server: server.clone(),
-        })
-        .max_decoding_message_size(max_recv),
+        MaintenanceServer::new(api::maintenance::MaintenanceService { server: server.clone() }).max_decoding_message_size(max_recv),
     )
     .add_service(
-        ClusterServer::new(api::cluster::ClusterService {
-            server: server.clone(),
-            transport,
-        })
-        .max_decoding_message_size(max_recv),
+        ClusterServer::new(api::cluster::ClusterService { server: server.clone(), transport }).max_decoding_message_size(max_recv),
     );
     let router = grpc.into_axum_router().merge(http::router(server.clone()));
     let client_tls = tls::client_server(&cfg)?;
@@ -358,12 +272,7 @@ async fn run(cfg: Config) -> Result<()> {
             (false, _) => None,
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-        tokio::spawn(serve::serve(
-            l,
-            acceptor,
-            router.clone(),
-            cfg.max_concurrent_streams,
-        ));
+        tokio::spawn(serve::serve(l, acceptor, router.clone(), cfg.max_concurrent_streams));
     }
 
     tokio::spawn(publish(server.clone()));
@@ -390,10 +299,11 @@ async fn publish(server: Arc<Server>) {
         client_urls: split_urls(&server.cfg.advertise_client_urls),
     };
     loop {
-        match server
-            .propose(Request::MemberAttributes(attrs.clone()))
-            .await
-        {
+        if server.node.status.leader() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        }
+        match server.propose(Request::MemberAttributes(attrs.clone())).await {
             Ok(_) => break,
             Err(e) => {
                 tracing::warn!(error = %e.message(), "failed to publish local member to cluster through raft; retrying");
@@ -401,10 +311,7 @@ async fn publish(server: Arc<Server>) {
             }
         }
     }
-    tracing::info!(
-        cluster_version = config::ETCD_CLUSTER_VERSION,
-        "enabled capabilities for version 3.5"
-    );
+    tracing::info!(cluster_version = config::ETCD_CLUSTER_VERSION, "enabled capabilities for version 3.5");
     tracing::info!(
         local_member_id = format!("{:x}", server.member_id),
         name = %attrs.name,

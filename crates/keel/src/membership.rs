@@ -58,14 +58,8 @@ impl Members {
     pub fn from_initial_cluster(s: &str, token: &str) -> Result<Members, String> {
         let mut by_name: Vec<(String, Vec<String>)> = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, url) = part.split_once('=').ok_or_else(|| {
-                format!("invalid --initial-cluster entry {part:?}: want name=url")
-            })?;
-            if !(url.starts_with("http://")
-                || url.starts_with("https://")
-                || url.starts_with("unix://")
-                || url.starts_with("unixs://"))
-            {
+            let (name, url) = part.split_once('=').ok_or_else(|| format!("invalid --initial-cluster entry {part:?}: want name=url"))?;
+            if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("unix://") || url.starts_with("unixs://")) {
                 return Err(format!("invalid --initial-cluster URL {url:?}: URL scheme must be http, https, unix, or unixs"));
             }
             match by_name.iter_mut().find(|(n, _)| n == name) {
@@ -89,34 +83,20 @@ impl Members {
         members.sort_by_key(|m| m.id);
         for w in members.windows(2) {
             if w[0].id == w[1].id {
-                return Err(format!(
-                    "member {:x} appears twice in --initial-cluster",
-                    w[0].id
-                ));
+                return Err(format!("member {:x} appears twice in --initial-cluster", w[0].id));
             }
         }
         let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
-        Ok(Members {
-            cluster_id: cluster_id(&ids),
-            members,
-        })
+        Ok(Members { cluster_id: cluster_id(&ids), members })
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        SnapshotData {
-            cluster_id: self.cluster_id,
-            members: self.members.clone(),
-        }
-        .encode_to_vec()
+        SnapshotData { cluster_id: self.cluster_id, members: self.members.clone() }.encode_to_vec()
     }
 
     pub fn decode(b: &[u8]) -> Result<Members, String> {
-        let d =
-            SnapshotData::decode(b).map_err(|e| format!("undecodable membership record: {e}"))?;
-        Ok(Members {
-            cluster_id: d.cluster_id,
-            members: d.members,
-        })
+        let d = SnapshotData::decode(b).map_err(|e| format!("undecodable membership record: {e}"))?;
+        Ok(Members { cluster_id: d.cluster_id, members: d.members })
     }
 
     pub fn get(&self, id: u64) -> Option<&MemberRecord> {
@@ -172,8 +152,7 @@ mod tests {
     fn ids_match_etcd() {
         // etcd 3.4.23 started with `--name default` and default flags reports member
         // 8e9e05c52164694d in cluster cdf818194e3a8c32.
-        let m =
-            Members::from_initial_cluster("default=http://localhost:2380", "etcd-cluster").unwrap();
+        let m = Members::from_initial_cluster("default=http://localhost:2380", "etcd-cluster").unwrap();
         assert_eq!(format!("{:x}", m.members[0].id), "8e9e05c52164694d");
         assert_eq!(format!("{:x}", m.cluster_id), "cdf818194e3a8c32");
     }

@@ -13,9 +13,7 @@ use keel_mvcc::backend::{Backend, Meta};
 use keel_mvcc::Store;
 use keel_proto::keelpb::peer_client::PeerClient;
 use keel_proto::keelpb::peer_server::Peer;
-use keel_proto::keelpb::{
-    BackendRecord, MembersRequest, PeerAck, RaftBatch, SnapshotChunk, SnapshotData,
-};
+use keel_proto::keelpb::{BackendRecord, MembersRequest, PeerAck, RaftBatch, SnapshotChunk, SnapshotData};
 use keel_raft::eraftpb::{Message, MessageType};
 use keel_raft::{NodeHandle, ProtoMessage, Transport};
 use std::collections::HashMap;
@@ -77,23 +75,15 @@ impl Dialer {
                 http::Uri,
                 Response = hyper_util::rt::TokioIo<Box<dyn Io>>,
                 Error = std::io::Error,
-                Future = impl std::future::Future<
-                    Output = std::io::Result<hyper_util::rt::TokioIo<Box<dyn Io>>>,
-                > + Send,
+                Future = impl std::future::Future<Output = std::io::Result<hyper_util::rt::TokioIo<Box<dyn Io>>>> + Send,
             > + Clone
             + Send
             + 'static,
     )> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
         let hostport = rest.trim_end_matches('/').to_string();
         let tls = match scheme {
-            "https" => Some(
-                self.tls
-                    .clone()
-                    .ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?,
-            ),
+            "https" => Some(self.tls.clone().ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?),
             "http" => None,
             other => return Err(anyhow!("unsupported peer URL scheme {other:?}")),
         };
@@ -102,10 +92,7 @@ impl Dialer {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let host = hostport
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
-            .unwrap_or_default();
+        let host = hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default();
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let hostport = hostport.clone();
             let host = host.clone();
@@ -115,13 +102,8 @@ impl Dialer {
                 let _ = tcp.set_nodelay(true);
                 let io: Box<dyn Io> = match tls {
                     Some(cfg) => {
-                        let name = rustls::pki_types::ServerName::try_from(host)
-                            .map_err(|e| std::io::Error::other(e.to_string()))?;
-                        Box::new(
-                            tokio_rustls::TlsConnector::from(cfg)
-                                .connect(name, tcp)
-                                .await?,
-                        )
+                        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| std::io::Error::other(e.to_string()))?;
+                        Box::new(tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?)
                     }
                     None => Box::new(tcp),
                 };
@@ -133,9 +115,7 @@ impl Dialer {
 }
 
 fn client(ch: Channel) -> PeerClient<Channel> {
-    PeerClient::new(ch)
-        .max_decoding_message_size(MAX_PEER_MESSAGE)
-        .max_encoding_message_size(MAX_PEER_MESSAGE)
+    PeerClient::new(ch).max_decoding_message_size(MAX_PEER_MESSAGE).max_encoding_message_size(MAX_PEER_MESSAGE)
 }
 
 fn with_cluster<T>(msg: T, cluster_id: u64) -> Request<T> {
@@ -169,13 +149,7 @@ pub struct PeerTransport {
 }
 
 impl PeerTransport {
-    pub fn new(
-        self_id: u64,
-        cluster_id: u64,
-        members: Arc<RwLock<Members>>,
-        store: Arc<RwLock<Store>>,
-        dialer: Dialer,
-    ) -> PeerTransport {
+    pub fn new(self_id: u64, cluster_id: u64, members: Arc<RwLock<Members>>, store: Arc<RwLock<Store>>, dialer: Dialer) -> PeerTransport {
         PeerTransport {
             inner: Arc::new(Inner {
                 self_id,
@@ -198,35 +172,14 @@ impl PeerTransport {
 
     /// Since when the stream to `id` has been up, if it is.
     pub fn active_since(&self, id: u64) -> Option<Instant> {
-        self.inner
-            .active_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .copied()
+        self.inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied()
     }
 
     /// Asks the leader to promote learner `id` (only the leader knows its progress).
-    pub async fn forward_promote(
-        &self,
-        leader: u64,
-        id: u64,
-    ) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
-        let url = self
-            .inner
-            .peer_url(leader)
-            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-        let ch = self
-            .inner
-            .dialer
-            .channel(&url)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let r = client(ch)
-            .promote(with_cluster(
-                keel_proto::etcdserverpb::MemberPromoteRequest { id },
-                self.inner.cluster_id,
-            ))
-            .await?;
+    pub async fn forward_promote(&self, leader: u64, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
+        let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let ch = self.inner.dialer.channel(&url).map_err(|e| Status::unavailable(e.to_string()))?;
+        let r = client(ch).promote(with_cluster(keel_proto::etcdserverpb::MemberPromoteRequest { id }, self.inner.cluster_id)).await?;
         Ok(r.into_inner().members)
     }
 
@@ -238,15 +191,7 @@ impl PeerTransport {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                let ids: Vec<u64> = t
-                    .inner
-                    .members
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .members
-                    .iter()
-                    .map(|m| m.id)
-                    .collect();
+                let ids: Vec<u64> = t.inner.members.read().unwrap_or_else(|p| p.into_inner()).members.iter().map(|m| m.id).collect();
                 for id in ids {
                     if id != t.inner.self_id {
                         t.queue(id);
@@ -273,29 +218,18 @@ impl PeerTransport {
 
 impl Inner {
     fn unreachable(&self, to: u64) {
-        self.active_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&to);
+        self.active_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
         if let Some(n) = self.node.get() {
             n.report_unreachable(to);
         }
     }
 
     fn peer_url(&self, to: u64) -> Option<String> {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(to)
-            .and_then(|m| m.peer_urls.first().cloned())
+        self.members.read().unwrap_or_else(|p| p.into_inner()).get(to).and_then(|m| m.peer_urls.first().cloned())
     }
 
     fn is_member(&self, to: u64) -> bool {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(to)
-            .is_some()
+        self.members.read().unwrap_or_else(|p| p.into_inner()).get(to).is_some()
     }
 }
 
@@ -331,23 +265,14 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
     let mut logged_down = false;
     loop {
         if !inner.is_member(to) {
-            tracing::info!(
-                peer = format!("{to:x}"),
-                "peer: stopped sending to a removed member"
-            );
-            inner
-                .queues
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&to);
+            tracing::info!(peer = format!("{to:x}"), "peer: stopped sending to a removed member");
+            inner.queues.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
             return;
         }
         let Some(url) = inner.peer_url(to) else {
             return;
         };
-        let ch = match tokio::time::timeout(Duration::from_secs(2), inner.dialer.connect(&url))
-            .await
-        {
+        let ch = match tokio::time::timeout(Duration::from_secs(2), inner.dialer.connect(&url)).await {
             Ok(Ok(c)) => c,
             failed => {
                 if !logged_down {
@@ -365,12 +290,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
                 continue;
             }
         };
-        inner
-            .active_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(to)
-            .or_insert_with(Instant::now);
+        inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).entry(to).or_insert_with(Instant::now);
         if logged_down {
             tracing::info!(peer = format!("{to:x}"), "peer: connected");
             logged_down = false;
@@ -421,12 +341,7 @@ async fn send_snapshot(inner: Arc<Inner>, m: Message) {
             true
         }
         Err(e) => {
-            tracing::warn!(
-                peer = format!("{to:x}"),
-                index,
-                error = format!("{e:#}"),
-                "peer: sending snapshot failed"
-            );
+            tracing::warn!(peer = format!("{to:x}"), index, error = format!("{e:#}"), "peer: sending snapshot failed");
             false
         }
     };
@@ -437,9 +352,7 @@ async fn send_snapshot(inner: Arc<Inner>, m: Message) {
 
 async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
     let to = m.to;
-    let url = inner
-        .peer_url(to)
-        .ok_or_else(|| anyhow!("unknown peer {to:x}"))?;
+    let url = inner.peer_url(to).ok_or_else(|| anyhow!("unknown peer {to:x}"))?;
     let backend: Backend = {
         let mut s = inner.store.write().unwrap_or_else(|p| p.into_inner());
         s.commit().context("commit before snapshot")?;
@@ -447,31 +360,17 @@ async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
     };
     let msg = m.write_to_bytes().context("encode snapshot message")?;
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
-    tx.send(SnapshotChunk {
-        message: msg,
-        ..Default::default()
-    })
-    .await
-    .map_err(|_| anyhow!("stream closed"))?;
+    tx.send(SnapshotChunk { message: msg, ..Default::default() }).await.map_err(|_| anyhow!("stream closed"))?;
     let dump = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::new();
         let mut size = 0usize;
         let meta = backend.dump(|table, k, v| {
             size += k.len() + v.len() + 8;
-            buf.push(BackendRecord {
-                table,
-                key: k.to_vec(),
-                value: v.to_vec(),
-            });
+            buf.push(BackendRecord { table, key: k.to_vec(), value: v.to_vec() });
             if size >= CHUNK_BYTES {
                 size = 0;
                 let records = std::mem::take(&mut buf);
-                return tx
-                    .blocking_send(SnapshotChunk {
-                        records,
-                        ..Default::default()
-                    })
-                    .is_ok();
+                return tx.blocking_send(SnapshotChunk { records, ..Default::default() }).is_ok();
             }
             true
         })?;
@@ -484,17 +383,11 @@ async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
             compacted_revision: meta.compacted_rev,
             ..Default::default()
         };
-        tx.blocking_send(last)
-            .map_err(|_| keel_mvcc::backend::BackendError {
-                path: PathBuf::new(),
-                msg: "stream closed".into(),
-            })?;
+        tx.blocking_send(last).map_err(|_| keel_mvcc::backend::BackendError { path: PathBuf::new(), msg: "stream closed".into() })?;
         Ok::<_, keel_mvcc::backend::BackendError>(())
     });
     let mut c = client(inner.dialer.channel(&url)?);
-    let res = c
-        .snapshot(with_cluster(ReceiverStream::new(rx), inner.cluster_id))
-        .await;
+    let res = c.snapshot(with_cluster(ReceiverStream::new(rx), inner.cluster_id)).await;
     dump.await.map_err(|e| anyhow!("dump task: {e}"))??;
     res.map_err(|s| anyhow!("{}", s.message()))?;
     Ok(())
@@ -506,12 +399,7 @@ pub async fn fetch_members(dialer: &Dialer, urls: &[String]) -> Result<SnapshotD
     for _ in 0..30 {
         for u in urls {
             match dialer.channel(u) {
-                Ok(ch) => match tokio::time::timeout(
-                    Duration::from_secs(2),
-                    client(ch).members(MembersRequest {}),
-                )
-                .await
-                {
+                Ok(ch) => match tokio::time::timeout(Duration::from_secs(2), client(ch).members(MembersRequest {})).await {
                     Ok(Ok(r)) => return Ok(r.into_inner()),
                     Ok(Err(e)) => last = anyhow!("{u}: {}", e.message()),
                     Err(_) => last = anyhow!("{u}: timed out"),
@@ -537,11 +425,7 @@ pub struct PeerService {
 
 impl PeerService {
     fn check_cluster<T>(&self, r: &Request<T>) -> Result<(), Status> {
-        let theirs = r
-            .metadata()
-            .get(CLUSTER_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| u64::from_str_radix(s, 16).ok());
+        let theirs = r.metadata().get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| u64::from_str_radix(s, 16).ok());
         match theirs {
             Some(id) if id == self.cluster_id => Ok(()),
             Some(id) => {
@@ -550,13 +434,9 @@ impl PeerService {
                     remote = format!("{id:x}"),
                     "peer: request from another cluster rejected"
                 );
-                Err(Status::failed_precondition(
-                    "etcdserver: cluster ID mismatch",
-                ))
+                Err(Status::failed_precondition("etcdserver: cluster ID mismatch"))
             }
-            None => Err(Status::failed_precondition(
-                "etcdserver: cluster ID mismatch",
-            )),
+            None => Err(Status::failed_precondition("etcdserver: cluster ID mismatch")),
         }
     }
 }
@@ -568,8 +448,7 @@ impl Peer for PeerService {
         let mut s = req.into_inner();
         while let Some(batch) = s.message().await? {
             for b in batch.messages {
-                let m = Message::parse_from_bytes(&b)
-                    .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+                let m = Message::parse_from_bytes(&b).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
                 if self.node.step(m).is_err() {
                     // The node is busy or stopping: drop, raft retries.
                     continue;
@@ -579,18 +458,11 @@ impl Peer for PeerService {
         Ok(Response::new(PeerAck {}))
     }
 
-    async fn snapshot(
-        &self,
-        req: Request<Streaming<SnapshotChunk>>,
-    ) -> Result<Response<PeerAck>, Status> {
+    async fn snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<PeerAck>, Status> {
         self.check_cluster(&req)?;
         let mut s = req.into_inner();
-        let first = s
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let msg = Message::parse_from_bytes(&first.message)
-            .map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+        let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let msg = Message::parse_from_bytes(&first.message).map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
         let index = msg.get_snapshot().get_metadata().index;
         let tmp = self.snap_dir.join(format!("{index:016x}.snap.db.tmp"));
         let fin = self.snap_dir.join(format!("{index:016x}.snap.db"));
@@ -599,11 +471,7 @@ impl Peer for PeerService {
         let backend = Backend::open(&tmp).map_err(internal)?;
         let mut done = false;
         while let Some(chunk) = s.message().await? {
-            let records: Vec<(u32, Vec<u8>, Vec<u8>)> = chunk
-                .records
-                .into_iter()
-                .map(|r| (r.table, r.key, r.value))
-                .collect();
+            let records: Vec<(u32, Vec<u8>, Vec<u8>)> = chunk.records.into_iter().map(|r| (r.table, r.key, r.value)).collect();
             let meta = chunk.done.then_some(Meta {
                 consistent_index: chunk.consistent_index,
                 term: chunk.term,
@@ -627,9 +495,7 @@ impl Peer for PeerService {
         }
         std::fs::rename(&tmp, &fin).map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(index, file = %fin.display(), "peer: received snapshot with backend");
-        self.node
-            .install_snapshot(msg, fin)
-            .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        self.node.install_snapshot(msg, fin).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
         Ok(Response::new(PeerAck {}))
     }
 
@@ -641,22 +507,11 @@ impl Peer for PeerService {
         let id = req.into_inner().id;
         let members = crate::api::cluster::promote(&self.server, id).await?;
         let rev = self.server.store().current_rev();
-        Ok(Response::new(
-            keel_proto::etcdserverpb::MemberPromoteResponse {
-                header: self.server.header(rev),
-                members,
-            },
-        ))
+        Ok(Response::new(keel_proto::etcdserverpb::MemberPromoteResponse { header: self.server.header(rev), members }))
     }
 
-    async fn members(
-        &self,
-        _req: Request<MembersRequest>,
-    ) -> Result<Response<SnapshotData>, Status> {
+    async fn members(&self, _req: Request<MembersRequest>) -> Result<Response<SnapshotData>, Status> {
         let m = self.members.read().unwrap_or_else(|p| p.into_inner());
-        Ok(Response::new(SnapshotData {
-            cluster_id: m.cluster_id,
-            members: m.members.clone(),
-        }))
+        Ok(Response::new(SnapshotData { cluster_id: m.cluster_id, members: m.members.clone() }))
     }
 }

@@ -17,33 +17,19 @@ pub struct ListenUrl {
 }
 
 pub fn parse_listen_url(u: &str) -> Result<ListenUrl> {
-    let (scheme, rest) = u
-        .split_once("://")
-        .ok_or_else(|| anyhow!("URL {u:?} has no scheme"))?;
+    let (scheme, rest) = u.split_once("://").ok_or_else(|| anyhow!("URL {u:?} has no scheme"))?;
     let tls = match scheme {
         "http" => false,
         "https" => true,
         other => bail!("URL scheme must be http or https (got {other:?} in {u:?})"),
     };
     let hostport = rest.trim_end_matches('/');
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow!("URL {u:?} has no port"))?;
+    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| anyhow!("URL {u:?} has no port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = if host == "localhost" || host.is_empty() {
-        "127.0.0.1"
-    } else {
-        host
-    };
+    let host = if host == "localhost" || host.is_empty() { "127.0.0.1" } else { host };
     let port: u16 = port.parse().with_context(|| format!("bad port in {u:?}"))?;
-    let ip = host
-        .parse()
-        .with_context(|| format!("listen URL {u:?} must name an IP address or localhost"))?;
-    Ok(ListenUrl {
-        tls,
-        addr: SocketAddr::new(ip, port),
-        url: u.to_string(),
-    })
+    let ip = host.parse().with_context(|| format!("listen URL {u:?} must name an IP address or localhost"))?;
+    Ok(ListenUrl { tls, addr: SocketAddr::new(ip, port), url: u.to_string() })
 }
 
 /// Binds every client URL; fails if any cannot be bound.
@@ -51,21 +37,14 @@ pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, TcpListener)>> {
     let mut out = Vec::new();
     for u in urls {
         let lu = parse_listen_url(u)?;
-        let l = TcpListener::bind(lu.addr)
-            .await
-            .with_context(|| format!("listen on {u}"))?;
+        let l = TcpListener::bind(lu.addr).await.with_context(|| format!("listen on {u}"))?;
         out.push((lu, l));
     }
     Ok(out)
 }
 
 /// Serves `router` on `listener` until the process ends.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    router: axum::Router,
-    max_streams: u32,
-) {
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: axum::Router, max_streams: u32) {
     loop {
         let (sock, _peer) = match listener.accept().await {
             Ok(x) => x,
@@ -84,21 +63,13 @@ pub async fn serve(
             builder.http2().max_concurrent_streams(max_streams);
             let res = match tls {
                 Some(acc) => match acc.accept(sock).await {
-                    Ok(s) => {
-                        builder
-                            .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                            .await
-                    }
+                    Ok(s) => builder.serve_connection_with_upgrades(TokioIo::new(s), svc).await,
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
                     }
                 },
-                None => {
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(sock), svc)
-                        .await
-                }
+                None => builder.serve_connection_with_upgrades(TokioIo::new(sock), svc).await,
             };
             if let Err(e) = res {
                 tracing::debug!(error = %e, "client connection ended with an error");

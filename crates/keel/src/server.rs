@@ -9,9 +9,7 @@ use crate::errors;
 use crate::membership::Members;
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::ResponseHeader;
-use keel_proto::keelpb::{
-    internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord,
-};
+use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType};
 use keel_raft::NodeHandle;
 use prost::Message;
@@ -42,21 +40,9 @@ impl Server {
     ) -> Server {
         // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
         // unique across restarts of this member.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
-        Server {
-            cfg,
-            member_id,
-            cluster_id,
-            store,
-            members,
-            node,
-            waiters,
-            next_id: AtomicU64::new(base),
-        }
+        Server { cfg, member_id, cluster_id, store, members, node, waiters, next_id: AtomicU64::new(base) }
     }
 
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {
@@ -69,22 +55,13 @@ impl Server {
 
     /// A response header at `revision`.
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader {
-            cluster_id: self.cluster_id,
-            member_id: self.member_id,
-            revision,
-            raft_term: self.node.status.term(),
-        })
+        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.node.status.term() })
     }
 
     /// Proposes `req` through raft and waits until it is applied on this member.
     pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let data = InternalRequest {
-            id,
-            request: Some(req),
-        }
-        .encode_to_vec();
+        let data = InternalRequest { id, request: Some(req) }.encode_to_vec();
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(errors::request_too_large());
         }
@@ -116,21 +93,14 @@ impl Server {
         member: Option<MemberRecord>,
     ) -> Result<(Applied, i64), Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let ctx = ConfChangeContext {
-            request_id: id,
-            member,
-        }
-        .encode_to_vec();
+        let ctx = ConfChangeContext { request_id: id, member }.encode_to_vec();
         let mut cc = ConfChange::default();
         cc.set_change_type(change);
         cc.node_id = node_id;
         cc.context = ctx.into();
         let rx = self.waiters.register(id);
         let work = async {
-            self.node
-                .propose_conf_change(cc)
-                .await
-                .map_err(errors::propose)?;
+            self.node.propose_conf_change(cc).await.map_err(errors::propose)?;
             rx.await.map_err(|_| errors::stopped())?.map_err(errors::kv)
         };
         let r = match tokio::time::timeout(self.cfg.request_timeout(), work).await {
@@ -145,10 +115,7 @@ impl Server {
 
     /// True when this member is a learner (it does not serve writes or linearizable reads).
     pub fn is_learner(&self) -> bool {
-        self.members()
-            .get(self.member_id)
-            .map(|m| m.is_learner)
-            .unwrap_or(false)
+        self.members().get(self.member_id).map(|m| m.is_learner).unwrap_or(false)
     }
 
     /// Fails with etcd's error when this member is a learner.

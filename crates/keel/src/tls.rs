@@ -17,9 +17,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
     let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(f))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("read {path}"))?;
+    let certs =
+        rustls_pemfile::certs(&mut std::io::BufReader::new(f)).collect::<Result<Vec<_>, _>>().with_context(|| format!("read {path}"))?;
     if certs.is_empty() {
         bail!("no certificate in {path}");
     }
@@ -47,19 +46,13 @@ fn auto_cert(dir: &Path) -> Result<(String, String)> {
     let key = dir.join("key.pem");
     if !cert.exists() || !key.exists() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let ck = rcgen::generate_simple_self_signed(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-        ])
-        .context("generate certificate")?;
+        let ck =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).context("generate certificate")?;
         std::fs::write(&cert, ck.cert.pem()).context("write certificate")?;
         std::fs::write(&key, ck.key_pair.serialize_pem()).context("write key")?;
         tracing::info!(dir = %dir.display(), "generated a self-signed certificate");
     }
-    Ok((
-        cert.to_string_lossy().into_owned(),
-        key.to_string_lossy().into_owned(),
-    ))
+    Ok((cert.to_string_lossy().into_owned(), key.to_string_lossy().into_owned()))
 }
 
 /// One side's TLS flags.
@@ -84,24 +77,17 @@ fn server_config(cfg: &Config, side: &Side) -> Result<Option<TlsAcceptor>> {
     let Some((cert, key)) = cert_and_key(cfg, side)? else {
         return Ok(None);
     };
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().context("TLS versions")?;
     let builder = match (side.ca, side.client_cert_auth) {
         (Some(ca), true) => {
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots(ca)?),
-                provider(),
-            )
-            .build()
-            .context("client verifier")?;
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                .build()
+                .context("client verifier")?;
             builder.with_client_cert_verifier(v)
         }
         _ => builder.with_no_client_auth(),
     };
-    let mut sc = builder
-        .with_single_cert(load_certs(&cert)?, load_key(&key)?)
-        .context("server certificate")?;
+    let mut sc = builder.with_single_cert(load_certs(&cert)?, load_key(&key)?).context("server certificate")?;
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(sc))))
 }
@@ -145,18 +131,12 @@ pub fn peer_client(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
     let Some((cert, key)) = cert_and_key(cfg, &side)? else {
         return Ok(None);
     };
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().context("TLS versions")?;
     let builder = match side.ca {
         Some(ca) => builder.with_root_certificates(roots(ca)?),
-        None => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider()))),
+        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCert(provider()))),
     };
-    let mut cc = builder
-        .with_client_auth_cert(load_certs(&cert)?, load_key(&key)?)
-        .context("peer client certificate")?;
+    let mut cc = builder.with_client_auth_cert(load_certs(&cert)?, load_key(&key)?).context("peer client certificate")?;
     cc.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(Arc::new(cc)))
 }
@@ -184,12 +164,7 @@ impl ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -198,12 +173,7 @@ impl ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -29,13 +29,7 @@ async fn sigkill_loses_no_acknowledged_write() {
             for i in 0..100_000u32 {
                 let key = format!("crash/{w}/{i:06}");
                 let value = format!("v-{w}-{i}");
-                let r = kv
-                    .put(PutRequest {
-                        key: key.clone().into(),
-                        value: value.clone().into(),
-                        ..Default::default()
-                    })
-                    .await;
+                let r = kv.put(PutRequest { key: key.clone().into(), value: value.clone().into(), ..Default::default() }).await;
                 if r.is_err() {
                     return;
                 }
@@ -60,29 +54,13 @@ async fn sigkill_loses_no_acknowledged_write() {
     let mut p2 = start(&keel_bin(), &dir, cp, pp, &[]);
     assert!(p2.wait_ready(), "{}", p2.log_text());
     let mut kv = p2.kv().await;
-    let resp = kv
-        .range(RangeRequest {
-            key: b"crash/".to_vec(),
-            range_end: b"crash0".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let got: std::collections::HashMap<Vec<u8>, Vec<u8>> =
-        resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+    let resp =
+        kv.range(RangeRequest { key: b"crash/".to_vec(), range_end: b"crash0".to_vec(), ..Default::default() }).await.unwrap().into_inner();
+    let got: std::collections::HashMap<Vec<u8>, Vec<u8>> = resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
     for (k, v) in &acked {
-        assert_eq!(
-            got.get(k.as_bytes()).map(|v| v.as_slice()),
-            Some(v.as_bytes()),
-            "acknowledged write {k} lost after SIGKILL"
-        );
+        assert_eq!(got.get(k.as_bytes()).map(|v| v.as_slice()), Some(v.as_bytes()), "acknowledged write {k} lost after SIGKILL");
     }
     // Revisions never go back: every acknowledged put has its own revision.
     let rev = resp.header.unwrap().revision;
-    assert!(
-        rev > acked.len() as i64,
-        "revision {rev} after {} acknowledged puts",
-        acked.len()
-    );
+    assert!(rev > acked.len() as i64, "revision {rev} after {} acknowledged puts", acked.len());
 }

@@ -34,9 +34,7 @@ impl Rng {
 const KEYS: &[&str] = &["a", "ab", "abc", "b", "ba", "c", "d", "e"];
 
 fn key(r: &mut Rng) -> Vec<u8> {
-    KEYS[r.below(KEYS.len() as u64) as usize]
-        .as_bytes()
-        .to_vec()
+    KEYS[r.below(KEYS.len() as u64) as usize].as_bytes().to_vec()
 }
 
 fn range_end(r: &mut Rng, k: &[u8]) -> Vec<u8> {
@@ -61,36 +59,16 @@ fn gen_range(r: &mut Rng, cur_rev: i64) -> RangeRequest {
         key: k,
         range_end: end,
         limit: if r.chance(30) { r.below(4) as i64 } else { 0 },
-        revision: if r.chance(30) {
-            r.below(cur_rev as u64 + 3) as i64
-        } else {
-            0
-        },
+        revision: if r.chance(30) { r.below(cur_rev as u64 + 3) as i64 } else { 0 },
         sort_order: r.below(3) as i32,
         sort_target: r.below(5) as i32,
         serializable: r.chance(20),
         keys_only: r.chance(20),
         count_only: r.chance(10),
-        min_mod_revision: if r.chance(10) {
-            r.below(cur_rev as u64 + 1) as i64
-        } else {
-            0
-        },
-        max_mod_revision: if r.chance(10) {
-            r.below(cur_rev as u64 + 1) as i64
-        } else {
-            0
-        },
-        min_create_revision: if r.chance(10) {
-            r.below(cur_rev as u64 + 1) as i64
-        } else {
-            0
-        },
-        max_create_revision: if r.chance(10) {
-            r.below(cur_rev as u64 + 1) as i64
-        } else {
-            0
-        },
+        min_mod_revision: if r.chance(10) { r.below(cur_rev as u64 + 1) as i64 } else { 0 },
+        max_mod_revision: if r.chance(10) { r.below(cur_rev as u64 + 1) as i64 } else { 0 },
+        min_create_revision: if r.chance(10) { r.below(cur_rev as u64 + 1) as i64 } else { 0 },
+        max_create_revision: if r.chance(10) { r.below(cur_rev as u64 + 1) as i64 } else { 0 },
     }
 }
 
@@ -98,11 +76,7 @@ fn gen_put(r: &mut Rng) -> PutRequest {
     let ignore_value = r.chance(8);
     PutRequest {
         key: key(r),
-        value: if ignore_value {
-            vec![]
-        } else {
-            format!("v{}", r.below(5)).into_bytes()
-        },
+        value: if ignore_value { vec![] } else { format!("v{}", r.below(5)).into_bytes() },
         lease: if r.chance(5) { 7777 } else { 0 },
         prev_kv: r.chance(50),
         ignore_value,
@@ -112,11 +86,7 @@ fn gen_put(r: &mut Rng) -> PutRequest {
 
 fn gen_delete(r: &mut Rng) -> DeleteRangeRequest {
     let k = key(r);
-    DeleteRangeRequest {
-        range_end: range_end(r, &k),
-        key: k,
-        prev_kv: r.chance(50),
-    }
+    DeleteRangeRequest { range_end: range_end(r, &k), key: k, prev_kv: r.chance(50) }
 }
 
 fn gen_compare(r: &mut Rng, cur_rev: i64) -> Compare {
@@ -133,11 +103,7 @@ fn gen_compare(r: &mut Rng, cur_rev: i64) -> Compare {
     Compare {
         result: r.below(4) as i32,
         target,
-        range_end: if r.chance(20) {
-            range_end(r, &k)
-        } else {
-            vec![]
-        },
+        range_end: if r.chance(20) { range_end(r, &k) } else { vec![] },
         key: k,
         target_union: Some(union),
     }
@@ -262,10 +228,7 @@ fn gen_op(r: &mut Rng, cur_rev: i64) -> Op {
         30..=54 => Op::Range(gen_range(r, cur_rev)),
         55..=69 => Op::Delete(gen_delete(r)),
         70..=96 => Op::Txn(gen_txn(r, cur_rev, 0)),
-        _ => Op::Compact(CompactionRequest {
-            revision: r.below(cur_rev as u64 + 2) as i64,
-            physical: r.chance(50),
-        }),
+        _ => Op::Compact(CompactionRequest { revision: r.below(cur_rev as u64 + 2) as i64, physical: r.chance(50) }),
     }
 }
 
@@ -280,20 +243,8 @@ async fn keel_matches_etcd_on_random_kv_histories() {
         panic!("/usr/bin/etcd (Debian package etcd-server) is needed as the oracle; set KEEL_SKIP_ETCD_ORACLE=1 to skip");
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut e = start(
-        etcd,
-        &tmp.path().join("etcd.etcd"),
-        free_port(),
-        free_port(),
-        &[],
-    );
-    let mut k = start(
-        &keel_bin(),
-        &tmp.path().join("keel.etcd"),
-        free_port(),
-        free_port(),
-        &[],
-    );
+    let mut e = start(etcd, &tmp.path().join("etcd.etcd"), free_port(), free_port(), &[]);
+    let mut k = start(&keel_bin(), &tmp.path().join("keel.etcd"), free_port(), free_port(), &[]);
     assert!(k.wait_ready(), "{}", k.log_text());
     // etcd 3.4 logs "ready to serve client requests" too.
     assert!(e.wait_ready(), "{}", e.log_text());
@@ -313,15 +264,7 @@ async fn keel_matches_etcd_on_random_kv_histories() {
             }
             assert_eq!(got, want, "seed {seed:#x} step {step}: {op:?}");
             // Track etcd's current revision for generating revisions near it.
-            let probe = ec
-                .range(RangeRequest {
-                    key: vec![0],
-                    range_end: vec![0],
-                    count_only: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let probe = ec.range(RangeRequest { key: vec![0], range_end: vec![0], count_only: true, ..Default::default() }).await.unwrap();
             cur_rev = probe.into_inner().header.unwrap().revision;
         }
     }

@@ -14,56 +14,23 @@ async fn snapshots_are_taken_and_recovered_from() {
     assert!(p.wait_ready(), "{}", p.log_text());
     let mut kv = p.kv().await;
     for i in 0..300 {
-        kv.put(PutRequest {
-            key: format!("s{i:04}").into(),
-            value: format!("{i}").into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        kv.put(PutRequest { key: format!("s{i:04}").into(), value: format!("{i}").into(), ..Default::default() }).await.unwrap();
     }
     let snaps: Vec<_> = std::fs::read_dir(dir.join("member/snap"))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
         .collect();
-    assert!(
-        !snaps.is_empty(),
-        "no snapshot file after 300 entries with --snapshot-count 50"
-    );
-    assert!(
-        snaps.len() <= 5,
-        "old snapshot files are not purged: {}",
-        snaps.len()
-    );
+    assert!(!snaps.is_empty(), "no snapshot file after 300 entries with --snapshot-count 50");
+    assert!(snaps.len() <= 5, "old snapshot files are not purged: {}", snaps.len());
     p.sigkill();
 
     let mut p2 = start(&keel_bin(), &dir, cp, pp, &["--snapshot-count", "50"]);
     assert!(p2.wait_ready(), "{}", p2.log_text());
     let mut kv = p2.kv().await;
-    let r = kv
-        .range(RangeRequest {
-            key: b"s".to_vec(),
-            range_end: b"t".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = kv.range(RangeRequest { key: b"s".to_vec(), range_end: b"t".to_vec(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(r.count, 300);
     let rev = r.header.unwrap().revision;
-    let put = kv
-        .put(PutRequest {
-            key: b"after".to_vec(),
-            value: b"x".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        put.header.unwrap().revision,
-        rev + 1,
-        "revision continues after recovery"
-    );
+    let put = kv.put(PutRequest { key: b"after".to_vec(), value: b"x".to_vec(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(put.header.unwrap().revision, rev + 1, "revision continues after recovery");
 }

@@ -17,13 +17,7 @@ async fn flipped_byte_in_closed_segment_refuses_to_start() {
     let value = vec![b'x'; 1_400_000];
     let mut i = 0;
     while wal_segments(&dir).len() < 2 {
-        kv.put(PutRequest {
-            key: format!("big/{i}").into(),
-            value: value.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        kv.put(PutRequest { key: format!("big/{i}").into(), value: value.clone(), ..Default::default() }).await.unwrap();
         i += 1;
         assert!(i < 200, "WAL never cut a second segment");
     }
@@ -40,10 +34,7 @@ async fn flipped_byte_in_closed_segment_refuses_to_start() {
     assert_ne!(p2.wait_exit(), Some(0));
     let log = p2.log_text();
     let name = first.file_name().unwrap().to_string_lossy().to_string();
-    assert!(
-        log.contains("corrupt") && log.contains(&name) && log.contains("offset"),
-        "error does not name the file and offset:\n{log}"
-    );
+    assert!(log.contains("corrupt") && log.contains(&name) && log.contains("offset"), "error does not name the file and offset:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,13 +46,7 @@ async fn torn_last_record_is_truncated_and_server_serves() {
     assert!(p.wait_ready(), "{}", p.log_text());
     let mut kv = p.kv().await;
     for i in 0..50 {
-        kv.put(PutRequest {
-            key: format!("k{i:03}").into(),
-            value: format!("v{i}").into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        kv.put(PutRequest { key: format!("k{i:03}").into(), value: format!("v{i}").into(), ..Default::default() }).await.unwrap();
     }
     p.sigkill();
 
@@ -74,35 +59,10 @@ async fn torn_last_record_is_truncated_and_server_serves() {
     drop(f);
 
     let mut p2 = start(&keel_bin(), &dir, cp, pp, &[]);
-    assert!(
-        p2.wait_ready(),
-        "server did not start after a torn tail:\n{}",
-        p2.log_text()
-    );
-    assert!(
-        p2.log_text().contains("torn"),
-        "no warning about the torn record"
-    );
+    assert!(p2.wait_ready(), "server did not start after a torn tail:\n{}", p2.log_text());
+    assert!(p2.log_text().contains("torn"), "no warning about the torn record");
     let mut kv = p2.kv().await;
-    kv.put(PutRequest {
-        key: b"after".to_vec(),
-        value: b"ok".to_vec(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let r = kv
-        .range(RangeRequest {
-            key: b"k".to_vec(),
-            range_end: b"l".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        r.count >= 49,
-        "lost more than the torn record: {} keys",
-        r.count
-    );
+    kv.put(PutRequest { key: b"after".to_vec(), value: b"ok".to_vec(), ..Default::default() }).await.unwrap();
+    let r = kv.range(RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() }).await.unwrap().into_inner();
+    assert!(r.count >= 49, "lost more than the torn record: {} keys", r.count);
 }

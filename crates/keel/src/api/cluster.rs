@@ -32,10 +32,7 @@ fn valid_urls(urls: &[String]) -> Result<(), Status> {
                 let hp = rest.trim_end_matches('/');
                 !hp.is_empty()
                     && !hp.contains('/')
-                    && hp
-                        .rsplit_once(':')
-                        .map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-                        .unwrap_or(false)
+                    && hp.rsplit_once(':').map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()).unwrap_or(false)
             }
             _ => false,
         };
@@ -56,12 +53,7 @@ fn members_of(applied: Applied) -> Result<Vec<Member>, Status> {
 impl ClusterService {
     /// Connected to `id` for at least the health interval.
     fn connected(&self, id: u64, cutoff: Instant) -> bool {
-        id == self.server.member_id
-            || self
-                .transport
-                .active_since(id)
-                .map(|t| t <= cutoff)
-                .unwrap_or(false)
+        id == self.server.member_id || self.transport.active_since(id).map(|t| t <= cutoff).unwrap_or(false)
     }
 
     fn may_add_voter(&self) -> Result<(), Status> {
@@ -75,9 +67,7 @@ impl ClusterService {
         if !(nstarted == 1 && nmembers == 2) && nstarted < nmembers / 2 + 1 {
             return Err(errors::not_enough_started());
         }
-        let cutoff = Instant::now()
-            .checked_sub(HEALTH_INTERVAL)
-            .unwrap_or_else(Instant::now);
+        let cutoff = Instant::now().checked_sub(HEALTH_INTERVAL).unwrap_or_else(Instant::now);
         if !voters.iter().all(|m| self.connected(m.id, cutoff)) {
             return Err(errors::unhealthy());
         }
@@ -102,13 +92,8 @@ impl ClusterService {
         if id != self.server.member_id && self.transport.active_since(id).is_none() {
             return Ok(());
         }
-        let cutoff = Instant::now()
-            .checked_sub(HEALTH_INTERVAL)
-            .unwrap_or_else(Instant::now);
-        let active = voters
-            .iter()
-            .filter(|m| self.connected(m.id, cutoff))
-            .count();
+        let cutoff = Instant::now().checked_sub(HEALTH_INTERVAL).unwrap_or_else(Instant::now);
+        let active = voters.iter().filter(|m| self.connected(m.id, cutoff)).count();
         if active < 2 + (voters.len() - 1) / 2 {
             return Err(errors::unhealthy());
         }
@@ -118,44 +103,29 @@ impl ClusterService {
 
 /// Checks and proposes the promotion of a learner; runs on the leader.
 pub async fn promote(server: &Server, id: u64) -> Result<Vec<Member>, Status> {
-    let m = server
-        .members()
-        .get(id)
-        .cloned()
-        .ok_or_else(errors::member_not_found)?;
+    let m = server.members().get(id).cloned().ok_or_else(errors::member_not_found)?;
     if !m.is_learner {
         return Err(errors::not_learner());
     }
     let progress = server.node.progress().await.map_err(errors::propose)?;
-    let leader = progress
-        .get(&server.member_id)
-        .ok_or_else(errors::not_leader)?;
+    let leader = progress.get(&server.member_id).ok_or_else(errors::not_leader)?;
     let learner = progress.get(&id).ok_or_else(errors::learner_not_ready)?;
     if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
         return Err(errors::learner_not_ready());
     }
-    let (applied, _) = server
-        .propose_conf_change(ConfChangeType::AddNode, id, None)
-        .await?;
+    let (applied, _) = server.propose_conf_change(ConfChangeType::AddNode, id, None).await?;
     members_of(applied)
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(
-        &self,
-        req: Request<MemberAddRequest>,
-    ) -> Result<Response<MemberAddResponse>, Status> {
+    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
         let r = req.into_inner();
         valid_urls(&r.peer_ur_ls)?;
         let s = &self.server;
         {
             let members = s.members();
-            if members
-                .members
-                .iter()
-                .any(|m| m.peer_urls.iter().any(|u| r.peer_ur_ls.contains(u)))
-            {
+            if members.members.iter().any(|m| m.peer_urls.iter().any(|u| r.peer_ur_ls.contains(u))) {
                 return Err(errors::peer_url_exists());
             }
             if r.is_learner && members.members.iter().filter(|m| m.is_learner).count() >= 1 {
@@ -165,59 +135,31 @@ impl Cluster for ClusterService {
         if !r.is_learner {
             self.may_add_voter()?;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let id = new_member_id(&r.peer_ur_ls, now);
         if s.members().get(id).is_some() {
             return Err(errors::member_exists());
         }
-        let rec = MemberRecord {
-            id,
-            name: String::new(),
-            peer_urls: r.peer_ur_ls.clone(),
-            client_urls: vec![],
-            is_learner: r.is_learner,
-        };
-        let change = if r.is_learner {
-            ConfChangeType::AddLearnerNode
-        } else {
-            ConfChangeType::AddNode
-        };
+        let rec = MemberRecord { id, name: String::new(), peer_urls: r.peer_ur_ls.clone(), client_urls: vec![], is_learner: r.is_learner };
+        let change = if r.is_learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
         let (applied, rev) = s.propose_conf_change(change, id, Some(rec)).await?;
         let members = members_of(applied)?;
         let member = members.iter().find(|m| m.id == id).cloned();
-        Ok(Response::new(MemberAddResponse {
-            header: s.header(rev),
-            member,
-            members,
-        }))
+        Ok(Response::new(MemberAddResponse { header: s.header(rev), member, members }))
     }
 
-    async fn member_remove(
-        &self,
-        req: Request<MemberRemoveRequest>,
-    ) -> Result<Response<MemberRemoveResponse>, Status> {
+    async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
         let id = req.into_inner().id;
         let s = &self.server;
         if s.members().get(id).is_none() {
             return Err(errors::member_not_found());
         }
         self.may_remove(id)?;
-        let (applied, rev) = s
-            .propose_conf_change(ConfChangeType::RemoveNode, id, None)
-            .await?;
-        Ok(Response::new(MemberRemoveResponse {
-            header: s.header(rev),
-            members: members_of(applied)?,
-        }))
+        let (applied, rev) = s.propose_conf_change(ConfChangeType::RemoveNode, id, None).await?;
+        Ok(Response::new(MemberRemoveResponse { header: s.header(rev), members: members_of(applied)? }))
     }
 
-    async fn member_update(
-        &self,
-        req: Request<MemberUpdateRequest>,
-    ) -> Result<Response<MemberUpdateResponse>, Status> {
+    async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
         let r = req.into_inner();
         valid_urls(&r.peer_ur_ls)?;
         let s = &self.server;
@@ -226,53 +168,27 @@ impl Cluster for ClusterService {
             if members.get(r.id).is_none() {
                 return Err(errors::member_not_found());
             }
-            if members
-                .members
-                .iter()
-                .any(|m| m.id != r.id && m.peer_urls.iter().any(|u| r.peer_ur_ls.contains(u)))
-            {
+            if members.members.iter().any(|m| m.id != r.id && m.peer_urls.iter().any(|u| r.peer_ur_ls.contains(u))) {
                 return Err(errors::peer_url_exists());
             }
         }
-        let (applied, rev) = s
-            .propose(Internal::MemberUpdate(MemberUpdate {
-                id: r.id,
-                peer_urls: r.peer_ur_ls,
-            }))
-            .await?;
-        Ok(Response::new(MemberUpdateResponse {
-            header: s.header(rev),
-            members: members_of(applied)?,
-        }))
+        let (applied, rev) = s.propose(Internal::MemberUpdate(MemberUpdate { id: r.id, peer_urls: r.peer_ur_ls })).await?;
+        Ok(Response::new(MemberUpdateResponse { header: s.header(rev), members: members_of(applied)? }))
     }
 
-    async fn member_list(
-        &self,
-        req: Request<MemberListRequest>,
-    ) -> Result<Response<MemberListResponse>, Status> {
+    async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         if req.get_ref().linearizable {
             self.server.linearizable_barrier().await?;
         }
         let rev = self.server.store().current_rev();
         let members = self.server.members().to_proto();
-        Ok(Response::new(MemberListResponse {
-            header: self.server.header(rev),
-            members,
-        }))
+        Ok(Response::new(MemberListResponse { header: self.server.header(rev), members }))
     }
 
-    async fn member_promote(
-        &self,
-        req: Request<MemberPromoteRequest>,
-    ) -> Result<Response<MemberPromoteResponse>, Status> {
+    async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
         let id = req.into_inner().id;
         let s = &self.server;
-        let members = if s
-            .node
-            .status
-            .is_leader
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        let members = if s.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
             promote(s, id).await?
         } else {
             let leader = s.node.status.leader();
@@ -282,9 +198,6 @@ impl Cluster for ClusterService {
             self.transport.forward_promote(leader, id).await?
         };
         let rev = s.store().current_rev();
-        Ok(Response::new(MemberPromoteResponse {
-            header: s.header(rev),
-            members,
-        }))
+        Ok(Response::new(MemberPromoteResponse { header: s.header(rev), members }))
     }
 }

@@ -8,8 +8,8 @@ use keel_mvcc::kv as mvcc_kv;
 use keel_mvcc::kv::NoLeases;
 use keel_proto::etcdserverpb::kv_server::Kv;
 use keel_proto::etcdserverpb::{
-    request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
-    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, TxnRequest, TxnResponse,
 };
 use keel_proto::keelpb::internal_request::Request;
 use std::sync::Arc;
@@ -25,22 +25,16 @@ fn unexpected() -> Status {
 
 /// True when every range in the transaction (and nested ones) is serializable.
 fn txn_serializable(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(t.failure.iter())
-        .all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(r)) => r.serializable,
-            Some(request_op::Request::RequestTxn(t)) => txn_serializable(t),
-            _ => true,
-        })
+    t.success.iter().chain(t.failure.iter()).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(r)) => r.serializable,
+        Some(request_op::Request::RequestTxn(t)) => txn_serializable(t),
+        _ => true,
+    })
 }
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(
-        &self,
-        req: GrpcRequest<RangeRequest>,
-    ) -> Result<Response<RangeResponse>, Status> {
+    async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let r = req.into_inner();
         validate::range(&r)?;
         if !r.serializable {
@@ -66,10 +60,7 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete_range(
-        &self,
-        req: GrpcRequest<DeleteRangeRequest>,
-    ) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(&self, req: GrpcRequest<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         validate::delete_range(&r)?;
         self.server.not_learner()?;
@@ -112,10 +103,7 @@ impl Kv for KvService {
         }
     }
 
-    async fn compact(
-        &self,
-        req: GrpcRequest<CompactionRequest>,
-    ) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(&self, req: GrpcRequest<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
         self.server.not_learner()?;
         match self.server.propose(Request::Compaction(r)).await? {

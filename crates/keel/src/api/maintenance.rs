@@ -19,27 +19,17 @@ type SnapshotStream = Pin<Box<dyn futures::Stream<Item = Result<SnapshotResponse
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, _req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         let rev = self.server.store().current_rev();
-        Ok(Response::new(AlarmResponse {
-            header: self.server.header(rev),
-            alarms: vec![],
-        }))
+        Ok(Response::new(AlarmResponse { header: self.server.header(rev), alarms: vec![] }))
     }
 
-    async fn status(
-        &self,
-        _req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = &self.server;
         let (rev, (db_size, in_use)) = {
             let store = s.store();
             (store.current_rev(), store.db_size())
         };
         let st = &s.node.status;
-        let is_learner = s
-            .members()
-            .get(s.member_id)
-            .map(|m| m.is_learner)
-            .unwrap_or(false);
+        let is_learner = s.members().get(s.member_id).map(|m| m.is_learner).unwrap_or(false);
         Ok(Response::new(StatusResponse {
             header: s.header(rev),
             version: ETCD_VERSION.to_string(),
@@ -54,53 +44,28 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(
-        &self,
-        _req: Request<DefragmentRequest>,
-    ) -> Result<Response<DefragmentResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: defragment is not implemented yet",
-        ))
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: defragment is not implemented yet"))
     }
 
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: hash is not implemented yet",
-        ))
+        Err(Status::unimplemented("etcdserver: hash is not implemented yet"))
     }
 
-    async fn hash_kv(
-        &self,
-        _req: Request<HashKvRequest>,
-    ) -> Result<Response<HashKvResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: hashkv is not implemented yet",
-        ))
+    async fn hash_kv(&self, _req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: hashkv is not implemented yet"))
     }
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(
-        &self,
-        _req: Request<SnapshotRequest>,
-    ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: snapshot is not implemented yet",
-        ))
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("etcdserver: snapshot is not implemented yet"))
     }
 
-    async fn move_leader(
-        &self,
-        req: Request<MoveLeaderRequest>,
-    ) -> Result<Response<MoveLeaderResponse>, Status> {
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
         let target = req.into_inner().target_id;
         let s = &self.server;
-        if !s
-            .node
-            .status
-            .is_leader
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        if !s.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
             return Err(errors::not_leader());
         }
         match s.members().get(target) {
@@ -119,17 +84,10 @@ impl Maintenance for MaintenanceService {
             tracing::info!(transferee = format!("{target:x}"), "leadership transferred");
         }
         let rev = s.store().current_rev();
-        Ok(Response::new(MoveLeaderResponse {
-            header: s.header(rev),
-        }))
+        Ok(Response::new(MoveLeaderResponse { header: s.header(rev) }))
     }
 
-    async fn downgrade(
-        &self,
-        _req: Request<DowngradeRequest>,
-    ) -> Result<Response<DowngradeResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: downgrade is not implemented",
-        ))
+    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: downgrade is not implemented"))
     }
 }

@@ -2,9 +2,7 @@
 
 use crate::errors;
 use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
-use keel_proto::etcdserverpb::{
-    request_op::Request, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use keel_proto::etcdserverpb::{request_op::Request, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
 use std::collections::HashSet;
 use tonic::Status;
 
@@ -94,15 +92,8 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
     let mut dels: Vec<Interval> = Vec::new();
     for op in reqs {
         if let Some(Request::RequestDeleteRange(d)) = &op.request {
-            let end = if d.range_end.is_empty() {
-                None
-            } else {
-                Some(d.range_end.clone())
-            };
-            dels.push(Interval {
-                start: d.key.clone(),
-                end,
-            });
+            let end = if d.range_end.is_empty() { None } else { Some(d.range_end.clone()) };
+            dels.push(Interval { start: d.key.clone(), end });
         }
     }
     let mut puts: HashSet<Vec<u8>> = HashSet::new();
@@ -142,78 +133,36 @@ mod tests {
     use super::*;
 
     fn put_op(k: &str) -> RequestOp {
-        RequestOp {
-            request: Some(Request::RequestPut(PutRequest {
-                key: k.into(),
-                ..Default::default()
-            })),
-        }
+        RequestOp { request: Some(Request::RequestPut(PutRequest { key: k.into(), ..Default::default() })) }
     }
     fn del_op(k: &str, e: &str) -> RequestOp {
         RequestOp {
-            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
-                key: k.into(),
-                range_end: e.into(),
-                ..Default::default()
-            })),
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: k.into(), range_end: e.into(), ..Default::default() })),
         }
     }
 
     #[test]
     fn duplicate_puts_and_overlapping_deletes() {
-        let t = TxnRequest {
-            success: vec![put_op("a"), put_op("a")],
-            ..Default::default()
-        };
+        let t = TxnRequest { success: vec![put_op("a"), put_op("a")], ..Default::default() };
         assert!(txn(&t, 128).is_err());
-        let t = TxnRequest {
-            success: vec![put_op("b"), del_op("a", "c")],
-            ..Default::default()
-        };
+        let t = TxnRequest { success: vec![put_op("b"), del_op("a", "c")], ..Default::default() };
         assert!(txn(&t, 128).is_err());
-        let t = TxnRequest {
-            success: vec![put_op("c"), del_op("a", "c")],
-            ..Default::default()
-        };
+        let t = TxnRequest { success: vec![put_op("c"), del_op("a", "c")], ..Default::default() };
         assert!(txn(&t, 128).is_ok());
         // Success and failure may touch the same key.
-        let t = TxnRequest {
-            success: vec![put_op("a")],
-            failure: vec![put_op("a")],
-            ..Default::default()
-        };
+        let t = TxnRequest { success: vec![put_op("a")], failure: vec![put_op("a")], ..Default::default() };
         assert!(txn(&t, 128).is_ok());
         // A nested transaction's branches may overlap each other but not the parent.
-        let nested = TxnRequest {
-            success: vec![put_op("x")],
-            failure: vec![put_op("x")],
-            ..Default::default()
-        };
-        let t = TxnRequest {
-            success: vec![RequestOp {
-                request: Some(Request::RequestTxn(nested.clone())),
-            }],
-            ..Default::default()
-        };
+        let nested = TxnRequest { success: vec![put_op("x")], failure: vec![put_op("x")], ..Default::default() };
+        let t = TxnRequest { success: vec![RequestOp { request: Some(Request::RequestTxn(nested.clone())) }], ..Default::default() };
         assert!(txn(&t, 128).is_ok());
-        let t = TxnRequest {
-            success: vec![
-                RequestOp {
-                    request: Some(Request::RequestTxn(nested)),
-                },
-                put_op("x"),
-            ],
-            ..Default::default()
-        };
+        let t = TxnRequest { success: vec![RequestOp { request: Some(Request::RequestTxn(nested)) }, put_op("x")], ..Default::default() };
         assert!(txn(&t, 128).is_err());
     }
 
     #[test]
     fn too_many_ops() {
-        let t = TxnRequest {
-            success: (0..3).map(|i| put_op(&format!("k{i}"))).collect(),
-            ..Default::default()
-        };
+        let t = TxnRequest { success: (0..3).map(|i| put_op(&format!("k{i}"))).collect(), ..Default::default() };
         assert!(txn(&t, 2).is_err());
         assert!(txn(&t, 3).is_ok());
     }

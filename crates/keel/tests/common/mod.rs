@@ -28,38 +28,18 @@ pub fn keel_bin() -> PathBuf {
 }
 
 /// Starts `bin` as a single member with etcd's flags; output goes to `<data_dir>.log`.
-pub fn start(
-    bin: &Path,
-    data_dir: &Path,
-    client_port: u16,
-    peer_port: u16,
-    extra: &[&str],
-) -> Proc {
+pub fn start(bin: &Path, data_dir: &Path, client_port: u16, peer_port: u16, extra: &[&str]) -> Proc {
     let log = data_dir.with_extension("log");
     let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .expect("log file");
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
     let err = out.try_clone().expect("log file");
     let curl = format!("http://127.0.0.1:{client_port}");
     let purl = format!("http://127.0.0.1:{peer_port}");
     let child = Command::new(bin)
         .args(["--name", "t1", "--data-dir"])
         .arg(data_dir)
-        .args([
-            "--listen-client-urls",
-            &curl,
-            "--advertise-client-urls",
-            &curl,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &purl,
-            "--initial-advertise-peer-urls",
-            &purl,
-        ])
+        .args(["--listen-client-urls", &curl, "--advertise-client-urls", &curl])
+        .args(["--listen-peer-urls", &purl, "--initial-advertise-peer-urls", &purl])
         .args(["--initial-cluster", &format!("t1={purl}")])
         .args(extra)
         .stdin(Stdio::null())
@@ -67,13 +47,7 @@ pub fn start(
         .stderr(err)
         .spawn()
         .expect("spawn server");
-    Proc {
-        child: Some(child),
-        data_dir: data_dir.to_path_buf(),
-        client_port,
-        log,
-        log_start,
-    }
+    Proc { child: Some(child), data_dir: data_dir.to_path_buf(), client_port, log, log_start }
 }
 
 impl Proc {
@@ -100,11 +74,7 @@ impl Proc {
                     return false;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "server did not become ready:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "server did not become ready:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -134,11 +104,7 @@ impl Proc {
     }
 
     pub async fn kv(&self) -> KvClient<Channel> {
-        let ch = match Channel::from_shared(self.endpoint())
-            .expect("uri")
-            .connect()
-            .await
-        {
+        let ch = match Channel::from_shared(self.endpoint()).expect("uri").connect().await {
             Ok(c) => c,
             Err(e) => panic!("connect to {}: {e:?}\n{}", self.endpoint(), self.log_text()),
         };
