@@ -82,30 +82,56 @@ impl Dialer {
     )> {
         let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
         let hostport = rest.trim_end_matches('/').to_string();
-        let tls = match scheme {
-            "https" => Some(self.tls.clone().ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?),
-            "http" => None,
+        let (tls, unix) = match scheme {
+            "https" | "unixs" => {
+                (Some(self.tls.clone().ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?), scheme == "unixs")
+            }
+            "http" | "unix" => (None, scheme == "unix"),
             other => return Err(anyhow!("unsupported peer URL scheme {other:?}")),
         };
-        let ep = Endpoint::from_shared(format!("http://{hostport}"))?
+        // tonic needs an http URI; the connector below decides how to really connect.
+        let ep = Endpoint::from_shared(if unix { "http://unix.sock".to_string() } else { format!("http://{hostport}") })?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let host = hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default();
+        let host = if unix {
+            "localhost".to_string()
+        } else {
+            hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default()
+        };
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let hostport = hostport.clone();
             let host = host.clone();
             let tls = tls.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(&hostport).await?;
-                let _ = tcp.set_nodelay(true);
+                let raw: Box<dyn Io> = if unix {
+                    Box::new(tokio::net::UnixStream::connect(&hostport).await?)
+                } else {
+                    let tcp = tokio::net::TcpStream::connect(&hostport).await?;
+                    let _ = tcp.set_nodelay(true);
+                    Box::new(tcp)
+                };
                 let io: Box<dyn Io> = match tls {
                     Some(cfg) => {
                         let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| std::io::Error::other(e.to_string()))?;
-                        Box::new(tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?)
+                        match tokio_rustls::TlsConnector::from(cfg).connect(name, raw).await {
+                            Ok(s) => Box::new(s),
+                            Err(e) => {
+                                let rejected = e
+                                    .get_ref()
+                                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                                    .map(|r| matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)))
+                                    .unwrap_or(false);
+                                if rejected {
+                                    // etcd's (Go's) wording, which operators grep for.
+                                    return Err(std::io::Error::other("remote error: tls: bad certificate"));
+                                }
+                                return Err(e);
+                            }
+                        }
                     }
-                    None => Box::new(tcp),
+                    None => raw,
                 };
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
             }
@@ -262,7 +288,21 @@ impl Transport for PeerTransport {
 /// Keeps one stream open to `to` and feeds it from the queue, reconnecting with backoff.
 async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) {
     let mut backoff = Duration::from_millis(50);
-    let mut logged_down = false;
+    // Whether the last attempt failed (failures are logged once per outage).
+    let mut down = false;
+    let report = |down: &mut bool, what: &str, why: String, url: &str| {
+        if *down {
+            tracing::debug!(peer = format!("{to:x}"), url, error = %why, "peer: {what}");
+            return;
+        }
+        *down = true;
+        if why.contains("BadCertificate") || why.contains("bad certificate") {
+            // etcd's (Go's) wording, which operators grep for.
+            tracing::warn!(peer = format!("{to:x}"), url, "peer: {what}: remote error: tls: bad certificate");
+        } else {
+            tracing::warn!(peer = format!("{to:x}"), url, error = %why, "peer: {what}; retrying");
+        }
+    };
     loop {
         if !inner.is_member(to) {
             tracing::info!(peer = format!("{to:x}"), "peer: stopped sending to a removed member");
@@ -275,14 +315,11 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
         let ch = match tokio::time::timeout(Duration::from_secs(2), inner.dialer.connect(&url)).await {
             Ok(Ok(c)) => c,
             failed => {
-                if !logged_down {
-                    let why = match failed {
-                        Ok(Err(e)) => format!("{e:#}"),
-                        _ => "timed out".to_string(),
-                    };
-                    tracing::warn!(peer = format!("{to:x}"), url = %url, error = %why, "peer: cannot connect; retrying");
-                    logged_down = true;
-                }
+                let why = match failed {
+                    Ok(Err(e)) => format!("{e:#} {e:?}"),
+                    _ => "timed out".to_string(),
+                };
+                report(&mut down, "cannot connect", why, &url);
                 inner.unreachable(to);
                 while rx.try_recv().is_ok() {}
                 tokio::time::sleep(backoff).await;
@@ -290,20 +327,29 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
                 continue;
             }
         };
-        inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).entry(to).or_insert_with(Instant::now);
-        if logged_down {
-            tracing::info!(peer = format!("{to:x}"), "peer: connected");
-            logged_down = false;
-        }
-        backoff = Duration::from_millis(50);
         let (btx, brx) = mpsc::channel::<RaftBatch>(16);
         let mut c = client(ch);
         let req = with_cluster(ReceiverStream::new(brx), inner.cluster_id);
         let mut call = tokio::spawn(async move { c.raft(req).await });
+        let opened = Instant::now();
+        let mut healthy = false;
         let broken = loop {
+            // A stream that stays up for a while is healthy: only then does the peer count as
+            // connected (a TLS 1.3 server rejects a client certificate after the handshake).
+            let wait = Duration::from_millis(500).saturating_sub(opened.elapsed());
             let first = tokio::select! {
                 m = rx.recv() => match m { Some(m) => m, None => return },
                 r = &mut call => break format!("{:?}", r.map(|r| r.map(|_| ()))),
+                _ = tokio::time::sleep(wait), if !healthy => {
+                    healthy = true;
+                    inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).entry(to).or_insert_with(Instant::now);
+                    if down {
+                        tracing::info!(peer = format!("{to:x}"), "peer: connected");
+                        down = false;
+                    }
+                    backoff = Duration::from_millis(50);
+                    continue;
+                }
             };
             let mut size = first.len();
             let mut batch = vec![first];
@@ -321,7 +367,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
             }
         };
         call.abort();
-        tracing::warn!(peer = format!("{to:x}"), url = %url, reason = %broken, "peer: lost connection; retrying");
+        report(&mut down, "lost connection", broken, &url);
         inner.unreachable(to);
         // Drop what queued up meanwhile: raft resends what matters.
         while rx.try_recv().is_ok() {}

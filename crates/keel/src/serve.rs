@@ -1,60 +1,103 @@
-//! Client listeners: one per `--listen-client-urls` entry, http or https, each serving gRPC and
-//! HTTP on the same port (HTTP/2 with prior knowledge, HTTP/1.1, TLS with ALPN).
+//! Listeners: one per URL of `--listen-client-urls` / `--listen-peer-urls`, TCP (http, https) or
+//! unix sockets (unix, unixs). Each serves gRPC and HTTP on the same socket (HTTP/2 with prior
+//! knowledge, HTTP/1.1, TLS with ALPN).
 
 use anyhow::{anyhow, bail, Context, Result};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
-use tokio::net::TcpListener;
+use std::path::PathBuf;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
+
+/// Where a URL listens.
+pub enum Addr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Tcp(a) => write!(f, "{a}"),
+            Addr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
 
 /// A parsed listen URL.
 pub struct ListenUrl {
     pub tls: bool,
-    pub addr: SocketAddr,
+    pub addr: Addr,
     pub url: String,
 }
 
 pub fn parse_listen_url(u: &str) -> Result<ListenUrl> {
     let (scheme, rest) = u.split_once("://").ok_or_else(|| anyhow!("URL {u:?} has no scheme"))?;
-    let tls = match scheme {
-        "http" => false,
-        "https" => true,
-        other => bail!("URL scheme must be http or https (got {other:?} in {u:?})"),
-    };
     let hostport = rest.trim_end_matches('/');
+    let (tls, unix) = match scheme {
+        "http" => (false, false),
+        "https" => (true, false),
+        "unix" => (false, true),
+        "unixs" => (true, true),
+        other => bail!("URL scheme must be http, https, unix, or unixs (got {other:?} in {u:?})"),
+    };
+    if unix {
+        // As etcd: the host part names the socket file, relative to the working directory.
+        return Ok(ListenUrl { tls, addr: Addr::Unix(PathBuf::from(hostport)), url: u.to_string() });
+    }
     let (host, port) = hostport.rsplit_once(':').ok_or_else(|| anyhow!("URL {u:?} has no port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let host = if host == "localhost" || host.is_empty() { "127.0.0.1" } else { host };
     let port: u16 = port.parse().with_context(|| format!("bad port in {u:?}"))?;
     let ip = host.parse().with_context(|| format!("listen URL {u:?} must name an IP address or localhost"))?;
-    Ok(ListenUrl { tls, addr: SocketAddr::new(ip, port), url: u.to_string() })
+    Ok(ListenUrl { tls, addr: Addr::Tcp(SocketAddr::new(ip, port)), url: u.to_string() })
 }
 
-/// Binds every client URL; fails if any cannot be bound.
-pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, TcpListener)>> {
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Binds every URL; fails if any cannot be bound.
+pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, Listener)>> {
     let mut out = Vec::new();
     for u in urls {
         let lu = parse_listen_url(u)?;
-        let l = TcpListener::bind(lu.addr).await.with_context(|| format!("listen on {u}"))?;
+        let l = match &lu.addr {
+            Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await.with_context(|| format!("listen on {u}"))?),
+            Addr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Listener::Unix(UnixListener::bind(p).with_context(|| format!("listen on {u}"))?)
+            }
+        };
         out.push((lu, l));
     }
     Ok(out)
 }
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// Serves `router` on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: axum::Router, max_streams: u32) {
+pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::Router, max_streams: u32) {
     loop {
-        let (sock, _peer) = match listener.accept().await {
-            Ok(x) => x,
+        let accepted: std::io::Result<Box<dyn Io>> = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Box::new(s) as Box<dyn Io>
+            }),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Box::new(s) as Box<dyn Io>),
+        };
+        let sock = match accepted {
+            Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let _ = sock.set_nodelay(true);
         let router = router.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -72,7 +115,7 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: axum
                 None => builder.serve_connection_with_upgrades(TokioIo::new(sock), svc).await,
             };
             if let Err(e) = res {
-                tracing::debug!(error = %e, "client connection ended with an error");
+                tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }

@@ -63,6 +63,8 @@ struct Side<'a> {
     client_cert_auth: bool,
     auto: bool,
     auto_dir: &'static str,
+    allowed_cn: &'a Option<String>,
+    allowed_hostname: &'a Option<String>,
 }
 
 fn cert_and_key(cfg: &Config, side: &Side) -> Result<Option<(String, String)>> {
@@ -83,7 +85,15 @@ fn server_config(cfg: &Config, side: &Side) -> Result<Option<TlsAcceptor>> {
             let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
                 .build()
                 .context("client verifier")?;
-            builder.with_client_cert_verifier(v)
+            if side.allowed_cn.is_some() || side.allowed_hostname.is_some() {
+                builder.with_client_cert_verifier(Arc::new(AllowedNames {
+                    inner: v,
+                    cn: side.allowed_cn.clone(),
+                    hostname: side.allowed_hostname.clone(),
+                }))
+            } else {
+                builder.with_client_cert_verifier(v)
+            }
         }
         _ => builder.with_no_client_auth(),
     };
@@ -103,6 +113,8 @@ pub fn client_server(cfg: &Config) -> Result<Option<TlsAcceptor>> {
             client_cert_auth: cfg.client_cert_auth,
             auto: cfg.auto_tls,
             auto_dir: "fixtures/client",
+            allowed_cn: &None,
+            allowed_hostname: &None,
         },
     )
 }
@@ -115,6 +127,8 @@ fn peer_side(cfg: &Config) -> Side<'_> {
         client_cert_auth: cfg.peer_client_cert_auth,
         auto: cfg.peer_auto_tls,
         auto_dir: "fixtures/peer",
+        allowed_cn: &cfg.peer_cert_allowed_cn,
+        allowed_hostname: &cfg.peer_cert_allowed_hostname,
     }
 }
 
@@ -178,5 +192,90 @@ impl ServerCertVerifier for AnyServerCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Client certificate check for `--peer-cert-allowed-cn` / `--peer-cert-allowed-hostname`: the
+/// chain must verify, and the certificate must carry the allowed CommonName or name.
+#[derive(Debug)]
+struct AllowedNames {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cn: Option<String>,
+    hostname: Option<String>,
+}
+
+fn cert_names(cert: &CertificateDer<'_>) -> (Vec<String>, Vec<String>) {
+    use x509_parser::prelude::*;
+    let Ok((_, x)) = X509Certificate::from_der(cert.as_ref()) else { return (vec![], vec![]) };
+    let cns = x.subject().iter_common_name().filter_map(|a| a.as_str().ok().map(str::to_string)).collect();
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = x.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => names.push(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_string()),
+                    16 => {
+                        let mut b = [0u8; 16];
+                        b.copy_from_slice(ip);
+                        names.push(std::net::Ipv6Addr::from(b).to_string());
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    (cns, names)
+}
+
+impl rustls::server::danger::ClientCertVerifier for AllowedNames {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let (cns, names) = cert_names(end_entity);
+        if let Some(cn) = &self.cn {
+            if !cns.iter().any(|c| c == cn) {
+                tracing::warn!(allowed_cn = %cn, got = ?cns, "rejected peer connection: client certificate authentication failed (CommonName not allowed)");
+                return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+            }
+        }
+        if let Some(h) = &self.hostname {
+            if !names.iter().any(|n| n.eq_ignore_ascii_case(h)) {
+                tracing::warn!(allowed_hostname = %h, got = ?names, "rejected peer connection: client certificate authentication failed (hostname not allowed)");
+                return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+            }
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
