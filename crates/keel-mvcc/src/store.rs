@@ -205,6 +205,79 @@ impl Store {
         WriteTxn { store: self, main, sub: 0, events: Vec::new() }
     }
 
+    /// etcd's HashKV: CRC-32C over the key table's entries (revision key, KeyValue record) up to
+    /// `rev` (0: current), starting with the table name. The records are encoded as etcd's, so
+    /// the hash matches etcd's for the same history. Returns (hash, current revision, compacted
+    /// revision).
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), KvError> {
+        let (cur, compacted) = (self.meta.current_rev, self.meta.compacted_rev);
+        if rev > 0 && rev <= compacted {
+            return Err(KvError::Compacted);
+        }
+        if rev > cur {
+            return Err(KvError::FutureRev);
+        }
+        let upper = if rev == 0 { cur } else { rev };
+        // As etcd 3.4: entries at or below the compaction revision count only when they are
+        // their key's newest value at `upper`.
+        let keep: std::collections::HashSet<Vec<u8>> = if compacted > 0 {
+            self.index.range_at(&[0], &[0], upper).filter(|(_, r)| r.main <= compacted).map(|(_, r)| r.to_key(false)).collect()
+        } else {
+            Default::default()
+        };
+        let any_live = compacted > 0 && self.index.range_at(&[0], &[0], upper).next().is_some();
+        let mut crc = crc32c::crc32c(b"key");
+        let mut add = |k: &[u8], v: &[u8]| {
+            crc = crc32c::crc32c_append(crc, k);
+            crc = crc32c::crc32c_append(crc, v);
+        };
+        let within = |k: &[u8]| match Revision::from_key(k) {
+            Some((r, _)) if r.main <= upper => r.main > compacted || !any_live || keep.contains(k),
+            _ => false,
+        };
+        // Merge the committed table with the pending batch, in key (= revision) order.
+        let mut pending = self.pending.iter().peekable();
+        self.backend
+            .scan(|k, v| {
+                while let Some((pk, pv)) = pending.peek() {
+                    if pk.as_slice() < k {
+                        if let Some(pv) = pv {
+                            if within(pk) {
+                                add(pk, pv);
+                            }
+                        }
+                        pending.next();
+                    } else {
+                        break;
+                    }
+                }
+                if let Some((pk, pv)) = pending.peek() {
+                    if pk.as_slice() == k {
+                        if let Some(pv) = pv {
+                            if within(k) {
+                                add(k, pv);
+                            }
+                        }
+                        pending.next();
+                        return Ok(());
+                    }
+                }
+                if within(k) {
+                    add(k, v);
+                }
+                Ok(())
+            })
+            .map_err(KvError::Backend)?;
+        for (pk, pv) in pending {
+            if let Some(pv) = pv {
+                if within(pk) {
+                    add(pk, pv);
+                }
+            }
+        }
+        Ok((crc, cur, compacted))
+    }
+
     /// Compacts history up to `rev`: drops superseded revisions from index and backend.
     pub fn compact(&mut self, rev: i64) -> Result<usize, KvError> {
         if rev <= self.meta.compacted_rev {

@@ -11,6 +11,7 @@ mod common;
 use common::*;
 use keel_proto::etcdserverpb::compare::{CompareTarget, TargetUnion};
 use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::*;
 use std::path::Path;
 use tonic::transport::Channel;
@@ -267,5 +268,11 @@ async fn keel_matches_etcd_on_random_kv_histories() {
             let probe = ec.range(RangeRequest { key: vec![0], range_end: vec![0], count_only: true, ..Default::default() }).await.unwrap();
             cur_rev = probe.into_inner().header.unwrap().revision;
         }
+        // The same history hashes the same (etcd's HashKV over its key bucket).
+        let mut em = MaintenanceClient::new(Channel::from_shared(e.endpoint()).unwrap().connect().await.unwrap());
+        let mut km = MaintenanceClient::new(Channel::from_shared(k.endpoint()).unwrap().connect().await.unwrap());
+        let want = em.hash_kv(HashKvRequest { revision: 0 }).await.unwrap().into_inner();
+        let got = km.hash_kv(HashKvRequest { revision: 0 }).await.unwrap().into_inner();
+        assert_eq!((got.hash, got.compact_revision), (want.hash, want.compact_revision), "HashKV after seed {seed:#x}");
     }
 }

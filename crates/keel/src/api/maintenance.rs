@@ -52,8 +52,10 @@ impl Maintenance for MaintenanceService {
         Err(Status::unimplemented("etcdserver: hash is not implemented yet"))
     }
 
-    async fn hash_kv(&self, _req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        Err(Status::unimplemented("etcdserver: hashkv is not implemented yet"))
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let rev = req.into_inner().revision;
+        let (hash, cur, compacted) = self.server.store().hash_kv(rev).map_err(errors::kv)?;
+        Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision: compacted }))
     }
 
     type SnapshotStream = SnapshotStream;
