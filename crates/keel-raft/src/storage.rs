@@ -146,11 +146,20 @@ impl Storage for LogStore {
         Ok(self.rl().last_index())
     }
 
+    /// A snapshot for a follower that is behind the log: taken at the applied index (with the
+    /// configuration and application data as of that index), so that the backend sent along with
+    /// it, read later at an index at least as new, covers it.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let c = self.rl();
-        if c.snapshot.get_metadata().index < request_index || c.snapshot.get_metadata().index == 0 {
+        if c.applied_index < request_index || c.applied_index == 0 {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
-        Ok(c.snapshot.clone())
+        let mut snap = Snapshot::default();
+        snap.set_data(c.app_data.clone().into());
+        let m = snap.mut_metadata();
+        m.index = c.applied_index;
+        m.term = c.applied_term;
+        m.set_conf_state(c.conf_state.clone());
+        Ok(snap)
     }
 }

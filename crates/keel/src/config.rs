@@ -101,6 +101,9 @@ pub struct Config {
     /// Allowed TLS hostname for inter-peer authentication.
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME")]
     pub peer_cert_allowed_hostname: Option<String>,
+    /// Dial peers from the IP of the first advertised peer URL (when it is an IP address).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_SET_MEMBER_LOCALADDR", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub experimental_set_member_localaddr: bool,
     /// Reject reconfiguration requests that would cause quorum loss.
     #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = ArgAction::Set)]
     pub strict_reconfig_check: bool,
@@ -153,6 +156,17 @@ impl Config {
 
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval.max(1))
+    }
+
+    /// The source IP for peer connections, with `--experimental-set-member-localaddr`.
+    pub fn member_local_ip(&self) -> Option<std::net::IpAddr> {
+        if !self.experimental_set_member_localaddr {
+            return None;
+        }
+        let u = split_urls(&self.initial_advertise_peer_urls).into_iter().next()?;
+        let rest = u.split_once("://")?.1.trim_end_matches('/');
+        let host = rest.rsplit_once(':')?.0.trim_start_matches('[').trim_end_matches(']');
+        host.parse().ok().filter(|ip: &std::net::IpAddr| !ip.is_unspecified())
     }
 
     /// etcd's request timeout: 5 s + 2 × election timeout.

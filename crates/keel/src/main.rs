@@ -151,7 +151,7 @@ async fn run(cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
 
     let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token).map_err(anyhow::Error::msg)?;
-    let dialer = peer::Dialer::new(tls::peer_client(&cfg)?);
+    let dialer = peer::Dialer::new(tls::peer_client(&cfg)?, cfg.member_local_ip());
     let existed = Disk::exists(Path::new(&wal_dir));
     let boot = if existed {
         Bootstrap { identity: Identity { cluster_id: 0, member_id: 0, initial_voters: vec![] }, entries: vec![], members: initial.clone() }

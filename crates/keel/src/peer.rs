@@ -43,14 +43,16 @@ const CHUNK_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct Dialer {
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Source address for outgoing TCP connections (`--experimental-set-member-localaddr`).
+    local_ip: Option<std::net::IpAddr>,
 }
 
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 impl Dialer {
-    pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Dialer {
-        Dialer { tls }
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>, local_ip: Option<std::net::IpAddr>) -> Dialer {
+        Dialer { tls, local_ip }
     }
 
     /// A channel to `url` (http or https); connects lazily.
@@ -100,6 +102,7 @@ impl Dialer {
         } else {
             hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default()
         };
+        let local_ip = self.local_ip;
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let hostport = hostport.clone();
             let host = host.clone();
@@ -108,7 +111,18 @@ impl Dialer {
                 let raw: Box<dyn Io> = if unix {
                     Box::new(tokio::net::UnixStream::connect(&hostport).await?)
                 } else {
-                    let tcp = tokio::net::TcpStream::connect(&hostport).await?;
+                    let tcp = match local_ip {
+                        Some(ip) => {
+                            let addr = tokio::net::lookup_host(&hostport)
+                                .await?
+                                .find(|a| a.is_ipv4() == ip.is_ipv4())
+                                .ok_or_else(|| std::io::Error::other(format!("cannot resolve {hostport}")))?;
+                            let sock = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                            sock.bind(std::net::SocketAddr::new(ip, 0))?;
+                            sock.connect(addr).await?
+                        }
+                        None => tokio::net::TcpStream::connect(&hostport).await?,
+                    };
                     let _ = tcp.set_nodelay(true);
                     Box::new(tcp)
                 };

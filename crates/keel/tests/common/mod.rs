@@ -18,6 +18,8 @@ pub struct Proc {
     pub child: Option<Child>,
     pub data_dir: PathBuf,
     pub client_port: u16,
+    /// Client URL, e.g. http://127.0.0.2:4567.
+    pub url: String,
     pub log: PathBuf,
     /// Where this process's output starts in the (shared, appended) log file.
     log_start: u64,
@@ -29,25 +31,32 @@ pub fn keel_bin() -> PathBuf {
 
 /// Starts `bin` as a single member with etcd's flags; output goes to `<data_dir>.log`.
 pub fn start(bin: &Path, data_dir: &Path, client_port: u16, peer_port: u16, extra: &[&str]) -> Proc {
+    let curl = format!("http://127.0.0.1:{client_port}");
+    let purl = format!("http://127.0.0.1:{peer_port}");
+    let mut args: Vec<String> = vec!["--name".into(), "t1".into(), "--data-dir".into(), data_dir.to_string_lossy().into_owned()];
+    for a in ["--listen-client-urls", "--advertise-client-urls"] {
+        args.push(a.into());
+        args.push(curl.clone());
+    }
+    for a in ["--listen-peer-urls", "--initial-advertise-peer-urls"] {
+        args.push(a.into());
+        args.push(purl.clone());
+    }
+    args.push("--initial-cluster".into());
+    args.push(format!("t1={purl}"));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn(bin, data_dir, &curl, &args)
+}
+
+/// Starts `bin` with `args`; output goes to `<data_dir>.log`.
+pub fn spawn(bin: &Path, data_dir: &Path, client_url: &str, args: &[String]) -> Proc {
     let log = data_dir.with_extension("log");
     let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
     let err = out.try_clone().expect("log file");
-    let curl = format!("http://127.0.0.1:{client_port}");
-    let purl = format!("http://127.0.0.1:{peer_port}");
-    let child = Command::new(bin)
-        .args(["--name", "t1", "--data-dir"])
-        .arg(data_dir)
-        .args(["--listen-client-urls", &curl, "--advertise-client-urls", &curl])
-        .args(["--listen-peer-urls", &purl, "--initial-advertise-peer-urls", &purl])
-        .args(["--initial-cluster", &format!("t1={purl}")])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn server");
-    Proc { child: Some(child), data_dir: data_dir.to_path_buf(), client_port, log, log_start }
+    let child = Command::new(bin).args(args).stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("spawn server");
+    let client_port = client_url.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0);
+    Proc { child: Some(child), data_dir: data_dir.to_path_buf(), client_port, url: client_url.to_string(), log, log_start }
 }
 
 impl Proc {
@@ -62,19 +71,29 @@ impl Proc {
     }
 
     /// Waits for the server's "ready to serve client requests" line, or for it to exit.
-    /// Returns false if it exited.
+    /// Returns false if it exited; panics after 30 s.
     pub fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        match self.wait_ready_for(Duration::from_secs(30)) {
+            Some(ready) => ready,
+            None => panic!("server did not become ready:\n{}", self.log_text()),
+        }
+    }
+
+    /// Like [`Proc::wait_ready`], but `None` after `limit`.
+    pub fn wait_ready_for(&mut self, limit: Duration) -> Option<bool> {
+        let deadline = Instant::now() + limit;
         loop {
             if self.log_text().contains("ready to serve client requests") {
-                return true;
+                return Some(true);
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(_)) = c.try_wait() {
-                    return false;
+                    return Some(false);
                 }
             }
-            assert!(Instant::now() < deadline, "server did not become ready:\n{}", self.log_text());
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -100,7 +119,20 @@ impl Proc {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        self.url.clone()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> Option<i32> {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+        let code = self.wait_exit();
+        self.child = None;
+        code
     }
 
     pub async fn kv(&self) -> KvClient<Channel> {

@@ -1,0 +1,518 @@
+//! Multi-member behaviour with real processes on 127.0.0.x: leader loss under load, a minority
+//! partition, a new member catching up by snapshot, and a full restart.
+//!
+//! Each member advertises its peer URL through a small TCP proxy owned by the test, and dials
+//! its peers from its own address (`--experimental-set-member-localaddr`), so the test can cut a
+//! member's peer traffic in both directions.
+
+mod common;
+
+use common::*;
+use keel_proto::etcdserverpb::cluster_client::ClusterClient;
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::{HashKvRequest, MemberAddRequest, PutRequest, RangeRequest, StatusRequest};
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::Channel;
+
+const HEARTBEAT_MS: u64 = 50;
+const ELECTION_MS: u64 = 500;
+
+/// The tests in this file run one at a time: each starts several processes on 2 cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Default)]
+struct ProxyState {
+    blocked_all: bool,
+    blocked_src: HashSet<IpAddr>,
+    conns: Vec<(IpAddr, tokio::task::AbortHandle)>,
+}
+
+/// A TCP proxy in front of one member's peer listener that can drop traffic.
+#[derive(Clone)]
+struct Proxy {
+    state: Arc<Mutex<ProxyState>>,
+}
+
+impl Proxy {
+    async fn start(listen: (IpAddr, u16), target: (IpAddr, u16)) -> Proxy {
+        let l = TcpListener::bind(listen).await.expect("proxy bind");
+        let p = Proxy { state: Arc::default() };
+        let st = p.state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, from)) = l.accept().await else { continue };
+                let src = from.ip();
+                {
+                    let s = st.lock().unwrap();
+                    if s.blocked_all || s.blocked_src.contains(&src) {
+                        continue; // dropped: the connection closes
+                    }
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let mut inbound = inbound;
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                st.lock().unwrap().conns.push((src, h.abort_handle()));
+            }
+        });
+        p
+    }
+
+    /// Cuts all traffic into this member, or only traffic from `src`.
+    fn block(&self, src: Option<IpAddr>) {
+        let mut s = self.state.lock().unwrap();
+        match src {
+            None => s.blocked_all = true,
+            Some(ip) => {
+                s.blocked_src.insert(ip);
+            }
+        }
+        let all = s.blocked_all;
+        let srcs = s.blocked_src.clone();
+        s.conns.retain(|(ip, h)| {
+            if all || srcs.contains(ip) {
+                h.abort();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn heal(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.blocked_all = false;
+        s.blocked_src.clear();
+    }
+}
+
+struct Member {
+    name: String,
+    ip: IpAddr,
+    client_port: u16,
+    peer_port: u16,
+    proxy_port: u16,
+    dir: PathBuf,
+    proxy: Option<Proxy>,
+    proc: Option<Proc>,
+}
+
+impl Member {
+    fn client_url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+    fn advertised_peer_url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.proxy_port)
+    }
+}
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    members: Vec<Member>,
+}
+
+impl Cluster {
+    async fn start(n: usize, extra: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut members = Vec::new();
+        for i in 0..n {
+            let ip: IpAddr = format!("127.0.0.{}", i + 1).parse().unwrap();
+            members.push(Member {
+                name: format!("m{i}"),
+                ip,
+                client_port: free_port(),
+                peer_port: free_port(),
+                proxy_port: free_port(),
+                dir: tmp.path().join(format!("m{i}.etcd")),
+                proxy: None,
+                proc: None,
+            });
+        }
+        let mut c = Cluster { _tmp: tmp, members };
+        for i in 0..n {
+            let m = &mut c.members[i];
+            m.proxy = Some(Proxy::start((m.ip, m.proxy_port), (m.ip, m.peer_port)).await);
+        }
+        let ic = c.initial_cluster();
+        for i in 0..n {
+            c.spawn(i, &ic, "new", extra);
+        }
+        for i in 0..n {
+            let p = c.members[i].proc.as_mut().unwrap();
+            assert!(p.wait_ready(), "member {i} did not start:\n{}", p.log_text());
+        }
+        c
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members.iter().map(|m| format!("{}={}", m.name, m.advertised_peer_url())).collect::<Vec<_>>().join(",")
+    }
+
+    fn spawn(&mut self, i: usize, initial_cluster: &str, state: &str, extra: &[&str]) {
+        let m = &self.members[i];
+        let mut args: Vec<String> = vec![
+            "--name".into(),
+            m.name.clone(),
+            "--data-dir".into(),
+            m.dir.to_string_lossy().into_owned(),
+            "--listen-client-urls".into(),
+            m.client_url(),
+            "--advertise-client-urls".into(),
+            m.client_url(),
+            "--listen-peer-urls".into(),
+            format!("http://{}:{}", m.ip, m.peer_port),
+            "--initial-advertise-peer-urls".into(),
+            m.advertised_peer_url(),
+            "--initial-cluster".into(),
+            initial_cluster.into(),
+            "--initial-cluster-state".into(),
+            state.into(),
+            "--initial-cluster-token".into(),
+            "cluster-test".into(),
+            "--heartbeat-interval".into(),
+            HEARTBEAT_MS.to_string(),
+            "--election-timeout".into(),
+            ELECTION_MS.to_string(),
+            "--experimental-set-member-localaddr".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let p = spawn(&keel_bin(), &m.dir, &m.client_url(), &args);
+        self.members[i].proc = Some(p);
+    }
+
+    fn restart(&mut self, i: usize, extra: &[&str]) {
+        let ic = self.initial_cluster();
+        self.spawn(i, &ic, "new", extra);
+        let p = self.members[i].proc.as_mut().unwrap();
+        assert!(p.wait_ready(), "member {i} did not restart:\n{}", p.log_text());
+    }
+
+    async fn kv(&self, i: usize) -> KvClient<Channel> {
+        KvClient::new(channel(&self.members[i].client_url()).await)
+    }
+
+    /// Index of the member that leads, as the members themselves report (waits for one).
+    async fn leader(&self, among: &[usize]) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for &i in among {
+                if let Ok(ch) = Channel::from_shared(self.members[i].client_url()).unwrap().connect().await {
+                    if let Ok(s) = MaintenanceClient::new(ch).status(StatusRequest {}).await {
+                        let s = s.into_inner();
+                        if s.leader != 0 && s.leader == s.header.unwrap().member_id {
+                            return i;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader among {among:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string()).unwrap().connect_timeout(Duration::from_secs(1)).connect_lazy()
+}
+
+async fn count_prefix(kv: &mut KvClient<Channel>, prefix: &str, serializable: bool) -> Result<i64, tonic::Status> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    let r = kv.range(RangeRequest { key: prefix.into(), range_end: end, count_only: true, serializable, ..Default::default() }).await?;
+    Ok(r.into_inner().count)
+}
+
+/// Puts `n` keys `prefix{i}` through `clients` concurrent clients spread over `targets`.
+async fn load(c: &Cluster, targets: &[usize], prefix: &str, n: usize, clients: usize) {
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let mut kv = c.kv(targets[w % targets.len()]).await;
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < n {
+                let key = format!("{prefix}{i:08}");
+                kv.put(PutRequest { key: key.into(), value: vec![b'v'; 64], ..Default::default() }).await.expect("put");
+                i += clients;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_sigkill_under_load_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let mut c = Cluster::start(3, &[]).await;
+    let leader = c.leader(&[0, 1, 2]).await;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+
+    // Writers on every member; every acknowledged key is recorded.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let urls: Vec<String> = c.members.iter().map(|m| m.client_url()).collect();
+        let acked = acked.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut clients = Vec::new();
+            for u in &urls {
+                clients.push(KvClient::new(channel(u).await));
+            }
+            let mut i = 0u64;
+            let mut target = w % clients.len();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("load/{w}/{i:08}");
+                let r = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    clients[target].put(PutRequest { key: key.clone().into(), value: b"x".to_vec(), ..Default::default() }),
+                )
+                .await;
+                match r {
+                    Ok(Ok(_)) => {
+                        acked.lock().unwrap().push(key);
+                        i += 1;
+                    }
+                    _ => {
+                        // Unknown outcome: move on to another member and a new key.
+                        target = (target + 1) % clients.len();
+                        i += 1;
+                    }
+                }
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 300 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed_at = Instant::now();
+    c.members[leader].proc.as_mut().unwrap().sigkill();
+    let before = acked.lock().unwrap().len();
+
+    // A new leader serves writes within two election timeouts (plus process scheduling slack on a
+    // loaded 2-core machine, measured from the kill, not from the last heartbeat).
+    let new_leader = c.leader(&survivors).await;
+    let mut kv = c.kv(new_leader).await;
+    kv.put(PutRequest { key: b"after-failover".to_vec(), value: b"1".to_vec(), ..Default::default() }).await.expect("write after failover");
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_millis(2 * ELECTION_MS + 1500), "failover took {took:?}");
+    while acked.lock().unwrap().len() < before + 300 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    // Every acknowledged write is on the survivors, and on the old leader once it is back.
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    c.restart(leader, &[]);
+    for i in 0..3 {
+        let mut kv = c.kv(i).await;
+        if i == leader {
+            // Wait for the restarted member to catch up, then read locally.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let mut lkv = c.kv(new_leader).await;
+                let want = count_prefix(&mut lkv, "load/", false).await.unwrap();
+                if count_prefix(&mut kv, "load/", true).await.unwrap_or(0) >= want {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "restarted member did not catch up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let r = kv
+            .range(RangeRequest {
+                key: b"load/".to_vec(),
+                range_end: b"load0".to_vec(),
+                keys_only: true,
+                serializable: i == leader,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let have: HashSet<Vec<u8>> = r.into_inner().kvs.into_iter().map(|kv| kv.key).collect();
+        for k in &acked {
+            assert!(have.contains(k.as_bytes()), "member {i} lost acknowledged write {k}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn minority_partition_fails_instead_of_serving_stale_data() {
+    let _g = SERIAL.lock().await;
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.leader(&[0, 1, 2]).await;
+    // Isolate one follower.
+    let iso = (0..3).find(|i| *i != leader).unwrap();
+    let majority: Vec<usize> = (0..3).filter(|i| *i != iso).collect();
+    let mut kv_iso = c.kv(iso).await;
+    kv_iso.put(PutRequest { key: b"p".to_vec(), value: b"before".to_vec(), ..Default::default() }).await.unwrap();
+    let iso_ip = c.members[iso].ip;
+    c.members[iso].proxy.as_ref().unwrap().block(None);
+    for &i in &majority {
+        c.members[i].proxy.as_ref().unwrap().block(Some(iso_ip));
+    }
+
+    // The majority keeps serving.
+    let mut kv_maj = c.kv(majority[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match kv_maj.put(PutRequest { key: b"p".to_vec(), value: b"during".to_vec(), ..Default::default() }).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "majority stopped serving: {e}"),
+        }
+    }
+    // The isolated member refuses linearizable reads and writes instead of answering stale data.
+    let r = tokio::time::timeout(Duration::from_secs(20), kv_iso.range(RangeRequest { key: b"p".to_vec(), ..Default::default() })).await;
+    match r {
+        Ok(Ok(resp)) => panic!("isolated member served a linearizable read: {:?}", resp.into_inner().kvs),
+        Ok(Err(_)) => {}
+        Err(_) => panic!("isolated member hung on a linearizable read"),
+    }
+    let w = tokio::time::timeout(
+        Duration::from_secs(20),
+        kv_iso.put(PutRequest { key: b"q".to_vec(), value: b"x".to_vec(), ..Default::default() }),
+    )
+    .await;
+    assert!(matches!(w, Ok(Err(_))), "isolated member accepted a write: {w:?}");
+
+    // Heal: the member rejoins and sees the majority's write.
+    for m in &c.members {
+        m.proxy.as_ref().unwrap().heal();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = kv_iso.range(RangeRequest { key: b"p".to_vec(), ..Default::default() }).await {
+            let r = r.into_inner();
+            if r.kvs.first().map(|kv| kv.value.as_slice()) == Some(b"during") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "isolated member did not rejoin");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_member_catches_up_by_snapshot_with_equal_hashkv() {
+    let _g = SERIAL.lock().await;
+    let n: usize = std::env::var("KEEL_CATCHUP_WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let mut c = Cluster::start(3, &["--snapshot-count", "1000"]).await;
+    load(&c, &[0, 1, 2], "bulk/", n, 64).await;
+
+    // Add a fourth member; it starts far behind the leader's retained log.
+    let ip: IpAddr = "127.0.0.4".parse().unwrap();
+    let tmp_dir = c.members[0].dir.parent().unwrap().join("m3.etcd");
+    c.members.push(Member {
+        name: "m3".into(),
+        ip,
+        client_port: free_port(),
+        peer_port: free_port(),
+        proxy_port: free_port(),
+        dir: tmp_dir,
+        proxy: None,
+        proc: None,
+    });
+    {
+        let m = c.members.last_mut().unwrap();
+        m.proxy = Some(Proxy::start((m.ip, m.proxy_port), (m.ip, m.peer_port)).await);
+    }
+    let mut cl = ClusterClient::new(channel(&c.members[0].client_url()).await);
+    // Strict reconfiguration waits for peers connected for 5 s; retry until then.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match cl.member_add(MemberAddRequest { peer_ur_ls: vec![c.members[3].advertised_peer_url()], is_learner: false }).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "member add failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let ic = c.initial_cluster();
+    c.spawn(3, &ic, "existing", &["--snapshot-count", "1000"]);
+    let ready = c.members[3].proc.as_mut().unwrap().wait_ready_for(Duration::from_secs(30)) == Some(true);
+    if !ready {
+        let others: String = c.members[..3]
+            .iter()
+            .map(|m| {
+                m.proc
+                    .as_ref()
+                    .unwrap()
+                    .log_text()
+                    .lines()
+                    .filter(|l| l.contains("snapshot") || l.contains("member"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n");
+        panic!("new member did not start:\n{}\nothers:\n{others}", c.members[3].proc.as_ref().unwrap().log_text());
+    }
+    let p = c.members[3].proc.as_mut().unwrap();
+    assert!(p.log_text().contains("installed snapshot from the leader"), "the new member did not catch up by snapshot");
+
+    let mut kv_new = c.kv(3).await;
+    assert_eq!(count_prefix(&mut kv_new, "bulk/", true).await.unwrap(), n as i64);
+    // Same revision, same hash on every member.
+    let mut kv0 = c.kv(0).await;
+    let rev = kv0
+        .range(RangeRequest { key: b"bulk/".to_vec(), count_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    let mut hashes = Vec::new();
+    for m in &c.members {
+        let mut mc = MaintenanceClient::new(channel(&m.client_url()).await);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let h = loop {
+            match mc.hash_kv(HashKvRequest { revision: rev }).await {
+                Ok(h) => break h.into_inner().hash,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "hashkv on {}: {e}", m.name);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        hashes.push(h);
+    }
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "HashKV differs across members: {hashes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_restart_keeps_all_data() {
+    let _g = SERIAL.lock().await;
+    let mut c = Cluster::start(3, &[]).await;
+    load(&c, &[0, 1, 2], "r/", 2000, 16).await;
+    for m in c.members.iter_mut() {
+        m.proc.as_mut().unwrap().sigkill();
+    }
+    let ic = c.initial_cluster();
+    for i in 0..3 {
+        c.spawn(i, &ic, "new", &[]);
+    }
+    for i in 0..3 {
+        let p = c.members[i].proc.as_mut().unwrap();
+        assert!(p.wait_ready(), "member {i} did not restart:\n{}", p.log_text());
+    }
+    for i in 0..3 {
+        let mut kv = c.kv(i).await;
+        assert_eq!(count_prefix(&mut kv, "r/", false).await.unwrap(), 2000, "member {i}");
+    }
+}
