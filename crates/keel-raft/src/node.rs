@@ -487,6 +487,15 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
     fn expire_reads(&mut self) {
         let limit = 2 * self.cfg.election_ticks as u64;
         let now = self.ticks;
+        // Raft does not retry a ReadIndex whose message got lost (no leader yet, a peer link
+        // down): ask again every few ticks until it is answered or expires.
+        let retry = (self.cfg.election_ticks as u64 / 2).max(1);
+        for (ctx, r) in &self.reads_waiting {
+            let age = now.saturating_sub(r.issued_tick);
+            if age > 0 && age % retry == 0 {
+                self.node.read_index(ctx.to_be_bytes().to_vec());
+            }
+        }
         self.reads_waiting.retain(|_, r| {
             if now.saturating_sub(r.issued_tick) > limit {
                 for s in r.senders.drain(..) {
@@ -583,6 +592,13 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 tracing::info!(leader = format!("{leader:x}"), term, "raft: elected leader");
             }
             self.last_leader = leader;
+            if leader != 0 {
+                // Reads asked while there was no leader (or of a leader that is gone) were
+                // dropped by raft: ask the new leader.
+                for ctx in self.reads_waiting.keys() {
+                    self.node.read_index(ctx.to_be_bytes().to_vec());
+                }
+            }
         }
         self.status.leader.store(leader, Ordering::Release);
         self.status.is_leader.store(role == StateRole::Leader, Ordering::Release);

@@ -13,6 +13,7 @@ mod api;
 mod apply;
 mod config;
 mod errors;
+mod h2fix;
 mod http;
 mod membership;
 mod peer;
@@ -247,7 +248,7 @@ async fn run(cfg: Config) -> Result<()> {
             (false, _) => None,
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
-        tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), u32::MAX));
+        tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), u32::MAX, false));
     }
 
     // Client listeners.
@@ -272,7 +273,7 @@ async fn run(cfg: Config) -> Result<()> {
             (false, _) => None,
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-        tokio::spawn(serve::serve(l, acceptor, router.clone(), cfg.max_concurrent_streams));
+        tokio::spawn(serve::serve(l, acceptor, router.clone(), cfg.max_concurrent_streams, true));
     }
 
     tokio::spawn(publish(server.clone()));

@@ -330,7 +330,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
             Ok(Ok(c)) => c,
             failed => {
                 let why = match failed {
-                    Ok(Err(e)) => format!("{e:#} {e:?}"),
+                    Ok(Err(e)) => format!("{e:#}"),
                     _ => "timed out".to_string(),
                 };
                 report(&mut down, "cannot connect", why, &url);

@@ -81,7 +81,9 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Serves `router` on `listener` until the process ends.
-pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::Router, max_streams: u32) {
+///
+/// Client listeners set `fix_authority` (see [`crate::h2fix`]).
+pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::Router, max_streams: u32, fix_authority: bool) {
     loop {
         let accepted: std::io::Result<Box<dyn Io>> = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
@@ -104,16 +106,18 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::R
             let svc = TowerToHyperService::new(router);
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http2().max_concurrent_streams(max_streams);
-            let res = match tls {
+            let io: Box<dyn Io> = match tls {
                 Some(acc) => match acc.accept(sock).await {
-                    Ok(s) => builder.serve_connection_with_upgrades(TokioIo::new(s), svc).await,
+                    Ok(s) => Box::new(s),
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
                     }
                 },
-                None => builder.serve_connection_with_upgrades(TokioIo::new(sock), svc).await,
+                None => sock,
             };
+            let io: Box<dyn Io> = if fix_authority { Box::new(crate::h2fix::FixAuthority::new(io)) } else { io };
+            let res = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await;
             if let Err(e) = res {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
