@@ -39,11 +39,21 @@ passed=0
 failed=0
 failed_names=()
 for t in $tests; do
-  set +e
   limit=${KEEL_E2E_TIMEOUT:-300}
-  timeout "$limit" "$work/e2e.test" -bin-dir "$work/bin" -test.run "^${t}\$" -test.v -test.timeout "$((limit - 10))s" >"$work/$t.log" 2>&1
-  rc=$?
-  set -e
+  for attempt in 1 2; do
+    set +e
+    timeout "$limit" "$work/e2e.test" -bin-dir "$work/bin" -test.run "^${t}\$" -test.v -test.timeout "$((limit - 10))s" >"$work/$t.log" 2>&1
+    rc=$?
+    set -e
+    [ "$rc" -eq 0 ] && break
+    # etcd's harness sometimes fails a passed test on its own goroutine-leak check under load;
+    # such a test is run once more and reported.
+    if [ "$attempt" -eq 1 ] && grep -q "^--- PASS: $t " "$work/$t.log" && grep -q "Too many goroutines" "$work/$t.log"; then
+      echo "--- RETRY: $t (etcd harness goroutine check failed after the test passed)"
+      continue
+    fi
+    break
+  done
   cat "$work/$t.log" >>"$log"
   if [ "$rc" -eq 0 ] && grep -q "^--- PASS: $t " "$work/$t.log"; then
     echo "--- PASS: $t"

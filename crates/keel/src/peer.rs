@@ -310,7 +310,14 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
             return;
         }
         *down = true;
-        if why.contains("BadCertificate") || why.contains("bad certificate") {
+        if why.contains("cluster ID mismatch") {
+            tracing::error!(
+                peer = format!("{to:x}"),
+                url,
+                local_cluster_id = format!("{:x}", inner.cluster_id),
+                "peer: rejected by a member of another cluster: cluster ID mismatch (check --initial-cluster-token and --initial-cluster)"
+            );
+        } else if why.contains("BadCertificate") || why.contains("bad certificate") {
             // etcd's (Go's) wording, which operators grep for.
             tracing::warn!(peer = format!("{to:x}"), url, "peer: {what}: remote error: tls: bad certificate");
         } else {
