@@ -240,6 +240,8 @@ struct Driver<S: StateMachine, T: Transport> {
     pending_backend: Option<std::path::PathBuf>,
     /// Set once asked to stop: the tick by which to stop even if leadership was not handed off.
     stopping: Option<u64>,
+    /// Ask raft again for the reads still waiting (a new leader is known).
+    reissue_reads: bool,
 }
 
 /// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
@@ -338,6 +340,7 @@ pub fn start<S: StateMachine, T: Transport>(
         last_leader: 0,
         pending_backend: None,
         stopping: None,
+        reissue_reads: false,
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
@@ -569,6 +572,11 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         }
         self.apply(light.take_committed_entries());
         self.node.advance_apply();
+        if std::mem::take(&mut self.reissue_reads) {
+            for ctx in self.reads_waiting.keys() {
+                self.node.read_index(ctx.to_be_bytes().to_vec());
+            }
+        }
         self.sm.maintain();
         if self.node.store().rl().applied_index != self.applied {
             let data = self.sm.snapshot_data();
@@ -592,13 +600,10 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 tracing::info!(leader = format!("{leader:x}"), term, "raft: elected leader");
             }
             self.last_leader = leader;
-            if leader != 0 {
-                // Reads asked while there was no leader (or of a leader that is gone) were
-                // dropped by raft: ask the new leader.
-                for ctx in self.reads_waiting.keys() {
-                    self.node.read_index(ctx.to_be_bytes().to_vec());
-                }
-            }
+            // Reads asked while there was no leader (or of a leader that is gone) were dropped
+            // by raft: ask the new leader, once this Ready is done (raft must not produce
+            // messages between a Ready and its advance).
+            self.reissue_reads = leader != 0;
         }
         self.status.leader.store(leader, Ordering::Release);
         self.status.is_leader.store(role == StateRole::Leader, Ordering::Release);

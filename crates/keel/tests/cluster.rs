@@ -401,7 +401,7 @@ async fn minority_partition_fails_instead_of_serving_stale_data() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "isolated member did not rejoin");
+        assert!(Instant::now() < deadline, "isolated member did not rejoin:\n{}", c.members[iso].proc.as_ref().unwrap().log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
