@@ -103,7 +103,12 @@ impl Backend {
         {
             let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;
             for (k, v) in aux {
-                a.insert(k.as_str(), v.as_slice()).map_err(|e| self.err(e))?;
+                // An empty value removes the record.
+                if v.is_empty() {
+                    a.remove(k.as_str()).map_err(|e| self.err(e))?;
+                } else {
+                    a.insert(k.as_str(), v.as_slice()).map_err(|e| self.err(e))?;
+                }
             }
             let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
             for (k, v) in changes {

@@ -20,4 +20,4 @@ pub mod store;
 
 pub use kv::{KvError, TxnLimits};
 pub use revision::Revision;
-pub use store::Store;
+pub use store::{Store, TxnOutcome};

@@ -129,6 +129,22 @@ impl Store {
         self.aux_dirty.insert(key.to_string(), value);
     }
 
+    /// Removes an auxiliary record (with the current batch).
+    pub fn delete_aux(&mut self, key: &str) {
+        self.aux.remove(key);
+        self.aux_dirty.insert(key.to_string(), Vec::new());
+    }
+
+    /// Auxiliary records whose names start with `prefix`.
+    pub fn aux_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        self.aux.range(prefix.to_string()..).take_while(move |(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    /// Live keys that are attached to a lease, with the lease.
+    pub fn leased_keys(&self) -> Vec<(Vec<u8>, i64)> {
+        self.index.live_range(&[0], &[0]).filter(|(_, h)| h.lease != 0).map(|(k, h)| (k.to_vec(), h.lease)).collect()
+    }
+
     pub fn aux(&self, key: &str) -> Option<&[u8]> {
         self.aux.get(key).map(|v| v.as_slice())
     }
@@ -202,7 +218,7 @@ impl Store {
     /// Starts a write transaction: all its changes share one main revision.
     pub fn write(&mut self) -> WriteTxn<'_> {
         let main = self.meta.current_rev + 1;
-        WriteTxn { store: self, main, sub: 0, events: Vec::new() }
+        WriteTxn { store: self, main, sub: 0, events: Vec::new(), lease_changes: Vec::new() }
     }
 
     /// etcd's HashKV: CRC-32C over the key table's entries (revision key, KeyValue record) up to
@@ -302,6 +318,18 @@ pub struct WriteTxn<'a> {
     main: i64,
     sub: i64,
     events: Vec<Event>,
+    /// (key, lease before, lease after) for every change, for the lessor's key sets.
+    lease_changes: Vec<(Vec<u8>, i64, i64)>,
+}
+
+/// What a write transaction produced.
+pub struct TxnOutcome {
+    /// The revision after the transaction (unchanged if it changed nothing).
+    pub revision: i64,
+    /// Its events, in order.
+    pub events: Vec<Event>,
+    /// (key, lease before, lease after) for every changed key.
+    pub lease_changes: Vec<(Vec<u8>, i64, i64)>,
 }
 
 impl WriteTxn<'_> {
@@ -322,6 +350,7 @@ impl WriteTxn<'_> {
     /// caller has checked that the key exists in that case. Returns the previous key-value.
     pub fn put(&mut self, key: &[u8], value: Option<&[u8]>, lease: Option<i64>, want_prev: bool) -> Result<Option<KeyValue>, KvError> {
         let rev = Revision::new(self.main, self.sub);
+        let old_lease = self.store.live(key).map(|h| h.lease).unwrap_or(0);
         let (created, version, prev) = match self.store.live(key) {
             Some(h) => {
                 let cur = h.changes.last().map(|c| c.rev).unwrap_or_default();
@@ -348,6 +377,9 @@ impl WriteTxn<'_> {
         self.store.pending.insert(rev.to_key(false), Some(kv.encode_to_vec()));
         self.store.index.put(key, rev, lease);
         self.sub += 1;
+        if old_lease != 0 || lease != 0 {
+            self.lease_changes.push((key.to_vec(), old_lease, lease));
+        }
         self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
         Ok(prev)
     }
@@ -355,11 +387,18 @@ impl WriteTxn<'_> {
     /// Deletes the live keys in `[key, end)`; returns the deleted key-values when asked (else
     /// bare keys), and their number.
     pub fn delete_range(&mut self, key: &[u8], end: &[u8], want_prev: bool) -> Result<(i64, Vec<KeyValue>), KvError> {
-        let targets: Vec<(Vec<u8>, Revision)> =
-            self.store.index.live_range(key, end).map(|(k, h)| (k.to_vec(), h.changes.last().map(|c| c.rev).unwrap_or_default())).collect();
+        let targets: Vec<(Vec<u8>, Revision, i64)> = self
+            .store
+            .index
+            .live_range(key, end)
+            .map(|(k, h)| (k.to_vec(), h.changes.last().map(|c| c.rev).unwrap_or_default(), h.lease))
+            .collect();
         let mut prevs = Vec::new();
         let mut reader = None;
-        for (k, cur) in &targets {
+        for (k, cur, lease) in &targets {
+            if *lease != 0 {
+                self.lease_changes.push((k.clone(), *lease, 0));
+            }
             let prev = if want_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
             let rev = Revision::new(self.main, self.sub);
             let tomb = KeyValue { key: k.clone(), ..Default::default() };
@@ -383,9 +422,15 @@ impl WriteTxn<'_> {
     /// Ends the transaction; returns the revision it produced (or the unchanged current one) and
     /// its events, in order.
     pub fn end(self) -> (i64, Vec<Event>) {
+        let o = self.finish();
+        (o.revision, o.events)
+    }
+
+    /// Ends the transaction with everything it produced.
+    pub fn finish(self) -> TxnOutcome {
         if self.sub > 0 {
             self.store.meta.current_rev = self.main;
         }
-        (self.store.meta.current_rev, self.events)
+        TxnOutcome { revision: self.store.meta.current_rev, events: self.events, lease_changes: self.lease_changes }
     }
 }

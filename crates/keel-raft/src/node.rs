@@ -242,6 +242,8 @@ struct Driver<S: StateMachine, T: Transport> {
     stopping: Option<u64>,
     /// Ask raft again for the reads still waiting (a new leader is known).
     reissue_reads: bool,
+    /// Campaign once everything committed is applied (single-voter start).
+    campaign_when_applied: bool,
 }
 
 /// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
@@ -313,11 +315,10 @@ pub fn start<S: StateMachine, T: Transport>(
         ..Default::default()
     };
     config.validate().map_err(|e| format!("raft: bad configuration: {e}"))?;
-    let mut node = RawNode::new(&config, storage, &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
-    if conf_state.voters == [cfg.id] && conf_state.learners.is_empty() {
-        // A cluster of one need not wait for an election timeout.
-        node.campaign().map_err(|e| format!("raft: campaign: {e}"))?;
-    }
+    let node = RawNode::new(&config, storage, &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
+    // A cluster of one need not wait for an election timeout: it campaigns as soon as the
+    // committed log (e.g. the bootstrap configuration) is applied, as raft requires.
+    let campaign_when_applied = conf_state.voters == [cfg.id] && conf_state.learners.is_empty();
     let status = Arc::new(NodeStatus::default());
     let (tx, rx) = mpsc::sync_channel(INBOX);
     let handle = NodeHandle { tx, status: status.clone() };
@@ -341,6 +342,7 @@ pub fn start<S: StateMachine, T: Transport>(
         pending_backend: None,
         stopping: None,
         reissue_reads: false,
+        campaign_when_applied,
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
@@ -383,6 +385,13 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             }
             if let Err(e) = self.on_ready() {
                 break Err(e.to_string());
+            }
+            if self.campaign_when_applied && self.applied >= self.node.raft.raft_log.committed {
+                self.campaign_when_applied = false;
+                if let Err(e) = self.node.campaign() {
+                    tracing::warn!(error = %e, "raft: campaign failed");
+                }
+                continue;
             }
             if stop && self.stopping.is_none() {
                 self.stopping = Some(self.ticks + self.cfg.election_ticks as u64);

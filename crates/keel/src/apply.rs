@@ -4,10 +4,14 @@
 //! Owns nothing but references: the store and members are shared with the read path.
 //! Called by keel-raft's node thread only.
 
+use crate::errors;
+use crate::lease::{self, Lessor};
 use crate::membership::{Members, AUX_MEMBERS};
-use keel_mvcc::kv::{self, NoLeases};
-use keel_mvcc::{KvError, Store};
-use keel_proto::etcdserverpb::{CompactionResponse, DeleteRangeResponse, PutResponse, TxnResponse};
+use keel_mvcc::kv::{self, Leases};
+use keel_mvcc::{Store, TxnOutcome};
+use keel_proto::etcdserverpb::{
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
+};
 use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, Snapshot};
 use keel_raft::ProtoMessage;
@@ -26,10 +30,36 @@ pub enum Applied {
     MemberAttributes,
     /// A membership change: the member list after it.
     Members(Vec<keel_proto::etcdserverpb::Member>),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
 }
 
-/// The store's revision after the request, with what it produced.
-pub type ApplyResult = Result<(Applied, i64), KvError>;
+/// The store's revision after the request, with what it produced; or etcd's error.
+pub type ApplyResult = Result<(Applied, i64), tonic::Status>;
+
+/// The lessor as the KV rules see it.
+pub struct LeaseView<'a>(pub &'a Lessor);
+
+impl Leases for LeaseView<'_> {
+    fn exists(&self, id: i64) -> bool {
+        self.0.exists(id)
+    }
+}
+
+/// Rebuilds the lessor from the backend: lease records, then the keys attached to them.
+pub fn load_leases(store: &Store, lessor: &mut Lessor) {
+    lessor.clear();
+    for (name, v) in store.aux_prefix(lease::AUX_PREFIX) {
+        let id = u64::from_str_radix(&name[lease::AUX_PREFIX.len()..], 16).unwrap_or(0) as i64;
+        let ttl = v.try_into().map(i64::from_be_bytes).unwrap_or(0);
+        if id != 0 {
+            lessor.restore(id, ttl);
+        }
+    }
+    for (k, id) in store.leased_keys() {
+        lessor.moved(&k, 0, id);
+    }
+}
 
 /// Callers waiting for their proposals to be applied, by request id.
 #[derive(Default)]
@@ -61,6 +91,7 @@ impl Waiters {
 
 pub struct Applier {
     pub store: Arc<RwLock<Store>>,
+    pub lessor: Arc<Mutex<Lessor>>,
     pub members: Arc<RwLock<Members>>,
     pub waiters: Arc<Waiters>,
     pub member_id: u64,
@@ -81,28 +112,58 @@ impl Applier {
         self.store.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lessor(&self) -> std::sync::MutexGuard<'_, Lessor> {
+        self.lessor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a write's effects to the lessor (key sets); watchers come here too.
+    fn after_write(&self, lessor: &mut Lessor, o: TxnOutcome) -> i64 {
+        for (k, old, new) in &o.lease_changes {
+            lessor.moved(k, *old, *new);
+        }
+        o.revision
+    }
+
     fn apply_request(&self, store: &mut Store, req: Request) -> ApplyResult {
+        let mut lessor = self.lessor();
         match req {
             Request::Put(p) => {
                 let mut w = store.write();
-                let r = kv::put(&mut w, &p, &NoLeases);
-                let (rev, _events) = w.end();
-                r.map(|resp| (Applied::Put(resp), rev))
+                let r = kv::put(&mut w, &p, &LeaseView(&lessor));
+                let rev = self.after_write(&mut lessor, w.finish());
+                r.map(|resp| (Applied::Put(resp), rev)).map_err(errors::kv)
             }
             Request::DeleteRange(d) => {
                 let mut w = store.write();
                 let r = kv::delete_range(&mut w, &d);
-                let (rev, _events) = w.end();
-                r.map(|resp| (Applied::DeleteRange(resp), rev))
+                let rev = self.after_write(&mut lessor, w.finish());
+                r.map(|resp| (Applied::DeleteRange(resp), rev)).map_err(errors::kv)
             }
             Request::Txn(t) => {
                 let mut w = store.write();
-                let r = kv::txn(&mut w, &t, &NoLeases);
-                let (rev, _events) = w.end();
-                r.map(|resp| (Applied::Txn(resp), rev))
+                let r = kv::txn(&mut w, &t, &LeaseView(&lessor));
+                let rev = self.after_write(&mut lessor, w.finish());
+                r.map(|resp| (Applied::Txn(resp), rev)).map_err(errors::kv)
+            }
+            Request::LeaseGrant(g) => {
+                lessor.grant(g.id, g.ttl).map_err(errors::lease)?;
+                store.set_aux(&lease::aux_key(g.id), g.ttl.to_be_bytes().to_vec());
+                let resp = LeaseGrantResponse { header: None, id: g.id, ttl: g.ttl, error: String::new() };
+                Ok((Applied::LeaseGrant(resp), store.current_rev()))
+            }
+            Request::LeaseRevoke(r) => {
+                let keys = lessor.revoke(r.id).map_err(errors::lease)?;
+                store.delete_aux(&lease::aux_key(r.id));
+                // All of the lease's keys go in one revision.
+                let mut w = store.write();
+                for k in keys {
+                    kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() }).map_err(errors::kv)?;
+                }
+                let rev = self.after_write(&mut lessor, w.finish());
+                Ok((Applied::LeaseRevoke(LeaseRevokeResponse { header: None }), rev))
             }
             Request::Compaction(c) => {
-                store.compact(c.revision)?;
+                store.compact(c.revision).map_err(errors::kv)?;
                 if c.physical {
                     // Physical compaction is done once the deletions are durable in the backend.
                     if let Err(e) = store.commit() {
@@ -225,6 +286,7 @@ impl keel_raft::StateMachine for Applier {
         let mut store = self.store_mut();
         std::fs::rename(&path, &self.db_path).map_err(|e| format!("install backend {}: {e}", path.display()))?;
         let new = Store::open(&self.db_path).map_err(|e| e.to_string())?;
+        load_leases(&new, &mut self.lessor());
         if new.consistent_index() < snap.get_metadata().index {
             return Err(format!(
                 "the leader's backend (index {}) is older than its snapshot (index {})",

@@ -76,6 +76,16 @@ pub fn bad_transferee() -> Status {
     st(Code::FailedPrecondition, "bad leader transferee")
 }
 
+pub fn lease(e: crate::lease::LeaseError) -> Status {
+    match e {
+        crate::lease::LeaseError::NotFound => st(Code::NotFound, "requested lease not found"),
+        crate::lease::LeaseError::Exists => st(Code::FailedPrecondition, "lease already exists"),
+    }
+}
+pub fn lease_ttl_too_large() -> Status {
+    st(Code::OutOfRange, "too large lease TTL")
+}
+
 pub fn propose(e: ProposeError) -> Status {
     match e {
         ProposeError::NoLeader => no_leader(),

@@ -15,6 +15,7 @@ mod config;
 mod errors;
 mod h2fix;
 mod http;
+mod lease;
 mod membership;
 mod peer;
 mod serve;
@@ -27,6 +28,7 @@ use config::{split_urls, Config};
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
+use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::keelpb::peer_server::PeerServer;
 use keel_proto::keelpb::{internal_request::Request, MemberAttributes};
@@ -192,6 +194,9 @@ async fn run(cfg: Config) -> Result<()> {
         bail!("cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}", members.cluster_id, identity.cluster_id);
     }
 
+    let mut lessor = lease::Lessor::default();
+    apply::load_leases(&store, &mut lessor);
+    let lessor = Arc::new(std::sync::Mutex::new(lessor));
     let store = Arc::new(RwLock::new(store));
     let members = Arc::new(RwLock::new(members));
     let waiters = Arc::new(Waiters::default());
@@ -199,6 +204,7 @@ async fn run(cfg: Config) -> Result<()> {
     let transport = peer::PeerTransport::new(identity.member_id, identity.cluster_id, members.clone(), store.clone(), dialer);
     let applier = Applier {
         store: store.clone(),
+        lessor: lessor.clone(),
         members: members.clone(),
         waiters: waiters.clone(),
         member_id: identity.member_id,
@@ -223,7 +229,8 @@ async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    let server = Arc::new(Server::new(cfg.clone(), identity.member_id, identity.cluster_id, store, members.clone(), node.clone(), waiters));
+    let server =
+        Arc::new(Server::new(cfg.clone(), identity.member_id, identity.cluster_id, store, members.clone(), lessor, node.clone(), waiters));
 
     // Peer listeners.
     let peer_tls = tls::peer_server(&cfg)?;
@@ -262,7 +269,12 @@ async fn run(cfg: Config) -> Result<()> {
         MaintenanceServer::new(api::maintenance::MaintenanceService { server: server.clone() }).max_decoding_message_size(max_recv),
     )
     .add_service(
-        ClusterServer::new(api::cluster::ClusterService { server: server.clone(), transport }).max_decoding_message_size(max_recv),
+        ClusterServer::new(api::cluster::ClusterService { server: server.clone(), transport: transport.clone() })
+            .max_decoding_message_size(max_recv),
+    )
+    .add_service(
+        LeaseServer::new(api::lease::LeaseService { server: server.clone(), transport: transport.clone() })
+            .max_decoding_message_size(max_recv),
     );
     let router = grpc.into_axum_router().merge(http::router(server.clone()));
     let client_tls = tls::client_server(&cfg)?;
@@ -277,6 +289,7 @@ async fn run(cfg: Config) -> Result<()> {
     }
 
     tokio::spawn(publish(server.clone()));
+    tokio::spawn(api::lease::run_expiry(server.clone()));
 
     tokio::select! {
         _ = wait_for_shutdown() => tracing::info!("received a stop signal; stopping"),

@@ -241,6 +241,25 @@ impl PeerTransport {
         });
     }
 
+    /// Renews a lease on the leader; returns its TTL (0: no such lease).
+    pub async fn forward_lease_renew(&self, leader: u64, id: i64) -> Result<i64, Status> {
+        let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let ch = self.inner.dialer.channel(&url).map_err(|e| Status::unavailable(e.to_string()))?;
+        let r = client(ch).lease_renew(with_cluster(keel_proto::etcdserverpb::LeaseKeepAliveRequest { id }, self.inner.cluster_id)).await?;
+        Ok(r.into_inner().ttl)
+    }
+
+    /// Asks the leader for a lease's remaining TTL.
+    pub async fn forward_lease_ttl(
+        &self,
+        leader: u64,
+        req: keel_proto::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<keel_proto::etcdserverpb::LeaseTimeToLiveResponse, Status> {
+        let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let ch = self.inner.dialer.channel(&url).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(client(ch).lease_time_to_live(with_cluster(req, self.inner.cluster_id)).await?.into_inner())
+    }
+
     fn queue(&self, to: u64) -> mpsc::Sender<Vec<u8>> {
         let mut q = self.inner.queues.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = q.get(&to) {
@@ -575,6 +594,31 @@ impl Peer for PeerService {
         let members = crate::api::cluster::promote(&self.server, id).await?;
         let rev = self.server.store().current_rev();
         Ok(Response::new(keel_proto::etcdserverpb::MemberPromoteResponse { header: self.server.header(rev), members }))
+    }
+
+    async fn lease_renew(
+        &self,
+        req: Request<keel_proto::etcdserverpb::LeaseKeepAliveRequest>,
+    ) -> Result<Response<keel_proto::etcdserverpb::LeaseKeepAliveResponse>, Status> {
+        self.check_cluster(&req)?;
+        let id = req.into_inner().id;
+        if !self.server.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Status::unavailable("etcdserver: not leader"));
+        }
+        let ttl = self.server.lessor().renew(id).unwrap_or(0);
+        let rev = self.server.store().current_rev();
+        Ok(Response::new(keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: self.server.header(rev), id, ttl }))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<keel_proto::etcdserverpb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<keel_proto::etcdserverpb::LeaseTimeToLiveResponse>, Status> {
+        self.check_cluster(&req)?;
+        if !self.server.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Status::unavailable("etcdserver: not leader"));
+        }
+        Ok(Response::new(crate::api::lease::local_time_to_live(&self.server, req.get_ref())))
     }
 
     async fn members(&self, _req: Request<MembersRequest>) -> Result<Response<SnapshotData>, Status> {

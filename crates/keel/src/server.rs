@@ -6,6 +6,7 @@
 use crate::apply::{Applied, Waiters};
 use crate::config::Config;
 use crate::errors;
+use crate::lease::Lessor;
 use crate::membership::Members;
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::ResponseHeader;
@@ -14,11 +15,12 @@ use keel_raft::eraftpb::{ConfChange, ConfChangeType};
 use keel_raft::NodeHandle;
 use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use tonic::Status;
 
 pub struct Server {
     pub cfg: Config,
+    pub lessor: Arc<Mutex<Lessor>>,
     pub member_id: u64,
     pub cluster_id: u64,
     pub store: Arc<RwLock<Store>>,
@@ -29,12 +31,14 @@ pub struct Server {
 }
 
 impl Server {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Config,
         member_id: u64,
         cluster_id: u64,
         store: Arc<RwLock<Store>>,
         members: Arc<RwLock<Members>>,
+        lessor: Arc<Mutex<Lessor>>,
         node: NodeHandle,
         waiters: Arc<Waiters>,
     ) -> Server {
@@ -42,11 +46,31 @@ impl Server {
         // unique across restarts of this member.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
-        Server { cfg, member_id, cluster_id, store, members, node, waiters, next_id: AtomicU64::new(base) }
+        Server { cfg, lessor, member_id, cluster_id, store, members, node, waiters, next_id: AtomicU64::new(base) }
     }
 
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {
         self.store.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn lessor(&self) -> MutexGuard<'_, Lessor> {
+        self.lessor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new lease ID: positive, unique to this member (etcd derives them the same way as request IDs).
+    pub fn new_lease_id(&self) -> i64 {
+        loop {
+            let id = (self.next_id.fetch_add(1, Ordering::Relaxed) & (i64::MAX as u64)) as i64;
+            if id != 0 && !self.lessor().exists(id) {
+                return id;
+            }
+        }
+    }
+
+    /// etcd's minimum lease TTL: 1.5 election timeouts, rounded up to seconds.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let ms = 3 * self.cfg.election_timeout / 2;
+        ms.div_ceil(1000) as i64
     }
 
     pub fn members(&self) -> RwLockReadGuard<'_, Members> {
@@ -68,7 +92,7 @@ impl Server {
         let rx = self.waiters.register(id);
         let work = async {
             self.node.propose(data).await.map_err(errors::propose)?;
-            rx.await.map_err(|_| errors::stopped())?.map_err(errors::kv)
+            rx.await.map_err(|_| errors::stopped())?
         };
         match tokio::time::timeout(self.cfg.request_timeout(), work).await {
             Ok(r) => {
@@ -101,7 +125,7 @@ impl Server {
         let rx = self.waiters.register(id);
         let work = async {
             self.node.propose_conf_change(cc).await.map_err(errors::propose)?;
-            rx.await.map_err(|_| errors::stopped())?.map_err(errors::kv)
+            rx.await.map_err(|_| errors::stopped())?
         };
         let r = match tokio::time::timeout(self.cfg.request_timeout(), work).await {
             Ok(r) => r,

@@ -1,0 +1,197 @@
+//! The lessor: leases, their TTLs and the keys attached to them.
+//!
+//! Grants and revokes are raft entries applied on every member (so every member has the same
+//! leases and key sets, persisted in the backend as `lease/<id>` records). Expiry is the
+//! leader's alone: only the leader keeps deadlines, renews them on keep-alive, and proposes a
+//! revoke through raft when one passes, so all members delete a lease's keys at the same
+//! revision. A new leader gives every lease a full TTL from the moment it takes over (etcd's
+//! behaviour without checkpoints), so no lease expires early because leadership moved.
+//!
+//! Called by the apply path (grant, revoke, attach) and by the Lease service (renew, TTL queries).
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+/// etcd's largest TTL (seconds).
+pub const MAX_TTL: i64 = 9_000_000_000;
+/// Backend record prefix for leases.
+pub const AUX_PREFIX: &str = "lease/";
+
+pub fn aux_key(id: i64) -> String {
+    format!("{AUX_PREFIX}{:016x}", id as u64)
+}
+
+#[derive(Debug)]
+pub struct Lease {
+    pub id: i64,
+    /// Granted TTL in seconds.
+    pub ttl: i64,
+    /// When it expires; known by the leader only.
+    pub deadline: Option<Instant>,
+    pub keys: BTreeSet<Vec<u8>>,
+    /// Set when a revoke for it has been proposed, so it is not proposed again at once.
+    pub revoking_since: Option<Instant>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("requested lease not found")]
+    NotFound,
+    #[error("lease already exists")]
+    Exists,
+}
+
+#[derive(Debug, Default)]
+pub struct Lessor {
+    leases: HashMap<i64, Lease>,
+    primary: bool,
+}
+
+impl Lessor {
+    pub fn exists(&self, id: i64) -> bool {
+        self.leases.contains_key(&id)
+    }
+
+    pub fn ids(&self) -> Vec<i64> {
+        let mut v: Vec<i64> = self.leases.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Adds a lease (apply path).
+    pub fn grant(&mut self, id: i64, ttl: i64) -> Result<(), LeaseError> {
+        if self.leases.contains_key(&id) {
+            return Err(LeaseError::Exists);
+        }
+        let deadline = self.primary.then(|| Instant::now() + Duration::from_secs(ttl.max(0) as u64));
+        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None });
+        Ok(())
+    }
+
+    /// Removes a lease (apply path); returns its keys, which the caller deletes.
+    pub fn revoke(&mut self, id: i64) -> Result<Vec<Vec<u8>>, LeaseError> {
+        let l = self.leases.remove(&id).ok_or(LeaseError::NotFound)?;
+        Ok(l.keys.into_iter().collect())
+    }
+
+    /// Keeps key sets in step with a write: `key` moved from lease `old` to lease `new`.
+    pub fn moved(&mut self, key: &[u8], old: i64, new: i64) {
+        if old == new {
+            return;
+        }
+        if let Some(l) = self.leases.get_mut(&old) {
+            l.keys.remove(key);
+        }
+        if let Some(l) = self.leases.get_mut(&new) {
+            l.keys.insert(key.to_vec());
+        }
+    }
+
+    /// Restores a lease read back from the backend (at start, or after installing a snapshot).
+    pub fn restore(&mut self, id: i64, ttl: i64) {
+        let deadline = self.primary.then(|| Instant::now() + Duration::from_secs(ttl.max(0) as u64));
+        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None });
+    }
+
+    pub fn clear(&mut self) {
+        self.leases.clear();
+    }
+
+    /// Renews a lease (leader only); returns its TTL.
+    pub fn renew(&mut self, id: i64) -> Result<i64, LeaseError> {
+        let l = self.leases.get_mut(&id).ok_or(LeaseError::NotFound)?;
+        if l.revoking_since.is_some() {
+            // Expired and being revoked: too late to keep alive.
+            return Err(LeaseError::NotFound);
+        }
+        l.deadline = Some(Instant::now() + Duration::from_secs(l.ttl.max(0) as u64));
+        Ok(l.ttl)
+    }
+
+    /// Remaining TTL in seconds (leader only), granted TTL and keys.
+    pub fn time_to_live(&self, id: i64) -> Option<(i64, i64, Vec<Vec<u8>>)> {
+        let l = self.leases.get(&id)?;
+        let remaining = match l.deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                // etcd rounds the remaining time up to whole seconds.
+                left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0)
+            }
+            None => l.ttl,
+        };
+        Some((remaining, l.ttl, l.keys.iter().cloned().collect()))
+    }
+
+    /// This member became leader: every lease gets a full TTL from now.
+    pub fn promote(&mut self) {
+        self.primary = true;
+        let now = Instant::now();
+        for l in self.leases.values_mut() {
+            l.deadline = Some(now + Duration::from_secs(l.ttl.max(0) as u64));
+            l.revoking_since = None;
+        }
+    }
+
+    /// This member stopped leading: it no longer tracks deadlines.
+    pub fn demote(&mut self) {
+        self.primary = false;
+        for l in self.leases.values_mut() {
+            l.deadline = None;
+            l.revoking_since = None;
+        }
+    }
+
+    /// Leases past their deadline and not already being revoked (leader only), at most `limit`;
+    /// they are marked as being revoked. A revoke that did not go through is retried after
+    /// `retry`.
+    pub fn take_expired(&mut self, limit: usize, retry: Duration) -> Vec<i64> {
+        if !self.primary {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for l in self.leases.values_mut() {
+            if out.len() >= limit {
+                break;
+            }
+            let due = l.deadline.map(|d| d <= now).unwrap_or(false);
+            let retrying = l.revoking_since.map(|t| now.duration_since(t) >= retry).unwrap_or(true);
+            if due && retrying {
+                l.revoking_since = Some(now);
+                out.push(l.id);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_attach_revoke() {
+        let mut l = Lessor::default();
+        l.grant(7, 10).unwrap();
+        assert_eq!(l.grant(7, 10), Err(LeaseError::Exists));
+        l.moved(b"a", 0, 7);
+        l.moved(b"b", 0, 7);
+        l.moved(b"b", 7, 0);
+        assert_eq!(l.revoke(7).unwrap(), vec![b"a".to_vec()]);
+        assert_eq!(l.revoke(7), Err(LeaseError::NotFound));
+    }
+
+    #[test]
+    fn only_the_primary_expires_leases() {
+        let mut l = Lessor::default();
+        l.grant(1, 0).unwrap();
+        assert!(l.take_expired(10, Duration::from_secs(1)).is_empty());
+        l.promote();
+        assert_eq!(l.take_expired(10, Duration::from_secs(1)), vec![1]);
+        // Not proposed twice while the first revoke is in flight.
+        assert!(l.take_expired(10, Duration::from_secs(1)).is_empty());
+        assert_eq!(l.renew(1), Err(LeaseError::NotFound));
+        l.demote();
+        assert!(l.take_expired(10, Duration::from_secs(1)).is_empty());
+    }
+}
