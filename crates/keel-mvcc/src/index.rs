@@ -120,6 +120,13 @@ impl Index {
         it.into_iter().flatten().filter_map(move |(k, h)| h.visible_at(at).map(|r| (k.as_slice(), r)))
     }
 
+    /// Every key in `[key, end)` with its history, live or not.
+    pub fn range_all<'a>(&'a self, key: &'a [u8], end: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
+        let empty = empty_range(key, end);
+        let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
+        it.into_iter().flatten().map(|(k, h)| (k.as_slice(), h))
+    }
+
     /// Keys in `[key, end)` that are live now, with their history.
     pub fn live_range<'a>(&'a self, key: &'a [u8], end: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
         let empty = empty_range(key, end);

@@ -27,6 +27,8 @@ pub struct Store {
     aux_dirty: BTreeMap<String, Vec<u8>>,
     meta: Meta,
     committed: Meta,
+    /// Fill in prev_kv on every event (some watcher asked for it).
+    events_with_prev: bool,
     last_commit: Instant,
 }
 
@@ -70,6 +72,7 @@ impl Store {
             aux_dirty: BTreeMap::new(),
             committed: meta,
             meta,
+            events_with_prev: false,
             last_commit: Instant::now(),
         })
     }
@@ -215,6 +218,44 @@ impl Store {
         self.index.get(key).filter(|h| h.is_live())
     }
 
+    /// Makes write transactions fill in every event's prev_kv (for watchers that want it).
+    pub fn set_events_with_prev(&mut self, on: bool) {
+        self.events_with_prev = on;
+    }
+
+    /// The events of keys in `[key, end)` with revisions in `[from, to]`, in revision order, with
+    /// prev_kv when `with_prev` (watchers catching up). `from` must not be compacted.
+    pub fn events_between(&self, key: &[u8], end: &[u8], from: i64, to: i64, with_prev: bool) -> Result<Vec<Event>, KvError> {
+        let mut reader = None;
+        let mut out: Vec<(Revision, Event)> = Vec::new();
+        for (k, h) in self.index.range_all(key, end) {
+            let first = h.changes.partition_point(|c| c.rev.main < from);
+            for i in first..h.changes.len() {
+                let c = h.changes[i];
+                if c.rev.main > to {
+                    break;
+                }
+                let prev = if with_prev && i > 0 && !h.changes[i - 1].tombstone {
+                    Some(self.fetch(&mut reader, h.changes[i - 1].rev)?)
+                } else {
+                    None
+                };
+                let ev = if c.tombstone {
+                    Event {
+                        r#type: EventType::Delete as i32,
+                        kv: Some(KeyValue { key: k.to_vec(), mod_revision: c.rev.main, ..Default::default() }),
+                        prev_kv: prev,
+                    }
+                } else {
+                    Event { r#type: EventType::Put as i32, kv: Some(self.fetch(&mut reader, c.rev)?), prev_kv: prev }
+                };
+                out.push((c.rev, ev));
+            }
+        }
+        out.sort_by_key(|(r, _)| *r);
+        Ok(out.into_iter().map(|(_, e)| e).collect())
+    }
+
     /// Starts a write transaction: all its changes share one main revision.
     pub fn write(&mut self) -> WriteTxn<'_> {
         let main = self.meta.current_rev + 1;
@@ -355,7 +396,7 @@ impl WriteTxn<'_> {
             Some(h) => {
                 let cur = h.changes.last().map(|c| c.rev).unwrap_or_default();
                 let (created, version) = (h.created, h.version);
-                let prev = if want_prev || value.is_none() || lease.is_none() {
+                let prev = if want_prev || value.is_none() || lease.is_none() || self.store.events_with_prev {
                     let mut r = None;
                     Some(self.store.fetch(&mut r, cur)?)
                 } else {
@@ -399,7 +440,7 @@ impl WriteTxn<'_> {
             if *lease != 0 {
                 self.lease_changes.push((k.clone(), *lease, 0));
             }
-            let prev = if want_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
+            let prev = if want_prev || self.store.events_with_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
             let rev = Revision::new(self.main, self.sub);
             let tomb = KeyValue { key: k.clone(), ..Default::default() };
             self.store.pending.insert(rev.to_key(true), Some(tomb.encode_to_vec()));
@@ -407,7 +448,7 @@ impl WriteTxn<'_> {
             self.sub += 1;
             let ev_kv = KeyValue { key: k.clone(), mod_revision: self.main, ..Default::default() };
             self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(ev_kv), prev_kv: prev.clone() });
-            if let Some(p) = prev {
+            if let (Some(p), true) = (prev, want_prev) {
                 prevs.push(p);
             }
         }

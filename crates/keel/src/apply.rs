@@ -91,6 +91,7 @@ impl Waiters {
 
 pub struct Applier {
     pub store: Arc<RwLock<Store>>,
+    pub hub: Arc<crate::watch::WatchHub>,
     pub lessor: Arc<Mutex<Lessor>>,
     pub members: Arc<RwLock<Members>>,
     pub waiters: Arc<Waiters>,
@@ -116,16 +117,18 @@ impl Applier {
         self.lessor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands a write's effects to the lessor (key sets); watchers come here too.
+    /// Hands a write's effects to the lessor (key sets) and to the watchers (store lock held).
     fn after_write(&self, lessor: &mut Lessor, o: TxnOutcome) -> i64 {
         for (k, old, new) in &o.lease_changes {
             lessor.moved(k, *old, *new);
         }
+        self.hub.notify(o.revision, &o.events);
         o.revision
     }
 
     fn apply_request(&self, store: &mut Store, req: Request) -> ApplyResult {
         let mut lessor = self.lessor();
+        store.set_events_with_prev(self.hub.wants_prev());
         match req {
             Request::Put(p) => {
                 let mut w = store.write();
@@ -305,6 +308,8 @@ impl keel_raft::StateMachine for Applier {
             revision = store.current_rev(),
             "restored backend from the leader's snapshot"
         );
+        drop(store);
+        self.hub.resync_all();
         Ok(())
     }
 

@@ -21,6 +21,7 @@ mod peer;
 mod serve;
 mod server;
 mod tls;
+mod watch;
 
 use anyhow::{bail, Context, Result};
 use apply::{Applier, Waiters};
@@ -30,6 +31,7 @@ use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::keelpb::peer_server::PeerServer;
 use keel_proto::keelpb::{internal_request::Request, MemberAttributes};
 use keel_raft::{Disk, Identity, NodeConfig};
@@ -202,8 +204,11 @@ async fn run(cfg: Config) -> Result<()> {
     let waiters = Arc::new(Waiters::default());
     let removed = Arc::new(tokio::sync::Notify::new());
     let transport = peer::PeerTransport::new(identity.member_id, identity.cluster_id, members.clone(), store.clone(), dialer);
+    let node_status = Arc::new(keel_raft::NodeStatus::default());
+    let hub = watch::WatchHub::new(store.clone(), node_status.clone(), identity.cluster_id, identity.member_id);
     let applier = Applier {
         store: store.clone(),
+        hub: hub.clone(),
         lessor: lessor.clone(),
         members: members.clone(),
         waiters: waiters.clone(),
@@ -218,7 +223,7 @@ async fn run(cfg: Config) -> Result<()> {
         snapshot_count: cfg.snapshot_count.max(1),
         catchup_entries: 5000,
     };
-    let (node, join) = keel_raft::node::start(node_cfg, disk, applier, transport.clone()).map_err(anyhow::Error::msg)?;
+    let (node, join) = keel_raft::node::start(node_cfg, disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;
     transport.set_node(node.clone());
     transport.keep_connected();
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<bool>();
@@ -270,6 +275,10 @@ async fn run(cfg: Config) -> Result<()> {
     )
     .add_service(
         ClusterServer::new(api::cluster::ClusterService { server: server.clone(), transport: transport.clone() })
+            .max_decoding_message_size(max_recv),
+    )
+    .add_service(
+        WatchServer::new(api::watch::WatchService { server: server.clone(), hub: hub.clone(), next_stream: 0.into() })
             .max_decoding_message_size(max_recv),
     )
     .add_service(

@@ -8,3 +8,4 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod validate;
+pub mod watch;

@@ -1,0 +1,117 @@
+//! etcdserverpb.Watch: one bidirectional stream carries many watchers (create, cancel, progress).
+//! Events come from the [`WatchHub`](crate::watch::WatchHub); this module only speaks the
+//! stream's protocol.
+
+use crate::server::Server;
+use crate::watch::{Spec, WatchHandle, WatchHub};
+use keel_proto::etcdserverpb::watch_request::RequestUnion;
+use keel_proto::etcdserverpb::watch_server::Watch;
+use keel_proto::etcdserverpb::{watch_create_request::FilterType, WatchRequest, WatchResponse};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Responses buffered per stream; a watcher whose stream is full is caught up later.
+const STREAM_BUFFER: usize = 1024;
+
+pub struct WatchService {
+    pub server: Arc<Server>,
+    pub hub: Arc<WatchHub>,
+    pub next_stream: AtomicU64,
+}
+
+type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let mut input = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<WatchResponse>(STREAM_BUFFER);
+        let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let hub = self.hub.clone();
+        let server = self.server.clone();
+        tokio::spawn(async move {
+            let mut watchers: HashMap<i64, (WatchHandle, bool)> = HashMap::new();
+            let mut next_id: i64 = 0;
+            while let Ok(Some(r)) = input.message().await {
+                match r.request_union {
+                    Some(RequestUnion::CreateRequest(c)) => {
+                        let id = if c.watch_id != 0 {
+                            c.watch_id
+                        } else {
+                            while watchers.contains_key(&next_id) {
+                                next_id += 1;
+                            }
+                            next_id
+                        };
+                        if watchers.contains_key(&id) || id < 0 {
+                            let rev = server.store().current_rev();
+                            let resp = WatchResponse {
+                                header: hub.header(rev),
+                                watch_id: id,
+                                created: true,
+                                canceled: true,
+                                cancel_reason: "etcdserver: watcher ID already exists".into(),
+                                ..Default::default()
+                            };
+                            if tx.send(resp).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        }
+                        let spec = Spec {
+                            key: c.key,
+                            range_end: c.range_end,
+                            prev_kv: c.prev_kv,
+                            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+                            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+                        };
+                        let prev = spec.prev_kv;
+                        match hub.watch((stream_id, id), spec, c.start_revision.max(0), tx.clone()) {
+                            Ok(h) => {
+                                watchers.insert(id, (h, prev));
+                            }
+                            Err(resp) => {
+                                if tx.send(resp).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Some(RequestUnion::CancelRequest(c)) => {
+                        if let Some((h, prev)) = watchers.remove(&c.watch_id) {
+                            hub.cancel((stream_id, c.watch_id), &h, prev);
+                            let rev = server.store().current_rev();
+                            let resp =
+                                WatchResponse { header: hub.header(rev), watch_id: c.watch_id, canceled: true, ..Default::default() };
+                            if tx.send(resp).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Some(RequestUnion::ProgressRequest(_)) => {
+                        // Progress never runs ahead of events: it is queued behind them on the
+                        // same stream, at a revision every synced watcher has been sent.
+                        let rev = server.store().current_rev();
+                        let resp = WatchResponse { header: hub.header(rev), watch_id: -1, ..Default::default() };
+                        if tx.send(resp).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            for (id, (h, prev)) in watchers {
+                hub.cancel((stream_id, id), &h, prev);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+use tokio_stream::StreamExt;

@@ -1,0 +1,284 @@
+//! Watchers and how events reach them.
+//!
+//! A watcher is *synced* when it has seen every event up to the store's current revision: the
+//! apply path hands each write's events (all of one revision, so one response: atomic) to
+//! [`WatchHub::notify`], which sends them without touching the backend. A watcher that starts in
+//! the past, or whose stream could not take an event (its bounded queue was full: a slow
+//! client), is *unsynced*: a catch-up task reads its missing events from the store, revision by
+//! revision, and moves it back to the synced set under the store's read lock, so that no write
+//! can slip between the last event read and the first event notified. Events therefore arrive in
+//! revision order, each once, with no gap; a watcher whose next revision was compacted away is
+//! cancelled with the compaction revision, as etcd does.
+//!
+//! Lock order: the store lock, then the hub's. Called by the apply path (notify, under the
+//! store's write lock) and by the Watch service.
+
+use keel_mvcc::{KvError, Store};
+use keel_proto::etcdserverpb::{ResponseHeader, WatchResponse};
+use keel_proto::mvccpb::{event::EventType, Event};
+use keel_raft::NodeStatus;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::mpsc;
+
+/// Revisions read per catch-up step.
+const CATCHUP_REVS: i64 = 1000;
+
+/// What a watcher watches.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub key: Vec<u8>,
+    pub range_end: Vec<u8>,
+    pub prev_kv: bool,
+    pub no_put: bool,
+    pub no_delete: bool,
+}
+
+impl Spec {
+    fn matches(&self, ev: &Event) -> bool {
+        let Some(kv) = &ev.kv else { return false };
+        let k = kv.key.as_slice();
+        let in_range = if self.range_end.is_empty() {
+            k == self.key.as_slice()
+        } else if self.range_end == [0u8] {
+            k >= self.key.as_slice()
+        } else {
+            k >= self.key.as_slice() && k < self.range_end.as_slice()
+        };
+        if !in_range {
+            return false;
+        }
+        let put = ev.r#type == EventType::Put as i32;
+        !(put && self.no_put || !put && self.no_delete)
+    }
+
+    fn shape(&self, ev: &Event) -> Event {
+        let mut e = ev.clone();
+        if !self.prev_kv {
+            e.prev_kv = None;
+        }
+        e
+    }
+}
+
+struct Watcher {
+    spec: Spec,
+    tx: mpsc::Sender<WatchResponse>,
+    canceled: Arc<AtomicBool>,
+    /// The next revision this watcher has not seen.
+    next_rev: i64,
+    /// Events before this revision are not for it (a watch that starts in the future).
+    min_rev: i64,
+}
+
+/// A watcher's handle for its stream: cancel it by setting the flag and removing it.
+pub struct WatchHandle {
+    pub canceled: Arc<AtomicBool>,
+}
+
+pub struct WatchHub {
+    synced: Mutex<HashMap<(u64, i64), Watcher>>,
+    store: Arc<RwLock<Store>>,
+    status: Arc<NodeStatus>,
+    cluster_id: u64,
+    member_id: u64,
+    prev_watchers: std::sync::atomic::AtomicUsize,
+}
+
+impl WatchHub {
+    pub fn new(store: Arc<RwLock<Store>>, status: Arc<NodeStatus>, cluster_id: u64, member_id: u64) -> Arc<WatchHub> {
+        Arc::new(WatchHub { synced: Mutex::new(HashMap::new()), store, status, cluster_id, member_id, prev_watchers: 0.into() })
+    }
+
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.status.term() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, i64), Watcher>> {
+        self.synced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True when some watcher wants prev_kv (the apply path then fills it in on every event).
+    pub fn wants_prev(&self) -> bool {
+        self.prev_watchers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Hands one revision's events to the synced watchers (apply path, store write lock held).
+    pub fn notify(self: &Arc<Self>, rev: i64, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let mut w = self.lock();
+        let mut fallen_behind = Vec::new();
+        w.retain(|id, watcher| {
+            if rev < watcher.min_rev {
+                return true;
+            }
+            watcher.next_rev = rev + 1;
+            let evs: Vec<Event> = events.iter().filter(|e| watcher.spec.matches(e)).map(|e| watcher.spec.shape(e)).collect();
+            if evs.is_empty() {
+                return true;
+            }
+            let resp = WatchResponse { header: self.header(rev), watch_id: id.1, events: evs, ..Default::default() };
+            match watcher.tx.try_send(resp) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // A slow client: catch it up later from the store, from this revision on.
+                    fallen_behind.push((*id, watcher.spec.clone(), watcher.tx.clone(), watcher.canceled.clone()));
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        drop(w);
+        for (id, spec, tx, canceled) in fallen_behind {
+            tracing::debug!(stream = id.0, watch_id = id.1, revision = rev, "watch: slow watcher moved to catch-up");
+            self.spawn_catchup(id, spec, tx, canceled, rev);
+        }
+    }
+
+    /// Registers a watcher that wants events from `start` (0: from the next revision). Returns
+    /// the current revision (for the `created` response, which the caller has to send first: it
+    /// is sent from here, before any event).
+    pub fn watch(
+        self: &Arc<Self>,
+        id: (u64, i64),
+        spec: Spec,
+        start: i64,
+        tx: mpsc::Sender<WatchResponse>,
+    ) -> Result<WatchHandle, WatchResponse> {
+        let canceled = Arc::new(AtomicBool::new(false));
+        if spec.prev_kv {
+            self.prev_watchers.fetch_add(1, Ordering::Relaxed);
+        }
+        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+        let cur = store.current_rev();
+        let created = WatchResponse { header: self.header(cur), watch_id: id.1, created: true, ..Default::default() };
+        if tx.try_send(created).is_err() {
+            return Err(WatchResponse {
+                header: self.header(cur),
+                watch_id: id.1,
+                canceled: true,
+                cancel_reason: "watch stream is full".into(),
+                ..Default::default()
+            });
+        }
+        if start == 0 || start > cur {
+            // Synced now; events start after `cur`, or at a future `start`.
+            let min_rev = start.max(cur + 1);
+            self.lock().insert(id, Watcher { spec, tx, canceled: canceled.clone(), next_rev: cur + 1, min_rev });
+        } else {
+            drop(store);
+            self.spawn_catchup(id, spec, tx, canceled.clone(), start);
+        }
+        Ok(WatchHandle { canceled })
+    }
+
+    /// Removes a watcher.
+    pub fn cancel(&self, id: (u64, i64), handle: &WatchHandle, prev_kv: bool) {
+        handle.canceled.store(true, Ordering::Release);
+        self.lock().remove(&id);
+        if prev_kv {
+            self.prev_watchers.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// After the store was replaced (a snapshot from the leader), every synced watcher catches up
+    /// from the new store.
+    pub fn resync_all(self: &Arc<Self>) {
+        let all: Vec<_> = self.lock().drain().collect();
+        for (id, w) in all {
+            self.spawn_catchup(id, w.spec, w.tx, w.canceled, w.next_rev.max(w.min_rev));
+        }
+    }
+
+    fn spawn_catchup(self: &Arc<Self>, id: (u64, i64), spec: Spec, tx: mpsc::Sender<WatchResponse>, canceled: Arc<AtomicBool>, from: i64) {
+        let hub = self.clone();
+        tokio::spawn(async move { hub.catch_up(id, spec, tx, canceled, from).await });
+    }
+
+    async fn catch_up(
+        self: Arc<Self>,
+        id: (u64, i64),
+        spec: Spec,
+        tx: mpsc::Sender<WatchResponse>,
+        canceled: Arc<AtomicBool>,
+        mut next: i64,
+    ) {
+        loop {
+            if canceled.load(Ordering::Acquire) || tx.is_closed() {
+                return;
+            }
+            // Read a batch of history, or join the synced set if there is none left.
+            enum Step {
+                Compacted(i64, i64),
+                Joined,
+                Batch(Vec<Event>, i64),
+                Retry,
+                Fail,
+            }
+            let step = {
+                let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+                let cur = store.current_rev();
+                if next <= store.compacted_rev() {
+                    Step::Compacted(cur, store.compacted_rev())
+                } else if next > cur {
+                    if !canceled.load(Ordering::Acquire) {
+                        self.lock().insert(
+                            id,
+                            Watcher { spec: spec.clone(), tx: tx.clone(), canceled: canceled.clone(), next_rev: next, min_rev: next },
+                        );
+                    }
+                    Step::Joined
+                } else {
+                    let to = cur.min(next + CATCHUP_REVS - 1);
+                    match store.events_between(&spec.key, &spec.range_end, next, to, spec.prev_kv) {
+                        Ok(evs) => Step::Batch(evs, to),
+                        Err(KvError::Compacted) => Step::Retry,
+                        Err(e) => {
+                            tracing::error!(error = %e, "watch: cannot read history");
+                            Step::Fail
+                        }
+                    }
+                }
+            };
+            let batch = match step {
+                Step::Compacted(cur, compacted) => {
+                    let resp = WatchResponse {
+                        header: self.header(cur),
+                        watch_id: id.1,
+                        canceled: true,
+                        compact_revision: compacted,
+                        ..Default::default()
+                    };
+                    let _ = tx.send(resp).await;
+                    return;
+                }
+                Step::Joined | Step::Fail => return,
+                Step::Retry => continue,
+                Step::Batch(evs, to) => (evs, to),
+            };
+            let (events, to) = batch;
+            // One response per revision (atomic), in order.
+            let mut i = 0;
+            while i < events.len() {
+                let rev = events[i].kv.as_ref().map(|k| k.mod_revision).unwrap_or(0);
+                let mut group = Vec::new();
+                while i < events.len() && events[i].kv.as_ref().map(|k| k.mod_revision).unwrap_or(0) == rev {
+                    if spec.matches(&events[i]) {
+                        group.push(spec.shape(&events[i]));
+                    }
+                    i += 1;
+                }
+                if group.is_empty() {
+                    continue;
+                }
+                if tx.send(WatchResponse { header: self.header(rev), watch_id: id.1, events: group, ..Default::default() }).await.is_err() {
+                    return;
+                }
+            }
+            next = to + 1;
+        }
+    }
+}
