@@ -34,6 +34,8 @@ use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::keelpb::peer_server::PeerServer;
 use keel_proto::keelpb::{internal_request::Request, MemberAttributes};
+use keel_proto::v3electionpb::election_server::ElectionServer;
+use keel_proto::v3lockpb::lock_server::LockServer;
 use keel_raft::{Disk, Identity, NodeConfig};
 use membership::{Members, AUX_MEMBERS};
 use prost::Message;
@@ -277,6 +279,8 @@ async fn run(cfg: Config) -> Result<()> {
         ClusterServer::new(api::cluster::ClusterService { server: server.clone(), transport: transport.clone() })
             .max_decoding_message_size(max_recv),
     )
+    .add_service(LockServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }))
+    .add_service(ElectionServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }))
     .add_service(
         WatchServer::new(api::watch::WatchService { server: server.clone(), hub: hub.clone(), next_stream: 0.into() })
             .max_decoding_message_size(max_recv),

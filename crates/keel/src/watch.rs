@@ -175,6 +175,20 @@ impl WatchHub {
         Ok(WatchHandle { canceled })
     }
 
+    /// A watcher for Keel's own use (elections, locks): events arrive on the returned channel
+    /// until the returned handle is dropped.
+    pub fn subscribe(self: &Arc<Self>, spec: Spec, start: i64) -> (mpsc::Receiver<WatchResponse>, Subscription) {
+        static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        let id = (u64::MAX, NEXT.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::channel(64);
+        let prev = spec.prev_kv;
+        let handle = match self.watch(id, spec, start, tx) {
+            Ok(h) => Some(h),
+            Err(_) => None,
+        };
+        (rx, Subscription { hub: self.clone(), id, handle, prev })
+    }
+
     /// Removes a watcher.
     pub fn cancel(&self, id: (u64, i64), handle: &WatchHandle, prev_kv: bool) {
         handle.canceled.store(true, Ordering::Release);
@@ -279,6 +293,22 @@ impl WatchHub {
                 }
             }
             next = to + 1;
+        }
+    }
+}
+
+/// An internal watcher; cancelled when dropped.
+pub struct Subscription {
+    hub: Arc<WatchHub>,
+    id: (u64, i64),
+    handle: Option<WatchHandle>,
+    prev: bool,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.hub.cancel(self.id, &h, self.prev);
         }
     }
 }

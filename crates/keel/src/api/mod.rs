@@ -4,6 +4,7 @@
 //! Calls the server core only; never raft or the store's write side directly.
 
 pub mod cluster;
+pub mod concurrency;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
