@@ -182,10 +182,7 @@ impl WatchHub {
         let id = (u64::MAX, NEXT.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::channel(64);
         let prev = spec.prev_kv;
-        let handle = match self.watch(id, spec, start, tx) {
-            Ok(h) => Some(h),
-            Err(_) => None,
-        };
+        let handle = self.watch(id, spec, start, tx).ok();
         (rx, Subscription { hub: self.clone(), id, handle, prev })
     }
 
