@@ -32,6 +32,7 @@ pub enum Applied {
     Members(Vec<keel_proto::etcdserverpb::Member>),
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
+    LeaseCheckpoint,
 }
 
 /// The store's revision after the request, with what it produced; or etcd's error.
@@ -153,6 +154,12 @@ impl Applier {
                 store.set_aux(&lease::aux_key(g.id), g.ttl.to_be_bytes().to_vec());
                 let resp = LeaseGrantResponse { header: None, id: g.id, ttl: g.ttl, error: String::new() };
                 Ok((Applied::LeaseGrant(resp), store.current_rev()))
+            }
+            Request::LeaseCheckpoint(c) => {
+                for cp in c.checkpoints {
+                    lessor.checkpoint(cp.id, cp.remaining_ttl);
+                }
+                Ok((Applied::LeaseCheckpoint, store.current_rev()))
             }
             Request::LeaseRevoke(r) => {
                 let keys = lessor.revoke(r.id).map_err(errors::lease)?;

@@ -5,7 +5,10 @@
 //! leader's alone: only the leader keeps deadlines, renews them on keep-alive, and proposes a
 //! revoke through raft when one passes, so all members delete a lease's keys at the same
 //! revision. A new leader gives every lease a full TTL from the moment it takes over (etcd's
-//! behaviour without checkpoints), so no lease expires early because leadership moved.
+//! behaviour), so no lease expires early because leadership moved. To keep leases from living
+//! much longer than granted across elections, the leader checkpoints remaining TTLs through raft
+//! about once per election timeout; a new leader starts each lease from its last checkpoint plus
+//! one election timeout (the checkpoint may be that old), never from a full TTL again.
 //!
 //! Called by the apply path (grant, revoke, attach) and by the Lease service (renew, TTL queries).
 
@@ -31,6 +34,8 @@ pub struct Lease {
     pub keys: BTreeSet<Vec<u8>>,
     /// Set when a revoke for it has been proposed, so it is not proposed again at once.
     pub revoking_since: Option<Instant>,
+    /// Remaining TTL (seconds) at the last checkpoint applied, if any.
+    pub checkpointed: Option<i64>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -64,7 +69,7 @@ impl Lessor {
             return Err(LeaseError::Exists);
         }
         let deadline = self.primary.then(|| Instant::now() + Duration::from_secs(ttl.max(0) as u64));
-        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None });
+        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None, checkpointed: None });
         Ok(())
     }
 
@@ -90,7 +95,35 @@ impl Lessor {
     /// Restores a lease read back from the backend (at start, or after installing a snapshot).
     pub fn restore(&mut self, id: i64, ttl: i64) {
         let deadline = self.primary.then(|| Instant::now() + Duration::from_secs(ttl.max(0) as u64));
-        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None });
+        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None, checkpointed: None });
+    }
+
+    /// Records a checkpointed remaining TTL (apply path, every member).
+    pub fn checkpoint(&mut self, id: i64, remaining: i64) {
+        if let Some(l) = self.leases.get_mut(&id) {
+            l.checkpointed = Some(remaining);
+        }
+    }
+
+    /// Remaining TTLs that changed since their last checkpoint (leader only), at most `limit`.
+    pub fn due_checkpoints(&self, limit: usize) -> Vec<(i64, i64)> {
+        if !self.primary {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for l in self.leases.values() {
+            if out.len() >= limit {
+                break;
+            }
+            let Some(d) = l.deadline else { continue };
+            let left = d.saturating_duration_since(now);
+            let remaining = left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0);
+            if l.revoking_since.is_none() && l.checkpointed != Some(remaining) {
+                out.push((l.id, remaining));
+            }
+        }
+        out
     }
 
     pub fn clear(&mut self) {
@@ -117,17 +150,19 @@ impl Lessor {
                 // etcd rounds the remaining time up to whole seconds.
                 left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0)
             }
-            None => l.ttl,
+            None => l.checkpointed.unwrap_or(l.ttl),
         };
         Some((remaining, l.ttl, l.keys.iter().cloned().collect()))
     }
 
-    /// This member became leader: every lease gets a full TTL from now.
-    pub fn promote(&mut self) {
+    /// This member became leader: every lease runs from its last checkpoint (or its full TTL)
+    /// plus `extend`, which covers renewals since that checkpoint.
+    pub fn promote(&mut self, extend: Duration) {
         self.primary = true;
         let now = Instant::now();
         for l in self.leases.values_mut() {
-            l.deadline = Some(now + Duration::from_secs(l.ttl.max(0) as u64));
+            let base = l.checkpointed.unwrap_or(l.ttl).clamp(0, l.ttl.max(0));
+            l.deadline = Some(now + Duration::from_secs(base as u64) + extend);
             l.revoking_since = None;
         }
     }
@@ -170,6 +205,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_leader_resumes_from_the_checkpoint() {
+        let mut l = Lessor::default();
+        l.grant(1, 100).unwrap();
+        l.promote(Duration::ZERO);
+        let due = l.due_checkpoints(10);
+        assert_eq!(due, vec![(1, 100)]);
+        l.checkpoint(1, 100);
+        assert!(l.due_checkpoints(10).is_empty(), "nothing changed since the checkpoint");
+        l.demote();
+        l.checkpoint(1, 7);
+        l.promote(Duration::from_secs(1));
+        let (remaining, granted, _) = l.time_to_live(1).unwrap();
+        assert_eq!(granted, 100);
+        assert!((7..=8).contains(&remaining), "resumed from the checkpoint, not a full TTL: {remaining}");
+    }
+
+    #[test]
     fn grant_attach_revoke() {
         let mut l = Lessor::default();
         l.grant(7, 10).unwrap();
@@ -186,7 +238,7 @@ mod tests {
         let mut l = Lessor::default();
         l.grant(1, 0).unwrap();
         assert!(l.take_expired(10, Duration::from_secs(1)).is_empty());
-        l.promote();
+        l.promote(Duration::ZERO);
         assert_eq!(l.take_expired(10, Duration::from_secs(1)), vec![1]);
         // Not proposed twice while the first revoke is in flight.
         assert!(l.take_expired(10, Duration::from_secs(1)).is_empty());

@@ -516,3 +516,24 @@ async fn whole_cluster_restart_keeps_all_data() {
         assert_eq!(count_prefix(&mut kv, "r/", false).await.unwrap(), 2000, "member {i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_ttl_survives_leader_change_without_a_full_renewal() {
+    use keel_proto::etcdserverpb::lease_client::LeaseClient;
+    use keel_proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
+    let _g = SERIAL.lock().await;
+    let mut c = Cluster::start(3, &[]).await;
+    let leader = c.leader(&[0, 1, 2]).await;
+    let mut lc = LeaseClient::new(channel(&c.members[leader].client_url()).await);
+    let id = lc.lease_grant(LeaseGrantRequest { ttl: 20, id: 0 }).await.unwrap().into_inner().id;
+    // Let some of the TTL run out and be checkpointed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    c.members[leader].proc.as_mut().unwrap().sigkill();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let new_leader = c.leader(&survivors).await;
+    let mut lc = LeaseClient::new(channel(&c.members[new_leader].client_url()).await);
+    let ttl = lc.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false }).await.unwrap().into_inner().ttl;
+    // Not renewed to the full 20 s (a checkpoint carried the remaining TTL), and not expired
+    // early: at most one election timeout and one checkpoint interval of slack.
+    assert!(ttl > 0 && ttl <= 20 - 5 + 2, "remaining TTL after failover: {ttl}");
+}

@@ -149,12 +149,14 @@ impl Lease for LeaseService {
 pub async fn run_expiry(server: Arc<Server>) {
     let mut was_leader = false;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    let election = std::time::Duration::from_millis(server.cfg.election_timeout);
+    let mut last_checkpoint = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         let leader = server.node.status.is_leader.load(Ordering::Acquire);
         if leader != was_leader {
             if leader {
-                server.lessor().promote();
+                server.lessor().promote(election);
             } else {
                 server.lessor().demote();
             }
@@ -162,6 +164,20 @@ pub async fn run_expiry(server: Arc<Server>) {
         }
         if !leader {
             continue;
+        }
+        // Checkpoint remaining TTLs about once per election timeout (batched).
+        if last_checkpoint.elapsed() >= election {
+            last_checkpoint = tokio::time::Instant::now();
+            let due = server.lessor().due_checkpoints(1000);
+            if !due.is_empty() {
+                let checkpoints = due.into_iter().map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl }).collect();
+                let s = server.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = s.propose(Internal::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints })).await {
+                        tracing::debug!(error = %e.message(), "lease checkpoint failed; the next one will carry it");
+                    }
+                });
+            }
         }
         // etcd revokes at most 1000 leases per second.
         let expired = server.lessor().take_expired(100, std::time::Duration::from_secs(3));
