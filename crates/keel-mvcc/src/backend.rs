@@ -74,6 +74,11 @@ impl Backend {
 
     pub fn read_meta(&self) -> Result<Meta, BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        self.meta_of(&tx)
+    }
+
+    /// The meta record as one read transaction sees it.
+    fn meta_of(&self, tx: &redb::ReadTransaction) -> Result<Meta, BackendError> {
         let t = tx.open_table(META).map_err(|e| self.err(e))?;
         let get = |k: &str| -> Result<u64, BackendError> {
             match t.get(k).map_err(|e| self.err(e))? {
@@ -90,6 +95,20 @@ impl Backend {
             current_rev: get(META_CURRENT_REV)? as i64,
             compacted_rev: get(META_COMPACTED_REV)? as i64,
         })
+    }
+
+    /// Writes the meta record within a write transaction.
+    fn put_meta(&self, tx: &redb::WriteTransaction, meta: &Meta) -> Result<(), BackendError> {
+        let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+        for (k, v) in [
+            (META_CONSISTENT_INDEX, meta.consistent_index),
+            (META_TERM, meta.term),
+            (META_CURRENT_REV, meta.current_rev as u64),
+            (META_COMPACTED_REV, meta.compacted_rev as u64),
+        ] {
+            m.insert(k, v.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
@@ -121,12 +140,8 @@ impl Backend {
                     }
                 }
             }
-            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-            m.insert(META_CONSISTENT_INDEX, meta.consistent_index.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            m.insert(META_TERM, meta.term.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            m.insert(META_CURRENT_REV, (meta.current_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            m.insert(META_COMPACTED_REV, (meta.compacted_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
         }
+        self.put_meta(&tx, meta)?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -165,21 +180,7 @@ impl Backend {
     /// (the committed state), then returns that state's meta record.
     pub fn dump(&self, mut f: impl FnMut(u32, &[u8], &[u8]) -> bool) -> Result<Meta, BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let meta = {
-            let t = tx.open_table(META).map_err(|e| self.err(e))?;
-            let get = |k: &str| -> Result<u64, BackendError> {
-                match t.get(k).map_err(|e| self.err(e))? {
-                    Some(v) => Ok(u64::from_be_bytes(v.value().try_into().map_err(|_| self.err("bad meta"))?)),
-                    None => Ok(0),
-                }
-            };
-            Meta {
-                consistent_index: get(META_CONSISTENT_INDEX)?,
-                term: get(META_TERM)?,
-                current_rev: get(META_CURRENT_REV)? as i64,
-                compacted_rev: get(META_COMPACTED_REV)? as i64,
-            }
-        };
+        let meta = self.meta_of(&tx)?;
         for (num, def) in [(TABLE_KEYS, KEYS)] {
             let t = tx.open_table(def).map_err(|e| self.err(e))?;
             for item in t.iter().map_err(|e| self.err(e))? {
@@ -220,13 +221,9 @@ impl Backend {
                     other => return Err(self.err(format!("unknown table {other} in snapshot"))),
                 }
             }
-            if let Some(meta) = meta {
-                let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-                m.insert(META_CONSISTENT_INDEX, meta.consistent_index.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-                m.insert(META_TERM, meta.term.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-                m.insert(META_CURRENT_REV, (meta.current_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-                m.insert(META_COMPACTED_REV, (meta.compacted_rev as u64).to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            }
+        }
+        if let Some(meta) = meta {
+            self.put_meta(&tx, meta)?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(())
