@@ -104,6 +104,9 @@ pub struct Config {
     /// Dial peers from the IP of the first advertised peer URL (when it is an IP address).
     #[arg(long, env = "ETCD_EXPERIMENTAL_SET_MEMBER_LOCALADDR", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub experimental_set_member_localaddr: bool,
+    /// Duration of periodic watch progress notifications (e.g. 10m, 500ms).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m")]
+    pub experimental_watch_progress_notify_interval: String,
     /// Reject reconfiguration requests that would cause quorum loss.
     #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = ArgAction::Set)]
     pub strict_reconfig_check: bool,
@@ -169,6 +172,13 @@ impl Config {
         host.parse().ok().filter(|ip: &std::net::IpAddr| !ip.is_unspecified())
     }
 
+    /// The watch progress interval (Go duration syntax: `10m`, `5s`, `500ms`), at least 100 ms.
+    pub fn watch_progress_notify_interval(&self) -> Duration {
+        parse_go_duration(&self.experimental_watch_progress_notify_interval)
+            .unwrap_or(Duration::from_secs(600))
+            .max(Duration::from_millis(100))
+    }
+
     /// etcd's request timeout: 5 s + 2 × election timeout.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(5) + Duration::from_millis(2 * self.election_timeout)
@@ -199,6 +209,46 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Parses a Go duration such as `1h30m`, `10m`, `5s`, `500ms`.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        while let Some(&n) = chars.peek() {
+            if n.is_ascii_alphabetic() || n == 'µ' {
+                unit.push(n);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        let v: f64 = num.parse().ok()?;
+        num.clear();
+        let secs = match unit.as_str() {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += v * secs;
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
 }
 
 /// Splits a comma-separated URL list.
@@ -295,6 +345,14 @@ mod tests {
         assert!(!c.strict_reconfig_check);
         assert_eq!(c.snapshot_count, 5);
         assert_eq!(c.initial_cluster(), "n1=http://localhost:2380");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("5"), None);
     }
 
     #[test]

@@ -207,7 +207,8 @@ async fn run(cfg: Config) -> Result<()> {
     let removed = Arc::new(tokio::sync::Notify::new());
     let transport = peer::PeerTransport::new(identity.member_id, identity.cluster_id, members.clone(), store.clone(), dialer);
     let node_status = Arc::new(keel_raft::NodeStatus::default());
-    let hub = watch::WatchHub::new(store.clone(), node_status.clone(), identity.cluster_id, identity.member_id);
+    let hub =
+        watch::WatchHub::new(store.clone(), node_status.clone(), identity.cluster_id, identity.member_id, cfg.max_request_bytes as usize);
     let applier = Applier {
         store: store.clone(),
         hub: hub.clone(),
@@ -282,8 +283,13 @@ async fn run(cfg: Config) -> Result<()> {
     .add_service(LockServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }))
     .add_service(ElectionServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }))
     .add_service(
-        WatchServer::new(api::watch::WatchService { server: server.clone(), hub: hub.clone(), next_stream: 0.into() })
-            .max_decoding_message_size(max_recv),
+        WatchServer::new(api::watch::WatchService {
+            server: server.clone(),
+            hub: hub.clone(),
+            next_stream: 0.into(),
+            progress_interval: cfg.watch_progress_notify_interval(),
+        })
+        .max_decoding_message_size(max_recv),
     )
     .add_service(
         LeaseServer::new(api::lease::LeaseService { server: server.clone(), transport: transport.clone() })

@@ -33,6 +33,8 @@ pub struct Spec {
     pub prev_kv: bool,
     pub no_put: bool,
     pub no_delete: bool,
+    /// Split responses larger than the request size limit into fragments.
+    pub fragment: bool,
 }
 
 impl Spec {
@@ -84,11 +86,52 @@ pub struct WatchHub {
     cluster_id: u64,
     member_id: u64,
     prev_watchers: std::sync::atomic::AtomicUsize,
+    /// Responses above this many bytes are fragmented for watchers that asked for it.
+    max_bytes: usize,
+}
+
+/// Splits a response's events into responses of at most `max` bytes (each with at least one
+/// event); all but the last carry `fragment`.
+fn fragments(resp: WatchResponse, max: usize) -> Vec<WatchResponse> {
+    use prost::Message;
+    if resp.encoded_len() <= max || resp.events.len() < 2 {
+        return vec![resp];
+    }
+    let mut out = Vec::new();
+    let mut cur = WatchResponse { events: Vec::new(), ..resp.clone() };
+    let mut size = 0;
+    for e in resp.events {
+        let n = e.encoded_len() + 8;
+        if !cur.events.is_empty() && size + n > max {
+            let next = WatchResponse { events: Vec::new(), ..cur.clone() };
+            cur.fragment = true;
+            out.push(std::mem::replace(&mut cur, next));
+            size = 0;
+        }
+        size += n;
+        cur.events.push(e);
+    }
+    cur.fragment = false;
+    out.push(cur);
+    out
 }
 
 impl WatchHub {
-    pub fn new(store: Arc<RwLock<Store>>, status: Arc<NodeStatus>, cluster_id: u64, member_id: u64) -> Arc<WatchHub> {
-        Arc::new(WatchHub { synced: Mutex::new(HashMap::new()), store, status, cluster_id, member_id, prev_watchers: 0.into() })
+    pub fn new(store: Arc<RwLock<Store>>, status: Arc<NodeStatus>, cluster_id: u64, member_id: u64, max_bytes: usize) -> Arc<WatchHub> {
+        Arc::new(WatchHub { synced: Mutex::new(HashMap::new()), store, status, cluster_id, member_id, prev_watchers: 0.into(), max_bytes })
+    }
+
+    /// A progress notification for every watcher in `ids` of a stream, if all of them are synced
+    /// (else none: progress must never run ahead of events still to be sent). Sent with the
+    /// store's read lock held, so no event of a newer revision can be queued before it.
+    pub fn progress(&self, stream: u64, ids: &[i64], watch_id: i64, tx: &mpsc::Sender<WatchResponse>) -> bool {
+        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+        let synced = self.lock();
+        if !ids.iter().all(|id| synced.contains_key(&(stream, *id))) {
+            return false;
+        }
+        let resp = WatchResponse { header: self.header(store.current_rev()), watch_id, ..Default::default() };
+        tx.try_send(resp).is_ok()
     }
 
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
@@ -121,7 +164,19 @@ impl WatchHub {
                 return true;
             }
             let resp = WatchResponse { header: self.header(rev), watch_id: id.1, events: evs, ..Default::default() };
-            match watcher.tx.try_send(resp) {
+            let parts = if watcher.spec.fragment { fragments(resp, self.max_bytes) } else { vec![resp] };
+            // All fragments of a revision go, or none (the watcher then catches up).
+            let sent = if watcher.tx.capacity() < parts.len() {
+                Err(mpsc::error::TrySendError::Full(()))
+            } else {
+                parts.into_iter().try_for_each(|p| {
+                    watcher.tx.try_send(p).map_err(|e| match e {
+                        mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+                        mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+                    })
+                })
+            };
+            match sent {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // A slow client: catch it up later from the store, from this revision on.
@@ -285,8 +340,12 @@ impl WatchHub {
                 if group.is_empty() {
                     continue;
                 }
-                if tx.send(WatchResponse { header: self.header(rev), watch_id: id.1, events: group, ..Default::default() }).await.is_err() {
-                    return;
+                let resp = WatchResponse { header: self.header(rev), watch_id: id.1, events: group, ..Default::default() };
+                let parts = if spec.fragment { fragments(resp, self.max_bytes) } else { vec![resp] };
+                for p in parts {
+                    if tx.send(p).await.is_err() {
+                        return;
+                    }
                 }
             }
             next = to + 1;
@@ -307,5 +366,28 @@ impl Drop for Subscription {
         if let Some(h) = self.handle.take() {
             self.hub.cancel(self.id, &h, self.prev);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_proto::mvccpb::KeyValue;
+
+    #[test]
+    fn large_responses_are_fragmented_in_order() {
+        let events: Vec<Event> = (0..10)
+            .map(|i| Event {
+                kv: Some(KeyValue { key: vec![i], value: vec![0; 100], mod_revision: 5, ..Default::default() }),
+                ..Default::default()
+            })
+            .collect();
+        let resp = WatchResponse { watch_id: 3, events: events.clone(), ..Default::default() };
+        let parts = fragments(resp, 300);
+        assert!(parts.len() > 1);
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
+        assert!(!parts.last().unwrap().fragment);
+        let joined: Vec<Event> = parts.into_iter().flat_map(|p| p.events).collect();
+        assert_eq!(joined, events);
     }
 }

@@ -205,3 +205,78 @@ async fn lock_and_election_services() {
     let now = el.leader(LeaderRequest { name: b"e".to_vec() }).await.unwrap().into_inner().kv.unwrap();
     assert_eq!(now.value, b"b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_notifications_and_fragments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut p = start(
+        &keel_bin(),
+        &tmp.path().join("p.etcd"),
+        free_port(),
+        free_port(),
+        &["--experimental-watch-progress-notify-interval", "200ms", "--max-request-bytes", "4096"],
+    );
+    assert!(p.wait_ready(), "{}", p.log_text());
+    let ch = Channel::from_shared(p.endpoint()).unwrap().connect().await.unwrap();
+    let mut kv = keel_proto::etcdserverpb::kv_client::KvClient::new(ch.clone());
+    let rev = kv
+        .put(PutRequest { key: b"p/a".to_vec(), value: b"1".to_vec(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+
+    // Periodic progress for a watcher that asked for it, at the current revision.
+    let req = WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b"p/".to_vec(),
+            range_end: b"p0".to_vec(),
+            progress_notify: true,
+            fragment: true,
+            prev_kv: true,
+            ..Default::default()
+        })),
+    };
+    let mut w = open_watch(&ch, req).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), w.message()).await.expect("no progress notification").unwrap().unwrap();
+    assert!(r.events.is_empty() && !r.canceled && !r.created);
+    assert_eq!(r.header.unwrap().revision, rev);
+
+    // A transaction whose watch response (with prev_kv) is bigger than --max-request-bytes
+    // arrives in fragments, reassembled whole.
+    let ops: Vec<RequestOp> = (0..20)
+        .map(|i| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: format!("p/{i:02}").into(),
+                value: vec![b'x'; 150],
+                ..Default::default()
+            })),
+        })
+        .collect();
+    let first = kv.txn(TxnRequest { success: ops.clone(), ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision;
+    let trev = kv.txn(TxnRequest { success: ops, ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision;
+    // Skip the first transaction's events.
+    let mut seen_first = 0;
+    while seen_first < 20 {
+        let r = tokio::time::timeout(Duration::from_secs(5), w.message()).await.expect("stalled").unwrap().unwrap();
+        seen_first += r.events.iter().filter(|e| e.kv.as_ref().unwrap().mod_revision == first).count();
+    }
+    let mut events = Vec::new();
+    let mut fragments = 0;
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), w.message()).await.expect("stalled").unwrap().unwrap();
+        if r.events.is_empty() {
+            continue; // progress
+        }
+        assert!(r.events.iter().all(|e| e.kv.as_ref().unwrap().mod_revision == trev));
+        events.extend(r.events);
+        if !r.fragment {
+            break;
+        }
+        fragments += 1;
+    }
+    assert!(fragments > 0, "the response was not fragmented");
+    assert_eq!(events.len(), 20);
+}

@@ -107,7 +107,7 @@ impl Concurrency {
                 .await?;
             let Some(kv) = r.kvs.into_iter().next() else { return Ok(()) };
             let at = r.header.map(|h| h.revision).unwrap_or(0);
-            let spec = Spec { key: kv.key.clone(), range_end: vec![], prev_kv: false, no_put: true, no_delete: false };
+            let spec = Spec { key: kv.key.clone(), range_end: vec![], prev_kv: false, no_put: true, no_delete: false, fragment: false };
             let (mut rx, _sub) = self.hub.subscribe(spec, at + 1);
             loop {
                 match rx.recv().await {
@@ -226,7 +226,14 @@ impl Election for Concurrency {
                     }
                 }
                 // Wait for any change under the election's prefix.
-                let spec = Spec { key: pfx.clone(), range_end: prefix_end(&pfx), prev_kv: false, no_put: false, no_delete: false };
+                let spec = Spec {
+                    key: pfx.clone(),
+                    range_end: prefix_end(&pfx),
+                    prev_kv: false,
+                    no_put: false,
+                    no_delete: false,
+                    fragment: false,
+                };
                 let (mut events, _sub) = this.hub.subscribe(spec, rev + 1);
                 tokio::select! {
                     e = events.recv() => if e.is_none() { return },

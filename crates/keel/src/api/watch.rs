@@ -21,6 +21,8 @@ pub struct WatchService {
     pub server: Arc<Server>,
     pub hub: Arc<WatchHub>,
     pub next_stream: AtomicU64,
+    /// etcd's watch progress notify interval (10 minutes).
+    pub progress_interval: std::time::Duration,
 }
 
 type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<WatchResponse, Status>> + Send>>;
@@ -35,10 +37,28 @@ impl Watch for WatchService {
         let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let hub = self.hub.clone();
         let server = self.server.clone();
+        let interval = self.progress_interval;
         tokio::spawn(async move {
             let mut watchers: HashMap<i64, (WatchHandle, bool)> = HashMap::new();
             let mut next_id: i64 = 0;
-            while let Ok(Some(r)) = input.message().await {
+            // Watchers that asked for periodic progress notifications.
+            let mut progress_ids: Vec<i64> = Vec::new();
+            let mut progress_tick = tokio::time::interval(interval);
+            progress_tick.tick().await;
+            loop {
+                let r = tokio::select! {
+                    m = input.message() => match m {
+                        Ok(Some(r)) => r,
+                        _ => break,
+                    },
+                    _ = progress_tick.tick() => {
+                        progress_ids.retain(|id| watchers.contains_key(id));
+                        for id in &progress_ids {
+                            hub.progress(stream_id, &[*id], *id, &tx);
+                        }
+                        continue;
+                    }
+                };
                 match r.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
                         let id = if c.watch_id != 0 {
@@ -70,7 +90,11 @@ impl Watch for WatchService {
                             prev_kv: c.prev_kv,
                             no_put: c.filters.contains(&(FilterType::Noput as i32)),
                             no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+                            fragment: c.fragment,
                         };
+                        if c.progress_notify {
+                            progress_ids.push(id);
+                        }
                         let prev = spec.prev_kv;
                         match hub.watch((stream_id, id), spec, c.start_revision.max(0), tx.clone()) {
                             Ok(h) => {
@@ -95,13 +119,10 @@ impl Watch for WatchService {
                         }
                     }
                     Some(RequestUnion::ProgressRequest(_)) => {
-                        // Progress never runs ahead of events: it is queued behind them on the
-                        // same stream, at a revision every synced watcher has been sent.
-                        let rev = server.store().current_rev();
-                        let resp = WatchResponse { header: hub.header(rev), watch_id: -1, ..Default::default() };
-                        if tx.send(resp).await.is_err() {
-                            break;
-                        }
+                        // Only when every watcher of the stream is synced: progress never runs
+                        // ahead of events still to be sent.
+                        let ids: Vec<i64> = watchers.keys().copied().collect();
+                        hub.progress(stream_id, &ids, -1, &tx);
                     }
                     None => {}
                 }
