@@ -156,8 +156,8 @@ impl Applier {
                 Ok((Applied::LeaseGrant(resp), store.current_rev()))
             }
             Request::LeaseCheckpoint(c) => {
-                for cp in c.checkpoints {
-                    lessor.checkpoint(cp.id, cp.remaining_ttl);
+                for cp in c.leases {
+                    lessor.checkpoint(cp.id, cp.remaining_ms);
                 }
                 Ok((Applied::LeaseCheckpoint, store.current_rev()))
             }

@@ -34,8 +34,8 @@ pub struct Lease {
     pub keys: BTreeSet<Vec<u8>>,
     /// Set when a revoke for it has been proposed, so it is not proposed again at once.
     pub revoking_since: Option<Instant>,
-    /// Remaining TTL (seconds) at the last checkpoint applied, if any.
-    pub checkpointed: Option<i64>,
+    /// The last checkpoint applied: when it was applied here, and the remaining TTL (ms) then.
+    pub checkpointed: Option<(Instant, i64)>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -98,32 +98,28 @@ impl Lessor {
         self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None, checkpointed: None });
     }
 
-    /// Records a checkpointed remaining TTL (apply path, every member).
-    pub fn checkpoint(&mut self, id: i64, remaining: i64) {
+    /// Records a checkpointed remaining TTL in ms (apply path, every member).
+    pub fn checkpoint(&mut self, id: i64, remaining_ms: i64) {
         if let Some(l) = self.leases.get_mut(&id) {
-            l.checkpointed = Some(remaining);
+            l.checkpointed = Some((Instant::now(), remaining_ms.max(0)));
         }
     }
 
-    /// Remaining TTLs that changed since their last checkpoint (leader only), at most `limit`.
+    /// Remaining TTLs (ms) of the leases this leader tracks, at most `limit`, oldest checkpoint
+    /// first.
     pub fn due_checkpoints(&self, limit: usize) -> Vec<(i64, i64)> {
         if !self.primary {
             return Vec::new();
         }
         let now = Instant::now();
-        let mut out = Vec::new();
-        for l in self.leases.values() {
-            if out.len() >= limit {
-                break;
-            }
-            let Some(d) = l.deadline else { continue };
-            let left = d.saturating_duration_since(now);
-            let remaining = left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0);
-            if l.revoking_since.is_none() && l.checkpointed != Some(remaining) {
-                out.push((l.id, remaining));
-            }
-        }
-        out
+        let mut all: Vec<(Option<Instant>, i64, i64)> = self
+            .leases
+            .values()
+            .filter(|l| l.revoking_since.is_none())
+            .filter_map(|l| l.deadline.map(|d| (l.checkpointed.map(|c| c.0), l.id, d.saturating_duration_since(now).as_millis() as i64)))
+            .collect();
+        all.sort_by_key(|(at, _, _)| *at);
+        all.into_iter().take(limit).map(|(_, id, ms)| (id, ms)).collect()
     }
 
     pub fn clear(&mut self) {
@@ -150,7 +146,13 @@ impl Lessor {
                 // etcd rounds the remaining time up to whole seconds.
                 left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0)
             }
-            None => l.checkpointed.unwrap_or(l.ttl),
+            None => match l.checkpointed {
+                Some((at, ms)) => {
+                    let left = (at + Duration::from_millis(ms as u64)).saturating_duration_since(Instant::now());
+                    left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0)
+                }
+                None => l.ttl,
+            },
         };
         Some((remaining, l.ttl, l.keys.iter().cloned().collect()))
     }
@@ -161,8 +163,9 @@ impl Lessor {
         self.primary = true;
         let now = Instant::now();
         for l in self.leases.values_mut() {
-            let base = l.checkpointed.unwrap_or(l.ttl).clamp(0, l.ttl.max(0));
-            l.deadline = Some(now + Duration::from_secs(base as u64) + extend);
+            let full = now + Duration::from_secs(l.ttl.max(0) as u64);
+            let from_checkpoint = l.checkpointed.map(|(at, ms)| at + Duration::from_millis(ms as u64) + extend);
+            l.deadline = Some(from_checkpoint.map(|d| d.min(full)).unwrap_or(full));
             l.revoking_since = None;
         }
     }
@@ -210,11 +213,10 @@ mod tests {
         l.grant(1, 100).unwrap();
         l.promote(Duration::ZERO);
         let due = l.due_checkpoints(10);
-        assert_eq!(due, vec![(1, 100)]);
-        l.checkpoint(1, 100);
-        assert!(l.due_checkpoints(10).is_empty(), "nothing changed since the checkpoint");
+        assert_eq!(due.len(), 1);
+        assert!(due[0].1 > 99_000 && due[0].1 <= 100_000);
         l.demote();
-        l.checkpoint(1, 7);
+        l.checkpoint(1, 7_000);
         l.promote(Duration::from_secs(1));
         let (remaining, granted, _) = l.time_to_live(1).unwrap();
         assert_eq!(granted, 100);

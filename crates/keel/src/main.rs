@@ -237,8 +237,7 @@ async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    let server =
-        Arc::new(Server::new(cfg.clone(), identity.member_id, identity.cluster_id, store, members.clone(), lessor, node.clone(), waiters));
+    let server = Server::new(cfg.clone(), identity.member_id, identity.cluster_id, store, members.clone(), lessor, node.clone(), waiters);
 
     // Peer listeners.
     let peer_tls = tls::peer_server(&cfg)?;

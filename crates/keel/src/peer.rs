@@ -606,6 +606,9 @@ impl Peer for PeerService {
             return Err(Status::unavailable("etcdserver: not leader"));
         }
         let ttl = self.server.lessor().renew(id).unwrap_or(0);
+        if ttl > 0 {
+            crate::api::lease::checkpoint_renewal(&self.server, id, ttl);
+        }
         let rev = self.server.store().current_rev();
         Ok(Response::new(keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: self.server.header(rev), id, ttl }))
     }

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use tonic::Status;
 
 pub struct Server {
+    /// This server, for tasks it spawns.
+    pub me: std::sync::Weak<Server>,
     pub cfg: Config,
     pub lessor: Arc<Mutex<Lessor>>,
     pub member_id: u64,
@@ -41,12 +43,23 @@ impl Server {
         lessor: Arc<Mutex<Lessor>>,
         node: NodeHandle,
         waiters: Arc<Waiters>,
-    ) -> Server {
+    ) -> Arc<Server> {
         // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
         // unique across restarts of this member.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
-        Server { cfg, lessor, member_id, cluster_id, store, members, node, waiters, next_id: AtomicU64::new(base) }
+        Arc::new_cyclic(|me| Server {
+            me: me.clone(),
+            cfg,
+            lessor,
+            member_id,
+            cluster_id,
+            store,
+            members,
+            node,
+            waiters,
+            next_id: AtomicU64::new(base),
+        })
     }
 
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {

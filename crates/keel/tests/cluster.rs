@@ -518,22 +518,60 @@ async fn whole_cluster_restart_keeps_all_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lease_ttl_survives_leader_change_without_a_full_renewal() {
+async fn lease_expires_on_time_across_a_leader_change() {
     use keel_proto::etcdserverpb::lease_client::LeaseClient;
-    use keel_proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
+    use keel_proto::etcdserverpb::watch_client::WatchClient;
+    use keel_proto::etcdserverpb::{LeaseGrantRequest, WatchCreateRequest, WatchRequest};
     let _g = SERIAL.lock().await;
     let mut c = Cluster::start(3, &[]).await;
     let leader = c.leader(&[0, 1, 2]).await;
-    let mut lc = LeaseClient::new(channel(&c.members[leader].client_url()).await);
-    let id = lc.lease_grant(LeaseGrantRequest { ttl: 20, id: 0 }).await.unwrap().into_inner().id;
-    // Let some of the TTL run out and be checkpointed.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    c.members[leader].proc.as_mut().unwrap().sigkill();
     let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-    let new_leader = c.leader(&survivors).await;
-    let mut lc = LeaseClient::new(channel(&c.members[new_leader].client_url()).await);
-    let ttl = lc.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false }).await.unwrap().into_inner().ttl;
-    // Not renewed to the full 20 s (a checkpoint carried the remaining TTL), and not expired
-    // early: at most one election timeout and one checkpoint interval of slack.
-    assert!(ttl > 0 && ttl <= 20 - 5 + 2, "remaining TTL after failover: {ttl}");
+    // Watch the lease's keys on both survivors.
+    let mut streams = Vec::new();
+    for &i in &survivors {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(WatchRequest {
+            request_union: Some(keel_proto::etcdserverpb::watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+                key: b"leased/".to_vec(),
+                range_end: b"leased0".to_vec(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let mut s = WatchClient::new(channel(&c.members[i].client_url()).await)
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.message().await.unwrap().unwrap().created);
+        streams.push((tx, s));
+    }
+    let mut lc = LeaseClient::new(channel(&c.members[leader].client_url()).await);
+    let granted = Instant::now();
+    let id = lc.lease_grant(LeaseGrantRequest { ttl: 10, id: 0 }).await.unwrap().into_inner().id;
+    let mut kv = c.kv(leader).await;
+    for k in ["leased/a", "leased/b"] {
+        kv.put(PutRequest { key: k.into(), value: b"v".to_vec(), lease: id, ..Default::default() }).await.unwrap();
+    }
+    for (_, s) in streams.iter_mut() {
+        let r = s.message().await.unwrap().unwrap();
+        assert_eq!(r.events.len(), 1);
+        let r = s.message().await.unwrap().unwrap();
+        assert_eq!(r.events.len(), 1);
+    }
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(granted.elapsed())).await;
+    c.members[leader].proc.as_mut().unwrap().sigkill();
+
+    // Both survivors see both keys deleted, in one revision, the same on both.
+    let mut revs = Vec::new();
+    for (_, s) in streams.iter_mut() {
+        let r = tokio::time::timeout(Duration::from_secs(20), s.message()).await.expect("lease never expired").unwrap().unwrap();
+        let at = granted.elapsed();
+        assert_eq!(r.events.len(), 2, "the lease's keys are deleted in one revision");
+        revs.push(r.events[0].kv.as_ref().unwrap().mod_revision);
+        assert!(at >= Duration::from_secs(10), "lease revoked early: {at:?} after grant");
+        assert!(at <= Duration::from_secs(10) + Duration::from_millis(2 * ELECTION_MS), "lease lived too long: {at:?} after grant");
+    }
+    assert_eq!(revs[0], revs[1], "members deleted the keys at different revisions");
 }

@@ -9,6 +9,7 @@ use crate::server::Server;
 use keel_proto::etcdserverpb::lease_server::Lease;
 use keel_proto::etcdserverpb::*;
 use keel_proto::keelpb::internal_request::Request as Internal;
+use keel_proto::keelpb::{LeaseCheckpoints, LeaseRemaining};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,13 +24,27 @@ pub struct LeaseService {
 /// Keep-alive on this member if it leads, else on the leader.
 pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Result<i64, Status> {
     if server.node.status.is_leader.load(Ordering::Acquire) {
-        return Ok(server.lessor().renew(id).unwrap_or(0));
+        let ttl = server.lessor().renew(id).unwrap_or(0);
+        if ttl > 0 {
+            checkpoint_renewal(server, id, ttl);
+        }
+        return Ok(ttl);
     }
     let leader = server.node.status.leader();
     if leader == 0 {
         return Err(errors::no_leader());
     }
     transport.forward_lease_renew(leader, id).await
+}
+
+/// Records a renewal through raft at once, so that a leader elected before the next periodic
+/// checkpoint does not expire the lease early.
+pub fn checkpoint_renewal(server: &Server, id: i64, ttl: i64) {
+    let Some(s) = server.me.upgrade() else { return };
+    tokio::spawn(async move {
+        let leases = vec![LeaseRemaining { id, remaining_ms: ttl * 1000 }];
+        let _ = s.propose(Internal::LeaseCheckpoint(LeaseCheckpoints { leases })).await;
+    });
 }
 
 /// TTL query on this member if it leads, else on the leader.
@@ -170,10 +185,10 @@ pub async fn run_expiry(server: Arc<Server>) {
             last_checkpoint = tokio::time::Instant::now();
             let due = server.lessor().due_checkpoints(1000);
             if !due.is_empty() {
-                let checkpoints = due.into_iter().map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl }).collect();
+                let leases = due.into_iter().map(|(id, remaining_ms)| LeaseRemaining { id, remaining_ms }).collect();
                 let s = server.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = s.propose(Internal::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints })).await {
+                    if let Err(e) = s.propose(Internal::LeaseCheckpoint(LeaseCheckpoints { leases })).await {
                         tracing::debug!(error = %e.message(), "lease checkpoint failed; the next one will carry it");
                     }
                 });
