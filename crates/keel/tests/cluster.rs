@@ -575,3 +575,219 @@ async fn lease_expires_on_time_across_a_leader_change() {
     }
     assert_eq!(revs[0], revs[1], "members deleted the keys at different revisions");
 }
+
+/// Watch guarantees against a model: random puts, deletes, txns and compactions on a 3-member
+/// cluster, watchers on random members starting at random revisions with random cancels. The
+/// expected events of every revision are derived from the store itself (a read of the whole
+/// key space at each revision, diffed with the previous one) before compaction removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_streams_match_the_store_history() {
+    use keel_proto::etcdserverpb::watch_client::WatchClient;
+    use keel_proto::etcdserverpb::{
+        request_op, CompactionRequest, DeleteRangeRequest, RequestOp, TxnRequest, WatchCancelRequest, WatchCreateRequest, WatchRequest,
+        WatchResponse,
+    };
+    use keel_proto::mvccpb::{event::EventType, KeyValue};
+    use std::collections::BTreeMap;
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+    let _g = SERIAL.lock().await;
+    let c = Cluster::start(3, &[]).await;
+    let mut rng = Rng(0x5eed_1234_abcd);
+    let key = |r: &mut Rng| format!("m/{}", r.below(8));
+
+    // state[r] = the key space at revision r; expected[r] = the events of revision r.
+    let mut state: BTreeMap<i64, BTreeMap<Vec<u8>, KeyValue>> = BTreeMap::new();
+    let mut expected: BTreeMap<i64, Vec<(i32, KeyValue, Option<KeyValue>)>> = BTreeMap::new();
+    let mut kv0 = c.kv(0).await;
+    let base = kv0.range(RangeRequest { key: b"m/".to_vec(), range_end: b"m0".to_vec(), ..Default::default() }).await.unwrap().into_inner();
+    let base_rev = base.header.unwrap().revision;
+    state.insert(base_rev, base.kvs.into_iter().map(|k| (k.key.clone(), k)).collect());
+    let mut read_up_to = base_rev;
+    let mut compacted = 0i64;
+
+    // Watchers: (task handle, start revision, prev_kv, compaction revision at start).
+    let mut watchers: Vec<(tokio::task::JoinHandle<Vec<WatchResponse>>, i64, bool)> = Vec::new();
+    for phase in 0..6 {
+        // Writes.
+        for _ in 0..60 {
+            let mut kv = c.kv(rng.below(3) as usize).await;
+            match rng.below(10) {
+                0..=4 => {
+                    let k = key(&mut rng);
+                    kv.put(PutRequest { key: k.into(), value: format!("v{}", rng.below(100)).into(), ..Default::default() }).await.unwrap();
+                }
+                5..=6 => {
+                    let k = key(&mut rng);
+                    let end = if rng.below(2) == 0 { vec![] } else { b"m0".to_vec() };
+                    kv.delete_range(DeleteRangeRequest { key: k.into(), range_end: end, ..Default::default() }).await.unwrap();
+                }
+                _ => {
+                    let (a, b) = (rng.below(4), 4 + rng.below(4));
+                    let ops = vec![
+                        RequestOp {
+                            request: Some(request_op::Request::RequestPut(PutRequest {
+                                key: format!("m/{a}").into(),
+                                value: b"t".to_vec(),
+                                ..Default::default()
+                            })),
+                        },
+                        RequestOp {
+                            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                                key: format!("m/{b}").into(),
+                                ..Default::default()
+                            })),
+                        },
+                    ];
+                    kv.txn(TxnRequest { success: ops, ..Default::default() }).await.unwrap();
+                }
+            }
+        }
+        // Read the new history back from the store, revision by revision.
+        let cur = kv0
+            .range(RangeRequest { key: b"m/".to_vec(), range_end: b"m0".to_vec(), count_only: true, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+        for r in read_up_to + 1..=cur {
+            let snap = kv0
+                .range(RangeRequest { key: b"m/".to_vec(), range_end: b"m0".to_vec(), revision: r, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            let now: BTreeMap<Vec<u8>, KeyValue> = snap.kvs.into_iter().map(|k| (k.key.clone(), k)).collect();
+            let before = state.get(&(r - 1)).cloned().unwrap_or_default();
+            let mut evs = Vec::new();
+            for (k, v) in &now {
+                if v.mod_revision == r {
+                    evs.push((EventType::Put as i32, v.clone(), before.get(k).cloned()));
+                }
+            }
+            for (k, v) in &before {
+                if !now.contains_key(k) {
+                    evs.push((
+                        EventType::Delete as i32,
+                        KeyValue { key: k.clone(), mod_revision: r, ..Default::default() },
+                        Some(v.clone()),
+                    ));
+                }
+            }
+            if !evs.is_empty() {
+                expected.insert(r, evs);
+            }
+            state.insert(r, now);
+        }
+        read_up_to = cur;
+
+        // New watchers at random revisions (some already compacted away), some cancelled early.
+        for _ in 0..3 {
+            let start = 1 + rng.below(cur as u64) as i64;
+            let prev = rng.below(2) == 0;
+            let cancel_after = if rng.below(3) == 0 { Some(1 + rng.below(20) as usize) } else { None };
+            let url = c.members[rng.below(3) as usize].client_url();
+            let h = tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tx.send(WatchRequest {
+                    request_union: Some(keel_proto::etcdserverpb::watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+                        key: b"m/".to_vec(),
+                        range_end: b"m0".to_vec(),
+                        start_revision: start,
+                        prev_kv: prev,
+                        ..Default::default()
+                    })),
+                })
+                .await
+                .unwrap();
+                let mut s = WatchClient::new(channel(&url).await)
+                    .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut got = Vec::new();
+                let mut events = 0;
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(3), s.message()).await {
+                        Ok(Ok(Some(r))) => {
+                            events += r.events.len();
+                            let stop = r.canceled;
+                            got.push(r);
+                            if stop {
+                                break;
+                            }
+                            if cancel_after.map(|n| events >= n).unwrap_or(false) {
+                                let _ = tx
+                                    .send(WatchRequest {
+                                        request_union: Some(keel_proto::etcdserverpb::watch_request::RequestUnion::CancelRequest(
+                                            WatchCancelRequest { watch_id: 0 },
+                                        )),
+                                    })
+                                    .await;
+                            }
+                        }
+                        _ => break, // idle: everything written was delivered
+                    }
+                }
+                got
+            });
+            watchers.push((h, start, prev));
+        }
+        // Compact sometimes, behind what has been read back.
+        if phase % 2 == 1 {
+            let at = read_up_to - 30;
+            if at > compacted {
+                kv0.compact(CompactionRequest { revision: at, physical: rng.below(2) == 0 }).await.unwrap();
+                compacted = at;
+            }
+        }
+    }
+
+    let last = read_up_to;
+    for (h, start, prev) in watchers {
+        let got = h.await.unwrap();
+        assert!(got.first().map(|r| r.created).unwrap_or(false), "no created response");
+        let mut next = start;
+        let mut cancelled = false;
+        for r in &got[1..] {
+            assert!(!cancelled, "a response after cancellation");
+            if r.canceled {
+                cancelled = true;
+                if r.compact_revision != 0 {
+                    assert!(r.compact_revision >= next, "compaction cancel at {} while {} was still deliverable", r.compact_revision, next);
+                }
+                continue;
+            }
+            if r.events.is_empty() {
+                continue;
+            }
+            let rev = r.events[0].kv.as_ref().unwrap().mod_revision;
+            assert!(rev >= next, "watcher from {start}: revision {rev} arrived when {next} was next (order, uniqueness, start)");
+            // No gap: every expected revision between `next` and `rev` had no events.
+            let missed: Vec<i64> = expected.range(next..rev).map(|(k, _)| *k).collect();
+            assert!(missed.is_empty(), "watcher from {start} skipped revisions {missed:?} (got {rev})");
+            let want = expected.get(&rev).unwrap_or_else(|| panic!("event at {rev} that the store does not have"));
+            let mut got_evs: Vec<(i32, KeyValue, Option<KeyValue>)> =
+                r.events.iter().map(|e| (e.r#type, e.kv.clone().unwrap(), e.prev_kv.clone())).collect();
+            let mut want_evs: Vec<(i32, KeyValue, Option<KeyValue>)> =
+                want.iter().map(|(t, k, p)| (*t, k.clone(), if prev { p.clone() } else { None })).collect();
+            got_evs.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            want_evs.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            assert_eq!(got_evs, want_evs, "watcher from {start}: events at revision {rev}");
+            next = rev + 1;
+        }
+        if !cancelled && next <= last {
+            let missed: Vec<i64> = expected.range(next..=last).map(|(k, _)| *k).collect();
+            assert!(missed.is_empty(), "watcher from {start} never got revisions {missed:?}");
+        }
+    }
+}
