@@ -716,26 +716,18 @@ async fn watch_streams_match_the_store_history() {
                     .into_inner();
                 let mut got = Vec::new();
                 let mut events = 0;
-                loop {
-                    match tokio::time::timeout(Duration::from_secs(3), s.message()).await {
-                        Ok(Ok(Some(r))) => {
-                            events += r.events.len();
-                            let stop = r.canceled;
-                            got.push(r);
-                            if stop {
-                                break;
-                            }
-                            if cancel_after.map(|n| events >= n).unwrap_or(false) {
-                                let _ = tx
-                                    .send(WatchRequest {
-                                        request_union: Some(keel_proto::etcdserverpb::watch_request::RequestUnion::CancelRequest(
-                                            WatchCancelRequest { watch_id: 0 },
-                                        )),
-                                    })
-                                    .await;
-                            }
-                        }
-                        _ => break, // idle: everything written was delivered
+                // Until idle (everything written was delivered) or cancelled.
+                while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(3), s.message()).await {
+                    events += r.events.len();
+                    let stop = r.canceled;
+                    got.push(r);
+                    if stop {
+                        break;
+                    }
+                    if cancel_after.map(|n| events >= n).unwrap_or(false) {
+                        let cancel =
+                            keel_proto::etcdserverpb::watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 0 });
+                        let _ = tx.send(WatchRequest { request_union: Some(cancel) }).await;
                     }
                 }
                 got
