@@ -6,6 +6,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
+    // serde (proto3 JSON mapping, proto field names) for the JSON gateway.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    pbjson_build::Builder::new()
+        .register_descriptors(&prost::Message::encode_to_vec(&fds))?
+        .out_dir(&out)
+        .preserve_proto_field_names()
+        .build(&[".etcdserverpb", ".mvccpb", ".authpb", ".v3electionpb", ".v3lockpb"])?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

@@ -13,6 +13,7 @@ mod api;
 mod apply;
 mod config;
 mod errors;
+mod gateway;
 mod h2fix;
 mod http;
 mod lease;
@@ -294,7 +295,16 @@ async fn run(cfg: Config) -> Result<()> {
         LeaseServer::new(api::lease::LeaseService { server: server.clone(), transport: transport.clone() })
             .max_decoding_message_size(max_recv),
     );
-    let router = grpc.into_axum_router().merge(http::router(server.clone()));
+    let gw = Arc::new(gateway::Gateway {
+        kv: api::kv::KvService { server: server.clone() },
+        lease: api::lease::LeaseService { server: server.clone(), transport: transport.clone() },
+        cluster: api::cluster::ClusterService { server: server.clone(), transport: transport.clone() },
+        maintenance: api::maintenance::MaintenanceService { server: server.clone() },
+        concurrency: api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() },
+        hub: hub.clone(),
+        next_stream: 0.into(),
+    });
+    let router = grpc.into_axum_router().merge(http::router(server.clone())).merge(gateway::router(gw));
     let client_tls = tls::client_server(&cfg)?;
     for (lu, l) in serve::bind(&split_urls(&cfg.listen_client_urls)).await? {
         let acceptor = match (lu.tls, &client_tls) {

@@ -189,7 +189,7 @@ impl Election for Concurrency {
 
     async fn proclaim(&self, req: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
         let r = req.into_inner();
-        let l = r.leader.ok_or_else(|| Status::unknown("election: not leader"))?;
+        let l = r.leader.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
         let rev = self.proclaim_value(&l.key, l.rev, l.lease, &r.value).await?;
         Ok(Response::new(ProclaimResponse { header: self.server.header(rev) }))
     }
@@ -245,7 +245,7 @@ impl Election for Concurrency {
     }
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
-        let l = req.into_inner().leader.ok_or_else(|| Status::unknown("election: not leader"))?;
+        let l = req.into_inner().leader.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
         let t = TxnRequest {
             compare: vec![create_rev_is(&l.key, l.rev)],
             success: vec![op(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key: l.key.clone(), ..Default::default() }))],
