@@ -268,21 +268,36 @@ async fn run(cfg: Config) -> Result<()> {
 
     // Client listeners.
     let max_recv = cfg.max_request_bytes as usize + 512 * 1024;
-    let grpc = tonic::service::Routes::new(
+    // etcd's `hasleader` metadata: such a request fails at once when there is no leader.
+    let gate = {
+        let status = node.status.clone();
+        move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+            let wants = req.metadata().get("hasleader").map(|v| v.as_bytes() == b"true").unwrap_or(false);
+            if wants && status.leader() == 0 {
+                return Err(tonic::Status::unavailable("etcdserver: no leader"));
+            }
+            Ok(req)
+        }
+    };
+    use tonic::service::interceptor::InterceptedService as Gated;
+    let grpc = tonic::service::Routes::new(Gated::new(
         KvServer::new(api::kv::KvService { server: server.clone() })
             .max_decoding_message_size(max_recv)
             .max_encoding_message_size(usize::MAX),
-    )
-    .add_service(
+        gate.clone(),
+    ))
+    .add_service(Gated::new(
         MaintenanceServer::new(api::maintenance::MaintenanceService { server: server.clone() }).max_decoding_message_size(max_recv),
-    )
-    .add_service(
+        gate.clone(),
+    ))
+    .add_service(Gated::new(
         ClusterServer::new(api::cluster::ClusterService { server: server.clone(), transport: transport.clone() })
             .max_decoding_message_size(max_recv),
-    )
-    .add_service(LockServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }))
-    .add_service(ElectionServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }))
-    .add_service(
+        gate.clone(),
+    ))
+    .add_service(Gated::new(LockServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }), gate.clone()))
+    .add_service(Gated::new(ElectionServer::new(api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() }), gate.clone()))
+    .add_service(Gated::new(
         WatchServer::new(api::watch::WatchService {
             server: server.clone(),
             hub: hub.clone(),
@@ -290,11 +305,13 @@ async fn run(cfg: Config) -> Result<()> {
             progress_interval: cfg.watch_progress_notify_interval(),
         })
         .max_decoding_message_size(max_recv),
-    )
-    .add_service(
+        gate.clone(),
+    ))
+    .add_service(Gated::new(
         LeaseServer::new(api::lease::LeaseService { server: server.clone(), transport: transport.clone() })
             .max_decoding_message_size(max_recv),
-    );
+        gate,
+    ));
     let gw = Arc::new(gateway::Gateway {
         kv: api::kv::KvService { server: server.clone() },
         lease: api::lease::LeaseService { server: server.clone(), transport: transport.clone() },
