@@ -240,13 +240,22 @@ async fn load(c: &Cluster, targets: &[usize], prefix: &str, n: usize, clients: u
             let mut i = w;
             while i < n {
                 let key = format!("{prefix}{i:08}");
-                kv.put(PutRequest { key: key.into(), value: vec![b'v'; 64], ..Default::default() }).await.expect("put");
+                kv.put(PutRequest { key: key.into(), value: vec![b'v'; 64], ..Default::default() }).await?;
                 i += clients;
             }
+            Ok::<(), tonic::Status>(())
         }));
     }
     for t in tasks {
-        t.await.unwrap();
+        if let Err(e) = t.await.unwrap() {
+            let logs: Vec<String> = c
+                .members
+                .iter()
+                .filter_map(|m| m.proc.as_ref())
+                .map(|p| p.log_text().lines().filter(|l| !l.contains(" INFO ")).take(60).collect::<Vec<_>>().join("\n"))
+                .collect();
+            panic!("put failed: {e}\nmember logs (warnings and errors):\n{}", logs.join("\n---\n"));
+        }
     }
 }
 
