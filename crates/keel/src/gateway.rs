@@ -16,7 +16,7 @@ use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::kv_server::Kv;
 use keel_proto::etcdserverpb::lease_server::Lease;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
-use keel_proto::etcdserverpb::{watch_create_request::FilterType, watch_request::RequestUnion, WatchRequest};
+use keel_proto::etcdserverpb::{watch_request::RequestUnion, WatchRequest};
 use keel_proto::v3electionpb::election_server::Election;
 use keel_proto::v3lockpb::lock_server::Lock;
 use serde::de::DeserializeOwned;
@@ -159,14 +159,7 @@ async fn watch(g: &Gateway, body: Bytes) -> Response {
     let Some(RequestUnion::CreateRequest(c)) = req.request_union else {
         return error(Status::invalid_argument("etcdserver: the gateway watch needs a create_request"));
     };
-    let spec = Spec {
-        key: c.key,
-        range_end: c.range_end,
-        prev_kv: c.prev_kv,
-        no_put: c.filters.contains(&(FilterType::Noput as i32)),
-        no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
-        fragment: c.fragment,
-    };
+    let spec = Spec::from_create(&c);
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
     let stream_id = (1u64 << 62) + g.next_stream.fetch_add(1, Ordering::Relaxed);
     let handle = match g.hub.watch((stream_id, 0), spec, c.start_revision.max(0), tx) {

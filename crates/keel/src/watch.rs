@@ -38,6 +38,19 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// What a client's create request asks for.
+    pub fn from_create(c: &keel_proto::etcdserverpb::WatchCreateRequest) -> Spec {
+        use keel_proto::etcdserverpb::watch_create_request::FilterType;
+        Spec {
+            key: c.key.clone(),
+            range_end: c.range_end.clone(),
+            prev_kv: c.prev_kv,
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            fragment: c.fragment,
+        }
+    }
+
     fn matches(&self, ev: &Event) -> bool {
         let Some(kv) = &ev.kv else { return false };
         let k = kv.key.as_slice();

@@ -6,7 +6,7 @@ use crate::server::Server;
 use crate::watch::{Spec, WatchHandle, WatchHub};
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_proto::etcdserverpb::watch_server::Watch;
-use keel_proto::etcdserverpb::{watch_create_request::FilterType, WatchRequest, WatchResponse};
+use keel_proto::etcdserverpb::{WatchRequest, WatchResponse};
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,14 +84,7 @@ impl Watch for WatchService {
                             }
                             continue;
                         }
-                        let spec = Spec {
-                            key: c.key,
-                            range_end: c.range_end,
-                            prev_kv: c.prev_kv,
-                            no_put: c.filters.contains(&(FilterType::Noput as i32)),
-                            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
-                            fragment: c.fragment,
-                        };
+                        let spec = Spec::from_create(&c);
                         if c.progress_notify {
                             progress_ids.push(id);
                         }
