@@ -215,11 +215,19 @@ impl PeerTransport {
         self.inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied()
     }
 
-    /// Asks the leader to promote learner `id` (only the leader knows its progress).
-    pub async fn forward_promote(&self, leader: u64, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
+    /// A peer client for the leader, for requests only the leader can answer.
+    fn leader_client(&self, leader: u64) -> Result<PeerClient<Channel>, Status> {
         let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
         let ch = self.inner.dialer.channel(&url).map_err(|e| Status::unavailable(e.to_string()))?;
-        let r = client(ch).promote(with_cluster(keel_proto::etcdserverpb::MemberPromoteRequest { id }, self.inner.cluster_id)).await?;
+        Ok(client(ch))
+    }
+
+    /// Asks the leader to promote learner `id` (only the leader knows its progress).
+    pub async fn forward_promote(&self, leader: u64, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
+        let r = self
+            .leader_client(leader)?
+            .promote(with_cluster(keel_proto::etcdserverpb::MemberPromoteRequest { id }, self.inner.cluster_id))
+            .await?;
         Ok(r.into_inner().members)
     }
 
@@ -243,9 +251,10 @@ impl PeerTransport {
 
     /// Renews a lease on the leader; returns its TTL (0: no such lease).
     pub async fn forward_lease_renew(&self, leader: u64, id: i64) -> Result<i64, Status> {
-        let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-        let ch = self.inner.dialer.channel(&url).map_err(|e| Status::unavailable(e.to_string()))?;
-        let r = client(ch).lease_renew(with_cluster(keel_proto::etcdserverpb::LeaseKeepAliveRequest { id }, self.inner.cluster_id)).await?;
+        let r = self
+            .leader_client(leader)?
+            .lease_renew(with_cluster(keel_proto::etcdserverpb::LeaseKeepAliveRequest { id }, self.inner.cluster_id))
+            .await?;
         Ok(r.into_inner().ttl)
     }
 
@@ -255,9 +264,7 @@ impl PeerTransport {
         leader: u64,
         req: keel_proto::etcdserverpb::LeaseTimeToLiveRequest,
     ) -> Result<keel_proto::etcdserverpb::LeaseTimeToLiveResponse, Status> {
-        let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-        let ch = self.inner.dialer.channel(&url).map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(client(ch).lease_time_to_live(with_cluster(req, self.inner.cluster_id)).await?.into_inner())
+        Ok(self.leader_client(leader)?.lease_time_to_live(with_cluster(req, self.inner.cluster_id)).await?.into_inner())
     }
 
     fn queue(&self, to: u64) -> mpsc::Sender<Vec<u8>> {
