@@ -4,15 +4,17 @@
 //! Owns nothing but references: the store and members are shared with the read path.
 //! Called by keel-raft's node thread only.
 
+use crate::auth::{AuthError, AuthInfo, AuthStore, Perm, Tokens};
 use crate::errors;
 use crate::lease::{self, Lessor};
 use crate::membership::{Members, AUX_MEMBERS};
 use keel_mvcc::kv::{self, Leases};
 use keel_mvcc::{Store, TxnOutcome};
+use keel_proto::etcdserverpb::{request_op, TxnRequest};
 use keel_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
 };
-use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest};
+use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, RequestHeader};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, Snapshot};
 use keel_raft::ProtoMessage;
 use prost::Message;
@@ -33,6 +35,8 @@ pub enum Applied {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     LeaseCheckpoint,
+    /// An auth store change (its response carries only a header).
+    Auth,
 }
 
 /// The store's revision after the request, with what it produced; or etcd's error.
@@ -101,6 +105,49 @@ pub struct Applier {
     pub db_path: std::path::PathBuf,
     /// Told when this member has been removed from the cluster.
     pub removed: Arc<tokio::sync::Notify>,
+    pub auth: Arc<RwLock<AuthStore>>,
+    pub tokens: Arc<Tokens>,
+}
+
+/// Checks a transaction's compares and operations (nested ones too) against the caller's
+/// permissions, as etcd's auth applier does.
+pub fn check_txn(auth: &AuthStore, who: &AuthInfo, t: &TxnRequest) -> Result<(), AuthError> {
+    for c in &t.compare {
+        auth.check(who, &c.key, &c.range_end, Perm::Read)?;
+    }
+    for op in t.success.iter().chain(t.failure.iter()) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => auth.check(who, &r.key, &r.range_end, Perm::Read)?,
+            Some(request_op::Request::RequestPut(p)) => {
+                auth.check(who, &p.key, &[], Perm::Write)?;
+                if p.prev_kv {
+                    auth.check(who, &p.key, &[], Perm::Read)?;
+                }
+            }
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                if d.prev_kv {
+                    auth.check(who, &d.key, &d.range_end, Perm::Read)?;
+                }
+                auth.check(who, &d.key, &d.range_end, Perm::Write)?;
+            }
+            Some(request_op::Request::RequestTxn(n)) => check_txn(auth, who, n)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// A lease's keys must all be writable by whoever attaches to or revokes it.
+fn check_lease_keys(auth: &AuthStore, who: &AuthInfo, lessor: &Lessor, id: i64) -> Result<(), AuthError> {
+    if id == 0 || !auth.enabled() {
+        return Ok(());
+    }
+    if let Some((_, _, keys)) = lessor.time_to_live(id) {
+        for k in keys {
+            auth.check(who, &k, &[], Perm::Write)?;
+        }
+    }
+    Ok(())
 }
 
 /// A backend failure leaves the member unable to keep its promises: stop the process, as etcd does.
@@ -127,8 +174,86 @@ impl Applier {
         o.revision
     }
 
-    fn apply_request(&self, store: &mut Store, req: Request) -> ApplyResult {
+    /// The permission checks etcd's auth applier makes before a request changes anything.
+    fn authorize(&self, lessor: &Lessor, header: &RequestHeader, req: &Request) -> Result<(), AuthError> {
+        let auth = self.auth.read().unwrap_or_else(|p| p.into_inner());
+        let who = AuthInfo { username: header.username.clone(), revision: header.auth_revision };
+        match req {
+            Request::Put(p) => {
+                auth.check(&who, &p.key, &[], Perm::Write)?;
+                check_lease_keys(&auth, &who, lessor, p.lease)?;
+                if p.prev_kv {
+                    auth.check(&who, &p.key, &[], Perm::Read)?;
+                }
+                Ok(())
+            }
+            Request::DeleteRange(d) => {
+                auth.check(&who, &d.key, &d.range_end, Perm::Write)?;
+                if d.prev_kv {
+                    auth.check(&who, &d.key, &d.range_end, Perm::Read)?;
+                }
+                Ok(())
+            }
+            Request::Txn(t) => check_txn(&auth, &who, t),
+            Request::LeaseRevoke(r) => check_lease_keys(&auth, &who, lessor, r.id),
+            Request::AuthEnable(_)
+            | Request::AuthDisable(_)
+            | Request::AuthUserAdd(_)
+            | Request::AuthUserDelete(_)
+            | Request::AuthUserChangePassword(_)
+            | Request::AuthUserGrantRole(_)
+            | Request::AuthUserRevokeRole(_)
+            | Request::AuthRoleAdd(_)
+            | Request::AuthRoleGrantPermission(_)
+            | Request::AuthRoleRevokePermission(_)
+            | Request::AuthRoleDelete(_) => auth.check_admin(&who),
+            _ => Ok(()),
+        }
+    }
+
+    fn apply_auth(&self, store: &mut Store, req: Request) -> ApplyResult {
+        let mut auth = self.auth.write().unwrap_or_else(|p| p.into_inner());
+        let r = match req {
+            Request::AuthEnable(_) => auth.enable(store),
+            Request::AuthDisable(_) => {
+                if auth.disable(store) {
+                    self.tokens.clear();
+                }
+                Ok(())
+            }
+            Request::Authenticate(a) => {
+                if !auth.enabled() {
+                    Err(AuthError::AuthNotEnabled)
+                } else if auth.revision() != a.checked_revision {
+                    Err(AuthError::OldRevision)
+                } else if auth.password_hash(&a.name).is_err() {
+                    Err(AuthError::AuthFailed)
+                } else {
+                    self.tokens.assign_simple(&a.simple_token, &a.name);
+                    Ok(())
+                }
+            }
+            Request::AuthUserAdd(u) => auth.user_add(store, &u.name, u.hashed_password.as_bytes(), u.options),
+            Request::AuthUserDelete(u) => auth.user_delete(store, &u.name).inspect(|_| self.tokens.invalidate_user(&u.name)),
+            Request::AuthUserChangePassword(u) => {
+                auth.user_change_password(store, &u.name, u.hashed_password.as_bytes()).inspect(|_| self.tokens.invalidate_user(&u.name))
+            }
+            Request::AuthUserGrantRole(g) => auth.user_grant_role(store, &g.user, &g.role),
+            Request::AuthUserRevokeRole(g) => auth.user_revoke_role(store, &g.name, &g.role),
+            Request::AuthRoleAdd(r) => auth.role_add(store, &r.name),
+            Request::AuthRoleGrantPermission(r) => auth.role_grant_permission(store, &r.name, r.perm),
+            Request::AuthRoleRevokePermission(r) => auth.role_revoke_permission(store, &r.role, &r.key, &r.range_end),
+            Request::AuthRoleDelete(r) => auth.role_delete(store, &r.role),
+            _ => return Err(tonic::Status::internal("etcdserver: not an auth request")),
+        };
+        r.map(|()| (Applied::Auth, store.current_rev())).map_err(errors::auth)
+    }
+
+    fn apply_request(&self, store: &mut Store, req: Request, header: Option<RequestHeader>) -> ApplyResult {
         let mut lessor = self.lessor();
+        if let Some(h) = &header {
+            self.authorize(&lessor, h, &req).map_err(errors::auth)?;
+        }
         store.set_events_with_prev(self.hub.wants_prev());
         match req {
             Request::Put(p) => {
@@ -191,6 +316,21 @@ impl Applier {
                 store.set_aux(AUX_MEMBERS, members.encode());
                 Ok((Applied::MemberAttributes, store.current_rev()))
             }
+            Request::AuthEnable(_)
+            | Request::AuthDisable(_)
+            | Request::Authenticate(_)
+            | Request::AuthUserAdd(_)
+            | Request::AuthUserDelete(_)
+            | Request::AuthUserChangePassword(_)
+            | Request::AuthUserGrantRole(_)
+            | Request::AuthUserRevokeRole(_)
+            | Request::AuthRoleAdd(_)
+            | Request::AuthRoleGrantPermission(_)
+            | Request::AuthRoleRevokePermission(_)
+            | Request::AuthRoleDelete(_) => {
+                drop(lessor);
+                self.apply_auth(store, req)
+            }
             Request::MemberUpdate(u) => {
                 let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
                 if let Some(m) = members.get_mut(u.id) {
@@ -221,7 +361,7 @@ impl keel_raft::StateMachine for Applier {
         let mut outcome = None;
         if !entry.get_data().is_empty() {
             match InternalRequest::decode(entry.get_data()) {
-                Ok(InternalRequest { id, request: Some(req) }) => outcome = Some((id, self.apply_request(&mut store, req))),
+                Ok(InternalRequest { id, request: Some(req), header }) => outcome = Some((id, self.apply_request(&mut store, req, header))),
                 Ok(_) => tracing::warn!(index = entry.index, "apply: empty request"),
                 Err(e) => {
                     tracing::error!(index = entry.index, error = %e, "apply: undecodable entry skipped")
@@ -297,6 +437,7 @@ impl keel_raft::StateMachine for Applier {
         std::fs::rename(&path, &self.db_path).map_err(|e| format!("install backend {}: {e}", path.display()))?;
         let new = Store::open(&self.db_path).map_err(|e| e.to_string())?;
         load_leases(&new, &mut self.lessor());
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = AuthStore::load(&new);
         if new.consistent_index() < snap.get_metadata().index {
             return Err(format!(
                 "the leader's backend (index {}) is older than its snapshot (index {})",

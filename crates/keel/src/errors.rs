@@ -105,3 +105,15 @@ pub fn kv(e: KvError) -> Status {
         KvError::Corrupt(e) => Status::data_loss(format!("etcdserver: corrupt cluster: {e}")),
     }
 }
+
+/// An auth store error, with etcd's gRPC code.
+pub fn auth(e: crate::auth::AuthError) -> Status {
+    use crate::auth::AuthError::*;
+    let code = match e {
+        UserEmpty | RoleEmpty | AuthFailed | InvalidMgmt | OldRevision | PermissionNotGiven => Code::InvalidArgument,
+        PermissionDenied => Code::PermissionDenied,
+        InvalidToken => Code::Unauthenticated,
+        _ => Code::FailedPrecondition,
+    };
+    st(code, &e.to_string())
+}

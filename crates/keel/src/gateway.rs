@@ -12,6 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use keel_proto::etcdserverpb::auth_server::Auth;
 use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::kv_server::Kv;
 use keel_proto::etcdserverpb::lease_server::Lease;
@@ -32,6 +33,7 @@ pub struct Gateway {
     pub cluster: api::cluster::ClusterService,
     pub maintenance: api::maintenance::MaintenanceService,
     pub concurrency: api::concurrency::Concurrency,
+    pub auth: api::auth::AuthService,
     pub hub: Arc<WatchHub>,
     /// Watch stream ids for gateway watches (kept apart from the gRPC service's).
     pub next_stream: AtomicU64,
@@ -73,7 +75,18 @@ fn parse<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, Status> {
     serde_json::from_slice(body).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-async fn unary<Req, Resp, F, Fut>(body: Bytes, f: F) -> Response
+/// The caller's token: etcd's gateway passes the `Authorization` header on as request metadata.
+type Token = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
+
+fn with_token<T>(msg: T, token: &Token) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut().insert("token", t.clone());
+    }
+    r
+}
+
+async fn unary<Req, Resp, F, Fut>(body: Bytes, token: &Token, f: F) -> Response
 where
     Req: DeserializeOwned + Default,
     Resp: Serialize,
@@ -84,7 +97,7 @@ where
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match f(tonic::Request::new(req)).await {
+    match f(with_token(req, token)).await {
         Ok(resp) => match serde_json::to_string(resp.get_ref()) {
             Ok(s) => ([(header::CONTENT_TYPE, "application/json")], s).into_response(),
             Err(e) => error(Status::internal(e.to_string())),
@@ -93,37 +106,56 @@ where
     }
 }
 
-async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, body: Bytes) -> Response {
+async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
     let g = &*gw;
+    let token: Token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let t = &token;
     match path.trim_end_matches('/') {
-        "kv/range" => unary(body, |r| g.kv.range(r)).await,
-        "kv/put" => unary(body, |r| g.kv.put(r)).await,
-        "kv/deleterange" => unary(body, |r| g.kv.delete_range(r)).await,
-        "kv/txn" => unary(body, |r| g.kv.txn(r)).await,
-        "kv/compaction" => unary(body, |r| g.kv.compact(r)).await,
-        "lease/grant" => unary(body, |r| g.lease.lease_grant(r)).await,
-        "lease/revoke" | "kv/lease/revoke" => unary(body, |r| g.lease.lease_revoke(r)).await,
-        "lease/timetolive" | "kv/lease/timetolive" => unary(body, |r| g.lease.lease_time_to_live(r)).await,
-        "lease/leases" | "kv/lease/leases" => unary(body, |r| g.lease.lease_leases(r)).await,
+        "kv/range" => unary(body, t, |r| g.kv.range(r)).await,
+        "kv/put" => unary(body, t, |r| g.kv.put(r)).await,
+        "kv/deleterange" => unary(body, t, |r| g.kv.delete_range(r)).await,
+        "kv/txn" => unary(body, t, |r| g.kv.txn(r)).await,
+        "kv/compaction" => unary(body, t, |r| g.kv.compact(r)).await,
+        "lease/grant" => unary(body, t, |r| g.lease.lease_grant(r)).await,
+        "lease/revoke" | "kv/lease/revoke" => unary(body, t, |r| g.lease.lease_revoke(r)).await,
+        "lease/timetolive" | "kv/lease/timetolive" => unary(body, t, |r| g.lease.lease_time_to_live(r)).await,
+        "lease/leases" | "kv/lease/leases" => unary(body, t, |r| g.lease.lease_leases(r)).await,
         "lease/keepalive" => keep_alive(g, body).await,
-        "cluster/member/add" => unary(body, |r| g.cluster.member_add(r)).await,
-        "cluster/member/remove" => unary(body, |r| g.cluster.member_remove(r)).await,
-        "cluster/member/update" => unary(body, |r| g.cluster.member_update(r)).await,
-        "cluster/member/list" => unary(body, |r| g.cluster.member_list(r)).await,
-        "cluster/member/promote" => unary(body, |r| g.cluster.member_promote(r)).await,
-        "maintenance/alarm" => unary(body, |r| g.maintenance.alarm(r)).await,
-        "maintenance/status" => unary(body, |r| g.maintenance.status(r)).await,
-        "maintenance/defragment" => unary(body, |r| g.maintenance.defragment(r)).await,
-        "maintenance/hash" => unary(body, |r| g.maintenance.hash(r)).await,
-        "maintenance/hashkv" => unary(body, |r| g.maintenance.hash_kv(r)).await,
-        "maintenance/transfer-leadership" => unary(body, |r| g.maintenance.move_leader(r)).await,
-        "election/campaign" => unary(body, |r| g.concurrency.campaign(r)).await,
-        "election/proclaim" => unary(body, |r| g.concurrency.proclaim(r)).await,
-        "election/leader" => unary(body, |r| g.concurrency.leader(r)).await,
-        "election/resign" => unary(body, |r| g.concurrency.resign(r)).await,
-        "lock/lock" => unary(body, |r| g.concurrency.lock(r)).await,
-        "lock/unlock" => unary(body, |r| g.concurrency.unlock(r)).await,
-        "watch" => watch(g, body).await,
+        "auth/enable" => unary(body, t, |r| g.auth.auth_enable(r)).await,
+        "auth/disable" => unary(body, t, |r| g.auth.auth_disable(r)).await,
+        "auth/status" => unary(body, t, |r| g.auth.auth_status(r)).await,
+        "auth/authenticate" => unary(body, t, |r| g.auth.authenticate(r)).await,
+        "auth/user/add" => unary(body, t, |r| g.auth.user_add(r)).await,
+        "auth/user/get" => unary(body, t, |r| g.auth.user_get(r)).await,
+        "auth/user/list" => unary(body, t, |r| g.auth.user_list(r)).await,
+        "auth/user/delete" => unary(body, t, |r| g.auth.user_delete(r)).await,
+        "auth/user/changepw" => unary(body, t, |r| g.auth.user_change_password(r)).await,
+        "auth/user/grant" => unary(body, t, |r| g.auth.user_grant_role(r)).await,
+        "auth/user/revoke" => unary(body, t, |r| g.auth.user_revoke_role(r)).await,
+        "auth/role/add" => unary(body, t, |r| g.auth.role_add(r)).await,
+        "auth/role/get" => unary(body, t, |r| g.auth.role_get(r)).await,
+        "auth/role/list" => unary(body, t, |r| g.auth.role_list(r)).await,
+        "auth/role/delete" => unary(body, t, |r| g.auth.role_delete(r)).await,
+        "auth/role/grant" => unary(body, t, |r| g.auth.role_grant_permission(r)).await,
+        "auth/role/revoke" => unary(body, t, |r| g.auth.role_revoke_permission(r)).await,
+        "cluster/member/add" => unary(body, t, |r| g.cluster.member_add(r)).await,
+        "cluster/member/remove" => unary(body, t, |r| g.cluster.member_remove(r)).await,
+        "cluster/member/update" => unary(body, t, |r| g.cluster.member_update(r)).await,
+        "cluster/member/list" => unary(body, t, |r| g.cluster.member_list(r)).await,
+        "cluster/member/promote" => unary(body, t, |r| g.cluster.member_promote(r)).await,
+        "maintenance/alarm" => unary(body, t, |r| g.maintenance.alarm(r)).await,
+        "maintenance/status" => unary(body, t, |r| g.maintenance.status(r)).await,
+        "maintenance/defragment" => unary(body, t, |r| g.maintenance.defragment(r)).await,
+        "maintenance/hash" => unary(body, t, |r| g.maintenance.hash(r)).await,
+        "maintenance/hashkv" => unary(body, t, |r| g.maintenance.hash_kv(r)).await,
+        "maintenance/transfer-leadership" => unary(body, t, |r| g.maintenance.move_leader(r)).await,
+        "election/campaign" => unary(body, t, |r| g.concurrency.campaign(r)).await,
+        "election/proclaim" => unary(body, t, |r| g.concurrency.proclaim(r)).await,
+        "election/leader" => unary(body, t, |r| g.concurrency.leader(r)).await,
+        "election/resign" => unary(body, t, |r| g.concurrency.resign(r)).await,
+        "lock/lock" => unary(body, t, |r| g.concurrency.lock(r)).await,
+        "lock/unlock" => unary(body, t, |r| g.concurrency.unlock(r)).await,
+        "watch" => watch(g, body, t).await,
         _ => error(Status::unimplemented(format!("etcdserver: gateway has no route /v3/{path}"))),
     }
 }
@@ -151,7 +183,7 @@ async fn keep_alive(g: &Gateway, body: Bytes) -> Response {
 }
 
 /// A watch: the request body creates one watcher; its responses stream back, one per line.
-async fn watch(g: &Gateway, body: Bytes) -> Response {
+async fn watch(g: &Gateway, body: Bytes, token: &Token) -> Response {
     let req: WatchRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return error(e),
@@ -159,6 +191,11 @@ async fn watch(g: &Gateway, body: Bytes) -> Response {
     let Some(RequestUnion::CreateRequest(c)) = req.request_union else {
         return error(Status::invalid_argument("etcdserver: the gateway watch needs a create_request"));
     };
+    let server = &g.kv.server;
+    let caller = with_token((), token);
+    if let Err(e) = server.caller(&caller).and_then(|who| server.check_read(&who, &c.key, &c.range_end)) {
+        return error(e);
+    }
     let spec = Spec::from_create(&c);
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
     let stream_id = (1u64 << 62) + g.next_stream.fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,7 @@
 
 mod api;
 mod apply;
+mod auth;
 mod config;
 mod errors;
 mod gateway;
@@ -28,6 +29,7 @@ use anyhow::{bail, Context, Result};
 use apply::{Applier, Waiters};
 use config::{split_urls, Config};
 use keel_mvcc::Store;
+use keel_proto::etcdserverpb::auth_server::AuthServer;
 use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
@@ -202,6 +204,14 @@ async fn run(cfg: Config) -> Result<()> {
     let mut lessor = lease::Lessor::default();
     apply::load_leases(&store, &mut lessor);
     let lessor = Arc::new(std::sync::Mutex::new(lessor));
+    let auth = Arc::new(RwLock::new(auth::AuthStore::load(&store)));
+    let tokens = Arc::new(
+        auth::Tokens::from_flag(&cfg.auth_token, std::time::Duration::from_secs(cfg.auth_token_ttl.max(1)))
+            .map_err(|e| anyhow::anyhow!("--auth-token: {e}"))?,
+    );
+    if !(4..=31).contains(&cfg.bcrypt_cost) {
+        bail!("--bcrypt-cost {} is out of range (4..=31)", cfg.bcrypt_cost);
+    }
     let store = Arc::new(RwLock::new(store));
     let members = Arc::new(RwLock::new(members));
     let waiters = Arc::new(Waiters::default());
@@ -219,6 +229,8 @@ async fn run(cfg: Config) -> Result<()> {
         member_id: identity.member_id,
         db_path: db_path.clone(),
         removed: removed.clone(),
+        auth: auth.clone(),
+        tokens: tokens.clone(),
     };
     let node_cfg = NodeConfig {
         id: identity.member_id,
@@ -238,7 +250,18 @@ async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    let server = Server::new(cfg.clone(), identity.member_id, identity.cluster_id, store, members.clone(), lessor, node.clone(), waiters);
+    let server = Server::new(
+        cfg.clone(),
+        identity.member_id,
+        identity.cluster_id,
+        store,
+        members.clone(),
+        lessor,
+        node.clone(),
+        waiters,
+        auth,
+        tokens,
+    );
 
     // Peer listeners.
     let peer_tls = tls::peer_server(&cfg)?;
@@ -308,6 +331,10 @@ async fn run(cfg: Config) -> Result<()> {
         gate.clone(),
     ))
     .add_service(Gated::new(
+        AuthServer::new(api::auth::AuthService { server: server.clone() }).max_decoding_message_size(max_recv),
+        gate.clone(),
+    ))
+    .add_service(Gated::new(
         LeaseServer::new(api::lease::LeaseService { server: server.clone(), transport: transport.clone() })
             .max_decoding_message_size(max_recv),
         gate,
@@ -318,6 +345,7 @@ async fn run(cfg: Config) -> Result<()> {
         cluster: api::cluster::ClusterService { server: server.clone(), transport: transport.clone() },
         maintenance: api::maintenance::MaintenanceService { server: server.clone() },
         concurrency: api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() },
+        auth: api::auth::AuthService { server: server.clone() },
         hub: hub.clone(),
         next_stream: 0.into(),
     });

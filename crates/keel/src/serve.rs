@@ -103,12 +103,15 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::R
         let router = router.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = TowerToHyperService::new(router);
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http2().max_concurrent_streams(max_streams);
+            let mut cn = None;
             let io: Box<dyn Io> = match tls {
                 Some(acc) => match acc.accept(sock).await {
-                    Ok(s) => Box::new(s),
+                    Ok(s) => {
+                        cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+                        Box::new(s)
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
@@ -117,10 +120,26 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::R
                 None => sock,
             };
             let io: Box<dyn Io> = if fix_authority { Box::new(crate::h2fix::FixAuthority::new(io)) } else { io };
+            // The client certificate's common name goes with every request of the connection
+            // (auth by certificate, `--client-cert-auth`).
+            let svc =
+                TowerToHyperService::new(tower::ServiceExt::map_request(router, move |mut r: http::Request<hyper::body::Incoming>| {
+                    if let Some(cn) = &cn {
+                        r.extensions_mut().insert(crate::server::PeerCommonName(cn.clone()));
+                    }
+                    r
+                }));
             let res = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await;
             if let Err(e) = res {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
+}
+
+/// The subject common name of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
 }

@@ -4,13 +4,14 @@
 //! Calls keel-raft (propose, read index) and reads keel-mvcc; never writes the store itself.
 
 use crate::apply::{Applied, Waiters};
+use crate::auth::{AuthError, AuthInfo, AuthStore, Tokens};
 use crate::config::Config;
 use crate::errors;
 use crate::lease::Lessor;
 use crate::membership::Members;
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::ResponseHeader;
-use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord};
+use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestHeader};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType};
 use keel_raft::NodeHandle;
 use prost::Message;
@@ -29,8 +30,14 @@ pub struct Server {
     pub members: Arc<RwLock<Members>>,
     pub node: NodeHandle,
     pub waiters: Arc<Waiters>,
+    pub auth: Arc<RwLock<AuthStore>>,
+    pub tokens: Arc<Tokens>,
     next_id: AtomicU64,
 }
+
+/// The common name of a verified client certificate, put on each request of its connection.
+#[derive(Clone, Debug)]
+pub struct PeerCommonName(pub String);
 
 impl Server {
     #[allow(clippy::too_many_arguments)]
@@ -43,6 +50,8 @@ impl Server {
         lessor: Arc<Mutex<Lessor>>,
         node: NodeHandle,
         waiters: Arc<Waiters>,
+        auth: Arc<RwLock<AuthStore>>,
+        tokens: Arc<Tokens>,
     ) -> Arc<Server> {
         // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
         // unique across restarts of this member.
@@ -58,6 +67,8 @@ impl Server {
             members,
             node,
             waiters,
+            auth,
+            tokens,
             next_id: AtomicU64::new(base),
         })
     }
@@ -86,6 +97,48 @@ impl Server {
         ms.div_ceil(1000) as i64
     }
 
+    pub fn auth(&self) -> RwLockReadGuard<'_, AuthStore> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A number unique to this member (request ids, token suffixes).
+    pub fn next_seq(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Who sent a client request: the user of its token (`token` metadata, or `authorization` as
+    /// etcd's gateway sends it), else the common name of its verified client certificate when
+    /// `--client-cert-auth` is on, else nobody (an empty [`AuthInfo`]).
+    pub fn auth_info(&self, md: &tonic::metadata::MetadataMap, ext: &http::Extensions) -> Result<AuthInfo, Status> {
+        let token = md.get("token").or_else(|| md.get("authorization"));
+        if let Some(t) = token {
+            let t = t.to_str().map_err(|_| errors::auth(AuthError::InvalidToken))?;
+            let rev = self.auth().revision();
+            return self.tokens.info(t, rev).ok_or_else(|| errors::auth(AuthError::InvalidToken));
+        }
+        if self.cfg.client_cert_auth {
+            if let Some(cn) = ext.get::<PeerCommonName>() {
+                return Ok(AuthInfo { username: cn.0.clone(), revision: self.auth().revision() });
+            }
+        }
+        Ok(AuthInfo::default())
+    }
+
+    /// [`Self::auth_info`] of a tonic request.
+    pub fn caller<T>(&self, req: &tonic::Request<T>) -> Result<AuthInfo, Status> {
+        self.auth_info(req.metadata(), req.extensions())
+    }
+
+    /// Fails unless the caller may administer the cluster (root role), when auth is on.
+    pub fn check_admin(&self, who: &AuthInfo) -> Result<(), Status> {
+        self.auth().check_admin(who).map_err(errors::auth)
+    }
+
+    /// Fails unless the caller may read `key`..`range_end`, when auth is on.
+    pub fn check_read(&self, who: &AuthInfo, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
+        self.auth().check(who, key, range_end, crate::auth::Perm::Read).map_err(errors::auth)
+    }
+
     pub fn members(&self) -> RwLockReadGuard<'_, Members> {
         self.members.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -95,10 +148,20 @@ impl Server {
         Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.node.status.term() })
     }
 
-    /// Proposes `req` through raft and waits until it is applied on this member.
+    /// Proposes the member's own request `req` (not permission-checked) and waits until it is
+    /// applied on this member.
     pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Status> {
+        self.propose_inner(req, None).await
+    }
+
+    /// Proposes a client's request, checked against `who`'s permissions when applied.
+    pub async fn propose_as(&self, req: Request, who: &AuthInfo) -> Result<(Applied, i64), Status> {
+        self.propose_inner(req, Some(RequestHeader { username: who.username.clone(), auth_revision: who.revision })).await
+    }
+
+    async fn propose_inner(&self, req: Request, header: Option<RequestHeader>) -> Result<(Applied, i64), Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let data = InternalRequest { id, request: Some(req) }.encode_to_vec();
+        let data = InternalRequest { id, request: Some(req), header }.encode_to_vec();
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(errors::request_too_large());
         }

@@ -120,6 +120,7 @@ pub async fn promote(server: &Server, id: u64) -> Result<Vec<Member>, Status> {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let r = req.into_inner();
         valid_urls(&r.peer_ur_ls)?;
         let s = &self.server;
@@ -149,6 +150,7 @@ impl Cluster for ClusterService {
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let id = req.into_inner().id;
         let s = &self.server;
         if s.members().get(id).is_none() {
@@ -160,6 +162,7 @@ impl Cluster for ClusterService {
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let r = req.into_inner();
         valid_urls(&r.peer_ur_ls)?;
         let s = &self.server;
@@ -186,6 +189,7 @@ impl Cluster for ClusterService {
     }
 
     async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let id = req.into_inner().id;
         let s = &self.server;
         let members = if s.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {

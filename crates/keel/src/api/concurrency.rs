@@ -140,6 +140,20 @@ impl Concurrency {
     }
 }
 
+/// With auth on, the caller needs the permissions the operation's own reads and writes on
+/// `name/...` would need (`write` includes read), as with etcd's client-side implementation.
+fn authorize<T>(server: &crate::server::Server, req: &Request<T>, name: &[u8], write: bool) -> Result<(), Status> {
+    let who = server.caller(req)?;
+    let auth = server.auth();
+    let pfx = [name, b"/"].concat();
+    let end = prefix_end(&pfx);
+    auth.check(&who, &pfx, &end, crate::auth::Perm::Read).map_err(errors::auth)?;
+    if write {
+        auth.check(&who, &pfx, &end, crate::auth::Perm::Write).map_err(errors::auth)?;
+    }
+    Ok(())
+}
+
 fn lease_key(name: &[u8], lease: i64) -> Vec<u8> {
     [name, b"/", format!("{lease:x}").as_bytes()].concat()
 }
@@ -147,6 +161,7 @@ fn lease_key(name: &[u8], lease: i64) -> Vec<u8> {
 #[tonic::async_trait]
 impl Lock for Concurrency {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        authorize(&self.server, &req, &req.get_ref().name, true)?;
         let r = req.into_inner();
         let key = lease_key(&r.name, r.lease);
         let (my_rev, _, _) = self.claim(&key, b"", r.lease).await?;
@@ -161,6 +176,8 @@ impl Lock for Concurrency {
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let who = self.server.caller(&req)?;
+        self.server.auth().check(&who, &req.get_ref().key, &[], crate::auth::Perm::Write).map_err(errors::auth)?;
         let key = req.into_inner().key;
         self.server.not_learner()?;
         let (_, rev) = self.server.propose(Internal::DeleteRange(DeleteRangeRequest { key, ..Default::default() })).await?;
@@ -173,6 +190,7 @@ type ObserveStream = Pin<Box<dyn futures::Stream<Item = Result<LeaderResponse, S
 #[tonic::async_trait]
 impl Election for Concurrency {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
+        authorize(&self.server, &req, &req.get_ref().name, true)?;
         let r = req.into_inner();
         let key = lease_key(&r.name, r.lease);
         let (my_rev, existing, _) = self.claim(&key, &r.value, r.lease).await?;
@@ -188,6 +206,8 @@ impl Election for Concurrency {
     }
 
     async fn proclaim(&self, req: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
+        let name = req.get_ref().leader.as_ref().map(|l| l.name.clone()).unwrap_or_default();
+        authorize(&self.server, &req, &name, true)?;
         let r = req.into_inner();
         let l = r.leader.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
         let rev = self.proclaim_value(&l.key, l.rev, l.lease, &r.value).await?;
@@ -195,6 +215,7 @@ impl Election for Concurrency {
     }
 
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
+        authorize(&self.server, &req, &req.get_ref().name, false)?;
         let (kv, rev) = self.leader_kv(&req.into_inner().name).await?;
         let kv = kv.ok_or_else(|| Status::unknown("election: no leader"))?;
         Ok(Response::new(LeaderResponse { header: self.server.header(rev), kv: Some(kv) }))
@@ -203,6 +224,7 @@ impl Election for Concurrency {
     type ObserveStream = ObserveStream;
 
     async fn observe(&self, req: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+        authorize(&self.server, &req, &req.get_ref().name, false)?;
         let name = req.into_inner().name;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = Concurrency { server: self.server.clone(), hub: self.hub.clone() };
@@ -245,6 +267,8 @@ impl Election for Concurrency {
     }
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
+        let name = req.get_ref().leader.as_ref().map(|l| l.name.clone()).unwrap_or_default();
+        authorize(&self.server, &req, &name, true)?;
         let l = req.into_inner().leader.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
         let t = TxnRequest {
             compare: vec![create_rev_is(&l.key, l.rev)],

@@ -35,12 +35,14 @@ fn txn_serializable(t: &TxnRequest) -> bool {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let r = req.into_inner();
         validate::range(&r)?;
         if !r.serializable {
             self.server.not_learner()?;
             self.server.linearizable_barrier().await?;
         }
+        self.server.check_read(&who, &r.key, &r.range_end)?;
         let mut resp = mvcc_kv::range(&self.server.store(), &r).map_err(errors::kv)?;
         let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
         resp.header = self.server.header(rev);
@@ -48,10 +50,11 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let r = req.into_inner();
         validate::put(&r)?;
         self.server.not_learner()?;
-        match self.server.propose(Request::Put(r)).await? {
+        match self.server.propose_as(Request::Put(r), &who).await? {
             (Applied::Put(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))
@@ -61,10 +64,11 @@ impl Kv for KvService {
     }
 
     async fn delete_range(&self, req: GrpcRequest<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let r = req.into_inner();
         validate::delete_range(&r)?;
         self.server.not_learner()?;
-        match self.server.propose(Request::DeleteRange(r)).await? {
+        match self.server.propose_as(Request::DeleteRange(r), &who).await? {
             (Applied::DeleteRange(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))
@@ -74,6 +78,7 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let r = req.into_inner();
         validate::txn(&r, self.server.cfg.max_txn_ops as usize)?;
         let serializable_reads = mvcc_kv::txn_is_read_only(&r) && txn_serializable(&r);
@@ -85,6 +90,7 @@ impl Kv for KvService {
             if !txn_serializable(&r) {
                 self.server.linearizable_barrier().await?;
             }
+            crate::apply::check_txn(&self.server.auth(), &who, &r).map_err(errors::auth)?;
             let mut store = self.server.store.write().unwrap_or_else(|p| p.into_inner());
             let mut w = store.write();
             let res = mvcc_kv::txn(&mut w, &r, &NoLeases);
@@ -94,7 +100,7 @@ impl Kv for KvService {
             resp.header = self.server.header(rev);
             return Ok(Response::new(resp));
         }
-        match self.server.propose(Request::Txn(r)).await? {
+        match self.server.propose_as(Request::Txn(r), &who).await? {
             (Applied::Txn(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))
@@ -104,9 +110,10 @@ impl Kv for KvService {
     }
 
     async fn compact(&self, req: GrpcRequest<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let r = req.into_inner();
         self.server.not_learner()?;
-        match self.server.propose(Request::Compaction(r)).await? {
+        match self.server.propose_as(Request::Compaction(r), &who).await? {
             (Applied::Compaction(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))

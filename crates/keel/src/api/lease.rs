@@ -83,8 +83,9 @@ type KeepAliveStream = Pin<Box<dyn futures::Stream<Item = Result<LeaseKeepAliveR
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
-        let mut r = req.into_inner();
         let s = &self.server;
+        let who = s.caller(&req)?;
+        let mut r = req.into_inner();
         s.not_learner()?;
         if r.ttl > MAX_TTL {
             return Err(errors::lease_ttl_too_large());
@@ -93,7 +94,7 @@ impl Lease for LeaseService {
         if r.id == 0 {
             r.id = s.new_lease_id();
         }
-        match s.propose(Internal::LeaseGrant(r)).await? {
+        match s.propose_as(Internal::LeaseGrant(r), &who).await? {
             (Applied::LeaseGrant(mut resp), rev) => {
                 resp.header = s.header(rev);
                 Ok(Response::new(resp))
@@ -103,10 +104,11 @@ impl Lease for LeaseService {
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        let r = req.into_inner();
         let s = &self.server;
+        let who = s.caller(&req)?;
+        let r = req.into_inner();
         s.not_learner()?;
-        match s.propose(Internal::LeaseRevoke(r)).await? {
+        match s.propose_as(Internal::LeaseRevoke(r), &who).await? {
             (Applied::LeaseRevoke(mut resp), rev) => {
                 resp.header = s.header(rev);
                 Ok(Response::new(resp))

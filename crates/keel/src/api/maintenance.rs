@@ -44,15 +44,18 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         Err(Status::unimplemented("etcdserver: defragment is not implemented yet"))
     }
 
-    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         Err(Status::unimplemented("etcdserver: hash is not implemented yet"))
     }
 
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let rev = req.into_inner().revision;
         let (hash, cur, compacted) = self.server.store().hash_kv(rev).map_err(errors::kv)?;
         Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision: compacted }))
@@ -60,11 +63,13 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         Err(Status::unimplemented("etcdserver: snapshot is not implemented yet"))
     }
 
     async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let target = req.into_inner().target_id;
         let s = &self.server;
         if !s.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {

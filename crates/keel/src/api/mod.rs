@@ -3,6 +3,7 @@
 //!
 //! Calls the server core only; never raft or the store's write side directly.
 
+pub mod auth;
 pub mod cluster;
 pub mod concurrency;
 pub mod kv;

@@ -32,6 +32,8 @@ impl Watch for WatchService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        // The stream's credentials, checked against each watcher's range when it is created.
+        let (md, ext) = (req.metadata().clone(), req.extensions().clone());
         let mut input = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<WatchResponse>(STREAM_BUFFER);
         let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -69,14 +71,20 @@ impl Watch for WatchService {
                             }
                             next_id
                         };
-                        if watchers.contains_key(&id) || id < 0 {
+                        let permitted = server.auth_info(&md, &ext).and_then(|who| server.check_read(&who, &c.key, &c.range_end));
+                        let refused = if watchers.contains_key(&id) || id < 0 {
+                            Some("etcdserver: watcher ID already exists".to_string())
+                        } else {
+                            permitted.err().map(|e| e.message().to_string())
+                        };
+                        if let Some(reason) = refused {
                             let rev = server.store().current_rev();
                             let resp = WatchResponse {
                                 header: hub.header(rev),
                                 watch_id: id,
                                 created: true,
                                 canceled: true,
-                                cancel_reason: "etcdserver: watcher ID already exists".into(),
+                                cancel_reason: reason,
                                 ..Default::default()
                             };
                             if tx.send(resp).await.is_err() {
