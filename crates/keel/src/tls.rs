@@ -85,15 +85,12 @@ fn server_config(cfg: &Config, side: &Side) -> Result<Option<TlsAcceptor>> {
             let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
                 .build()
                 .context("client verifier")?;
-            if side.allowed_cn.is_some() || side.allowed_hostname.is_some() {
-                builder.with_client_cert_verifier(Arc::new(AllowedNames {
-                    inner: v,
-                    cn: side.allowed_cn.clone(),
-                    hostname: side.allowed_hostname.clone(),
-                }))
-            } else {
-                builder.with_client_cert_verifier(v)
-            }
+            builder.with_client_cert_verifier(Arc::new(AllowedNames {
+                inner: v,
+                trusted: load_certs(ca)?,
+                cn: side.allowed_cn.clone(),
+                hostname: side.allowed_hostname.clone(),
+            }))
         }
         _ => builder.with_no_client_auth(),
     };
@@ -195,11 +192,13 @@ impl ServerCertVerifier for AnyServerCert {
     }
 }
 
-/// Client certificate check for `--peer-cert-allowed-cn` / `--peer-cert-allowed-hostname`: the
-/// chain must verify, and the certificate must carry the allowed CommonName or name.
+/// Client certificate check: the chain must verify (as Go does, a certificate that is itself one
+/// of the trusted CA certificates is accepted as is, while valid), and for
+/// `--peer-cert-allowed-cn` / `--peer-cert-allowed-hostname` carry the allowed CommonName or name.
 #[derive(Debug)]
 struct AllowedNames {
     inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    trusted: Vec<CertificateDer<'static>>,
     cn: Option<String>,
     hostname: Option<String>,
 }
@@ -240,7 +239,22 @@ impl rustls::server::danger::ClientCertVerifier for AllowedNames {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let ok = match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Ok(ok) => ok,
+            Err(e) => {
+                let in_date = || {
+                    x509_parser::parse_x509_certificate(end_entity.as_ref()).is_ok_and(|(_, x)| {
+                        let t = now.as_secs() as i64;
+                        x.validity().not_before.timestamp() <= t && t <= x.validity().not_after.timestamp()
+                    })
+                };
+                if self.trusted.iter().any(|c| c.as_ref() == end_entity.as_ref()) && in_date() {
+                    rustls::server::danger::ClientCertVerified::assertion()
+                } else {
+                    return Err(e);
+                }
+            }
+        };
         let (cns, names) = cert_names(end_entity);
         if let Some(cn) = &self.cn {
             if !cns.iter().any(|c| c == cn) {
