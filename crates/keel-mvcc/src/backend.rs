@@ -48,6 +48,9 @@ pub struct Backend {
 pub const TABLE_KEYS: u32 = 0;
 pub const TABLE_AUX: u32 = 1;
 
+/// Records per transaction when copying a backend.
+const COPY_BATCH: usize = 10_000;
+
 impl Backend {
     fn err(&self, e: impl std::fmt::Display) -> BackendError {
         BackendError { path: self.path.clone(), msg: e.to_string() }
@@ -227,6 +230,62 @@ impl Backend {
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Writes a compact copy of the committed state to a new backend file at `dest` (replaced if
+    /// present) and returns the copy's meta record. Reads one consistent state; the store may
+    /// keep committing meanwhile.
+    pub fn copy_to(&self, dest: &Path) -> Result<(Backend, Meta), BackendError> {
+        let _ = std::fs::remove_file(dest);
+        let out = Backend::open(dest)?;
+        let mut batch: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::with_capacity(COPY_BATCH);
+        let mut failed = None;
+        let meta = self.dump(|t, k, v| {
+            batch.push((t, k.to_vec(), v.to_vec()));
+            if batch.len() >= COPY_BATCH {
+                if let Err(e) = out.load(&batch, None) {
+                    failed = Some(e);
+                    return false;
+                }
+                batch.clear();
+            }
+            true
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let meta = meta?;
+        out.load(&batch, Some(&meta))?;
+        Ok((out, meta))
+    }
+
+    /// A CRC-32C over every key record and auxiliary record of the committed state (the
+    /// Maintenance.Hash of etcd: the same on members with the same backend content).
+    pub fn hash(&self) -> Result<(u32, Meta), BackendError> {
+        let mut h = 0u32;
+        let meta = self.dump(|t, k, v| {
+            h = crc32c::crc32c_append(h, &t.to_be_bytes());
+            h = crc32c::crc32c_append(h, k);
+            h = crc32c::crc32c_append(h, v);
+            true
+        })?;
+        Ok((h, meta))
+    }
+
+    /// Moves this backend's file to `dest` (an atomic rename over the old file) and keeps using it.
+    pub fn rename_to(mut self, dest: &Path) -> Result<Backend, BackendError> {
+        std::fs::rename(&self.path, dest).map_err(|e| self.err(format!("rename to {}: {e}", dest.display())))?;
+        if let Some(dir) = dest.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        self.path = dest.to_path_buf();
+        Ok(self)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Size of the file, and the bytes of it that hold live data.

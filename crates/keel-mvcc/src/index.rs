@@ -13,6 +13,8 @@ use std::ops::Bound;
 pub struct Change {
     pub rev: Revision,
     pub tombstone: bool,
+    /// Bytes of the change's backend record (key and value), for the store's size accounting.
+    pub size: u32,
 }
 
 /// A key's history.
@@ -75,7 +77,7 @@ impl Index {
     }
 
     /// Records a put at `rev`; returns the history's state before it.
-    pub fn put(&mut self, key: &[u8], rev: Revision, lease: i64) {
+    pub fn put(&mut self, key: &[u8], rev: Revision, lease: i64, size: u32) {
         let h = self.keys.entry(key.to_vec()).or_default();
         debug_assert!(h.changes.last().map(|c| c.rev < rev).unwrap_or(true), "revisions must increase");
         if !h.is_live() {
@@ -84,14 +86,14 @@ impl Index {
         }
         h.version += 1;
         h.lease = lease;
-        h.changes.push(Change { rev, tombstone: false });
+        h.changes.push(Change { rev, tombstone: false, size });
     }
 
     /// Records a tombstone at `rev`. The key must be live.
-    pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
+    pub fn tombstone(&mut self, key: &[u8], rev: Revision, size: u32) {
         if let Some(h) = self.keys.get_mut(key) {
             debug_assert!(h.is_live(), "tombstone on a deleted key");
-            h.changes.push(Change { rev, tombstone: true });
+            h.changes.push(Change { rev, tombstone: true, size });
             h.created = 0;
             h.version = 0;
             h.lease = 0;
@@ -99,9 +101,10 @@ impl Index {
     }
 
     /// Restores one change read back from the backend, in revision order.
-    pub fn restore(&mut self, key: &[u8], rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(&mut self, key: &[u8], rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64, size: u32) {
         let h = self.keys.entry(key.to_vec()).or_default();
-        h.changes.push(Change { rev, tombstone });
+        h.changes.push(Change { rev, tombstone, size });
         if tombstone {
             h.created = 0;
             h.version = 0;
@@ -172,10 +175,10 @@ mod tests {
     #[test]
     fn generations_and_visibility() {
         let mut ix = Index::default();
-        ix.put(b"a", r(2), 0);
-        ix.put(b"a", r(3), 0);
-        ix.tombstone(b"a", r(4));
-        ix.put(b"a", r(5), 0);
+        ix.put(b"a", r(2), 0, 1);
+        ix.put(b"a", r(3), 0, 1);
+        ix.tombstone(b"a", r(4), 1);
+        ix.put(b"a", r(5), 0, 1);
         let h = ix.get(b"a").unwrap();
         assert_eq!((h.created, h.version), (5, 1));
         assert_eq!(h.visible_at(1), None);
@@ -187,11 +190,11 @@ mod tests {
     #[test]
     fn compaction_keeps_what_is_visible() {
         let mut ix = Index::default();
-        ix.put(b"a", r(2), 0);
-        ix.put(b"a", r(3), 0);
-        ix.put(b"b", r(4), 0);
-        ix.tombstone(b"b", r(5));
-        ix.put(b"c", r(6), 0);
+        ix.put(b"a", r(2), 0, 1);
+        ix.put(b"a", r(3), 0, 1);
+        ix.put(b"b", r(4), 0, 1);
+        ix.tombstone(b"b", r(5), 1);
+        ix.put(b"c", r(6), 0, 1);
         let dropped = ix.compact(5);
         let revs: Vec<i64> = dropped.iter().map(|c| c.rev.main).collect();
         assert_eq!(revs, vec![2, 4, 5]);
@@ -204,7 +207,7 @@ mod tests {
     fn range_bounds() {
         let mut ix = Index::default();
         for (i, k) in [b"a".as_slice(), b"b", b"c"].iter().enumerate() {
-            ix.put(k, r(i as i64 + 2), 0);
+            ix.put(k, r(i as i64 + 2), 0, 1);
         }
         let all: Vec<_> = ix.range_at(b"\0", b"\0", 10).map(|(k, _)| k.to_vec()).collect();
         assert_eq!(all.len(), 3);

@@ -30,6 +30,28 @@ pub struct Store {
     /// Fill in prev_kv on every event (some watcher asked for it).
     events_with_prev: bool,
     last_commit: Instant,
+    /// Set while a defragmentation copies the backend: the batches committed since it began.
+    defrag: Option<DefragTail>,
+    /// Bytes of the key table's records (keys and values) that the backend holds or will hold.
+    data_bytes: u64,
+}
+
+/// Most records a defragmentation buffers from concurrent commits before it gives up.
+const DEFRAG_TAIL_LIMIT: usize = 2_000_000;
+
+#[derive(Default)]
+struct DefragTail {
+    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    aux: BTreeMap<String, Vec<u8>>,
+    meta: Option<Meta>,
+    overflowed: bool,
+}
+
+/// Where a defragmentation writes its copy of the backend at `db`.
+pub fn defrag_path(db: &Path) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".defrag");
+    p.into()
 }
 
 fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
@@ -39,15 +61,20 @@ fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
 impl Store {
     /// Opens the backend at `path` and rebuilds the index from it.
     pub fn open(path: &Path) -> Result<Store, BackendError> {
+        // A defragmentation that did not finish leaves its partial copy behind.
+        let _ = std::fs::remove_file(defrag_path(path));
         let backend = Backend::open(path)?;
         let mut meta = backend.read_meta()?;
         let mut index = Index::default();
         let mut last_main = 0i64;
+        let mut data_bytes = 0u64;
         let bad = |msg: String| BackendError { path: path.to_path_buf(), msg };
         backend.scan(|k, v| {
             let (rev, tomb) = Revision::from_key(k).ok_or_else(|| bad(format!("bad revision key {k:?}")))?;
             let kv = KeyValue::decode(v).map_err(|e| bad(format!("bad record at {rev:?}: {e}")))?;
-            index.restore(&kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease);
+            let size = (k.len() + v.len()) as u32;
+            data_bytes += size as u64;
+            index.restore(&kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease, size);
             last_main = last_main.max(rev.main);
             Ok(())
         })?;
@@ -74,6 +101,8 @@ impl Store {
             meta,
             events_with_prev: false,
             last_commit: Instant::now(),
+            defrag: None,
+            data_bytes,
         })
     }
 
@@ -119,6 +148,18 @@ impl Store {
             return Ok(());
         }
         self.backend.commit(&self.pending, &self.aux_dirty, &self.meta)?;
+        if let Some(tail) = &mut self.defrag {
+            if !tail.overflowed {
+                tail.changes.extend(std::mem::take(&mut self.pending));
+                tail.aux.extend(std::mem::take(&mut self.aux_dirty));
+                tail.meta = Some(self.meta);
+                if tail.changes.len() + tail.aux.len() > DEFRAG_TAIL_LIMIT {
+                    tail.overflowed = true;
+                    tail.changes.clear();
+                    tail.aux.clear();
+                }
+            }
+        }
         self.pending.clear();
         self.aux_dirty.clear();
         self.committed = self.meta;
@@ -158,9 +199,53 @@ impl Store {
         self.backend.clone()
     }
 
+    /// Starts a defragmentation: commits, then returns the backend to copy (with
+    /// [`Backend::copy_to`], without holding the store) while commits go on and are remembered.
+    pub fn begin_defrag(&mut self) -> Result<Backend, BackendError> {
+        if self.defrag.is_some() {
+            return Err(BackendError { path: self.backend.path().to_path_buf(), msg: "a defragmentation is already running".into() });
+        }
+        self.commit()?;
+        self.defrag = Some(DefragTail::default());
+        Ok(self.backend.clone())
+    }
+
+    /// Ends a defragmentation: the batches committed since it began are written to `copy`, which
+    /// then replaces the backend file. Returns how many records were replayed. On error the old
+    /// backend stays in use.
+    pub fn finish_defrag(&mut self, copy: Backend) -> Result<usize, BackendError> {
+        // The last batch goes into the tail too.
+        let committed = self.commit();
+        let fail = |msg: &str| BackendError { path: self.backend.path().to_path_buf(), msg: msg.to_string() };
+        let tail = match self.defrag.take() {
+            Some(t) if t.overflowed => return Err(fail("too many writes during defragmentation; try again when the load is lower")),
+            Some(t) => t,
+            None => return Err(fail("defragmentation was interrupted (the backend was replaced)")),
+        };
+        committed?;
+        let replayed = tail.changes.len() + tail.aux.len();
+        if let Some(meta) = tail.meta {
+            copy.commit(&tail.changes, &tail.aux, &meta)?;
+        }
+        self.backend = copy.rename_to(self.backend.path())?;
+        Ok(replayed)
+    }
+
+    /// Abandons a defragmentation (the copy failed).
+    pub fn abort_defrag(&mut self) {
+        self.defrag = None;
+    }
+
     /// (file size, bytes in use) of the backend.
     pub fn db_size(&self) -> (u64, u64) {
         self.backend.size()
+    }
+
+    /// The space the data needs: key records (all revisions not compacted) and auxiliary
+    /// records, in bytes. What the quota is measured against (the file itself may be larger:
+    /// redb preallocates and keeps freed pages until a defragmentation).
+    pub fn data_size(&self) -> u64 {
+        self.data_bytes + self.aux.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>()
     }
 
     /// Number of keys held by the index (live or with history).
@@ -346,6 +431,7 @@ impl Store {
         let dropped: Vec<Change> = self.index.compact(rev);
         for c in &dropped {
             self.pending.insert(c.rev.to_key(c.tombstone), None);
+            self.data_bytes = self.data_bytes.saturating_sub(c.size as u64);
         }
         self.meta.compacted_rev = rev;
         tracing::info!(compact_revision = rev, removed = dropped.len(), "mvcc: compacted");
@@ -415,8 +501,11 @@ impl WriteTxn<'_> {
             None => prev.as_ref().map(|p| p.lease).unwrap_or(0),
         };
         let kv = KeyValue { key: key.to_vec(), create_revision: created, mod_revision: self.main, version: version + 1, value, lease };
-        self.store.pending.insert(rev.to_key(false), Some(kv.encode_to_vec()));
-        self.store.index.put(key, rev, lease);
+        let rec = kv.encode_to_vec();
+        let size = (rec.len() + crate::revision::REV_BYTES) as u32;
+        self.store.data_bytes += size as u64;
+        self.store.pending.insert(rev.to_key(false), Some(rec));
+        self.store.index.put(key, rev, lease, size);
         self.sub += 1;
         if old_lease != 0 || lease != 0 {
             self.lease_changes.push((key.to_vec(), old_lease, lease));
@@ -443,8 +532,11 @@ impl WriteTxn<'_> {
             let prev = if want_prev || self.store.events_with_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
             let rev = Revision::new(self.main, self.sub);
             let tomb = KeyValue { key: k.clone(), ..Default::default() };
-            self.store.pending.insert(rev.to_key(true), Some(tomb.encode_to_vec()));
-            self.store.index.tombstone(k, rev);
+            let rec = tomb.encode_to_vec();
+            let size = (rec.len() + crate::revision::REV_BYTES + 1) as u32;
+            self.store.data_bytes += size as u64;
+            self.store.pending.insert(rev.to_key(true), Some(rec));
+            self.store.index.tombstone(k, rev, size);
             self.sub += 1;
             let ev_kv = KeyValue { key: k.clone(), mod_revision: self.main, ..Default::default() };
             self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(ev_kv), prev_kv: prev.clone() });

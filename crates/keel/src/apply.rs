@@ -4,12 +4,14 @@
 //! Owns nothing but references: the store and members are shared with the read path.
 //! Called by keel-raft's node thread only.
 
+use crate::alarm::Alarms;
 use crate::auth::{AuthError, AuthInfo, AuthStore, Perm, Tokens};
 use crate::errors;
 use crate::lease::{self, Lessor};
 use crate::membership::{Members, AUX_MEMBERS};
 use keel_mvcc::kv::{self, Leases};
 use keel_mvcc::{Store, TxnOutcome};
+use keel_proto::etcdserverpb::AlarmType;
 use keel_proto::etcdserverpb::{request_op, TxnRequest};
 use keel_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
@@ -37,6 +39,8 @@ pub enum Applied {
     LeaseCheckpoint,
     /// An auth store change (its response carries only a header).
     Auth,
+    /// The alarms an alarm request reports or changed.
+    Alarm(Vec<keel_proto::etcdserverpb::AlarmMember>),
 }
 
 /// The store's revision after the request, with what it produced; or etcd's error.
@@ -107,6 +111,16 @@ pub struct Applier {
     pub removed: Arc<tokio::sync::Notify>,
     pub auth: Arc<RwLock<AuthStore>>,
     pub tokens: Arc<Tokens>,
+    pub alarms: Arc<RwLock<Alarms>>,
+}
+
+/// True when a transaction (or a nested one) may put a key.
+fn txn_has_put(t: &TxnRequest) -> bool {
+    t.success.iter().chain(t.failure.iter()).any(|op| match &op.request {
+        Some(request_op::Request::RequestPut(_)) => true,
+        Some(request_op::Request::RequestTxn(n)) => txn_has_put(n),
+        _ => false,
+    })
 }
 
 /// Checks a transaction's compares and operations (nested ones too) against the caller's
@@ -254,6 +268,23 @@ impl Applier {
         if let Some(h) = &header {
             self.authorize(&lessor, h, &req).map_err(errors::auth)?;
         }
+        {
+            // etcd's capped applier: with NOSPACE raised only what frees space goes through;
+            // with CORRUPT nothing that writes.
+            let alarms = self.alarms.read().unwrap_or_else(|p| p.into_inner());
+            let adds = match &req {
+                Request::Put(_) | Request::LeaseGrant(_) => true,
+                Request::Txn(t) => txn_has_put(t),
+                _ => false,
+            };
+            let writes = adds || matches!(&req, Request::DeleteRange(_) | Request::Txn(_));
+            if alarms.has(AlarmType::Corrupt) && writes {
+                return Err(errors::corrupt());
+            }
+            if alarms.has(AlarmType::Nospace) && adds {
+                return Err(errors::no_space());
+            }
+        }
         store.set_events_with_prev(self.hub.wants_prev());
         match req {
             Request::Put(p) => {
@@ -330,6 +361,16 @@ impl Applier {
             | Request::AuthRoleDelete(_) => {
                 drop(lessor);
                 self.apply_auth(store, req)
+            }
+            Request::Alarm(a) => {
+                use keel_proto::etcdserverpb::alarm_request::AlarmAction;
+                let mut alarms = self.alarms.write().unwrap_or_else(|p| p.into_inner());
+                let list = match AlarmAction::try_from(a.action) {
+                    Ok(AlarmAction::Activate) => alarms.activate(store, a.member_id, a.alarm).into_iter().collect(),
+                    Ok(AlarmAction::Deactivate) => alarms.deactivate(store, a.member_id, a.alarm).into_iter().collect(),
+                    _ => alarms.get(a.alarm),
+                };
+                Ok((Applied::Alarm(list), store.current_rev()))
             }
             Request::MemberUpdate(u) => {
                 let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
@@ -438,6 +479,7 @@ impl keel_raft::StateMachine for Applier {
         let new = Store::open(&self.db_path).map_err(|e| e.to_string())?;
         load_leases(&new, &mut self.lessor());
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = AuthStore::load(&new);
+        *self.alarms.write().unwrap_or_else(|p| p.into_inner()) = Alarms::load(&new);
         if new.consistent_index() < snap.get_metadata().index {
             return Err(format!(
                 "the leader's backend (index {}) is older than its snapshot (index {})",

@@ -117,3 +117,10 @@ pub fn auth(e: crate::auth::AuthError) -> Status {
     };
     st(code, &e.to_string())
 }
+
+pub fn no_space() -> Status {
+    st(Code::ResourceExhausted, "mvcc: database space exceeded")
+}
+pub fn corrupt() -> Status {
+    st(Code::DataLoss, "corrupt cluster")
+}

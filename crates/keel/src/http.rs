@@ -21,7 +21,18 @@ async fn version() -> Json<serde_json::Value> {
 
 /// etcd's health check: a leader, then a read (linearizable unless `?serializable=true`).
 async fn health(State(s): State<Arc<Server>>, Query(q): Query<HashMap<String, String>>) -> (StatusCode, Json<serde_json::Value>) {
-    let unhealthy = |reason: &str| (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"health": "false", "reason": reason})));
+    // etcd 3.4's body: {"health":"true"|"false"}; the reason goes to the log.
+    let unhealthy = |reason: &str| {
+        tracing::warn!(reason, "serving /health false");
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"health": "false"})))
+    };
+    let excluded: Vec<&str> = q.get("exclude").map(|v| v.split(',').collect()).unwrap_or_default();
+    for a in s.alarms().get(keel_proto::etcdserverpb::AlarmType::None as i32) {
+        let name = keel_proto::etcdserverpb::AlarmType::try_from(a.alarm).map(|t| t.as_str_name()).unwrap_or("NONE");
+        if !excluded.contains(&name) {
+            return unhealthy(&format!("ALARM {name}"));
+        }
+    }
     if s.node.status.leader() == 0 {
         return unhealthy("RAFT NO LEADER");
     }
@@ -33,5 +44,5 @@ async fn health(State(s): State<Arc<Server>>, Query(q): Query<HashMap<String, St
     if keel_mvcc::kv::range(&s.store(), &r).is_err() {
         return unhealthy("QGET ERROR");
     }
-    (StatusCode::OK, Json(serde_json::json!({"health": "true", "reason": ""})))
+    (StatusCode::OK, Json(serde_json::json!({"health": "true"})))
 }

@@ -9,6 +9,7 @@
 //! - [`membership`]: member and cluster IDs, the member list.
 //! - [`errors`]: etcd's gRPC errors.
 
+mod alarm;
 mod api;
 mod apply;
 mod auth;
@@ -205,6 +206,7 @@ async fn run(cfg: Config) -> Result<()> {
     apply::load_leases(&store, &mut lessor);
     let lessor = Arc::new(std::sync::Mutex::new(lessor));
     let auth = Arc::new(RwLock::new(auth::AuthStore::load(&store)));
+    let alarms = Arc::new(RwLock::new(alarm::Alarms::load(&store)));
     let tokens = Arc::new(
         auth::Tokens::from_flag(&cfg.auth_token, std::time::Duration::from_secs(cfg.auth_token_ttl.max(1)))
             .map_err(|e| anyhow::anyhow!("--auth-token: {e}"))?,
@@ -231,6 +233,7 @@ async fn run(cfg: Config) -> Result<()> {
         removed: removed.clone(),
         auth: auth.clone(),
         tokens: tokens.clone(),
+        alarms: alarms.clone(),
     };
     let node_cfg = NodeConfig {
         id: identity.member_id,
@@ -261,6 +264,7 @@ async fn run(cfg: Config) -> Result<()> {
         waiters,
         auth,
         tokens,
+        alarms,
     );
 
     // Peer listeners.

@@ -3,6 +3,7 @@
 //!
 //! Calls keel-raft (propose, read index) and reads keel-mvcc; never writes the store itself.
 
+use crate::alarm::Alarms;
 use crate::apply::{Applied, Waiters};
 use crate::auth::{AuthError, AuthInfo, AuthStore, Tokens};
 use crate::config::Config;
@@ -32,6 +33,9 @@ pub struct Server {
     pub waiters: Arc<Waiters>,
     pub auth: Arc<RwLock<AuthStore>>,
     pub tokens: Arc<Tokens>,
+    pub alarms: Arc<RwLock<Alarms>>,
+    /// Serializes defragmentations of this member's backend.
+    pub defrag_lock: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
 }
 
@@ -52,6 +56,7 @@ impl Server {
         waiters: Arc<Waiters>,
         auth: Arc<RwLock<AuthStore>>,
         tokens: Arc<Tokens>,
+        alarms: Arc<RwLock<Alarms>>,
     ) -> Arc<Server> {
         // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
         // unique across restarts of this member.
@@ -69,6 +74,8 @@ impl Server {
             waiters,
             auth,
             tokens,
+            alarms,
+            defrag_lock: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(base),
         })
     }
@@ -137,6 +144,38 @@ impl Server {
     /// Fails unless the caller may read `key`..`range_end`, when auth is on.
     pub fn check_read(&self, who: &AuthInfo, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
         self.auth().check(who, key, range_end, crate::auth::Perm::Read).map_err(errors::auth)
+    }
+
+    pub fn alarms(&self) -> RwLockReadGuard<'_, Alarms> {
+        self.alarms.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backend quota in bytes (`--quota-backend-bytes`: 0 means etcd's 2 GiB default, a
+    /// negative value turns the quota off).
+    pub fn quota_bytes(&self) -> Option<u64> {
+        match self.cfg.quota_backend_bytes {
+            0 => Some(2 << 30),
+            q if q < 0 => None,
+            q => Some(q as u64),
+        }
+    }
+
+    /// etcd's quota check before a write that adds `cost` bytes: when the data would not fit,
+    /// raise the NOSPACE alarm for this member and fail with etcd's error.
+    pub async fn check_quota(&self, cost: u64) -> Result<(), Status> {
+        let Some(quota) = self.quota_bytes() else { return Ok(()) };
+        if cost == 0 || self.store().data_size() + cost < quota {
+            return Ok(());
+        }
+        let req = keel_proto::etcdserverpb::AlarmRequest {
+            action: keel_proto::etcdserverpb::alarm_request::AlarmAction::Activate as i32,
+            member_id: self.member_id,
+            alarm: keel_proto::etcdserverpb::AlarmType::Nospace as i32,
+        };
+        if let Err(e) = self.propose(Request::Alarm(req)).await {
+            tracing::warn!(error = %e, "could not raise the NOSPACE alarm");
+        }
+        Err(errors::no_space())
     }
 
     pub fn members(&self) -> RwLockReadGuard<'_, Members> {

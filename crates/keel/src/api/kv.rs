@@ -19,6 +19,25 @@ pub struct KvService {
     pub server: Arc<Server>,
 }
 
+/// etcd's estimate of the bytes a put adds (key, value and per-key metadata).
+fn cost_put(p: &PutRequest) -> u64 {
+    (256 + p.key.len() + p.value.len()) as u64
+}
+
+/// The larger of the two branches' put costs (nested transactions included).
+fn cost_txn(t: &TxnRequest) -> u64 {
+    let branch = |ops: &[keel_proto::etcdserverpb::RequestOp]| -> u64 {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(request_op::Request::RequestPut(p)) => cost_put(p),
+                Some(request_op::Request::RequestTxn(n)) => cost_txn(n),
+                _ => 0,
+            })
+            .sum()
+    };
+    branch(&t.success).max(branch(&t.failure))
+}
+
 fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected apply result")
 }
@@ -54,6 +73,7 @@ impl Kv for KvService {
         let r = req.into_inner();
         validate::put(&r)?;
         self.server.not_learner()?;
+        self.server.check_quota(cost_put(&r)).await?;
         match self.server.propose_as(Request::Put(r), &who).await? {
             (Applied::Put(mut resp), rev) => {
                 resp.header = self.server.header(rev);
@@ -100,6 +120,7 @@ impl Kv for KvService {
             resp.header = self.server.header(rev);
             return Ok(Response::new(resp));
         }
+        self.server.check_quota(cost_txn(&r)).await?;
         match self.server.propose_as(Request::Txn(r), &who).await? {
             (Applied::Txn(mut resp), rev) => {
                 resp.header = self.server.header(rev);

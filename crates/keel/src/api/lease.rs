@@ -94,6 +94,8 @@ impl Lease for LeaseService {
         if r.id == 0 {
             r.id = s.new_lease_id();
         }
+        // etcd's lease overhead estimate.
+        s.check_quota(64).await?;
         match s.propose_as(Internal::LeaseGrant(r), &who).await? {
             (Applied::LeaseGrant(mut resp), rev) => {
                 resp.header = s.header(rev);

@@ -1,10 +1,17 @@
-//! etcdserverpb.Maintenance: Status and Alarm for now; the rest comes with the operations issue.
+//! etcdserverpb.Maintenance: Status, Alarm, Defragment, Hash, HashKV, Snapshot, MoveLeader.
+//!
+//! Defragment rewrites the backend into a compact copy while requests keep flowing (only the
+//! final swap holds the store); Snapshot streams such a copy followed by its sha256, as etcd.
 
+use crate::apply::Applied;
 use crate::config::ETCD_VERSION;
 use crate::errors;
 use crate::server::Server;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::*;
+use keel_proto::keelpb::internal_request::Request as Internal;
+use sha2::Digest;
+use std::io::Read;
 use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -15,21 +22,99 @@ pub struct MaintenanceService {
 
 type SnapshotStream = Pin<Box<dyn futures::Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
+/// Bytes per snapshot message (etcd's 32 KiB).
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+
+fn backend_err(e: keel_mvcc::backend::BackendError) -> Status {
+    Status::internal(format!("etcdserver: {e}"))
+}
+
+/// Defragments this member's backend without stopping it: copy the committed state into a new
+/// file while applies and reads go on, then (holding the store briefly) replay what was committed
+/// meanwhile into the copy and swap it in. Returns the longest time requests were held.
+pub async fn defragment(s: &Server) -> Result<std::time::Duration, Status> {
+    let _one = s.defrag_lock.lock().await;
+    let started = std::time::Instant::now();
+    let (before, _) = s.store().db_size();
+    let backend = s.store.write().unwrap_or_else(|p| p.into_inner()).begin_defrag().map_err(backend_err)?;
+    let dest = keel_mvcc::store::defrag_path(backend.path());
+    let copied = tokio::task::spawn_blocking(move || backend.copy_to(&dest)).await.map_err(|e| Status::internal(e.to_string()));
+    let copy = match copied.and_then(|r| r.map_err(backend_err)) {
+        Ok((copy, _)) => copy,
+        Err(e) => {
+            s.store.write().unwrap_or_else(|p| p.into_inner()).abort_defrag();
+            return Err(e);
+        }
+    };
+    let held = std::time::Instant::now();
+    let replayed = s.store.write().unwrap_or_else(|p| p.into_inner()).finish_defrag(copy).map_err(backend_err)?;
+    let stall = held.elapsed();
+    let (after, _) = s.store().db_size();
+    tracing::info!(
+        took = ?started.elapsed(),
+        stall = ?stall,
+        replayed_records = replayed,
+        size_before = before,
+        size_after = after,
+        "finished defragmenting the backend"
+    );
+    Ok(stall)
+}
+
+/// A consistent copy of the committed backend in a temporary file next to it.
+async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
+    let backend = {
+        let mut st = s.store.write().unwrap_or_else(|p| p.into_inner());
+        st.commit().map_err(backend_err)?;
+        st.backend()
+    };
+    let mut name = backend.path().as_os_str().to_owned();
+    name.push(format!(".snapshot-{:x}", s.next_seq()));
+    let dest = std::path::PathBuf::from(name);
+    let d = dest.clone();
+    tokio::task::spawn_blocking(move || backend.copy_to(&d)).await.map_err(|e| Status::internal(e.to_string()))?.map_err(backend_err)?;
+    Ok(dest)
+}
+
+/// Removes the temporary snapshot file when the stream ends, however it ends.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, _req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        let rev = self.server.store().current_rev();
-        Ok(Response::new(AlarmResponse { header: self.server.header(rev), alarms: vec![] }))
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let s = &self.server;
+        let r = req.into_inner();
+        if r.action != alarm_request::AlarmAction::Get as i32 {
+            s.not_learner()?;
+        }
+        match s.propose(Internal::Alarm(r)).await? {
+            (Applied::Alarm(alarms), rev) => Ok(Response::new(AlarmResponse { header: s.header(rev), alarms })),
+            _ => Err(Status::internal("etcdserver: unexpected apply result")),
+        }
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = &self.server;
-        let (rev, (db_size, in_use)) = {
+        let (rev, (db_size, _), in_use) = {
             let store = s.store();
-            (store.current_rev(), store.db_size())
+            (store.current_rev(), store.db_size(), store.data_size())
         };
         let st = &s.node.status;
         let is_learner = s.members().get(s.member_id).map(|m| m.is_learner).unwrap_or(false);
+        let mut errors = Vec::new();
+        if st.leader() == 0 {
+            errors.push("etcdserver: no leader".to_string());
+        }
+        for a in s.alarms().get(AlarmType::None as i32) {
+            let name = AlarmType::try_from(a.alarm).map(|t| t.as_str_name()).unwrap_or("NONE");
+            errors.push(format!("memberID:{} alarm:{} ", a.member_id, name));
+        }
         Ok(Response::new(StatusResponse {
             header: s.header(rev),
             version: ETCD_VERSION.to_string(),
@@ -38,20 +123,30 @@ impl Maintenance for MaintenanceService {
             raft_index: st.commit(),
             raft_term: st.term(),
             raft_applied_index: st.applied(),
-            errors: vec![],
-            db_size_in_use: in_use as i64,
+            errors,
+            db_size_in_use: in_use.min(db_size) as i64,
             is_learner,
         }))
     }
 
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         self.server.check_admin(&self.server.caller(&req)?)?;
-        Err(Status::unimplemented("etcdserver: defragment is not implemented yet"))
+        defragment(&self.server).await?;
+        let rev = self.server.store().current_rev();
+        Ok(Response::new(DefragmentResponse { header: self.server.header(rev) }))
     }
 
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
-        Err(Status::unimplemented("etcdserver: hash is not implemented yet"))
+        let s = &self.server;
+        s.check_admin(&s.caller(&req)?)?;
+        let backend = {
+            let mut st = s.store.write().unwrap_or_else(|p| p.into_inner());
+            st.commit().map_err(backend_err)?;
+            st.backend()
+        };
+        let (hash, meta) =
+            tokio::task::spawn_blocking(move || backend.hash()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(backend_err)?;
+        Ok(Response::new(HashResponse { header: s.header(meta.current_rev), hash }))
     }
 
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
@@ -64,8 +159,42 @@ impl Maintenance for MaintenanceService {
     type SnapshotStream = SnapshotStream;
 
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
-        Err(Status::unimplemented("etcdserver: snapshot is not implemented yet"))
+        let s = &self.server;
+        s.check_admin(&s.caller(&req)?)?;
+        let path = backend_copy(s).await?;
+        let tmp = TempFile(path);
+        let mut file = std::fs::File::open(&tmp.0).map_err(|e| Status::internal(format!("etcdserver: open snapshot: {e}")))?;
+        let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let header = s.header(s.store().current_rev());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<SnapshotResponse, Status>>(4);
+        tracing::info!(size = total, "sending database snapshot to client");
+        tokio::task::spawn_blocking(move || {
+            let _tmp = tmp;
+            let mut sha = sha2::Sha256::new();
+            let mut sent = 0u64;
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+            loop {
+                let n = match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("etcdserver: read snapshot: {e}"))));
+                        return;
+                    }
+                };
+                sha.update(&buf[..n]);
+                sent += n as u64;
+                let msg = SnapshotResponse { header: header.clone(), remaining_bytes: total.saturating_sub(sent), blob: buf[..n].to_vec() };
+                if tx.blocking_send(Ok(msg)).is_err() {
+                    return;
+                }
+            }
+            // The last message carries the sha256 of everything before it.
+            let msg = SnapshotResponse { header, remaining_bytes: 0, blob: sha.finalize().to_vec() };
+            let _ = tx.blocking_send(Ok(msg));
+            tracing::info!(size = sent, "sent database snapshot to client");
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
