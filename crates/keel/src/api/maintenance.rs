@@ -184,7 +184,7 @@ impl Maintenance for MaintenanceService {
                 };
                 sha.update(&buf[..n]);
                 sent += n as u64;
-                let msg = SnapshotResponse { header: header.clone(), remaining_bytes: total.saturating_sub(sent), blob: buf[..n].to_vec() };
+                let msg = SnapshotResponse { header, remaining_bytes: total.saturating_sub(sent), blob: buf[..n].to_vec() };
                 if tx.blocking_send(Ok(msg)).is_err() {
                     return;
                 }
