@@ -136,6 +136,13 @@ impl Store {
         self.meta.term = term;
     }
 
+    /// Forgets which raft entries the backend holds (restoring a snapshot into a new cluster,
+    /// whose log starts over). Offline use only.
+    pub fn reset_consistent_index(&mut self) {
+        self.meta.consistent_index = 0;
+        self.meta.term = 0;
+    }
+
     /// True when the batch is due: old enough or large enough.
     pub fn commit_due(&self) -> bool {
         self.pending.len() >= BATCH_LIMIT || (self.meta != self.committed && self.last_commit.elapsed() >= BATCH_INTERVAL)

@@ -24,6 +24,7 @@ mod peer;
 mod serve;
 mod server;
 mod tls;
+mod tool;
 mod watch;
 
 use anyhow::{bail, Context, Result};
@@ -61,6 +62,10 @@ fn init_logging(level: &str) {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if tool::is_tool(&args) {
+        return tool::main(args);
+    }
     let cfg = match Config::from_args() {
         Ok(c) => c,
         Err(e) => {

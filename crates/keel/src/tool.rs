@@ -1,0 +1,337 @@
+//! The offline tool (etcd's `etcdutl`): `keel snapshot status|restore` for snapshots taken with
+//! Maintenance.Snapshot (`etcdctl snapshot save`), and `keel wal dump` for debugging.
+//!
+//! Works on files only, never on a running member's data directory it could race with (the WAL
+//! dump reads a copy). Calls keel-mvcc, keel-wal and keel-raft's disk layer.
+
+use crate::membership::{Members, AUX_MEMBERS};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use keel_mvcc::Store;
+use keel_proto::keelpb::{internal_request::Request, InternalRequest};
+use keel_raft::{Disk, Identity};
+use prost::Message;
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(name = "keel", about = "Keel's offline tool: snapshots and WAL")]
+struct Tool {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Snapshot files written by `etcdctl snapshot save` against Keel.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// The write-ahead log.
+    #[command(subcommand)]
+    Wal(WalCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Prints the snapshot's hash, revision, key count and size.
+    Status {
+        file: PathBuf,
+        /// table, json or simple.
+        #[arg(short = 'w', long = "write-out", default_value = "simple")]
+        write_out: String,
+    },
+    /// Creates a new member's data directory from a snapshot, with a new cluster membership.
+    Restore {
+        file: PathBuf,
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long)]
+        data_dir: Option<String>,
+        #[arg(long)]
+        wal_dir: Option<String>,
+        #[arg(long, default_value = "default=http://localhost:2380")]
+        initial_cluster: String,
+        #[arg(long, default_value = "etcd-cluster")]
+        initial_cluster_token: String,
+        #[arg(long, default_value = "http://localhost:2380")]
+        initial_advertise_peer_urls: String,
+        /// Accept a file without the trailing sha256 (a copy of member/snap/db).
+        #[arg(long)]
+        skip_hash_check: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WalCmd {
+    /// Prints every WAL record: entries with their decoded requests, hard states, snapshots.
+    Dump {
+        /// The data directory (or a WAL directory).
+        dir: PathBuf,
+    },
+}
+
+/// True when `args` (the process's arguments) name a tool command.
+pub fn is_tool(args: &[String]) -> bool {
+    matches!(args.get(1).map(String::as_str), Some("snapshot" | "wal"))
+}
+
+pub fn main(args: Vec<String>) -> std::process::ExitCode {
+    let tool = match Tool::try_parse_from(args) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = e.print();
+            return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let r = match tool.cmd {
+        Cmd::Snapshot(SnapshotCmd::Status { file, write_out }) => status(&file, &write_out),
+        Cmd::Snapshot(SnapshotCmd::Restore {
+            file,
+            name,
+            data_dir,
+            wal_dir,
+            initial_cluster,
+            initial_cluster_token,
+            initial_advertise_peer_urls,
+            skip_hash_check,
+        }) => {
+            let data_dir = data_dir.unwrap_or_else(|| format!("{name}.etcd"));
+            let wal_dir = wal_dir.unwrap_or_else(|| format!("{data_dir}/member/wal"));
+            restore(
+                &file,
+                &name,
+                &data_dir,
+                &wal_dir,
+                &initial_cluster,
+                &initial_cluster_token,
+                &initial_advertise_peer_urls,
+                skip_hash_check,
+            )
+        }
+        Cmd::Wal(WalCmd::Dump { dir }) => wal_dump(&dir),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// The database part of a snapshot file, checked against its trailing sha256.
+fn snapshot_db(file: &Path, skip_hash_check: bool) -> Result<Vec<u8>> {
+    let mut b = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    if b.len() > 32 {
+        let (db, sum) = b.split_at(b.len() - 32);
+        if sha2::Sha256::digest(db).as_slice() == sum {
+            b.truncate(b.len() - 32);
+            return Ok(b);
+        }
+    }
+    if !skip_hash_check {
+        bail!("snapshot missing hash but --skip-hash-check=false (or the snapshot is corrupt: its sha256 does not match)");
+    }
+    Ok(b)
+}
+
+/// Opens the snapshot's database in a temporary copy.
+fn open_snapshot(file: &Path, skip_hash_check: bool) -> Result<(tempdir::Dir, Store)> {
+    let db = snapshot_db(file, skip_hash_check)?;
+    let dir = tempdir::Dir::new()?;
+    let path = dir.0.join("db");
+    std::fs::write(&path, db)?;
+    let store = Store::open(&path).context("open the snapshot's database")?;
+    Ok((dir, store))
+}
+
+mod tempdir {
+    /// A scratch directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+
+    impl Dir {
+        pub fn new() -> std::io::Result<Dir> {
+            let p = std::env::temp_dir().join(format!("keel-tool-{}-{:x}", std::process::id(), rand::random::<u64>()));
+            std::fs::create_dir_all(&p)?;
+            Ok(Dir(p))
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn status(file: &Path, write_out: &str) -> Result<()> {
+    let size = std::fs::metadata(file).with_context(|| format!("stat {}", file.display()))?.len();
+    let (_dir, store) = open_snapshot(file, true)?;
+    let (hash, _) = store.backend().hash().context("hash")?;
+    let rev = store.current_rev();
+    let keys = store.key_count();
+    match write_out {
+        "json" => println!("{}", serde_json::json!({"hash": hash, "revision": rev, "totalKey": keys, "totalSize": size})),
+        "table" => {
+            let row = [format!("{hash:x}"), rev.to_string(), keys.to_string(), human(size)];
+            let head = ["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE"];
+            let w: Vec<usize> = head.iter().zip(&row).map(|(h, r)| h.len().max(r.len()) + 2).collect();
+            let line = format!("+{}+", w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("+"));
+            println!("{line}");
+            println!("|{}|", head.iter().zip(&w).map(|(h, n)| format!("{h:^n$}")).collect::<Vec<_>>().join("|"));
+            println!("{line}");
+            println!("|{}|", row.iter().zip(&w).map(|(r, n)| format!(" {r:<m$} ", m = n - 2)).collect::<Vec<_>>().join("|"));
+            println!("{line}");
+        }
+        _ => println!("{hash:x}, {rev}, {keys}, {}", human(size)),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore(
+    file: &Path,
+    name: &str,
+    data_dir: &str,
+    wal_dir: &str,
+    initial_cluster: &str,
+    token: &str,
+    advertise: &str,
+    skip_hash_check: bool,
+) -> Result<()> {
+    if Path::new(data_dir).exists() {
+        bail!("data-dir {data_dir:?} exists");
+    }
+    let members = Members::from_initial_cluster(initial_cluster, token).map_err(anyhow::Error::msg)?;
+    let me = members
+        .members
+        .iter()
+        .find(|m| m.name == name)
+        .with_context(|| format!("couldn't find local name {name:?} in the initial cluster configuration"))?;
+    let mut mine: Vec<String> = advertise.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    mine.sort();
+    let mut have = me.peer_urls.clone();
+    have.sort();
+    if have != mine {
+        bail!("--initial-cluster has {name}={} but --initial-advertise-peer-urls is {}", have.join(","), mine.join(","));
+    }
+    let db = snapshot_db(file, skip_hash_check)?;
+    let snap_dir = format!("{data_dir}/member/snap");
+    std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
+    let db_path = Path::new(&snap_dir).join("db");
+    std::fs::write(&db_path, db).with_context(|| format!("write {}", db_path.display()))?;
+    let mut store = Store::open(&db_path).context("open the restored database")?;
+    // The new cluster's log starts over: its membership replaces the old one, and every entry
+    // of the new log is applied.
+    store.set_aux(AUX_MEMBERS, members.encode());
+    for (k, _) in store.aux_prefix("alarm/").map(|(k, v)| (k.to_string(), v.to_vec())).collect::<Vec<_>>() {
+        store.delete_aux(&k);
+    }
+    store.reset_consistent_index();
+    store.commit().context("commit the restored database")?;
+    let rev = store.current_rev();
+    drop(store);
+    let identity =
+        Identity { cluster_id: members.cluster_id, member_id: me.id, initial_voters: members.members.iter().map(|m| m.id).collect() };
+    let entries: Vec<(u64, Vec<u8>)> = members
+        .members
+        .iter()
+        .map(|m| (m.id, keel_proto::keelpb::ConfChangeContext { request_id: 0, member: Some(m.clone()) }.encode_to_vec()))
+        .collect();
+    let disk = Disk::open(Path::new(wal_dir), Path::new(&snap_dir), identity, &entries).context("create the WAL")?;
+    drop(disk);
+    println!(
+        "restored snapshot {} into {data_dir} (revision {rev}, member {:x}, cluster {:x}); start it with --data-dir {data_dir} --name {name}",
+        file.display(),
+        me.id,
+        members.cluster_id
+    );
+    Ok(())
+}
+
+fn wal_dump(dir: &Path) -> Result<()> {
+    let wal_dir = if dir.join("member/wal").is_dir() { dir.join("member/wal") } else { dir.to_path_buf() };
+    // Read a copy: opening a WAL may cut a torn tail, which must not happen under a live member.
+    let scratch = tempdir::Dir::new()?;
+    for e in std::fs::read_dir(&wal_dir).with_context(|| format!("read {}", wal_dir.display()))? {
+        let e = e?;
+        if e.file_name().to_string_lossy().ends_with(".wal") {
+            std::fs::copy(e.path(), scratch.0.join(e.file_name()))?;
+        }
+    }
+    let (_wal, records) = keel_wal::Wal::open(&scratch.0, keel_wal::WalOptions::default()).context("open WAL")?;
+    println!("WAL {}: {} records", wal_dir.display(), records.len());
+    for r in records {
+        match r.kind {
+            keel_wal::RECORD_ENTRY => {
+                use keel_raft::ProtoMessage;
+                let e = keel_raft::eraftpb::Entry::parse_from_bytes(&r.data).context("undecodable entry")?;
+                let what = match e.get_entry_type() {
+                    keel_raft::eraftpb::EntryType::EntryNormal if e.get_data().is_empty() => "empty".to_string(),
+                    keel_raft::eraftpb::EntryType::EntryNormal => match InternalRequest::decode(e.get_data()) {
+                        Ok(InternalRequest { id, request: Some(req), header }) => {
+                            let who = header.map(|h| format!(" user={:?}", h.username)).unwrap_or_default();
+                            format!("request id={id:x}{who} {}", describe(&req))
+                        }
+                        Ok(_) => "request (empty)".into(),
+                        Err(err) => format!("undecodable request: {err}"),
+                    },
+                    other => format!("{other:?}"),
+                };
+                println!("entry term={} index={} {what}", e.term, e.index);
+            }
+            keel_wal::RECORD_STATE => {
+                use keel_raft::ProtoMessage;
+                let hs = keel_raft::eraftpb::HardState::parse_from_bytes(&r.data).context("undecodable hard state")?;
+                println!("hardstate term={} vote={:x} commit={}", hs.term, hs.vote, hs.commit);
+            }
+            keel_wal::RECORD_SNAPSHOT if r.data.len() == 16 => {
+                let term = u64::from_be_bytes(r.data[..8].try_into().unwrap_or([0; 8]));
+                let index = u64::from_be_bytes(r.data[8..].try_into().unwrap_or([0; 8]));
+                println!("snapshot term={term} index={index}");
+            }
+            keel_wal::RECORD_METADATA => println!("metadata {} bytes", r.data.len()),
+            k => println!("record type={k} {} bytes", r.data.len()),
+        }
+    }
+    Ok(())
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A one-line summary of a request (keys shown as text; values left out).
+fn describe(r: &Request) -> String {
+    match r {
+        Request::Put(p) => format!("put key={:?} value_bytes={} lease={:x}", lossy(&p.key), p.value.len(), p.lease),
+        Request::DeleteRange(d) => format!("delete_range key={:?} range_end={:?}", lossy(&d.key), lossy(&d.range_end)),
+        Request::Txn(t) => format!("txn compares={} success={} failure={}", t.compare.len(), t.success.len(), t.failure.len()),
+        Request::Compaction(c) => format!("compaction revision={} physical={}", c.revision, c.physical),
+        Request::LeaseGrant(g) => format!("lease_grant id={:x} ttl={}", g.id, g.ttl),
+        Request::LeaseRevoke(g) => format!("lease_revoke id={:x}", g.id),
+        Request::LeaseCheckpoint(c) => format!("lease_checkpoint leases={}", c.leases.len()),
+        Request::Authenticate(a) => format!("authenticate user={:?}", a.name),
+        Request::AuthUserAdd(u) => format!("auth_user_add name={:?}", u.name),
+        Request::Alarm(a) => format!("alarm action={} member={:x} alarm={}", a.action, a.member_id, a.alarm),
+        other => {
+            let dbg = format!("{other:?}");
+            dbg.split('(').next().unwrap_or("request").to_string()
+        }
+    }
+}
