@@ -44,6 +44,9 @@ pub struct Backend {
     path: PathBuf,
 }
 
+/// Told how long each backend batch commit took (the server's metrics); set once at start.
+pub static COMMIT_OBSERVER: std::sync::OnceLock<fn(std::time::Duration)> = std::sync::OnceLock::new();
+
 /// Table numbers in a backend dump.
 pub const TABLE_KEYS: u32 = 0;
 pub const TABLE_AUX: u32 = 1;
@@ -145,7 +148,11 @@ impl Backend {
             }
         }
         self.put_meta(&tx, meta)?;
+        let t0 = std::time::Instant::now();
         tx.commit().map_err(|e| self.err(e))?;
+        if let Some(observe) = COMMIT_OBSERVER.get() {
+            observe(t0.elapsed());
+        }
         Ok(())
     }
 

@@ -53,6 +53,8 @@ impl KeyHistory {
 #[derive(Debug, Default)]
 pub struct Index {
     keys: BTreeMap<Vec<u8>, KeyHistory>,
+    /// Keys whose last change is not a tombstone.
+    live: usize,
 }
 
 /// The range `[key, end)`; an empty `end` means the single key, `end == [0]` means every key >= key.
@@ -83,6 +85,7 @@ impl Index {
         if !h.is_live() {
             h.created = rev.main;
             h.version = 0;
+            self.live += 1;
         }
         h.version += 1;
         h.lease = lease;
@@ -94,6 +97,7 @@ impl Index {
         if let Some(h) = self.keys.get_mut(key) {
             debug_assert!(h.is_live(), "tombstone on a deleted key");
             h.changes.push(Change { rev, tombstone: true, size });
+            self.live -= 1;
             h.created = 0;
             h.version = 0;
             h.lease = 0;
@@ -104,7 +108,13 @@ impl Index {
     #[allow(clippy::too_many_arguments)]
     pub fn restore(&mut self, key: &[u8], rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64, size: u32) {
         let h = self.keys.entry(key.to_vec()).or_default();
+        let was_live = h.is_live();
         h.changes.push(Change { rev, tombstone, size });
+        match (was_live, tombstone) {
+            (false, false) => self.live += 1,
+            (true, true) => self.live -= 1,
+            _ => {}
+        }
         if tombstone {
             h.created = 0;
             h.version = 0;
@@ -153,6 +163,11 @@ impl Index {
             !h.changes.is_empty()
         });
         dropped
+    }
+
+    /// Number of live keys.
+    pub fn live_count(&self) -> usize {
+        self.live
     }
 
     pub fn len(&self) -> usize {

@@ -255,6 +255,11 @@ impl Store {
         self.data_bytes + self.aux.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>()
     }
 
+    /// Number of live keys.
+    pub fn live_key_count(&self) -> usize {
+        self.index.live_count()
+    }
+
     /// Number of keys held by the index (live or with history).
     pub fn key_count(&self) -> usize {
         self.index.len()

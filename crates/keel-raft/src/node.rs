@@ -100,6 +100,8 @@ pub struct NodeStatus {
     pub last_index: AtomicU64,
     pub is_leader: AtomicBool,
     pub stopped: AtomicBool,
+    /// Times this member saw a new leader.
+    pub leader_changes: AtomicU64,
 }
 
 impl NodeStatus {
@@ -607,6 +609,9 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 tracing::info!(term, "raft: lost leader");
             } else {
                 tracing::info!(leader = format!("{leader:x}"), term, "raft: elected leader");
+            }
+            if leader != 0 {
+                self.status.leader_changes.fetch_add(1, Ordering::Relaxed);
             }
             self.last_leader = leader;
             // Reads asked while there was no leader (or of a leader that is gone) were dropped

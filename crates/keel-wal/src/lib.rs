@@ -24,6 +24,9 @@ pub use wal::{Record, Wal, WalOptions, RECORD_ENTRY, RECORD_METADATA, RECORD_SNA
 
 use std::path::PathBuf;
 
+/// Told how long each WAL fsync took (the server's metrics); set once at start.
+pub static FSYNC_OBSERVER: std::sync::OnceLock<fn(std::time::Duration)> = std::sync::OnceLock::new();
+
 /// Errors of the WAL and snapshot files.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

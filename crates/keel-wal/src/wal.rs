@@ -265,11 +265,15 @@ impl Wal {
         self.file.seek(SeekFrom::Start(self.offset)).map_err(io_err(&path))?;
         self.file.write_all(&self.buf).map_err(io_err(&path))?;
         self.offset += self.buf.len() as u64;
+        let t0 = std::time::Instant::now();
         if self.offset > self.opts.segment_bytes {
             // The file grew past its preallocation: extend metadata too.
             self.file.sync_all().map_err(io_err(&path))?;
         } else {
             self.file.sync_data().map_err(io_err(&path))?;
+        }
+        if let Some(observe) = crate::FSYNC_OBSERVER.get() {
+            observe(t0.elapsed());
         }
         if self.offset >= self.opts.segment_bytes {
             self.cut(self.next_index)?;

@@ -93,6 +93,11 @@ impl Waiters {
         }
     }
 
+    /// Callers still waiting.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<ApplyResult>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -184,6 +189,9 @@ impl Applier {
         for (k, old, new) in &o.lease_changes {
             lessor.moved(k, *old, *new);
         }
+        let puts = o.events.iter().filter(|e| e.r#type == keel_proto::mvccpb::event::EventType::Put as i32).count() as u64;
+        crate::metrics::METRICS.puts.inc_by(puts);
+        crate::metrics::METRICS.deletes.inc_by(o.events.len() as u64 - puts);
         self.hub.notify(o.revision, &o.events);
         o.revision
     }

@@ -8,8 +8,10 @@ use clap::{ArgAction, CommandFactory, Parser};
 use std::time::Duration;
 
 /// Version of the etcd API Keel speaks, reported to clients.
-pub const ETCD_VERSION: &str = "3.5.0";
-pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+/// The etcd release whose observable behaviour Keel matches (Debian's etcd-server 3.4.23), as
+/// `/version`, Maintenance.Status and the version metrics report it.
+pub const ETCD_VERSION: &str = "3.4.23";
+pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "keel", version, about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API")]

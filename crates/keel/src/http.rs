@@ -12,7 +12,41 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub fn router(server: Arc<Server>) -> Router {
-    Router::new().route("/health", get(health)).route("/version", get(version)).with_state(server)
+    Router::new()
+        .route("/health", get(health))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .with_state(server)
+}
+
+/// The metrics routes alone (for `--listen-metrics-urls`).
+pub fn metrics_router(server: Arc<Server>) -> Router {
+    Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(server)
+}
+
+async fn metrics(State(s): State<Arc<Server>>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], crate::metrics::render(&s))
+}
+
+/// The process is alive and its raft loop runs (etcd 3.5's `/livez`).
+async fn livez(State(s): State<Arc<Server>>) -> (StatusCode, &'static str) {
+    if s.node.status.stopped.load(std::sync::atomic::Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "[-]serializable_read failed: the member stopped\nlivez check failed\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}
+
+/// The member can serve: it has a leader, no alarm, and a linearizable read succeeds (`/readyz`).
+async fn readyz(State(s): State<Arc<Server>>, q: Query<HashMap<String, String>>) -> (StatusCode, &'static str) {
+    let (code, _) = health(State(s), q).await;
+    if code == StatusCode::OK {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "readyz check failed\n")
+    }
 }
 
 async fn version() -> Json<serde_json::Value> {

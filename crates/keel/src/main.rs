@@ -20,6 +20,7 @@ mod h2fix;
 mod http;
 mod lease;
 mod membership;
+mod metrics;
 mod peer;
 mod serve;
 mod server;
@@ -74,6 +75,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg.log_level);
+    metrics::install_observers();
     if let Err(e) = cfg.validate() {
         tracing::error!(error = %e, "invalid configuration");
         return ExitCode::from(1);
@@ -358,7 +360,11 @@ async fn run(cfg: Config) -> Result<()> {
         hub: hub.clone(),
         next_stream: 0.into(),
     });
-    let router = grpc.into_axum_router().merge(http::router(server.clone())).merge(gateway::router(gw));
+    let router = grpc
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(metrics::grpc_layer))
+        .merge(http::router(server.clone()))
+        .merge(gateway::router(gw));
     let client_tls = tls::client_server(&cfg)?;
     for (lu, l) in serve::bind(&split_urls(&cfg.listen_client_urls)).await? {
         let acceptor = match (lu.tls, &client_tls) {
@@ -368,6 +374,20 @@ async fn run(cfg: Config) -> Result<()> {
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
         tokio::spawn(serve::serve(l, acceptor, router.clone(), cfg.max_concurrent_streams, true));
+    }
+    if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
+        let mrouter = http::metrics_router(server.clone());
+        for (lu, l) in serve::bind(&split_urls(urls)).await? {
+            let acceptor = match (lu.tls, &client_tls) {
+                (true, Some(t)) => Some(t.clone()),
+                (true, None) => {
+                    bail!("TLS key/cert (--cert-file, --key-file) must be provided for metrics url {} with HTTPS scheme", lu.url)
+                }
+                (false, _) => None,
+            };
+            tracing::info!(address = %lu.addr, "serving metrics on {}", lu.url);
+            tokio::spawn(serve::serve(l, acceptor, mrouter.clone(), u32::MAX, false));
+        }
     }
 
     tokio::spawn(publish(server.clone()));
@@ -407,7 +427,7 @@ async fn publish(server: Arc<Server>) {
             }
         }
     }
-    tracing::info!(cluster_version = config::ETCD_CLUSTER_VERSION, "enabled capabilities for version 3.5");
+    tracing::info!(cluster_version = config::ETCD_CLUSTER_VERSION, "enabled capabilities for version 3.4");
     tracing::info!(
         local_member_id = format!("{:x}", server.member_id),
         name = %attrs.name,

@@ -240,6 +240,7 @@ impl WatchHub {
             drop(store);
             self.spawn_catchup(id, spec, tx, canceled.clone(), start);
         }
+        crate::metrics::METRICS.watchers.inc();
         Ok(WatchHandle { canceled })
     }
 
@@ -256,7 +257,9 @@ impl WatchHub {
 
     /// Removes a watcher.
     pub fn cancel(&self, id: (u64, i64), handle: &WatchHandle, prev_kv: bool) {
-        handle.canceled.store(true, Ordering::Release);
+        if !handle.canceled.swap(true, Ordering::AcqRel) {
+            crate::metrics::METRICS.watchers.dec();
+        }
         self.lock().remove(&id);
         if prev_kv {
             self.prev_watchers.fetch_sub(1, Ordering::Relaxed);
