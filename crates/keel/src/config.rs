@@ -14,7 +14,12 @@ pub const ETCD_VERSION: &str = "3.4.23";
 pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "keel", version, about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API")]
+#[command(
+    name = "keel",
+    version,
+    args_override_self = true,
+    about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API"
+)]
 pub struct Config {
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = "default")]
@@ -115,6 +120,18 @@ pub struct Config {
     /// List of URLs to listen on for the metrics and health endpoints.
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS")]
     pub listen_metrics_urls: Option<String>,
+    /// Path to the client certificate revocation list file (PEM or DER).
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<String>,
+    /// Comma-separated list of supported TLS cipher suites (Go names; TLS 1.2 only).
+    #[arg(long, env = "ETCD_CIPHER_SUITES")]
+    pub cipher_suites: Option<String>,
+    /// Minimum TLS version: TLS1.2 or TLS1.3.
+    #[arg(long, env = "ETCD_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+    /// Maximum TLS version: TLS1.2 or TLS1.3 (empty: the newest).
+    #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
     /// Auth token type and options: `simple`, or `jwt,pub-key=PATH,priv-key=PATH,sign-method=RS256,ttl=5m`.
     #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
     pub auth_token: String,
@@ -323,6 +340,13 @@ mod tests {
         let mut v = vec!["keel".to_string()];
         v.extend(a.iter().map(|s| s.to_string()));
         Config::parse_from_args(v).expect("parse")
+    }
+
+    #[test]
+    fn repeated_flags_take_the_last_value_as_go_does() {
+        let c = parse(&["--client-cert-auth", "--name", "a", "--client-cert-auth", "--name=b"]);
+        assert!(c.client_cert_auth);
+        assert_eq!(c.name, "b");
     }
 
     #[test]

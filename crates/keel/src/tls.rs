@@ -15,6 +15,72 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The crypto provider for `--cipher-suites`: TLS 1.2 suites limited to the list (Go names, as
+/// etcd takes them; TLS 1.3 suites are not configurable, as in Go). Suites Go knows but rustls
+/// deliberately lacks (CBC, 3DES, RC4) are left out with a warning.
+fn provider_for(cfg: &Config) -> Result<Arc<rustls::crypto::CryptoProvider>> {
+    let mut p = rustls::crypto::ring::default_provider();
+    let Some(list) = cfg.cipher_suites.as_deref().filter(|l| !l.trim().is_empty()) else {
+        return Ok(Arc::new(p));
+    };
+    let all = p.cipher_suites.clone();
+    let mut chosen: Vec<rustls::SupportedCipherSuite> = all.iter().filter(|s| s.version() == &rustls::version::TLS13).copied().collect();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !name.starts_with("TLS_") {
+            bail!("unexpected TLS cipher suite {name:?}");
+        }
+        let want = if name.ends_with("CHACHA20_POLY1305") { format!("{name}_SHA256") } else { name.to_string() };
+        match all.iter().find(|s| format!("{:?}", s.suite()) == want) {
+            Some(s) => {
+                if !chosen.iter().any(|c| c.suite() == s.suite()) {
+                    chosen.push(*s);
+                }
+            }
+            None => tracing::warn!(cipher_suite = name, "TLS cipher suite not supported by Keel (rustls); left out"),
+        }
+    }
+    p.cipher_suites = chosen;
+    Ok(Arc::new(p))
+}
+
+/// `--tls-min-version` / `--tls-max-version`.
+fn versions(cfg: &Config) -> Result<Vec<&'static rustls::SupportedProtocolVersion>> {
+    let rank = |v: &str, default: u8| -> Result<u8> {
+        match v {
+            "" => Ok(default),
+            "TLS1.2" => Ok(2),
+            "TLS1.3" => Ok(3),
+            "TLS1.0" | "TLS1.1" => bail!("TLS version {v} is not supported by Keel (TLS1.2 and TLS1.3 are)"),
+            other => bail!("unexpected TLS version {other:?} (TLS1.2 or TLS1.3)"),
+        }
+    };
+    let (lo, hi) = (rank(&cfg.tls_min_version, 2)?, rank(&cfg.tls_max_version, 3)?);
+    if lo > hi {
+        bail!("--tls-min-version is newer than --tls-max-version");
+    }
+    let mut out = Vec::new();
+    if hi >= 3 {
+        out.push(&rustls::version::TLS13);
+    }
+    if lo <= 2 {
+        out.push(&rustls::version::TLS12);
+    }
+    Ok(out)
+}
+
+/// Certificate revocation lists from a PEM or DER file.
+fn load_crls(path: &str) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {path}"))?;
+    if bytes.starts_with(b"-----") {
+        let crls = rustls_pemfile::crls(&mut bytes.as_slice()).collect::<Result<Vec<_>, _>>().with_context(|| format!("read {path}"))?;
+        if crls.is_empty() {
+            bail!("no CRL in {path}");
+        }
+        return Ok(crls);
+    }
+    Ok(vec![bytes.into()])
+}
+
 fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
     let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
     let certs =
@@ -65,6 +131,7 @@ struct Side<'a> {
     auto_dir: &'static str,
     allowed_cn: &'a Option<String>,
     allowed_hostname: &'a Option<String>,
+    crl: &'a Option<String>,
 }
 
 fn cert_and_key(cfg: &Config, side: &Side) -> Result<Option<(String, String)>> {
@@ -79,12 +146,17 @@ fn server_config(cfg: &Config, side: &Side) -> Result<Option<TlsAcceptor>> {
     let Some((cert, key)) = cert_and_key(cfg, side)? else {
         return Ok(None);
     };
-    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().context("TLS versions")?;
+    let provider = provider_for(cfg)?;
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(&versions(cfg)?).context("TLS versions")?;
     let builder = match (side.ca, side.client_cert_auth) {
         (Some(ca), true) => {
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-                .build()
-                .context("client verifier")?;
+            let mut vb = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider);
+            if let Some(crl) = side.crl {
+                // As etcd: the client's own certificate is looked up in the list.
+                vb = vb.with_crls(load_crls(crl)?).only_check_end_entity_revocation().allow_unknown_revocation_status();
+            }
+            let v = vb.build().context("client verifier")?;
             builder.with_client_cert_verifier(Arc::new(AllowedNames {
                 inner: v,
                 trusted: load_certs(ca)?,
@@ -112,6 +184,7 @@ pub fn client_server(cfg: &Config) -> Result<Option<TlsAcceptor>> {
             auto_dir: "fixtures/client",
             allowed_cn: &None,
             allowed_hostname: &None,
+            crl: &cfg.client_crl_file,
         },
     )
 }
@@ -126,6 +199,7 @@ fn peer_side(cfg: &Config) -> Side<'_> {
         auto_dir: "fixtures/peer",
         allowed_cn: &cfg.peer_cert_allowed_cn,
         allowed_hostname: &cfg.peer_cert_allowed_hostname,
+        crl: &None,
     }
 }
 
