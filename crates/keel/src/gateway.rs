@@ -37,6 +37,9 @@ pub struct Gateway {
     pub hub: Arc<WatchHub>,
     /// Watch stream ids for gateway watches (kept apart from the gRPC service's).
     pub next_stream: AtomicU64,
+    /// `--max-concurrent-streams` across all gateway calls: etcd's gateway is a client of the
+    /// gRPC server over one connection, so a call waits while that many are in flight.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -108,6 +111,9 @@ where
 
 async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
     let g = &*gw;
+    let Ok(permit) = g.streams.clone().acquire_owned().await else {
+        return error(Status::unavailable("etcdserver: server stopped"));
+    };
     let token: Token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let t = &token;
     match path.trim_end_matches('/') {
@@ -155,7 +161,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, header
         "election/resign" => unary(body, t, |r| g.concurrency.resign(r)).await,
         "lock/lock" => unary(body, t, |r| g.concurrency.lock(r)).await,
         "lock/unlock" => unary(body, t, |r| g.concurrency.unlock(r)).await,
-        "watch" => watch(g, body, t).await,
+        "watch" => watch(g, body, t, permit).await,
         _ => error(Status::unimplemented(format!("etcdserver: gateway has no route /v3/{path}"))),
     }
 }
@@ -183,7 +189,7 @@ async fn keep_alive(g: &Gateway, body: Bytes) -> Response {
 }
 
 /// A watch: the request body creates one watcher; its responses stream back, one per line.
-async fn watch(g: &Gateway, body: Bytes, token: &Token) -> Response {
+async fn watch(g: &Gateway, body: Bytes, token: &Token, permit: tokio::sync::OwnedSemaphorePermit) -> Response {
     let req: WatchRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return error(e),
@@ -206,7 +212,14 @@ async fn watch(g: &Gateway, body: Bytes, token: &Token) -> Response {
     let hub = g.hub.clone();
     let prev = c.prev_kv;
     let stream = async_stream(move |out: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>| async move {
-        while let Some(resp) = rx.recv().await {
+        let _permit = permit;
+        loop {
+            // Ends when the client goes away, even if no event comes.
+            let resp = tokio::select! {
+                r = rx.recv() => r,
+                _ = out.closed() => None,
+            };
+            let Some(resp) = resp else { break };
             if out.send(Ok(result_line(&resp))).await.is_err() {
                 break;
             }

@@ -359,6 +359,7 @@ async fn run(cfg: Config) -> Result<()> {
         auth: api::auth::AuthService { server: server.clone() },
         hub: hub.clone(),
         next_stream: 0.into(),
+        streams: Arc::new(tokio::sync::Semaphore::new((cfg.max_concurrent_streams as usize).min(tokio::sync::Semaphore::MAX_PERMITS))),
     });
     let router = grpc
         .into_axum_router()
