@@ -22,6 +22,7 @@ mod lease;
 mod membership;
 mod metrics;
 mod peer;
+mod proxy;
 mod serve;
 mod server;
 mod tls;
@@ -66,6 +67,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if tool::is_tool(&args) {
         return tool::main(args);
+    }
+    if proxy::is_gateway(&args) {
+        init_logging("info");
+        return proxy::main(args);
     }
     let cfg = match Config::from_args() {
         Ok(c) => c,
