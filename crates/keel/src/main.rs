@@ -13,6 +13,7 @@ mod alarm;
 mod api;
 mod apply;
 mod auth;
+mod compactor;
 mod config;
 mod errors;
 mod gateway;
@@ -169,6 +170,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
 
 async fn run(cfg: Config) -> Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), etcd_api = config::ETCD_VERSION, name = %cfg.name, data_dir = %cfg.data_dir(), "starting keel");
+    let auto_compaction = compactor::policy(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention).map_err(anyhow::Error::msg)?;
     let snap_dir = cfg.snap_dir();
     let wal_dir = cfg.wal_dir();
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
@@ -397,6 +399,7 @@ async fn run(cfg: Config) -> Result<()> {
     }
 
     tokio::spawn(publish(server.clone()));
+    tokio::spawn(compactor::run(server.clone(), auto_compaction));
     tokio::spawn(api::lease::run_expiry(server.clone()));
 
     tokio::select! {
