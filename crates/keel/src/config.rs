@@ -126,6 +126,16 @@ pub struct Config {
     /// Auto compaction retention: hours or a duration (periodic), or revisions (revision). 0 is off.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
+    /// Minimum interval a client should wait before pinging the server (accepted; hyper enforces
+    /// its own ping policy).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_MIN_TIME", default_value = "5s")]
+    pub grpc_keepalive_min_time: String,
+    /// Frequency of server-to-client pings to check that a connection is alive (0 disables).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_INTERVAL", default_value = "2h")]
+    pub grpc_keepalive_interval: String,
+    /// How long to wait for a ping answer before closing the connection.
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s")]
+    pub grpc_keepalive_timeout: String,
     /// Path to the client certificate revocation list file (PEM or DER).
     #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
     pub client_crl_file: Option<String>,

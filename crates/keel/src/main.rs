@@ -170,6 +170,14 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
 
 async fn run(cfg: Config) -> Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), etcd_api = config::ETCD_VERSION, name = %cfg.name, data_dir = %cfg.data_dir(), "starting keel");
+    let keepalive = |flag: &str, v: &str| config::parse_go_duration(v).ok_or_else(|| anyhow::anyhow!("invalid {flag} {v:?}"));
+    let ka_interval = keepalive("--grpc-keepalive-interval", &cfg.grpc_keepalive_interval)?;
+    let ka_timeout = keepalive("--grpc-keepalive-timeout", &cfg.grpc_keepalive_timeout)?;
+    keepalive("--grpc-keepalive-min-time", &cfg.grpc_keepalive_min_time)?;
+    let client_h2 = serve::H2 {
+        max_streams: cfg.max_concurrent_streams,
+        keepalive: (!ka_interval.is_zero()).then_some((ka_interval, ka_timeout.max(std::time::Duration::from_secs(1)))),
+    };
     let auto_compaction = compactor::policy(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention).map_err(anyhow::Error::msg)?;
     let snap_dir = cfg.snap_dir();
     let wal_dir = cfg.wal_dir();
@@ -304,7 +312,7 @@ async fn run(cfg: Config) -> Result<()> {
             (false, _) => None,
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
-        tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), u32::MAX, false));
+        tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), serve::H2::DEFAULT, false));
     }
 
     // Client listeners.
@@ -381,7 +389,7 @@ async fn run(cfg: Config) -> Result<()> {
             (false, _) => None,
         };
         tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-        tokio::spawn(serve::serve(l, acceptor, router.clone(), cfg.max_concurrent_streams, true));
+        tokio::spawn(serve::serve(l, acceptor, router.clone(), client_h2, true));
     }
     if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
         let mrouter = http::metrics_router(server.clone());
@@ -394,7 +402,7 @@ async fn run(cfg: Config) -> Result<()> {
                 (false, _) => None,
             };
             tracing::info!(address = %lu.addr, "serving metrics on {}", lu.url);
-            tokio::spawn(serve::serve(l, acceptor, mrouter.clone(), u32::MAX, false));
+            tokio::spawn(serve::serve(l, acceptor, mrouter.clone(), serve::H2::DEFAULT, false));
         }
     }
 

@@ -83,7 +83,19 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 /// Serves `router` on `listener` until the process ends.
 ///
 /// Client listeners set `fix_authority` (see [`crate::h2fix`]).
-pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::Router, max_streams: u32, fix_authority: bool) {
+/// HTTP/2 settings of a listener.
+#[derive(Clone, Copy, Debug)]
+pub struct H2 {
+    pub max_streams: u32,
+    /// Server pings every `interval` and drops the connection after `timeout` without answer.
+    pub keepalive: Option<(std::time::Duration, std::time::Duration)>,
+}
+
+impl H2 {
+    pub const DEFAULT: H2 = H2 { max_streams: u32::MAX, keepalive: None };
+}
+
+pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::Router, h2: H2, fix_authority: bool) {
     loop {
         let accepted: std::io::Result<Box<dyn Io>> = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
@@ -104,7 +116,10 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::R
         let tls = tls.clone();
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http2().max_concurrent_streams(max_streams);
+            builder.http2().max_concurrent_streams(h2.max_streams);
+            if let Some((interval, timeout)) = h2.keepalive {
+                builder.http2().timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(interval).keep_alive_timeout(timeout);
+            }
             let mut cn = None;
             let io: Box<dyn Io> = match tls {
                 Some(acc) => match acc.accept(sock).await {
