@@ -51,8 +51,9 @@ pub static COMMIT_OBSERVER: std::sync::OnceLock<fn(std::time::Duration)> = std::
 pub const TABLE_KEYS: u32 = 0;
 pub const TABLE_AUX: u32 = 1;
 
-/// Records per transaction when copying a backend.
+/// Records, and bytes, per transaction when copying a backend.
 const COPY_BATCH: usize = 10_000;
+const COPY_BATCH_BYTES: usize = 32 << 20;
 
 impl Backend {
     fn err(&self, e: impl std::fmt::Display) -> BackendError {
@@ -210,10 +211,19 @@ impl Backend {
         Ok(meta)
     }
 
+    /// Adds dumped records to this (new) backend, durably.
+    fn load_durable(&self, records: &[(u32, Vec<u8>, Vec<u8>)]) -> Result<(), BackendError> {
+        self.load_with(records, None, true)
+    }
+
     /// Adds dumped records to this (new) backend; durable when `meta` is given (the last call).
     pub fn load(&self, records: &[(u32, Vec<u8>, Vec<u8>)], meta: Option<&Meta>) -> Result<(), BackendError> {
+        self.load_with(records, meta, meta.is_some())
+    }
+
+    fn load_with(&self, records: &[(u32, Vec<u8>, Vec<u8>)], meta: Option<&Meta>, durable: bool) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        if meta.is_none() {
+        if !durable {
             tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
         }
         {
@@ -246,11 +256,16 @@ impl Backend {
         let _ = std::fs::remove_file(dest);
         let out = Backend::open(dest)?;
         let mut batch: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::with_capacity(COPY_BATCH);
+        let mut bytes = 0usize;
         let mut failed = None;
         let meta = self.dump(|t, k, v| {
             batch.push((t, k.to_vec(), v.to_vec()));
-            if batch.len() >= COPY_BATCH {
-                if let Err(e) = out.load(&batch, None) {
+            bytes += k.len() + v.len();
+            if batch.len() >= COPY_BATCH || bytes >= COPY_BATCH_BYTES {
+                // Each batch is made durable on its own: one huge flush at the end would hold up
+                // the WAL's fsyncs on the same disk.
+                bytes = 0;
+                if let Err(e) = out.load_durable(&batch) {
                     failed = Some(e);
                     return false;
                 }

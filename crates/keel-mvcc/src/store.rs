@@ -218,9 +218,10 @@ impl Store {
     }
 
     /// Ends a defragmentation: the batches committed since it began are written to `copy`, which
-    /// then replaces the backend file. Returns how many records were replayed. On error the old
-    /// backend stays in use.
-    pub fn finish_defrag(&mut self, copy: Backend) -> Result<usize, BackendError> {
+    /// then replaces the backend file. Returns how many records were replayed, and the old
+    /// backend: dropping it closes the old file, which takes a while for a big one, so the caller
+    /// should drop it without holding the store. On error the old backend stays in use.
+    pub fn finish_defrag(&mut self, copy: Backend) -> Result<(usize, Backend), BackendError> {
         // The last batch goes into the tail too.
         let committed = self.commit();
         let fail = |msg: &str| BackendError { path: self.backend.path().to_path_buf(), msg: msg.to_string() };
@@ -234,8 +235,9 @@ impl Store {
         if let Some(meta) = tail.meta {
             copy.commit(&tail.changes, &tail.aux, &meta)?;
         }
-        self.backend = copy.rename_to(self.backend.path())?;
-        Ok(replayed)
+        let new = copy.rename_to(self.backend.path())?;
+        let old = std::mem::replace(&mut self.backend, new);
+        Ok((replayed, old))
     }
 
     /// Abandons a defragmentation (the copy failed).

@@ -47,8 +47,10 @@ pub async fn defragment(s: &Server) -> Result<std::time::Duration, Status> {
         }
     };
     let held = std::time::Instant::now();
-    let replayed = s.store.write().unwrap_or_else(|p| p.into_inner()).finish_defrag(copy).map_err(backend_err)?;
+    let (replayed, old) = s.store.write().unwrap_or_else(|p| p.into_inner()).finish_defrag(copy).map_err(backend_err)?;
     let stall = held.elapsed();
+    // Closing the old file (redb flushes its allocator state) happens off the store lock.
+    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
     let (after, _) = s.store().db_size();
     tracing::info!(
         took = ?started.elapsed(),

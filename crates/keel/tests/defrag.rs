@@ -1,0 +1,155 @@
+//! Defragmentation without stopping the world: a database file of over 1 GB (512 values of
+//! 1 MiB, half of them deleted and compacted away) is defragmented while a writer and a
+//! linearizable reader keep going. Requests must complete while the copy runs; nothing is lost; the hash of the data is
+//! unchanged; the file shrinks. The longest request stall seen during the defragmentation is
+//! printed (it is measured, not asserted). `KEEL_DEFRAG_TEST_MB` sets the MiB written (default 512).
+
+mod common;
+
+use common::*;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// (start, end) of every completed request.
+type Spans = Vec<(Instant, Instant)>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn defragment_keeps_reads_and_writes_flowing() {
+    let mb: usize = std::env::var("KEEL_DEFRAG_TEST_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut p = start(&keel_bin(), &tmp.path().join("defrag.etcd"), free_port(), free_port(), &["--quota-backend-bytes", "8589934592"]);
+    assert!(p.wait_ready(), "{}", p.log_text());
+    let ch = tonic::transport::Channel::from_shared(p.endpoint()).unwrap().connect().await.unwrap();
+
+    // Fill: `mb` values of 1 MiB, 8 writers.
+    let value = vec![b'x'; 1 << 20];
+    let mut fills = Vec::new();
+    for w in 0..8 {
+        let mut kv = keel_proto::etcdserverpb::kv_client::KvClient::new(ch.clone()).max_decoding_message_size(usize::MAX);
+        let value = value.clone();
+        fills.push(tokio::spawn(async move {
+            for i in (w..mb).step_by(8) {
+                kv.put(PutRequest { key: format!("big/{i:05}").into(), value: value.clone(), ..Default::default() }).await.unwrap();
+            }
+        }));
+    }
+    for f in fills {
+        f.await.unwrap();
+    }
+    let mut kv = keel_proto::etcdserverpb::kv_client::KvClient::new(ch.clone());
+    // Half of it becomes garbage.
+    for i in (0..mb).step_by(2) {
+        kv.delete_range(DeleteRangeRequest { key: format!("big/{i:05}").into(), ..Default::default() }).await.unwrap();
+    }
+    let rev = kv
+        .range(RangeRequest { key: b"big/".to_vec(), count_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.compact(CompactionRequest { revision: rev, physical: true }).await.unwrap();
+    let mut mt = MaintenanceClient::new(ch.clone());
+    let before = mt.status(StatusRequest {}).await.unwrap().into_inner();
+    // A revision after the compaction, to hash the data at before and after.
+    let mark = kv
+        .put(PutRequest { key: b"mark".to_vec(), value: b"m".to_vec(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    let hash_before = mt.hash_kv(HashKvRequest { revision: mark }).await.unwrap().into_inner().hash;
+
+    // Load: one writer, one linearizable reader, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, mut kv) = (stop.clone(), kv.clone());
+        tokio::spawn(async move {
+            let mut spans: Spans = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let t = Instant::now();
+                kv.put(PutRequest { key: format!("load/{n:08}").into(), value: b"v".to_vec(), ..Default::default() }).await.unwrap();
+                spans.push((t, Instant::now()));
+                n += 1;
+            }
+            (spans, n)
+        })
+    };
+    let reader = {
+        let (stop, mut kv) = (stop.clone(), kv.clone());
+        tokio::spawn(async move {
+            let mut spans: Spans = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let t = Instant::now();
+                kv.range(RangeRequest { key: b"big/00001".to_vec(), ..Default::default() }).await.unwrap();
+                spans.push((t, Instant::now()));
+            }
+            spans
+        })
+    };
+    // Let the load settle, then defragment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d0 = Instant::now();
+    mt.defragment(DefragmentRequest {}).await.unwrap();
+    let d1 = Instant::now();
+    stop.store(true, Ordering::Release);
+    let (wspans, written) = writer.await.unwrap();
+    let rspans = reader.await.unwrap();
+
+    let inside = |s: &Spans| s.iter().filter(|(a, b)| *a >= d0 && *b <= d1).count();
+    let longest = |s: &Spans| s.iter().filter(|(a, b)| *b >= d0 && *a <= d1).map(|(a, b)| *b - *a).max().unwrap_or_default();
+    let after = mt.status(StatusRequest {}).await.unwrap().into_inner();
+    println!(
+        "defragment of {:.0} MB (in use {:.0} MB) took {:?}: {} writes and {} reads completed during it; longest write {:?}, longest read {:?}; file now {:.0} MB",
+        before.db_size as f64 / 1e6,
+        before.db_size_in_use as f64 / 1e6,
+        d1 - d0,
+        inside(&wspans),
+        inside(&rspans),
+        longest(&wspans),
+        longest(&rspans),
+        after.db_size as f64 / 1e6,
+    );
+    if let Some(line) = p.log_text().lines().find(|l| l.contains("finished defragmenting")) {
+        println!("server: {line}");
+    }
+    assert!(inside(&wspans) > 0, "no write completed while the defragmentation ran ({:?})", d1 - d0);
+    assert!(inside(&rspans) > 0, "no read completed while the defragmentation ran ({:?})", d1 - d0);
+    assert!(after.db_size < before.db_size, "defragmentation did not shrink the file: {} -> {}", before.db_size, after.db_size);
+    let hash_after = mt.hash_kv(HashKvRequest { revision: mark }).await.unwrap().into_inner().hash;
+    assert_eq!(hash_before, hash_after, "the data changed across the defragmentation");
+    let n = kv
+        .range(RangeRequest { key: b"load/".to_vec(), range_end: b"load0".to_vec(), count_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(n as u64, written, "acknowledged writes missing after the defragmentation");
+
+    // And after a restart, from the defragmented file.
+    p.sigkill();
+    let mut p2 = start(&keel_bin(), &tmp.path().join("defrag.etcd"), free_port(), free_port(), &["--quota-backend-bytes", "8589934592"]);
+    assert!(p2.wait_ready(), "{}", p2.log_text());
+    let mut kv = p2.kv().await;
+    let n = kv
+        .range(RangeRequest { key: b"load/".to_vec(), range_end: b"load0".to_vec(), count_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(n as u64, written, "acknowledged writes missing after restart");
+    let big = kv
+        .range(RangeRequest { key: b"big/".to_vec(), range_end: b"big0".to_vec(), count_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(big as usize, mb / 2);
+}
