@@ -17,6 +17,6 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-cargo build --release --bin keel
+cargo build --release --workspace
 cargo test --release --workspace
 scripts/e2e.sh
