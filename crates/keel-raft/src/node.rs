@@ -491,7 +491,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         }
         self.read_ctx += 1;
         let ctx = self.read_ctx;
-        self.node.read_index(ctx.to_be_bytes().to_vec());
+        self.node.read_index(read_ctx(self.cfg.id, ctx));
         let senders = std::mem::take(&mut self.reads_new);
         self.reads_waiting.insert(ctx, PendingRead { senders, issued_tick: self.ticks });
     }
@@ -507,7 +507,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         for (ctx, r) in &self.reads_waiting {
             let age = now.saturating_sub(r.issued_tick);
             if age > 0 && age % retry == 0 {
-                self.node.read_index(ctx.to_be_bytes().to_vec());
+                self.node.read_index(read_ctx(self.cfg.id, *ctx));
             }
         }
         self.reads_waiting.retain(|_, r| {
@@ -565,7 +565,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             }
         }
         for rs in rd.take_read_states() {
-            let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            let Some(ctx) = parse_read_ctx(self.cfg.id, &rs.request_ctx) else { continue };
             if let Some(p) = self.reads_waiting.remove(&ctx) {
                 self.reads_ready.push((rs.index, p.senders));
             }
@@ -585,7 +585,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         self.node.advance_apply();
         if std::mem::take(&mut self.reissue_reads) {
             for ctx in self.reads_waiting.keys() {
-                self.node.read_index(ctx.to_be_bytes().to_vec());
+                self.node.read_index(read_ctx(self.cfg.id, *ctx));
             }
         }
         self.sm.maintain();
@@ -704,5 +704,37 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         let keep_from = self.applied.saturating_sub(self.cfg.catchup_entries) + 1;
         self.node.mut_store().wl().set_snapshot(snap, keep_from);
         Ok(())
+    }
+}
+
+/// A ReadIndex request context: this member's id and its read counter. The leader keys pending
+/// reads by context, so contexts must be unique across members: with bare counters, two
+/// followers' reads collide and the leader drops one (it would be answered only on retry).
+fn read_ctx(member: u64, counter: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&member.to_be_bytes());
+    b.extend_from_slice(&counter.to_be_bytes());
+    b
+}
+
+/// The counter of a context made by [`read_ctx`] for `member`.
+fn parse_read_ctx(member: u64, b: &[u8]) -> Option<u64> {
+    let (m, c) = (b.get(..8)?, b.get(8..16)?);
+    if u64::from_be_bytes(m.try_into().ok()?) != member {
+        return None;
+    }
+    Some(u64::from_be_bytes(c.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod read_ctx_tests {
+    use super::*;
+
+    #[test]
+    fn contexts_of_different_members_differ() {
+        assert_ne!(read_ctx(1, 5), read_ctx(2, 5));
+        assert_eq!(parse_read_ctx(1, &read_ctx(1, 5)), Some(5));
+        assert_eq!(parse_read_ctx(2, &read_ctx(1, 5)), None);
+        assert_eq!(parse_read_ctx(1, &[0; 8]), None);
     }
 }
