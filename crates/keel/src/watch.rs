@@ -92,8 +92,88 @@ pub struct WatchHandle {
     pub canceled: Arc<AtomicBool>,
 }
 
+type WatchId = (u64, i64);
+
+/// The synced watchers, indexed so that an event reaches only the watchers it concerns: watchers
+/// of one key by that key, range watchers (few, usually) in a list scanned per event.
+#[derive(Default)]
+struct Synced {
+    all: HashMap<WatchId, Watcher>,
+    by_key: HashMap<Vec<u8>, Vec<WatchId>>,
+    ranges: Vec<WatchId>,
+    /// Every synced watcher has been handed the events of every revision up to this one.
+    last_rev: i64,
+}
+
+impl Synced {
+    fn contains_key(&self, id: &WatchId) -> bool {
+        self.all.contains_key(id)
+    }
+
+    fn insert(&mut self, id: WatchId, w: Watcher) {
+        if w.spec.range_end.is_empty() {
+            self.by_key.entry(w.spec.key.clone()).or_default().push(id);
+        } else {
+            self.ranges.push(id);
+        }
+        if let Some(old) = self.all.insert(id, w) {
+            self.unindex(id, &old.spec);
+        }
+    }
+
+    fn unindex(&mut self, id: WatchId, spec: &Spec) {
+        if spec.range_end.is_empty() {
+            if let Some(v) = self.by_key.get_mut(&spec.key) {
+                if let Some(i) = v.iter().position(|x| *x == id) {
+                    v.swap_remove(i);
+                }
+                if v.is_empty() {
+                    self.by_key.remove(&spec.key);
+                }
+            }
+        } else if let Some(i) = self.ranges.iter().position(|x| *x == id) {
+            self.ranges.swap_remove(i);
+        }
+    }
+
+    fn remove(&mut self, id: &WatchId) -> Option<Watcher> {
+        let w = self.all.remove(id)?;
+        self.unindex(*id, &w.spec);
+        Some(w)
+    }
+
+    /// Every watcher, each with the next revision it has not seen.
+    fn drain(&mut self) -> Vec<(WatchId, Watcher)> {
+        let floor = self.last_rev + 1;
+        self.by_key.clear();
+        self.ranges.clear();
+        self.all
+            .drain()
+            .map(|(id, mut w)| {
+                w.next_rev = w.next_rev.max(floor);
+                (id, w)
+            })
+            .collect()
+    }
+
+    /// The watchers `events` may concern.
+    fn candidates(&self, events: &[Event]) -> Vec<WatchId> {
+        let mut out: Vec<WatchId> = self.ranges.clone();
+        for e in events {
+            if let Some(ids) = e.kv.as_ref().and_then(|kv| self.by_key.get(&kv.key)) {
+                out.extend_from_slice(ids);
+            }
+        }
+        if events.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
+}
+
 pub struct WatchHub {
-    synced: Mutex<HashMap<(u64, i64), Watcher>>,
+    synced: Mutex<Synced>,
     store: Arc<RwLock<Store>>,
     status: Arc<NodeStatus>,
     cluster_id: u64,
@@ -131,7 +211,15 @@ fn fragments(resp: WatchResponse, max: usize) -> Vec<WatchResponse> {
 
 impl WatchHub {
     pub fn new(store: Arc<RwLock<Store>>, status: Arc<NodeStatus>, cluster_id: u64, member_id: u64, max_bytes: usize) -> Arc<WatchHub> {
-        Arc::new(WatchHub { synced: Mutex::new(HashMap::new()), store, status, cluster_id, member_id, prev_watchers: 0.into(), max_bytes })
+        Arc::new(WatchHub {
+            synced: Mutex::new(Synced::default()),
+            store,
+            status,
+            cluster_id,
+            member_id,
+            prev_watchers: 0.into(),
+            max_bytes,
+        })
     }
 
     /// A progress notification for every watcher in `ids` of a stream, if all of them are synced
@@ -151,7 +239,7 @@ impl WatchHub {
         Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.status.term() })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, i64), Watcher>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Synced> {
         self.synced.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -167,15 +255,18 @@ impl WatchHub {
         }
         let mut w = self.lock();
         let mut fallen_behind = Vec::new();
-        w.retain(|id, watcher| {
+        let mut gone = Vec::new();
+        for id in w.candidates(events) {
+            let Some(watcher) = w.all.get_mut(&id) else { continue };
             if rev < watcher.min_rev {
-                return true;
+                continue;
             }
             watcher.next_rev = rev + 1;
             let evs: Vec<Event> = events.iter().filter(|e| watcher.spec.matches(e)).map(|e| watcher.spec.shape(e)).collect();
             if evs.is_empty() {
-                return true;
+                continue;
             }
+            let id = &id;
             let resp = WatchResponse { header: self.header(rev), watch_id: id.1, events: evs, ..Default::default() };
             let parts = if watcher.spec.fragment { fragments(resp, self.max_bytes) } else { vec![resp] };
             // All fragments of a revision go, or none (the watcher then catches up).
@@ -190,15 +281,19 @@ impl WatchHub {
                 })
             };
             match sent {
-                Ok(()) => true,
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // A slow client: catch it up later from the store, from this revision on.
                     fallen_behind.push((*id, watcher.spec.clone(), watcher.tx.clone(), watcher.canceled.clone()));
-                    false
+                    gone.push(*id);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
             }
-        });
+        }
+        for id in gone {
+            w.remove(&id);
+        }
+        w.last_rev = w.last_rev.max(rev);
         drop(w);
         for (id, spec, tx, canceled) in fallen_behind {
             tracing::debug!(stream = id.0, watch_id = id.1, revision = rev, "watch: slow watcher moved to catch-up");
@@ -269,7 +364,7 @@ impl WatchHub {
     /// After the store was replaced (a snapshot from the leader), every synced watcher catches up
     /// from the new store.
     pub fn resync_all(self: &Arc<Self>) {
-        let all: Vec<_> = self.lock().drain().collect();
+        let all: Vec<_> = self.lock().drain();
         for (id, w) in all {
             self.spawn_catchup(id, w.spec, w.tx, w.canceled, w.next_rev.max(w.min_rev));
         }
