@@ -47,6 +47,10 @@ pub struct Backend {
 /// Told how long each backend batch commit took (the server's metrics); set once at start.
 pub static COMMIT_OBSERVER: std::sync::OnceLock<fn(std::time::Duration)> = std::sync::OnceLock::new();
 
+/// redb's page cache. Reads of the latest values mostly hit the store's pending batch or the OS
+/// page cache; redb's default (1 GiB) made resident memory grow with the database.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// Table numbers in a backend dump.
 pub const TABLE_KEYS: u32 = 0;
 pub const TABLE_AUX: u32 = 1;
@@ -66,7 +70,7 @@ impl Backend {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| mk(&e))?;
         }
-        let db = Database::create(path).map_err(|e| mk(&e))?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| mk(&e))?;
         let b = Backend { db: std::sync::Arc::new(db), path: path.to_path_buf() };
         // Make sure both tables exist so that read transactions can always open them.
         let tx = b.db.begin_write().map_err(|e| b.err(e))?;
