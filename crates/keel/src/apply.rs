@@ -119,6 +119,24 @@ pub struct Applier {
     pub alarms: Arc<RwLock<Alarms>>,
 }
 
+/// Changes of the auth store (root only once auth is on).
+fn is_auth_change(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::AuthEnable(_)
+            | Request::AuthDisable(_)
+            | Request::AuthUserAdd(_)
+            | Request::AuthUserDelete(_)
+            | Request::AuthUserChangePassword(_)
+            | Request::AuthUserGrantRole(_)
+            | Request::AuthUserRevokeRole(_)
+            | Request::AuthRoleAdd(_)
+            | Request::AuthRoleGrantPermission(_)
+            | Request::AuthRoleRevokePermission(_)
+            | Request::AuthRoleDelete(_)
+    )
+}
+
 /// True when a transaction (or a nested one) may put a key.
 fn txn_has_put(t: &TxnRequest) -> bool {
     t.success.iter().chain(t.failure.iter()).any(|op| match &op.request {
@@ -218,17 +236,7 @@ impl Applier {
             }
             Request::Txn(t) => check_txn(&auth, &who, t),
             Request::LeaseRevoke(r) => check_lease_keys(&auth, &who, lessor, r.id),
-            Request::AuthEnable(_)
-            | Request::AuthDisable(_)
-            | Request::AuthUserAdd(_)
-            | Request::AuthUserDelete(_)
-            | Request::AuthUserChangePassword(_)
-            | Request::AuthUserGrantRole(_)
-            | Request::AuthUserRevokeRole(_)
-            | Request::AuthRoleAdd(_)
-            | Request::AuthRoleGrantPermission(_)
-            | Request::AuthRoleRevokePermission(_)
-            | Request::AuthRoleDelete(_) => auth.check_admin(&who),
+            r if is_auth_change(r) => auth.check_admin(&who),
             _ => Ok(()),
         }
     }
@@ -355,21 +363,6 @@ impl Applier {
                 store.set_aux(AUX_MEMBERS, members.encode());
                 Ok((Applied::MemberAttributes, store.current_rev()))
             }
-            Request::AuthEnable(_)
-            | Request::AuthDisable(_)
-            | Request::Authenticate(_)
-            | Request::AuthUserAdd(_)
-            | Request::AuthUserDelete(_)
-            | Request::AuthUserChangePassword(_)
-            | Request::AuthUserGrantRole(_)
-            | Request::AuthUserRevokeRole(_)
-            | Request::AuthRoleAdd(_)
-            | Request::AuthRoleGrantPermission(_)
-            | Request::AuthRoleRevokePermission(_)
-            | Request::AuthRoleDelete(_) => {
-                drop(lessor);
-                self.apply_auth(store, req)
-            }
             Request::Alarm(a) => {
                 use keel_proto::etcdserverpb::alarm_request::AlarmAction;
                 let mut alarms = self.alarms.write().unwrap_or_else(|p| p.into_inner());
@@ -387,6 +380,11 @@ impl Applier {
                 }
                 store.set_aux(AUX_MEMBERS, members.encode());
                 Ok((Applied::Members(members.to_proto()), store.current_rev()))
+            }
+            // The auth store's changes (apply_auth refuses anything else).
+            other => {
+                drop(lessor);
+                self.apply_auth(store, other)
             }
         }
     }

@@ -15,7 +15,6 @@ use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::*;
 use std::collections::HashMap;
-use std::path::Path;
 use tonic::transport::Channel;
 
 /// One step: who calls (a user whose token is used, "-" for none, "?" for a bogus token) and what.
@@ -283,19 +282,8 @@ async fn connect(p: &Proc) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_and_maintenance_match_etcd() {
-    let etcd = Path::new("/usr/bin/etcd");
-    if !etcd.exists() {
-        if std::env::var("KEEL_SKIP_ETCD_ORACLE").as_deref() == Ok("1") {
-            eprintln!("skipping: /usr/bin/etcd missing and KEEL_SKIP_ETCD_ORACLE=1");
-            return;
-        }
-        panic!("/usr/bin/etcd (Debian package etcd-server) is needed as the oracle; set KEEL_SKIP_ETCD_ORACLE=1 to skip");
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let mut e = start(etcd, &tmp.path().join("etcd.etcd"), free_port(), free_port(), &[]);
-    let mut k = start(&keel_bin(), &tmp.path().join("keel.etcd"), free_port(), free_port(), &[]);
-    assert!(e.wait_ready(), "etcd did not start: {}", e.log_text());
-    assert!(k.wait_ready(), "keel did not start: {}", k.log_text());
+    let Some((e, k)) = etcd_and_keel(tmp.path()) else { return };
     let mut me = Member { ch: connect(&e).await, tokens: HashMap::new() };
     let mut mk = Member { ch: connect(&k).await, tokens: HashMap::new() };
     let mut diffs = Vec::new();

@@ -13,7 +13,6 @@ use keel_proto::etcdserverpb::compare::{CompareTarget, TargetUnion};
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::*;
-use std::path::Path;
 use tonic::transport::Channel;
 
 struct Rng(u64);
@@ -235,20 +234,8 @@ fn gen_op(r: &mut Rng, cur_rev: i64) -> Op {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keel_matches_etcd_on_random_kv_histories() {
-    let etcd = Path::new("/usr/bin/etcd");
-    if !etcd.exists() {
-        if std::env::var("KEEL_SKIP_ETCD_ORACLE").as_deref() == Ok("1") {
-            eprintln!("skipping: /usr/bin/etcd missing and KEEL_SKIP_ETCD_ORACLE=1");
-            return;
-        }
-        panic!("/usr/bin/etcd (Debian package etcd-server) is needed as the oracle; set KEEL_SKIP_ETCD_ORACLE=1 to skip");
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let mut e = start(etcd, &tmp.path().join("etcd.etcd"), free_port(), free_port(), &[]);
-    let mut k = start(&keel_bin(), &tmp.path().join("keel.etcd"), free_port(), free_port(), &[]);
-    assert!(k.wait_ready(), "{}", k.log_text());
-    // etcd 3.4 logs "ready to serve client requests" too.
-    assert!(e.wait_ready(), "{}", e.log_text());
+    let Some((e, k)) = etcd_and_keel(tmp.path()) else { return };
     let mut ec = e.kv().await;
     let mut kc = k.kv().await;
 

@@ -160,3 +160,23 @@ pub fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Real etcd and Keel, each a single fresh member in `dir`, both ready: the differential tests'
+/// oracle and subject. None when `/usr/bin/etcd` is missing and `KEEL_SKIP_ETCD_ORACLE=1` allows
+/// skipping; a missing etcd fails the test otherwise.
+pub fn etcd_and_keel(dir: &Path) -> Option<(Proc, Proc)> {
+    let etcd = Path::new("/usr/bin/etcd");
+    if !etcd.exists() {
+        if std::env::var("KEEL_SKIP_ETCD_ORACLE").as_deref() == Ok("1") {
+            eprintln!("skipping: /usr/bin/etcd missing and KEEL_SKIP_ETCD_ORACLE=1");
+            return None;
+        }
+        panic!("/usr/bin/etcd (Debian package etcd-server) is needed as the oracle; set KEEL_SKIP_ETCD_ORACLE=1 to skip");
+    }
+    let mut e = start(etcd, &dir.join("etcd.etcd"), free_port(), free_port(), &[]);
+    let mut k = start(&keel_bin(), &dir.join("keel.etcd"), free_port(), free_port(), &[]);
+    // etcd 3.4 logs "ready to serve client requests" too.
+    assert!(e.wait_ready(), "etcd did not start: {}", e.log_text());
+    assert!(k.wait_ready(), "keel did not start: {}", k.log_text());
+    Some((e, k))
+}
