@@ -331,7 +331,10 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
     // Whether the last attempt failed (failures are logged once per outage).
     let mut down = false;
     let report = |down: &mut bool, what: &str, why: String, url: &str| {
-        if *down {
+        // A rejected certificate is worth saying even in an outage that began otherwise (the
+        // peer was not listening yet): it will not heal by itself.
+        let bad_cert = why.contains("BadCertificate") || why.contains("bad certificate");
+        if *down && !bad_cert {
             tracing::debug!(peer = format!("{to:x}"), url, error = %why, "peer: {what}");
             return;
         }
@@ -343,7 +346,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
                 local_cluster_id = format!("{:x}", inner.cluster_id),
                 "peer: rejected by a member of another cluster: cluster ID mismatch (check --initial-cluster-token and --initial-cluster)"
             );
-        } else if why.contains("BadCertificate") || why.contains("bad certificate") {
+        } else if bad_cert {
             // etcd's (Go's) wording, which operators grep for.
             tracing::warn!(peer = format!("{to:x}"), url, "peer: {what}: remote error: tls: bad certificate");
         } else {
