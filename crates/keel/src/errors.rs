@@ -106,6 +106,49 @@ pub fn kv(e: KvError) -> Status {
     }
 }
 
+/// gRPC-Go's answer to a message over the size limit (what etcd clients see), from tonic's
+/// ("Error, decoded message length too large: found N bytes, the limit is: M bytes", OutOfRange).
+pub fn oversized_message(tonic_message: &str) -> Option<(Code, String)> {
+    let rest = tonic_message.strip_prefix("Error, decoded message length too large: found ")?;
+    let (found, rest) = rest.split_once(" bytes, the limit is: ")?;
+    let limit = rest.strip_suffix(" bytes")?;
+    Some((Code::ResourceExhausted, format!("grpc: received message larger than max ({found} vs. {limit})")))
+}
+
+/// A gRPC middleware: rewrites tonic's errors that gRPC-Go words differently into gRPC-Go's
+/// code and message (today: an oversized request).
+pub async fn grpc_compat(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    let msg = h.get("grpc-message").and_then(|v| v.to_str().ok()).map(percent_decode);
+    if let Some((code, text)) = msg.as_deref().and_then(oversized_message) {
+        if let (Ok(c), Ok(m)) = ((code as i32).to_string().parse(), text.parse()) {
+            h.insert("grpc-status", c);
+            h.insert("grpc-message", m);
+        }
+    }
+    resp
+}
+
+/// gRPC's percent-encoding of grpc-message (only what tonic escapes: %XX).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// An auth store error, with etcd's gRPC code.
 pub fn auth(e: crate::auth::AuthError) -> Status {
     use crate::auth::AuthError::*;
@@ -123,4 +166,20 @@ pub fn no_space() -> Status {
 }
 pub fn corrupt() -> Status {
     st(Code::DataLoss, "corrupt cluster")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_messages_read_as_grpc_go_words_them() {
+        let t = percent_decode("Error, decoded message length too large: found 4194315 bytes, the limit is: 2097152 bytes");
+        assert_eq!(
+            oversized_message(&t),
+            Some((Code::ResourceExhausted, "grpc: received message larger than max (4194315 vs. 2097152)".into()))
+        );
+        assert_eq!(oversized_message("etcdserver: request is too large"), None);
+        assert_eq!(percent_decode("a%20b%"), "a b%");
+    }
 }

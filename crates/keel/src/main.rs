@@ -378,6 +378,7 @@ async fn run(cfg: Config) -> Result<()> {
     });
     let router = grpc
         .into_axum_router()
+        .layer(axum::middleware::from_fn(errors::grpc_compat))
         .layer(axum::middleware::from_fn(metrics::grpc_layer))
         .merge(http::router(server.clone()))
         .merge(gateway::router(gw));

@@ -1,0 +1,72 @@
+//! Bad input over the wire: oversized requests, deeply nested transactions, impossible lease
+//! TTLs and IDs. Each gets an error (etcd's where it has one), never a crash, and changes
+//! nothing: the revision stays where it was and the member keeps serving.
+
+mod common;
+
+use common::*;
+use keel_proto::etcdserverpb::lease_client::LeaseClient;
+use keel_proto::etcdserverpb::*;
+use tonic::Code;
+
+fn nested_txn(depth: usize) -> TxnRequest {
+    let mut t = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest { key: b"deep".to_vec(), ..Default::default() })),
+        }],
+        ..Default::default()
+    };
+    for _ in 0..depth {
+        t = TxnRequest { success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(t)) }], ..Default::default() };
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_errors_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut p = start(&keel_bin(), &tmp.path().join("bad.etcd"), free_port(), free_port(), &[]);
+    assert!(p.wait_ready(), "{}", p.log_text());
+    let ch = tonic::transport::Channel::from_shared(p.endpoint()).unwrap().connect().await.unwrap();
+    let mut kv = keel_proto::etcdserverpb::kv_client::KvClient::new(ch.clone()).max_encoding_message_size(usize::MAX);
+    let mut lease = LeaseClient::new(ch.clone());
+    let rev = |r: &RangeResponse| r.header.as_ref().map(|h| h.revision).unwrap_or(0);
+    let before = rev(&kv.range(RangeRequest { key: b"a".to_vec(), ..Default::default() }).await.unwrap().into_inner());
+
+    // Over --max-request-bytes (1.5 MiB) but under the gRPC limit: etcd's own error.
+    let e = kv.put(PutRequest { key: b"big".to_vec(), value: vec![0; 1_700_000], ..Default::default() }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::InvalidArgument, "etcdserver: request is too large"));
+    // Over the gRPC limit: refused before decoding.
+    let e = kv.put(PutRequest { key: b"huge".to_vec(), value: vec![0; 4 << 20], ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().starts_with("grpc: received message larger than max ("), "{e:?}");
+
+    // Nesting: many levels are refused by the operation limit; very many by the decoder's
+    // recursion limit; neither takes the member down.
+    let e = kv.txn(nested_txn(200)).await.unwrap_err();
+    assert!(matches!(e.code(), Code::InvalidArgument | Code::Internal), "{e:?}");
+    let e = kv.txn(nested_txn(5000)).await.unwrap_err();
+    assert!(matches!(e.code(), Code::InvalidArgument | Code::Internal), "{e:?}");
+
+    // Leases: etcd's errors for a TTL beyond its maximum and for unknown IDs.
+    let e = lease.lease_grant(LeaseGrantRequest { ttl: 9_000_000_001, id: 0 }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::OutOfRange, "etcdserver: too large lease TTL"));
+    let e = lease.lease_revoke(LeaseRevokeRequest { id: 424242 }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "etcdserver: requested lease not found"));
+    let e = kv.put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), lease: -5, ..Default::default() }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "etcdserver: requested lease not found"));
+    let ttl = lease.lease_time_to_live(LeaseTimeToLiveRequest { id: -1, keys: true }).await.unwrap().into_inner();
+    assert_eq!(ttl.ttl, -1, "an unknown lease has TTL -1");
+
+    // Revisions far away.
+    let e = kv.range(RangeRequest { key: b"a".to_vec(), revision: i64::MAX, ..Default::default() }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"));
+    let e = kv.compact(CompactionRequest { revision: i64::MAX, physical: false }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"));
+
+    // Nothing changed, and the member still serves.
+    let after = kv.range(RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(rev(&after), before, "a refused request changed the store");
+    assert_eq!(after.count, 0);
+    kv.put(PutRequest { key: b"ok".to_vec(), value: b"v".to_vec(), ..Default::default() }).await.unwrap();
+}
