@@ -314,20 +314,9 @@ impl Backend {
         &self.path
     }
 
-    /// Size of the file, and the bytes of it that hold live data.
-    pub fn size(&self) -> (u64, u64) {
-        let total = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        let in_use = self
-            .db
-            .begin_write()
-            .ok()
-            .and_then(|tx| {
-                let s = tx.stats().ok().map(|s| s.stored_bytes() + s.metadata_bytes());
-                let _ = tx.abort();
-                s
-            })
-            .unwrap_or(total);
-        (total, in_use.min(total.max(in_use)))
+    /// Size of the file.
+    pub fn size(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
 }
 

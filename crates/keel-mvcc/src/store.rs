@@ -245,8 +245,8 @@ impl Store {
         self.defrag = None;
     }
 
-    /// (file size, bytes in use) of the backend.
-    pub fn db_size(&self) -> (u64, u64) {
+    /// Size of the backend file (what the data needs: [`Store::data_size`]).
+    pub fn db_size(&self) -> u64 {
         self.backend.size()
     }
 

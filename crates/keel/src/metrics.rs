@@ -196,7 +196,7 @@ pub fn render(s: &Server) -> String {
     m.proposals_pending.set(s.waiters.len() as i64);
     {
         let store = s.store();
-        let (size, _) = store.db_size();
+        let size = store.db_size();
         m.db_size.set(size as i64);
         m.db_size_in_use.set(store.data_size().min(size) as i64);
         m.keys_total.set(store.live_key_count() as i64);

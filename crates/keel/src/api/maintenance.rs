@@ -35,7 +35,7 @@ fn backend_err(e: keel_mvcc::backend::BackendError) -> Status {
 pub async fn defragment(s: &Server) -> Result<std::time::Duration, Status> {
     let _one = s.defrag_lock.lock().await;
     let started = std::time::Instant::now();
-    let (before, _) = s.store().db_size();
+    let before = s.store().db_size();
     let backend = s.store.write().unwrap_or_else(|p| p.into_inner()).begin_defrag().map_err(backend_err)?;
     let dest = keel_mvcc::store::defrag_path(backend.path());
     let copied = tokio::task::spawn_blocking(move || backend.copy_to(&dest)).await.map_err(|e| Status::internal(e.to_string()));
@@ -51,7 +51,7 @@ pub async fn defragment(s: &Server) -> Result<std::time::Duration, Status> {
     let stall = held.elapsed();
     // Closing the old file (redb flushes its allocator state) happens off the store lock.
     let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-    let (after, _) = s.store().db_size();
+    let after = s.store().db_size();
     tracing::info!(
         took = ?started.elapsed(),
         stall = ?stall,
@@ -103,7 +103,7 @@ impl Maintenance for MaintenanceService {
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = &self.server;
-        let (rev, (db_size, _), in_use) = {
+        let (rev, db_size, in_use) = {
             let store = s.store();
             (store.current_rev(), store.db_size(), store.data_size())
         };
