@@ -7,7 +7,9 @@
 //! connection starts with the HTTP/2 preface, it parses frames, decodes every header block (so
 //! it tracks the client's HPACK state) and re-encodes it with literals only (so the server's
 //! HPACK table stays empty and in step), replacing a `scheme://host:port` authority by
-//! `host:port`. Any other connection (HTTP/1.1) passes through untouched. Writes pass through.
+//! `host:port`. A client sends one authority on a connection, so the first header block decides:
+//! when it needs no fix, it and everything after it pass through untouched (no per-request HPACK
+//! work). Any other connection (HTTP/1.1) passes through untouched. Writes pass through.
 
 use std::io;
 use std::pin::Pin;
@@ -38,6 +40,8 @@ struct Block {
     end_stream: bool,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// The frames as received, passed on unchanged when the block needs no fix.
+    raw: Vec<u8>,
 }
 
 pub struct FixAuthority<S> {
@@ -49,6 +53,8 @@ pub struct FixAuthority<S> {
     eof: bool,
     decoder: loona_hpack::Decoder<'static>,
     block: Option<Block>,
+    /// True once a header block has been rewritten: every later block is re-encoded too.
+    rewriting: bool,
 }
 
 impl<S> FixAuthority<S> {
@@ -62,6 +68,7 @@ impl<S> FixAuthority<S> {
             eof: false,
             decoder: loona_hpack::Decoder::new(),
             block: None,
+            rewriting: false,
         }
     }
 
@@ -125,7 +132,13 @@ impl<S> FixAuthority<S> {
                 if pad > p.len() {
                     return Err(bad("HEADERS padding too long"));
                 }
-                let block = Block { stream_id, end_stream: flags & FLAG_END_STREAM != 0, priority, fragment: p[..p.len() - pad].to_vec() };
+                let block = Block {
+                    stream_id,
+                    end_stream: flags & FLAG_END_STREAM != 0,
+                    priority,
+                    fragment: p[..p.len() - pad].to_vec(),
+                    raw: f.to_vec(),
+                };
                 self.block = Some(block);
                 if flags & FLAG_END_HEADERS != 0 {
                     self.finish()?;
@@ -134,6 +147,7 @@ impl<S> FixAuthority<S> {
             FRAME_CONTINUATION => {
                 let b = self.block.as_mut().ok_or_else(|| bad("CONTINUATION without HEADERS"))?;
                 b.fragment.extend_from_slice(payload);
+                b.raw.extend_from_slice(f);
                 if b.fragment.len() > MAX_BLOCK {
                     return Err(bad("header block too large"));
                 }
@@ -153,6 +167,14 @@ impl<S> FixAuthority<S> {
             .decoder
             .decode(&b.fragment)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("http2: bad header block: {e:?}")))?;
+        let needs_fix = headers.iter().any(|(n, v)| n == b":authority" && v.windows(3).any(|w| w == b"://"));
+        if !needs_fix && !self.rewriting {
+            // The server's HPACK state follows the client's from here on: stop looking.
+            self.outbuf.extend_from_slice(&b.raw);
+            self.mode = Mode::Passthrough;
+            return Ok(());
+        }
+        self.rewriting = true;
         let mut enc = Vec::with_capacity(b.fragment.len() + 64);
         for (name, value) in headers {
             let value = if name == b":authority" { strip_scheme(&value) } else { value };
@@ -324,6 +346,52 @@ mod tests {
         let headers = loona_hpack::Decoder::new().decode(&f[9..9 + len]).unwrap();
         assert!(headers.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
         assert!(headers.contains(&(b":path".to_vec(), b"/x".to_vec())));
+    }
+
+    fn headers_frame(block: &[u8], stream: u8) -> Vec<u8> {
+        let mut f = (block.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[FRAME_HEADERS, FLAG_END_HEADERS, 0, 0, 0, stream]);
+        f.extend_from_slice(block);
+        f
+    }
+
+    #[tokio::test]
+    async fn plain_authority_passes_the_connection_through() {
+        use tokio::io::AsyncReadExt;
+        let mut enc = loona_hpack::Encoder::new();
+        let mut wire = PREFACE.to_vec();
+        wire.extend(headers_frame(&enc.encode(vec![(&b":method"[..], &b"POST"[..]), (b":authority", b"127.0.0.1:2379")]), 1));
+        // Later blocks, even one with a scheme, are not looked at: the client keeps one authority.
+        wire.extend(headers_frame(&enc.encode(vec![(&b":authority"[..], &b"http://h:1"[..])]), 3));
+        wire.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 1, 7, 7]);
+        let mut fixed = FixAuthority::new(&wire[..]);
+        let mut out = Vec::new();
+        fixed.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, wire);
+        assert!(fixed.mode == Mode::Passthrough);
+    }
+
+    #[tokio::test]
+    async fn once_rewriting_every_block_is_reencoded() {
+        use tokio::io::AsyncReadExt;
+        let mut enc = loona_hpack::Encoder::new();
+        let mut wire = PREFACE.to_vec();
+        wire.extend(headers_frame(&enc.encode(vec![(&b":authority"[..], &b"http://127.0.0.1:2379"[..]), (b"x-a", b"1")]), 1));
+        // This block refers to the client's dynamic table, which the server never saw.
+        wire.extend(headers_frame(&enc.encode(vec![(&b":authority"[..], &b"127.0.0.1:2379"[..]), (b"x-a", b"1")]), 3));
+        let mut fixed = FixAuthority::new(&wire[..]);
+        let mut out = Vec::new();
+        fixed.read_to_end(&mut out).await.unwrap();
+        let mut dec = loona_hpack::Decoder::new();
+        let mut f = &out[PREFACE.len()..];
+        for _ in 0..2 {
+            let len = u32::from_be_bytes([0, f[0], f[1], f[2]]) as usize;
+            let headers = dec.decode(&f[9..9 + len]).unwrap();
+            assert!(headers.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
+            assert!(headers.contains(&(b"x-a".to_vec(), b"1".to_vec())));
+            f = &f[9 + len..];
+        }
+        assert!(f.is_empty());
     }
 
     #[tokio::test]
