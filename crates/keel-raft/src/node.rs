@@ -2,8 +2,8 @@
 //!
 //! Loop: take every queued message (proposals, reads, peer messages) so that many proposals share
 //! one Ready and one fsync; tick on time; then handle the Ready in etcd's order: send messages,
-//! persist snapshot/entries/hard state (fsync), apply committed entries, send messages that had
-//! to wait for persistence, advance.
+//! persist snapshot/entries/hard state (fsync), send messages that had to wait for persistence,
+//! apply committed entries, advance.
 
 use crate::disk::{Disk, DiskError};
 use crate::storage::LogStore;
@@ -564,6 +564,11 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 core.hard_state = hs;
             }
         }
+        // Durable now: acknowledge before applying, so the leader's commit does not wait for
+        // this member's apply (etcd applies on another goroutine for the same reason).
+        if !rd.persisted_messages().is_empty() {
+            self.transport.send(rd.take_persisted_messages());
+        }
         for rs in rd.take_read_states() {
             let Some(ctx) = parse_read_ctx(self.cfg.id, &rs.request_ctx) else { continue };
             if let Some(p) = self.reads_waiting.remove(&ctx) {
@@ -571,9 +576,6 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             }
         }
         self.apply(rd.take_committed_entries());
-        if !rd.persisted_messages().is_empty() {
-            self.transport.send(rd.take_persisted_messages());
-        }
         let mut light = self.node.advance(rd);
         if let Some(c) = light.commit_index() {
             self.node.mut_store().wl().hard_state.commit = c;

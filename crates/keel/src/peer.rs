@@ -326,7 +326,12 @@ impl Transport for PeerTransport {
 }
 
 /// Keeps one stream open to `to` and feeds it from the queue, reconnecting with backoff.
-async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
+    let rx = Arc::new(Mutex::new(rx));
+    let drain = || {
+        let mut q = rx.lock().unwrap_or_else(|p| p.into_inner());
+        while q.try_recv().is_ok() {}
+    };
     let mut backoff = Duration::from_millis(50);
     // Whether the last attempt failed (failures are logged once per outage).
     let mut down = false;
@@ -371,58 +376,79 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Vec<u8>>) 
                 };
                 report(&mut down, "cannot connect", why, &url);
                 inner.unreachable(to);
-                while rx.try_recv().is_ok() {}
+                drain();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        let (btx, brx) = mpsc::channel::<RaftBatch>(16);
         let mut c = client(ch);
-        let req = with_cluster(ReceiverStream::new(brx), inner.cluster_id);
+        // The gRPC body pulls batches straight from the queue: no task in between.
+        let req = with_cluster(QueueStream { rx: rx.clone() }, inner.cluster_id);
         let mut call = tokio::spawn(async move { c.raft(req).await });
-        let opened = Instant::now();
-        let mut healthy = false;
-        let broken = loop {
-            // A stream that stays up for a while is healthy: only then does the peer count as
-            // connected (a TLS 1.3 server rejects a client certificate after the handshake).
-            let wait = Duration::from_millis(500).saturating_sub(opened.elapsed());
-            let first = tokio::select! {
-                m = rx.recv() => match m { Some(m) => m, None => return },
-                r = &mut call => break format!("{:?}", r.map(|r| r.map(|_| ()))),
-                _ = tokio::time::sleep(wait), if !healthy => {
-                    healthy = true;
-                    inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).entry(to).or_insert_with(Instant::now);
-                    if down {
-                        tracing::info!(peer = format!("{to:x}"), "peer: connected");
-                        down = false;
-                    }
-                    backoff = Duration::from_millis(50);
-                    continue;
+        // A stream that stays up for a while is healthy: only then does the peer count as
+        // connected (a TLS 1.3 server rejects a client certificate after the handshake).
+        let broken = tokio::select! {
+            r = &mut call => Some(r),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => None,
+        };
+        let broken = match broken {
+            Some(r) => r,
+            None => {
+                inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).entry(to).or_insert_with(Instant::now);
+                if down {
+                    tracing::info!(peer = format!("{to:x}"), "peer: connected");
+                    down = false;
                 }
-            };
-            let mut size = first.len();
-            let mut batch = vec![first];
-            while size < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        size += m.len();
-                        batch.push(m);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if btx.send(RaftBatch { messages: batch }).await.is_err() {
-                break "stream closed".to_string();
+                backoff = Duration::from_millis(50);
+                (&mut call).await
             }
         };
-        call.abort();
+        if rx.lock().unwrap_or_else(|p| p.into_inner()).is_closed() {
+            // The queue was dropped: the member was removed.
+            return;
+        }
+        let broken = match broken {
+            Ok(Ok(_)) => "stream closed".to_string(),
+            r => format!("{:?}", r.map(|r| r.map(|_| ()))),
+        };
         report(&mut down, "lost connection", broken, &url);
         inner.unreachable(to);
         // Drop what queued up meanwhile: raft resends what matters.
-        while rx.try_recv().is_ok() {}
+        drain();
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The body of a raft stream: each item is every message queued at that moment, up to
+/// [`BATCH_BYTES`]. Only one stream to a peer exists at a time; the queue outlives it.
+struct QueueStream {
+    rx: Arc<Mutex<mpsc::Receiver<Vec<u8>>>>,
+}
+
+impl futures::Stream for QueueStream {
+    type Item = RaftBatch;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<RaftBatch>> {
+        let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let first = match rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(m)) => m,
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+        };
+        let mut size = first.len();
+        let mut batch = vec![first];
+        while size < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(m) => {
+                    size += m.len();
+                    batch.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        std::task::Poll::Ready(Some(RaftBatch { messages: batch }))
     }
 }
 
