@@ -17,10 +17,13 @@ pub struct Change {
     pub size: u32,
 }
 
+/// A key's changes: most keys hold one between compactions, kept inline (no allocation).
+pub type Changes = smallvec::SmallVec<[Change; 1]>;
+
 /// A key's history.
 #[derive(Debug, Clone, Default)]
 pub struct KeyHistory {
-    pub changes: Vec<Change>,
+    pub changes: Changes,
     /// create_revision of the live generation, 0 when the key does not exist now.
     pub created: i64,
     /// version of the live generation, 0 when the key does not exist now.
@@ -52,7 +55,8 @@ impl KeyHistory {
 /// The ordered key index.
 #[derive(Debug, Default)]
 pub struct Index {
-    keys: BTreeMap<Vec<u8>, KeyHistory>,
+    /// Keys as boxed slices: no spare capacity, one word less than a `Vec` per key.
+    keys: BTreeMap<Box<[u8]>, KeyHistory>,
     /// Keys whose last change is not a tombstone.
     live: usize,
 }
@@ -73,6 +77,14 @@ fn empty_range(key: &[u8], end: &[u8]) -> bool {
     !end.is_empty() && end != [0u8] && end <= key
 }
 
+/// The key's history, created empty if new (the key is copied only then).
+fn history_mut<'a>(keys: &'a mut BTreeMap<Box<[u8]>, KeyHistory>, key: &[u8]) -> &'a mut KeyHistory {
+    if !keys.contains_key(key) {
+        keys.insert(key.into(), KeyHistory::default());
+    }
+    keys.get_mut(key).expect("just inserted")
+}
+
 impl Index {
     pub fn get(&self, key: &[u8]) -> Option<&KeyHistory> {
         self.keys.get(key)
@@ -80,7 +92,7 @@ impl Index {
 
     /// Records a put at `rev`; returns the history's state before it.
     pub fn put(&mut self, key: &[u8], rev: Revision, lease: i64, size: u32) {
-        let h = self.keys.entry(key.to_vec()).or_default();
+        let h = history_mut(&mut self.keys, key);
         debug_assert!(h.changes.last().map(|c| c.rev < rev).unwrap_or(true), "revisions must increase");
         if !h.is_live() {
             h.created = rev.main;
@@ -107,7 +119,7 @@ impl Index {
     /// Restores one change read back from the backend, in revision order.
     #[allow(clippy::too_many_arguments)]
     pub fn restore(&mut self, key: &[u8], rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64, size: u32) {
-        let h = self.keys.entry(key.to_vec()).or_default();
+        let h = history_mut(&mut self.keys, key);
         let was_live = h.is_live();
         h.changes.push(Change { rev, tombstone, size });
         match (was_live, tombstone) {
@@ -130,21 +142,21 @@ impl Index {
     pub fn range_at<'a>(&'a self, key: &'a [u8], end: &'a [u8], at: i64) -> impl Iterator<Item = (&'a [u8], Revision)> + 'a {
         let empty = empty_range(key, end);
         let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
-        it.into_iter().flatten().filter_map(move |(k, h)| h.visible_at(at).map(|r| (k.as_slice(), r)))
+        it.into_iter().flatten().filter_map(move |(k, h)| h.visible_at(at).map(|r| (&**k, r)))
     }
 
     /// Every key in `[key, end)` with its history, live or not.
     pub fn range_all<'a>(&'a self, key: &'a [u8], end: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
         let empty = empty_range(key, end);
         let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
-        it.into_iter().flatten().map(|(k, h)| (k.as_slice(), h))
+        it.into_iter().flatten().map(|(k, h)| (&**k, h))
     }
 
     /// Keys in `[key, end)` that are live now, with their history.
     pub fn live_range<'a>(&'a self, key: &'a [u8], end: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
         let empty = empty_range(key, end);
         let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
-        it.into_iter().flatten().filter(|(_, h)| h.is_live()).map(|(k, h)| (k.as_slice(), h))
+        it.into_iter().flatten().filter(|(_, h)| h.is_live()).map(|(k, h)| (&**k, h))
     }
 
     /// Drops every change superseded at revision `at`: for each key, all changes older than the
