@@ -20,3 +20,6 @@ fi
 cargo build --release --workspace
 cargo test --release --workspace
 scripts/e2e.sh
+# A short schedule of the fault-injection harness (rebuilds the server with its crash points,
+# so it runs last).
+scripts/chaos.sh

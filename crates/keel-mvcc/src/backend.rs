@@ -153,11 +153,15 @@ impl Backend {
             }
         }
         self.put_meta(&tx, meta)?;
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("backend::before_commit", |_| std::process::abort());
         let t0 = std::time::Instant::now();
         tx.commit().map_err(|e| self.err(e))?;
         if let Some(observe) = COMMIT_OBSERVER.get() {
             observe(t0.elapsed());
         }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("backend::after_commit", |_| std::process::abort());
         Ok(())
     }
 

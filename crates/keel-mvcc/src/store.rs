@@ -235,6 +235,8 @@ impl Store {
         if let Some(meta) = tail.meta {
             copy.commit(&tail.changes, &tail.aux, &meta)?;
         }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("mvcc::defrag", |_| std::process::abort());
         let new = copy.rename_to(self.backend.path())?;
         let old = std::mem::replace(&mut self.backend, new);
         Ok((replayed, old))
@@ -442,6 +444,8 @@ impl Store {
         if rev > self.meta.current_rev {
             return Err(KvError::FutureRev);
         }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("mvcc::compact", |_| std::process::abort());
         let dropped: Vec<Change> = self.index.compact(rev);
         for c in &dropped {
             self.pending.insert(c.rev.to_key(c.tombstone), None);

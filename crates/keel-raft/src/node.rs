@@ -668,6 +668,8 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
     }
 
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), DiskError> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("raft::install_snapshot", |_| std::process::abort());
         let backend = self.pending_backend.take();
         if let Err(e) = self.sm.restore(&snap, backend) {
             return Err(DiskError::Decode { path: "snapshot".into(), msg: e });

@@ -49,6 +49,8 @@ impl Snapshotter {
             f.write_all(&bytes).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
         }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("snap::save", |_| std::process::abort());
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
         let mut names = self.names()?;

@@ -265,6 +265,8 @@ impl Wal {
         self.file.seek(SeekFrom::Start(self.offset)).map_err(io_err(&path))?;
         self.file.write_all(&self.buf).map_err(io_err(&path))?;
         self.offset += self.buf.len() as u64;
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("wal::before_fsync", |_| std::process::abort());
         let t0 = std::time::Instant::now();
         if self.offset > self.opts.segment_bytes {
             // The file grew past its preallocation: extend metadata too.
@@ -275,6 +277,8 @@ impl Wal {
         if let Some(observe) = crate::FSYNC_OBSERVER.get() {
             observe(t0.elapsed());
         }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("wal::after_fsync", |_| std::process::abort());
         if self.offset >= self.opts.segment_bytes {
             self.cut(self.next_index)?;
         }
@@ -291,6 +295,8 @@ impl Wal {
     /// Starts a new segment; it begins with the metadata and the latest hard state.
     fn cut(&mut self, next_index: u64) -> Result<()> {
         let seq = self.segments.last().map(|s| s.seq + 1).unwrap_or(0);
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("wal::cut", |_| std::process::abort());
         let name = SegmentName { seq, index: next_index };
         let file = create_segment(&self.dir, name, &self.opts, &self.metadata, self.last_state.as_deref())?;
         self.offset = file_offset_after_header(&self.metadata, self.last_state.as_deref());

@@ -87,6 +87,15 @@ fn main() -> ExitCode {
     };
     init_logging(&cfg.log_level);
     metrics::install_observers();
+    // Crash points named in FAILPOINTS (test builds with `--features failpoints` only).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = {
+        let fp = std::env::var("FAILPOINTS").unwrap_or_default();
+        if !fp.is_empty() {
+            tracing::warn!(failpoints = %fp, "crash points armed");
+        }
+        fail::FailScenario::setup()
+    };
     if let Err(e) = cfg.validate() {
         tracing::error!(error = %e, "invalid configuration");
         return ExitCode::from(1);

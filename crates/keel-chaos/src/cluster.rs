@@ -1,0 +1,296 @@
+//! A cluster of real `keel` processes on 127.0.0.x: start, SIGKILL, SIGSTOP/SIGCONT, restart,
+//! membership changes through the Cluster API, and gRPC channels to each member.
+//!
+//! Member `i` (1-based, never reused within a run) uses 127.0.0.i: clients on `base`, peers on
+//! `base + 1`, and its proxy ([`crate::proxy`]) on `base + 2`, which is what it advertises.
+
+use crate::proxy::{member_ip, Net};
+use anyhow::{bail, Context, Result};
+use keel_proto::etcdserverpb::cluster_client::ClusterClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::{MemberAddRequest, MemberListRequest, MemberRemoveRequest, StatusRequest};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+pub struct Member {
+    pub idx: usize,
+    pub child: Option<Child>,
+    pub paused: bool,
+    /// Arguments of the first start (restarts reuse them: the data dir then decides).
+    args: Vec<String>,
+}
+
+pub struct Cluster {
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    pub base: u16,
+    pub net: Net,
+    /// Current members by index.
+    pub members: BTreeMap<usize, Member>,
+    pub next_idx: usize,
+    /// Extra flags for every member.
+    pub extra: Vec<String>,
+}
+
+pub fn client_url(idx: usize, base: u16) -> String {
+    format!("http://{}:{base}", member_ip(idx))
+}
+
+fn peer_url(idx: usize, base: u16) -> String {
+    format!("http://{}:{}", member_ip(idx), base + 2)
+}
+
+pub fn channel(idx: usize, base: u16) -> Result<Channel> {
+    Ok(Endpoint::from_shared(client_url(idx, base))?.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(5)).connect_lazy())
+}
+
+impl Cluster {
+    pub async fn start(bin: &Path, dir: &Path, base: u16, n: usize, net: Net, extra: Vec<String>) -> Result<Cluster> {
+        std::fs::create_dir_all(dir)?;
+        let mut c = Cluster { bin: bin.to_path_buf(), dir: dir.to_path_buf(), base, net, members: BTreeMap::new(), next_idx: 1, extra };
+        let initial: Vec<String> = (1..=n).map(|i| format!("m{i}={}", peer_url(i, base))).collect();
+        let initial = initial.join(",");
+        for i in 1..=n {
+            c.spawn_member(i, &initial, "new").await?;
+        }
+        c.next_idx = n + 1;
+        for i in 1..=n {
+            c.wait_healthy(i, Duration::from_secs(30)).await?;
+        }
+        Ok(c)
+    }
+
+    async fn spawn_member(&mut self, i: usize, initial: &str, state: &str) -> Result<()> {
+        let ip = member_ip(i);
+        let dir = self.dir.join(format!("m{i}"));
+        let mut args: Vec<String> = vec![
+            "--name".into(),
+            format!("m{i}"),
+            "--data-dir".into(),
+            dir.to_string_lossy().into_owned(),
+            "--listen-client-urls".into(),
+            client_url(i, self.base),
+            "--advertise-client-urls".into(),
+            client_url(i, self.base),
+            "--listen-peer-urls".into(),
+            format!("http://{ip}:{}", self.base + 1),
+            "--initial-advertise-peer-urls".into(),
+            peer_url(i, self.base),
+            "--initial-cluster".into(),
+            initial.to_string(),
+            "--initial-cluster-state".into(),
+            state.into(),
+            "--initial-cluster-token".into(),
+            "chaos".into(),
+            "--experimental-set-member-localaddr".into(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        let target: SocketAddr = format!("{ip}:{}", self.base + 1).parse()?;
+        let listen: SocketAddr = format!("{ip}:{}", self.base + 2).parse()?;
+        self.net.clone().serve(i, listen, target).await.with_context(|| format!("proxy for m{i} on {listen}"))?;
+        let mut m = Member { idx: i, child: None, paused: false, args };
+        m.child = Some(self.spawn(&m, None)?);
+        self.members.insert(i, m);
+        Ok(())
+    }
+
+    fn spawn(&self, m: &Member, failpoints: Option<&str>) -> Result<Child> {
+        let log = self.dir.join(format!("m{}.log", m.idx));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&m.args).stdin(Stdio::null()).stdout(out).stderr(err).env("RUST_BACKTRACE", "0");
+        if let Some(fp) = failpoints {
+            cmd.env("FAILPOINTS", fp);
+        }
+        cmd.spawn().with_context(|| format!("spawn {}", self.bin.display()))
+    }
+
+    pub fn ids(&self) -> Vec<usize> {
+        self.members.keys().copied().collect()
+    }
+
+    pub fn is_running(&mut self, i: usize) -> bool {
+        let Some(m) = self.members.get_mut(&i) else { return false };
+        match m.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(m) = self.members.get_mut(&i) {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            m.paused = false;
+        }
+    }
+
+    pub fn signal(&mut self, i: usize, sig: i32) {
+        if let Some(m) = self.members.get_mut(&i) {
+            if let Some(c) = &m.child {
+                // SAFETY: sends a signal to our own child process by pid; no memory involved.
+                unsafe {
+                    libc::kill(c.id() as i32, sig);
+                }
+                m.paused = sig == libc::SIGSTOP;
+            }
+        }
+    }
+
+    /// Starts a stopped member again, optionally with crash points armed.
+    pub fn restart(&mut self, i: usize, failpoints: Option<&str>) -> Result<()> {
+        let Some(m) = self.members.get(&i) else { bail!("no member {i}") };
+        if m.child.is_some() {
+            return Ok(());
+        }
+        let child = self.spawn(m, failpoints)?;
+        if let Some(m) = self.members.get_mut(&i) {
+            m.child = Some(child);
+        }
+        Ok(())
+    }
+
+    /// Every member running, none paused, links healed.
+    pub fn heal_all(&mut self) -> Result<()> {
+        self.net.heal();
+        for i in self.ids() {
+            if self.members.get(&i).is_some_and(|m| m.paused) {
+                self.signal(i, libc::SIGCONT);
+            }
+            if !self.is_running(i) {
+                if let Some(m) = self.members.get_mut(&i) {
+                    m.child = None;
+                }
+                self.restart(i, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn wait_healthy(&self, i: usize, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(ch) = channel(i, self.base) {
+                let mut m = MaintenanceClient::new(ch);
+                if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), m.status(StatusRequest {})).await {
+                    if r.get_ref().leader != 0 {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("member m{i} not healthy after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The leader's index, as some reachable member reports it.
+    pub async fn leader(&self) -> Option<usize> {
+        for &i in self.members.keys() {
+            let Ok(ch) = channel(i, self.base) else { continue };
+            let mut m = MaintenanceClient::new(ch);
+            let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), m.status(StatusRequest {})).await else { continue };
+            let leader = r.get_ref().leader;
+            if leader == 0 {
+                continue;
+            }
+            let mut cl = ClusterClient::new(channel(i, self.base).ok()?);
+            let Ok(Ok(list)) =
+                tokio::time::timeout(Duration::from_millis(500), cl.member_list(MemberListRequest { linearizable: false })).await
+            else {
+                continue;
+            };
+            for m in &list.get_ref().members {
+                if m.id == leader {
+                    return m.name.strip_prefix('m').and_then(|s| s.parse().ok());
+                }
+            }
+        }
+        None
+    }
+
+    /// Removes member `i` through the Cluster API (asked of another member) and stops it.
+    pub async fn remove_member(&mut self, i: usize) -> Result<()> {
+        let others: Vec<usize> = self.ids().into_iter().filter(|&j| j != i).collect();
+        let mut last_err = anyhow::anyhow!("no other member");
+        for j in others {
+            let mut cl = ClusterClient::new(channel(j, self.base)?);
+            let list = match tokio::time::timeout(Duration::from_secs(3), cl.member_list(MemberListRequest { linearizable: true })).await {
+                Ok(Ok(l)) => l.into_inner(),
+                Ok(Err(e)) => {
+                    last_err = e.into();
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let Some(id) =
+                list.members.iter().find(|m| m.name == format!("m{i}") || m.peer_ur_ls.contains(&peer_url(i, self.base))).map(|m| m.id)
+            else {
+                bail!("m{i} not in the member list");
+            };
+            match tokio::time::timeout(Duration::from_secs(5), cl.member_remove(MemberRemoveRequest { id })).await {
+                Ok(Ok(_)) => {
+                    self.kill(i);
+                    self.members.remove(&i);
+                    return Ok(());
+                }
+                Ok(Err(e)) => last_err = e.into(),
+                Err(_) => last_err = anyhow::anyhow!("member remove timed out"),
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Adds a fresh member (new index, empty data dir) through the Cluster API and starts it.
+    pub async fn add_member(&mut self) -> Result<usize> {
+        let i = self.next_idx;
+        let url = peer_url(i, self.base);
+        let mut added = None;
+        for j in self.ids() {
+            let mut cl = ClusterClient::new(channel(j, self.base)?);
+            if let Ok(Ok(r)) = tokio::time::timeout(
+                Duration::from_secs(5),
+                cl.member_add(MemberAddRequest { peer_ur_ls: vec![url.clone()], is_learner: false }),
+            )
+            .await
+            {
+                added = Some(r.into_inner());
+                break;
+            }
+        }
+        let Some(resp) = added else { bail!("member add failed on every member") };
+        self.next_idx += 1;
+        let mut initial: Vec<String> = Vec::new();
+        for m in &resp.members {
+            let name = if m.peer_ur_ls.contains(&url) { format!("m{i}") } else { m.name.clone() };
+            for u in &m.peer_ur_ls {
+                initial.push(format!("{name}={u}"));
+            }
+        }
+        self.spawn_member(i, &initial.join(","), "existing").await?;
+        Ok(i)
+    }
+
+    pub fn stop_all(&mut self) {
+        for i in self.ids() {
+            if self.members.get(&i).is_some_and(|m| m.paused) {
+                self.signal(i, libc::SIGCONT);
+            }
+            self.kill(i);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

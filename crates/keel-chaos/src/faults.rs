@@ -1,0 +1,187 @@
+//! Faults, one at a time in a random schedule: SIGKILL and restart, SIGSTOP/SIGCONT longer than
+//! the election timeout, partitions (one member isolated, the leader isolated, majority/minority,
+//! a bridge), delayed links, cut connections, membership changes (remove a member, add a fresh
+//! one), compaction and defragment under load, and crash points inside Keel (the `fail` crate,
+//! in a `--features failpoints` build).
+
+use crate::cluster::{channel, Cluster};
+use crate::history::FaultRecord;
+use crate::workload::Shared;
+use anyhow::Result;
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::{CompactionRequest, DefragmentRequest};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub const ALL: &[&str] = &[
+    "kill",
+    "kill-leader",
+    "pause",
+    "pause-leader",
+    "partition",
+    "partition-leader",
+    "bridge",
+    "delay",
+    "drop",
+    "membership",
+    "compact",
+    "crash",
+];
+
+/// Crash points compiled into Keel with `--features failpoints` (see `keel_wal::crash_point!`).
+pub const CRASH_POINTS: &[&str] = &[
+    "wal::before_fsync",
+    "wal::after_fsync",
+    "wal::cut",
+    "snap::save",
+    "raft::install_snapshot",
+    "backend::before_commit",
+    "backend::after_commit",
+    "mvcc::compact",
+    "mvcc::defrag",
+];
+
+/// Injects one fault of `kind`, holds it, heals it. Returns what was done.
+pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdRng) -> Result<FaultRecord> {
+    let start = shared.now();
+    let hold = Duration::from_millis(rng.gen_range(1500..4000));
+    let ids = c.ids();
+    let pick = |rng: &mut StdRng| *ids.choose(rng).expect("a cluster has members");
+    let leader = c.leader().await;
+    let detail: String = match kind {
+        "kill" | "kill-leader" => {
+            let m = if kind == "kill-leader" { leader.unwrap_or_else(|| pick(rng)) } else { pick(rng) };
+            c.kill(m);
+            tokio::time::sleep(hold).await;
+            c.restart(m, None)?;
+            format!("SIGKILL m{m} for {hold:?}")
+        }
+        "pause" | "pause-leader" => {
+            let m = if kind == "pause-leader" { leader.unwrap_or_else(|| pick(rng)) } else { pick(rng) };
+            c.signal(m, libc::SIGSTOP);
+            tokio::time::sleep(hold).await;
+            c.signal(m, libc::SIGCONT);
+            format!("SIGSTOP m{m} for {hold:?}")
+        }
+        "partition" | "partition-leader" => {
+            let mut shuffled = ids.clone();
+            shuffled.shuffle(rng);
+            let minority = (ids.len() - 1) / 2;
+            let size = rng.gen_range(1..=minority.max(1));
+            let mut a: Vec<usize> = shuffled[..size].to_vec();
+            if kind == "partition-leader" {
+                if let Some(l) = leader {
+                    a = vec![l];
+                }
+            }
+            let b: Vec<usize> = ids.iter().copied().filter(|i| !a.contains(i)).collect();
+            c.net.partition(&a, &b);
+            tokio::time::sleep(hold).await;
+            c.net.heal();
+            format!("partition {a:?} | {b:?} for {hold:?}")
+        }
+        "bridge" => {
+            // Two sides that only one member (the bridge) talks to both of.
+            let mut shuffled = ids.clone();
+            shuffled.shuffle(rng);
+            let bridge = shuffled[0];
+            let rest = &shuffled[1..];
+            let (l, r) = rest.split_at(rest.len() / 2);
+            c.net.partition(l, r);
+            tokio::time::sleep(hold).await;
+            c.net.heal();
+            format!("bridge m{bridge} between {l:?} and {r:?} for {hold:?}")
+        }
+        "delay" => {
+            let ms = rng.gen_range(20..200);
+            c.net.set_delay(ms);
+            tokio::time::sleep(hold).await;
+            c.net.heal();
+            format!("peer links delayed {ms} ms for {hold:?}")
+        }
+        "drop" => {
+            let rate = rng.gen_range(50..500);
+            c.net.set_cut_rate(rate);
+            tokio::time::sleep(hold).await;
+            c.net.heal();
+            format!("peer connections cut at {:.1}% of chunks for {hold:?}", rate as f64 / 100.0)
+        }
+        "membership" => {
+            let followers: Vec<usize> = ids.iter().copied().filter(|i| Some(*i) != leader).collect();
+            let Some(&victim) = followers.choose(rng) else { return Ok(skip(kind, start, shared)) };
+            set_members(shared, c.ids().into_iter().filter(|i| *i != victim).collect());
+            c.remove_member(victim).await?;
+            let added = c.add_member().await?;
+            c.wait_healthy(added, Duration::from_secs(30)).await?;
+            set_members(shared, c.ids());
+            format!("removed m{victim}, added m{added}")
+        }
+        "compact" => {
+            // Never beyond what every watcher has received: watchers resume from there.
+            let floor = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().min().unwrap_or(0);
+            let m = pick(rng);
+            let mut d = format!("defragment m{m}");
+            if floor > 1 {
+                let mut kv = KvClient::new(channel(m, c.base)?);
+                let r =
+                    tokio::time::timeout(Duration::from_secs(5), kv.compact(CompactionRequest { revision: floor, physical: true })).await;
+                if matches!(r, Ok(Ok(_))) {
+                    d = format!("compact at {floor} on m{m}, {d}");
+                }
+            }
+            let mut mc = MaintenanceClient::new(channel(m, c.base)?);
+            let r = tokio::time::timeout(Duration::from_secs(30), mc.defragment(DefragmentRequest {})).await;
+            if !matches!(r, Ok(Ok(_))) {
+                d.push_str(" (failed)");
+            }
+            d
+        }
+        "crash" => {
+            let m = pick(rng);
+            let point = *CRASH_POINTS.choose(rng).expect("crash points");
+            let pct = rng.gen_range(1..=20);
+            c.kill(m);
+            c.restart(m, Some(&format!("{point}={pct}%return")))?;
+            tokio::time::sleep(hold).await;
+            let crashed = !c.is_running(m);
+            c.kill(m);
+            c.restart(m, None)?;
+            format!("m{m} restarted with {point} at {pct}%: {}", if crashed { "crashed there" } else { "did not reach it" })
+        }
+        other => anyhow::bail!("unknown fault {other}"),
+    };
+    Ok(FaultRecord { kind: kind.to_string(), detail, start, end: shared.now() })
+}
+
+fn skip(kind: &str, start: u64, shared: &Shared) -> FaultRecord {
+    FaultRecord { kind: kind.to_string(), detail: "skipped (no candidate)".into(), start, end: shared.now() }
+}
+
+fn set_members(shared: &Shared, ids: Vec<usize>) {
+    *shared.members.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+}
+
+/// The schedule: faults one after another, with quiet gaps, until `stop`.
+pub async fn schedule(c: &mut Cluster, shared: &Shared, kinds: &[String], rng: &mut StdRng, until: std::time::Instant) -> Vec<FaultRecord> {
+    let mut done = Vec::new();
+    while std::time::Instant::now() < until && !shared.stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1500))).await;
+        let Some(kind) = kinds.choose(rng) else { break };
+        match inject(kind, c, shared, rng).await {
+            Ok(r) => {
+                println!("  fault {:>16}: {}", r.kind, r.detail);
+                done.push(r);
+            }
+            Err(e) => {
+                println!("  fault {kind:>16}: could not inject: {e:#}");
+                // Leave the cluster whole before the next one.
+                let _ = c.heal_all();
+            }
+        }
+    }
+    done
+}

@@ -1,0 +1,401 @@
+//! keel-chaos: evidence that Keel neither loses nor invents data.
+//!
+//! `keel-chaos run` starts real Keel clusters (3 or 5 members on 127.0.0.x), drives them with
+//! recording clients and watchers while a random schedule of faults runs ([`faults`]), heals
+//! everything, reads back the final state, and checks the history: linearizability of the KV
+//! operations ([`linearizability`]), the watch guarantees ([`watchcheck`]), every acknowledged
+//! write present, and equal HashKV on every member. A failing history keeps its data dirs, its
+//! history (`history.json`) and a report of the smallest failing window (`report.txt`).
+//! `keel-chaos check FILE` checks a saved history again.
+//!
+//! Module map: history (types) <- workload (records) <- faults (injects, via cluster and proxy)
+//! <- main (runs, checks, reports); the checkers only read histories.
+
+mod cluster;
+mod faults;
+mod history;
+mod linearizability;
+mod proxy;
+mod watchcheck;
+mod workload;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use history::{History, Input, Op, Output};
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::{HashKvRequest, RangeRequest, StatusRequest};
+use linearizability::Verdict;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use workload::{Shared, PREFIX};
+
+#[derive(Parser)]
+#[command(name = "keel-chaos", about = "Fault injection, linearizability and watch checking for Keel")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs histories against fresh clusters and checks each.
+    Run(RunArgs),
+    /// Checks a saved history.json again.
+    Check { file: PathBuf },
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// Cluster sizes, taken in turn for successive histories.
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    members: Vec<usize>,
+    /// Number of histories (each on a fresh cluster).
+    #[arg(long, default_value_t = 1)]
+    histories: usize,
+    /// Seconds of load and faults per history.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Stop after this many seconds in all, whatever `--histories` says.
+    #[arg(long)]
+    total_seconds: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 6)]
+    clients: usize,
+    #[arg(long, default_value_t = 3)]
+    watchers: usize,
+    /// Keys under /chaos/ (fewer keys: more contention).
+    #[arg(long, default_value_t = 5)]
+    keys: usize,
+    /// Fault kinds to draw from (comma separated); `all` for every kind, `none` for none.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    faults: Vec<String>,
+    /// Where histories and (failing) data dirs go.
+    #[arg(long, default_value = "target/chaos")]
+    out: PathBuf,
+    /// The keel binary (built with `--features failpoints` for the `crash` fault).
+    #[arg(long, default_value = "target/release/keel")]
+    keel: PathBuf,
+    /// Client port of every member (peer: +1, proxy: +2), each member on its own 127.0.0.x.
+    #[arg(long, default_value_t = 32379)]
+    base_port: u16,
+    /// Search budget (steps) of the linearizability checker per key.
+    #[arg(long, default_value_t = 20_000_000)]
+    budget: u64,
+    /// Keep data dirs of passing histories too.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a).await,
+        Cmd::Check { file } => check_file(&file),
+    };
+    match r {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("keel-chaos: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn check_file(file: &Path) -> Result<bool> {
+    let h: History = serde_json::from_slice(&std::fs::read(file).with_context(|| format!("read {}", file.display()))?)?;
+    let report = check_history(&h, 20_000_000);
+    print!("{report}");
+    Ok(report.is_empty())
+}
+
+#[derive(Default)]
+struct Totals {
+    histories: usize,
+    failed: usize,
+    ops: usize,
+    unknown: usize,
+    watch_events: usize,
+    faults: BTreeMap<String, usize>,
+    inconclusive: usize,
+}
+
+async fn run(a: RunArgs) -> Result<bool> {
+    let kinds: Vec<String> = match a.faults.as_slice() {
+        [x] if x == "all" => faults::ALL.iter().map(|s| s.to_string()).collect(),
+        [x] if x == "none" => vec![],
+        list => {
+            for k in list {
+                if !faults::ALL.contains(&k.as_str()) {
+                    bail!("unknown fault {k:?}; known: {}", faults::ALL.join(","));
+                }
+            }
+            list.to_vec()
+        }
+    };
+    if a.members.iter().any(|&m| m == 0 || m > 9) {
+        bail!("--members: 1 to 9");
+    }
+    let keel = std::fs::canonicalize(&a.keel).with_context(|| format!("keel binary {}", a.keel.display()))?;
+    let seed = a.seed.unwrap_or_else(|| rand::thread_rng().gen());
+    let began = Instant::now();
+    let mut t = Totals::default();
+    std::fs::create_dir_all(&a.out)?;
+    println!(
+        "keel-chaos: seed {seed}, {} histories of {} s, faults {}",
+        a.histories,
+        a.duration,
+        if kinds.is_empty() { "none".into() } else { kinds.join(",") }
+    );
+    for n in 0..a.histories {
+        if a.total_seconds.is_some_and(|s| began.elapsed() > Duration::from_secs(s)) {
+            break;
+        }
+        let members = a.members[n % a.members.len()];
+        let hseed = seed.wrapping_add(n as u64);
+        let dir = a.out.join(format!("h{n:04}-{hseed}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("history {n}: {members} members, seed {hseed}, {}", dir.display());
+        let (h, report) = one_history(&a, &keel, &kinds, members, hseed, &dir).await?;
+        t.histories += 1;
+        t.ops += h.ops.len();
+        t.unknown += h.ops.iter().filter(|o| o.output == Output::Unknown).count();
+        t.watch_events += h.watch.iter().map(|r| r.events.len()).sum::<usize>();
+        for f in &h.faults {
+            *t.faults.entry(f.kind.clone()).or_default() += 1;
+        }
+        std::fs::write(dir.join("history.json"), serde_json::to_vec(&h)?)?;
+        if report.contains("INCONCLUSIVE") {
+            t.inconclusive += 1;
+        }
+        if report.is_empty() || report.lines().all(|l| l.starts_with("INCONCLUSIVE")) {
+            println!(
+                "history {n}: ok ({} ops, {} unknown, {} watch events, {} faults)",
+                h.ops.len(),
+                h.ops.iter().filter(|o| o.output == Output::Unknown).count(),
+                h.watch.iter().map(|r| r.events.len()).sum::<usize>(),
+                h.faults.len()
+            );
+            if !report.is_empty() {
+                print!("{report}");
+            }
+            if !a.keep {
+                for e in std::fs::read_dir(&dir)?.flatten() {
+                    if e.path().is_dir() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        } else {
+            t.failed += 1;
+            std::fs::write(dir.join("report.txt"), &report)?;
+            println!("history {n}: FAILED; data dirs, history.json and report.txt kept in {}", dir.display());
+            print!("{report}");
+        }
+    }
+    println!(
+        "keel-chaos: {} histories, {} failed, {} inconclusive; {} operations ({} unknown outcome), {} watch events; faults: {}",
+        t.histories,
+        t.failed,
+        t.inconclusive,
+        t.ops,
+        t.unknown,
+        t.watch_events,
+        t.faults.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(t.failed == 0)
+}
+
+async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize, seed: u64, dir: &Path) -> Result<(History, String)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let net = proxy::Net::new(seed);
+    let extra: Vec<String> =
+        ["--heartbeat-interval", "100", "--election-timeout", "1000", "--snapshot-count", "500"].iter().map(|s| s.to_string()).collect();
+    let mut cluster = cluster::Cluster::start(keel, dir, a.base_port, members, net, extra).await?;
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        base: a.base_port,
+        members: Mutex::new(cluster.ids()),
+        stop: AtomicBool::new(false),
+        ops: Mutex::new(Vec::new()),
+        watch: Mutex::new(Vec::new()),
+        watch_starts: Mutex::new(Vec::new()),
+        watcher_revs: Mutex::new(vec![0; a.watchers]),
+        max_rev: AtomicI64::new(0),
+    });
+    let mut tasks = Vec::new();
+    for w in 0..a.watchers {
+        tasks.push(tokio::spawn(workload::watcher(shared.clone(), w, rng.gen())));
+    }
+    let mut clients = Vec::new();
+    for c in 0..a.clients {
+        clients.push(tokio::spawn(workload::client(shared.clone(), c, a.keys, rng.gen())));
+    }
+    let until = Instant::now() + Duration::from_secs(a.duration);
+    let faults = if kinds.is_empty() {
+        tokio::time::sleep_until(until.into()).await;
+        vec![]
+    } else {
+        faults::schedule(&mut cluster, &shared, kinds, &mut rng, until).await
+    };
+    // Heal, let every member come back, then stop the clients.
+    cluster.heal_all()?;
+    for i in cluster.ids() {
+        cluster.wait_healthy(i, Duration::from_secs(60)).await?;
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+    // Final reads of every key (recorded: they take part in the linearizability check).
+    let first = cluster.ids()[0];
+    let mut kv = KvClient::new(cluster::channel(first, a.base_port)?);
+    for k in 0..a.keys {
+        let key = format!("{PREFIX}k{k}");
+        let call = shared.now();
+        let r = kv.range(RangeRequest { key: key.clone().into(), ..Default::default() }).await.context("final read")?.into_inner();
+        let id = shared.next_op_id();
+        let out = Output::Get {
+            kv: r.kvs.first().map(|k| history::Kv {
+                value: String::from_utf8_lossy(&k.value).into_owned(),
+                mod_rev: k.mod_revision,
+                create_rev: k.create_revision,
+                version: k.version,
+                lease: k.lease,
+            }),
+            rev: r.header.as_ref().map(|h| h.revision).unwrap_or(0),
+        };
+        shared.ops.lock().unwrap_or_else(|p| p.into_inner()).push(Op {
+            id,
+            client: usize::MAX,
+            member: first,
+            key,
+            input: Input::Get,
+            output: out,
+            call,
+            ret: shared.now(),
+            error: None,
+        });
+    }
+    // The final revision; watchers finish once they have it all.
+    let mut final_rev = 0;
+    for i in cluster.ids() {
+        let mut m = MaintenanceClient::new(cluster::channel(i, a.base_port)?);
+        if let Ok(s) = m.status(StatusRequest {}).await {
+            final_rev = final_rev.max(s.into_inner().header.map(|h| h.revision).unwrap_or(0));
+        }
+    }
+    shared.max_rev.fetch_max(final_rev, Ordering::Relaxed);
+    let mut stuck = Vec::new();
+    for (w, t) in tasks.into_iter().enumerate() {
+        if tokio::time::timeout(Duration::from_secs(30), t).await.is_err() {
+            let at = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner()).get(w).copied().unwrap_or(0);
+            stuck.push(format!("watcher {w} did not reach revision {final_rev} within 30 s (last event at {at})"));
+        }
+    }
+    // Every member's HashKV at the final revision.
+    let mut hashes = Vec::new();
+    for i in cluster.ids() {
+        let mut m = MaintenanceClient::new(cluster::channel(i, a.base_port)?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match m.hash_kv(HashKvRequest { revision: final_rev }).await {
+                Ok(r) => {
+                    hashes.push((i, r.into_inner().hash));
+                    break;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    stuck.push(format!("m{i}: HashKV at {final_rev} failed: {}", e.message()));
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    cluster.stop_all();
+    let h = History {
+        members,
+        seed,
+        ops: std::mem::take(&mut *shared.ops.lock().unwrap_or_else(|p| p.into_inner())),
+        watch: std::mem::take(&mut *shared.watch.lock().unwrap_or_else(|p| p.into_inner())),
+        watch_starts: std::mem::take(&mut *shared.watch_starts.lock().unwrap_or_else(|p| p.into_inner())),
+        faults,
+        compacted: 0,
+        final_rev,
+        hashes,
+    };
+    let mut report = check_history(&h, a.budget);
+    for s in stuck {
+        let _ = writeln!(report, "DURABILITY: {s}");
+    }
+    Ok((h, report))
+}
+
+/// Runs every checker; returns a readable report, empty when the history passes.
+fn check_history(h: &History, budget: u64) -> String {
+    let mut out = String::new();
+    let (verdicts, rev_problems) = linearizability::check(h, budget);
+    let by_id: BTreeMap<usize, &Op> = h.ops.iter().map(|o| (o.id, o)).collect();
+    for v in verdicts {
+        match v {
+            Verdict::Ok => {}
+            Verdict::Inconclusive { key, ops } => {
+                let _ = writeln!(out, "INCONCLUSIVE: key {key}: {ops} operations, search budget exhausted");
+            }
+            Verdict::Violation(f) => {
+                let _ = writeln!(out, "LINEARIZABILITY: key {} is not linearizable", f.key);
+                let _ = writeln!(out, "  longest linearization: {} operations, ending in state {:?}", f.longest.len(), f.state);
+                let _ = writeln!(out, "  its last operations:");
+                for id in f.longest.iter().rev().take(5).rev() {
+                    if let Some(o) = by_id.get(id) {
+                        let _ = writeln!(out, "    {}", describe(o));
+                    }
+                }
+                let _ = writeln!(out, "  none of these could come next (the smallest failing window):");
+                for id in &f.stuck {
+                    if let Some(o) = by_id.get(id) {
+                        let _ = writeln!(out, "    {}", describe(o));
+                    }
+                }
+            }
+        }
+    }
+    for p in rev_problems {
+        let _ = writeln!(out, "REVISION: {p}");
+    }
+    for p in watchcheck::check(h) {
+        let _ = writeln!(out, "WATCH: {p}");
+    }
+    if let Some((first, hash)) = h.hashes.first() {
+        for (m, x) in &h.hashes {
+            if x != hash {
+                let _ = writeln!(out, "DURABILITY: HashKV at revision {}: m{first} {hash:#x}, m{m} {x:#x}", h.final_rev);
+            }
+        }
+    }
+    out
+}
+
+fn describe(o: &Op) -> String {
+    let ms = |t: u64| if t == history::NEVER { "never".to_string() } else { format!("{:.3}", t as f64 / 1e6) };
+    format!(
+        "op {} client {} m{} [{} ms .. {} ms] {:?} -> {:?}{}",
+        o.id,
+        o.client,
+        o.member,
+        ms(o.call),
+        ms(o.ret),
+        o.input,
+        o.output,
+        o.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+    )
+}
