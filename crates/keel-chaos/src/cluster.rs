@@ -221,7 +221,20 @@ impl Cluster {
     pub async fn remove_member(&mut self, i: usize) -> Result<()> {
         let others: Vec<usize> = self.ids().into_iter().filter(|&j| j != i).collect();
         let mut last_err = anyhow::anyhow!("no other member");
-        for j in others {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match self.try_remove(i, &others).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last_err = e,
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(last_err)
+    }
+
+    async fn try_remove(&mut self, i: usize, others: &[usize]) -> Result<()> {
+        let mut last_err = anyhow::anyhow!("no other member");
+        for &j in others {
             let mut cl = ClusterClient::new(channel(j, self.base)?);
             let list = match tokio::time::timeout(Duration::from_secs(3), cl.member_list(MemberListRequest { linearizable: true })).await {
                 Ok(Ok(l)) => l.into_inner(),
@@ -234,7 +247,10 @@ impl Cluster {
             let Some(id) =
                 list.members.iter().find(|m| m.name == format!("m{i}") || m.peer_ur_ls.contains(&peer_url(i, self.base))).map(|m| m.id)
             else {
-                bail!("m{i} not in the member list");
+                // An earlier attempt went through after all.
+                self.kill(i);
+                self.members.remove(&i);
+                return Ok(());
             };
             match tokio::time::timeout(Duration::from_secs(5), cl.member_remove(MemberRemoveRequest { id })).await {
                 Ok(Ok(_)) => {
@@ -254,19 +270,26 @@ impl Cluster {
         let i = self.next_idx;
         let url = peer_url(i, self.base);
         let mut added = None;
-        for j in self.ids() {
-            let mut cl = ClusterClient::new(channel(j, self.base)?);
-            if let Ok(Ok(r)) = tokio::time::timeout(
-                Duration::from_secs(5),
-                cl.member_add(MemberAddRequest { peer_ur_ls: vec![url.clone()], is_learner: false }),
-            )
-            .await
-            {
-                added = Some(r.into_inner());
-                break;
+        let mut last_err = String::from("no member answered");
+        // Strict reconfiguration refuses an add until the members have been connected a while
+        // (as etcd: 5 s after a member came back): retry.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'outer: while Instant::now() < deadline {
+            for j in self.ids() {
+                let mut cl = ClusterClient::new(channel(j, self.base)?);
+                let req = MemberAddRequest { peer_ur_ls: vec![url.clone()], is_learner: false };
+                match tokio::time::timeout(Duration::from_secs(5), cl.member_add(req)).await {
+                    Ok(Ok(r)) => {
+                        added = Some(r.into_inner());
+                        break 'outer;
+                    }
+                    Ok(Err(e)) => last_err = e.message().to_string(),
+                    Err(_) => last_err = "timed out".into(),
+                }
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let Some(resp) = added else { bail!("member add failed on every member") };
+        let Some(resp) = added else { bail!("member add failed: {last_err}") };
         self.next_idx += 1;
         let mut initial: Vec<String> = Vec::new();
         for m in &resp.members {

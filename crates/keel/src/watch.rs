@@ -181,6 +181,9 @@ pub struct WatchHub {
     prev_watchers: std::sync::atomic::AtomicUsize,
     /// Responses above this many bytes are fragmented for watchers that asked for it.
     max_bytes: usize,
+    /// The runtime catch-up tasks run on: [`WatchHub::resync_all`] is called from the raft
+    /// thread (a snapshot installed), which is not inside the runtime.
+    rt: Option<tokio::runtime::Handle>,
 }
 
 /// Splits a response's events into responses of at most `max` bytes (each with at least one
@@ -219,6 +222,7 @@ impl WatchHub {
             member_id,
             prev_watchers: 0.into(),
             max_bytes,
+            rt: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -372,7 +376,11 @@ impl WatchHub {
 
     fn spawn_catchup(self: &Arc<Self>, id: (u64, i64), spec: Spec, tx: mpsc::Sender<WatchResponse>, canceled: Arc<AtomicBool>, from: i64) {
         let hub = self.clone();
-        tokio::spawn(async move { hub.catch_up(id, spec, tx, canceled, from).await });
+        let task = async move { hub.catch_up(id, spec, tx, canceled, from).await };
+        match &self.rt {
+            Some(rt) => drop(rt.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
 
     async fn catch_up(

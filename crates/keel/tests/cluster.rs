@@ -11,7 +11,10 @@ use common::*;
 use keel_proto::etcdserverpb::cluster_client::ClusterClient;
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use keel_proto::etcdserverpb::{HashKvRequest, MemberAddRequest, PutRequest, RangeRequest, StatusRequest};
+use keel_proto::etcdserverpb::watch_client::WatchClient;
+use keel_proto::etcdserverpb::{
+    watch_request, HashKvRequest, MemberAddRequest, PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
+};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -791,4 +794,70 @@ async fn watch_streams_match_the_store_history() {
             assert!(missed.is_empty(), "watcher from {start} never got revisions {missed:?}");
         }
     }
+}
+
+/// Regression (found by keel-chaos): a follower that installs a snapshot from the leader resyncs
+/// its watchers; that ran on the raft thread outside the async runtime and panicked ("there is no
+/// reactor running"), killing the member. Now the watcher catches up from the new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_with_watchers_survives_installing_a_snapshot() {
+    let _g = SERIAL.lock().await;
+    let c = Cluster::start(3, &["--snapshot-count", "100"]).await;
+    let leader = c.leader(&[0, 1, 2]).await;
+    let f = (0..3).find(|i| *i != leader).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != f).collect();
+    // A watcher on the follower, synced before it falls behind.
+    let mut wc = WatchClient::new(channel(&c.members[f].client_url()).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b"snap/".to_vec(),
+            range_end: b"snap0".to_vec(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut events = wc.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(events.message().await.unwrap().unwrap().created);
+    // Cut the follower off, write well past the leader's retained log, heal.
+    let f_ip = c.members[f].ip;
+    c.members[f].proxy.as_ref().unwrap().block(None);
+    for &i in &others {
+        c.members[i].proxy.as_ref().unwrap().block(Some(f_ip));
+    }
+    // Beyond the 5,000 entries the leader keeps for slow followers after a snapshot.
+    let n = 6000;
+    load(&c, &others, "snap/", n, 32).await;
+    for m in &c.members {
+        m.proxy.as_ref().unwrap().heal();
+    }
+    // Every event arrives, in order, and the member is still serving.
+    let mut seen = 0usize;
+    let mut last_rev = 0i64;
+    while seen < n {
+        let r = tokio::time::timeout(Duration::from_secs(30), events.message()).await;
+        let r = match r {
+            Ok(Ok(Some(r))) => r,
+            other => panic!(
+                "watch on the follower ended after {seen} of {n} events: {other:?}\n{}",
+                c.members[f].proc.as_ref().unwrap().log_text().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+            ),
+        };
+        for e in &r.events {
+            let rev = e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+            assert!(rev > last_rev, "events out of order: {rev} after {last_rev}");
+            last_rev = rev;
+            seen += 1;
+        }
+    }
+    let log = c.members[f].proc.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("installed snapshot from the leader"),
+        "the follower did not catch up by snapshot:\n{}",
+        log.lines().filter(|l| l.contains("snapshot") || l.contains("peer")).collect::<Vec<_>>().join("\n")
+    );
+    assert!(!log.contains("panicked"), "the follower panicked:\n{log}");
+    let mut kv_f = c.kv(f).await;
+    assert_eq!(count_prefix(&mut kv_f, "snap/", false).await.unwrap(), n as i64);
 }
