@@ -104,14 +104,16 @@ fn scan(bytes: &[u8]) -> Scan {
     let mut off = 0usize;
     loop {
         if off + HEADER > bytes.len() {
-            let rest = &bytes[off..];
+            // `off` may lie past the end: the last record's padding was cut off (the file is
+            // extended with zeros when it is reopened for writing).
+            let rest = bytes.get(off..).unwrap_or(&[]);
             let damage = if rest.iter().all(|b| *b == 0) { None } else { Some((off as u64, "partial record header".to_string(), true)) };
             return Scan { records, end: off as u64, damage };
         }
         let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
         let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap_or([0; 4]));
         if len == 0 {
-            let rest = &bytes[off..];
+            let rest = bytes.get(off..).unwrap_or(&[]);
             let damage = if rest.iter().all(|b| *b == 0) {
                 None
             } else {
@@ -465,6 +467,27 @@ mod tests {
         drop(w);
         let (_, recs) = Wal::open(d.path(), WalOptions::default()).unwrap();
         assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 12);
+    }
+
+    /// Regression (found by the `wal_decode` fuzz target): a file that ends inside the padding of
+    /// its last, intact record made the scanner slice past the end and panic.
+    #[test]
+    fn file_ending_inside_padding_opens_and_appends() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
+        let mut bytes = Vec::new();
+        encode_into(&mut bytes, RECORD_METADATA, b"m");
+        encode_into(&mut bytes, RECORD_ENTRY, b"0123456789");
+        assert!(bytes.len() % 8 == 0 && bytes.ends_with(&[0]), "the last record is padded");
+        bytes.truncate(bytes.len() - 1);
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut w, recs) = Wal::open(d.path(), small()).unwrap();
+        assert_eq!(recs.len(), 2);
+        w.save(&[(RECORD_ENTRY, b"next")], 0).unwrap();
+        drop(w);
+        let (_, recs) = Wal::open(d.path(), small()).unwrap();
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[2].data, b"next");
     }
 
     #[test]
