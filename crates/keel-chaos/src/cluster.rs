@@ -34,6 +34,8 @@ pub struct Cluster {
     pub next_idx: usize,
     /// Extra flags for every member.
     pub extra: Vec<String>,
+    /// The members' proxies (listening until the cluster shuts down).
+    proxies: Vec<tokio::task::JoinHandle<()>>,
 }
 
 pub fn client_url(idx: usize, base: u16) -> String {
@@ -51,7 +53,16 @@ pub fn channel(idx: usize, base: u16) -> Result<Channel> {
 impl Cluster {
     pub async fn start(bin: &Path, dir: &Path, base: u16, n: usize, net: Net, extra: Vec<String>) -> Result<Cluster> {
         std::fs::create_dir_all(dir)?;
-        let mut c = Cluster { bin: bin.to_path_buf(), dir: dir.to_path_buf(), base, net, members: BTreeMap::new(), next_idx: 1, extra };
+        let mut c = Cluster {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            base,
+            net,
+            members: BTreeMap::new(),
+            next_idx: 1,
+            extra,
+            proxies: Vec::new(),
+        };
         let initial: Vec<String> = (1..=n).map(|i| format!("m{i}={}", peer_url(i, base))).collect();
         let initial = initial.join(",");
         for i in 1..=n {
@@ -91,7 +102,8 @@ impl Cluster {
         args.extend(self.extra.iter().cloned());
         let target: SocketAddr = format!("{ip}:{}", self.base + 1).parse()?;
         let listen: SocketAddr = format!("{ip}:{}", self.base + 2).parse()?;
-        self.net.clone().serve(i, listen, target).await.with_context(|| format!("proxy for m{i} on {listen}"))?;
+        let proxy = self.net.clone().serve(i, listen, target).await.with_context(|| format!("proxy for m{i} on {listen}"))?;
+        self.proxies.push(proxy);
         let mut m = Member { idx: i, child: None, paused: false, args };
         m.child = Some(self.spawn(&m, None)?);
         self.members.insert(i, m);
@@ -302,6 +314,15 @@ impl Cluster {
         Ok(i)
     }
 
+    /// Stops every member and closes the proxies' listeners (the next cluster reuses the ports).
+    pub async fn shutdown(&mut self) {
+        self.stop_all();
+        for p in self.proxies.drain(..) {
+            p.abort();
+            let _ = p.await;
+        }
+    }
+
     pub fn stop_all(&mut self) {
         for i in self.ids() {
             if self.members.get(&i).is_some_and(|m| m.paused) {
@@ -315,5 +336,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_all();
+        for p in &self.proxies {
+            p.abort();
+        }
     }
 }

@@ -12,6 +12,7 @@
 //! <- main (runs, checks, reports); the checkers only read histories.
 
 mod cluster;
+mod crashloop;
 mod faults;
 mod history;
 mod linearizability;
@@ -49,6 +50,20 @@ enum Cmd {
     Run(RunArgs),
     /// Checks a saved history.json again.
     Check { file: PathBuf },
+    /// Kills one member at random points, again and again: every acknowledged write survives.
+    CrashLoop {
+        #[arg(long, default_value_t = 1000)]
+        iterations: usize,
+        /// The keel binary (with `--features failpoints`, half the iterations arm a crash point).
+        #[arg(long, default_value = "target/release/keel")]
+        keel: PathBuf,
+        #[arg(long, default_value = "target/chaos/crash-loop")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 32479)]
+        port: u16,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -100,6 +115,7 @@ async fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a).await,
         Cmd::Check { file } => check_file(&file),
+        Cmd::CrashLoop { iterations, keel, out, port, seed } => crash_loop(iterations, &keel, &out, port, seed).await,
     };
     match r {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -107,6 +123,26 @@ async fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("keel-chaos: {e:#}");
             std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn crash_loop(iterations: usize, keel: &Path, out: &Path, port: u16, seed: Option<u64>) -> Result<bool> {
+    let keel = std::fs::canonicalize(keel).with_context(|| format!("keel binary {}", keel.display()))?;
+    let seed = seed.unwrap_or_else(|| rand::thread_rng().gen());
+    println!("crash-loop: seed {seed}, {iterations} iterations, data in {}", out.display());
+    match crashloop::run(&keel, out, port, iterations, seed).await {
+        Ok(o) => {
+            println!(
+                "crash-loop: ok: {} iterations ({} SIGKILLs, {} crashes at crash points), {} acknowledged writes, every one present after every restart",
+                o.iterations, o.killed, o.crashed_at_points, o.acked
+            );
+            let _ = std::fs::remove_dir_all(out);
+            Ok(true)
+        }
+        Err(e) => {
+            println!("crash-loop: FAILED: {e:#} (data dir and member.log kept in {})", out.display());
+            Ok(false)
         }
     }
 }
@@ -165,7 +201,22 @@ async fn run(a: RunArgs) -> Result<bool> {
         let dir = a.out.join(format!("h{n:04}-{hseed}"));
         let _ = std::fs::remove_dir_all(&dir);
         println!("history {n}: {members} members, seed {hseed}, {}", dir.display());
-        let (h, report) = one_history(&a, &keel, &kinds, members, hseed, &dir).await?;
+        let (h, report) = match one_history(&a, &keel, &kinds, members, hseed, &dir).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The cluster did not recover (or could not be started): a failure too.
+                t.histories += 1;
+                t.failed += 1;
+                let report = format!("AVAILABILITY: {e:#}\n");
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(dir.join("report.txt"), &report)?;
+                println!("history {n}: FAILED; data dirs and report.txt kept in {}", dir.display());
+                print!("{report}");
+                // Let the dropped cluster's proxies release their ports.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         t.histories += 1;
         t.ops += h.ops.len();
         t.unknown += h.ops.iter().filter(|o| o.output == Output::Unknown).count();
@@ -173,11 +224,14 @@ async fn run(a: RunArgs) -> Result<bool> {
         for f in &h.faults {
             *t.faults.entry(f.kind.clone()).or_default() += 1;
         }
-        std::fs::write(dir.join("history.json"), serde_json::to_vec(&h)?)?;
+        let passed = report.is_empty() || report.lines().all(|l| l.starts_with("INCONCLUSIVE"));
+        if !passed || a.keep {
+            std::fs::write(dir.join("history.json"), serde_json::to_vec(&h)?)?;
+        }
         if report.contains("INCONCLUSIVE") {
             t.inconclusive += 1;
         }
-        if report.is_empty() || report.lines().all(|l| l.starts_with("INCONCLUSIVE")) {
+        if passed {
             println!(
                 "history {n}: ok ({} ops, {} unknown, {} watch events, {} faults)",
                 h.ops.len(),
@@ -189,6 +243,7 @@ async fn run(a: RunArgs) -> Result<bool> {
                 print!("{report}");
             }
             if !a.keep {
+                // Passing histories keep only the members' logs.
                 for e in std::fs::read_dir(&dir)?.flatten() {
                     if e.path().is_dir() {
                         let _ = std::fs::remove_dir_all(e.path());
@@ -321,7 +376,7 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
             }
         }
     }
-    cluster.stop_all();
+    cluster.shutdown().await;
     let h = History {
         members,
         seed,

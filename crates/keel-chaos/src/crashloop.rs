@@ -1,0 +1,187 @@
+//! Crash consistency: one member, killed at random points again and again, must always come
+//! back with every write it acknowledged and a revision that never went backwards.
+//!
+//! Each iteration starts the member on the same data dir (half of the time with a random crash
+//! point armed, see [`crate::faults::CRASH_POINTS`]), checks what earlier iterations were told,
+//! writes unique keys from several clients (sometimes compacting and defragmenting meanwhile),
+//! and SIGKILLs the process at a random moment, if a crash point did not end it first.
+
+use anyhow::{bail, Context, Result};
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::{CompactionRequest, DefragmentRequest, PutRequest, RangeRequest, StatusRequest};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+pub struct Outcome {
+    pub iterations: usize,
+    pub acked: usize,
+    pub crashed_at_points: usize,
+    pub killed: usize,
+}
+
+fn spawn(bin: &Path, dir: &Path, port: u16, failpoints: Option<&str>) -> Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("member.log"))?;
+    let err = log.try_clone()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let purl = format!("http://127.0.0.1:{}", port + 1);
+    let mut cmd = Command::new(bin);
+    cmd.args(["--name", "c1", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &purl, "--initial-advertise-peer-urls", &purl])
+        .args(["--initial-cluster", &format!("c1={purl}"), "--snapshot-count", "300"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .env("RUST_BACKTRACE", "0");
+    if let Some(fp) = failpoints {
+        cmd.env("FAILPOINTS", fp);
+    }
+    Ok(cmd.spawn()?)
+}
+
+async fn ready(ch: &Channel, child: &mut Child, limit: Duration) -> Result<bool> {
+    let deadline = Instant::now() + limit;
+    let mut m = MaintenanceClient::new(ch.clone());
+    loop {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), m.status(StatusRequest {})).await {
+            if r.get_ref().leader != 0 {
+                return Ok(true);
+            }
+        }
+        if child.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        if Instant::now() > deadline {
+            bail!("member not ready after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64) -> Result<Outcome> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ch = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(3))
+        .connect_lazy();
+    // Every acknowledged write: (key, revision). Keys are unique, values equal keys.
+    let mut acked: Vec<(String, i64)> = Vec::new();
+    let mut max_rev = 0i64;
+    let mut out = Outcome { iterations: 0, acked: 0, crashed_at_points: 0, killed: 0 };
+    for it in 0..iterations {
+        let fp = if rng.gen_bool(0.5) {
+            let p = *crate::faults::CRASH_POINTS.choose(&mut rng).expect("crash points");
+            Some(format!("{p}={}%return", rng.gen_range(1..=10)))
+        } else {
+            None
+        };
+        let mut child = spawn(bin, dir, port, fp.as_deref())?;
+        // Startup itself may hit an armed crash point (a WAL write on start): start again unarmed.
+        if !ready(&ch, &mut child, Duration::from_secs(30)).await.with_context(|| format!("iteration {it}"))? {
+            out.crashed_at_points += 1;
+            child = spawn(bin, dir, port, None)?;
+            if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
+                let _ = child.kill();
+                bail!("iteration {it}: the member does not start after a crash (see {})", dir.join("member.log").display());
+            }
+        }
+        // Everything acknowledged before must be there, at a revision no older.
+        let mut kv = KvClient::new(ch.clone());
+        let status = MaintenanceClient::new(ch.clone()).status(StatusRequest {}).await.context("status")?.into_inner();
+        let rev = status.header.map(|h| h.revision).unwrap_or(0);
+        if rev < max_rev {
+            bail!("iteration {it}: revision went back from {max_rev} to {rev} after a crash");
+        }
+        let mut sample: Vec<&(String, i64)> = acked.iter().rev().take(400).collect();
+        sample.extend(acked.choose_multiple(&mut rng, 200));
+        for (key, r) in sample {
+            let resp = kv
+                .range(RangeRequest { key: key.clone().into(), serializable: true, ..Default::default() })
+                .await
+                .context("read back")?
+                .into_inner();
+            match resp.kvs.first() {
+                Some(k) if k.value == key.as_bytes() && k.mod_revision == *r => {}
+                other => bail!(
+                    "iteration {it}: acknowledged write {key} (revision {r}) lost or changed after a crash: {:?}",
+                    other.map(|k| (String::from_utf8_lossy(&k.value).into_owned(), k.mod_revision))
+                ),
+            }
+        }
+        let count = kv
+            .range(RangeRequest {
+                key: b"/crash/".to_vec(),
+                range_end: b"/crash0".to_vec(),
+                count_only: true,
+                serializable: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .count;
+        if (count as usize) < acked.len() {
+            bail!("iteration {it}: {count} keys after a crash, {} were acknowledged", acked.len());
+        }
+        // Load, then a kill at a random moment.
+        let new: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for c in 0..4 {
+            let mut kv = KvClient::new(ch.clone());
+            let new = new.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0.. {
+                    let key = format!("/crash/{it:05}-{c}-{n:05}");
+                    match kv.put(PutRequest { key: key.clone().into(), value: key.clone().into(), ..Default::default() }).await {
+                        Ok(r) => new
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((key, r.into_inner().header.map(|h| h.revision).unwrap_or(0))),
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        if rng.gen_bool(0.2) {
+            let floor = max_rev.max(rev);
+            let (mut kv, mut m) = (KvClient::new(ch.clone()), MaintenanceClient::new(ch.clone()));
+            tasks.push(tokio::spawn(async move {
+                if floor > 1 {
+                    let _ = kv.compact(CompactionRequest { revision: floor, physical: false }).await;
+                }
+                let _ = m.defragment(DefragmentRequest {}).await;
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..400))).await;
+        if child.try_wait()?.is_some() {
+            out.crashed_at_points += 1;
+        } else {
+            let _ = child.kill();
+            out.killed += 1;
+        }
+        let _ = child.wait();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let new = std::mem::take(&mut *new.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, r) in &new {
+            max_rev = max_rev.max(*r);
+        }
+        acked.extend(new);
+        out.iterations += 1;
+        if (it + 1) % 50 == 0 {
+            println!("crash-loop: {} iterations, {} acknowledged writes, all present", it + 1, acked.len());
+        }
+    }
+    out.acked = acked.len();
+    Ok(out)
+}
