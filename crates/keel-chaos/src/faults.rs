@@ -8,14 +8,15 @@ use crate::cluster::{channel, Cluster};
 use crate::history::FaultRecord;
 use crate::workload::Shared;
 use anyhow::Result;
+use keel_proto::etcdserverpb::alarm_request::AlarmAction;
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use keel_proto::etcdserverpb::{CompactionRequest, DefragmentRequest};
+use keel_proto::etcdserverpb::{AlarmRequest, AlarmType, CompactionRequest, DefragmentRequest, DeleteRangeRequest, PutRequest};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const ALL: &[&str] = &[
     "kill",
@@ -29,8 +30,12 @@ pub const ALL: &[&str] = &[
     "drop",
     "membership",
     "compact",
+    "quota",
     "crash",
 ];
+
+/// Every member's backend quota in a harness cluster (the `quota` fault fills it).
+pub const QUOTA_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Crash points compiled into Keel with `--features failpoints` (see `keel_wal::crash_point!`).
 pub const CRASH_POINTS: &[&str] = &[
@@ -140,6 +145,7 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
             }
             d
         }
+        "quota" => quota(c, shared, rng, hold).await?,
         "crash" => {
             let m = pick(rng);
             let point = *CRASH_POINTS.choose(rng).expect("crash points");
@@ -155,6 +161,68 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
         other => anyhow::bail!("unknown fault {other}"),
     };
     Ok(FaultRecord { kind: kind.to_string(), detail, start, end: shared.now() })
+}
+
+/// Fills the backend until the NOSPACE alarm, holds it (clients' writes are refused), then does
+/// what an operator does: delete the filler, compact, defragment every member, disarm.
+async fn quota(c: &mut Cluster, shared: &Shared, rng: &mut StdRng, hold: Duration) -> Result<String> {
+    let ids = c.ids();
+    let m = *ids.choose(rng).expect("a cluster has members");
+    let mut kv = KvClient::new(channel(m, c.base)?);
+    let big = vec![b'x'; 512 * 1024];
+    let (mut n, mut full) = (0usize, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !full {
+        let put = PutRequest { key: format!("/fill/{n:06}").into(), value: big.clone(), ..Default::default() };
+        match tokio::time::timeout(Duration::from_secs(5), kv.put(put)).await {
+            Ok(Ok(_)) => n += 1,
+            Ok(Err(e)) if e.message().contains("database space exceeded") => full = true,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    tokio::time::sleep(hold).await;
+    // Free the space.
+    let mut del_rev = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let del = DeleteRangeRequest { key: b"/fill/".to_vec(), range_end: b"/fill0".to_vec(), ..Default::default() };
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), kv.delete_range(del)).await {
+            del_rev = r.into_inner().header.map(|h| h.revision).unwrap_or(0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Compaction stays below what every watcher has (they send progress requests).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let floor = loop {
+        let floor = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().min().unwrap_or(0);
+        if floor >= del_rev || Instant::now() > deadline {
+            break floor;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if floor > 1 {
+        let _ = tokio::time::timeout(Duration::from_secs(10), kv.compact(CompactionRequest { revision: floor, physical: true })).await;
+    }
+    for i in c.ids() {
+        let mut mc = MaintenanceClient::new(channel(i, c.base)?);
+        let _ = tokio::time::timeout(Duration::from_secs(30), mc.defragment(DefragmentRequest {})).await;
+    }
+    let mut mc = MaintenanceClient::new(channel(m, c.base)?);
+    let get = AlarmRequest { action: AlarmAction::Get as i32, member_id: 0, alarm: AlarmType::None as i32 };
+    let mut disarmed = 0;
+    if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), mc.alarm(get)).await {
+        for a in r.into_inner().alarms {
+            let off = AlarmRequest { action: AlarmAction::Deactivate as i32, member_id: a.member_id, alarm: a.alarm };
+            if matches!(tokio::time::timeout(Duration::from_secs(5), mc.alarm(off)).await, Ok(Ok(_))) {
+                disarmed += 1;
+            }
+        }
+    }
+    Ok(format!(
+        "filled m{m} with {n} x 512 KiB ({}), deleted at {del_rev}, compacted at {floor}, defragmented, {disarmed} alarm(s) disarmed",
+        if full { "NOSPACE raised" } else { "quota not reached" }
+    ))
 }
 
 fn skip(kind: &str, start: u64, shared: &Shared) -> FaultRecord {

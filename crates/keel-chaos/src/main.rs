@@ -59,7 +59,7 @@ enum Cmd {
         keel: PathBuf,
         #[arg(long, default_value = "target/chaos/crash-loop")]
         out: PathBuf,
-        #[arg(long, default_value_t = 32479)]
+        #[arg(long, default_value_t = 24479)]
         port: u16,
         #[arg(long)]
         seed: Option<u64>,
@@ -98,8 +98,9 @@ struct RunArgs {
     /// The keel binary (built with `--features failpoints` for the `crash` fault).
     #[arg(long, default_value = "target/release/keel")]
     keel: PathBuf,
-    /// Client port of every member (peer: +1, proxy: +2), each member on its own 127.0.0.x.
-    #[arg(long, default_value_t = 32379)]
+    /// Client port of every member (peer: +1, proxy: +2), each member on its own 127.0.0.x
+    /// (below the ephemeral port range, where outgoing connections could take it).
+    #[arg(long, default_value_t = 24379)]
     base_port: u16,
     /// Search budget (steps) of the linearizability checker per key.
     #[arg(long, default_value_t = 20_000_000)]
@@ -273,8 +274,12 @@ async fn run(a: RunArgs) -> Result<bool> {
 async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize, seed: u64, dir: &Path) -> Result<(History, String)> {
     let mut rng = StdRng::seed_from_u64(seed);
     let net = proxy::Net::new(seed);
+    let quota = faults::QUOTA_BYTES.to_string();
     let extra: Vec<String> =
-        ["--heartbeat-interval", "100", "--election-timeout", "1000", "--snapshot-count", "500"].iter().map(|s| s.to_string()).collect();
+        ["--heartbeat-interval", "100", "--election-timeout", "1000", "--snapshot-count", "500", "--quota-backend-bytes", &quota]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let mut cluster = cluster::Cluster::start(keel, dir, a.base_port, members, net, extra).await?;
     let shared = Arc::new(Shared {
         start: Instant::now(),

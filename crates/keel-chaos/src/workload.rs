@@ -205,6 +205,9 @@ fn finish(
 ) {
     let (output, ret, error) = match result {
         Ok(o) => (o, shared.now(), None),
+        // Refused by the quota (checked before proposing, or by the capped applier): certainly
+        // not applied, so it is no operation at all.
+        Err(e) if e.contains("database space exceeded") => return,
         Err(e) => {
             *member = shared.pick_member(rng, Some(at));
             (Output::Unknown, NEVER, Some(e))
@@ -334,6 +337,15 @@ pub async fn watcher(shared: Arc<Shared>, id: usize, seed: u64) {
                 }
             }
             let progress = events.is_empty();
+            if progress {
+                // Everything up to here was delivered: resume after it, and compaction may go
+                // up to it.
+                next_rev = next_rev.max(header_rev + 1);
+                let mut revs = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(slot) = revs.get_mut(id) {
+                    *slot = (*slot).max(header_rev);
+                }
+            }
             shared.watch.lock().unwrap_or_else(|p| p.into_inner()).push(WatchResponse {
                 watcher: id,
                 member,
