@@ -152,12 +152,28 @@ fn check_put(view: &dyn View, req: &PutRequest, leases: &dyn Leases) -> Result<(
     Ok(())
 }
 
+/// A range inside a Txn, checked before anything is applied (etcd's `checkRequestRange`): unlike
+/// a plain Range, a negative revision is not "now" but older than anything kept (compacted).
 fn check_range(view: &dyn View, req: &RangeRequest) -> Result<(), KvError> {
-    view.store().check_rev(req.revision, view.read_rev()).map(|_| ())
+    if req.revision == 0 {
+        return Ok(());
+    }
+    if req.revision > view.read_rev() {
+        return Err(KvError::FutureRev);
+    }
+    if req.revision < view.store().compacted_rev() {
+        return Err(KvError::Compacted);
+    }
+    Ok(())
 }
 
 /// Applies a Put.
 pub fn put(w: &mut WriteTxn, req: &PutRequest, leases: &dyn Leases) -> Result<PutResponse, KvError> {
+    // A plain Put looks the lease up first; inside a Txn the missing key is reported first
+    // (etcd's `applierV3backend.Put` and `checkRequestPut` differ in this order).
+    if !req.ignore_lease && req.lease != 0 && !leases.exists(req.lease) {
+        return Err(KvError::LeaseNotFound);
+    }
     check_put(w, req, leases)?;
     let prev = do_put(w, req)?;
     Ok(PutResponse { header: None, prev_kv: prev })
