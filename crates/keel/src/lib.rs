@@ -395,14 +395,25 @@ async fn run(cfg: Config) -> Result<()> {
         .merge(http::router(server.clone()))
         .merge(gateway::router(gw));
     let client_tls = tls::client_server(&cfg)?;
+    // As etcd: the client ports are bound now but served only once this member is ready (its
+    // attributes published through raft, so every entry before them is applied). Serving
+    // earlier would show a restarted member's pre-replay state: a revision older than writes
+    // it had acknowledged.
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     for (lu, l) in serve::bind(&split_urls(&cfg.listen_client_urls)).await? {
         let acceptor = match (lu.tls, &client_tls) {
             (true, Some(t)) => Some(t.clone()),
             (true, None) => bail!("TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme", lu.url),
             (false, _) => None,
         };
-        tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-        tokio::spawn(serve::serve(l, acceptor, router.clone(), client_h2, true));
+        let (router, mut ready) = (router.clone(), ready_rx.clone());
+        tokio::spawn(async move {
+            if ready.wait_for(|r| *r).await.is_err() {
+                return;
+            }
+            tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
+            serve::serve(l, acceptor, router, client_h2, true).await
+        });
     }
     if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
         let mrouter = http::metrics_router(server.clone());
@@ -419,7 +430,7 @@ async fn run(cfg: Config) -> Result<()> {
         }
     }
 
-    tokio::spawn(publish(server.clone()));
+    tokio::spawn(publish(server.clone(), ready_tx));
     tokio::spawn(compactor::run(server.clone(), auto_compaction));
     tokio::spawn(api::lease::run_expiry(server.clone()));
 
@@ -438,7 +449,7 @@ async fn run(cfg: Config) -> Result<()> {
 
 /// Publishes this member's name and client URLs through raft (as etcd does), then announces that
 /// the member serves.
-async fn publish(server: Arc<Server>) {
+async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
     let attrs = MemberAttributes {
         id: server.member_id,
         name: server.cfg.name.clone(),
@@ -464,6 +475,7 @@ async fn publish(server: Arc<Server>) {
         client_urls = ?attrs.client_urls,
         "published local member to cluster through raft"
     );
+    let _ = ready.send(true);
     tracing::info!("ready to serve client requests");
 }
 
