@@ -19,6 +19,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
+/// The member process; killed when dropped, so that no error path leaves it running.
+struct Member(Child);
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Outcome {
     pub iterations: usize,
     pub acked: usize,
@@ -26,7 +36,7 @@ pub struct Outcome {
     pub killed: usize,
 }
 
-fn spawn(bin: &Path, dir: &Path, port: u16, failpoints: Option<&str>) -> Result<Child> {
+fn spawn(bin: &Path, dir: &Path, port: u16, failpoints: Option<&str>) -> Result<Member> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("member.log"))?;
     let err = log.try_clone()?;
     let url = format!("http://127.0.0.1:{port}");
@@ -44,10 +54,11 @@ fn spawn(bin: &Path, dir: &Path, port: u16, failpoints: Option<&str>) -> Result<
     if let Some(fp) = failpoints {
         cmd.env("FAILPOINTS", fp);
     }
-    Ok(cmd.spawn()?)
+    Ok(Member(cmd.spawn()?))
 }
 
-async fn ready(ch: &Channel, child: &mut Child, limit: Duration) -> Result<bool> {
+async fn ready(ch: &Channel, child: &mut Member, limit: Duration) -> Result<bool> {
+    let child = &mut child.0;
     let deadline = Instant::now() + limit;
     let mut m = MaintenanceClient::new(ch.clone());
     loop {
@@ -69,6 +80,10 @@ async fn ready(ch: &Channel, child: &mut Child, limit: Duration) -> Result<bool>
 pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64) -> Result<Outcome> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
+    // Another process on these ports would answer in the member's place.
+    for p in [port, port + 1] {
+        std::net::TcpListener::bind(("127.0.0.1", p)).with_context(|| format!("port {p} is in use"))?;
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let ch = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
         .connect_timeout(Duration::from_secs(1))
@@ -91,7 +106,6 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
             out.crashed_at_points += 1;
             child = spawn(bin, dir, port, None)?;
             if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
-                let _ = child.kill();
                 bail!("iteration {it}: the member does not start after a crash (see {})", dir.join("member.log").display());
             }
         }
@@ -162,13 +176,12 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
             }));
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(20..400))).await;
-        if child.try_wait()?.is_some() {
+        if child.0.try_wait()?.is_some() {
             out.crashed_at_points += 1;
         } else {
-            let _ = child.kill();
             out.killed += 1;
         }
-        let _ = child.wait();
+        drop(child);
         for t in tasks {
             let _ = t.await;
         }
