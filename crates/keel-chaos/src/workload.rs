@@ -19,6 +19,7 @@ use keel_proto::etcdserverpb::{
 };
 use keel_proto::mvccpb;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,7 @@ impl Shared {
         let ms = self.members.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let choices: Vec<usize> = ms.iter().copied().filter(|m| Some(*m) != not).collect();
         let from = if choices.is_empty() { &ms } else { &choices };
-        from[rng.gen_range(0..from.len().max(1)).min(from.len().saturating_sub(1))]
+        *from.choose(rng).expect("a cluster always has members")
     }
 
     fn record(&self, op: Op) {
@@ -288,15 +289,13 @@ pub async fn watcher(shared: Arc<Shared>, id: usize, seed: u64) {
                 Ok(Ok(Some(r))) => r,
                 _ => break,
             };
+            let record_start = |compacted: bool| {
+                let start = WatchStart { watcher: id, member, stream: stream_no, start_rev: next_rev, compacted };
+                shared.watch_starts.lock().unwrap_or_else(|p| p.into_inner()).push(start);
+            };
             if r.created {
                 created = true;
-                shared.watch_starts.lock().unwrap_or_else(|p| p.into_inner()).push(WatchStart {
-                    watcher: id,
-                    member,
-                    stream: stream_no,
-                    start_rev: next_rev,
-                    compacted: false,
-                });
+                record_start(false);
                 if !r.canceled {
                     continue;
                 }
@@ -304,13 +303,7 @@ pub async fn watcher(shared: Arc<Shared>, id: usize, seed: u64) {
             if r.canceled {
                 if r.compact_revision > 0 {
                     compacted = true;
-                    shared.watch_starts.lock().unwrap_or_else(|p| p.into_inner()).push(WatchStart {
-                        watcher: id,
-                        member,
-                        stream: stream_no,
-                        start_rev: next_rev,
-                        compacted: true,
-                    });
+                    record_start(true);
                 }
                 break;
             }
