@@ -5,9 +5,20 @@
 mod common;
 
 use common::*;
+use keel_proto::etcdserverpb::auth_client::AuthClient;
 use keel_proto::etcdserverpb::lease_client::LeaseClient;
 use keel_proto::etcdserverpb::*;
 use tonic::Code;
+
+/// The shape of the auth requests that carry a name (and a password), with bytes where the real
+/// message has strings: lets the test send names that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawNamed {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    password: Vec<u8>,
+}
 
 fn nested_txn(depth: usize) -> TxnRequest {
     let mut t = TxnRequest {
@@ -63,6 +74,28 @@ async fn bad_requests_get_errors_and_change_nothing() {
     assert_eq!((e.code(), e.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"));
     let e = kv.compact(CompactionRequest { revision: i64::MAX, physical: false }).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"));
+
+    // Names that are not UTF-8 in auth requests (proto3 strings). etcd's Go decoder takes any
+    // bytes; Keel's refuses them as gRPC servers do for an undecodable message (Internal), before
+    // any handler runs.
+    let mut auth = AuthClient::new(ch.clone());
+    let auth_rev = |h: Option<ResponseHeader>| h.map(|h| (h.revision, h.raft_term)).unwrap_or_default();
+    let before_users = auth.user_list(AuthUserListRequest {}).await.unwrap().into_inner();
+    let mut raw = tonic::client::Grpc::new(ch.clone());
+    for method in ["UserAdd", "UserGet", "RoleAdd", "Authenticate", "UserDelete", "UserChangePassword"] {
+        raw.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::try_from(format!("/etcdserverpb.Auth/{method}")).unwrap();
+        let req = RawNamed { name: vec![b'u', 0xff, 0xfe], password: b"pw".to_vec() };
+        let r: Result<tonic::Response<AuthUserAddResponse>, _> =
+            raw.unary(tonic::Request::new(req), path, tonic_prost::ProstCodec::default()).await;
+        let e = r.expect_err(method);
+        assert_eq!(e.code(), Code::Internal, "{method}: {e:?}");
+        assert!(e.message().contains("UTF-8"), "{method}: {e:?}");
+    }
+    let after_users = auth.user_list(AuthUserListRequest {}).await.unwrap().into_inner();
+    assert_eq!(after_users.users, before_users.users);
+    assert!(auth.role_list(AuthRoleListRequest {}).await.unwrap().into_inner().roles.is_empty());
+    assert_eq!(auth_rev(after_users.header), auth_rev(before_users.header));
 
     // Nothing changed, and the member still serves.
     let after = kv.range(RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() }).await.unwrap().into_inner();
