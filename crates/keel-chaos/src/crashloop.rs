@@ -77,6 +77,74 @@ async fn ready(ch: &Channel, child: &mut Member, limit: Duration) -> Result<bool
     }
 }
 
+/// Why a check of the acknowledged writes failed.
+enum Check {
+    /// The member answered, and the answer breaks a guarantee.
+    Violation(anyhow::Error),
+    /// The member did not answer.
+    Unreachable(anyhow::Error),
+}
+
+/// Waits up to `limit` for the member process to end; true when it has.
+async fn exited(child: &mut Member, limit: Duration) -> Result<bool> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.0.try_wait()?.is_some() {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks that the member's revision is not behind `max_rev` and that the last 400 and 200 more
+/// random acknowledged writes are there with their revisions; returns the member's revision.
+async fn check(ch: &Channel, acked: &[(String, i64)], max_rev: i64, rng: &mut StdRng) -> Result<i64, Check> {
+    let unreachable = |e: tonic::Status, what: &str| Check::Unreachable(anyhow::Error::new(e).context(what.to_string()));
+    let mut kv = KvClient::new(ch.clone());
+    let status = MaintenanceClient::new(ch.clone()).status(StatusRequest {}).await.map_err(|e| unreachable(e, "status"))?.into_inner();
+    let rev = status.header.map(|h| h.revision).unwrap_or(0);
+    if rev < max_rev {
+        return Err(Check::Violation(anyhow::anyhow!("revision went back from {max_rev} to {rev} after a crash")));
+    }
+    let mut sample: Vec<&(String, i64)> = acked.iter().rev().take(400).collect();
+    sample.extend(acked.choose_multiple(rng, 200));
+    for (key, r) in sample {
+        let resp = kv
+            .range(RangeRequest { key: key.clone().into(), serializable: true, ..Default::default() })
+            .await
+            .map_err(|e| unreachable(e, "read back"))?
+            .into_inner();
+        match resp.kvs.first() {
+            Some(k) if k.value == key.as_bytes() && k.mod_revision == *r => {}
+            other => {
+                return Err(Check::Violation(anyhow::anyhow!(
+                    "acknowledged write {key} (revision {r}) lost or changed after a crash: {:?}",
+                    other.map(|k| (String::from_utf8_lossy(&k.value).into_owned(), k.mod_revision))
+                )))
+            }
+        }
+    }
+    let count = kv
+        .range(RangeRequest {
+            key: b"/crash/".to_vec(),
+            range_end: b"/crash0".to_vec(),
+            count_only: true,
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unreachable(e, "count"))?
+        .into_inner()
+        .count;
+    if (count as usize) < acked.len() {
+        return Err(Check::Violation(anyhow::anyhow!("{count} keys after a crash, {} were acknowledged", acked.len())));
+    }
+    Ok(rev)
+}
+
 pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64) -> Result<Outcome> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
@@ -109,43 +177,27 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
                 bail!("iteration {it}: the member does not start after a crash (see {})", dir.join("member.log").display());
             }
         }
-        // Everything acknowledged before must be there, at a revision no older.
-        let mut kv = KvClient::new(ch.clone());
-        let status = MaintenanceClient::new(ch.clone()).status(StatusRequest {}).await.context("status")?.into_inner();
-        let rev = status.header.map(|h| h.revision).unwrap_or(0);
-        if rev < max_rev {
-            bail!("iteration {it}: revision went back from {max_rev} to {rev} after a crash");
-        }
-        let mut sample: Vec<&(String, i64)> = acked.iter().rev().take(400).collect();
-        sample.extend(acked.choose_multiple(&mut rng, 200));
-        for (key, r) in sample {
-            let resp = kv
-                .range(RangeRequest { key: key.clone().into(), serializable: true, ..Default::default() })
-                .await
-                .context("read back")?
-                .into_inner();
-            match resp.kvs.first() {
-                Some(k) if k.value == key.as_bytes() && k.mod_revision == *r => {}
-                other => bail!(
-                    "iteration {it}: acknowledged write {key} (revision {r}) lost or changed after a crash: {:?}",
-                    other.map(|k| (String::from_utf8_lossy(&k.value).into_owned(), k.mod_revision))
-                ),
+        // Everything acknowledged before must be there, at a revision no older. An armed crash
+        // point may end the member while it is being checked (a backend commit on a timer): that
+        // is a crash like any other, so the member is started again, unarmed, and checked again.
+        let rev = match check(&ch, &acked, max_rev, &mut rng).await {
+            Ok(rev) => rev,
+            Err(Check::Violation(e)) => return Err(e.context(format!("iteration {it}"))),
+            Err(Check::Unreachable(e)) => {
+                if fp.is_none() || !exited(&mut child, Duration::from_secs(5)).await? {
+                    return Err(e.context(format!("iteration {it}: the member stopped answering")));
+                }
+                out.crashed_at_points += 1;
+                child = spawn(bin, dir, port, None)?;
+                if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
+                    bail!("iteration {it}: the member does not start after a crash (see {})", dir.join("member.log").display());
+                }
+                match check(&ch, &acked, max_rev, &mut rng).await {
+                    Ok(rev) => rev,
+                    Err(Check::Violation(e) | Check::Unreachable(e)) => return Err(e.context(format!("iteration {it}"))),
+                }
             }
-        }
-        let count = kv
-            .range(RangeRequest {
-                key: b"/crash/".to_vec(),
-                range_end: b"/crash0".to_vec(),
-                count_only: true,
-                serializable: true,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .count;
-        if (count as usize) < acked.len() {
-            bail!("iteration {it}: {count} keys after a crash, {} were acknowledged", acked.len());
-        }
+        };
         // Load, then a kill at a random moment.
         let new: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
         let mut tasks = Vec::new();
