@@ -13,9 +13,10 @@ use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::lease_client::LeaseClient;
 use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::*;
+use parking_lot::Mutex;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Subcommand, Debug)]
@@ -162,7 +163,7 @@ where
                     }
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
-                        let mut fe = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut fe = first_error.lock();
                         fe.get_or_insert_with(|| format!("{:?}: {}", e.code(), e.message()));
                     }
                 }
@@ -178,7 +179,7 @@ where
         }
     }
     bar.finish_and_clear();
-    let first_error = first_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let first_error = first_error.lock().clone();
     Report { name: name.to_string(), hist, errors: errors.load(Ordering::Relaxed), elapsed: start.elapsed(), first_error }
 }
 

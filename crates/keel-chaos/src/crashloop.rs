@@ -10,12 +10,13 @@ use anyhow::{bail, Context, Result};
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::{CompactionRequest, DefragmentRequest, PutRequest, RangeRequest, StatusRequest};
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
@@ -208,10 +209,7 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
                 for n in 0.. {
                     let key = format!("/crash/{it:05}-{c}-{n:05}");
                     match kv.put(PutRequest { key: key.clone().into(), value: key.clone().into(), ..Default::default() }).await {
-                        Ok(r) => new
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((key, r.into_inner().header.map(|h| h.revision).unwrap_or(0))),
+                        Ok(r) => new.lock().push((key, r.into_inner().header.map(|h| h.revision).unwrap_or(0))),
                         Err(_) => return,
                     }
                 }
@@ -237,7 +235,7 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
         for t in tasks {
             let _ = t.await;
         }
-        let new = std::mem::take(&mut *new.lock().unwrap_or_else(|p| p.into_inner()));
+        let new = std::mem::take(&mut *new.lock());
         for (_, r) in &new {
             max_rev = max_rev.max(*r);
         }

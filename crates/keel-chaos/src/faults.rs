@@ -127,7 +127,7 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
         }
         "compact" => {
             // Never beyond what every watcher has received: watchers resume from there.
-            let floor = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().min().unwrap_or(0);
+            let floor = shared.watcher_revs.lock().iter().copied().min().unwrap_or(0);
             let m = pick(rng);
             let mut d = format!("defragment m{m}");
             if floor > 1 {
@@ -195,7 +195,7 @@ async fn quota(c: &mut Cluster, shared: &Shared, rng: &mut StdRng, hold: Duratio
     // Compaction stays below what every watcher has (they send progress requests).
     let deadline = Instant::now() + Duration::from_secs(10);
     let floor = loop {
-        let floor = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().min().unwrap_or(0);
+        let floor = shared.watcher_revs.lock().iter().copied().min().unwrap_or(0);
         if floor >= del_rev || Instant::now() > deadline {
             break floor;
         }
@@ -230,7 +230,7 @@ fn skip(kind: &str, start: u64, shared: &Shared) -> FaultRecord {
 }
 
 fn set_members(shared: &Shared, ids: Vec<usize>) {
-    *shared.members.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+    *shared.members.lock() = ids;
 }
 
 /// The schedule: faults one after another, with quiet gaps, until `stop`.

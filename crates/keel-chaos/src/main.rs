@@ -27,13 +27,14 @@ use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::{HashKvRequest, RangeRequest, StatusRequest};
 use linearizability::Verdict;
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use workload::{Shared, PREFIX};
 
@@ -334,7 +335,7 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
             }),
             rev: r.header.as_ref().map(|h| h.revision).unwrap_or(0),
         };
-        shared.ops.lock().unwrap_or_else(|p| p.into_inner()).push(Op {
+        shared.ops.lock().push(Op {
             id,
             client: usize::MAX,
             member: first,
@@ -358,7 +359,7 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
     let mut stuck = Vec::new();
     for (w, t) in tasks.into_iter().enumerate() {
         if tokio::time::timeout(Duration::from_secs(30), t).await.is_err() {
-            let at = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner()).get(w).copied().unwrap_or(0);
+            let at = shared.watcher_revs.lock().get(w).copied().unwrap_or(0);
             stuck.push(format!("watcher {w} did not reach revision {final_rev} within 30 s (last event at {at})"));
         }
     }
@@ -385,9 +386,9 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
     let h = History {
         members,
         seed,
-        ops: std::mem::take(&mut *shared.ops.lock().unwrap_or_else(|p| p.into_inner())),
-        watch: std::mem::take(&mut *shared.watch.lock().unwrap_or_else(|p| p.into_inner())),
-        watch_starts: std::mem::take(&mut *shared.watch_starts.lock().unwrap_or_else(|p| p.into_inner())),
+        ops: std::mem::take(&mut *shared.ops.lock()),
+        watch: std::mem::take(&mut *shared.watch.lock()),
+        watch_starts: std::mem::take(&mut *shared.watch_starts.lock()),
         faults,
         compacted: 0,
         final_rev,

@@ -7,10 +7,11 @@
 //! are cut, new ones refused), delay on every chunk, and random connection cuts (dropped
 //! messages: raft resends). Works without root or network namespaces.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,12 +60,12 @@ impl Net {
     }
 
     fn blocked(&self, from: usize, to: usize) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).blocked.contains(&(from, to))
+        self.state.lock().blocked.contains(&(from, to))
     }
 
     /// Blocks both directions between every member of `a` and every member of `b`.
     pub fn partition(&self, a: &[usize], b: &[usize]) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock();
         for &x in a {
             for &y in b {
                 s.blocked.insert((x, y));
@@ -76,7 +77,7 @@ impl Net {
     }
 
     pub fn heal(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).blocked.clear();
+        self.state.lock().blocked.clear();
         self.delay_ms.store(0, Ordering::Relaxed);
         self.cut_per_10k.store(0, Ordering::Relaxed);
         self.epoch.send_modify(|e| *e += 1);

@@ -18,11 +18,12 @@ use keel_proto::etcdserverpb::{
     WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
 use keel_proto::mvccpb;
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const PREFIX: &str = "/chaos/";
@@ -50,7 +51,7 @@ impl Shared {
     }
 
     fn pick_member(&self, rng: &mut StdRng, not: Option<usize>) -> usize {
-        let ms = self.members.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ms = self.members.lock().clone();
         let choices: Vec<usize> = ms.iter().copied().filter(|m| Some(*m) != not).collect();
         let from = if choices.is_empty() { &ms } else { &choices };
         *from.choose(rng).expect("a cluster always has members")
@@ -60,11 +61,11 @@ impl Shared {
         if let Some(r) = op.header_rev() {
             self.max_rev.fetch_max(r, Ordering::Relaxed);
         }
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+        self.ops.lock().push(op);
     }
 
     pub fn next_op_id(&self) -> usize {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.ops.lock().len()
     }
 }
 
@@ -115,7 +116,7 @@ pub async fn client(shared: Arc<Shared>, id: usize, keys: usize, seed: u64) {
         } else if dice < 90 {
             // Compare against the value this client last saw for some key (or absence).
             let last_seen = {
-                let ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
+                let ops = shared.ops.lock();
                 ops.iter().rev().take(200).find_map(|o| match (&o.output, o.key == key) {
                     (Output::Get { kv: Some(k), .. }, true) => Some(k.value.clone()),
                     _ => None,
@@ -291,7 +292,7 @@ pub async fn watcher(shared: Arc<Shared>, id: usize, seed: u64) {
             };
             let record_start = |compacted: bool| {
                 let start = WatchStart { watcher: id, member, stream: stream_no, start_rev: next_rev, compacted };
-                shared.watch_starts.lock().unwrap_or_else(|p| p.into_inner()).push(start);
+                shared.watch_starts.lock().push(start);
             };
             if r.created {
                 created = true;
@@ -324,7 +325,7 @@ pub async fn watcher(shared: Arc<Shared>, id: usize, seed: u64) {
             let header_rev = rev_of(&r.header);
             if let Some(last) = events.last() {
                 next_rev = last.mod_rev + 1;
-                let mut revs = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut revs = shared.watcher_revs.lock();
                 if let Some(slot) = revs.get_mut(id) {
                     *slot = last.mod_rev;
                 }
@@ -334,12 +335,12 @@ pub async fn watcher(shared: Arc<Shared>, id: usize, seed: u64) {
                 // Everything up to here was delivered: resume after it, and compaction may go
                 // up to it.
                 next_rev = next_rev.max(header_rev + 1);
-                let mut revs = shared.watcher_revs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut revs = shared.watcher_revs.lock();
                 if let Some(slot) = revs.get_mut(id) {
                     *slot = (*slot).max(header_rev);
                 }
             }
-            shared.watch.lock().unwrap_or_else(|p| p.into_inner()).push(WatchResponse {
+            shared.watch.lock().push(WatchResponse {
                 watcher: id,
                 member,
                 stream: stream_no,

@@ -123,12 +123,7 @@ impl Backend {
     }
 
     /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
-    pub fn commit(
-        &self,
-        changes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-        aux: &BTreeMap<String, Vec<u8>>,
-        meta: &Meta,
-    ) -> Result<(), BackendError> {
+    pub fn commit(&self, changes: &crate::store::Changes, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;
@@ -144,7 +139,7 @@ impl Backend {
             for (k, v) in changes {
                 match v {
                     Some(v) => {
-                        keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
+                        keys.insert(k.as_slice(), &v[..]).map_err(|e| self.err(e))?;
                     }
                     None => {
                         keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
@@ -333,5 +328,15 @@ pub struct Reader {
 impl Reader {
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
         self.table.get(key).map(|o| o.map(|v| v.value().to_vec())).map_err(|e| BackendError { path: self.path.clone(), msg: e.to_string() })
+    }
+
+    /// Calls `f` for every (revision key, value) of this read, in revision order.
+    pub fn scan(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), BackendError>) -> Result<(), BackendError> {
+        let err = |e: &dyn std::fmt::Display| BackendError { path: self.path.clone(), msg: e.to_string() };
+        for item in self.table.iter().map_err(|e| err(&e))? {
+            let (k, v) = item.map_err(|e| err(&e))?;
+            f(k.value(), v.value())?;
+        }
+        Ok(())
     }
 }

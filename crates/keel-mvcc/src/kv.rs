@@ -84,23 +84,41 @@ fn header(rev: i64) -> Option<ResponseHeader> {
     Some(ResponseHeader { revision: rev, ..Default::default() })
 }
 
-/// Serves a Range on the committed store.
+/// Serves a Range on the store as it is (the whole read under `&Store`; a shared store plans
+/// it instead: [`crate::shared::SharedStore::range`]).
 pub fn range(store: &Store, req: &RangeRequest) -> Result<RangeResponse, KvError> {
     do_range(store, req)
+}
+
+fn filtered(req: &RangeRequest) -> bool {
+    req.min_mod_revision != 0 || req.max_mod_revision != 0 || req.min_create_revision != 0 || req.max_create_revision != 0
+}
+
+/// How many key-values a Range must read (0: all of them): its limit plus one, to tell whether
+/// there is more, unless sorting or filtering needs them all.
+pub fn fetch_limit(req: &RangeRequest) -> usize {
+    let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let limit = if sort_order != SortOrder::None || filtered(req) { 0 } else { req.limit.max(0) as usize };
+    if limit > 0 {
+        limit + 1
+    } else {
+        0
+    }
 }
 
 fn do_range(view: &dyn View, req: &RangeRequest) -> Result<RangeResponse, KvError> {
     let cur = view.read_rev();
     let at = view.store().check_rev(req.revision, cur)?;
+    let (kvs, count) = view.range_kvs(&req.key, &req.range_end, at, fetch_limit(req), req.count_only)?;
+    Ok(shape_range(req, kvs, count, cur))
+}
+
+/// A Range's answer from the key-values read (at most [`fetch_limit`] of them, in key order)
+/// and the number of keys in the range: filters, sort order, limit and `more`, `keys_only`.
+pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, count: i64, cur: i64) -> RangeResponse {
     let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
     let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
-    let filtered = req.min_mod_revision != 0 || req.max_mod_revision != 0 || req.min_create_revision != 0 || req.max_create_revision != 0;
-    let mut fetch_limit = if sort_order != SortOrder::None || filtered { 0 } else { req.limit.max(0) as usize };
-    if fetch_limit > 0 {
-        fetch_limit += 1; // one more, to tell whether there is more
-    }
-    let (mut kvs, count) = view.range_kvs(&req.key, &req.range_end, at, fetch_limit, req.count_only)?;
-    if filtered {
+    if filtered(req) {
         kvs.retain(|kv| {
             !(req.max_mod_revision != 0 && kv.mod_revision > req.max_mod_revision
                 || req.min_mod_revision != 0 && kv.mod_revision < req.min_mod_revision
@@ -139,7 +157,7 @@ fn do_range(view: &dyn View, req: &RangeRequest) -> Result<RangeResponse, KvErro
             kv.value.clear();
         }
     }
-    Ok(RangeResponse { header: header(cur), kvs, more, count })
+    RangeResponse { header: header(cur), kvs, more, count }
 }
 
 fn check_put(view: &dyn View, req: &PutRequest, leases: &dyn Leases) -> Result<(), KvError> {
@@ -287,6 +305,41 @@ pub fn txn(w: &mut WriteTxn, req: &TxnRequest, leases: &dyn Leases) -> Result<Tx
     check_ops(w, req, &path, &mut pos, leases)?;
     let mut pos = 0;
     exec_txn(w, req, &path, &mut pos)
+}
+
+/// Serves a read-only Txn (see [`txn_is_read_only`]) on the store as it is, under `&Store`.
+pub fn txn_read(store: &Store, req: &TxnRequest) -> Result<TxnResponse, KvError> {
+    let mut path = Vec::new();
+    txn_path(store, req, &mut path)?;
+    let mut pos = 0;
+    check_ops(store, req, &path, &mut pos, &NoLeases)?;
+    let mut pos = 0;
+    exec_read_txn(store, req, &path, &mut pos)
+}
+
+fn exec_read_txn(view: &dyn View, req: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse, KvError> {
+    let ok = path.get(*pos).copied().unwrap_or(false);
+    *pos += 1;
+    let ops: &[RequestOp] = if ok { &req.success } else { &req.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let resp = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                let mut rr = do_range(view, r)?;
+                rr.header = header(view.read_rev());
+                Some(response_op::Response::ResponseRange(rr))
+            }
+            Some(request_op::Request::RequestTxn(t)) => {
+                let mut tr = exec_read_txn(view, t, path, pos)?;
+                tr.header = Some(ResponseHeader::default());
+                Some(response_op::Response::ResponseTxn(tr))
+            }
+            Some(_) => return Err(KvError::Corrupt("a write in a read-only transaction".into())),
+            None => None,
+        };
+        responses.push(ResponseOp { response: resp });
+    }
+    Ok(TxnResponse { header: header(view.read_rev()), succeeded: ok, responses })
 }
 
 fn exec_txn(w: &mut WriteTxn, req: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse, KvError> {

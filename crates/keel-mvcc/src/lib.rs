@@ -8,6 +8,8 @@
 //! - [`backend`]: the redb tables, committed in batches together with the consistent index.
 //! - [`store`]: ties index and backend together: versioned reads, atomic write transactions,
 //!   compaction, restore on open.
+//! - [`shared`]: the store shared by one writer and many readers; commits and big reads that do
+//!   not hold its lock.
 //! - [`kv`]: etcd's request semantics (Range, Put, DeleteRange, Txn, Compact) on top of the store.
 //!
 //! Called by the server's apply path (writes) and read path (reads). Calls only keel-proto and redb.
@@ -16,8 +18,10 @@ pub mod backend;
 pub mod index;
 pub mod kv;
 pub mod revision;
+pub mod shared;
 pub mod store;
 
 pub use kv::{KvError, TxnLimits};
 pub use revision::Revision;
+pub use shared::SharedStore;
 pub use store::{Store, TxnOutcome};

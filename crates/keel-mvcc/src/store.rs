@@ -1,7 +1,11 @@
 //! The store: index + backend + the batch of changes not yet committed to the backend.
 //!
-//! Writers (the apply path) hold `&mut Store`; readers hold `&Store`. The server puts the store
-//! behind a lock, so a write transaction is atomic to readers.
+//! Writers (the apply path) hold `&mut Store`; readers hold `&Store`. [`crate::shared`] puts the
+//! store behind a lock, so a write transaction is atomic to readers, and keeps the lock short:
+//! a backend commit takes the batch out ([`Store::take_batch`]), writes it without the lock and
+//! hands it back ([`Store::finish_batch`]); while it is written readers find its values in the
+//! batch. Reads that touch many keys are *planned* under the lock (index walk, values of
+//! unflushed revisions, a redb read transaction, all at one instant) and loaded after it.
 
 use crate::backend::{Backend, BackendError, Meta, Reader};
 use crate::index::{Change, Index, KeyHistory};
@@ -11,17 +15,31 @@ use keel_proto::mvccpb::{event::EventType, Event, KeyValue};
 use prost::Message;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// etcd's backend batching: commit every 100 ms or 10,000 changes, whichever comes first.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 pub const BATCH_LIMIT: usize = 10_000;
 
+/// Key-table changes by revision key: Some(record) to write, None to delete.
+pub type Changes = BTreeMap<Vec<u8>, Option<Arc<[u8]>>>;
+
+/// One batch of changes on its way to the backend, with the meta record it ends at.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub changes: Changes,
+    pub aux: BTreeMap<String, Vec<u8>>,
+    pub meta: Meta,
+}
+
 pub struct Store {
     backend: Backend,
     index: Index,
-    /// Changes not yet in the backend: Some(value) to write, None to delete.
-    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Changes not yet in the backend.
+    pending: Changes,
+    /// The batch being written to the backend right now (readers find its values here).
+    committing: Option<Arc<Batch>>,
     /// Auxiliary records (other modules' state), all of them; `aux_dirty` are not yet committed.
     aux: BTreeMap<String, Vec<u8>>,
     aux_dirty: BTreeMap<String, Vec<u8>>,
@@ -41,7 +59,7 @@ const DEFRAG_TAIL_LIMIT: usize = 2_000_000;
 
 #[derive(Default)]
 struct DefragTail {
-    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    changes: Changes,
     aux: BTreeMap<String, Vec<u8>>,
     meta: Option<Meta>,
     overflowed: bool,
@@ -95,6 +113,7 @@ impl Store {
             backend,
             index,
             pending: BTreeMap::new(),
+            committing: None,
             aux,
             aux_dirty: BTreeMap::new(),
             committed: meta,
@@ -148,18 +167,48 @@ impl Store {
         self.pending.len() >= BATCH_LIMIT || (self.meta != self.committed && self.last_commit.elapsed() >= BATCH_INTERVAL)
     }
 
-    /// Commits the pending batch to the backend now (durably).
+    /// Commits the pending batch to the backend now (durably), holding `&mut self` throughout.
+    /// For single-threaded use (start, offline tools); a shared store commits through
+    /// [`crate::shared::SharedStore::commit`], which does not hold the lock while writing.
     pub fn commit(&mut self) -> Result<(), BackendError> {
-        self.last_commit = Instant::now();
-        if self.pending.is_empty() && self.aux_dirty.is_empty() && self.meta == self.committed {
-            return Ok(());
+        let Some((batch, backend)) = self.take_batch() else { return Ok(()) };
+        match backend.commit(&batch.changes, &batch.aux, &batch.meta) {
+            Ok(()) => {
+                self.finish_batch(&batch);
+                Ok(())
+            }
+            Err(e) => {
+                self.abort_batch(batch);
+                Err(e)
+            }
         }
-        self.backend.commit(&self.pending, &self.aux_dirty, &self.meta)?;
+    }
+
+    /// Takes the pending batch out for a commit, with the backend to write it to; `None` when
+    /// there is nothing to commit. Until [`Store::finish_batch`] (or [`Store::abort_batch`]),
+    /// reads find the batch's values in it. One batch at a time (the caller serializes commits).
+    pub fn take_batch(&mut self) -> Option<(Arc<Batch>, Backend)> {
+        self.last_commit = Instant::now();
+        assert!(self.committing.is_none(), "mvcc: a backend commit is already in progress");
+        if self.pending.is_empty() && self.aux_dirty.is_empty() && self.meta == self.committed {
+            return None;
+        }
+        let batch =
+            Arc::new(Batch { changes: std::mem::take(&mut self.pending), aux: std::mem::take(&mut self.aux_dirty), meta: self.meta });
+        self.committing = Some(batch.clone());
+        Some((batch, self.backend.clone()))
+    }
+
+    /// The batch taken by [`Store::take_batch`] is durable in the backend.
+    pub fn finish_batch(&mut self, batch: &Arc<Batch>) {
+        debug_assert!(self.committing.as_ref().map(|c| Arc::ptr_eq(c, batch)).unwrap_or(false));
+        self.committing = None;
+        self.committed = batch.meta;
         if let Some(tail) = &mut self.defrag {
             if !tail.overflowed {
-                tail.changes.extend(std::mem::take(&mut self.pending));
-                tail.aux.extend(std::mem::take(&mut self.aux_dirty));
-                tail.meta = Some(self.meta);
+                tail.changes.extend(batch.changes.iter().map(|(k, v)| (k.clone(), v.clone())));
+                tail.aux.extend(batch.aux.iter().map(|(k, v)| (k.clone(), v.clone())));
+                tail.meta = Some(batch.meta);
                 if tail.changes.len() + tail.aux.len() > DEFRAG_TAIL_LIMIT {
                     tail.overflowed = true;
                     tail.changes.clear();
@@ -167,10 +216,31 @@ impl Store {
                 }
             }
         }
-        self.pending.clear();
-        self.aux_dirty.clear();
-        self.committed = self.meta;
-        Ok(())
+    }
+
+    /// The commit of `batch` failed: its changes go back in front of the pending ones (which
+    /// are newer), to be committed with them next time.
+    pub fn abort_batch(&mut self, batch: Arc<Batch>) {
+        self.committing = None;
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| Batch { changes: b.changes.clone(), aux: b.aux.clone(), meta: b.meta });
+        let mut changes = batch.changes;
+        changes.extend(std::mem::take(&mut self.pending));
+        self.pending = changes;
+        let mut aux = batch.aux;
+        aux.extend(std::mem::take(&mut self.aux_dirty));
+        self.aux_dirty = aux;
+    }
+
+    /// The value of a revision key not yet in the backend (pending or being committed), if it
+    /// is one: `Some(None)` when it is marked deleted.
+    fn unflushed(&self, rev: Revision, key: &[u8]) -> Option<Option<&Arc<[u8]>>> {
+        if rev.main <= self.committed.current_rev {
+            return None;
+        }
+        if let Some(v) = self.pending.get(key) {
+            return Some(v.as_ref());
+        }
+        self.committing.as_ref().and_then(|b| b.changes.get(key)).map(|v| v.as_ref())
     }
 
     /// Sets an auxiliary record; committed with the current batch (so atomically with the
@@ -242,6 +312,13 @@ impl Store {
         Ok((replayed, old))
     }
 
+    /// Moves the backend file to `dest` (an atomic rename over whatever is there) and keeps
+    /// using it: a backend received from the leader taking the member's backend's place.
+    pub fn move_to(&mut self, dest: &Path) -> Result<(), BackendError> {
+        self.backend = self.backend.clone().rename_to(dest)?;
+        Ok(())
+    }
+
     /// Abandons a defragmentation (the copy failed).
     pub fn abort_defrag(&mut self) {
         self.defrag = None;
@@ -271,7 +348,7 @@ impl Store {
 
     fn fetch(&self, reader: &mut Option<Reader>, rev: Revision) -> Result<KeyValue, KvError> {
         let k = rev.to_key(false);
-        if let Some(v) = self.pending.get(&k) {
+        if let Some(v) = self.unflushed(rev, &k) {
             return match v {
                 Some(v) => decode_kv(v),
                 None => Err(KvError::Corrupt(format!("revision {rev:?} is deleted but still indexed"))),
@@ -285,6 +362,36 @@ impl Store {
             Some(v) => decode_kv(&v),
             None => Err(KvError::Corrupt(format!("revision {rev:?} is indexed but missing from the backend"))),
         }
+    }
+
+    /// Where the value of `rev` is, as of now: its record if not yet in the backend, else its
+    /// key in the backend (read later through the plan's reader).
+    fn slot(&self, rev: Revision) -> Result<Slot, KvError> {
+        let k = rev.to_key(false);
+        match self.unflushed(rev, &k) {
+            Some(Some(v)) => Ok(Slot::Record(v.clone())),
+            Some(None) => Err(KvError::Corrupt(format!("revision {rev:?} is deleted but still indexed"))),
+            None => Ok(Slot::Stored(k)),
+        }
+    }
+
+    /// Plans a read of the keys in `[key, end)` at revision `at` (already validated): up to
+    /// `limit` key-values (0: all) unless `count_only`, and the number of keys in the range.
+    /// Cheap (an index walk); [`ReadPlan::load`] then reads the values without the store.
+    pub fn plan_range(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(ReadPlan, i64), KvError> {
+        let mut slots = Vec::new();
+        let mut count = 0i64;
+        let mut stored = false;
+        for (_, rev) in self.index.range_at(key, end, at) {
+            count += 1;
+            if !count_only && (limit == 0 || slots.len() < limit) {
+                let s = self.slot(rev)?;
+                stored |= matches!(s, Slot::Stored(_));
+                slots.push(s);
+            }
+        }
+        let reader = if stored { Some(self.backend.reader().map_err(KvError::Backend)?) } else { None };
+        Ok((ReadPlan { slots, reader }, count))
     }
 
     /// Keys in `[key, end)` at revision `at` (already validated): up to `limit` key-values (0: all)
@@ -327,8 +434,18 @@ impl Store {
     /// The events of keys in `[key, end)` with revisions in `[from, to]`, in revision order, with
     /// prev_kv when `with_prev` (watchers catching up). `from` must not be compacted.
     pub fn events_between(&self, key: &[u8], end: &[u8], from: i64, to: i64, with_prev: bool) -> Result<Vec<Event>, KvError> {
-        let mut reader = None;
-        let mut out: Vec<(Revision, Event)> = Vec::new();
+        self.plan_events(key, end, from, to, with_prev)?.load()
+    }
+
+    /// Plans [`Store::events_between`]: an index walk under `&self`; the values are read by
+    /// [`EventsPlan::load`] without the store.
+    pub fn plan_events(&self, key: &[u8], end: &[u8], from: i64, to: i64, with_prev: bool) -> Result<EventsPlan, KvError> {
+        let mut items: Vec<(Revision, PlannedEvent)> = Vec::new();
+        let mut stored = false;
+        let mut note = |s: Slot| {
+            stored |= matches!(s, Slot::Stored(_));
+            s
+        };
         for (k, h) in self.index.range_all(key, end) {
             let first = h.changes.partition_point(|c| c.rev.main < from);
             for i in first..h.changes.len() {
@@ -336,25 +453,19 @@ impl Store {
                 if c.rev.main > to {
                     break;
                 }
-                let prev = if with_prev && i > 0 && !h.changes[i - 1].tombstone {
-                    Some(self.fetch(&mut reader, h.changes[i - 1].rev)?)
-                } else {
-                    None
-                };
+                let prev =
+                    if with_prev && i > 0 && !h.changes[i - 1].tombstone { Some(note(self.slot(h.changes[i - 1].rev)?)) } else { None };
                 let ev = if c.tombstone {
-                    Event {
-                        r#type: EventType::Delete as i32,
-                        kv: Some(KeyValue { key: k.to_vec(), mod_revision: c.rev.main, ..Default::default() }),
-                        prev_kv: prev,
-                    }
+                    PlannedEvent::Delete { key: k.to_vec(), rev: c.rev.main, prev }
                 } else {
-                    Event { r#type: EventType::Put as i32, kv: Some(self.fetch(&mut reader, c.rev)?), prev_kv: prev }
+                    PlannedEvent::Put { value: note(self.slot(c.rev)?), prev }
                 };
-                out.push((c.rev, ev));
+                items.push((c.rev, ev));
             }
         }
-        out.sort_by_key(|(r, _)| *r);
-        Ok(out.into_iter().map(|(_, e)| e).collect())
+        items.sort_by_key(|(r, _)| *r);
+        let reader = if stored { Some(self.backend.reader().map_err(KvError::Backend)?) } else { None };
+        Ok(EventsPlan { items, reader })
     }
 
     /// Starts a write transaction: all its changes share one main revision.
@@ -363,11 +474,9 @@ impl Store {
         WriteTxn { store: self, main, sub: 0, events: Vec::new(), lease_changes: Vec::new() }
     }
 
-    /// etcd's HashKV: CRC-32C over the key table's entries (revision key, KeyValue record) up to
-    /// `rev` (0: current), starting with the table name. The records are encoded as etcd's, so
-    /// the hash matches etcd's for the same history. Returns (hash, current revision, compacted
-    /// revision).
-    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), KvError> {
+    /// Plans etcd's HashKV (see [`HashPlan::run`]) at `rev` (0: current): what it needs from the
+    /// index and the unflushed batches, and a read transaction of the backend, at one instant.
+    pub fn plan_hash_kv(&self, rev: i64) -> Result<HashPlan, KvError> {
         let (cur, compacted) = (self.meta.current_rev, self.meta.compacted_rev);
         if rev > 0 && rev <= compacted {
             return Err(KvError::Compacted);
@@ -384,56 +493,16 @@ impl Store {
             Default::default()
         };
         let any_live = compacted > 0 && self.index.range_at(&[0], &[0], upper).next().is_some();
-        let mut crc = crc32c::crc32c(b"key");
-        let mut add = |k: &[u8], v: &[u8]| {
-            crc = crc32c::crc32c_append(crc, k);
-            crc = crc32c::crc32c_append(crc, v);
-        };
-        let within = |k: &[u8]| match Revision::from_key(k) {
-            Some((r, _)) if r.main <= upper => r.main > compacted || !any_live || keep.contains(k),
-            _ => false,
-        };
-        // Merge the committed table with the pending batch, in key (= revision) order.
-        let mut pending = self.pending.iter().peekable();
-        self.backend
-            .scan(|k, v| {
-                while let Some((pk, pv)) = pending.peek() {
-                    if pk.as_slice() < k {
-                        if let Some(pv) = pv {
-                            if within(pk) {
-                                add(pk, pv);
-                            }
-                        }
-                        pending.next();
-                    } else {
-                        break;
-                    }
-                }
-                if let Some((pk, pv)) = pending.peek() {
-                    if pk.as_slice() == k {
-                        if let Some(pv) = pv {
-                            if within(k) {
-                                add(k, pv);
-                            }
-                        }
-                        pending.next();
-                        return Ok(());
-                    }
-                }
-                if within(k) {
-                    add(k, v);
-                }
-                Ok(())
-            })
-            .map_err(KvError::Backend)?;
-        for (pk, pv) in pending {
-            if let Some(pv) = pv {
-                if within(pk) {
-                    add(pk, pv);
-                }
-            }
-        }
-        Ok((crc, cur, compacted))
+        // The unflushed changes, newest last: the batch being committed, then the pending one.
+        let mut overlay: Changes = self.committing.as_ref().map(|b| b.changes.clone()).unwrap_or_default();
+        overlay.extend(self.pending.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let reader = self.backend.reader().map_err(KvError::Backend)?;
+        Ok(HashPlan { overlay, reader, keep, any_live, upper, cur, compacted })
+    }
+
+    /// etcd's HashKV, all at once (the plan run under `&self`).
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), KvError> {
+        self.plan_hash_kv(rev)?.run()
     }
 
     /// Compacts history up to `rev`: drops superseded revisions from index and backend.
@@ -522,7 +591,7 @@ impl WriteTxn<'_> {
         let rec = kv.encode_to_vec();
         let size = (rec.len() + crate::revision::REV_BYTES) as u32;
         self.store.data_bytes += size as u64;
-        self.store.pending.insert(rev.to_key(false), Some(rec));
+        self.store.pending.insert(rev.to_key(false), Some(Arc::from(rec)));
         self.store.index.put(key, rev, lease, size);
         self.sub += 1;
         if old_lease != 0 || lease != 0 {
@@ -553,7 +622,7 @@ impl WriteTxn<'_> {
             let rec = tomb.encode_to_vec();
             let size = (rec.len() + crate::revision::REV_BYTES + 1) as u32;
             self.store.data_bytes += size as u64;
-            self.store.pending.insert(rev.to_key(true), Some(rec));
+            self.store.pending.insert(rev.to_key(true), Some(Arc::from(rec)));
             self.store.index.tombstone(k, rev, size);
             self.sub += 1;
             let ev_kv = KeyValue { key: k.clone(), mod_revision: self.main, ..Default::default() };
@@ -583,5 +652,159 @@ impl WriteTxn<'_> {
             self.store.meta.current_rev = self.main;
         }
         TxnOutcome { revision: self.store.meta.current_rev, events: self.events, lease_changes: self.lease_changes }
+    }
+}
+
+/// Where a planned read finds one value.
+enum Slot {
+    /// The record, not yet in the backend.
+    Record(Arc<[u8]>),
+    /// The revision key of a record in the backend (at the plan's read transaction).
+    Stored(Vec<u8>),
+}
+
+/// A read planned under the store's lock, loaded without it: the values of the planned
+/// revisions as they were at that instant (unflushed records held here, the rest through a
+/// redb read transaction opened then, which later commits do not change).
+pub struct ReadPlan {
+    slots: Vec<Slot>,
+    reader: Option<Reader>,
+}
+
+impl ReadPlan {
+    /// Reads and decodes the planned key-values, in order.
+    pub fn load(self) -> Result<Vec<KeyValue>, KvError> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for s in self.slots {
+            out.push(match s {
+                Slot::Record(v) => decode_kv(&v)?,
+                Slot::Stored(k) => {
+                    let r = self.reader.as_ref().ok_or_else(|| KvError::Corrupt("planned read without a reader".into()))?;
+                    match r.get(&k).map_err(KvError::Backend)? {
+                        Some(v) => decode_kv(&v)?,
+                        None => {
+                            let rev = Revision::from_key(&k).map(|(r, _)| r).unwrap_or_default();
+                            return Err(KvError::Corrupt(format!("revision {rev:?} is indexed but missing from the backend")));
+                        }
+                    }
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// etcd's HashKV planned by [`Store::plan_hash_kv`].
+pub struct HashPlan {
+    overlay: Changes,
+    reader: Reader,
+    keep: std::collections::HashSet<Vec<u8>>,
+    any_live: bool,
+    upper: i64,
+    cur: i64,
+    compacted: i64,
+}
+
+impl HashPlan {
+    /// CRC-32C over the key table's entries (revision key, KeyValue record) up to the planned
+    /// revision, starting with the table name. The records are encoded as etcd's, so the hash
+    /// matches etcd's for the same history. Returns (hash, current revision, compacted revision).
+    pub fn run(self) -> Result<(u32, i64, i64), KvError> {
+        let HashPlan { overlay, reader, keep, any_live, upper, cur, compacted } = self;
+        let mut crc = crc32c::crc32c(b"key");
+        let mut add = |k: &[u8], v: &[u8]| {
+            crc = crc32c::crc32c_append(crc, k);
+            crc = crc32c::crc32c_append(crc, v);
+        };
+        let within = |k: &[u8]| match Revision::from_key(k) {
+            Some((r, _)) if r.main <= upper => r.main > compacted || !any_live || keep.contains(k),
+            _ => false,
+        };
+        // Merge the committed table with the unflushed changes, in key (= revision) order.
+        let mut pending = overlay.iter().peekable();
+        reader
+            .scan(|k, v| {
+                while let Some((pk, pv)) = pending.peek() {
+                    if pk.as_slice() < k {
+                        if let Some(pv) = pv {
+                            if within(pk) {
+                                add(pk, pv);
+                            }
+                        }
+                        pending.next();
+                    } else {
+                        break;
+                    }
+                }
+                if let Some((pk, pv)) = pending.peek() {
+                    if pk.as_slice() == k {
+                        if let Some(pv) = pv {
+                            if within(k) {
+                                add(k, pv);
+                            }
+                        }
+                        pending.next();
+                        return Ok(());
+                    }
+                }
+                if within(k) {
+                    add(k, v);
+                }
+                Ok(())
+            })
+            .map_err(KvError::Backend)?;
+        for (pk, pv) in pending {
+            if let Some(pv) = pv {
+                if within(pk) {
+                    add(pk, pv);
+                }
+            }
+        }
+        Ok((crc, cur, compacted))
+    }
+}
+
+enum PlannedEvent {
+    Put { value: Slot, prev: Option<Slot> },
+    Delete { key: Vec<u8>, rev: i64, prev: Option<Slot> },
+}
+
+/// Watch history planned by [`Store::plan_events`].
+pub struct EventsPlan {
+    items: Vec<(Revision, PlannedEvent)>,
+    reader: Option<Reader>,
+}
+
+impl EventsPlan {
+    fn read(&self, s: Slot) -> Result<KeyValue, KvError> {
+        match s {
+            Slot::Record(v) => decode_kv(&v),
+            Slot::Stored(k) => {
+                let r = self.reader.as_ref().ok_or_else(|| KvError::Corrupt("planned read without a reader".into()))?;
+                match r.get(&k).map_err(KvError::Backend)? {
+                    Some(v) => decode_kv(&v),
+                    None => Err(KvError::Corrupt(format!("revision key {k:?} is indexed but missing from the backend"))),
+                }
+            }
+        }
+    }
+
+    /// The planned events, in revision order.
+    pub fn load(mut self) -> Result<Vec<Event>, KvError> {
+        let items = std::mem::take(&mut self.items);
+        let mut out = Vec::with_capacity(items.len());
+        for (_, ev) in items {
+            out.push(match ev {
+                PlannedEvent::Put { value, prev } => {
+                    Event { r#type: EventType::Put as i32, kv: Some(self.read(value)?), prev_kv: prev.map(|p| self.read(p)).transpose()? }
+                }
+                PlannedEvent::Delete { key, rev, prev } => Event {
+                    r#type: EventType::Delete as i32,
+                    kv: Some(KeyValue { key, mod_revision: rev, ..Default::default() }),
+                    prev_kv: prev.map(|p| self.read(p)).transpose()?,
+                },
+            });
+        }
+        Ok(out)
     }
 }

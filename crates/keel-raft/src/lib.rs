@@ -1,22 +1,27 @@
 //! keel-raft: the raft node of one member, on the `raft` crate (tikv/raft-rs, etcd's design).
 //!
 //! Owns the `RawNode`, the tick timer and the Ready loop: persist entries and hard state to the
-//! WAL and fsync, then hand committed entries to the state machine, then advance. Also owns
-//! snapshots (every `snapshot_count` applied entries) and WAL release.
+//! WAL and fsync, then hand committed entries to the apply stage, which applies them to the
+//! state machine on a thread of its own; then advance. Also owns snapshots (taken by the apply
+//! stage every `snapshot_count` applied entries, saved by the raft thread) and WAL release.
 //!
 //! - [`disk`]: what a member has on disk (WAL + snapshot files) and how it is read back.
-//! - [`node`]: the driver thread and the handle the server uses to propose and to read.
+//! - [`node`]: the raft thread and the handle the server uses to propose and to read.
+//! - [`apply`]: the apply stage: committed entries in order, reads answered once applied,
+//!   snapshots of the state machine.
+//! - [`storage`]: the in-memory raft log raft reads.
 //! - [`logger`]: raft-rs logs (slog) forwarded to `tracing`.
 //!
 //! Calls keel-wal for durability and the [`StateMachine`] it is given for applying; knows nothing
 //! of keys, revisions or gRPC.
 
+pub mod apply;
 pub mod disk;
 pub mod logger;
 pub mod node;
 pub mod storage;
 
 pub use disk::{Disk, Identity};
-pub use node::{start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport};
+pub use node::{start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, Proposed, StateMachine, Transport};
 pub use protobuf::Message as ProtoMessage;
 pub use raft::eraftpb;

@@ -2,9 +2,15 @@
 //!
 //! Loop: take every queued message (proposals, reads, peer messages) so that many proposals share
 //! one Ready and one fsync; tick on time; then handle the Ready in etcd's order: send messages,
-//! persist snapshot/entries/hard state (fsync), send messages that had to wait for persistence,
-//! apply committed entries, advance.
+//! install a leader's snapshot (through the apply stage), persist entries and hard state
+//! (fsync), send the messages that had to wait for persistence (a follower's acknowledgement
+//! goes out right after its fsync), hand committed entries and confirmed reads to the apply
+//! stage ([`crate::apply`]), advance. The raft thread never applies anything and never touches
+//! the state machine: it waits for the apply stage only when its queue is full and while a
+//! leader's snapshot is installed. Snapshots the apply stage takes come back as events, which
+//! this thread saves (snapshot file, WAL marker, log compaction).
 
+use crate::apply::{ApplyConfig, Committed, Event, ReadSender, Stage, Task};
 use crate::disk::{Disk, DiskError};
 use crate::storage::LogStore;
 use protobuf::Message as _;
@@ -17,7 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// What the node needs from the application it replicates.
+/// What the node needs from the application it replicates. Driven by the apply stage's thread
+/// (every method but the first two, which are asked once at start).
 pub trait StateMachine: Send + 'static {
     /// Index of the last entry whose effects are already in the state machine (from its durable
     /// state at start). Entries at or below it are delivered again after a restart and must be
@@ -38,6 +45,16 @@ pub trait StateMachine: Send + 'static {
     /// Replaces the whole state with a snapshot received from the leader; `backend` is the file
     /// holding the leader's backend that came with it.
     fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String>;
+    /// The node is stopping: everything is applied and synced; answer whoever still waits.
+    fn on_stop(&mut self) {}
+}
+
+/// Where the leader put a proposal in its log: the entry at `index` of `term` is this proposal
+/// if it is ever applied. An entry of another term applied at `index` means it was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proposed {
+    pub index: u64,
+    pub term: u64,
 }
 
 /// Replication progress of one member, as the leader sees it.
@@ -119,11 +136,14 @@ impl NodeStatus {
     }
 }
 
+/// The answer to a proposal: where the leader put it (unknown when a follower forwarded it).
+type ProposeDone = oneshot::Sender<Result<Option<Proposed>, ProposeError>>;
+
 enum Msg {
-    Propose { data: Vec<u8>, done: oneshot::Sender<Result<(), ProposeError>> },
+    Propose { data: Vec<u8>, done: ProposeDone },
     ReadIndex { done: oneshot::Sender<Result<u64, ProposeError>> },
     Step(Box<Message>),
-    ProposeConfChange { cc: ConfChange, done: oneshot::Sender<Result<(), ProposeError>> },
+    ProposeConfChange { cc: ConfChange, done: ProposeDone },
     InstallSnapshot { msg: Box<Message>, backend: std::path::PathBuf },
     Unreachable(u64),
     SnapshotDone { to: u64, ok: bool },
@@ -136,6 +156,11 @@ enum Msg {
 const INBOX: usize = 65_536;
 /// Most messages taken from the inbox before the next Ready is handled.
 const BATCH: usize = 8_192;
+/// Committed entries the apply stage may lag behind before proposals are refused with "too many
+/// requests" (etcd's maxGapBetweenApplyAndCommitIndex).
+const MAX_APPLY_GAP: u64 = 5_000;
+/// Most bytes of committed entries in one Ready (one task of the apply stage).
+const MAX_COMMITTED_PER_READY: u64 = 16 << 20;
 
 /// How the server talks to the node.
 #[derive(Clone)]
@@ -152,8 +177,9 @@ impl NodeHandle {
         })
     }
 
-    /// Proposes `data`; returns once raft has taken it (not once it is committed).
-    pub async fn propose(&self, data: Vec<u8>) -> Result<(), ProposeError> {
+    /// Proposes `data`; returns once raft has taken it (not once it is committed), with where
+    /// it went in the log when this member leads.
+    pub async fn propose(&self, data: Vec<u8>) -> Result<Option<Proposed>, ProposeError> {
         let (done, rx) = oneshot::channel();
         self.send(Msg::Propose { data, done })?;
         rx.await.map_err(|_| ProposeError::Stopped)?
@@ -173,7 +199,7 @@ impl NodeHandle {
     }
 
     /// Proposes a membership change; returns once raft has taken it.
-    pub async fn propose_conf_change(&self, cc: ConfChange) -> Result<(), ProposeError> {
+    pub async fn propose_conf_change(&self, cc: ConfChange) -> Result<Option<Proposed>, ProposeError> {
         let (done, rx) = oneshot::channel();
         self.send(Msg::ProposeConfChange { cc, done })?;
         rx.await.map_err(|_| ProposeError::Stopped)?
@@ -212,34 +238,30 @@ impl NodeHandle {
     }
 }
 
-type ReadSender = oneshot::Sender<Result<u64, ProposeError>>;
-
 struct PendingRead {
     senders: Vec<ReadSender>,
     issued_tick: u64,
 }
 
-struct Driver<S: StateMachine, T: Transport> {
+struct Driver<T: Transport> {
     cfg: NodeConfig,
     node: RawNode<LogStore>,
     disk: Disk,
-    sm: S,
+    stage: Stage,
     transport: T,
     status: Arc<NodeStatus>,
-    applied: u64,
-    applied_term: u64,
     snap_index: u64,
     conf_state: ConfState,
     ticks: u64,
     read_ctx: u64,
-    /// Reads waiting for raft to confirm an index, by context.
+    /// Reads waiting for raft to confirm an index, by context (then the apply stage has them).
     reads_waiting: HashMap<u64, PendingRead>,
-    /// Reads whose index is known, waiting for apply to catch up: (index, senders).
-    reads_ready: Vec<(u64, Vec<ReadSender>)>,
     reads_new: Vec<ReadSender>,
     last_leader: u64,
     /// The backend file that came with the snapshot message last stepped into raft.
     pending_backend: Option<std::path::PathBuf>,
+    /// The apply stage has ended (a send failed): the node stops.
+    stage_gone: bool,
     /// Set once asked to stop: the tick by which to stop even if leadership was not handed off.
     stopping: Option<u64>,
     /// Ask raft again for the reads still waiting (a new leader is known).
@@ -302,6 +324,7 @@ pub fn start<S: StateMachine, T: Transport>(
         core.hard_state = hs;
         core.applied_index = snap_index;
         core.applied_term = snap_term;
+        core.applied_conf_state = core.conf_state.clone();
         core.app_data = sm.snapshot_data();
         conf_state = core.conf_state.clone();
     }
@@ -315,10 +338,20 @@ pub fn start<S: StateMachine, T: Transport>(
         check_quorum: true,
         pre_vote: true,
         read_only_option: ReadOnlyOption::Safe,
+        max_committed_size_per_ready: MAX_COMMITTED_PER_READY,
         ..Default::default()
     };
     config.validate().map_err(|e| format!("raft: bad configuration: {e}"))?;
-    let node = RawNode::new(&config, storage, &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
+    let node = RawNode::new(&config, storage.clone(), &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
+    status.applied.store(snap_index, Ordering::Release);
+    let stage = Stage::start(
+        sm,
+        ApplyConfig { snapshot_count: cfg.snapshot_count, idle: cfg.tick },
+        status.clone(),
+        storage,
+        (snap_index, snap_term, conf_state.clone()),
+        snap_index,
+    )?;
     // A cluster of one need not wait for an election timeout: it campaigns as soon as the
     // committed log (e.g. the bootstrap configuration) is applied, as raft requires.
     let campaign_when_applied = conf_state.voters == [cfg.id] && conf_state.learners.is_empty();
@@ -328,20 +361,18 @@ pub fn start<S: StateMachine, T: Transport>(
         cfg,
         node,
         disk,
-        sm,
+        stage,
         transport,
         status,
-        applied: snap_index,
-        applied_term: snap_term,
         snap_index,
         conf_state,
         ticks: 0,
         read_ctx: 0,
         reads_waiting: HashMap::new(),
-        reads_ready: Vec::new(),
         reads_new: Vec::new(),
         last_leader: 0,
         pending_backend: None,
+        stage_gone: false,
         stopping: None,
         reissue_reads: false,
         campaign_when_applied,
@@ -353,7 +384,7 @@ pub fn start<S: StateMachine, T: Transport>(
     Ok((handle, join))
 }
 
-impl<S: StateMachine, T: Transport> Driver<S, T> {
+impl<T: Transport> Driver<T> {
     fn run(mut self, rx: mpsc::Receiver<Msg>) -> Result<(), String> {
         let mut next_tick = Instant::now() + self.cfg.tick;
         let result = loop {
@@ -379,7 +410,6 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 self.node.tick();
                 self.ticks += 1;
                 self.expire_reads();
-                self.sm.maintain();
                 next_tick += self.cfg.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.cfg.tick;
@@ -388,7 +418,13 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             if let Err(e) = self.on_ready() {
                 break Err(e.to_string());
             }
-            if self.campaign_when_applied && self.applied >= self.node.raft.raft_log.committed {
+            if let Err(e) = self.on_stage_events() {
+                break Err(e.to_string());
+            }
+            if self.stage_gone {
+                break Err("the apply stage stopped".into());
+            }
+            if self.campaign_when_applied && self.status.applied() >= self.node.raft.raft_log.committed {
                 self.campaign_when_applied = false;
                 if let Err(e) = self.node.campaign() {
                     tracing::warn!(error = %e, "raft: campaign failed");
@@ -405,10 +441,10 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
                 }
             }
         };
+        // Everything handed over is applied and made durable before the node reports stopped.
+        self.stage.stop();
+        let result = result.and(self.on_stage_events().map_err(|e| e.to_string()));
         self.status.stopped.store(true, Ordering::Release);
-        if let Err(e) = self.sm.sync() {
-            tracing::error!(error = %e, "raft: final sync of the state machine failed");
-        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft: node stopped on a fatal error");
         }
@@ -419,8 +455,8 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Propose { data, done } => {
-                let r = self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader);
-                let _ = done.send(r);
+                let r = self.apply_gap_ok().and_then(|()| self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader));
+                let _ = done.send(r.map(|()| self.proposed()));
             }
             Msg::ReadIndex { done } => self.reads_new.push(done),
             Msg::Step(m) => {
@@ -430,7 +466,7 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             }
             Msg::ProposeConfChange { cc, done } => {
                 let r = self.node.propose_conf_change(vec![], cc).map_err(|_| ProposeError::NoLeader);
-                let _ = done.send(r);
+                let _ = done.send(r.map(|()| self.proposed()));
             }
             Msg::InstallSnapshot { msg, backend } => {
                 if let Some(old) = self.pending_backend.replace(backend) {
@@ -459,6 +495,20 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
             Msg::Stop => return true,
         }
         false
+    }
+
+    /// Refuses new proposals while the apply stage lags too far behind the commit index.
+    fn apply_gap_ok(&self) -> Result<(), ProposeError> {
+        if self.node.raft.raft_log.committed.saturating_sub(self.status.applied()) > MAX_APPLY_GAP {
+            return Err(ProposeError::Busy);
+        }
+        Ok(())
+    }
+
+    /// Where the proposal just taken went: the last entry of a leader's log.
+    fn proposed(&self) -> Option<Proposed> {
+        (self.node.raft.state == StateRole::Leader)
+            .then(|| Proposed { index: self.node.raft.raft_log.last_index(), term: self.node.raft.term })
     }
 
     fn voters(&self) -> usize {
@@ -522,21 +572,6 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         });
     }
 
-    fn release_reads(&mut self) {
-        let applied = self.applied;
-        let mut i = 0;
-        while i < self.reads_ready.len() {
-            if self.reads_ready[i].0 <= applied {
-                let (idx, senders) = self.reads_ready.swap_remove(i);
-                for s in senders {
-                    let _ = s.send(Ok(idx));
-                }
-            } else {
-                i += 1;
-            }
-        }
-    }
-
     fn on_ready(&mut self) -> Result<(), DiskError> {
         if !self.node.has_ready() {
             return Ok(());
@@ -569,13 +604,15 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
         }
+        // Entries first, then the reads confirmed in this Ready: a read's index may be an entry
+        // handed over just now.
+        self.hand_over(rd.take_committed_entries());
         for rs in rd.take_read_states() {
             let Some(ctx) = parse_read_ctx(self.cfg.id, &rs.request_ctx) else { continue };
             if let Some(p) = self.reads_waiting.remove(&ctx) {
-                self.reads_ready.push((rs.index, p.senders));
+                self.to_stage(Task::Reads { index: rs.index, senders: p.senders });
             }
         }
-        self.apply(rd.take_committed_entries());
         let mut light = self.node.advance(rd);
         if let Some(c) = light.commit_index() {
             self.node.mut_store().wl().hard_state.commit = c;
@@ -583,24 +620,63 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         if !light.messages().is_empty() {
             self.transport.send(light.take_messages());
         }
-        self.apply(light.take_committed_entries());
+        self.hand_over(light.take_committed_entries());
+        // Raft's applied index is what the apply stage has been given: raft uses it only to
+        // pace configuration changes, which are applied to raft as they are handed over.
         self.node.advance_apply();
         if std::mem::take(&mut self.reissue_reads) {
             for ctx in self.reads_waiting.keys() {
                 self.node.read_index(read_ctx(self.cfg.id, *ctx));
             }
         }
-        self.sm.maintain();
-        if self.node.store().rl().applied_index != self.applied {
-            let data = self.sm.snapshot_data();
-            let mut core = self.node.mut_store().wl();
-            core.applied_index = self.applied;
-            core.applied_term = self.applied_term;
-            core.app_data = data;
-        }
-        self.maybe_snapshot()?;
-        self.release_reads();
         self.publish_status();
+        Ok(())
+    }
+
+    /// Queues work for the apply stage (waits while its queue is full).
+    fn to_stage(&mut self, t: Task) {
+        if !self.stage.send(t) {
+            self.stage_gone = true;
+        }
+    }
+
+    /// Hands committed entries to the apply stage; configuration changes are applied to raft
+    /// now, and the stage gets the configuration they lead to.
+    fn hand_over(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let conf = match e.get_entry_type() {
+                EntryType::EntryNormal => None,
+                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
+                    Ok(cc) => self.apply_conf_change(&e, &cc),
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "raft: undecodable conf change");
+                        None
+                    }
+                },
+                EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(e.get_data()) {
+                    Ok(cc) => self.apply_conf_change(&e, &cc),
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "raft: undecodable conf change");
+                        None
+                    }
+                },
+            };
+            out.push(Committed { entry: e, conf });
+        }
+        self.to_stage(Task::Entries(out));
+    }
+
+    /// Saves the snapshots the apply stage took.
+    fn on_stage_events(&mut self) -> Result<(), DiskError> {
+        for ev in self.stage.events() {
+            match ev {
+                Event::Snapshot(snap) => self.save_local_snapshot(*snap)?,
+            }
+        }
         Ok(())
     }
 
@@ -629,41 +705,21 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         let raft = &self.node.raft;
         self.status.term.store(raft.term, Ordering::Release);
         self.status.commit.store(raft.raft_log.committed, Ordering::Release);
-        self.status.applied.store(self.applied, Ordering::Release);
         self.status.last_index.store(raft.raft_log.last_index(), Ordering::Release);
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) {
-        for e in entries {
-            match e.get_entry_type() {
-                EntryType::EntryNormal => self.sm.apply(&e),
-                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
-                    Ok(cc) => self.apply_conf_change(&e, &cc),
-                    Err(err) => {
-                        tracing::error!(index = e.index, error = %err, "raft: undecodable conf change")
-                    }
-                },
-                EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(e.get_data()) {
-                    Ok(cc) => self.apply_conf_change(&e, &cc),
-                    Err(err) => {
-                        tracing::error!(index = e.index, error = %err, "raft: undecodable conf change")
-                    }
-                },
-            }
-            self.applied = e.index;
-            self.applied_term = e.term;
-        }
-        self.status.applied.store(self.applied, Ordering::Release);
-    }
-
-    fn apply_conf_change(&mut self, e: &Entry, cc: &impl raft_proto::ConfChangeI) {
+    /// Applies a committed configuration change to raft; returns the configuration after it.
+    fn apply_conf_change(&mut self, e: &Entry, cc: &impl raft_proto::ConfChangeI) -> Option<ConfState> {
         match self.node.apply_conf_change(cc) {
             Ok(cs) => {
                 self.node.mut_store().wl().conf_state = cs.clone();
                 self.conf_state = cs.clone();
-                self.sm.apply_conf_change(e, &cs);
+                Some(cs)
             }
-            Err(err) => tracing::warn!(index = e.index, error = %err, "raft: conf change rejected"),
+            Err(err) => {
+                tracing::warn!(index = e.index, error = %err, "raft: conf change rejected");
+                None
+            }
         }
     }
 
@@ -671,7 +727,8 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         #[cfg(feature = "failpoints")]
         fail::fail_point!("raft::install_snapshot", |_| std::process::abort());
         let backend = self.pending_backend.take();
-        if let Err(e) = self.sm.restore(&snap, backend) {
+        // The apply stage installs it after every entry handed over before; raft waits.
+        if let Err(e) = self.stage.restore(snap.clone(), backend) {
             return Err(DiskError::Decode { path: "snapshot".into(), msg: e });
         }
         self.disk.save_snapshot(&snap)?;
@@ -680,32 +737,22 @@ impl<S: StateMachine, T: Transport> Driver<S, T> {
         tracing::info!(index = idx, term, "raft: installed snapshot from the leader");
         self.conf_state = snap.get_metadata().get_conf_state().clone();
         self.node.mut_store().wl().apply_snapshot(snap);
-        self.applied = idx;
-        self.applied_term = term;
         self.snap_index = idx;
         Ok(())
     }
 
-    fn maybe_snapshot(&mut self) -> Result<(), DiskError> {
-        if self.applied <= self.snap_index + self.cfg.snapshot_count {
+    /// Saves a snapshot the apply stage took (its state machine is durable up to it) and lets
+    /// the log before it go, keeping `catchup_entries` for slow followers.
+    fn save_local_snapshot(&mut self, snap: Snapshot) -> Result<(), DiskError> {
+        let (index, term) = (snap.get_metadata().index, snap.get_metadata().term);
+        if index <= self.snap_index {
+            // A leader's snapshot was installed since.
             return Ok(());
-        }
-        if let Err(e) = self.sm.sync() {
-            tracing::error!(error = %e, "raft: cannot sync the state machine; snapshot postponed");
-            return Ok(());
-        }
-        let mut snap = Snapshot::default();
-        snap.set_data(self.sm.snapshot_data().into());
-        {
-            let meta = snap.mut_metadata();
-            meta.index = self.applied;
-            meta.term = self.applied_term;
-            meta.set_conf_state(self.conf_state.clone());
         }
         self.disk.save_snapshot(&snap)?;
-        tracing::info!(index = self.applied, term = self.applied_term, "raft: saved snapshot");
-        self.snap_index = self.applied;
-        let keep_from = self.applied.saturating_sub(self.cfg.catchup_entries) + 1;
+        tracing::info!(index, term, "raft: saved snapshot");
+        self.snap_index = index;
+        let keep_from = index.saturating_sub(self.cfg.catchup_entries) + 1;
         self.node.mut_store().wl().set_snapshot(snap, keep_from);
         Ok(())
     }

@@ -4,9 +4,10 @@
 //! Unlike raft-rs's `MemStorage`, the snapshot kept here carries the application's data, so the
 //! leader can send it to a follower that fell behind the compacted log.
 
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 #[derive(Default)]
 pub struct Core {
@@ -20,6 +21,9 @@ pub struct Core {
     /// application's snapshot data at that index (kept current by the driver).
     pub applied_index: u64,
     pub applied_term: u64,
+    /// The configuration as of `applied_index` (raft's own, `conf_state`, may be newer: it
+    /// takes configuration changes when it hands them to the apply stage).
+    pub applied_conf_state: ConfState,
     pub app_data: Vec<u8>,
 }
 
@@ -85,11 +89,11 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn rl(&self) -> RwLockReadGuard<'_, Core> {
-        self.core.read().unwrap_or_else(|p| p.into_inner())
+        self.core.read()
     }
 
     pub fn wl(&self) -> RwLockWriteGuard<'_, Core> {
-        self.core.write().unwrap_or_else(|p| p.into_inner())
+        self.core.write()
     }
 }
 
@@ -159,7 +163,7 @@ impl Storage for LogStore {
         let m = snap.mut_metadata();
         m.index = c.applied_index;
         m.term = c.applied_term;
-        m.set_conf_state(c.conf_state.clone());
+        m.set_conf_state(c.applied_conf_state.clone());
         Ok(snap)
     }
 }

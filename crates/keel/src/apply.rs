@@ -10,7 +10,7 @@ use crate::errors;
 use crate::lease::{self, Lessor};
 use crate::membership::{Members, AUX_MEMBERS};
 use keel_mvcc::kv::{self, Leases};
-use keel_mvcc::{Store, TxnOutcome};
+use keel_mvcc::{SharedStore, Store, TxnOutcome};
 use keel_proto::etcdserverpb::AlarmType;
 use keel_proto::etcdserverpb::{request_op, TxnRequest};
 use keel_proto::etcdserverpb::{
@@ -19,9 +19,10 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, RequestHeader};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, Snapshot};
 use keel_raft::ProtoMessage;
+use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// The outcome of applying one request.
@@ -70,41 +71,99 @@ pub fn load_leases(store: &Store, lessor: &mut Lessor) {
     }
 }
 
-/// Callers waiting for their proposals to be applied, by request id.
+/// Callers waiting for their proposals to be applied, by request id. A proposal this member
+/// put in its log as leader is also known by its place (index and term): when the entry applied
+/// at that index is another one, the proposal was lost to a leader change and its caller is told
+/// at once instead of at its timeout.
 #[derive(Default)]
 pub struct Waiters {
-    map: Mutex<HashMap<u64, oneshot::Sender<ApplyResult>>>,
+    inner: Mutex<WaitersInner>,
+}
+
+#[derive(Default)]
+struct WaitersInner {
+    map: HashMap<u64, oneshot::Sender<ApplyResult>>,
+    /// index -> request id of proposals placed in this member's log as leader.
+    placed: std::collections::BTreeMap<u64, u64>,
+    /// The last entry applied.
+    applied: u64,
+    /// The node stopped: nobody will be answered any more.
+    stopped: bool,
 }
 
 impl Waiters {
     pub fn register(&self, id: u64) -> oneshot::Receiver<ApplyResult> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id, tx);
+        let mut w = self.inner.lock();
+        if w.stopped {
+            let _ = tx.send(Err(errors::stopped()));
+        } else {
+            w.map.insert(id, tx);
+        }
         rx
     }
 
     pub fn cancel(&self, id: u64) {
-        self.lock().remove(&id);
+        self.inner.lock().map.remove(&id);
+    }
+
+    /// Request `id` went into this member's log (as leader) at `at`.
+    pub fn placed(&self, id: u64, at: keel_raft::Proposed) {
+        let mut w = self.inner.lock();
+        if !w.map.contains_key(&id) {
+            return;
+        }
+        if at.index <= w.applied {
+            // Its index is applied already, and it was not this request (else it would have
+            // been answered): lost.
+            if let Some(tx) = w.map.remove(&id) {
+                let _ = tx.send(Err(errors::timeout_leader_fail()));
+            }
+            return;
+        }
+        w.placed.insert(at.index, id);
     }
 
     fn trigger(&self, id: u64, r: ApplyResult) {
-        if let Some(tx) = self.lock().remove(&id) {
+        if let Some(tx) = self.inner.lock().map.remove(&id) {
             let _ = tx.send(r);
+        }
+    }
+
+    /// Entry `index` has been applied (its own request answered already): whatever was placed
+    /// at or before it and still waits was overwritten by another leader's entry.
+    fn applied(&self, index: u64) {
+        let mut w = self.inner.lock();
+        w.applied = w.applied.max(index);
+        while let Some((&i, &id)) = w.placed.first_key_value() {
+            if i > index {
+                break;
+            }
+            w.placed.remove(&i);
+            if let Some(tx) = w.map.remove(&id) {
+                let _ = tx.send(Err(errors::timeout_leader_fail()));
+            }
+        }
+    }
+
+    /// The node stopped: every waiting caller is told so, and later ones at once.
+    pub fn fail_all(&self) {
+        let mut w = self.inner.lock();
+        w.stopped = true;
+        w.placed.clear();
+        for (_, tx) in w.map.drain() {
+            let _ = tx.send(Err(errors::stopped()));
         }
     }
 
     /// Callers still waiting.
     pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<ApplyResult>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().map.len()
     }
 }
 
 pub struct Applier {
-    pub store: Arc<RwLock<Store>>,
+    pub store: Arc<SharedStore>,
     pub hub: Arc<crate::watch::WatchHub>,
     pub lessor: Arc<Mutex<Lessor>>,
     pub members: Arc<RwLock<Members>>,
@@ -117,6 +176,9 @@ pub struct Applier {
     pub auth: Arc<RwLock<AuthStore>>,
     pub tokens: Arc<Tokens>,
     pub alarms: Arc<RwLock<Alarms>>,
+    /// Set by an entry whose effects must be durable before its caller is answered (a physical
+    /// compaction): the apply commits the backend once the store lock is released.
+    pub commit_now: std::cell::Cell<bool>,
 }
 
 /// Changes of the auth store (root only once auth is on).
@@ -194,12 +256,12 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
 }
 
 impl Applier {
-    fn store_mut(&self) -> std::sync::RwLockWriteGuard<'_, Store> {
-        self.store.write().unwrap_or_else(|p| p.into_inner())
+    fn store_mut(&self) -> parking_lot::RwLockWriteGuard<'_, Store> {
+        self.store.write()
     }
 
-    fn lessor(&self) -> std::sync::MutexGuard<'_, Lessor> {
-        self.lessor.lock().unwrap_or_else(|p| p.into_inner())
+    fn lessor(&self) -> parking_lot::MutexGuard<'_, Lessor> {
+        self.lessor.lock()
     }
 
     /// Hands a write's effects to the lessor (key sets) and to the watchers (store lock held).
@@ -216,7 +278,7 @@ impl Applier {
 
     /// The permission checks etcd's auth applier makes before a request changes anything.
     fn authorize(&self, lessor: &Lessor, header: &RequestHeader, req: &Request) -> Result<(), AuthError> {
-        let auth = self.auth.read().unwrap_or_else(|p| p.into_inner());
+        let auth = self.auth.read();
         let who = AuthInfo { username: header.username.clone(), revision: header.auth_revision };
         match req {
             Request::Put(p) => {
@@ -242,7 +304,7 @@ impl Applier {
     }
 
     fn apply_auth(&self, store: &mut Store, req: Request) -> ApplyResult {
-        let mut auth = self.auth.write().unwrap_or_else(|p| p.into_inner());
+        let mut auth = self.auth.write();
         let r = match req {
             Request::AuthEnable(_) => auth.enable(store),
             Request::AuthDisable(_) => {
@@ -287,7 +349,7 @@ impl Applier {
         {
             // etcd's capped applier: with NOSPACE raised only what frees space goes through;
             // with CORRUPT nothing that writes.
-            let alarms = self.alarms.read().unwrap_or_else(|p| p.into_inner());
+            let alarms = self.alarms.read();
             let adds = match &req {
                 Request::Put(_) | Request::LeaseGrant(_) => true,
                 Request::Txn(t) => txn_has_put(t),
@@ -346,16 +408,12 @@ impl Applier {
             }
             Request::Compaction(c) => {
                 store.compact(c.revision).map_err(errors::kv)?;
-                if c.physical {
-                    // Physical compaction is done once the deletions are durable in the backend.
-                    if let Err(e) = store.commit() {
-                        fatal("backend commit failed", e);
-                    }
-                }
+                // Physical compaction is done once the deletions are durable in the backend.
+                self.commit_now.set(c.physical);
                 Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
             }
             Request::MemberAttributes(a) => {
-                let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+                let mut members = self.members.write();
                 if let Some(m) = members.get_mut(a.id) {
                     m.name = a.name;
                     m.client_urls = a.client_urls;
@@ -365,7 +423,7 @@ impl Applier {
             }
             Request::Alarm(a) => {
                 use keel_proto::etcdserverpb::alarm_request::AlarmAction;
-                let mut alarms = self.alarms.write().unwrap_or_else(|p| p.into_inner());
+                let mut alarms = self.alarms.write();
                 let list = match AlarmAction::try_from(a.action) {
                     Ok(AlarmAction::Activate) => alarms.activate(store, a.member_id, a.alarm).into_iter().collect(),
                     Ok(AlarmAction::Deactivate) => alarms.deactivate(store, a.member_id, a.alarm).into_iter().collect(),
@@ -374,7 +432,7 @@ impl Applier {
                 Ok((Applied::Alarm(list), store.current_rev()))
             }
             Request::MemberUpdate(u) => {
-                let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+                let mut members = self.members.write();
                 if let Some(m) = members.get_mut(u.id) {
                     m.peer_urls = u.peer_urls;
                 }
@@ -392,11 +450,11 @@ impl Applier {
 
 impl keel_raft::StateMachine for Applier {
     fn applied_index(&self) -> u64 {
-        self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_index()
+        self.store.read().consistent_index()
     }
 
     fn applied_term(&self) -> u64 {
-        self.store.read().unwrap_or_else(|p| p.into_inner()).consistent_term()
+        self.store.read().consistent_term()
     }
 
     fn apply(&mut self, entry: &Entry) {
@@ -417,11 +475,17 @@ impl keel_raft::StateMachine for Applier {
         }
         store.set_consistent_index(entry.index, entry.term);
         drop(store);
+        if self.commit_now.take() {
+            if let Err(e) = self.store.commit() {
+                fatal("backend commit failed", e);
+            }
+        }
         if let Some((id, r)) = outcome {
             if id != 0 {
                 self.waiters.trigger(id, r);
             }
         }
+        self.waiters.applied(entry.index);
     }
 
     fn apply_conf_change(&mut self, entry: &Entry, _cs: &ConfState) {
@@ -441,7 +505,7 @@ impl keel_raft::StateMachine for Applier {
         let id = cc.node_id;
         let mut removed_self = false;
         let list = {
-            let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+            let mut members = self.members.write();
             match cc.get_change_type() {
                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                     let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
@@ -472,6 +536,7 @@ impl keel_raft::StateMachine for Applier {
         if ctx.request_id != 0 {
             self.waiters.trigger(ctx.request_id, Ok((Applied::Members(list), rev)));
         }
+        self.waiters.applied(entry.index);
         if removed_self {
             tracing::warn!("the member has been permanently removed from the cluster");
             self.removed.notify_one();
@@ -480,12 +545,9 @@ impl keel_raft::StateMachine for Applier {
 
     fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
         let path = backend.ok_or("a snapshot arrived without the leader's backend")?;
-        let mut store = self.store_mut();
-        std::fs::rename(&path, &self.db_path).map_err(|e| format!("install backend {}: {e}", path.display()))?;
-        let new = Store::open(&self.db_path).map_err(|e| e.to_string())?;
-        load_leases(&new, &mut self.lessor());
-        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = AuthStore::load(&new);
-        *self.alarms.write().unwrap_or_else(|p| p.into_inner()) = Alarms::load(&new);
+        // Everything is checked before anything changes: the received file opens, is at least
+        // as new as the snapshot and holds a member list.
+        let mut new = Store::open(&path).map_err(|e| e.to_string())?;
         if new.consistent_index() < snap.get_metadata().index {
             return Err(format!(
                 "the leader's backend (index {}) is older than its snapshot (index {})",
@@ -497,32 +559,43 @@ impl keel_raft::StateMachine for Applier {
             Some(b) => Members::decode(b)?,
             None => Members::decode(snap.get_data())?,
         };
-        *store = new;
-        *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
-        tracing::info!(
-            consistent_index = store.consistent_index(),
-            revision = store.current_rev(),
-            "restored backend from the leader's snapshot"
-        );
-        drop(store);
+        let mut lessor = Lessor::default();
+        load_leases(&new, &mut lessor);
+        let auth = AuthStore::load(&new);
+        let alarms = Alarms::load(&new);
+        {
+            let mut ex = self.store.exclusive();
+            new.move_to(&self.db_path).map_err(|e| e.to_string())?;
+            *ex.store = new;
+            self.lessor().replace_state(lessor);
+            *self.auth.write() = auth;
+            *self.alarms.write() = alarms;
+            *self.members.write() = members;
+            tracing::info!(
+                consistent_index = ex.store.consistent_index(),
+                revision = ex.store.current_rev(),
+                "restored backend from the leader's snapshot"
+            );
+        }
         self.hub.resync_all();
         Ok(())
     }
 
     fn maintain(&mut self) {
-        let due = self.store.read().unwrap_or_else(|p| p.into_inner()).commit_due();
-        if due {
-            if let Err(e) = self.store_mut().commit() {
-                fatal("backend commit failed", e);
-            }
+        if let Err(e) = self.store.commit_if_due() {
+            fatal("backend commit failed", e);
         }
     }
 
     fn sync(&mut self) -> Result<(), String> {
-        self.store_mut().commit().map_err(|e| e.to_string())
+        self.store.commit().map_err(|e| e.to_string())
+    }
+
+    fn on_stop(&mut self) {
+        self.waiters.fail_all();
     }
 
     fn snapshot_data(&self) -> Vec<u8> {
-        self.members.read().unwrap_or_else(|p| p.into_inner()).encode()
+        self.members.read().encode()
     }
 }

@@ -32,6 +32,10 @@ pub fn request_too_large() -> Status {
 pub fn timeout() -> Status {
     st(Code::Unavailable, "request timed out")
 }
+/// A proposal lost to a leader change (etcd's ErrTimeoutDueToLeaderFail).
+pub fn timeout_leader_fail() -> Status {
+    st(Code::Unavailable, "request timed out, possibly due to previous leader failure")
+}
 pub fn stopped() -> Status {
     st(Code::Unavailable, "server stopped")
 }

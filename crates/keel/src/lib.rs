@@ -52,7 +52,8 @@ use server::Server;
 use std::path::Path;
 use std::process::ExitCode;
 
-use std::sync::{Arc, RwLock};
+use parking_lot::RwLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn init_logging(level: &str) {
@@ -238,7 +239,7 @@ async fn run(cfg: Config) -> Result<()> {
 
     let mut lessor = lease::Lessor::default();
     apply::load_leases(&store, &mut lessor);
-    let lessor = Arc::new(std::sync::Mutex::new(lessor));
+    let lessor = Arc::new(parking_lot::Mutex::new(lessor));
     let auth = Arc::new(RwLock::new(auth::AuthStore::load(&store)));
     let alarms = Arc::new(RwLock::new(alarm::Alarms::load(&store)));
     let tokens = Arc::new(
@@ -248,7 +249,7 @@ async fn run(cfg: Config) -> Result<()> {
     if !(4..=31).contains(&cfg.bcrypt_cost) {
         bail!("--bcrypt-cost {} is out of range (4..=31)", cfg.bcrypt_cost);
     }
-    let store = Arc::new(RwLock::new(store));
+    let store = Arc::new(keel_mvcc::SharedStore::new(store));
     let members = Arc::new(RwLock::new(members));
     let waiters = Arc::new(Waiters::default());
     let removed = Arc::new(tokio::sync::Notify::new());
@@ -268,6 +269,7 @@ async fn run(cfg: Config) -> Result<()> {
         auth: auth.clone(),
         tokens: tokens.clone(),
         alarms: alarms.clone(),
+        commit_now: std::cell::Cell::new(false),
     };
     let node_cfg = NodeConfig {
         id: identity.member_id,
@@ -432,7 +434,7 @@ async fn run(cfg: Config) -> Result<()> {
 
     tokio::spawn(publish(server.clone(), ready_tx));
     tokio::spawn(compactor::run(server.clone(), auto_compaction));
-    tokio::spawn(api::lease::run_expiry(server.clone()));
+    tokio::spawn(lease::run(server.clone()));
 
     tokio::select! {
         _ = wait_for_shutdown() => tracing::info!("received a stop signal; stopping"),

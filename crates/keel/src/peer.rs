@@ -10,15 +10,16 @@
 use crate::membership::Members;
 use anyhow::{anyhow, Context, Result};
 use keel_mvcc::backend::{Backend, Meta};
-use keel_mvcc::Store;
+use keel_mvcc::SharedStore;
 use keel_proto::keelpb::peer_client::PeerClient;
 use keel_proto::keelpb::peer_server::Peer;
 use keel_proto::keelpb::{BackendRecord, MembersRequest, PeerAck, RaftBatch, SnapshotChunk, SnapshotData};
 use keel_raft::eraftpb::{Message, MessageType};
 use keel_raft::{NodeHandle, ProtoMessage, Transport};
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -173,13 +174,16 @@ struct Inner {
     self_id: u64,
     cluster_id: u64,
     members: Arc<RwLock<Members>>,
-    store: Arc<RwLock<Store>>,
+    store: Arc<SharedStore>,
     node: OnceLock<NodeHandle>,
     dialer: Dialer,
     rt: tokio::runtime::Handle,
     queues: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
     /// When each peer's stream last became active (None: not connected).
     active_since: Mutex<HashMap<u64, Instant>>,
+    /// Channels for requests to the leader (forwarded keep-alives, TTL queries, promotions),
+    /// by peer URL: one kept connection each, not one per request.
+    request_channels: Mutex<HashMap<String, Channel>>,
 }
 
 /// The raft transport over the peer URLs. Clone it freely; all clones share the connections.
@@ -189,7 +193,7 @@ pub struct PeerTransport {
 }
 
 impl PeerTransport {
-    pub fn new(self_id: u64, cluster_id: u64, members: Arc<RwLock<Members>>, store: Arc<RwLock<Store>>, dialer: Dialer) -> PeerTransport {
+    pub fn new(self_id: u64, cluster_id: u64, members: Arc<RwLock<Members>>, store: Arc<SharedStore>, dialer: Dialer) -> PeerTransport {
         PeerTransport {
             inner: Arc::new(Inner {
                 self_id,
@@ -201,6 +205,7 @@ impl PeerTransport {
                 rt: tokio::runtime::Handle::current(),
                 queues: Mutex::new(HashMap::new()),
                 active_since: Mutex::new(HashMap::new()),
+                request_channels: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -212,13 +217,22 @@ impl PeerTransport {
 
     /// Since when the stream to `id` has been up, if it is.
     pub fn active_since(&self, id: u64) -> Option<Instant> {
-        self.inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied()
+        self.inner.active_since.lock().get(&id).copied()
     }
 
     /// A peer client for the leader, for requests only the leader can answer.
     fn leader_client(&self, leader: u64) -> Result<PeerClient<Channel>, Status> {
         let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let mut chans = self.inner.request_channels.lock();
+        if let Some(ch) = chans.get(&url) {
+            return Ok(client(ch.clone()));
+        }
         let ch = self.inner.dialer.channel(&url).map_err(|e| Status::unavailable(e.to_string()))?;
+        // A lazily connected channel reconnects by itself; members change rarely.
+        if chans.len() > 64 {
+            chans.clear();
+        }
+        chans.insert(url, ch.clone());
         Ok(client(ch))
     }
 
@@ -239,7 +253,7 @@ impl PeerTransport {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                let ids: Vec<u64> = t.inner.members.read().unwrap_or_else(|p| p.into_inner()).members.iter().map(|m| m.id).collect();
+                let ids: Vec<u64> = t.inner.members.read().members.iter().map(|m| m.id).collect();
                 for id in ids {
                     if id != t.inner.self_id {
                         t.queue(id);
@@ -268,7 +282,7 @@ impl PeerTransport {
     }
 
     fn queue(&self, to: u64) -> mpsc::Sender<Vec<u8>> {
-        let mut q = self.inner.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = self.inner.queues.lock();
         if let Some(tx) = q.get(&to) {
             if !tx.is_closed() {
                 return tx.clone();
@@ -284,18 +298,18 @@ impl PeerTransport {
 
 impl Inner {
     fn unreachable(&self, to: u64) {
-        self.active_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
+        self.active_since.lock().remove(&to);
         if let Some(n) = self.node.get() {
             n.report_unreachable(to);
         }
     }
 
     fn peer_url(&self, to: u64) -> Option<String> {
-        self.members.read().unwrap_or_else(|p| p.into_inner()).get(to).and_then(|m| m.peer_urls.first().cloned())
+        self.members.read().get(to).and_then(|m| m.peer_urls.first().cloned())
     }
 
     fn is_member(&self, to: u64) -> bool {
-        self.members.read().unwrap_or_else(|p| p.into_inner()).get(to).is_some()
+        self.members.read().get(to).is_some()
     }
 }
 
@@ -329,7 +343,7 @@ impl Transport for PeerTransport {
 async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
     let rx = Arc::new(Mutex::new(rx));
     let drain = || {
-        let mut q = rx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = rx.lock();
         while q.try_recv().is_ok() {}
     };
     let mut backoff = Duration::from_millis(50);
@@ -361,7 +375,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
     loop {
         if !inner.is_member(to) {
             tracing::info!(peer = format!("{to:x}"), "peer: stopped sending to a removed member");
-            inner.queues.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
+            inner.queues.lock().remove(&to);
             return;
         }
         let Some(url) = inner.peer_url(to) else {
@@ -395,7 +409,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         let broken = match broken {
             Some(r) => r,
             None => {
-                inner.active_since.lock().unwrap_or_else(|p| p.into_inner()).entry(to).or_insert_with(Instant::now);
+                inner.active_since.lock().entry(to).or_insert_with(Instant::now);
                 if down {
                     tracing::info!(peer = format!("{to:x}"), "peer: connected");
                     down = false;
@@ -404,7 +418,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
                 (&mut call).await
             }
         };
-        if rx.lock().unwrap_or_else(|p| p.into_inner()).is_closed() {
+        if rx.lock().is_closed() {
             // The queue was dropped: the member was removed.
             return;
         }
@@ -431,7 +445,7 @@ impl futures::Stream for QueueStream {
     type Item = RaftBatch;
 
     fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<RaftBatch>> {
-        let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rx = self.rx.lock();
         let first = match rx.poll_recv(cx) {
             std::task::Poll::Ready(Some(m)) => m,
             std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
@@ -475,11 +489,8 @@ async fn send_snapshot(inner: Arc<Inner>, m: Message) {
 async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
     let to = m.to;
     let url = inner.peer_url(to).ok_or_else(|| anyhow!("unknown peer {to:x}"))?;
-    let backend: Backend = {
-        let mut s = inner.store.write().unwrap_or_else(|p| p.into_inner());
-        s.commit().context("commit before snapshot")?;
-        s.backend()
-    };
+    inner.store.commit().context("commit before snapshot")?;
+    let backend: Backend = inner.store.read().backend();
     let msg = m.write_to_bytes().context("encode snapshot message")?;
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
     tx.send(SnapshotChunk { message: msg, ..Default::default() }).await.map_err(|_| anyhow!("stream closed"))?;
@@ -641,10 +652,8 @@ impl Peer for PeerService {
         if !self.server.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Status::unavailable("etcdserver: not leader"));
         }
+        // Renewed in memory; the next batched checkpoint carries it.
         let ttl = self.server.lessor().renew(id).unwrap_or(0);
-        if ttl > 0 {
-            crate::api::lease::checkpoint_renewal(&self.server, id, ttl);
-        }
         let rev = self.server.store().current_rev();
         Ok(Response::new(keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: self.server.header(rev), id, ttl }))
     }
@@ -657,11 +666,11 @@ impl Peer for PeerService {
         if !self.server.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Status::unavailable("etcdserver: not leader"));
         }
-        Ok(Response::new(crate::api::lease::local_time_to_live(&self.server, req.get_ref())))
+        Ok(Response::new(crate::lease::leader::local_time_to_live(&self.server, req.get_ref())))
     }
 
     async fn members(&self, _req: Request<MembersRequest>) -> Result<Response<SnapshotData>, Status> {
-        let m = self.members.read().unwrap_or_else(|p| p.into_inner());
+        let m = self.members.read();
         Ok(Response::new(SnapshotData { cluster_id: m.cluster_id, members: m.members.clone() }))
     }
 }

@@ -6,8 +6,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -82,7 +83,7 @@ impl Endpoints {
         let n = self.addrs.len();
         for _ in 0..n {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            let resting = self.down_until.lock().unwrap_or_else(|p| p.into_inner())[i].is_some_and(|t| t > Instant::now());
+            let resting = self.down_until.lock()[i].is_some_and(|t| t > Instant::now());
             if resting {
                 continue;
             }
@@ -90,7 +91,7 @@ impl Endpoints {
                 Ok(Ok(s)) => return Some((s, self.addrs[i].clone())),
                 _ => {
                     tracing::warn!(endpoint = %self.addrs[i], retry_delay = ?self.retry, "failed to connect to an endpoint; skipping it for a while");
-                    self.down_until.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(Instant::now() + self.retry);
+                    self.down_until.lock()[i] = Some(Instant::now() + self.retry);
                 }
             }
         }

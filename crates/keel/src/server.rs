@@ -10,14 +10,15 @@ use crate::config::Config;
 use crate::errors;
 use crate::lease::Lessor;
 use crate::membership::Members;
-use keel_mvcc::Store;
+use keel_mvcc::{SharedStore, Store};
 use keel_proto::etcdserverpb::ResponseHeader;
 use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestHeader};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType};
 use keel_raft::NodeHandle;
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use tonic::Status;
 
 pub struct Server {
@@ -27,7 +28,7 @@ pub struct Server {
     pub lessor: Arc<Mutex<Lessor>>,
     pub member_id: u64,
     pub cluster_id: u64,
-    pub store: Arc<RwLock<Store>>,
+    pub store: Arc<SharedStore>,
     pub members: Arc<RwLock<Members>>,
     pub node: NodeHandle,
     pub waiters: Arc<Waiters>,
@@ -49,7 +50,7 @@ impl Server {
         cfg: Config,
         member_id: u64,
         cluster_id: u64,
-        store: Arc<RwLock<Store>>,
+        store: Arc<SharedStore>,
         members: Arc<RwLock<Members>>,
         lessor: Arc<Mutex<Lessor>>,
         node: NodeHandle,
@@ -81,11 +82,11 @@ impl Server {
     }
 
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {
-        self.store.read().unwrap_or_else(|p| p.into_inner())
+        self.store.read()
     }
 
     pub fn lessor(&self) -> MutexGuard<'_, Lessor> {
-        self.lessor.lock().unwrap_or_else(|p| p.into_inner())
+        self.lessor.lock()
     }
 
     /// A new lease ID: positive, unique to this member (etcd derives them the same way as request IDs).
@@ -105,7 +106,7 @@ impl Server {
     }
 
     pub fn auth(&self) -> RwLockReadGuard<'_, AuthStore> {
-        self.auth.read().unwrap_or_else(|p| p.into_inner())
+        self.auth.read()
     }
 
     /// A number unique to this member (request ids, token suffixes).
@@ -147,7 +148,7 @@ impl Server {
     }
 
     pub fn alarms(&self) -> RwLockReadGuard<'_, Alarms> {
-        self.alarms.read().unwrap_or_else(|p| p.into_inner())
+        self.alarms.read()
     }
 
     /// The backend quota in bytes (`--quota-backend-bytes`: 0 means etcd's 2 GiB default, a
@@ -179,7 +180,7 @@ impl Server {
     }
 
     pub fn members(&self) -> RwLockReadGuard<'_, Members> {
-        self.members.read().unwrap_or_else(|p| p.into_inner())
+        self.members.read()
     }
 
     /// A response header at `revision`.
@@ -206,7 +207,9 @@ impl Server {
         }
         let rx = self.waiters.register(id);
         let work = async {
-            self.node.propose(data).await.map_err(errors::propose)?;
+            if let Some(at) = self.node.propose(data).await.map_err(errors::propose)? {
+                self.waiters.placed(id, at);
+            }
             rx.await.map_err(|_| errors::stopped())?
         };
         match tokio::time::timeout(self.cfg.request_timeout(), work).await {
@@ -239,7 +242,9 @@ impl Server {
         cc.context = ctx.into();
         let rx = self.waiters.register(id);
         let work = async {
-            self.node.propose_conf_change(cc).await.map_err(errors::propose)?;
+            if let Some(at) = self.node.propose_conf_change(cc).await.map_err(errors::propose)? {
+                self.waiters.placed(id, at);
+            }
             rx.await.map_err(|_| errors::stopped())?
         };
         let r = match tokio::time::timeout(self.cfg.request_timeout(), work).await {

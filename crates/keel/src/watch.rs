@@ -13,13 +13,14 @@
 //! Lock order: the store lock, then the hub's. Called by the apply path (notify, under the
 //! store's write lock) and by the Watch service.
 
-use keel_mvcc::{KvError, Store};
+use keel_mvcc::SharedStore;
 use keel_proto::etcdserverpb::{ResponseHeader, WatchResponse};
 use keel_proto::mvccpb::{event::EventType, Event};
 use keel_raft::NodeStatus;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Revisions read per catch-up step.
@@ -174,7 +175,7 @@ impl Synced {
 
 pub struct WatchHub {
     synced: Mutex<Synced>,
-    store: Arc<RwLock<Store>>,
+    store: Arc<SharedStore>,
     status: Arc<NodeStatus>,
     cluster_id: u64,
     member_id: u64,
@@ -213,7 +214,7 @@ fn fragments(resp: WatchResponse, max: usize) -> Vec<WatchResponse> {
 }
 
 impl WatchHub {
-    pub fn new(store: Arc<RwLock<Store>>, status: Arc<NodeStatus>, cluster_id: u64, member_id: u64, max_bytes: usize) -> Arc<WatchHub> {
+    pub fn new(store: Arc<SharedStore>, status: Arc<NodeStatus>, cluster_id: u64, member_id: u64, max_bytes: usize) -> Arc<WatchHub> {
         Arc::new(WatchHub {
             synced: Mutex::new(Synced::default()),
             store,
@@ -230,7 +231,7 @@ impl WatchHub {
     /// (else none: progress must never run ahead of events still to be sent). Sent with the
     /// store's read lock held, so no event of a newer revision can be queued before it.
     pub fn progress(&self, stream: u64, ids: &[i64], watch_id: i64, tx: &mpsc::Sender<WatchResponse>) -> bool {
-        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+        let store = self.store.read();
         let synced = self.lock();
         if !ids.iter().all(|id| synced.contains_key(&(stream, *id))) {
             return false;
@@ -243,8 +244,8 @@ impl WatchHub {
         Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.status.term() })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Synced> {
-        self.synced.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Synced> {
+        self.synced.lock()
     }
 
     /// True when some watcher wants prev_kv (the apply path then fills it in on every event).
@@ -316,10 +317,7 @@ impl WatchHub {
         tx: mpsc::Sender<WatchResponse>,
     ) -> Result<WatchHandle, WatchResponse> {
         let canceled = Arc::new(AtomicBool::new(false));
-        if spec.prev_kv {
-            self.prev_watchers.fetch_add(1, Ordering::Relaxed);
-        }
-        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+        let store = self.store.read();
         let cur = store.current_rev();
         let created = WatchResponse { header: self.header(cur), watch_id: id.1, created: true, ..Default::default() };
         if tx.try_send(created).is_err() {
@@ -330,6 +328,10 @@ impl WatchHub {
                 cancel_reason: "watch stream is full".into(),
                 ..Default::default()
             });
+        }
+        // Counted once the watcher exists (a refused one is never cancelled, so never uncounted).
+        if spec.prev_kv {
+            self.prev_watchers.fetch_add(1, Ordering::Relaxed);
         }
         if start == 0 || start > cur {
             // Synced now; events start after `cur`, or at a future `start`.
@@ -399,12 +401,11 @@ impl WatchHub {
             enum Step {
                 Compacted(i64, i64),
                 Joined,
-                Batch(Vec<Event>, i64),
-                Retry,
+                Batch(keel_mvcc::store::EventsPlan, i64),
                 Fail,
             }
             let step = {
-                let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+                let store = self.store.read();
                 let cur = store.current_rev();
                 if next <= store.compacted_rev() {
                     Step::Compacted(cur, store.compacted_rev())
@@ -417,10 +418,10 @@ impl WatchHub {
                     }
                     Step::Joined
                 } else {
+                    // Planned under the lock (an index walk), read after it.
                     let to = cur.min(next + CATCHUP_REVS - 1);
-                    match store.events_between(&spec.key, &spec.range_end, next, to, spec.prev_kv) {
-                        Ok(evs) => Step::Batch(evs, to),
-                        Err(KvError::Compacted) => Step::Retry,
+                    match store.plan_events(&spec.key, &spec.range_end, next, to, spec.prev_kv) {
+                        Ok(plan) => Step::Batch(plan, to),
                         Err(e) => {
                             tracing::error!(error = %e, "watch: cannot read history");
                             Step::Fail
@@ -441,8 +442,13 @@ impl WatchHub {
                     return;
                 }
                 Step::Joined | Step::Fail => return,
-                Step::Retry => continue,
-                Step::Batch(evs, to) => (evs, to),
+                Step::Batch(plan, to) => match plan.load() {
+                    Ok(evs) => (evs, to),
+                    Err(e) => {
+                        tracing::error!(error = %e, "watch: cannot read history");
+                        return;
+                    }
+                },
             };
             let (events, to) = batch;
             // One response per revision (atomic), in order.

@@ -15,10 +15,11 @@ use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::{
     watch_request, HashKvRequest, MemberAddRequest, PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
 };
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;

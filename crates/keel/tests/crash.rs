@@ -4,8 +4,9 @@ mod common;
 
 use common::*;
 use keel_proto::etcdserverpb::{PutRequest, RangeRequest};
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_loses_no_acknowledged_write() {

@@ -5,7 +5,6 @@ use crate::apply::Applied;
 use crate::errors;
 use crate::server::Server;
 use keel_mvcc::kv as mvcc_kv;
-use keel_mvcc::kv::NoLeases;
 use keel_proto::etcdserverpb::kv_server::Kv;
 use keel_proto::etcdserverpb::{
     request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
@@ -62,7 +61,8 @@ impl Kv for KvService {
             self.server.linearizable_barrier().await?;
         }
         self.server.check_read(&who, &r.key, &r.range_end)?;
-        let mut resp = mvcc_kv::range(&self.server.store(), &r).map_err(errors::kv)?;
+        // Planned under the store's read lock, values read after it (apply never waits long).
+        let mut resp = self.server.store.range(&r).map_err(errors::kv)?;
         let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
         resp.header = self.server.header(rev);
         Ok(Response::new(resp))
@@ -111,12 +111,10 @@ impl Kv for KvService {
                 self.server.linearizable_barrier().await?;
             }
             crate::apply::check_txn(&self.server.auth(), &who, &r).map_err(errors::auth)?;
-            let mut store = self.server.store.write().unwrap_or_else(|p| p.into_inner());
-            let mut w = store.write();
-            let res = mvcc_kv::txn(&mut w, &r, &NoLeases);
-            let (rev, _) = w.end();
-            drop(store);
+            // Under the store's read lock: readers do not wait for each other, nor apply for long.
+            let res = mvcc_kv::txn_read(&self.server.store(), &r);
             let mut resp = res.map_err(errors::kv)?;
+            let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
             resp.header = self.server.header(rev);
             return Ok(Response::new(resp));
         }

@@ -36,18 +36,18 @@ pub async fn defragment(s: &Server) -> Result<std::time::Duration, Status> {
     let _one = s.defrag_lock.lock().await;
     let started = std::time::Instant::now();
     let before = s.store().db_size();
-    let backend = s.store.write().unwrap_or_else(|p| p.into_inner()).begin_defrag().map_err(backend_err)?;
+    let backend = s.store.exclusive().store.begin_defrag().map_err(backend_err)?;
     let dest = keel_mvcc::store::defrag_path(backend.path());
     let copied = tokio::task::spawn_blocking(move || backend.copy_to(&dest)).await.map_err(|e| Status::internal(e.to_string()));
     let copy = match copied.and_then(|r| r.map_err(backend_err)) {
         Ok((copy, _)) => copy,
         Err(e) => {
-            s.store.write().unwrap_or_else(|p| p.into_inner()).abort_defrag();
+            s.store.write().abort_defrag();
             return Err(e);
         }
     };
     let held = std::time::Instant::now();
-    let (replayed, old) = s.store.write().unwrap_or_else(|p| p.into_inner()).finish_defrag(copy).map_err(backend_err)?;
+    let (replayed, old) = s.store.exclusive().store.finish_defrag(copy).map_err(backend_err)?;
     let stall = held.elapsed();
     // Closing the old file (redb flushes its allocator state) happens off the store lock.
     let _ = tokio::task::spawn_blocking(move || drop(old)).await;
@@ -65,11 +65,8 @@ pub async fn defragment(s: &Server) -> Result<std::time::Duration, Status> {
 
 /// A consistent copy of the committed backend in a temporary file next to it.
 async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
-    let backend = {
-        let mut st = s.store.write().unwrap_or_else(|p| p.into_inner());
-        st.commit().map_err(backend_err)?;
-        st.backend()
-    };
+    s.store.commit().map_err(backend_err)?;
+    let backend = s.store.read().backend();
     let mut name = backend.path().as_os_str().to_owned();
     name.push(format!(".snapshot-{:x}", s.next_seq()));
     let dest = std::path::PathBuf::from(name);
@@ -141,11 +138,8 @@ impl Maintenance for MaintenanceService {
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let s = &self.server;
         s.check_admin(&s.caller(&req)?)?;
-        let backend = {
-            let mut st = s.store.write().unwrap_or_else(|p| p.into_inner());
-            st.commit().map_err(backend_err)?;
-            st.backend()
-        };
+        s.store.commit().map_err(backend_err)?;
+        let backend = s.store.read().backend();
         let (hash, meta) =
             tokio::task::spawn_blocking(move || backend.hash()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(backend_err)?;
         Ok(Response::new(HashResponse { header: s.header(meta.current_rev), hash }))
@@ -154,7 +148,10 @@ impl Maintenance for MaintenanceService {
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
         self.server.check_admin(&self.server.caller(&req)?)?;
         let rev = req.into_inner().revision;
-        let (hash, cur, compacted) = self.server.store().hash_kv(rev).map_err(errors::kv)?;
+        // Planned under the store's read lock (an index walk), the backend scanned without it.
+        let plan = self.server.store().plan_hash_kv(rev).map_err(errors::kv)?;
+        let (hash, cur, compacted) =
+            tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(errors::kv)?;
         Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision: compacted }))
     }
 

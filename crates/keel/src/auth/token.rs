@@ -5,10 +5,10 @@
 
 use super::AuthInfo;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use parking_lot::Mutex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Most simple tokens kept at once; the oldest are dropped beyond it (memory stays bounded).
@@ -131,8 +131,8 @@ impl Tokens {
 }
 
 impl SimpleTokens {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.table.lock()
     }
 }
 

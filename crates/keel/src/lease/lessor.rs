@@ -1,18 +1,8 @@
-//! The lessor: leases, their TTLs and the keys attached to them.
-//!
-//! Grants and revokes are raft entries applied on every member (so every member has the same
-//! leases and key sets, persisted in the backend as `lease/<id>` records). Expiry is the
-//! leader's alone: only the leader keeps deadlines, renews them on keep-alive, and proposes a
-//! revoke through raft when one passes, so all members delete a lease's keys at the same
-//! revision. A new leader gives every lease a full TTL from the moment it takes over (etcd's
-//! behaviour), so no lease expires early because leadership moved. To keep leases from living
-//! much longer than granted across elections, the leader checkpoints remaining TTLs through raft
-//! about once per election timeout; a new leader starts each lease from its last checkpoint plus
-//! one election timeout (the checkpoint may be that old), never from a full TTL again.
-//!
-//! Called by the apply path (grant, revoke, attach) and by the Lease service (renew, TTL queries).
+//! The lessor: the leases, their TTLs, the keys attached to them, and the leader's deadlines.
+//! Pure state (no I/O, no raft): the apply path changes it through grants, revokes, attached
+//! keys and checkpoints; the leader's duties ([`super::leader`]) renew, expire and checkpoint.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// etcd's largest TTL (seconds).
@@ -50,6 +40,8 @@ pub enum LeaseError {
 pub struct Lessor {
     leases: HashMap<i64, Lease>,
     primary: bool,
+    /// Leases renewed since the last checkpoint was taken (leader only).
+    renewed: HashSet<i64>,
 }
 
 impl Lessor {
@@ -68,14 +60,19 @@ impl Lessor {
         if self.leases.contains_key(&id) {
             return Err(LeaseError::Exists);
         }
-        let deadline = self.primary.then(|| Instant::now() + Duration::from_secs(ttl.max(0) as u64));
-        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None, checkpointed: None });
+        let now = Instant::now();
+        let deadline = self.primary.then(|| now + Duration::from_secs(ttl.max(0) as u64));
+        // Every member applies the grant at about the same time: that is its first checkpoint
+        // (a full TTL from now), so a new leader need not give it a fresh one.
+        let checkpointed = Some((now, ttl.max(0).saturating_mul(1000)));
+        self.leases.insert(id, Lease { id, ttl, deadline, keys: BTreeSet::new(), revoking_since: None, checkpointed });
         Ok(())
     }
 
     /// Removes a lease (apply path); returns its keys, which the caller deletes.
     pub fn revoke(&mut self, id: i64) -> Result<Vec<Vec<u8>>, LeaseError> {
         let l = self.leases.remove(&id).ok_or(LeaseError::NotFound)?;
+        self.renewed.remove(&id);
         Ok(l.keys.into_iter().collect())
     }
 
@@ -124,6 +121,37 @@ impl Lessor {
 
     pub fn clear(&mut self) {
         self.leases.clear();
+        self.renewed.clear();
+    }
+
+    /// Takes the leases of `new` (a state loaded from a leader's snapshot), keeping this
+    /// member's role: a leader gives each a full TTL from now.
+    pub fn replace_state(&mut self, new: Lessor) {
+        let primary = self.primary;
+        self.leases = new.leases;
+        self.renewed.clear();
+        self.primary = false;
+        if primary {
+            self.promote(Duration::ZERO);
+        }
+    }
+
+    /// Remaining TTLs (ms) of the leases renewed since the last call (leader only): what the
+    /// next checkpoint must carry so that a new leader does not expire them early.
+    pub fn take_renewed(&mut self) -> Vec<(i64, i64)> {
+        if !self.primary {
+            self.renewed.clear();
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut out: Vec<(i64, i64)> = std::mem::take(&mut self.renewed)
+            .into_iter()
+            .filter_map(|id| self.leases.get(&id))
+            .filter(|l| l.revoking_since.is_none())
+            .filter_map(|l| l.deadline.map(|d| (l.id, d.saturating_duration_since(now).as_millis() as i64)))
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Renews a lease (leader only); returns its TTL.
@@ -134,7 +162,9 @@ impl Lessor {
             return Err(LeaseError::NotFound);
         }
         l.deadline = Some(Instant::now() + Duration::from_secs(l.ttl.max(0) as u64));
-        Ok(l.ttl)
+        let ttl = l.ttl;
+        self.renewed.insert(id);
+        Ok(ttl)
     }
 
     /// Remaining TTL in seconds (leader only), granted TTL and keys.
@@ -173,6 +203,7 @@ impl Lessor {
     /// This member stopped leading: it no longer tracks deadlines.
     pub fn demote(&mut self) {
         self.primary = false;
+        self.renewed.clear();
         for l in self.leases.values_mut() {
             l.deadline = None;
             l.revoking_since = None;
@@ -221,6 +252,33 @@ mod tests {
         let (remaining, granted, _) = l.time_to_live(1).unwrap();
         assert_eq!(granted, 100);
         assert!((7..=8).contains(&remaining), "resumed from the checkpoint, not a full TTL: {remaining}");
+    }
+
+    #[test]
+    fn renewals_are_checkpointed_once_in_a_batch() {
+        let mut l = Lessor::default();
+        l.grant(1, 100).unwrap();
+        l.grant(2, 100).unwrap();
+        assert!(l.renew(1).is_ok(), "not leader: renew still answers (the caller checks leadership)");
+        assert!(l.take_renewed().is_empty(), "only the leader checkpoints");
+        l.promote(Duration::ZERO);
+        for _ in 0..50 {
+            l.renew(1).unwrap();
+        }
+        l.renew(2).unwrap();
+        let batch = l.take_renewed();
+        assert_eq!(batch.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2], "one entry for 51 renewals");
+        assert!(batch.iter().all(|(_, ms)| *ms > 99_000 && *ms <= 100_000));
+        assert!(l.take_renewed().is_empty(), "nothing renewed since");
+    }
+
+    #[test]
+    fn a_granted_lease_resumes_from_its_grant_on_a_new_leader() {
+        let mut l = Lessor::default();
+        l.grant(1, 100).unwrap();
+        l.promote(Duration::from_secs(1));
+        let (remaining, _, _) = l.time_to_live(1).unwrap();
+        assert!((100..=101).contains(&remaining), "granted TTL plus one election timeout at most: {remaining}");
     }
 
     #[test]

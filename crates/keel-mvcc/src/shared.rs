@@ -1,0 +1,104 @@
+//! The store as a member shares it: one writer (the apply stage), many readers (gRPC handlers,
+//! watch catch-up, snapshot senders), and backend commits that do not hold the lock.
+//!
+//! Owns the lock around [`Store`] and the commit lock. Lock order: the commit lock, then the
+//! store lock. What each path holds:
+//! - a write (apply) holds the store's write lock for one entry;
+//! - a commit ([`SharedStore::commit`]) holds the commit lock throughout, and the store's write
+//!   lock only to take the batch out and to hand it back: the redb transaction and its fsync run
+//!   with the store free, readers finding the batch's values in the batch meanwhile;
+//! - a read that touches many keys ([`SharedStore::range`], [`SharedStore::hash_kv`],
+//!   [`SharedStore::events_between`]) holds the read lock for an index walk, then reads values
+//!   through a redb read transaction opened under it, with the lock released.
+//!
+//! Calls only [`Store`].
+
+use crate::backend::BackendError;
+use crate::kv::{self, KvError};
+use crate::store::Store;
+use keel_proto::etcdserverpb::{RangeRequest, RangeResponse};
+use keel_proto::mvccpb::Event;
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+pub struct SharedStore {
+    store: RwLock<Store>,
+    commit: Mutex<()>,
+}
+
+/// Exclusive use of the store (no commit running, no reader, no writer): defragmentation's swap,
+/// installing a snapshot.
+pub struct Exclusive<'a> {
+    _commit: MutexGuard<'a, ()>,
+    pub store: RwLockWriteGuard<'a, Store>,
+}
+
+impl SharedStore {
+    pub fn new(store: Store) -> SharedStore {
+        SharedStore { store: RwLock::new(store), commit: Mutex::new(()) }
+    }
+
+    /// The store for reading; hold it briefly (plan a big read, load it after).
+    pub fn read(&self) -> RwLockReadGuard<'_, Store> {
+        self.store.read()
+    }
+
+    /// The store for writing: the apply stage, one entry at a time.
+    pub fn write(&self) -> RwLockWriteGuard<'_, Store> {
+        self.store.write()
+    }
+
+    /// The store with no commit in progress and nobody else in it.
+    pub fn exclusive(&self) -> Exclusive<'_> {
+        let c = self.commit.lock();
+        Exclusive { _commit: c, store: self.store.write() }
+    }
+
+    /// Makes everything applied so far durable in the backend. The store stays readable and
+    /// writable while the batch is written; concurrent commits wait for each other.
+    pub fn commit(&self) -> Result<(), BackendError> {
+        let _c = self.commit.lock();
+        let Some((batch, backend)) = self.store.write().take_batch() else { return Ok(()) };
+        match backend.commit(&batch.changes, &batch.aux, &batch.meta) {
+            Ok(()) => {
+                self.store.write().finish_batch(&batch);
+                Ok(())
+            }
+            Err(e) => {
+                self.store.write().abort_batch(batch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits when the batch is due (old or big enough); returns whether it committed.
+    pub fn commit_if_due(&self) -> Result<bool, BackendError> {
+        if !self.store.read().commit_due() {
+            return Ok(false);
+        }
+        self.commit().map(|()| true)
+    }
+
+    /// etcd's Range on the current state: planned under the read lock, values loaded after.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, KvError> {
+        let (plan, count, cur) = {
+            let s = self.store.read();
+            let cur = s.current_rev();
+            let at = s.check_rev(req.revision, cur)?;
+            let (plan, count) = s.plan_range(&req.key, &req.range_end, at, kv::fetch_limit(req), req.count_only)?;
+            (plan, count, cur)
+        };
+        Ok(kv::shape_range(req, plan.load()?, count, cur))
+    }
+
+    /// etcd's HashKV at `rev` (0: current): (hash, current revision, compacted revision).
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), KvError> {
+        let plan = self.store.read().plan_hash_kv(rev)?;
+        plan.run()
+    }
+
+    /// [`Store::events_between`], reading values without the lock.
+    pub fn events_between(&self, key: &[u8], end: &[u8], from: i64, to: i64, with_prev: bool) -> Result<Vec<Event>, KvError> {
+        let plan = self.store.read().plan_events(key, end, from, to, with_prev)?;
+        plan.load()
+    }
+}

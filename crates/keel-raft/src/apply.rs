@@ -1,0 +1,469 @@
+//! The apply stage: a thread of its own that owns the [`StateMachine`] and applies committed
+//! entries in log order, apart from the raft thread.
+//!
+//! Owns the state machine, the applied index (published in [`NodeStatus`]), the reads waiting
+//! for the apply to reach their index, and the decision to take a local snapshot. The raft
+//! thread hands it [`Task`]s through a bounded queue (a full queue makes the raft thread wait:
+//! backpressure) and waits for it only to install a snapshot from the leader. It tells the raft
+//! thread about the snapshots it took through an unbounded channel of [`Event`]s, which the raft
+//! thread drains on every turn of its loop. It never touches raft itself.
+//!
+//! Calls the state machine and [`LogStore`] (to record what a snapshot for a follower is made of).
+
+use crate::node::{ProposeError, StateMachine};
+use crate::storage::LogStore;
+use crate::NodeStatus;
+use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// A read waiting for the apply stage: answered with the index once it is applied.
+pub type ReadSender = oneshot::Sender<Result<u64, ProposeError>>;
+
+/// One committed entry, with the configuration raft moved to if it is a configuration change
+/// raft accepted (the raft thread applies those to raft when it hands them over).
+pub struct Committed {
+    pub entry: Entry,
+    pub conf: Option<ConfState>,
+}
+
+/// Work for the apply stage, done in the order it was queued.
+pub enum Task {
+    /// Committed entries, in log order.
+    Entries(Vec<Committed>),
+    /// Reads confirmed at `index` (ReadIndex): answered once everything up to it is applied.
+    Reads { index: u64, senders: Vec<ReadSender> },
+    /// Replace the whole state by a snapshot from the leader (after every entry queued before
+    /// it); the result goes to `done`.
+    Restore { snap: Box<Snapshot>, backend: Option<std::path::PathBuf>, done: SyncSender<Result<(), String>> },
+    /// Make everything applied durable, fail the waiting reads, and end.
+    Stop,
+}
+
+/// What the apply stage tells the raft thread.
+pub enum Event {
+    /// A snapshot of the state machine at an applied index, durable in the state machine: save
+    /// it and let the log before it go.
+    Snapshot(Box<Snapshot>),
+}
+
+/// Settings of the apply stage.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyConfig {
+    /// Take a snapshot every this many applied entries (`--snapshot-count`).
+    pub snapshot_count: u64,
+    /// How often the state machine is maintained when no work arrives (the raft tick).
+    pub idle: Duration,
+}
+
+/// Tasks queued at most; the raft thread waits when the queue is full.
+pub const QUEUE: usize = 1024;
+
+/// The apply stage's handle, held by the raft thread.
+pub struct Stage {
+    tx: SyncSender<Task>,
+    events: Receiver<Event>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stage {
+    /// Starts the stage on its own thread. `applied`/`applied_term` are where the state machine
+    /// stands (its durable state, or the snapshot raft starts from); `conf` the configuration
+    /// then; `snap_index` the index of the newest local snapshot.
+    pub fn start<S: StateMachine>(
+        sm: S,
+        cfg: ApplyConfig,
+        status: Arc<NodeStatus>,
+        log: LogStore,
+        at: (u64, u64, ConfState),
+        snap_index: u64,
+    ) -> Result<Stage, String> {
+        Self::start_with_queue(sm, cfg, status, log, at, snap_index, QUEUE)
+    }
+
+    /// [`Stage::start`] with a queue of `queue` tasks.
+    pub fn start_with_queue<S: StateMachine>(
+        sm: S,
+        cfg: ApplyConfig,
+        status: Arc<NodeStatus>,
+        log: LogStore,
+        at: (u64, u64, ConfState),
+        snap_index: u64,
+        queue: usize,
+    ) -> Result<Stage, String> {
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let (etx, events) = mpsc::channel();
+        let (applied, applied_term, conf) = at;
+        let worker = Worker { sm, cfg, status, log, applied, applied_term, conf, snap_index, reads: Vec::new(), events: etx };
+        let join = std::thread::Builder::new()
+            .name("apply".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| format!("apply: cannot start thread: {e}"))?;
+        Ok(Stage { tx, events, join: Some(join) })
+    }
+
+    /// Queues a task; waits while the queue is full. False once the stage has ended.
+    pub fn send(&self, t: Task) -> bool {
+        self.tx.send(t).is_ok()
+    }
+
+    /// Queues a task unless the queue is full.
+    pub fn try_send(&self, t: Task) -> Result<(), mpsc::TrySendError<Task>> {
+        self.tx.try_send(t)
+    }
+
+    /// Events since the last call.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.try_iter().collect()
+    }
+
+    /// Installs a leader's snapshot once everything queued before it is applied; waits.
+    pub fn restore(&self, snap: Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
+        let (done, rx) = mpsc::sync_channel(1);
+        if !self.send(Task::Restore { snap: Box::new(snap), backend, done }) {
+            return Err("the apply stage has stopped".into());
+        }
+        rx.recv().map_err(|_| "the apply stage stopped while installing a snapshot".to_string())?
+    }
+
+    /// Applies what is queued, makes it durable and ends the stage; waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.tx.send(Task::Stop);
+        if let Some(j) = self.join.take() {
+            if j.join().is_err() {
+                tracing::error!("apply: the apply thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Worker<S: StateMachine> {
+    sm: S,
+    cfg: ApplyConfig,
+    status: Arc<NodeStatus>,
+    log: LogStore,
+    applied: u64,
+    applied_term: u64,
+    /// The configuration as of `applied`.
+    conf: ConfState,
+    snap_index: u64,
+    reads: Vec<(u64, Vec<ReadSender>)>,
+    events: Sender<Event>,
+}
+
+impl<S: StateMachine> Worker<S> {
+    fn run(mut self, rx: Receiver<Task>) {
+        let mut last_maintain = Instant::now();
+        loop {
+            let first = match rx.recv_timeout(self.cfg.idle) {
+                Ok(t) => Some(t),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(Task::Stop),
+            };
+            let mut stop = false;
+            let mut tasks: Vec<Task> = first.into_iter().collect();
+            tasks.extend(rx.try_iter().take(256));
+            let before = self.applied;
+            for t in tasks {
+                match t {
+                    Task::Entries(es) => self.apply(es),
+                    Task::Reads { index, senders } => self.reads.push((index, senders)),
+                    Task::Restore { snap, backend, done } => {
+                        let r = self.restore(*snap, backend);
+                        let _ = done.send(r);
+                    }
+                    Task::Stop => {
+                        stop = true;
+                        break;
+                    }
+                }
+            }
+            if self.applied != before {
+                self.publish();
+            }
+            self.release_reads();
+            if self.applied != before || last_maintain.elapsed() >= self.cfg.idle {
+                self.sm.maintain();
+                last_maintain = Instant::now();
+            }
+            self.maybe_snapshot();
+            if stop {
+                break;
+            }
+        }
+        if let Err(e) = self.sm.sync() {
+            tracing::error!(error = %e, "apply: final sync of the state machine failed");
+        }
+        for (_, senders) in self.reads.drain(..) {
+            for s in senders {
+                let _ = s.send(Err(ProposeError::Stopped));
+            }
+        }
+        self.sm.on_stop();
+    }
+
+    fn apply(&mut self, entries: Vec<Committed>) {
+        for Committed { entry, conf } in entries {
+            if entry.index <= self.applied {
+                // Delivered again (raft restarted from an older snapshot than the state
+                // machine); the state machine has it.
+                continue;
+            }
+            assert_eq!(entry.index, self.applied + 1, "apply: entries must arrive in order without gaps");
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.sm.apply(&entry),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    if let Some(cs) = conf {
+                        self.sm.apply_conf_change(&entry, &cs);
+                        self.conf = cs;
+                    }
+                }
+            }
+            self.applied = entry.index;
+            self.applied_term = entry.term;
+        }
+    }
+
+    /// Publishes the applied index (status) and what a follower's snapshot is made of.
+    fn publish(&mut self) {
+        self.status.applied.store(self.applied, Ordering::Release);
+        let data = self.sm.snapshot_data();
+        let mut core = self.log.wl();
+        core.applied_index = self.applied;
+        core.applied_term = self.applied_term;
+        core.applied_conf_state = self.conf.clone();
+        core.app_data = data;
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.applied;
+        let mut i = 0;
+        while i < self.reads.len() {
+            if self.reads[i].0 <= applied {
+                let (idx, senders) = self.reads.swap_remove(i);
+                for s in senders {
+                    let _ = s.send(Ok(idx));
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn restore(&mut self, snap: Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
+        self.sm.restore(&snap, backend)?;
+        let m = snap.get_metadata();
+        self.applied = m.index;
+        self.applied_term = m.term;
+        self.conf = m.get_conf_state().clone();
+        self.snap_index = m.index;
+        self.publish();
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) {
+        if self.applied <= self.snap_index + self.cfg.snapshot_count {
+            return;
+        }
+        if let Err(e) = self.sm.sync() {
+            tracing::error!(error = %e, "apply: cannot sync the state machine; snapshot postponed");
+            return;
+        }
+        let mut snap = Snapshot::default();
+        snap.set_data(self.sm.snapshot_data().into());
+        {
+            let meta = snap.mut_metadata();
+            meta.index = self.applied;
+            meta.term = self.applied_term;
+            meta.set_conf_state(self.conf.clone());
+        }
+        self.snap_index = self.applied;
+        let _ = self.events.send(Event::Snapshot(Box::new(snap)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// A state machine that records what it is told, optionally slowly.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+        delay: Option<Duration>,
+        gate: Option<Arc<std::sync::Barrier>>,
+    }
+
+    impl Recorder {
+        fn say(&self, s: String) {
+            self.log.lock().push(s);
+        }
+        fn seen(&self) -> Vec<String> {
+            self.log.lock().clone()
+        }
+    }
+
+    impl StateMachine for Recorder {
+        fn applied_index(&self) -> u64 {
+            0
+        }
+        fn applied_term(&self) -> u64 {
+            0
+        }
+        fn apply(&mut self, e: &Entry) {
+            if let Some(g) = self.gate.take() {
+                g.wait();
+            }
+            if let Some(d) = self.delay {
+                std::thread::sleep(d);
+            }
+            self.say(format!("apply {}", e.index));
+        }
+        fn apply_conf_change(&mut self, e: &Entry, cs: &ConfState) {
+            self.say(format!("conf {} {:?}", e.index, cs.voters));
+        }
+        fn maintain(&mut self) {}
+        fn sync(&mut self) -> Result<(), String> {
+            self.say("sync".into());
+            Ok(())
+        }
+        fn snapshot_data(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn restore(&mut self, snap: &Snapshot, _backend: Option<std::path::PathBuf>) -> Result<(), String> {
+            self.say(format!("restore {}", snap.get_metadata().index));
+            Ok(())
+        }
+        fn on_stop(&mut self) {
+            self.say("stop".into());
+        }
+    }
+
+    fn entry(index: u64) -> Committed {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = 1;
+        Committed { entry: e, conf: None }
+    }
+
+    fn stage(sm: Recorder, queue: usize, snapshot_count: u64) -> (Stage, Arc<NodeStatus>) {
+        let status = Arc::new(NodeStatus::default());
+        let cfg = ApplyConfig { snapshot_count, idle: Duration::from_millis(10) };
+        let s = Stage::start_with_queue(sm, cfg, status.clone(), LogStore::default(), (0, 0, ConfState::default()), 0, queue).unwrap();
+        (s, status)
+    }
+
+    #[test]
+    fn entries_are_applied_in_order_and_reads_wait_for_their_index() {
+        let sm = Recorder::default();
+        let (mut st, status) = stage(sm.clone(), 4, 1_000);
+        let (r5, rx5) = oneshot::channel();
+        let (r2, rx2) = oneshot::channel();
+        // A read confirmed at 5 before entries up to 5 exist: answered only after entry 5.
+        assert!(st.send(Task::Reads { index: 5, senders: vec![r5] }));
+        assert!(st.send(Task::Entries((1..=3).map(entry).collect())));
+        assert!(st.send(Task::Reads { index: 2, senders: vec![r2] }));
+        assert_eq!(rx2.blocking_recv().unwrap(), Ok(2));
+        assert!(status.applied() >= 3);
+        let mut cc = entry(4);
+        cc.entry.set_entry_type(EntryType::EntryConfChange);
+        cc.conf = Some(ConfState { voters: vec![1, 2], ..Default::default() });
+        assert!(st.send(Task::Entries(vec![cc, entry(5)])));
+        assert_eq!(rx5.blocking_recv().unwrap(), Ok(5));
+        st.stop();
+        let seen = sm.seen();
+        assert_eq!(&seen[..5], ["apply 1", "apply 2", "apply 3", "conf 4 [1, 2]", "apply 5"]);
+        assert_eq!(status.applied(), 5);
+    }
+
+    #[test]
+    fn a_full_queue_holds_the_sender_back() {
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let sm = Recorder { gate: Some(gate.clone()), ..Default::default() };
+        let (mut st, status) = stage(sm.clone(), 2, 1_000);
+        // The stage blocks inside entry 1 until the gate opens; then the queue (2) fills up.
+        assert!(st.send(Task::Entries(vec![entry(1)])));
+        let mut queued = 0;
+        for i in 2..10 {
+            match st.try_send(Task::Entries(vec![entry(i)])) {
+                Ok(()) => queued += 1,
+                Err(mpsc::TrySendError::Full(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(queued <= 3, "the queue took {queued} tasks while the stage was blocked");
+        assert_eq!(status.applied(), 0, "nothing applied while the state machine is blocked");
+        gate.wait();
+        let (r, rx) = oneshot::channel();
+        assert!(st.send(Task::Reads { index: 1 + queued, senders: vec![r] }));
+        assert_eq!(rx.blocking_recv().unwrap(), Ok(1 + queued));
+        st.stop();
+    }
+
+    #[test]
+    fn stop_applies_what_was_queued_then_fails_waiting_reads() {
+        let sm = Recorder { delay: Some(Duration::from_millis(2)), ..Default::default() };
+        let (mut st, status) = stage(sm.clone(), 64, 1_000);
+        assert!(st.send(Task::Entries((1..=20).map(entry).collect())));
+        let (r, rx) = oneshot::channel();
+        assert!(st.send(Task::Reads { index: 100, senders: vec![r] }));
+        st.stop();
+        assert_eq!(status.applied(), 20, "everything queued before the stop is applied");
+        assert_eq!(rx.blocking_recv().unwrap(), Err(ProposeError::Stopped));
+        let seen = sm.seen();
+        assert_eq!(seen[seen.len() - 2..], ["sync", "stop"]);
+        assert!(!st.send(Task::Entries(vec![entry(21)])), "a stopped stage takes no more work");
+    }
+
+    #[test]
+    fn a_snapshot_from_the_leader_waits_for_the_entries_before_it() {
+        let sm = Recorder { delay: Some(Duration::from_millis(1)), ..Default::default() };
+        let (mut st, status) = stage(sm.clone(), 64, 1_000);
+        assert!(st.send(Task::Entries((1..=10).map(entry).collect())));
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 50;
+        snap.mut_metadata().term = 3;
+        // Installed only after entries 1..=10, which were in flight.
+        st.restore(snap, None).unwrap();
+        assert_eq!(status.applied(), 50);
+        // Entries the snapshot covers are skipped; the next ones follow it.
+        assert!(st.send(Task::Entries((45..=52).map(entry).collect())));
+        st.stop();
+        let seen = sm.seen();
+        let applied: Vec<&String> = seen.iter().filter(|s| s.starts_with("apply") || s.starts_with("restore")).collect();
+        let mut want: Vec<String> = (1..=10).map(|i| format!("apply {i}")).collect();
+        want.push("restore 50".into());
+        want.extend((51..=52).map(|i| format!("apply {i}")));
+        assert_eq!(applied, want.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_snapshot_is_taken_every_snapshot_count_entries() {
+        let sm = Recorder::default();
+        let (mut st, _status) = stage(sm.clone(), 64, 5);
+        assert!(st.send(Task::Entries((1..=12).map(entry).collect())));
+        let (r, rx) = oneshot::channel();
+        assert!(st.send(Task::Reads { index: 12, senders: vec![r] }));
+        rx.blocking_recv().unwrap().unwrap();
+        st.stop();
+        let snaps: Vec<u64> = st
+            .events()
+            .into_iter()
+            .map(|e| match e {
+                Event::Snapshot(s) => s.get_metadata().index,
+            })
+            .collect();
+        assert!(!snaps.is_empty() && snaps.iter().all(|i| *i > 5), "snapshots after more than 5 entries: {snaps:?}");
+        assert!(sm.seen().iter().any(|s| s == "sync"), "the state machine is made durable before a snapshot");
+    }
+}
