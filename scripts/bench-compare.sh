@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# Keel vs etcd on this machine, in one run: the same keel-bench workloads against real etcd
-# (Debian's etcd-server 3.4.23) and Keel, each workload on fresh data directories (same disk),
-# etcd then Keel, workload after workload; 1 member, then 3 members on 127.0.0.1-3.
+# Keel against today's etcd on this machine, in one run: the same keel-bench workloads against
+# etcd 3.6.x and 3.7.x (built from the Go module proxy by scripts/etcd-ref.sh), etcd 3.4.23
+# (Debian's etcd-server, when installed) and Keel. Every workload runs BENCH_RUNS times per
+# system, the systems alternating run by run, each run on fresh data directories (same disk).
 #
-#   scripts/bench-compare.sh [OUT.md]        full run (about 20 minutes)
-#   KEEL_BENCH_QUICK=1 scripts/bench-compare.sh   tiny totals (a smoke run, used by CI)
+#   scripts/bench-compare.sh [OUT.md]              full run (about 40 minutes with 4 systems)
+#   KEEL_BENCH_QUICK=1 scripts/bench-compare.sh    tiny totals (a smoke run)
+#   BENCH_SYSTEMS="etcd-3.6 keel"                   which systems (default: etcd-3.6 etcd-3.7 etcd-3.4 keel)
+#   BENCH_RUNS=2                                    runs per workload and system (default 2)
+#   BENCH_GROUPS="kv latency bigread lease memory"  which groups of workloads (default: all)
 #
-# Prints a markdown table of results and Keel/etcd ratios (throughput: higher is better for Keel
-# when > 1; latency, memory, time, size: lower is better for Keel when < 1) and writes it to OUT.md.
+# Besides throughput and latency, each run records every member's own CPU time (utime+stime of
+# each server process from /proc, before and after) divided by the requests: client and servers
+# share the machine's cores, so throughput ratios are capped by the client; CPU per request is
+# not. The table gives the mean over runs and Keel's ratio to each etcd (throughput: > 1 is
+# better for Keel; latency, CPU, memory, time: < 1 is better for Keel).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$root/target/bench/results.md}
 work=$root/target/bench
 mkdir -p "$work"
 quick=${KEEL_BENCH_QUICK:-0}
-etcd_bin=${ETCD_BIN:-/usr/bin/etcd}
-[ -x "$etcd_bin" ] || { echo "needs $etcd_bin (apt-get install etcd-server)" >&2; exit 1; }
+runs=${BENCH_RUNS:-2}
+groups=${BENCH_GROUPS:-kv latency bigread lease memory}
+systems=${BENCH_SYSTEMS:-etcd-3.6 etcd-3.7 etcd-3.4 keel}
 (cd "$root" && cargo build --release --bin keel --bin keel-bench >/dev/null 2>&1)
 keel_bin=$root/target/release/keel
 bench=$root/target/release/keel-bench
+ctl=$("$root/scripts/etcd-ref.sh" v3.6.16)/etcdctl
+clk=$(getconf CLK_TCK)
 export RUST_BACKTRACE=0
+
+binary() {
+  case "$1" in
+    keel) echo "$keel_bin" ;;
+    etcd-3.6) echo "$("$root/scripts/etcd-ref.sh" v3.6.16)/etcd" ;;
+    etcd-3.7) echo "$("$root/scripts/etcd-ref.sh" v3.7.3)/etcd" ;;
+    etcd-3.4) echo "${ETCD34_BIN:-/usr/bin/etcd}" ;;
+    *) echo "unknown system $1" >&2; return 1 ;;
+  esac
+}
+avail=()
+for s in $systems; do
+  b=$(binary "$s")
+  if [ -x "$b" ]; then avail+=("$s"); else echo "skipping $s: $b not found" >&2; fi
+done
+"$(binary keel)" --version >/dev/null 2>&1 || true
 
 scale() { if [ "$quick" = 1 ]; then echo $(( ($1 + 99) / 100 )); else echo "$1"; fi; }
 
@@ -31,10 +57,12 @@ stop_all() {
 }
 trap stop_all EXIT
 
-# start SYSTEM MEMBERS: starts a fresh cluster; sets $eps (client endpoints) and $pids.
+healthy() { curl -sf "http://$1/health" >/dev/null 2>&1; }
+
+# start SYSTEM MEMBERS: a fresh cluster; sets $eps (client endpoints) and $pids.
 start() {
   local sys=$1 n=$2 bin cluster="" i
-  bin=$([ "$sys" = etcd ] && echo "$etcd_bin" || echo "$keel_bin")
+  bin=$(binary "$sys")
   rm -rf "$work/data"
   mkdir -p "$work/data"
   for i in $(seq 1 "$n"); do cluster+="m$i=http://127.0.0.$i:23800,"; done
@@ -50,8 +78,10 @@ start() {
     eps+="127.0.0.$i:23790,"
   done
   eps=${eps%,}
-  for _ in $(seq 1 200); do
-    if curl -sf "http://127.0.0.1:23790/health" >/dev/null 2>&1; then return 0; fi
+  for _ in $(seq 1 300); do
+    local ok=1
+    for e in ${eps//,/ }; do healthy "$e" || ok=0; done
+    [ "$ok" = 1 ] && return 0
     sleep 0.1
   done
   echo "$sys did not become healthy" >&2
@@ -59,101 +89,185 @@ start() {
   return 1
 }
 
-# Ready time: from start of the process to a healthy /health.
-ready_time() {
-  local t0 t1
-  t0=$(date +%s.%N)
-  for _ in $(seq 1 3000); do
-    if curl -sf "http://127.0.0.1:23790/health" >/dev/null 2>&1; then
-      t1=$(date +%s.%N)
-      echo "$t1 - $t0" | bc -l
-      return
-    fi
-    sleep 0.01
+# CPU ticks (utime + stime) of every member process.
+cpu_ticks() {
+  local t=0 p
+  for p in "${pids[@]}"; do
+    t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) ))
   done
-  echo 0
+  echo "$t"
 }
-
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+leader_changes() { # summed over members
+  local t=0 e v
+  for e in ${eps//,/ }; do
+    v=$(curl -sf "http://$e/metrics" | awk '/^etcd_server_leader_changes_seen_total/ {print $2}' || true)
+    t=$(( t + ${v:-0} ))
+  done
+  echo "$t"
+}
+raft_index() { "$ctl" --endpoints "$eps" endpoint status -w json 2>/dev/null | jq '[.[].Status.raft_index] | max'; }
 
 results=$work/results.jsonl
 : >"$results"
-record() { # system members workload metric value unit better(hi|lo)
-  printf '{"system":"%s","members":%s,"workload":"%s","metric":"%s","value":%s,"unit":"%s","better":"%s"}\n' "$@" >>"$results"
+record() { # system members workload metric value unit
+  printf '{"system":"%s","members":%s,"workload":"%s","metric":"%s","value":%s,"unit":"%s"}\n' "$@" >>"$results"
 }
 
-# bench SYS N NAME ARGS...: runs keel-bench, records throughput and p99.
-bench_run() {
+# measure SYS N NAME KEEL-BENCH-ARGS...: one keel-bench run; records throughput, p50, p99 and
+# the servers' CPU per request.
+measure() {
   local sys=$1 n=$2 name=$3
   shift 3
-  local j
+  local j c0 c1 ops
+  c0=$(cpu_ticks)
   j=$("$bench" --endpoints "$eps" --json "$@")
-  record "$sys" "$n" "$name" "throughput" "$(echo "$j" | jq .rps)" "ops/s" hi
-  record "$sys" "$n" "$name" "p99 latency" "$(echo "$j" | jq .p99_ms)" "ms" lo
-  echo "$sys x$n $name: $(echo "$j" | jq -c '{rps, p50_ms, p99_ms, errors}')"
-}
-
-workloads() { # SYS N
-  local sys=$1 n=$2
-  start "$sys" "$n"; bench_run "$sys" "$n" "put, 1 client" --clients 1 --conns 1 put --total "$(scale 20000)" --key-space-size 100000 --val-size 256; stop_all
-  start "$sys" "$n"; bench_run "$sys" "$n" "put, 100 clients" --clients 100 --conns 10 put --total "$(scale 100000)" --key-space-size 100000 --val-size 256; stop_all
-  start "$sys" "$n"; bench_run "$sys" "$n" "put, 1000 clients" --clients 1000 --conns 100 put --total "$(scale 100000)" --key-space-size 100000 --val-size 256; stop_all
-  start "$sys" "$n"
-  "$bench" --endpoints "$eps" --json put --total 1 --key-space-size 1 >/dev/null
-  bench_run "$sys" "$n" "range linearizable, 100 clients" --clients 100 --conns 10 range 00000000 --consistency l --total "$(scale 100000)"
-  bench_run "$sys" "$n" "range serializable, 100 clients" --clients 100 --conns 10 range 00000000 --consistency s --total "$(scale 100000)"
-  stop_all
-  start "$sys" "$n"; bench_run "$sys" "$n" "txn-put (1 compare), 100 clients" --clients 100 --conns 10 txn-put --total "$(scale 50000)" --key-space-size 100000 --val-size 256; stop_all
-  # Watch: many watchers on one member, puts at 1,000/s; delivery latency and memory per watcher.
-  start "$sys" "$n"
-  local before after streams wps
-  streams=$(( quick == 1 ? 10 : 100 )); wps=$(( quick == 1 ? 10 : 1000 ))
-  before=$(rss_kb "${pids[0]}")
-  local j
-  j=$("$bench" --endpoints "${eps%%,*}" --conns 10 --json watch --streams "$streams" --watchers-per-stream "$wps" --watched-key-total 1000 --put-total "$(scale 5000)" --put-rate 1000)
-  after=$(rss_kb "${pids[0]}")
-  record "$sys" "$n" "watch ($((streams * wps)) watchers, 1000 puts/s)" "delivery p99" "$(echo "$j" | jq .p99_ms)" "ms" lo
-  record "$sys" "$n" "watch ($((streams * wps)) watchers, 1000 puts/s)" "memory per watcher" "$(echo "($after - $before) * 1024 / ($streams * $wps)" | bc)" "bytes" lo
-  echo "$sys x$n watch: $(echo "$j" | jq -c '{p50_ms, p99_ms, errors, first_error}') rss $before -> $after kB"
-  stop_all
-  # Memory, restart time and size with 1,000,000 keys of 256 bytes.
-  if [ "$n" = 1 ]; then
-    start "$sys" 1
-    local keys
-    keys=$(scale 1000000)
-    "$bench" --endpoints "$eps" --clients 100 --conns 10 --json put --total "$keys" --key-space-size "$keys" --sequential-keys --val-size 256 >/dev/null
-    sleep 2
-    record "$sys" 1 "$keys keys of 256 B" "resident memory" "$(rss_kb "${pids[0]}")" "kB" lo
-    local db
-    db=$(du -sk "$work/data/m1/member/snap" | awk '{print $1}')
-    record "$sys" 1 "$keys keys of 256 B" "backend on disk" "$db" "kB" lo
-    kill -TERM "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
-    local bin
-    bin=$([ "$sys" = etcd ] && echo "$etcd_bin" || echo "$keel_bin")
-    "$bin" --name m1 --data-dir "$work/data/m1" \
-      --listen-client-urls "http://127.0.0.1:23790" --advertise-client-urls "http://127.0.0.1:23790" \
-      --listen-peer-urls "http://127.0.0.1:23800" --initial-advertise-peer-urls "http://127.0.0.1:23800" \
-      --initial-cluster "m1=http://127.0.0.1:23800" --initial-cluster-token bench --quota-backend-bytes 8589934592 \
-      >"$work/$sys-restart.log" 2>&1 &
-    pids+=($!)
-    record "$sys" 1 "$keys keys of 256 B" "restart to healthy" "$(ready_time)" "s" lo
-    stop_all
+  c1=$(cpu_ticks)
+  ops=$(echo "$j" | jq .ops)
+  record "$sys" "$n" "$name" "throughput" "$(echo "$j" | jq .rps)" "ops/s"
+  record "$sys" "$n" "$name" "p50 latency" "$(echo "$j" | jq .p50_ms)" "ms"
+  record "$sys" "$n" "$name" "p99 latency" "$(echo "$j" | jq .p99_ms)" "ms"
+  if [ "$ops" -gt 0 ]; then
+    record "$sys" "$n" "$name" "server CPU per request" "$(echo "($c1 - $c0) * 1000000 / $clk / $ops" | bc -l)" "us"
   fi
+  echo "$sys x$n $name: $(echo "$j" | jq -c '{rps, p50_ms, p99_ms, errors}') cpu $(( c1 - c0 )) ticks"
 }
 
-for n in 1 3; do
-  workloads etcd "$n"
-  workloads keel "$n"
+group_kv() { # SYS N: throughput-bound workloads on one cluster
+  local sys=$1 n=$2 c
+  start "$sys" "$n"
+  "$bench" --endpoints "$eps" put --total 1 --key-space-size 1 >/dev/null
+  for c in 100 1000; do
+    local conns=$(( c / 10 ))
+    measure "$sys" "$n" "put, $c clients" --clients "$c" --conns "$conns" put --total "$(scale 60000)" --key-space-size 100000 --val-size 256
+    measure "$sys" "$n" "txn-put, $c clients" --clients "$c" --conns "$conns" txn-put --total "$(scale 60000)" --key-space-size 100000 --val-size 256
+    measure "$sys" "$n" "range linearizable, $c clients" --clients "$c" --conns "$conns" range 00000000 --consistency l --total "$(scale 150000)"
+    measure "$sys" "$n" "range serializable, $c clients" --clients "$c" --conns "$conns" range 00000000 --consistency s --total "$(scale 150000)"
+  done
+  stop_all
+}
+
+group_latency() { # SYS N: one client, request after request
+  local sys=$1 n=$2
+  start "$sys" "$n"
+  "$bench" --endpoints "$eps" put --total 1 --key-space-size 1 >/dev/null
+  if [ "$n" = 1 ]; then
+    measure "$sys" 1 "put, 1 client" put --total "$(scale 10000)" --key-space-size 100000 --val-size 256
+    measure "$sys" 1 "get linearizable, 1 client" range 00000000 --total "$(scale 10000)"
+  else
+    measure "$sys" "$n" "put via leader, 1 client" --target-leader put --total "$(scale 5000)" --key-space-size 100000 --val-size 256
+    measure "$sys" "$n" "put via follower, 1 client" --target-follower put --total "$(scale 5000)" --key-space-size 100000 --val-size 256
+    measure "$sys" "$n" "get linearizable via leader, 1 client" --target-leader range 00000000 --total "$(scale 5000)"
+    measure "$sys" "$n" "get linearizable via follower, 1 client" --target-follower range 00000000 --total "$(scale 5000)"
+  fi
+  stop_all
+}
+
+group_bigread() { # SYS 3: three whole-range reads of ~200 MB on each member while one client writes
+  local sys=$1 n=$2 keys e i lc0 lc1 j readers=()
+  [ "$n" = 3 ] || return 0
+  start "$sys" "$n"
+  keys=$(scale 200000)
+  "$bench" --endpoints "$eps" --clients 100 --conns 10 put --total "$keys" --key-space-size "$keys" --sequential-keys --val-size 1000 >/dev/null
+  lc0=$(leader_changes)
+  "$bench" --endpoints "$eps" --target-leader --json put --total "$(scale 3000)" --rate 200 --key-space-size 1000 --val-size 256 >"$work/bigread-writer.json" &
+  local writer=$!
+  sleep 1
+  for e in ${eps//,/ }; do
+    for i in 1 2 3; do
+      "$bench" --endpoints "$e" --json range x --all-keys --total 1 >"$work/bigread-$e-$i.json" 2>&1 &
+      readers+=($!)
+    done
+  done
+  for r in "${readers[@]}"; do wait "$r" || true; done
+  wait "$writer" || true
+  lc1=$(leader_changes)
+  j=$(cat "$work/bigread-writer.json")
+  record "$sys" "$n" "3 whole-range reads per member under writes" "longest write" "$(echo "$j" | jq .max_ms)" "ms"
+  record "$sys" "$n" "3 whole-range reads per member under writes" "p99 write" "$(echo "$j" | jq .p99_ms)" "ms"
+  record "$sys" "$n" "3 whole-range reads per member under writes" "leader changes" "$(( lc1 - lc0 ))" "count"
+  echo "$sys x$n bigread: writer $(echo "$j" | jq -c '{max_ms, p99_ms, errors}') leader changes $(( lc1 - lc0 ))"
+  stop_all
+}
+
+group_lease() { # SYS N: 10,000 leases kept alive by 100 streams
+  local sys=$1 n=$2 r0 r1 j ops
+  start "$sys" "$n"
+  r0=$(raft_index)
+  measure "$sys" "$n" "keep-alive, 10000 leases, 100 streams" --clients 100 --conns 10 lease-keepalive --leases "$(scale 10000)" --total "$(scale 100000)"
+  r1=$(raft_index)
+  ops=$(tail -4 "$results" | head -1 | jq -r .value)
+  # Raft entries per renewal: the index growth over the run (grants included) by the renewals.
+  record "$sys" "$n" "keep-alive, 10000 leases, 100 streams" "raft entries per renewal" \
+    "$(echo "($r1 - $r0 - $(scale 10000)) / $(scale 100000)" | bc -l | awk '{ if ($1 < 0) print 0; else print $1 }')" "entries"
+  stop_all
+}
+
+group_memory() { # SYS 1: 1,000,000 keys of 256 B: memory after load and after restart, restart time
+  local sys=$1 n=$2 keys bin t0 t1 db
+  [ "$n" = 1 ] || return 0
+  start "$sys" 1
+  keys=$(scale 1000000)
+  "$bench" --endpoints "$eps" --clients 100 --conns 10 put --total "$keys" --key-space-size "$keys" --sequential-keys --val-size 256 >/dev/null
+  sleep 2
+  record "$sys" 1 "$keys keys of 256 B" "resident memory after load" "$(rss_kb "${pids[0]}")" "kB"
+  db=$(du -sk "$work/data/m1/member/snap" | awk '{print $1}')
+  record "$sys" 1 "$keys keys of 256 B" "backend on disk" "$db" "kB"
+  kill -TERM "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
+  bin=$(binary "$sys")
+  t0=$(date +%s.%N)
+  "$bin" --name m1 --data-dir "$work/data/m1" \
+    --listen-client-urls "http://127.0.0.1:23790" --advertise-client-urls "http://127.0.0.1:23790" \
+    --listen-peer-urls "http://127.0.0.1:23800" --initial-advertise-peer-urls "http://127.0.0.1:23800" \
+    --initial-cluster "m1=http://127.0.0.1:23800" --initial-cluster-token bench --quota-backend-bytes 8589934592 \
+    >"$work/$sys-restart.log" 2>&1 &
+  pids+=($!)
+  # Serving: the first Range answered.
+  for _ in $(seq 1 6000); do
+    if "$bench" --endpoints "$eps" range 00000000 --total 1 >/dev/null 2>&1; then break; fi
+    sleep 0.01
+  done
+  t1=$(date +%s.%N)
+  record "$sys" 1 "$keys keys of 256 B" "restart to first served Range" "$(echo "$t1 - $t0" | bc -l)" "s"
+  sleep 2
+  record "$sys" 1 "$keys keys of 256 B" "resident memory after restart" "$(rss_kb "${pids[0]}")" "kB"
+  stop_all
+}
+
+for g in $groups; do
+  for n in 1 3; do
+    for r in $(seq 1 "$runs"); do
+      [ "$g" = memory ] && [ "$r" -gt 1 ] && continue
+      for s in "${avail[@]}"; do
+        "group_$g" "$s" "$n"
+      done
+    done
+  done
 done
 
-# The table: one row per (members, workload, metric), with the ratio Keel/etcd.
+# The table: one row per (members, workload, metric): each system's mean, and Keel/etcd ratios.
+cols=$(printf '%s\n' "${avail[@]}" | jq -R . | jq -sc .)
 {
-  echo "| members | workload | metric | etcd 3.4.23 | Keel | Keel/etcd |"
-  echo "|---|---|---|---|---|---|"
-  jq -rs '
+  printf '| members | workload | metric |'
+  for s in "${avail[@]}"; do printf ' %s |' "$s"; done
+  for s in "${avail[@]}"; do [ "$s" != keel ] && printf ' Keel/%s |' "$s"; done
+  echo
+  printf '|---|---|---|'
+  for s in "${avail[@]}"; do printf -- '---|'; done
+  for s in "${avail[@]}"; do [ "$s" != keel ] && printf -- '---|'; done
+  echo
+  jq -rs --argjson cols "$cols" '
+    def r2: . * 100 | round / 100;
+    def mean: (add / length);
     group_by([.members, .workload, .metric])[]
-    | (map(select(.system=="etcd"))[0]) as $e | (map(select(.system=="keel"))[0]) as $k
-    | select($e != null and $k != null)
-    | "| \($e.members) | \($e.workload) | \($e.metric) (\($e.unit)) | \($e.value * 100 | round / 100) | \($k.value * 100 | round / 100) | \(if $e.value == 0 then "-" else ($k.value / $e.value * 100 | round / 100 | tostring) + "x" end) |"
+    | . as $g
+    | ($cols | map(. as $s | [$g[] | select(.system == $s) | .value]) | map(if length == 0 then null else mean end)) as $v
+    | ($cols | index("keel")) as $ki
+    | "| \($g[0].members) | \($g[0].workload) | \($g[0].metric) (\($g[0].unit)) | "
+      + ($v | map(if . == null then "-" else (r2 | tostring) end) | join(" | ")) + " | "
+      + ([range(0; $cols | length)] | map(select($cols[.] != "keel"))
+         | map(if $ki == null or $v[.] == null or $v[$ki] == null or $v[.] == 0 then "-" else ($v[$ki] / $v[.] | r2 | tostring) + "x" end)
+         | join(" | ")) + " |"
   ' "$results"
 } | tee "$out"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {print int($2/1024/1024)" GiB"}' /proc/meminfo), $(uname -r); runs per workload: $runs" | tee -a "$out"

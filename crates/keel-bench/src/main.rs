@@ -29,6 +29,9 @@ pub struct Cli {
     /// Send every request to the leader.
     #[arg(long, global = true)]
     target_leader: bool,
+    /// Send every request to one member that is not the leader.
+    #[arg(long, global = true, conflicts_with = "target_leader")]
+    target_follower: bool,
     /// user:password to authenticate with.
     #[arg(long, global = true)]
     user: Option<String>,
@@ -104,18 +107,19 @@ async fn connect(cli: &Cli) -> Result<Ctx> {
         bail!("no endpoints");
     }
     let mut targets = eps.clone();
-    if cli.target_leader {
-        let mut leader_ep = None;
+    if cli.target_leader || cli.target_follower {
+        let mut chosen = None;
         for ep in &eps {
             let ch = endpoint(cli, ep).await?.connect().await.with_context(|| format!("connect {ep}"))?;
             let st = MaintenanceClient::new(ch).status(StatusRequest {}).await?.into_inner();
             let me = st.header.map(|h| h.member_id).unwrap_or(0);
-            if st.leader != 0 && st.leader == me {
-                leader_ep = Some(ep.clone());
+            if st.leader != 0 && (st.leader == me) == cli.target_leader {
+                chosen = Some(ep.clone());
                 break;
             }
         }
-        targets = vec![leader_ep.context("no endpoint is the leader")?];
+        let what = if cli.target_leader { "the leader" } else { "a follower" };
+        targets = vec![chosen.with_context(|| format!("no endpoint is {what}"))?];
     }
     let mut chans = Vec::new();
     for i in 0..cli.conns.max(1) {

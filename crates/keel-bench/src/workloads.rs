@@ -34,8 +34,20 @@ pub enum Cmd {
     Watch(WatchArgs),
     /// Event delivery latency with a few watchers.
     WatchLatency(WatchArgs),
-    /// Lease keep-alives, one lease and one stream per client.
-    LeaseKeepalive(Common),
+    /// Lease keep-alives: one stream per client, each renewing its share of --leases in turn.
+    LeaseKeepalive(LeaseArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LeaseArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Leases kept alive (granted first, spread over the clients; at least one per client).
+    #[arg(long, default_value_t = 0)]
+    leases: usize,
+    /// TTL of each lease, in seconds.
+    #[arg(long, default_value_t = 60)]
+    ttl: i64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -77,6 +89,9 @@ pub struct RangeArgs {
     limit: i64,
     #[arg(long)]
     count_only: bool,
+    /// Read every key (KEY and END are ignored: the range ["\0", "\0")).
+    #[arg(long)]
+    all_keys: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -234,10 +249,13 @@ pub async fn run(ctx: &Ctx, cmd: &Cmd) -> Result<Report> {
             .await
         }
         Cmd::Range(a) => {
-            let kvs = clients(ctx, KvClient::new);
+            // Whole-range reads can be hundreds of MB.
+            let kvs = clients(ctx, |ch| KvClient::new(ch).max_decoding_message_size(usize::MAX));
+            let (key, range_end) =
+                if a.all_keys { (vec![0], vec![0]) } else { (a.key.clone().into_bytes(), a.end.clone().unwrap_or_default().into_bytes()) };
             let req = RangeRequest {
-                key: a.key.clone().into_bytes(),
-                range_end: a.end.clone().unwrap_or_default().into_bytes(),
+                key,
+                range_end,
                 limit: a.limit,
                 count_only: a.count_only,
                 serializable: a.consistency == "s",
@@ -270,22 +288,29 @@ pub async fn run(ctx: &Ctx, cmd: &Cmd) -> Result<Report> {
             })
             .await
         }
-        Cmd::LeaseKeepalive(common) => {
-            // One lease and one keep-alive stream per client.
+        Cmd::LeaseKeepalive(a) => {
+            // One keep-alive stream per client, renewing its leases in turn.
+            let leases = a.leases.max(ctx.clients);
+            let mut ids: Vec<Vec<i64>> = vec![Vec::new(); ctx.clients];
+            for i in 0..leases {
+                let mut lc = LeaseClient::new(ctx.chan(i));
+                let id = lc.lease_grant(ctx.req(LeaseGrantRequest { ttl: a.ttl, id: 0 })).await?.into_inner().id;
+                ids[i % ctx.clients].push(id);
+            }
             let mut streams = Vec::new();
-            for c in 0..ctx.clients {
+            for (c, mine) in ids.into_iter().enumerate() {
                 let mut lc = LeaseClient::new(ctx.chan(c));
-                let id = lc.lease_grant(ctx.req(LeaseGrantRequest { ttl: 60, id: 0 })).await?.into_inner().id;
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
                 let out = lc.lease_keep_alive(ctx.req(tokio_stream::wrappers::ReceiverStream::new(rx))).await?.into_inner();
-                streams.push(tokio::sync::Mutex::new((tx, out, id)));
+                streams.push(tokio::sync::Mutex::new((tx, out, mine, 0usize)));
             }
             let streams = Arc::new(streams);
-            drive(ctx, "lease-keepalive", common, move |c, _| {
+            drive(ctx, "lease-keepalive", &a.common, move |c, _| {
                 let streams = streams.clone();
                 async move {
                     let mut s = streams[c].lock().await;
-                    let id = s.2;
+                    let id = s.2[s.3 % s.2.len()];
+                    s.3 += 1;
                     s.0.send(LeaseKeepAliveRequest { id }).await.map_err(|_| tonic::Status::cancelled("stream closed"))?;
                     match s.1.message().await? {
                         Some(_) => Ok(()),

@@ -53,7 +53,7 @@ impl Proxy {
                 let Ok((inbound, from)) = l.accept().await else { continue };
                 let src = from.ip();
                 {
-                    let s = st.lock().unwrap();
+                    let s = st.lock();
                     if s.blocked_all || s.blocked_src.contains(&src) {
                         continue; // dropped: the connection closes
                     }
@@ -64,7 +64,7 @@ impl Proxy {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
-                st.lock().unwrap().conns.push((src, h.abort_handle()));
+                st.lock().conns.push((src, h.abort_handle()));
             }
         });
         p
@@ -72,7 +72,7 @@ impl Proxy {
 
     /// Cuts all traffic into this member, or only traffic from `src`.
     fn block(&self, src: Option<IpAddr>) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         match src {
             None => s.blocked_all = true,
             Some(ip) => {
@@ -92,7 +92,7 @@ impl Proxy {
     }
 
     fn heal(&self) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         s.blocked_all = false;
         s.blocked_src.clear();
     }
@@ -294,7 +294,7 @@ async fn leader_sigkill_under_load_loses_nothing() {
                 .await;
                 match r {
                     Ok(Ok(_)) => {
-                        acked.lock().unwrap().push(key);
+                        acked.lock().push(key);
                         i += 1;
                     }
                     _ => {
@@ -306,12 +306,12 @@ async fn leader_sigkill_under_load_loses_nothing() {
             }
         }));
     }
-    while acked.lock().unwrap().len() < 300 {
+    while acked.lock().len() < 300 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let killed_at = Instant::now();
     c.members[leader].proc.as_mut().unwrap().sigkill();
-    let before = acked.lock().unwrap().len();
+    let before = acked.lock().len();
 
     // A new leader serves writes within two election timeouts (plus process scheduling slack on a
     // loaded 2-core machine, measured from the kill, not from the last heartbeat).
@@ -320,7 +320,7 @@ async fn leader_sigkill_under_load_loses_nothing() {
     kv.put(PutRequest { key: b"after-failover".to_vec(), value: b"1".to_vec(), ..Default::default() }).await.expect("write after failover");
     let took = killed_at.elapsed();
     assert!(took < Duration::from_millis(2 * ELECTION_MS + 1500), "failover took {took:?}");
-    while acked.lock().unwrap().len() < before + 300 {
+    while acked.lock().len() < before + 300 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -329,7 +329,7 @@ async fn leader_sigkill_under_load_loses_nothing() {
     }
 
     // Every acknowledged write is on the survivors, and on the old leader once it is back.
-    let acked: Vec<String> = acked.lock().unwrap().clone();
+    let acked: Vec<String> = acked.lock().clone();
     c.restart(leader, &[]);
     for i in 0..3 {
         let mut kv = c.kv(i).await;
@@ -861,4 +861,76 @@ async fn follower_with_watchers_survives_installing_a_snapshot() {
     assert!(!log.contains("panicked"), "the follower panicked:\n{log}");
     let mut kv_f = c.kv(f).await;
     assert_eq!(count_prefix(&mut kv_f, "snap/", false).await.unwrap(), n as i64);
+}
+
+/// Whole-range reads on every member (each a response of tens of MB) while a client writes:
+/// reads are planned under the store lock and loaded without it, and the raft thread never waits
+/// for the store, so no member misses heartbeats (no election) and every write completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn big_reads_on_every_member_neither_stall_writes_nor_move_the_leader() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.leader(&[0, 1, 2]).await;
+    // About 40 MB of values.
+    let (keys, value) = (20_000usize, vec![b'x'; 2000]);
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let mut kv = c.kv(leader).await;
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < keys {
+                kv.put(PutRequest { key: format!("big/{i:08}").into(), value: value.clone(), ..Default::default() }).await?;
+                i += 32;
+            }
+            Ok::<(), tonic::Status>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("load");
+    }
+    let status = |i: usize| {
+        let url = c.members[i].client_url();
+        async move { MaintenanceClient::new(channel(&url).await).status(StatusRequest {}).await.unwrap().into_inner() }
+    };
+    let before = status(leader).await;
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for m in 0..3 {
+        for _ in 0..3 {
+            let mut kv = c.kv(m).await.max_decoding_message_size(usize::MAX);
+            readers.push(tokio::spawn(async move {
+                let mut total = 0usize;
+                for _ in 0..2 {
+                    let r = kv.range(RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() }).await?.into_inner();
+                    total += r.kvs.len();
+                }
+                Ok::<usize, tonic::Status>(total)
+            }));
+        }
+    }
+    let writer = {
+        let mut kv = c.kv(leader).await;
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !done.load(std::sync::atomic::Ordering::Acquire) || n < 50 {
+                kv.put(PutRequest { key: format!("w/{n:08}").into(), value: b"v".to_vec(), ..Default::default() }).await?;
+                n += 1;
+            }
+            Ok::<usize, tonic::Status>(n)
+        })
+    };
+    for r in readers {
+        let read = r.await.unwrap().expect("whole-range read");
+        assert!(read >= 2 * keys, "each read saw every key: {read}");
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let written = writer.await.unwrap().expect("every write during the reads completes");
+    let after = status(leader).await;
+    assert_eq!(after.leader, before.leader, "the leader did not change during the reads");
+    assert_eq!(after.raft_term, before.raft_term, "no election during the reads");
+    let mut kv = c.kv((leader + 1) % 3).await;
+    assert_eq!(count_prefix(&mut kv, "w/", false).await.unwrap(), written as i64, "every acknowledged write is there");
 }

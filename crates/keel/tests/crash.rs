@@ -34,9 +34,9 @@ async fn sigkill_loses_no_acknowledged_write() {
                 if r.is_err() {
                     return;
                 }
-                acked.lock().unwrap().push((key, value));
+                acked.lock().push((key, value));
                 if count.fetch_add(1, Ordering::SeqCst) + 1 == 2000 {
-                    if let Some(tx) = reached_tx.lock().unwrap().take() {
+                    if let Some(tx) = reached_tx.lock().take() {
                         let _ = tx.send(());
                     }
                 }
@@ -49,7 +49,7 @@ async fn sigkill_loses_no_acknowledged_write() {
     for w in writers {
         w.await.unwrap();
     }
-    let acked = acked.lock().unwrap().clone();
+    let acked = acked.lock().clone();
     assert!(acked.len() >= 2000);
 
     let mut p2 = start(&keel_bin(), &dir, cp, pp, &[]);
