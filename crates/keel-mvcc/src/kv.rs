@@ -376,12 +376,54 @@ fn exec_txn(w: &mut WriteTxn, req: &TxnRequest, path: &[bool], pos: &mut usize) 
     Ok(TxnResponse { header: None, succeeded: ok, responses })
 }
 
+/// One part of a transaction met by [`walk_txn`].
+#[derive(Debug, Clone, Copy)]
+pub enum TxnPart<'a> {
+    Compare(&'a Compare),
+    Range(&'a RangeRequest),
+    Put(&'a PutRequest),
+    DeleteRange(&'a DeleteRangeRequest),
+}
+
+/// Visits every compare and operation of a transaction and of the transactions nested in it,
+/// both branches, depth first, until `f` returns false; returns false if it did. The one walker
+/// of nested transactions: permission checks, read-only and serializable tests, alarms.
+pub fn walk_txn<'a>(t: &'a TxnRequest, f: &mut dyn FnMut(TxnPart<'a>) -> bool) -> bool {
+    for c in &t.compare {
+        if !f(TxnPart::Compare(c)) {
+            return false;
+        }
+    }
+    for op in t.success.iter().chain(t.failure.iter()) {
+        let go_on = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => f(TxnPart::Range(r)),
+            Some(request_op::Request::RequestPut(p)) => f(TxnPart::Put(p)),
+            Some(request_op::Request::RequestDeleteRange(d)) => f(TxnPart::DeleteRange(d)),
+            Some(request_op::Request::RequestTxn(n)) => walk_txn(n, f),
+            None => true,
+        };
+        if !go_on {
+            return false;
+        }
+    }
+    true
+}
+
 /// True when the transaction (and every nested one) only reads.
 pub fn txn_is_read_only(req: &TxnRequest) -> bool {
-    req.success.iter().chain(req.failure.iter()).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(_)) | None => true,
-        Some(request_op::Request::RequestTxn(t)) => txn_is_read_only(t),
-        _ => false,
+    walk_txn(req, &mut |p| matches!(p, TxnPart::Compare(_) | TxnPart::Range(_)))
+}
+
+/// True when a transaction (or a nested one) may put a key.
+pub fn txn_has_put(req: &TxnRequest) -> bool {
+    !walk_txn(req, &mut |p| !matches!(p, TxnPart::Put(_)))
+}
+
+/// True when every range in the transaction (and nested ones) is serializable.
+pub fn txn_serializable(req: &TxnRequest) -> bool {
+    walk_txn(req, &mut |p| match p {
+        TxnPart::Range(r) => r.serializable,
+        _ => true,
     })
 }
 

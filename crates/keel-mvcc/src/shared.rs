@@ -80,14 +80,16 @@ impl SharedStore {
 
     /// etcd's Range on the current state: planned under the read lock, values loaded after.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, KvError> {
-        let (plan, count, cur) = {
-            let s = self.store.read();
-            let cur = s.current_rev();
-            let at = s.check_rev(req.revision, cur)?;
-            let (plan, count) = s.plan_range(&req.key, &req.range_end, at, kv::fetch_limit(req), req.count_only)?;
-            (plan, count, cur)
-        };
-        Ok(kv::shape_range(req, plan.load()?, count, cur))
+        self.plan_range(req)?.finish()
+    }
+
+    /// Plans a Range under the read lock; [`PlannedRange::finish`] reads it without the lock.
+    pub fn plan_range(&self, req: &RangeRequest) -> Result<PlannedRange, KvError> {
+        let s = self.store.read();
+        let cur = s.current_rev();
+        let at = s.check_rev(req.revision, cur)?;
+        let (plan, count) = s.plan_range(&req.key, &req.range_end, at, kv::fetch_limit(req), req.count_only)?;
+        Ok(PlannedRange { plan, count, cur, shape: ShapeOf::from(req) })
     }
 
     /// etcd's HashKV at `rev` (0: current): (hash, current revision, compacted revision).
@@ -100,5 +102,39 @@ impl SharedStore {
     pub fn events_between(&self, key: &[u8], end: &[u8], from: i64, to: i64, with_prev: bool) -> Result<Vec<Event>, KvError> {
         let plan = self.store.read().plan_events(key, end, from, to, with_prev)?;
         plan.load()
+    }
+}
+
+/// The parts of a RangeRequest its answer is shaped by (the keys themselves are planned).
+struct ShapeOf(RangeRequest);
+
+impl From<&RangeRequest> for ShapeOf {
+    fn from(r: &RangeRequest) -> ShapeOf {
+        ShapeOf(RangeRequest { key: Vec::new(), range_end: Vec::new(), ..r.clone() })
+    }
+}
+
+/// A Range planned under the store's lock: the values are read by [`PlannedRange::finish`],
+/// which needs no lock and may run on another thread.
+pub struct PlannedRange {
+    plan: crate::store::ReadPlan,
+    count: i64,
+    cur: i64,
+    shape: ShapeOf,
+}
+
+impl PlannedRange {
+    /// Key-values it will read.
+    pub fn len(&self) -> usize {
+        self.plan.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plan.len() == 0
+    }
+
+    /// Reads the values and shapes etcd's answer.
+    pub fn finish(self) -> Result<RangeResponse, KvError> {
+        Ok(kv::shape_range(&self.shape.0, self.plan.load()?, self.count, self.cur))
     }
 }

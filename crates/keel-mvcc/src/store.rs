@@ -672,6 +672,15 @@ pub struct ReadPlan {
 }
 
 impl ReadPlan {
+    /// Key-values planned.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     /// Reads and decodes the planned key-values, in order.
     pub fn load(self) -> Result<Vec<KeyValue>, KvError> {
         let mut out = Vec::with_capacity(self.slots.len());

@@ -12,7 +12,7 @@ use crate::membership::{Members, AUX_MEMBERS};
 use keel_mvcc::kv::{self, Leases};
 use keel_mvcc::{SharedStore, Store, TxnOutcome};
 use keel_proto::etcdserverpb::AlarmType;
-use keel_proto::etcdserverpb::{request_op, TxnRequest};
+use keel_proto::etcdserverpb::TxnRequest;
 use keel_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
 };
@@ -199,41 +199,28 @@ fn is_auth_change(r: &Request) -> bool {
     )
 }
 
-/// True when a transaction (or a nested one) may put a key.
-fn txn_has_put(t: &TxnRequest) -> bool {
-    t.success.iter().chain(t.failure.iter()).any(|op| match &op.request {
-        Some(request_op::Request::RequestPut(_)) => true,
-        Some(request_op::Request::RequestTxn(n)) => txn_has_put(n),
-        _ => false,
-    })
-}
-
 /// Checks a transaction's compares and operations (nested ones too) against the caller's
 /// permissions, as etcd's auth applier does.
 pub fn check_txn(auth: &AuthStore, who: &AuthInfo, t: &TxnRequest) -> Result<(), AuthError> {
-    for c in &t.compare {
-        auth.check(who, &c.key, &c.range_end, Perm::Read)?;
-    }
-    for op in t.success.iter().chain(t.failure.iter()) {
-        match &op.request {
-            Some(request_op::Request::RequestRange(r)) => auth.check(who, &r.key, &r.range_end, Perm::Read)?,
-            Some(request_op::Request::RequestPut(p)) => {
-                auth.check(who, &p.key, &[], Perm::Write)?;
+    use kv::TxnPart;
+    let mut result = Ok(());
+    kv::walk_txn(t, &mut |part| {
+        result = match part {
+            TxnPart::Compare(c) => auth.check(who, &c.key, &c.range_end, Perm::Read),
+            TxnPart::Range(r) => auth.check(who, &r.key, &r.range_end, Perm::Read),
+            TxnPart::Put(p) => auth.check(who, &p.key, &[], Perm::Write).and_then(|()| {
                 if p.prev_kv {
-                    auth.check(who, &p.key, &[], Perm::Read)?;
+                    auth.check(who, &p.key, &[], Perm::Read)
+                } else {
+                    Ok(())
                 }
-            }
-            Some(request_op::Request::RequestDeleteRange(d)) => {
-                if d.prev_kv {
-                    auth.check(who, &d.key, &d.range_end, Perm::Read)?;
-                }
-                auth.check(who, &d.key, &d.range_end, Perm::Write)?;
-            }
-            Some(request_op::Request::RequestTxn(n)) => check_txn(auth, who, n)?,
-            None => {}
-        }
-    }
-    Ok(())
+            }),
+            TxnPart::DeleteRange(d) => (if d.prev_kv { auth.check(who, &d.key, &d.range_end, Perm::Read) } else { Ok(()) })
+                .and_then(|()| auth.check(who, &d.key, &d.range_end, Perm::Write)),
+        };
+        result.is_ok()
+    });
+    result
 }
 
 /// A lease's keys must all be writable by whoever attaches to or revokes it.
@@ -352,7 +339,7 @@ impl Applier {
             let alarms = self.alarms.read();
             let adds = match &req {
                 Request::Put(_) | Request::LeaseGrant(_) => true,
-                Request::Txn(t) => txn_has_put(t),
+                Request::Txn(t) => kv::txn_has_put(t),
                 _ => false,
             };
             let writes = adds || matches!(&req, Request::DeleteRange(_) | Request::Txn(_));
@@ -597,5 +584,65 @@ impl keel_raft::StateMachine for Applier {
 
     fn snapshot_data(&self) -> Vec<u8> {
         self.members.read().encode()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_raft::Proposed;
+
+    fn ok(rev: i64) -> ApplyResult {
+        Ok((Applied::LeaseCheckpoint, rev))
+    }
+
+    #[test]
+    fn a_proposal_overwritten_by_a_new_leader_is_answered_when_its_index_is_applied() {
+        let w = Waiters::default();
+        let mut mine = w.register(1);
+        let mut other = w.register(2);
+        w.placed(1, Proposed { index: 10, term: 3 });
+        w.placed(2, Proposed { index: 11, term: 3 });
+        // Index 10 is applied with another request (a new leader's entry): 1 was lost.
+        w.applied(9);
+        assert!(mine.try_recv().is_err(), "not answered before its index is applied");
+        w.applied(10);
+        let lost = mine.try_recv().expect("answered at once").unwrap_err();
+        assert_eq!(lost.code(), tonic::Code::Unavailable);
+        assert!(lost.message().contains("previous leader failure"), "{}", lost.message());
+        // Its own entry at 11 answers 2 normally, and applying 11 does not fail it afterwards.
+        w.trigger(2, ok(7));
+        w.applied(11);
+        assert_eq!(other.try_recv().unwrap().unwrap().1, 7);
+        assert_eq!(w.len(), 0);
+    }
+
+    #[test]
+    fn a_proposal_placed_after_its_index_was_applied_is_lost_at_once() {
+        let w = Waiters::default();
+        w.applied(20);
+        let mut rx = w.register(5);
+        w.placed(5, Proposed { index: 20, term: 2 });
+        assert!(rx.try_recv().unwrap().is_err());
+        // A follower's proposal (no place known) keeps waiting for its entry.
+        let mut f = w.register(6);
+        w.applied(30);
+        assert!(f.try_recv().is_err());
+        w.trigger(6, ok(1));
+        assert!(f.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn stopping_answers_everyone_waiting_and_every_later_caller() {
+        let w = Waiters::default();
+        let mut a = w.register(1);
+        let mut b = w.register(2);
+        w.placed(2, Proposed { index: 4, term: 1 });
+        w.fail_all();
+        for rx in [&mut a, &mut b] {
+            assert_eq!(rx.try_recv().unwrap().unwrap_err().message(), "etcdserver: server stopped");
+        }
+        let mut late = w.register(3);
+        assert_eq!(late.try_recv().unwrap().unwrap_err().message(), "etcdserver: server stopped");
     }
 }

@@ -106,7 +106,18 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cfg)) {
+    // Raft's peer traffic has a runtime of its own: a client request that keeps a worker of the
+    // main runtime busy (decoding a huge range, say) cannot delay heartbeats and acknowledgements.
+    let peer_rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("keel-peer").enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the peer runtime");
+            return ExitCode::from(1);
+        }
+    };
+    let r = rt.block_on(run(cfg, peer_rt.handle().clone()));
+    peer_rt.shutdown_background();
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "keel stopped");
@@ -181,7 +192,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
     })
 }
 
-async fn run(cfg: Config) -> Result<()> {
+async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), etcd_api = config::ETCD_VERSION, name = %cfg.name, data_dir = %cfg.data_dir(), "starting keel");
     let keepalive = |flag: &str, v: &str| config::parse_go_duration(v).ok_or_else(|| anyhow::anyhow!("invalid {flag} {v:?}"));
     let ka_interval = keepalive("--grpc-keepalive-interval", &cfg.grpc_keepalive_interval)?;
@@ -253,7 +264,8 @@ async fn run(cfg: Config) -> Result<()> {
     let members = Arc::new(RwLock::new(members));
     let waiters = Arc::new(Waiters::default());
     let removed = Arc::new(tokio::sync::Notify::new());
-    let transport = peer::PeerTransport::new(identity.member_id, identity.cluster_id, members.clone(), store.clone(), dialer);
+    let transport =
+        peer::PeerTransport::new(identity.member_id, identity.cluster_id, members.clone(), store.clone(), dialer, peer_rt.clone());
     let node_status = Arc::new(keel_raft::NodeStatus::default());
     let hub =
         watch::WatchHub::new(store.clone(), node_status.clone(), identity.cluster_id, identity.member_id, cfg.max_request_bytes as usize);
@@ -317,17 +329,39 @@ async fn run(cfg: Config) -> Result<()> {
         .max_encoding_message_size(peer::MAX_PEER_MESSAGE),
     )
     .into_axum_router();
-    for (lu, l) in serve::bind(&split_urls(&cfg.listen_peer_urls)).await? {
-        let acceptor = match (lu.tls, &peer_tls) {
-            (true, Some(t)) => Some(t.clone()),
-            (true, None) => {
-                bail!("TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme", lu.url)
+    // Bound and served on the peer runtime; binding errors come back here.
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    let peer_urls = split_urls(&cfg.listen_peer_urls);
+    peer_rt.spawn(async move {
+        let listeners = match serve::bind(&peer_urls).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = bound_tx.send(Err(e));
+                return;
             }
-            (false, _) => None,
         };
-        tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
-        tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), serve::H2::DEFAULT, false));
-    }
+        let mut serving = Vec::new();
+        for (lu, l) in listeners {
+            let acceptor = match (lu.tls, &peer_tls) {
+                (true, Some(t)) => Some(t.clone()),
+                (true, None) => {
+                    let _ = bound_tx.send(Err(anyhow::anyhow!(
+                        "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme",
+                        lu.url
+                    )));
+                    return;
+                }
+                (false, _) => None,
+            };
+            tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
+            serving.push(tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), serve::H2::DEFAULT, false)));
+        }
+        let _ = bound_tx.send(Ok(()));
+        for s in serving {
+            let _ = s.await;
+        }
+    });
+    bound_rx.await.map_err(|_| anyhow::anyhow!("the peer runtime stopped"))??;
 
     // Client listeners.
     let max_recv = cfg.max_request_bytes as usize + 512 * 1024;

@@ -193,7 +193,16 @@ pub struct PeerTransport {
 }
 
 impl PeerTransport {
-    pub fn new(self_id: u64, cluster_id: u64, members: Arc<RwLock<Members>>, store: Arc<SharedStore>, dialer: Dialer) -> PeerTransport {
+    /// A transport whose connections and streams run on `rt` (the peer runtime: client load on
+    /// the main runtime cannot hold raft messages back).
+    pub fn new(
+        self_id: u64,
+        cluster_id: u64,
+        members: Arc<RwLock<Members>>,
+        store: Arc<SharedStore>,
+        dialer: Dialer,
+        rt: tokio::runtime::Handle,
+    ) -> PeerTransport {
         PeerTransport {
             inner: Arc::new(Inner {
                 self_id,
@@ -202,7 +211,7 @@ impl PeerTransport {
                 store,
                 node: OnceLock::new(),
                 dialer,
-                rt: tokio::runtime::Handle::current(),
+                rt,
                 queues: Mutex::new(HashMap::new()),
                 active_since: Mutex::new(HashMap::new()),
                 request_channels: Mutex::new(HashMap::new()),

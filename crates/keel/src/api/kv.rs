@@ -37,17 +37,11 @@ fn cost_txn(t: &TxnRequest) -> u64 {
     branch(&t.success).max(branch(&t.failure))
 }
 
+/// Ranges reading more key-values than this are read off the runtime's workers.
+const BIG_RANGE: usize = 1000;
+
 fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected apply result")
-}
-
-/// True when every range in the transaction (and nested ones) is serializable.
-fn txn_serializable(t: &TxnRequest) -> bool {
-    t.success.iter().chain(t.failure.iter()).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(r)) => r.serializable,
-        Some(request_op::Request::RequestTxn(t)) => txn_serializable(t),
-        _ => true,
-    })
 }
 
 #[tonic::async_trait]
@@ -61,8 +55,16 @@ impl Kv for KvService {
             self.server.linearizable_barrier().await?;
         }
         self.server.check_read(&who, &r.key, &r.range_end)?;
-        // Planned under the store's read lock, values read after it (apply never waits long).
-        let mut resp = self.server.store.range(&r).map_err(errors::kv)?;
+        // Planned under the store's read lock, values read after it (apply never waits long). A
+        // big one is read on a blocking thread: decoding tens of MB would hold a runtime worker
+        // from every other request for as long.
+        let planned = self.server.store.plan_range(&r).map_err(errors::kv)?;
+        let mut resp = if planned.len() > BIG_RANGE {
+            tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            planned.finish()
+        }
+        .map_err(errors::kv)?;
         let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
         resp.header = self.server.header(rev);
         Ok(Response::new(resp))
@@ -101,13 +103,13 @@ impl Kv for KvService {
         let who = self.server.caller(&req)?;
         let r = req.into_inner();
         validate::txn(&r, self.server.cfg.max_txn_ops as usize)?;
-        let serializable_reads = mvcc_kv::txn_is_read_only(&r) && txn_serializable(&r);
+        let serializable_reads = mvcc_kv::txn_is_read_only(&r) && mvcc_kv::txn_serializable(&r);
         if !serializable_reads {
             self.server.not_learner()?;
         }
         if mvcc_kv::txn_is_read_only(&r) {
             // Read-only: no proposal; a linearizable barrier unless every read is serializable.
-            if !txn_serializable(&r) {
+            if !mvcc_kv::txn_serializable(&r) {
                 self.server.linearizable_barrier().await?;
             }
             crate::apply::check_txn(&self.server.auth(), &who, &r).map_err(errors::auth)?;
