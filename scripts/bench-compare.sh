@@ -147,18 +147,50 @@ group_kv() { # SYS N: throughput-bound workloads on one cluster
   stop_all
 }
 
+# Keel's per-hop histograms summed over the members: "name sum count" lines.
+hop_totals() {
+  local e
+  for e in ${eps//,/ }; do curl -sf "http://$e/metrics" || true; done |
+    awk '/^keel_(raft_hop|server_proposal)_duration_seconds_(sum|count)/ {
+      split($1, a, "_seconds_"); kind = a[2]; sub(/\{.*/, "", kind);
+      name = a[1]; lbl = ""; if (match($1, /hop="[a-z_]+"/)) lbl = substr($1, RSTART + 5, RLENGTH - 6);
+      key = (lbl == "" ? "proposal" : lbl); v[key, kind] += $2; keys[key] = 1 }
+      END { for (k in keys) print k, v[k, "sum"] + 0, v[k, "count"] + 0 }'
+}
+
+# hops SYS N NAME BEFORE: records the mean of each hop since BEFORE (hop_totals output).
+hops() {
+  local sys=$1 n=$2 name=$3 before=$4
+  hop_totals | while read -r k s c; do
+    local s0 c0
+    s0=$(echo "$before" | awk -v k="$k" '$1 == k {print $2}'); c0=$(echo "$before" | awk -v k="$k" '$1 == k {print $3}')
+    local dc=$(( c - ${c0:-0} ))
+    if [ "$dc" -gt 0 ]; then
+      record "$sys" "$n" "$name" "hop $k (mean)" "$(echo "($s - ${s0:-0}) * 1000000 / $dc" | bc -l)" "us"
+    fi
+  done
+}
+
+# measure_hops SYS N NAME ARGS...: measure, plus Keel's per-hop means for that run.
+measure_hops() {
+  local before
+  before=$(hop_totals)
+  measure "$@"
+  hops "$1" "$2" "$3" "$before"
+}
+
 group_latency() { # SYS N: one client, request after request
   local sys=$1 n=$2
   start "$sys" "$n"
   "$bench" --endpoints "$eps" put --total 1 --key-space-size 1 >/dev/null
   if [ "$n" = 1 ]; then
-    measure "$sys" 1 "put, 1 client" put --total "$(scale 10000)" --key-space-size 100000 --val-size 256
-    measure "$sys" 1 "get linearizable, 1 client" range 00000000 --total "$(scale 10000)"
+    measure_hops "$sys" 1 "put, 1 client" put --total "$(scale 10000)" --key-space-size 100000 --val-size 256
+    measure_hops "$sys" 1 "get linearizable, 1 client" range 00000000 --total "$(scale 10000)"
   else
-    measure "$sys" "$n" "put via leader, 1 client" --target-leader put --total "$(scale 5000)" --key-space-size 100000 --val-size 256
-    measure "$sys" "$n" "put via follower, 1 client" --target-follower put --total "$(scale 5000)" --key-space-size 100000 --val-size 256
-    measure "$sys" "$n" "get linearizable via leader, 1 client" --target-leader range 00000000 --total "$(scale 5000)"
-    measure "$sys" "$n" "get linearizable via follower, 1 client" --target-follower range 00000000 --total "$(scale 5000)"
+    measure_hops "$sys" "$n" "put via leader, 1 client" --target-leader put --total "$(scale 5000)" --key-space-size 100000 --val-size 256
+    measure_hops "$sys" "$n" "put via follower, 1 client" --target-follower put --total "$(scale 5000)" --key-space-size 100000 --val-size 256
+    measure_hops "$sys" "$n" "get linearizable via leader, 1 client" --target-leader range 00000000 --total "$(scale 5000)"
+    measure_hops "$sys" "$n" "get linearizable via follower, 1 client" --target-follower range 00000000 --total "$(scale 5000)"
   fi
   stop_all
 }

@@ -646,6 +646,12 @@ impl WriteTxn<'_> {
         (o.revision, o.events)
     }
 
+    /// True once the transaction has changed something (a failure after this point cannot be
+    /// undone: the caller must not publish or reuse the revision).
+    pub fn changed(&self) -> bool {
+        self.sub > 0
+    }
+
     /// Ends the transaction with everything it produced.
     pub fn finish(self) -> TxnOutcome {
         if self.sub > 0 {

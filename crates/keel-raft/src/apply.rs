@@ -10,6 +10,7 @@
 //!
 //! Calls the state machine and [`LogStore`] (to record what a snapshot for a follower is made of).
 
+use crate::hops::{self, Hop};
 use crate::node::{ProposeError, StateMachine};
 use crate::storage::LogStore;
 use crate::NodeStatus;
@@ -28,6 +29,8 @@ pub type ReadSender = oneshot::Sender<Result<u64, ProposeError>>;
 pub struct Committed {
     pub entry: Entry,
     pub conf: Option<ConfState>,
+    /// When the raft thread handed it over.
+    pub handed: Instant,
 }
 
 /// Work for the apply stage, done in the order it was queued.
@@ -35,7 +38,7 @@ pub enum Task {
     /// Committed entries, in log order.
     Entries(Vec<Committed>),
     /// Reads confirmed at `index` (ReadIndex): answered once everything up to it is applied.
-    Reads { index: u64, senders: Vec<ReadSender> },
+    Reads { index: u64, senders: Vec<ReadSender>, confirmed: Instant },
     /// Replace the whole state by a snapshot from the leader (after every entry queued before
     /// it); the result goes to `done`.
     Restore { snap: Box<Snapshot>, backend: Option<std::path::PathBuf>, done: SyncSender<Result<(), String>> },
@@ -156,7 +159,7 @@ struct Worker<S: StateMachine> {
     /// The configuration as of `applied`.
     conf: ConfState,
     snap_index: u64,
-    reads: Vec<(u64, Vec<ReadSender>)>,
+    reads: Vec<(u64, Vec<ReadSender>, Instant)>,
     events: Sender<Event>,
 }
 
@@ -176,7 +179,7 @@ impl<S: StateMachine> Worker<S> {
             for t in tasks {
                 match t {
                     Task::Entries(es) => self.apply(es),
-                    Task::Reads { index, senders } => self.reads.push((index, senders)),
+                    Task::Reads { index, senders, confirmed } => self.reads.push((index, senders, confirmed)),
                     Task::Restore { snap, backend, done } => {
                         let r = self.restore(*snap, backend);
                         let _ = done.send(r);
@@ -203,7 +206,7 @@ impl<S: StateMachine> Worker<S> {
         if let Err(e) = self.sm.sync() {
             tracing::error!(error = %e, "apply: final sync of the state machine failed");
         }
-        for (_, senders) in self.reads.drain(..) {
+        for (_, senders, _) in self.reads.drain(..) {
             for s in senders {
                 let _ = s.send(Err(ProposeError::Stopped));
             }
@@ -212,13 +215,17 @@ impl<S: StateMachine> Worker<S> {
     }
 
     fn apply(&mut self, entries: Vec<Committed>) {
-        for Committed { entry, conf } in entries {
+        if let Some(first) = entries.first() {
+            hops::observe(Hop::ApplyQueue, first.handed.elapsed());
+        }
+        for Committed { entry, conf, .. } in entries {
             if entry.index <= self.applied {
                 // Delivered again (raft restarted from an older snapshot than the state
                 // machine); the state machine has it.
                 continue;
             }
             assert_eq!(entry.index, self.applied + 1, "apply: entries must arrive in order without gaps");
+            let t = Instant::now();
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.sm.apply(&entry),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
@@ -228,6 +235,7 @@ impl<S: StateMachine> Worker<S> {
                     }
                 }
             }
+            hops::observe(Hop::Apply, t.elapsed());
             self.applied = entry.index;
             self.applied_term = entry.term;
         }
@@ -249,7 +257,8 @@ impl<S: StateMachine> Worker<S> {
         let mut i = 0;
         while i < self.reads.len() {
             if self.reads[i].0 <= applied {
-                let (idx, senders) = self.reads.swap_remove(i);
+                let (idx, senders, confirmed) = self.reads.swap_remove(i);
+                hops::observe(Hop::ReadApply, confirmed.elapsed());
                 for s in senders {
                     let _ = s.send(Ok(idx));
                 }
@@ -350,10 +359,8 @@ mod tests {
     }
 
     fn entry(index: u64) -> Committed {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = 1;
-        Committed { entry: e, conf: None }
+        let e = Entry { index, term: 1, ..Default::default() };
+        Committed { entry: e, conf: None, handed: Instant::now() }
     }
 
     fn stage(sm: Recorder, queue: usize, snapshot_count: u64) -> (Stage, Arc<NodeStatus>) {
@@ -370,9 +377,9 @@ mod tests {
         let (r5, rx5) = oneshot::channel();
         let (r2, rx2) = oneshot::channel();
         // A read confirmed at 5 before entries up to 5 exist: answered only after entry 5.
-        assert!(st.send(Task::Reads { index: 5, senders: vec![r5] }));
+        assert!(st.send(Task::Reads { index: 5, senders: vec![r5], confirmed: Instant::now() }));
         assert!(st.send(Task::Entries((1..=3).map(entry).collect())));
-        assert!(st.send(Task::Reads { index: 2, senders: vec![r2] }));
+        assert!(st.send(Task::Reads { index: 2, senders: vec![r2], confirmed: Instant::now() }));
         assert_eq!(rx2.blocking_recv().unwrap(), Ok(2));
         assert!(status.applied() >= 3);
         let mut cc = entry(4);
@@ -405,7 +412,7 @@ mod tests {
         assert_eq!(status.applied(), 0, "nothing applied while the state machine is blocked");
         gate.wait();
         let (r, rx) = oneshot::channel();
-        assert!(st.send(Task::Reads { index: 1 + queued, senders: vec![r] }));
+        assert!(st.send(Task::Reads { index: 1 + queued, senders: vec![r], confirmed: Instant::now() }));
         assert_eq!(rx.blocking_recv().unwrap(), Ok(1 + queued));
         st.stop();
     }
@@ -416,7 +423,7 @@ mod tests {
         let (mut st, status) = stage(sm.clone(), 64, 1_000);
         assert!(st.send(Task::Entries((1..=20).map(entry).collect())));
         let (r, rx) = oneshot::channel();
-        assert!(st.send(Task::Reads { index: 100, senders: vec![r] }));
+        assert!(st.send(Task::Reads { index: 100, senders: vec![r], confirmed: Instant::now() }));
         st.stop();
         assert_eq!(status.applied(), 20, "everything queued before the stop is applied");
         assert_eq!(rx.blocking_recv().unwrap(), Err(ProposeError::Stopped));
@@ -453,7 +460,7 @@ mod tests {
         let (mut st, _status) = stage(sm.clone(), 64, 5);
         assert!(st.send(Task::Entries((1..=12).map(entry).collect())));
         let (r, rx) = oneshot::channel();
-        assert!(st.send(Task::Reads { index: 12, senders: vec![r] }));
+        assert!(st.send(Task::Reads { index: 12, senders: vec![r], confirmed: Instant::now() }));
         rx.blocking_recv().unwrap().unwrap();
         st.stop();
         let snaps: Vec<u64> = st

@@ -10,6 +10,7 @@
 //! - [`apply`]: the apply stage: committed entries in order, reads answered once applied,
 //!   snapshots of the state machine.
 //! - [`storage`]: the in-memory raft log raft reads.
+//! - [`hops`]: how long each hop of a write and of a read takes (observed for metrics).
 //! - [`logger`]: raft-rs logs (slog) forwarded to `tracing`.
 //!
 //! Calls keel-wal for durability and the [`StateMachine`] it is given for applying; knows nothing
@@ -17,6 +18,7 @@
 
 pub mod apply;
 pub mod disk;
+pub mod hops;
 pub mod logger;
 pub mod node;
 pub mod storage;

@@ -12,6 +12,7 @@
 
 use crate::apply::{ApplyConfig, Committed, Event, ReadSender, Stage, Task};
 use crate::disk::{Disk, DiskError};
+use crate::hops::{self, Hop};
 use crate::storage::LogStore;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
@@ -140,7 +141,7 @@ impl NodeStatus {
 type ProposeDone = oneshot::Sender<Result<Option<Proposed>, ProposeError>>;
 
 enum Msg {
-    Propose { data: Vec<u8>, done: ProposeDone },
+    Propose { data: Vec<u8>, done: ProposeDone, at: Instant },
     ReadIndex { done: oneshot::Sender<Result<u64, ProposeError>> },
     Step(Box<Message>),
     ProposeConfChange { cc: ConfChange, done: ProposeDone },
@@ -181,7 +182,7 @@ impl NodeHandle {
     /// it went in the log when this member leads.
     pub async fn propose(&self, data: Vec<u8>) -> Result<Option<Proposed>, ProposeError> {
         let (done, rx) = oneshot::channel();
-        self.send(Msg::Propose { data, done })?;
+        self.send(Msg::Propose { data, done, at: Instant::now() })?;
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
@@ -241,7 +242,11 @@ impl NodeHandle {
 struct PendingRead {
     senders: Vec<ReadSender>,
     issued_tick: u64,
+    issued: Instant,
 }
+
+/// Most proposals whose start time the leader remembers (for the hop metrics).
+const TIMED_PROPOSALS: usize = 65_536;
 
 struct Driver<T: Transport> {
     cfg: NodeConfig,
@@ -262,6 +267,10 @@ struct Driver<T: Transport> {
     pending_backend: Option<std::path::PathBuf>,
     /// The apply stage has ended (a send failed): the node stops.
     stage_gone: bool,
+    /// Leader: when each of its recent proposals entered the inbox, by log index.
+    proposed_at: std::collections::BTreeMap<u64, Instant>,
+    /// Follower: when the oldest append message not yet acknowledged was stepped.
+    append_since: Option<Instant>,
     /// Set once asked to stop: the tick by which to stop even if leadership was not handed off.
     stopping: Option<u64>,
     /// Ask raft again for the reads still waiting (a new leader is known).
@@ -373,6 +382,8 @@ pub fn start<S: StateMachine, T: Transport>(
         last_leader: 0,
         pending_backend: None,
         stage_gone: false,
+        proposed_at: Default::default(),
+        append_since: None,
         stopping: None,
         reissue_reads: false,
         campaign_when_applied,
@@ -454,12 +465,21 @@ impl<T: Transport> Driver<T> {
     /// Handles one inbox message; returns true on Stop.
     fn handle(&mut self, m: Msg) -> bool {
         match m {
-            Msg::Propose { data, done } => {
+            Msg::Propose { data, done, at } => {
                 let r = self.apply_gap_ok().and_then(|()| self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader));
-                let _ = done.send(r.map(|()| self.proposed()));
+                let placed = r.map(|()| self.proposed());
+                if let Ok(Some(p)) = placed {
+                    if self.proposed_at.len() < TIMED_PROPOSALS {
+                        self.proposed_at.insert(p.index, at);
+                    }
+                }
+                let _ = done.send(placed);
             }
             Msg::ReadIndex { done } => self.reads_new.push(done),
             Msg::Step(m) => {
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend && !m.entries.is_empty() && self.append_since.is_none() {
+                    self.append_since = Some(Instant::now());
+                }
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft: step failed");
                 }
@@ -543,7 +563,7 @@ impl<T: Transport> Driver<T> {
         let ctx = self.read_ctx;
         self.node.read_index(read_ctx(self.cfg.id, ctx));
         let senders = std::mem::take(&mut self.reads_new);
-        self.reads_waiting.insert(ctx, PendingRead { senders, issued_tick: self.ticks });
+        self.reads_waiting.insert(ctx, PendingRead { senders, issued_tick: self.ticks, issued: Instant::now() });
     }
 
     /// Fails reads raft never confirmed (no leader, or the leader changed) after two election
@@ -591,6 +611,11 @@ impl<T: Transport> Driver<T> {
         let hs = rd.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
             self.disk.save(hs.as_ref(), &entries)?;
+            for e in &entries {
+                if let Some(t) = self.proposed_at.get(&e.index) {
+                    hops::observe(Hop::Append, t.elapsed());
+                }
+            }
             let mut core = self.node.mut_store().wl();
             if !entries.is_empty() {
                 core.append(&entries).map_err(|e| DiskError::Decode { path: "raft log".into(), msg: e })?;
@@ -603,6 +628,9 @@ impl<T: Transport> Driver<T> {
         // this member's apply (etcd applies on another goroutine for the same reason).
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
+            if let Some(t) = self.append_since.take() {
+                hops::observe(Hop::FollowerAppend, t.elapsed());
+            }
         }
         // Entries first, then the reads confirmed in this Ready: a read's index may be an entry
         // handed over just now.
@@ -610,7 +638,8 @@ impl<T: Transport> Driver<T> {
         for rs in rd.take_read_states() {
             let Some(ctx) = parse_read_ctx(self.cfg.id, &rs.request_ctx) else { continue };
             if let Some(p) = self.reads_waiting.remove(&ctx) {
-                self.to_stage(Task::Reads { index: rs.index, senders: p.senders });
+                hops::observe(Hop::ReadConfirm, p.issued.elapsed());
+                self.queue_for_stage(Task::Reads { index: rs.index, senders: p.senders, confirmed: Instant::now() });
             }
         }
         let mut light = self.node.advance(rd);
@@ -634,7 +663,7 @@ impl<T: Transport> Driver<T> {
     }
 
     /// Queues work for the apply stage (waits while its queue is full).
-    fn to_stage(&mut self, t: Task) {
+    fn queue_for_stage(&mut self, t: Task) {
         if !self.stage.send(t) {
             self.stage_gone = true;
         }
@@ -647,7 +676,11 @@ impl<T: Transport> Driver<T> {
             return;
         }
         let mut out = Vec::with_capacity(entries.len());
+        let handed = Instant::now();
         for e in entries {
+            if let Some(t) = self.proposed_at.remove(&e.index) {
+                hops::observe(Hop::Commit, handed.duration_since(t));
+            }
             let conf = match e.get_entry_type() {
                 EntryType::EntryNormal => None,
                 EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
@@ -665,9 +698,9 @@ impl<T: Transport> Driver<T> {
                     }
                 },
             };
-            out.push(Committed { entry: e, conf });
+            out.push(Committed { entry: e, conf, handed });
         }
-        self.to_stage(Task::Entries(out));
+        self.queue_for_stage(Task::Entries(out));
     }
 
     /// Saves the snapshots the apply stage took.
@@ -699,6 +732,9 @@ impl<T: Transport> Driver<T> {
         }
         self.status.leader.store(leader, Ordering::Release);
         self.status.is_leader.store(role == StateRole::Leader, Ordering::Release);
+        if role != StateRole::Leader {
+            self.proposed_at.clear();
+        }
     }
 
     fn publish_status(&self) {

@@ -236,6 +236,18 @@ fn check_lease_keys(auth: &AuthStore, who: &AuthInfo, lessor: &Lessor, id: i64) 
     Ok(())
 }
 
+/// Every check that depends on the store comes before the first change of a write transaction
+/// (`keel_mvcc::kv`), so a failure after a change is the backend failing (a record missing or
+/// unreadable): the transaction cannot be undone, and publishing it, or reusing its revision,
+/// would publish half an entry. Stop instead; the WAL replays the entry on restart.
+fn stop_if_partial<T>(w: &keel_mvcc::store::WriteTxn<'_>, r: &Result<T, kv::KvError>) {
+    if let Err(e) = r {
+        if w.changed() {
+            fatal("apply: a write failed after changing the store", e);
+        }
+    }
+}
+
 /// A backend failure leaves the member unable to keep its promises: stop the process, as etcd does.
 fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     tracing::error!(error = %e, "{what}; stopping");
@@ -355,18 +367,21 @@ impl Applier {
             Request::Put(p) => {
                 let mut w = store.write();
                 let r = kv::put(&mut w, &p, &LeaseView(&lessor));
+                stop_if_partial(&w, &r);
                 let rev = self.after_write(&mut lessor, w.finish());
                 r.map(|resp| (Applied::Put(resp), rev)).map_err(errors::kv)
             }
             Request::DeleteRange(d) => {
                 let mut w = store.write();
                 let r = kv::delete_range(&mut w, &d);
+                stop_if_partial(&w, &r);
                 let rev = self.after_write(&mut lessor, w.finish());
                 r.map(|resp| (Applied::DeleteRange(resp), rev)).map_err(errors::kv)
             }
             Request::Txn(t) => {
                 let mut w = store.write();
                 let r = kv::txn(&mut w, &t, &LeaseView(&lessor));
+                stop_if_partial(&w, &r);
                 let rev = self.after_write(&mut lessor, w.finish());
                 r.map(|resp| (Applied::Txn(resp), rev)).map_err(errors::kv)
             }
@@ -388,7 +403,9 @@ impl Applier {
                 // All of the lease's keys go in one revision.
                 let mut w = store.write();
                 for k in keys {
-                    kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() }).map_err(errors::kv)?;
+                    let r = kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() });
+                    stop_if_partial(&w, &r);
+                    r.map_err(errors::kv)?;
                 }
                 let rev = self.after_write(&mut lessor, w.finish());
                 Ok((Applied::LeaseRevoke(LeaseRevokeResponse { header: None }), rev))
@@ -455,9 +472,9 @@ impl keel_raft::StateMachine for Applier {
             match InternalRequest::decode(entry.get_data()) {
                 Ok(InternalRequest { id, request: Some(req), header }) => outcome = Some((id, self.apply_request(&mut store, req, header))),
                 Ok(_) => tracing::warn!(index = entry.index, "apply: empty request"),
-                Err(e) => {
-                    tracing::error!(index = entry.index, error = %e, "apply: undecodable entry skipped")
-                }
+                // Every member would skip it the same way, but it means the log is not what was
+                // proposed: stop rather than hide it.
+                Err(e) => fatal(&format!("apply: the committed entry at index {} cannot be decoded", entry.index), e),
             }
         }
         store.set_consistent_index(entry.index, entry.term);

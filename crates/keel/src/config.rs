@@ -292,7 +292,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     if !num.is_empty() || !any {
         return None;
     }
-    Some(Duration::from_secs_f64(total))
+    // A value too large for a Duration is an invalid flag, not a panic.
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// Splits a comma-separated URL list.

@@ -2,13 +2,27 @@
 //! the client listeners. A library so that fuzz targets can drive the request checks in-process;
 //! the binary (`main.rs`) only calls [`main`].
 //!
-//! Module map (data flows down this list):
+//! Module map (data flows down this list: gRPC/HTTP → server → raft → WAL → apply →
+//! mvcc/lease/auth → watch):
 //! - [`config`]: flags and `ETCD_*` variables.
-//! - [`serve`], [`http`], [`api`]: listeners, HTTP endpoints, gRPC services.
-//! - [`server`]: proposals, linearizable reads, response headers.
-//! - [`apply`]: the state machine raft drives (MVCC writes, membership).
-//! - [`membership`]: member and cluster IDs, the member list.
-//! - [`errors`]: etcd's gRPC errors.
+//! - `serve`, `tls`, `h2fix`: listeners (TCP/unix, plain/TLS), HTTP/2 settings, the `:authority`
+//!   fix for etcdctl 3.4.
+//! - `http`, [`api`], `gateway`: HTTP endpoints (`/health`, `/metrics`, ...), the gRPC services,
+//!   the `/v3` JSON gateway.
+//! - `server`: proposals, linearizable reads, quota, response headers (what handlers share).
+//! - `peer`: the raft transport and the peer service (on a runtime of its own).
+//! - `apply`: the state machine keel-raft's apply stage drives (MVCC writes, leases, auth,
+//!   alarms, membership), and the callers waiting for their entries.
+//! - `membership`: member and cluster IDs, the member list.
+//! - [`lease`]: leases: state, renewals, expiry, checkpoints.
+//! - [`auth`]: users, roles, permissions, tokens.
+//! - `alarm`: NOSPACE and CORRUPT alarms.
+//! - `watch`: the watch hub (synced watchers, catch-up from the store).
+//! - `compactor`: auto compaction.
+//! - `metrics`: Prometheus metrics with etcd's names.
+//! - `errors`: etcd's gRPC errors.
+//! - `proxy`: the L4 gateway (`keel gateway start`); `tool`: the offline tool (`keel snapshot
+//!   ...`, `keel wal dump`).
 
 mod alarm;
 pub mod api;
@@ -323,7 +337,7 @@ async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
             node: node.clone(),
             members: members.clone(),
             snap_dir: Path::new(&snap_dir).to_path_buf(),
-            server: server.clone(),
+            forwarded: server.clone(),
         })
         .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
         .max_encoding_message_size(peer::MAX_PEER_MESSAGE),

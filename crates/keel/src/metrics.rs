@@ -38,6 +38,11 @@ pub struct GrpcHandled {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HopLabel {
+    hop: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcCall {
     grpc_method: String,
     grpc_service: String,
@@ -70,6 +75,21 @@ pub struct Metrics {
     pub grpc_started: Family<GrpcCall, Counter>,
     pub grpc_handled: Family<GrpcHandled, Counter>,
     pub slow_applies: Counter,
+    /// Keel's own: each hop of a write and of a linearizable read (`keel_raft::hops`).
+    pub hops: Family<HopLabel, Histogram, fn() -> Histogram>,
+    /// The family's histograms in `keel_raft::hops::Hop::ALL` order (no lookup per observation).
+    hop_hists: Vec<Histogram>,
+    /// Keel's own: a proposal from the handler to its applied result.
+    pub proposal: Histogram,
+}
+
+fn hop_buckets() -> impl Iterator<Item = f64> {
+    // 10 us .. ~0.65 s, doubling: the hops of one request are tens to hundreds of microseconds.
+    exponential_buckets(0.000_01, 2.0, 17)
+}
+
+fn hop_histogram() -> Histogram {
+    Histogram::new(hop_buckets())
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -105,6 +125,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         grpc_started: Family::default(),
         grpc_handled: Family::default(),
         slow_applies: Counter::default(),
+        hops: Family::new_with_constructor(hop_histogram as fn() -> Histogram),
+        hop_hists: Vec::new(),
+        proposal: Histogram::new(hop_buckets()),
     };
     r.register("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not.", m.has_leader.clone());
     r.register("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise.", m.is_leader.clone());
@@ -167,17 +190,34 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Total number of RPCs completed on the server, regardless of success or failure.",
         m.grpc_handled.clone(),
     );
+    r.register(
+        "keel_raft_hop_duration_seconds",
+        "Keel: time spent in each hop of a write (append, commit, follower_append, apply_queue, apply) and of a linearizable read (read_confirm, read_apply).",
+        m.hops.clone(),
+    );
+    r.register(
+        "keel_server_proposal_duration_seconds",
+        "Keel: time from a request handler proposing to it holding the applied result.",
+        m.proposal.clone(),
+    );
     m.server_version.get_or_create(&ServerVersion { server_version: crate::config::ETCD_VERSION.into() }).set(1);
     // Labelled major.minor, as etcd does.
     let cv: Vec<&str> = crate::config::ETCD_CLUSTER_VERSION.split('.').take(2).collect();
     m.cluster_version.get_or_create(&ClusterVersion { cluster_version: cv.join(".") }).set(1);
-    Metrics { registry: r, ..m }
+    let hop_hists =
+        keel_raft::hops::Hop::ALL.iter().map(|h| m.hops.get_or_create(&HopLabel { hop: h.name().to_string() }).clone()).collect();
+    Metrics { registry: r, hop_hists, ..m }
 });
 
 /// Connects the lower crates' timing hooks to the histograms.
 pub fn install_observers() {
     let _ = keel_wal::FSYNC_OBSERVER.set(|d| METRICS.wal_fsync.observe(d.as_secs_f64()));
     let _ = keel_mvcc::backend::COMMIT_OBSERVER.set(|d| METRICS.backend_commit.observe(d.as_secs_f64()));
+    let _ = keel_raft::hops::OBSERVER.set(|h, d| {
+        if let Some(hist) = keel_raft::hops::Hop::ALL.iter().position(|x| *x == h).and_then(|i| METRICS.hop_hists.get(i)) {
+            hist.observe(d.as_secs_f64());
+        }
+    });
 }
 
 /// The exposition text, with gauges read from `s` now.

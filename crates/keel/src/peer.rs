@@ -557,12 +557,29 @@ pub async fn fetch_members(dialer: &Dialer, urls: &[String]) -> Result<SnapshotD
 // ---------------------------------------------------------------------------------------------
 // Receiving
 
+/// What another member may ask of this one through the peer service: the requests only the
+/// leader can answer, forwarded by followers. The server implements it; the transport knows
+/// nothing of the client API.
+#[tonic::async_trait]
+pub trait Forwarded: Send + Sync + 'static {
+    /// Promotes learner `id` (leader only: it knows the learner's progress).
+    async fn promote(&self, id: u64) -> Result<keel_proto::etcdserverpb::MemberPromoteResponse, Status>;
+    /// Renews lease `id` on this member, which must lead.
+    fn lease_renew(&self, id: i64) -> Result<keel_proto::etcdserverpb::LeaseKeepAliveResponse, Status>;
+    /// A lease's remaining TTL, answered by this member, which must lead.
+    fn lease_time_to_live(
+        &self,
+        r: &keel_proto::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<keel_proto::etcdserverpb::LeaseTimeToLiveResponse, Status>;
+}
+
 pub struct PeerService {
     pub cluster_id: u64,
     pub node: NodeHandle,
     pub members: Arc<RwLock<Members>>,
     pub snap_dir: PathBuf,
-    pub server: Arc<crate::server::Server>,
+    /// This member, for the requests other members forward to it.
+    pub forwarded: Arc<dyn Forwarded>,
 }
 
 impl PeerService {
@@ -647,9 +664,7 @@ impl Peer for PeerService {
     ) -> Result<Response<keel_proto::etcdserverpb::MemberPromoteResponse>, Status> {
         self.check_cluster(&req)?;
         let id = req.into_inner().id;
-        let members = crate::api::cluster::promote(&self.server, id).await?;
-        let rev = self.server.store().current_rev();
-        Ok(Response::new(keel_proto::etcdserverpb::MemberPromoteResponse { header: self.server.header(rev), members }))
+        Ok(Response::new(self.forwarded.promote(id).await?))
     }
 
     async fn lease_renew(
@@ -658,13 +673,7 @@ impl Peer for PeerService {
     ) -> Result<Response<keel_proto::etcdserverpb::LeaseKeepAliveResponse>, Status> {
         self.check_cluster(&req)?;
         let id = req.into_inner().id;
-        if !self.server.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Status::unavailable("etcdserver: not leader"));
-        }
-        // Renewed in memory; the next batched checkpoint carries it.
-        let ttl = self.server.lessor().renew(id).unwrap_or(0);
-        let rev = self.server.store().current_rev();
-        Ok(Response::new(keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: self.server.header(rev), id, ttl }))
+        Ok(Response::new(self.forwarded.lease_renew(id)?))
     }
 
     async fn lease_time_to_live(
@@ -672,10 +681,7 @@ impl Peer for PeerService {
         req: Request<keel_proto::etcdserverpb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<keel_proto::etcdserverpb::LeaseTimeToLiveResponse>, Status> {
         self.check_cluster(&req)?;
-        if !self.server.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Status::unavailable("etcdserver: not leader"));
-        }
-        Ok(Response::new(crate::lease::leader::local_time_to_live(&self.server, req.get_ref())))
+        Ok(Response::new(self.forwarded.lease_time_to_live(req.get_ref())?))
     }
 
     async fn members(&self, _req: Request<MembersRequest>) -> Result<Response<SnapshotData>, Status> {

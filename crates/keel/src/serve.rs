@@ -80,9 +80,6 @@ pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, Listener)>> {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-/// Serves `router` on `listener` until the process ends.
-///
-/// Client listeners set `fix_authority` (see [`crate::h2fix`]).
 /// HTTP/2 settings of a listener.
 #[derive(Clone, Copy, Debug)]
 pub struct H2 {
@@ -95,6 +92,9 @@ impl H2 {
     pub const DEFAULT: H2 = H2 { max_streams: u32::MAX, keepalive: None };
 }
 
+/// Serves `router` on `listener` until the process ends.
+///
+/// Client listeners set `fix_authority` (see [`crate::h2fix`]).
 pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::Router, h2: H2, fix_authority: bool) {
     loop {
         let accepted: std::io::Result<Box<dyn Io>> = match &listener {

@@ -206,6 +206,7 @@ impl Server {
             return Err(errors::request_too_large());
         }
         let rx = self.waiters.register(id);
+        let t0 = std::time::Instant::now();
         let work = async {
             if let Some(at) = self.node.propose(data).await.map_err(errors::propose)? {
                 self.waiters.placed(id, at);
@@ -214,6 +215,7 @@ impl Server {
         };
         match tokio::time::timeout(self.cfg.request_timeout(), work).await {
             Ok(r) => {
+                crate::metrics::METRICS.proposal.observe(t0.elapsed().as_secs_f64());
                 if r.is_err() {
                     self.waiters.cancel(id);
                 }
@@ -257,6 +259,33 @@ impl Server {
         r
     }
 
+    /// Promotes learner `id` to a voter, on the leader (etcd's rule: the learner has at least 90%
+    /// of the leader's log); returns the member list after it.
+    pub async fn promote_learner(&self, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
+        let m = self.members().get(id).cloned().ok_or_else(errors::member_not_found)?;
+        if !m.is_learner {
+            return Err(errors::not_learner());
+        }
+        let progress = self.node.progress().await.map_err(errors::propose)?;
+        let leader = progress.get(&self.member_id).ok_or_else(errors::not_leader)?;
+        let learner = progress.get(&id).ok_or_else(errors::learner_not_ready)?;
+        if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
+            return Err(errors::learner_not_ready());
+        }
+        match self.propose_conf_change(ConfChangeType::AddNode, id, None).await? {
+            (Applied::Members(m), _) => Ok(m),
+            _ => Err(Status::internal("etcdserver: unexpected apply result")),
+        }
+    }
+
+    fn leading(&self) -> Result<(), Status> {
+        if self.node.status.is_leader.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Status::unavailable("etcdserver: not leader"))
+        }
+    }
+
     /// True when this member is a learner (it does not serve writes or linearizable reads).
     pub fn is_learner(&self) -> bool {
         self.members().get(self.member_id).map(|m| m.is_learner).unwrap_or(false)
@@ -276,5 +305,28 @@ impl Server {
             Ok(r) => r.map(|_| ()).map_err(errors::propose),
             Err(_) => Err(errors::timeout()),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl crate::peer::Forwarded for Server {
+    async fn promote(&self, id: u64) -> Result<keel_proto::etcdserverpb::MemberPromoteResponse, Status> {
+        let members = self.promote_learner(id).await?;
+        Ok(keel_proto::etcdserverpb::MemberPromoteResponse { header: self.header(self.store().current_rev()), members })
+    }
+
+    fn lease_renew(&self, id: i64) -> Result<keel_proto::etcdserverpb::LeaseKeepAliveResponse, Status> {
+        self.leading()?;
+        // Renewed in memory; the next batched checkpoint carries it.
+        let ttl = self.lessor().renew(id).unwrap_or(0);
+        Ok(keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: self.header(self.store().current_rev()), id, ttl })
+    }
+
+    fn lease_time_to_live(
+        &self,
+        r: &keel_proto::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<keel_proto::etcdserverpb::LeaseTimeToLiveResponse, Status> {
+        self.leading()?;
+        Ok(crate::lease::leader::local_time_to_live(self, r))
     }
 }

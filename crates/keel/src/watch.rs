@@ -401,7 +401,7 @@ impl WatchHub {
             enum Step {
                 Compacted(i64, i64),
                 Joined,
-                Batch(keel_mvcc::store::EventsPlan, i64),
+                Batch(Box<keel_mvcc::store::EventsPlan>, i64),
                 Fail,
             }
             let step = {
@@ -421,7 +421,7 @@ impl WatchHub {
                     // Planned under the lock (an index walk), read after it.
                     let to = cur.min(next + CATCHUP_REVS - 1);
                     match store.plan_events(&spec.key, &spec.range_end, next, to, spec.prev_kv) {
-                        Ok(plan) => Step::Batch(plan, to),
+                        Ok(plan) => Step::Batch(Box::new(plan), to),
                         Err(e) => {
                             tracing::error!(error = %e, "watch: cannot read history");
                             Step::Fail

@@ -103,18 +103,7 @@ impl ClusterService {
 
 /// Checks and proposes the promotion of a learner; runs on the leader.
 pub async fn promote(server: &Server, id: u64) -> Result<Vec<Member>, Status> {
-    let m = server.members().get(id).cloned().ok_or_else(errors::member_not_found)?;
-    if !m.is_learner {
-        return Err(errors::not_learner());
-    }
-    let progress = server.node.progress().await.map_err(errors::propose)?;
-    let leader = progress.get(&server.member_id).ok_or_else(errors::not_leader)?;
-    let learner = progress.get(&id).ok_or_else(errors::learner_not_ready)?;
-    if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
-        return Err(errors::learner_not_ready());
-    }
-    let (applied, _) = server.propose_conf_change(ConfChangeType::AddNode, id, None).await?;
-    members_of(applied)
+    server.promote_learner(id).await
 }
 
 #[tonic::async_trait]
