@@ -166,7 +166,8 @@ hops() {
     s0=$(echo "$before" | awk -v k="$k" '$1 == k {print $2}'); c0=$(echo "$before" | awk -v k="$k" '$1 == k {print $3}')
     local dc=$(( c - ${c0:-0} ))
     if [ "$dc" -gt 0 ]; then
-      record "$sys" "$n" "$name" "hop $k (mean)" "$(echo "($s - ${s0:-0}) * 1000000 / $dc" | bc -l)" "us"
+      # awk, not bc: Prometheus prints small sums in scientific notation.
+      record "$sys" "$n" "$name" "hop $k (mean)" "$(awk -v s="$s" -v s0="${s0:-0}" -v dc="$dc" 'BEGIN { printf "%.2f", (s - s0) * 1000000 / dc }')" "us"
     fi
   done
 }

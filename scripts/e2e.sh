@@ -37,19 +37,26 @@ cd "$suite"
 tests=$("$work/e2e.test" -test.list "$regex" | grep '^Test' || true)
 passed=0
 failed=0
+retried=0
 failed_names=()
 for t in $tests; do
   limit=${KEEL_E2E_TIMEOUT:-300}
+  : >"$work/$t.log"
   for attempt in 1 2; do
     set +e
-    timeout "$limit" "$work/e2e.test" -bin-dir "$work/bin" -test.run "^${t}\$" -test.v -test.timeout "$((limit - 10))s" >"$work/$t.log" 2>&1
+    timeout "$limit" "$work/e2e.test" -bin-dir "$work/bin" -test.run "^${t}\$" -test.v -test.timeout "$((limit - 10))s" >"$work/$t.attempt$attempt.log" 2>&1
     rc=$?
     set -e
+    # Both attempts' output stay in the test's log.
+    { echo "=== attempt $attempt (exit $rc)"; cat "$work/$t.attempt$attempt.log"; } >>"$work/$t.log"
     [ "$rc" -eq 0 ] && break
     # etcd's harness sometimes fails a passed test on its own goroutine-leak check under load;
-    # such a test is run once more and reported.
-    if [ "$attempt" -eq 1 ] && grep -q "^--- PASS: $t " "$work/$t.log" && grep -q "Too many goroutines" "$work/$t.log"; then
+    # such a test is run once more and reported (and counted) as retried.
+    if [ "$attempt" -eq 1 ] && grep -q "^--- PASS: $t " "$work/$t.attempt1.log" && grep -q "Too many goroutines" "$work/$t.attempt1.log"; then
       echo "--- RETRY: $t (etcd harness goroutine check failed after the test passed)"
+      retried=$((retried + 1))
+      # The first attempt's servers must not hold the ports of the second.
+      pkill -9 -f "$work/bin/etcd " 2>/dev/null || true
       continue
     fi
     break
@@ -57,7 +64,7 @@ for t in $tests; do
   # A test killed by the time limit leaves its servers behind; they would hold the ports.
   pkill -9 -f "$work/bin/etcd " 2>/dev/null || true
   cat "$work/$t.log" >>"$log"
-  if [ "$rc" -eq 0 ] && grep -q "^--- PASS: $t " "$work/$t.log"; then
+  if [ "$rc" -eq 0 ] && grep -q "^--- PASS: $t " "$work/$t.attempt$attempt.log"; then
     echo "--- PASS: $t"
     passed=$((passed + 1))
   else
@@ -72,5 +79,5 @@ if [ "$failed" -gt 0 ]; then
     grep -vE '^\s+/usr/|^goroutine |^\s*$' "$work/$t.log" | tail -40
   done
 fi
-echo "e2e: ${passed} passed, ${failed} failed"
+echo "e2e: ${passed} passed (${retried} after a retry), ${failed} failed"
 [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]

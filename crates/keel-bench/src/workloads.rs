@@ -301,8 +301,12 @@ pub async fn run(ctx: &Ctx, cmd: &Cmd) -> Result<Report> {
             for (c, mine) in ids.into_iter().enumerate() {
                 let mut lc = LeaseClient::new(ctx.chan(c));
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let out = lc.lease_keep_alive(ctx.req(tokio_stream::wrappers::ReceiverStream::new(rx))).await?.into_inner();
-                streams.push(tokio::sync::Mutex::new((tx, out, mine, 0usize)));
+                // etcd (gRPC-Go) sends the response headers with its first answer: the first
+                // keep-alive goes out before the call waits for them.
+                tx.send(LeaseKeepAliveRequest { id: mine[0] }).await.map_err(|_| anyhow::anyhow!("keep-alive stream closed"))?;
+                let mut out = lc.lease_keep_alive(ctx.req(tokio_stream::wrappers::ReceiverStream::new(rx))).await?.into_inner();
+                out.message().await?;
+                streams.push(tokio::sync::Mutex::new((tx, out, mine, 1usize)));
             }
             let streams = Arc::new(streams);
             drive(ctx, "lease-keepalive", &a.common, move |c, _| {

@@ -51,8 +51,8 @@ pub struct Config {
     /// Initial cluster token for the cluster during bootstrap.
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
     pub initial_cluster_token: String,
-    /// Number of committed transactions to trigger a snapshot to disk.
-    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    /// Number of committed transactions to trigger a snapshot to disk (etcd 3.6: 10000).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
     /// Time (in milliseconds) of a heartbeat interval.
     #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
@@ -372,7 +372,7 @@ mod tests {
         assert_eq!(c.name, "default");
         assert_eq!(c.data_dir(), "default.etcd");
         assert_eq!(c.initial_cluster(), "default=http://localhost:2380");
-        assert_eq!(c.snapshot_count, 100_000);
+        assert_eq!(c.snapshot_count, 10_000, "etcd 3.6's default");
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert_eq!(c.max_txn_ops, 128);
         assert!(c.strict_reconfig_check);
