@@ -9,6 +9,7 @@
 #   BENCH_SYSTEMS="etcd-3.6 keel"                   which systems (default: etcd-3.6 etcd-3.7 etcd-3.4 keel)
 #   BENCH_RUNS=2                                    runs per workload and system (default 2)
 #   BENCH_GROUPS="kv latency bigread lease memory"  which groups of workloads (default: all)
+#   BENCH_TABLE_ONLY=results.jsonl                  only print the table of earlier runs' results
 #
 # Besides throughput and latency, each run records every member's own CPU time (utime+stime of
 # each server process from /proc, before and after) divided by the requests: client and servers
@@ -109,7 +110,7 @@ leader_changes() { # summed over members
 raft_index() { "$ctl" --endpoints "$eps" endpoint status -w json 2>/dev/null | jq '[.[].Status.raft_index] | max'; }
 
 results=$work/results.jsonl
-: >"$results"
+[ -n "${BENCH_TABLE_ONLY:-}" ] || : >"$results"
 record() { # system members workload metric value unit
   printf '{"system":"%s","members":%s,"workload":"%s","metric":"%s","value":%s,"unit":"%s"}\n' "$@" >>"$results"
 }
@@ -267,6 +268,13 @@ group_memory() { # SYS 1: 1,000,000 keys of 256 B: memory after load and after r
   stop_all
 }
 
+if [ -n "${BENCH_TABLE_ONLY:-}" ]; then
+  # Only the table, from a results file of earlier runs (JSON lines as `record` writes them).
+  results=$BENCH_TABLE_ONLY
+  avail=()
+  for s in $systems; do grep -q "\"system\":\"$s\"" "$results" && avail+=("$s"); done
+  groups=""
+fi
 for g in $groups; do
   for n in 1 3; do
     for r in $(seq 1 "$runs"); do

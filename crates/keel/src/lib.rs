@@ -113,7 +113,11 @@ pub fn main() -> ExitCode {
         tracing::error!(error = %e, "invalid configuration");
         return ExitCode::from(1);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Twice as many workers as cores (at least 4): a handler that keeps its worker busy (tonic
+    // encoding a response of hundreds of MB) leaves others to run every other request, and the
+    // kernel shares the cores among them, as Go's scheduler would.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads((2 * cores).max(4)).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
