@@ -314,35 +314,52 @@ pub fn txn_read(store: &Store, req: &TxnRequest) -> Result<TxnResponse, KvError>
     let mut pos = 0;
     check_ops(store, req, &path, &mut pos, &NoLeases)?;
     let mut pos = 0;
-    exec_read_txn(store, req, &path, &mut pos)
+    let mut resp = exec_txn(&mut ReadOnly(store), req, &path, &mut pos)?;
+    resp.header = header(store.current_rev());
+    Ok(resp)
 }
 
-fn exec_read_txn(view: &dyn View, req: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse, KvError> {
-    let ok = path.get(*pos).copied().unwrap_or(false);
-    *pos += 1;
-    let ops: &[RequestOp] = if ok { &req.success } else { &req.failure };
-    let mut responses = Vec::with_capacity(ops.len());
-    for op in ops {
-        let resp = match &op.request {
-            Some(request_op::Request::RequestRange(r)) => {
-                let mut rr = do_range(view, r)?;
-                rr.header = header(view.read_rev());
-                Some(response_op::Response::ResponseRange(rr))
-            }
-            Some(request_op::Request::RequestTxn(t)) => {
-                let mut tr = exec_read_txn(view, t, path, pos)?;
-                tr.header = Some(ResponseHeader::default());
-                Some(response_op::Response::ResponseTxn(tr))
-            }
-            Some(_) => return Err(KvError::Corrupt("a write in a read-only transaction".into())),
-            None => None,
-        };
-        responses.push(ResponseOp { response: resp });
+/// What executing a transaction's operations needs besides reads: its writes.
+trait Exec: View {
+    fn exec_put(&mut self, p: &PutRequest) -> Result<Option<KeyValue>, KvError>;
+    fn exec_delete(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError>;
+}
+
+impl Exec for WriteTxn<'_> {
+    fn exec_put(&mut self, p: &PutRequest) -> Result<Option<KeyValue>, KvError> {
+        do_put(self, p)
     }
-    Ok(TxnResponse { header: header(view.read_rev()), succeeded: ok, responses })
+    fn exec_delete(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError> {
+        delete_range(self, d)
+    }
 }
 
-fn exec_txn(w: &mut WriteTxn, req: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse, KvError> {
+/// A read-only transaction on the store as it is (its writes cannot happen: the caller checked
+/// [`txn_is_read_only`]).
+struct ReadOnly<'a>(&'a Store);
+
+impl View for ReadOnly<'_> {
+    fn store(&self) -> &Store {
+        self.0
+    }
+    fn read_rev(&self) -> i64 {
+        self.0.current_rev()
+    }
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
+        self.0.range_at(key, end, at, limit, count_only)
+    }
+}
+
+impl Exec for ReadOnly<'_> {
+    fn exec_put(&mut self, _p: &PutRequest) -> Result<Option<KeyValue>, KvError> {
+        Err(KvError::Corrupt("a write in a read-only transaction".into()))
+    }
+    fn exec_delete(&mut self, _d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError> {
+        Err(KvError::Corrupt("a write in a read-only transaction".into()))
+    }
+}
+
+fn exec_txn<E: Exec>(w: &mut E, req: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse, KvError> {
     let ok = path.get(*pos).copied().unwrap_or(false);
     *pos += 1;
     let ops: &[RequestOp] = if ok { &req.success } else { &req.failure };
@@ -355,11 +372,11 @@ fn exec_txn(w: &mut WriteTxn, req: &TxnRequest, path: &[bool], pos: &mut usize) 
                 Some(response_op::Response::ResponseRange(rr))
             }
             Some(request_op::Request::RequestPut(p)) => {
-                let prev = do_put(w, p)?;
+                let prev = w.exec_put(p)?;
                 Some(response_op::Response::ResponsePut(PutResponse { header: header(w.read_rev()), prev_kv: prev }))
             }
             Some(request_op::Request::RequestDeleteRange(d)) => {
-                let mut dr = delete_range(w, d)?;
+                let mut dr = w.exec_delete(d)?;
                 dr.header = header(w.read_rev());
                 Some(response_op::Response::ResponseDeleteRange(dr))
             }

@@ -219,3 +219,48 @@ proptest! {
         }
     }
 }
+
+/// A read-only Txn served under `&Store` (the read lock) answers as the same Txn applied as a
+/// write transaction does: branch taken, ranges, nested transactions, headers.
+#[test]
+fn read_only_txn_matches_the_write_path() {
+    use keel_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+    use keel_proto::etcdserverpb::{request_op, Compare, RequestOp, TxnRequest};
+    let (_d, mut s) = open();
+    put(&mut s, "a", "1");
+    put(&mut s, "b", "2");
+    let range =
+        |k: &str| RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: k.into(), ..Default::default() })) };
+    let cmp = |v: i64| Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Version as i32,
+        key: b"a".to_vec(),
+        target_union: Some(TargetUnion::Version(v)),
+        ..Default::default()
+    };
+    let nested = TxnRequest { compare: vec![cmp(9)], success: vec![range("a")], failure: vec![range("b")] };
+    for t in [
+        TxnRequest {
+            compare: vec![cmp(1)],
+            success: vec![range("a"), RequestOp { request: Some(request_op::Request::RequestTxn(nested.clone())) }],
+            failure: vec![range("b")],
+        },
+        TxnRequest { compare: vec![cmp(2)], success: vec![range("a")], failure: vec![range("b")] },
+    ] {
+        assert!(kv::txn_is_read_only(&t));
+        let read = kv::txn_read(&s, &t).unwrap();
+        let mut w = s.write();
+        let mut written = kv::txn(&mut w, &t, &NoLeases).unwrap();
+        let (rev, events) = w.end();
+        assert!(events.is_empty(), "a read-only transaction changes nothing");
+        written.header = Some(keel_proto::etcdserverpb::ResponseHeader { revision: rev, ..Default::default() });
+        assert_eq!(read, written);
+    }
+    let has_put = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest { key: b"x".to_vec(), ..Default::default() })),
+        }],
+        ..Default::default()
+    };
+    assert!(!kv::txn_is_read_only(&has_put) && kv::txn_has_put(&has_put));
+}
