@@ -60,6 +60,8 @@ pub struct ApplyConfig {
     pub snapshot_count: u64,
     /// How often the state machine is maintained when no work arrives (the raft tick).
     pub idle: Duration,
+    /// Tasks queued at most ([`QUEUE`]); the raft thread waits when the queue is full.
+    pub queue: usize,
 }
 
 /// Tasks queued at most; the raft thread waits when the queue is full.
@@ -84,20 +86,7 @@ impl Stage {
         at: (u64, u64, ConfState),
         snap_index: u64,
     ) -> Result<Stage, String> {
-        Self::start_with_queue(sm, cfg, status, log, at, snap_index, QUEUE)
-    }
-
-    /// [`Stage::start`] with a queue of `queue` tasks.
-    pub fn start_with_queue<S: StateMachine>(
-        sm: S,
-        cfg: ApplyConfig,
-        status: Arc<NodeStatus>,
-        log: LogStore,
-        at: (u64, u64, ConfState),
-        snap_index: u64,
-        queue: usize,
-    ) -> Result<Stage, String> {
-        let (tx, rx) = mpsc::sync_channel(queue);
+        let (tx, rx) = mpsc::sync_channel(cfg.queue);
         let (etx, events) = mpsc::channel();
         let (applied, applied_term, conf) = at;
         let worker = Worker { sm, cfg, status, log, applied, applied_term, conf, snap_index, reads: Vec::new(), events: etx };
@@ -287,14 +276,7 @@ impl<S: StateMachine> Worker<S> {
             tracing::error!(error = %e, "apply: cannot sync the state machine; snapshot postponed");
             return;
         }
-        let mut snap = Snapshot::default();
-        snap.set_data(self.sm.snapshot_data().into());
-        {
-            let meta = snap.mut_metadata();
-            meta.index = self.applied;
-            meta.term = self.applied_term;
-            meta.set_conf_state(self.conf.clone());
-        }
+        let snap = crate::storage::snapshot_at(self.applied, self.applied_term, self.conf.clone(), self.sm.snapshot_data());
         self.snap_index = self.applied;
         let _ = self.events.send(Event::Snapshot(Box::new(snap)));
     }
@@ -365,8 +347,8 @@ mod tests {
 
     fn stage(sm: Recorder, queue: usize, snapshot_count: u64) -> (Stage, Arc<NodeStatus>) {
         let status = Arc::new(NodeStatus::default());
-        let cfg = ApplyConfig { snapshot_count, idle: Duration::from_millis(10) };
-        let s = Stage::start_with_queue(sm, cfg, status.clone(), LogStore::default(), (0, 0, ConfState::default()), 0, queue).unwrap();
+        let cfg = ApplyConfig { snapshot_count, idle: Duration::from_millis(10), queue };
+        let s = Stage::start(sm, cfg, status.clone(), LogStore::default(), (0, 0, ConfState::default()), 0).unwrap();
         (s, status)
     }
 

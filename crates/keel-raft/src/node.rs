@@ -312,12 +312,7 @@ pub fn start<S: StateMachine, T: Transport>(
                 wal_last_index = last,
                 "raft: the backend is ahead of the WAL; continuing from the backend as a snapshot"
             );
-            let mut snap = Snapshot::default();
-            snap.set_data(sm.snapshot_data().into());
-            let m = snap.mut_metadata();
-            m.index = applied;
-            m.term = sm.applied_term();
-            m.set_conf_state(core.conf_state.clone());
+            let snap = crate::storage::snapshot_at(applied, sm.applied_term(), core.conf_state.clone(), sm.snapshot_data());
             disk.save_snapshot(&snap).map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
             snap_index = applied;
             snap_term = snap.get_metadata().term;
@@ -355,7 +350,7 @@ pub fn start<S: StateMachine, T: Transport>(
     status.applied.store(snap_index, Ordering::Release);
     let stage = Stage::start(
         sm,
-        ApplyConfig { snapshot_count: cfg.snapshot_count, idle: cfg.tick },
+        ApplyConfig { snapshot_count: cfg.snapshot_count, idle: cfg.tick, queue: crate::apply::QUEUE },
         status.clone(),
         storage,
         (snap_index, snap_term, conf_state.clone()),

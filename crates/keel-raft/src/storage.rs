@@ -158,12 +158,18 @@ impl Storage for LogStore {
         if c.applied_index < request_index || c.applied_index == 0 {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
-        let mut snap = Snapshot::default();
-        snap.set_data(c.app_data.clone().into());
-        let m = snap.mut_metadata();
-        m.index = c.applied_index;
-        m.term = c.applied_term;
-        m.set_conf_state(c.applied_conf_state.clone());
-        Ok(snap)
+        Ok(snapshot_at(c.applied_index, c.applied_term, c.applied_conf_state.clone(), c.app_data.clone()))
     }
+}
+
+/// A snapshot of the state at `index` (of `term`), with the configuration then and the
+/// application's data.
+pub fn snapshot_at(index: u64, term: u64, conf: ConfState, data: Vec<u8>) -> Snapshot {
+    let mut snap = Snapshot::default();
+    snap.set_data(data.into());
+    let m = snap.mut_metadata();
+    m.index = index;
+    m.term = term;
+    m.set_conf_state(conf);
+    snap
 }
