@@ -110,16 +110,17 @@ pub struct NodeConfig {
 
 /// Live status, readable without talking to the node thread.
 #[derive(Debug, Default)]
+/// Written by the node thread and the apply stage only; everyone else reads.
 pub struct NodeStatus {
-    pub leader: AtomicU64,
-    pub term: AtomicU64,
-    pub commit: AtomicU64,
-    pub applied: AtomicU64,
-    pub last_index: AtomicU64,
-    pub is_leader: AtomicBool,
-    pub stopped: AtomicBool,
+    pub(crate) leader: AtomicU64,
+    pub(crate) term: AtomicU64,
+    pub(crate) commit: AtomicU64,
+    pub(crate) applied: AtomicU64,
+    pub(crate) last_index: AtomicU64,
+    pub(crate) is_leader: AtomicBool,
+    pub(crate) stopped: AtomicBool,
     /// Times this member saw a new leader.
-    pub leader_changes: AtomicU64,
+    pub(crate) leader_changes: AtomicU64,
 }
 
 impl NodeStatus {
@@ -134,6 +135,22 @@ impl NodeStatus {
     }
     pub fn applied(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
+    }
+    /// The last index in this member's log.
+    pub fn last_index(&self) -> u64 {
+        self.last_index.load(Ordering::Acquire)
+    }
+    /// True while this member leads.
+    pub fn is_leader(&self) -> bool {
+        self.is_leader.load(Ordering::Acquire)
+    }
+    /// True once the node stopped (on request or on a fatal error).
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+    /// Times this member saw a new leader.
+    pub fn leader_changes(&self) -> u64 {
+        self.leader_changes.load(Ordering::Relaxed)
     }
 }
 

@@ -162,23 +162,36 @@ impl Waiters {
     }
 }
 
-pub struct Applier {
+/// The member's state, shared by the apply stage (its only writer) and the server (which reads
+/// it and waits on the waiters).
+#[derive(Clone)]
+pub struct State {
     pub store: Arc<SharedStore>,
-    pub hub: Arc<crate::watch::WatchHub>,
-    pub lessor: Arc<Mutex<Lessor>>,
     pub members: Arc<RwLock<Members>>,
-    pub waiters: Arc<Waiters>,
-    pub member_id: u64,
-    /// Where the backend lives (replaced when a snapshot from the leader is installed).
-    pub db_path: std::path::PathBuf,
-    /// Told when this member has been removed from the cluster.
-    pub removed: Arc<tokio::sync::Notify>,
+    pub lessor: Arc<Mutex<Lessor>>,
     pub auth: Arc<RwLock<AuthStore>>,
     pub tokens: Arc<Tokens>,
     pub alarms: Arc<RwLock<Alarms>>,
+    pub waiters: Arc<Waiters>,
+}
+
+pub struct Applier {
+    store: Arc<SharedStore>,
+    hub: Arc<crate::watch::WatchHub>,
+    lessor: Arc<Mutex<Lessor>>,
+    members: Arc<RwLock<Members>>,
+    waiters: Arc<Waiters>,
+    member_id: u64,
+    /// Where the backend lives (replaced when a snapshot from the leader is installed).
+    db_path: std::path::PathBuf,
+    /// Told when this member has been removed from the cluster.
+    removed: Arc<tokio::sync::Notify>,
+    auth: Arc<RwLock<AuthStore>>,
+    tokens: Arc<Tokens>,
+    alarms: Arc<RwLock<Alarms>>,
     /// Set by an entry whose effects must be durable before its caller is answered (a physical
     /// compaction): the apply commits the backend once the store lock is released.
-    pub commit_now: std::cell::Cell<bool>,
+    commit_now: std::cell::Cell<bool>,
 }
 
 /// Changes of the auth store (root only once auth is on).
@@ -255,6 +268,31 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
 }
 
 impl Applier {
+    /// The state machine of member `member_id` over `state`, publishing to `hub`; `removed` is
+    /// told when an applied entry removes this member.
+    pub fn new(
+        state: &State,
+        hub: Arc<crate::watch::WatchHub>,
+        member_id: u64,
+        db_path: std::path::PathBuf,
+        removed: Arc<tokio::sync::Notify>,
+    ) -> Applier {
+        Applier {
+            store: state.store.clone(),
+            hub,
+            lessor: state.lessor.clone(),
+            members: state.members.clone(),
+            waiters: state.waiters.clone(),
+            member_id,
+            db_path,
+            removed,
+            auth: state.auth.clone(),
+            tokens: state.tokens.clone(),
+            alarms: state.alarms.clone(),
+            commit_now: std::cell::Cell::new(false),
+        }
+    }
+
     fn store_mut(&self) -> parking_lot::RwLockWriteGuard<'_, Store> {
         self.store.write()
     }

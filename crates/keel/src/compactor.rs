@@ -10,7 +10,6 @@ use crate::server::Server;
 use keel_proto::etcdserverpb::CompactionRequest;
 use keel_proto::keelpb::internal_request::Request;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,7 +71,7 @@ pub async fn run(s: Arc<Server>, policy: Policy) {
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        if s.node.status.stopped.load(Ordering::Acquire) {
+        if s.raft().stopped() {
             return;
         }
         let (cur, compacted) = {
@@ -87,7 +86,7 @@ pub async fn run(s: Arc<Server>, policy: Policy) {
             }
             Policy::Revision(n) => Some(cur - n),
         };
-        let leader = s.node.status.is_leader.load(Ordering::Acquire);
+        let leader = s.raft().is_leader();
         let Some(rev) = target.filter(|r| *r > compacted && *r > 0 && leader) else { continue };
         match s.propose(Request::Compaction(CompactionRequest { revision: rev, physical: false })).await {
             Ok(_) => tracing::info!(revision = rev, policy = %desc, "completed auto compaction"),

@@ -32,7 +32,7 @@ async fn metrics(State(s): State<Arc<Server>>) -> impl axum::response::IntoRespo
 
 /// The process is alive and its raft loop runs (etcd 3.5's `/livez`).
 async fn livez(State(s): State<Arc<Server>>) -> (StatusCode, &'static str) {
-    if s.node.status.stopped.load(std::sync::atomic::Ordering::Acquire) {
+    if s.raft().stopped() {
         (StatusCode::SERVICE_UNAVAILABLE, "[-]serializable_read failed: the member stopped\nlivez check failed\n")
     } else {
         (StatusCode::OK, "ok\n")
@@ -67,7 +67,7 @@ async fn health(State(s): State<Arc<Server>>, Query(q): Query<HashMap<String, St
             return unhealthy(&format!("ALARM {name}"));
         }
     }
-    if s.node.status.leader() == 0 {
+    if s.raft().leader() == 0 {
         return unhealthy("RAFT NO LEADER");
     }
     let serializable = q.get("serializable").map(|v| v == "true").unwrap_or(false);

@@ -14,7 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
 use std::task::{Context, Poll};
 
@@ -223,17 +222,17 @@ pub fn install_observers() {
 /// The exposition text, with gauges read from `s` now.
 pub fn render(s: &Server) -> String {
     let m = &*METRICS;
-    let st = &s.node.status;
+    let st = s.raft();
     m.has_leader.set((st.leader() != 0) as i64);
-    m.is_leader.set(st.is_leader.load(Ordering::Acquire) as i64);
-    let changes = st.leader_changes.load(Ordering::Relaxed);
+    m.is_leader.set(st.is_leader() as i64);
+    let changes = st.leader_changes();
     let seen = m.leader_changes.get();
     if changes > seen {
         m.leader_changes.inc_by(changes - seen);
     }
     m.proposals_committed.set(st.commit() as i64);
     m.proposals_applied.set(st.applied() as i64);
-    m.proposals_pending.set(s.waiters.len() as i64);
+    m.proposals_pending.set(s.pending_proposals() as i64);
     {
         let store = s.store();
         let size = store.db_size();

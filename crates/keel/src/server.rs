@@ -4,39 +4,31 @@
 //! Calls keel-raft (propose, read index) and reads keel-mvcc; never writes the store itself.
 
 use crate::alarm::Alarms;
-use crate::apply::{Applied, Waiters};
+use crate::apply::{Applied, State};
 use crate::auth::{AuthError, AuthInfo, AuthStore, Tokens};
 use crate::config::Config;
 use crate::errors;
 use crate::lease::Lessor;
 use crate::membership::Members;
-use keel_mvcc::{SharedStore, Store};
+use keel_mvcc::Store;
 use keel_proto::etcdserverpb::ResponseHeader;
 use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestHeader};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType};
-use keel_raft::NodeHandle;
-use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use keel_raft::{NodeHandle, NodeStatus};
+use parking_lot::{MutexGuard, RwLockReadGuard};
 use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tonic::Status;
 
 pub struct Server {
-    /// This server, for tasks it spawns.
-    pub me: std::sync::Weak<Server>,
-    pub cfg: Config,
-    pub lessor: Arc<Mutex<Lessor>>,
-    pub member_id: u64,
-    pub cluster_id: u64,
-    pub store: Arc<SharedStore>,
-    pub members: Arc<RwLock<Members>>,
-    pub node: NodeHandle,
-    pub waiters: Arc<Waiters>,
-    pub auth: Arc<RwLock<AuthStore>>,
-    pub tokens: Arc<Tokens>,
-    pub alarms: Arc<RwLock<Alarms>>,
+    cfg: Config,
+    member_id: u64,
+    cluster_id: u64,
+    state: State,
+    node: NodeHandle,
     /// Serializes defragmentations of this member's backend.
-    pub defrag_lock: tokio::sync::Mutex<()>,
+    defrag_lock: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
 }
 
@@ -45,48 +37,110 @@ pub struct Server {
 pub struct PeerCommonName(pub String);
 
 impl Server {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cfg: Config,
-        member_id: u64,
-        cluster_id: u64,
-        store: Arc<SharedStore>,
-        members: Arc<RwLock<Members>>,
-        lessor: Arc<Mutex<Lessor>>,
-        node: NodeHandle,
-        waiters: Arc<Waiters>,
-        auth: Arc<RwLock<AuthStore>>,
-        tokens: Arc<Tokens>,
-        alarms: Arc<RwLock<Alarms>>,
-    ) -> Arc<Server> {
+    pub fn new(cfg: Config, member_id: u64, cluster_id: u64, state: State, node: NodeHandle) -> Arc<Server> {
         // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
         // unique across restarts of this member.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
-        Arc::new_cyclic(|me| Server {
-            me: me.clone(),
+        Arc::new(Server {
             cfg,
-            lessor,
             member_id,
             cluster_id,
-            store,
-            members,
+            state,
             node,
-            waiters,
-            auth,
-            tokens,
-            alarms,
             defrag_lock: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(base),
         })
     }
 
+    /// The configuration this member started with.
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.member_id
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// Raft's live status (leader, term, commit and applied indexes), read without the node.
+    pub fn raft(&self) -> &NodeStatus {
+        &self.node.status
+    }
+
+    /// The token provider (simple tokens or JWT).
+    pub fn tokens(&self) -> &Tokens {
+        &self.state.tokens
+    }
+
+    /// Proposals waiting for their apply on this member.
+    pub fn pending_proposals(&self) -> usize {
+        self.state.waiters.len()
+    }
+
+    /// Plans a Range under the store's read lock; the caller loads it with no lock held.
+    pub fn plan_range(&self, r: &keel_proto::etcdserverpb::RangeRequest) -> Result<keel_mvcc::shared::PlannedRange, keel_mvcc::KvError> {
+        self.state.store.plan_range(r)
+    }
+
+    /// The backend with everything applied so far committed to it (for a hash or a copy).
+    pub fn committed_backend(&self) -> Result<keel_mvcc::backend::Backend, keel_mvcc::backend::BackendError> {
+        self.state.store.commit()?;
+        Ok(self.state.store.read().backend())
+    }
+
+    /// Defragments this member's backend without stopping it: copy the committed state into a
+    /// new file while applies and reads go on, then (holding the store briefly) replay what was
+    /// committed meanwhile into the copy and swap it in. Returns the longest time requests were
+    /// held.
+    pub async fn defragment(&self) -> Result<std::time::Duration, keel_mvcc::backend::BackendError> {
+        let _one = self.defrag_lock.lock().await;
+        let store = &self.state.store;
+        let started = std::time::Instant::now();
+        let before = self.store().db_size();
+        let backend = store.exclusive().store.begin_defrag()?;
+        let dest = keel_mvcc::store::defrag_path(backend.path());
+        let copied = tokio::task::spawn_blocking(move || backend.copy_to(&dest)).await.unwrap_or_else(|e| {
+            Err(keel_mvcc::backend::BackendError { path: std::path::PathBuf::new(), msg: format!("defragment task failed: {e}") })
+        });
+        let copy = match copied {
+            Ok((copy, _)) => copy,
+            Err(e) => {
+                store.write().abort_defrag();
+                return Err(e);
+            }
+        };
+        let held = std::time::Instant::now();
+        let (replayed, old) = store.exclusive().store.finish_defrag(copy)?;
+        let stall = held.elapsed();
+        // Closing the old file (redb flushes its allocator state) happens off the store lock.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        let after = self.store().db_size();
+        tracing::info!(
+            took = ?started.elapsed(),
+            stall = ?stall,
+            replayed_records = replayed,
+            size_before = before,
+            size_after = after,
+            "finished defragmenting the backend"
+        );
+        Ok(stall)
+    }
+
+    /// Asks raft to hand leadership to `to` (the caller waits for it to show in [`Self::raft`]).
+    pub fn transfer_leader(&self, to: u64) -> Result<(), Status> {
+        self.node.transfer_leader(to).map_err(errors::propose)
+    }
+
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {
-        self.store.read()
+        self.state.store.read()
     }
 
     pub fn lessor(&self) -> MutexGuard<'_, Lessor> {
-        self.lessor.lock()
+        self.state.lessor.lock()
     }
 
     /// A new lease ID: positive, unique to this member (etcd derives them the same way as request IDs).
@@ -106,7 +160,7 @@ impl Server {
     }
 
     pub fn auth(&self) -> RwLockReadGuard<'_, AuthStore> {
-        self.auth.read()
+        self.state.auth.read()
     }
 
     /// A number unique to this member (request ids, token suffixes).
@@ -122,7 +176,7 @@ impl Server {
         if let Some(t) = token {
             let t = t.to_str().map_err(|_| errors::auth(AuthError::InvalidToken))?;
             let rev = self.auth().revision();
-            return self.tokens.info(t, rev).ok_or_else(|| errors::auth(AuthError::InvalidToken));
+            return self.state.tokens.info(t, rev).ok_or_else(|| errors::auth(AuthError::InvalidToken));
         }
         if self.cfg.client_cert_auth {
             if let Some(cn) = ext.get::<PeerCommonName>() {
@@ -148,7 +202,7 @@ impl Server {
     }
 
     pub fn alarms(&self) -> RwLockReadGuard<'_, Alarms> {
-        self.alarms.read()
+        self.state.alarms.read()
     }
 
     /// The backend quota in bytes (`--quota-backend-bytes`: 0 means etcd's 2 GiB default, a
@@ -180,12 +234,12 @@ impl Server {
     }
 
     pub fn members(&self) -> RwLockReadGuard<'_, Members> {
-        self.members.read()
+        self.state.members.read()
     }
 
     /// A response header at `revision`.
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.node.status.term() })
+        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.raft().term() })
     }
 
     /// Proposes the member's own request `req` (not permission-checked) and waits until it is
@@ -205,11 +259,11 @@ impl Server {
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(errors::request_too_large());
         }
-        let rx = self.waiters.register(id);
+        let rx = self.state.waiters.register(id);
         let t0 = std::time::Instant::now();
         let work = async {
             if let Some(at) = self.node.propose(data).await.map_err(errors::propose)? {
-                self.waiters.placed(id, at);
+                self.state.waiters.placed(id, at);
             }
             rx.await.map_err(|_| errors::stopped())?
         };
@@ -217,12 +271,12 @@ impl Server {
             Ok(r) => {
                 crate::metrics::METRICS.proposal.observe(t0.elapsed().as_secs_f64());
                 if r.is_err() {
-                    self.waiters.cancel(id);
+                    self.state.waiters.cancel(id);
                 }
                 r
             }
             Err(_) => {
-                self.waiters.cancel(id);
+                self.state.waiters.cancel(id);
                 Err(errors::timeout())
             }
         }
@@ -242,10 +296,10 @@ impl Server {
         cc.set_change_type(change);
         cc.node_id = node_id;
         cc.context = ctx.into();
-        let rx = self.waiters.register(id);
+        let rx = self.state.waiters.register(id);
         let work = async {
             if let Some(at) = self.node.propose_conf_change(cc).await.map_err(errors::propose)? {
-                self.waiters.placed(id, at);
+                self.state.waiters.placed(id, at);
             }
             rx.await.map_err(|_| errors::stopped())?
         };
@@ -254,7 +308,7 @@ impl Server {
             Err(_) => Err(errors::timeout()),
         };
         if r.is_err() {
-            self.waiters.cancel(id);
+            self.state.waiters.cancel(id);
         }
         r
     }
@@ -279,7 +333,7 @@ impl Server {
     }
 
     fn leading(&self) -> Result<(), Status> {
-        if self.node.status.is_leader.load(Ordering::Acquire) {
+        if self.raft().is_leader() {
             Ok(())
         } else {
             Err(Status::unavailable("etcdserver: not leader"))

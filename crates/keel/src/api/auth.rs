@@ -86,11 +86,11 @@ impl Auth for AuthService {
                 tracing::info!(user_name = %r.name, "invalid password");
                 return Err(errors::auth(AuthError::AuthFailed));
             }
-            if !s.tokens.is_simple() {
-                let token = s.tokens.sign_jwt(&r.name, checked_revision).map_err(Status::internal)?;
+            if !s.tokens().is_simple() {
+                let token = s.tokens().sign_jwt(&r.name, checked_revision).map_err(Status::internal)?;
                 return Ok(Response::new(AuthenticateResponse { header: self.header(), token }));
             }
-            let token = s.tokens.new_simple_token(s.next_seq());
+            let token = s.tokens().new_simple_token(s.next_seq());
             let entry = InternalAuthenticate { name: r.name.clone(), simple_token: token.clone(), checked_revision };
             match s.propose(Request::Authenticate(entry)).await {
                 Ok((_, rev)) => return Ok(Response::new(AuthenticateResponse { header: s.header(rev), token })),
@@ -108,7 +108,7 @@ impl Auth for AuthService {
         let mut r = req.get_ref().clone();
         let no_password = r.options.as_ref().is_some_and(|o| o.no_password);
         r.hashed_password =
-            if no_password { String::new() } else { bcrypt_hash(std::mem::take(&mut r.password), self.server.cfg.bcrypt_cost).await? };
+            if no_password { String::new() } else { bcrypt_hash(std::mem::take(&mut r.password), self.server.cfg().bcrypt_cost).await? };
         r.password.clear();
         let header = self.change(&req, Request::AuthUserAdd(r)).await?;
         Ok(Response::new(AuthUserAddResponse { header }))
@@ -148,7 +148,7 @@ impl Auth for AuthService {
         req: GrpcRequest<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
         let mut r = req.get_ref().clone();
-        r.hashed_password = bcrypt_hash(std::mem::take(&mut r.password), self.server.cfg.bcrypt_cost).await?;
+        r.hashed_password = bcrypt_hash(std::mem::take(&mut r.password), self.server.cfg().bcrypt_cost).await?;
         let header = self.change(&req, Request::AuthUserChangePassword(r)).await?;
         Ok(Response::new(AuthUserChangePasswordResponse { header }))
     }

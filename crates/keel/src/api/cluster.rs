@@ -53,11 +53,11 @@ fn members_of(applied: Applied) -> Result<Vec<Member>, Status> {
 impl ClusterService {
     /// Connected to `id` for at least the health interval.
     fn connected(&self, id: u64, cutoff: Instant) -> bool {
-        id == self.server.member_id || self.transport.active_since(id).map(|t| t <= cutoff).unwrap_or(false)
+        id == self.server.member_id() || self.transport.active_since(id).map(|t| t <= cutoff).unwrap_or(false)
     }
 
     fn may_add_voter(&self) -> Result<(), Status> {
-        if !self.server.cfg.strict_reconfig_check {
+        if !self.server.cfg().strict_reconfig_check {
             return Ok(());
         }
         let members = self.server.members();
@@ -75,7 +75,7 @@ impl ClusterService {
     }
 
     fn may_remove(&self, id: u64) -> Result<(), Status> {
-        if !self.server.cfg.strict_reconfig_check {
+        if !self.server.cfg().strict_reconfig_check {
             return Ok(());
         }
         let members = self.server.members();
@@ -89,7 +89,7 @@ impl ClusterService {
             return Err(errors::not_enough_started());
         }
         // A member that is down is not part of the active quorum: removing it is safe.
-        if id != self.server.member_id && self.transport.active_since(id).is_none() {
+        if id != self.server.member_id() && self.transport.active_since(id).is_none() {
             return Ok(());
         }
         let cutoff = Instant::now().checked_sub(HEALTH_INTERVAL).unwrap_or_else(Instant::now);
@@ -181,10 +181,10 @@ impl Cluster for ClusterService {
         self.server.check_admin(&self.server.caller(&req)?)?;
         let id = req.into_inner().id;
         let s = &self.server;
-        let members = if s.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
+        let members = if s.raft().is_leader() {
             promote(s, id).await?
         } else {
-            let leader = s.node.status.leader();
+            let leader = s.raft().leader();
             if leader == 0 {
                 return Err(errors::no_leader());
             }

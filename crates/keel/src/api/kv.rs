@@ -58,7 +58,7 @@ impl Kv for KvService {
         // Planned under the store's read lock, values read after it (apply never waits long). A
         // big one is read on a blocking thread: decoding tens of MB would hold a runtime worker
         // from every other request for as long.
-        let planned = self.server.store.plan_range(&r).map_err(errors::kv)?;
+        let planned = self.server.plan_range(&r).map_err(errors::kv)?;
         let mut resp = if planned.len() > BIG_RANGE {
             tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
         } else {
@@ -102,7 +102,7 @@ impl Kv for KvService {
     async fn txn(&self, req: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let who = self.server.caller(&req)?;
         let r = req.into_inner();
-        validate::txn(&r, self.server.cfg.max_txn_ops as usize)?;
+        validate::txn(&r, self.server.cfg().max_txn_ops as usize)?;
         let serializable_reads = mvcc_kv::txn_is_read_only(&r) && mvcc_kv::txn_serializable(&r);
         if !serializable_reads {
             self.server.not_learner()?;

@@ -29,44 +29,9 @@ fn backend_err(e: keel_mvcc::backend::BackendError) -> Status {
     Status::internal(format!("etcdserver: {e}"))
 }
 
-/// Defragments this member's backend without stopping it: copy the committed state into a new
-/// file while applies and reads go on, then (holding the store briefly) replay what was committed
-/// meanwhile into the copy and swap it in. Returns the longest time requests were held.
-pub async fn defragment(s: &Server) -> Result<std::time::Duration, Status> {
-    let _one = s.defrag_lock.lock().await;
-    let started = std::time::Instant::now();
-    let before = s.store().db_size();
-    let backend = s.store.exclusive().store.begin_defrag().map_err(backend_err)?;
-    let dest = keel_mvcc::store::defrag_path(backend.path());
-    let copied = tokio::task::spawn_blocking(move || backend.copy_to(&dest)).await.map_err(|e| Status::internal(e.to_string()));
-    let copy = match copied.and_then(|r| r.map_err(backend_err)) {
-        Ok((copy, _)) => copy,
-        Err(e) => {
-            s.store.write().abort_defrag();
-            return Err(e);
-        }
-    };
-    let held = std::time::Instant::now();
-    let (replayed, old) = s.store.exclusive().store.finish_defrag(copy).map_err(backend_err)?;
-    let stall = held.elapsed();
-    // Closing the old file (redb flushes its allocator state) happens off the store lock.
-    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-    let after = s.store().db_size();
-    tracing::info!(
-        took = ?started.elapsed(),
-        stall = ?stall,
-        replayed_records = replayed,
-        size_before = before,
-        size_after = after,
-        "finished defragmenting the backend"
-    );
-    Ok(stall)
-}
-
 /// A consistent copy of the committed backend in a temporary file next to it.
 async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
-    s.store.commit().map_err(backend_err)?;
-    let backend = s.store.read().backend();
+    let backend = s.committed_backend().map_err(backend_err)?;
     let mut name = backend.path().as_os_str().to_owned();
     name.push(format!(".snapshot-{:x}", s.next_seq()));
     let dest = std::path::PathBuf::from(name);
@@ -104,8 +69,8 @@ impl Maintenance for MaintenanceService {
             let store = s.store();
             (store.current_rev(), store.db_size(), store.data_size())
         };
-        let st = &s.node.status;
-        let is_learner = s.members().get(s.member_id).map(|m| m.is_learner).unwrap_or(false);
+        let st = s.raft();
+        let is_learner = s.members().get(s.member_id()).map(|m| m.is_learner).unwrap_or(false);
         let mut errors = Vec::new();
         if st.leader() == 0 {
             errors.push("etcdserver: no leader".to_string());
@@ -130,7 +95,7 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         self.server.check_admin(&self.server.caller(&req)?)?;
-        defragment(&self.server).await?;
+        self.server.defragment().await.map_err(backend_err)?;
         let rev = self.server.store().current_rev();
         Ok(Response::new(DefragmentResponse { header: self.server.header(rev) }))
     }
@@ -138,8 +103,7 @@ impl Maintenance for MaintenanceService {
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let s = &self.server;
         s.check_admin(&s.caller(&req)?)?;
-        s.store.commit().map_err(backend_err)?;
-        let backend = s.store.read().backend();
+        let backend = s.committed_backend().map_err(backend_err)?;
         let (hash, meta) =
             tokio::task::spawn_blocking(move || backend.hash()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(backend_err)?;
         Ok(Response::new(HashResponse { header: s.header(meta.current_rev), hash }))
@@ -200,17 +164,17 @@ impl Maintenance for MaintenanceService {
     async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
         let target = req.into_inner().target_id;
         let s = &self.server;
-        if !s.node.status.is_leader.load(std::sync::atomic::Ordering::Acquire) {
+        if !s.raft().is_leader() {
             return Err(errors::not_leader());
         }
         match s.members().get(target) {
             Some(m) if !m.is_learner => {}
             _ => return Err(errors::bad_transferee()),
         }
-        if target != s.member_id {
-            s.node.transfer_leader(target).map_err(errors::propose)?;
-            let deadline = tokio::time::Instant::now() + s.cfg.request_timeout();
-            while s.node.status.leader() != target {
+        if target != s.member_id() {
+            s.transfer_leader(target)?;
+            let deadline = tokio::time::Instant::now() + s.cfg().request_timeout();
+            while s.raft().leader() != target {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(errors::timeout());
                 }

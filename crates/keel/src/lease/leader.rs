@@ -10,7 +10,6 @@ use crate::server::Server;
 use keel_proto::etcdserverpb::{LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
 use keel_proto::keelpb::internal_request::Request as Internal;
 use keel_proto::keelpb::{LeaseCheckpoints, LeaseRemaining};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
@@ -25,10 +24,10 @@ const REVOKES_PER_TURN: usize = 100;
 /// Keep-alive: renewed in this member's memory if it leads, else on the leader. Returns the
 /// lease's TTL (0: no such lease, as etcd answers).
 pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Result<i64, Status> {
-    if server.node.status.is_leader.load(Ordering::Acquire) {
+    if server.raft().is_leader() {
         return Ok(server.lessor().renew(id).unwrap_or(0));
     }
-    let leader = server.node.status.leader();
+    let leader = server.raft().leader();
     if leader == 0 {
         return Err(errors::no_leader());
     }
@@ -41,10 +40,10 @@ pub async fn time_to_live(
     transport: &PeerTransport,
     r: LeaseTimeToLiveRequest,
 ) -> Result<LeaseTimeToLiveResponse, Status> {
-    if server.node.status.is_leader.load(Ordering::Acquire) {
+    if server.raft().is_leader() {
         return Ok(local_time_to_live(server, &r));
     }
-    let leader = server.node.status.leader();
+    let leader = server.raft().leader();
     if leader == 0 {
         return Err(errors::no_leader());
     }
@@ -72,13 +71,13 @@ pub async fn run(server: Arc<Server>) {
     let mut was_leader = false;
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let election = Duration::from_millis(server.cfg.election_timeout);
+    let election = Duration::from_millis(server.cfg().election_timeout);
     let mut last_refresh = tokio::time::Instant::now();
     // One checkpoint in flight at a time: a slow one is not joined by more.
     let mut inflight: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tick.tick().await;
-        let leader = server.node.status.is_leader.load(Ordering::Acquire);
+        let leader = server.raft().is_leader();
         if leader != was_leader {
             if leader {
                 server.lessor().promote(election);

@@ -1,0 +1,484 @@
+//! member: assembles one member from its flags and runs it. The steps, in order:
+//! [`Member::start`] recovers (or creates) the data dir's state and starts raft and its apply
+//! stage; [`Member::serve_peers`] binds the peer listeners on the peer runtime;
+//! [`Member::serve_clients`] binds the client and metrics listeners (served once the member has
+//! published itself); [`Member::run`] starts the background duties (publish, auto compaction,
+//! leases) and waits for a stop signal or this member's removal, then stops raft.
+//!
+//! Calls everything below it in the module map (server, peer, raft, mvcc, apply, watch, lease,
+//! auth, alarm); nothing calls it but `main`.
+
+use crate::apply::{Applier, State, Waiters};
+use crate::config::{self, split_urls, Config};
+use crate::membership::{Members, AUX_MEMBERS};
+use crate::server::Server;
+use crate::{alarm, api, auth, compactor, errors, gateway, http, lease, metrics, peer, serve, tls, watch};
+use anyhow::{bail, Context, Result};
+use keel_mvcc::{SharedStore, Store};
+use keel_proto::etcdserverpb::auth_server::AuthServer;
+use keel_proto::etcdserverpb::cluster_server::ClusterServer;
+use keel_proto::etcdserverpb::kv_server::KvServer;
+use keel_proto::etcdserverpb::lease_server::LeaseServer;
+use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use keel_proto::etcdserverpb::watch_server::WatchServer;
+use keel_proto::keelpb::peer_server::PeerServer;
+use keel_proto::keelpb::{internal_request::Request, MemberAttributes};
+use keel_proto::v3electionpb::election_server::ElectionServer;
+use keel_proto::v3lockpb::lock_server::LockServer;
+use keel_raft::{Disk, Identity, NodeConfig, NodeHandle};
+use parking_lot::RwLock;
+use prost::Message;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Starts a member from `cfg` and runs it until it is stopped or removed.
+pub async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
+    let member = Member::start(cfg, peer_rt).await?;
+    member.serve_peers().await?;
+    member.serve_clients().await?;
+    member.run().await
+}
+
+/// A started member: raft runs, the server answers; listeners are added by the steps below.
+pub struct Member {
+    cfg: Config,
+    peer_rt: tokio::runtime::Handle,
+    server: Arc<Server>,
+    node: NodeHandle,
+    transport: peer::PeerTransport,
+    hub: Arc<watch::WatchHub>,
+    members: Arc<RwLock<Members>>,
+    /// Told when an applied entry removed this member.
+    removed: Arc<tokio::sync::Notify>,
+    /// The node thread's end (true: a clean stop).
+    stopped: tokio::sync::oneshot::Receiver<bool>,
+    /// Set once the member published itself: the client listeners serve from then on.
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+/// The data dir as found (or made) at start, before raft runs.
+struct Recovered {
+    disk: Disk,
+    store: Store,
+    members: Members,
+    db_path: PathBuf,
+    dialer: peer::Dialer,
+}
+
+impl Member {
+    /// Recovers the member's state from its data dir (a new member: from the flags, or from the
+    /// cluster it joins), loads leases, auth and alarms from the backend, and starts raft with
+    /// its apply stage.
+    pub async fn start(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<Member> {
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), etcd_api = config::ETCD_VERSION, name = %cfg.name, data_dir = %cfg.data_dir(), "starting keel");
+        if !(4..=31).contains(&cfg.bcrypt_cost) {
+            bail!("--bcrypt-cost {} is out of range (4..=31)", cfg.bcrypt_cost);
+        }
+        let rec = recover(&cfg).await?;
+        let identity = rec.disk.identity.clone();
+        let tokens = auth::Tokens::from_flag(&cfg.auth_token, Duration::from_secs(cfg.auth_token_ttl.max(1)))
+            .map_err(|e| anyhow::anyhow!("--auth-token: {e}"))?;
+        let state = load_state(rec.store, rec.members, tokens);
+        let removed = Arc::new(tokio::sync::Notify::new());
+        let transport = peer::PeerTransport::new(
+            identity.member_id,
+            identity.cluster_id,
+            state.members.clone(),
+            state.store.clone(),
+            rec.dialer,
+            peer_rt.clone(),
+        );
+        let node_status = Arc::new(keel_raft::NodeStatus::default());
+        let hub = watch::WatchHub::new(
+            state.store.clone(),
+            node_status.clone(),
+            identity.cluster_id,
+            identity.member_id,
+            cfg.max_request_bytes as usize,
+        );
+        let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone());
+        let node_cfg = NodeConfig {
+            id: identity.member_id,
+            tick: cfg.heartbeat(),
+            election_ticks: (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize,
+            snapshot_count: cfg.snapshot_count.max(1),
+            catchup_entries: 5000,
+        };
+        let (node, join) =
+            keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;
+        transport.set_node(node.clone());
+        transport.keep_connected();
+        let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<bool>();
+        std::thread::spawn(move || {
+            let ok = matches!(join.join(), Ok(Ok(())));
+            if stopped_tx.send(ok).is_err() || !ok {
+                std::process::exit(if ok { 0 } else { 1 });
+            }
+        });
+        let members = state.members.clone();
+        let server = Server::new(cfg.clone(), identity.member_id, identity.cluster_id, state, node.clone());
+        let (ready, _) = tokio::sync::watch::channel(false);
+        Ok(Member { cfg, peer_rt, server, node, transport, hub, members, removed, stopped, ready })
+    }
+
+    /// Binds the peer listeners and serves the peer service on the peer runtime; binding errors
+    /// come back here.
+    pub async fn serve_peers(&self) -> Result<()> {
+        let cfg = &self.cfg;
+        let peer_tls = tls::peer_server(cfg)?;
+        let peer_router = tonic::service::Routes::new(
+            PeerServer::new(peer::PeerService {
+                cluster_id: self.server.cluster_id(),
+                node: self.node.clone(),
+                members: self.members.clone(),
+                snap_dir: Path::new(&cfg.snap_dir()).to_path_buf(),
+                forwarded: self.server.clone(),
+            })
+            .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
+            .max_encoding_message_size(peer::MAX_PEER_MESSAGE),
+        )
+        .into_axum_router();
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+        let peer_urls = split_urls(&cfg.listen_peer_urls);
+        self.peer_rt.spawn(async move {
+            let listeners = match serve::bind(&peer_urls).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut serving = Vec::new();
+            for (lu, l) in listeners {
+                let acceptor = match (lu.tls, &peer_tls) {
+                    (true, Some(t)) => Some(t.clone()),
+                    (true, None) => {
+                        let _ = bound_tx.send(Err(anyhow::anyhow!(
+                            "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme",
+                            lu.url
+                        )));
+                        return;
+                    }
+                    (false, _) => None,
+                };
+                tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
+                serving.push(tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), serve::H2::DEFAULT, false)));
+            }
+            let _ = bound_tx.send(Ok(()));
+            for s in serving {
+                let _ = s.await;
+            }
+        });
+        bound_rx.await.map_err(|_| anyhow::anyhow!("the peer runtime stopped"))?
+    }
+
+    /// Binds the client and metrics listeners. As etcd: the client ports are bound now but
+    /// served only once this member is ready (its attributes published through raft, so every
+    /// entry before them is applied). Serving earlier would show a restarted member's pre-replay
+    /// state: a revision older than writes it had acknowledged.
+    pub async fn serve_clients(&self) -> Result<()> {
+        let cfg = &self.cfg;
+        let client_h2 = client_h2(cfg)?;
+        let router = self.client_router();
+        let client_tls = tls::client_server(cfg)?;
+        for (lu, l) in serve::bind(&split_urls(&cfg.listen_client_urls)).await? {
+            let acceptor = match (lu.tls, &client_tls) {
+                (true, Some(t)) => Some(t.clone()),
+                (true, None) => {
+                    bail!("TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme", lu.url)
+                }
+                (false, _) => None,
+            };
+            let (router, mut ready) = (router.clone(), self.ready.subscribe());
+            tokio::spawn(async move {
+                if ready.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
+                tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
+                serve::serve(l, acceptor, router, client_h2, true).await
+            });
+        }
+        if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
+            let mrouter = http::metrics_router(self.server.clone());
+            for (lu, l) in serve::bind(&split_urls(urls)).await? {
+                let acceptor = match (lu.tls, &client_tls) {
+                    (true, Some(t)) => Some(t.clone()),
+                    (true, None) => {
+                        bail!("TLS key/cert (--cert-file, --key-file) must be provided for metrics url {} with HTTPS scheme", lu.url)
+                    }
+                    (false, _) => None,
+                };
+                tracing::info!(address = %lu.addr, "serving metrics on {}", lu.url);
+                tokio::spawn(serve::serve(l, acceptor, mrouter.clone(), serve::H2::DEFAULT, false));
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the member, starts auto compaction and the lease duties, and waits for a stop
+    /// signal or this member's removal; then stops raft (it hands leadership off and syncs the
+    /// backend before it ends).
+    pub async fn run(self) -> Result<()> {
+        let auto_compaction =
+            compactor::policy(&self.cfg.auto_compaction_mode, &self.cfg.auto_compaction_retention).map_err(anyhow::Error::msg)?;
+        tokio::spawn(publish(self.server.clone(), self.ready));
+        tokio::spawn(compactor::run(self.server.clone(), auto_compaction));
+        tokio::spawn(lease::run(self.server.clone()));
+        tokio::select! {
+            _ = wait_for_shutdown() => tracing::info!("received a stop signal; stopping"),
+            _ = self.removed.notified() => tracing::warn!("this member was removed from the cluster; stopping"),
+        }
+        self.node.stop();
+        let limit = Duration::from_millis(self.cfg.election_timeout * 2) + Duration::from_secs(2);
+        if tokio::time::timeout(limit, self.stopped).await.is_err() {
+            tracing::warn!("raft node did not stop in time");
+        }
+        Ok(())
+    }
+
+    /// The gRPC services (each behind etcd's `hasleader` gate), the HTTP endpoints and the JSON
+    /// gateway, on one router.
+    fn client_router(&self) -> axum::Router {
+        let cfg = &self.cfg;
+        let (server, hub, transport) = (&self.server, &self.hub, &self.transport);
+        let max_recv = cfg.max_request_bytes as usize + 512 * 1024;
+        // etcd's `hasleader` metadata: such a request fails at once when there is no leader.
+        let gate = {
+            let server = server.clone();
+            move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+                let wants = req.metadata().get("hasleader").map(|v| v.as_bytes() == b"true").unwrap_or(false);
+                if wants && server.raft().leader() == 0 {
+                    return Err(tonic::Status::unavailable("etcdserver: no leader"));
+                }
+                Ok(req)
+            }
+        };
+        let kv = || api::kv::KvService { server: server.clone() };
+        let lease = || api::lease::LeaseService { server: server.clone(), transport: transport.clone() };
+        let cluster = || api::cluster::ClusterService { server: server.clone(), transport: transport.clone() };
+        let maintenance = || api::maintenance::MaintenanceService { server: server.clone() };
+        let concurrency = || api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() };
+        let auth = || api::auth::AuthService { server: server.clone() };
+        use tonic::service::interceptor::InterceptedService as Gated;
+        let grpc = tonic::service::Routes::new(Gated::new(
+            KvServer::new(kv()).max_decoding_message_size(max_recv).max_encoding_message_size(usize::MAX),
+            gate.clone(),
+        ))
+        .add_service(Gated::new(MaintenanceServer::new(maintenance()).max_decoding_message_size(max_recv), gate.clone()))
+        .add_service(Gated::new(ClusterServer::new(cluster()).max_decoding_message_size(max_recv), gate.clone()))
+        .add_service(Gated::new(LockServer::new(concurrency()), gate.clone()))
+        .add_service(Gated::new(ElectionServer::new(concurrency()), gate.clone()))
+        .add_service(Gated::new(
+            WatchServer::new(api::watch::WatchService {
+                server: server.clone(),
+                hub: hub.clone(),
+                next_stream: 0.into(),
+                progress_interval: cfg.watch_progress_notify_interval(),
+            })
+            .max_decoding_message_size(max_recv),
+            gate.clone(),
+        ))
+        .add_service(Gated::new(AuthServer::new(auth()).max_decoding_message_size(max_recv), gate.clone()))
+        .add_service(Gated::new(LeaseServer::new(lease()).max_decoding_message_size(max_recv), gate));
+        let gw = Arc::new(gateway::Gateway {
+            kv: kv(),
+            lease: lease(),
+            cluster: cluster(),
+            maintenance: maintenance(),
+            concurrency: concurrency(),
+            auth: auth(),
+            hub: hub.clone(),
+            next_stream: 0.into(),
+            streams: Arc::new(tokio::sync::Semaphore::new((cfg.max_concurrent_streams as usize).min(tokio::sync::Semaphore::MAX_PERMITS))),
+        });
+        grpc.into_axum_router()
+            .layer(axum::middleware::from_fn(errors::grpc_compat))
+            .layer(axum::middleware::from_fn(metrics::grpc_layer))
+            .merge(http::router(server.clone()))
+            .merge(gateway::router(gw))
+    }
+}
+
+/// The client listeners' HTTP/2 settings from the flags.
+fn client_h2(cfg: &Config) -> Result<serve::H2> {
+    let keepalive = |flag: &str, v: &str| config::parse_go_duration(v).ok_or_else(|| anyhow::anyhow!("invalid {flag} {v:?}"));
+    let ka_interval = keepalive("--grpc-keepalive-interval", &cfg.grpc_keepalive_interval)?;
+    let ka_timeout = keepalive("--grpc-keepalive-timeout", &cfg.grpc_keepalive_timeout)?;
+    keepalive("--grpc-keepalive-min-time", &cfg.grpc_keepalive_min_time)?;
+    Ok(serve::H2 {
+        max_streams: cfg.max_concurrent_streams,
+        keepalive: (!ka_interval.is_zero()).then_some((ka_interval, ka_timeout.max(Duration::from_secs(1)))),
+    })
+}
+
+/// Opens (or creates) the WAL, snapshots and backend, and decides the member list: the
+/// backend's record, else the snapshot's, else the bootstrap's.
+async fn recover(cfg: &Config) -> Result<Recovered> {
+    // Flags are checked before anything is created on disk.
+    client_h2(cfg)?;
+    compactor::policy(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention).map_err(anyhow::Error::msg)?;
+    let snap_dir = cfg.snap_dir();
+    let wal_dir = cfg.wal_dir();
+    std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
+
+    let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token).map_err(anyhow::Error::msg)?;
+    let dialer = peer::Dialer::new(tls::peer_client(cfg)?, cfg.member_local_ip());
+    let existed = Disk::exists(Path::new(&wal_dir));
+    let boot = if existed {
+        Bootstrap { identity: Identity { cluster_id: 0, member_id: 0, initial_voters: vec![] }, entries: vec![], members: initial.clone() }
+    } else {
+        bootstrap(cfg, &initial, &dialer).await?
+    };
+
+    let db_path = Path::new(&snap_dir).join("db");
+    let mut store = Store::open(&db_path).context("open backend")?;
+    let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries).context("open WAL")?;
+    let identity = &disk.identity;
+    let what = if existed { "restarting member" } else { "starting a new member" };
+    tracing::info!(member_id = format!("{:x}", identity.member_id), cluster_id = format!("{:x}", identity.cluster_id), "{what}");
+
+    let members = if let Some(b) = store.aux(AUX_MEMBERS) {
+        Members::decode(b).map_err(anyhow::Error::msg)?
+    } else if let Some(s) = disk.snapshot.as_ref().filter(|s| !s.get_data().is_empty()) {
+        Members::decode(s.get_data()).map_err(anyhow::Error::msg)?
+    } else {
+        store.set_aux(AUX_MEMBERS, boot.members.encode());
+        store.commit().context("backend commit")?;
+        boot.members.clone()
+    };
+    if members.cluster_id != identity.cluster_id {
+        bail!("cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}", members.cluster_id, identity.cluster_id);
+    }
+    Ok(Recovered { disk, store, members, db_path, dialer })
+}
+
+/// The member's state from its backend: leases, auth, alarms, the member list.
+fn load_state(store: Store, members: Members, tokens: auth::Tokens) -> State {
+    let mut lessor = lease::Lessor::default();
+    crate::apply::load_leases(&store, &mut lessor);
+    let auth = auth::AuthStore::load(&store);
+    let alarms = alarm::Alarms::load(&store);
+    State {
+        store: Arc::new(SharedStore::new(store)),
+        members: Arc::new(RwLock::new(members)),
+        lessor: Arc::new(parking_lot::Mutex::new(lessor)),
+        auth: Arc::new(RwLock::new(auth)),
+        tokens: Arc::new(tokens),
+        alarms: Arc::new(RwLock::new(alarms)),
+        waiters: Arc::new(Waiters::default()),
+    }
+}
+
+/// Who this member is and how its log starts, decided from the flags for a member that never
+/// ran (a persisted member keeps what its WAL says).
+struct Bootstrap {
+    identity: Identity,
+    /// Initial log entries (new cluster only): (member ID, conf change context).
+    entries: Vec<(u64, Vec<u8>)>,
+    members: Members,
+}
+
+async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Result<Bootstrap> {
+    let mut mine = split_urls(&cfg.initial_advertise_peer_urls);
+    mine.sort();
+    if cfg.initial_cluster_state == "existing" {
+        // Join: the cluster already added this member (etcdctl member add); learn its ID from the
+        // other members.
+        let others: Vec<String> = initial.members.iter().flat_map(|m| m.peer_urls.clone()).filter(|u| !mine.contains(u)).collect();
+        let data = peer::fetch_members(dialer, &others).await?;
+        let me = data
+            .members
+            .iter()
+            .find(|m| {
+                let mut u = m.peer_urls.clone();
+                u.sort();
+                u == mine
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!("no member with peer URLs {} in the cluster; add it first (etcdctl member add)", mine.join(","))
+            })?;
+        tracing::info!(member_id = format!("{:x}", me.id), cluster_id = format!("{:x}", data.cluster_id), "joining an existing cluster");
+        return Ok(Bootstrap {
+            identity: Identity { cluster_id: data.cluster_id, member_id: me.id, initial_voters: vec![] },
+            entries: vec![],
+            members: Members { cluster_id: data.cluster_id, members: data.members },
+        });
+    }
+    let me = initial
+        .members
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .ok_or_else(|| anyhow::anyhow!("couldn't find local name {:?} in the initial cluster configuration", cfg.name))?;
+    let mut have = me.peer_urls.clone();
+    have.sort();
+    if have != mine {
+        bail!(
+            "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={} (advertise peer URLs must match the initial cluster)",
+            cfg.name,
+            have.join(","),
+            mine.join(",")
+        );
+    }
+    let entries = initial
+        .members
+        .iter()
+        .map(|m| (m.id, keel_proto::keelpb::ConfChangeContext { request_id: 0, member: Some(m.clone()) }.encode_to_vec()))
+        .collect();
+    Ok(Bootstrap {
+        identity: Identity {
+            cluster_id: initial.cluster_id,
+            member_id: me.id,
+            initial_voters: initial.members.iter().map(|m| m.id).collect(),
+        },
+        entries,
+        members: initial.clone(),
+    })
+}
+
+/// Publishes this member's name and client URLs through raft (as etcd does), then announces that
+/// the member serves.
+async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
+    let attrs = MemberAttributes {
+        id: server.member_id(),
+        name: server.cfg().name.clone(),
+        client_urls: split_urls(&server.cfg().advertise_client_urls),
+    };
+    loop {
+        if server.raft().leader() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        }
+        match server.propose(Request::MemberAttributes(attrs.clone())).await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "failed to publish local member to cluster through raft; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+    tracing::info!(cluster_version = config::ETCD_CLUSTER_VERSION, "enabled capabilities for version 3.4");
+    tracing::info!(
+        local_member_id = format!("{:x}", server.member_id()),
+        name = %attrs.name,
+        client_urls = ?attrs.client_urls,
+        "published local member to cluster through raft"
+    );
+    let _ = ready.send(true);
+    tracing::info!("ready to serve client requests");
+}
+
+async fn wait_for_shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
