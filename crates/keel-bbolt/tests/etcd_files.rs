@@ -33,7 +33,7 @@ fn etcd_snapshots_read_as_etcd_wrote_them() {
         let meta = &b[&b"meta".to_vec()];
         assert_eq!(meta[&b"finishedCompactRev".to_vec()][..8], 3u64.to_be_bytes(), "{v}");
         assert_eq!(b[&b"lease".to_vec()].len(), 1, "{v}");
-        assert!(b[&b"authUsers".to_vec()].contains_key(&b"root".to_vec()), "{v}");
+        assert!(b[&b"authUsers".to_vec()].contains_key(b"root".as_slice()), "{v}");
     }
 }
 
