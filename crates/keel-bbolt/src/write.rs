@@ -1,5 +1,5 @@
-//! The one-pass writer: a fresh database from buckets given in name order, each bucket's keys in
-//! key order. Leaves are filled up to a page (a value larger than a page gets overflow pages),
+//! The one-pass writer: a fresh database from buckets given one after another (in any order,
+//! each name once), each bucket's keys in key order. Leaves are filled up to a page (a value larger than a page gets overflow pages),
 //! branch levels are built above them, the root bucket lists the buckets; pages 0 and 1 hold the
 //! metas (transaction ids 0 and 1, as bbolt's own initialisation writes them) and page 2 an
 //! empty freelist: every page below the high-water mark is in use.
@@ -52,11 +52,11 @@ impl<W: Write + Seek> Writer<W> {
         Ok(Writer { out, next: FIRST_DATA_PAGE, buckets: Vec::new(), current: None })
     }
 
-    /// Starts the next bucket; names must increase.
+    /// Starts the next bucket (a name not used before).
     pub fn bucket(&mut self, name: &[u8]) -> std::io::Result<()> {
         self.end_bucket()?;
-        if self.buckets.last().is_some_and(|(last, _)| last.as_slice() >= name) {
-            return Err(invalid(format!("bucket {:?} out of order", String::from_utf8_lossy(name))));
+        if name.is_empty() || self.buckets.iter().any(|(n, _)| n.as_slice() == name) {
+            return Err(invalid(format!("bucket {:?} is empty or written twice", String::from_utf8_lossy(name))));
         }
         self.current = Some(Tree::new(name.to_vec()));
         Ok(())
@@ -178,7 +178,9 @@ impl<W: Write + Seek> Writer<W> {
     pub fn finish(mut self) -> std::io::Result<W> {
         self.end_bucket()?;
         let mut root = Tree::new(Vec::new());
-        for (name, id) in std::mem::take(&mut self.buckets) {
+        let mut buckets = std::mem::take(&mut self.buckets);
+        buckets.sort();
+        for (name, id) in buckets {
             let mut header = [0u8; page::BUCKET_HEADER];
             header[..8].copy_from_slice(&id.to_le_bytes());
             self.add(&mut root, &name, &header, page::BUCKET_LEAF)?;
@@ -211,7 +213,8 @@ mod tests {
 
     fn build(buckets: &BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>) -> Vec<u8> {
         let mut w = Writer::new(std::io::Cursor::new(Vec::new())).unwrap();
-        for (name, kvs) in buckets {
+        // Buckets in reverse order: the writer sorts them.
+        for (name, kvs) in buckets.iter().rev() {
             w.bucket(name).unwrap();
             for (k, v) in kvs {
                 w.put(k, v).unwrap();

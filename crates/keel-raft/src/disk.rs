@@ -172,6 +172,35 @@ impl Disk {
         Ok(Disk { identity, fresh: false, snapshot, entries, hard_state, wal, snapshotter })
     }
 
+    /// Creates a member's raft state that starts at `snap` (a member converted from another
+    /// store's data, whose log before the snapshot is not kept), followed by `entries` (which
+    /// must continue from the snapshot's index), with `hard_state`; durable when this returns.
+    /// Fails if `wal_dir` already holds a WAL.
+    pub fn create_at_snapshot(
+        wal_dir: &Path,
+        snap_dir: &Path,
+        identity: Identity,
+        snap: &Snapshot,
+        entries: &[Entry],
+        hard_state: &HardState,
+    ) -> Result<(), DiskError> {
+        for (due, e) in (snap.get_metadata().index + 1..).zip(entries) {
+            if e.index != due {
+                return Err(decode_err(wal_dir, format!("entry {} where {due} was due", e.index)));
+            }
+        }
+        if Wal::exists(wal_dir) {
+            return Err(decode_err(wal_dir, "a WAL exists already"));
+        }
+        let snapshotter = Snapshotter::new(snap_dir)?;
+        let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
+        let mut disk =
+            Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), wal, snapshotter };
+        disk.save_snapshot(snap)?;
+        disk.save(Some(hard_state), entries)?;
+        Ok(())
+    }
+
     /// Appends entries and hard state; durable when this returns.
     pub(crate) fn save(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), DiskError> {
         let mut bufs: Vec<(u8, Vec<u8>)> = Vec::with_capacity(entries.len() + 1);

@@ -9,14 +9,14 @@ use keel_mvcc::Store;
 use keel_proto::etcdserverpb::{AlarmMember, AlarmType};
 use std::collections::BTreeSet;
 
-const AUX_PREFIX: &str = "alarm/";
+pub const AUX_PREFIX: &str = "alarm/";
 
 #[derive(Debug, Default)]
 pub struct Alarms {
     set: BTreeSet<(u64, i32)>,
 }
 
-fn aux_key(member: u64, alarm: i32) -> String {
+pub fn aux_key(member: u64, alarm: i32) -> String {
     format!("{AUX_PREFIX}{member:016x}/{alarm}")
 }
 

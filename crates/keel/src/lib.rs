@@ -22,6 +22,8 @@
 //! - `watch`: the watch hub (synced watchers, catch-up from the store).
 //! - `compactor`: auto compaction.
 //! - `metrics`: Prometheus metrics with etcd's names.
+//! - `migrate`: etcd's files in and out (bbolt backend, WAL, `.snap`; an etcd data dir converted
+//!   at start).
 //! - `errors`: etcd's gRPC errors.
 //! - `proxy`: the L4 gateway (`keel gateway start`); `tool`: the offline tool (`keel snapshot
 //!   ...`, `keel wal dump`).
@@ -40,6 +42,7 @@ pub mod lease;
 mod member;
 mod membership;
 mod metrics;
+mod migrate;
 mod peer;
 mod proxy;
 mod serve;

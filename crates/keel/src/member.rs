@@ -320,6 +320,11 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     compactor::policy(&cfg.auto_compaction_mode, &cfg.auto_compaction_retention).map_err(anyhow::Error::msg)?;
     let snap_dir = cfg.snap_dir();
     let wal_dir = cfg.wal_dir();
+    let data_dir = cfg.data_dir();
+    if crate::migrate::datadir::needs_conversion(Path::new(&data_dir)) {
+        crate::migrate::datadir::convert(Path::new(&data_dir), Path::new(&wal_dir))
+            .with_context(|| format!("cannot convert the etcd data dir {data_dir} (nothing was changed; etcd still starts on it)"))?;
+    }
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
 
     let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token).map_err(anyhow::Error::msg)?;

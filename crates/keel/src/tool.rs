@@ -1,5 +1,7 @@
 //! The offline tool (etcd's `etcdutl`): `keel snapshot status|restore` for snapshots taken with
-//! Maintenance.Snapshot (`etcdctl snapshot save`), and `keel wal dump` for debugging.
+//! Maintenance.Snapshot (`etcdctl snapshot save`) from etcd or from Keel (both are bbolt files in
+//! etcd's schema; older Keel snapshots are redb files, also read), and `keel wal dump` for
+//! debugging.
 //!
 //! Works on files only, never on a running member's data directory it could race with (the WAL
 //! dump reads a copy). Calls keel-mvcc, keel-wal and keel-raft's disk layer.
@@ -135,9 +137,13 @@ fn snapshot_db(file: &Path, skip_hash_check: bool) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-/// Opens the snapshot's database in a temporary copy.
-fn open_snapshot(file: &Path, skip_hash_check: bool) -> Result<(tempdir::Dir, Store)> {
-    let db = snapshot_db(file, skip_hash_check)?;
+/// True when `db` starts with a bbolt meta page (etcd's backend format).
+fn is_bbolt(db: &[u8]) -> bool {
+    db.get(16..20).is_some_and(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]) == keel_bbolt::page::MAGIC)
+}
+
+/// Opens a redb snapshot database (Keel before it wrote etcd's format) in a temporary copy.
+fn open_redb(db: Vec<u8>) -> Result<(tempdir::Dir, Store)> {
     let dir = tempdir::Dir::new()?;
     let path = dir.0.join("db");
     std::fs::write(&path, db)?;
@@ -172,19 +178,29 @@ fn human(bytes: u64) -> String {
         v /= 1000.0;
         i += 1;
     }
+    // go-humanize's Bytes, as etcdctl prints it: one decimal below 10, none above.
     if i == 0 {
         format!("{bytes} B")
-    } else {
+    } else if v < 10.0 {
         format!("{v:.1} {}", units[i])
+    } else {
+        format!("{v:.0} {}", units[i])
     }
 }
 
 fn status(file: &Path, write_out: &str) -> Result<()> {
-    let size = std::fs::metadata(file).with_context(|| format!("stat {}", file.display()))?.len();
-    let (_dir, store) = open_snapshot(file, true)?;
-    let (hash, _) = store.backend().hash().context("hash")?;
-    let rev = store.current_rev();
-    let keys = store.key_count();
+    let mut size = std::fs::metadata(file).with_context(|| format!("stat {}", file.display()))?.len();
+    let db = snapshot_db(file, true)?;
+    let (hash, rev, keys) = if is_bbolt(&db) {
+        let db = keel_bbolt::Db::from_bytes(&file.display().to_string(), db)?;
+        // etcd reports the database's size (its pages), not the file's.
+        size = db.meta().pgid * db.meta().page_size as u64;
+        crate::migrate::backend::status(&db)?
+    } else {
+        let (_dir, store) = open_redb(db)?;
+        let (hash, _) = store.backend().hash().context("hash")?;
+        (hash, store.current_rev(), store.key_count())
+    };
     match write_out {
         "json" => println!("{}", serde_json::json!({"hash": hash, "revision": rev, "totalKey": keys, "totalSize": size})),
         "table" => {
@@ -231,30 +247,27 @@ fn restore(
         bail!("--initial-cluster has {name}={} but --initial-advertise-peer-urls is {}", have.join(","), mine.join(","));
     }
     let db = snapshot_db(file, skip_hash_check)?;
-    let snap_dir = format!("{data_dir}/member/snap");
-    std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
-    let db_path = Path::new(&snap_dir).join("db");
-    std::fs::write(&db_path, db).with_context(|| format!("write {}", db_path.display()))?;
-    let mut store = Store::open(&db_path).context("open the restored database")?;
-    // The new cluster's log starts over: its membership replaces the old one, and every entry
-    // of the new log is applied.
-    store.set_aux(AUX_MEMBERS, members.encode());
-    for (k, _) in store.aux_prefix("alarm/").map(|(k, v)| (k.to_string(), v.to_vec())).collect::<Vec<_>>() {
-        store.delete_aux(&k);
+    // Everything is made in a scratch dir beside the data dir and renamed into place once
+    // durable: a failure leaves no half-made data dir.
+    let scratch = format!("{}.restoring", data_dir.trim_end_matches('/'));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let r = restore_into(&db, &scratch, &members, me.id);
+    if let Err(e) = r {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(e);
     }
-    store.reset_consistent_index();
-    store.commit().context("commit the restored database")?;
-    let rev = store.current_rev();
-    drop(store);
-    let identity =
-        Identity { cluster_id: members.cluster_id, member_id: me.id, initial_voters: members.members.iter().map(|m| m.id).collect() };
-    let entries: Vec<(u64, Vec<u8>)> = members
-        .members
-        .iter()
-        .map(|m| (m.id, keel_proto::keelpb::ConfChangeContext { request_id: 0, member: Some(m.clone()) }.encode_to_vec()))
-        .collect();
-    let disk = Disk::open(Path::new(wal_dir), Path::new(&snap_dir), identity, &entries).context("create the WAL")?;
-    drop(disk);
+    let rev = r?;
+    if wal_dir != format!("{data_dir}/member/wal") {
+        let from = format!("{scratch}/member/wal");
+        if let Some(parent) = Path::new(wal_dir).parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(&from, wal_dir).with_context(|| format!("move the WAL to {wal_dir}"))?;
+    }
+    std::fs::rename(&scratch, data_dir).with_context(|| format!("rename {scratch} to {data_dir}"))?;
+    if let Some(parent) = Path::new(data_dir).parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent).and_then(|f| f.sync_all()).ok();
+    }
     println!(
         "restored snapshot {} into {data_dir} (revision {rev}, member {:x}, cluster {:x}); start it with --data-dir {data_dir} --name {name}",
         file.display(),
@@ -262,6 +275,39 @@ fn restore(
         members.cluster_id
     );
     Ok(())
+}
+
+/// Makes a new member's data dir in `data_dir` from the snapshot database `db`; returns its
+/// revision.
+fn restore_into(db: &[u8], data_dir: &str, members: &Members, me: u64) -> Result<i64> {
+    let snap_dir = format!("{data_dir}/member/snap");
+    let wal_dir = format!("{data_dir}/member/wal");
+    std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
+    let db_path = Path::new(&snap_dir).join("db");
+    if is_bbolt(db) {
+        let src = keel_bbolt::Db::from_bytes("snapshot", db.to_vec())?;
+        crate::migrate::backend::import(&src, &db_path)?;
+    } else {
+        std::fs::write(&db_path, db).with_context(|| format!("write {}", db_path.display()))?;
+    }
+    let mut store = Store::open(&db_path).context("open the restored database")?;
+    // The new cluster's log starts over: its membership replaces the old one, and every entry
+    // of the new log is applied. Alarms stay, as etcd's restore keeps them.
+    store.set_aux(AUX_MEMBERS, members.encode());
+    store.reset_consistent_index();
+    store.commit().context("commit the restored database")?;
+    let rev = store.current_rev();
+    drop(store);
+    let identity =
+        Identity { cluster_id: members.cluster_id, member_id: me, initial_voters: members.members.iter().map(|m| m.id).collect() };
+    let entries: Vec<(u64, Vec<u8>)> = members
+        .members
+        .iter()
+        .map(|m| (m.id, keel_proto::keelpb::ConfChangeContext { request_id: 0, member: Some(m.clone()) }.encode_to_vec()))
+        .collect();
+    let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), identity, &entries).context("create the WAL")?;
+    drop(disk);
+    Ok(rev)
 }
 
 fn wal_dump(dir: &Path) -> Result<()> {

@@ -29,14 +29,25 @@ fn backend_err(e: keel_mvcc::backend::BackendError) -> Status {
     Status::internal(format!("etcdserver: {e}"))
 }
 
-/// A consistent copy of the committed backend in a temporary file next to it.
+/// The committed backend as an etcd backend (bbolt, etcd's schema: what etcd's snapshot holds, so
+/// that etcdctl, etcdutl and etcd read it), in a temporary file next to the backend.
 async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
     let backend = s.committed_backend().map_err(backend_err)?;
     let mut name = backend.path().as_os_str().to_owned();
     name.push(format!(".snapshot-{:x}", s.next_seq()));
     let dest = std::path::PathBuf::from(name);
     let d = dest.clone();
-    tokio::task::spawn_blocking(move || backend.copy_to(&d)).await.map_err(|e| Status::internal(e.to_string()))?.map_err(backend_err)?;
+    let made = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let f = std::fs::File::create(&d)?;
+        crate::migrate::backend::export(&backend, f, crate::config::ETCD_CLUSTER_VERSION)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?;
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&dest);
+        return Err(Status::internal(format!("etcdserver: snapshot: {e:#}")));
+    }
     Ok(dest)
 }
 

@@ -12,10 +12,10 @@ use prost::Message;
 use std::collections::{BTreeMap, HashMap};
 
 pub const ROOT: &str = "root";
-const AUX_ENABLED: &str = "auth/enabled";
-const AUX_REVISION: &str = "auth/revision";
-const AUX_USER: &str = "auth/users/";
-const AUX_ROLE: &str = "auth/roles/";
+pub const AUX_ENABLED: &str = "auth/enabled";
+pub const AUX_REVISION: &str = "auth/revision";
+pub const AUX_USER: &str = "auth/users/";
+pub const AUX_ROLE: &str = "auth/roles/";
 
 /// What an operation needs on a key range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
