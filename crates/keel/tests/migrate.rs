@@ -1,0 +1,363 @@
+//! Migration both ways, against real etcd (3.4.23 from Debian, 3.6.16 from `scripts/etcd-ref.sh`):
+//! a history written to etcd, its snapshot restored into a 3-member Keel cluster, reads the same
+//! at every uncompacted revision (compaction point, current revision, leases, users and roles
+//! too) and takes writes at the next revision; Keel's own snapshot, restored by etcdctl 3.4 and
+//! by etcdutl 3.6, starts real etcd with the same data at the same revision; and a stopped etcd
+//! member's data dir starts as a Keel member.
+
+mod common;
+
+use common::*;
+use keel_proto::etcdserverpb::auth_client::AuthClient;
+use keel_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::lease_client::LeaseClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tonic::transport::Channel;
+
+/// etcd's server, etcdctl and (3.6) etcdutl of one version; None (with a note) when missing and
+/// KEEL_SKIP_ETCD_ORACLE=1, a failure otherwise.
+struct Etcd {
+    version: &'static str,
+    server: PathBuf,
+    ctl: PathBuf,
+    utl: Option<PathBuf>,
+}
+
+fn etcd(version: &'static str) -> Option<Etcd> {
+    let e = match version {
+        "3.4" => Etcd { version, server: "/usr/bin/etcd".into(), ctl: "/usr/bin/etcdctl".into(), utl: None },
+        _ => {
+            let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/etcd-ref/v3.6.16/bin");
+            Etcd { version, server: bin.join("etcd"), ctl: bin.join("etcdctl"), utl: Some(bin.join("etcdutl")) }
+        }
+    };
+    if e.server.exists() {
+        return Some(e);
+    }
+    if std::env::var("KEEL_SKIP_ETCD_ORACLE").as_deref() == Ok("1") {
+        eprintln!("skipping etcd {version}: {} missing and KEEL_SKIP_ETCD_ORACLE=1", e.server.display());
+        return None;
+    }
+    panic!(
+        "{} is needed (etcd {version}: Debian etcd-server, or scripts/etcd-ref.sh v3.6.16); KEEL_SKIP_ETCD_ORACLE=1 skips",
+        e.server.display()
+    );
+}
+
+async fn channel(ep: &str) -> Channel {
+    Channel::from_shared(ep.to_string()).unwrap().connect().await.unwrap_or_else(|e| panic!("connect {ep}: {e}"))
+}
+
+fn put(k: &str, v: &str) -> PutRequest {
+    PutRequest { key: k.into(), value: v.into(), ..Default::default() }
+}
+
+/// The history: puts and updates, deletes, a range delete, txns both ways, a lease with keys,
+/// users and roles, a compaction, and writes after it. Returns the current revision.
+async fn write_history(ep: &str) -> i64 {
+    let ch = channel(ep).await;
+    let mut kv = KvClient::new(ch.clone());
+    let mut lease = LeaseClient::new(ch.clone());
+    let mut auth = AuthClient::new(ch);
+    for i in 0..24 {
+        kv.put(put(&format!("k{}", i % 7), &format!("v{i}"))).await.unwrap();
+    }
+    kv.delete_range(DeleteRangeRequest { key: "k3".into(), ..Default::default() }).await.unwrap();
+    for (want, then) in [("v22", "k8"), ("nope", "k9")] {
+        let cmp = Compare {
+            key: "k1".into(),
+            target: CompareTarget::Value as i32,
+            result: CompareResult::Equal as i32,
+            target_union: Some(TargetUnion::Value(want.into())),
+            ..Default::default()
+        };
+        let op = |k: &str| RequestOp { request: Some(request_op::Request::RequestPut(put(k, "txn"))) };
+        kv.txn(TxnRequest { compare: vec![cmp], success: vec![op(then)], failure: vec![op("k10")] }).await.unwrap();
+    }
+    kv.delete_range(DeleteRangeRequest { key: "k5".into(), range_end: "k7".into(), ..Default::default() }).await.unwrap();
+    let l = lease.lease_grant(LeaseGrantRequest { ttl: 900, id: 0 }).await.unwrap().into_inner();
+    for k in ["leased1", "leased2"] {
+        kv.put(PutRequest { lease: l.id, ..put(k, "l") }).await.unwrap();
+    }
+    lease.lease_grant(LeaseGrantRequest { ttl: 1200, id: 0x1234 }).await.unwrap();
+    auth.user_add(AuthUserAddRequest { name: "alice".into(), password: "pw".into(), ..Default::default() }).await.unwrap();
+    auth.role_add(AuthRoleAddRequest { name: "reader".into() }).await.unwrap();
+    let perm = keel_proto::authpb::Permission { perm_type: 0, key: "k".into(), range_end: "l".into() };
+    auth.role_grant_permission(AuthRoleGrantPermissionRequest { name: "reader".into(), perm: Some(perm) }).await.unwrap();
+    auth.user_grant_role(AuthUserGrantRoleRequest { user: "alice".into(), role: "reader".into() }).await.unwrap();
+    let cur = kv.range(RangeRequest { key: "k0".into(), ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision;
+    kv.compact(CompactionRequest { revision: cur - 12, physical: true }).await.unwrap();
+    kv.put(put("k1", "after")).await.unwrap();
+    kv.put(put("k11", "after")).await.unwrap();
+    kv.range(RangeRequest { key: "k0".into(), ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision
+}
+
+/// Everything a client can see of the data.
+#[derive(Debug, PartialEq)]
+struct State {
+    current: i64,
+    compacted: i64,
+    below_compaction_refused: bool,
+    /// Every key at every revision from the compaction point on.
+    revisions: Vec<(i64, Vec<(Vec<u8>, Vec<u8>, i64, i64, i64, i64)>)>,
+    /// Lease ID, granted TTL, keys.
+    leases: Vec<(i64, i64, Vec<Vec<u8>>)>,
+    users: Vec<(String, Vec<String>)>,
+    roles: Vec<(String, Vec<(i32, Vec<u8>, Vec<u8>)>)>,
+}
+
+/// The history left something of every kind to compare (so that equal states mean something).
+fn assert_rich(s: &State, what: &str) {
+    assert!(s.compacted > 1 && s.below_compaction_refused, "{what}: no compaction: {s:?}");
+    assert!(s.revisions.len() >= 12, "{what}: {} revisions", s.revisions.len());
+    assert!(s.revisions.iter().any(|(_, kvs)| kvs.iter().any(|k| k.5 != 0)), "{what}: no leased key");
+    assert_eq!(s.leases.len(), 2, "{what}");
+    assert_eq!(s.users, vec![("alice".to_string(), vec!["reader".to_string()])], "{what}");
+    assert_eq!(s.roles.len(), 1, "{what}");
+}
+
+async fn read_state(ep: &str) -> State {
+    let ch = channel(ep).await;
+    let mut kv = KvClient::new(ch.clone());
+    let mut lease = LeaseClient::new(ch.clone());
+    let mut auth = AuthClient::new(ch.clone());
+    let mut m = MaintenanceClient::new(ch);
+    let all = |revision| RangeRequest { key: vec![0], range_end: vec![0], revision, serializable: false, ..Default::default() };
+    let current = kv.range(all(0)).await.unwrap().into_inner().header.unwrap().revision;
+    let compacted = m.hash_kv(HashKvRequest { revision: 0 }).await.unwrap().into_inner().compact_revision;
+    let below_compaction_refused =
+        compacted > 1 && kv.range(all(compacted - 1)).await.err().map(|e| e.code()) == Some(tonic::Code::OutOfRange);
+    let mut revisions = Vec::new();
+    for rev in compacted.max(1)..=current {
+        let kvs = kv.range(all(rev)).await.unwrap().into_inner().kvs;
+        revisions.push((rev, kvs.into_iter().map(|k| (k.key, k.value, k.create_revision, k.mod_revision, k.version, k.lease)).collect()));
+    }
+    let mut leases = Vec::new();
+    let mut ids: Vec<i64> =
+        lease.lease_leases(LeaseLeasesRequest {}).await.unwrap().into_inner().leases.into_iter().map(|l| l.id).collect();
+    ids.sort();
+    for id in ids {
+        let t = lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true }).await.unwrap().into_inner();
+        let mut keys = t.keys;
+        keys.sort();
+        leases.push((id, t.granted_ttl, keys));
+    }
+    let mut users = Vec::new();
+    for u in auth.user_list(AuthUserListRequest {}).await.unwrap().into_inner().users {
+        let mut roles = auth.user_get(AuthUserGetRequest { name: u.clone() }).await.unwrap().into_inner().roles;
+        roles.sort();
+        users.push((u, roles));
+    }
+    let mut roles = Vec::new();
+    for r in auth.role_list(AuthRoleListRequest {}).await.unwrap().into_inner().roles {
+        let perms = auth.role_get(AuthRoleGetRequest { role: r.clone() }).await.unwrap().into_inner().perm;
+        roles.push((r, perms.into_iter().map(|p| (p.perm_type, p.key, p.range_end)).collect()));
+    }
+    State { current, compacted, below_compaction_refused, revisions, leases, users, roles }
+}
+
+/// The snapshot stream of the member at `ep`, as `etcdctl snapshot save` writes it (the
+/// database, then its sha256).
+async fn save_snapshot(ep: &str, to: &Path) {
+    let mut m = MaintenanceClient::new(channel(ep).await);
+    let mut s = m.snapshot(SnapshotRequest {}).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    while let Some(msg) = s.message().await.unwrap() {
+        bytes.extend_from_slice(&msg.blob);
+    }
+    std::fs::write(to, bytes).unwrap();
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run tool");
+    assert!(out.status.success(), "{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// One member named `name` on `ip` with its own ports, started from `dir`.
+struct Node {
+    name: String,
+    ip: String,
+    client: u16,
+    peer: u16,
+}
+
+impl Node {
+    fn new(name: &str, ip: &str) -> Node {
+        Node { name: name.into(), ip: ip.into(), client: free_port(), peer: free_port() }
+    }
+    fn curl(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client)
+    }
+    fn purl(&self) -> String {
+        format!("http://{}:{}", self.ip, self.peer)
+    }
+    fn start(&self, bin: &Path, dir: &Path, initial_cluster: &str) -> Proc {
+        let args: Vec<String> = [
+            "--name",
+            &self.name,
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--listen-client-urls",
+            &self.curl(),
+            "--advertise-client-urls",
+            &self.curl(),
+            "--listen-peer-urls",
+            &self.purl(),
+            "--initial-advertise-peer-urls",
+            &self.purl(),
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-token",
+            "migrate",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut p = spawn(bin, dir, &self.curl(), &args);
+        assert!(p.wait_ready(), "{} did not start from {}:\n{}", bin.display(), dir.display(), p.log_text());
+        p
+    }
+}
+
+async fn etcd_snapshot_restored_into_three_keel_members(e: Etcd) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Node::new("src", "127.0.0.1");
+    let mut etcd_proc = src.start(&e.server, &tmp.path().join("etcd.etcd"), &format!("src={}", src.purl()));
+    write_history(&src.curl()).await;
+    let want = read_state(&src.curl()).await;
+    assert_rich(&want, e.version);
+    let file = tmp.path().join("etcd.snapshot");
+    save_snapshot(&src.curl(), &file).await;
+    etcd_proc.stop();
+
+    let nodes: Vec<Node> = (1..=3).map(|i| Node::new(&format!("m{i}"), &format!("127.0.0.{i}"))).collect();
+    let ic = nodes.iter().map(|n| format!("{}={}", n.name, n.purl())).collect::<Vec<_>>().join(",");
+    let mut procs = Vec::new();
+    for n in &nodes {
+        let dir = tmp.path().join(format!("{}.etcd", n.name));
+        run(Command::new(keel_bin()).args(["snapshot", "restore"]).arg(&file).args([
+            "--name",
+            &n.name,
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--initial-cluster",
+            &ic,
+            "--initial-cluster-token",
+            "migrate",
+            "--initial-advertise-peer-urls",
+            &n.purl(),
+        ]));
+        let args: Vec<String> = [
+            "--name",
+            &n.name,
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--listen-client-urls",
+            &n.curl(),
+            "--advertise-client-urls",
+            &n.curl(),
+            "--listen-peer-urls",
+            &n.purl(),
+            "--initial-advertise-peer-urls",
+            &n.purl(),
+            "--initial-cluster",
+            &ic,
+            "--initial-cluster-token",
+            "migrate",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        procs.push(spawn(&keel_bin(), &dir, &n.curl(), &args));
+    }
+    for p in procs.iter_mut() {
+        assert!(p.wait_ready(), "{}", p.log_text());
+    }
+    for n in &nodes {
+        assert_eq!(read_state(&n.curl()).await, want, "etcd {} snapshot restored into Keel member {}", e.version, n.name);
+    }
+    let r = KvClient::new(channel(&nodes[1].curl()).await).put(put("next", "1")).await.unwrap().into_inner();
+    assert_eq!(r.header.unwrap().revision, want.current + 1, "writes continue at the next revision");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_3_4_snapshot_restored_into_keel_reads_identically() {
+    if let Some(e) = etcd("3.4") {
+        etcd_snapshot_restored_into_three_keel_members(e).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_3_6_snapshot_restored_into_keel_reads_identically() {
+    if let Some(e) = etcd("3.6") {
+        etcd_snapshot_restored_into_three_keel_members(e).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_snapshot_restored_by_etcd_tools_starts_etcd_with_the_same_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Node::new("k", "127.0.0.1");
+    let mut keel = k.start(&keel_bin(), &tmp.path().join("keel.etcd"), &format!("k={}", k.purl()));
+    write_history(&k.curl()).await;
+    let want = read_state(&k.curl()).await;
+    assert_rich(&want, "keel");
+    let file = tmp.path().join("keel.snapshot");
+    save_snapshot(&k.curl(), &file).await;
+    keel.stop();
+    for v in ["3.4", "3.6"] {
+        let Some(e) = etcd(v) else { continue };
+        let n = Node::new("restored", "127.0.0.2");
+        let dir = tmp.path().join(format!("etcd-{v}.etcd"));
+        let (tool, extra): (&Path, &[&str]) = match &e.utl {
+            Some(utl) => (utl, &[]),
+            None => (&e.ctl, &[]),
+        };
+        run(Command::new(tool).env("ETCDCTL_API", "3").args(["snapshot", "restore"]).arg(&file).args(extra).args([
+            "--name",
+            &n.name,
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--initial-cluster",
+            &format!("restored={}", n.purl()),
+            "--initial-cluster-token",
+            "migrate",
+            "--initial-advertise-peer-urls",
+            &n.purl(),
+        ]));
+        let mut p = n.start(&e.server, &dir, &format!("restored={}", n.purl()));
+        assert_eq!(read_state(&n.curl()).await, want, "Keel's snapshot restored by etcd {v}'s tool");
+        let r = KvClient::new(channel(&n.curl()).await).put(put("next", "1")).await.unwrap().into_inner();
+        assert_eq!(r.header.unwrap().revision, want.current + 1, "etcd {v} continues at the next revision");
+        p.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_etcd_member_starts_as_keel() {
+    for v in ["3.4", "3.6"] {
+        let Some(e) = etcd(v) else { continue };
+        let tmp = tempfile::tempdir().unwrap();
+        let n = Node::new("m", "127.0.0.1");
+        let dir = tmp.path().join("m.etcd");
+        let ic = format!("m={}", n.purl());
+        let mut etcd_proc = n.start(&e.server, &dir, &ic);
+        write_history(&n.curl()).await;
+        let want = read_state(&n.curl()).await;
+        assert_rich(&want, v);
+        etcd_proc.stop();
+        let mut keel = n.start(&keel_bin(), &dir, &ic);
+        assert_eq!(read_state(&n.curl()).await, want, "etcd {v}'s data dir under Keel");
+        assert!(dir.join("member.etcd/snap/db").exists(), "the etcd files are kept");
+        let r = KvClient::new(channel(&n.curl()).await).put(put("next", "1")).await.unwrap().into_inner();
+        assert_eq!(r.header.unwrap().revision, want.current + 1);
+        // And again after a restart: the converted member is an ordinary Keel member.
+        keel.stop();
+        let _keel = n.start(&keel_bin(), &dir, &ic);
+        assert_eq!(read_state(&n.curl()).await.current, want.current + 1);
+    }
+}
