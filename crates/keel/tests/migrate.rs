@@ -96,6 +96,11 @@ async fn write_history(ep: &str) -> i64 {
     kv.range(RangeRequest { key: "k0".into(), ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision
 }
 
+/// A key as a Range returns it: key, value, create and mod revision, version, lease.
+type Kv = (Vec<u8>, Vec<u8>, i64, i64, i64, i64);
+/// A permission: type, key, range end.
+type Perm = (i32, Vec<u8>, Vec<u8>);
+
 /// Everything a client can see of the data.
 #[derive(Debug, PartialEq)]
 struct State {
@@ -103,11 +108,11 @@ struct State {
     compacted: i64,
     below_compaction_refused: bool,
     /// Every key at every revision from the compaction point on.
-    revisions: Vec<(i64, Vec<(Vec<u8>, Vec<u8>, i64, i64, i64, i64)>)>,
+    revisions: Vec<(i64, Vec<Kv>)>,
     /// Lease ID, granted TTL, keys.
     leases: Vec<(i64, i64, Vec<Vec<u8>>)>,
     users: Vec<(String, Vec<String>)>,
-    roles: Vec<(String, Vec<(i32, Vec<u8>, Vec<u8>)>)>,
+    roles: Vec<(String, Vec<Perm>)>,
 }
 
 /// The history left something of every kind to compare (so that equal states mean something).
