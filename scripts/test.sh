@@ -17,6 +17,8 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
+# etcd 3.6 (server, etcdctl, etcdutl) from the Go module proxy: the migration tests' second oracle.
+scripts/etcd-ref.sh v3.6.16 >/dev/null
 cargo build --release --workspace
 cargo test --release --workspace
 scripts/e2e.sh

@@ -42,7 +42,7 @@ pub mod lease;
 mod member;
 mod membership;
 mod metrics;
-mod migrate;
+pub mod migrate;
 mod peer;
 mod proxy;
 mod serve;
