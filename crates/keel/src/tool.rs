@@ -121,18 +121,21 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
     }
 }
 
-/// The database part of a snapshot file, checked against its trailing sha256.
+/// The database part of a snapshot file, checked against its trailing sha256 as etcdutl does: a
+/// file whose size is a multiple of 512 plus 32 carries the hash (databases are whole pages).
 fn snapshot_db(file: &Path, skip_hash_check: bool) -> Result<Vec<u8>> {
     let mut b = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
-    if b.len() > 32 {
+    if b.len() % 512 == 32 {
         let (db, sum) = b.split_at(b.len() - 32);
-        if sha2::Sha256::digest(db).as_slice() == sum {
-            b.truncate(b.len() - 32);
-            return Ok(b);
+        let got = sha2::Sha256::digest(db);
+        if !skip_hash_check && got.as_slice() != sum {
+            bail!("{}: expected sha256 {:02x?}, got {:02x?}", file.display(), sum, got.as_slice());
         }
+        b.truncate(b.len() - 32);
+        return Ok(b);
     }
     if !skip_hash_check {
-        bail!("snapshot missing hash but --skip-hash-check=false (or the snapshot is corrupt: its sha256 does not match)");
+        bail!("{}: snapshot missing hash but --skip-hash-check=false", file.display());
     }
     Ok(b)
 }
@@ -251,7 +254,7 @@ fn restore(
     // durable: a failure leaves no half-made data dir.
     let scratch = format!("{}.restoring", data_dir.trim_end_matches('/'));
     let _ = std::fs::remove_dir_all(&scratch);
-    let r = restore_into(&db, &scratch, &members, me.id);
+    let r = restore_into(&file.display().to_string(), &db, &scratch, &members, me.id);
     if let Err(e) = r {
         let _ = std::fs::remove_dir_all(&scratch);
         return Err(e);
@@ -279,13 +282,13 @@ fn restore(
 
 /// Makes a new member's data dir in `data_dir` from the snapshot database `db`; returns its
 /// revision.
-fn restore_into(db: &[u8], data_dir: &str, members: &Members, me: u64) -> Result<i64> {
+fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u64) -> Result<i64> {
     let snap_dir = format!("{data_dir}/member/snap");
     let wal_dir = format!("{data_dir}/member/wal");
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
     let db_path = Path::new(&snap_dir).join("db");
     if is_bbolt(db) {
-        let src = keel_bbolt::Db::from_bytes("snapshot", db.to_vec())?;
+        let src = keel_bbolt::Db::from_bytes(name, db.to_vec())?;
         crate::migrate::backend::import(&src, &db_path)?;
     } else {
         std::fs::write(&db_path, db).with_context(|| format!("write {}", db_path.display()))?;

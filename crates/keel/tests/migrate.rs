@@ -366,3 +366,73 @@ async fn a_stopped_etcd_member_starts_as_keel() {
         assert_eq!(read_state(&n.curl()).await.current, want.current + 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_three_member_etcd_cluster_starts_as_keel() {
+    for v in ["3.4", "3.6"] {
+        let Some(e) = etcd(v) else { continue };
+        let tmp = tempfile::tempdir().unwrap();
+        let nodes: Vec<Node> = (1..=3).map(|i| Node::new(&format!("m{i}"), &format!("127.0.0.{i}"))).collect();
+        let ic = nodes.iter().map(|n| format!("{}={}", n.name, n.purl())).collect::<Vec<_>>().join(",");
+        let dirs: Vec<PathBuf> = nodes.iter().map(|n| tmp.path().join(format!("{}.etcd", n.name))).collect();
+        let start_all = |bin: PathBuf| {
+            let procs: Vec<Proc> = nodes
+                .iter()
+                .zip(&dirs)
+                .map(|(n, d)| {
+                    let args: Vec<String> = [
+                        "--name",
+                        &n.name,
+                        "--data-dir",
+                        &d.to_string_lossy(),
+                        "--listen-client-urls",
+                        &n.curl(),
+                        "--advertise-client-urls",
+                        &n.curl(),
+                        "--listen-peer-urls",
+                        &n.purl(),
+                        "--initial-advertise-peer-urls",
+                        &n.purl(),
+                        "--initial-cluster",
+                        &ic,
+                        "--initial-cluster-token",
+                        "migrate",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                    spawn(&bin, d, &n.curl(), &args)
+                })
+                .collect();
+            procs
+        };
+        let mut etcds = start_all(e.server.clone());
+        for p in etcds.iter_mut() {
+            assert!(p.wait_ready(), "{}", p.log_text());
+        }
+        write_history(&nodes[0].curl()).await;
+        let want = read_state(&nodes[2].curl()).await;
+        assert_rich(&want, v);
+        for p in etcds.iter_mut() {
+            p.stop();
+        }
+        let mut keels = start_all(keel_bin());
+        for p in keels.iter_mut() {
+            assert!(p.wait_ready(), "{}", p.log_text());
+        }
+        for n in &nodes {
+            assert_eq!(read_state(&n.curl()).await, want, "etcd {v} member {} under Keel", n.name);
+        }
+        let r = KvClient::new(channel(&nodes[2].curl()).await).put(put("next", "1")).await.unwrap().into_inner();
+        assert_eq!(r.header.unwrap().revision, want.current + 1);
+        let members = keel_proto::etcdserverpb::cluster_client::ClusterClient::new(channel(&nodes[0].curl()).await)
+            .member_list(MemberListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .members;
+        let mut names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["m1", "m2", "m3"], "etcd {v}: {members:?}");
+    }
+}
