@@ -146,31 +146,12 @@ fn is_bbolt(db: &[u8]) -> bool {
 }
 
 /// Opens a redb snapshot database (Keel before it wrote etcd's format) in a temporary copy.
-fn open_redb(db: Vec<u8>) -> Result<(tempdir::Dir, Store)> {
-    let dir = tempdir::Dir::new()?;
-    let path = dir.0.join("db");
+fn open_redb(db: Vec<u8>) -> Result<(tempfile::TempDir, Store)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("db");
     std::fs::write(&path, db)?;
     let store = Store::open(&path).context("open the snapshot's database")?;
     Ok((dir, store))
-}
-
-mod tempdir {
-    /// A scratch directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-
-    impl Dir {
-        pub fn new() -> std::io::Result<Dir> {
-            let p = std::env::temp_dir().join(format!("keel-tool-{}-{:x}", std::process::id(), rand::random::<u64>()));
-            std::fs::create_dir_all(&p)?;
-            Ok(Dir(p))
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 fn human(bytes: u64) -> String {
@@ -316,14 +297,14 @@ fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u6
 fn wal_dump(dir: &Path) -> Result<()> {
     let wal_dir = if dir.join("member/wal").is_dir() { dir.join("member/wal") } else { dir.to_path_buf() };
     // Read a copy: opening a WAL may cut a torn tail, which must not happen under a live member.
-    let scratch = tempdir::Dir::new()?;
+    let scratch = tempfile::tempdir()?;
     for e in std::fs::read_dir(&wal_dir).with_context(|| format!("read {}", wal_dir.display()))? {
         let e = e?;
         if e.file_name().to_string_lossy().ends_with(".wal") {
-            std::fs::copy(e.path(), scratch.0.join(e.file_name()))?;
+            std::fs::copy(e.path(), scratch.path().join(e.file_name()))?;
         }
     }
-    let (_wal, records) = keel_wal::Wal::open(&scratch.0, keel_wal::WalOptions::default()).context("open WAL")?;
+    let (_wal, records) = keel_wal::Wal::open(scratch.path(), keel_wal::WalOptions::default()).context("open WAL")?;
     println!("WAL {}: {} records", wal_dir.display(), records.len());
     for r in records {
         match r.kind {
