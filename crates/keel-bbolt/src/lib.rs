@@ -17,7 +17,7 @@
 //! `unsafe` blocks on that path, and pulls in a CLI's dependencies (clap, fake, bumpalo, ...)
 //! for a library use; Keel needs only to read every key of a file once, checked, and to write a
 //! fresh compact file, which is this crate's few hundred lines. Tested on real files of etcd
-//! 3.4.23, 3.5, 3.6.16 and 3.7.3 (`tests/etcd_files.rs`) and by Go's bbolt itself (etcdctl and
+//! 3.4.23, 3.5.21, 3.6.16 and 3.7.3 (`tests/etcd_files.rs`) and by Go's bbolt itself (etcdctl and
 //! etcdutl restore and etcd start on files written here: `crates/keel/tests/migrate.rs`).
 //!
 //! Calls nothing but std.

@@ -1,4 +1,4 @@
-//! The reader on real files written by etcd 3.4, 3.6 and 3.7 (see tests/data/README.md), and
+//! The reader on real files written by etcd 3.4, 3.5, 3.6 and 3.7 (see tests/data/README.md), and
 //! the writer's copy of each read back the same.
 
 use keel_bbolt::{Db, Writer};
@@ -18,7 +18,7 @@ fn fixture(version: &str) -> Db {
 
 #[test]
 fn etcd_snapshots_read_as_etcd_wrote_them() {
-    for v in ["v3.4.23", "v3.6.16", "v3.7.3"] {
+    for v in ["v3.4.23", "v3.5.21", "v3.6.16", "v3.7.3"] {
         let b = read(&fixture(v));
         let names: Vec<&str> = b.keys().map(|k| std::str::from_utf8(k).unwrap()).collect();
         for want in ["alarm", "auth", "authRoles", "authUsers", "cluster", "key", "lease", "members", "members_removed", "meta"] {
@@ -39,7 +39,7 @@ fn etcd_snapshots_read_as_etcd_wrote_them() {
 
 #[test]
 fn rewritten_etcd_snapshots_read_back_identically() {
-    for v in ["v3.4.23", "v3.6.16", "v3.7.3"] {
+    for v in ["v3.4.23", "v3.5.21", "v3.6.16", "v3.7.3"] {
         let orig = read(&fixture(v));
         let mut w = Writer::new(std::io::Cursor::new(Vec::new())).unwrap();
         for (name, kvs) in &orig {
