@@ -200,29 +200,40 @@ impl Node {
     fn purl(&self) -> String {
         format!("http://{}:{}", self.ip, self.peer)
     }
+    /// etcd's flags for this member with data in `dir`.
+    fn args(&self, dir: &Path, initial_cluster: &str) -> Vec<String> {
+        let (dir, curl, purl) = (dir.to_string_lossy(), self.curl(), self.purl());
+        let flags = [
+            ("--name", self.name.as_str()),
+            ("--data-dir", &dir),
+            ("--listen-client-urls", &curl),
+            ("--advertise-client-urls", &curl),
+            ("--listen-peer-urls", &purl),
+            ("--initial-advertise-peer-urls", &purl),
+            ("--initial-cluster", initial_cluster),
+            ("--initial-cluster-token", "migrate"),
+        ];
+        flags.iter().flat_map(|(f, v)| [f.to_string(), v.to_string()]).collect()
+    }
+    /// `snapshot restore`'s flags (etcdctl, etcdutl and keel take the same) for this member.
+    fn restore_args(&self, dir: &Path, initial_cluster: &str) -> Vec<String> {
+        let (dir, purl) = (dir.to_string_lossy(), self.purl());
+        let flags = [
+            ("--name", self.name.as_str()),
+            ("--data-dir", &dir),
+            ("--initial-cluster", initial_cluster),
+            ("--initial-cluster-token", "migrate"),
+            ("--initial-advertise-peer-urls", &purl),
+        ];
+        flags.iter().flat_map(|(f, v)| [f.to_string(), v.to_string()]).collect()
+    }
+    /// Starts `bin` as this member (not waiting).
+    fn spawn(&self, bin: &Path, dir: &Path, initial_cluster: &str) -> Proc {
+        spawn(bin, dir, &self.curl(), &self.args(dir, initial_cluster))
+    }
+    /// Starts `bin` as this member and waits until it serves.
     fn start(&self, bin: &Path, dir: &Path, initial_cluster: &str) -> Proc {
-        let args: Vec<String> = [
-            "--name",
-            &self.name,
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--listen-client-urls",
-            &self.curl(),
-            "--advertise-client-urls",
-            &self.curl(),
-            "--listen-peer-urls",
-            &self.purl(),
-            "--initial-advertise-peer-urls",
-            &self.purl(),
-            "--initial-cluster",
-            initial_cluster,
-            "--initial-cluster-token",
-            "migrate",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut p = spawn(bin, dir, &self.curl(), &args);
+        let mut p = self.spawn(bin, dir, initial_cluster);
         assert!(p.wait_ready(), "{} did not start from {}:\n{}", bin.display(), dir.display(), p.log_text());
         p
     }
@@ -244,40 +255,8 @@ async fn etcd_snapshot_restored_into_three_keel_members(e: Etcd) {
     let mut procs = Vec::new();
     for n in &nodes {
         let dir = tmp.path().join(format!("{}.etcd", n.name));
-        run(Command::new(keel_bin()).args(["snapshot", "restore"]).arg(&file).args([
-            "--name",
-            &n.name,
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--initial-cluster",
-            &ic,
-            "--initial-cluster-token",
-            "migrate",
-            "--initial-advertise-peer-urls",
-            &n.purl(),
-        ]));
-        let args: Vec<String> = [
-            "--name",
-            &n.name,
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--listen-client-urls",
-            &n.curl(),
-            "--advertise-client-urls",
-            &n.curl(),
-            "--listen-peer-urls",
-            &n.purl(),
-            "--initial-advertise-peer-urls",
-            &n.purl(),
-            "--initial-cluster",
-            &ic,
-            "--initial-cluster-token",
-            "migrate",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        procs.push(spawn(&keel_bin(), &dir, &n.curl(), &args));
+        run(Command::new(keel_bin()).args(["snapshot", "restore"]).arg(&file).args(n.restore_args(&dir, &ic)));
+        procs.push(n.spawn(&keel_bin(), &dir, &ic));
     }
     for p in procs.iter_mut() {
         assert!(p.wait_ready(), "{}", p.log_text());
@@ -322,19 +301,14 @@ async fn keel_snapshot_restored_by_etcd_tools_starts_etcd_with_the_same_data() {
             Some(utl) => (utl, &[]),
             None => (&e.ctl, &[]),
         };
-        run(Command::new(tool).env("ETCDCTL_API", "3").args(["snapshot", "restore"]).arg(&file).args(extra).args([
-            "--name",
-            &n.name,
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--initial-cluster",
-            &format!("restored={}", n.purl()),
-            "--initial-cluster-token",
-            "migrate",
-            "--initial-advertise-peer-urls",
-            &n.purl(),
-        ]));
-        let mut p = n.start(&e.server, &dir, &format!("restored={}", n.purl()));
+        let ic = format!("restored={}", n.purl());
+        run(Command::new(tool)
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore"])
+            .arg(&file)
+            .args(extra)
+            .args(n.restore_args(&dir, &ic)));
+        let mut p = n.start(&e.server, &dir, &ic);
         assert_eq!(read_state(&n.curl()).await, want, "Keel's snapshot restored by etcd {v}'s tool");
         let r = KvClient::new(channel(&n.curl()).await).put(put("next", "1")).await.unwrap().into_inner();
         assert_eq!(r.header.unwrap().revision, want.current + 1, "etcd {v} continues at the next revision");
@@ -375,37 +349,7 @@ async fn a_stopped_three_member_etcd_cluster_starts_as_keel() {
         let nodes: Vec<Node> = (1..=3).map(|i| Node::new(&format!("m{i}"), &format!("127.0.0.{i}"))).collect();
         let ic = nodes.iter().map(|n| format!("{}={}", n.name, n.purl())).collect::<Vec<_>>().join(",");
         let dirs: Vec<PathBuf> = nodes.iter().map(|n| tmp.path().join(format!("{}.etcd", n.name))).collect();
-        let start_all = |bin: PathBuf| {
-            let procs: Vec<Proc> = nodes
-                .iter()
-                .zip(&dirs)
-                .map(|(n, d)| {
-                    let args: Vec<String> = [
-                        "--name",
-                        &n.name,
-                        "--data-dir",
-                        &d.to_string_lossy(),
-                        "--listen-client-urls",
-                        &n.curl(),
-                        "--advertise-client-urls",
-                        &n.curl(),
-                        "--listen-peer-urls",
-                        &n.purl(),
-                        "--initial-advertise-peer-urls",
-                        &n.purl(),
-                        "--initial-cluster",
-                        &ic,
-                        "--initial-cluster-token",
-                        "migrate",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                    spawn(&bin, d, &n.curl(), &args)
-                })
-                .collect();
-            procs
-        };
+        let start_all = |bin: PathBuf| -> Vec<Proc> { nodes.iter().zip(&dirs).map(|(n, d)| n.spawn(&bin, d, &ic)).collect() };
         let mut etcds = start_all(e.server.clone());
         for p in etcds.iter_mut() {
             assert!(p.wait_ready(), "{}", p.log_text());
