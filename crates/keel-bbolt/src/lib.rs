@@ -29,6 +29,11 @@ pub mod write;
 pub use read::Db;
 pub use write::Writer;
 
+/// True when `head` (a file's first bytes, at least 20) starts with a bbolt meta page.
+pub fn is_bbolt(head: &[u8]) -> bool {
+    page::u32_at(head, page::HEADER) == Some(page::MAGIC)
+}
+
 /// A bad or unreadable bbolt file: which file, where, what.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: offset {offset}: {msg}")]

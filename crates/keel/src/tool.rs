@@ -140,11 +140,6 @@ fn snapshot_db(file: &Path, skip_hash_check: bool) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-/// True when `db` starts with a bbolt meta page (etcd's backend format).
-fn is_bbolt(db: &[u8]) -> bool {
-    db.get(16..20).is_some_and(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]) == keel_bbolt::page::MAGIC)
-}
-
 /// Opens a redb snapshot database (Keel before it wrote etcd's format) in a temporary copy.
 fn open_redb(db: Vec<u8>) -> Result<(tempfile::TempDir, Store)> {
     let dir = tempfile::tempdir()?;
@@ -175,7 +170,7 @@ fn human(bytes: u64) -> String {
 fn status(file: &Path, write_out: &str) -> Result<()> {
     let mut size = std::fs::metadata(file).with_context(|| format!("stat {}", file.display()))?.len();
     let db = snapshot_db(file, true)?;
-    let (hash, rev, keys) = if is_bbolt(&db) {
+    let (hash, rev, keys) = if keel_bbolt::is_bbolt(&db) {
         let db = keel_bbolt::Db::from_bytes(&file.display().to_string(), db)?;
         // etcd reports the database's size (its pages), not the file's.
         size = db.meta().pgid * db.meta().page_size as u64;
@@ -268,7 +263,7 @@ fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u6
     let wal_dir = format!("{data_dir}/member/wal");
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
     let db_path = Path::new(&snap_dir).join("db");
-    if is_bbolt(db) {
+    if keel_bbolt::is_bbolt(db) {
         let src = keel_bbolt::Db::from_bytes(name, db.to_vec())?;
         crate::migrate::backend::import(&src, &db_path)?;
     } else {

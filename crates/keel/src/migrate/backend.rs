@@ -33,18 +33,19 @@ struct LeaseRecord {
     remaining_ttl: i64,
 }
 
-/// A member as etcd 3.5+ keeps it in the `members` bucket (JSON).
+/// A member as etcd writes it as JSON: in the `members` bucket (etcd 3.5+) and as the context of
+/// a membership change.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct MemberJson {
-    id: u64,
+pub struct MemberJson {
+    pub id: u64,
     #[serde(rename = "peerURLs", default)]
-    peer_urls: Vec<String>,
+    pub peer_urls: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    name: String,
+    pub name: String,
     #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
-    client_urls: Vec<String>,
+    pub client_urls: Vec<String>,
     #[serde(rename = "isLearner", default, skip_serializing_if = "std::ops::Not::not")]
-    is_learner: bool,
+    pub is_learner: bool,
 }
 
 /// What an import found besides the records it loaded.

@@ -17,6 +17,7 @@
 //! to `member`, each rename followed by a directory fsync. A crash between the renames is
 //! finished at the next start.
 
+use super::backend::MemberJson;
 use super::request::Translated;
 use super::wal::{self, ConfChange};
 use crate::membership::{Members, AUX_MEMBERS};
@@ -27,20 +28,6 @@ use std::path::{Path, PathBuf};
 
 const NEW: &str = "member.keel-new";
 const KEPT: &str = "member.etcd";
-
-/// etcd's context of a membership change: the member as JSON.
-#[derive(serde::Deserialize)]
-struct MemberJson {
-    id: u64,
-    #[serde(rename = "peerURLs", default)]
-    peer_urls: Vec<String>,
-    #[serde(default)]
-    name: String,
-    #[serde(rename = "clientURLs", default)]
-    client_urls: Vec<String>,
-    #[serde(rename = "isLearner", default)]
-    is_learner: bool,
-}
 
 fn sync_dir(d: &Path) -> Result<()> {
     std::fs::File::open(d).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", d.display()))

@@ -17,7 +17,7 @@ pub fn is_bbolt(path: &std::path::Path) -> bool {
     use std::io::Read;
     let mut head = [0u8; 20];
     match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)) {
-        Ok(()) => u32::from_le_bytes([head[16], head[17], head[18], head[19]]) == keel_bbolt::page::MAGIC,
+        Ok(()) => keel_bbolt::is_bbolt(&head),
         Err(_) => false,
     }
 }
