@@ -48,6 +48,12 @@ pub struct MemberJson {
     pub is_learner: bool,
 }
 
+impl From<MemberJson> for MemberRecord {
+    fn from(m: MemberJson) -> MemberRecord {
+        MemberRecord { id: m.id, name: m.name, peer_urls: m.peer_urls, client_urls: m.client_urls, is_learner: m.is_learner }
+    }
+}
+
 /// What an import found besides the records it loaded.
 #[derive(Debug, Default)]
 pub struct Imported {
@@ -147,13 +153,7 @@ fn import_into(src: &keel_bbolt::Db, dest: &Path) -> Result<Imported> {
     }
     for (k, v) in src.bucket_map(b"members")? {
         let m: MemberJson = serde_json::from_slice(&v).with_context(|| format!("member {}: undecodable", String::from_utf8_lossy(&k)))?;
-        imported.members.push(MemberRecord {
-            id: m.id,
-            name: m.name,
-            peer_urls: m.peer_urls,
-            client_urls: m.client_urls,
-            is_learner: m.is_learner,
-        });
+        imported.members.push(m.into());
     }
     imported.members.sort_by_key(|m| m.id);
     for (k, _) in src.bucket_map(b"members_removed")? {

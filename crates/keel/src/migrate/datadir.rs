@@ -84,7 +84,7 @@ fn newest_snapshot(snap_dir: &Path, log: &wal::Log) -> Result<Option<super::snap
         .collect();
     names.sort();
     for p in names.iter().rev() {
-        let s = super::snap::read(&p.clone())?;
+        let s = super::snap::read(p)?;
         if log.snapshots.iter().any(|m| m.index == s.index && m.term == s.term) {
             return Ok(Some(s));
         }
@@ -100,13 +100,8 @@ fn apply_conf_change(members: &mut Vec<MemberRecord>, kind: i32, cc: &ConfChange
         wal::CONF_ADD_NODE | wal::CONF_ADD_LEARNER | wal::CONF_UPDATE_NODE => {
             let m: MemberJson = serde_json::from_slice(&cc.context)
                 .with_context(|| format!("membership change for {:x}: undecodable context", cc.node_id))?;
-            let rec = MemberRecord {
-                id: m.id,
-                name: m.name,
-                peer_urls: m.peer_urls,
-                client_urls: m.client_urls,
-                is_learner: m.is_learner || cc.kind == wal::CONF_ADD_LEARNER,
-            };
+            let mut rec = MemberRecord::from(m);
+            rec.is_learner |= cc.kind == wal::CONF_ADD_LEARNER;
             match members.iter_mut().find(|x| x.id == rec.id) {
                 Some(x) if cc.kind == wal::CONF_UPDATE_NODE => x.peer_urls = rec.peer_urls,
                 Some(x) => {
