@@ -1,44 +1,101 @@
 #!/usr/bin/env bash
-# Runs etcd's own end-to-end suite (Debian golang-etcd-server-dev, etcd 3.4.23) against Keel.
+# Runs etcd's own end-to-end suite against Keel (or, as the oracle, against real etcd).
 #
-#   scripts/e2e.sh                 run every test named in tests/e2e-passing.txt
-#   scripts/e2e.sh REGEX           run the tests matching REGEX (go test -run syntax)
+#   scripts/e2e.sh [--suite 3.4|3.6] [--server keel|etcd] [REGEX]
 #
-# Needs: golang-go, golang-etcd-server-dev, etcd-client (etcdctl), and a release build of keel
-# (built here if missing). Prints go test's verdict lines and a final "N passed, N failed".
+#   --suite 3.4   etcd 3.4.23's suite (Debian golang-etcd-server-dev) with Debian's etcdctl 3.4;
+#                 the default. Its list of tests Keel passes: tests/e2e-passing.txt.
+#   --suite 3.6   etcd 3.6.16's suite (module go.etcd.io/etcd/tests/v3, package e2e, from the Go
+#                 module proxy) with etcdctl and etcdutl 3.6.16 (scripts/etcd-ref.sh). Its list:
+#                 tests/e2e36-passing.txt.
+#   --server etcd runs the suite against the real etcd of that line instead of Keel: how the lists'
+#                 "what real etcd passes here" was learned.
+#   REGEX         run the tests matching REGEX (go test -run syntax) instead of the list.
+#
+# One process per test (a test that times out in etcd's harness panics the whole binary, which
+# would hide the verdicts of every test after it). Prints one verdict line per test and a final
+# "N passed, N failed"; each test's log stays in the work directory.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-suite=/usr/share/gocode/src/go.etcd.io/etcd/tests/e2e
-work=${KEEL_E2E_DIR:-$root/target/e2e}
-mkdir -p "$work/bin"
+suite=3.4
+server=keel
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --suite) suite=$2; shift 2 ;;
+    --server) server=$2; shift 2 ;;
+    --) shift; break ;;
+    -*) echo "usage: $0 [--suite 3.4|3.6] [--server keel|etcd] [REGEX]" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
 
-if [ ! -x "$root/target/release/keel" ]; then
-  (cd "$root" && cargo build --release --bin keel)
-fi
-ln -sf "$root/target/release/keel" "$work/bin/etcd"
-ln -sf /usr/bin/etcdctl "$work/bin/etcdctl"
+case "$suite" in
+  3.4)
+    work=${KEEL_E2E_DIR:-$root/target/e2e}
+    list=$root/tests/e2e-passing.txt
+    srcdir=/usr/share/gocode/src/go.etcd.io/etcd/tests/e2e
+    etcd_bin=/usr/bin/etcd
+    mkdir -p "$work/bin"
+    ln -sf /usr/bin/etcdctl "$work/bin/etcdctl"
+    if [ ! -x "$work/e2e.test" ] || [ "$srcdir" -nt "$work/e2e.test" ]; then
+      (cd "$srcdir" && GOPATH=/usr/share/gocode GO111MODULE=off GOFLAGS=-mod=mod go test -c -o "$work/e2e.test" .)
+    fi
+    # The suite finds its fixtures relative to its own directory.
+    rundir=$srcdir
+    ;;
+  3.6)
+    ver=v3.6.16
+    work=${KEEL_E2E_DIR:-$root/target/e2e36}
+    list=$root/tests/e2e36-passing.txt
+    ref=$("$root/scripts/etcd-ref.sh" "$ver")
+    etcd_bin=$ref/etcd
+    mkdir -p "$work/bin" "$work/src"
+    ln -sf "$ref/etcdctl" "$work/bin/etcdctl"
+    ln -sf "$ref/etcdutl" "$work/bin/etcdutl"
+    export GO111MODULE=on GOFLAGS=-mod=mod
+    if [ ! -x "$work/e2e.test" ]; then
+      (
+        cd "$work/src"
+        printf 'module keel.local/e2e36\ngo 1.24\n' >go.mod
+        printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/tests/v3/e2e"\n' >tools.go
+        go get "go.etcd.io/etcd/tests/v3@$ver" >&2
+        go test -c -o "$work/e2e.test" go.etcd.io/etcd/tests/v3/e2e
+      )
+    fi
+    # The suite finds its fixtures (certificates) at ../fixtures from where it runs.
+    rundir=$(go env GOMODCACHE)/go.etcd.io/etcd/tests/v3@$ver/e2e
+    ;;
+  *) echo "e2e: unknown suite $suite (3.4 or 3.6)" >&2; exit 2 ;;
+esac
 
-if [ ! -x "$work/e2e.test" ] || [ "$suite" -nt "$work/e2e.test" ]; then
-  (cd "$suite" && GOPATH=/usr/share/gocode GO111MODULE=off GOFLAGS=-mod=mod go test -c -o "$work/e2e.test" .)
-fi
+case "$server" in
+  keel)
+    if [ ! -x "$root/target/release/keel" ]; then
+      (cd "$root" && cargo build --release --bin keel)
+    fi
+    ln -sf "$root/target/release/keel" "$work/bin/etcd"
+    ;;
+  etcd) ln -sf "$etcd_bin" "$work/bin/etcd" ;;
+  *) echo "e2e: unknown server $server (keel or etcd)" >&2; exit 2 ;;
+esac
 
 if [ $# -ge 1 ]; then
   regex="$1"
 else
-  names=$(grep -v '^\s*#' "$root/tests/e2e-passing.txt" | grep -v '^\s*$' | paste -sd'|')
+  names=$(grep -v '^\s*#' "$list" | grep -v '^\s*$' | paste -sd'|')
   regex="^(${names})\$"
 fi
 
 log="$work/e2e.log"
 : >"$log"
-cd "$suite"
-# One process per test: a test that times out in etcd's harness panics the whole binary, which
-# would hide the verdicts of every test after it.
+cd "$rundir"
 tests=$("$work/e2e.test" -test.list "$regex" | grep '^Test' || true)
 passed=0
 failed=0
 retried=0
 failed_names=()
+# Stops whatever servers a test left behind: they would hold the next test's ports.
+stop_servers() { pkill -9 -f "$work/bin/etcd " 2>/dev/null || true; }
 for t in $tests; do
   limit=${KEEL_E2E_TIMEOUT:-300}
   : >"$work/$t.log"
@@ -55,18 +112,18 @@ for t in $tests; do
     if [ "$attempt" -eq 1 ] && grep -q "^--- PASS: $t " "$work/$t.attempt1.log" && grep -q "Too many goroutines" "$work/$t.attempt1.log"; then
       echo "--- RETRY: $t (etcd harness goroutine check failed after the test passed)"
       retried=$((retried + 1))
-      # The first attempt's servers must not hold the ports of the second.
-      pkill -9 -f "$work/bin/etcd " 2>/dev/null || true
+      stop_servers
       continue
     fi
     break
   done
-  # A test killed by the time limit leaves its servers behind; they would hold the ports.
-  pkill -9 -f "$work/bin/etcd " 2>/dev/null || true
+  stop_servers
   cat "$work/$t.log" >>"$log"
   if [ "$rc" -eq 0 ] && grep -q "^--- PASS: $t " "$work/$t.attempt$attempt.log"; then
     echo "--- PASS: $t"
     passed=$((passed + 1))
+  elif [ "$rc" -eq 0 ] && grep -q "^--- SKIP: $t " "$work/$t.attempt$attempt.log"; then
+    echo "--- SKIP: $t"
   else
     echo "--- FAIL: $t (exit $rc; log: $work/$t.log)"
     failed=$((failed + 1))

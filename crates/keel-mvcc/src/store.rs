@@ -721,6 +721,11 @@ pub struct HashPlan {
 }
 
 impl HashPlan {
+    /// The revision the hash covers up to: the one asked for, or the current one for 0.
+    pub fn revision(&self) -> i64 {
+        self.upper
+    }
+
     /// CRC-32C over the key table's entries (revision key, KeyValue record) up to the planned
     /// revision, starting with the table name. The records are encoded as etcd's, so the hash
     /// matches etcd's for the same history. Returns (hash, current revision, compacted revision).

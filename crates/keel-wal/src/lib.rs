@@ -27,6 +27,12 @@ use std::path::PathBuf;
 /// Told how long each WAL fsync took (the server's metrics); set once at start.
 pub static FSYNC_OBSERVER: std::sync::OnceLock<fn(std::time::Duration)> = std::sync::OnceLock::new();
 
+/// Told how long each snapshot file save took in all and in its fsync; set once at start.
+pub static SNAP_OBSERVER: std::sync::OnceLock<fn(std::time::Duration, std::time::Duration)> = std::sync::OnceLock::new();
+
+/// Told the bytes and the time of each WAL write (before its fsync); set once at start.
+pub static WRITE_OBSERVER: std::sync::OnceLock<fn(usize, std::time::Duration)> = std::sync::OnceLock::new();
+
 /// Errors of the WAL and snapshot files.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

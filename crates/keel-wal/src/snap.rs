@@ -37,6 +37,7 @@ impl Snapshotter {
 
     /// Durably writes a snapshot file, then removes the oldest beyond the five newest.
     pub fn save(&self, term: u64, index: u64, data: &[u8]) -> Result<()> {
+        let t0 = std::time::Instant::now();
         let name = format!("{term:016x}-{index:016x}.snap");
         let tmp = self.dir.join(format!("{name}.tmp"));
         let path = self.dir.join(&name);
@@ -47,7 +48,11 @@ impl Snapshotter {
             use std::io::Write;
             let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&bytes).map_err(io_err(&tmp))?;
+            let f0 = std::time::Instant::now();
             f.sync_all().map_err(io_err(&tmp))?;
+            if let Some(observe) = crate::SNAP_OBSERVER.get() {
+                observe(t0.elapsed(), f0.elapsed());
+            }
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("snap::save", |_| std::process::abort());

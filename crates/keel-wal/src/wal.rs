@@ -264,9 +264,13 @@ impl Wal {
             }
         }
         let path = self.current_path();
+        let w0 = std::time::Instant::now();
         self.file.seek(SeekFrom::Start(self.offset)).map_err(io_err(&path))?;
         self.file.write_all(&self.buf).map_err(io_err(&path))?;
         self.offset += self.buf.len() as u64;
+        if let Some(observe) = crate::WRITE_OBSERVER.get() {
+            observe(self.buf.len(), w0.elapsed());
+        }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("wal::before_fsync", |_| std::process::abort());
         let t0 = std::time::Instant::now();

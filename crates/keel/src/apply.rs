@@ -306,9 +306,18 @@ impl Applier {
         for (k, old, new) in &o.lease_changes {
             lessor.moved(k, *old, *new);
         }
-        let puts = o.events.iter().filter(|e| e.r#type == keel_proto::mvccpb::event::EventType::Put as i32).count() as u64;
-        crate::metrics::METRICS.puts.inc_by(puts);
-        crate::metrics::METRICS.deletes.inc_by(o.events.len() as u64 - puts);
+        let m = &crate::metrics::METRICS;
+        let mut puts = 0u64;
+        for e in &o.events {
+            if e.r#type == keel_proto::mvccpb::event::EventType::Put as i32 {
+                puts += 1;
+                if let Some(kv) = &e.kv {
+                    m.total_put_size.add((kv.key.len() + kv.value.len()) as i64);
+                }
+            }
+        }
+        m.puts.inc_by(puts);
+        m.deletes.inc_by(o.events.len() as u64 - puts);
         self.hub.notify(o.revision, &o.events);
         o.revision
     }
@@ -425,6 +434,8 @@ impl Applier {
             }
             Request::LeaseGrant(g) => {
                 lessor.grant(g.id, g.ttl).map_err(errors::lease)?;
+                crate::metrics::METRICS.lease_granted.inc();
+                crate::metrics::METRICS.lease_ttl.observe(g.ttl as f64);
                 store.set_aux(&lease::aux_key(g.id), g.ttl.to_be_bytes().to_vec());
                 let resp = LeaseGrantResponse { header: None, id: g.id, ttl: g.ttl, error: String::new() };
                 Ok((Applied::LeaseGrant(resp), store.current_rev()))
@@ -446,10 +457,19 @@ impl Applier {
                     r.map_err(errors::kv)?;
                 }
                 let rev = self.after_write(&mut lessor, w.finish());
+                crate::metrics::METRICS.lease_revoked.inc();
                 Ok((Applied::LeaseRevoke(LeaseRevokeResponse { header: None }), rev))
             }
             Request::Compaction(c) => {
+                let t0 = std::time::Instant::now();
                 store.compact(c.revision).map_err(errors::kv)?;
+                let m = &crate::metrics::METRICS;
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                m.index_compaction_pause.observe(ms);
+                m.db_compaction_pause.observe(ms);
+                m.db_compaction_total.observe(ms);
+                m.db_compaction_last
+                    .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
                 // Physical compaction is done once the deletions are durable in the backend.
                 self.commit_now.set(c.physical);
                 Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
@@ -490,6 +510,78 @@ impl Applier {
     }
 }
 
+impl Applier {
+    /// Installs a snapshot received from the leader with its backend.
+    fn restore_from(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
+        let path = backend.ok_or("a snapshot arrived without the leader's backend")?;
+        // Everything is checked before anything changes: the received file opens, is at least
+        // as new as the snapshot and holds a member list.
+        let mut new = Store::open(&path).map_err(|e| e.to_string())?;
+        if new.consistent_index() < snap.get_metadata().index {
+            return Err(format!(
+                "the leader's backend (index {}) is older than its snapshot (index {})",
+                new.consistent_index(),
+                snap.get_metadata().index
+            ));
+        }
+        let members = match new.aux(AUX_MEMBERS) {
+            Some(b) => Members::decode(b)?,
+            None => Members::decode(snap.get_data())?,
+        };
+        let mut lessor = Lessor::default();
+        load_leases(&new, &mut lessor);
+        let auth = AuthStore::load(&new);
+        let alarms = Alarms::load(&new);
+        {
+            let mut ex = self.store.exclusive();
+            new.move_to(&self.db_path).map_err(|e| e.to_string())?;
+            *ex.store = new;
+            self.lessor().replace_state(lessor);
+            *self.auth.write() = auth;
+            *self.alarms.write() = alarms;
+            *self.members.write() = members;
+            tracing::info!(
+                consistent_index = ex.store.consistent_index(),
+                revision = ex.store.current_rev(),
+                "restored backend from the leader's snapshot"
+            );
+        }
+        self.hub.resync_all();
+        Ok(())
+    }
+}
+
+/// An apply slower than this is logged and counted, as etcd's "apply request took too long".
+const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The request's name in `etcd_server_apply_duration_seconds{op}`, as etcd names it.
+fn op_name(r: &Request) -> &'static str {
+    match r {
+        Request::Put(_) => "Put",
+        Request::DeleteRange(_) => "DeleteRange",
+        Request::Txn(_) => "Txn",
+        Request::Compaction(_) => "Compaction",
+        Request::MemberAttributes(_) => "ClusterMemberAttrSet",
+        Request::MemberUpdate(_) => "ClusterMemberUpdate",
+        Request::LeaseGrant(_) => "LeaseGrant",
+        Request::LeaseRevoke(_) => "LeaseRevoke",
+        Request::LeaseCheckpoint(_) => "LeaseCheckpoint",
+        Request::AuthEnable(_) => "AuthEnable",
+        Request::AuthDisable(_) => "AuthDisable",
+        Request::Authenticate(_) => "Authenticate",
+        Request::AuthUserAdd(_) => "AuthUserAdd",
+        Request::AuthUserDelete(_) => "AuthUserDelete",
+        Request::AuthUserChangePassword(_) => "AuthUserChangePassword",
+        Request::AuthUserGrantRole(_) => "AuthUserGrantRole",
+        Request::AuthUserRevokeRole(_) => "AuthUserRevokeRole",
+        Request::AuthRoleAdd(_) => "AuthRoleAdd",
+        Request::AuthRoleGrantPermission(_) => "AuthRoleGrantPermission",
+        Request::AuthRoleRevokePermission(_) => "AuthRoleRevokePermission",
+        Request::AuthRoleDelete(_) => "AuthRoleDelete",
+        Request::Alarm(_) => "Alarm",
+    }
+}
+
 impl keel_raft::StateMachine for Applier {
     fn applied_index(&self) -> u64 {
         self.store.read().consistent_index()
@@ -508,7 +600,18 @@ impl keel_raft::StateMachine for Applier {
         let mut outcome = None;
         if !entry.get_data().is_empty() {
             match InternalRequest::decode(entry.get_data()) {
-                Ok(InternalRequest { id, request: Some(req), header }) => outcome = Some((id, self.apply_request(&mut store, req, header))),
+                Ok(InternalRequest { id, request: Some(req), header }) => {
+                    let op = op_name(&req);
+                    let t0 = std::time::Instant::now();
+                    let r = self.apply_request(&mut store, req, header);
+                    let took = t0.elapsed();
+                    crate::metrics::observe_apply(op, r.is_ok(), took);
+                    if took > SLOW_APPLY {
+                        crate::metrics::METRICS.slow_applies.inc();
+                        tracing::warn!(index = entry.index, op, took = ?took, expected = ?SLOW_APPLY, "apply request took too long");
+                    }
+                    outcome = Some((id, r))
+                }
                 Ok(_) => tracing::warn!(index = entry.index, "apply: empty request"),
                 // Every member would skip it the same way, but it means the log is not what was
                 // proposed: stop rather than hide it.
@@ -586,41 +689,11 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
-        let path = backend.ok_or("a snapshot arrived without the leader's backend")?;
-        // Everything is checked before anything changes: the received file opens, is at least
-        // as new as the snapshot and holds a member list.
-        let mut new = Store::open(&path).map_err(|e| e.to_string())?;
-        if new.consistent_index() < snap.get_metadata().index {
-            return Err(format!(
-                "the leader's backend (index {}) is older than its snapshot (index {})",
-                new.consistent_index(),
-                snap.get_metadata().index
-            ));
-        }
-        let members = match new.aux(AUX_MEMBERS) {
-            Some(b) => Members::decode(b)?,
-            None => Members::decode(snap.get_data())?,
-        };
-        let mut lessor = Lessor::default();
-        load_leases(&new, &mut lessor);
-        let auth = AuthStore::load(&new);
-        let alarms = Alarms::load(&new);
-        {
-            let mut ex = self.store.exclusive();
-            new.move_to(&self.db_path).map_err(|e| e.to_string())?;
-            *ex.store = new;
-            self.lessor().replace_state(lessor);
-            *self.auth.write() = auth;
-            *self.alarms.write() = alarms;
-            *self.members.write() = members;
-            tracing::info!(
-                consistent_index = ex.store.consistent_index(),
-                revision = ex.store.current_rev(),
-                "restored backend from the leader's snapshot"
-            );
-        }
-        self.hub.resync_all();
-        Ok(())
+        let m = &crate::metrics::METRICS;
+        m.snapshot_apply_in_progress.set(1);
+        let r = self.restore_from(snap, backend);
+        m.snapshot_apply_in_progress.set(0);
+        r
     }
 
     fn maintain(&mut self) {

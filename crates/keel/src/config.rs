@@ -7,11 +7,14 @@
 use clap::{ArgAction, CommandFactory, Parser};
 use std::time::Duration;
 
-/// Version of the etcd API Keel speaks, reported to clients.
-/// The etcd release whose observable behaviour Keel matches (Debian's etcd-server 3.4.23), as
-/// `/version`, Maintenance.Status and the version metrics report it.
-pub const ETCD_VERSION: &str = "3.4.23";
-pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
+/// The etcd release whose observable behaviour Keel matches (etcd 3.6.16, the reference built by
+/// `scripts/etcd-ref.sh`), as `/version`, Maintenance.Status and the version metrics report it.
+pub const ETCD_VERSION: &str = "3.6.16";
+/// The cluster version Keel members agree on (etcd's `etcdcluster`, major.minor.0).
+pub const ETCD_CLUSTER_VERSION: &str = "3.6.0";
+/// The storage schema version etcd 3.6 writes into its backend and reports in Status and
+/// Snapshot; Keel's snapshots carry etcd 3.6's schema.
+pub const ETCD_STORAGE_VERSION: &str = "3.6.0";
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -157,6 +160,10 @@ pub struct Config {
     /// bcrypt cost for hashing auth passwords (4..=31).
     #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
     pub bcrypt_cost: u32,
+    /// Set level of detail for exported metrics: `basic` or `extensive` (also per-method gRPC
+    /// latency histograms).
+    #[arg(long, env = "ETCD_METRICS", default_value = "basic", value_parser = ["basic", "extensive"])]
+    pub metrics: String,
     /// Maximum concurrent streams that each client can open at a time.
     #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
     pub max_concurrent_streams: u32,
@@ -203,6 +210,16 @@ impl Config {
 
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval.max(1))
+    }
+
+    /// The backend quota as etcd reports it (Status, `etcd_server_quota_backend_bytes`): the
+    /// flag's value, with 0 meaning the 2 GiB default.
+    pub fn quota_backend_bytes_reported(&self) -> i64 {
+        if self.quota_backend_bytes == 0 {
+            2 << 30
+        } else {
+            self.quota_backend_bytes
+        }
     }
 
     /// The source IP for peer connections, with `--experimental-set-member-localaddr`.

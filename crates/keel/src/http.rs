@@ -1,14 +1,13 @@
-//! Plain HTTP on the client port: `/health` and `/version` (the rest of etcd's HTTP surface comes
-//! with the operations issue). Calls the server core for a linearizable read.
+//! Plain HTTP on the client port: `/health`, `/livez`, `/readyz`, `/version` and `/metrics`, as
+//! etcd 3.6 answers them. Calls the server core for reads and the metrics module for the text.
 
-use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
+use crate::config::{ETCD_CLUSTER_VERSION, ETCD_STORAGE_VERSION, ETCD_VERSION};
 use crate::server::Server;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use keel_proto::etcdserverpb::RangeRequest;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 pub fn router(server: Arc<Server>) -> Router {
@@ -27,56 +26,146 @@ pub fn metrics_router(server: Arc<Server>) -> Router {
 }
 
 async fn metrics(State(s): State<Arc<Server>>) -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], crate::metrics::render(&s))
+    let m = &crate::metrics::METRICS;
+    m.scrapes_in_flight.inc();
+    let body = crate::metrics::render(&s);
+    m.scrapes_in_flight.dec();
+    m.scrapes.with_label_values(&["200"]).inc();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 
-/// The process is alive and its raft loop runs (etcd 3.5's `/livez`).
-async fn livez(State(s): State<Arc<Server>>) -> (StatusCode, &'static str) {
+/// One of etcd's named checks of `/livez` and `/readyz`.
+#[derive(Clone, Copy, PartialEq)]
+enum Check {
+    SerializableRead,
+    LinearizableRead,
+    DataCorruption,
+    NonLearner,
+}
+
+impl Check {
+    fn name(self) -> &'static str {
+        match self {
+            Check::SerializableRead => "serializable_read",
+            Check::LinearizableRead => "linearizable_read",
+            Check::DataCorruption => "data_corruption",
+            Check::NonLearner => "non_learner",
+        }
+    }
+
+    async fn run(self, s: &Server) -> Result<(), String> {
+        match self {
+            Check::SerializableRead => read_check(s, true).await,
+            Check::LinearizableRead => read_check(s, false).await,
+            Check::DataCorruption => {
+                if s.alarms().has(keel_proto::etcdserverpb::AlarmType::Corrupt) {
+                    Err("alarm activated: CORRUPT".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Check::NonLearner => {
+                if s.members().get(s.member_id()).is_some_and(|m| m.is_learner) {
+                    Err("not supported for learner".into())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// A one-key range as etcd's health checks issue it (as root, so auth never refuses it).
+async fn read_check(s: &Server, serializable: bool) -> Result<(), String> {
     if s.raft().stopped() {
-        (StatusCode::SERVICE_UNAVAILABLE, "[-]serializable_read failed: the member stopped\nlivez check failed\n")
+        return Err("etcdserver: server stopped".into());
+    }
+    if !serializable {
+        s.linearizable_barrier().await.map_err(|e| e.message().to_string())?;
+    }
+    let r = RangeRequest { key: b"health".to_vec(), limit: 1, keys_only: true, ..Default::default() };
+    keel_mvcc::kv::range(&s.store(), &r).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// etcd 3.6's `/livez` and `/readyz`: the named checks (less those in `?exclude=`), each
+/// reported as `[+]name ok` or `[-]name failed: why`; the list is the body on failure and with
+/// `?verbose`. Each check's result goes to `etcd_server_healthcheck{type,name}`.
+async fn checks(s: &Server, kind: &str, all: &[Check], q: &[(String, String)]) -> (StatusCode, String) {
+    let excluded: Vec<&str> = q.iter().filter(|(k, _)| k == "exclude").map(|(_, v)| v.as_str()).collect();
+    let verbose = q.iter().any(|(k, _)| k == "verbose");
+    let mut report = String::new();
+    let mut ok = true;
+    let m = &crate::metrics::METRICS;
+    for c in all.iter().filter(|c| !excluded.contains(&c.name())) {
+        match c.run(s).await {
+            Ok(()) => {
+                report.push_str(&format!("[+]{} ok\n", c.name()));
+                m.healthcheck.with_label_values(&[kind, c.name()]).set(1);
+                m.healthchecks.with_label_values(&[kind, c.name(), "success"]).inc();
+            }
+            Err(why) => {
+                ok = false;
+                report.push_str(&format!("[-]{} failed: {why}\n", c.name()));
+                m.healthcheck.with_label_values(&[kind, c.name()]).set(0);
+                m.healthchecks.with_label_values(&[kind, c.name(), "error"]).inc();
+            }
+        }
+    }
+    if !ok {
+        tracing::error!(path = %format!("/{kind}"), reason = %report, "health check error");
+        return (StatusCode::SERVICE_UNAVAILABLE, report);
+    }
+    if verbose {
+        report.push_str("ok\n");
+        (StatusCode::OK, report)
     } else {
-        (StatusCode::OK, "ok\n")
+        (StatusCode::OK, "ok\n".to_string())
     }
 }
 
-/// The member can serve: it has a leader, no alarm, and a linearizable read succeeds (`/readyz`).
-async fn readyz(State(s): State<Arc<Server>>, q: Query<HashMap<String, String>>) -> (StatusCode, &'static str) {
-    let (code, _) = health(State(s), q).await;
-    if code == StatusCode::OK {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "readyz check failed\n")
-    }
+/// The process is alive and can read its own data (etcd's `/livez`).
+async fn livez(State(s): State<Arc<Server>>, q: Query<Vec<(String, String)>>) -> (StatusCode, String) {
+    checks(&s, "livez", &[Check::SerializableRead], &q).await
+}
+
+/// The member can serve clients (etcd's `/readyz`).
+async fn readyz(State(s): State<Arc<Server>>, q: Query<Vec<(String, String)>>) -> (StatusCode, String) {
+    checks(&s, "readyz", &[Check::DataCorruption, Check::SerializableRead, Check::LinearizableRead, Check::NonLearner], &q).await
 }
 
 async fn version() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": ETCD_CLUSTER_VERSION }))
+    Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": ETCD_CLUSTER_VERSION, "storage": ETCD_STORAGE_VERSION }))
 }
 
-/// etcd's health check: a leader, then a read (linearizable unless `?serializable=true`).
-async fn health(State(s): State<Arc<Server>>, Query(q): Query<HashMap<String, String>>) -> (StatusCode, Json<serde_json::Value>) {
-    // etcd 3.4's body: {"health":"true"|"false"}; the reason goes to the log.
-    let unhealthy = |reason: &str| {
-        tracing::warn!(reason, "serving /health false");
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"health": "false"})))
+/// etcd 3.6's `/health`: no alarm (less those in `?exclude=`), a leader (unless
+/// `?serializable=true`), then a one-key read; `{"health":"true"|"false","reason":...}`.
+async fn health(State(s): State<Arc<Server>>, Query(q): Query<Vec<(String, String)>>) -> (StatusCode, Json<serde_json::Value>) {
+    let m = &crate::metrics::METRICS;
+    let unhealthy = |reason: String| {
+        tracing::warn!(reason = %reason, "serving /health false");
+        m.health_failures.inc();
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"health": "false", "reason": reason})))
     };
-    let excluded: Vec<&str> = q.get("exclude").map(|v| v.split(',').collect()).unwrap_or_default();
+    let excluded: Vec<&str> = q.iter().filter(|(k, _)| k == "exclude").map(|(_, v)| v.as_str()).collect();
+    let serializable = q.iter().any(|(k, v)| k == "serializable" && v == "true");
     for a in s.alarms().get(keel_proto::etcdserverpb::AlarmType::None as i32) {
-        let name = keel_proto::etcdserverpb::AlarmType::try_from(a.alarm).map(|t| t.as_str_name()).unwrap_or("NONE");
-        if !excluded.contains(&name) {
-            return unhealthy(&format!("ALARM {name}"));
+        let t = keel_proto::etcdserverpb::AlarmType::try_from(a.alarm).unwrap_or(keel_proto::etcdserverpb::AlarmType::None);
+        if excluded.contains(&t.as_str_name()) {
+            continue;
         }
+        let reason = match t {
+            keel_proto::etcdserverpb::AlarmType::Nospace => "ALARM NOSPACE",
+            keel_proto::etcdserverpb::AlarmType::Corrupt => "ALARM CORRUPT",
+            _ => "ALARM UNKNOWN",
+        };
+        return unhealthy(reason.to_string());
     }
-    if s.raft().leader() == 0 {
-        return unhealthy("RAFT NO LEADER");
+    if !serializable && s.raft().leader() == 0 {
+        return unhealthy("RAFT NO LEADER".to_string());
     }
-    let serializable = q.get("serializable").map(|v| v == "true").unwrap_or(false);
-    if !serializable && s.linearizable_barrier().await.is_err() {
-        return unhealthy("QGET ERROR");
+    if let Err(e) = read_check(&s, serializable).await {
+        return unhealthy(format!("RANGE ERROR:{e}"));
     }
-    let r = RangeRequest { key: b"health".to_vec(), limit: 1, ..Default::default() };
-    if keel_mvcc::kv::range(&s.store(), &r).is_err() {
-        return unhealthy("QGET ERROR");
-    }
-    (StatusCode::OK, Json(serde_json::json!({"health": "true"})))
+    m.health_success.inc();
+    (StatusCode::OK, Json(serde_json::json!({"health": "true", "reason": ""})))
 }

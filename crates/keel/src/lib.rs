@@ -83,6 +83,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(&cfg.log_level);
+    metrics::set_extensive(cfg.metrics == "extensive");
     metrics::install_observers();
     // Crash points named in FAILPOINTS (test builds with `--features failpoints` only).
     #[cfg(feature = "failpoints")]

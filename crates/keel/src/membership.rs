@@ -99,6 +99,11 @@ impl Members {
         Ok(Members { cluster_id: d.cluster_id, members: d.members })
     }
 
+    /// Every member's ID, learners included.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.members.iter().map(|m| m.id)
+    }
+
     pub fn get(&self, id: u64) -> Option<&MemberRecord> {
         self.members.iter().find(|m| m.id == id)
     }

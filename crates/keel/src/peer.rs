@@ -341,8 +341,17 @@ impl Transport for PeerTransport {
                     continue;
                 }
             };
+            let metrics = &crate::metrics::METRICS;
+            let to_label = format!("{to:x}");
+            let n = bytes.len() as u64;
             if self.queue(to).try_send(bytes).is_err() {
+                metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
+                if m.get_msg_type() == MessageType::MsgHeartbeat {
+                    metrics.heartbeat_failures.inc();
+                }
                 self.inner.unreachable(to);
+            } else {
+                metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(n);
             }
         }
     }
@@ -355,6 +364,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         let mut q = rx.lock();
         while q.try_recv().is_ok() {}
     };
+    let active = crate::metrics::METRICS.active_peers.with_label_values(&[&format!("{:x}", inner.self_id), &format!("{to:x}")]);
     let mut backoff = Duration::from_millis(50);
     // Whether the last attempt failed (failures are logged once per outage).
     let mut down = false;
@@ -419,6 +429,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
             Some(r) => r,
             None => {
                 inner.active_since.lock().entry(to).or_insert_with(Instant::now);
+                active.set(1);
                 if down {
                     tracing::info!(peer = format!("{to:x}"), "peer: connected");
                     down = false;
@@ -435,6 +446,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
             Ok(Ok(_)) => "stream closed".to_string(),
             r => format!("{:?}", r.map(|r| r.map(|_| ()))),
         };
+        active.set(0);
         report(&mut down, "lost connection", broken, &url);
         inner.unreachable(to);
         // Drop what queued up meanwhile: raft resends what matters.
@@ -608,6 +620,7 @@ impl Peer for PeerService {
         while let Some(batch) = s.message().await? {
             for b in batch.messages {
                 let m = Message::parse_from_bytes(&b).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+                crate::metrics::METRICS.peer_received_bytes.with_label_values(&[&format!("{:x}", m.from)]).inc_by(b.len() as u64);
                 if self.node.step(m).is_err() {
                     // The node is busy or stopping: drop, raft retries.
                     continue;
@@ -620,6 +633,7 @@ impl Peer for PeerService {
     async fn snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<PeerAck>, Status> {
         self.check_cluster(&req)?;
         let mut s = req.into_inner();
+        let t0 = std::time::Instant::now();
         let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let msg = Message::parse_from_bytes(&first.message).map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
         let index = msg.get_snapshot().get_metadata().index;
@@ -653,6 +667,7 @@ impl Peer for PeerService {
             return Err(Status::aborted("snapshot stream ended early"));
         }
         std::fs::rename(&tmp, &fin).map_err(|e| Status::internal(e.to_string()))?;
+        crate::metrics::METRICS.snap_db_save.observe(t0.elapsed().as_secs_f64());
         tracing::info!(index, file = %fin.display(), "peer: received snapshot with backend");
         self.node.install_snapshot(msg, fin).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
         Ok(Response::new(PeerAck {}))

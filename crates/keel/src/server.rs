@@ -261,11 +261,12 @@ impl Server {
         }
         let rx = self.state.waiters.register(id);
         let t0 = std::time::Instant::now();
+        let failed = || crate::metrics::METRICS.proposals_failed.inc();
         let work = async {
-            if let Some(at) = self.node.propose(data).await.map_err(errors::propose)? {
+            if let Some(at) = self.node.propose(data).await.map_err(errors::propose).inspect_err(|_| failed())? {
                 self.state.waiters.placed(id, at);
             }
-            rx.await.map_err(|_| errors::stopped())?
+            rx.await.map_err(|_| errors::stopped()).inspect_err(|_| failed())?
         };
         match tokio::time::timeout(self.cfg.request_timeout(), work).await {
             Ok(r) => {
@@ -276,6 +277,7 @@ impl Server {
                 r
             }
             Err(_) => {
+                failed();
                 self.state.waiters.cancel(id);
                 Err(errors::timeout())
             }
@@ -327,7 +329,10 @@ impl Server {
             return Err(errors::learner_not_ready());
         }
         match self.propose_conf_change(ConfChangeType::AddNode, id, None).await? {
-            (Applied::Members(m), _) => Ok(m),
+            (Applied::Members(m), _) => {
+                crate::metrics::METRICS.learner_promotes.inc();
+                Ok(m)
+            }
             _ => Err(Status::internal("etcdserver: unexpected apply result")),
         }
     }
@@ -355,9 +360,14 @@ impl Server {
 
     /// Waits until this member has applied everything committed before the call (ReadIndex).
     pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        let m = &crate::metrics::METRICS;
         match tokio::time::timeout(self.cfg.request_timeout(), self.node.read_index()).await {
-            Ok(r) => r.map(|_| ()).map_err(errors::propose),
-            Err(_) => Err(errors::timeout()),
+            Ok(r) => r.map(|_| ()).map_err(errors::propose).inspect_err(|_| m.read_indexes_failed.inc()),
+            Err(_) => {
+                m.slow_read_indexes.inc();
+                m.read_indexes_failed.inc();
+                Err(errors::timeout())
+            }
         }
     }
 }
@@ -371,8 +381,7 @@ impl crate::peer::Forwarded for Server {
 
     fn lease_renew(&self, id: i64) -> Result<keel_proto::etcdserverpb::LeaseKeepAliveResponse, Status> {
         self.leading()?;
-        // Renewed in memory; the next batched checkpoint carries it.
-        let ttl = self.lessor().renew(id).unwrap_or(0);
+        let ttl = crate::lease::leader::renew_here(self, id);
         Ok(keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: self.header(self.store().current_rev()), id, ttl })
     }
 

@@ -272,6 +272,7 @@ impl WatchHub {
                 continue;
             }
             let id = &id;
+            let n = evs.len() as u64;
             let resp = WatchResponse { header: self.header(rev), watch_id: id.1, events: evs, ..Default::default() };
             let parts = if watcher.spec.fragment { fragments(resp, self.max_bytes) } else { vec![resp] };
             // All fragments of a revision go, or none (the watcher then catches up).
@@ -286,7 +287,7 @@ impl WatchHub {
                 })
             };
             match sent {
-                Ok(()) => {}
+                Ok(()) => crate::metrics::METRICS.events.inc_by(n),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // A slow client: catch it up later from the store, from this revision on.
                     fallen_behind.push((*id, watcher.spec.clone(), watcher.tx.clone(), watcher.canceled.clone()));
@@ -378,7 +379,13 @@ impl WatchHub {
 
     fn spawn_catchup(self: &Arc<Self>, id: (u64, i64), spec: Spec, tx: mpsc::Sender<WatchResponse>, canceled: Arc<AtomicBool>, from: i64) {
         let hub = self.clone();
-        let task = async move { hub.catch_up(id, spec, tx, canceled, from).await };
+        // Counted as etcd counts its unsynced watchers, for as long as the catch-up runs.
+        let slow = &crate::metrics::METRICS.slow_watchers;
+        slow.inc();
+        let task = async move {
+            hub.catch_up(id, spec, tx, canceled, from).await;
+            slow.dec();
+        };
         match &self.rt {
             Some(rt) => drop(rt.spawn(task)),
             None => drop(tokio::spawn(task)),

@@ -44,6 +44,25 @@ fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected apply result")
 }
 
+impl KvService {
+    /// A checked range's key-values and header.
+    async fn read_range(&self, r: &RangeRequest) -> Result<RangeResponse, Status> {
+        // Planned under the store's read lock, values read after it (apply never waits long). A
+        // big one is read on a blocking thread: decoding tens of MB would hold a runtime worker
+        // from every other request for as long.
+        let planned = self.server.plan_range(r).map_err(errors::kv)?;
+        let mut resp = if planned.len() > BIG_RANGE {
+            tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            planned.finish()
+        }
+        .map_err(errors::kv)?;
+        let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        resp.header = self.server.header(rev);
+        Ok(resp)
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
@@ -55,19 +74,12 @@ impl Kv for KvService {
             self.server.linearizable_barrier().await?;
         }
         self.server.check_read(&who, &r.key, &r.range_end)?;
-        // Planned under the store's read lock, values read after it (apply never waits long). A
-        // big one is read on a blocking thread: decoding tens of MB would hold a runtime worker
-        // from every other request for as long.
-        let planned = self.server.plan_range(&r).map_err(errors::kv)?;
-        let mut resp = if planned.len() > BIG_RANGE {
-            tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
-        } else {
-            planned.finish()
-        }
-        .map_err(errors::kv)?;
-        let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
-        resp.header = self.server.header(rev);
-        Ok(Response::new(resp))
+        let t0 = std::time::Instant::now();
+        let resp = self.read_range(&r).await;
+        let m = &crate::metrics::METRICS;
+        m.ranges.inc();
+        m.range_duration.with_label_values(&[if resp.is_ok() { "true" } else { "false" }]).observe(t0.elapsed().as_secs_f64());
+        resp.map(Response::new)
     }
 
     async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
@@ -103,6 +115,7 @@ impl Kv for KvService {
         let who = self.server.caller(&req)?;
         let r = req.into_inner();
         validate::txn(&r, self.server.cfg().max_txn_ops as usize)?;
+        crate::metrics::METRICS.txns.inc();
         let serializable_reads = mvcc_kv::txn_is_read_only(&r) && mvcc_kv::txn_serializable(&r);
         if !serializable_reads {
             self.server.not_learner()?;

@@ -4,7 +4,7 @@
 //! final swap holds the store); Snapshot streams such a copy followed by its sha256, as etcd.
 
 use crate::apply::Applied;
-use crate::config::ETCD_VERSION;
+use crate::config::{ETCD_STORAGE_VERSION, ETCD_VERSION};
 use crate::errors;
 use crate::server::Server;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
@@ -39,7 +39,7 @@ async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
     let d = dest.clone();
     let made = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let f = std::fs::File::create(&d)?;
-        crate::migrate::backend::export(&backend, f, crate::config::ETCD_CLUSTER_VERSION)?;
+        crate::migrate::backend::export(&backend, f, crate::config::ETCD_CLUSTER_VERSION, ETCD_STORAGE_VERSION)?;
         Ok(())
     })
     .await
@@ -101,12 +101,22 @@ impl Maintenance for MaintenanceService {
             errors,
             db_size_in_use: in_use.min(db_size) as i64,
             is_learner,
+            storage_version: ETCD_STORAGE_VERSION.to_string(),
+            db_size_quota: s.cfg().quota_backend_bytes_reported(),
+            // Keel has no downgrade to offer (see `downgrade`): never enabled.
+            downgrade_info: Some(DowngradeInfo { enabled: false, target_version: String::new() }),
         }))
     }
 
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         self.server.check_admin(&self.server.caller(&req)?)?;
-        self.server.defragment().await.map_err(backend_err)?;
+        let m = &crate::metrics::METRICS;
+        m.defrag_inflight.set(1);
+        let t0 = std::time::Instant::now();
+        let done = self.server.defragment().await;
+        m.defrag_inflight.set(0);
+        m.backend_defrag.observe(t0.elapsed().as_secs_f64());
+        done.map_err(backend_err)?;
         let rev = self.server.store().current_rev();
         Ok(Response::new(DefragmentResponse { header: self.server.header(rev) }))
     }
@@ -115,8 +125,10 @@ impl Maintenance for MaintenanceService {
         let s = &self.server;
         s.check_admin(&s.caller(&req)?)?;
         let backend = s.committed_backend().map_err(backend_err)?;
+        let t0 = std::time::Instant::now();
         let (hash, meta) =
             tokio::task::spawn_blocking(move || backend.hash()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(backend_err)?;
+        crate::metrics::METRICS.hash.observe(t0.elapsed().as_secs_f64());
         Ok(Response::new(HashResponse { header: s.header(meta.current_rev), hash }))
     }
 
@@ -125,9 +137,12 @@ impl Maintenance for MaintenanceService {
         let rev = req.into_inner().revision;
         // Planned under the store's read lock (an index walk), the backend scanned without it.
         let plan = self.server.store().plan_hash_kv(rev).map_err(errors::kv)?;
+        let hash_revision = plan.revision();
+        let t0 = std::time::Instant::now();
         let (hash, cur, compacted) =
             tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(errors::kv)?;
-        Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision: compacted }))
+        crate::metrics::METRICS.hash_rev.observe(t0.elapsed().as_secs_f64());
+        Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision: compacted, hash_revision }))
     }
 
     type SnapshotStream = SnapshotStream;
@@ -135,11 +150,12 @@ impl Maintenance for MaintenanceService {
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         let s = &self.server;
         s.check_admin(&s.caller(&req)?)?;
+        let t0 = std::time::Instant::now();
         let path = backend_copy(s).await?;
+        crate::metrics::METRICS.backend_snapshot.observe(t0.elapsed().as_secs_f64());
         let tmp = TempFile(path);
         let mut file = std::fs::File::open(&tmp.0).map_err(|e| Status::internal(format!("etcdserver: open snapshot: {e}")))?;
         let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let header = s.header(s.store().current_rev());
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<SnapshotResponse, Status>>(4);
         tracing::info!(size = total, "sending database snapshot to client");
         tokio::task::spawn_blocking(move || {
@@ -158,13 +174,19 @@ impl Maintenance for MaintenanceService {
                 };
                 sha.update(&buf[..n]);
                 sent += n as u64;
-                let msg = SnapshotResponse { header, remaining_bytes: total.saturating_sub(sent), blob: buf[..n].to_vec() };
+                let msg = SnapshotResponse {
+                    header: None,
+                    remaining_bytes: total.saturating_sub(sent),
+                    blob: buf[..n].to_vec(),
+                    version: ETCD_STORAGE_VERSION.into(),
+                };
                 if tx.blocking_send(Ok(msg)).is_err() {
                     return;
                 }
             }
             // The last message carries the sha256 of everything before it.
-            let msg = SnapshotResponse { header, remaining_bytes: 0, blob: sha.finalize().to_vec() };
+            let msg =
+                SnapshotResponse { header: None, remaining_bytes: 0, blob: sha.finalize().to_vec(), version: ETCD_STORAGE_VERSION.into() };
             let _ = tx.blocking_send(Ok(msg));
             tracing::info!(size = sent, "sent database snapshot to client");
         });

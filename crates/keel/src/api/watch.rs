@@ -41,6 +41,9 @@ impl Watch for WatchService {
         let server = self.server.clone();
         let interval = self.progress_interval;
         tokio::spawn(async move {
+            let streams = &crate::metrics::METRICS.watch_streams;
+            streams.inc();
+            let _counted = scopeguard::guard((), |_| streams.dec());
             let mut watchers: HashMap<i64, (WatchHandle, bool)> = HashMap::new();
             let mut next_id: i64 = 0;
             // Watchers that asked for periodic progress notifications.

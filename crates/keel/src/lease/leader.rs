@@ -25,13 +25,23 @@ const REVOKES_PER_TURN: usize = 100;
 /// lease's TTL (0: no such lease, as etcd answers).
 pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Result<i64, Status> {
     if server.raft().is_leader() {
-        return Ok(server.lessor().renew(id).unwrap_or(0));
+        return Ok(renew_here(server, id));
     }
     let leader = server.raft().leader();
     if leader == 0 {
         return Err(errors::no_leader());
     }
     transport.forward_lease_renew(leader, id).await
+}
+
+/// Renews a lease in this (leading) member's lessor: its TTL, or 0 when it is gone. The
+/// batched checkpoint carries the renewal to the followers.
+pub fn renew_here(server: &Server, id: i64) -> i64 {
+    let ttl = server.lessor().renew(id).unwrap_or(0);
+    if ttl > 0 {
+        crate::metrics::METRICS.lease_renewed.inc();
+    }
+    ttl
 }
 
 /// TTL query on this member if it leads, else on the leader.
@@ -108,6 +118,7 @@ pub async fn run(server: Arc<Server>) {
         }
         let expired = server.lessor().take_expired(REVOKES_PER_TURN, Duration::from_secs(3));
         for id in expired {
+            crate::metrics::METRICS.lease_expired.inc();
             let s = server.clone();
             tokio::spawn(async move {
                 if let Err(e) = s.propose(Internal::LeaseRevoke(LeaseRevokeRequest { id })).await {

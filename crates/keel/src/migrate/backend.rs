@@ -187,8 +187,10 @@ fn members_json(m: &Members) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     Ok(out)
 }
 
-/// Writes the committed state of `src` (one consistent read) as an etcd backend to `out`.
-pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str) -> Result<std::fs::File> {
+/// Writes the committed state of `src` (one consistent read) as an etcd backend to `out`, marked
+/// with the given cluster version (`cluster` bucket) and storage version (`meta` bucket, as etcd
+/// 3.6 marks its schema).
+pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_version: &str) -> Result<std::fs::File> {
     let mut w = keel_bbolt::Writer::new(std::io::BufWriter::with_capacity(1 << 20, out))?;
     w.bucket(b"key")?;
     let mut aux: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -258,6 +260,7 @@ pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str) -> Resul
     let mut m = BTreeMap::new();
     m.insert(b"consistent_index".to_vec(), meta.consistent_index.to_be_bytes().to_vec());
     m.insert(b"term".to_vec(), meta.term.to_be_bytes().to_vec());
+    m.insert(b"storageVersion".to_vec(), storage_version.as_bytes().to_vec());
     if meta.compacted_rev > 0 {
         m.insert(b"finishedCompactRev".to_vec(), compacted.clone());
         m.insert(b"scheduledCompactRev".to_vec(), compacted);
