@@ -16,6 +16,8 @@
 # would hide the verdicts of every test after it). Prints one verdict line per test and a final
 # "N passed, N failed"; each test's log stays in the work directory.
 set -euo pipefail
+# The whole script is read before it runs (main at the end): editing it during a run is safe.
+main() {
 root=$(cd "$(dirname "$0")/.." && pwd)
 suite=3.4
 server=keel
@@ -70,10 +72,12 @@ esac
 
 case "$server" in
   keel)
-    if [ ! -x "$root/target/release/keel" ]; then
+    # KEEL_BIN: a copy of the server to test (so that a rebuild meanwhile does not change it).
+    keel=${KEEL_BIN:-$root/target/release/keel}
+    if [ ! -x "$keel" ]; then
       (cd "$root" && cargo build --release --bin keel)
     fi
-    ln -sf "$root/target/release/keel" "$work/bin/etcd"
+    ln -sf "$keel" "$work/bin/etcd"
     ;;
   etcd) ln -sf "$etcd_bin" "$work/bin/etcd" ;;
   *) echo "e2e: unknown server $server (keel or etcd)" >&2; exit 2 ;;
@@ -109,7 +113,7 @@ for t in $tests; do
     [ "$rc" -eq 0 ] && break
     # etcd's harness sometimes fails a passed test on its own goroutine-leak check under load;
     # such a test is run once more and reported (and counted) as retried.
-    if [ "$attempt" -eq 1 ] && grep -q "^--- PASS: $t " "$work/$t.attempt1.log" && grep -q "Too many goroutines" "$work/$t.attempt1.log"; then
+    if [ "$attempt" -eq 1 ] && grep -q "^--- PASS: $t " "$work/$t.attempt1.log" && grep -qE "Too many goroutines|Unexpected goroutines running after all test" "$work/$t.attempt1.log"; then
       echo "--- RETRY: $t (etcd harness goroutine check failed after the test passed)"
       retried=$((retried + 1))
       stop_servers
@@ -138,3 +142,5 @@ if [ "$failed" -gt 0 ]; then
 fi
 echo "e2e: ${passed} passed (${retried} after a retry), ${failed} failed"
 [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]
+}
+main "$@"

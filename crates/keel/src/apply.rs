@@ -475,6 +475,7 @@ impl Applier {
                 Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
             }
             Request::MemberAttributes(a) => {
+                crate::metrics::METRICS.store_writes.with_label_values(&["set"]).inc();
                 let mut members = self.members.write();
                 if let Some(m) = members.get_mut(a.id) {
                     m.name = a.name;
@@ -494,6 +495,7 @@ impl Applier {
                 Ok((Applied::Alarm(list), store.current_rev()))
             }
             Request::MemberUpdate(u) => {
+                crate::metrics::METRICS.store_writes.with_label_values(&["update"]).inc();
                 let mut members = self.members.write();
                 if let Some(m) = members.get_mut(u.id) {
                     m.peer_urls = u.peer_urls;
@@ -660,6 +662,7 @@ impl keel_raft::StateMachine for Applier {
                             rec.id = id;
                             rec.is_learner = learner;
                             tracing::info!(member_id = format!("{id:x}"), peer_urls = ?rec.peer_urls, learner, "added member");
+                            crate::metrics::METRICS.store_writes.with_label_values(&["create"]).inc();
                             members.upsert(rec);
                         }
                         (None, None) => tracing::warn!(member_id = format!("{id:x}"), "conf change adds a member without its record"),
@@ -668,6 +671,7 @@ impl keel_raft::StateMachine for Applier {
                 ConfChangeType::RemoveNode => {
                     if members.remove(id) {
                         tracing::info!(member_id = format!("{id:x}"), "removed member");
+                        crate::metrics::METRICS.store_writes.with_label_values(&["delete"]).inc();
                     }
                     removed_self = id == self.member_id;
                 }

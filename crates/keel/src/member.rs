@@ -280,7 +280,10 @@ impl Member {
             gate.clone(),
         ))
         .add_service(Gated::new(AuthServer::new(auth()).max_decoding_message_size(max_recv), gate.clone()))
-        .add_service(Gated::new(LeaseServer::new(lease()).max_decoding_message_size(max_recv), gate));
+        .add_service(Gated::new(LeaseServer::new(lease()).max_decoding_message_size(max_recv), gate))
+        // grpc.health.v1 (Check and Watch), as etcd registers it: the server as a whole ("")
+        // serves as long as it runs.
+        .add_service(tonic_health::server::health_reporter().1);
         let gw = Arc::new(gateway::Gateway {
             kv: kv(),
             lease: lease(),
@@ -360,6 +363,7 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
 
 /// The member's state from its backend: leases, auth, alarms, the member list.
 fn load_state(store: Store, members: Members, tokens: auth::Tokens) -> State {
+    metrics::METRICS.store_reads.with_label_values(&["getRecursive"]).inc();
     let mut lessor = lease::Lessor::default();
     crate::apply::load_leases(&store, &mut lessor);
     let auth = auth::AuthStore::load(&store);

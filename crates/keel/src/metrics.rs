@@ -98,6 +98,10 @@ pub struct Metrics {
     pub db_compaction_total: Histogram,
     pub index_compaction_pause: Histogram,
     // Lease and auth.
+    /// etcd counts its v2 store's operations, which hold its member records; Keel counts the
+    /// same operations on its member records (create, set, update, delete; getRecursive at load).
+    pub store_reads: IntCounterVec,
+    pub store_writes: IntCounterVec,
     pub lease_granted: IntCounter,
     pub lease_renewed: IntCounter,
     pub lease_revoked: IntCounter,
@@ -123,6 +127,7 @@ pub struct Metrics {
     os_fd_limit: IntGauge,
     net_received: IntCounter,
     net_sent: IntCounter,
+    vm_max: Gauge,
     pub scrapes_in_flight: IntGauge,
     pub scrapes: IntCounterVec,
     go_goroutines: IntGauge,
@@ -277,12 +282,6 @@ fn register_unused(r: &Reg<'_>) {
     r.counter("etcd_debugging_store_expires_total", "Total number of expired keys.");
     r.counter("etcd_debugging_store_watch_requests_total", "Total number of incoming watch requests (new or reestablished).");
     r.gauge("etcd_debugging_store_watchers", "Count of currently active watchers.");
-    r.counters(
-        "etcd_debugging_store_reads_total",
-        "Total number of reads action by (get/getRecursive), local to this member.",
-        &["action"],
-    );
-    r.counters("etcd_debugging_store_writes_total", "Total number of writes (e.g. set/compareAndDelete) seen by this member.", &["action"]);
     r.gauge("etcd_grpc_proxy_cache_hits_total", "Total number of cache hits");
     r.gauge("etcd_grpc_proxy_cache_keys_total", "Total number of keys/ranges cached");
     r.gauge("etcd_grpc_proxy_cache_misses_total", "Total number of cache misses");
@@ -480,6 +479,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Bucketed histogram of index compaction pause duration.",
             exp(0.5, 2.0, 14),
         ),
+        store_reads: r.counters(
+            "etcd_debugging_store_reads_total",
+            "Total number of reads action by (get/getRecursive), local to this member.",
+            &["action"],
+        ),
+        store_writes: r.counters(
+            "etcd_debugging_store_writes_total",
+            "Total number of writes (e.g. set/compareAndDelete) seen by this member.",
+            &["action"],
+        ),
         lease_granted: r.counter("etcd_debugging_lease_granted_total", "The total number of granted leases."),
         lease_renewed: r.counter("etcd_debugging_lease_renewed_total", "The number of renewed leases seen by the leader."),
         lease_revoked: r.counter("etcd_debugging_lease_revoked_total", "The total number of revoked leases."),
@@ -510,6 +519,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         os_fd_used: r.gauge("os_fd_used", "The number of used file descriptors."),
         os_fd_limit: r.gauge("os_fd_limit", "The file descriptor limit."),
         net_received: r.counter("process_network_receive_bytes_total", "Number of bytes received by the process over the network."),
+        vm_max: r.fgauge("process_virtual_memory_max_bytes", "Maximum amount of virtual memory available in bytes."),
         net_sent: r.counter("process_network_transmit_bytes_total", "Number of bytes sent by the process over the network."),
         scrapes_in_flight: r.gauge("promhttp_metric_handler_requests_in_flight", "Current number of scrapes being served."),
         scrapes: r.counters("promhttp_metric_handler_requests_total", "Total number of scrapes by HTTP status code.", &["code"]),
@@ -541,6 +551,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let cv: Vec<&str> = crate::config::ETCD_CLUSTER_VERSION.split('.').take(2).collect();
     m.cluster_version.with_label_values(&[&cv.join(".")]).set(1);
     m.go_version.with_label_values(&["keel"]).set(1);
+    // Go's handler starts the common codes at zero.
+    for code in ["200", "500", "503"] {
+        m.scrapes.with_label_values(&[code]);
+    }
     for (name, stage, on) in FEATURE_GATES {
         m.feature_enabled.with_label_values(&[name, stage]).set(i64::from(*on));
     }
@@ -553,6 +567,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             for code in CODE_NAMES {
                 m.grpc_handled.with_label_values(&[t, service, method, code]);
             }
+            m.grpc_handling.with_label_values(&[t, service, method]);
         }
     }
     let hop_hists = keel_raft::hops::Hop::ALL.iter().map(|h| m.hops.with_label_values(&[h.name()])).collect();
@@ -638,8 +653,15 @@ fn read_process(m: &Metrics) {
         m.os_fd_used.set(d.count() as i64);
     }
     if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-        if let Some(soft) = limits.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)) {
-            m.os_fd_limit.set(soft.parse().unwrap_or(0));
+        // "Max open files  1024  4096  files": the soft limit is the fourth word.
+        let soft =
+            |prefix: &str, words: usize| limits.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.split_whitespace().nth(words));
+        if let Some(v) = soft("Max open files", 3) {
+            m.os_fd_limit.set(v.parse().unwrap_or(0));
+        }
+        // Unlimited is reported as the largest 64-bit value, as Go's procfs does.
+        if let Some(v) = soft("Max address space", 3) {
+            m.vm_max.set(v.parse().unwrap_or(u64::MAX as f64));
         }
     }
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {

@@ -18,36 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tonic::transport::Channel;
 
-/// etcd's server, etcdctl and (3.6) etcdutl of one version; None (with a note) when missing and
-/// KEEL_SKIP_ETCD_ORACLE=1, a failure otherwise.
-struct Etcd {
-    version: &'static str,
-    server: PathBuf,
-    ctl: PathBuf,
-    utl: Option<PathBuf>,
-}
-
-fn etcd(version: &'static str) -> Option<Etcd> {
-    let e = match version {
-        "3.4" => Etcd { version, server: "/usr/bin/etcd".into(), ctl: "/usr/bin/etcdctl".into(), utl: None },
-        _ => {
-            let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/etcd-ref/v3.6.16/bin");
-            Etcd { version, server: bin.join("etcd"), ctl: bin.join("etcdctl"), utl: Some(bin.join("etcdutl")) }
-        }
-    };
-    if e.server.exists() {
-        return Some(e);
-    }
-    if std::env::var("KEEL_SKIP_ETCD_ORACLE").as_deref() == Ok("1") {
-        eprintln!("skipping etcd {version}: {} missing and KEEL_SKIP_ETCD_ORACLE=1", e.server.display());
-        return None;
-    }
-    panic!(
-        "{} is needed (etcd {version}: Debian etcd-server, or scripts/etcd-ref.sh v3.6.16); KEEL_SKIP_ETCD_ORACLE=1 skips",
-        e.server.display()
-    );
-}
-
 async fn channel(ep: &str) -> Channel {
     Channel::from_shared(ep.to_string()).unwrap().connect().await.unwrap_or_else(|e| panic!("connect {ep}: {e}"))
 }
@@ -180,63 +150,6 @@ async fn save_snapshot(ep: &str, to: &Path) {
 fn run(cmd: &mut Command) {
     let out = cmd.output().expect("run tool");
     assert!(out.status.success(), "{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-}
-
-/// One member named `name` on `ip` with its own ports, started from `dir`.
-struct Node {
-    name: String,
-    ip: String,
-    client: u16,
-    peer: u16,
-}
-
-impl Node {
-    fn new(name: &str, ip: &str) -> Node {
-        Node { name: name.into(), ip: ip.into(), client: free_port(), peer: free_port() }
-    }
-    fn curl(&self) -> String {
-        format!("http://{}:{}", self.ip, self.client)
-    }
-    fn purl(&self) -> String {
-        format!("http://{}:{}", self.ip, self.peer)
-    }
-    /// etcd's flags for this member with data in `dir`.
-    fn args(&self, dir: &Path, initial_cluster: &str) -> Vec<String> {
-        let (dir, curl, purl) = (dir.to_string_lossy(), self.curl(), self.purl());
-        let flags = [
-            ("--name", self.name.as_str()),
-            ("--data-dir", &dir),
-            ("--listen-client-urls", &curl),
-            ("--advertise-client-urls", &curl),
-            ("--listen-peer-urls", &purl),
-            ("--initial-advertise-peer-urls", &purl),
-            ("--initial-cluster", initial_cluster),
-            ("--initial-cluster-token", "migrate"),
-        ];
-        flags.iter().flat_map(|(f, v)| [f.to_string(), v.to_string()]).collect()
-    }
-    /// `snapshot restore`'s flags (etcdctl, etcdutl and keel take the same) for this member.
-    fn restore_args(&self, dir: &Path, initial_cluster: &str) -> Vec<String> {
-        let (dir, purl) = (dir.to_string_lossy(), self.purl());
-        let flags = [
-            ("--name", self.name.as_str()),
-            ("--data-dir", &dir),
-            ("--initial-cluster", initial_cluster),
-            ("--initial-cluster-token", "migrate"),
-            ("--initial-advertise-peer-urls", &purl),
-        ];
-        flags.iter().flat_map(|(f, v)| [f.to_string(), v.to_string()]).collect()
-    }
-    /// Starts `bin` as this member (not waiting).
-    fn spawn(&self, bin: &Path, dir: &Path, initial_cluster: &str) -> Proc {
-        spawn(bin, dir, &self.curl(), &self.args(dir, initial_cluster))
-    }
-    /// Starts `bin` as this member and waits until it serves.
-    fn start(&self, bin: &Path, dir: &Path, initial_cluster: &str) -> Proc {
-        let mut p = self.spawn(bin, dir, initial_cluster);
-        assert!(p.wait_ready(), "{} did not start from {}:\n{}", bin.display(), dir.display(), p.log_text());
-        p
-    }
 }
 
 async fn etcd_snapshot_restored_into_three_keel_members(e: Etcd) {
