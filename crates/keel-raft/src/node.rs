@@ -119,6 +119,10 @@ pub struct NodeStatus {
     pub(crate) last_index: AtomicU64,
     pub(crate) is_leader: AtomicBool,
     pub(crate) stopped: AtomicBool,
+    /// Whom this member voted for in the current term (0: nobody).
+    pub(crate) vote: AtomicU64,
+    /// raft's role: 0 follower, 1 candidate, 2 leader, 3 pre-candidate.
+    pub(crate) role: std::sync::atomic::AtomicU8,
     /// Times this member saw a new leader.
     pub(crate) leader_changes: AtomicU64,
 }
@@ -151,6 +155,19 @@ impl NodeStatus {
     /// Times this member saw a new leader.
     pub fn leader_changes(&self) -> u64 {
         self.leader_changes.load(Ordering::Relaxed)
+    }
+    /// Whom this member voted for in the current term (0: nobody).
+    pub fn vote(&self) -> u64 {
+        self.vote.load(Ordering::Acquire)
+    }
+    /// raft's role as etcd names it: StateFollower, StateCandidate, StateLeader, StatePreCandidate.
+    pub fn role(&self) -> &'static str {
+        match self.role.load(Ordering::Acquire) {
+            1 => "StateCandidate",
+            2 => "StateLeader",
+            3 => "StatePreCandidate",
+            _ => "StateFollower",
+        }
     }
 }
 
@@ -753,6 +770,13 @@ impl<T: Transport> Driver<T> {
         }
         self.status.leader.store(leader, Ordering::Release);
         self.status.is_leader.store(role == StateRole::Leader, Ordering::Release);
+        let code = match role {
+            StateRole::Follower => 0,
+            StateRole::Candidate => 1,
+            StateRole::Leader => 2,
+            StateRole::PreCandidate => 3,
+        };
+        self.status.role.store(code, Ordering::Release);
         if role != StateRole::Leader {
             self.proposed_at.clear();
         }
@@ -761,6 +785,7 @@ impl<T: Transport> Driver<T> {
     fn publish_status(&self) {
         let raft = &self.node.raft;
         self.status.term.store(raft.term, Ordering::Release);
+        self.status.vote.store(raft.vote, Ordering::Release);
         self.status.commit.store(raft.raft_log.committed, Ordering::Release);
         self.status.last_index.store(raft.raft_log.last_index(), Ordering::Release);
     }

@@ -17,6 +17,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/readyz", get(readyz))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
+        .route("/debug/vars", get(debug_vars))
         .with_state(server)
 }
 
@@ -131,6 +132,31 @@ async fn livez(State(s): State<Arc<Server>>, q: Query<Vec<(String, String)>>) ->
 /// The member can serve clients (etcd's `/readyz`).
 async fn readyz(State(s): State<Arc<Server>>, q: Query<Vec<(String, String)>>) -> (StatusCode, String) {
     checks(&s, "readyz", &[Check::DataCorruption, Check::SerializableRead, Check::LinearizableRead, Check::NonLearner], &q).await
+}
+
+/// etcd's `/debug/vars` (Go's expvar): the command line, the file descriptor limit and the raft
+/// status. Go's `memstats` has no Keel counterpart and is left out.
+async fn debug_vars(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
+    let st = s.raft();
+    let fd_limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| l.lines().find(|x| x.starts_with("Max open files")).and_then(|x| x.split_whitespace().nth(3)?.parse::<u64>().ok()))
+        .unwrap_or(0);
+    Json(serde_json::json!({
+        "cmdline": std::env::args().collect::<Vec<_>>(),
+        "file_descriptor_limit": fd_limit,
+        "raft.status": {
+            "id": format!("{:x}", s.member_id()),
+            "term": st.term(),
+            "vote": format!("{:x}", st.vote()),
+            "commit": st.commit(),
+            "lead": format!("{:x}", st.leader()),
+            "raftState": st.role(),
+            "applied": st.applied(),
+            "progress": {},
+            "leadtransferee": "0",
+        },
+    }))
 }
 
 async fn version() -> Json<serde_json::Value> {

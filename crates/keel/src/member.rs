@@ -295,11 +295,14 @@ impl Member {
             next_stream: 0.into(),
             streams: Arc::new(tokio::sync::Semaphore::new((cfg.max_concurrent_streams as usize).min(tokio::sync::Semaphore::MAX_PERMITS))),
         });
-        grpc.into_axum_router()
+        let mut router = grpc
+            .into_axum_router()
             .layer(axum::middleware::from_fn(errors::grpc_compat))
-            .layer(axum::middleware::from_fn(metrics::grpc_layer))
-            .merge(http::router(server.clone()))
-            .merge(gateway::router(gw))
+            .layer(axum::middleware::from_fn(metrics::grpc_layer));
+        if go_http2_debug() {
+            router = router.layer(axum::middleware::from_fn(log_authority));
+        }
+        router.merge(http::router(server.clone())).merge(gateway::router(gw))
     }
 }
 
@@ -342,6 +345,9 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     let db_path = Path::new(&snap_dir).join("db");
     let mut store = Store::open(&db_path).context("open backend")?;
     let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries).context("open WAL")?;
+    if let Some(snap) = disk.snapshot.as_ref() {
+        store = backend_for_snapshot(store, &db_path, Path::new(&snap_dir), snap.get_metadata().index)?;
+    }
     let identity = &disk.identity;
     let what = if existed { "restarting member" } else { "starting a new member" };
     tracing::info!(member_id = format!("{:x}", identity.member_id), cluster_id = format!("{:x}", identity.cluster_id), "{what}");
@@ -359,6 +365,52 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
         bail!("cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}", members.cluster_id, identity.cluster_id);
     }
     Ok(Recovered { disk, store, members, db_path, dialer })
+}
+
+/// The raft log starts after its newest snapshot, so the backend must hold at least that
+/// snapshot's entries; an older one (a crash before a received backend was moved into place, or
+/// a backend copied back by hand) would silently miss every entry up to the snapshot. As etcd:
+/// the backend received with the snapshot (`<index>.snap.db`) takes its place, and without it
+/// the member refuses to start.
+fn backend_for_snapshot(store: Store, db_path: &Path, snap_dir: &Path, index: u64) -> Result<Store> {
+    let have = store.consistent_index();
+    if have >= index {
+        return Ok(store);
+    }
+    let received = snap_dir.join(format!("{index:016x}.snap.db"));
+    if !received.exists() {
+        bail!(
+            "failed to find database snapshot file (snap: snapshot file doesn't exist): the backend {} holds index {have}, older than the raft snapshot at index {index}, and {} is missing",
+            db_path.display(),
+            received.display()
+        );
+    }
+    tracing::info!(snapshot_index = index, backend_index = have, file = %received.display(), "recovering the backend from the snapshot's database file");
+    drop(store);
+    let mut new = Store::open(&received).context("open the snapshot's database file")?;
+    if new.consistent_index() < index {
+        bail!(
+            "the snapshot's database file {} holds index {}, older than its snapshot at index {index}",
+            received.display(),
+            new.consistent_index()
+        );
+    }
+    new.move_to(db_path).context("move the snapshot's database file into place")?;
+    Ok(new)
+}
+
+/// Whether `GODEBUG` asks for Go's HTTP/2 debug log (`http2debug=2`), which operators and etcd's
+/// tests use to see the `:authority` each request carries.
+fn go_http2_debug() -> bool {
+    std::env::var("GODEBUG").is_ok_and(|v| v.split(',').any(|kv| kv.trim() == "http2debug=2"))
+}
+
+/// Logs a request's authority as Go's HTTP/2 server does with `GODEBUG=http2debug=2`.
+async fn log_authority(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if let Some(a) = req.uri().authority() {
+        eprintln!("http2: decoded hpack field header field \":authority\" = {:?}", a.as_str());
+    }
+    next.run(req).await
 }
 
 /// The member's state from its backend: leases, auth, alarms, the member list.

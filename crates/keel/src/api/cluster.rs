@@ -56,19 +56,28 @@ impl ClusterService {
         id == self.server.member_id() || self.transport.active_since(id).map(|t| t <= cutoff).unwrap_or(false)
     }
 
-    fn may_add_voter(&self) -> Result<(), Status> {
+    /// etcd 3.6's strict reconfiguration check for an added member (voter or learner): a voter
+    /// needs a quorum of started members counting it, and either needs this member connected
+    /// (for the health interval) to a quorum of the voters with the new member counted as down.
+    fn may_add(&self, learner: bool) -> Result<(), Status> {
         if !self.server.cfg().strict_reconfig_check {
             return Ok(());
         }
         let members = self.server.members();
         let voters: Vec<_> = members.voters().collect();
-        let nmembers = voters.len() + 1;
-        let nstarted = voters.iter().filter(|m| !m.name.is_empty()).count();
-        if !(nstarted == 1 && nmembers == 2) && nstarted < nmembers / 2 + 1 {
-            return Err(errors::not_enough_started());
+        let quorum = |n: usize| n / 2 + 1;
+        if !learner {
+            let nmembers = voters.len() + 1;
+            let nstarted = voters.iter().filter(|m| !m.name.is_empty()).count();
+            if !(nstarted == 1 && nmembers == 2) && nstarted < quorum(nmembers) {
+                return Err(errors::not_enough_started());
+            }
+        }
+        if voters.len() == 1 {
+            return Ok(());
         }
         let cutoff = Instant::now().checked_sub(HEALTH_INTERVAL).unwrap_or_else(Instant::now);
-        if !voters.iter().all(|m| self.connected(m.id, cutoff)) {
+        if voters.iter().filter(|m| self.connected(m.id, cutoff)).count() < quorum(voters.len() + 1) {
             return Err(errors::unhealthy());
         }
         Ok(())
@@ -122,9 +131,7 @@ impl Cluster for ClusterService {
                 return Err(errors::too_many_learners());
             }
         }
-        if !r.is_learner {
-            self.may_add_voter()?;
-        }
+        self.may_add(r.is_learner)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let id = new_member_id(&r.peer_ur_ls, now);
         if s.members().get(id).is_some() {
