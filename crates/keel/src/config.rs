@@ -160,6 +160,40 @@ pub struct Config {
     /// bcrypt cost for hashing auth passwords (4..=31).
     #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
     pub bcrypt_cost: u32,
+    /// V3 discovery: discovery token for the etcd cluster to be bootstrapped.
+    #[arg(long, env = "ETCD_DISCOVERY_TOKEN", default_value = "")]
+    pub discovery_token: String,
+    /// V3 discovery: comma-separated client URLs of the discovery cluster.
+    #[arg(long, env = "ETCD_DISCOVERY_ENDPOINTS", default_value = "")]
+    pub discovery_endpoints: String,
+    /// V3 discovery: dial timeout for client connections.
+    #[arg(long, env = "ETCD_DISCOVERY_DIAL_TIMEOUT", default_value = "2s")]
+    pub discovery_dial_timeout: String,
+    /// V3 discovery: timeout for discovery requests (excluding dial timeout).
+    #[arg(long, env = "ETCD_DISCOVERY_REQUEST_TIMEOUT", default_value = "5s")]
+    pub discovery_request_timeout: String,
+    /// V3 discovery: disable transport security for client connections (https endpoints still
+    /// use TLS).
+    #[arg(long, env = "ETCD_DISCOVERY_INSECURE_TRANSPORT", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = ArgAction::Set)]
+    pub discovery_insecure_transport: bool,
+    /// V3 discovery: skip server certificate verification (testing only).
+    #[arg(long, env = "ETCD_DISCOVERY_INSECURE_SKIP_TLS_VERIFY", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub discovery_insecure_skip_tls_verify: bool,
+    /// V3 discovery: identify secure client using this TLS certificate file.
+    #[arg(long, env = "ETCD_DISCOVERY_CERT", default_value = "")]
+    pub discovery_cert: String,
+    /// V3 discovery: identify secure client using this TLS key file.
+    #[arg(long, env = "ETCD_DISCOVERY_KEY", default_value = "")]
+    pub discovery_key: String,
+    /// V3 discovery: verify certificates of TLS-enabled secure servers using this CA bundle.
+    #[arg(long, env = "ETCD_DISCOVERY_CACERT", default_value = "")]
+    pub discovery_cacert: String,
+    /// V3 discovery: username[:password] for authentication.
+    #[arg(long, env = "ETCD_DISCOVERY_USER", default_value = "")]
+    pub discovery_user: String,
+    /// V3 discovery: password for authentication (when --discovery-user has none).
+    #[arg(long, env = "ETCD_DISCOVERY_PASSWORD", default_value = "")]
+    pub discovery_password: String,
     /// Set level of detail for exported metrics: `basic` or `extensive` (also per-method gRPC
     /// latency histograms).
     #[arg(long, env = "ETCD_METRICS", default_value = "basic", value_parser = ["basic", "extensive"])]

@@ -16,6 +16,7 @@
 //! - `apply`: the state machine keel-raft's apply stage drives (MVCC writes, leases, auth,
 //!   alarms, membership), and the callers waiting for their entries.
 //! - `membership`: member and cluster IDs, the member list.
+//! - `discovery`: etcd's v3 discovery (the initial cluster learned from another cluster).
 //! - [`lease`]: leases: state, renewals, expiry, checkpoints.
 //! - [`auth`]: users, roles, permissions, tokens.
 //! - `alarm`: NOSPACE and CORRUPT alarms.
@@ -34,6 +35,7 @@ mod apply;
 pub mod auth;
 mod compactor;
 mod config;
+mod discovery;
 mod errors;
 mod gateway;
 mod h2fix;

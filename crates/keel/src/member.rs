@@ -333,9 +333,23 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     }
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
 
-    let initial = Members::from_initial_cluster(&cfg.initial_cluster(), &cfg.initial_cluster_token).map_err(anyhow::Error::msg)?;
     let dialer = peer::Dialer::new(tls::peer_client(cfg)?, cfg.member_local_ip());
     let existed = Disk::exists(Path::new(&wal_dir));
+    let mut initial_cluster = cfg.initial_cluster();
+    if crate::discovery::wanted(cfg)? {
+        if existed {
+            tracing::warn!(wal_dir = %wal_dir, "discovery token is ignored since cluster already initialized; valid logs are found");
+        } else {
+            // Registered as this member's own `name=url,name=url`, as etcd does.
+            let urls = crate::config::split_urls(&cfg.initial_advertise_peer_urls);
+            let mine = urls.iter().map(|u| format!("{}={u}", cfg.name)).collect::<Vec<_>>().join(",");
+            let id = crate::membership::member_id(&urls, &cfg.initial_cluster_token);
+            let d = peer::Dialer::new(tls::discovery_client(cfg)?, None);
+            initial_cluster = crate::discovery::join(cfg, &d, id, &mine).await.context("discovery failed")?;
+            tracing::info!(initial_cluster = %initial_cluster, "initial cluster from the discovery service");
+        }
+    }
+    let initial = Members::from_initial_cluster(&initial_cluster, &cfg.initial_cluster_token).map_err(anyhow::Error::msg)?;
     let boot = if existed {
         Bootstrap { identity: Identity { cluster_id: 0, member_id: 0, initial_voters: vec![] }, entries: vec![], members: initial.clone() }
     } else {

@@ -226,6 +226,32 @@ pub fn peer_client(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
     Ok(Some(Arc::new(cc)))
 }
 
+/// How this member dials the v3 discovery cluster over https (`--discovery-cacert`, or no
+/// verification with `--discovery-insecure-skip-tls-verify`; `--discovery-cert`/`--discovery-key`
+/// as its client certificate). None when no discovery endpoint is https.
+pub fn discovery_client(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    if !cfg.discovery_endpoints.split(',').any(|e| e.trim().starts_with("https://")) {
+        return Ok(None);
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().context("TLS versions")?;
+    let builder = if !cfg.discovery_cacert.is_empty() {
+        builder.with_root_certificates(roots(&cfg.discovery_cacert)?)
+    } else if cfg.discovery_insecure_skip_tls_verify {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCert(provider())))
+    } else {
+        anyhow::bail!("discovery over https needs --discovery-cacert (or --discovery-insecure-skip-tls-verify)");
+    };
+    let mut cc = if !cfg.discovery_cert.is_empty() && !cfg.discovery_key.is_empty() {
+        builder
+            .with_client_auth_cert(load_certs(&cfg.discovery_cert)?, load_key(&cfg.discovery_key)?)
+            .context("discovery client certificate")?
+    } else {
+        builder.with_no_client_auth()
+    };
+    cc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(Arc::new(cc)))
+}
+
 /// Accepts any server certificate (still checking the handshake signature): `--peer-auto-tls`
 /// peers have self-signed certificates nobody can verify.
 #[derive(Debug)]
