@@ -187,3 +187,11 @@ mod tests {
         assert_eq!(percent_decode("a%20b%"), "a b%");
     }
 }
+
+pub fn wrong_downgrade_version_format() -> Status {
+    Status::invalid_argument("etcdserver: wrong downgrade target version format")
+}
+
+pub fn invalid_downgrade_target_version() -> Status {
+    Status::invalid_argument("etcdserver: invalid downgrade target version")
+}

@@ -155,6 +155,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, header
         "maintenance/hash" => unary(body, t, |r| g.maintenance.hash(r)).await,
         "maintenance/hashkv" => unary(body, t, |r| g.maintenance.hash_kv(r)).await,
         "maintenance/transfer-leadership" => unary(body, t, |r| g.maintenance.move_leader(r)).await,
+        "maintenance/downgrade" => unary(body, t, |r| g.maintenance.downgrade(r)).await,
         "election/campaign" => unary(body, t, |r| g.concurrency.campaign(r)).await,
         "election/proclaim" => unary(body, t, |r| g.concurrency.proclaim(r)).await,
         "election/leader" => unary(body, t, |r| g.concurrency.leader(r)).await,

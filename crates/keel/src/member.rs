@@ -204,9 +204,8 @@ impl Member {
             for (lu, l) in serve::bind(&split_urls(urls)).await? {
                 let acceptor = match (lu.tls, &client_tls) {
                     (true, Some(t)) => Some(t.clone()),
-                    (true, None) => {
-                        bail!("TLS key/cert (--cert-file, --key-file) must be provided for metrics url {} with HTTPS scheme", lu.url)
-                    }
+                    // etcd 3.6's words.
+                    (true, None) => bail!("client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"),
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, "serving metrics on {}", lu.url);

@@ -356,8 +356,9 @@ impl rustls::server::danger::ClientCertVerifier for AllowedNames {
             }
         };
         let (cns, names) = cert_names(end_entity);
+        // etcd 3.6 takes a comma-separated list of allowed CommonNames.
         if let Some(cn) = &self.cn {
-            if !cns.iter().any(|c| c == cn) {
+            if !cns.iter().any(|c| cn.split(',').any(|allowed| allowed.trim() == c)) {
                 tracing::warn!(allowed_cn = %cn, got = ?cns, "rejected peer connection: client certificate authentication failed (CommonName not allowed)");
                 return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
             }

@@ -219,7 +219,49 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(MoveLeaderResponse { header: s.header(rev) }))
     }
 
-    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
-        Err(Status::unimplemented("etcdserver: downgrade is not implemented"))
+    /// etcd 3.6's Downgrade: VALIDATE checks the target (one minor below the cluster version,
+    /// as etcd allows); ENABLE is refused after the same checks, since no etcd 3.5 member can
+    /// join a Keel cluster (the way back to etcd is a snapshot, see the README); CANCEL has no
+    /// downgrade to cancel and, as etcd's, succeeds.
+    async fn downgrade(&self, req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        let s = &self.server;
+        s.check_admin(&s.caller(&req)?)?;
+        let r = req.into_inner();
+        let cluster: Vec<&str> = crate::config::ETCD_CLUSTER_VERSION.split('.').take(2).collect();
+        let version = cluster.join(".");
+        let header = s.header(s.store().current_rev());
+        use downgrade_request::DowngradeAction;
+        match DowngradeAction::try_from(r.action) {
+            Ok(DowngradeAction::Cancel) => {
+                tracing::warn!("failed to cancel downgrade: etcdserver: no inflight downgrade job");
+                return Ok(Response::new(DowngradeResponse { header, version }));
+            }
+            Ok(DowngradeAction::Validate | DowngradeAction::Enable) => {}
+            Err(_) => return Err(Status::unimplemented("etcdserver: unknown method")),
+        }
+        let target = downgrade_target(&r.version).ok_or_else(errors::wrong_downgrade_version_format)?;
+        let (major, minor): (u64, u64) = (cluster[0].parse().unwrap_or(3), cluster[1].parse().unwrap_or(6));
+        if minor == 0 || target != (major, minor - 1) {
+            return Err(errors::invalid_downgrade_target_version());
+        }
+        s.linearizable_barrier().await?;
+        if r.action == DowngradeAction::Enable as i32 {
+            tracing::warn!(target_version = %r.version, "reject downgrade request: Keel cannot run etcd 3.5 members");
+            return Err(Status::failed_precondition(
+                "etcdserver: downgrade is not supported by Keel; move to etcd 3.5 through a snapshot (etcdutl snapshot restore)",
+            ));
+        }
+        Ok(Response::new(DowngradeResponse { header, version }))
     }
+}
+
+/// A downgrade target as etcd reads it: `major.minor.patch` or `major.minor`; only major.minor
+/// counts.
+fn downgrade_target(v: &str) -> Option<(u64, u64)> {
+    let core = v.split(['-', '+']).next()?;
+    let parts: Vec<&str> = core.split('.').collect();
+    if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    Some((parts[0].parse().ok()?, parts[1].parse().ok()?))
 }
