@@ -64,8 +64,12 @@ case "$suite" in
         go test -c -o "$work/e2e.test" go.etcd.io/etcd/tests/v3/e2e
       )
     fi
-    # The suite finds its fixtures (certificates) at ../fixtures from where it runs.
-    rundir=$(go env GOMODCACHE)/go.etcd.io/etcd/tests/v3@$ver/e2e
+    # The suite finds its fixtures (certificates) at ../fixtures from where it runs, and some
+    # tests start servers without --data-dir (default.etcd, e1.etcd in the working directory):
+    # each test runs in a scratch directory emptied before it.
+    rundir=$work/run/e2e
+    mkdir -p "$rundir"
+    ln -sfn "$(go env GOMODCACHE)/go.etcd.io/etcd/tests/v3@$ver/fixtures" "$work/run/fixtures"
     ;;
   *) echo "e2e: unknown suite $suite (3.4 or 3.6)" >&2; exit 2 ;;
 esac
@@ -102,6 +106,9 @@ failed_names=()
 stop_servers() { pkill -9 -f "$work/bin/etcd " 2>/dev/null || true; }
 for t in $tests; do
   limit=${KEEL_E2E_TIMEOUT:-300}
+  if [ "$suite" = 3.6 ]; then
+    find "$rundir" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
+  fi
   : >"$work/$t.log"
   for attempt in 1 2; do
     set +e

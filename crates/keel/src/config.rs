@@ -19,7 +19,6 @@ pub const ETCD_STORAGE_VERSION: &str = "3.6.0";
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "keel",
-    version,
     args_override_self = true,
     about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API"
 )]
@@ -194,6 +193,12 @@ pub struct Config {
     /// V3 discovery: password for authentication (when --discovery-user has none).
     #[arg(long, env = "ETCD_DISCOVERY_PASSWORD", default_value = "")]
     pub discovery_password: String,
+    /// Log format: `json` (etcd's, the default) or `console`.
+    #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json", value_parser = ["json", "console"])]
+    pub log_format: String,
+    /// The etcd flags given that Keel ignores (warned about at start).
+    #[arg(skip)]
+    pub ignored: Vec<String>,
     /// Set level of detail for exported metrics: `basic` or `extensive` (also per-method gRPC
     /// latency histograms).
     #[arg(long, env = "ETCD_METRICS", default_value = "basic", value_parser = ["basic", "extensive"])]
@@ -207,6 +212,12 @@ pub struct Config {
 /// differently); each is reported once at start.
 const IGNORED_HINT: &str = "flag is accepted for compatibility with etcd and has no effect in Keel";
 
+/// etcd 3.6's notices for deprecated flags Keel accepts and ignores.
+const DEPRECATED: &[(&str, &str)] = &[
+    ("max-snapshots", "--max-snapshots is deprecated in 3.6 and will be decommissioned in 3.8."),
+    ("v2-deprecation", "--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input."),
+];
+
 impl Config {
     /// Parses the process's arguments (and environment) the way etcd does.
     pub fn from_args() -> Result<Config, clap::Error> {
@@ -215,11 +226,20 @@ impl Config {
 
     pub fn parse_from_args(args: Vec<String>) -> Result<Config, clap::Error> {
         let (args, ignored) = normalize_args(args);
-        let cfg = Config::try_parse_from(args)?;
-        for f in ignored {
-            tracing::warn!(flag = %f, "{IGNORED_HINT}");
-        }
+        let mut cfg = Config::try_parse_from(args)?;
+        cfg.ignored = ignored;
         Ok(cfg)
+    }
+
+    /// Warns about the etcd flags given that Keel ignores, with etcd 3.6's deprecation notice
+    /// where etcd has one (once the log is set up).
+    pub fn warn_ignored(&self) {
+        for f in &self.ignored {
+            match DEPRECATED.iter().find(|(name, _)| name == f) {
+                Some((_, notice)) => tracing::warn!("{notice}"),
+                None => tracing::warn!(flag = %f, "{IGNORED_HINT}"),
+            }
+        }
     }
 
     pub fn data_dir(&self) -> String {

@@ -26,6 +26,7 @@
 //! - `migrate`: etcd's files in and out (bbolt backend, WAL, `.snap`; an etcd data dir converted
 //!   at start).
 //! - `errors`: etcd's gRPC errors.
+//! - `logging`: the log, in etcd's JSON format.
 //! - `proxy`: the L4 gateway (`keel gateway start`); `tool`: the offline tool (`keel snapshot
 //!   ...`, `keel wal dump`).
 
@@ -40,6 +41,7 @@ mod errors;
 mod gateway;
 mod h2fix;
 mod http;
+mod logging;
 pub mod lease;
 mod member;
 mod membership;
@@ -56,16 +58,6 @@ mod watch;
 use config::Config;
 use std::process::ExitCode;
 
-fn init_logging(level: &str) {
-    let level = match level {
-        "debug" => "debug",
-        "warn" => "warn",
-        "error" | "panic" | "fatal" | "dpanic" => "error",
-        _ => "info",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
-}
 
 /// The `keel` command: the server, or one of its tools (`keel snapshot ...`, `keel gateway ...`).
 pub fn main() -> ExitCode {
@@ -74,8 +66,17 @@ pub fn main() -> ExitCode {
         return tool::main(args);
     }
     if proxy::is_gateway(&args) {
-        init_logging("info");
+        logging::init("info", "json");
         return proxy::main(args);
+    }
+    if args.iter().skip(1).any(|a| a == "--version" || a == "-version") {
+        // etcd's version lines (tools and etcd's own test harness read the first one), then
+        // Keel's own.
+        println!("etcd Version: {}", config::ETCD_VERSION);
+        println!("Git SHA: keel {}", env!("CARGO_PKG_VERSION"));
+        println!("Go Version: none (Keel is written in Rust)");
+        println!("Go OS/Arch: {}/{}", std::env::consts::OS, if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH });
+        return ExitCode::SUCCESS;
     }
     let cfg = match Config::from_args() {
         Ok(c) => c,
@@ -84,7 +85,8 @@ pub fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_logging(&cfg.log_level);
+    logging::init(&cfg.log_level, &cfg.log_format);
+    cfg.warn_ignored();
     metrics::set_extensive(cfg.metrics == "extensive");
     metrics::install_observers();
     // Crash points named in FAILPOINTS (test builds with `--features failpoints` only).

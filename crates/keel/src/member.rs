@@ -71,7 +71,15 @@ impl Member {
     /// cluster it joins), loads leases, auth and alarms from the backend, and starts raft with
     /// its apply stage.
     pub async fn start(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<Member> {
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), etcd_api = config::ETCD_VERSION, name = %cfg.name, data_dir = %cfg.data_dir(), "starting keel");
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            etcd_version = config::ETCD_VERSION,
+            name = %cfg.name,
+            data_dir = %cfg.data_dir(),
+            // etcd 3.6 always runs at this level of v2 deprecation, whatever the flag says.
+            v2_deprecation = "write-only",
+            "starting keel"
+        );
         if !(4..=31).contains(&cfg.bcrypt_cost) {
             bail!("--bcrypt-cost {} is out of range (4..=31)", cfg.bcrypt_cost);
         }

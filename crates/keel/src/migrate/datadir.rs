@@ -180,6 +180,9 @@ fn build(member: &Path, new: &Path) -> Result<()> {
     }
     let term = if applied == snap_index && snap.is_some() {
         snap_term
+    } else if applied == 0 {
+        // Nothing was ever applied (etcd stopped before its first entry).
+        0
     } else if let Some(e) = log.entries.iter().find(|e| e.index == applied) {
         e.term
     } else if imported.meta.term > 0 {
