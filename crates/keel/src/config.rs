@@ -17,11 +17,7 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.6.0";
 pub const ETCD_STORAGE_VERSION: &str = "3.6.0";
 
 #[derive(Parser, Debug, Clone)]
-#[command(
-    name = "keel",
-    args_override_self = true,
-    about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API"
-)]
+#[command(name = "keel", args_override_self = true, about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API")]
 pub struct Config {
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = "default")]
@@ -215,7 +211,10 @@ const IGNORED_HINT: &str = "flag is accepted for compatibility with etcd and has
 /// etcd 3.6's notices for deprecated flags Keel accepts and ignores.
 const DEPRECATED: &[(&str, &str)] = &[
     ("max-snapshots", "--max-snapshots is deprecated in 3.6 and will be decommissioned in 3.8."),
-    ("v2-deprecation", "--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input."),
+    (
+        "v2-deprecation",
+        "--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input.",
+    ),
 ];
 
 impl Config {

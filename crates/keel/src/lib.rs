@@ -41,8 +41,8 @@ mod errors;
 mod gateway;
 mod h2fix;
 mod http;
-mod logging;
 pub mod lease;
+mod logging;
 mod member;
 mod membership;
 mod metrics;
@@ -57,7 +57,6 @@ mod watch;
 
 use config::Config;
 use std::process::ExitCode;
-
 
 /// The `keel` command: the server, or one of its tools (`keel snapshot ...`, `keel gateway ...`).
 pub fn main() -> ExitCode {
@@ -75,7 +74,11 @@ pub fn main() -> ExitCode {
         println!("etcd Version: {}", config::ETCD_VERSION);
         println!("Git SHA: keel {}", env!("CARGO_PKG_VERSION"));
         println!("Go Version: none (Keel is written in Rust)");
-        println!("Go OS/Arch: {}/{}", std::env::consts::OS, if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH });
+        println!(
+            "Go OS/Arch: {}/{}",
+            std::env::consts::OS,
+            if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH }
+        );
         return ExitCode::SUCCESS;
     }
     let cfg = match Config::from_args() {

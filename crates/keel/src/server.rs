@@ -376,7 +376,7 @@ impl Server {
 impl crate::peer::Forwarded for Server {
     async fn promote(&self, id: u64) -> Result<keel_proto::etcdserverpb::MemberPromoteResponse, Status> {
         let members = self.promote_learner(id).await?;
-        Ok(keel_proto::etcdserverpb::MemberPromoteResponse { header: self.header(self.store().current_rev()), members })
+        Ok(keel_proto::etcdserverpb::MemberPromoteResponse { header: self.header(0), members })
     }
 
     fn lease_renew(&self, id: i64) -> Result<keel_proto::etcdserverpb::LeaseKeepAliveResponse, Status> {

@@ -256,7 +256,7 @@ async fn load(c: &Cluster, targets: &[usize], prefix: &str, n: usize, clients: u
                 .members
                 .iter()
                 .filter_map(|m| m.proc.as_ref())
-                .map(|p| p.log_text().lines().filter(|l| !l.contains(" INFO ")).take(60).collect::<Vec<_>>().join("\n"))
+                .map(|p| p.log_text().lines().filter(|l| !l.contains("\"level\":\"info\"")).take(60).collect::<Vec<_>>().join("\n"))
                 .collect();
             panic!("put failed: {e}\nmember logs (warnings and errors):\n{}", logs.join("\n---\n"));
         }

@@ -115,6 +115,7 @@ pub async fn promote(server: &Server, id: u64) -> Result<Vec<Member>, Status> {
     server.promote_learner(id).await
 }
 
+// etcd's cluster server answers with a header that carries no revision (0): so does Keel's.
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
@@ -139,10 +140,10 @@ impl Cluster for ClusterService {
         }
         let rec = MemberRecord { id, name: String::new(), peer_urls: r.peer_ur_ls.clone(), client_urls: vec![], is_learner: r.is_learner };
         let change = if r.is_learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
-        let (applied, rev) = s.propose_conf_change(change, id, Some(rec)).await?;
+        let (applied, _) = s.propose_conf_change(change, id, Some(rec)).await?;
         let members = members_of(applied)?;
         let member = members.iter().find(|m| m.id == id).cloned();
-        Ok(Response::new(MemberAddResponse { header: s.header(rev), member, members }))
+        Ok(Response::new(MemberAddResponse { header: s.header(0), member, members }))
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
@@ -153,8 +154,8 @@ impl Cluster for ClusterService {
             return Err(errors::member_not_found());
         }
         self.may_remove(id)?;
-        let (applied, rev) = s.propose_conf_change(ConfChangeType::RemoveNode, id, None).await?;
-        Ok(Response::new(MemberRemoveResponse { header: s.header(rev), members: members_of(applied)? }))
+        let (applied, _) = s.propose_conf_change(ConfChangeType::RemoveNode, id, None).await?;
+        Ok(Response::new(MemberRemoveResponse { header: s.header(0), members: members_of(applied)? }))
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
@@ -171,17 +172,16 @@ impl Cluster for ClusterService {
                 return Err(errors::peer_url_exists());
             }
         }
-        let (applied, rev) = s.propose(Internal::MemberUpdate(MemberUpdate { id: r.id, peer_urls: r.peer_ur_ls })).await?;
-        Ok(Response::new(MemberUpdateResponse { header: s.header(rev), members: members_of(applied)? }))
+        let (applied, _) = s.propose(Internal::MemberUpdate(MemberUpdate { id: r.id, peer_urls: r.peer_ur_ls })).await?;
+        Ok(Response::new(MemberUpdateResponse { header: s.header(0), members: members_of(applied)? }))
     }
 
     async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         if req.get_ref().linearizable {
             self.server.linearizable_barrier().await?;
         }
-        let rev = self.server.store().current_rev();
         let members = self.server.members().to_proto();
-        Ok(Response::new(MemberListResponse { header: self.server.header(rev), members }))
+        Ok(Response::new(MemberListResponse { header: self.server.header(0), members }))
     }
 
     async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
@@ -197,7 +197,6 @@ impl Cluster for ClusterService {
             }
             self.transport.forward_promote(leader, id).await?
         };
-        let rev = s.store().current_rev();
-        Ok(Response::new(MemberPromoteResponse { header: s.header(rev), members }))
+        Ok(Response::new(MemberPromoteResponse { header: s.header(0), members }))
     }
 }

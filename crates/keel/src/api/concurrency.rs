@@ -52,10 +52,16 @@ fn create_rev_is(key: &[u8], rev: i64) -> Compare {
     }
 }
 
+/// etcd's election and lock servers call the KV through an in-process client, whose errors
+/// reach the caller with code Unknown and the server's message: so do Keel's.
+fn as_client_error(s: Status) -> Status {
+    Status::unknown(s.message().to_string())
+}
+
 impl Concurrency {
     async fn txn(&self, t: TxnRequest) -> Result<(TxnResponse, i64), Status> {
         self.server.not_learner()?;
-        match self.server.propose(Internal::Txn(t)).await? {
+        match self.server.propose(Internal::Txn(t)).await.map_err(as_client_error)? {
             (Applied::Txn(r), rev) => Ok((r, rev)),
             _ => Err(Status::internal("etcdserver: unexpected apply result")),
         }

@@ -117,8 +117,8 @@ impl Maintenance for MaintenanceService {
         m.defrag_inflight.set(0);
         m.backend_defrag.observe(t0.elapsed().as_secs_f64());
         done.map_err(backend_err)?;
-        let rev = self.server.store().current_rev();
-        Ok(Response::new(DefragmentResponse { header: self.server.header(rev) }))
+        // etcd 3.6 answers without a header.
+        Ok(Response::new(DefragmentResponse { header: None }))
     }
 
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
@@ -142,7 +142,9 @@ impl Maintenance for MaintenanceService {
         let (hash, cur, compacted) =
             tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(errors::kv)?;
         crate::metrics::METRICS.hash_rev.observe(t0.elapsed().as_secs_f64());
-        Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision: compacted, hash_revision }))
+        // etcd reports -1 for a store that was never compacted.
+        let compact_revision = if compacted == 0 { -1 } else { compacted };
+        Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision, hash_revision }))
     }
 
     type SnapshotStream = SnapshotStream;
@@ -215,8 +217,8 @@ impl Maintenance for MaintenanceService {
             }
             tracing::info!(transferee = format!("{target:x}"), "leadership transferred");
         }
-        let rev = s.store().current_rev();
-        Ok(Response::new(MoveLeaderResponse { header: s.header(rev) }))
+        // etcd 3.6 answers without a header.
+        Ok(Response::new(MoveLeaderResponse { header: None }))
     }
 
     /// etcd 3.6's Downgrade: VALIDATE checks the target (one minor below the cluster version,

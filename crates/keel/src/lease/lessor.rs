@@ -171,16 +171,10 @@ impl Lessor {
     pub fn time_to_live(&self, id: i64) -> Option<(i64, i64, Vec<Vec<u8>>)> {
         let l = self.leases.get(&id)?;
         let remaining = match l.deadline {
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                // etcd rounds the remaining time up to whole seconds.
-                left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0)
-            }
+            // etcd answers whole seconds, truncated (59 just after a 60-second grant).
+            Some(d) => d.saturating_duration_since(Instant::now()).as_secs() as i64,
             None => match l.checkpointed {
-                Some((at, ms)) => {
-                    let left = (at + Duration::from_millis(ms as u64)).saturating_duration_since(Instant::now());
-                    left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0)
-                }
+                Some((at, ms)) => (at + Duration::from_millis(ms as u64)).saturating_duration_since(Instant::now()).as_secs() as i64,
                 None => l.ttl,
             },
         };
