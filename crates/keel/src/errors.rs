@@ -172,6 +172,14 @@ pub fn corrupt() -> Status {
     st(Code::DataLoss, "corrupt cluster")
 }
 
+pub fn wrong_downgrade_version_format() -> Status {
+    Status::invalid_argument("etcdserver: wrong downgrade target version format")
+}
+
+pub fn invalid_downgrade_target_version() -> Status {
+    Status::invalid_argument("etcdserver: invalid downgrade target version")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,12 +194,4 @@ mod tests {
         assert_eq!(oversized_message("etcdserver: request is too large"), None);
         assert_eq!(percent_decode("a%20b%"), "a b%");
     }
-}
-
-pub fn wrong_downgrade_version_format() -> Status {
-    Status::invalid_argument("etcdserver: wrong downgrade target version format")
-}
-
-pub fn invalid_downgrade_target_version() -> Status {
-    Status::invalid_argument("etcdserver: invalid downgrade target version")
 }
