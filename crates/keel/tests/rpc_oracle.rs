@@ -87,7 +87,7 @@ async fn script(t: &Target) -> Vec<(String, String)> {
     step!("hash", out(mt.hash(HashRequest {}).await, |r| r.hash = 0));
     step!("defragment", out(mt.defragment(DefragmentRequest {}).await, keep));
     let get = AlarmRequest { action: alarm_request::AlarmAction::Get as i32, member_id: 0, alarm: AlarmType::None as i32 };
-    step!("alarm get", out(mt.alarm(get.clone()).await, keep));
+    step!("alarm get", out(mt.alarm(get).await, keep));
     let deactivate =
         AlarmRequest { action: alarm_request::AlarmAction::Deactivate as i32, member_id: t.member_id, alarm: AlarmType::Nospace as i32 };
     step!("alarm deactivate absent", out(mt.alarm(deactivate).await, keep));
