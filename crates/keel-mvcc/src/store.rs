@@ -478,15 +478,16 @@ impl Store {
     /// index and the unflushed batches, and a read transaction of the backend, at one instant.
     pub fn plan_hash_kv(&self, rev: i64) -> Result<HashPlan, KvError> {
         let (cur, compacted) = (self.meta.current_rev, self.meta.compacted_rev);
-        if rev > 0 && rev <= compacted {
+        // As etcd 3.6: the compaction revision itself can still be hashed.
+        if rev > 0 && rev < compacted {
             return Err(KvError::Compacted);
         }
         if rev > cur {
             return Err(KvError::FutureRev);
         }
         let upper = if rev == 0 { cur } else { rev };
-        // As etcd 3.4: entries at or below the compaction revision count only when they are
-        // their key's newest value at `upper`.
+        // As etcd: entries at or below the compaction revision count only when they are their
+        // key's newest value at `upper`.
         let keep: std::collections::HashSet<Vec<u8>> = if compacted > 0 {
             self.index.range_at(&[0], &[0], upper).filter(|(_, r)| r.main <= compacted).map(|(_, r)| r.to_key(false)).collect()
         } else {
@@ -736,8 +737,10 @@ impl HashPlan {
             crc = crc32c::crc32c_append(crc, k);
             crc = crc32c::crc32c_append(crc, v);
         };
+        // A tombstone at the compaction revision is left out (etcd 3.6: older releases deleted
+        // it when compacting, newer ones keep it, and both must hash alike).
         let within = |k: &[u8]| match Revision::from_key(k) {
-            Some((r, _)) if r.main <= upper => r.main > compacted || !any_live || keep.contains(k),
+            Some((r, tomb)) if r.main <= upper => !(tomb && r.main == compacted) && (r.main > compacted || !any_live || keep.contains(k)),
             _ => false,
         };
         // Merge the committed table with the unflushed changes, in key (= revision) order.
