@@ -115,6 +115,10 @@ pub struct Config {
     /// Reject reconfiguration requests that would cause quorum loss.
     #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = ArgAction::Set)]
     pub strict_reconfig_check: bool,
+    /// List of URLs to listen on for HTTP-only client traffic (then the client URLs serve gRPC
+    /// only).
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_HTTP_URLS", default_value = "")]
+    pub listen_client_http_urls: String,
     /// List of URLs to listen on for the metrics and health endpoints.
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS")]
     pub listen_metrics_urls: Option<String>,
@@ -189,6 +193,10 @@ pub struct Config {
     /// V3 discovery: password for authentication (when --discovery-user has none).
     #[arg(long, env = "ETCD_DISCOVERY_PASSWORD", default_value = "")]
     pub discovery_password: String,
+    /// etcd 3.6's feature gates, `Name=true|false,...` (SetMemberLocalAddr is honoured; the
+    /// others are accepted and change nothing in Keel).
+    #[arg(long, env = "ETCD_FEATURE_GATES", default_value = "")]
+    pub feature_gates: String,
     /// Log format: `json` (etcd's, the default) or `console`.
     #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json", value_parser = ["json", "console"])]
     pub log_format: String,
@@ -277,7 +285,7 @@ impl Config {
 
     /// The source IP for peer connections, with `--experimental-set-member-localaddr`.
     pub fn member_local_ip(&self) -> Option<std::net::IpAddr> {
-        if !self.experimental_set_member_localaddr {
+        if !(self.experimental_set_member_localaddr || self.feature("SetMemberLocalAddr")) {
             return None;
         }
         let u = split_urls(&self.initial_advertise_peer_urls).into_iter().next()?;
@@ -299,7 +307,32 @@ impl Config {
     }
 
     /// Checks the flags etcd checks at start.
+    /// Whether a feature gate is on: `--feature-gates` (`Name=true,Other=false`) over etcd 3.6's
+    /// defaults ([`crate::metrics::FEATURE_GATES`]).
+    pub fn feature(&self, name: &str) -> bool {
+        let default = crate::metrics::FEATURE_GATES.iter().find(|(n, _, _)| *n == name).is_some_and(|(_, _, on)| *on);
+        self.feature_gates
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| k.trim() == name)
+            .last()
+            .map_or(default, |(_, v)| v.trim() == "true")
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        for kv in self.feature_gates.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(format!("invalid value of --feature-gates: missing bool value for {kv}"));
+            };
+            if !crate::metrics::FEATURE_GATES.iter().any(|(n, _, _)| *n == k.trim()) {
+                return Err(format!("invalid value of --feature-gates: unrecognized feature gate: {}", k.trim()));
+            }
+            if v.trim() != "true" && v.trim() != "false" {
+                return Err(format!(
+                    "invalid value of --feature-gates: invalid value of {k}={v}, err: strconv.ParseBool: parsing {v:?}: invalid syntax"
+                ));
+            }
+        }
         if self.heartbeat_interval == 0 {
             return Err("--heartbeat-interval must be > 0".into());
         }

@@ -90,7 +90,7 @@ pub fn main() -> ExitCode {
     };
     logging::init(&cfg.log_level, &cfg.log_format);
     cfg.warn_ignored();
-    metrics::set_extensive(cfg.metrics == "extensive");
+    metrics::configure(&cfg);
     metrics::install_observers();
     // Crash points named in FAILPOINTS (test builds with `--features failpoints` only).
     #[cfg(feature = "failpoints")]

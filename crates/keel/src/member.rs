@@ -171,7 +171,7 @@ impl Member {
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
-                serving.push(tokio::spawn(serve::serve(l, acceptor, peer_router.clone(), serve::H2::DEFAULT, false)));
+                serving.push(tokio::spawn(serve::serve(l, acceptor, false, peer_router.clone(), serve::H2::DEFAULT, false)));
             }
             let _ = bound_tx.send(Ok(()));
             for s in serving {
@@ -188,9 +188,22 @@ impl Member {
     pub async fn serve_clients(&self) -> Result<()> {
         let cfg = &self.cfg;
         let client_h2 = client_h2(cfg)?;
-        let router = self.client_router();
         let client_tls = tls::client_server(cfg)?;
+        // As etcd: with --listen-client-http-urls the HTTP services move there and the client
+        // URLs serve gRPC only.
+        let http_urls = split_urls(&cfg.listen_client_http_urls);
+        let mut listeners: Vec<(serve::ListenUrl, serve::Listener, axum::Router)> = Vec::new();
+        let router = self.client_router(true, http_urls.is_empty());
         for (lu, l) in serve::bind(&split_urls(&cfg.listen_client_urls)).await? {
+            listeners.push((lu, l, router.clone()));
+        }
+        if !http_urls.is_empty() {
+            let router = self.client_router(false, true);
+            for (lu, l) in serve::bind(&http_urls).await? {
+                listeners.push((lu, l, router.clone()));
+            }
+        }
+        for (lu, l, router) in listeners {
             let acceptor = match (lu.tls, &client_tls) {
                 (true, Some(t)) => Some(t.clone()),
                 (true, None) => {
@@ -198,13 +211,13 @@ impl Member {
                 }
                 (false, _) => None,
             };
-            let (router, mut ready) = (router.clone(), self.ready.subscribe());
+            let mut ready = self.ready.subscribe();
             tokio::spawn(async move {
                 if ready.wait_for(|r| *r).await.is_err() {
                     return;
                 }
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-                serve::serve(l, acceptor, router, client_h2, true).await
+                serve::serve(l, acceptor, lu.plain_too, router, client_h2, true).await
             });
         }
         if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
@@ -217,7 +230,7 @@ impl Member {
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, "serving metrics on {}", lu.url);
-                tokio::spawn(serve::serve(l, acceptor, mrouter.clone(), serve::H2::DEFAULT, false));
+                tokio::spawn(serve::serve(l, acceptor, lu.plain_too, mrouter.clone(), serve::H2::DEFAULT, false));
             }
         }
         Ok(())
@@ -246,7 +259,9 @@ impl Member {
 
     /// The gRPC services (each behind etcd's `hasleader` gate), the HTTP endpoints and the JSON
     /// gateway, on one router.
-    fn client_router(&self) -> axum::Router {
+    /// The client routes: gRPC, the plain HTTP endpoints and the `/v3` gateway (`grpc` and
+    /// `http` pick which, for `--listen-client-http-urls`).
+    fn client_router(&self, grpc_on: bool, http_on: bool) -> axum::Router {
         let cfg = &self.cfg;
         let (server, hub, transport) = (&self.server, &self.hub, &self.transport);
         let max_recv = cfg.max_request_bytes as usize + 512 * 1024;
@@ -309,7 +324,12 @@ impl Member {
         if go_http2_debug() {
             router = router.layer(axum::middleware::from_fn(log_authority));
         }
-        router.merge(http::router(server.clone())).merge(gateway::router(gw))
+        let http = http::router(server.clone()).merge(gateway::router(gw));
+        match (grpc_on, http_on) {
+            (true, true) => router.merge(http),
+            (true, false) => router,
+            _ => http,
+        }
     }
 }
 

@@ -27,9 +27,13 @@ use std::task::{Context, Poll};
 /// etcd's `--metrics extensive`: also the per-method gRPC latency histograms.
 static EXTENSIVE: AtomicBool = AtomicBool::new(false);
 
-/// Selects `basic` or `extensive` metrics (`--metrics`), before the first request.
-pub fn set_extensive(on: bool) {
-    EXTENSIVE.store(on, Ordering::Relaxed);
+/// Selects `basic` or `extensive` metrics (`--metrics`) and records the feature gates, before
+/// the first request.
+pub fn configure(cfg: &crate::config::Config) {
+    EXTENSIVE.store(cfg.metrics == "extensive", Ordering::Relaxed);
+    for (name, stage, _) in FEATURE_GATES {
+        METRICS.feature_enabled.with_label_values(&[name, stage]).set(i64::from(cfg.feature(name)));
+    }
 }
 
 pub struct Metrics {

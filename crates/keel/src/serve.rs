@@ -29,6 +29,9 @@ impl std::fmt::Display for Addr {
 /// A parsed listen URL.
 pub struct ListenUrl {
     pub tls: bool,
+    /// Plaintext too on the same address (an `http://` and an `https://` URL with one port, as
+    /// etcd's connection multiplexer allows): each connection's first byte decides.
+    pub plain_too: bool,
     pub addr: Addr,
     pub url: String,
 }
@@ -45,14 +48,14 @@ pub fn parse_listen_url(u: &str) -> Result<ListenUrl> {
     };
     if unix {
         // As etcd: the host part names the socket file, relative to the working directory.
-        return Ok(ListenUrl { tls, addr: Addr::Unix(PathBuf::from(hostport)), url: u.to_string() });
+        return Ok(ListenUrl { tls, plain_too: false, addr: Addr::Unix(PathBuf::from(hostport)), url: u.to_string() });
     }
     let (host, port) = hostport.rsplit_once(':').ok_or_else(|| anyhow!("URL {u:?} has no port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let host = if host == "localhost" || host.is_empty() { "127.0.0.1" } else { host };
     let port: u16 = port.parse().with_context(|| format!("bad port in {u:?}"))?;
     let ip = host.parse().with_context(|| format!("listen URL {u:?} must name an IP address or localhost"))?;
-    Ok(ListenUrl { tls, addr: Addr::Tcp(SocketAddr::new(ip, port)), url: u.to_string() })
+    Ok(ListenUrl { tls, plain_too: false, addr: Addr::Tcp(SocketAddr::new(ip, port)), url: u.to_string() })
 }
 
 pub enum Listener {
@@ -60,11 +63,22 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
-/// Binds every URL; fails if any cannot be bound.
+/// Binds every URL; fails if any cannot be bound. An `http://` and an `https://` URL on one TCP
+/// address share one listener that takes both.
 pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, Listener)>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(ListenUrl, Listener)> = Vec::new();
     for u in urls {
         let lu = parse_listen_url(u)?;
+        if let Some((other, _)) = out.iter_mut().find(|(o, _)| matches!((&o.addr, &lu.addr), (Addr::Tcp(a), Addr::Tcp(b)) if a == b)) {
+            if other.tls != lu.tls {
+                other.plain_too = true;
+                if lu.tls {
+                    other.tls = true;
+                    other.url = lu.url;
+                }
+                continue;
+            }
+        }
         let l = match &lu.addr {
             Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await.with_context(|| format!("listen on {u}"))?),
             Addr::Unix(p) => {
@@ -95,7 +109,7 @@ impl H2 {
 /// Serves `router` on `listener` until the process ends.
 ///
 /// Client listeners set `fix_authority` (see [`crate::h2fix`]).
-pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::Router, h2: H2, fix_authority: bool) {
+pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool, router: axum::Router, h2: H2, fix_authority: bool) {
     loop {
         let accepted: std::io::Result<Box<dyn Io>> = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
@@ -115,6 +129,23 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::R
         let router = router.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let mut sock = sock;
+            // A TLS connection starts with a handshake record (0x16); anything else is plaintext.
+            let tls = match tls {
+                Some(acc) if plain_too => {
+                    let mut first = [0u8; 1];
+                    let n = match tokio::time::timeout(std::time::Duration::from_secs(10), peek(&mut sock, &mut first)).await {
+                        Ok(Ok(n)) => n,
+                        _ => return,
+                    };
+                    if n == 1 && first[0] == 0x16 {
+                        Some(acc)
+                    } else {
+                        None
+                    }
+                }
+                other => other,
+            };
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http2().max_concurrent_streams(h2.max_streams);
             if let Some((interval, timeout)) = h2.keepalive {
@@ -149,6 +180,53 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, router: axum::R
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Reads the first byte without consuming it: the byte is put back in front of the stream.
+async fn peek(sock: &mut Box<dyn Io>, buf: &mut [u8; 1]) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let n = sock.read(buf).await?;
+    let inner = std::mem::replace(sock, Box::new(tokio::io::duplex(1).0));
+    *sock = Box::new(Prefixed { head: buf[..n].to_vec(), inner });
+    Ok(n)
+}
+
+/// A stream that yields `head` before the rest of `inner`.
+struct Prefixed {
+    head: Vec<u8>,
+    inner: Box<dyn Io>,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(out.remaining());
+            out.put_slice(&self.head[..n]);
+            self.head.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
