@@ -314,8 +314,7 @@ impl Config {
         self.feature_gates
             .split(',')
             .filter_map(|kv| kv.split_once('='))
-            .filter(|(k, _)| k.trim() == name)
-            .last()
+            .rfind(|(k, _)| k.trim() == name)
             .map_or(default, |(_, v)| v.trim() == "true")
     }
 
