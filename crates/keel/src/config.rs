@@ -197,6 +197,14 @@ pub struct Config {
     /// others are accepted and change nothing in Keel).
     #[arg(long, env = "ETCD_FEATURE_GATES", default_value = "")]
     pub feature_gates: String,
+    /// Defragment the backend at start when at least this many MB of it are free (0: never).
+    #[arg(
+        long,
+        alias = "experimental-bootstrap-defrag-threshold-megabytes",
+        env = "ETCD_BOOTSTRAP_DEFRAG_THRESHOLD_MEGABYTES",
+        default_value_t = 0
+    )]
+    pub bootstrap_defrag_threshold_megabytes: u64,
     /// Log format: `json` (etcd's, the default) or `console`.
     #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json", value_parser = ["json", "console"])]
     pub log_format: String,
@@ -409,7 +417,7 @@ fn normalize_args(args: Vec<String>) -> (Vec<String>, Vec<String>) {
     let cmd = Config::command();
     let known: std::collections::HashSet<String> = cmd
         .get_arguments()
-        .filter_map(|a| a.get_long().map(|s| s.to_string()))
+        .flat_map(|a| a.get_long().into_iter().chain(a.get_all_aliases().unwrap_or_default()).map(|s| s.to_string()).collect::<Vec<_>>())
         .chain(["help".to_string(), "version".to_string()])
         .collect();
     let mut out = Vec::with_capacity(args.len());

@@ -243,6 +243,9 @@ impl Member {
         let auto_compaction =
             compactor::policy(&self.cfg.auto_compaction_mode, &self.cfg.auto_compaction_retention).map_err(anyhow::Error::msg)?;
         tokio::spawn(publish(self.server.clone(), self.ready));
+        if self.cfg.bootstrap_defrag_threshold_megabytes > 0 {
+            tokio::spawn(bootstrap_defrag(self.server.clone(), self.cfg.bootstrap_defrag_threshold_megabytes << 20));
+        }
         tokio::spawn(compactor::run(self.server.clone(), auto_compaction));
         tokio::spawn(lease::run(self.server.clone()));
         tokio::select! {
@@ -257,9 +260,8 @@ impl Member {
         Ok(())
     }
 
-    /// The gRPC services (each behind etcd's `hasleader` gate), the HTTP endpoints and the JSON
-    /// gateway, on one router.
-    /// The client routes: gRPC, the plain HTTP endpoints and the `/v3` gateway (`grpc` and
+    /// The client routes: the gRPC services (each behind etcd's `hasleader` gate), the plain HTTP
+    /// endpoints and the `/v3` gateway (`grpc` and
     /// `http` pick which, for `--listen-client-http-urls`).
     fn client_router(&self, grpc_on: bool, http_on: bool) -> axum::Router {
         let cfg = &self.cfg;
@@ -540,6 +542,29 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
 
 /// Publishes this member's name and client URLs through raft (as etcd does), then announces that
 /// the member serves.
+/// etcd's `--bootstrap-defrag-threshold-megabytes`: at start, defragments the backend when at
+/// least the threshold of it is free space.
+async fn bootstrap_defrag(server: Arc<Server>, threshold: u64) {
+    let (size, in_use) = {
+        let store = server.store();
+        (store.db_size(), store.data_size().min(store.db_size()))
+    };
+    let free = size - in_use;
+    if free < threshold {
+        tracing::info!(
+            current_db_size_bytes = size,
+            current_db_size_in_use_bytes = in_use,
+            bootstrap_defrag_threshold_bytes = threshold,
+            "Skipping defragmentation"
+        );
+        return;
+    }
+    tracing::info!(current_db_size_bytes = size, free_bytes = free, "defragmenting at start");
+    if let Err(e) = server.defragment().await {
+        tracing::warn!(error = %e, "defragmentation at start failed");
+    }
+}
+
 async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
     let attrs = MemberAttributes {
         id: server.member_id(),
