@@ -205,6 +205,12 @@ pub struct Config {
         default_value_t = 0
     )]
     pub bootstrap_defrag_threshold_megabytes: u64,
+    /// Log a "request stats" warning for unary requests slower than this (etcd 3.6's flag).
+    #[arg(long, env = "ETCD_WARNING_UNARY_REQUEST_DURATION", default_value = "")]
+    pub warning_unary_request_duration: String,
+    /// The same (deprecated spelling; both at once is refused, as etcd does).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_UNARY_REQUEST_DURATION", default_value = "")]
+    pub experimental_warning_unary_request_duration: String,
     /// Log format: `json` (etcd's, the default) or `console`.
     #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json", value_parser = ["json", "console"])]
     pub log_format: String,
@@ -326,7 +332,30 @@ impl Config {
             .map_or(default, |(_, v)| v.trim() == "true")
     }
 
+    /// The unary request duration above which a "request stats" warning is logged (300 ms).
+    pub fn warning_unary_request_duration(&self) -> Duration {
+        let v = if self.warning_unary_request_duration.is_empty() {
+            &self.experimental_warning_unary_request_duration
+        } else {
+            &self.warning_unary_request_duration
+        };
+        parse_go_duration(v).unwrap_or(Duration::from_millis(300))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if !self.warning_unary_request_duration.is_empty() && !self.experimental_warning_unary_request_duration.is_empty() {
+            return Err(
+                "cannot set --experimental-warning-unary-request-duration and --warning-unary-request-duration at the same time".into()
+            );
+        }
+        for (flag, v) in [
+            ("--warning-unary-request-duration", &self.warning_unary_request_duration),
+            ("--experimental-warning-unary-request-duration", &self.experimental_warning_unary_request_duration),
+        ] {
+            if !v.is_empty() && parse_go_duration(v).is_none() {
+                return Err(format!("invalid value {v:?} for {flag}: a duration such as 300ms"));
+            }
+        }
         for kv in self.feature_gates.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
             let Some((k, v)) = kv.split_once('=') else {
                 return Err(format!("invalid value of --feature-gates: missing bool value for {kv}"));

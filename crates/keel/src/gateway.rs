@@ -167,10 +167,11 @@ async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, header
     }
 }
 
+/// `{"result":...}` and a newline, the message's fields in proto order as etcd's gateway writes
+/// them (a `serde_json::Value` would sort them).
 fn result_line<T: Serialize>(msg: &T) -> Bytes {
-    let mut s = serde_json::json!({ "result": msg }).to_string();
-    s.push('\n');
-    Bytes::from(s)
+    let inner = serde_json::to_string(msg).unwrap_or_else(|_| "{}".to_string());
+    Bytes::from(format!("{{\"result\":{inner}}}\n"))
 }
 
 /// One keep-alive: the answer comes wrapped as a stream result, as etcd's gateway does.

@@ -26,11 +26,14 @@ use std::task::{Context, Poll};
 
 /// etcd's `--metrics extensive`: also the per-method gRPC latency histograms.
 static EXTENSIVE: AtomicBool = AtomicBool::new(false);
+/// `--warning-unary-request-duration` in microseconds: slower unary calls are logged.
+static WARN_UNARY_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(300_000);
 
 /// Selects `basic` or `extensive` metrics (`--metrics`) and records the feature gates, before
 /// the first request.
 pub fn configure(cfg: &crate::config::Config) {
     EXTENSIVE.store(cfg.metrics == "extensive", Ordering::Relaxed);
+    WARN_UNARY_MICROS.store(cfg.warning_unary_request_duration().as_micros() as u64, Ordering::Relaxed);
     for (name, stage, _) in FEATURE_GATES {
         METRICS.feature_enabled.with_label_values(&[name, stage]).set(i64::from(cfg.feature(name)));
     }
@@ -735,6 +738,11 @@ impl Call {
     fn handled(&self, code: i32) {
         let [t, s, m] = self.labels();
         METRICS.grpc_handled.with_label_values(&[t, s, m, code_name(code)]).inc();
+        let spent = self.start.elapsed();
+        if t == "unary" && spent.as_micros() as u64 > WARN_UNARY_MICROS.load(Ordering::Relaxed) {
+            // etcd's slow-request line.
+            tracing::warn!(time_spent = ?spent, method = %format!("/{s}/{m}"), code = code_name(code), "request stats");
+        }
         if EXTENSIVE.load(Ordering::Relaxed) {
             METRICS.grpc_handling.with_label_values(&self.labels()).observe(self.start.elapsed().as_secs_f64());
         }

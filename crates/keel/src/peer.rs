@@ -418,6 +418,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         let mut c = client(ch);
         // The gRPC body pulls batches straight from the queue: no task in between.
         let req = with_cluster(QueueStream { rx: rx.clone() }, inner.cluster_id);
+        let opened = Instant::now();
         let mut call = tokio::spawn(async move { c.raft(req).await });
         // A stream that stays up for a while is healthy: only then does the peer count as
         // connected (a TLS 1.3 server rejects a client certificate after the handshake).
@@ -428,7 +429,8 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         let broken = match broken {
             Some(r) => r,
             None => {
-                inner.active_since.lock().entry(to).or_insert_with(Instant::now);
+                // Active since the stream opened (as etcd counts it), now that it proved stable.
+                inner.active_since.lock().entry(to).or_insert(opened);
                 active.set(1);
                 if down {
                     tracing::info!(peer = format!("{to:x}"), "peer: connected");
