@@ -10,6 +10,7 @@
 #                 tests/e2e36-passing.txt.
 #   --server etcd runs the suite against the real etcd of that line instead of Keel: how the lists'
 #                 "what real etcd passes here" was learned.
+#   --quick       leave out the tests the list marks "# slow" (CI runs the 3.6 list this way).
 #   REGEX         run the tests matching REGEX (go test -run syntax) instead of the list.
 #
 # One process per test (a test that times out in etcd's harness panics the whole binary, which
@@ -21,12 +22,14 @@ main() {
 root=$(cd "$(dirname "$0")/.." && pwd)
 suite=3.4
 server=keel
+quick=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --suite) suite=$2; shift 2 ;;
     --server) server=$2; shift 2 ;;
+    --quick) quick=1; shift ;;
     --) shift; break ;;
-    -*) echo "usage: $0 [--suite 3.4|3.6] [--server keel|etcd] [REGEX]" >&2; exit 2 ;;
+    -*) echo "usage: $0 [--suite 3.4|3.6] [--server keel|etcd] [--quick] [REGEX]" >&2; exit 2 ;;
     *) break ;;
   esac
 done
@@ -90,7 +93,8 @@ esac
 if [ $# -ge 1 ]; then
   regex="$1"
 else
-  names=$(grep -v '^\s*#' "$list" | grep -v '^\s*$' | paste -sd'|')
+  # One test per line; "# ..." after a name is a note ("# slow" marks what --quick leaves out).
+  names=$(grep -v '^\s*#' "$list" | grep -v '^\s*$' | { if [ "$quick" = 1 ]; then grep -v '# slow'; else cat; fi; } | sed 's/\s*#.*//' | paste -sd'|')
   regex="^(${names})\$"
 fi
 

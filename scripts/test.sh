@@ -17,11 +17,15 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-# etcd 3.6 (server, etcdctl, etcdutl) from the Go module proxy: the migration tests' second oracle.
+# etcd 3.6 (server, etcdctl, etcdutl) from the Go module proxy: the oracle of the differential,
+# metrics and migration tests, and the etcdctl/etcdutl of the 3.6 e2e suite.
 scripts/etcd-ref.sh v3.6.16 >/dev/null
 cargo build --release --workspace
 cargo test --release --workspace
 scripts/e2e.sh
+# etcd 3.6.16's suite: the listed tests less those marked slow (the whole list:
+# scripts/e2e.sh --suite 3.6).
+scripts/e2e.sh --suite 3.6 --quick
 # A short schedule of the fault-injection harness (rebuilds the server with its crash points,
 # so it runs last).
 scripts/chaos.sh
