@@ -25,9 +25,11 @@ pub fn policy(mode: &str, retention: &str) -> Result<Policy, String> {
     let retention = retention.trim();
     match mode {
         "periodic" | "" => {
+            let invalid = || format!("invalid --auto-compaction-retention {retention:?}");
             let d = match retention.parse::<f64>() {
-                Ok(h) if h >= 0.0 => Duration::from_secs_f64(h * 3600.0),
-                Ok(_) => return Err(format!("invalid --auto-compaction-retention {retention:?}")),
+                // Hours; a value too large for a duration (or NaN) is refused, not a panic.
+                Ok(h) if h >= 0.0 => Duration::try_from_secs_f64(h * 3600.0).map_err(|_| invalid())?,
+                Ok(_) => return Err(invalid()),
                 Err(_) => crate::config::parse_go_duration(retention)
                     .ok_or_else(|| format!("invalid --auto-compaction-retention {retention:?}"))?,
             };
@@ -104,6 +106,8 @@ mod tests {
         assert_eq!(policy("periodic", "0"), Ok(Policy::Off));
         assert_eq!(policy("periodic", "1"), Ok(Policy::Periodic(Duration::from_secs(3600))));
         assert_eq!(policy("periodic", "30m"), Ok(Policy::Periodic(Duration::from_secs(1800))));
+        assert!(policy("periodic", "1e300").is_err(), "too large for a duration: an error, not a panic");
+        assert!(policy("periodic", "NaN").is_err());
         assert_eq!(policy("revision", "1000"), Ok(Policy::Revision(1000)));
         assert!(policy("revision", "1h").is_err());
         assert!(policy("sometimes", "1").is_err());
