@@ -160,8 +160,10 @@ impl Index {
     }
 
     /// Drops every change superseded at revision `at`: for each key, all changes older than the
-    /// newest one with main <= at, and that one too if it is a tombstone. Returns the dropped
-    /// changes so the backend can delete them.
+    /// newest one with main <= at, and that one too if it is a tombstone older than `at`. A
+    /// tombstone at `at` itself stays (as etcd 3.6 keeps it), so that a watch from the compaction
+    /// revision still sees that delete. Returns the dropped changes so the backend can delete
+    /// them.
     pub fn compact(&mut self, at: i64) -> Vec<Change> {
         let mut dropped = Vec::new();
         self.keys.retain(|_, h| {
@@ -170,7 +172,7 @@ impl Index {
                 return true;
             }
             let newest = h.changes[pos - 1];
-            let cut = if newest.tombstone { pos } else { pos - 1 };
+            let cut = if newest.tombstone && newest.rev.main != at { pos } else { pos - 1 };
             dropped.extend(h.changes.drain(..cut));
             !h.changes.is_empty()
         });
@@ -224,10 +226,14 @@ mod tests {
         ix.put(b"c", r(6), 0, 1);
         let dropped = ix.compact(5);
         let revs: Vec<i64> = dropped.iter().map(|c| c.rev.main).collect();
-        assert_eq!(revs, vec![2, 4, 5]);
-        assert!(ix.get(b"b").is_none());
+        assert_eq!(revs, vec![2, 4], "b's tombstone at the compaction revision stays (etcd 3.6)");
+        assert_eq!(ix.get(b"b").unwrap().visible_at(5), None);
         assert_eq!(ix.get(b"a").unwrap().visible_at(5), Some(r(3)));
         assert_eq!(ix.get(b"c").unwrap().changes.len(), 1);
+        // The next compaction past it drops the tombstone and the key.
+        let dropped = ix.compact(6);
+        assert_eq!(dropped.iter().map(|c| c.rev.main).collect::<Vec<_>>(), vec![5]);
+        assert!(ix.get(b"b").is_none());
     }
 
     #[test]
