@@ -414,7 +414,9 @@ impl WatchHub {
             let step = {
                 let store = self.store.read();
                 let cur = store.current_rev();
-                if next <= store.compacted_rev() {
+                // As etcd 3.6: history from the compaction revision itself is still there (a
+                // tombstone at it is kept), only what is older is gone.
+                if next < store.compacted_rev() {
                     Step::Compacted(cur, store.compacted_rev())
                 } else if next > cur {
                     if !canceled.load(Ordering::Acquire) {
@@ -458,21 +460,11 @@ impl WatchHub {
                 },
             };
             let (events, to) = batch;
-            // One response per revision (atomic), in order.
-            let mut i = 0;
-            while i < events.len() {
-                let rev = events[i].kv.as_ref().map(|k| k.mod_revision).unwrap_or(0);
-                let mut group = Vec::new();
-                while i < events.len() && events[i].kv.as_ref().map(|k| k.mod_revision).unwrap_or(0) == rev {
-                    if spec.matches(&events[i]) {
-                        group.push(spec.shape(&events[i]));
-                    }
-                    i += 1;
-                }
-                if group.is_empty() {
-                    continue;
-                }
-                let resp = WatchResponse { header: self.header(rev), watch_id: id.1, events: group, ..Default::default() };
+            // As etcd's catch-up: the batch's events in one response (every revision whole), with
+            // the revision it was read up to in the header; split only for a fragmenting watcher.
+            let group: Vec<Event> = events.iter().filter(|e| spec.matches(e)).map(|e| spec.shape(e)).collect();
+            if !group.is_empty() {
+                let resp = WatchResponse { header: self.header(to), watch_id: id.1, events: group, ..Default::default() };
                 let parts = if spec.fragment { fragments(resp, self.max_bytes) } else { vec![resp] };
                 for p in parts {
                     if tx.send(p).await.is_err() {

@@ -75,16 +75,18 @@ impl Watch for WatchService {
                             next_id
                         };
                         let permitted = server.auth_info(&md, &ext).and_then(|who| server.check_read(&who, &c.key, &c.range_end));
+                        // As etcd 3.6: a refused permission is reported with the gRPC error's
+                        // text and watch ID -1.
                         let refused = if watchers.contains_key(&id) || id < 0 {
-                            Some("etcdserver: watcher ID already exists".to_string())
+                            Some(("etcdserver: watcher ID already exists".to_string(), id))
                         } else {
-                            permitted.err().map(|e| e.message().to_string())
+                            permitted.err().map(|e| (format!("rpc error: code = {:?} desc = {}", e.code(), e.message()), -1))
                         };
-                        if let Some(reason) = refused {
+                        if let Some((reason, watch_id)) = refused {
                             let rev = server.store().current_rev();
                             let resp = WatchResponse {
                                 header: hub.header(rev),
-                                watch_id: id,
+                                watch_id,
                                 created: true,
                                 canceled: true,
                                 cancel_reason: reason,
