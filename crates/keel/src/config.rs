@@ -211,6 +211,9 @@ pub struct Config {
     /// The same (deprecated spelling; both at once is refused, as etcd does).
     #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_UNARY_REQUEST_DURATION", default_value = "")]
     pub experimental_warning_unary_request_duration: String,
+    /// etcd's v2 store deprecation level (deprecated: write-only is enforced whatever is given).
+    #[arg(long, env = "ETCD_V2_DEPRECATION")]
+    pub v2_deprecation: Option<String>,
     /// Log format: `json` (etcd's, the default) or `console`.
     #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json", value_parser = ["json", "console"])]
     pub log_format: String,
@@ -255,6 +258,11 @@ impl Config {
     /// Warns about the etcd flags given that Keel ignores, with etcd 3.6's deprecation notice
     /// where etcd has one (once the log is set up).
     pub fn warn_ignored(&self) {
+        if self.v2_deprecation.is_some() {
+            tracing::warn!(
+                "--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input."
+            );
+        }
         for f in &self.ignored {
             match DEPRECATED.iter().find(|(name, _)| name == f) {
                 Some((_, notice)) => tracing::warn!("{notice}"),
@@ -343,6 +351,11 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(v) = &self.v2_deprecation {
+            if !["write-only", "write-only-drop-data", "gone"].contains(&v.as_str()) {
+                return Err(format!("invalid value {v:?} for flag -v2-deprecation: invalid value {v:?}"));
+            }
+        }
         if !self.warning_unary_request_duration.is_empty() && !self.experimental_warning_unary_request_duration.is_empty() {
             return Err(
                 "cannot set --experimental-warning-unary-request-duration and --warning-unary-request-duration at the same time".into()
@@ -544,6 +557,13 @@ mod tests {
         assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
         assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_go_duration("5"), None);
+    }
+
+    #[test]
+    fn v2_deprecation_levels_as_etcd_3_6() {
+        assert!(parse(&["--v2-deprecation", "write-only-drop-data"]).validate().is_ok());
+        let e = parse(&["--v2-deprecation", "not-yet"]).validate().unwrap_err();
+        assert_eq!(e, r#"invalid value "not-yet" for flag -v2-deprecation: invalid value "not-yet""#);
     }
 
     #[test]

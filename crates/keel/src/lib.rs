@@ -102,6 +102,8 @@ pub fn main() -> ExitCode {
         fail::FailScenario::setup()
     };
     if let Err(e) = cfg.validate() {
+        // Plain on stderr too, as Go's flag package reports a bad flag value.
+        eprintln!("{e}");
         tracing::error!(error = %e, "invalid configuration");
         return ExitCode::from(1);
     }
