@@ -4,11 +4,12 @@
 //! apply path hands each write's events (all of one revision, so one response: atomic) to
 //! [`WatchHub::notify`], which sends them without touching the backend. A watcher that starts in
 //! the past, or whose stream could not take an event (its bounded queue was full: a slow
-//! client), is *unsynced*: a catch-up task reads its missing events from the store, revision by
-//! revision, and moves it back to the synced set under the store's read lock, so that no write
-//! can slip between the last event read and the first event notified. Events therefore arrive in
-//! revision order, each once, with no gap; a watcher whose next revision was compacted away is
-//! cancelled with the compaction revision, as etcd does.
+//! client), is *unsynced*: a catch-up task reads its missing events from the store in batches of
+//! whole revisions (one response per batch, as etcd's catch-up sends them), and moves it back to
+//! the synced set under the store's read lock, so that no write can slip between the last event
+//! read and the first event notified. Events therefore arrive in revision order, each once, with
+//! no gap; a watcher whose next revision is older than the compaction revision is cancelled with
+//! the compaction revision, as etcd does (the compaction revision itself can still be watched).
 //!
 //! Lock order: the store lock, then the hub's. Called by the apply path (notify, under the
 //! store's write lock) and by the Watch service.

@@ -772,23 +772,31 @@ async fn watch_streams_match_the_store_history() {
                 }
                 continue;
             }
-            if r.events.is_empty() {
-                continue;
+            // A response carries whole revisions in order (a catch-up batch several, as etcd's):
+            // each revision is checked on its own.
+            let mut groups: Vec<(i64, Vec<&keel_proto::mvccpb::Event>)> = Vec::new();
+            for e in &r.events {
+                let rev = e.kv.as_ref().unwrap().mod_revision;
+                match groups.last_mut() {
+                    Some((g, evs)) if *g == rev => evs.push(e),
+                    _ => groups.push((rev, vec![e])),
+                }
             }
-            let rev = r.events[0].kv.as_ref().unwrap().mod_revision;
-            assert!(rev >= next, "watcher from {start}: revision {rev} arrived when {next} was next (order, uniqueness, start)");
-            // No gap: every expected revision between `next` and `rev` had no events.
-            let missed: Vec<i64> = expected.range(next..rev).map(|(k, _)| *k).collect();
-            assert!(missed.is_empty(), "watcher from {start} skipped revisions {missed:?} (got {rev})");
-            let want = expected.get(&rev).unwrap_or_else(|| panic!("event at {rev} that the store does not have"));
-            let mut got_evs: Vec<(i32, KeyValue, Option<KeyValue>)> =
-                r.events.iter().map(|e| (e.r#type, e.kv.clone().unwrap(), e.prev_kv.clone())).collect();
-            let mut want_evs: Vec<(i32, KeyValue, Option<KeyValue>)> =
-                want.iter().map(|(t, k, p)| (*t, k.clone(), if prev { p.clone() } else { None })).collect();
-            got_evs.sort_by(|a, b| a.1.key.cmp(&b.1.key));
-            want_evs.sort_by(|a, b| a.1.key.cmp(&b.1.key));
-            assert_eq!(got_evs, want_evs, "watcher from {start}: events at revision {rev}");
-            next = rev + 1;
+            for (rev, evs) in groups {
+                assert!(rev >= next, "watcher from {start}: revision {rev} arrived when {next} was next (order, uniqueness, start)");
+                // No gap: every expected revision between `next` and `rev` had no events.
+                let missed: Vec<i64> = expected.range(next..rev).map(|(k, _)| *k).collect();
+                assert!(missed.is_empty(), "watcher from {start} skipped revisions {missed:?} (got {rev})");
+                let want = expected.get(&rev).unwrap_or_else(|| panic!("event at {rev} that the store does not have"));
+                let mut got_evs: Vec<(i32, KeyValue, Option<KeyValue>)> =
+                    evs.iter().map(|e| (e.r#type, e.kv.clone().unwrap(), e.prev_kv.clone())).collect();
+                let mut want_evs: Vec<(i32, KeyValue, Option<KeyValue>)> =
+                    want.iter().map(|(t, k, p)| (*t, k.clone(), if prev { p.clone() } else { None })).collect();
+                got_evs.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+                want_evs.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+                assert_eq!(got_evs, want_evs, "watcher from {start}: events at revision {rev}");
+                next = rev + 1;
+            }
         }
         if !cancelled && next <= last {
             let missed: Vec<i64> = expected.range(next..=last).map(|(k, _)| *k).collect();
