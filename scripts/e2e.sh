@@ -10,7 +10,8 @@
 #                 tests/e2e36-passing.txt.
 #   --server etcd runs the suite against the real etcd of that line instead of Keel: how the lists'
 #                 "what real etcd passes here" was learned.
-#   --quick       leave out the tests the list marks "# slow" (CI runs the 3.6 list this way).
+#   --quick       leave out the tests the list marks "# slow" or "# flaky" (CI runs the 3.6
+#                 list this way).
 #   REGEX         run the tests matching REGEX (go test -run syntax) instead of the list.
 #
 # One process per test (a test that times out in etcd's harness panics the whole binary, which
@@ -93,8 +94,9 @@ esac
 if [ $# -ge 1 ]; then
   regex="$1"
 else
-  # One test per line; "# ..." after a name is a note ("# slow" marks what --quick leaves out).
-  names=$(grep -v '^\s*#' "$list" | grep -v '^\s*$' | { if [ "$quick" = 1 ]; then grep -v '# slow'; else cat; fi; } | sed 's/\s*#.*//' | paste -sd'|')
+  # One test per line; "# ..." after a name is a note ("# slow" and "# flaky" mark what --quick
+  # leaves out).
+  names=$(grep -v '^\s*#' "$list" | grep -v '^\s*$' | { if [ "$quick" = 1 ]; then grep -vE '# (slow|flaky)'; else cat; fi; } | sed 's/\s*#.*//' | paste -sd'|')
   regex="^(${names})\$"
 fi
 
