@@ -138,10 +138,7 @@ async fn readyz(State(s): State<Arc<Server>>, q: Query<Vec<(String, String)>>) -
 /// status. Go's `memstats` has no Keel counterpart and is left out.
 async fn debug_vars(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
     let st = s.raft();
-    let fd_limit = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| l.lines().find(|x| x.starts_with("Max open files")).and_then(|x| x.split_whitespace().nth(3)?.parse::<u64>().ok()))
-        .unwrap_or(0);
+    let fd_limit = crate::metrics::soft_limit("Max open files").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     Json(serde_json::json!({
         "cmdline": std::env::args().collect::<Vec<_>>(),
         "file_descriptor_limit": fd_limit,

@@ -654,22 +654,25 @@ pub fn render(s: &Server) -> String {
     out
 }
 
+/// A soft limit of this process from /proc/self/limits, as written there ("unlimited" too):
+/// the fourth word of the line naming it ("Max open files  1024  4096  files").
+pub fn soft_limit(name: &str) -> Option<String> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with(name))?;
+    line.split_whitespace().nth(3).map(str::to_string)
+}
+
 /// The process's file descriptors, threads, tasks and network bytes, from /proc.
 fn read_process(m: &Metrics) {
     if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
         m.os_fd_used.set(d.count() as i64);
     }
-    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-        // "Max open files  1024  4096  files": the soft limit is the fourth word.
-        let soft =
-            |prefix: &str, words: usize| limits.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.split_whitespace().nth(words));
-        if let Some(v) = soft("Max open files", 3) {
-            m.os_fd_limit.set(v.parse().unwrap_or(0));
-        }
-        // Unlimited is reported as the largest 64-bit value, as Go's procfs does.
-        if let Some(v) = soft("Max address space", 3) {
-            m.vm_max.set(v.parse().unwrap_or(u64::MAX as f64));
-        }
+    if let Some(v) = soft_limit("Max open files") {
+        m.os_fd_limit.set(v.parse().unwrap_or(0));
+    }
+    // Unlimited is reported as the largest 64-bit value, as Go's procfs does.
+    if let Some(v) = soft_limit("Max address space") {
+        m.vm_max.set(v.parse().unwrap_or(u64::MAX as f64));
     }
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         if let Some(n) = status.lines().find_map(|l| l.strip_prefix("Threads:")) {

@@ -208,11 +208,7 @@ impl Server {
     /// The backend quota in bytes (`--quota-backend-bytes`: 0 means etcd's 2 GiB default, a
     /// negative value turns the quota off).
     pub fn quota_bytes(&self) -> Option<u64> {
-        match self.cfg.quota_backend_bytes {
-            0 => Some(2 << 30),
-            q if q < 0 => None,
-            q => Some(q as u64),
-        }
+        u64::try_from(self.cfg.quota_backend_bytes_reported()).ok()
     }
 
     /// etcd's quota check before a write that adds `cost` bytes: when the data would not fit,
