@@ -54,6 +54,8 @@ pub struct Disk {
     /// Entries after the snapshot, in index order.
     pub entries: Vec<Entry>,
     pub hard_state: HardState,
+    /// Set by [`Disk::force_new_cluster`]: this member is to lead alone once its log is applied.
+    pub(crate) forced: bool,
     pub(crate) wal: Wal,
     pub(crate) snapshotter: Snapshotter,
 }
@@ -97,7 +99,7 @@ impl Disk {
                 hard_state.commit = entries.len() as u64;
             }
             let mut disk =
-                Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), wal, snapshotter };
+                Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), forced: false, wal, snapshotter };
             if !entries.is_empty() {
                 disk.save(Some(&hard_state), &entries)?;
             }
@@ -169,7 +171,84 @@ impl Disk {
             term = hard_state.term,
             "raft: recovered state from WAL and snapshot"
         );
-        Ok(Disk { identity, fresh: false, snapshot, entries, hard_state, wal, snapshotter })
+        Ok(Disk { identity, fresh: false, snapshot, entries, hard_state, forced: false, wal, snapshotter })
+    }
+
+    /// Turns the recovered log into a one-member cluster's (etcd's `--force-new-cluster`):
+    /// entries after the commit index are dropped (`applied`, the backend's index, counts as
+    /// committed), and entries removing every other voter and learner of the configuration the
+    /// committed log ends with are appended as committed, durably, before raft starts. Applying
+    /// them removes those members from raft and from the member list like any removal. Returns
+    /// the removed IDs (none when this member is alone already).
+    pub fn force_new_cluster(&mut self, applied: u64) -> Result<Vec<u64>, DiskError> {
+        let snap_index = self.snapshot.as_ref().map(|s| s.get_metadata().index).unwrap_or(0);
+        let last = self.entries.last().map(|e| e.index).unwrap_or(snap_index);
+        let commit = self.hard_state.commit.max(applied).max(snap_index).min(last);
+        self.entries.retain(|e| e.index <= commit);
+        let mut ids: std::collections::BTreeSet<u64> = match &self.snapshot {
+            Some(s) => {
+                let cs = s.get_metadata().get_conf_state();
+                cs.voters.iter().chain(&cs.learners).chain(&cs.voters_outgoing).chain(&cs.learners_next).copied().collect()
+            }
+            None => self.identity.initial_voters.iter().copied().collect(),
+        };
+        for e in &self.entries {
+            let changes: Vec<(ConfChangeType, u64)> = match e.get_entry_type() {
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
+                    vec![(cc.get_change_type(), cc.node_id)]
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = raft::eraftpb::ConfChangeV2::parse_from_bytes(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
+                    cc.get_changes().iter().map(|c| (c.get_change_type(), c.node_id)).collect()
+                }
+                EntryType::EntryNormal => continue,
+            };
+            for (kind, id) in changes {
+                match kind {
+                    ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => ids.insert(id),
+                    ConfChangeType::RemoveNode => ids.remove(&id),
+                };
+            }
+        }
+        let me = self.identity.member_id;
+        let term = self.hard_state.term.max(self.entries.last().map(|e| e.term).unwrap_or(0));
+        let mut added = Vec::new();
+        let mut next = commit + 1;
+        let mut push = |kind: ConfChangeType, id: u64| -> Result<(), DiskError> {
+            let mut cc = ConfChange::default();
+            cc.set_change_type(kind);
+            cc.node_id = id;
+            let mut e = Entry::default();
+            e.set_entry_type(EntryType::EntryConfChange);
+            e.term = term;
+            e.index = next;
+            e.data = cc.write_to_bytes().map_err(|err| decode_err(Path::new("wal"), err))?.into();
+            added.push(e);
+            next += 1;
+            Ok(())
+        };
+        let removed: Vec<u64> = ids.iter().copied().filter(|id| *id != me).collect();
+        for id in &removed {
+            push(ConfChangeType::RemoveNode, *id)?;
+        }
+        if !ids.contains(&me) {
+            push(ConfChangeType::AddNode, me)?;
+        }
+        let mut hs = self.hard_state.clone();
+        hs.term = term;
+        hs.commit = added.last().map(|e| e.index).unwrap_or(commit);
+        self.save(Some(&hs), &added)?;
+        self.entries.extend(added);
+        self.hard_state = hs;
+        self.forced = true;
+        tracing::warn!(
+            member_id = format!("{me:x}"),
+            commit,
+            removed = ?removed.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
+            "forcing restart member as a one-member cluster (--force-new-cluster): uncommitted entries dropped"
+        );
+        Ok(removed)
     }
 
     /// Creates a member's raft state that starts at `snap` (a member converted from another
@@ -195,7 +274,7 @@ impl Disk {
         let snapshotter = Snapshotter::new(snap_dir)?;
         let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
         let mut disk =
-            Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), wal, snapshotter };
+            Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), forced: false, wal, snapshotter };
         disk.save_snapshot(snap)?;
         disk.save(Some(hard_state), entries)?;
         Ok(())

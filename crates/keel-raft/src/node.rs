@@ -392,7 +392,7 @@ pub fn start<S: StateMachine, T: Transport>(
     )?;
     // A cluster of one need not wait for an election timeout: it campaigns as soon as the
     // committed log (e.g. the bootstrap configuration) is applied, as raft requires.
-    let campaign_when_applied = conf_state.voters == [cfg.id] && conf_state.learners.is_empty();
+    let campaign_when_applied = disk.forced || (conf_state.voters == [cfg.id] && conf_state.learners.is_empty());
     let (tx, rx) = mpsc::sync_channel(INBOX);
     let handle = NodeHandle { tx, status: status.clone() };
     let driver = Driver {

@@ -112,6 +112,10 @@ pub struct Config {
     /// Duration of periodic watch progress notifications (e.g. 10m, 500ms).
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m")]
     pub experimental_watch_progress_notify_interval: String,
+    /// Restart as a one-member cluster: uncommitted log entries are dropped and every other
+    /// member (voters and learners) is removed by entries appended to this member's log.
+    #[arg(long, env = "ETCD_FORCE_NEW_CLUSTER", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub force_new_cluster: bool,
     /// Reject reconfiguration requests that would cause quorum loss.
     #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = ArgAction::Set)]
     pub strict_reconfig_check: bool,

@@ -387,9 +387,13 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
 
     let db_path = Path::new(&snap_dir).join("db");
     let mut store = Store::open(&db_path).context("open backend")?;
-    let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries).context("open WAL")?;
+    let mut disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries).context("open WAL")?;
     if let Some(snap) = disk.snapshot.as_ref() {
         store = backend_for_snapshot(store, &db_path, Path::new(&snap_dir), snap.get_metadata().index)?;
+    }
+    // As etcd: the flag acts on a restart only (a new member is a one-member cluster or joins).
+    if cfg.force_new_cluster && existed {
+        disk.force_new_cluster(store.consistent_index()).context("--force-new-cluster")?;
     }
     let identity = &disk.identity;
     let what = if existed { "restarting member" } else { "starting a new member" };
