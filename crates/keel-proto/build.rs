@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_descriptors(&prost::Message::encode_to_vec(&fds))?
         .out_dir(&out)
         .preserve_proto_field_names()
+        // As etcd's gateway (grpc-gateway with DiscardUnknown): unknown JSON fields are skipped.
+        .ignore_unknown_fields()
         .build(&[".etcdserverpb", ".mvccpb", ".authpb", ".v3electionpb", ".v3lockpb"])?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())

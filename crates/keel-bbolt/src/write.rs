@@ -2,7 +2,9 @@
 //! each name once), each bucket's keys in key order. Leaves are filled up to a page (a value larger than a page gets overflow pages),
 //! branch levels are built above them, the root bucket lists the buckets; pages 0 and 1 hold the
 //! metas (transaction ids 0 and 1, as bbolt's own initialisation writes them) and page 2 an
-//! empty freelist: every page below the high-water mark is in use.
+//! empty freelist: every page below the high-water mark is in use. A bucket small enough (one
+//! leaf of at most a quarter page, as bbolt decides) is stored inline in the root bucket's leaf,
+//! as bbolt stores it, so a small database is as small as etcd's.
 
 use crate::page::{self, Header, Meta};
 use std::io::{Seek, SeekFrom, Write};
@@ -15,12 +17,21 @@ const FIRST_DATA_PAGE: u64 = 3;
 /// One level of a B+tree being built: the first key and page of each node.
 type Level = Vec<(Vec<u8>, u64)>;
 
+/// Largest inline bucket (page header and elements), as bbolt: a quarter of a page.
+const MAX_INLINE: usize = PAGE_SIZE / 4;
+
+/// Where a finished bucket's tree is: its root page, or its one leaf, inline.
+enum Root {
+    Page(u64),
+    Inline(Vec<u8>),
+}
+
 /// Writes a bbolt file to `out`.
 pub struct Writer<W: Write + Seek> {
     out: W,
     next: u64,
-    /// Finished buckets: name and root page.
-    buckets: Vec<(Vec<u8>, u64)>,
+    /// Finished buckets: name and tree.
+    buckets: Vec<(Vec<u8>, Root)>,
     current: Option<Tree>,
 }
 
@@ -103,34 +114,10 @@ impl<W: Write + Seek> Writer<W> {
     /// Writes one node (leaf elements: key, value, flags; branch elements: key, child page) on
     /// as many pages as it needs; returns its page id.
     fn write_node<'a>(&mut self, flags: u16, elems: impl Iterator<Item = (&'a [u8], &'a [u8], u32, u64)> + Clone) -> std::io::Result<u64> {
-        let count = elems.clone().count();
-        let data: usize = elems.clone().map(|(k, v, _, _)| k.len() + v.len()).sum();
-        let size = page::HEADER + count * page::ELEMENT + data;
-        let pages = size.div_ceil(PAGE_SIZE).max(1);
-        let mut buf = vec![0u8; pages * PAGE_SIZE];
         let id = self.next;
-        Header { id, flags, count: count as u16, overflow: (pages - 1) as u32 }.write(&mut buf);
-        let mut at = page::HEADER + count * page::ELEMENT;
-        for (i, (k, v, f, child)) in elems.enumerate() {
-            let e = page::HEADER + i * page::ELEMENT;
-            let pos = (at - e) as u32;
-            if flags == page::LEAF {
-                buf[e..e + 4].copy_from_slice(&f.to_le_bytes());
-                buf[e + 4..e + 8].copy_from_slice(&pos.to_le_bytes());
-                buf[e + 8..e + 12].copy_from_slice(&(k.len() as u32).to_le_bytes());
-                buf[e + 12..e + 16].copy_from_slice(&(v.len() as u32).to_le_bytes());
-            } else {
-                buf[e..e + 4].copy_from_slice(&pos.to_le_bytes());
-                buf[e + 4..e + 8].copy_from_slice(&(k.len() as u32).to_le_bytes());
-                buf[e + 8..e + 16].copy_from_slice(&child.to_le_bytes());
-            }
-            buf[at..at + k.len()].copy_from_slice(k);
-            at += k.len();
-            buf[at..at + v.len()].copy_from_slice(v);
-            at += v.len();
-        }
+        let buf = encode_node(id, flags, elems, true);
         self.out.write_all(&buf)?;
-        self.next += pages as u64;
+        self.next += (buf.len() / PAGE_SIZE) as u64;
         Ok(id)
     }
 
@@ -168,7 +155,11 @@ impl<W: Write + Seek> Writer<W> {
     fn end_bucket(&mut self) -> std::io::Result<()> {
         if let Some(t) = self.current.take() {
             let name = t.name.clone();
-            let root = self.finish_tree(t)?;
+            let root = if t.leaves.is_empty() && t.leaf_bytes <= MAX_INLINE {
+                Root::Inline(encode_node(0, page::LEAF, t.leaf.iter().map(|(k, v, f)| (k.as_slice(), v.as_slice(), *f, 0)), false))
+            } else {
+                Root::Page(self.finish_tree(t)?)
+            };
             self.buckets.push((name, root));
         }
         Ok(())
@@ -179,11 +170,15 @@ impl<W: Write + Seek> Writer<W> {
         self.end_bucket()?;
         let mut root = Tree::new(Vec::new());
         let mut buckets = std::mem::take(&mut self.buckets);
-        buckets.sort();
-        for (name, id) in buckets {
-            let mut header = [0u8; page::BUCKET_HEADER];
-            header[..8].copy_from_slice(&id.to_le_bytes());
-            self.add(&mut root, &name, &header, page::BUCKET_LEAF)?;
+        buckets.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, tree) in buckets {
+            // The bucket header: root page (0 when inline) and sequence, then any inline leaf.
+            let mut value = vec![0u8; page::BUCKET_HEADER];
+            match tree {
+                Root::Page(id) => value[..8].copy_from_slice(&id.to_le_bytes()),
+                Root::Inline(leaf) => value.extend_from_slice(&leaf),
+            }
+            self.add(&mut root, &name, &value, page::BUCKET_LEAF)?;
         }
         let root = self.finish_tree(root)?;
         let pgid = self.next;
@@ -202,6 +197,38 @@ impl<W: Write + Seek> Writer<W> {
         self.out.flush()?;
         Ok(self.out)
     }
+}
+
+/// One node's page image (page id `id`): padded to whole pages, or (`padded` false, an inline
+/// bucket's leaf) exactly as long as its elements.
+fn encode_node<'a>(id: u64, flags: u16, elems: impl Iterator<Item = (&'a [u8], &'a [u8], u32, u64)> + Clone, padded: bool) -> Vec<u8> {
+    let count = elems.clone().count();
+    let data: usize = elems.clone().map(|(k, v, _, _)| k.len() + v.len()).sum();
+    let size = page::HEADER + count * page::ELEMENT + data;
+    let pages = size.div_ceil(PAGE_SIZE).max(1);
+    let mut buf = vec![0u8; if padded { pages * PAGE_SIZE } else { size }];
+    let overflow = if padded { (pages - 1) as u32 } else { 0 };
+    Header { id, flags, count: count as u16, overflow }.write(&mut buf);
+    let mut at = page::HEADER + count * page::ELEMENT;
+    for (i, (k, v, f, child)) in elems.enumerate() {
+        let e = page::HEADER + i * page::ELEMENT;
+        let pos = (at - e) as u32;
+        if flags == page::LEAF {
+            buf[e..e + 4].copy_from_slice(&f.to_le_bytes());
+            buf[e + 4..e + 8].copy_from_slice(&pos.to_le_bytes());
+            buf[e + 8..e + 12].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            buf[e + 12..e + 16].copy_from_slice(&(v.len() as u32).to_le_bytes());
+        } else {
+            buf[e..e + 4].copy_from_slice(&pos.to_le_bytes());
+            buf[e + 4..e + 8].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            buf[e + 8..e + 16].copy_from_slice(&child.to_le_bytes());
+        }
+        buf[at..at + k.len()].copy_from_slice(k);
+        at += k.len();
+        buf[at..at + v.len()].copy_from_slice(v);
+        at += v.len();
+    }
+    buf
 }
 
 #[cfg(test)]

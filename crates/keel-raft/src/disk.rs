@@ -98,8 +98,16 @@ impl Disk {
                 hard_state.term = 1;
                 hard_state.commit = entries.len() as u64;
             }
-            let mut disk =
-                Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), forced: false, wal, snapshotter };
+            let mut disk = Disk {
+                identity,
+                fresh: true,
+                snapshot: None,
+                entries: Vec::new(),
+                hard_state: hard_state.clone(),
+                forced: false,
+                wal,
+                snapshotter,
+            };
             if !entries.is_empty() {
                 disk.save(Some(&hard_state), &entries)?;
             }
@@ -273,8 +281,16 @@ impl Disk {
         }
         let snapshotter = Snapshotter::new(snap_dir)?;
         let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
-        let mut disk =
-            Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state: hard_state.clone(), forced: false, wal, snapshotter };
+        let mut disk = Disk {
+            identity,
+            fresh: true,
+            snapshot: None,
+            entries: Vec::new(),
+            hard_state: hard_state.clone(),
+            forced: false,
+            wal,
+            snapshotter,
+        };
         disk.save_snapshot(snap)?;
         disk.save(Some(hard_state), entries)?;
         Ok(())

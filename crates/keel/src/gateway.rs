@@ -159,6 +159,8 @@ async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, header
         "election/campaign" => unary(body, t, |r| g.concurrency.campaign(r)).await,
         "election/proclaim" => unary(body, t, |r| g.concurrency.proclaim(r)).await,
         "election/leader" => unary(body, t, |r| g.concurrency.leader(r)).await,
+        "election/observe" => server_stream(body, t, permit, |r| g.concurrency.observe(r)).await,
+        "maintenance/snapshot" => server_stream(body, t, permit, |r| g.maintenance.snapshot(r)).await,
         "election/resign" => unary(body, t, |r| g.concurrency.resign(r)).await,
         "lock/lock" => unary(body, t, |r| g.concurrency.lock(r)).await,
         "lock/unlock" => unary(body, t, |r| g.concurrency.unlock(r)).await,
@@ -172,6 +174,48 @@ async fn handle(State(gw): State<Arc<Gateway>>, Path(path): Path<String>, header
 fn result_line<T: Serialize>(msg: &T) -> Bytes {
     let inner = serde_json::to_string(msg).unwrap_or_else(|_| "{}".to_string());
     Bytes::from(format!("{{\"result\":{inner}}}\n"))
+}
+
+/// A server-streaming call: each message the handler streams becomes one `{"result":...}` line;
+/// an error ending the stream becomes an `{"error":...}` line, as etcd's gateway writes it.
+async fn server_stream<Req, Resp, S, F, Fut>(body: Bytes, token: &Token, permit: tokio::sync::OwnedSemaphorePermit, f: F) -> Response
+where
+    Req: DeserializeOwned + Default,
+    Resp: Serialize + Send + 'static,
+    S: futures::Stream<Item = Result<Resp, Status>> + Send + Unpin + 'static,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<S>, Status>>,
+{
+    let req: Req = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    let mut messages = match f(with_token(req, token)).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return error(e),
+    };
+    let stream = async_stream(move |out: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>| async move {
+        use futures::StreamExt;
+        let _permit = permit;
+        loop {
+            let next = tokio::select! {
+                m = messages.next() => m,
+                _ = out.closed() => None,
+            };
+            let line = match next {
+                None => break,
+                Some(Ok(m)) => result_line(&m),
+                Some(Err(s)) => {
+                    let msg = serde_json::Value::String(s.message().to_string());
+                    Bytes::from(format!("{{\"error\":{{\"code\":{},\"message\":{msg}}}}}\n", s.code() as i32))
+                }
+            };
+            if out.send(Ok(line)).await.is_err() {
+                break;
+            }
+        }
+    });
+    ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(stream)).into_response()
 }
 
 /// One keep-alive: the answer comes wrapped as a stream result, as etcd's gateway does.

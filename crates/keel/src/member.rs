@@ -282,7 +282,7 @@ impl Member {
         let lease = || api::lease::LeaseService { server: server.clone(), transport: transport.clone() };
         let cluster = || api::cluster::ClusterService { server: server.clone(), transport: transport.clone() };
         let maintenance = || api::maintenance::MaintenanceService { server: server.clone() };
-        let concurrency = || api::concurrency::Concurrency { server: server.clone(), hub: hub.clone() };
+        let concurrency = || api::concurrency::Concurrency { server: server.clone(), hub: hub.clone(), transport: transport.clone() };
         let auth = || api::auth::AuthService { server: server.clone() };
         use tonic::service::interceptor::InterceptedService as Gated;
         let grpc = tonic::service::Routes::new(Gated::new(

@@ -1,6 +1,8 @@
 //! v3lockpb.Lock and v3electionpb.Election, built as etcd builds them: on keys under the lock or
 //! election name, one per lease (`<name>/<lease hex>`), ordered by create revision, and waiting
-//! for the deletion of every earlier key with a watch.
+//! for the deletion of every earlier key with a watch. A request without a lease gets a session
+//! lease, as etcd's servers make one: granted with a 60 s TTL and kept alive while the call waits
+//! (then left to expire).
 
 use crate::apply::Applied;
 use crate::errors;
@@ -25,6 +27,21 @@ use tonic::{Request, Response, Status};
 pub struct Concurrency {
     pub server: Arc<Server>,
     pub hub: Arc<WatchHub>,
+    pub transport: crate::peer::PeerTransport,
+}
+
+/// The TTL of the session lease made for a request without one (clientv3 concurrency's default).
+const SESSION_TTL: i64 = 60;
+
+/// Keeps a session lease alive until dropped (the call finished or was cancelled).
+struct KeepAlive(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
 }
 
 fn prefix_end(p: &[u8]) -> Vec<u8> {
@@ -59,6 +76,32 @@ fn as_client_error(s: Status) -> Status {
 }
 
 impl Concurrency {
+    /// The lease a lock or campaign is held with: the request's, or a new session lease kept
+    /// alive by the returned guard (every third of its TTL, as clientv3 does).
+    async fn session(&self, lease: i64) -> Result<(i64, KeepAlive), Status> {
+        if lease != 0 {
+            return Ok((lease, KeepAlive(None)));
+        }
+        self.server.not_learner()?;
+        let req = keel_proto::etcdserverpb::LeaseGrantRequest { ttl: SESSION_TTL, id: self.server.new_lease_id() };
+        let id = match self.server.propose(Internal::LeaseGrant(req)).await.map_err(as_client_error)? {
+            (Applied::LeaseGrant(r), _) => r.id,
+            _ => return Err(Status::internal("etcdserver: unexpected apply result")),
+        };
+        let (server, transport) = (self.server.clone(), self.transport.clone());
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs((SESSION_TTL / 3) as u64));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = crate::lease::renew(&server, &transport, id).await {
+                    tracing::debug!(lease = id, error = %e, "session lease keep-alive failed");
+                }
+            }
+        });
+        Ok((id, KeepAlive(Some(task))))
+    }
+
     async fn txn(&self, t: TxnRequest) -> Result<(TxnResponse, i64), Status> {
         self.server.not_learner()?;
         match self.server.propose(Internal::Txn(t)).await.map_err(as_client_error)? {
@@ -168,7 +211,9 @@ fn lease_key(name: &[u8], lease: i64) -> Vec<u8> {
 impl Lock for Concurrency {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
         authorize(&self.server, &req, &req.get_ref().name, true)?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let _alive;
+        (r.lease, _alive) = self.session(r.lease).await?;
         let key = lease_key(&r.name, r.lease);
         let (my_rev, _, _) = self.claim(&key, b"", r.lease).await?;
         self.wait_deletes(&[r.name.as_slice(), b"/"].concat(), my_rev).await?;
@@ -197,7 +242,9 @@ type ObserveStream = Pin<Box<dyn futures::Stream<Item = Result<LeaderResponse, S
 impl Election for Concurrency {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
         authorize(&self.server, &req, &req.get_ref().name, true)?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let _alive;
+        (r.lease, _alive) = self.session(r.lease).await?;
         let key = lease_key(&r.name, r.lease);
         let (my_rev, existing, _) = self.claim(&key, &r.value, r.lease).await?;
         if let Some(kv) = existing {
@@ -233,7 +280,7 @@ impl Election for Concurrency {
         authorize(&self.server, &req, &req.get_ref().name, false)?;
         let name = req.into_inner().name;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let this = Concurrency { server: self.server.clone(), hub: self.hub.clone() };
+        let this = Concurrency { server: self.server.clone(), hub: self.hub.clone(), transport: self.transport.clone() };
         tokio::spawn(async move {
             let pfx = [name.as_slice(), b"/"].concat();
             let mut last: Option<KeyValue> = None;

@@ -58,7 +58,8 @@ fn txn_shape(r: &TxnRequest, max_ops: usize) -> Result<(), Status> {
             Some(Request::RequestPut(x)) => put(x)?,
             Some(Request::RequestDeleteRange(x)) => delete_range(x)?,
             Some(Request::RequestTxn(t)) => txn_shape(t, max_ops)?,
-            None => {}
+            // As etcd: an operation with no request in it is refused.
+            None => return Err(errors::kv(keel_mvcc::KvError::KeyNotFound)),
         }
     }
     Ok(())
@@ -165,5 +166,16 @@ mod tests {
         let t = TxnRequest { success: (0..3).map(|i| put_op(&format!("k{i}"))).collect(), ..Default::default() };
         assert!(txn(&t, 2).is_err());
         assert!(txn(&t, 3).is_ok());
+    }
+
+    #[test]
+    fn an_operation_without_a_request_is_refused_as_etcd_does() {
+        for t in [
+            TxnRequest { success: vec![RequestOp { request: None }], ..Default::default() },
+            TxnRequest { failure: vec![put_op("a"), RequestOp { request: None }], ..Default::default() },
+        ] {
+            let e = txn(&t, 128).expect_err("an empty operation");
+            assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: key not found"));
+        }
     }
 }
