@@ -106,6 +106,9 @@ pub struct Config {
     /// Allowed TLS hostname for inter-peer authentication.
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME")]
     pub peer_cert_allowed_hostname: Option<String>,
+    /// Skip the check that a peer's client certificate names the address it connects from.
+    #[arg(long, alias = "experimental-peer-skip-client-san-verification", env = "ETCD_PEER_SKIP_CLIENT_SAN_VERIFICATION", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub peer_skip_client_san_verification: bool,
     /// Dial peers from the IP of the first advertised peer URL (when it is an IP address).
     #[arg(long, env = "ETCD_EXPERIMENTAL_SET_MEMBER_LOCALADDR", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub experimental_set_member_localaddr: bool,

@@ -149,6 +149,7 @@ impl Member {
         .into_axum_router();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let peer_urls = split_urls(&cfg.listen_peer_urls);
+        let endpoint = serve::Endpoint::Peer { check_san: !cfg.peer_skip_client_san_verification };
         self.peer_rt.spawn(async move {
             let listeners = match serve::bind(&peer_urls).await {
                 Ok(l) => l,
@@ -171,7 +172,7 @@ impl Member {
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
-                serving.push(tokio::spawn(serve::serve(l, acceptor, false, peer_router.clone(), serve::H2::DEFAULT, false)));
+                serving.push(tokio::spawn(serve::serve(l, acceptor, false, peer_router.clone(), serve::H2::DEFAULT, endpoint)));
             }
             let _ = bound_tx.send(Ok(()));
             for s in serving {
@@ -217,7 +218,7 @@ impl Member {
                     return;
                 }
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-                serve::serve(l, acceptor, lu.plain_too, router, client_h2, true).await
+                serve::serve(l, acceptor, lu.plain_too, router, client_h2, serve::Endpoint::Client).await
             });
         }
         if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
@@ -230,7 +231,7 @@ impl Member {
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, "serving metrics on {}", lu.url);
-                tokio::spawn(serve::serve(l, acceptor, lu.plain_too, mrouter.clone(), serve::H2::DEFAULT, false));
+                tokio::spawn(serve::serve(l, acceptor, lu.plain_too, mrouter.clone(), serve::H2::DEFAULT, serve::Endpoint::Metrics));
             }
         }
         Ok(())

@@ -106,19 +106,40 @@ impl H2 {
     pub const DEFAULT: H2 = H2 { max_streams: u32::MAX, keepalive: None };
 }
 
+/// Which traffic a listener serves: how its connections are checked and named in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Client traffic (gRPC, the gateway, HTTP): HTTP/2 authorities are fixed (see
+    /// [`crate::h2fix`]).
+    Client,
+    /// `--listen-metrics-urls`: metrics and health.
+    Metrics,
+    /// Peer traffic. With `check_san`, as etcd: a client certificate that names IP addresses or
+    /// DNS names must name the address the connection comes from.
+    Peer { check_san: bool },
+}
+
+impl Endpoint {
+    fn rejected(self) -> &'static str {
+        match self {
+            Endpoint::Peer { .. } => "rejected connection on peer endpoint",
+            _ => "rejected connection on client endpoint",
+        }
+    }
+}
+
 /// Serves `router` on `listener` until the process ends.
-///
-/// Client listeners set `fix_authority` (see [`crate::h2fix`]).
-pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool, router: axum::Router, h2: H2, fix_authority: bool) {
+pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool, router: axum::Router, h2: H2, endpoint: Endpoint) {
+    let fix_authority = endpoint == Endpoint::Client;
     loop {
-        let accepted: std::io::Result<Box<dyn Io>> = match &listener {
-            Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
+        let accepted: std::io::Result<(Box<dyn Io>, Option<SocketAddr>)> = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                 let _ = s.set_nodelay(true);
-                Box::new(s) as Box<dyn Io>
+                (Box::new(s) as Box<dyn Io>, Some(a))
             }),
-            Listener::Unix(l) => l.accept().await.map(|(s, _)| Box::new(s) as Box<dyn Io>),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn Io>, None)),
         };
-        let sock = match accepted {
+        let (sock, remote) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -155,11 +176,25 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool
             let io: Box<dyn Io> = match tls {
                 Some(acc) => match acc.accept(sock).await {
                     Ok(s) => {
-                        cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+                        let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                        if let (Some(der), Endpoint::Peer { check_san: true }, Some(from)) = (&cert, endpoint, remote) {
+                            if let Err(e) = check_san(der, from.ip()).await {
+                                let (ips, dns) = san(der);
+                                tracing::warn!(remote_addr = %from, ip_addresses = ?ips, dns_names = ?dns, error = %e, "{}", endpoint.rejected());
+                                return;
+                            }
+                        }
+                        cn = cert.as_deref().and_then(common_name);
                         Box::new(s)
                     }
                     Err(e) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
+                        let from = remote.map(|a| a.to_string()).unwrap_or_default();
+                        // As etcd: a client that hung up before finishing is not worth a warning.
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            tracing::debug!(remote_addr = %from, error = %e, "{}", endpoint.rejected());
+                        } else {
+                            tracing::warn!(remote_addr = %from, error = %e, "{}", endpoint.rejected());
+                        }
                         return;
                     }
                 },
@@ -231,6 +266,53 @@ impl tokio::io::AsyncWrite for Prefixed {
 }
 
 /// The subject common name of a DER certificate.
+/// A certificate's subject alternative names: IP addresses and DNS names.
+fn san(der: &[u8]) -> (Vec<std::net::IpAddr>, Vec<String>) {
+    use x509_parser::extensions::GeneralName;
+    let mut ips = Vec::new();
+    let mut dns = Vec::new();
+    if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
+        if let Ok(Some(ext)) = cert.subject_alternative_name() {
+            for n in &ext.value.general_names {
+                match n {
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => ips.push(std::net::IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                        16 => ips.push(std::net::IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default()).to_canonical()),
+                        _ => {}
+                    },
+                    GeneralName::DNSName(d) => dns.push(d.to_string()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    (ips, dns)
+}
+
+/// etcd's check of a peer's client certificate against the address it connects from: a
+/// certificate naming IP addresses must name that one, else one of its DNS names must resolve
+/// to it; one naming neither passes. The errors are Go's words, as etcd logs them.
+async fn check_san(der: &[u8], from: std::net::IpAddr) -> Result<(), String> {
+    let from = from.to_canonical();
+    let (ips, dns) = san(der);
+    if ips.is_empty() && dns.is_empty() || ips.contains(&from) {
+        return Ok(());
+    }
+    if dns.is_empty() {
+        let valid = ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        return Err(format!("x509: certificate is valid for {valid}, not {from}"));
+    }
+    for name in dns.iter().filter(|d| !d.starts_with("*.")) {
+        if let Ok(addrs) = tokio::net::lookup_host((name.as_str(), 0)).await {
+            if addrs.map(|a| a.ip().to_canonical()).any(|ip| ip == from) {
+                return Ok(());
+            }
+        }
+    }
+    let quoted = dns.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(" ");
+    Err(format!("tls: \"{from}\" does not match any of DNSNames [{quoted}]"))
+}
+
 fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();

@@ -126,7 +126,6 @@ struct Side<'a> {
     cert: &'a Option<String>,
     key: &'a Option<String>,
     ca: &'a Option<String>,
-    client_cert_auth: bool,
     auto: bool,
     auto_dir: &'static str,
     allowed_cn: &'a Option<String>,
@@ -149,8 +148,10 @@ fn server_config(cfg: &Config, side: &Side) -> Result<Option<TlsAcceptor>> {
     let provider = provider_for(cfg)?;
     let builder =
         rustls::ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(&versions(cfg)?).context("TLS versions")?;
-    let builder = match (side.ca, side.client_cert_auth) {
-        (Some(ca), true) => {
+    // As etcd: a trusted CA file alone makes the listener require and verify client
+    // certificates (`--client-cert-auth` decides whether their names are used for auth).
+    let builder = match side.ca {
+        Some(ca) => {
             let mut vb = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider);
             if let Some(crl) = side.crl {
                 // As etcd: the client's own certificate is looked up in the list.
@@ -179,7 +180,6 @@ pub fn client_server(cfg: &Config) -> Result<Option<TlsAcceptor>> {
             cert: &cfg.cert_file,
             key: &cfg.key_file,
             ca: &cfg.trusted_ca_file,
-            client_cert_auth: cfg.client_cert_auth,
             auto: cfg.auto_tls,
             auto_dir: "fixtures/client",
             allowed_cn: &None,
@@ -194,7 +194,6 @@ fn peer_side(cfg: &Config) -> Side<'_> {
         cert: &cfg.peer_cert_file,
         key: &cfg.peer_key_file,
         ca: &cfg.peer_trusted_ca_file,
-        client_cert_auth: cfg.peer_client_cert_auth,
         auto: cfg.peer_auto_tls,
         auto_dir: "fixtures/peer",
         allowed_cn: &cfg.peer_cert_allowed_cn,

@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# kube-apiserver on a 3-member Keel cluster: builds kube-apiserver from the Go module proxy
+# (k8s.io/kubernetes at a pinned release, its staging modules pinned to the matching v0.X.Y),
+# starts three Keel members on 127.0.0.1-3 and kube-apiserver on them, and checks what
+# Kubernetes needs from its store:
+#
+#   - lists with pagination (limit/continue) served by the store: configmaps have no watch cache
+#     here (--watch-cache-sizes=configmaps#0), so every page is a range read at one revision;
+#   - watches served by the store's watch (configmaps) and by the watch cache (secrets), every
+#     event in order;
+#   - compaction: kube-apiserver's own compactor compacts Keel; a continue token and a watch from
+#     before it then get 410 Gone, as on etcd;
+#   - RequestWatchProgress in use: consistent lists of secrets are served from the watch cache
+#     (apiserver_watch_cache_consistent_read_total with fallback="false"), which kube-apiserver
+#     does only when the store reports an etcd version that has progress requests (3.6 here).
+#
+#   scripts/kube.sh            build what is missing, run the checks, stop everything
+#
+# Environment: KUBE_VERSION (default v1.36.3), KEEL_BIN (default target/release/keel, built if
+# missing), KUBE_WORK (scratch directory, default target/kube-run). Needs go, curl, jq, openssl.
+# Prints one line per check and `kube: N checks passed`; exits non-zero at the first failure.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+kver=${KUBE_VERSION:-v1.36.3}
+minor=${kver#v1.}
+minor=${minor%%.*}
+staging=v0.${kver#v1.}
+build=$root/target/kube/$kver
+kas=$build/bin/kube-apiserver
+work=${KUBE_WORK:-$root/target/kube-run}
+keel=${KEEL_BIN:-$root/target/release/keel}
+
+main() {
+  build_apiserver
+  if [ ! -x "$keel" ]; then (cd "$root" && cargo build --release --bin keel); fi
+  ctl=$("$root/scripts/etcd-ref.sh")/etcdctl
+  rm -rf "$work"
+  mkdir -p "$work"
+  trap stop_all EXIT
+  start_keel
+  start_apiserver
+  checks
+  echo "kube: $passed checks passed (kube-apiserver $kver on 3 Keel members)"
+}
+
+# Builds kube-apiserver once per version, with its version stamped (feature gates and the
+# emulation version depend on it).
+build_apiserver() {
+  [ -x "$kas" ] && return 0
+  mkdir -p "$build/bin"
+  cd "$build"
+  {
+    echo "module keel.local/kube"
+    echo
+    echo "go 1.26.0"
+    echo
+    echo "require k8s.io/kubernetes $kver"
+  } >go.mod
+  # k8s.io/kubernetes replaces its staging modules with ./staging; a module depending on it
+  # must name their published versions itself.
+  local gomod
+  gomod=$(GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$kver" | jq -r .GoMod)
+  grep -o 'k8s.io/[a-z0-9-]* => ./staging' "$gomod" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}' >>go.mod
+  printf '//go:build tools\n\npackage kube\n\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver"\n' >tools.go
+  GOFLAGS=-mod=mod go mod tidy
+  local pkg=k8s.io/component-base/version
+  go build -ldflags "-X $pkg.gitVersion=$kver -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean" \
+    -o "$kas" k8s.io/kubernetes/cmd/kube-apiserver
+  cd "$root"
+}
+
+pids=()
+# Stops kube-apiserver and the watches first (newest first), then the Keel members; a process
+# that has not gone after 10 s (kube-apiserver drains for long without its store) is killed.
+stop_all() {
+  local i p
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    p=${pids[i]}
+    kill -TERM "$p" 2>/dev/null || continue
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  pids=()
+}
+
+passed=0
+ok() { passed=$((passed + 1)); echo "ok   $*"; }
+fail() {
+  echo "FAIL $*" >&2
+  echo "--- kube-apiserver log (last lines)" >&2
+  tail -20 "$work/kube-apiserver.log" >&2 || true
+  exit 1
+}
+
+# Waits up to $1 seconds for the command after it to succeed.
+wait_for() {
+  local secs=$1 i
+  shift
+  for i in $(seq 1 $((secs * 10))); do
+    "$@" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+start_keel() {
+  local cluster="" i
+  for i in 1 2 3; do cluster+="k$i=http://127.0.0.$i:24800,"; done
+  cluster=${cluster%,}
+  eps=""
+  for i in 1 2 3; do
+    "$keel" --name "k$i" --data-dir "$work/k$i" \
+      --listen-client-urls "http://127.0.0.$i:24790" --advertise-client-urls "http://127.0.0.$i:24790" \
+      --listen-peer-urls "http://127.0.0.$i:24800" --initial-advertise-peer-urls "http://127.0.0.$i:24800" \
+      --initial-cluster "$cluster" --initial-cluster-token kube >"$work/k$i.log" 2>&1 &
+    pids+=($!)
+    eps+="http://127.0.0.$i:24790,"
+  done
+  eps=${eps%,}
+  healthy() { "$ctl" --endpoints "$eps" endpoint health >/dev/null 2>&1; }
+  wait_for 60 healthy || fail "the Keel cluster did not become healthy"
+  ok "3 Keel members healthy; they report etcd $(curl -s http://127.0.0.1:24790/version | jq -r .etcdserver)"
+}
+
+token=keel-kube-admin
+api=https://127.0.0.1:24443
+k() { curl -sk -H "Authorization: Bearer $token" "$@"; }
+
+start_apiserver() {
+  openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$work/sa.key" -pubout -out "$work/sa.pub" 2>/dev/null
+  echo "$token,admin,1,\"system:masters\"" >"$work/tokens.csv"
+  "$kas" --etcd-servers="$eps" --bind-address=127.0.0.1 --secure-port=24443 --advertise-address=127.0.0.1 \
+    --cert-dir="$work/certs" --service-account-issuer=https://kubernetes.default.svc \
+    --service-account-key-file="$work/sa.pub" --service-account-signing-key-file="$work/sa.key" \
+    --token-auth-file="$work/tokens.csv" --authorization-mode=RBAC --service-cluster-ip-range=10.0.0.0/24 \
+    --etcd-compaction-interval=10s --watch-cache-sizes=configmaps#0 >"$work/kube-apiserver.log" 2>&1 &
+  pids+=($!)
+  ready() { [ "$(k "$api/readyz" 2>/dev/null)" = ok ]; }
+  wait_for 180 ready || fail "kube-apiserver did not become ready"
+  ok "kube-apiserver $(k "$api/version" | jq -r .gitVersion) ready on Keel"
+  if grep -q "RequestWatchProgress feature is not supported" "$work/kube-apiserver.log"; then
+    fail "kube-apiserver found RequestWatchProgress unsupported"
+  fi
+}
+
+# Creates N objects of KIND (configmaps|secrets) named PREFIX-i in namespace keel.
+create() {
+  local kind=$1 n=$2 prefix=$3 i body
+  for i in $(seq 0 $((n - 1))); do
+    if [ "$kind" = configmaps ]; then
+      body="{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{\"name\":\"$prefix-$i\"},\"data\":{\"i\":\"$i\"}}"
+    else
+      body="{\"apiVersion\":\"v1\",\"kind\":\"Secret\",\"metadata\":{\"name\":\"$prefix-$i\"},\"stringData\":{\"i\":\"$i\"}}"
+    fi
+    k -o /dev/null -w '%{http_code}\n' -H 'Content-Type: application/json' -X POST \
+      "$api/api/v1/namespaces/keel/$kind" -d "$body" | grep -qx 201 || fail "create $kind $prefix-$i"
+  done
+}
+
+# Lists KIND page by page (PAGE per page, from etcd's revision of the first page); prints names.
+list_paged() {
+  local kind=$1 page=$2 cont="" out
+  while :; do
+    out=$(k "$api/api/v1/namespaces/keel/$kind?limit=$page${cont:+&continue=$cont}")
+    jq -e '.items' <<<"$out" >/dev/null || fail "list $kind: $out"
+    [ "$(jq '.items | length' <<<"$out")" -le "$page" ] || fail "list $kind: a page larger than $page"
+    jq -r '.items[].metadata.name' <<<"$out"
+    cont=$(jq -r '.metadata.continue // ""' <<<"$out")
+    [ -n "$cont" ] || break
+  done
+}
+
+# Counts watch events of TYPE in FILE.
+events() { jq -r '.type' "$2" 2>/dev/null | grep -cx "$1" || true; }
+
+checks() {
+  k -o /dev/null -H 'Content-Type: application/json' -X POST "$api/api/v1/namespaces" \
+    -d '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"keel"}}'
+  local rv0
+  rv0=$(k "$api/api/v1/namespaces/keel/configmaps" | jq -r .metadata.resourceVersion)
+  [[ "$rv0" =~ ^[0-9]+$ ]] || fail "no resourceVersion from a list"
+
+  # Watches from before the writes: one served by the store (configmaps), one by the cache.
+  k -N "$api/api/v1/namespaces/keel/configmaps?watch=1&resourceVersion=$rv0" >"$work/watch-cm.json" &
+  pids+=($!)
+  k -N "$api/api/v1/namespaces/keel/secrets?watch=1&resourceVersion=$rv0" >"$work/watch-secrets.json" &
+  pids+=($!)
+
+  create configmaps 250 cm
+  create secrets 60 s
+  k -o /dev/null -H 'Content-Type: application/merge-patch+json' -X PATCH \
+    "$api/api/v1/namespaces/keel/configmaps/cm-0" -d '{"data":{"i":"changed"}}'
+  k -o /dev/null -X DELETE "$api/api/v1/namespaces/keel/configmaps/cm-1"
+  ok "250 configmaps and 60 secrets created, one configmap changed, one deleted"
+
+  # Pagination straight from the store: every name once, none missing.
+  local names
+  names=$(list_paged configmaps 40)
+  [ "$(wc -l <<<"$names")" = 249 ] || fail "paged list: $(wc -l <<<"$names") configmaps, want 249"
+  [ "$(sort -u <<<"$names" | wc -l)" = 249 ] || fail "paged list: duplicate names"
+  grep -qx cm-1 <<<"$names" && fail "paged list: the deleted configmap is listed"
+  ok "paged list of configmaps (limit 40, 7 pages, served by Keel): 249 distinct names"
+
+  # Watches: every event, in resourceVersion order.
+  cm_events() { [ "$(events ADDED "$work/watch-cm.json")" = 250 ] && [ "$(events MODIFIED "$work/watch-cm.json")" = 1 ] &&
+    [ "$(events DELETED "$work/watch-cm.json")" = 1 ]; }
+  wait_for 30 cm_events || fail "configmap watch: $(jq -r .type "$work/watch-cm.json" | sort | uniq -c | tr '\n' ' ')"
+  secret_events() { [ "$(events ADDED "$work/watch-secrets.json")" = 60 ]; }
+  wait_for 30 secret_events || fail "secret watch: $(events ADDED "$work/watch-secrets.json") ADDED events, want 60"
+  for f in watch-cm watch-secrets; do
+    jq -r '.object.metadata.resourceVersion' "$work/$f.json" | awk 'NR > 1 && $1 + 0 <= prev { bad = 1 } { prev = $1 + 0 } END { exit bad }' ||
+      fail "$f: resourceVersions out of order"
+  done
+  ok "watch of configmaps (Keel's watch): 250 ADDED, 1 MODIFIED, 1 DELETED in order; watch of secrets (watch cache): 60 ADDED in order"
+
+  # Consistent lists from the watch cache need RequestWatchProgress.
+  local i
+  for i in 1 2 3 4 5; do
+    [ "$(k "$api/api/v1/namespaces/keel/secrets" | jq '.items | length')" = 60 ] || fail "consistent list of secrets"
+  done
+  local served
+  served=$(k "$api/metrics" | awk '/^apiserver_watch_cache_consistent_read_total\{/ && /resource="secrets"/ && /fallback="false"/ && /success="true"/ { s += $2 } END { print s + 0 }')
+  [ "$served" -ge 5 ] || fail "consistent reads of secrets from the watch cache: $served, want at least 5 (RequestWatchProgress not in use)"
+  ok "consistent lists of secrets served from the watch cache: $served (RequestWatchProgress in use)"
+
+  # Compaction by kube-apiserver's compactor: an old continue token and an old watch get 410.
+  local first cont
+  first=$(k "$api/api/v1/namespaces/keel/configmaps?limit=10")
+  cont=$(jq -r .metadata.continue <<<"$first")
+  local rev
+  rev=$(jq -r .metadata.resourceVersion <<<"$first")
+  compacted() {
+    local out
+    out=$("$ctl" --endpoints "$eps" get --rev="$rev" /registry/configmaps/keel/cm-2 2>&1 >/dev/null || true)
+    grep -q "required revision has been compacted" <<<"$out"
+  }
+  wait_for 120 compacted || fail "kube-apiserver's compactor did not compact Keel past revision $rev"
+  ok "kube-apiserver compacted Keel past revision $rev"
+  local code
+  code=$(k -o "$work/expired.json" -w '%{http_code}' "$api/api/v1/namespaces/keel/configmaps?limit=10&continue=$cont")
+  [ "$code" = 410 ] || fail "continue token from before the compaction: HTTP $code, want 410"
+  ok "continue token from before the compaction: 410 $(jq -r .reason "$work/expired.json")"
+  local old
+  old=$(timeout 10 curl -sk -N -H "Authorization: Bearer $token" \
+    "$api/api/v1/namespaces/keel/configmaps?watch=1&resourceVersion=$rv0" | head -1 || true)
+  [ "$(jq -r '.object.code' <<<"$old")" = 410 ] || fail "watch from before the compaction: $old"
+  ok "watch from before the compaction: ERROR 410 ($(jq -r .object.message <<<"$old" | cut -c1-60))"
+}
+
+main "$@"
