@@ -120,7 +120,7 @@ start_keel() {
   eps=${eps%,}
   healthy() { "$ctl" --endpoints "$eps" endpoint health >/dev/null 2>&1; }
   wait_for 60 healthy || fail "the Keel cluster did not become healthy"
-  ok "3 Keel members healthy; they report etcd $(curl -s http://127.0.0.1:24790/version | jq -r .etcdserver)"
+  ok "3 members ($(basename "$keel")) healthy; they report etcd $(curl -s http://127.0.0.1:24790/version | jq -r .etcdserver)"
 }
 
 token=keel-kube-admin
