@@ -39,6 +39,7 @@ mod config;
 mod discovery;
 mod errors;
 mod gateway;
+mod grpc_proxy;
 mod h2fix;
 mod http;
 pub mod lease;
@@ -63,6 +64,10 @@ pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if tool::is_tool(&args) {
         return tool::main(args);
+    }
+    if grpc_proxy::is_grpc_proxy(&args) {
+        logging::init("info", "json");
+        return grpc_proxy::main(args);
     }
     if proxy::is_gateway(&args) {
         logging::init("info", "json");

@@ -313,7 +313,7 @@ async fn check_san(der: &[u8], from: std::net::IpAddr) -> Result<(), String> {
     Err(format!("tls: \"{from}\" does not match any of DNSNames [{quoted}]"))
 }
 
-fn common_name(der: &[u8]) -> Option<String> {
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     Some(cn)

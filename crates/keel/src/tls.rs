@@ -232,23 +232,36 @@ pub fn discovery_client(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>
     if !cfg.discovery_endpoints.split(',').any(|e| e.trim().starts_with("https://")) {
         return Ok(None);
     }
-    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().context("TLS versions")?;
-    let builder = if !cfg.discovery_cacert.is_empty() {
-        builder.with_root_certificates(roots(&cfg.discovery_cacert)?)
-    } else if cfg.discovery_insecure_skip_tls_verify {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCert(provider())))
-    } else {
+    if cfg.discovery_cacert.is_empty() && !cfg.discovery_insecure_skip_tls_verify {
         anyhow::bail!("discovery over https needs --discovery-cacert (or --discovery-insecure-skip-tls-verify)");
+    }
+    client_config(&cfg.discovery_cert, &cfg.discovery_key, &cfg.discovery_cacert, cfg.discovery_insecure_skip_tls_verify).map(Some)
+}
+
+/// A client's TLS for connecting to members (discovery, the gRPC proxy): servers verified
+/// against `ca` (the system has none: without it, `insecure` must be set), and a client
+/// certificate when `cert` and `key` are given.
+pub fn client_config(cert: &str, key: &str, ca: &str, insecure: bool) -> Result<Arc<rustls::ClientConfig>> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().context("TLS versions")?;
+    let builder = if insecure {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCert(provider())))
+    } else if !ca.is_empty() {
+        builder.with_root_certificates(roots(ca)?)
+    } else {
+        anyhow::bail!("TLS to the members needs a CA bundle (or skipping verification)");
     };
-    let mut cc = if !cfg.discovery_cert.is_empty() && !cfg.discovery_key.is_empty() {
-        builder
-            .with_client_auth_cert(load_certs(&cfg.discovery_cert)?, load_key(&cfg.discovery_key)?)
-            .context("discovery client certificate")?
+    let mut cc = if !cert.is_empty() && !key.is_empty() {
+        builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?).context("client certificate")?
     } else {
         builder.with_no_client_auth()
     };
     cc.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Some(Arc::new(cc)))
+    Ok(Arc::new(cc))
+}
+
+/// The subject common name of the first certificate in a PEM file, if it has one.
+pub fn cert_common_name(path: &str) -> Result<Option<String>> {
+    Ok(load_certs(path)?.first().and_then(|c| crate::serve::common_name(c)).filter(|cn| !cn.is_empty()))
 }
 
 /// Accepts any server certificate (still checking the handshake signature): `--peer-auto-tls`
