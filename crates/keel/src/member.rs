@@ -142,6 +142,7 @@ impl Member {
                 members: self.members.clone(),
                 snap_dir: Path::new(&cfg.snap_dir()).to_path_buf(),
                 forwarded: self.server.clone(),
+                transport: self.transport.clone(),
             })
             .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
             .max_encoding_message_size(peer::MAX_PEER_MESSAGE),
@@ -589,7 +590,7 @@ async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
             }
         }
     }
-    tracing::info!(cluster_version = config::ETCD_CLUSTER_VERSION, "enabled capabilities for version 3.4");
+    tracing::info!(cluster_version = %config::ETCD_CLUSTER_VERSION.rsplit_once('.').map(|(mm, _)| mm).unwrap_or(config::ETCD_CLUSTER_VERSION), "enabled capabilities for version");
     tracing::info!(
         local_member_id = format!("{:x}", server.member_id()),
         name = %attrs.name,

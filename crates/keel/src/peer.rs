@@ -6,6 +6,11 @@
 //! drained by its own task; a full queue or a broken stream drops messages and reports the peer
 //! unreachable to raft, which retries. Receiving side ([`PeerService`]): checks the sender's
 //! cluster ID and hands messages to the node.
+//!
+//! Reverse path: every member also keeps a `RaftPull` stream open to each peer, on which that
+//! peer sends this member's messages when its own stream to this member cannot be opened (this
+//! member rejects its connections, e.g. its certificate does not name the address it dials
+//! from): as in etcd, where the receiver opens the streams, such a peer still takes part.
 
 use crate::membership::Members;
 use anyhow::{anyhow, Context, Result};
@@ -13,7 +18,7 @@ use keel_mvcc::backend::{Backend, Meta};
 use keel_mvcc::SharedStore;
 use keel_proto::keelpb::peer_client::PeerClient;
 use keel_proto::keelpb::peer_server::Peer;
-use keel_proto::keelpb::{BackendRecord, MembersRequest, PeerAck, RaftBatch, SnapshotChunk, SnapshotData};
+use keel_proto::keelpb::{BackendRecord, MembersRequest, PeerAck, RaftBatch, RaftPullRequest, SnapshotChunk, SnapshotData};
 use keel_raft::eraftpb::{Message, MessageType};
 use keel_raft::{NodeHandle, ProtoMessage, Transport};
 use parking_lot::{Mutex, RwLock};
@@ -34,6 +39,10 @@ pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 const PEER_QUEUE: usize = 4096;
 /// Bytes of raft messages sent in one batch.
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Batches queued on a reverse stream.
+const PULL_QUEUE: usize = 64;
+/// How long messages go over a reverse stream before opening a stream of its own is tried again.
+const PULL_TURN: Duration = Duration::from_secs(5);
 /// Bytes of backend records in one snapshot chunk.
 const CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -184,6 +193,11 @@ struct Inner {
     /// Channels for requests to the leader (forwarded keep-alives, TTL queries, promotions),
     /// by peer URL: one kept connection each, not one per request.
     request_channels: Mutex<HashMap<String, Channel>>,
+    /// Reverse streams peers opened to this member, by peer: where that peer's messages go when
+    /// no stream to it can be opened.
+    pulls: Mutex<HashMap<u64, mpsc::Sender<RaftBatch>>>,
+    /// Peers this member keeps a reverse stream open to.
+    pulling: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// The raft transport over the peer URLs. Clone it freely; all clones share the connections.
@@ -215,6 +229,8 @@ impl PeerTransport {
                 queues: Mutex::new(HashMap::new()),
                 active_since: Mutex::new(HashMap::new()),
                 request_channels: Mutex::new(HashMap::new()),
+                pulls: Mutex::new(HashMap::new()),
+                pulling: Mutex::new(Default::default()),
             }),
         }
     }
@@ -266,6 +282,9 @@ impl PeerTransport {
                 for id in ids {
                     if id != t.inner.self_id {
                         t.queue(id);
+                        if t.inner.pulling.lock().insert(id) {
+                            t.inner.rt.spawn(pull_loop(t.inner.clone(), id));
+                        }
                     }
                 }
             }
@@ -288,6 +307,13 @@ impl PeerTransport {
         req: keel_proto::etcdserverpb::LeaseTimeToLiveRequest,
     ) -> Result<keel_proto::etcdserverpb::LeaseTimeToLiveResponse, Status> {
         Ok(self.leader_client(leader)?.lease_time_to_live(with_cluster(req, self.inner.cluster_id)).await?.into_inner())
+    }
+
+    /// A peer opened a reverse stream: what this member sends on it, when it must.
+    pub fn register_pull(&self, from: u64) -> mpsc::Receiver<RaftBatch> {
+        let (tx, rx) = mpsc::channel(PULL_QUEUE);
+        self.inner.pulls.lock().insert(from, tx);
+        rx
     }
 
     fn queue(&self, to: u64) -> mpsc::Sender<Vec<u8>> {
@@ -408,6 +434,9 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
                     _ => "timed out".to_string(),
                 };
                 report(&mut down, "cannot connect", why, &url);
+                if relay_over_pull(&inner, to, &rx).await {
+                    continue;
+                }
                 inner.unreachable(to);
                 drain();
                 tokio::time::sleep(backoff).await;
@@ -450,6 +479,9 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         };
         active.set(0);
         report(&mut down, "lost connection", broken, &url);
+        if relay_over_pull(&inner, to, &rx).await {
+            continue;
+        }
         inner.unreachable(to);
         // Drop what queued up meanwhile: raft resends what matters.
         drain();
@@ -460,6 +492,68 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
 
 /// The body of a raft stream: each item is every message queued at that moment, up to
 /// [`BATCH_BYTES`]. Only one stream to a peer exists at a time; the queue outlives it.
+/// Sends `to`'s queued messages on the reverse stream `to` opened, if there is one, for
+/// [`PULL_TURN`] or until that stream ends; false when there is none.
+async fn relay_over_pull(inner: &Inner, to: u64, rx: &Arc<Mutex<mpsc::Receiver<Vec<u8>>>>) -> bool {
+    use futures::StreamExt;
+    let Some(tx) = inner.pulls.lock().get(&to).filter(|t| !t.is_closed()).cloned() else {
+        return false;
+    };
+    tracing::debug!(peer = format!("{to:x}"), "peer: sending over the stream the peer opened");
+    let mut q = QueueStream { rx: rx.clone() };
+    let until = tokio::time::Instant::now() + PULL_TURN;
+    loop {
+        let batch = tokio::select! {
+            b = q.next() => b,
+            _ = tokio::time::sleep_until(until) => return true,
+        };
+        let Some(batch) = batch else { return true };
+        if tx.send(batch).await.is_err() {
+            inner.pulls.lock().remove(&to);
+            return true;
+        }
+    }
+}
+
+/// Keeps a reverse stream open to peer `from_peer`, stepping what comes on it into the node.
+async fn pull_loop(inner: Arc<Inner>, peer: u64) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if !inner.is_member(peer) {
+            inner.pulling.lock().remove(&peer);
+            return;
+        }
+        let (Some(url), Some(node)) = (inner.peer_url(peer), inner.node.get().cloned()) else {
+            tokio::time::sleep(backoff).await;
+            continue;
+        };
+        if let Ok(ch) = inner.dialer.channel(&url) {
+            let req = with_cluster(RaftPullRequest { from: inner.self_id }, inner.cluster_id);
+            if let Ok(resp) = client(ch).raft_pull(req).await {
+                backoff = Duration::from_millis(100);
+                let mut s = resp.into_inner();
+                while let Ok(Some(batch)) = s.message().await {
+                    if step_batch(&node, batch).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Hands a batch of raft messages to the node (a busy node drops them: raft retries).
+fn step_batch(node: &NodeHandle, batch: RaftBatch) -> Result<(), Status> {
+    for b in batch.messages {
+        let m = Message::parse_from_bytes(&b).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+        crate::metrics::METRICS.peer_received_bytes.with_label_values(&[&format!("{:x}", m.from)]).inc_by(b.len() as u64);
+        let _ = node.step(m);
+    }
+    Ok(())
+}
+
 struct QueueStream {
     rx: Arc<Mutex<mpsc::Receiver<Vec<u8>>>>,
 }
@@ -594,6 +688,8 @@ pub struct PeerService {
     pub snap_dir: PathBuf,
     /// This member, for the requests other members forward to it.
     pub forwarded: Arc<dyn Forwarded>,
+    /// Where reverse streams opened by peers are registered.
+    pub transport: PeerTransport,
 }
 
 impl PeerService {
@@ -620,16 +716,21 @@ impl Peer for PeerService {
         self.check_cluster(&req)?;
         let mut s = req.into_inner();
         while let Some(batch) = s.message().await? {
-            for b in batch.messages {
-                let m = Message::parse_from_bytes(&b).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
-                crate::metrics::METRICS.peer_received_bytes.with_label_values(&[&format!("{:x}", m.from)]).inc_by(b.len() as u64);
-                if self.node.step(m).is_err() {
-                    // The node is busy or stopping: drop, raft retries.
-                    continue;
-                }
-            }
+            step_batch(&self.node, batch)?;
         }
         Ok(Response::new(PeerAck {}))
+    }
+
+    type RaftPullStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftBatch, Status>> + Send>>;
+
+    async fn raft_pull(&self, req: Request<RaftPullRequest>) -> Result<Response<Self::RaftPullStream>, Status> {
+        self.check_cluster(&req)?;
+        let from = req.into_inner().from;
+        if self.members.read().get(from).is_none() {
+            return Err(Status::permission_denied("etcdserver: not a member of this cluster"));
+        }
+        let rx = self.transport.register_pull(from);
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok))))
     }
 
     async fn snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<PeerAck>, Status> {
