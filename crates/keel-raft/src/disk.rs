@@ -65,6 +65,11 @@ fn decode_err(path: &Path, msg: impl std::fmt::Display) -> DiskError {
 }
 
 impl Disk {
+    /// A new member's state around a just-created WAL (nothing in it yet).
+    fn new_member(identity: Identity, hard_state: HardState, wal: Wal, snapshotter: Snapshotter) -> Disk {
+        Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state, forced: false, wal, snapshotter }
+    }
+
     /// True if `wal_dir` already holds a WAL (the member was started before).
     pub fn exists(wal_dir: &Path) -> bool {
         Wal::exists(wal_dir)
@@ -98,16 +103,7 @@ impl Disk {
                 hard_state.term = 1;
                 hard_state.commit = entries.len() as u64;
             }
-            let mut disk = Disk {
-                identity,
-                fresh: true,
-                snapshot: None,
-                entries: Vec::new(),
-                hard_state: hard_state.clone(),
-                forced: false,
-                wal,
-                snapshotter,
-            };
+            let mut disk = Disk::new_member(identity, hard_state.clone(), wal, snapshotter);
             if !entries.is_empty() {
                 disk.save(Some(&hard_state), &entries)?;
             }
@@ -281,16 +277,7 @@ impl Disk {
         }
         let snapshotter = Snapshotter::new(snap_dir)?;
         let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
-        let mut disk = Disk {
-            identity,
-            fresh: true,
-            snapshot: None,
-            entries: Vec::new(),
-            hard_state: hard_state.clone(),
-            forced: false,
-            wal,
-            snapshotter,
-        };
+        let mut disk = Disk::new_member(identity, hard_state.clone(), wal, snapshotter);
         disk.save_snapshot(snap)?;
         disk.save(Some(hard_state), entries)?;
         Ok(())

@@ -7,8 +7,8 @@
 //! `/health` (a read through the proxy's members) and `/proxy/health` (a read and a watch).
 //! Unlike etcd's proxy it keeps no cache and does not coalesce watches.
 //!
-//! Stands alone: calls only the listener (`serve`), TLS and peer-dialing helpers, never the
-//! server.
+//! Stands alone: calls only the listener (`serve`), TLS and peer-dialing helpers and the
+//! gateway's subcommand helpers (`proxy`), never the server.
 
 use crate::config::{parse_go_duration, Config};
 use crate::{peer, serve, tls};
@@ -99,35 +99,14 @@ pub fn is_grpc_proxy(args: &[String]) -> bool {
 }
 
 pub fn main(args: Vec<String>) -> std::process::ExitCode {
-    // Go flags: `--flag value` and `-flag=value` alike.
-    let args: Vec<String> = args
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 1)
-        .map(|(_, a)| if a.starts_with('-') && !a.starts_with("--") && a.len() > 2 { format!("-{a}") } else { a })
-        .collect();
-    let a = match Args::try_parse_from(args) {
+    let a = match Args::try_parse_from(crate::proxy::go_style_args(args)) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(a)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "grpc-proxy failed");
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    crate::proxy::block_on("grpc-proxy failed", run(a))
 }
 
 /// The serving TLS, from the proxy's flags by way of the server's own TLS code.

@@ -40,20 +40,29 @@ pub fn is_gateway(args: &[String]) -> bool {
 }
 
 pub fn main(args: Vec<String>) -> std::process::ExitCode {
-    // Go flags: `--flag value` and `-flag=value` alike.
-    let args: Vec<String> = args
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 1)
-        .map(|(_, a)| if a.starts_with('-') && !a.starts_with("--") && a.len() > 2 { format!("-{a}") } else { a })
-        .collect();
-    let a = match Args::try_parse_from(args) {
+    let a = match Args::try_parse_from(go_style_args(args)) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    block_on("gateway stopped", run(a))
+}
+
+/// A subcommand's arguments as clap reads them: the subcommand's own word dropped, Go's
+/// single-dash long flags (`-flag=value`) turned into `--flag=value`.
+pub(crate) fn go_style_args(args: Vec<String>) -> Vec<String> {
+    args.into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, a)| if a.starts_with('-') && !a.starts_with("--") && a.len() > 2 { format!("-{a}") } else { a })
+        .collect()
+}
+
+/// Runs a standalone subcommand on its own runtime; an error is logged (as `what`) and
+/// printed, and the process exits 1.
+pub(crate) fn block_on(what: &str, f: impl std::future::Future<Output = Result<()>>) -> std::process::ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -61,10 +70,11 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    match rt.block_on(run(a)) {
+    match rt.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "gateway stopped");
+            tracing::error!(error = format!("{e:#}"), "{what}");
+            eprintln!("Error: {e:#}");
             std::process::ExitCode::from(1)
         }
     }
