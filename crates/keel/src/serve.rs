@@ -128,6 +128,9 @@ impl Endpoint {
     }
 }
 
+/// How long a TLS handshake may take (etcd's `tlsHandshakeTimeout`).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `router` on `listener` until the process ends.
 pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool, router: axum::Router, h2: H2, endpoint: Endpoint) {
     let fix_authority = endpoint == Endpoint::Client;
@@ -174,7 +177,11 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool
             }
             let mut cn = None;
             let io: Box<dyn Io> = match tls {
-                Some(acc) => match acc.accept(sock).await {
+                // As etcd: a handshake gets 10 s, so a client that stalls in it holds nothing.
+                Some(acc) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout")))
+                {
                     Ok(s) => {
                         let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
                         if let (Some(der), Endpoint::Peer { check_san: true }, Some(from)) = (&cert, endpoint, remote) {

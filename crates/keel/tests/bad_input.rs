@@ -103,3 +103,59 @@ async fn bad_requests_get_errors_and_change_nothing() {
     assert_eq!(after.count, 0);
     kv.put(PutRequest { key: b"ok".to_vec(), value: b"v".to_vec(), ..Default::default() }).await.unwrap();
 }
+
+/// Clients that open TLS connections and never finish the handshake hold nothing for long: the
+/// member drops each after etcd's 10 s handshake timeout, and serves other clients meanwhile.
+#[test]
+fn stalled_tls_handshakes_are_dropped_and_others_are_served() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, pp) = (free_port(), free_port());
+    let curl = format!("https://127.0.0.1:{cp}");
+    let purl = format!("http://127.0.0.1:{pp}");
+    let args: Vec<String> = [
+        "--name",
+        "t1",
+        "--data-dir",
+        &dir.path().join("d").to_string_lossy(),
+        "--listen-client-urls",
+        &curl,
+        "--advertise-client-urls",
+        &curl,
+        "--listen-peer-urls",
+        &purl,
+        "--initial-advertise-peer-urls",
+        &purl,
+        "--initial-cluster",
+        &format!("t1={purl}"),
+        "--auto-tls",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = spawn(&keel_bin(), &dir.path().join("d"), &curl, &args);
+    assert!(p.wait_ready());
+    // 50 connections that send nothing at all, then one that starts a handshake and stalls.
+    let mut stalled: Vec<std::net::TcpStream> = (0..50).map(|_| std::net::TcpStream::connect(("127.0.0.1", cp)).unwrap()).collect();
+    let mut half = std::net::TcpStream::connect(("127.0.0.1", cp)).unwrap();
+    std::io::Write::write_all(&mut half, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    stalled.push(half);
+    // Meanwhile a real client is served.
+    let out = std::process::Command::new("curl").args(["-sk", "--max-time", "5", &format!("{curl}/health")]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"health\":\"true\""), "{out:?}");
+    // Each stalled connection is closed by the server (EOF or reset), within a bound well past
+    // the 10 s timeout.
+    for s in &mut stalled {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("the server sent {n} bytes to a client that sent no hello"),
+            Err(e) => assert!(
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                "a stalled handshake was not dropped: {e}"
+            ),
+        }
+    }
+    p.stop();
+}
