@@ -433,8 +433,11 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
                     Ok(Err(e)) => format!("{e:#}"),
                     _ => "timed out".to_string(),
                 };
+                // The peer answered and refused (not a silent network): its reverse stream, if
+                // it holds one, carries the messages.
+                let refused = !(why.contains("timed out") || why.contains("elapsed"));
                 report(&mut down, "cannot connect", why, &url);
-                if relay_over_pull(&inner, to, &rx).await {
+                if refused && relay_over_pull(&inner, to, &rx).await {
                     continue;
                 }
                 inner.unreachable(to);
@@ -455,6 +458,9 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
             r = &mut call => Some(r),
             _ = tokio::time::sleep(Duration::from_millis(500)) => None,
         };
+        // A stream the peer ends at once was refused (a certificate it does not accept); one
+        // that ran and then died is a network or peer failure, and is only dialed again.
+        let refused = broken.is_some();
         let broken = match broken {
             Some(r) => r,
             None => {
@@ -479,7 +485,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         };
         active.set(0);
         report(&mut down, "lost connection", broken, &url);
-        if relay_over_pull(&inner, to, &rx).await {
+        if refused && relay_over_pull(&inner, to, &rx).await {
             continue;
         }
         inner.unreachable(to);
