@@ -155,7 +155,8 @@ impl Upstream {
         let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
         let mut order: Vec<String> = (0..urls.len()).map(|i| urls[(start + i) % urls.len()].clone()).collect();
-        order.sort_by_key(|u| self.down.lock().get(u).is_some_and(|t| *t > now));
+        let down = self.down.lock().clone();
+        order.sort_by_key(|u| down.get(u).is_some_and(|t| *t > now));
         let mut last = String::new();
         for url in order {
             if let Some(c) = self.channels.lock().get(&url).cloned() {

@@ -521,7 +521,7 @@ async fn relay_over_pull(inner: &Inner, to: u64, rx: &Arc<Mutex<mpsc::Receiver<V
     }
 }
 
-/// Keeps a reverse stream open to peer `from_peer`, stepping what comes on it into the node.
+/// Keeps a reverse stream open to `peer`, stepping what comes on it into the node.
 async fn pull_loop(inner: Arc<Inner>, peer: u64) {
     let mut backoff = Duration::from_millis(100);
     loop {
