@@ -433,9 +433,9 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
                     Ok(Err(e)) => format!("{e:#}"),
                     _ => "timed out".to_string(),
                 };
-                // The peer answered and refused (not a silent network): its reverse stream, if
-                // it holds one, carries the messages.
-                let refused = !(why.contains("timed out") || why.contains("elapsed"));
+                // The peer refused this member's certificate (not a network failure, nor a peer
+                // not listening yet): its reverse stream, if it holds one, carries the messages.
+                let refused = refused_by_peer(&why);
                 report(&mut down, "cannot connect", why, &url);
                 if refused && relay_over_pull(&inner, to, &rx).await {
                     continue;
@@ -458,9 +458,9 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
             r = &mut call => Some(r),
             _ = tokio::time::sleep(Duration::from_millis(500)) => None,
         };
-        // A stream the peer ends at once was refused (a certificate it does not accept); one
-        // that ran and then died is a network or peer failure, and is only dialed again.
-        let refused = broken.is_some();
+        // A stream the peer ends at once may have been refused (a certificate it does not
+        // accept); one that ran and then died is a network or peer failure, only dialed again.
+        let quick = broken.is_some();
         let broken = match broken {
             Some(r) => r,
             None => {
@@ -484,6 +484,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
             r => format!("{:?}", r.map(|r| r.map(|_| ()))),
         };
         active.set(0);
+        let refused = quick && refused_by_peer(&broken);
         report(&mut down, "lost connection", broken, &url);
         if refused && relay_over_pull(&inner, to, &rx).await {
             continue;
@@ -494,6 +495,24 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Whether a failed connection or stream was the peer refusing this member's certificate: a TLS
+/// alert in the handshake, or the peer's answer after it (see [`crate::serve`]). A closed or reset
+/// connection is not: a proxy in front of a peer that is not up yet closes connections too, and a
+/// blackholed member must stay cut off (etcd's TestHTTPHealthHandler), not be reached over the
+/// reverse stream.
+fn refused_by_peer(why: &str) -> bool {
+    const SIGNS: [&str; 7] = [
+        crate::serve::PEER_CERT_REJECTED,
+        "BadCertificate",
+        "bad certificate",
+        "UnknownCA",
+        "unknown ca",
+        "CertificateRequired",
+        "certificate required",
+    ];
+    SIGNS.iter().any(|s| why.contains(s))
 }
 
 /// The body of a raft stream: each item is every message queued at that moment, up to

@@ -188,6 +188,9 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool
                             if let Err(e) = check_san(der, from.ip()).await {
                                 let (ips, dns) = san(der);
                                 tracing::warn!(remote_addr = %from, ip_addresses = ?ips, dns_names = ?dns, error = %e, "{}", endpoint.rejected());
+                                // Said to the peer, so that it knows it was refused (and sends
+                                // over the stream this member opens to it) rather than cut off.
+                                refuse(Box::new(s), format!("{PEER_CERT_REJECTED}: {e}")).await;
                                 return;
                             }
                         }
@@ -223,6 +226,29 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool
             }
         });
     }
+}
+
+/// The start of the gRPC message a peer gets when its certificate does not name the address it
+/// connects from ([`crate::peer`] reads it to tell a refusal from a network failure).
+pub(crate) const PEER_CERT_REJECTED: &str = "peer certificate rejected";
+
+/// Answers every request on `io` with PERMISSION_DENIED and `why`, for a few seconds at most.
+async fn refuse(io: Box<dyn Io>, why: String) {
+    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+        let why = why.clone();
+        async move {
+            let mut resp = http::Response::new(axum::body::Body::empty());
+            let h = resp.headers_mut();
+            h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", http::HeaderValue::from(tonic::Code::PermissionDenied as i32));
+            if let Ok(v) = http::HeaderValue::from_str(&why) {
+                h.insert("grpc-message", v);
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(io), svc);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
 }
 
 /// Reads the first byte without consuming it: the byte is put back in front of the stream.
@@ -272,7 +298,6 @@ impl tokio::io::AsyncWrite for Prefixed {
     }
 }
 
-/// The subject common name of a DER certificate.
 /// A certificate's subject alternative names: IP addresses and DNS names.
 fn san(der: &[u8]) -> (Vec<std::net::IpAddr>, Vec<String>) {
     use x509_parser::extensions::GeneralName;
@@ -320,6 +345,7 @@ async fn check_san(der: &[u8], from: std::net::IpAddr) -> Result<(), String> {
     Err(format!("tls: \"{from}\" does not match any of DNSNames [{quoted}]"))
 }
 
+/// The subject common name of a DER certificate.
 pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
