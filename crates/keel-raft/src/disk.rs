@@ -112,7 +112,7 @@ impl Disk {
         }
         let snapshot = match snapshotter.load_newest()? {
             Some(f) => {
-                let s = Snapshot::parse_from_bytes(&f.data).map_err(|e| decode_err(snap_dir, e))?;
+                let s = crate::wire::snapshot_of(&f.data).map_err(|e| decode_err(snap_dir, e))?;
                 if s.get_metadata().index != f.index || s.get_metadata().term != f.term {
                     return Err(decode_err(snap_dir, "snapshot file name does not match its contents"));
                 }
@@ -129,7 +129,7 @@ impl Disk {
         for r in records {
             match r.kind {
                 RECORD_ENTRY => {
-                    let e = Entry::parse_from_bytes(&r.data).map_err(|e| decode_err(wal_dir, e))?;
+                    let e = crate::wire::log_entry(&r.data).map_err(|e| decode_err(wal_dir, e))?;
                     if e.index <= snap_index {
                         continue;
                     }
@@ -152,7 +152,7 @@ impl Disk {
                     entries.push(e);
                 }
                 RECORD_STATE => {
-                    hard_state = HardState::parse_from_bytes(&r.data).map_err(|e| decode_err(wal_dir, e))?;
+                    hard_state = crate::wire::hard_state(&r.data).map_err(|e| decode_err(wal_dir, e))?;
                 }
                 RECORD_SNAPSHOT if r.data.len() == 16 => {
                     let idx = u64::from_be_bytes(r.data[8..16].try_into().unwrap_or([0; 8]));
@@ -199,11 +199,11 @@ impl Disk {
         for e in &self.entries {
             let changes: Vec<(ConfChangeType, u64)> = match e.get_entry_type() {
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
+                    let cc = crate::wire::conf_change(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
                     vec![(cc.get_change_type(), cc.node_id)]
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let cc = raft::eraftpb::ConfChangeV2::parse_from_bytes(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
+                    let cc = crate::wire::conf_change_v2(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
                     cc.get_changes().iter().map(|c| (c.get_change_type(), c.node_id)).collect()
                 }
                 EntryType::EntryNormal => continue,

@@ -12,6 +12,7 @@
 //! - [`storage`]: the in-memory raft log raft reads.
 //! - [`hops`]: how long each hop of a write and of a read takes (observed for metrics).
 //! - [`logger`]: raft-rs logs (slog) forwarded to `tracing`.
+//! - [`wire`]: the decoder of raft's messages from peers and disk (prost, not protobuf 2).
 //!
 //! Calls keel-wal for durability and the [`StateMachine`] it is given for applying; knows nothing
 //! of keys, revisions or gRPC.
@@ -22,6 +23,7 @@ pub mod hops;
 pub mod logger;
 pub mod node;
 pub mod storage;
+pub mod wire;
 
 pub use disk::{Disk, Identity};
 pub use node::{start, NoTransport, NodeConfig, NodeHandle, NodeStatus, ProposeError, Proposed, StateMachine, Transport};

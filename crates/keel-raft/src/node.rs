@@ -14,8 +14,7 @@ use crate::apply::{ApplyConfig, Committed, Event, ReadSender, Stage, Task};
 use crate::disk::{Disk, DiskError};
 use crate::hops::{self, Hop};
 use crate::storage::LogStore;
-use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -721,14 +720,14 @@ impl<T: Transport> Driver<T> {
             }
             let conf = match e.get_entry_type() {
                 EntryType::EntryNormal => None,
-                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
+                EntryType::EntryConfChange => match crate::wire::conf_change(e.get_data()) {
                     Ok(cc) => self.apply_conf_change(&e, &cc),
                     Err(err) => {
                         tracing::error!(index = e.index, error = %err, "raft: undecodable conf change");
                         None
                     }
                 },
-                EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(e.get_data()) {
+                EntryType::EntryConfChangeV2 => match crate::wire::conf_change_v2(e.get_data()) {
                     Ok(cc) => self.apply_conf_change(&e, &cc),
                     Err(err) => {
                         tracing::error!(index = e.index, error = %err, "raft: undecodable conf change");

@@ -17,8 +17,7 @@ use keel_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
 };
 use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, RequestHeader};
-use keel_raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, Snapshot};
-use keel_raft::ProtoMessage;
+use keel_raft::eraftpb::{ConfChangeType, ConfState, Entry, Snapshot};
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use std::collections::HashMap;
@@ -640,7 +639,7 @@ impl keel_raft::StateMachine for Applier {
         if entry.index <= store.consistent_index() {
             return;
         }
-        let cc = match ConfChange::parse_from_bytes(entry.get_data()) {
+        let cc = match keel_raft::wire::conf_change(entry.get_data()) {
             Ok(cc) => cc,
             Err(e) => {
                 tracing::error!(index = entry.index, error = %e, "apply: undecodable conf change");

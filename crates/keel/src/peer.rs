@@ -572,7 +572,7 @@ async fn pull_loop(inner: Arc<Inner>, peer: u64) {
 /// Hands a batch of raft messages to the node (a busy node drops them: raft retries).
 fn step_batch(node: &NodeHandle, batch: RaftBatch) -> Result<(), Status> {
     for b in batch.messages {
-        let m = Message::parse_from_bytes(&b).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+        let m = keel_raft::wire::message(&b).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
         crate::metrics::METRICS.peer_received_bytes.with_label_values(&[&format!("{:x}", m.from)]).inc_by(b.len() as u64);
         let _ = node.step(m);
     }
@@ -763,7 +763,7 @@ impl Peer for PeerService {
         let mut s = req.into_inner();
         let t0 = std::time::Instant::now();
         let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let msg = Message::parse_from_bytes(&first.message).map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+        let msg = keel_raft::wire::message(&first.message).map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
         let index = msg.get_snapshot().get_metadata().index;
         let tmp = self.snap_dir.join(format!("{index:016x}.snap.db.tmp"));
         let fin = self.snap_dir.join(format!("{index:016x}.snap.db"));

@@ -304,8 +304,7 @@ fn wal_dump(dir: &Path) -> Result<()> {
     for r in records {
         match r.kind {
             keel_wal::RECORD_ENTRY => {
-                use keel_raft::ProtoMessage;
-                let e = keel_raft::eraftpb::Entry::parse_from_bytes(&r.data).context("undecodable entry")?;
+                let e = keel_raft::wire::log_entry(&r.data).context("undecodable entry")?;
                 let what = match e.get_entry_type() {
                     keel_raft::eraftpb::EntryType::EntryNormal if e.get_data().is_empty() => "empty".to_string(),
                     keel_raft::eraftpb::EntryType::EntryNormal => match InternalRequest::decode(e.get_data()) {
@@ -321,8 +320,7 @@ fn wal_dump(dir: &Path) -> Result<()> {
                 println!("entry term={} index={} {what}", e.term, e.index);
             }
             keel_wal::RECORD_STATE => {
-                use keel_raft::ProtoMessage;
-                let hs = keel_raft::eraftpb::HardState::parse_from_bytes(&r.data).context("undecodable hard state")?;
+                let hs = keel_raft::wire::hard_state(&r.data).context("undecodable hard state")?;
                 println!("hardstate term={} vote={:x} commit={}", hs.term, hs.vote, hs.commit);
             }
             keel_wal::RECORD_SNAPSHOT if r.data.len() == 16 => {
