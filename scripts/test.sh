@@ -20,6 +20,9 @@ fi
 # etcd 3.6 (server, etcdctl, etcdutl) from the Go module proxy: the oracle of the differential,
 # metrics and migration tests, and the etcdctl/etcdutl of the 3.6 e2e suite.
 scripts/etcd-ref.sh v3.6.16 >/dev/null
+# No dependency with a known advisory (cargo-deny, offline, against the RustSec snapshot in
+# third_party/advisory-db; exceptions with reasons in deny.toml).
+scripts/advisories.sh
 cargo build --release --workspace
 cargo test --release --workspace
 scripts/e2e.sh

@@ -52,6 +52,15 @@ impl KeyHistory {
     }
 }
 
+/// A key's state before a change (see [`Index::before`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Before {
+    created: i64,
+    version: i64,
+    lease: i64,
+    existed: bool,
+}
+
 /// The ordered key index.
 #[derive(Debug, Default)]
 pub struct Index {
@@ -113,6 +122,42 @@ impl Index {
             h.created = 0;
             h.version = 0;
             h.lease = 0;
+        }
+    }
+
+    /// A key's live-generation state before a change, for [`Index::undo`].
+    pub fn before(&self, key: &[u8]) -> Before {
+        match self.keys.get(key) {
+            Some(h) => Before { created: h.created, version: h.version, lease: h.lease, existed: true },
+            None => Before { created: 0, version: 0, lease: 0, existed: false },
+        }
+    }
+
+    /// Takes back the newest change of `key`, made at `rev` by [`Index::put`] or
+    /// [`Index::tombstone`] when the key's state was `before` (a rolled-back write transaction
+    /// undoes its changes newest first).
+    pub fn undo(&mut self, key: &[u8], rev: Revision, before: Before) {
+        let Some(h) = self.keys.get_mut(key) else {
+            debug_assert!(false, "undo of a key not in the index");
+            return;
+        };
+        debug_assert_eq!(h.changes.last().map(|c| c.rev), Some(rev), "undo must take the newest change");
+        if h.changes.last().map(|c| c.rev) != Some(rev) {
+            return;
+        }
+        let was_live = h.is_live();
+        h.changes.pop();
+        let live = h.is_live();
+        match (was_live, live) {
+            (true, false) => self.live -= 1,
+            (false, true) => self.live += 1,
+            _ => {}
+        }
+        h.created = before.created;
+        h.version = before.version;
+        h.lease = before.lease;
+        if !before.existed && h.changes.is_empty() {
+            self.keys.remove(key);
         }
     }
 
@@ -234,6 +279,40 @@ mod tests {
         let dropped = ix.compact(6);
         assert_eq!(dropped.iter().map(|c| c.rev.main).collect::<Vec<_>>(), vec![5]);
         assert!(ix.get(b"b").is_none());
+    }
+
+    #[test]
+    fn undo_restores_each_change_exactly() {
+        let mut ix = Index::default();
+        ix.put(b"a", r(2), 7, 1);
+        ix.put(b"b", r(3), 0, 1);
+        ix.tombstone(b"b", r(4), 1);
+        let snapshot = |ix: &Index| {
+            let keys: Vec<_> = ix.keys.iter().map(|(k, h)| (k.to_vec(), h.changes.to_vec(), h.created, h.version, h.lease)).collect();
+            (keys, ix.live)
+        };
+        let start = snapshot(&ix);
+        // A transaction: put a (live), put b (deleted: a new generation), tombstone a, put c (new).
+        let mut undo = Vec::new();
+        for (k, rev, put) in [
+            (b"a", Revision::new(5, 0), true),
+            (b"b", Revision::new(5, 1), true),
+            (b"a", Revision::new(5, 2), false),
+            (b"c", Revision::new(5, 3), true),
+        ] {
+            undo.push((k, rev, ix.before(k)));
+            if put {
+                ix.put(k, rev, 9, 1);
+            } else {
+                ix.tombstone(k, rev, 1);
+            }
+        }
+        assert_ne!(snapshot(&ix), start);
+        for (k, rev, before) in undo.into_iter().rev() {
+            ix.undo(k, rev, before);
+        }
+        assert_eq!(snapshot(&ix), start);
+        assert!(ix.get(b"c").is_none());
     }
 
     #[test]

@@ -471,7 +471,7 @@ impl Store {
     /// Starts a write transaction: all its changes share one main revision.
     pub fn write(&mut self) -> WriteTxn<'_> {
         let main = self.meta.current_rev + 1;
-        WriteTxn { store: self, main, sub: 0, events: Vec::new(), lease_changes: Vec::new() }
+        WriteTxn { store: self, main, sub: 0, events: Vec::new(), lease_changes: Vec::new(), undo: Vec::new(), finished: false }
     }
 
     /// Plans etcd's HashKV (see [`HashPlan::run`]) at `rev` (0: current): what it needs from the
@@ -528,6 +528,10 @@ impl Store {
 }
 
 /// An atomic group of changes at one main revision. Reads through it see its own changes.
+///
+/// Atomic: until [`WriteTxn::finish`] the changes are the transaction's own (the store's lock
+/// keeps readers out), and a transaction dropped without it — an error returned half way — is
+/// rolled back: index, unflushed records and sizes exactly as before, its revision never used.
 pub struct WriteTxn<'a> {
     store: &'a mut Store,
     main: i64,
@@ -535,6 +539,10 @@ pub struct WriteTxn<'a> {
     events: Vec<Event>,
     /// (key, lease before, lease after) for every change, for the lessor's key sets.
     lease_changes: Vec<(Vec<u8>, i64, i64)>,
+    /// For each change (the event of the same position names its key): its revision, the key's
+    /// state before it and the record's size.
+    undo: Vec<(Revision, crate::index::Before, u32)>,
+    finished: bool,
 }
 
 /// What a write transaction produced.
@@ -591,6 +599,7 @@ impl WriteTxn<'_> {
         let kv = KeyValue { key: key.to_vec(), create_revision: created, mod_revision: self.main, version: version + 1, value, lease };
         let rec = kv.encode_to_vec();
         let size = (rec.len() + crate::revision::REV_BYTES) as u32;
+        self.undo.push((rev, self.store.index.before(key), size));
         self.store.data_bytes += size as u64;
         self.store.pending.insert(rev.to_key(false), Some(Arc::from(rec)));
         self.store.index.put(key, rev, lease, size);
@@ -599,6 +608,8 @@ impl WriteTxn<'_> {
             self.lease_changes.push((key.to_vec(), old_lease, lease));
         }
         self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
+        // Fault injection: the backend failing after a change (the caller rolls back and stops).
+        fail::fail_point!("mvcc::write_error", |_| Err(injected()));
         Ok(prev)
     }
 
@@ -614,14 +625,15 @@ impl WriteTxn<'_> {
         let mut prevs = Vec::new();
         let mut reader = None;
         for (k, cur, lease) in &targets {
+            let prev = if want_prev || self.store.events_with_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
             if *lease != 0 {
                 self.lease_changes.push((k.clone(), *lease, 0));
             }
-            let prev = if want_prev || self.store.events_with_prev { Some(self.store.fetch(&mut reader, *cur)?) } else { None };
             let rev = Revision::new(self.main, self.sub);
             let tomb = KeyValue { key: k.clone(), ..Default::default() };
             let rec = tomb.encode_to_vec();
             let size = (rec.len() + crate::revision::REV_BYTES + 1) as u32;
+            self.undo.push((rev, self.store.index.before(k), size));
             self.store.data_bytes += size as u64;
             self.store.pending.insert(rev.to_key(true), Some(Arc::from(rec)));
             self.store.index.tombstone(k, rev, size);
@@ -631,6 +643,7 @@ impl WriteTxn<'_> {
             if let (Some(p), true) = (prev, want_prev) {
                 prevs.push(p);
             }
+            fail::fail_point!("mvcc::write_error", |_| Err(injected()));
         }
         Ok((targets.len() as i64, prevs))
     }
@@ -654,11 +667,56 @@ impl WriteTxn<'_> {
     }
 
     /// Ends the transaction with everything it produced.
-    pub fn finish(self) -> TxnOutcome {
+    pub fn finish(mut self) -> TxnOutcome {
+        self.finished = true;
         if self.sub > 0 {
             self.store.meta.current_rev = self.main;
         }
-        TxnOutcome { revision: self.store.meta.current_rev, events: self.events, lease_changes: self.lease_changes }
+        let events = std::mem::take(&mut self.events);
+        let lease_changes = std::mem::take(&mut self.lease_changes);
+        TxnOutcome { revision: self.store.meta.current_rev, events, lease_changes }
+    }
+
+    /// Takes back every change, newest first: the store is as it was before the transaction.
+    pub fn rollback(mut self) {
+        self.undo_all();
+        self.finished = true;
+    }
+
+    fn undo_all(&mut self) {
+        debug_assert_eq!(self.undo.len(), self.events.len(), "one undo record per change");
+        while let Some((rev, before, size)) = self.undo.pop() {
+            let Some(kv) = self.events.get(self.undo.len()).and_then(|e| e.kv.as_ref()) else {
+                continue;
+            };
+            self.store.index.undo(&kv.key, rev, before);
+            self.store.pending.remove(&rev.to_key(rev_is_tombstone(&self.events[self.undo.len()])));
+            self.store.data_bytes -= size as u64;
+        }
+        self.events.clear();
+        self.lease_changes.clear();
+        self.sub = 0;
+    }
+}
+
+#[cfg(feature = "failpoints")]
+fn injected() -> KvError {
+    KvError::Backend(BackendError {
+        path: std::path::PathBuf::from("(injected)"),
+        msg: "injected backend error (mvcc::write_error)".into(),
+    })
+}
+
+fn rev_is_tombstone(e: &Event) -> bool {
+    e.r#type == EventType::Delete as i32
+}
+
+impl Drop for WriteTxn<'_> {
+    fn drop(&mut self) {
+        if !self.finished && self.sub > 0 {
+            tracing::warn!(revision = self.main, changes = self.sub, "mvcc: write transaction dropped unfinished; rolled back");
+            self.undo_all();
+        }
     }
 }
 

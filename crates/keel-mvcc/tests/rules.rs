@@ -264,3 +264,58 @@ fn read_only_txn_matches_the_write_path() {
     };
     assert!(!kv::txn_is_read_only(&has_put) && kv::txn_has_put(&has_put));
 }
+
+/// Everything a reader can learn from the store: every revision's keys, the revision, the
+/// counts and sizes.
+fn observe(s: &Store) -> (i64, usize, usize, u64, Vec<Vec<KeyValue>>) {
+    let cur = s.current_rev();
+    let mut revs = Vec::new();
+    for rev in s.compacted_rev().max(1)..=cur {
+        let r = kv::range(s, &RangeRequest { key: vec![0], range_end: vec![0], revision: rev, ..Default::default() });
+        revs.push(r.map(|r| r.kvs).unwrap_or_default());
+    }
+    (cur, s.live_key_count(), s.key_count(), s.data_size(), revs)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// A write transaction dropped half way (an error returned) or rolled back leaves the store
+    /// exactly as it was, before and after a restart, and the next write takes the revision the
+    /// rolled-back one would have had.
+    #[test]
+    fn rolled_back_transactions_leave_nothing(before in prop::collection::vec(op(), 0..30), txn in prop::collection::vec(op(), 1..8), explicit in any::<bool>()) {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("db");
+        let mut s = Store::open(&path).unwrap();
+        for o in &before {
+            match o {
+                Op::Put(k, v) => { put(&mut s, &((b'a' + k) as char).to_string(), &v.to_string()); }
+                Op::Del(k, e) => { del(&mut s, &((b'a' + k) as char).to_string(), &if *e == 0 { String::new() } else { ((b'a' + k + e) as char).to_string() }); }
+                Op::Compact => { let at = s.current_rev() / 2; if at > s.compacted_rev() { s.compact(at).unwrap(); } }
+                Op::Commit => { s.commit().unwrap(); }
+            }
+        }
+        let seen = observe(&s);
+        let mut w = s.write();
+        for o in &txn {
+            match o {
+                Op::Put(k, v) => { kv::put(&mut w, &PutRequest { key: vec![b'a' + k], value: v.to_string().into_bytes(), prev_kv: true, ..Default::default() }, &NoLeases).unwrap(); }
+                Op::Del(k, e) => {
+                    let end = if *e == 0 { vec![] } else { vec![b'a' + k + e] };
+                    kv::delete_range(&mut w, &DeleteRangeRequest { key: vec![b'a' + k], range_end: end, prev_kv: true }).unwrap();
+                }
+                _ => {}
+            }
+        }
+        if explicit { w.rollback() } else { drop(w) }
+        prop_assert_eq!(&observe(&s), &seen);
+        let next = put(&mut s, "z", "after");
+        prop_assert_eq!(next, seen.0 + 1);
+        s.commit().unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        prop_assert_eq!(s.current_rev(), seen.0 + 1);
+        let r = kv::range(&s, &RangeRequest { key: vec![0], range_end: vec![0], revision: seen.0, ..Default::default() }).unwrap();
+        prop_assert_eq!(&r.kvs, seen.4.last().unwrap());
+    }
+}

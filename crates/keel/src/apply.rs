@@ -248,14 +248,23 @@ fn check_lease_keys(auth: &AuthStore, who: &AuthInfo, lessor: &Lessor, id: i64) 
     Ok(())
 }
 
-/// Every check that depends on the store comes before the first change of a write transaction
-/// (`keel_mvcc::kv`), so a failure after a change is the backend failing (a record missing or
-/// unreadable): the transaction cannot be undone, and publishing it, or reusing its revision,
-/// would publish half an entry. Stop instead; the WAL replays the entry on restart.
-fn stop_if_partial<T>(w: &keel_mvcc::store::WriteTxn<'_>, r: &Result<T, kv::KvError>) {
-    if let Err(e) = r {
-        if w.changed() {
-            fatal("apply: a write failed after changing the store", e);
+/// Ends a write transaction by its result. Every check that depends on the store comes before the
+/// first change (`keel_mvcc::kv`), and every member makes the same checks: such an error rolls the
+/// transaction back (nothing changed, no revision used) and goes to the client. A backend failure
+/// (a record missing or unreadable) is this member's alone: answering it would let this member's
+/// state part from the others', and publishing the half done would publish half an entry. The
+/// transaction is rolled back and the member stops; the WAL replays the entry on restart.
+fn settle<T>(w: keel_mvcc::store::WriteTxn<'_>, r: Result<T, kv::KvError>) -> Result<(T, TxnOutcome), kv::KvError> {
+    match r {
+        Ok(v) => Ok((v, w.finish())),
+        Err(e @ (kv::KvError::Backend(_) | kv::KvError::Corrupt(_))) => {
+            let changed = w.changed();
+            w.rollback();
+            fatal(&format!("apply: the backend failed during a write (changes made and rolled back: {changed})"), e)
+        }
+        Err(e) => {
+            w.rollback();
+            Err(e)
         }
     }
 }
@@ -413,23 +422,20 @@ impl Applier {
             Request::Put(p) => {
                 let mut w = store.write();
                 let r = kv::put(&mut w, &p, &LeaseView(&lessor));
-                stop_if_partial(&w, &r);
-                let rev = self.after_write(&mut lessor, w.finish());
-                r.map(|resp| (Applied::Put(resp), rev)).map_err(errors::kv)
+                let (resp, o) = settle(w, r).map_err(errors::kv)?;
+                Ok((Applied::Put(resp), self.after_write(&mut lessor, o)))
             }
             Request::DeleteRange(d) => {
                 let mut w = store.write();
                 let r = kv::delete_range(&mut w, &d);
-                stop_if_partial(&w, &r);
-                let rev = self.after_write(&mut lessor, w.finish());
-                r.map(|resp| (Applied::DeleteRange(resp), rev)).map_err(errors::kv)
+                let (resp, o) = settle(w, r).map_err(errors::kv)?;
+                Ok((Applied::DeleteRange(resp), self.after_write(&mut lessor, o)))
             }
             Request::Txn(t) => {
                 let mut w = store.write();
                 let r = kv::txn(&mut w, &t, &LeaseView(&lessor));
-                stop_if_partial(&w, &r);
-                let rev = self.after_write(&mut lessor, w.finish());
-                r.map(|resp| (Applied::Txn(resp), rev)).map_err(errors::kv)
+                let (resp, o) = settle(w, r).map_err(errors::kv)?;
+                Ok((Applied::Txn(resp), self.after_write(&mut lessor, o)))
             }
             Request::LeaseGrant(g) => {
                 lessor.grant(g.id, g.ttl).map_err(errors::lease)?;
@@ -446,16 +452,16 @@ impl Applier {
                 Ok((Applied::LeaseCheckpoint, store.current_rev()))
             }
             Request::LeaseRevoke(r) => {
-                let keys = lessor.revoke(r.id).map_err(errors::lease)?;
-                store.delete_aux(&lease::aux_key(r.id));
-                // All of the lease's keys go in one revision.
+                // The keys are deleted first, all in one revision; only then is the lease gone.
+                let keys = lessor.keys_of(r.id).map_err(errors::lease)?;
                 let mut w = store.write();
-                for k in keys {
-                    let r = kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() });
-                    stop_if_partial(&w, &r);
-                    r.map_err(errors::kv)?;
-                }
-                let rev = self.after_write(&mut lessor, w.finish());
+                let deleted = keys
+                    .into_iter()
+                    .try_for_each(|k| kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() }).map(drop));
+                let ((), o) = settle(w, deleted).map_err(errors::kv)?;
+                lessor.revoke(r.id).map_err(errors::lease)?;
+                store.delete_aux(&lease::aux_key(r.id));
+                let rev = self.after_write(&mut lessor, o);
                 crate::metrics::METRICS.lease_revoked.inc();
                 Ok((Applied::LeaseRevoke(LeaseRevokeResponse { header: None }), rev))
             }

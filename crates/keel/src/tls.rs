@@ -5,6 +5,7 @@
 use crate::config::Config;
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::path::Path;
@@ -72,7 +73,9 @@ fn versions(cfg: &Config) -> Result<Vec<&'static rustls::SupportedProtocolVersio
 fn load_crls(path: &str) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>> {
     let bytes = std::fs::read(path).with_context(|| format!("read {path}"))?;
     if bytes.starts_with(b"-----") {
-        let crls = rustls_pemfile::crls(&mut bytes.as_slice()).collect::<Result<Vec<_>, _>>().with_context(|| format!("read {path}"))?;
+        let crls = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("read {path}"))?;
         if crls.is_empty() {
             bail!("no CRL in {path}");
         }
@@ -82,9 +85,10 @@ fn load_crls(path: &str) -> Result<Vec<rustls::pki_types::CertificateRevocationL
 }
 
 fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
-    let certs =
-        rustls_pemfile::certs(&mut std::io::BufReader::new(f)).collect::<Result<Vec<_>, _>>().with_context(|| format!("read {path}"))?;
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("open {path}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("read {path}"))?;
     if certs.is_empty() {
         bail!("no certificate in {path}");
     }
@@ -92,10 +96,11 @@ fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 fn load_key(path: &str) -> Result<PrivateKeyDer<'static>> {
-    let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
-    rustls_pemfile::private_key(&mut std::io::BufReader::new(f))
-        .with_context(|| format!("read {path}"))?
-        .ok_or_else(|| anyhow!("no private key in {path}"))
+    match PrivateKeyDer::from_pem_file(path) {
+        Ok(k) => Ok(k),
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(anyhow!("no private key in {path}")),
+        Err(e) => Err(anyhow!("read {path}: {e}")),
+    }
 }
 
 fn roots(ca: &str) -> Result<rustls::RootCertStore> {

@@ -69,6 +69,11 @@ impl Lessor {
         Ok(())
     }
 
+    /// The keys attached to a lease (the apply path deletes them before it revokes the lease).
+    pub fn keys_of(&self, id: i64) -> Result<Vec<Vec<u8>>, LeaseError> {
+        Ok(self.leases.get(&id).ok_or(LeaseError::NotFound)?.keys.iter().cloned().collect())
+    }
+
     /// Removes a lease (apply path); returns its keys, which the caller deletes.
     pub fn revoke(&mut self, id: i64) -> Result<Vec<Vec<u8>>, LeaseError> {
         let l = self.leases.remove(&id).ok_or(LeaseError::NotFound)?;
