@@ -36,6 +36,9 @@ pub struct Cluster {
     pub extra: Vec<String>,
     /// The members' proxies (listening until the cluster shuts down).
     proxies: Vec<tokio::task::JoinHandle<()>>,
+    /// keel-powerfs: each member's data dir on a power-loss filesystem of its own.
+    power: Option<PathBuf>,
+    disks: BTreeMap<usize, crate::powerfs::Disk>,
 }
 
 pub fn client_url(idx: usize, base: u16) -> String {
@@ -51,7 +54,7 @@ pub fn channel(idx: usize, base: u16) -> Result<Channel> {
 }
 
 impl Cluster {
-    pub async fn start(bin: &Path, dir: &Path, base: u16, n: usize, net: Net, extra: Vec<String>) -> Result<Cluster> {
+    pub async fn start(bin: &Path, dir: &Path, base: u16, n: usize, net: Net, extra: Vec<String>, power: Option<&Path>) -> Result<Cluster> {
         std::fs::create_dir_all(dir)?;
         let mut c = Cluster {
             bin: bin.to_path_buf(),
@@ -62,6 +65,8 @@ impl Cluster {
             next_idx: 1,
             extra,
             proxies: Vec::new(),
+            power: power.map(Path::to_path_buf),
+            disks: BTreeMap::new(),
         };
         let initial: Vec<String> = (1..=n).map(|i| format!("m{i}={}", peer_url(i, base))).collect();
         let initial = initial.join(",");
@@ -77,7 +82,14 @@ impl Cluster {
 
     async fn spawn_member(&mut self, i: usize, initial: &str, state: &str) -> Result<()> {
         let ip = member_ip(i);
-        let dir = self.dir.join(format!("m{i}"));
+        let dir = match &self.power {
+            Some(pfs) => {
+                let mnt = self.dir.join(format!("m{i}.disk"));
+                self.disks.insert(i, crate::powerfs::Disk::mount(pfs, &mnt)?);
+                mnt.join("data")
+            }
+            None => self.dir.join(format!("m{i}")),
+        };
         let mut args: Vec<String> = vec![
             "--name".into(),
             format!("m{i}"),
@@ -141,6 +153,28 @@ impl Cluster {
                 let _ = c.wait();
             }
             m.paused = false;
+        }
+    }
+
+    /// Whether members' data is on power-loss filesystems.
+    pub fn has_power(&self) -> bool {
+        self.power.is_some()
+    }
+
+    /// The power of member `i` goes: SIGKILL, then what it had not fsynced is gone.
+    pub fn power_cut(&mut self, i: usize) -> Result<String> {
+        self.kill(i);
+        match self.disks.get_mut(&i) {
+            Some(d) => d.cut(),
+            None => bail!("m{i} has no power-loss disk"),
+        }
+    }
+
+    /// Copies each member's data off its power-loss filesystem into `to/m{i}` (the filesystems
+    /// go with the cluster).
+    pub fn keep_disks(&self, to: &Path) {
+        for i in self.disks.keys() {
+            let _ = Command::new("cp").arg("-a").arg(self.dir.join(format!("m{i}.disk")).join("data")).arg(to.join(format!("m{i}"))).status();
         }
     }
 

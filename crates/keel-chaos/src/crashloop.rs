@@ -5,6 +5,10 @@
 //! point armed, see [`crate::faults::CRASH_POINTS`]), checks what earlier iterations were told,
 //! writes unique keys from several clients (sometimes compacting and defragmenting meanwhile),
 //! and SIGKILLs the process at a random moment, if a crash point did not end it first.
+//!
+//! With `power` the data dir is on a keel-powerfs mount ([`crate::powerfs`]) and every kill is
+//! followed by a power cut: whatever the member did not fsync (file data, directory entries) is
+//! gone before it starts again.
 
 use anyhow::{bail, Context, Result};
 use keel_proto::etcdserverpb::kv_client::KvClient;
@@ -35,16 +39,26 @@ pub struct Outcome {
     pub acked: usize,
     pub crashed_at_points: usize,
     pub killed: usize,
+    pub power_cuts: usize,
 }
 
-fn spawn(bin: &Path, dir: &Path, port: u16, failpoints: Option<&str>) -> Result<Member> {
+/// What the crash loop runs on.
+pub struct Options<'a> {
+    pub keel: &'a Path,
+    /// keel-powerfs: the data dir on a power-loss filesystem, and a power cut after every kill.
+    pub power: Option<&'a Path>,
+    /// Armed in every start (a negative control, e.g. `wal::skip_fsync=return`).
+    pub always: Option<&'a str>,
+}
+
+fn spawn(bin: &Path, dir: &Path, data: &Path, port: u16, failpoints: Option<&str>) -> Result<Member> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("member.log"))?;
     let err = log.try_clone()?;
     let url = format!("http://127.0.0.1:{port}");
     let purl = format!("http://127.0.0.1:{}", port + 1);
     let mut cmd = Command::new(bin);
     cmd.args(["--name", "c1", "--data-dir"])
-        .arg(dir.join("data"))
+        .arg(data)
         .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
         .args(["--listen-peer-urls", &purl, "--initial-advertise-peer-urls", &purl])
         .args(["--initial-cluster", &format!("c1={purl}"), "--snapshot-count", "300"])
@@ -146,9 +160,42 @@ async fn check(ch: &Channel, acked: &[(String, i64)], max_rev: i64, rng: &mut St
     Ok(rev)
 }
 
-pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64) -> Result<Outcome> {
+pub async fn run(opts: &Options<'_>, dir: &Path, port: u16, iterations: usize, seed: u64) -> Result<Outcome> {
+    if opts.power.is_some() {
+        let _ = std::process::Command::new("umount").arg("-l").arg(dir.join("disk")).stderr(std::process::Stdio::null()).status();
+    }
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
+    let mut disk = match opts.power {
+        Some(pfs) => Some(crate::powerfs::Disk::mount(pfs, &dir.join("disk"))?),
+        None => None,
+    };
+    let r = run_on(opts, &mut disk, dir, port, iterations, seed).await;
+    if let (Err(_), Some(_)) = (&r, &disk) {
+        // The mount goes with the filesystem process: keep what it held for a look.
+        let _ = std::process::Command::new("cp").arg("-a").arg(dir.join("disk").join("data")).arg(dir.join("data-at-failure")).status();
+    }
+    r
+}
+
+async fn run_on(
+    opts: &Options<'_>,
+    disk: &mut Option<crate::powerfs::Disk>,
+    dir: &Path,
+    port: u16,
+    iterations: usize,
+    seed: u64,
+) -> Result<Outcome> {
+    let bin = opts.keel;
+    let data = if disk.is_some() { dir.join("disk").join("data") } else { dir.join("data") };
+    let spawn = |bin: &Path, dir: &Path, port: u16, fp: Option<&str>| {
+        let fp = match (fp, opts.always) {
+            (Some(a), Some(b)) => Some(format!("{a};{b}")),
+            (a, b) => a.or(b).map(str::to_owned),
+        };
+        spawn(bin, dir, &data, port, fp.as_deref())
+    };
+    let mut cuts = 0usize;
     // Another process on these ports would answer in the member's place.
     for p in [port, port + 1] {
         std::net::TcpListener::bind(("127.0.0.1", p)).with_context(|| format!("port {p} is in use"))?;
@@ -161,7 +208,7 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
     // Every acknowledged write: (key, revision). Keys are unique, values equal keys.
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut max_rev = 0i64;
-    let mut out = Outcome { iterations: 0, acked: 0, crashed_at_points: 0, killed: 0 };
+    let mut out = Outcome { iterations: 0, acked: 0, crashed_at_points: 0, killed: 0, power_cuts: 0 };
     for it in 0..iterations {
         let fp = if rng.gen_bool(0.5) {
             let p = *crate::faults::CRASH_POINTS.choose(&mut rng).expect("crash points");
@@ -173,6 +220,10 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
         // Startup itself may hit an armed crash point (a WAL write on start): start again unarmed.
         if !ready(&ch, &mut child, Duration::from_secs(30)).await.with_context(|| format!("iteration {it}"))? {
             out.crashed_at_points += 1;
+            if let Some(d) = disk.as_mut() {
+                d.cut()?;
+                cuts += 1;
+            }
             child = spawn(bin, dir, port, None)?;
             if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
                 bail!("iteration {it}: the member does not start after a crash (see {})", dir.join("member.log").display());
@@ -189,6 +240,10 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
                     return Err(e.context(format!("iteration {it}: the member stopped answering")));
                 }
                 out.crashed_at_points += 1;
+                if let Some(d) = disk.as_mut() {
+                    d.cut()?;
+                    cuts += 1;
+                }
                 child = spawn(bin, dir, port, None)?;
                 if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
                     bail!("iteration {it}: the member does not start after a crash (see {})", dir.join("member.log").display());
@@ -235,6 +290,10 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
         for t in tasks {
             let _ = t.await;
         }
+        if let Some(d) = disk.as_mut() {
+            d.cut().with_context(|| format!("iteration {it}: power cut"))?;
+            cuts += 1;
+        }
         let new = std::mem::take(&mut *new.lock());
         for (_, r) in &new {
             max_rev = max_rev.max(*r);
@@ -246,5 +305,6 @@ pub async fn run(bin: &Path, dir: &Path, port: u16, iterations: usize, seed: u64
         }
     }
     out.acked = acked.len();
+    out.power_cuts = cuts;
     Ok(out)
 }

@@ -2,7 +2,8 @@
 //! the election timeout, partitions (one member isolated, the leader isolated, majority/minority,
 //! a bridge), delayed links, cut connections, membership changes (remove a member, add a fresh
 //! one), compaction and defragment under load, and crash points inside Keel (the `fail` crate,
-//! in a `--features failpoints` build).
+//! in a `--features failpoints` build), and power cuts of one or all members (a run with
+//! `--power`: data dirs on keel-powerfs, see [`crate::powerfs`]).
 
 use crate::cluster::{channel, Cluster};
 use crate::history::FaultRecord;
@@ -32,6 +33,8 @@ pub const ALL: &[&str] = &[
     "compact",
     "quota",
     "crash",
+    "power",
+    "power-all",
 ];
 
 /// Every member's backend quota in a harness cluster (the `quota` fault fills it).
@@ -160,6 +163,20 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
             c.restart(m, None)?;
             format!("m{m} restarted with {point} at {pct}%: {}", if crashed { "crashed there" } else { "did not reach it" })
         }
+        // Power cuts (a run with --power): one member, or every member at once.
+        "power" | "power-all" if c.has_power() => {
+            let victims = if kind == "power" { vec![pick(rng)] } else { ids.clone() };
+            let mut said = Vec::new();
+            for &m in &victims {
+                said.push(format!("m{m}: {}", c.power_cut(m)?));
+            }
+            tokio::time::sleep(hold).await;
+            for &m in &victims {
+                c.restart(m, None)?;
+            }
+            format!("power cut {} for {hold:?} ({})", if kind == "power" { "one member" } else { "all members" }, said.join(", "))
+        }
+        "power" | "power-all" => return Ok(skip(kind, start, shared)),
         other => anyhow::bail!("unknown fault {other}"),
     };
     Ok(FaultRecord { kind: kind.to_string(), detail, start, end: shared.now() })

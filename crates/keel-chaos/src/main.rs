@@ -16,6 +16,7 @@ mod crashloop;
 mod faults;
 mod history;
 mod linearizability;
+mod powerfs;
 mod proxy;
 mod watchcheck;
 mod workload;
@@ -64,6 +65,13 @@ enum Cmd {
         port: u16,
         #[arg(long)]
         seed: Option<u64>,
+        /// keel-powerfs: the data dir on a power-loss filesystem; every kill is a power cut.
+        #[arg(long)]
+        power: Option<PathBuf>,
+        /// Failpoints armed in every start: a negative control (`wal::skip_fsync=return`,
+        /// `wal::skip_dir_sync=return`), which must make the loop fail.
+        #[arg(long)]
+        always: Option<String>,
     },
 }
 
@@ -106,6 +114,10 @@ struct RunArgs {
     /// Search budget (steps) of the linearizability checker per key.
     #[arg(long, default_value_t = 20_000_000)]
     budget: u64,
+    /// keel-powerfs: every member's data dir on a power-loss filesystem of its own, which the
+    /// `power` and `power-all` faults cut (without it they are skipped).
+    #[arg(long)]
+    power: Option<PathBuf>,
     /// Keep data dirs of passing histories too.
     #[arg(long)]
     keep: bool,
@@ -117,7 +129,10 @@ async fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a).await,
         Cmd::Check { file } => check_file(&file),
-        Cmd::CrashLoop { iterations, keel, out, port, seed } => crash_loop(iterations, &keel, &out, port, seed).await,
+        Cmd::CrashLoop { iterations, keel, out, port, seed, power, always } => {
+            let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: always.as_deref() };
+            crash_loop(&opts, iterations, &out, port, seed).await
+        }
     };
     match r {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -129,15 +144,20 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn crash_loop(iterations: usize, keel: &Path, out: &Path, port: u16, seed: Option<u64>) -> Result<bool> {
-    let keel = std::fs::canonicalize(keel).with_context(|| format!("keel binary {}", keel.display()))?;
+async fn crash_loop(opts: &crashloop::Options<'_>, iterations: usize, out: &Path, port: u16, seed: Option<u64>) -> Result<bool> {
+    let keel = std::fs::canonicalize(opts.keel).with_context(|| format!("keel binary {}", opts.keel.display()))?;
+    let power = match opts.power {
+        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("keel-powerfs binary {}", p.display()))?),
+        None => None,
+    };
+    let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: opts.always };
     let seed = seed.unwrap_or_else(|| rand::thread_rng().gen());
     println!("crash-loop: seed {seed}, {iterations} iterations, data in {}", out.display());
-    match crashloop::run(&keel, out, port, iterations, seed).await {
+    match crashloop::run(&opts, out, port, iterations, seed).await {
         Ok(o) => {
             println!(
-                "crash-loop: ok: {} iterations ({} SIGKILLs, {} crashes at crash points), {} acknowledged writes, every one present after every restart",
-                o.iterations, o.killed, o.crashed_at_points, o.acked
+                "crash-loop: ok: {} iterations ({} SIGKILLs, {} crashes at crash points, {} power cuts), {} acknowledged writes, every one present after every restart",
+                o.iterations, o.killed, o.crashed_at_points, o.power_cuts, o.acked
             );
             let _ = std::fs::remove_dir_all(out);
             Ok(true)
@@ -281,7 +301,11 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
             .iter()
             .map(|s| s.to_string())
             .collect();
-    let mut cluster = cluster::Cluster::start(keel, dir, a.base_port, members, net, extra).await?;
+    let power = match &a.power {
+        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("keel-powerfs binary {}", p.display()))?),
+        None => None,
+    };
+    let mut cluster = cluster::Cluster::start(keel, dir, a.base_port, members, net, extra, power.as_deref()).await?;
     let shared = Arc::new(Shared {
         start: Instant::now(),
         base: a.base_port,
@@ -383,6 +407,8 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
         }
     }
     cluster.shutdown().await;
+    // Power-loss filesystems go with the cluster: their data is copied out (kept if it fails).
+    cluster.keep_disks(dir);
     let h = History {
         members,
         seed,

@@ -59,6 +59,14 @@ pub const TABLE_AUX: u32 = 1;
 const COPY_BATCH: usize = 10_000;
 const COPY_BATCH_BYTES: usize = 32 << 20;
 
+/// Fsyncs the directory holding `path`, so that its entry (a creation, a rename) is durable.
+fn sync_parent(path: &Path) -> Result<(), BackendError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| BackendError { path: dir.to_path_buf(), msg: format!("fsync of the directory: {e}") })
+}
+
 impl Backend {
     fn err(&self, e: impl std::fmt::Display) -> BackendError {
         BackendError { path: self.path.clone(), msg: e.to_string() }
@@ -70,6 +78,7 @@ impl Backend {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| mk(&e))?;
         }
+        let new = !path.exists();
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| mk(&e))?;
         let b = Backend { db: std::sync::Arc::new(db), path: path.to_path_buf() };
         // Make sure both tables exist so that read transactions can always open them.
@@ -80,6 +89,10 @@ impl Backend {
             tx.open_table(AUX).map_err(|e| b.err(e))?;
         }
         tx.commit().map_err(|e| b.err(e))?;
+        if new {
+            // The new file's entry in its directory, or a power cut takes the whole backend.
+            sync_parent(path)?;
+        }
         Ok(b)
     }
 
@@ -300,11 +313,7 @@ impl Backend {
     /// Moves this backend's file to `dest` (an atomic rename over the old file) and keeps using it.
     pub fn rename_to(mut self, dest: &Path) -> Result<Backend, BackendError> {
         std::fs::rename(&self.path, dest).map_err(|e| self.err(format!("rename to {}: {e}", dest.display())))?;
-        if let Some(dir) = dest.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        sync_parent(dest)?;
         self.path = dest.to_path_buf();
         Ok(self)
     }

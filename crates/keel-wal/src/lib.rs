@@ -55,8 +55,36 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| Error::Io { path, source }
 }
 
+/// Creates `dir` and any missing parents durably: each new directory is fsynced, and so is the
+/// directory its entry went into (a new directory is not there after a power cut otherwise).
+pub fn create_dir_all_durable(dir: &std::path::Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while !cur.as_os_str().is_empty() && !cur.exists() {
+        missing.push(cur);
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(d)(e)),
+        }
+        sync_dir(d)?;
+        let parent = d.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
 /// Fsyncs a directory so that file creations, renames and removals in it are durable.
-pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<()> {
+pub fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    // Negative control of the power-loss tests (failpoints builds only): skip the fsync.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("wal::skip_dir_sync", |_| Ok(()));
     let f = std::fs::File::open(dir).map_err(io_err(dir))?;
     f.sync_all().map_err(io_err(dir))
 }

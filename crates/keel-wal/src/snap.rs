@@ -31,7 +31,7 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
 
 impl Snapshotter {
     pub fn new(dir: &Path) -> Result<Snapshotter> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::create_dir_all_durable(dir)?;
         Ok(Snapshotter { dir: dir.to_path_buf() })
     }
 

@@ -362,7 +362,8 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
         crate::migrate::datadir::convert(Path::new(&data_dir), Path::new(&wal_dir))
             .with_context(|| format!("cannot convert the etcd data dir {data_dir} (nothing was changed; etcd still starts on it)"))?;
     }
-    std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
+    // Durably: a member dir whose entry a power cut takes would start the member as new.
+    keel_wal::create_dir_all_durable(Path::new(&snap_dir)).with_context(|| format!("create {snap_dir}"))?;
 
     let dialer = peer::Dialer::new(tls::peer_client(cfg)?, cfg.member_local_ip());
     let existed = Disk::exists(Path::new(&wal_dir));
