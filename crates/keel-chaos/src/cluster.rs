@@ -174,7 +174,8 @@ impl Cluster {
     /// go with the cluster).
     pub fn keep_disks(&self, to: &Path) {
         for i in self.disks.keys() {
-            let _ = Command::new("cp").arg("-a").arg(self.dir.join(format!("m{i}.disk")).join("data")).arg(to.join(format!("m{i}"))).status();
+            let _ =
+                Command::new("cp").arg("-a").arg(self.dir.join(format!("m{i}.disk")).join("data")).arg(to.join(format!("m{i}"))).status();
         }
     }
 

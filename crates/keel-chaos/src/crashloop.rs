@@ -40,6 +40,10 @@ pub struct Outcome {
     pub crashed_at_points: usize,
     pub killed: usize,
     pub power_cuts: usize,
+    /// Iterations in which the member stopped on an injected disk fault.
+    pub stopped_on_fault: usize,
+    /// Disk faults injected in all.
+    pub disk_faults: u64,
 }
 
 /// What the crash loop runs on.
@@ -49,6 +53,35 @@ pub struct Options<'a> {
     pub power: Option<&'a Path>,
     /// Armed in every start (a negative control, e.g. `wal::skip_fsync=return`).
     pub always: Option<&'a str>,
+    /// With `power`: each iteration arms a random disk fault (EIO on write, fsync or read,
+    /// ENOSPC) under the load; a member that hits one must stop naming the file, and start again
+    /// with every acknowledged write once the fault is cleared.
+    pub disk_faults: bool,
+}
+
+/// Arms one random disk fault; what was armed.
+fn arm_disk_fault(d: &mut crate::powerfs::Disk, rng: &mut StdRng) -> Result<String> {
+    let path = *["", " /wal/", " /snap/"].choose(rng).expect("paths");
+    let cmd = match rng.gen_range(0..5) {
+        0 => format!("fault write eio {:.1}%{path}", rng.gen_range(0.2..3.0)),
+        1 => format!("fault fsync eio {}{path}", rng.gen_range(1..4)),
+        2 => format!("fault read eio {:.1}%{path}", rng.gen_range(0.2..3.0)),
+        3 => format!("fault write enospc {:.1}%{path}", rng.gen_range(0.2..3.0)),
+        _ => {
+            let stats = d.command("stats")?;
+            let used: u64 = stats.split_whitespace().find_map(|w| w.strip_prefix("used=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+            format!("capacity {}", used + rng.gen_range(0..64 << 10))
+        }
+    };
+    d.command(&cmd)?;
+    Ok(cmd)
+}
+
+/// The last error line of the member's log, if it names a file of its data dir.
+fn names_a_file(log: &Path, data: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().take(50).find(|l| l.contains("\"level\":\"error\""))?;
+    line.contains(&*data.to_string_lossy()).then(|| line.to_string())
 }
 
 fn spawn(bin: &Path, dir: &Path, data: &Path, port: u16, failpoints: Option<&str>) -> Result<Member> {
@@ -208,14 +241,37 @@ async fn run_on(
     // Every acknowledged write: (key, revision). Keys are unique, values equal keys.
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut max_rev = 0i64;
-    let mut out = Outcome { iterations: 0, acked: 0, crashed_at_points: 0, killed: 0, power_cuts: 0 };
+    let mut out = Outcome { iterations: 0, acked: 0, crashed_at_points: 0, killed: 0, power_cuts: 0, stopped_on_fault: 0, disk_faults: 0 };
     for it in 0..iterations {
-        let fp = if rng.gen_bool(0.5) {
+        // Disk-fault runs arm no crash point: a stop is then the disk fault's.
+        let fp = if !opts.disk_faults && rng.gen_bool(0.5) {
             let p = *crate::faults::CRASH_POINTS.choose(&mut rng).expect("crash points");
             Some(format!("{p}={}%return", rng.gen_range(1..=10)))
         } else {
             None
         };
+        if let (Some(d), true) = (disk.as_mut(), opts.disk_faults && rng.gen_bool(0.3)) {
+            // A disk that fails a read while the member starts (WAL, snapshot, backend): the
+            // member must refuse to start naming the file, and start once the fault is gone.
+            let cmd = format!("fault read eio {}", rng.gen_range(1..4));
+            d.command(&cmd)?;
+            let mut c = spawn(bin, dir, port, None)?;
+            let up = ready(&ch, &mut c, Duration::from_secs(30)).await?;
+            d.command("clear")?;
+            drop(c);
+            if !up {
+                let Some(line) = names_a_file(&dir.join("member.log"), &data) else {
+                    bail!(
+                        "iteration {it}: the member did not start under {cmd:?} and named no file (see {})",
+                        dir.join("member.log").display()
+                    );
+                };
+                println!("crash-loop: iteration {it}: refused to start under {cmd:?}: {}", line.chars().take(400).collect::<String>());
+                out.stopped_on_fault += 1;
+            }
+            d.cut()?;
+            cuts += 1;
+        }
         let mut child = spawn(bin, dir, port, fp.as_deref())?;
         // Startup itself may hit an armed crash point (a WAL write on start): start again unarmed.
         if !ready(&ch, &mut child, Duration::from_secs(30)).await.with_context(|| format!("iteration {it}"))? {
@@ -254,6 +310,10 @@ async fn run_on(
                 }
             }
         };
+        let armed = match disk.as_mut() {
+            Some(d) if opts.disk_faults => Some(arm_disk_fault(d, &mut rng)?),
+            _ => None,
+        };
         // Load, then a kill at a random moment.
         let new: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
         let mut tasks = Vec::new();
@@ -270,6 +330,20 @@ async fn run_on(
                 }
             }));
         }
+        if armed.is_some() && !acked.is_empty() {
+            // Reads of older keys, so that reads from the backend meet the read faults; errors
+            // are fine (a read changes nothing), only the writes' acknowledgements count.
+            let mut kv = KvClient::new(ch.clone());
+            let keys: Vec<String> = acked.choose_multiple(&mut rng, 2000).map(|(k, _)| k.clone()).collect();
+            tasks.push(tokio::spawn(async move {
+                for k in keys.iter().cycle() {
+                    let r = kv.range(RangeRequest { key: k.clone().into(), serializable: true, ..Default::default() }).await;
+                    if matches!(&r, Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown) {
+                        return;
+                    }
+                }
+            }));
+        }
         if rng.gen_bool(0.2) {
             let floor = max_rev.max(rev);
             let (mut kv, mut m) = (KvClient::new(ch.clone()), MaintenanceClient::new(ch.clone()));
@@ -281,7 +355,24 @@ async fn run_on(
             }));
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(20..400))).await;
-        if child.0.try_wait()?.is_some() {
+        let stopped = child.0.try_wait()?.is_some();
+        if stopped && armed.is_some() {
+            out.stopped_on_fault += 1;
+            // Fail-stop with a clear error: the file it could not read or write.
+            if let Some(line) = names_a_file(&dir.join("member.log"), &data) {
+                println!(
+                    "crash-loop: iteration {it}: stopped under {:?}: {}",
+                    armed.as_deref().unwrap_or_default(),
+                    line.chars().take(400).collect::<String>()
+                );
+            } else {
+                bail!(
+                    "iteration {it}: the member stopped under {:?} without an error naming a file of its data dir (see {})",
+                    armed.as_deref().unwrap_or_default(),
+                    dir.join("member.log").display()
+                );
+            }
+        } else if stopped {
             out.crashed_at_points += 1;
         } else {
             out.killed += 1;
@@ -289,6 +380,11 @@ async fn run_on(
         drop(child);
         for t in tasks {
             let _ = t.await;
+        }
+        if let (Some(d), Some(_)) = (disk.as_mut(), &armed) {
+            d.command("clear")?;
+            let stats = d.command("stats")?;
+            out.disk_faults = stats.split_whitespace().find_map(|w| w.strip_prefix("injected=")).and_then(|v| v.parse().ok()).unwrap_or(0);
         }
         if let Some(d) = disk.as_mut() {
             d.cut().with_context(|| format!("iteration {it}: power cut"))?;

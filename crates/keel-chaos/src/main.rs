@@ -72,6 +72,9 @@ enum Cmd {
         /// `wal::skip_dir_sync=return`), which must make the loop fail.
         #[arg(long)]
         always: Option<String>,
+        /// With --power: a random disk fault (EIO on write/fsync/read, ENOSPC) in every iteration.
+        #[arg(long)]
+        disk_faults: bool,
     },
 }
 
@@ -129,8 +132,8 @@ async fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a).await,
         Cmd::Check { file } => check_file(&file),
-        Cmd::CrashLoop { iterations, keel, out, port, seed, power, always } => {
-            let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: always.as_deref() };
+        Cmd::CrashLoop { iterations, keel, out, port, seed, power, always, disk_faults } => {
+            let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: always.as_deref(), disk_faults };
             crash_loop(&opts, iterations, &out, port, seed).await
         }
     };
@@ -150,14 +153,17 @@ async fn crash_loop(opts: &crashloop::Options<'_>, iterations: usize, out: &Path
         Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("keel-powerfs binary {}", p.display()))?),
         None => None,
     };
-    let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: opts.always };
+    if opts.disk_faults && power.is_none() {
+        bail!("--disk-faults needs --power (the faults are injected by keel-powerfs)");
+    }
+    let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: opts.always, disk_faults: opts.disk_faults };
     let seed = seed.unwrap_or_else(|| rand::thread_rng().gen());
     println!("crash-loop: seed {seed}, {iterations} iterations, data in {}", out.display());
     match crashloop::run(&opts, out, port, iterations, seed).await {
         Ok(o) => {
             println!(
-                "crash-loop: ok: {} iterations ({} SIGKILLs, {} crashes at crash points, {} power cuts), {} acknowledged writes, every one present after every restart",
-                o.iterations, o.killed, o.crashed_at_points, o.power_cuts, o.acked
+                "crash-loop: ok: {} iterations ({} SIGKILLs, {} crashes at crash points, {} power cuts, {} disk faults injected, {} stops on them naming the file), {} acknowledged writes, every one present after every restart",
+                o.iterations, o.killed, o.crashed_at_points, o.power_cuts, o.disk_faults, o.stopped_on_fault, o.acked
             );
             let _ = std::fs::remove_dir_all(out);
             Ok(true)

@@ -90,7 +90,13 @@ pub async fn client(shared: Arc<Shared>, id: usize, keys: usize, seed: u64) {
     let mut seq = 0u64;
     // Leases this client granted and attached to one key each: (lease, key).
     let mut leases: Vec<(i64, String)> = Vec::new();
+    // After a failure the client waits a little: while no member answers (all of them down), a
+    // client failing at full speed would fill the history with unknown outcomes.
+    let mut failed = false;
     while !shared.stop.load(Ordering::Relaxed) {
+        if failed {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let Ok(ch) = channel(member, shared.base) else { break };
         let mut kv = KvClient::new(ch.clone());
         let key = format!("{PREFIX}k{}", rng.gen_range(0..keys));
@@ -181,7 +187,7 @@ pub async fn client(shared: Arc<Shared>, id: usize, keys: usize, seed: u64) {
             .await;
             leases.push((lease, key.clone()));
             let out = flat(r).map(|r| Output::Put { rev: rev_of(&r.header) });
-            finish(&shared, id, member, key, Input::Put { value, lease }, out, call, &mut member, &mut rng);
+            failed = finish(&shared, id, member, key, Input::Put { value, lease }, out, call, &mut member, &mut rng);
             continue;
         } else {
             let (lease, key) = leases.remove(rng.gen_range(0..leases.len()));
@@ -189,7 +195,7 @@ pub async fn client(shared: Arc<Shared>, id: usize, keys: usize, seed: u64) {
             let r = tokio::time::timeout(OP_TIMEOUT, lc.lease_revoke(LeaseRevokeRequest { id: lease })).await;
             (key, Input::Revoke { lease }, flat(r).map(|r| Output::Revoke { rev: rev_of(&r.header) }))
         };
-        finish(&shared, id, member, key, input, result, call, &mut member, &mut rng);
+        failed = finish(&shared, id, member, key, input, result, call, &mut member, &mut rng);
     }
 }
 
@@ -204,19 +210,31 @@ fn finish(
     call: Time,
     member: &mut usize,
     rng: &mut StdRng,
-) {
+) -> bool {
     let (output, ret, error) = match result {
         Ok(o) => (o, shared.now(), None),
         // Refused by the quota (checked before proposing, or by the capped applier): certainly
         // not applied, so it is no operation at all.
-        Err(e) if e.contains("database space exceeded") => return,
+        Err(e) if e.contains("database space exceeded") => return false,
+        // Never sent: no connection to the member could be made.
+        Err(e) if e.contains("tcp connect error") => {
+            *member = shared.pick_member(rng, Some(at));
+            return true;
+        }
+        // A read whose answer never came changes nothing and constrains nothing.
+        Err(_) if matches!(input, Input::Get) => {
+            *member = shared.pick_member(rng, Some(at));
+            return true;
+        }
         Err(e) => {
             *member = shared.pick_member(rng, Some(at));
             (Output::Unknown, NEVER, Some(e))
         }
     };
+    let failed = error.is_some();
     let id = shared.next_op_id();
     shared.record(Op { id, client, member: at, key, input, output, call, ret, error });
+    failed
 }
 
 fn flat<T>(r: Result<Result<tonic::Response<T>, tonic::Status>, tokio::time::error::Elapsed>) -> Result<T, String> {

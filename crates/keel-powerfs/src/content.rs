@@ -113,7 +113,7 @@ impl Content {
             let first_gone = n.div_ceil(PAGE);
             for map in [&mut self.dirty, &mut self.lost] {
                 map.retain(|p, _| *p < first_gone);
-                if n % PAGE != 0 {
+                if !n.is_multiple_of(PAGE) {
                     if let Some(page) = map.get_mut(&(n / PAGE)) {
                         page[(n % PAGE) as usize..].fill(0);
                     }
@@ -129,7 +129,7 @@ impl Content {
         if let Some(c) = self.cut_from.take() {
             let first_gone = c.div_ceil(PAGE);
             self.durable.retain(|p, _| *p < first_gone);
-            if c % PAGE != 0 {
+            if !c.is_multiple_of(PAGE) {
                 if let Some(page) = self.durable.get_mut(&(c / PAGE)) {
                     page[(c % PAGE) as usize..].fill(0);
                 }
@@ -141,7 +141,7 @@ impl Content {
         self.durable_len = self.len;
         let len = self.len;
         self.durable.retain(|p, _| p * PAGE < len);
-        if len % PAGE != 0 {
+        if !len.is_multiple_of(PAGE) {
             if let Some(page) = self.durable.get_mut(&(len / PAGE)) {
                 page[(len % PAGE) as usize..].fill(0);
             }

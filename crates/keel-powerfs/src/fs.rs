@@ -168,7 +168,16 @@ impl Filesystem for PowerFs {
         }
     }
 
-    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
         if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
             return reply.error(errno(libc::EINVAL));
         }
@@ -308,7 +317,8 @@ impl Filesystem for PowerFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        let mut all = vec![(OsStr::new(".").to_owned(), ino.0, FileType::Directory), (OsStr::new("..").to_owned(), ROOT, FileType::Directory)];
+        let mut all =
+            vec![(OsStr::new(".").to_owned(), ino.0, FileType::Directory), (OsStr::new("..").to_owned(), ROOT, FileType::Directory)];
         for (name, i) in entries {
             let kind = if s.tree.get(i).is_some_and(|n| n.is_dir()) { FileType::Directory } else { FileType::RegularFile };
             all.push((name, i, kind));

@@ -23,10 +23,16 @@ const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
-/// The smallest SETTINGS_MAX_FRAME_SIZE a server may have: re-encoded blocks are cut to it.
+/// The smallest SETTINGS_MAX_FRAME_SIZE a server may have: re-encoded blocks are cut to it. The
+/// server behind keeps that default, so a longer HEADERS or CONTINUATION frame is a protocol
+/// error there: the shim refuses it before buffering it.
 const MAX_FRAME: usize = 16_384;
-/// Largest header block accepted (as h2's default max header list size).
-const MAX_BLOCK: usize = 16 * 1024 * 1024;
+/// Largest header block accepted, encoded and decoded (names and values): a client cannot make
+/// the shim hold more (an HPACK block of small references to big table entries decodes large).
+const MAX_BLOCK: usize = 1 << 20;
+/// The server's SETTINGS_HEADER_TABLE_SIZE (the default): a client may not make the decoder's
+/// dynamic table bigger.
+const HPACK_TABLE: usize = 4096;
 
 #[derive(PartialEq, Eq)]
 enum Mode {
@@ -51,6 +57,9 @@ pub struct FixAuthority<S> {
     outbuf: Vec<u8>,
     out_pos: usize,
     eof: bool,
+    /// Bytes of the current frame's payload still to pass through as they arrive (frames other
+    /// than header blocks are never buffered whole).
+    passing: usize,
     decoder: loona_hpack::Decoder<'static>,
     block: Option<Block>,
     /// True once a header block has been rewritten: every later block is re-encoded too.
@@ -58,6 +67,12 @@ pub struct FixAuthority<S> {
 }
 
 impl<S> FixAuthority<S> {
+    /// Bytes held on behalf of the connection (read and not yet handed on, a header block being
+    /// collected).
+    pub fn held(&self) -> usize {
+        self.inbuf.len() + (self.outbuf.len() - self.out_pos) + self.block.as_ref().map_or(0, |b| b.fragment.len() + b.raw.len())
+    }
+
     pub fn new(inner: S) -> Self {
         FixAuthority {
             inner,
@@ -66,7 +81,12 @@ impl<S> FixAuthority<S> {
             outbuf: Vec::new(),
             out_pos: 0,
             eof: false,
-            decoder: loona_hpack::Decoder::new(),
+            passing: 0,
+            decoder: {
+                let mut d = loona_hpack::Decoder::new();
+                d.set_max_allowed_table_size(HPACK_TABLE);
+                d
+            },
             block: None,
             rewriting: false,
         }
@@ -92,10 +112,32 @@ impl<S> FixAuthority<S> {
                     return Ok(());
                 }
                 Mode::H2 => {
+                    if self.passing > 0 {
+                        let n = self.passing.min(self.inbuf.len());
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        self.outbuf.extend(self.inbuf.drain(..n));
+                        self.passing -= n;
+                        continue;
+                    }
                     if self.inbuf.len() < 9 {
                         return Ok(());
                     }
                     let len = u32::from_be_bytes([0, self.inbuf[0], self.inbuf[1], self.inbuf[2]]) as usize;
+                    let kind = self.inbuf[3];
+                    if kind != FRAME_HEADERS && kind != FRAME_CONTINUATION {
+                        if self.block.is_some() {
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, "http2: header block interrupted"));
+                        }
+                        // Not a header block: its header now, its payload as it comes.
+                        self.outbuf.extend(self.inbuf.drain(..9));
+                        self.passing = len;
+                        continue;
+                    }
+                    if len > MAX_FRAME {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "http2: header frame larger than SETTINGS_MAX_FRAME_SIZE"));
+                    }
                     if self.inbuf.len() < 9 + len {
                         return Ok(());
                     }
@@ -155,7 +197,7 @@ impl<S> FixAuthority<S> {
                     self.finish()?;
                 }
             }
-            _ => self.outbuf.extend_from_slice(f),
+            _ => return Err(bad("not a header frame")),
         }
         Ok(())
     }
@@ -163,10 +205,19 @@ impl<S> FixAuthority<S> {
     /// Decodes a complete header block, fixes it, and writes it out re-encoded.
     fn finish(&mut self) -> io::Result<()> {
         let Some(b) = self.block.take() else { return Ok(()) };
-        let headers = self
-            .decoder
-            .decode(&b.fragment)
+        let mut headers = Vec::new();
+        let mut decoded = 0usize;
+        self.decoder
+            .decode_with_cb(&b.fragment, |n, v| {
+                decoded += n.len() + v.len() + 32;
+                if decoded <= MAX_BLOCK {
+                    headers.push((n.into_owned(), v.into_owned()));
+                }
+            })
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("http2: bad header block: {e:?}")))?;
+        if decoded > MAX_BLOCK {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "http2: header list too large"));
+        }
         let needs_fix = headers.iter().any(|(n, v)| n == b":authority" && v.windows(3).any(|w| w == b"://"));
         if !needs_fix && !self.rewriting {
             // The server's HPACK state follows the client's from here on: stop looking.
@@ -353,6 +404,91 @@ mod tests {
         f.extend_from_slice(&[FRAME_HEADERS, FLAG_END_HEADERS, 0, 0, 0, stream]);
         f.extend_from_slice(block);
         f
+    }
+
+    /// A reader that yields `chunks` one per read, then stays pending (a client that sent them
+    /// and waits).
+    struct Trickle(Vec<Vec<u8>>);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.0.is_empty() {
+                return Poll::Pending;
+            }
+            let n = self.0[0].len().min(buf.remaining());
+            let rest = self.0[0].split_off(n);
+            buf.put_slice(&self.0[0]);
+            if rest.is_empty() {
+                self.0.remove(0);
+            } else {
+                self.0[0] = rest;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Everything the shim hands on now, without waiting for more input.
+    async fn available(f: &mut FixAuthority<Trickle>) -> io::Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(20), f.read(&mut buf)).await {
+                Ok(Ok(0)) | Err(_) => return Ok(out),
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_passes_through_as_it_arrives() {
+        // While rewriting (etcdctl 3.4's connections), a DATA frame announcing 16 MiB is not
+        // held until complete: its bytes go on as they come.
+        let mut enc = loona_hpack::Encoder::new();
+        let mut first = PREFACE.to_vec();
+        first.extend(headers_frame(&enc.encode(vec![(&b":authority"[..], &b"http://127.0.0.1:2379"[..])]), 1));
+        let mut data = vec![0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1];
+        data.extend(vec![7u8; 10_000]);
+        let mut f = FixAuthority::new(Trickle(vec![first, data.clone(), vec![8u8; 10_000]]));
+        let out = available(&mut f).await.unwrap();
+        assert!(out.ends_with(&[7u8; 10_000]) || out.ends_with(&[8u8; 10_000]), "payload held back");
+        assert!(out.windows(9).any(|w| w == &data[..9]));
+        assert_eq!(out.iter().filter(|b| **b == 8).count(), 10_000);
+        assert!(f.inbuf.len() < 64 * 1024, "buffered {} bytes", f.inbuf.len());
+    }
+
+    #[tokio::test]
+    async fn header_frames_past_the_limits_are_refused() {
+        // A HEADERS frame longer than SETTINGS_MAX_FRAME_SIZE: refused on its 9-byte header.
+        let mut wire = PREFACE.to_vec();
+        wire.extend_from_slice(&[0x10, 0, 0, FRAME_HEADERS, FLAG_END_HEADERS, 0, 0, 0, 1]);
+        let mut f = FixAuthority::new(Trickle(vec![wire]));
+        assert!(available(&mut f).await.is_err());
+        // An HPACK bomb: one 4000-byte table entry, then a block of 16,000 one-byte references
+        // to it (64 MB decoded): refused, not decoded.
+        let mut enc = Vec::new();
+        enc.push(0x40); // literal with incremental indexing, new name
+        put_int(&mut enc, 7, 0, 3);
+        enc.extend_from_slice(b"x-a");
+        put_int(&mut enc, 7, 0, 4000);
+        enc.extend(vec![b'v'; 4000]);
+        let mut wire = PREFACE.to_vec();
+        wire.extend(headers_frame(&[&[0x00, 10][..], b":authority", &[10], b"http://h:1", &enc[..]].concat(), 1));
+        let refs = vec![0x80 | 62u8; 16_000];
+        for (i, c) in refs.chunks(16_000).enumerate() {
+            wire.extend(headers_frame(c, 3 + 2 * i as u8));
+        }
+        let mut f = FixAuthority::new(Trickle(vec![wire]));
+        let r = available(&mut f).await;
+        assert!(r.is_err(), "an HPACK bomb was decoded");
+        // A table size update past the server's table size is refused too.
+        let mut wire = PREFACE.to_vec();
+        let mut upd = Vec::new();
+        put_int(&mut upd, 5, 0x20, 1 << 30);
+        wire.extend(headers_frame(&[&upd[..], &[0x00, 10][..], b":authority", &[10], b"http://h:1"].concat(), 1));
+        let mut f = FixAuthority::new(Trickle(vec![wire]));
+        assert!(available(&mut f).await.is_err());
     }
 
     #[tokio::test]

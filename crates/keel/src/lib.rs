@@ -40,7 +40,7 @@ mod discovery;
 mod errors;
 mod gateway;
 mod grpc_proxy;
-mod h2fix;
+pub mod h2fix;
 mod http;
 pub mod lease;
 mod logging;
