@@ -234,6 +234,10 @@ pub struct Config {
     /// Maximum concurrent streams that each client can open at a time.
     #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
     pub max_concurrent_streams: u32,
+    /// Keel: most watchers one watch stream may hold; a create past it is canceled with a reason
+    /// (etcd has no limit: one client could make the server hold any number).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_watchers_per_stream: usize,
 }
 
 /// etcd flags Keel accepts and ignores (they tune etcd internals or select features Keel does

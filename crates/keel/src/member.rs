@@ -143,6 +143,7 @@ impl Member {
                 snap_dir: Path::new(&cfg.snap_dir()).to_path_buf(),
                 forwarded: self.server.clone(),
                 transport: self.transport.clone(),
+                max_snapshot_bytes: (cfg.quota_backend_bytes_reported().max(0) as u64).saturating_mul(2),
             })
             .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
             .max_encoding_message_size(peer::MAX_PEER_MESSAGE),
@@ -301,6 +302,7 @@ impl Member {
                 hub: hub.clone(),
                 next_stream: 0.into(),
                 progress_interval: cfg.watch_progress_notify_interval(),
+                max_watchers: cfg.max_watchers_per_stream.max(1),
             })
             .max_decoding_message_size(max_recv),
             gate.clone(),

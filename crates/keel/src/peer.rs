@@ -715,6 +715,9 @@ pub struct PeerService {
     pub forwarded: Arc<dyn Forwarded>,
     /// Where reverse streams opened by peers are registered.
     pub transport: PeerTransport,
+    /// Most bytes of records a received snapshot may hold (twice the backend quota: a leader's
+    /// backend cannot grow much past its quota); a larger one is refused before it is installed.
+    pub max_snapshot_bytes: u64,
 }
 
 impl PeerService {
@@ -771,7 +774,23 @@ impl Peer for PeerService {
         let internal = |e: keel_mvcc::backend::BackendError| Status::internal(e.to_string());
         let backend = Backend::open(&tmp).map_err(internal)?;
         let mut done = false;
+        let mut received = 0u64;
         while let Some(chunk) = s.message().await? {
+            received += chunk.records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum::<u64>();
+            if received > self.max_snapshot_bytes {
+                drop(backend);
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(
+                    index,
+                    received,
+                    limit = self.max_snapshot_bytes,
+                    "peer: refused a snapshot larger than twice the backend quota"
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than {} bytes (twice --quota-backend-bytes)",
+                    self.max_snapshot_bytes
+                )));
+            }
             let records: Vec<(u32, Vec<u8>, Vec<u8>)> = chunk.records.into_iter().map(|r| (r.table, r.key, r.value)).collect();
             let meta = chunk.done.then_some(Meta {
                 consistent_index: chunk.consistent_index,

@@ -159,3 +159,111 @@ fn stalled_tls_handshakes_are_dropped_and_others_are_served() {
     }
     p.stop();
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0)
+        * 1024
+}
+
+/// `f`, which must finish within a minute (a hang fails the test, saying where).
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), f).await.unwrap_or_else(|_| panic!("{what} took more than 60 s"))
+}
+
+/// The bound the hostile-client load must stay under (docs/robustness.md states it).
+const HOSTILE_RSS_BOUND: u64 = 256 << 20;
+
+/// Hostile clients at once: a flood of idle connections, watch streams that ask for far more
+/// watchers than a stream may hold, keep-alive streams that never read their answers, and
+/// stalled writers of huge frames. The member refuses what is past its limits, its memory stays
+/// under [`HOSTILE_RSS_BOUND`], and a well-behaved client keeps being served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_stay_within_a_memory_bound() {
+    use keel_proto::etcdserverpb::watch_client::WatchClient;
+    use keel_proto::etcdserverpb::watch_request::RequestUnion;
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut p = start(&keel_bin(), &tmp.path().join("hostile.etcd"), port, free_port(), &["--max-watchers-per-stream", "100"]);
+    assert!(p.wait_ready(), "{}", p.log_text());
+    let pid = p.child.as_ref().map(|c| c.id()).unwrap();
+    // Each hostile stream has a connection of its own: a stream whose answers are never read
+    // fills its connection's flow-control window, which would stall the client's other streams.
+    let endpoint = p.endpoint();
+    let conn = || async { tonic::transport::Channel::from_shared(endpoint.clone()).unwrap().connect().await.unwrap() };
+    let mut kv = keel_proto::etcdserverpb::kv_client::KvClient::new(conn().await);
+    kv.put(PutRequest { key: b"w".to_vec(), value: b"0".to_vec(), ..Default::default() }).await.unwrap();
+    let base = rss_bytes(pid);
+
+    // 1. 2,000 idle TCP connections, and 200 that start HTTP/2 and announce a 16 MiB frame they
+    // never finish.
+    let mut socks = Vec::new();
+    for i in 0..2200 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        if i >= 2000 {
+            let mut w = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            w.extend_from_slice(&[0xff, 0xff, 0xff, 0x0, 0x0, 0, 0, 0, 1]);
+            w.extend(vec![0u8; 8192]);
+            let _ = s.write_all(&w).await;
+        }
+        socks.push(s);
+    }
+    // 2. 40 watch streams, each asking for 150 watchers: 100 are made, 50 canceled with a reason.
+    let mut streams = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        let (tx, rx) = tokio::sync::mpsc::channel(200);
+        for _ in 0..150 {
+            let create = WatchCreateRequest { key: b"w".to_vec(), ..Default::default() };
+            tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await.unwrap();
+        }
+        let mut out = WatchClient::new(conn().await).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let (mut created, mut canceled) = (0, 0);
+        while created + canceled < 150 {
+            let r = bounded("a watch create", out.message()).await.unwrap().unwrap();
+            if r.canceled {
+                assert!(r.cancel_reason.contains("too many watchers"), "{r:?}");
+                canceled += 1;
+            } else if r.created {
+                created += 1;
+            }
+        }
+        assert_eq!((created, canceled), (100, 50));
+        refused += canceled;
+        streams.push((tx, out));
+    }
+    // 3. 40 keep-alive streams that send keep-alives and never read the answers.
+    let lease = LeaseClient::new(conn().await).lease_grant(LeaseGrantRequest { ttl: 600, id: 0 }).await.unwrap().into_inner().id;
+    let mut keepalives = Vec::new();
+    for _ in 0..40 {
+        let reqs = futures::stream::iter(std::iter::repeat_n(LeaseKeepAliveRequest { id: lease }, 5000));
+        let mut lc = LeaseClient::new(conn().await);
+        keepalives.push(tokio::spawn(async move { lc.lease_keep_alive(reqs).await.map(|r| r.into_inner()) }));
+    }
+    // Meanwhile the well-behaved client writes and reads, and every watcher sees the writes.
+    for i in 1..=50 {
+        let v = i.to_string().into_bytes();
+        let put = kv.put(PutRequest { key: b"w".to_vec(), value: v.clone(), ..Default::default() });
+        bounded("a put", put).await.unwrap();
+        let get = kv.range(RangeRequest { key: b"w".to_vec(), ..Default::default() });
+        let got = bounded("a get", get).await.unwrap().into_inner();
+        assert_eq!(got.kvs[0].value, v);
+    }
+    // A watcher of the first stream sees the first write.
+    let (_, out) = streams.first_mut().unwrap();
+    let r = bounded("a watch event", out.message()).await.unwrap().unwrap();
+    assert_eq!(r.events.first().map(|e| e.kv.as_ref().map(|k| k.value.clone())), Some(Some(b"1".to_vec())), "{r:?}");
+    let peak = rss_bytes(pid);
+    println!("hostile clients: resident {} MiB before, {} MiB under load ({} watchers refused)", base >> 20, peak >> 20, refused);
+    assert!(peak < base + HOSTILE_RSS_BOUND, "resident memory {} MiB over a {} MiB start", peak >> 20, base >> 20);
+    assert_eq!(refused, 40 * 50);
+    drop(socks);
+    drop(streams);
+    for k in keepalives {
+        k.abort();
+    }
+    assert!(p.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the member died: {}", p.log_text());
+    p.stop();
+}

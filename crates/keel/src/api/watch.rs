@@ -23,6 +23,8 @@ pub struct WatchService {
     pub next_stream: AtomicU64,
     /// etcd's watch progress notify interval (10 minutes).
     pub progress_interval: std::time::Duration,
+    /// Most watchers on one stream (`--max-watchers-per-stream`).
+    pub max_watchers: usize,
 }
 
 type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<WatchResponse, Status>> + Send>>;
@@ -40,6 +42,7 @@ impl Watch for WatchService {
         let hub = self.hub.clone();
         let server = self.server.clone();
         let interval = self.progress_interval;
+        let max_watchers = self.max_watchers;
         tokio::spawn(async move {
             let streams = &crate::metrics::METRICS.watch_streams;
             streams.inc();
@@ -79,6 +82,8 @@ impl Watch for WatchService {
                         // text and watch ID -1.
                         let refused = if watchers.contains_key(&id) || id < 0 {
                             Some(("etcdserver: watcher ID already exists".to_string(), id))
+                        } else if watchers.len() >= max_watchers {
+                            Some((format!("keel: too many watchers on this stream (--max-watchers-per-stream={max_watchers})"), -1))
                         } else {
                             permitted.err().map(|e| (format!("rpc error: code = {:?} desc = {}", e.code(), e.message()), -1))
                         };
