@@ -170,6 +170,15 @@ impl Cluster {
         }
     }
 
+    /// Sends a control command to member `i`'s power-loss filesystem (faults: see
+    /// keel-powerfs's `control`).
+    pub fn disk_command(&mut self, i: usize, cmd: &str) -> Result<String> {
+        match self.disks.get_mut(&i) {
+            Some(d) => d.command(cmd),
+            None => bail!("m{i} has no power-loss disk"),
+        }
+    }
+
     /// Copies each member's data off its power-loss filesystem into `to/m{i}` (the filesystems
     /// go with the cluster).
     pub fn keep_disks(&self, to: &Path) {

@@ -2,8 +2,8 @@
 //! the election timeout, partitions (one member isolated, the leader isolated, majority/minority,
 //! a bridge), delayed links, cut connections, membership changes (remove a member, add a fresh
 //! one), compaction and defragment under load, and crash points inside Keel (the `fail` crate,
-//! in a `--features failpoints` build), and power cuts of one or all members (a run with
-//! `--power`: data dirs on keel-powerfs, see [`crate::powerfs`]).
+//! in a `--features failpoints` build), power cuts of one or all members and a failing disk under one member (a
+//! run with `--power`: data dirs on keel-powerfs, see [`crate::powerfs`]).
 
 use crate::cluster::{channel, Cluster};
 use crate::history::FaultRecord;
@@ -35,6 +35,7 @@ pub const ALL: &[&str] = &[
     "crash",
     "power",
     "power-all",
+    "disk",
 ];
 
 /// Every member's backend quota in a harness cluster (the `quota` fault fills it).
@@ -177,6 +178,28 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
             format!("power cut {} for {hold:?} ({})", if kind == "power" { "one member" } else { "all members" }, said.join(", "))
         }
         "power" | "power-all" => return Ok(skip(kind, start, shared)),
+        // A failing disk under one member (a run with --power): EIO on write, fsync or read, or
+        // ENOSPC, for the hold; a member it stopped is started again once the fault is gone
+        // (after a power cut: a failed fsync lost its pages), and must catch up.
+        "disk" if c.has_power() => {
+            let m = pick(rng);
+            let cmd = match rng.gen_range(0..4) {
+                0 => format!("fault write eio {:.1}%", rng.gen_range(0.5..5.0)),
+                1 => format!("fault fsync eio {}", rng.gen_range(1..3)),
+                2 => format!("fault read eio {:.1}%", rng.gen_range(0.5..5.0)),
+                _ => format!("fault write enospc {:.1}%", rng.gen_range(0.5..5.0)),
+            };
+            c.disk_command(m, &cmd)?;
+            tokio::time::sleep(hold).await;
+            c.disk_command(m, "clear")?;
+            let stopped = !c.is_running(m);
+            if stopped {
+                c.power_cut(m)?;
+                c.restart(m, None)?;
+            }
+            format!("m{m}: {cmd} for {hold:?}: {}", if stopped { "it stopped; power cut, restarted" } else { "it kept running" })
+        }
+        "disk" => return Ok(skip(kind, start, shared)),
         other => anyhow::bail!("unknown fault {other}"),
     };
     Ok(FaultRecord { kind: kind.to_string(), detail, start, end: shared.now() })
