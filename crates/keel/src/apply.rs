@@ -459,7 +459,11 @@ impl Applier {
                     .into_iter()
                     .try_for_each(|k| kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() }).map(drop));
                 let ((), o) = settle(w, deleted).map_err(errors::kv)?;
-                lessor.revoke(r.id).map_err(errors::lease)?;
+                // The lessor's lock is held from `keys_of` on: the lease is still there. The
+                // keys are gone at the new revision, so from here nothing may return early.
+                if let Err(e) = lessor.revoke(r.id) {
+                    fatal("apply: a lease vanished while it was revoked", e);
+                }
                 store.delete_aux(&lease::aux_key(r.id));
                 let rev = self.after_write(&mut lessor, o);
                 crate::metrics::METRICS.lease_revoked.inc();
