@@ -686,11 +686,10 @@ impl WriteTxn<'_> {
     fn undo_all(&mut self) {
         debug_assert_eq!(self.undo.len(), self.events.len(), "one undo record per change");
         while let Some((rev, before, size)) = self.undo.pop() {
-            let Some(kv) = self.events.get(self.undo.len()).and_then(|e| e.kv.as_ref()) else {
-                continue;
-            };
+            let Some(e) = self.events.get(self.undo.len()) else { continue };
+            let Some(kv) = e.kv.as_ref() else { continue };
             self.store.index.undo(&kv.key, rev, before);
-            self.store.pending.remove(&rev.to_key(rev_is_tombstone(&self.events[self.undo.len()])));
+            self.store.pending.remove(&rev.to_key(e.r#type == EventType::Delete as i32));
             self.store.data_bytes -= size as u64;
         }
         self.events.clear();
@@ -705,10 +704,6 @@ fn injected() -> KvError {
         path: std::path::PathBuf::from("(injected)"),
         msg: "injected backend error (mvcc::write_error)".into(),
     })
-}
-
-fn rev_is_tombstone(e: &Event) -> bool {
-    e.r#type == EventType::Delete as i32
 }
 
 impl Drop for WriteTxn<'_> {

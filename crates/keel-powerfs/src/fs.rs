@@ -67,6 +67,17 @@ fn attr(tree: &Tree, ino: u64) -> Option<FileAttr> {
 }
 
 impl State {
+    /// Whether file `ino` may take `new_len` bytes: its errno when not (not a file, or the
+    /// capacity would be passed). Shrinking is always allowed.
+    fn may_grow(&mut self, ino: u64, new_len: u64) -> Result<(), i32> {
+        let used = self.tree.used();
+        let len = self.tree.file_mut(ino)?.len();
+        if self.faults.full(used, used - len + new_len.max(len)) {
+            return Err(libc::ENOSPC);
+        }
+        Ok(())
+    }
+
     /// The errno an operation on `ino` fails with now, if a fault is armed for it.
     fn fault(&mut self, op: Op, ino: u64) -> Option<i32> {
         let path = if self.faults.wants_path() { self.tree.path_of(ino) } else { None };
@@ -110,11 +121,8 @@ impl Filesystem for PowerFs {
     ) {
         let mut s = self.state.lock();
         if let Some(n) = size {
-            let used = s.tree.used();
-            let Ok(c) = s.tree.file_mut(ino.0) else { return reply.error(errno(libc::EISDIR)) };
-            let after = used - c.len() + n;
-            if s.faults.full(used, after) {
-                return reply.error(errno(libc::ENOSPC));
+            if let Err(e) = s.may_grow(ino.0, n) {
+                return reply.error(errno(e));
             }
             if let Ok(c) = s.tree.file_mut(ino.0) {
                 c.set_len(n);
@@ -249,14 +257,8 @@ impl Filesystem for PowerFs {
         if let Some(e) = s.fault(Op::Write, ino.0) {
             return reply.error(errno(e));
         }
-        let used = s.tree.used();
-        let len = match s.tree.file_mut(ino.0) {
-            Ok(c) => c.len(),
-            Err(e) => return reply.error(errno(e)),
-        };
-        let after = used - len + len.max(offset + data.len() as u64);
-        if s.faults.full(used, after) {
-            return reply.error(errno(libc::ENOSPC));
+        if let Err(e) = s.may_grow(ino.0, offset + data.len() as u64) {
+            return reply.error(errno(e));
         }
         if let Ok(c) = s.tree.file_mut(ino.0) {
             c.write(offset, data);
@@ -355,20 +357,20 @@ impl Filesystem for PowerFs {
         if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
             return reply.error(errno(libc::EOPNOTSUPP));
         }
-        let used = s.tree.used();
-        let len = match s.tree.file_mut(ino.0) {
-            Ok(c) => c.len(),
-            Err(e) => return reply.error(errno(e)),
-        };
         let want = offset + length;
-        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 || want <= len {
-            return reply.ok();
+        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return match s.tree.file_mut(ino.0) {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            };
         }
-        if s.faults.full(used, used - len + want) {
-            return reply.error(errno(libc::ENOSPC));
+        if let Err(e) = s.may_grow(ino.0, want) {
+            return reply.error(errno(e));
         }
         if let Ok(c) = s.tree.file_mut(ino.0) {
-            c.set_len(want);
+            if want > c.len() {
+                c.set_len(want);
+            }
         }
         reply.ok();
     }

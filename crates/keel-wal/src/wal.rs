@@ -282,12 +282,13 @@ impl Wal {
         })();
         #[cfg(not(feature = "failpoints"))]
         let skip = false;
-        if skip {
-        } else if self.offset > self.opts.segment_bytes {
-            // The file grew past its preallocation: extend metadata too.
-            self.file.sync_all().map_err(io_err(&path))?;
-        } else {
-            self.file.sync_data().map_err(io_err(&path))?;
+        if !skip {
+            if self.offset > self.opts.segment_bytes {
+                // The file grew past its preallocation: extend metadata too.
+                self.file.sync_all().map_err(io_err(&path))?;
+            } else {
+                self.file.sync_data().map_err(io_err(&path))?;
+            }
         }
         if let Some(observe) = crate::FSYNC_OBSERVER.get() {
             observe(t0.elapsed());
