@@ -238,6 +238,12 @@ pub struct Config {
     /// (etcd has no limit: one client could make the server hold any number).
     #[arg(long, default_value_t = 10_000)]
     pub max_watchers_per_stream: usize,
+    /// Keel: most client connections open at once over all client and metrics listeners; a
+    /// connection past it is closed when accepted. 0 (the default): the open-file limit less
+    /// 512 kept for the member's files and peers (etcd has no limit: a flood of connections
+    /// could take the descriptors its WAL needs).
+    #[arg(long, env = "ETCD_MAX_CLIENT_CONNECTIONS", default_value_t = 0)]
+    pub max_client_connections: usize,
 }
 
 /// etcd flags Keel accepts and ignores (they tune etcd internals or select features Keel does

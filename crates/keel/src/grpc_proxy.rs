@@ -364,7 +364,15 @@ async fn run(a: Args) -> Result<()> {
     let (_, listener) = bound.pop().ok_or_else(|| anyhow!("no listener for {url}"))?;
     tracing::info!(address = %a.listen_addr, "listening for gRPC proxy client requests");
     tracing::info!(address = %a.listen_addr, "started gRPC proxy");
-    let serving = serve::serve(listener, acceptor, false, router, serve::H2::DEFAULT, serve::Endpoint::Client);
+    let serving = serve::serve(
+        listener,
+        acceptor,
+        false,
+        router,
+        serve::H2::DEFAULT,
+        serve::Endpoint::Client,
+        serve::ConnLimit::new(serve::default_max_connections()),
+    );
     tokio::select! {
         _ = serving => Ok(()),
         _ = tokio::signal::ctrl_c() => {

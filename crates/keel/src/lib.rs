@@ -62,6 +62,7 @@ use std::process::ExitCode;
 /// The `keel` command: the server, or one of its tools (`keel snapshot ...`, `keel gateway ...`).
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    serve::raise_nofile_limit();
     if tool::is_tool(&args) {
         return tool::main(args);
     }

@@ -152,6 +152,7 @@ impl Member {
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let peer_urls = split_urls(&cfg.listen_peer_urls);
         let endpoint = serve::Endpoint::Peer { check_san: !cfg.peer_skip_client_san_verification };
+        let peer_limit = serve::ConnLimit::new(serve::MAX_PEER_CONNECTIONS);
         self.peer_rt.spawn(async move {
             let listeners = match serve::bind(&peer_urls).await {
                 Ok(l) => l,
@@ -174,7 +175,15 @@ impl Member {
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
-                serving.push(tokio::spawn(serve::serve(l, acceptor, false, peer_router.clone(), serve::H2::DEFAULT, endpoint)));
+                serving.push(tokio::spawn(serve::serve(
+                    l,
+                    acceptor,
+                    false,
+                    peer_router.clone(),
+                    serve::H2::DEFAULT,
+                    endpoint,
+                    peer_limit.clone(),
+                )));
             }
             let _ = bound_tx.send(Ok(()));
             for s in serving {
@@ -192,6 +201,11 @@ impl Member {
         let cfg = &self.cfg;
         let client_h2 = client_h2(cfg)?;
         let client_tls = tls::client_server(cfg)?;
+        let limit = serve::ConnLimit::new(match cfg.max_client_connections {
+            0 => serve::default_max_connections(),
+            n => n,
+        });
+        tracing::info!(max_client_connections = limit.max(), "bounding client connections");
         // As etcd: with --listen-client-http-urls the HTTP services move there and the client
         // URLs serve gRPC only.
         let http_urls = split_urls(&cfg.listen_client_http_urls);
@@ -215,12 +229,13 @@ impl Member {
                 (false, _) => None,
             };
             let mut ready = self.ready.subscribe();
+            let limit = limit.clone();
             tokio::spawn(async move {
                 if ready.wait_for(|r| *r).await.is_err() {
                     return;
                 }
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-                serve::serve(l, acceptor, lu.plain_too, router, client_h2, serve::Endpoint::Client).await
+                serve::serve(l, acceptor, lu.plain_too, router, client_h2, serve::Endpoint::Client, limit).await
             });
         }
         if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
@@ -233,7 +248,15 @@ impl Member {
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, "serving metrics on {}", lu.url);
-                tokio::spawn(serve::serve(l, acceptor, lu.plain_too, mrouter.clone(), serve::H2::DEFAULT, serve::Endpoint::Metrics));
+                tokio::spawn(serve::serve(
+                    l,
+                    acceptor,
+                    lu.plain_too,
+                    mrouter.clone(),
+                    serve::H2::DEFAULT,
+                    serve::Endpoint::Metrics,
+                    limit.clone(),
+                ));
             }
         }
         Ok(())

@@ -128,11 +128,104 @@ impl Endpoint {
     }
 }
 
+/// The most connections a group of listeners holds open at once: past it a new connection is
+/// closed as soon as it is accepted (the client sees it reset and retries), so that a flood of
+/// connections cannot take the file descriptors the WAL and the backend need, nor the memory
+/// each connection's buffers cost. Cloning shares the count.
+#[derive(Clone, Debug)]
+pub struct ConnLimit {
+    max: usize,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// When a refusal was last logged (seconds since the epoch), so that a flood logs once a second.
+    logged: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// One open connection counted by a [`ConnLimit`]; dropping it frees the place.
+pub struct ConnSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl ConnLimit {
+    pub fn new(max: usize) -> ConnLimit {
+        ConnLimit { max: max.max(1), open: Default::default(), logged: Default::default() }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A place for one more connection, or None when `max` are open.
+    pub fn try_take(&self) -> Option<ConnSlot> {
+        use std::sync::atomic::Ordering;
+        self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).ok()?;
+        Some(ConnSlot(self.open.clone()))
+    }
+
+    /// Whether a refusal should be logged now (at most once a second).
+    fn log_now(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.logged.swap(now, Ordering::AcqRel) != now
+    }
+}
+
+/// The most connections the peer listeners hold open at once (a member's peers open a few each).
+pub const MAX_PEER_CONNECTIONS: usize = 256;
+
+/// The default bound of client connections: the open-file limit less what the member needs
+/// for itself (WAL segments, snapshots, the backend: 256) and its peer listeners'
+/// [`MAX_PEER_CONNECTIONS`]; at least 64.
+pub fn default_max_connections() -> usize {
+    const RESERVE: u64 = 256 + MAX_PEER_CONNECTIONS as u64;
+    let (soft, _) = nofile_limit();
+    soft.saturating_sub(RESERVE).clamp(64, usize::MAX as u64) as usize
+}
+
+/// The process's open-file limit (soft, hard).
+fn nofile_limit() -> (u64, u64) {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return (1024, 1024);
+    }
+    (l.rlim_cur, l.rlim_max)
+}
+
+/// Raises the open-file soft limit to the hard limit, as Go's runtime does for etcd at start
+/// (so that Keel and etcd get the same limit from the same shell).
+pub fn raise_nofile_limit() {
+    let (soft, hard) = nofile_limit();
+    if soft >= hard {
+        return;
+    }
+    let l = libc::rlimit { rlim_cur: hard, rlim_max: hard };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+        tracing::debug!(soft, hard, "could not raise the open-file limit");
+    }
+}
+
 /// How long a TLS handshake may take (etcd's `tlsHandshakeTimeout`).
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `router` on `listener` until the process ends.
-pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool, router: axum::Router, h2: H2, endpoint: Endpoint) {
+pub async fn serve(
+    listener: Listener,
+    tls: Option<TlsAcceptor>,
+    plain_too: bool,
+    router: axum::Router,
+    h2: H2,
+    endpoint: Endpoint,
+    limit: ConnLimit,
+) {
     let fix_authority = endpoint == Endpoint::Client;
     loop {
         let accepted: std::io::Result<(Box<dyn Io>, Option<SocketAddr>)> = match &listener {
@@ -150,9 +243,18 @@ pub async fn serve(listener: Listener, tls: Option<TlsAcceptor>, plain_too: bool
                 continue;
             }
         };
+        let Some(slot) = limit.try_take() else {
+            if limit.log_now() {
+                let from = remote.map(|a| a.to_string()).unwrap_or_default();
+                tracing::warn!(remote_addr = %from, open = limit.open(), max = limit.max(), "{}: too many open connections", endpoint.rejected());
+            }
+            drop(sock);
+            continue;
+        };
         let router = router.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut sock = sock;
             // A TLS connection starts with a handshake record (0x16); anything else is plaintext.
             let tls = match tls {

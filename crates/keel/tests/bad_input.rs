@@ -267,3 +267,93 @@ async fn hostile_clients_stay_within_a_memory_bound() {
     assert!(p.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the member died: {}", p.log_text());
     p.stop();
 }
+
+/// A flood of connections cannot take the descriptors the member needs for its own files. The
+/// member runs with 400 descriptors, so its default bound is 64 client connections; 1,000
+/// connections arrive, those past the bound are closed as they are accepted, and a client
+/// connected before them keeps writing through several snapshots (each a new file), then a new
+/// client is served once the flood is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_cannot_take_the_members_descriptors() {
+    use tokio::io::AsyncReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("flood.etcd");
+    let (port, peer) = (free_port(), free_port());
+    let curl = format!("http://127.0.0.1:{port}");
+    let purl = format!("http://127.0.0.1:{peer}");
+    let bin = keel_bin();
+    let mut args: Vec<String> = vec!["--nofile=400:400".into(), "--".into(), bin.to_string_lossy().into_owned()];
+    for a in [
+        "--name",
+        "t1",
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--listen-client-urls",
+        &curl,
+        "--advertise-client-urls",
+        &curl,
+        "--listen-peer-urls",
+        &purl,
+        "--initial-advertise-peer-urls",
+        &purl,
+        "--initial-cluster",
+        &format!("t1={purl}"),
+        "--snapshot-count",
+        "50",
+    ] {
+        args.push(a.to_string());
+    }
+    let mut p = spawn(std::path::Path::new("prlimit"), &data, &curl, &args);
+    assert!(p.wait_ready(), "{}", p.log_text());
+    assert!(p.log_text().contains("\"max-client-connections\":64"), "{}", p.log_text());
+    let mut kv = p.kv().await;
+    kv.put(PutRequest { key: b"k".to_vec(), value: b"0".to_vec(), ..Default::default() }).await.unwrap();
+
+    let mut socks = Vec::new();
+    for _ in 0..1000 {
+        socks.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    // Writes through the flood: 300 at --snapshot-count 50 make several snapshot files.
+    for i in 1..=300 {
+        let put = kv.put(PutRequest { key: b"k".to_vec(), value: i.to_string().into_bytes(), ..Default::default() });
+        bounded("a put during the flood", put).await.unwrap();
+    }
+    // Every flood connection past the bound was closed by the member; those it kept wait.
+    let reads = socks.into_iter().map(|mut s| async move {
+        let mut b = [0u8; 16];
+        match tokio::time::timeout(std::time::Duration::from_secs(3), s.read(&mut b)).await {
+            Err(_) => (true, Some(s)),
+            Ok(Ok(0)) | Ok(Err(_)) => (false, None),
+            Ok(Ok(_)) => (false, Some(s)),
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    let kept = results.iter().filter(|(waiting, _)| *waiting).count();
+    println!("connection flood: {kept} of 1000 kept open, {} closed", 1000 - kept);
+    assert!(kept <= 63, "{kept} flood connections kept open past a bound of 64 (one is the writer's)");
+    assert!(kept > 0, "the member closed connections it had room for");
+    assert!(p.log_text().contains("too many open connections"), "{}", p.log_text());
+    drop(results);
+    // The flood is gone: a new client is served once the member has seen the closes.
+    let endpoint = p.endpoint();
+    let got = bounded("a read after the flood", async {
+        loop {
+            if let Ok(ch) = tonic::transport::Channel::from_shared(endpoint.clone()).unwrap().connect().await {
+                let mut fresh = keel_proto::etcdserverpb::kv_client::KvClient::new(ch);
+                if let Ok(r) = fresh.range(RangeRequest { key: b"k".to_vec(), ..Default::default() }).await {
+                    return r.into_inner();
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(got.kvs[0].value, b"300");
+    let snaps = std::fs::read_dir(data.join("member/snap"))
+        .unwrap()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "snap")))
+        .count();
+    assert!(snaps > 0, "no snapshot was written");
+    assert!(p.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the member died: {}", p.log_text());
+    p.stop();
+}
