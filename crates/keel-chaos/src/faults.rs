@@ -52,6 +52,8 @@ pub const CRASH_POINTS: &[&str] = &[
     "backend::after_commit",
     "mvcc::compact",
     "mvcc::defrag",
+    "apply::lease_revoke",
+    "apply::restore",
     // Not a crash: a backend error after a write's first change; the member rolls back and stops.
     "mvcc::write_error",
 ];

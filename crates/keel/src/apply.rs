@@ -459,6 +459,10 @@ impl Applier {
                     .into_iter()
                     .try_for_each(|k| kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() }).map(drop));
                 let ((), o) = settle(w, deleted).map_err(errors::kv)?;
+                // A crash here: the keys' deletion is applied, not committed, and the lease still
+                // there; the restart must replay the revoke whole.
+                #[cfg(feature = "failpoints")]
+                fail::fail_point!("apply::lease_revoke", |_| std::process::abort());
                 // The lessor's lock is held from `keys_of` on: the lease is still there. The
                 // keys are gone at the new revision, so from here nothing may return early.
                 if let Err(e) = lessor.revoke(r.id) {
@@ -546,6 +550,10 @@ impl Applier {
         {
             let mut ex = self.store.exclusive();
             new.move_to(&self.db_path).map_err(|e| e.to_string())?;
+            // A crash here: the leader's backend is in place, the raft snapshot not yet saved
+            // (the log ends before the backend's index); the restart must start from the backend.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("apply::restore", |_| std::process::abort());
             *ex.store = new;
             self.lessor().replace_state(lessor);
             *self.auth.write() = auth;

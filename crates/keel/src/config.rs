@@ -212,6 +212,13 @@ pub struct Config {
         default_value_t = 0
     )]
     pub bootstrap_defrag_threshold_megabytes: u64,
+    /// Entries kept in the raft log after a snapshot, for a slow follower to catch up without a
+    /// snapshot of its own (etcd's default 5000).
+    #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES")]
+    pub snapshot_catchup_entries: Option<u64>,
+    /// The same (deprecated spelling; as in etcd 3.6 it wins when both are given).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES")]
+    pub experimental_snapshot_catchup_entries: Option<u64>,
     /// Log a "request stats" warning for unary requests slower than this (etcd 3.6's flag).
     #[arg(long, env = "ETCD_WARNING_UNARY_REQUEST_DURATION", default_value = "")]
     pub warning_unary_request_duration: String,
@@ -279,6 +286,9 @@ impl Config {
             tracing::warn!(
                 "--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input."
             );
+        }
+        if self.experimental_snapshot_catchup_entries.is_some() {
+            tracing::warn!("--experimental-snapshot-catchup-entries is deprecated in v3.6 and will be decommissioned in v3.7. Use '--snapshot-catchup-entries' instead.");
         }
         for f in &self.ignored {
             match DEPRECATED.iter().find(|(name, _)| name == f) {
@@ -355,6 +365,11 @@ impl Config {
             .filter_map(|kv| kv.split_once('='))
             .rfind(|(k, _)| k.trim() == name)
             .map_or(default, |(_, v)| v.trim() == "true")
+    }
+
+    /// Entries kept for slow followers after a snapshot (5000 unless a flag says otherwise).
+    pub fn snapshot_catchup_entries(&self) -> u64 {
+        self.experimental_snapshot_catchup_entries.or(self.snapshot_catchup_entries).unwrap_or(5000)
     }
 
     /// The unary request duration above which a "request stats" warning is logged (300 ms).
@@ -565,6 +580,10 @@ mod tests {
         assert!(c.peer_auto_tls);
         assert!(!c.strict_reconfig_check);
         assert_eq!(c.snapshot_count, 5);
+        assert_eq!(c.snapshot_catchup_entries(), 5000, "etcd's default");
+        assert_eq!(parse(&["--experimental-snapshot-catchup-entries", "7"]).snapshot_catchup_entries(), 7);
+        let both = parse(&["--experimental-snapshot-catchup-entries", "7", "--snapshot-catchup-entries", "9"]);
+        assert_eq!(both.snapshot_catchup_entries(), 7, "etcd 3.6: the experimental flag, when given, wins");
         assert_eq!(c.initial_cluster(), "n1=http://localhost:2380");
     }
 

@@ -76,6 +76,8 @@ impl Member {
             etcd_version = config::ETCD_VERSION,
             name = %cfg.name,
             data_dir = %cfg.data_dir(),
+            snapshot_count = cfg.snapshot_count,
+            snapshot_catchup_entries = cfg.snapshot_catchup_entries(),
             // etcd 3.6 always runs at this level of v2 deprecation, whatever the flag says.
             v2_deprecation = "write-only",
             "starting keel"
@@ -111,7 +113,7 @@ impl Member {
             tick: cfg.heartbeat(),
             election_ticks: (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize,
             snapshot_count: cfg.snapshot_count.max(1),
-            catchup_entries: 5000,
+            catchup_entries: cfg.snapshot_catchup_entries(),
         };
         let (node, join) =
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;

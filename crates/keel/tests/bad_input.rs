@@ -186,7 +186,13 @@ async fn hostile_clients_stay_within_a_memory_bound() {
     use tokio::io::AsyncWriteExt;
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut p = start(&keel_bin(), &tmp.path().join("hostile.etcd"), port, free_port(), &["--max-watchers-per-stream", "100"]);
+    let mut p = start(
+        &keel_bin(),
+        &tmp.path().join("hostile.etcd"),
+        port,
+        free_port(),
+        &["--max-watchers-per-stream", "100", "--max-client-connections", "5000"],
+    );
     assert!(p.wait_ready(), "{}", p.log_text());
     let pid = p.child.as_ref().map(|c| c.id()).unwrap();
     // Each hostile stream has a connection of its own: a stream whose answers are never read
