@@ -15,6 +15,9 @@
 #   scripts/chaos.sh run --histories 10 --keys 20 --faults power,power-all,kill,compact,crash \
 #                        --power target/release/keel-powerfs
 #                           3-member clusters with power cuts of one member and of all of them
+#   scripts/chaos.sh points [--power target/release/keel-powerfs]
+#                           the lease-revoke and snapshot-restore apply paths crashed at their
+#                           crash points (then power-cut), each restart checked
 #   scripts/chaos.sh check target/chaos/hNNNN-SEED/history.json
 #                           checks a kept history again
 #
@@ -44,6 +47,9 @@ if [ $# -eq 0 ]; then
     "$chaos" crash-loop --iterations 25 --power "$powerfs"
     "$chaos" crash-loop --iterations 25 --power "$powerfs" --disk-faults
     "$chaos" run --histories 1 --duration 40 --members 3 --keys 20 --faults power,power-all,kill,compact --power "$powerfs"
+    # The lease-revoke and snapshot-restore apply paths driven to their crash points, each crash
+    # followed by a power cut.
+    "$chaos" points --power "$powerfs"
     # The negative control: a server that skips the WAL's fsync must be caught losing writes.
     rc=0
     "$chaos" crash-loop --iterations 25 --power "$powerfs" --always 'wal::skip_fsync=return' --out target/chaos/negative || rc=$?
@@ -54,6 +60,7 @@ if [ $# -eq 0 ]; then
     echo "chaos: negative control caught, as it must be"
   else
     echo "chaos: power-cut and disk-fault runs SKIPPED (they need root and a working /dev/fuse)"
+    "$chaos" points
   fi
 else
   exec "$chaos" "$@"

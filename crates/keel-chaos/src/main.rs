@@ -16,6 +16,7 @@ mod crashloop;
 mod faults;
 mod history;
 mod linearizability;
+mod points;
 mod powerfs;
 mod proxy;
 mod watchcheck;
@@ -75,6 +76,19 @@ enum Cmd {
         /// With --power: a random disk fault (EIO on write/fsync/read, ENOSPC) in every iteration.
         #[arg(long)]
         disk_faults: bool,
+    },
+    /// Drives the lease-revoke and snapshot-restore apply paths to their crash points (a
+    /// failpoints build) and checks each restart ([`points`]).
+    Points {
+        #[arg(long, default_value = "target/release/keel")]
+        keel: PathBuf,
+        #[arg(long, default_value = "target/chaos/points")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 24579)]
+        base_port: u16,
+        /// keel-powerfs: every crash is followed by a power cut.
+        #[arg(long)]
+        power: Option<PathBuf>,
     },
 }
 
@@ -136,6 +150,7 @@ async fn main() -> std::process::ExitCode {
             let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: always.as_deref(), disk_faults };
             crash_loop(&opts, iterations, &out, port, seed).await
         }
+        Cmd::Points { keel, out, base_port, power } => points(&keel, power.as_deref(), &out, base_port).await,
     };
     match r {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -170,6 +185,28 @@ async fn crash_loop(opts: &crashloop::Options<'_>, iterations: usize, out: &Path
         }
         Err(e) => {
             println!("crash-loop: FAILED: {e:#} (data dir and member.log kept in {})", out.display());
+            Ok(false)
+        }
+    }
+}
+
+async fn points(keel: &Path, power: Option<&Path>, out: &Path, base: u16) -> Result<bool> {
+    let keel = std::fs::canonicalize(keel).with_context(|| format!("keel binary {}", keel.display()))?;
+    let power = match power {
+        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("keel-powerfs binary {}", p.display()))?),
+        None => None,
+    };
+    let _ = std::fs::remove_dir_all(out);
+    match points::run(&keel, power.as_deref(), out, base).await {
+        Ok(said) => {
+            for s in said {
+                println!("points: ok: {s}");
+            }
+            let _ = std::fs::remove_dir_all(out);
+            Ok(true)
+        }
+        Err(e) => {
+            println!("points: FAILED: {e:#} (data dirs and logs kept in {})", out.display());
             Ok(false)
         }
     }
