@@ -657,15 +657,16 @@ impl keel_raft::StateMachine for Applier {
         if entry.index <= store.consistent_index() {
             return;
         }
+        // Members propose conf changes they encoded themselves: a committed one that does not
+        // decode is corruption (or a bug), which skipping would hide; every member stops alike.
         let cc = match keel_raft::wire::conf_change(entry.get_data()) {
             Ok(cc) => cc,
-            Err(e) => {
-                tracing::error!(index = entry.index, error = %e, "apply: undecodable conf change");
-                store.set_consistent_index(entry.index, entry.term);
-                return;
-            }
+            Err(e) => fatal(&format!("apply: the committed conf change at index {} cannot be decoded", entry.index), e),
         };
-        let ctx = ConfChangeContext::decode(cc.get_context()).unwrap_or_default();
+        let ctx = match ConfChangeContext::decode(cc.get_context()) {
+            Ok(ctx) => ctx,
+            Err(e) => fatal(&format!("apply: the member record of the conf change at index {} cannot be decoded", entry.index), e),
+        };
         let id = cc.node_id;
         let mut removed_self = false;
         let list = {

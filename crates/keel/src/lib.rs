@@ -7,8 +7,8 @@
 //! - `member`: assembles one member (recover the data dir, start raft, bind listeners) and runs
 //!   it until it stops.
 //! - [`config`]: flags and `ETCD_*` variables.
-//! - `serve`, `tls`, `h2fix`: listeners (TCP/unix, plain/TLS), HTTP/2 settings, the `:authority`
-//!   fix for etcdctl 3.4.
+//! - `serve`, `tls`, `h2fix`: listeners (TCP/unix, plain/TLS), connection bounds, HTTP/2
+//!   settings, the `:authority` fix for etcdctl 3.4.
 //! - `http`, [`api`], `gateway`: HTTP endpoints (`/health`, `/metrics`, ...), the gRPC services,
 //!   the `/v3` JSON gateway.
 //! - `server`: proposals, linearizable reads, quota, response headers (what handlers share).
@@ -27,8 +27,8 @@
 //!   at start).
 //! - `errors`: etcd's gRPC errors.
 //! - `logging`: the log, in etcd's JSON format.
-//! - `proxy`: the L4 gateway (`keel gateway start`); `tool`: the offline tool (`keel snapshot
-//!   ...`, `keel wal dump`).
+//! - `proxy`: the L4 gateway (`keel gateway start`); `grpc_proxy`: the gRPC proxy (`keel
+//!   grpc-proxy start`); `tool`: the offline tool (`keel snapshot ...`, `keel wal dump`).
 
 mod alarm;
 pub mod api;
