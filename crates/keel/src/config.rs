@@ -251,6 +251,11 @@ pub struct Config {
     /// could take the descriptors its WAL needs).
     #[arg(long, env = "ETCD_MAX_CLIENT_CONNECTIONS", default_value_t = 0)]
     pub max_client_connections: usize,
+    /// Keel: most bytes of write requests a member holds between their proposal and their
+    /// answer; a write past it is refused at once with etcd's "too many requests" (clients back
+    /// off and retry). At least one `--max-request-bytes` request always fits.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_pending_proposal_bytes: u64,
 }
 
 /// etcd flags Keel accepts and ignores (they tune etcd internals or select features Keel does

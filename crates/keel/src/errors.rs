@@ -26,6 +26,10 @@ pub fn duplicate_key() -> Status {
 pub fn invalid_sort_option() -> Status {
     st(Code::InvalidArgument, "invalid sort option")
 }
+/// etcd's ErrTooManyRequests: the member is overloaded; the client backs off and retries.
+pub fn too_many_requests() -> Status {
+    st(Code::ResourceExhausted, "too many requests")
+}
 pub fn request_too_large() -> Status {
     st(Code::InvalidArgument, "request is too large")
 }
@@ -94,7 +98,7 @@ pub fn propose(e: ProposeError) -> Status {
     match e {
         ProposeError::NoLeader => no_leader(),
         ProposeError::Stopped => stopped(),
-        ProposeError::Busy => st(Code::ResourceExhausted, "too many requests"),
+        ProposeError::Busy => too_many_requests(),
         ProposeError::Timeout => timeout(),
     }
 }

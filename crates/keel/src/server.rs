@@ -17,7 +17,7 @@ use keel_raft::eraftpb::{ConfChange, ConfChangeType};
 use keel_raft::{NodeHandle, NodeStatus};
 use parking_lot::{MutexGuard, RwLockReadGuard};
 use prost::Message;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tonic::Status;
 
@@ -30,6 +30,17 @@ pub struct Server {
     /// Serializes defragmentations of this member's backend.
     defrag_lock: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
+    /// Bytes of this member's proposals between their proposal and their answer.
+    proposing: AtomicUsize,
+}
+
+/// A proposal's bytes counted in [`Server`]'s budget until dropped.
+struct Proposing<'a>(&'a AtomicUsize, usize);
+
+impl Drop for Proposing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
 }
 
 /// The common name of a verified client certificate, put on each request of its connection.
@@ -50,6 +61,7 @@ impl Server {
             node,
             defrag_lock: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(base),
+            proposing: AtomicUsize::new(0),
         })
     }
 
@@ -255,6 +267,7 @@ impl Server {
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(errors::request_too_large());
         }
+        let _budget = self.take_proposing(data.len())?;
         let rx = self.state.waiters.register(id);
         let t0 = std::time::Instant::now();
         let failed = || crate::metrics::METRICS.proposals_failed.inc();
@@ -276,6 +289,23 @@ impl Server {
                 failed();
                 self.state.waiters.cancel(id);
                 Err(errors::timeout())
+            }
+        }
+    }
+
+    /// Counts `n` bytes of a proposal, or refuses it with etcd's "too many requests" when
+    /// `--max-pending-proposal-bytes` are already held (raft's inbox and log, the apply queue,
+    /// the waiting callers), so that many concurrent large writes cannot make the member hold
+    /// their bytes without bound. One request of `--max-request-bytes` always fits.
+    fn take_proposing(&self, n: usize) -> Result<Proposing<'_>, Status> {
+        let limit = (self.cfg.max_pending_proposal_bytes as usize).max(self.cfg.max_request_bytes as usize + 4096);
+        let took = self.proposing.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| (held + n <= limit).then_some(held + n));
+        match took {
+            Ok(_) => Ok(Proposing(&self.proposing, n)),
+            Err(held) => {
+                crate::metrics::METRICS.proposals_failed.inc();
+                tracing::debug!(held, limit, request_bytes = n, "refused a proposal: too many bytes of proposals in flight");
+                Err(errors::too_many_requests())
             }
         }
     }
