@@ -140,19 +140,8 @@ async fn lease_revoke(c: &mut Cluster) -> Result<String> {
         let ch = channel(i, base)?;
         // The revoke is committed (the leader applied it), so it is there whole once a read
         // barrier has passed: a linearizable read first, then this member's own state.
-        let lin = KvClient::new(ch.clone())
-            .range(RangeRequest { key: b"/points/lease/".to_vec(), range_end: b"/points/lease0".to_vec(), ..Default::default() })
-            .await?
-            .into_inner();
-        let r = KvClient::new(ch.clone())
-            .range(RangeRequest {
-                key: b"/points/lease/".to_vec(),
-                range_end: b"/points/lease0".to_vec(),
-                serializable: true,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let lin = KvClient::new(ch.clone()).range(prefix(b"/points/lease/", false)).await?.into_inner();
+        let r = KvClient::new(ch.clone()).range(prefix(b"/points/lease/", true)).await?.into_inner();
         let got = r.header.map_or(0, |h| h.revision);
         if lin.count != 0 || r.count != 0 || got != want {
             bail!(
@@ -173,6 +162,15 @@ async fn lease_revoke(c: &mut Cluster) -> Result<String> {
         "apply::lease_revoke: {crashed} of 3 members crashed applying the revoke{}; after the restart every member has it whole at revision {want} ({LEASE_KEYS} deletes, lease gone)",
         if c.has_power() { " (each then power-cut)" } else { "" }
     ))
+}
+
+/// Every key under `p` (which ends in '/'), serializable or not.
+fn prefix(p: &[u8], serializable: bool) -> RangeRequest {
+    let mut end = p.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    RangeRequest { key: p.to_vec(), range_end: end, serializable, ..Default::default() }
 }
 
 /// How many DELETE events of `/points/lease/` a watch from `rev` shows at `rev` (its first
@@ -218,23 +216,12 @@ async fn restore(c: &mut Cluster) -> Result<String> {
     c.restart(f, None)?;
     c.wait_healthy(f, Duration::from_secs(30)).await?;
     let l = leader(c).await?;
-    let lr = KvClient::new(channel(l, base)?)
-        .range(RangeRequest { key: b"/points/restore/".to_vec(), range_end: b"/points/restore0".to_vec(), ..Default::default() })
-        .await?
-        .into_inner();
+    let lr = KvClient::new(channel(l, base)?).range(prefix(b"/points/restore/", false)).await?.into_inner();
     let want = lr.header.map_or(0, |h| h.revision);
     // The follower catches up to the leader's revision (no write goes on meanwhile).
     let deadline = Instant::now() + Duration::from_secs(30);
     let fr = loop {
-        let r = KvClient::new(channel(f, base)?)
-            .range(RangeRequest {
-                key: b"/points/restore/".to_vec(),
-                range_end: b"/points/restore0".to_vec(),
-                serializable: true,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let r = KvClient::new(channel(f, base)?).range(prefix(b"/points/restore/", true)).await?.into_inner();
         if r.header.as_ref().is_some_and(|h| h.revision >= want) {
             break r;
         }

@@ -113,26 +113,8 @@ fn stalled_tls_handshakes_are_dropped_and_others_are_served() {
     let (cp, pp) = (free_port(), free_port());
     let curl = format!("https://127.0.0.1:{cp}");
     let purl = format!("http://127.0.0.1:{pp}");
-    let args: Vec<String> = [
-        "--name",
-        "t1",
-        "--data-dir",
-        &dir.path().join("d").to_string_lossy(),
-        "--listen-client-urls",
-        &curl,
-        "--advertise-client-urls",
-        &curl,
-        "--listen-peer-urls",
-        &purl,
-        "--initial-advertise-peer-urls",
-        &purl,
-        "--initial-cluster",
-        &format!("t1={purl}"),
-        "--auto-tls",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = member_args(&dir.path().join("d"), &curl, &purl);
+    args.push("--auto-tls".into());
     let mut p = spawn(&keel_bin(), &dir.path().join("d"), &curl, &args);
     assert!(p.wait_ready());
     // 50 connections that send nothing at all, then one that starts a handshake and stalls.
@@ -289,26 +271,8 @@ async fn a_connection_flood_cannot_take_the_members_descriptors() {
     let purl = format!("http://127.0.0.1:{peer}");
     let bin = keel_bin();
     let mut args: Vec<String> = vec!["--nofile=400:400".into(), "--".into(), bin.to_string_lossy().into_owned()];
-    for a in [
-        "--name",
-        "t1",
-        "--data-dir",
-        &data.to_string_lossy(),
-        "--listen-client-urls",
-        &curl,
-        "--advertise-client-urls",
-        &curl,
-        "--listen-peer-urls",
-        &purl,
-        "--initial-advertise-peer-urls",
-        &purl,
-        "--initial-cluster",
-        &format!("t1={purl}"),
-        "--snapshot-count",
-        "50",
-    ] {
-        args.push(a.to_string());
-    }
+    args.extend(member_args(&data, &curl, &purl));
+    args.extend(["--snapshot-count".into(), "50".into()]);
     let mut p = spawn(std::path::Path::new("prlimit"), &data, &curl, &args);
     assert!(p.wait_ready(), "{}", p.log_text());
     assert!(p.log_text().contains("\"max-client-connections\":64"), "{}", p.log_text());

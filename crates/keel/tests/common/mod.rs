@@ -33,19 +33,26 @@ pub fn keel_bin() -> PathBuf {
 pub fn start(bin: &Path, data_dir: &Path, client_port: u16, peer_port: u16, extra: &[&str]) -> Proc {
     let curl = format!("http://127.0.0.1:{client_port}");
     let purl = format!("http://127.0.0.1:{peer_port}");
+    let mut args = member_args(data_dir, &curl, &purl);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn(bin, data_dir, &curl, &args)
+}
+
+/// etcd's flags for a single member `t1` in `data_dir`, serving clients on `curl` and peers
+/// on `purl`.
+pub fn member_args(data_dir: &Path, curl: &str, purl: &str) -> Vec<String> {
     let mut args: Vec<String> = vec!["--name".into(), "t1".into(), "--data-dir".into(), data_dir.to_string_lossy().into_owned()];
     for a in ["--listen-client-urls", "--advertise-client-urls"] {
         args.push(a.into());
-        args.push(curl.clone());
+        args.push(curl.into());
     }
     for a in ["--listen-peer-urls", "--initial-advertise-peer-urls"] {
         args.push(a.into());
-        args.push(purl.clone());
+        args.push(purl.into());
     }
     args.push("--initial-cluster".into());
     args.push(format!("t1={purl}"));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    spawn(bin, data_dir, &curl, &args)
+    args
 }
 
 /// Starts `bin` with `args`; output goes to `<data_dir>.log`.
