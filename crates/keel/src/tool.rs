@@ -236,17 +236,18 @@ fn restore(
         return Err(e);
     }
     let rev = r?;
+    // Each rename is made durable (the directories it changed fsynced): a power cut after the
+    // restore said it was done must not take the data dir or its WAL away.
+    let parent_of = |p: &str| Path::new(p).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     if wal_dir != format!("{data_dir}/member/wal") {
         let from = format!("{scratch}/member/wal");
-        if let Some(parent) = Path::new(wal_dir).parent() {
-            std::fs::create_dir_all(parent)?;
-        }
+        keel_wal::create_dir_all_durable(&parent_of(wal_dir)).with_context(|| format!("create the parent of {wal_dir}"))?;
         std::fs::rename(&from, wal_dir).with_context(|| format!("move the WAL to {wal_dir}"))?;
+        keel_wal::sync_dir(&parent_of(wal_dir)).with_context(|| format!("fsync the parent of {wal_dir}"))?;
+        keel_wal::sync_dir(Path::new(&format!("{scratch}/member"))).with_context(|| format!("fsync {scratch}/member"))?;
     }
     std::fs::rename(&scratch, data_dir).with_context(|| format!("rename {scratch} to {data_dir}"))?;
-    if let Some(parent) = Path::new(data_dir).parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::File::open(parent).and_then(|f| f.sync_all()).ok();
-    }
+    keel_wal::sync_dir(&parent_of(data_dir)).with_context(|| format!("fsync the parent of {data_dir}"))?;
     println!(
         "restored snapshot {} into {data_dir} (revision {rev}, member {:x}, cluster {:x}); start it with --data-dir {data_dir} --name {name}",
         file.display(),
@@ -261,7 +262,7 @@ fn restore(
 fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u64) -> Result<i64> {
     let snap_dir = format!("{data_dir}/member/snap");
     let wal_dir = format!("{data_dir}/member/wal");
-    std::fs::create_dir_all(&snap_dir).with_context(|| format!("create {snap_dir}"))?;
+    keel_wal::create_dir_all_durable(Path::new(&snap_dir)).with_context(|| format!("create {snap_dir}"))?;
     let db_path = Path::new(&snap_dir).join("db");
     if keel_bbolt::is_bbolt(db) {
         let src = keel_bbolt::Db::from_bytes(name, db.to_vec())?;
