@@ -294,7 +294,7 @@ impl Server {
     }
 
     /// Counts `n` bytes of a proposal, or refuses it with etcd's "too many requests" when
-    /// `--max-pending-proposal-bytes` are already held (raft's inbox and log, the apply queue,
+    /// `--max-pending-proposal-bytes` are already held (raft's inbox and uncommitted log, the apply queue,
     /// the waiting callers), so that many concurrent large writes cannot make the member hold
     /// their bytes without bound. One request of `--max-request-bytes` always fits.
     fn take_proposing(&self, n: usize) -> Result<Proposing<'_>, Status> {
