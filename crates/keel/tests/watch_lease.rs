@@ -177,15 +177,23 @@ async fn lock_and_election_services() {
     let a = lease.lease_grant(LeaseGrantRequest { ttl: 30, id: 0 }).await.unwrap().into_inner().id;
     let b = lease.lease_grant(LeaseGrantRequest { ttl: 30, id: 0 }).await.unwrap().into_inner().id;
 
-    // Lock: B waits until A unlocks.
+    // Lock: B waits until A unlocks. B is queued once its key is there (seen by a watch); it
+    // must get the lock only at or after the revision of A's unlock.
     let mut lock = LockClient::new(ch.clone());
     let ka = lock.lock(LockRequest { name: b"mylock".to_vec(), lease: a }).await.unwrap().into_inner().key;
+    let mut queued = open_watch(&ch, create("mylock/", "mylock0", 0, false)).await;
     let mut lock_b = lock.clone();
     let waiting = tokio::spawn(async move { lock_b.lock(LockRequest { name: b"mylock".to_vec(), lease: b }).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "second locker got the lock while the first held it");
-    lock.unlock(UnlockRequest { key: ka }).await.unwrap();
-    let kb = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("lock not handed over").unwrap().unwrap().into_inner().key;
+    let put = tokio::time::timeout(Duration::from_secs(5), queued.message()).await.expect("B never queued").unwrap().unwrap();
+    assert_eq!(put.events[0].r#type, EventType::Put as i32);
+    let unlocked = lock.unlock(UnlockRequest { key: ka }).await.unwrap().into_inner().header.unwrap().revision;
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("lock not handed over").unwrap().unwrap().into_inner();
+    assert!(
+        got.header.as_ref().unwrap().revision >= unlocked,
+        "second locker got the lock at revision {:?}, before the first unlocked at {unlocked}",
+        got.header
+    );
+    let kb = got.key;
     assert!(kb.starts_with(b"mylock/"));
     lock.unlock(UnlockRequest { key: kb }).await.unwrap();
 
@@ -193,15 +201,17 @@ async fn lock_and_election_services() {
     let mut el = ElectionClient::new(ch.clone());
     let la =
         el.campaign(CampaignRequest { name: b"e".to_vec(), lease: a, value: b"a".to_vec() }).await.unwrap().into_inner().leader.unwrap();
+    let mut queued = open_watch(&ch, create("e/", "e0", 0, false)).await;
     let mut el_b = el.clone();
     let b_campaign =
         tokio::spawn(async move { el_b.campaign(CampaignRequest { name: b"e".to_vec(), lease: b, value: b"b".to_vec() }).await });
+    tokio::time::timeout(Duration::from_secs(5), queued.message()).await.expect("B never campaigned").unwrap().unwrap();
     el.proclaim(ProclaimRequest { leader: Some(la.clone()), value: b"a2".to_vec() }).await.unwrap();
     let now = el.leader(LeaderRequest { name: b"e".to_vec() }).await.unwrap().into_inner().kv.unwrap();
-    assert_eq!(now.value, b"a2");
-    assert!(!b_campaign.is_finished());
-    el.resign(ResignRequest { leader: Some(la) }).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), b_campaign).await.expect("B never became leader").unwrap().unwrap();
+    assert_eq!(now.value, b"a2", "the leader's proclamation while B waits");
+    let resigned = el.resign(ResignRequest { leader: Some(la) }).await.unwrap().into_inner().header.unwrap().revision;
+    let won = tokio::time::timeout(Duration::from_secs(5), b_campaign).await.expect("B never became leader").unwrap().unwrap().into_inner();
+    assert!(won.header.as_ref().unwrap().revision >= resigned, "B won at revision {:?}, before A resigned at {resigned}", won.header);
     let now = el.leader(LeaderRequest { name: b"e".to_vec() }).await.unwrap().into_inner().kv.unwrap();
     assert_eq!(now.value, b"b");
 }
