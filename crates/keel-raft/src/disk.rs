@@ -311,3 +311,104 @@ impl Disk {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Replay of the WAL at start: overwritten tails, gaps, entries a snapshot covers, the last
+    //! hard state.
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity { cluster_id: 7, member_id: 1, initial_voters: vec![1] }
+    }
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { index, term, data: format!("{index}@{term}").into_bytes().into(), ..Default::default() }
+    }
+
+    fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+        range.map(|i| entry(i, term)).collect()
+    }
+
+    /// A fresh WAL (no bootstrap entries) in `dir`, with `writes` saved in order, then reopened.
+    fn replay(dir: &Path, writes: &[Vec<Entry>]) -> Result<Disk, DiskError> {
+        let (wal, snap) = (dir.join("wal"), dir.join("snap"));
+        let mut d = Disk::open(&wal, &snap, identity(), &[])?;
+        for w in writes {
+            d.save(None, w)?;
+        }
+        drop(d);
+        Disk::open(&wal, &snap, identity(), &[])
+    }
+
+    fn ids(d: &Disk) -> Vec<(u64, u64)> {
+        d.entries.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    #[test]
+    fn a_later_entry_replaces_the_tail_from_its_index() {
+        let t = tempfile::tempdir().unwrap();
+        let d = replay(t.path(), &[entries(1..=5, 1), entries(4..=6, 2)]).unwrap();
+        assert_eq!(ids(&d), vec![(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]);
+        assert_eq!(d.entries[3].data.as_ref(), b"4@2");
+        assert!(!d.fresh);
+    }
+
+    #[test]
+    fn a_rewrite_shorter_than_the_tail_drops_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let d = replay(t.path(), &[entries(1..=5, 1), vec![entry(2, 3)]]).unwrap();
+        assert_eq!(ids(&d), vec![(1, 1), (2, 3)]);
+    }
+
+    #[test]
+    fn a_gap_between_entries_is_refused_naming_both_indexes() {
+        let t = tempfile::tempdir().unwrap();
+        let err = replay(t.path(), &[entries(1..=3, 1), vec![entry(5, 1)]]).err().expect("a gap must be refused");
+        assert!(err.to_string().contains("gap in WAL entries: 3 then 5"), "{err}");
+    }
+
+    #[test]
+    fn entries_must_start_right_after_the_snapshot() {
+        let t = tempfile::tempdir().unwrap();
+        let err = replay(t.path(), &[entries(2..=3, 1)]).err().expect("a log not starting at 1 must be refused");
+        assert!(err.to_string().contains("WAL entries start at 2 but the snapshot is at 0"), "{err}");
+    }
+
+    #[test]
+    fn entries_a_snapshot_covers_are_skipped_and_the_last_hard_state_wins() {
+        let t = tempfile::tempdir().unwrap();
+        let (wal, snap) = (t.path().join("wal"), t.path().join("snap"));
+        let mut d = Disk::open(&wal, &snap, identity(), &[]).unwrap();
+        let mut hs = HardState { term: 1, commit: 2, ..Default::default() };
+        d.save(Some(&hs), &entries(1..=5, 1)).unwrap();
+        d.save_snapshot(&crate::storage::snapshot_at(3, 1, Default::default(), vec![])).unwrap();
+        hs.commit = 5;
+        hs.vote = 1;
+        d.save(Some(&hs), &[]).unwrap();
+        drop(d);
+        let d = Disk::open(&wal, &snap, identity(), &[]).unwrap();
+        assert_eq!(d.snapshot.as_ref().map(|s| s.get_metadata().index), Some(3));
+        assert_eq!(ids(&d), vec![(4, 1), (5, 1)]);
+        assert_eq!((d.hard_state.term, d.hard_state.commit, d.hard_state.vote), (1, 5, 1));
+        assert_eq!(d.identity, identity());
+    }
+
+    #[test]
+    fn a_new_cluster_starts_with_one_committed_add_per_initial_member() {
+        let t = tempfile::tempdir().unwrap();
+        let (wal, snap) = (t.path().join("wal"), t.path().join("snap"));
+        let boot = [(1u64, b"m1".to_vec()), (2, b"m2".to_vec()), (3, b"m3".to_vec())];
+        let d = Disk::open(&wal, &snap, identity(), &boot).unwrap();
+        assert!(d.fresh);
+        drop(d);
+        let d = Disk::open(&wal, &snap, identity(), &boot).unwrap();
+        assert_eq!(ids(&d), vec![(1, 1), (2, 1), (3, 1)]);
+        assert_eq!(d.hard_state.commit, 3);
+        for (e, (id, ctx)) in d.entries.iter().zip(&boot) {
+            assert_eq!(e.get_entry_type(), EntryType::EntryConfChange);
+            let cc = crate::wire::conf_change(&e.data).unwrap();
+            assert_eq!((cc.node_id, cc.context.as_ref()), (*id, ctx.as_slice()));
+        }
+    }
+}
