@@ -4,6 +4,9 @@
 #
 #   scripts/chaos.sh        the short schedule (CI, a few minutes): 3 histories of 40 s on 3, 5
 #                           and 3 members with every kind of fault, then 25 crash-loop iterations
+#                           with power cuts, 25 with disk faults, a power-cut history, the
+#                           targeted points and the negative control (without /dev/fuse: 25
+#                           plain crash-loop iterations and the points)
 #   scripts/chaos.sh run --histories 200 --duration 40 --members 3,5 --total-seconds 7200
 #                           the long run (histories: real clusters on 127.0.0.x, random faults,
 #                           recorded clients and watchers, linearizability/watch/durability checks)
@@ -33,7 +36,6 @@ chaos=target/release/keel-chaos
 powerfs=target/release/keel-powerfs
 if [ $# -eq 0 ]; then
   "$chaos" run --histories 3 --duration 40 --members 3,5
-  "$chaos" crash-loop --iterations 25
   # keel-powerfs needs root and /dev/fuse; a mount that fails here skips these runs, saying so.
   fuse_ok() {
     local d rc=0
@@ -43,7 +45,8 @@ if [ $# -eq 0 ]; then
     [ "$rc" -eq 0 ]
   }
   if [ -e /dev/fuse ] && [ "$(id -u)" -eq 0 ] && fuse_ok; then
-    # Power cuts and failing disks (data dirs on keel-powerfs, see crates/keel-powerfs).
+    # Power cuts and failing disks (data dirs on keel-powerfs, see crates/keel-powerfs). The
+    # power-cut loop is the plain crash loop (SIGKILLs, crash points) with a cut after each.
     "$chaos" crash-loop --iterations 25 --power "$powerfs"
     "$chaos" crash-loop --iterations 25 --power "$powerfs" --disk-faults
     "$chaos" run --histories 1 --duration 40 --members 3 --keys 20 --faults power,power-all,kill,compact --power "$powerfs"
@@ -60,6 +63,7 @@ if [ $# -eq 0 ]; then
     echo "chaos: negative control caught, as it must be"
   else
     echo "chaos: power-cut and disk-fault runs SKIPPED (they need root and a working /dev/fuse)"
+    "$chaos" crash-loop --iterations 25
     "$chaos" points
   fi
 else
