@@ -243,6 +243,18 @@ async fn run(a: RunArgs) -> Result<bool> {
             list.to_vec()
         }
     };
+    // Power cuts and disk faults need keel-powerfs: without --power they are not drawn at all
+    // (drawn and skipped, they would show in the fault tally as if they had happened).
+    let needs_power = ["power", "power-all", "disk"];
+    let kinds: Vec<String> = if a.power.is_some() {
+        kinds
+    } else {
+        let (kept, dropped): (Vec<String>, Vec<String>) = kinds.into_iter().partition(|k| !needs_power.contains(&k.as_str()));
+        if !dropped.is_empty() {
+            println!("keel-chaos: without --power, not drawing {}", dropped.join(","));
+        }
+        kept
+    };
     if a.members.iter().any(|&m| m == 0 || m > 9) {
         bail!("--members: 1 to 9");
     }
