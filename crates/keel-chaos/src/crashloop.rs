@@ -67,11 +67,7 @@ fn arm_disk_fault(d: &mut crate::powerfs::Disk, rng: &mut StdRng) -> Result<Stri
         1 => format!("fault fsync eio {}{path}", rng.gen_range(1..4)),
         2 => format!("fault read eio {:.1}%{path}", rng.gen_range(0.2..3.0)),
         3 => format!("fault write enospc {:.1}%{path}", rng.gen_range(0.2..3.0)),
-        _ => {
-            let stats = d.command("stats")?;
-            let used: u64 = stats.split_whitespace().find_map(|w| w.strip_prefix("used=")).and_then(|v| v.parse().ok()).unwrap_or(0);
-            format!("capacity {}", used + rng.gen_range(0..64 << 10))
-        }
+        _ => format!("capacity {}", d.stat("used")? + rng.gen_range(0..64 << 10)),
     };
     d.command(&cmd)?;
     Ok(cmd)
@@ -79,7 +75,14 @@ fn arm_disk_fault(d: &mut crate::powerfs::Disk, rng: &mut StdRng) -> Result<Stri
 
 /// The last error line of the member's log, if it names a file of its data dir.
 fn names_a_file(log: &Path, data: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log).ok()?;
+    use std::io::{Read, Seek};
+    // The log's last 64 KiB hold its last lines (the whole log grows over the iterations).
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(std::io::SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
     let line = text.lines().rev().take(50).find(|l| l.contains("\"level\":\"error\""))?;
     line.contains(&*data.to_string_lossy()).then(|| line.to_string())
 }
@@ -383,8 +386,7 @@ async fn run_on(
         }
         if let (Some(d), Some(_)) = (disk.as_mut(), &armed) {
             d.command("clear")?;
-            let stats = d.command("stats")?;
-            out.disk_faults = stats.split_whitespace().find_map(|w| w.strip_prefix("injected=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+            out.disk_faults = d.stat("injected")?;
         }
         if let Some(d) = disk.as_mut() {
             d.cut().with_context(|| format!("iteration {it}: power cut"))?;

@@ -61,6 +61,13 @@ impl Disk {
     pub fn cut(&mut self) -> Result<String> {
         self.command("cut")
     }
+
+    /// One number of the `stats` answer (`used`, `injected`, ...); 0 when it has none.
+    pub fn stat(&mut self, name: &str) -> Result<u64> {
+        let stats = self.command("stats")?;
+        let prefix = format!("{name}=");
+        Ok(stats.split_whitespace().find_map(|w| w.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
 }
 
 impl Drop for Disk {
