@@ -123,6 +123,8 @@ pub struct Metrics {
     pub peer_sent_bytes: IntCounterVec,
     pub peer_received_bytes: IntCounterVec,
     pub peer_sent_failures: IntCounterVec,
+    /// A probe's round trip to each peer ([`crate::peer`]'s prober, every 4 s as etcd's).
+    pub peer_round_trip: HistogramVec,
     // gRPC (go-grpc-prometheus).
     grpc_started: IntCounterVec,
     grpc_handled: IntCounterVec,
@@ -275,7 +277,6 @@ fn register_unused(r: &Reg<'_>) {
     r.gauge("etcd_mvcc_db_open_read_transactions", "The number of currently open read transactions");
     r.gauge("etcd_debugging_mvcc_pending_events_total", "Total number of pending events to be sent.");
     r.counter("etcd_debugging_mvcc_db_compaction_keys_total", "Total number of db keys compacted.");
-    r.hists("etcd_network_peer_round_trip_time_seconds", "Round-Trip-Time histogram between peers", exp(0.0001, 2.0, 16), &["To"]);
     r.hist(
         "etcd_debugging_disk_backend_commit_rebalance_duration_seconds",
         "The latency distributions of commit.rebalance called by bboltdb backend.",
@@ -509,6 +510,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         peer_sent_bytes: r.counters("etcd_network_peer_sent_bytes_total", "The total number of bytes sent to peers.", &["To"]),
         peer_received_bytes: r.counters("etcd_network_peer_received_bytes_total", "The total number of bytes received from peers.", &["From"]),
         peer_sent_failures: r.counters("etcd_network_peer_sent_failures_total", "The total number of send failures from peers.", &["To"]),
+        peer_round_trip: r.hists(
+            "etcd_network_peer_round_trip_time_seconds",
+            "Round-Trip-Time histogram between peers",
+            exp(0.0001, 2.0, 16),
+            &["To"],
+        ),
         grpc_started: r.counters("grpc_server_started_total", "Total number of RPCs started on the server.", &grpc_labels),
         grpc_handled: r.counters(
             "grpc_server_handled_total",

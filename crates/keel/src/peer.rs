@@ -198,6 +198,8 @@ struct Inner {
     pulls: Mutex<HashMap<u64, mpsc::Sender<RaftBatch>>>,
     /// Peers this member keeps a reverse stream open to.
     pulling: Mutex<std::collections::HashSet<u64>>,
+    /// Peers with a prober ([`probe_loop`]).
+    probing: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// The raft transport over the peer URLs. Clone it freely; all clones share the connections.
@@ -231,6 +233,7 @@ impl PeerTransport {
                 request_channels: Mutex::new(HashMap::new()),
                 pulls: Mutex::new(HashMap::new()),
                 pulling: Mutex::new(Default::default()),
+                probing: Mutex::new(Default::default()),
             }),
         }
     }
@@ -245,9 +248,10 @@ impl PeerTransport {
         self.inner.active_since.lock().get(&id).copied()
     }
 
-    /// A peer client for the leader, for requests only the leader can answer.
-    fn leader_client(&self, leader: u64) -> Result<PeerClient<Channel>, Status> {
-        let url = self.inner.peer_url(leader).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+    /// A peer client for member `id` on a cached channel: the leader, for requests only it can
+    /// answer, or any peer for a probe.
+    fn member_client(&self, id: u64) -> Result<PeerClient<Channel>, Status> {
+        let url = self.inner.peer_url(id).ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
         let mut chans = self.inner.request_channels.lock();
         if let Some(ch) = chans.get(&url) {
             return Ok(client(ch.clone()));
@@ -264,7 +268,7 @@ impl PeerTransport {
     /// Asks the leader to promote learner `id` (only the leader knows its progress).
     pub async fn forward_promote(&self, leader: u64, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
         let r = self
-            .leader_client(leader)?
+            .member_client(leader)?
             .promote(with_cluster(keel_proto::etcdserverpb::MemberPromoteRequest { id }, self.inner.cluster_id))
             .await?;
         Ok(r.into_inner().members)
@@ -285,6 +289,9 @@ impl PeerTransport {
                         if t.inner.pulling.lock().insert(id) {
                             t.inner.rt.spawn(pull_loop(t.inner.clone(), id));
                         }
+                        if t.inner.probing.lock().insert(id) {
+                            t.inner.rt.spawn(probe_loop(t.clone(), id));
+                        }
                     }
                 }
             }
@@ -294,7 +301,7 @@ impl PeerTransport {
     /// Renews a lease on the leader; returns its TTL (0: no such lease).
     pub async fn forward_lease_renew(&self, leader: u64, id: i64) -> Result<i64, Status> {
         let r = self
-            .leader_client(leader)?
+            .member_client(leader)?
             .lease_renew(with_cluster(keel_proto::etcdserverpb::LeaseKeepAliveRequest { id }, self.inner.cluster_id))
             .await?;
         Ok(r.into_inner().ttl)
@@ -306,7 +313,7 @@ impl PeerTransport {
         leader: u64,
         req: keel_proto::etcdserverpb::LeaseTimeToLiveRequest,
     ) -> Result<keel_proto::etcdserverpb::LeaseTimeToLiveResponse, Status> {
-        Ok(self.leader_client(leader)?.lease_time_to_live(with_cluster(req, self.inner.cluster_id)).await?.into_inner())
+        Ok(self.member_client(leader)?.lease_time_to_live(with_cluster(req, self.inner.cluster_id)).await?.into_inner())
     }
 
     /// A peer opened a reverse stream: what this member sends on it, when it must.
@@ -566,6 +573,29 @@ async fn pull_loop(inner: Arc<Inner>, peer: u64) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How often a peer is probed (etcd's prober interval: its 5 s connection read timeout less 1 s).
+const PROBE_INTERVAL: Duration = Duration::from_secs(4);
+
+/// Measures the round trip to `peer` every [`PROBE_INTERVAL`] while it is a member, as etcd's
+/// prober does, into `etcd_network_peer_round_trip_time_seconds{To}` (an unanswered probe is not
+/// counted). One probe at a time per peer.
+async fn probe_loop(t: PeerTransport, peer: u64) {
+    let label = format!("{peer:x}");
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        if !t.inner.is_member(peer) {
+            t.inner.probing.lock().remove(&peer);
+            return;
+        }
+        let Ok(mut c) = t.member_client(peer) else { continue };
+        let t0 = std::time::Instant::now();
+        let probe = c.probe(with_cluster(PeerAck {}, t.inner.cluster_id));
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
+            crate::metrics::METRICS.peer_round_trip.with_label_values(&[&label]).observe(t0.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -844,6 +874,11 @@ impl Peer for PeerService {
     ) -> Result<Response<keel_proto::etcdserverpb::LeaseTimeToLiveResponse>, Status> {
         self.check_cluster(&req)?;
         Ok(Response::new(self.forwarded.lease_time_to_live(req.get_ref())?))
+    }
+
+    async fn probe(&self, req: Request<PeerAck>) -> Result<Response<PeerAck>, Status> {
+        self.check_cluster(&req)?;
+        Ok(Response::new(PeerAck {}))
     }
 
     async fn members(&self, _req: Request<MembersRequest>) -> Result<Response<SnapshotData>, Status> {
