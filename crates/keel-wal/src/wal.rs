@@ -123,10 +123,13 @@ fn scan(bytes: &[u8]) -> Scan {
         }
         let body_start = off + HEADER;
         if body_start + len > bytes.len() {
+            // A record cut short by the end of the file is torn, unless its length is what is
+            // damaged and records written after it are still there.
+            let torn = !intact_record_after(bytes, off);
             return Scan {
                 records,
                 end: off as u64,
-                damage: Some((off as u64, format!("record of {len} bytes runs past the end of the file"), true)),
+                damage: Some((off as u64, format!("record of {len} bytes runs past the end of the file"), torn)),
             };
         }
         let body = &bytes[body_start..body_start + len];
@@ -148,12 +151,31 @@ fn scan(bytes: &[u8]) -> Scan {
                 found
             };
             let tail_zero = bytes[rec_end..].iter().all(|b| *b == 0);
-            let torn = has_zero_sector || tail_zero;
+            let torn = (has_zero_sector || tail_zero) && !intact_record_after(bytes, off);
             return Scan { records, end: off as u64, damage: Some((off as u64, format!("crc mismatch (stored {crc:#010x})"), torn)) };
         }
         records.push(Record { kind: body[0], data: body[1..].to_vec() });
         off = body_start + padded(len);
     }
+}
+
+/// True when a whole record with a matching checksum starts somewhere after the damaged one at
+/// `off` (records are 8-byte aligned). A torn write damages only the last record written, so
+/// anything intact after the damage means the damage is not a torn tail but corruption (a
+/// damaged length field, say, which would otherwise hide every record fsynced after it).
+fn intact_record_after(bytes: &[u8], off: usize) -> bool {
+    let mut at = off + 8;
+    while at + HEADER <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
+        if len > 0 && at + HEADER + len <= bytes.len() {
+            let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or([0; 4]));
+            if crc32c::crc32c(&bytes[at + HEADER..at + HEADER + len]) == crc {
+                return true;
+            }
+        }
+        at += 8;
+    }
+    false
 }
 
 impl Wal {
@@ -517,6 +539,40 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let (_, recs) = Wal::open(d.path(), WalOptions::default()).unwrap();
         assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 9);
+    }
+
+    /// Regression: a damaged length field in the last segment was taken for a torn tail (the
+    /// record it announced ran over zeros), and every record fsynced after it was cut off with a
+    /// warning. Records after the damage are intact, so it is corruption, reported with file and
+    /// offset.
+    #[test]
+    fn damaged_length_in_last_segment_is_corruption_not_a_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", WalOptions::default()).unwrap();
+        entries(&mut w, 1, 10);
+        w.save(&[(RECORD_STATE, b"vote")], 11).unwrap();
+        drop(w);
+        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
+        let bytes = fs::read(&path).unwrap();
+        // The fifth entry's length (records: metadata, entries 1..10, state).
+        let mut off = 0usize;
+        for _ in 0..5 {
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            off += HEADER + padded(len);
+        }
+        for (len, what) in [(4000u32, "longer, over later records"), (1u32 << 20, "longer, over the zeros after them")] {
+            let mut b = bytes.clone();
+            b[off..off + 4].copy_from_slice(&len.to_le_bytes());
+            fs::write(&path, &b).unwrap();
+            match Wal::open(d.path(), WalOptions::default()) {
+                Err(Error::Corrupt { path: p, offset, .. }) => {
+                    assert_eq!(p, path, "{what}");
+                    assert_eq!(offset, off as u64, "{what}");
+                }
+                Err(e) => panic!("{what}: unexpected error {e}"),
+                Ok((_, recs)) => panic!("{what}: opened as a torn tail with {} records", recs.len()),
+            }
+        }
     }
 
     #[test]

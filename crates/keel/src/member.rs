@@ -102,7 +102,10 @@ impl Member {
         let node_status = Arc::new(keel_raft::NodeStatus::default());
         let hub = watch::WatchHub::new(
             state.store.clone(),
-            node_status.clone(),
+            {
+                let status = node_status.clone();
+                Box::new(move || status.term())
+            },
             identity.cluster_id,
             identity.member_id,
             cfg.max_request_bytes as usize,

@@ -17,7 +17,6 @@
 use keel_mvcc::SharedStore;
 use keel_proto::etcdserverpb::{ResponseHeader, WatchResponse};
 use keel_proto::mvccpb::{event::EventType, Event};
-use keel_raft::NodeStatus;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,9 +88,17 @@ struct Watcher {
     min_rev: i64,
 }
 
-/// A watcher's handle for its stream: cancel it by setting the flag and removing it.
+/// A watcher's handle for its stream: cancel it with [`WatchHub::cancel`].
 pub struct WatchHandle {
-    pub canceled: Arc<AtomicBool>,
+    canceled: Arc<AtomicBool>,
+}
+
+impl WatchHandle {
+    /// True once the watcher is over: cancelled by its stream, or ended by the hub (compacted
+    /// during catch-up), which has then sent the stream its cancel response.
+    pub fn is_over(&self) -> bool {
+        self.canceled.load(Ordering::Acquire)
+    }
 }
 
 type WatchId = (u64, i64);
@@ -105,6 +112,9 @@ struct Synced {
     ranges: Vec<WatchId>,
     /// Every synced watcher has been handed the events of every revision up to this one.
     last_rev: i64,
+    /// Watchers the hub ended itself (compacted during catch-up, history unreadable) and their
+    /// stream has not removed yet: they no longer hold back the stream's progress answers.
+    ended: std::collections::HashSet<WatchId>,
 }
 
 impl Synced {
@@ -177,7 +187,8 @@ impl Synced {
 pub struct WatchHub {
     synced: Mutex<Synced>,
     store: Arc<SharedStore>,
-    status: Arc<NodeStatus>,
+    /// The current raft term, for response headers.
+    term: TermSource,
     cluster_id: u64,
     member_id: u64,
     prev_watchers: std::sync::atomic::AtomicUsize,
@@ -214,12 +225,15 @@ fn fragments(resp: WatchResponse, max: usize) -> Vec<WatchResponse> {
     out
 }
 
+/// Where the hub reads the raft term its response headers carry.
+pub type TermSource = Box<dyn Fn() -> u64 + Send + Sync>;
+
 impl WatchHub {
-    pub fn new(store: Arc<SharedStore>, status: Arc<NodeStatus>, cluster_id: u64, member_id: u64, max_bytes: usize) -> Arc<WatchHub> {
+    pub fn new(store: Arc<SharedStore>, term: TermSource, cluster_id: u64, member_id: u64, max_bytes: usize) -> Arc<WatchHub> {
         Arc::new(WatchHub {
             synced: Mutex::new(Synced::default()),
             store,
-            status,
+            term,
             cluster_id,
             member_id,
             prev_watchers: 0.into(),
@@ -229,12 +243,12 @@ impl WatchHub {
     }
 
     /// A progress notification for every watcher in `ids` of a stream, if all of them are synced
-    /// (else none: progress must never run ahead of events still to be sent). Sent with the
-    /// store's read lock held, so no event of a newer revision can be queued before it.
+    /// or over (else none: progress must never run ahead of events still to be sent). Sent with
+    /// the store's read lock held, so no event of a newer revision can be queued before it.
     pub fn progress(&self, stream: u64, ids: &[i64], watch_id: i64, tx: &mpsc::Sender<WatchResponse>) -> bool {
         let store = self.store.read();
         let synced = self.lock();
-        if !ids.iter().all(|id| synced.contains_key(&(stream, *id))) {
+        if !ids.iter().all(|id| synced.contains_key(&(stream, *id)) || synced.ended.contains(&(stream, *id))) {
             return false;
         }
         let resp = WatchResponse { header: self.header(store.current_rev()), watch_id, ..Default::default() };
@@ -242,7 +256,7 @@ impl WatchHub {
     }
 
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.status.term() })
+        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: (self.term)() })
     }
 
     fn lock(&self) -> parking_lot::MutexGuard<'_, Synced> {
@@ -363,7 +377,10 @@ impl WatchHub {
         if !handle.canceled.swap(true, Ordering::AcqRel) {
             crate::metrics::METRICS.watchers.dec();
         }
-        self.lock().remove(&id);
+        let mut synced = self.lock();
+        synced.remove(&id);
+        synced.ended.remove(&id);
+        drop(synced);
         if prev_kv {
             self.prev_watchers.fetch_sub(1, Ordering::Relaxed);
         }
@@ -448,14 +465,19 @@ impl WatchHub {
                         compact_revision: compacted,
                         ..Default::default()
                     };
-                    let _ = tx.send(resp).await;
+                    self.end(id, &canceled, resp, &tx).await;
                     return;
                 }
-                Step::Joined | Step::Fail => return,
+                Step::Joined => return,
+                Step::Fail => {
+                    self.end(id, &canceled, self.unreadable(id), &tx).await;
+                    return;
+                }
                 Step::Batch(plan, to) => match plan.load() {
                     Ok(evs) => (evs, to),
                     Err(e) => {
                         tracing::error!(error = %e, "watch: cannot read history");
+                        self.end(id, &canceled, self.unreadable(id), &tx).await;
                         return;
                     }
                 },
@@ -475,6 +497,29 @@ impl WatchHub {
             }
             next = to + 1;
         }
+    }
+
+    /// The cancel response of a watcher whose history cannot be read.
+    fn unreadable(&self, id: WatchId) -> WatchResponse {
+        let cur = self.store.read().current_rev();
+        WatchResponse {
+            header: self.header(cur),
+            watch_id: id.1,
+            canceled: true,
+            cancel_reason: "keel: cannot read the watched history".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Ends a watcher from the hub's side: it is over (its stream drops it, its progress
+    /// answers no longer wait for it) before its cancel response is queued, so a progress
+    /// request that follows the cancel response is answered.
+    async fn end(&self, id: WatchId, canceled: &AtomicBool, resp: WatchResponse, tx: &mpsc::Sender<WatchResponse>) {
+        if !canceled.swap(true, Ordering::AcqRel) {
+            crate::metrics::METRICS.watchers.dec();
+            self.lock().ended.insert(id);
+        }
+        let _ = tx.send(resp).await;
     }
 }
 
@@ -514,5 +559,43 @@ mod tests {
         assert!(!parts.last().unwrap().fragment);
         let joined: Vec<Event> = parts.into_iter().flat_map(|p| p.events).collect();
         assert_eq!(joined, events);
+    }
+    /// A watcher that starts in the past and whose catch-up is overtaken by a compaction is
+    /// cancelled with the compaction revision; the stream's progress requests are answered
+    /// again afterwards (it no longer waits for that watcher to sync). Regression: it stayed
+    /// counted, and kube-apiserver's consistent reads wait for progress answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watcher_compacted_during_catch_up_does_not_block_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SharedStore::new(keel_mvcc::store::Store::open(&dir.path().join("db")).unwrap()));
+        let put = |n: usize| {
+            for _ in 0..n {
+                let mut s = store.write();
+                let mut t = s.write();
+                t.put(b"a", Some(b"v"), None, false).unwrap();
+                t.finish();
+            }
+        };
+        put(5);
+        let hub = WatchHub::new(store.clone(), Box::new(|| 1), 1, 1, 1 << 20);
+        let spec = Spec { key: b"a".to_vec(), range_end: vec![], prev_kv: false, no_put: false, no_delete: false, fragment: false };
+        // Room for the created response only: the catch-up waits to send its first batch.
+        let (tx, mut rx) = mpsc::channel(1);
+        let _handle = hub.watch((7, 0), spec, 1, tx).map_err(|_| ()).unwrap();
+        // History moves on and is compacted past where the catch-up is.
+        put(5);
+        store.write().compact(8).unwrap();
+        let mut compacted = None;
+        while let Some(r) = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap() {
+            if r.canceled {
+                compacted = Some(r.compact_revision);
+                break;
+            }
+        }
+        assert_eq!(compacted, Some(8), "the watcher is cancelled with the compaction revision");
+        // The stream's only watcher ended: a progress request on the stream is answered.
+        let (ptx, mut prx) = mpsc::channel(4);
+        assert!(hub.progress(7, &[0], -1, &ptx), "progress refused after the watcher ended");
+        assert_eq!(prx.recv().await.unwrap().header.unwrap().revision, store.read().current_rev());
     }
 }

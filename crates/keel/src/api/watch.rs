@@ -67,6 +67,15 @@ impl Watch for WatchService {
                         continue;
                     }
                 };
+                // Watchers the hub ended (compacted during their catch-up; their cancel response
+                // is on its way) leave the stream: they count no more against its limit, and
+                // its progress requests no longer wait for them.
+                watchers.retain(|id, (h, prev)| {
+                    if h.is_over() {
+                        hub.cancel((stream_id, *id), h, *prev);
+                    }
+                    !h.is_over()
+                });
                 match r.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
                         let id = if c.watch_id != 0 {
