@@ -17,7 +17,12 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.6.0";
 pub const ETCD_STORAGE_VERSION: &str = "3.6.0";
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "keel", args_override_self = true, about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API")]
+#[command(
+    name = "keel",
+    args_override_self = true,
+    allow_negative_numbers = true,
+    about = "Keel: a distributed, reliable key-value store speaking etcd's v3 API"
+)]
 pub struct Config {
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = "default")]
@@ -493,11 +498,19 @@ pub fn split_urls(s: &str) -> Vec<String> {
 /// Rewrites Go-style arguments for clap: `-flag` becomes `--flag`, and etcd flags Keel does not
 /// know are removed (with their value). Returns the arguments and the removed flag names.
 fn normalize_args(args: Vec<String>) -> (Vec<String>, Vec<String>) {
-    let cmd = Config::command();
+    let mut cmd = Config::command();
+    cmd.build();
     let known: std::collections::HashSet<String> = cmd
         .get_arguments()
         .flat_map(|a| a.get_long().into_iter().chain(a.get_all_aliases().unwrap_or_default()).map(|s| s.to_string()).collect::<Vec<_>>())
         .chain(["help".to_string(), "version".to_string()])
+        .collect();
+    // Flags that take a value: as Go's flag package, the argument after one (without `=`) is its
+    // value whatever it looks like (`--quota-backend-bytes -1`).
+    let valued: std::collections::HashSet<String> = cmd
+        .get_arguments()
+        .filter(|a| a.get_action().takes_values() && a.get_num_args().is_none_or(|n| n.min_values() > 0))
+        .flat_map(|a| a.get_long().into_iter().chain(a.get_all_aliases().unwrap_or_default()).map(|s| s.to_string()).collect::<Vec<_>>())
         .collect();
     let mut out = Vec::with_capacity(args.len());
     let mut ignored = Vec::new();
@@ -523,7 +536,13 @@ fn normalize_args(args: Vec<String>) -> (Vec<String>, Vec<String>) {
             None => (body.clone(), false),
         };
         if known.contains(&name) {
-            out.push(format!("--{body}"));
+            match it.peek() {
+                Some(next) if !has_value && valued.contains(&name) => {
+                    out.push(format!("--{body}={next}"));
+                    it.next();
+                }
+                _ => out.push(format!("--{body}")),
+            }
             continue;
         }
         ignored.push(name);
@@ -546,6 +565,14 @@ mod tests {
         let mut v = vec!["keel".to_string()];
         v.extend(a.iter().map(|s| s.to_string()));
         Config::parse_from_args(v).expect("parse")
+    }
+
+    /// Go's flag package takes the next argument as a number flag's value even when it starts
+    /// with `-`: `--quota-backend-bytes -1` (the quota off) was refused as a missing value.
+    #[test]
+    fn negative_numbers_are_values_as_in_go() {
+        assert_eq!(parse(&["--quota-backend-bytes", "-1"]).quota_backend_bytes, -1);
+        assert_eq!(parse(&["--quota-backend-bytes=-1"]).quota_backend_bytes, -1);
     }
 
     #[test]

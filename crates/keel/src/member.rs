@@ -148,7 +148,7 @@ impl Member {
                 snap_dir: Path::new(&cfg.snap_dir()).to_path_buf(),
                 forwarded: self.server.clone(),
                 transport: self.transport.clone(),
-                max_snapshot_bytes: (cfg.quota_backend_bytes_reported().max(0) as u64).saturating_mul(2),
+                max_snapshot_bytes: peer::snapshot_limit(cfg.quota_backend_bytes_reported()),
             })
             .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
             .max_encoding_message_size(peer::MAX_PEER_MESSAGE),

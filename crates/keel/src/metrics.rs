@@ -122,6 +122,10 @@ pub struct Metrics {
     pub active_peers: IntGaugeVec,
     pub peer_sent_bytes: IntCounterVec,
     pub peer_received_bytes: IntCounterVec,
+    pub snapshot_send_success: IntCounterVec,
+    pub snapshot_send_failures: IntCounterVec,
+    pub snapshot_receive_success: IntCounterVec,
+    pub snapshot_receive_failures: IntCounterVec,
     pub peer_sent_failures: IntCounterVec,
     /// A probe's round trip to each peer ([`crate::peer`]'s prober, every 4 s as etcd's).
     pub peer_round_trip: HistogramVec,
@@ -296,10 +300,6 @@ fn register_unused(r: &Reg<'_>) {
     r.counter("etcd_grpc_proxy_events_coalescing_total", "Total number of events coalescing");
     r.gauge("etcd_grpc_proxy_watchers_coalescing_total", "Total number of current watchers coalescing");
     r.counters("etcd_network_peer_received_failures_total", "The total number of receive failures from peers.", &["From"]);
-    r.counters("etcd_network_snapshot_send_success", "Total number of successful snapshot sends", &["To"]);
-    r.counters("etcd_network_snapshot_send_failures", "Total number of snapshot send failures", &["To"]);
-    r.counters("etcd_network_snapshot_receive_success", "Total number of successful snapshot receives", &["From"]);
-    r.counters("etcd_network_snapshot_receive_failures", "Total number of snapshot receive failures", &["From"]);
     // The Go runtime's own families (see the module doc).
     for (name, help) in [
         ("go_gc_gogc_percent", "Heap size target percentage configured by the user, otherwise 100. This value is set by the GOGC environment variable, and the runtime/debug.SetGCPercent function. Sourced from /gc/gogc:percent."),
@@ -509,6 +509,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         active_peers: r.gauges("etcd_network_active_peers", "The current number of active peer connections.", &["Local", "Remote"]),
         peer_sent_bytes: r.counters("etcd_network_peer_sent_bytes_total", "The total number of bytes sent to peers.", &["To"]),
         peer_received_bytes: r.counters("etcd_network_peer_received_bytes_total", "The total number of bytes received from peers.", &["From"]),
+        snapshot_send_success: r.counters("etcd_network_snapshot_send_success", "Total number of successful snapshot sends", &["To"]),
+        snapshot_send_failures: r.counters("etcd_network_snapshot_send_failures", "Total number of snapshot send failures", &["To"]),
+        snapshot_receive_success: r.counters(
+            "etcd_network_snapshot_receive_success",
+            "Total number of successful snapshot receives",
+            &["From"],
+        ),
+        snapshot_receive_failures: r.counters(
+            "etcd_network_snapshot_receive_failures",
+            "Total number of snapshot receive failures",
+            &["From"],
+        ),
         peer_sent_failures: r.counters("etcd_network_peer_sent_failures_total", "The total number of send failures from peers.", &["To"]),
         peer_round_trip: r.hists(
             "etcd_network_peer_round_trip_time_seconds",

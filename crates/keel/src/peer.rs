@@ -643,13 +643,16 @@ impl futures::Stream for QueueStream {
 async fn send_snapshot(inner: Arc<Inner>, m: Message) {
     let to = m.to;
     let index = m.get_snapshot().get_metadata().index;
+    let peer = format!("{to:x}");
     let ok = match snapshot_stream(&inner, m).await {
         Ok(()) => {
-            tracing::info!(peer = format!("{to:x}"), index, "peer: sent snapshot");
+            tracing::info!(peer = %peer, index, "peer: sent snapshot");
+            crate::metrics::METRICS.snapshot_send_success.with_label_values(&[&peer]).inc();
             true
         }
         Err(e) => {
-            tracing::warn!(peer = format!("{to:x}"), index, error = format!("{e:#}"), "peer: sending snapshot failed");
+            tracing::warn!(peer = %peer, index, error = format!("{e:#}"), "peer: sending snapshot failed");
+            crate::metrics::METRICS.snapshot_send_failures.with_label_values(&[&peer]).inc();
             false
         }
     };
@@ -720,6 +723,13 @@ pub async fn fetch_members(dialer: &Dialer, urls: &[String]) -> Result<SnapshotD
 // ---------------------------------------------------------------------------------------------
 // Receiving
 
+/// The most bytes of records a received snapshot may hold with backend quota `quota` (as
+/// reported: 0 is already etcd's 2 GiB default): twice the quota, or no bound when the quota is
+/// off (negative), since a leader without a quota can hold any amount.
+pub fn snapshot_limit(quota: i64) -> Option<u64> {
+    (quota > 0).then(|| (quota as u64).saturating_mul(2))
+}
+
 /// What another member may ask of this one through the peer service: the requests only the
 /// leader can answer, forwarded by followers. The server implements it; the transport knows
 /// nothing of the client API.
@@ -747,10 +757,63 @@ pub struct PeerService {
     pub transport: PeerTransport,
     /// Most bytes of records a received snapshot may hold (twice the backend quota: a leader's
     /// backend cannot grow much past its quota); a larger one is refused before it is installed.
-    pub max_snapshot_bytes: u64,
+    /// None with the quota off (`--quota-backend-bytes` negative): the disk is the only bound.
+    pub max_snapshot_bytes: Option<u64>,
 }
 
 impl PeerService {
+    /// Receives the backend that follows a snapshot message into `<index>.snap.db` in the snap
+    /// directory and hands both to raft. Whatever fails, the partly received file is removed.
+    async fn receive_snapshot(&self, msg: Message, mut s: Streaming<SnapshotChunk>) -> Result<(), Status> {
+        let t0 = std::time::Instant::now();
+        let index = msg.get_snapshot().get_metadata().index;
+        let tmp = self.snap_dir.join(format!("{index:016x}.snap.db.tmp"));
+        let fin = self.snap_dir.join(format!("{index:016x}.snap.db"));
+        let _ = std::fs::remove_file(&tmp);
+        // Removes the partly received file on every way out but the last.
+        let cleanup = scopeguard::guard(tmp.clone(), |t| {
+            let _ = std::fs::remove_file(t);
+        });
+        let internal = |e: keel_mvcc::backend::BackendError| Status::internal(e.to_string());
+        let backend = Backend::open(&tmp).map_err(internal)?;
+        let mut done = false;
+        let mut received = 0u64;
+        while let Some(chunk) = s.message().await? {
+            received += chunk.records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum::<u64>();
+            if let Some(limit) = self.max_snapshot_bytes.filter(|l| received > *l) {
+                drop(backend);
+                tracing::warn!(index, received, limit, "peer: refused a snapshot larger than twice the backend quota");
+                return Err(Status::resource_exhausted(format!("snapshot larger than {limit} bytes (twice --quota-backend-bytes)")));
+            }
+            let records: Vec<(u32, Vec<u8>, Vec<u8>)> = chunk.records.into_iter().map(|r| (r.table, r.key, r.value)).collect();
+            let meta = chunk.done.then_some(Meta {
+                consistent_index: chunk.consistent_index,
+                term: chunk.term,
+                current_rev: chunk.current_revision,
+                compacted_rev: chunk.compacted_revision,
+            });
+            let b = backend.clone();
+            tokio::task::spawn_blocking(move || b.load(&records, meta.as_ref()))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(internal)?;
+            if chunk.done {
+                done = true;
+                break;
+            }
+        }
+        drop(backend);
+        if !done {
+            return Err(Status::aborted("snapshot stream ended early"));
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| Status::internal(e.to_string()))?;
+        scopeguard::ScopeGuard::into_inner(cleanup);
+        crate::metrics::METRICS.snap_db_save.observe(t0.elapsed().as_secs_f64());
+        tracing::info!(index, file = %fin.display(), "peer: received snapshot with backend");
+        self.node.install_snapshot(msg, fin).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        Ok(())
+    }
+
     fn check_cluster<T>(&self, r: &Request<T>) -> Result<(), Status> {
         let theirs = r.metadata().get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| u64::from_str_radix(s, 16).ok());
         match theirs {
@@ -794,60 +857,19 @@ impl Peer for PeerService {
     async fn snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<PeerAck>, Status> {
         self.check_cluster(&req)?;
         let mut s = req.into_inner();
-        let t0 = std::time::Instant::now();
         let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let msg = keel_raft::wire::message(&first.message).map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
-        let index = msg.get_snapshot().get_metadata().index;
-        let tmp = self.snap_dir.join(format!("{index:016x}.snap.db.tmp"));
-        let fin = self.snap_dir.join(format!("{index:016x}.snap.db"));
-        let _ = std::fs::remove_file(&tmp);
-        let internal = |e: keel_mvcc::backend::BackendError| Status::internal(e.to_string());
-        let backend = Backend::open(&tmp).map_err(internal)?;
-        let mut done = false;
-        let mut received = 0u64;
-        while let Some(chunk) = s.message().await? {
-            received += chunk.records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum::<u64>();
-            if received > self.max_snapshot_bytes {
-                drop(backend);
-                let _ = std::fs::remove_file(&tmp);
-                tracing::warn!(
-                    index,
-                    received,
-                    limit = self.max_snapshot_bytes,
-                    "peer: refused a snapshot larger than twice the backend quota"
-                );
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot larger than {} bytes (twice --quota-backend-bytes)",
-                    self.max_snapshot_bytes
-                )));
+        let from = format!("{:x}", msg.from);
+        match self.receive_snapshot(msg, s).await {
+            Ok(()) => {
+                crate::metrics::METRICS.snapshot_receive_success.with_label_values(&[&from]).inc();
+                Ok(Response::new(PeerAck {}))
             }
-            let records: Vec<(u32, Vec<u8>, Vec<u8>)> = chunk.records.into_iter().map(|r| (r.table, r.key, r.value)).collect();
-            let meta = chunk.done.then_some(Meta {
-                consistent_index: chunk.consistent_index,
-                term: chunk.term,
-                current_rev: chunk.current_revision,
-                compacted_rev: chunk.compacted_revision,
-            });
-            let b = backend.clone();
-            tokio::task::spawn_blocking(move || b.load(&records, meta.as_ref()))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(internal)?;
-            if chunk.done {
-                done = true;
-                break;
+            Err(e) => {
+                crate::metrics::METRICS.snapshot_receive_failures.with_label_values(&[&from]).inc();
+                Err(e)
             }
         }
-        drop(backend);
-        if !done {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Status::aborted("snapshot stream ended early"));
-        }
-        std::fs::rename(&tmp, &fin).map_err(|e| Status::internal(e.to_string()))?;
-        crate::metrics::METRICS.snap_db_save.observe(t0.elapsed().as_secs_f64());
-        tracing::info!(index, file = %fin.display(), "peer: received snapshot with backend");
-        self.node.install_snapshot(msg, fin).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
-        Ok(Response::new(PeerAck {}))
     }
 
     async fn promote(
