@@ -43,6 +43,9 @@ pub struct Store {
     /// Auxiliary records (other modules' state), all of them; `aux_dirty` are not yet committed.
     aux: BTreeMap<String, Vec<u8>>,
     aux_dirty: BTreeMap<String, Vec<u8>>,
+    /// Bytes of the auxiliary records (names and values), kept as they change: the quota check
+    /// reads it on every write, and there is one record per lease.
+    aux_bytes: u64,
     meta: Meta,
     committed: Meta,
     /// Fill in prev_kv on every event (some watcher asked for it).
@@ -66,6 +69,11 @@ struct DefragTail {
 }
 
 /// Where a defragmentation writes its copy of the backend at `db`.
+/// What one auxiliary record counts against the quota.
+fn aux_size(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
 pub fn defrag_path(db: &Path) -> std::path::PathBuf {
     let mut p = db.as_os_str().to_owned();
     p.push(".defrag");
@@ -109,6 +117,7 @@ impl Store {
             "mvcc: restored store"
         );
         let aux = backend.read_aux()?;
+        let aux_bytes = aux.iter().map(|(k, v)| aux_size(k, v)).sum();
         Ok(Store {
             backend,
             index,
@@ -116,6 +125,7 @@ impl Store {
             committing: None,
             aux,
             aux_dirty: BTreeMap::new(),
+            aux_bytes,
             committed: meta,
             meta,
             events_with_prev: false,
@@ -246,13 +256,18 @@ impl Store {
     /// Sets an auxiliary record; committed with the current batch (so atomically with the
     /// consistent index of the entry that set it).
     pub fn set_aux(&mut self, key: &str, value: Vec<u8>) {
-        self.aux.insert(key.to_string(), value.clone());
+        self.aux_bytes += aux_size(key, &value);
+        if let Some(old) = self.aux.insert(key.to_string(), value.clone()) {
+            self.aux_bytes -= aux_size(key, &old);
+        }
         self.aux_dirty.insert(key.to_string(), value);
     }
 
     /// Removes an auxiliary record (with the current batch).
     pub fn delete_aux(&mut self, key: &str) {
-        self.aux.remove(key);
+        if let Some(old) = self.aux.remove(key) {
+            self.aux_bytes -= aux_size(key, &old);
+        }
         self.aux_dirty.insert(key.to_string(), Vec::new());
     }
 
@@ -333,7 +348,7 @@ impl Store {
     /// records, in bytes. What the quota is measured against (the file itself may be larger:
     /// redb preallocates and keeps freed pages until a defragmentation).
     pub fn data_size(&self) -> u64 {
-        self.data_bytes + self.aux.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>()
+        self.data_bytes + self.aux_bytes
     }
 
     /// Number of live keys.

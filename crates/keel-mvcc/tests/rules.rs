@@ -319,3 +319,25 @@ proptest! {
         prop_assert_eq!(&r.kvs, seen.4.last().unwrap());
     }
 }
+
+/// The quota's measure counts every auxiliary record (one per lease) once, through replaces,
+/// deletes, commits and a restart: it is a running total now (the quota check used to sum
+/// every record on every write).
+#[test]
+fn data_size_follows_auxiliary_records() {
+    let (d, mut s) = open();
+    let base = s.data_size();
+    s.set_aux("lease/1", vec![0; 10]);
+    s.set_aux("lease/2", vec![0; 20]);
+    assert_eq!(s.data_size(), base + 7 + 10 + 7 + 20);
+    s.set_aux("lease/1", vec![0; 4]);
+    assert_eq!(s.data_size(), base + 7 + 4 + 7 + 20);
+    s.delete_aux("lease/2");
+    s.delete_aux("lease/3");
+    assert_eq!(s.data_size(), base + 7 + 4);
+    s.commit().unwrap();
+    let size = s.data_size();
+    drop(s);
+    let s = Store::open(&d.path().join("db")).unwrap();
+    assert_eq!(s.data_size(), size);
+}
