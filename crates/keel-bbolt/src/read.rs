@@ -5,7 +5,7 @@
 
 use crate::page::{self, Header, Meta};
 use crate::Error;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 /// Told each element of a walk: key, value, and whether the value is a nested bucket.
@@ -160,7 +160,9 @@ impl Db {
 
     /// Calls `f(key, value, is_bucket)` for every element of the tree in `node` (bytes of a page or
     /// an inline bucket's page, at `offset` in the file), in key order.
-    fn walk(&self, node: &[u8], offset: u64, depth: usize, f: Visit<'_>) -> Result<(), Error> {
+    /// `seen` holds the pages of the tree walked so far: each page has one parent, so a page
+    /// reached twice (a branch repeating a child, or a cycle) is damage, not more keys.
+    fn walk(&self, node: &[u8], offset: u64, depth: usize, seen: &mut HashSet<u64>, f: Visit<'_>) -> Result<(), Error> {
         if depth > MAX_DEPTH {
             return Err(self.err(offset, format!("B+tree deeper than {MAX_DEPTH} levels (a cycle of pages?)")));
         }
@@ -186,8 +188,11 @@ impl Db {
                 f(&node[k0..v0], &node[v0..v1], flags & page::BUCKET_LEAF != 0)?;
             } else if h.flags & page::BRANCH != 0 {
                 let child = page::u64_at(node, at + 8).unwrap_or(0);
+                if !seen.insert(child) {
+                    return Err(bad(&format!("child page {child} is reached twice")));
+                }
                 let (coff, cnode) = self.page(child).map_err(|e| bad(&format!("child: {}", e.msg)))?;
-                self.walk(&cnode, coff, depth + 1, f)?;
+                self.walk(&cnode, coff, depth + 1, seen, f)?;
             } else {
                 return Err(self.err(offset, format!("page {} is neither a branch nor a leaf (flags {:#x})", h.id, h.flags)));
             }
@@ -201,17 +206,17 @@ impl Db {
         let root = page::u64_at(value, 0).ok_or_else(|| self.err(offset, "bucket header is truncated"))?;
         if root == 0 {
             let inline = &value[page::BUCKET_HEADER.min(value.len())..];
-            return self.walk(inline, offset, 0, f);
+            return self.walk(inline, offset, 0, &mut HashSet::new(), f);
         }
         let (off, node) = self.page(root)?;
-        self.walk(&node, off, 0, f)
+        self.walk(&node, off, 0, &mut HashSet::from([root]), f)
     }
 
     /// The top-level buckets' names and values (bucket headers).
     fn top(&self) -> Result<Vec<Named>, Error> {
         let (off, node) = self.page(self.meta.root)?;
         let mut out = Vec::new();
-        self.walk(&node, off, 0, &mut |k, v, is_bucket| {
+        self.walk(&node, off, 0, &mut HashSet::from([self.meta.root]), &mut |k, v, is_bucket| {
             if is_bucket {
                 out.push((k.to_vec(), v.to_vec()));
             }

@@ -288,6 +288,29 @@ mod tests {
         assert_eq!(read_all(&db), b);
     }
 
+    /// Regression: a branch page that names one child several times was read as that child's
+    /// keys several times over (and, nested, exponentially often: a hang). A page reached twice
+    /// is damage.
+    #[test]
+    fn a_branch_repeating_a_child_is_damage() {
+        let mut b = BTreeMap::new();
+        b.insert(b"key".to_vec(), (0..2000u32).map(|i| (i.to_be_bytes().to_vec(), vec![1u8; 20])).collect::<BTreeMap<_, _>>());
+        let mut bytes = build(&b);
+        let branch = (2..bytes.len() / PAGE_SIZE)
+            .map(|p| p * PAGE_SIZE)
+            .find(|at| page::Header::parse(&bytes[*at..]).is_some_and(|h| h.flags & page::BRANCH != 0 && h.count > 1))
+            .expect("a branch page");
+        let h = page::Header::parse(&bytes[branch..]).unwrap();
+        let first = page::u64_at(&bytes, branch + page::HEADER + 8).unwrap();
+        for i in 1..h.count as usize {
+            let at = branch + page::HEADER + i * page::ELEMENT + 8;
+            bytes[at..at + 8].copy_from_slice(&first.to_le_bytes());
+        }
+        let r = Db::from_bytes("t", bytes).and_then(|db| db.bucket_map(b"key"));
+        let e = r.expect_err("a repeated child must be detected");
+        assert!(e.offset as usize > branch, "{e}");
+    }
+
     #[test]
     fn damage_is_an_error_naming_the_offset() {
         let mut b = BTreeMap::new();

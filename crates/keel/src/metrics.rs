@@ -629,11 +629,7 @@ pub fn render(s: &Server) -> String {
     let st = s.raft();
     m.has_leader.set(i64::from(st.leader() != 0));
     m.is_leader.set(i64::from(st.is_leader()));
-    let changes = st.leader_changes();
-    let seen = m.leader_changes.get();
-    if changes > seen {
-        m.leader_changes.inc_by(changes - seen);
-    }
+    advance_to(&m.leader_changes, st.leader_changes());
     m.proposals_committed.set(st.commit() as i64);
     m.proposals_applied.set(st.applied() as i64);
     m.proposals_pending.set(s.pending_proposals() as i64);
@@ -671,6 +667,18 @@ pub fn render(s: &Server) -> String {
     }
     out.push_str(GO_GC_SUMMARY);
     out
+}
+
+/// Raises `counter` to `now`, a total read elsewhere (raft's leader changes, the kernel's
+/// network bytes) at scrape time. Serialized: two concurrent scrapes reading the same old value
+/// would otherwise both add the difference.
+fn advance_to(counter: &IntCounter, now: u64) {
+    static SCRAPE: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+    let _one_at_a_time = SCRAPE.lock();
+    let seen = counter.get();
+    if now > seen {
+        counter.inc_by(now - seen);
+    }
 }
 
 /// A soft limit of this process from /proc/self/limits, as written there ("unlimited" too):
@@ -714,12 +722,8 @@ fn read_process(m: &Metrics) {
                 tx += c[8];
             }
         }
-        for (counter, now) in [(&m.net_received, rx), (&m.net_sent, tx)] {
-            let seen = counter.get();
-            if now > seen {
-                counter.inc_by(now - seen);
-            }
-        }
+        advance_to(&m.net_received, rx);
+        advance_to(&m.net_sent, tx);
     }
 }
 
@@ -893,5 +897,25 @@ impl http_body::Body for Framed {
 impl Drop for Framed {
     fn drop(&mut self) {
         self.finish(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Concurrent scrapes raise a scrape-time counter to the total once, never past it.
+    #[test]
+    fn concurrent_scrapes_do_not_double_count() {
+        for round in 0..50u64 {
+            let c = IntCounter::new("t", "t").unwrap();
+            let total = 1_000 + round;
+            std::thread::scope(|s| {
+                for _ in 0..8 {
+                    s.spawn(|| advance_to(&c, total));
+                }
+            });
+            assert_eq!(c.get(), total);
+        }
     }
 }
