@@ -42,8 +42,20 @@ pub struct Gateway {
     pub streams: Arc<tokio::sync::Semaphore>,
 }
 
-pub fn router(gw: Arc<Gateway>) -> Router {
-    Router::new().route("/v3/{*path}", post(handle)).route("/v3beta/{*path}", post(handle)).with_state(gw)
+/// The largest JSON body the gateway reads for requests of at most `max_request_bytes`: bytes
+/// fields come base64-encoded (4 bytes per 3) inside JSON, plus room for the rest of the request
+/// (as gRPC's receive limit leaves etcd's 512 KiB overhead). Larger requests then get etcd's
+/// "request is too large" from the request checks, not an HTTP 413.
+pub fn body_limit(max_request_bytes: usize) -> usize {
+    max_request_bytes.saturating_mul(4).div_ceil(3).saturating_add(1 << 20)
+}
+
+pub fn router(gw: Arc<Gateway>, max_request_bytes: usize) -> Router {
+    Router::new()
+        .route("/v3/{*path}", post(handle))
+        .route("/v3beta/{*path}", post(handle))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit(max_request_bytes)))
+        .with_state(gw)
 }
 
 fn http_status(code: tonic::Code) -> StatusCode {

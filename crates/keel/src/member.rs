@@ -358,7 +358,7 @@ impl Member {
         if go_http2_debug() {
             router = router.layer(axum::middleware::from_fn(log_authority));
         }
-        let http = http::router(server.clone()).merge(gateway::router(gw));
+        let http = http::router(server.clone()).merge(gateway::router(gw, cfg.max_request_bytes as usize));
         match (grpc_on, http_on) {
             (true, true) => router.merge(http),
             (true, false) => router,
