@@ -217,12 +217,13 @@ impl<S: StateMachine> Worker<S> {
             let t = Instant::now();
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.sm.apply(&entry),
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    if let Some(cs) = conf {
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => match conf {
+                    Some(cs) => {
                         self.sm.apply_conf_change(&entry, &cs);
                         self.conf = cs;
                     }
-                }
+                    None => self.sm.skip_conf_change(&entry),
+                },
             }
             hops::observe(Hop::Apply, t.elapsed());
             self.applied = entry.index;
@@ -323,6 +324,9 @@ mod tests {
         fn apply_conf_change(&mut self, e: &Entry, cs: &ConfState) {
             self.say(format!("conf {} {:?}", e.index, cs.voters));
         }
+        fn skip_conf_change(&mut self, e: &Entry) {
+            self.say(format!("skip conf {}", e.index));
+        }
         fn maintain(&mut self) {}
         fn sync(&mut self) -> Result<(), String> {
             self.say("sync".into());
@@ -367,11 +371,15 @@ mod tests {
         let mut cc = entry(4);
         cc.entry.set_entry_type(EntryType::EntryConfChange);
         cc.conf = Some(ConfState { voters: vec![1, 2], ..Default::default() });
-        assert!(st.send(Task::Entries(vec![cc, entry(5)])));
+        // A conf change raft refused (no configuration after it): the state machine hears of
+        // it, so that its proposer is answered at once.
+        let mut refused = entry(5);
+        refused.entry.set_entry_type(EntryType::EntryConfChange);
+        assert!(st.send(Task::Entries(vec![cc, refused])));
         assert_eq!(rx5.blocking_recv().unwrap(), Ok(5));
         st.stop();
         let seen = sm.seen();
-        assert_eq!(&seen[..5], ["apply 1", "apply 2", "apply 3", "conf 4 [1, 2]", "apply 5"]);
+        assert_eq!(&seen[..5], ["apply 1", "apply 2", "apply 3", "conf 4 [1, 2]", "skip conf 5"]);
         assert_eq!(status.applied(), 5);
     }
 

@@ -36,12 +36,21 @@ pub trait StateMachine: Send + 'static {
     fn apply(&mut self, entry: &Entry);
     /// Called after raft applied a committed configuration change; `cs` is the new configuration.
     fn apply_conf_change(&mut self, entry: &Entry, cs: &ConfState);
+    /// A committed configuration change raft refused or that does not decode: the configuration
+    /// stays as it was, and whoever proposed it must be answered now (not at its timeout).
+    fn skip_conf_change(&mut self, _entry: &Entry) {}
     /// Called on every tick and after every batch of applies (e.g. to commit backend batches).
     fn maintain(&mut self);
     /// Makes everything applied so far durable; called before a snapshot lets WAL go.
     fn sync(&mut self) -> Result<(), String>;
     /// The application data a snapshot at the current applied index carries.
     fn snapshot_data(&self) -> Vec<u8>;
+    /// The configuration as of [`StateMachine::applied_index`], from the members the state
+    /// machine holds (None when it holds none): what a restart continues from when the state
+    /// machine is ahead of the log, as etcd takes it from its backend's members.
+    fn conf_state(&self) -> Option<ConfState> {
+        None
+    }
     /// Replaces the whole state with a snapshot received from the leader; `backend` is the file
     /// holding the leader's backend that came with it.
     fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String>;
@@ -345,7 +354,10 @@ pub fn start<S: StateMachine, T: Transport>(
                 wal_last_index = last,
                 "raft: the backend is ahead of the WAL; continuing from the backend as a snapshot"
             );
-            let snap = crate::storage::snapshot_at(applied, sm.applied_term(), core.conf_state.clone(), sm.snapshot_data());
+            // The configuration is the state machine's: membership changes applied after the
+            // old snapshot are in it, not in the old snapshot (nor in the lost log tail).
+            let conf = sm.conf_state().unwrap_or_else(|| core.conf_state.clone());
+            let snap = crate::storage::snapshot_at(applied, sm.applied_term(), conf, sm.snapshot_data());
             disk.save_snapshot(&snap).map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
             snap_index = applied;
             snap_term = snap.get_metadata().term;
@@ -426,9 +438,10 @@ pub fn start<S: StateMachine, T: Transport>(
 impl<T: Transport> Driver<T> {
     fn run(mut self, rx: mpsc::Receiver<Msg>) -> Result<(), String> {
         let mut next_tick = Instant::now() + self.cfg.tick;
+        // Sticky: a Stop handled in a pass that ends early (the campaign below) still counts.
+        let mut stop = false;
         let result = loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            let mut stop = false;
             match rx.recv_timeout(wait) {
                 Ok(m) => {
                     stop |= self.handle(m);
@@ -520,8 +533,18 @@ impl<T: Transport> Driver<T> {
                 if let Some(old) = self.pending_backend.replace(backend) {
                     let _ = std::fs::remove_file(old);
                 }
+                let index = msg.get_snapshot().get_metadata().index;
                 if let Err(e) = self.node.step(*msg) {
                     tracing::warn!(error = %e, "raft: snapshot message rejected");
+                }
+                // Raft takes a snapshot by making it its unstable one; one it ignores (older than
+                // what this member has committed, say) leaves its backend file to be removed.
+                let taken = self.node.raft.raft_log.unstable_snapshot().as_ref().is_some_and(|s| s.get_metadata().index == index);
+                if !taken {
+                    if let Some(file) = self.pending_backend.take() {
+                        tracing::info!(index, file = %file.display(), "raft: snapshot not needed; its backend file removed");
+                        let _ = std::fs::remove_file(file);
+                    }
                 }
             }
             Msg::Unreachable(id) => self.node.report_unreachable(id),

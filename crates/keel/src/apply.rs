@@ -710,6 +710,38 @@ impl keel_raft::StateMachine for Applier {
         }
     }
 
+    fn conf_state(&self) -> Option<ConfState> {
+        let members = self.members.read();
+        let (learners, voters): (Vec<_>, Vec<_>) = members.members.iter().partition(|m| m.is_learner);
+        if voters.is_empty() {
+            return None;
+        }
+        Some(ConfState {
+            voters: voters.iter().map(|m| m.id).collect(),
+            learners: learners.iter().map(|m| m.id).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn skip_conf_change(&mut self, entry: &Entry) {
+        let mut store = self.store_mut();
+        if entry.index <= store.consistent_index() {
+            return;
+        }
+        tracing::warn!(index = entry.index, "apply: raft refused the committed conf change; the membership is unchanged");
+        let request_id = keel_raft::wire::conf_change(entry.get_data())
+            .ok()
+            .and_then(|cc| ConfChangeContext::decode(cc.get_context()).ok())
+            .map(|ctx| ctx.request_id)
+            .unwrap_or(0);
+        store.set_consistent_index(entry.index, entry.term);
+        drop(store);
+        if request_id != 0 {
+            self.waiters.trigger(request_id, Err(errors::conf_change_refused()));
+        }
+        self.waiters.applied(entry.index);
+    }
+
     fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
         let m = &crate::metrics::METRICS;
         m.snapshot_apply_in_progress.set(1);

@@ -62,6 +62,11 @@ pub fn peer_url_exists() -> Status {
 pub fn invalid_member_urls() -> Status {
     st(Code::InvalidArgument, "given member URLs are invalid")
 }
+/// A committed membership change raft refused (it would leave no voter, say): nothing changed.
+pub fn conf_change_refused() -> Status {
+    Status::failed_precondition("etcdserver: the membership change was refused by raft")
+}
+
 pub fn not_enough_started() -> Status {
     st(Code::FailedPrecondition, "re-configuration failed due to not enough started members")
 }
