@@ -309,14 +309,112 @@ pub fn txn(w: &mut WriteTxn, req: &TxnRequest, leases: &dyn Leases) -> Result<Tx
 
 /// Serves a read-only Txn (see [`txn_is_read_only`]) on the store as it is, under `&Store`.
 pub fn txn_read(store: &Store, req: &TxnRequest) -> Result<TxnResponse, KvError> {
+    plan_txn_read(store, req)?.finish()
+}
+
+/// Plans a read-only transaction (the caller checked [`txn_is_read_only`]) on the store as it
+/// is: compares evaluated, every Range of the branches taken planned (an index walk). The
+/// values are read by [`TxnReadPlan::finish`], which needs no lock: plan under the store's read
+/// lock, finish after it, as a Range.
+pub fn plan_txn_read(store: &Store, req: &TxnRequest) -> Result<TxnReadPlan, KvError> {
     let mut path = Vec::new();
     txn_path(store, req, &mut path)?;
     let mut pos = 0;
     check_ops(store, req, &path, &mut pos, &NoLeases)?;
     let mut pos = 0;
-    let mut resp = exec_txn(&mut ReadOnly(store), req, &path, &mut pos)?;
-    resp.header = header(store.current_rev());
-    Ok(resp)
+    let cur = store.current_rev();
+    let branch = plan_branch(store, req, &path, &mut pos, cur)?;
+    Ok(TxnReadPlan { branch, cur })
+}
+
+/// A read-only transaction with its reads planned ([`plan_txn_read`]).
+pub struct TxnReadPlan {
+    branch: PlannedBranch,
+    cur: i64,
+}
+
+struct PlannedBranch {
+    succeeded: bool,
+    ops: Vec<PlannedOp>,
+}
+
+enum PlannedOp {
+    Range { req: Box<RangeRequest>, plan: crate::store::ReadPlan, count: i64 },
+    Txn(PlannedBranch),
+    None,
+}
+
+fn plan_branch(store: &Store, req: &TxnRequest, path: &[bool], pos: &mut usize, cur: i64) -> Result<PlannedBranch, KvError> {
+    let ok = path.get(*pos).copied().unwrap_or(false);
+    *pos += 1;
+    let ops: &[RequestOp] = if ok { &req.success } else { &req.failure };
+    let mut planned = Vec::with_capacity(ops.len());
+    for op in ops {
+        planned.push(match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                let at = store.check_rev(r.revision, cur)?;
+                let (plan, count) = store.plan_range(&r.key, &r.range_end, at, fetch_limit(r), r.count_only)?;
+                let shape = RangeRequest { key: Vec::new(), range_end: Vec::new(), ..r.clone() };
+                PlannedOp::Range { req: Box::new(shape), plan, count }
+            }
+            Some(request_op::Request::RequestTxn(t)) => PlannedOp::Txn(plan_branch(store, t, path, pos, cur)?),
+            Some(request_op::Request::RequestPut(_)) | Some(request_op::Request::RequestDeleteRange(_)) => {
+                return Err(KvError::Corrupt("a write in a read-only transaction".into()))
+            }
+            None => PlannedOp::None,
+        });
+    }
+    Ok(PlannedBranch { succeeded: ok, ops: planned })
+}
+
+impl TxnReadPlan {
+    /// Key-values it will read.
+    pub fn len(&self) -> usize {
+        fn of(b: &PlannedBranch) -> usize {
+            b.ops
+                .iter()
+                .map(|op| match op {
+                    PlannedOp::Range { plan, .. } => plan.len(),
+                    PlannedOp::Txn(t) => of(t),
+                    PlannedOp::None => 0,
+                })
+                .sum()
+        }
+        of(&self.branch)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the values and shapes etcd's answer (as [`txn`] answers the same operations).
+    pub fn finish(self) -> Result<TxnResponse, KvError> {
+        let mut resp = finish_branch(self.branch, self.cur)?;
+        resp.header = header(self.cur);
+        Ok(resp)
+    }
+}
+
+fn finish_branch(b: PlannedBranch, cur: i64) -> Result<TxnResponse, KvError> {
+    let mut responses = Vec::with_capacity(b.ops.len());
+    for op in b.ops {
+        let resp = match op {
+            PlannedOp::Range { req, plan, count } => {
+                let mut rr = shape_range(&req, plan.load()?, count, cur);
+                rr.header = header(cur);
+                Some(response_op::Response::ResponseRange(rr))
+            }
+            PlannedOp::Txn(t) => {
+                let mut tr = finish_branch(t, cur)?;
+                // etcd gives a nested transaction an empty header.
+                tr.header = Some(ResponseHeader::default());
+                Some(response_op::Response::ResponseTxn(tr))
+            }
+            PlannedOp::None => None,
+        };
+        responses.push(ResponseOp { response: resp });
+    }
+    Ok(TxnResponse { header: None, succeeded: b.succeeded, responses })
 }
 
 /// What executing a transaction's operations needs besides reads: its writes.
@@ -331,31 +429,6 @@ impl Exec for WriteTxn<'_> {
     }
     fn exec_delete(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError> {
         delete_range(self, d)
-    }
-}
-
-/// A read-only transaction on the store as it is (its writes cannot happen: the caller checked
-/// [`txn_is_read_only`]).
-struct ReadOnly<'a>(&'a Store);
-
-impl View for ReadOnly<'_> {
-    fn store(&self) -> &Store {
-        self.0
-    }
-    fn read_rev(&self) -> i64 {
-        self.0.current_rev()
-    }
-    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
-        self.0.range_at(key, end, at, limit, count_only)
-    }
-}
-
-impl Exec for ReadOnly<'_> {
-    fn exec_put(&mut self, _p: &PutRequest) -> Result<Option<KeyValue>, KvError> {
-        Err(KvError::Corrupt("a write in a read-only transaction".into()))
-    }
-    fn exec_delete(&mut self, _d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError> {
-        Err(KvError::Corrupt("a write in a read-only transaction".into()))
     }
 }
 

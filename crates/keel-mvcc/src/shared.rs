@@ -92,6 +92,12 @@ impl SharedStore {
         Ok(PlannedRange { plan, count, cur, shape: ShapeOf::from(req) })
     }
 
+    /// Plans a read-only transaction under the read lock (compares, index walks);
+    /// [`kv::TxnReadPlan::finish`] reads its values without the lock.
+    pub fn plan_txn_read(&self, req: &keel_proto::etcdserverpb::TxnRequest) -> Result<kv::TxnReadPlan, KvError> {
+        kv::plan_txn_read(&self.store.read(), req)
+    }
+
     /// etcd's HashKV at `rev` (0: current): (hash, current revision, compacted revision).
     pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), KvError> {
         let plan = self.store.read().plan_hash_kv(rev)?;

@@ -341,3 +341,35 @@ fn data_size_follows_auxiliary_records() {
     let s = Store::open(&d.path().join("db")).unwrap();
     assert_eq!(s.data_size(), size);
 }
+
+/// A read-only transaction is planned under the store's read lock and read after it: a write
+/// can take the lock between the two (with the lock held while loading, it would wait, here
+/// forever), and the answer is the store as planned, not as written since.
+#[test]
+fn a_planned_read_only_txn_holds_no_lock_and_answers_as_planned() {
+    use keel_proto::etcdserverpb::{request_op, RequestOp, TxnRequest};
+    let (_d, mut s) = open();
+    put(&mut s, "a", "old");
+    let shared = keel_mvcc::SharedStore::new(s);
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest { key: b"a".to_vec(), ..Default::default() })),
+        }],
+        failure: vec![],
+    };
+    let plan = shared.plan_txn_read(&t).unwrap();
+    assert_eq!(plan.len(), 1);
+    // The write lock is free now.
+    let mut store = shared.write();
+    put(&mut store, "a", "new");
+    drop(store);
+    shared.commit().unwrap();
+    let resp = plan.finish().unwrap();
+    let got = match &resp.responses[0].response {
+        Some(keel_proto::etcdserverpb::response_op::Response::ResponseRange(r)) => r.kvs[0].value.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(got, b"old");
+    assert_eq!(resp.header.unwrap().revision, 2);
+}

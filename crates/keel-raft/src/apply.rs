@@ -67,11 +67,30 @@ pub struct ApplyConfig {
 /// Tasks queued at most; the raft thread waits when the queue is full.
 pub const QUEUE: usize = 1024;
 
+/// Bytes of tasks the raft thread holds for the stage beyond its queue before it waits for the
+/// stage (the entries are in raft's log in memory as well; this bounds the second copy).
+pub const BACKLOG_BYTES: usize = 64 << 20;
+
 /// The apply stage's handle, held by the raft thread.
+///
+/// The raft thread never waits for a slow apply while it can hold the work: what the stage's
+/// bounded queue cannot take goes to a backlog, in order, handed on by [`Stage::pump`] on every
+/// pass of the raft loop, so ticks, heartbeats and votes go on. Only a backlog past
+/// [`BACKLOG_BYTES`] makes the raft thread wait (memory stays bounded).
 pub struct Stage {
     tx: SyncSender<Task>,
     events: Receiver<Event>,
     join: Option<std::thread::JoinHandle<()>>,
+    backlog: std::collections::VecDeque<(Task, usize)>,
+    backlog_bytes: usize,
+}
+
+/// What a task holds in memory, roughly.
+fn task_bytes(t: &Task) -> usize {
+    match t {
+        Task::Entries(es) => es.iter().map(|c| c.entry.data.len() + c.entry.context.len() + 64).sum(),
+        _ => 64,
+    }
 }
 
 impl Stage {
@@ -94,12 +113,70 @@ impl Stage {
             .name("apply".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| format!("apply: cannot start thread: {e}"))?;
-        Ok(Stage { tx, events, join: Some(join) })
+        Ok(Stage { tx, events, join: Some(join), backlog: Default::default(), backlog_bytes: 0 })
     }
 
     /// Queues a task; waits while the queue is full. False once the stage has ended.
-    pub fn send(&self, t: Task) -> bool {
-        self.tx.send(t).is_ok()
+    pub fn send(&mut self, t: Task) -> bool {
+        self.flush() && self.tx.send(t).is_ok()
+    }
+
+    /// Queues a task without waiting: behind the backlog, or in it when the queue is full
+    /// (waiting only once the backlog is past [`BACKLOG_BYTES`]). False once the stage ended.
+    pub fn queue(&mut self, t: Task) -> bool {
+        if !self.pump() {
+            return false;
+        }
+        if self.backlog.is_empty() {
+            match self.tx.try_send(t) {
+                Ok(()) => return true,
+                Err(mpsc::TrySendError::Disconnected(_)) => return false,
+                Err(mpsc::TrySendError::Full(t)) => self.hold(t),
+            }
+        } else {
+            self.hold(t);
+        }
+        if self.backlog_bytes > BACKLOG_BYTES {
+            return self.flush();
+        }
+        true
+    }
+
+    fn hold(&mut self, t: Task) {
+        let n = task_bytes(&t);
+        self.backlog_bytes += n;
+        self.backlog.push_back((t, n));
+    }
+
+    /// Hands the stage as much of the backlog as its queue takes now. False once it ended.
+    pub fn pump(&mut self) -> bool {
+        while let Some((t, n)) = self.backlog.pop_front() {
+            match self.tx.try_send(t) {
+                Ok(()) => self.backlog_bytes -= n,
+                Err(mpsc::TrySendError::Full(t)) => {
+                    self.backlog.push_front((t, n));
+                    return true;
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => return false,
+            }
+        }
+        true
+    }
+
+    /// True while tasks wait in the backlog.
+    pub fn backlogged(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Hands the whole backlog over, waiting for room. False once the stage ended.
+    fn flush(&mut self) -> bool {
+        while let Some((t, n)) = self.backlog.pop_front() {
+            if self.tx.send(t).is_err() {
+                return false;
+            }
+            self.backlog_bytes -= n;
+        }
+        true
     }
 
     /// Queues a task unless the queue is full.
@@ -113,7 +190,7 @@ impl Stage {
     }
 
     /// Installs a leader's snapshot once everything queued before it is applied; waits.
-    pub fn restore(&self, snap: Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
+    pub fn restore(&mut self, snap: Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
         let (done, rx) = mpsc::sync_channel(1);
         if !self.send(Task::Restore { snap: Box::new(snap), backend, done }) {
             return Err("the apply stage has stopped".into());
@@ -123,6 +200,7 @@ impl Stage {
 
     /// Applies what is queued, makes it durable and ends the stage; waits for it.
     pub fn stop(&mut self) {
+        let _ = self.flush();
         let _ = self.tx.send(Task::Stop);
         if let Some(j) = self.join.take() {
             if j.join().is_err() {

@@ -114,6 +114,8 @@ pub struct NodeConfig {
     pub snapshot_count: u64,
     /// Entries kept in memory after a snapshot for slow followers (etcd: 5000).
     pub catchup_entries: u64,
+    /// Tasks the apply stage's queue holds ([`crate::apply::QUEUE`]).
+    pub apply_queue: usize,
 }
 
 /// Live status, readable without talking to the node thread.
@@ -202,6 +204,8 @@ const BATCH: usize = 8_192;
 /// Committed entries the apply stage may lag behind before proposals are refused with "too many
 /// requests" (etcd's maxGapBetweenApplyAndCommitIndex).
 const MAX_APPLY_GAP: u64 = 5_000;
+/// How often the raft loop hands its backlog to a busy apply stage.
+const BACKLOG_POLL: Duration = Duration::from_millis(1);
 /// Most bytes of committed entries in one Ready (one task of the apply stage).
 const MAX_COMMITTED_PER_READY: u64 = 16 << 20;
 
@@ -395,7 +399,7 @@ pub fn start<S: StateMachine, T: Transport>(
     status.applied.store(snap_index, Ordering::Release);
     let stage = Stage::start(
         sm,
-        ApplyConfig { snapshot_count: cfg.snapshot_count, idle: cfg.tick, queue: crate::apply::QUEUE },
+        ApplyConfig { snapshot_count: cfg.snapshot_count, idle: cfg.tick, queue: cfg.apply_queue },
         status.clone(),
         storage,
         (snap_index, snap_term, conf_state.clone()),
@@ -441,7 +445,11 @@ impl<T: Transport> Driver<T> {
         // Sticky: a Stop handled in a pass that ends early (the campaign below) still counts.
         let mut stop = false;
         let result = loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let mut wait = next_tick.saturating_duration_since(Instant::now());
+            if self.stage.backlogged() {
+                // Hand the backlog on as the stage makes room.
+                wait = wait.min(BACKLOG_POLL);
+            }
             match rx.recv_timeout(wait) {
                 Ok(m) => {
                     stop |= self.handle(m);
@@ -456,6 +464,9 @@ impl<T: Transport> Driver<T> {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            if !self.stage.pump() {
+                self.stage_gone = true;
             }
             self.flush_reads();
             if Instant::now() >= next_tick {
@@ -722,9 +733,9 @@ impl<T: Transport> Driver<T> {
         Ok(())
     }
 
-    /// Queues work for the apply stage (waits while its queue is full).
+    /// Queues work for the apply stage without waiting for it (see [`Stage`]).
     fn queue_for_stage(&mut self, t: Task) {
-        if !self.stage.send(t) {
+        if !self.stage.queue(t) {
             self.stage_gone = true;
         }
     }

@@ -10,13 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A state machine standing for a backend at `applied` holding the members `conf`.
+/// A state machine standing for a backend at `applied` holding the members `conf`; while
+/// `gate` is closed, applying waits (a slow disk).
 #[derive(Clone, Default)]
 struct Backend {
     applied: u64,
     term: u64,
     conf: Option<ConfState>,
     seen: Arc<Mutex<Vec<u64>>>,
+    gate: Option<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
 }
 
 impl StateMachine for Backend {
@@ -27,6 +29,12 @@ impl StateMachine for Backend {
         self.term
     }
     fn apply(&mut self, e: &Entry) {
+        if let Some(g) = &self.gate {
+            let mut open = g.0.lock().unwrap();
+            while !*open {
+                open = g.1.wait(open).unwrap();
+            }
+        }
         self.seen.lock().push(e.index);
     }
     fn apply_conf_change(&mut self, e: &Entry, _cs: &ConfState) {
@@ -52,7 +60,7 @@ fn identity() -> Identity {
 }
 
 fn config() -> NodeConfig {
-    NodeConfig { id: 1, tick: Duration::from_millis(10), election_ticks: 10, snapshot_count: 10_000, catchup_entries: 10 }
+    NodeConfig { id: 1, tick: Duration::from_millis(10), election_ticks: 10, snapshot_count: 10_000, catchup_entries: 10, apply_queue: 2 }
 }
 
 fn dirs(root: &Path) -> (PathBuf, PathBuf) {
@@ -135,5 +143,47 @@ fn a_snapshot_raft_ignores_leaves_no_backend_file() {
     node.install_snapshot(m, file.clone()).unwrap();
     wait_for("the ignored snapshot's backend file to go", || !file.exists());
     assert!(status.is_leader(), "the stale snapshot changed nothing");
+    stop(node, join);
+}
+
+/// Regression (defect 5 of the house issue): the raft thread waited for room in the apply
+/// stage's bounded queue, so a slow apply stopped ticks, heartbeats, proposals and everything
+/// else the raft thread does. Now what the queue cannot take waits in the raft thread's backlog:
+/// with apply stuck and its queue (2 tasks) full, proposals are still answered (placed, then
+/// refused once the apply gap is too wide), and everything is applied in order once it resumes.
+#[test]
+fn a_stuck_apply_does_not_stop_the_raft_thread() {
+    let t = tempfile::tempdir().unwrap();
+    let (wal, snap) = dirs(t.path());
+    let disk = Disk::open(&wal, &snap, identity(), &[(1, Vec::new())]).unwrap();
+    let gate = Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new()));
+    let sm = Backend { gate: Some(gate.clone()), ..Default::default() };
+    let seen = sm.seen.clone();
+    let status = Arc::new(NodeStatus::default());
+    let (node, join) = start(config(), disk, sm, NoTransport, status.clone()).unwrap();
+    wait_for("leadership", || status.is_leader() && !seen.lock().is_empty());
+    *gate.0.lock().unwrap() = false;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut placed = 0;
+    for i in 0..40u32 {
+        // One proposal at a time: each is its own Ready, its own task for the stage.
+        let r = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), node.propose(i.to_be_bytes().to_vec())).await })
+            .unwrap_or_else(|_| panic!("proposal {i} not answered while apply is stuck: the raft thread waits for the stage"));
+        if matches!(r, Ok(Some(_))) {
+            placed += 1;
+        }
+        // Committed (a member of one) before the next: the stage's queue fills up.
+        let want = status.last_index();
+        wait_for("the commit", || status.commit() >= want);
+    }
+    assert!(placed >= 10, "only {placed} proposals placed");
+    let last = status.commit();
+    assert!(status.applied() < last, "apply was stuck");
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    wait_for("everything applied", || status.applied() >= last);
+    let seen = seen.lock().clone();
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "applied in order without gaps: {seen:?}");
     stop(node, join);
 }

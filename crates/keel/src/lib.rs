@@ -126,7 +126,7 @@ pub fn main() -> ExitCode {
     };
     // Raft's peer traffic has a runtime of its own: a client request that keeps a worker of the
     // main runtime busy (decoding a huge range, say) cannot delay heartbeats and acknowledgements.
-    let peer_rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("keel-peer").enable_all().build() {
+    let peer_rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("keel-peer").enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the peer runtime");

@@ -117,6 +117,7 @@ impl Member {
             election_ticks: (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize,
             snapshot_count: cfg.snapshot_count.max(1),
             catchup_entries: cfg.snapshot_catchup_entries(),
+            apply_queue: keel_raft::apply::QUEUE,
         };
         let (node, join) =
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;

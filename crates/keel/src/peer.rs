@@ -664,7 +664,13 @@ async fn send_snapshot(inner: Arc<Inner>, m: Message) {
 async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
     let to = m.to;
     let url = inner.peer_url(to).ok_or_else(|| anyhow!("unknown peer {to:x}"))?;
-    inner.store.commit().context("commit before snapshot")?;
+    // The commit fsyncs the backend: on a blocking thread, never on the peer runtime's workers,
+    // which carry every peer's heartbeats.
+    let store = inner.store.clone();
+    tokio::task::spawn_blocking(move || store.commit())
+        .await
+        .map_err(|e| anyhow!("commit task: {e}"))?
+        .context("commit before snapshot")?;
     let backend: Backend = inner.store.read().backend();
     let msg = m.write_to_bytes().context("encode snapshot message")?;
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);

@@ -94,6 +94,11 @@ impl Server {
     }
 
     /// Plans a Range under the store's read lock; the caller loads it with no lock held.
+    /// A read-only transaction planned under the store's read lock (values read by `finish`).
+    pub fn plan_txn_read(&self, r: &keel_proto::etcdserverpb::TxnRequest) -> Result<keel_mvcc::kv::TxnReadPlan, keel_mvcc::KvError> {
+        self.state.store.plan_txn_read(r)
+    }
+
     pub fn plan_range(&self, r: &keel_proto::etcdserverpb::RangeRequest) -> Result<keel_mvcc::shared::PlannedRange, keel_mvcc::KvError> {
         self.state.store.plan_range(r)
     }

@@ -126,9 +126,15 @@ impl Kv for KvService {
                 self.server.linearizable_barrier().await?;
             }
             crate::apply::check_txn(&self.server.auth(), &who, &r).map_err(errors::auth)?;
-            // Under the store's read lock: readers do not wait for each other, nor apply for long.
-            let res = mvcc_kv::txn_read(&self.server.store(), &r);
-            let mut resp = res.map_err(errors::kv)?;
+            // Planned under the store's read lock, values read after it, a big one on a
+            // blocking thread (as Range): it holds back neither apply nor other requests.
+            let planned = self.server.plan_txn_read(&r).map_err(errors::kv)?;
+            let mut resp = if planned.len() > BIG_RANGE {
+                tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
+            } else {
+                planned.finish()
+            }
+            .map_err(errors::kv)?;
             let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
             resp.header = self.server.header(rev);
             return Ok(Response::new(resp));
