@@ -339,7 +339,7 @@ struct PlannedBranch {
 }
 
 enum PlannedOp {
-    Range { req: Box<RangeRequest>, plan: crate::store::ReadPlan, count: i64 },
+    Range { req: Box<RangeRequest>, plan: Box<crate::store::ReadPlan>, count: i64 },
     Txn(PlannedBranch),
     None,
 }
@@ -355,7 +355,7 @@ fn plan_branch(store: &Store, req: &TxnRequest, path: &[bool], pos: &mut usize, 
                 let at = store.check_rev(r.revision, cur)?;
                 let (plan, count) = store.plan_range(&r.key, &r.range_end, at, fetch_limit(r), r.count_only)?;
                 let shape = RangeRequest { key: Vec::new(), range_end: Vec::new(), ..r.clone() };
-                PlannedOp::Range { req: Box::new(shape), plan, count }
+                PlannedOp::Range { req: Box::new(shape), plan: Box::new(plan), count }
             }
             Some(request_op::Request::RequestTxn(t)) => PlannedOp::Txn(plan_branch(store, t, path, pos, cur)?),
             Some(request_op::Request::RequestPut(_)) | Some(request_op::Request::RequestDeleteRange(_)) => {
