@@ -314,7 +314,7 @@ impl Applier {
         for (k, old, new) in &o.lease_changes {
             lessor.moved(k, *old, *new);
         }
-        let m = &crate::metrics::METRICS;
+        let m = &keel_metrics::METRICS;
         let mut puts = 0u64;
         for e in &o.events {
             if e.r#type == keel_proto::mvccpb::event::EventType::Put as i32 {
@@ -439,8 +439,8 @@ impl Applier {
             }
             Request::LeaseGrant(g) => {
                 lessor.grant(g.id, g.ttl).map_err(errors::lease)?;
-                crate::metrics::METRICS.lease_granted.inc();
-                crate::metrics::METRICS.lease_ttl.observe(g.ttl as f64);
+                keel_metrics::METRICS.lease_granted.inc();
+                keel_metrics::METRICS.lease_ttl.observe(g.ttl as f64);
                 store.set_aux(&lease::aux_key(g.id), g.ttl.to_be_bytes().to_vec());
                 let resp = LeaseGrantResponse { header: None, id: g.id, ttl: g.ttl, error: String::new() };
                 Ok((Applied::LeaseGrant(resp), store.current_rev()))
@@ -470,13 +470,13 @@ impl Applier {
                 }
                 store.delete_aux(&lease::aux_key(r.id));
                 let rev = self.after_write(&mut lessor, o);
-                crate::metrics::METRICS.lease_revoked.inc();
+                keel_metrics::METRICS.lease_revoked.inc();
                 Ok((Applied::LeaseRevoke(LeaseRevokeResponse { header: None }), rev))
             }
             Request::Compaction(c) => {
                 let t0 = std::time::Instant::now();
                 store.compact(c.revision).map_err(errors::kv)?;
-                let m = &crate::metrics::METRICS;
+                let m = &keel_metrics::METRICS;
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 m.index_compaction_pause.observe(ms);
                 m.db_compaction_pause.observe(ms);
@@ -488,7 +488,7 @@ impl Applier {
                 Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
             }
             Request::MemberAttributes(a) => {
-                crate::metrics::METRICS.store_writes.with_label_values(&["set"]).inc();
+                keel_metrics::METRICS.store_writes.with_label_values(&["set"]).inc();
                 let mut members = self.members.write();
                 if let Some(m) = members.get_mut(a.id) {
                     m.name = a.name;
@@ -508,7 +508,7 @@ impl Applier {
                 Ok((Applied::Alarm(list), store.current_rev()))
             }
             Request::MemberUpdate(u) => {
-                crate::metrics::METRICS.store_writes.with_label_values(&["update"]).inc();
+                keel_metrics::METRICS.store_writes.with_label_values(&["update"]).inc();
                 let mut members = self.members.write();
                 if let Some(m) = members.get_mut(u.id) {
                     m.peer_urls = u.peer_urls;
@@ -624,9 +624,9 @@ impl keel_raft::StateMachine for Applier {
                     let t0 = std::time::Instant::now();
                     let r = self.apply_request(&mut store, req, header);
                     let took = t0.elapsed();
-                    crate::metrics::observe_apply(op, r.is_ok(), took);
+                    keel_metrics::observe_apply(op, r.is_ok(), took);
                     if took > SLOW_APPLY {
-                        crate::metrics::METRICS.slow_applies.inc();
+                        keel_metrics::METRICS.slow_applies.inc();
                         tracing::warn!(index = entry.index, op, took = ?took, expected = ?SLOW_APPLY, "apply request took too long");
                     }
                     outcome = Some((id, r))
@@ -680,7 +680,7 @@ impl keel_raft::StateMachine for Applier {
                             rec.id = id;
                             rec.is_learner = learner;
                             tracing::info!(member_id = format!("{id:x}"), peer_urls = ?rec.peer_urls, learner, "added member");
-                            crate::metrics::METRICS.store_writes.with_label_values(&["create"]).inc();
+                            keel_metrics::METRICS.store_writes.with_label_values(&["create"]).inc();
                             members.upsert(rec);
                         }
                         (None, None) => tracing::warn!(member_id = format!("{id:x}"), "conf change adds a member without its record"),
@@ -689,7 +689,7 @@ impl keel_raft::StateMachine for Applier {
                 ConfChangeType::RemoveNode => {
                     if members.remove(id) {
                         tracing::info!(member_id = format!("{id:x}"), "removed member");
-                        crate::metrics::METRICS.store_writes.with_label_values(&["delete"]).inc();
+                        keel_metrics::METRICS.store_writes.with_label_values(&["delete"]).inc();
                     }
                     removed_self = id == self.member_id;
                 }
@@ -743,7 +743,7 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
-        let m = &crate::metrics::METRICS;
+        let m = &keel_metrics::METRICS;
         m.snapshot_apply_in_progress.set(1);
         let r = self.restore_from(snap, backend);
         m.snapshot_apply_in_progress.set(0);

@@ -367,9 +367,9 @@ impl Config {
 
     /// Checks the flags etcd checks at start.
     /// Whether a feature gate is on: `--feature-gates` (`Name=true,Other=false`) over etcd 3.6's
-    /// defaults ([`crate::metrics::FEATURE_GATES`]).
+    /// defaults ([`keel_metrics::FEATURE_GATES`]).
     pub fn feature(&self, name: &str) -> bool {
-        let default = crate::metrics::FEATURE_GATES.iter().find(|(n, _, _)| *n == name).is_some_and(|(_, _, on)| *on);
+        let default = keel_metrics::FEATURE_GATES.iter().find(|(n, _, _)| *n == name).is_some_and(|(_, _, on)| *on);
         self.feature_gates
             .split(',')
             .filter_map(|kv| kv.split_once('='))
@@ -415,7 +415,7 @@ impl Config {
             let Some((k, v)) = kv.split_once('=') else {
                 return Err(format!("invalid value of --feature-gates: missing bool value for {kv}"));
             };
-            if !crate::metrics::FEATURE_GATES.iter().any(|(n, _, _)| *n == k.trim()) {
+            if !keel_metrics::FEATURE_GATES.iter().any(|(n, _, _)| *n == k.trim()) {
                 return Err(format!("invalid value of --feature-gates: unrecognized feature gate: {}", k.trim()));
             }
             if v.trim() != "true" && v.trim() != "false" {

@@ -27,9 +27,9 @@ pub fn metrics_router(server: Arc<Server>) -> Router {
 }
 
 async fn metrics(State(s): State<Arc<Server>>) -> impl axum::response::IntoResponse {
-    let m = &crate::metrics::METRICS;
+    let m = &keel_metrics::METRICS;
     m.scrapes_in_flight.inc();
-    let body = crate::metrics::render(&s);
+    let body = keel_metrics::render(&s.scrape());
     m.scrapes_in_flight.dec();
     m.scrapes.with_label_values(&["200"]).inc();
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
@@ -96,7 +96,7 @@ async fn checks(s: &Server, kind: &str, all: &[Check], q: &[(String, String)]) -
     let verbose = q.iter().any(|(k, _)| k == "verbose");
     let mut report = String::new();
     let mut ok = true;
-    let m = &crate::metrics::METRICS;
+    let m = &keel_metrics::METRICS;
     for c in all.iter().filter(|c| !excluded.contains(&c.name())) {
         match c.run(s).await {
             Ok(()) => {
@@ -138,7 +138,7 @@ async fn readyz(State(s): State<Arc<Server>>, q: Query<Vec<(String, String)>>) -
 /// status. Go's `memstats` has no Keel counterpart and is left out.
 async fn debug_vars(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
     let st = s.raft();
-    let fd_limit = crate::metrics::soft_limit("Max open files").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let fd_limit = keel_metrics::soft_limit("Max open files").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     Json(serde_json::json!({
         "cmdline": std::env::args().collect::<Vec<_>>(),
         "file_descriptor_limit": fd_limit,
@@ -163,7 +163,7 @@ async fn version() -> Json<serde_json::Value> {
 /// etcd 3.6's `/health`: no alarm (less those in `?exclude=`), a leader (unless
 /// `?serializable=true`), then a one-key read; `{"health":"true"|"false","reason":...}`.
 async fn health(State(s): State<Arc<Server>>, Query(q): Query<Vec<(String, String)>>) -> (StatusCode, Json<serde_json::Value>) {
-    let m = &crate::metrics::METRICS;
+    let m = &keel_metrics::METRICS;
     let unhealthy = |reason: String| {
         tracing::warn!(reason = %reason, "serving /health false");
         m.health_failures.inc();

@@ -22,7 +22,7 @@
 //! - `alarm`: NOSPACE and CORRUPT alarms.
 //! - `watch`: the watch hub (synced watchers, catch-up from the store).
 //! - `compactor`: auto compaction.
-//! - `metrics`: Prometheus metrics with etcd's names.
+//! - `grpc_metrics`: the gRPC call metrics middleware (the families are keel-metrics').
 //! - `migrate`: etcd's files in and out (bbolt backend, WAL, `.snap`; an etcd data dir converted
 //!   at start).
 //! - `errors`: etcd's gRPC errors.
@@ -39,6 +39,7 @@ mod config;
 mod discovery;
 mod errors;
 mod gateway;
+mod grpc_metrics;
 mod grpc_proxy;
 pub mod h2fix;
 mod http;
@@ -46,7 +47,6 @@ pub mod lease;
 mod logging;
 mod member;
 mod membership;
-mod metrics;
 pub mod migrate;
 mod peer;
 mod proxy;
@@ -96,8 +96,14 @@ pub fn main() -> ExitCode {
     };
     logging::init(&cfg.log_level, &cfg.log_format);
     cfg.warn_ignored();
-    metrics::configure(&cfg);
-    metrics::install_observers();
+    keel_metrics::configure(&keel_metrics::Settings {
+        extensive: cfg.metrics == "extensive",
+        warn_unary: cfg.warning_unary_request_duration(),
+        feature: &|name| cfg.feature(name),
+        server_version: config::ETCD_VERSION,
+        cluster_version: config::ETCD_CLUSTER_VERSION,
+    });
+    keel_metrics::install_observers();
     // Crash points named in FAILPOINTS (test builds with `--features failpoints` only).
     #[cfg(feature = "failpoints")]
     let _failpoints = {

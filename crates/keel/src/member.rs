@@ -12,7 +12,7 @@ use crate::apply::{Applier, State, Waiters};
 use crate::config::{self, split_urls, Config};
 use crate::membership::{Members, AUX_MEMBERS};
 use crate::server::Server;
-use crate::{alarm, api, auth, compactor, errors, gateway, http, lease, metrics, peer, serve, tls, watch};
+use crate::{alarm, api, auth, compactor, errors, gateway, grpc_metrics, http, lease, peer, serve, tls, watch};
 use anyhow::{bail, Context, Result};
 use keel_mvcc::{SharedStore, Store};
 use keel_proto::etcdserverpb::auth_server::AuthServer;
@@ -355,7 +355,7 @@ impl Member {
         let mut router = grpc
             .into_axum_router()
             .layer(axum::middleware::from_fn(errors::grpc_compat))
-            .layer(axum::middleware::from_fn(metrics::grpc_layer));
+            .layer(axum::middleware::from_fn(grpc_metrics::grpc_layer));
         if go_http2_debug() {
             router = router.layer(axum::middleware::from_fn(log_authority));
         }
@@ -496,7 +496,7 @@ async fn log_authority(req: axum::extract::Request, next: axum::middleware::Next
 
 /// The member's state from its backend: leases, auth, alarms, the member list.
 fn load_state(store: Store, members: Members, tokens: auth::Tokens) -> State {
-    metrics::METRICS.store_reads.with_label_values(&["getRecursive"]).inc();
+    keel_metrics::METRICS.store_reads.with_label_values(&["getRecursive"]).inc();
     let mut lessor = lease::Lessor::default();
     crate::apply::load_leases(&store, &mut lessor);
     let auth = auth::AuthStore::load(&store);

@@ -374,7 +374,7 @@ impl Transport for PeerTransport {
                     continue;
                 }
             };
-            let metrics = &crate::metrics::METRICS;
+            let metrics = &keel_metrics::METRICS;
             let to_label = format!("{to:x}");
             let n = bytes.len() as u64;
             if self.queue(to).try_send(bytes).is_err() {
@@ -397,7 +397,7 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
         let mut q = rx.lock();
         while q.try_recv().is_ok() {}
     };
-    let active = crate::metrics::METRICS.active_peers.with_label_values(&[&format!("{:x}", inner.self_id), &format!("{to:x}")]);
+    let active = keel_metrics::METRICS.active_peers.with_label_values(&[&format!("{:x}", inner.self_id), &format!("{to:x}")]);
     let mut backoff = Duration::from_millis(50);
     // Whether the last attempt failed (failures are logged once per outage).
     let mut down = false;
@@ -594,7 +594,7 @@ async fn probe_loop(t: PeerTransport, peer: u64) {
         let t0 = std::time::Instant::now();
         let probe = c.probe(with_cluster(PeerAck {}, t.inner.cluster_id));
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
-            crate::metrics::METRICS.peer_round_trip.with_label_values(&[&label]).observe(t0.elapsed().as_secs_f64());
+            keel_metrics::METRICS.peer_round_trip.with_label_values(&[&label]).observe(t0.elapsed().as_secs_f64());
         }
     }
 }
@@ -603,7 +603,7 @@ async fn probe_loop(t: PeerTransport, peer: u64) {
 fn step_batch(node: &NodeHandle, batch: RaftBatch) -> Result<(), Status> {
     for b in batch.messages {
         let m = keel_raft::wire::message(&b).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
-        crate::metrics::METRICS.peer_received_bytes.with_label_values(&[&format!("{:x}", m.from)]).inc_by(b.len() as u64);
+        keel_metrics::METRICS.peer_received_bytes.with_label_values(&[&format!("{:x}", m.from)]).inc_by(b.len() as u64);
         let _ = node.step(m);
     }
     Ok(())
@@ -647,12 +647,12 @@ async fn send_snapshot(inner: Arc<Inner>, m: Message) {
     let ok = match snapshot_stream(&inner, m).await {
         Ok(()) => {
             tracing::info!(peer = %peer, index, "peer: sent snapshot");
-            crate::metrics::METRICS.snapshot_send_success.with_label_values(&[&peer]).inc();
+            keel_metrics::METRICS.snapshot_send_success.with_label_values(&[&peer]).inc();
             true
         }
         Err(e) => {
             tracing::warn!(peer = %peer, index, error = format!("{e:#}"), "peer: sending snapshot failed");
-            crate::metrics::METRICS.snapshot_send_failures.with_label_values(&[&peer]).inc();
+            keel_metrics::METRICS.snapshot_send_failures.with_label_values(&[&peer]).inc();
             false
         }
     };
@@ -814,7 +814,7 @@ impl PeerService {
         }
         std::fs::rename(&tmp, &fin).map_err(|e| Status::internal(e.to_string()))?;
         scopeguard::ScopeGuard::into_inner(cleanup);
-        crate::metrics::METRICS.snap_db_save.observe(t0.elapsed().as_secs_f64());
+        keel_metrics::METRICS.snap_db_save.observe(t0.elapsed().as_secs_f64());
         tracing::info!(index, file = %fin.display(), "peer: received snapshot with backend");
         self.node.install_snapshot(msg, fin).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
         Ok(())
@@ -868,11 +868,11 @@ impl Peer for PeerService {
         let from = format!("{:x}", msg.from);
         match self.receive_snapshot(msg, s).await {
             Ok(()) => {
-                crate::metrics::METRICS.snapshot_receive_success.with_label_values(&[&from]).inc();
+                keel_metrics::METRICS.snapshot_receive_success.with_label_values(&[&from]).inc();
                 Ok(Response::new(PeerAck {}))
             }
             Err(e) => {
-                crate::metrics::METRICS.snapshot_receive_failures.with_label_values(&[&from]).inc();
+                keel_metrics::METRICS.snapshot_receive_failures.with_label_values(&[&from]).inc();
                 Err(e)
             }
         }

@@ -152,6 +152,35 @@ impl Server {
         self.node.transfer_leader(to).map_err(errors::propose)
     }
 
+    /// What a `/metrics` scrape reports of this member now.
+    pub fn scrape(&self) -> keel_metrics::Scrape {
+        let st = self.raft();
+        let me = self.member_id();
+        let (is_learner, members) = {
+            let m = self.members();
+            (m.get(me).is_some_and(|x| x.is_learner), m.ids().collect())
+        };
+        let store = self.store();
+        keel_metrics::Scrape {
+            has_leader: st.leader() != 0,
+            is_leader: st.is_leader(),
+            is_learner,
+            leader_changes: st.leader_changes(),
+            committed: st.commit(),
+            applied: st.applied(),
+            pending_proposals: self.pending_proposals(),
+            member_id: me,
+            quota_backend_bytes: self.cfg().quota_backend_bytes_reported(),
+            members,
+            db_size: store.db_size(),
+            data_size: store.data_size(),
+            keys: store.live_key_count(),
+            current_revision: store.current_rev(),
+            compacted_revision: store.compacted_rev(),
+            auth_revision: self.auth().revision(),
+        }
+    }
+
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {
         self.state.store.read()
     }
@@ -275,7 +304,7 @@ impl Server {
         let _budget = self.take_proposing(data.len())?;
         let rx = self.state.waiters.register(id);
         let t0 = std::time::Instant::now();
-        let failed = || crate::metrics::METRICS.proposals_failed.inc();
+        let failed = || keel_metrics::METRICS.proposals_failed.inc();
         let work = async {
             if let Some(at) = self.node.propose(data).await.map_err(errors::propose).inspect_err(|_| failed())? {
                 self.state.waiters.placed(id, at);
@@ -284,7 +313,7 @@ impl Server {
         };
         match tokio::time::timeout(self.cfg.request_timeout(), work).await {
             Ok(r) => {
-                crate::metrics::METRICS.proposal.observe(t0.elapsed().as_secs_f64());
+                keel_metrics::METRICS.proposal.observe(t0.elapsed().as_secs_f64());
                 if r.is_err() {
                     self.state.waiters.cancel(id);
                 }
@@ -308,7 +337,7 @@ impl Server {
         match took {
             Ok(_) => Ok(Proposing(&self.proposing, n)),
             Err(held) => {
-                crate::metrics::METRICS.proposals_failed.inc();
+                keel_metrics::METRICS.proposals_failed.inc();
                 tracing::debug!(held, limit, request_bytes = n, "refused a proposal: too many bytes of proposals in flight");
                 Err(errors::too_many_requests())
             }
@@ -361,7 +390,7 @@ impl Server {
         }
         match self.propose_conf_change(ConfChangeType::AddNode, id, None).await? {
             (Applied::Members(m), _) => {
-                crate::metrics::METRICS.learner_promotes.inc();
+                keel_metrics::METRICS.learner_promotes.inc();
                 Ok(m)
             }
             _ => Err(Status::internal("etcdserver: unexpected apply result")),
@@ -391,7 +420,7 @@ impl Server {
 
     /// Waits until this member has applied everything committed before the call (ReadIndex).
     pub async fn linearizable_barrier(&self) -> Result<(), Status> {
-        let m = &crate::metrics::METRICS;
+        let m = &keel_metrics::METRICS;
         match tokio::time::timeout(self.cfg.request_timeout(), self.node.read_index()).await {
             Ok(r) => r.map(|_| ()).map_err(errors::propose).inspect_err(|_| m.read_indexes_failed.inc()),
             Err(_) => {

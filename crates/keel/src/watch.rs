@@ -302,7 +302,7 @@ impl WatchHub {
                 })
             };
             match sent {
-                Ok(()) => crate::metrics::METRICS.events.inc_by(n),
+                Ok(()) => keel_metrics::METRICS.events.inc_by(n),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // A slow client: catch it up later from the store, from this revision on.
                     fallen_behind.push((*id, watcher.spec.clone(), watcher.tx.clone(), watcher.canceled.clone()));
@@ -357,7 +357,7 @@ impl WatchHub {
             drop(store);
             self.spawn_catchup(id, spec, tx, canceled.clone(), start);
         }
-        crate::metrics::METRICS.watchers.inc();
+        keel_metrics::METRICS.watchers.inc();
         Ok(WatchHandle { canceled })
     }
 
@@ -375,7 +375,7 @@ impl WatchHub {
     /// Removes a watcher.
     pub fn cancel(&self, id: (u64, i64), handle: &WatchHandle, prev_kv: bool) {
         if !handle.canceled.swap(true, Ordering::AcqRel) {
-            crate::metrics::METRICS.watchers.dec();
+            keel_metrics::METRICS.watchers.dec();
         }
         let mut synced = self.lock();
         synced.remove(&id);
@@ -398,7 +398,7 @@ impl WatchHub {
     fn spawn_catchup(self: &Arc<Self>, id: (u64, i64), spec: Spec, tx: mpsc::Sender<WatchResponse>, canceled: Arc<AtomicBool>, from: i64) {
         let hub = self.clone();
         // Counted as etcd counts its unsynced watchers, for as long as the catch-up runs.
-        let slow = &crate::metrics::METRICS.slow_watchers;
+        let slow = &keel_metrics::METRICS.slow_watchers;
         slow.inc();
         let task = async move {
             hub.catch_up(id, spec, tx, canceled, from).await;
@@ -516,7 +516,7 @@ impl WatchHub {
     /// request that follows the cancel response is answered.
     async fn end(&self, id: WatchId, canceled: &AtomicBool, resp: WatchResponse, tx: &mpsc::Sender<WatchResponse>) {
         if !canceled.swap(true, Ordering::AcqRel) {
-            crate::metrics::METRICS.watchers.dec();
+            keel_metrics::METRICS.watchers.dec();
             self.lock().ended.insert(id);
         }
         let _ = tx.send(resp).await;

@@ -76,7 +76,7 @@ impl Kv for KvService {
         self.server.check_read(&who, &r.key, &r.range_end)?;
         let t0 = std::time::Instant::now();
         let resp = self.read_range(&r).await;
-        let m = &crate::metrics::METRICS;
+        let m = &keel_metrics::METRICS;
         m.ranges.inc();
         m.range_duration.with_label_values(&[if resp.is_ok() { "true" } else { "false" }]).observe(t0.elapsed().as_secs_f64());
         resp.map(Response::new)
@@ -115,7 +115,7 @@ impl Kv for KvService {
         let who = self.server.caller(&req)?;
         let r = req.into_inner();
         validate::txn(&r, self.server.cfg().max_txn_ops as usize)?;
-        crate::metrics::METRICS.txns.inc();
+        keel_metrics::METRICS.txns.inc();
         let serializable_reads = mvcc_kv::txn_is_read_only(&r) && mvcc_kv::txn_serializable(&r);
         if !serializable_reads {
             self.server.not_learner()?;

@@ -110,7 +110,7 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         self.server.check_admin(&self.server.caller(&req)?)?;
-        let m = &crate::metrics::METRICS;
+        let m = &keel_metrics::METRICS;
         m.defrag_inflight.set(1);
         let t0 = std::time::Instant::now();
         let done = self.server.defragment().await;
@@ -128,7 +128,7 @@ impl Maintenance for MaintenanceService {
         let t0 = std::time::Instant::now();
         let (hash, meta) =
             tokio::task::spawn_blocking(move || backend.hash()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(backend_err)?;
-        crate::metrics::METRICS.hash.observe(t0.elapsed().as_secs_f64());
+        keel_metrics::METRICS.hash.observe(t0.elapsed().as_secs_f64());
         Ok(Response::new(HashResponse { header: s.header(meta.current_rev), hash }))
     }
 
@@ -141,7 +141,7 @@ impl Maintenance for MaintenanceService {
         let t0 = std::time::Instant::now();
         let (hash, cur, compacted) =
             tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(errors::kv)?;
-        crate::metrics::METRICS.hash_rev.observe(t0.elapsed().as_secs_f64());
+        keel_metrics::METRICS.hash_rev.observe(t0.elapsed().as_secs_f64());
         // etcd reports -1 for a store that was never compacted.
         let compact_revision = if compacted == 0 { -1 } else { compacted };
         Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision, hash_revision }))
@@ -154,7 +154,7 @@ impl Maintenance for MaintenanceService {
         s.check_admin(&s.caller(&req)?)?;
         let t0 = std::time::Instant::now();
         let path = backend_copy(s).await?;
-        crate::metrics::METRICS.backend_snapshot.observe(t0.elapsed().as_secs_f64());
+        keel_metrics::METRICS.backend_snapshot.observe(t0.elapsed().as_secs_f64());
         let tmp = TempFile(path);
         let mut file = std::fs::File::open(&tmp.0).map_err(|e| Status::internal(format!("etcdserver: open snapshot: {e}")))?;
         let total = file.metadata().map(|m| m.len()).unwrap_or(0);

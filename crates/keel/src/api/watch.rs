@@ -44,7 +44,7 @@ impl Watch for WatchService {
         let interval = self.progress_interval;
         let max_watchers = self.max_watchers;
         tokio::spawn(async move {
-            let streams = &crate::metrics::METRICS.watch_streams;
+            let streams = &keel_metrics::METRICS.watch_streams;
             streams.inc();
             let _counted = scopeguard::guard((), |_| streams.dec());
             let mut watchers: HashMap<i64, (WatchHandle, bool)> = HashMap::new();

@@ -39,7 +39,7 @@ pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Resul
 pub fn renew_here(server: &Server, id: i64) -> i64 {
     let ttl = server.lessor().renew(id).unwrap_or(0);
     if ttl > 0 {
-        crate::metrics::METRICS.lease_renewed.inc();
+        keel_metrics::METRICS.lease_renewed.inc();
     }
     ttl
 }
@@ -118,7 +118,7 @@ pub async fn run(server: Arc<Server>) {
         }
         let expired = server.lessor().take_expired(REVOKES_PER_TURN, Duration::from_secs(3));
         for id in expired {
-            crate::metrics::METRICS.lease_expired.inc();
+            keel_metrics::METRICS.lease_expired.inc();
             let s = server.clone();
             tokio::spawn(async move {
                 if let Err(e) = s.propose(Internal::LeaseRevoke(LeaseRevokeRequest { id })).await {

@@ -11,32 +11,59 @@
 //! families are there for dashboards that plot them: `go_threads`, `go_goroutines` (live tokio
 //! tasks) and `go_sched_gomaxprocs_threads` carry Keel's values, the Go garbage collector's and
 //! memory statistics stay at zero (`process_resident_memory_bytes` is the memory figure).
-//! Owns the registry only.
+//! Owns the registry and the families only: values are pushed in where things happen (apply,
+//! the gRPC layer, the peer transport) or handed over at scrape time ([`render`] takes a
+//! [`Scrape`] of the server's gauges); the WAL's, backend's and raft's timings come through
+//! their crates' observer hooks ([`install_observers`]). May call keel-wal, keel-mvcc and
+//! keel-raft (for those hooks) and nothing of the server.
 
-use crate::server::Server;
-use axum::body::{Body, Bytes};
 use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
-use std::task::{Context, Poll};
 
 /// etcd's `--metrics extensive`: also the per-method gRPC latency histograms.
 static EXTENSIVE: AtomicBool = AtomicBool::new(false);
 /// `--warning-unary-request-duration` in microseconds: slower unary calls are logged.
 static WARN_UNARY_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(300_000);
 
-/// Selects `basic` or `extensive` metrics (`--metrics`) and records the feature gates, before
-/// the first request.
-pub fn configure(cfg: &crate::config::Config) {
-    EXTENSIVE.store(cfg.metrics == "extensive", Ordering::Relaxed);
-    WARN_UNARY_MICROS.store(cfg.warning_unary_request_duration().as_micros() as u64, Ordering::Relaxed);
+/// The member's metrics settings, from its flags.
+pub struct Settings<'a> {
+    /// `--metrics extensive`: also the per-method gRPC latency histograms.
+    pub extensive: bool,
+    /// `--warning-unary-request-duration`: slower unary calls are logged.
+    pub warn_unary: std::time::Duration,
+    /// Whether each of [`FEATURE_GATES`] is on (`--feature-gates`).
+    pub feature: &'a dyn Fn(&str) -> bool,
+    /// The etcd server version reported, and the cluster version (`major.minor.patch`; the
+    /// family labels it `major.minor`, as etcd does).
+    pub server_version: &'a str,
+    pub cluster_version: &'a str,
+}
+
+/// Selects `basic` or `extensive` metrics and records the feature gates, before the first
+/// request.
+pub fn configure(s: &Settings<'_>) {
+    EXTENSIVE.store(s.extensive, Ordering::Relaxed);
+    WARN_UNARY_MICROS.store(s.warn_unary.as_micros() as u64, Ordering::Relaxed);
     for (name, stage, _) in FEATURE_GATES {
-        METRICS.feature_enabled.with_label_values(&[name, stage]).set(i64::from(cfg.feature(name)));
+        METRICS.feature_enabled.with_label_values(&[name, stage]).set(i64::from((s.feature)(name)));
     }
+    METRICS.server_version.with_label_values(&[s.server_version]).set(1);
+    let cv: Vec<&str> = s.cluster_version.split('.').take(2).collect();
+    METRICS.cluster_version.with_label_values(&[&cv.join(".")]).set(1);
+}
+
+/// True with `--metrics extensive`.
+pub fn extensive() -> bool {
+    EXTENSIVE.load(Ordering::Relaxed)
+}
+
+/// Unary calls slower than this are logged (`--warning-unary-request-duration`).
+pub fn warn_unary() -> std::time::Duration {
+    std::time::Duration::from_micros(WARN_UNARY_MICROS.load(Ordering::Relaxed))
 }
 
 pub struct Metrics {
@@ -127,14 +154,14 @@ pub struct Metrics {
     pub snapshot_receive_success: IntCounterVec,
     pub snapshot_receive_failures: IntCounterVec,
     pub peer_sent_failures: IntCounterVec,
-    /// A probe's round trip to each peer ([`crate::peer`]'s prober, every 4 s as etcd's).
+    /// A probe's round trip to each peer (the peer transport's prober, every 4 s as etcd's).
     pub peer_round_trip: HistogramVec,
     // gRPC (go-grpc-prometheus).
-    grpc_started: IntCounterVec,
-    grpc_handled: IntCounterVec,
-    grpc_msg_received: IntCounterVec,
-    grpc_msg_sent: IntCounterVec,
-    grpc_handling: HistogramVec,
+    pub grpc_started: IntCounterVec,
+    pub grpc_handled: IntCounterVec,
+    pub grpc_msg_received: IntCounterVec,
+    pub grpc_msg_sent: IntCounterVec,
+    pub grpc_handling: HistogramVec,
     // The process and the metrics handler.
     os_fd_used: IntGauge,
     os_fd_limit: IntGauge,
@@ -161,7 +188,7 @@ fn exp(start: f64, factor: f64, count: usize) -> Vec<f64> {
 
 /// The gRPC services and methods Keel serves, with go-grpc-prometheus' stream kind: every
 /// (method, code) pair starts at zero, as etcd's interceptors pre-register them.
-const GRPC_METHODS: &[(&str, &[&str])] = &[
+pub const GRPC_METHODS: &[(&str, &[&str])] = &[
     ("etcdserverpb.KV", &["Range", "Put", "DeleteRange", "Txn", "Compact"]),
     ("etcdserverpb.Watch", &["Watch"]),
     ("etcdserverpb.Lease", &["LeaseGrant", "LeaseRevoke", "LeaseKeepAlive", "LeaseTimeToLive", "LeaseLeases"]),
@@ -228,7 +255,7 @@ const CODE_NAMES: [&str; 17] = [
     "Unauthenticated",
 ];
 
-fn code_name(code: i32) -> &'static str {
+pub fn code_name(code: i32) -> &'static str {
     usize::try_from(code).ok().and_then(|c| CODE_NAMES.get(c)).copied().unwrap_or("Unknown")
 }
 
@@ -572,10 +599,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     if let Err(e) = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
         tracing::error!(error = %e, "metrics: registration failed");
     }
-    m.server_version.with_label_values(&[crate::config::ETCD_VERSION]).set(1);
-    // Labelled major.minor, as etcd does.
-    let cv: Vec<&str> = crate::config::ETCD_CLUSTER_VERSION.split('.').take(2).collect();
-    m.cluster_version.with_label_values(&[&cv.join(".")]).set(1);
     m.go_version.with_label_values(&["keel"]).set(1);
     // Go's handler starts the common codes at zero.
     for code in ["200", "500", "503"] {
@@ -623,38 +646,52 @@ pub fn install_observers() {
     });
 }
 
-/// The exposition text (Prometheus text format 0.0.4), with gauges read from `s` now.
-pub fn render(s: &Server) -> String {
+/// The server's state a scrape reports as gauges, read by the server when scraped.
+#[derive(Debug, Default, Clone)]
+pub struct Scrape {
+    pub has_leader: bool,
+    pub is_leader: bool,
+    pub is_learner: bool,
+    /// Leader changes this member has seen (a running total).
+    pub leader_changes: u64,
+    pub committed: u64,
+    pub applied: u64,
+    pub pending_proposals: usize,
+    pub member_id: u64,
+    pub quota_backend_bytes: i64,
+    /// Every member's ID.
+    pub members: Vec<u64>,
+    pub db_size: u64,
+    pub data_size: u64,
+    pub keys: usize,
+    pub current_revision: i64,
+    pub compacted_revision: i64,
+    pub auth_revision: u64,
+}
+
+/// The exposition text (Prometheus text format 0.0.4), with the gauges of `s`.
+pub fn render(s: &Scrape) -> String {
     let m = &*METRICS;
-    let st = s.raft();
-    m.has_leader.set(i64::from(st.leader() != 0));
-    m.is_leader.set(i64::from(st.is_leader()));
-    advance_to(&m.leader_changes, st.leader_changes());
-    m.proposals_committed.set(st.commit() as i64);
-    m.proposals_applied.set(st.applied() as i64);
-    m.proposals_pending.set(s.pending_proposals() as i64);
-    let me = s.member_id();
-    m.server_id.with_label_values(&[&format!("{me:x}")]).set(1);
-    m.quota_backend_bytes.set(s.cfg().quota_backend_bytes_reported() as f64);
-    {
-        let members = s.members();
-        m.is_learner.set(i64::from(members.get(me).is_some_and(|x| x.is_learner)));
-        let local = format!("{me:x}");
-        m.known_peers.reset();
-        for id in members.ids() {
-            m.known_peers.with_label_values(&[&local, &format!("{id:x}")]).set(1);
-        }
+    m.has_leader.set(i64::from(s.has_leader));
+    m.is_leader.set(i64::from(s.is_leader));
+    advance_to(&m.leader_changes, s.leader_changes);
+    m.proposals_committed.set(s.committed as i64);
+    m.proposals_applied.set(s.applied as i64);
+    m.proposals_pending.set(s.pending_proposals as i64);
+    let local = format!("{:x}", s.member_id);
+    m.server_id.with_label_values(&[&local]).set(1);
+    m.quota_backend_bytes.set(s.quota_backend_bytes as f64);
+    m.is_learner.set(i64::from(s.is_learner));
+    m.known_peers.reset();
+    for id in &s.members {
+        m.known_peers.with_label_values(&[&local, &format!("{id:x}")]).set(1);
     }
-    {
-        let store = s.store();
-        let size = store.db_size();
-        m.db_size.set(size as i64);
-        m.db_size_in_use.set(store.data_size().min(size) as i64);
-        m.keys_total.set(store.live_key_count() as i64);
-        m.current_revision.set(store.current_rev());
-        m.compact_revision.set(store.compacted_rev());
-    }
-    m.auth_revision.set(s.auth().revision() as i64);
+    m.db_size.set(s.db_size as i64);
+    m.db_size_in_use.set(s.data_size.min(s.db_size) as i64);
+    m.keys_total.set(s.keys as i64);
+    m.current_revision.set(s.current_revision);
+    m.compact_revision.set(s.compacted_revision);
+    m.auth_revision.set(s.auth_revision as i64);
     read_process(m);
     let mut families = m.registry.gather();
     if EXTENSIVE.load(Ordering::Relaxed) {
@@ -733,170 +770,13 @@ pub fn observe_apply(op: &str, ok: bool, d: std::time::Duration) {
 }
 
 /// How a gRPC method streams (go-grpc-prometheus's `grpc_type`).
-fn grpc_type(service: &str, method: &str) -> &'static str {
+pub fn grpc_type(service: &str, method: &str) -> &'static str {
     match (service, method) {
         ("etcdserverpb.Watch", "Watch") | ("etcdserverpb.Lease", "LeaseKeepAlive") => "bidi_stream",
         ("etcdserverpb.Maintenance", "Snapshot") | ("v3electionpb.Election", "Observe") | ("grpc.health.v1.Health", "Watch") => {
             "server_stream"
         }
         _ => "unary",
-    }
-}
-
-fn status_of(h: &http::HeaderMap) -> Option<i32> {
-    h.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
-}
-
-/// One gRPC call being observed: its labels and start.
-#[derive(Clone)]
-struct Call {
-    kind: &'static str,
-    service: String,
-    method: String,
-    start: std::time::Instant,
-}
-
-impl Call {
-    fn labels(&self) -> [&str; 3] {
-        [self.kind, &self.service, &self.method]
-    }
-
-    fn handled(&self, code: i32) {
-        let [t, s, m] = self.labels();
-        METRICS.grpc_handled.with_label_values(&[t, s, m, code_name(code)]).inc();
-        let spent = self.start.elapsed();
-        if t == "unary" && spent.as_micros() as u64 > WARN_UNARY_MICROS.load(Ordering::Relaxed) {
-            // etcd's slow-request line.
-            tracing::warn!(time_spent = ?spent, method = %format!("/{s}/{m}"), code = code_name(code), "request stats");
-        }
-        if EXTENSIVE.load(Ordering::Relaxed) {
-            METRICS.grpc_handling.with_label_values(&self.labels()).observe(self.start.elapsed().as_secs_f64());
-        }
-    }
-}
-
-/// Counts gRPC calls, their messages and bytes by service and method, and their final codes: a
-/// middleware for the gRPC routes.
-pub async fn grpc_layer(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    let path = req.uri().path().to_string();
-    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
-        return next.run(req).await;
-    };
-    let call = Call {
-        kind: grpc_type(service, method),
-        service: service.to_string(),
-        method: method.to_string(),
-        start: std::time::Instant::now(),
-    };
-    METRICS.grpc_started.with_label_values(&call.labels()).inc();
-    // etcd's clients name their API version in the metadata; others count as "unknown".
-    let api = req.headers().get("client-api-version").and_then(|v| v.to_str().ok()).unwrap_or("unknown");
-    let kind = if call.kind == "unary" { "unary" } else { "stream" };
-    METRICS.client_requests.with_label_values(&[kind, api]).inc();
-    let req = req.map(|b| Body::new(Framed::new(b, call.clone(), Direction::Received)));
-    let resp = next.run(req).await;
-    if let Some(code) = status_of(resp.headers()) {
-        // A trailers-only response: the call ended with its headers.
-        call.handled(code);
-        return resp;
-    }
-    let (parts, body) = resp.into_parts();
-    axum::response::Response::from_parts(parts, Body::new(Framed::new(body, call, Direction::Sent)))
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Direction {
-    Received,
-    Sent,
-}
-
-/// A gRPC body that counts the length-prefixed messages passing through it (and their bytes);
-/// on the response side it also reports the call's code from its trailers, or `Canceled` when
-/// the client goes away before the end.
-struct Framed {
-    inner: Body,
-    call: Call,
-    dir: Direction,
-    /// Header bytes still to read of the next message's 5-byte prefix, and those read.
-    head: [u8; 5],
-    head_len: usize,
-    /// Body bytes of the current message still to pass.
-    left: u64,
-    done: bool,
-}
-
-impl Framed {
-    fn new(inner: Body, call: Call, dir: Direction) -> Framed {
-        Framed { inner, call, dir, head: [0; 5], head_len: 0, left: 0, done: false }
-    }
-
-    /// Follows the message framing across chunks: a message counts once its prefix is in.
-    fn count(&mut self, mut data: &[u8]) {
-        let bytes = if self.dir == Direction::Sent { &METRICS.grpc_sent_bytes } else { &METRICS.grpc_received_bytes };
-        bytes.inc_by(data.len() as u64);
-        while !data.is_empty() {
-            if self.left > 0 {
-                let n = (self.left as usize).min(data.len());
-                self.left -= n as u64;
-                data = &data[n..];
-                continue;
-            }
-            let n = (5 - self.head_len).min(data.len());
-            self.head[self.head_len..self.head_len + n].copy_from_slice(&data[..n]);
-            self.head_len += n;
-            data = &data[n..];
-            if self.head_len == 5 {
-                self.head_len = 0;
-                self.left = u64::from(u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]));
-                let c = if self.dir == Direction::Sent { &METRICS.grpc_msg_sent } else { &METRICS.grpc_msg_received };
-                c.with_label_values(&self.call.labels()).inc();
-            }
-        }
-    }
-
-    fn finish(&mut self, code: i32) {
-        if self.dir == Direction::Sent && !self.done {
-            self.call.handled(code);
-        }
-        self.done = true;
-    }
-}
-
-impl http_body::Body for Framed {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    let d = d.clone();
-                    self.count(&d);
-                } else if let Some(t) = f.trailers_ref() {
-                    let code = status_of(t).unwrap_or(0);
-                    self.finish(code);
-                }
-            }
-            Poll::Ready(None) => self.finish(0),
-            Poll::Ready(Some(Err(_))) => self.finish(2),
-            Poll::Pending => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Framed {
-    fn drop(&mut self) {
-        self.finish(1);
     }
 }
 
