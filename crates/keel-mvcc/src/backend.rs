@@ -8,6 +8,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Key-table changes by revision key: Some(record) to write, None to delete (a batch).
+pub type Changes = BTreeMap<Vec<u8>, Option<std::sync::Arc<[u8]>>>;
+
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("key");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Records of other modules (members, ...), committed in the same batches as keys.
@@ -136,7 +139,7 @@ impl Backend {
     }
 
     /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
-    pub fn commit(&self, changes: &crate::store::Changes, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
+    pub fn commit(&self, changes: &Changes, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;

@@ -4,7 +4,7 @@
 //! what depends on the store's state (revisions, lease and key existence) is checked here, before
 //! any change, so that a failing request changes nothing.
 
-use crate::backend::BackendError;
+pub use crate::error::KvError;
 use crate::store::{Store, WriteTxn};
 use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use keel_proto::etcdserverpb::{
@@ -12,23 +12,6 @@ use keel_proto::etcdserverpb::{
     RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use keel_proto::mvccpb::{Event, KeyValue};
-
-/// Failures that depend on the store's state. Messages are etcd's (without "etcdserver: ").
-#[derive(Debug, thiserror::Error)]
-pub enum KvError {
-    #[error("mvcc: required revision has been compacted")]
-    Compacted,
-    #[error("mvcc: required revision is a future revision")]
-    FutureRev,
-    #[error("requested lease not found")]
-    LeaseNotFound,
-    #[error("key not found")]
-    KeyNotFound,
-    #[error("{0}")]
-    Backend(BackendError),
-    #[error("mvcc: corrupt store: {0}")]
-    Corrupt(String),
-}
 
 /// Limits checked on requests before they are proposed.
 #[derive(Debug, Clone, Copy)]

@@ -15,6 +15,7 @@
 //! Called by the server's apply path (writes) and read path (reads). Calls only keel-proto and redb.
 
 pub mod backend;
+pub mod error;
 pub mod index;
 pub mod kv;
 pub mod revision;

@@ -8,8 +8,8 @@
 //! unflushed revisions, a redb read transaction, all at one instant) and loaded after it.
 
 use crate::backend::{Backend, BackendError, Meta, Reader};
+use crate::error::KvError;
 use crate::index::{Change, Index, KeyHistory};
-use crate::kv::KvError;
 use crate::revision::Revision;
 use keel_proto::mvccpb::{event::EventType, Event, KeyValue};
 use prost::Message;
@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 pub const BATCH_LIMIT: usize = 10_000;
 
-/// Key-table changes by revision key: Some(record) to write, None to delete.
-pub type Changes = BTreeMap<Vec<u8>, Option<Arc<[u8]>>>;
+pub use crate::backend::Changes;
 
 /// One batch of changes on its way to the backend, with the meta record it ends at.
 #[derive(Debug, Default)]

@@ -11,9 +11,9 @@
 //! Calls the state machine and [`LogStore`] (to record what a snapshot for a follower is made of).
 
 use crate::hops::{self, Hop};
-use crate::node::{ProposeError, StateMachine};
+use crate::machine::{ProposeError, StateMachine};
+use crate::status::NodeStatus;
 use crate::storage::LogStore;
-use crate::NodeStatus;
 use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};

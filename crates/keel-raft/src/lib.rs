@@ -21,7 +21,9 @@ pub mod apply;
 pub mod disk;
 pub mod hops;
 pub mod logger;
+pub mod machine;
 pub mod node;
+pub mod status;
 pub mod storage;
 pub mod wire;
 

@@ -13,50 +13,17 @@
 use crate::apply::{ApplyConfig, Committed, Event, ReadSender, Stage, Task};
 use crate::disk::{Disk, DiskError};
 use crate::hops::{self, Hop};
+pub use crate::machine::{ProposeError, StateMachine};
+pub use crate::status::NodeStatus;
 use crate::storage::LogStore;
 use raft::eraftpb::{ConfChange, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-
-/// What the node needs from the application it replicates. Driven by the apply stage's thread
-/// (every method but the first two, which are asked once at start).
-pub trait StateMachine: Send + 'static {
-    /// Index of the last entry whose effects are already in the state machine (from its durable
-    /// state at start). Entries at or below it are delivered again after a restart and must be
-    /// skipped by [`StateMachine::apply`].
-    fn applied_index(&self) -> u64;
-    /// Term of the entry at [`StateMachine::applied_index`].
-    fn applied_term(&self) -> u64;
-    /// Applies a committed normal entry (its data may be empty: a new leader's no-op).
-    fn apply(&mut self, entry: &Entry);
-    /// Called after raft applied a committed configuration change; `cs` is the new configuration.
-    fn apply_conf_change(&mut self, entry: &Entry, cs: &ConfState);
-    /// A committed configuration change raft refused or that does not decode: the configuration
-    /// stays as it was, and whoever proposed it must be answered now (not at its timeout).
-    fn skip_conf_change(&mut self, _entry: &Entry) {}
-    /// Called on every tick and after every batch of applies (e.g. to commit backend batches).
-    fn maintain(&mut self);
-    /// Makes everything applied so far durable; called before a snapshot lets WAL go.
-    fn sync(&mut self) -> Result<(), String>;
-    /// The application data a snapshot at the current applied index carries.
-    fn snapshot_data(&self) -> Vec<u8>;
-    /// The configuration as of [`StateMachine::applied_index`], from the members the state
-    /// machine holds (None when it holds none): what a restart continues from when the state
-    /// machine is ahead of the log, as etcd takes it from its backend's members.
-    fn conf_state(&self) -> Option<ConfState> {
-        None
-    }
-    /// Replaces the whole state with a snapshot received from the leader; `backend` is the file
-    /// holding the leader's backend that came with it.
-    fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String>;
-    /// The node is stopping: everything is applied and synced; answer whoever still waits.
-    fn on_stop(&mut self) {}
-}
 
 /// Where the leader put a proposal in its log: the entry at `index` of `term` is this proposal
 /// if it is ever applied. An entry of another term applied at `index` means it was lost.
@@ -89,19 +56,6 @@ impl Transport for NoTransport {
     }
 }
 
-/// Why a proposal or read could not be started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ProposeError {
-    #[error("no leader")]
-    NoLeader,
-    #[error("server stopped")]
-    Stopped,
-    #[error("too many requests")]
-    Busy,
-    #[error("request timed out")]
-    Timeout,
-}
-
 /// Raft settings, in etcd's terms.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -116,69 +70,6 @@ pub struct NodeConfig {
     pub catchup_entries: u64,
     /// Tasks the apply stage's queue holds ([`crate::apply::QUEUE`]).
     pub apply_queue: usize,
-}
-
-/// Live status, readable without talking to the node thread.
-#[derive(Debug, Default)]
-/// Written by the node thread and the apply stage only; everyone else reads.
-pub struct NodeStatus {
-    pub(crate) leader: AtomicU64,
-    pub(crate) term: AtomicU64,
-    pub(crate) commit: AtomicU64,
-    pub(crate) applied: AtomicU64,
-    pub(crate) last_index: AtomicU64,
-    pub(crate) is_leader: AtomicBool,
-    pub(crate) stopped: AtomicBool,
-    /// Whom this member voted for in the current term (0: nobody).
-    pub(crate) vote: AtomicU64,
-    /// raft's role: 0 follower, 1 candidate, 2 leader, 3 pre-candidate.
-    pub(crate) role: std::sync::atomic::AtomicU8,
-    /// Times this member saw a new leader.
-    pub(crate) leader_changes: AtomicU64,
-}
-
-impl NodeStatus {
-    pub fn leader(&self) -> u64 {
-        self.leader.load(Ordering::Acquire)
-    }
-    pub fn term(&self) -> u64 {
-        self.term.load(Ordering::Acquire)
-    }
-    pub fn commit(&self) -> u64 {
-        self.commit.load(Ordering::Acquire)
-    }
-    pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Acquire)
-    }
-    /// The last index in this member's log.
-    pub fn last_index(&self) -> u64 {
-        self.last_index.load(Ordering::Acquire)
-    }
-    /// True while this member leads.
-    pub fn is_leader(&self) -> bool {
-        self.is_leader.load(Ordering::Acquire)
-    }
-    /// True once the node stopped (on request or on a fatal error).
-    pub fn stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
-    }
-    /// Times this member saw a new leader.
-    pub fn leader_changes(&self) -> u64 {
-        self.leader_changes.load(Ordering::Relaxed)
-    }
-    /// Whom this member voted for in the current term (0: nobody).
-    pub fn vote(&self) -> u64 {
-        self.vote.load(Ordering::Acquire)
-    }
-    /// raft's role as etcd names it: StateFollower, StateCandidate, StateLeader, StatePreCandidate.
-    pub fn role(&self) -> &'static str {
-        match self.role.load(Ordering::Acquire) {
-            1 => "StateCandidate",
-            2 => "StateLeader",
-            3 => "StatePreCandidate",
-            _ => "StateFollower",
-        }
-    }
 }
 
 /// The answer to a proposal: where the leader put it (unknown when a follower forwarded it).

@@ -236,7 +236,7 @@ async fn keep_alive(g: &Gateway, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match crate::lease::renew(&g.lease.server, &g.lease.transport, req.id).await {
+    match crate::lease_duties::renew(&g.lease.server, &g.lease.transport, req.id).await {
         Ok(ttl) => {
             let rev = g.lease.server.store().current_rev();
             let resp = keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: g.lease.server.header(rev), id: req.id, ttl };

@@ -17,7 +17,10 @@
 //!   alarms, membership), and the callers waiting for their entries.
 //! - `membership`: member and cluster IDs, the member list.
 //! - `discovery`: etcd's v3 discovery (the initial cluster learned from another cluster).
-//! - [`lease`]: leases: state, renewals, expiry, checkpoints.
+//! - [`lease`]: the lease state (leases, TTLs, attached keys, deadlines), pure;
+//!   `lease_duties`: the leader's renewals, TTL queries, expiry and checkpoints.
+//! - `forwarded`: what followers forward to the leader over the peer service (promote, lease
+//!   keep-alives and TTLs), answered by the server.
 //! - [`auth`]: users, roles, permissions, tokens.
 //! - `alarm`: NOSPACE and CORRUPT alarms.
 //! - `watch`: the watch hub (synced watchers, catch-up from the store).
@@ -38,12 +41,14 @@ mod compactor;
 mod config;
 mod discovery;
 mod errors;
+mod forwarded;
 mod gateway;
 mod grpc_metrics;
 mod grpc_proxy;
 pub mod h2fix;
 mod http;
 pub mod lease;
+mod lease_duties;
 mod logging;
 mod member;
 mod membership;

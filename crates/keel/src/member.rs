@@ -12,7 +12,7 @@ use crate::apply::{Applier, State, Waiters};
 use crate::config::{self, split_urls, Config};
 use crate::membership::{Members, AUX_MEMBERS};
 use crate::server::Server;
-use crate::{alarm, api, auth, compactor, errors, gateway, grpc_metrics, http, lease, peer, serve, tls, watch};
+use crate::{alarm, api, auth, compactor, errors, forwarded, gateway, grpc_metrics, http, lease, lease_duties, peer, serve, tls, watch};
 use anyhow::{bail, Context, Result};
 use keel_mvcc::{SharedStore, Store};
 use keel_proto::etcdserverpb::auth_server::AuthServer;
@@ -147,7 +147,7 @@ impl Member {
                 node: self.node.clone(),
                 members: self.members.clone(),
                 snap_dir: Path::new(&cfg.snap_dir()).to_path_buf(),
-                forwarded: self.server.clone(),
+                forwarded: Arc::new(forwarded::Leader(self.server.clone())),
                 transport: self.transport.clone(),
                 max_snapshot_bytes: peer::snapshot_limit(cfg.quota_backend_bytes_reported()),
             })
@@ -279,7 +279,7 @@ impl Member {
             tokio::spawn(bootstrap_defrag(self.server.clone(), self.cfg.bootstrap_defrag_threshold_megabytes << 20));
         }
         tokio::spawn(compactor::run(self.server.clone(), auto_compaction));
-        tokio::spawn(lease::run(self.server.clone()));
+        tokio::spawn(lease_duties::run(self.server.clone()));
         tokio::select! {
             _ = wait_for_shutdown() => tracing::info!("received a stop signal; stopping"),
             _ = self.removed.notified() => tracing::warn!("this member was removed from the cluster; stopping"),

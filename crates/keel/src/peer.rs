@@ -33,6 +33,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// gRPC metadata carrying the sender's cluster ID (hex), checked by the receiver.
 const CLUSTER_ID_HEADER: &str = "x-etcd-cluster-id";
+/// The start of the gRPC message a peer gets when its certificate does not name the address it
+/// connects from (read back here to tell a refusal from a network failure).
+pub(crate) const PEER_CERT_REJECTED: &str = "peer certificate rejected";
 /// Largest message on the peer streams.
 pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 /// Raft messages queued per peer before new ones are dropped.
@@ -510,15 +513,8 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, rx: mpsc::Receiver<Vec<u8>>) {
 /// blackholed member must stay cut off (etcd's TestHTTPHealthHandler), not be reached over the
 /// reverse stream.
 fn refused_by_peer(why: &str) -> bool {
-    const SIGNS: [&str; 7] = [
-        crate::serve::PEER_CERT_REJECTED,
-        "BadCertificate",
-        "bad certificate",
-        "UnknownCA",
-        "unknown ca",
-        "CertificateRequired",
-        "certificate required",
-    ];
+    const SIGNS: [&str; 7] =
+        [PEER_CERT_REJECTED, "BadCertificate", "bad certificate", "UnknownCA", "unknown ca", "CertificateRequired", "certificate required"];
     SIGNS.iter().any(|s| why.contains(s))
 }
 

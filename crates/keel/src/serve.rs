@@ -292,7 +292,7 @@ pub async fn serve(
                                 tracing::warn!(remote_addr = %from, ip_addresses = ?ips, dns_names = ?dns, error = %e, "{}", endpoint.rejected());
                                 // Said to the peer, so that it knows it was refused (and sends
                                 // over the stream this member opens to it) rather than cut off.
-                                refuse(Box::new(s), format!("{PEER_CERT_REJECTED}: {e}")).await;
+                                refuse(Box::new(s), format!("{}: {e}", crate::peer::PEER_CERT_REJECTED)).await;
                                 return;
                             }
                         }
@@ -318,7 +318,7 @@ pub async fn serve(
             let svc =
                 TowerToHyperService::new(tower::ServiceExt::map_request(router, move |mut r: http::Request<hyper::body::Incoming>| {
                     if let Some(cn) = &cn {
-                        r.extensions_mut().insert(crate::server::PeerCommonName(cn.clone()));
+                        r.extensions_mut().insert(PeerCommonName(cn.clone()));
                     }
                     r
                 }));
@@ -330,9 +330,9 @@ pub async fn serve(
     }
 }
 
-/// The start of the gRPC message a peer gets when its certificate does not name the address it
-/// connects from ([`crate::peer`] reads it to tell a refusal from a network failure).
-pub(crate) const PEER_CERT_REJECTED: &str = "peer certificate rejected";
+/// The common name of a verified client certificate, put on each request of its connection.
+#[derive(Clone, Debug)]
+pub struct PeerCommonName(pub String);
 
 /// Answers every request on `io` with PERMISSION_DENIED and `why`, for a few seconds at most.
 async fn refuse(io: Box<dyn Io>, why: String) {

@@ -43,10 +43,6 @@ impl Drop for Proposing<'_> {
     }
 }
 
-/// The common name of a verified client certificate, put on each request of its connection.
-#[derive(Clone, Debug)]
-pub struct PeerCommonName(pub String);
-
 impl Server {
     pub fn new(cfg: Config, member_id: u64, cluster_id: u64, state: State, node: NodeHandle) -> Arc<Server> {
         // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
@@ -225,7 +221,7 @@ impl Server {
             return self.state.tokens.info(t, rev).ok_or_else(|| errors::auth(AuthError::InvalidToken));
         }
         if self.cfg.client_cert_auth {
-            if let Some(cn) = ext.get::<PeerCommonName>() {
+            if let Some(cn) = ext.get::<crate::serve::PeerCommonName>() {
                 return Ok(AuthInfo { username: cn.0.clone(), revision: self.auth().revision() });
             }
         }
@@ -397,7 +393,7 @@ impl Server {
         }
     }
 
-    fn leading(&self) -> Result<(), Status> {
+    pub fn leading(&self) -> Result<(), Status> {
         if self.raft().is_leader() {
             Ok(())
         } else {
@@ -429,27 +425,5 @@ impl Server {
                 Err(errors::timeout())
             }
         }
-    }
-}
-
-#[tonic::async_trait]
-impl crate::peer::Forwarded for Server {
-    async fn promote(&self, id: u64) -> Result<keel_proto::etcdserverpb::MemberPromoteResponse, Status> {
-        let members = self.promote_learner(id).await?;
-        Ok(keel_proto::etcdserverpb::MemberPromoteResponse { header: self.header(0), members })
-    }
-
-    fn lease_renew(&self, id: i64) -> Result<keel_proto::etcdserverpb::LeaseKeepAliveResponse, Status> {
-        self.leading()?;
-        let ttl = crate::lease::leader::renew_here(self, id);
-        Ok(keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: self.header(self.store().current_rev()), id, ttl })
-    }
-
-    fn lease_time_to_live(
-        &self,
-        r: &keel_proto::etcdserverpb::LeaseTimeToLiveRequest,
-    ) -> Result<keel_proto::etcdserverpb::LeaseTimeToLiveResponse, Status> {
-        self.leading()?;
-        Ok(crate::lease::leader::local_time_to_live(self, r))
     }
 }

@@ -94,7 +94,7 @@ impl Concurrency {
             every.tick().await;
             loop {
                 every.tick().await;
-                if let Err(e) = crate::lease::renew(&server, &transport, id).await {
+                if let Err(e) = crate::lease_duties::renew(&server, &transport, id).await {
                     tracing::debug!(lease = id, error = %e, "session lease keep-alive failed");
                 }
             }

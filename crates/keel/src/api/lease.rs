@@ -3,7 +3,8 @@
 
 use crate::apply::Applied;
 use crate::errors;
-use crate::lease::{renew, time_to_live, MAX_TTL};
+use crate::lease::MAX_TTL;
+use crate::lease_duties::{renew, time_to_live};
 use crate::peer::PeerTransport;
 use crate::server::Server;
 use keel_proto::etcdserverpb::lease_server::Lease;

@@ -1,4 +1,6 @@
-//! The leader's lease duties: renewals, TTL queries, expiry and checkpoints.
+//! The leader's lease duties: renewals, TTL queries, expiry and checkpoints (the lease state
+//! itself is [`crate::lease`]'s). Calls the server to propose and read, the peer transport to
+//! forward to the leader.
 //!
 //! Renewals change only the leader's in-memory deadline; [`run`] batches what they changed into
 //! one checkpoint entry per [`CHECKPOINT_INTERVAL`]. A follower forwards keep-alives and TTL

@@ -1,0 +1,30 @@
+//! What another member forwards to this one over the peer service (the requests only the leader
+//! can answer), answered by the server: the peer transport knows nothing of the client API.
+//! Calls the server and the lease duties.
+
+use crate::server::Server;
+use keel_proto::etcdserverpb::{LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, MemberPromoteResponse};
+use std::sync::Arc;
+use tonic::Status;
+
+/// This member, as the leader its followers forward to.
+pub struct Leader(pub Arc<Server>);
+
+#[tonic::async_trait]
+impl crate::peer::Forwarded for Leader {
+    async fn promote(&self, id: u64) -> Result<MemberPromoteResponse, Status> {
+        let members = self.0.promote_learner(id).await?;
+        Ok(MemberPromoteResponse { header: self.0.header(0), members })
+    }
+
+    fn lease_renew(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+        self.0.leading()?;
+        let ttl = crate::lease_duties::renew_here(&self.0, id);
+        Ok(LeaseKeepAliveResponse { header: self.0.header(self.0.store().current_rev()), id, ttl })
+    }
+
+    fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status> {
+        self.0.leading()?;
+        Ok(crate::lease_duties::local_time_to_live(&self.0, r))
+    }
+}
