@@ -23,6 +23,8 @@ scripts/etcd-ref.sh v3.6.16 >/dev/null
 # No dependency with a known advisory (cargo-deny, offline, against the RustSec snapshot in
 # third_party/advisory-db; exceptions with reasons in deny.toml).
 scripts/advisories.sh
+# No import circle among any crate's modules.
+scripts/modcycles.sh
 cargo build --release --workspace
 cargo test --release --workspace
 scripts/e2e.sh

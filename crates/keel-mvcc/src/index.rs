@@ -211,17 +211,40 @@ impl Index {
     /// them.
     pub fn compact(&mut self, at: i64) -> Vec<Change> {
         let mut dropped = Vec::new();
-        self.keys.retain(|_, h| {
+        let mut from = Some(Vec::new());
+        while let Some(f) = from {
+            from = self.compact_batch(at, &f, usize::MAX, &mut dropped);
+        }
+        dropped
+    }
+
+    /// Compacts the histories of at most `limit` keys from `from` on (in key order) up to `at`,
+    /// adding the changes it drops to `dropped`. Returns the key to go on from, None when every
+    /// key after `from` is done. Keys not reached yet keep revisions older than `at`, which no
+    /// read at or after `at` sees.
+    pub fn compact_batch(&mut self, at: i64, from: &[u8], limit: usize, dropped: &mut Vec<Change>) -> Option<Vec<u8>> {
+        let mut emptied = Vec::new();
+        let mut next = None;
+        for (n, (k, h)) in self.keys.range_mut::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded)).enumerate() {
+            if n == limit {
+                next = Some(k.to_vec());
+                break;
+            }
             let pos = h.changes.partition_point(|c| c.rev.main <= at);
             if pos == 0 {
-                return true;
+                continue;
             }
             let newest = h.changes[pos - 1];
             let cut = if newest.tombstone && newest.rev.main != at { pos } else { pos - 1 };
             dropped.extend(h.changes.drain(..cut));
-            !h.changes.is_empty()
-        });
-        dropped
+            if h.changes.is_empty() {
+                emptied.push(k.clone());
+            }
+        }
+        for k in emptied {
+            self.keys.remove(&k);
+        }
+        next
     }
 
     /// Number of live keys.

@@ -54,7 +54,12 @@ pub struct Store {
     defrag: Option<DefragTail>,
     /// Bytes of the key table's records (keys and values) that the backend holds or will hold.
     data_bytes: u64,
+    /// A compaction under way: its revision and the key its next batch starts at.
+    compacting: Option<(i64, Vec<u8>)>,
 }
+
+/// Keys whose histories one compaction batch goes through (etcd's compaction batch limit).
+pub const COMPACTION_BATCH: usize = 1000;
 
 /// Most records a defragmentation buffers from concurrent commits before it gives up.
 const DEFRAG_TAIL_LIMIT: usize = 2_000_000;
@@ -131,6 +136,9 @@ impl Store {
             last_commit: Instant::now(),
             defrag: None,
             data_bytes,
+            // A compaction a crash interrupted (or one at the last start) goes on from the start:
+            // its batches are idempotent.
+            compacting: (meta.compacted_rev > 0).then(|| (meta.compacted_rev, Vec::new())),
         })
     }
 
@@ -520,8 +528,11 @@ impl Store {
         self.plan_hash_kv(rev)?.run()
     }
 
-    /// Compacts history up to `rev`: drops superseded revisions from index and backend.
-    pub fn compact(&mut self, rev: i64) -> Result<usize, KvError> {
+    /// Compacts history up to `rev`: from now on no read sees a revision older than `rev`, and
+    /// the superseded revisions are dropped from index and backend by [`Store::compact_step`],
+    /// [`COMPACTION_BATCH`] keys at a time (each batch under the caller's write lock, readers
+    /// and writers in between), as etcd deletes in batches.
+    pub fn compact(&mut self, rev: i64) -> Result<(), KvError> {
         if rev <= self.meta.compacted_rev {
             return Err(KvError::Compacted);
         }
@@ -530,14 +541,32 @@ impl Store {
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("mvcc::compact", |_| std::process::abort());
-        let dropped: Vec<Change> = self.index.compact(rev);
+        self.meta.compacted_rev = rev;
+        // A newer compaction covers what an unfinished older one had left: start over at it.
+        self.compacting = Some((rev, Vec::new()));
+        tracing::info!(compact_revision = rev, "mvcc: compaction scheduled");
+        Ok(())
+    }
+
+    /// True while a compaction has batches left.
+    pub fn compacting(&self) -> bool {
+        self.compacting.is_some()
+    }
+
+    /// Runs one batch of the compaction under way, if any; returns the revisions it dropped.
+    pub fn compact_step(&mut self) -> usize {
+        let Some((rev, from)) = self.compacting.take() else { return 0 };
+        let mut dropped: Vec<Change> = Vec::new();
+        let next = self.index.compact_batch(rev, &from, COMPACTION_BATCH, &mut dropped);
         for c in &dropped {
             self.pending.insert(c.rev.to_key(c.tombstone), None);
             self.data_bytes = self.data_bytes.saturating_sub(c.size as u64);
         }
-        self.meta.compacted_rev = rev;
-        tracing::info!(compact_revision = rev, removed = dropped.len(), "mvcc: compacted");
-        Ok(dropped.len())
+        match next {
+            Some(k) => self.compacting = Some((rev, k)),
+            None => tracing::info!(compact_revision = rev, "mvcc: finished scheduled compaction"),
+        }
+        dropped.len()
     }
 }
 

@@ -3,8 +3,9 @@
 //!
 //! Owns the state machine, the applied index (published in [`NodeStatus`]), the reads waiting
 //! for the apply to reach their index, and the decision to take a local snapshot. The raft
-//! thread hands it [`Task`]s through a bounded queue (a full queue makes the raft thread wait:
-//! backpressure) and waits for it only to install a snapshot from the leader. It tells the raft
+//! thread hands it [`Task`]s through a bounded queue (what a full queue cannot take waits in the
+//! [`Stage`]'s backlog on the raft side, so the raft thread goes on ticking) and waits for it
+//! only to install a snapshot from the leader. It tells the raft
 //! thread about the snapshots it took through an unbounded channel of [`Event`]s, which the raft
 //! thread drains on every turn of its loop. It never touches raft itself.
 //!
@@ -526,19 +527,23 @@ mod tests {
     fn a_snapshot_is_taken_every_snapshot_count_entries() {
         let sm = Recorder::default();
         let (mut st, _status) = stage(sm.clone(), 64, 5);
-        assert!(st.send(Task::Entries((1..=12).map(entry).collect())));
-        let (r, rx) = oneshot::channel();
-        assert!(st.send(Task::Reads { index: 12, senders: vec![r], confirmed: Instant::now() }));
-        rx.blocking_recv().unwrap().unwrap();
+        // One entry per task, each applied before the next is sent: a snapshot is due once more
+        // than 5 entries were applied since the last, and taken then, not at stop.
+        let mut snaps = Vec::new();
+        for i in 1..=12 {
+            assert!(st.send(Task::Entries(vec![entry(i)])));
+            let (r, rx) = oneshot::channel();
+            assert!(st.send(Task::Reads { index: i, senders: vec![r], confirmed: Instant::now() }));
+            rx.blocking_recv().unwrap().unwrap();
+            let syncs_before = sm.seen().iter().filter(|s| *s == "sync").count();
+            for e in st.events() {
+                let Event::Snapshot(s) = e;
+                snaps.push((s.get_metadata().index, syncs_before));
+            }
+        }
+        let at: Vec<u64> = snaps.iter().map(|(i, _)| *i).collect();
+        assert_eq!(at, [6, 12], "a snapshot every 5 entries past the last one");
+        assert!(snaps.iter().enumerate().all(|(n, (_, syncs))| *syncs > n), "made durable before each snapshot: {snaps:?}");
         st.stop();
-        let snaps: Vec<u64> = st
-            .events()
-            .into_iter()
-            .map(|e| match e {
-                Event::Snapshot(s) => s.get_metadata().index,
-            })
-            .collect();
-        assert!(!snaps.is_empty() && snaps.iter().all(|i| *i > 5), "snapshots after more than 5 entries: {snaps:?}");
-        assert!(sm.seen().iter().any(|s| s == "sync"), "the state machine is made durable before a snapshot");
     }
 }

@@ -2,7 +2,7 @@
 //! list, then wakes the caller waiting for that entry.
 //!
 //! Owns nothing but references: the store and members are shared with the read path.
-//! Called by keel-raft's node thread only.
+//! Called by keel-raft's apply stage only (its own thread, apart from the raft thread).
 
 use crate::alarm::Alarms;
 use crate::auth::{AuthError, AuthInfo, AuthStore, Perm, Tokens};
@@ -305,6 +305,19 @@ impl Applier {
         self.store.write()
     }
 
+    /// One batch of the compaction under way (the write lock held for it alone); false when
+    /// none is left.
+    fn compact_batch(&self) -> bool {
+        let mut store = self.store_mut();
+        if !store.compacting() {
+            return false;
+        }
+        let t0 = std::time::Instant::now();
+        store.compact_step();
+        keel_metrics::METRICS.db_compaction_pause.observe(t0.elapsed().as_secs_f64() * 1000.0);
+        store.compacting()
+    }
+
     fn lessor(&self) -> parking_lot::MutexGuard<'_, Lessor> {
         self.lessor.lock()
     }
@@ -479,7 +492,6 @@ impl Applier {
                 let m = &keel_metrics::METRICS;
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 m.index_compaction_pause.observe(ms);
-                m.db_compaction_pause.observe(ms);
                 m.db_compaction_total.observe(ms);
                 m.db_compaction_last
                     .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
@@ -572,6 +584,10 @@ impl Applier {
 
 /// An apply slower than this is logged and counted, as etcd's "apply request took too long".
 const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Time spent on compaction batches per maintenance turn of the apply stage (each batch is
+/// [`keel_mvcc::store::COMPACTION_BATCH`] keys under the write lock; writes and reads go on in
+/// between, and the next turn comes after the next batch of entries or the next tick).
+const COMPACTION_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The request's name in `etcd_server_apply_duration_seconds{op}`, as etcd names it.
 fn op_name(r: &Request) -> &'static str {
@@ -640,6 +656,9 @@ impl keel_raft::StateMachine for Applier {
         store.set_consistent_index(entry.index, entry.term);
         drop(store);
         if self.commit_now.take() {
+            // A physical compaction: every batch done (each under the write lock on its own,
+            // readers in between), then made durable, before the caller is answered.
+            while self.compact_batch() {}
             if let Err(e) = self.store.commit() {
                 fatal("backend commit failed", e);
             }
@@ -751,6 +770,9 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn maintain(&mut self) {
+        // A compaction's batches run here, a slice at a time, with the store free in between.
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < COMPACTION_SLICE && self.compact_batch() {}
         if let Err(e) = self.store.commit_if_due() {
             fatal("backend commit failed", e);
         }

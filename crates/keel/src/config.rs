@@ -535,6 +535,11 @@ fn normalize_args(args: Vec<String>) -> (Vec<String>, Vec<String>) {
             Some((n, _)) => (n.to_string(), true),
             None => (body.clone(), false),
         };
+        if name == "h" && !has_value {
+            // etcd's `-h`: the usage, not a server.
+            out.push("--help".to_string());
+            continue;
+        }
         if known.contains(&name) {
             match it.peek() {
                 Some(next) if !has_value && valued.contains(&name) => {
@@ -565,6 +570,16 @@ mod tests {
         let mut v = vec!["keel".to_string()];
         v.extend(a.iter().map(|s| s.to_string()));
         Config::parse_from_args(v).expect("parse")
+    }
+
+    /// `-h` and `--h` print the usage as etcd does (they were ignored as unknown flags and a
+    /// server started).
+    #[test]
+    fn dash_h_asks_for_the_usage() {
+        for h in ["-h", "--h", "-help", "--help"] {
+            let e = Config::parse_from_args(vec!["keel".to_string(), h.to_string()]).expect_err(h);
+            assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{h}");
+        }
     }
 
     /// Go's flag package takes the next argument as a number flag's value even when it starts

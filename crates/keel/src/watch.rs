@@ -584,7 +584,13 @@ mod tests {
         let _handle = hub.watch((7, 0), spec, 1, tx).map_err(|_| ()).unwrap();
         // History moves on and is compacted past where the catch-up is.
         put(5);
-        store.write().compact(8).unwrap();
+        {
+            let mut s = store.write();
+            s.compact(8).unwrap();
+            while s.compacting() {
+                s.compact_step();
+            }
+        }
         let mut compacted = None;
         while let Some(r) = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap() {
             if r.canceled {

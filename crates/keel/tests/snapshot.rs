@@ -1,4 +1,5 @@
-//! Snapshots every --snapshot-count applied entries, and recovery from snapshot + WAL.
+//! Snapshots every --snapshot-count applied entries, and recovery from snapshot + WAL once the
+//! WAL before the snapshot is gone (it is released when a later segment holds the snapshot).
 
 mod common;
 
@@ -16,20 +17,33 @@ async fn snapshots_are_taken_and_recovered_from() {
     for i in 0..300 {
         kv.put(PutRequest { key: format!("s{i:04}").into(), value: format!("{i}").into(), ..Default::default() }).await.unwrap();
     }
+    // Past one 64 MB WAL segment, so that the first one is released after a snapshot and the
+    // restart below cannot replay the log from its beginning.
+    for i in 0..70u8 {
+        kv.put(PutRequest { key: b"big".to_vec(), value: vec![i; 1 << 20], ..Default::default() }).await.unwrap();
+    }
+    for i in 0..60 {
+        kv.put(PutRequest { key: format!("t{i:04}").into(), value: b"x".to_vec(), ..Default::default() }).await.unwrap();
+    }
+    let segs = wal_segments(&dir);
+    let first = segs.first().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    assert!(!first.starts_with("0000000000000000-"), "the first WAL segment was not released: {segs:?}");
     let snaps: Vec<_> = std::fs::read_dir(dir.join("member/snap"))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
         .collect();
-    assert!(!snaps.is_empty(), "no snapshot file after 300 entries with --snapshot-count 50");
+    assert!(!snaps.is_empty(), "no snapshot file after 430 entries with --snapshot-count 50");
     assert!(snaps.len() <= 5, "old snapshot files are not purged: {}", snaps.len());
     p.sigkill();
 
     let mut p2 = start(&keel_bin(), &dir, cp, pp, &["--snapshot-count", "50"]);
     assert!(p2.wait_ready(), "{}", p2.log_text());
     let mut kv = p2.kv().await;
-    let r = kv.range(RangeRequest { key: b"s".to_vec(), range_end: b"t".to_vec(), ..Default::default() }).await.unwrap().into_inner();
-    assert_eq!(r.count, 300);
+    let r = kv.range(RangeRequest { key: b"s".to_vec(), range_end: b"u".to_vec(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(r.count, 300 + 60);
+    let big = kv.range(RangeRequest { key: b"big".to_vec(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(big.kvs[0].value, vec![69u8; 1 << 20]);
     let rev = r.header.unwrap().revision;
     let put = kv.put(PutRequest { key: b"after".to_vec(), value: b"x".to_vec(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(put.header.unwrap().revision, rev + 1, "revision continues after recovery");

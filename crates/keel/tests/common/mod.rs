@@ -77,8 +77,10 @@ impl Proc {
         s
     }
 
-    /// Waits for the server's "ready to serve client requests" line, or for it to exit.
-    /// Returns false if it exited; panics after 30 s.
+    /// Waits until the server serves clients, or for it to exit. Returns false if it exited;
+    /// panics after 30 s. Serving is observed (an HTTP answer on a plain client URL: the client
+    /// ports answer only once the member has published itself, as etcd's), or, for TLS and unix
+    /// URLs, read from its "ready to serve client requests" line.
     pub fn wait_ready(&mut self) -> bool {
         match self.wait_ready_for(Duration::from_secs(30)) {
             Some(ready) => ready,
@@ -90,7 +92,7 @@ impl Proc {
     pub fn wait_ready_for(&mut self, limit: Duration) -> Option<bool> {
         let deadline = Instant::now() + limit;
         loop {
-            if self.log_text().contains("ready to serve client requests") {
+            if self.answers_http() || self.log_text().contains("ready to serve client requests") {
                 return Some(true);
             }
             if let Some(c) = self.child.as_mut() {
@@ -103,6 +105,20 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// True when the plain HTTP client URL answers a request (any status).
+    fn answers_http(&self) -> bool {
+        use std::io::Write;
+        let Some(addr) = self.url.strip_prefix("http://") else { return false };
+        let Ok(sa) = addr.parse::<std::net::SocketAddr>() else { return false };
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(200)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+        if write!(s, "GET /version HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.")
     }
 
     /// Waits for the process to exit and returns its exit code.
