@@ -225,15 +225,8 @@ impl Cluster {
 
 /// The sum of every series of counter or gauge `family` on `client_url`'s `/metrics`.
 fn metric_sum(client_url: &str, family: &str) -> f64 {
-    use std::io::{Read, Write};
-    let addr = client_url.trim_start_matches("http://");
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0.0 };
-    if write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
-        return 0.0;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.lines()
+    http_get(client_url, "/metrics")
+        .lines()
         .filter(|l| l.strip_prefix(family).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum()

@@ -14,7 +14,6 @@ use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::path::Path;
 use tonic::transport::Channel;
 
@@ -35,16 +34,6 @@ struct Family {
     buckets: BTreeSet<String>,
     /// (grpc_service, grpc_method) pairs seen in the family's series.
     methods: BTreeSet<(String, String)>,
-}
-
-/// A plain HTTP/1.0 GET; the body.
-fn http_get(url: &str, path: &str) -> String {
-    let addr = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
 
 /// The families of a Prometheus text exposition, merged into `into`.

@@ -173,6 +173,17 @@ impl Drop for Proc {
     }
 }
 
+/// A plain HTTP/1.0 GET of `path` on a plain client URL; the body.
+pub fn http_get(url: &str, path: &str) -> String {
+    use std::io::Write;
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
 /// The WAL segments of a data dir, oldest first.
 pub fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir.join("member/wal"))
