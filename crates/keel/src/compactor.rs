@@ -92,7 +92,7 @@ pub async fn run(s: Arc<Server>, policy: Policy) {
         let Some(rev) = target.filter(|r| *r > compacted && *r > 0 && leader) else { continue };
         match s.propose(Request::Compaction(CompactionRequest { revision: rev, physical: false })).await {
             Ok(_) => tracing::info!(revision = rev, policy = %desc, "completed auto compaction"),
-            Err(e) => tracing::warn!(revision = rev, error = %e.message(), "auto compaction failed"),
+            Err(e) => tracing::warn!(revision = rev, error = %e, "auto compaction failed"),
         }
     }
 }

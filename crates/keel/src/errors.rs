@@ -1,5 +1,6 @@
 //! etcd's gRPC errors: the same codes and messages (`api/v3rpc/rpctypes`).
 
+use crate::error::Error;
 use keel_mvcc::KvError;
 use keel_raft::ProposeError;
 use tonic::{Code, Status};
@@ -119,6 +120,32 @@ pub fn kv(e: KvError) -> Status {
     }
 }
 
+/// A server error in etcd's gRPC form (code and message, as `api/v3rpc/rpctypes` gives them).
+pub fn status(e: Error) -> Status {
+    match e {
+        Error::Kv(e) => kv(e),
+        Error::Lease(e) => lease(e),
+        Error::Auth(e) => auth(e),
+        Error::Propose(e) => propose(e),
+        Error::Stopped => stopped(),
+        Error::Timeout => timeout(),
+        Error::LeaderChanged => timeout_leader_fail(),
+        Error::TooManyRequests => too_many_requests(),
+        Error::RequestTooLarge => request_too_large(),
+        Error::NoSpace => no_space(),
+        Error::Corrupt => corrupt(),
+        Error::ConfChangeRefused => conf_change_refused(),
+        Error::Learner => learner(),
+        Error::NotLeader => not_leader(),
+        Error::NoLeader => no_leader(),
+        Error::MemberNotFound => member_not_found(),
+        Error::NotLearner => not_learner(),
+        Error::LearnerNotReady => learner_not_ready(),
+        Error::Forwarded(s) => s,
+        Error::Internal(m) => Status::internal(format!("etcdserver: {m}")),
+    }
+}
+
 /// gRPC-Go's answer to a message over the size limit (what etcd clients see), from tonic's
 /// ("Error, decoded message length too large: found N bytes, the limit is: M bytes", OutOfRange).
 pub fn oversized_message(tonic_message: &str) -> Option<(Code, String)> {
@@ -202,5 +229,24 @@ mod tests {
         );
         assert_eq!(oversized_message("etcdserver: request is too large"), None);
         assert_eq!(percent_decode("a%20b%"), "a b%");
+    }
+
+    #[test]
+    fn server_errors_carry_etcds_codes_and_messages() {
+        let cases = [
+            (Error::LeaderChanged, Code::Unavailable, "etcdserver: request timed out, possibly due to previous leader failure"),
+            (Error::Stopped, Code::Unavailable, "etcdserver: server stopped"),
+            (Error::NoSpace, Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
+            (Error::Kv(KvError::Compacted), Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+            (Error::Lease(crate::lease::LeaseError::NotFound), Code::NotFound, "etcdserver: requested lease not found"),
+            (Error::Auth(crate::auth::AuthError::PermissionDenied), Code::PermissionDenied, "etcdserver: permission denied"),
+            (Error::Propose(ProposeError::Busy), Code::ResourceExhausted, "etcdserver: too many requests"),
+            (Error::Learner, Code::FailedPrecondition, "etcdserver: rpc not supported for learner"),
+            (Error::Forwarded(Status::unavailable("etcdserver: not leader")), Code::Unavailable, "etcdserver: not leader"),
+        ];
+        for (e, code, msg) in cases {
+            let s = status(e);
+            assert_eq!((s.code(), s.message()), (code, msg));
+        }
     }
 }

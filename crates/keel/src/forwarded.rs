@@ -13,18 +13,30 @@ pub struct Leader(pub Arc<Server>);
 #[tonic::async_trait]
 impl crate::peer::Forwarded for Leader {
     async fn promote(&self, id: u64) -> Result<MemberPromoteResponse, Status> {
-        let members = self.0.promote_learner(id).await?;
+        let members = self.0.promote_learner(id).await.map_err(crate::errors::status)?;
         Ok(MemberPromoteResponse { header: self.0.header(0), members })
     }
 
     fn lease_renew(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
-        self.0.leading()?;
+        self.leading()?;
         let ttl = crate::lease_duties::renew_here(&self.0, id);
         Ok(LeaseKeepAliveResponse { header: self.0.header(self.0.store().current_rev()), id, ttl })
     }
 
     fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status> {
-        self.0.leading()?;
+        self.leading()?;
         Ok(crate::lease_duties::local_time_to_live(&self.0, r))
+    }
+}
+
+impl Leader {
+    /// Only the leader answers what followers forward (a follower that still thinks this member
+    /// leads retries elsewhere).
+    fn leading(&self) -> Result<(), Status> {
+        if self.0.raft().is_leader() {
+            Ok(())
+        } else {
+            Err(Status::unavailable("etcdserver: not leader"))
+        }
     }
 }

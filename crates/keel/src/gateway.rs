@@ -242,7 +242,7 @@ async fn keep_alive(g: &Gateway, body: Bytes) -> Response {
             let resp = keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: g.lease.server.header(rev), id: req.id, ttl };
             ([(header::CONTENT_TYPE, "application/json")], result_line(&resp)).into_response()
         }
-        Err(e) => error(e),
+        Err(e) => error(crate::errors::status(e)),
     }
 }
 
@@ -257,7 +257,9 @@ async fn watch(g: &Gateway, body: Bytes, token: &Token, permit: tokio::sync::Own
     };
     let server = &g.kv.server;
     let caller = with_token((), token);
-    if let Err(e) = server.caller(&caller).and_then(|who| server.check_read(&who, &c.key, &c.range_end)) {
+    if let Err(e) =
+        crate::api::caller(server, &caller).and_then(|who| server.check_read(&who, &c.key, &c.range_end).map_err(crate::errors::status))
+    {
         return error(e);
     }
     let spec = Spec::from_create(&c);

@@ -82,7 +82,7 @@ async fn read_check(s: &Server, serializable: bool) -> Result<(), String> {
         return Err("etcdserver: server stopped".into());
     }
     if !serializable {
-        s.linearizable_barrier().await.map_err(|e| e.message().to_string())?;
+        s.linearizable_barrier().await.map_err(|e| crate::errors::status(e).message().to_string())?;
     }
     let r = RangeRequest { key: b"health".to_vec(), limit: 1, keys_only: true, ..Default::default() };
     keel_mvcc::kv::range(&s.store(), &r).map(|_| ()).map_err(|e| e.to_string())

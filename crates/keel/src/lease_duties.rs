@@ -6,7 +6,7 @@
 //! one checkpoint entry per [`CHECKPOINT_INTERVAL`]. A follower forwards keep-alives and TTL
 //! queries to the leader (the peer transport keeps one channel to it).
 
-use crate::errors;
+use crate::error::Error;
 use crate::peer::PeerTransport;
 use crate::server::Server;
 use keel_proto::etcdserverpb::{LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
@@ -14,7 +14,6 @@ use keel_proto::keelpb::internal_request::Request as Internal;
 use keel_proto::keelpb::{LeaseCheckpoints, LeaseRemaining};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::Status;
 
 /// How often renewals are checkpointed through raft (one entry for all of them).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
@@ -25,15 +24,15 @@ const REVOKES_PER_TURN: usize = 100;
 
 /// Keep-alive: renewed in this member's memory if it leads, else on the leader. Returns the
 /// lease's TTL (0: no such lease, as etcd answers).
-pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Result<i64, Status> {
+pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Result<i64, Error> {
     if server.raft().is_leader() {
         return Ok(renew_here(server, id));
     }
     let leader = server.raft().leader();
     if leader == 0 {
-        return Err(errors::no_leader());
+        return Err(Error::NoLeader);
     }
-    transport.forward_lease_renew(leader, id).await
+    transport.forward_lease_renew(leader, id).await.map_err(Error::Forwarded)
 }
 
 /// Renews a lease in this (leading) member's lessor: its TTL, or 0 when it is gone. The
@@ -47,19 +46,15 @@ pub fn renew_here(server: &Server, id: i64) -> i64 {
 }
 
 /// TTL query on this member if it leads, else on the leader.
-pub async fn time_to_live(
-    server: &Server,
-    transport: &PeerTransport,
-    r: LeaseTimeToLiveRequest,
-) -> Result<LeaseTimeToLiveResponse, Status> {
+pub async fn time_to_live(server: &Server, transport: &PeerTransport, r: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Error> {
     if server.raft().is_leader() {
         return Ok(local_time_to_live(server, &r));
     }
     let leader = server.raft().leader();
     if leader == 0 {
-        return Err(errors::no_leader());
+        return Err(Error::NoLeader);
     }
-    transport.forward_lease_ttl(leader, r).await
+    transport.forward_lease_ttl(leader, r).await.map_err(Error::Forwarded)
 }
 
 /// The leader's answer to a TTL query; TTL -1 for a lease that does not exist.
@@ -113,7 +108,7 @@ pub async fn run(server: Arc<Server>) {
                 let s = server.clone();
                 inflight = Some(tokio::spawn(async move {
                     if let Err(e) = s.propose(Internal::LeaseCheckpoint(LeaseCheckpoints { leases })).await {
-                        tracing::debug!(error = %e.message(), "lease checkpoint failed; the next refresh carries it");
+                        tracing::debug!(error = %e, "lease checkpoint failed; the next refresh carries it");
                     }
                 }));
             }
@@ -124,8 +119,8 @@ pub async fn run(server: Arc<Server>) {
             let s = server.clone();
             tokio::spawn(async move {
                 if let Err(e) = s.propose(Internal::LeaseRevoke(LeaseRevokeRequest { id })).await {
-                    if e.code() != tonic::Code::NotFound {
-                        tracing::warn!(lease = format!("{id:x}"), error = %e.message(), "failed to revoke an expired lease; will retry");
+                    if !matches!(e, Error::Lease(crate::lease::LeaseError::NotFound)) {
+                        tracing::warn!(lease = format!("{id:x}"), error = %e, "failed to revoke an expired lease; will retry");
                     }
                 }
             });

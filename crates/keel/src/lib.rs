@@ -40,6 +40,7 @@ pub mod auth;
 mod compactor;
 mod config;
 mod discovery;
+mod error;
 mod errors;
 mod forwarded;
 mod gateway;

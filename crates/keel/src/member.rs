@@ -617,7 +617,7 @@ async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
         match server.propose(Request::MemberAttributes(attrs.clone())).await {
             Ok(_) => break,
             Err(e) => {
-                tracing::warn!(error = %e.message(), "failed to publish local member to cluster through raft; retrying");
+                tracing::warn!(error = %e, "failed to publish local member to cluster through raft; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }

@@ -7,7 +7,7 @@ use crate::alarm::Alarms;
 use crate::apply::{Applied, State};
 use crate::auth::{AuthError, AuthInfo, AuthStore, Tokens};
 use crate::config::Config;
-use crate::errors;
+use crate::error::Error;
 use crate::lease::Lessor;
 use crate::membership::Members;
 use keel_mvcc::Store;
@@ -19,7 +19,6 @@ use parking_lot::{MutexGuard, RwLockReadGuard};
 use prost::Message;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tonic::Status;
 
 pub struct Server {
     cfg: Config,
@@ -144,8 +143,8 @@ impl Server {
     }
 
     /// Asks raft to hand leadership to `to` (the caller waits for it to show in [`Self::raft`]).
-    pub fn transfer_leader(&self, to: u64) -> Result<(), Status> {
-        self.node.transfer_leader(to).map_err(errors::propose)
+    pub fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        self.node.transfer_leader(to).map_err(Error::Propose)
     }
 
     /// What a `/metrics` scrape reports of this member now.
@@ -210,37 +209,29 @@ impl Server {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Who sent a client request: the user of its token (`token` metadata, or `authorization` as
-    /// etcd's gateway sends it), else the common name of its verified client certificate when
-    /// `--client-cert-auth` is on, else nobody (an empty [`AuthInfo`]).
-    pub fn auth_info(&self, md: &tonic::metadata::MetadataMap, ext: &http::Extensions) -> Result<AuthInfo, Status> {
-        let token = md.get("token").or_else(|| md.get("authorization"));
+    /// Who sent a client request: the user of its token, else the common name of its verified
+    /// client certificate when `--client-cert-auth` is on, else nobody (an empty [`AuthInfo`]).
+    pub fn auth_info(&self, token: Option<&str>, cert_common_name: Option<&str>) -> Result<AuthInfo, Error> {
         if let Some(t) = token {
-            let t = t.to_str().map_err(|_| errors::auth(AuthError::InvalidToken))?;
             let rev = self.auth().revision();
-            return self.state.tokens.info(t, rev).ok_or_else(|| errors::auth(AuthError::InvalidToken));
+            return self.state.tokens.info(t, rev).ok_or(Error::Auth(AuthError::InvalidToken));
         }
         if self.cfg.client_cert_auth {
-            if let Some(cn) = ext.get::<crate::serve::PeerCommonName>() {
-                return Ok(AuthInfo { username: cn.0.clone(), revision: self.auth().revision() });
+            if let Some(cn) = cert_common_name {
+                return Ok(AuthInfo { username: cn.to_string(), revision: self.auth().revision() });
             }
         }
         Ok(AuthInfo::default())
     }
 
-    /// [`Self::auth_info`] of a tonic request.
-    pub fn caller<T>(&self, req: &tonic::Request<T>) -> Result<AuthInfo, Status> {
-        self.auth_info(req.metadata(), req.extensions())
-    }
-
     /// Fails unless the caller may administer the cluster (root role), when auth is on.
-    pub fn check_admin(&self, who: &AuthInfo) -> Result<(), Status> {
-        self.auth().check_admin(who).map_err(errors::auth)
+    pub fn check_admin(&self, who: &AuthInfo) -> Result<(), Error> {
+        self.auth().check_admin(who).map_err(Error::Auth)
     }
 
     /// Fails unless the caller may read `key`..`range_end`, when auth is on.
-    pub fn check_read(&self, who: &AuthInfo, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
-        self.auth().check(who, key, range_end, crate::auth::Perm::Read).map_err(errors::auth)
+    pub fn check_read(&self, who: &AuthInfo, key: &[u8], range_end: &[u8]) -> Result<(), Error> {
+        self.auth().check(who, key, range_end, crate::auth::Perm::Read).map_err(Error::Auth)
     }
 
     pub fn alarms(&self) -> RwLockReadGuard<'_, Alarms> {
@@ -255,7 +246,7 @@ impl Server {
 
     /// etcd's quota check before a write that adds `cost` bytes: when the data would not fit,
     /// raise the NOSPACE alarm for this member and fail with etcd's error.
-    pub async fn check_quota(&self, cost: u64) -> Result<(), Status> {
+    pub async fn check_quota(&self, cost: u64) -> Result<(), Error> {
         let Some(quota) = self.quota_bytes() else { return Ok(()) };
         if cost == 0 || self.store().data_size() + cost < quota {
             return Ok(());
@@ -268,7 +259,7 @@ impl Server {
         if let Err(e) = self.propose(Request::Alarm(req)).await {
             tracing::warn!(error = %e, "could not raise the NOSPACE alarm");
         }
-        Err(errors::no_space())
+        Err(Error::NoSpace)
     }
 
     pub fn members(&self) -> RwLockReadGuard<'_, Members> {
@@ -282,30 +273,30 @@ impl Server {
 
     /// Proposes the member's own request `req` (not permission-checked) and waits until it is
     /// applied on this member.
-    pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Status> {
+    pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Error> {
         self.propose_inner(req, None).await
     }
 
     /// Proposes a client's request, checked against `who`'s permissions when applied.
-    pub async fn propose_as(&self, req: Request, who: &AuthInfo) -> Result<(Applied, i64), Status> {
+    pub async fn propose_as(&self, req: Request, who: &AuthInfo) -> Result<(Applied, i64), Error> {
         self.propose_inner(req, Some(RequestHeader { username: who.username.clone(), auth_revision: who.revision })).await
     }
 
-    async fn propose_inner(&self, req: Request, header: Option<RequestHeader>) -> Result<(Applied, i64), Status> {
+    async fn propose_inner(&self, req: Request, header: Option<RequestHeader>) -> Result<(Applied, i64), Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let data = InternalRequest { id, request: Some(req), header }.encode_to_vec();
         if data.len() > self.cfg.max_request_bytes as usize {
-            return Err(errors::request_too_large());
+            return Err(Error::RequestTooLarge);
         }
         let _budget = self.take_proposing(data.len())?;
         let rx = self.state.waiters.register(id);
         let t0 = std::time::Instant::now();
         let failed = || keel_metrics::METRICS.proposals_failed.inc();
         let work = async {
-            if let Some(at) = self.node.propose(data).await.map_err(errors::propose).inspect_err(|_| failed())? {
+            if let Some(at) = self.node.propose(data).await.map_err(Error::Propose).inspect_err(|_| failed())? {
                 self.state.waiters.placed(id, at);
             }
-            rx.await.map_err(|_| errors::stopped()).inspect_err(|_| failed())?
+            rx.await.map_err(|_| Error::Stopped).inspect_err(|_| failed())?
         };
         match tokio::time::timeout(self.cfg.request_timeout(), work).await {
             Ok(r) => {
@@ -318,7 +309,7 @@ impl Server {
             Err(_) => {
                 failed();
                 self.state.waiters.cancel(id);
-                Err(errors::timeout())
+                Err(Error::Timeout)
             }
         }
     }
@@ -327,7 +318,7 @@ impl Server {
     /// `--max-pending-proposal-bytes` are already held (raft's inbox and uncommitted log, the apply queue,
     /// the waiting callers), so that many concurrent large writes cannot make the member hold
     /// their bytes without bound. One request of `--max-request-bytes` always fits.
-    fn take_proposing(&self, n: usize) -> Result<Proposing<'_>, Status> {
+    fn take_proposing(&self, n: usize) -> Result<Proposing<'_>, Error> {
         let limit = (self.cfg.max_pending_proposal_bytes as usize).max(self.cfg.max_request_bytes as usize + 4096);
         let took = self.proposing.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| (held + n <= limit).then_some(held + n));
         match took {
@@ -335,7 +326,7 @@ impl Server {
             Err(held) => {
                 keel_metrics::METRICS.proposals_failed.inc();
                 tracing::debug!(held, limit, request_bytes = n, "refused a proposal: too many bytes of proposals in flight");
-                Err(errors::too_many_requests())
+                Err(Error::TooManyRequests)
             }
         }
     }
@@ -347,7 +338,7 @@ impl Server {
         change: ConfChangeType,
         node_id: u64,
         member: Option<MemberRecord>,
-    ) -> Result<(Applied, i64), Status> {
+    ) -> Result<(Applied, i64), Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = ConfChangeContext { request_id: id, member }.encode_to_vec();
         let mut cc = ConfChange::default();
@@ -356,14 +347,14 @@ impl Server {
         cc.context = ctx.into();
         let rx = self.state.waiters.register(id);
         let work = async {
-            if let Some(at) = self.node.propose_conf_change(cc).await.map_err(errors::propose)? {
+            if let Some(at) = self.node.propose_conf_change(cc).await.map_err(Error::Propose)? {
                 self.state.waiters.placed(id, at);
             }
-            rx.await.map_err(|_| errors::stopped())?
+            rx.await.map_err(|_| Error::Stopped)?
         };
         let r = match tokio::time::timeout(self.cfg.request_timeout(), work).await {
             Ok(r) => r,
-            Err(_) => Err(errors::timeout()),
+            Err(_) => Err(Error::Timeout),
         };
         if r.is_err() {
             self.state.waiters.cancel(id);
@@ -373,31 +364,23 @@ impl Server {
 
     /// Promotes learner `id` to a voter, on the leader (etcd's rule: the learner has at least 90%
     /// of the leader's log); returns the member list after it.
-    pub async fn promote_learner(&self, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Status> {
-        let m = self.members().get(id).cloned().ok_or_else(errors::member_not_found)?;
+    pub async fn promote_learner(&self, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Error> {
+        let m = self.members().get(id).cloned().ok_or(Error::MemberNotFound)?;
         if !m.is_learner {
-            return Err(errors::not_learner());
+            return Err(Error::NotLearner);
         }
-        let progress = self.node.progress().await.map_err(errors::propose)?;
-        let leader = progress.get(&self.member_id).ok_or_else(errors::not_leader)?;
-        let learner = progress.get(&id).ok_or_else(errors::learner_not_ready)?;
+        let progress = self.node.progress().await.map_err(Error::Propose)?;
+        let leader = progress.get(&self.member_id).ok_or(Error::NotLeader)?;
+        let learner = progress.get(&id).ok_or(Error::LearnerNotReady)?;
         if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
-            return Err(errors::learner_not_ready());
+            return Err(Error::LearnerNotReady);
         }
         match self.propose_conf_change(ConfChangeType::AddNode, id, None).await? {
             (Applied::Members(m), _) => {
                 keel_metrics::METRICS.learner_promotes.inc();
                 Ok(m)
             }
-            _ => Err(Status::internal("etcdserver: unexpected apply result")),
-        }
-    }
-
-    pub fn leading(&self) -> Result<(), Status> {
-        if self.raft().is_leader() {
-            Ok(())
-        } else {
-            Err(Status::unavailable("etcdserver: not leader"))
+            _ => Err(Error::Internal("unexpected apply result".into())),
         }
     }
 
@@ -407,22 +390,22 @@ impl Server {
     }
 
     /// Fails with etcd's error when this member is a learner.
-    pub fn not_learner(&self) -> Result<(), Status> {
+    pub fn not_learner(&self) -> Result<(), Error> {
         if self.is_learner() {
-            return Err(errors::learner());
+            return Err(Error::Learner);
         }
         Ok(())
     }
 
     /// Waits until this member has applied everything committed before the call (ReadIndex).
-    pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+    pub async fn linearizable_barrier(&self) -> Result<(), Error> {
         let m = &keel_metrics::METRICS;
         match tokio::time::timeout(self.cfg.request_timeout(), self.node.read_index()).await {
-            Ok(r) => r.map(|_| ()).map_err(errors::propose).inspect_err(|_| m.read_indexes_failed.inc()),
+            Ok(r) => r.map(|_| ()).map_err(Error::Propose).inspect_err(|_| m.read_indexes_failed.inc()),
             Err(_) => {
                 m.slow_read_indexes.inc();
                 m.read_indexes_failed.inc();
-                Err(errors::timeout())
+                Err(Error::Timeout)
             }
         }
     }

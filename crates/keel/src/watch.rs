@@ -568,24 +568,25 @@ mod tests {
     async fn a_watcher_compacted_during_catch_up_does_not_block_progress() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SharedStore::new(keel_mvcc::store::Store::open(&dir.path().join("db")).unwrap()));
-        let put = |n: usize| {
+        let put = |s: &mut keel_mvcc::store::Store, n: usize| {
             for _ in 0..n {
-                let mut s = store.write();
                 let mut t = s.write();
                 t.put(b"a", Some(b"v"), None, false).unwrap();
                 t.finish();
             }
         };
-        put(5);
+        put(&mut store.write(), 5);
         let hub = WatchHub::new(store.clone(), Box::new(|| 1), 1, 1, 1 << 20);
         let spec = Spec { key: b"a".to_vec(), range_end: vec![], prev_kv: false, no_put: false, no_delete: false, fragment: false };
-        // Room for the created response only: the catch-up waits to send its first batch.
+        // Room for the created response only: whatever the catch-up reads first, it waits to
+        // send it.
         let (tx, mut rx) = mpsc::channel(1);
         let _handle = hub.watch((7, 0), spec, 1, tx).map_err(|_| ()).unwrap();
-        // History moves on and is compacted past where the catch-up is.
-        put(5);
+        // History moves on and is compacted past where the catch-up is, in one step: the
+        // catch-up read either revisions 1..=6 (and resumes at 7, now compacted) or nothing.
         {
             let mut s = store.write();
+            put(&mut s, 5);
             s.compact(8).unwrap();
             while s.compacting() {
                 s.compact_step();

@@ -30,9 +30,9 @@ impl AuthService {
     /// Proposes an auth change on behalf of the caller and returns the revision it was applied at.
     async fn change<T>(&self, req: &GrpcRequest<T>, r: Request) -> Result<Option<ResponseHeader>, Status> {
         let s = &self.server;
-        let who = s.caller(req)?;
-        s.not_learner()?;
-        match s.propose_as(r, &who).await? {
+        let who = crate::api::caller(s, req)?;
+        s.not_learner().map_err(crate::errors::status)?;
+        match s.propose_as(r, &who).await.map_err(crate::errors::status)? {
             (Applied::Auth, rev) => Ok(s.header(rev)),
             _ => Err(Status::internal("etcdserver: unexpected apply result")),
         }
@@ -40,8 +40,8 @@ impl AuthService {
 
     /// The caller of a read, after the barrier that makes the read linearizable.
     async fn reader<T>(&self, req: &GrpcRequest<T>) -> Result<AuthInfo, Status> {
-        let who = self.server.caller(req)?;
-        self.server.linearizable_barrier().await?;
+        let who = crate::api::caller(&self.server, req)?;
+        self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
         Ok(who)
     }
 
@@ -72,7 +72,7 @@ impl Auth for AuthService {
 
     async fn authenticate(&self, req: GrpcRequest<AuthenticateRequest>) -> Result<Response<AuthenticateResponse>, Status> {
         let s = &self.server;
-        s.linearizable_barrier().await?;
+        s.linearizable_barrier().await.map_err(crate::errors::status)?;
         let r = req.into_inner();
         // An auth change between the password check and the token's entry makes the entry fail
         // with "old revision"; the check is then made again.
@@ -94,8 +94,8 @@ impl Auth for AuthService {
             let entry = InternalAuthenticate { name: r.name.clone(), simple_token: token.clone(), checked_revision };
             match s.propose(Request::Authenticate(entry)).await {
                 Ok((_, rev)) => return Ok(Response::new(AuthenticateResponse { header: s.header(rev), token })),
-                Err(e) if e.message() == errors::auth(AuthError::OldRevision).message() => continue,
-                Err(e) => return Err(e),
+                Err(crate::error::Error::Auth(AuthError::OldRevision)) => continue,
+                Err(e) => return Err(errors::status(e)),
             }
         }
         Err(errors::auth(AuthError::OldRevision))

@@ -112,14 +112,14 @@ impl ClusterService {
 
 /// Checks and proposes the promotion of a learner; runs on the leader.
 pub async fn promote(server: &Server, id: u64) -> Result<Vec<Member>, Status> {
-    server.promote_learner(id).await
+    server.promote_learner(id).await.map_err(crate::errors::status)
 }
 
 // etcd's cluster server answers with a header that carries no revision (0): so does Keel's.
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&crate::api::caller(&self.server, &req)?).map_err(crate::errors::status)?;
         let r = req.into_inner();
         valid_urls(&r.peer_ur_ls)?;
         let s = &self.server;
@@ -140,26 +140,26 @@ impl Cluster for ClusterService {
         }
         let rec = MemberRecord { id, name: String::new(), peer_urls: r.peer_ur_ls.clone(), client_urls: vec![], is_learner: r.is_learner };
         let change = if r.is_learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
-        let (applied, _) = s.propose_conf_change(change, id, Some(rec)).await?;
+        let (applied, _) = s.propose_conf_change(change, id, Some(rec)).await.map_err(crate::errors::status)?;
         let members = members_of(applied)?;
         let member = members.iter().find(|m| m.id == id).cloned();
         Ok(Response::new(MemberAddResponse { header: s.header(0), member, members }))
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&crate::api::caller(&self.server, &req)?).map_err(crate::errors::status)?;
         let id = req.into_inner().id;
         let s = &self.server;
         if s.members().get(id).is_none() {
             return Err(errors::member_not_found());
         }
         self.may_remove(id)?;
-        let (applied, _) = s.propose_conf_change(ConfChangeType::RemoveNode, id, None).await?;
+        let (applied, _) = s.propose_conf_change(ConfChangeType::RemoveNode, id, None).await.map_err(crate::errors::status)?;
         Ok(Response::new(MemberRemoveResponse { header: s.header(0), members: members_of(applied)? }))
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&crate::api::caller(&self.server, &req)?).map_err(crate::errors::status)?;
         let r = req.into_inner();
         valid_urls(&r.peer_ur_ls)?;
         let s = &self.server;
@@ -172,20 +172,21 @@ impl Cluster for ClusterService {
                 return Err(errors::peer_url_exists());
             }
         }
-        let (applied, _) = s.propose(Internal::MemberUpdate(MemberUpdate { id: r.id, peer_urls: r.peer_ur_ls })).await?;
+        let (applied, _) =
+            s.propose(Internal::MemberUpdate(MemberUpdate { id: r.id, peer_urls: r.peer_ur_ls })).await.map_err(crate::errors::status)?;
         Ok(Response::new(MemberUpdateResponse { header: s.header(0), members: members_of(applied)? }))
     }
 
     async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         if req.get_ref().linearizable {
-            self.server.linearizable_barrier().await?;
+            self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
         }
         let members = self.server.members().to_proto();
         Ok(Response::new(MemberListResponse { header: self.server.header(0), members }))
     }
 
     async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&crate::api::caller(&self.server, &req)?).map_err(crate::errors::status)?;
         let id = req.into_inner().id;
         let s = &self.server;
         let members = if s.raft().is_leader() {

@@ -71,8 +71,8 @@ fn create_rev_is(key: &[u8], rev: i64) -> Compare {
 
 /// etcd's election and lock servers call the KV through an in-process client, whose errors
 /// reach the caller with code Unknown and the server's message: so do Keel's.
-fn as_client_error(s: Status) -> Status {
-    Status::unknown(s.message().to_string())
+fn as_client_error(e: crate::error::Error) -> Status {
+    Status::unknown(crate::errors::status(e).message().to_string())
 }
 
 impl Concurrency {
@@ -82,7 +82,7 @@ impl Concurrency {
         if lease != 0 {
             return Ok((lease, KeepAlive(None)));
         }
-        self.server.not_learner()?;
+        self.server.not_learner().map_err(crate::errors::status)?;
         let req = keel_proto::etcdserverpb::LeaseGrantRequest { ttl: SESSION_TTL, id: self.server.new_lease_id() };
         let id = match self.server.propose(Internal::LeaseGrant(req)).await.map_err(as_client_error)? {
             (Applied::LeaseGrant(r), _) => r.id,
@@ -103,7 +103,7 @@ impl Concurrency {
     }
 
     async fn txn(&self, t: TxnRequest) -> Result<(TxnResponse, i64), Status> {
-        self.server.not_learner()?;
+        self.server.not_learner().map_err(crate::errors::status)?;
         match self.server.propose(Internal::Txn(t)).await.map_err(as_client_error)? {
             (Applied::Txn(r), rev) => Ok((r, rev)),
             _ => Err(Status::internal("etcdserver: unexpected apply result")),
@@ -111,7 +111,7 @@ impl Concurrency {
     }
 
     async fn range(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
-        self.server.linearizable_barrier().await?;
+        self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
         mvcc_kv::range(&self.server.store(), &r).map_err(errors::kv)
     }
 
@@ -192,7 +192,7 @@ impl Concurrency {
 /// With auth on, the caller needs the permissions the operation's own reads and writes on
 /// `name/...` would need (`write` includes read), as with etcd's client-side implementation.
 fn authorize<T>(server: &crate::server::Server, req: &Request<T>, name: &[u8], write: bool) -> Result<(), Status> {
-    let who = server.caller(req)?;
+    let who = crate::api::caller(server, req)?;
     let auth = server.auth();
     let pfx = [name, b"/"].concat();
     let end = prefix_end(&pfx);
@@ -227,11 +227,15 @@ impl Lock for Concurrency {
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = crate::api::caller(&self.server, &req)?;
         self.server.auth().check(&who, &req.get_ref().key, &[], crate::auth::Perm::Write).map_err(errors::auth)?;
         let key = req.into_inner().key;
-        self.server.not_learner()?;
-        let (_, rev) = self.server.propose(Internal::DeleteRange(DeleteRangeRequest { key, ..Default::default() })).await?;
+        self.server.not_learner().map_err(crate::errors::status)?;
+        let (_, rev) = self
+            .server
+            .propose(Internal::DeleteRange(DeleteRangeRequest { key, ..Default::default() }))
+            .await
+            .map_err(crate::errors::status)?;
         Ok(Response::new(UnlockResponse { header: self.server.header(rev) }))
     }
 }

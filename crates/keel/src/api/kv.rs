@@ -66,14 +66,14 @@ impl KvService {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = crate::api::caller(&self.server, &req)?;
         let r = req.into_inner();
         validate::range(&r)?;
         if !r.serializable {
-            self.server.not_learner()?;
-            self.server.linearizable_barrier().await?;
+            self.server.not_learner().map_err(crate::errors::status)?;
+            self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
         }
-        self.server.check_read(&who, &r.key, &r.range_end)?;
+        self.server.check_read(&who, &r.key, &r.range_end).map_err(crate::errors::status)?;
         let t0 = std::time::Instant::now();
         let resp = self.read_range(&r).await;
         let m = &keel_metrics::METRICS;
@@ -83,12 +83,12 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = crate::api::caller(&self.server, &req)?;
         let r = req.into_inner();
         validate::put(&r)?;
-        self.server.not_learner()?;
-        self.server.check_quota(cost_put(&r)).await?;
-        match self.server.propose_as(Request::Put(r), &who).await? {
+        self.server.not_learner().map_err(crate::errors::status)?;
+        self.server.check_quota(cost_put(&r)).await.map_err(crate::errors::status)?;
+        match self.server.propose_as(Request::Put(r), &who).await.map_err(crate::errors::status)? {
             (Applied::Put(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))
@@ -98,11 +98,11 @@ impl Kv for KvService {
     }
 
     async fn delete_range(&self, req: GrpcRequest<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = crate::api::caller(&self.server, &req)?;
         let r = req.into_inner();
         validate::delete_range(&r)?;
-        self.server.not_learner()?;
-        match self.server.propose_as(Request::DeleteRange(r), &who).await? {
+        self.server.not_learner().map_err(crate::errors::status)?;
+        match self.server.propose_as(Request::DeleteRange(r), &who).await.map_err(crate::errors::status)? {
             (Applied::DeleteRange(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))
@@ -112,18 +112,18 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = crate::api::caller(&self.server, &req)?;
         let r = req.into_inner();
         validate::txn(&r, self.server.cfg().max_txn_ops as usize)?;
         keel_metrics::METRICS.txns.inc();
         let serializable_reads = mvcc_kv::txn_is_read_only(&r) && mvcc_kv::txn_serializable(&r);
         if !serializable_reads {
-            self.server.not_learner()?;
+            self.server.not_learner().map_err(crate::errors::status)?;
         }
         if mvcc_kv::txn_is_read_only(&r) {
             // Read-only: no proposal; a linearizable barrier unless every read is serializable.
             if !mvcc_kv::txn_serializable(&r) {
-                self.server.linearizable_barrier().await?;
+                self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
             }
             crate::apply::check_txn(&self.server.auth(), &who, &r).map_err(errors::auth)?;
             // Planned under the store's read lock, values read after it, a big one on a
@@ -139,8 +139,8 @@ impl Kv for KvService {
             resp.header = self.server.header(rev);
             return Ok(Response::new(resp));
         }
-        self.server.check_quota(cost_txn(&r)).await?;
-        match self.server.propose_as(Request::Txn(r), &who).await? {
+        self.server.check_quota(cost_txn(&r)).await.map_err(crate::errors::status)?;
+        match self.server.propose_as(Request::Txn(r), &who).await.map_err(crate::errors::status)? {
             (Applied::Txn(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))
@@ -150,10 +150,10 @@ impl Kv for KvService {
     }
 
     async fn compact(&self, req: GrpcRequest<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = crate::api::caller(&self.server, &req)?;
         let r = req.into_inner();
-        self.server.not_learner()?;
-        match self.server.propose_as(Request::Compaction(r), &who).await? {
+        self.server.not_learner().map_err(crate::errors::status)?;
+        match self.server.propose_as(Request::Compaction(r), &who).await.map_err(crate::errors::status)? {
             (Applied::Compaction(mut resp), rev) => {
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))

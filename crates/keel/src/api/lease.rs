@@ -26,9 +26,9 @@ type KeepAliveStream = Pin<Box<dyn futures::Stream<Item = Result<LeaseKeepAliveR
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         let s = &self.server;
-        let who = s.caller(&req)?;
+        let who = crate::api::caller(s, &req)?;
         let mut r = req.into_inner();
-        s.not_learner()?;
+        s.not_learner().map_err(crate::errors::status)?;
         if r.ttl > MAX_TTL {
             return Err(errors::lease_ttl_too_large());
         }
@@ -37,8 +37,8 @@ impl Lease for LeaseService {
             r.id = s.new_lease_id();
         }
         // etcd's lease overhead estimate.
-        s.check_quota(64).await?;
-        match s.propose_as(Internal::LeaseGrant(r), &who).await? {
+        s.check_quota(64).await.map_err(crate::errors::status)?;
+        match s.propose_as(Internal::LeaseGrant(r), &who).await.map_err(crate::errors::status)? {
             (Applied::LeaseGrant(mut resp), rev) => {
                 resp.header = s.header(rev);
                 Ok(Response::new(resp))
@@ -49,10 +49,10 @@ impl Lease for LeaseService {
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
         let s = &self.server;
-        let who = s.caller(&req)?;
+        let who = crate::api::caller(s, &req)?;
         let r = req.into_inner();
-        s.not_learner()?;
-        match s.propose_as(Internal::LeaseRevoke(r), &who).await? {
+        s.not_learner().map_err(crate::errors::status)?;
+        match s.propose_as(Internal::LeaseRevoke(r), &who).await.map_err(crate::errors::status)? {
             (Applied::LeaseRevoke(mut resp), rev) => {
                 resp.header = s.header(rev);
                 Ok(Response::new(resp))
@@ -82,7 +82,7 @@ impl Lease for LeaseService {
                         let rev = server.store().current_rev();
                         Ok(LeaseKeepAliveResponse { header: server.header(rev), id: r.id, ttl })
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(crate::errors::status(e)),
                 };
                 let stop = resp.is_err();
                 if tx.send(resp).await.is_err() || stop {
@@ -94,7 +94,7 @@ impl Lease for LeaseService {
     }
 
     async fn lease_time_to_live(&self, req: Request<LeaseTimeToLiveRequest>) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Ok(Response::new(time_to_live(&self.server, &self.transport, req.into_inner()).await?))
+        Ok(Response::new(time_to_live(&self.server, &self.transport, req.into_inner()).await.map_err(crate::errors::status)?))
     }
 
     async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {

@@ -66,9 +66,9 @@ impl Maintenance for MaintenanceService {
         let s = &self.server;
         let r = req.into_inner();
         if r.action != alarm_request::AlarmAction::Get as i32 {
-            s.not_learner()?;
+            s.not_learner().map_err(crate::errors::status)?;
         }
-        match s.propose(Internal::Alarm(r)).await? {
+        match s.propose(Internal::Alarm(r)).await.map_err(crate::errors::status)? {
             (Applied::Alarm(alarms), rev) => Ok(Response::new(AlarmResponse { header: s.header(rev), alarms })),
             _ => Err(Status::internal("etcdserver: unexpected apply result")),
         }
@@ -109,7 +109,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&crate::api::caller(&self.server, &req)?).map_err(crate::errors::status)?;
         let m = &keel_metrics::METRICS;
         m.defrag_inflight.set(1);
         let t0 = std::time::Instant::now();
@@ -123,7 +123,7 @@ impl Maintenance for MaintenanceService {
 
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let s = &self.server;
-        s.check_admin(&s.caller(&req)?)?;
+        s.check_admin(&crate::api::caller(s, &req)?).map_err(crate::errors::status)?;
         let backend = s.committed_backend().map_err(backend_err)?;
         let t0 = std::time::Instant::now();
         let (hash, meta) =
@@ -133,7 +133,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&crate::api::caller(&self.server, &req)?).map_err(crate::errors::status)?;
         let rev = req.into_inner().revision;
         // Planned under the store's read lock (an index walk), the backend scanned without it.
         let plan = self.server.store().plan_hash_kv(rev).map_err(errors::kv)?;
@@ -151,7 +151,7 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         let s = &self.server;
-        s.check_admin(&s.caller(&req)?)?;
+        s.check_admin(&crate::api::caller(s, &req)?).map_err(crate::errors::status)?;
         let t0 = std::time::Instant::now();
         let path = backend_copy(s).await?;
         keel_metrics::METRICS.backend_snapshot.observe(t0.elapsed().as_secs_f64());
@@ -207,7 +207,7 @@ impl Maintenance for MaintenanceService {
             _ => return Err(errors::bad_transferee()),
         }
         if target != s.member_id() {
-            s.transfer_leader(target)?;
+            s.transfer_leader(target).map_err(crate::errors::status)?;
             let deadline = tokio::time::Instant::now() + s.cfg().request_timeout();
             while s.raft().leader() != target {
                 if tokio::time::Instant::now() >= deadline {
@@ -227,7 +227,7 @@ impl Maintenance for MaintenanceService {
     /// downgrade to cancel and, as etcd's, succeeds.
     async fn downgrade(&self, req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
         let s = &self.server;
-        s.check_admin(&s.caller(&req)?)?;
+        s.check_admin(&crate::api::caller(s, &req)?).map_err(crate::errors::status)?;
         let r = req.into_inner();
         let cluster: Vec<&str> = crate::config::ETCD_CLUSTER_VERSION.split('.').take(2).collect();
         let version = cluster.join(".");
@@ -246,7 +246,7 @@ impl Maintenance for MaintenanceService {
         if minor == 0 || target != (major, minor - 1) {
             return Err(errors::invalid_downgrade_target_version());
         }
-        s.linearizable_barrier().await?;
+        s.linearizable_barrier().await.map_err(crate::errors::status)?;
         if r.action == DowngradeAction::Enable as i32 {
             tracing::warn!(target_version = %r.version, "reject downgrade request: Keel cannot run etcd 3.5 members");
             return Err(Status::failed_precondition(

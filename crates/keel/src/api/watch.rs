@@ -86,7 +86,8 @@ impl Watch for WatchService {
                             }
                             next_id
                         };
-                        let permitted = server.auth_info(&md, &ext).and_then(|who| server.check_read(&who, &c.key, &c.range_end));
+                        let permitted = crate::api::auth_info(&server, &md, &ext)
+                            .and_then(|who| server.check_read(&who, &c.key, &c.range_end).map_err(crate::errors::status));
                         // As etcd 3.6: a refused permission is reported with the gRPC error's
                         // text and watch ID -1.
                         let refused = if watchers.contains_key(&id) || id < 0 {
