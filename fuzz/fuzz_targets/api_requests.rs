@@ -1,11 +1,11 @@
 //! The request checks of the gRPC handlers, in process: KV requests through the API's shape checks
-//! (`keel::api::validate`) and then etcd's KV semantics, Auth requests through the auth store,
+//! (`keel_api::api::validate`) and then etcd's KV semantics, Auth requests through the auth store,
 //! Lease grants and revokes through the lessor. Requests are decoded from the input as tonic
 //! decodes them (invalid UTF-8 in a name is refused there). No panic; a refused request changes
 //! nothing (the revision, the auth revision and the lease set stay).
 #![no_main]
-use keel::auth::store::AuthStore;
-use keel::lease::Lessor;
+use keel_auth::store::AuthStore;
+use keel_lease::Lessor;
 use keel_mvcc::kv::{self, Leases};
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::*;
@@ -34,9 +34,9 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[end..];
         let (rev, auth_rev, leases) = (store.current_rev(), auth.revision(), lessor.ids());
         let refused = match kind {
-            0 => RangeRequest::decode(body).ok().map(|r| keel::api::validate::range(&r).is_err() || kv::range(&store, &r).is_err()),
+            0 => RangeRequest::decode(body).ok().map(|r| keel_api::api::validate::range(&r).is_err() || kv::range(&store, &r).is_err()),
             1 => PutRequest::decode(body).ok().map(|r| {
-                keel::api::validate::put(&r).is_err() || {
+                keel_api::api::validate::put(&r).is_err() || {
                     let mut w = store.write();
                     let res = kv::put(&mut w, &r, &View(&lessor));
                     w.finish();
@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }),
             2 => DeleteRangeRequest::decode(body).ok().map(|r| {
-                keel::api::validate::delete_range(&r).is_err() || {
+                keel_api::api::validate::delete_range(&r).is_err() || {
                     let mut w = store.write();
                     let res = kv::delete_range(&mut w, &r);
                     w.finish();
@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }),
             3 => TxnRequest::decode(body).ok().map(|r| {
-                keel::api::validate::txn(&r, 128).is_err() || {
+                keel_api::api::validate::txn(&r, 128).is_err() || {
                     let mut w = store.write();
                     let res = kv::txn(&mut w, &r, &View(&lessor));
                     w.finish();

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
-    let mut changes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    let mut changes: keel_mvcc::backend::Changes = BTreeMap::new();
     let mut rest = data;
     // Records: [key len u8][key][value len u16][value] ...
     while rest.len() >= 3 {
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         let Some(vl) = rest.get(1 + kl..3 + kl) else { break };
         let vl = u16::from_le_bytes([vl[0], vl[1]]) as usize;
         let end = (3 + kl + vl).min(rest.len());
-        changes.insert(key.to_vec(), Some(rest[3 + kl..end].to_vec()));
+        changes.insert(key.to_vec(), Some(std::sync::Arc::from(&rest[3 + kl..end])));
         rest = &rest[end..];
     }
     let meta = Meta { consistent_index: 7, term: 2, current_rev: data.first().copied().unwrap_or(0) as i64, compacted_rev: 0 };

@@ -7,5 +7,5 @@ fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("0000000000000002-0000000000000010.snap");
     std::fs::write(&p, data).expect("write");
-    let _ = keel::migrate::snap::read(&p);
+    let _ = keel_migrate::snap::read(&p);
 });

@@ -1,8 +1,8 @@
-//! The HTTP/2 authority shim (`keel::h2fix`) on arbitrary client bytes, delivered in arbitrary
+//! The HTTP/2 authority shim (`keel_api::h2fix`) on arbitrary client bytes, delivered in arbitrary
 //! pieces: no panic; it never holds more than a bounded amount (a header block's limits plus a
 //! read); a stream that is not HTTP/2 passes through byte for byte.
 #![no_main]
-use keel::h2fix::FixAuthority;
+use keel_api::h2fix::FixAuthority;
 use libfuzzer_sys::fuzz_target;
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -686,6 +686,10 @@ pub fn render(s: &Scrape) -> String {
     for id in &s.members {
         m.known_peers.with_label_values(&[&local, &format!("{id:x}")]).set(1);
     }
+    let w = &keel_mvcc::watch::STATS;
+    m.watchers.set(w.watchers());
+    m.slow_watchers.set(w.slow_watchers());
+    advance_to(&m.events, w.events());
     m.db_size.set(s.db_size as i64);
     m.db_size_in_use.set(s.data_size.min(s.db_size) as i64);
     m.keys_total.set(s.keys as i64);

@@ -11,8 +11,11 @@
 //! - [`shared`]: the store shared by one writer and many readers; commits and big reads that do
 //!   not hold its lock.
 //! - [`kv`]: etcd's request semantics (Range, Put, DeleteRange, Txn, Compact) on top of the store.
+//! - [`watch`]: the watch hub (etcd's watchable store): synced watchers fed by the apply path,
+//!   catch-up of the others from the store.
 //!
-//! Called by the server's apply path (writes) and read path (reads). Calls only keel-proto and redb.
+//! Called by the server's apply path (writes), read path (reads) and watch service. Calls only
+//! keel-proto, redb and tokio (the watch hub's channels and catch-up tasks).
 
 pub mod backend;
 pub mod error;
@@ -21,6 +24,7 @@ pub mod kv;
 pub mod revision;
 pub mod shared;
 pub mod store;
+pub mod watch;
 
 pub use kv::{KvError, TxnLimits};
 pub use revision::Revision;

@@ -1,68 +1,31 @@
-//! keel: the server. Parses etcd's flags, recovers or creates the member's state, starts raft and
-//! the client listeners. A library so that fuzz targets can drive the request checks in-process;
-//! the binary (`main.rs`) only calls [`main`].
+//! keel: the `keel` binary. Parses etcd's flags, assembles one member from the crates below
+//! (recovers or creates its state, starts raft, binds the listeners) and runs it, or runs one
+//! of the tools. A library so that the binary (`main.rs`) only calls [`main`].
 //!
-//! Module map (data flows down this list: gRPC/HTTP → server → raft → WAL → apply →
+//! Crates, in the direction calls go (gRPC/HTTP → server → raft → WAL → apply →
 //! mvcc/lease/auth → watch):
-//! - `member`: assembles one member (recover the data dir, start raft, bind listeners) and runs
-//!   it until it stops.
-//! - [`config`]: flags and `ETCD_*` variables.
-//! - `serve`, `tls`, `h2fix`: listeners (TCP/unix, plain/TLS), connection bounds, HTTP/2
-//!   settings, the `:authority` fix for etcdctl 3.4.
-//! - `http`, [`api`], `gateway`: HTTP endpoints (`/health`, `/metrics`, ...), the gRPC services,
-//!   the `/v3` JSON gateway.
-//! - `server`: proposals, linearizable reads, quota, response headers (what handlers share).
-//! - `peer`: the raft transport and the peer service (on a runtime of its own).
-//! - `apply`: the state machine keel-raft's apply stage drives (MVCC writes, leases, auth,
-//!   alarms, membership), and the callers waiting for their entries.
-//! - `membership`: member and cluster IDs, the member list.
-//! - `discovery`: etcd's v3 discovery (the initial cluster learned from another cluster).
-//! - [`lease`]: the lease state (leases, TTLs, attached keys, deadlines), pure;
-//!   `lease_duties`: the leader's renewals, TTL queries, expiry and checkpoints.
-//! - `forwarded`: what followers forward to the leader over the peer service (promote, lease
-//!   keep-alives and TTLs), answered by the server.
-//! - [`auth`]: users, roles, permissions, tokens.
-//! - `alarm`: NOSPACE and CORRUPT alarms.
-//! - `watch`: the watch hub (synced watchers, catch-up from the store).
-//! - `compactor`: auto compaction.
-//! - `grpc_metrics`: the gRPC call metrics middleware (the families are keel-metrics').
-//! - `migrate`: etcd's files in and out (bbolt backend, WAL, `.snap`; an etcd data dir converted
-//!   at start).
-//! - `errors`: etcd's gRPC errors.
+//! - keel-api: gRPC services, request checks, etcd's error codes, the JSON gateway, HTTP
+//!   endpoints, listeners, TLS.
+//! - keel-server: proposals, linearizable reads, quota, the state machine (apply), membership,
+//!   alarms, auto compaction, the leader's lease duties, the peer transport, discovery.
+//! - keel-raft (raft-rs, the raft and apply stages), keel-wal (the log, snapshots).
+//! - keel-mvcc (the store on redb, the watch hub), keel-lease, keel-auth.
+//! - keel-migrate: etcd's files in and out; keel-proxy: etcd's gateway and gRPC proxy.
+//! - keel-config: flags and `ETCD_*` variables; keel-metrics: the metric families.
+//!
+//! Modules here:
+//! - `member`: assembles one member and runs it until it stops.
 //! - `logging`: the log, in etcd's JSON format.
-//! - `proxy`: the L4 gateway (`keel gateway start`); `grpc_proxy`: the gRPC proxy (`keel
-//!   grpc-proxy start`); `tool`: the offline tool (`keel snapshot ...`, `keel wal dump`).
+//! - `tool`: the offline tool (`keel snapshot ...`, `keel wal dump`).
 
-mod alarm;
-pub mod api;
-mod apply;
-pub mod auth;
-mod compactor;
-mod config;
-mod discovery;
-mod error;
-mod errors;
-mod forwarded;
-mod gateway;
-mod grpc_metrics;
-mod grpc_proxy;
-pub mod h2fix;
-mod http;
-pub mod lease;
-mod lease_duties;
 mod logging;
 mod member;
-mod membership;
-pub mod migrate;
-mod peer;
-mod proxy;
-mod serve;
-mod server;
-mod tls;
 mod tool;
-mod watch;
 
 use config::Config;
+use keel_api::serve;
+use keel_config as config;
+use keel_proxy::{grpc_proxy, proxy};
 use std::process::ExitCode;
 
 /// The `keel` command: the server, or one of its tools (`keel snapshot ...`, `keel gateway ...`).

@@ -8,12 +8,12 @@
 //! Calls everything below it in the module map (server, peer, raft, mvcc, apply, watch, lease,
 //! auth, alarm); nothing calls it but `main`.
 
-use crate::apply::{Applier, State, Waiters};
-use crate::config::{self, split_urls, Config};
-use crate::membership::{Members, AUX_MEMBERS};
-use crate::server::Server;
-use crate::{alarm, api, auth, compactor, errors, forwarded, gateway, grpc_metrics, http, lease, lease_duties, peer, serve, tls, watch};
 use anyhow::{bail, Context, Result};
+use keel_api::{api, errors, forwarded, gateway, grpc_metrics, http, serve, tls};
+use keel_auth as auth;
+use keel_config::{self as config, split_urls, Config};
+use keel_lease as lease;
+use keel_mvcc::watch;
 use keel_mvcc::{SharedStore, Store};
 use keel_proto::etcdserverpb::auth_server::AuthServer;
 use keel_proto::etcdserverpb::cluster_server::ClusterServer;
@@ -26,6 +26,10 @@ use keel_proto::keelpb::{internal_request::Request, MemberAttributes};
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
 use keel_raft::{Disk, Identity, NodeConfig, NodeHandle};
+use keel_server::apply::{Applier, State, Waiters};
+use keel_server::membership::{Members, AUX_MEMBERS};
+use keel_server::server::Server;
+use keel_server::{alarm, compactor, lease_duties, peer};
 use parking_lot::RwLock;
 use prost::Message;
 use std::path::{Path, PathBuf};
@@ -389,8 +393,8 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     let snap_dir = cfg.snap_dir();
     let wal_dir = cfg.wal_dir();
     let data_dir = cfg.data_dir();
-    if crate::migrate::datadir::needs_conversion(Path::new(&data_dir)) {
-        crate::migrate::datadir::convert(Path::new(&data_dir), Path::new(&wal_dir))
+    if keel_migrate::datadir::needs_conversion(Path::new(&data_dir)) {
+        keel_migrate::datadir::convert(Path::new(&data_dir), Path::new(&wal_dir))
             .with_context(|| format!("cannot convert the etcd data dir {data_dir} (nothing was changed; etcd still starts on it)"))?;
     }
     // Durably: a member dir whose entry a power cut takes would start the member as new.
@@ -399,16 +403,16 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     let dialer = peer::Dialer::new(tls::peer_client(cfg)?, cfg.member_local_ip());
     let existed = Disk::exists(Path::new(&wal_dir));
     let mut initial_cluster = cfg.initial_cluster();
-    if crate::discovery::wanted(cfg)? {
+    if keel_server::discovery::wanted(cfg)? {
         if existed {
             tracing::warn!(wal_dir = %wal_dir, "discovery token is ignored since cluster already initialized; valid logs are found");
         } else {
             // Registered as this member's own `name=url,name=url`, as etcd does.
-            let urls = crate::config::split_urls(&cfg.initial_advertise_peer_urls);
+            let urls = keel_config::split_urls(&cfg.initial_advertise_peer_urls);
             let mine = urls.iter().map(|u| format!("{}={u}", cfg.name)).collect::<Vec<_>>().join(",");
-            let id = crate::membership::member_id(&urls, &cfg.initial_cluster_token);
+            let id = keel_server::membership::member_id(&urls, &cfg.initial_cluster_token);
             let d = peer::Dialer::new(tls::discovery_client(cfg)?, None);
-            initial_cluster = crate::discovery::join(cfg, &d, id, &mine).await.context("discovery failed")?;
+            initial_cluster = keel_server::discovery::join(cfg, &d, id, &mine).await.context("discovery failed")?;
             tracing::info!(initial_cluster = %initial_cluster, "initial cluster from the discovery service");
         }
     }
@@ -498,7 +502,7 @@ async fn log_authority(req: axum::extract::Request, next: axum::middleware::Next
 fn load_state(store: Store, members: Members, tokens: auth::Tokens) -> State {
     keel_metrics::METRICS.store_reads.with_label_values(&["getRecursive"]).inc();
     let mut lessor = lease::Lessor::default();
-    crate::apply::load_leases(&store, &mut lessor);
+    keel_server::apply::load_leases(&store, &mut lessor);
     let auth = auth::AuthStore::load(&store);
     let alarms = alarm::Alarms::load(&store);
     State {

@@ -6,12 +6,12 @@
 //! Works on files only, never on a running member's data directory it could race with (the WAL
 //! dump reads a copy). Calls keel-mvcc, keel-wal and keel-raft's disk layer.
 
-use crate::membership::{Members, AUX_MEMBERS};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use keel_mvcc::Store;
 use keel_proto::keelpb::{internal_request::Request, InternalRequest};
 use keel_raft::{Disk, Identity};
+use keel_server::membership::{Members, AUX_MEMBERS};
 use prost::Message;
 use sha2::Digest;
 use std::path::{Path, PathBuf};
@@ -174,7 +174,7 @@ fn status(file: &Path, write_out: &str) -> Result<()> {
         let db = keel_bbolt::Db::from_bytes(&file.display().to_string(), db)?;
         // etcd reports the database's size (its pages), not the file's.
         size = db.meta().pgid * db.meta().page_size as u64;
-        crate::migrate::backend::status(&db)?
+        keel_migrate::backend::status(&db)?
     } else {
         let (_dir, store) = open_redb(db)?;
         let (hash, _) = store.backend().hash().context("hash")?;
@@ -266,7 +266,7 @@ fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u6
     let db_path = Path::new(&snap_dir).join("db");
     if keel_bbolt::is_bbolt(db) {
         let src = keel_bbolt::Db::from_bytes(name, db.to_vec())?;
-        crate::migrate::backend::import(&src, &db_path)?;
+        keel_migrate::backend::import(&src, &db_path)?;
     } else {
         std::fs::write(&db_path, db).with_context(|| format!("write {}", db_path.display()))?;
     }

@@ -1,0 +1,856 @@
+//! The state machine raft drives: applies committed entries to the MVCC store and the member
+//! list, then wakes the caller waiting for that entry.
+//!
+//! Owns nothing but references: the store and members are shared with the read path.
+//! Called by keel-raft's apply stage only (its own thread, apart from the raft thread).
+
+use crate::alarm::Alarms;
+use crate::error::Error;
+use crate::membership::{Members, AUX_MEMBERS};
+use keel_auth::{AuthError, AuthInfo, AuthStore, Perm, Tokens};
+use keel_lease::{self as lease, Lessor};
+use keel_mvcc::kv::{self, Leases};
+use keel_mvcc::{SharedStore, Store, TxnOutcome};
+use keel_proto::etcdserverpb::AlarmType;
+use keel_proto::etcdserverpb::TxnRequest;
+use keel_proto::etcdserverpb::{
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
+};
+use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, RequestHeader};
+use keel_raft::eraftpb::{ConfChangeType, ConfState, Entry, Snapshot};
+use parking_lot::{Mutex, RwLock};
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// The outcome of applying one request.
+#[derive(Debug)]
+pub enum Applied {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+    MemberAttributes,
+    /// A membership change: the member list after it.
+    Members(Vec<keel_proto::etcdserverpb::Member>),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    LeaseCheckpoint,
+    /// An auth store change (its response carries only a header).
+    Auth,
+    /// The alarms an alarm request reports or changed.
+    Alarm(Vec<keel_proto::etcdserverpb::AlarmMember>),
+}
+
+/// The store's revision after the request, with what it produced; or etcd's error.
+pub type ApplyResult = Result<(Applied, i64), Error>;
+
+/// The lessor as the KV rules see it.
+pub struct LeaseView<'a>(pub &'a Lessor);
+
+impl Leases for LeaseView<'_> {
+    fn exists(&self, id: i64) -> bool {
+        self.0.exists(id)
+    }
+}
+
+/// Rebuilds the lessor from the backend: lease records, then the keys attached to them.
+pub fn load_leases(store: &Store, lessor: &mut Lessor) {
+    lessor.clear();
+    for (name, v) in store.aux_prefix(lease::AUX_PREFIX) {
+        let id = u64::from_str_radix(&name[lease::AUX_PREFIX.len()..], 16).unwrap_or(0) as i64;
+        let ttl = v.try_into().map(i64::from_be_bytes).unwrap_or(0);
+        if id != 0 {
+            lessor.restore(id, ttl);
+        }
+    }
+    for (k, id) in store.leased_keys() {
+        lessor.moved(&k, 0, id);
+    }
+}
+
+/// Callers waiting for their proposals to be applied, by request id. A proposal this member
+/// put in its log as leader is also known by its place (index and term): when the entry applied
+/// at that index is another one, the proposal was lost to a leader change and its caller is told
+/// at once instead of at its timeout.
+#[derive(Default)]
+pub struct Waiters {
+    inner: Mutex<WaitersInner>,
+}
+
+#[derive(Default)]
+struct WaitersInner {
+    map: HashMap<u64, oneshot::Sender<ApplyResult>>,
+    /// index -> request id of proposals placed in this member's log as leader.
+    placed: std::collections::BTreeMap<u64, u64>,
+    /// The last entry applied.
+    applied: u64,
+    /// The node stopped: nobody will be answered any more.
+    stopped: bool,
+}
+
+impl Waiters {
+    pub fn register(&self, id: u64) -> oneshot::Receiver<ApplyResult> {
+        let (tx, rx) = oneshot::channel();
+        let mut w = self.inner.lock();
+        if w.stopped {
+            let _ = tx.send(Err(Error::Stopped));
+        } else {
+            w.map.insert(id, tx);
+        }
+        rx
+    }
+
+    pub fn cancel(&self, id: u64) {
+        self.inner.lock().map.remove(&id);
+    }
+
+    /// Request `id` went into this member's log (as leader) at `at`.
+    pub fn placed(&self, id: u64, at: keel_raft::Proposed) {
+        let mut w = self.inner.lock();
+        if !w.map.contains_key(&id) {
+            return;
+        }
+        if at.index <= w.applied {
+            // Its index is applied already, and it was not this request (else it would have
+            // been answered): lost.
+            if let Some(tx) = w.map.remove(&id) {
+                let _ = tx.send(Err(Error::LeaderChanged));
+            }
+            return;
+        }
+        w.placed.insert(at.index, id);
+    }
+
+    fn trigger(&self, id: u64, r: ApplyResult) {
+        if let Some(tx) = self.inner.lock().map.remove(&id) {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// Entry `index` has been applied (its own request answered already): whatever was placed
+    /// at or before it and still waits was overwritten by another leader's entry.
+    fn applied(&self, index: u64) {
+        let mut w = self.inner.lock();
+        w.applied = w.applied.max(index);
+        while let Some((&i, &id)) = w.placed.first_key_value() {
+            if i > index {
+                break;
+            }
+            w.placed.remove(&i);
+            if let Some(tx) = w.map.remove(&id) {
+                let _ = tx.send(Err(Error::LeaderChanged));
+            }
+        }
+    }
+
+    /// The node stopped: every waiting caller is told so, and later ones at once.
+    pub fn fail_all(&self) {
+        let mut w = self.inner.lock();
+        w.stopped = true;
+        w.placed.clear();
+        for (_, tx) in w.map.drain() {
+            let _ = tx.send(Err(Error::Stopped));
+        }
+    }
+
+    /// Callers still waiting.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map.len()
+    }
+
+    /// Nobody is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The member's state, shared by the apply stage (its only writer) and the server (which reads
+/// it and waits on the waiters).
+#[derive(Clone)]
+pub struct State {
+    pub store: Arc<SharedStore>,
+    pub members: Arc<RwLock<Members>>,
+    pub lessor: Arc<Mutex<Lessor>>,
+    pub auth: Arc<RwLock<AuthStore>>,
+    pub tokens: Arc<Tokens>,
+    pub alarms: Arc<RwLock<Alarms>>,
+    pub waiters: Arc<Waiters>,
+}
+
+pub struct Applier {
+    store: Arc<SharedStore>,
+    hub: Arc<keel_mvcc::watch::WatchHub>,
+    lessor: Arc<Mutex<Lessor>>,
+    members: Arc<RwLock<Members>>,
+    waiters: Arc<Waiters>,
+    member_id: u64,
+    /// Where the backend lives (replaced when a snapshot from the leader is installed).
+    db_path: std::path::PathBuf,
+    /// Told when this member has been removed from the cluster.
+    removed: Arc<tokio::sync::Notify>,
+    auth: Arc<RwLock<AuthStore>>,
+    tokens: Arc<Tokens>,
+    alarms: Arc<RwLock<Alarms>>,
+    /// Set by an entry whose effects must be durable before its caller is answered (a physical
+    /// compaction): the apply commits the backend once the store lock is released.
+    commit_now: std::cell::Cell<bool>,
+}
+
+/// Changes of the auth store (root only once auth is on).
+fn is_auth_change(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::AuthEnable(_)
+            | Request::AuthDisable(_)
+            | Request::AuthUserAdd(_)
+            | Request::AuthUserDelete(_)
+            | Request::AuthUserChangePassword(_)
+            | Request::AuthUserGrantRole(_)
+            | Request::AuthUserRevokeRole(_)
+            | Request::AuthRoleAdd(_)
+            | Request::AuthRoleGrantPermission(_)
+            | Request::AuthRoleRevokePermission(_)
+            | Request::AuthRoleDelete(_)
+    )
+}
+
+/// Checks a transaction's compares and operations (nested ones too) against the caller's
+/// permissions, as etcd's auth applier does.
+pub fn check_txn(auth: &AuthStore, who: &AuthInfo, t: &TxnRequest) -> Result<(), AuthError> {
+    use kv::TxnPart;
+    let mut result = Ok(());
+    kv::walk_txn(t, &mut |part| {
+        result = match part {
+            TxnPart::Compare(c) => auth.check(who, &c.key, &c.range_end, Perm::Read),
+            TxnPart::Range(r) => auth.check(who, &r.key, &r.range_end, Perm::Read),
+            TxnPart::Put(p) => auth.check(who, &p.key, &[], Perm::Write).and_then(|()| {
+                if p.prev_kv {
+                    auth.check(who, &p.key, &[], Perm::Read)
+                } else {
+                    Ok(())
+                }
+            }),
+            TxnPart::DeleteRange(d) => (if d.prev_kv { auth.check(who, &d.key, &d.range_end, Perm::Read) } else { Ok(()) })
+                .and_then(|()| auth.check(who, &d.key, &d.range_end, Perm::Write)),
+        };
+        result.is_ok()
+    });
+    result
+}
+
+/// A lease's keys must all be writable by whoever attaches to or revokes it.
+fn check_lease_keys(auth: &AuthStore, who: &AuthInfo, lessor: &Lessor, id: i64) -> Result<(), AuthError> {
+    if id == 0 || !auth.enabled() {
+        return Ok(());
+    }
+    if let Some((_, _, keys)) = lessor.time_to_live(id) {
+        for k in keys {
+            auth.check(who, &k, &[], Perm::Write)?;
+        }
+    }
+    Ok(())
+}
+
+/// Ends a write transaction by its result. Every check that depends on the store comes before the
+/// first change (`keel_mvcc::kv`), and every member makes the same checks: such an error rolls the
+/// transaction back (nothing changed, no revision used) and goes to the client. A backend failure
+/// (a record missing or unreadable) is this member's alone: answering it would let this member's
+/// state part from the others', and publishing the half done would publish half an entry. The
+/// transaction is rolled back and the member stops; the WAL replays the entry on restart.
+fn settle<T>(w: keel_mvcc::store::WriteTxn<'_>, r: Result<T, kv::KvError>) -> Result<(T, TxnOutcome), kv::KvError> {
+    match r {
+        Ok(v) => Ok((v, w.finish())),
+        Err(e @ (kv::KvError::Backend(_) | kv::KvError::Corrupt(_))) => {
+            let changed = w.changed();
+            w.rollback();
+            fatal(&format!("apply: the backend failed during a write (changes made and rolled back: {changed})"), e)
+        }
+        Err(e) => {
+            w.rollback();
+            Err(e)
+        }
+    }
+}
+
+/// A backend failure leaves the member unable to keep its promises: stop the process, as etcd does.
+fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+    tracing::error!(error = %e, "{what}; stopping");
+    std::process::exit(1);
+}
+
+impl Applier {
+    /// The state machine of member `member_id` over `state`, publishing to `hub`; `removed` is
+    /// told when an applied entry removes this member.
+    pub fn new(
+        state: &State,
+        hub: Arc<keel_mvcc::watch::WatchHub>,
+        member_id: u64,
+        db_path: std::path::PathBuf,
+        removed: Arc<tokio::sync::Notify>,
+    ) -> Applier {
+        Applier {
+            store: state.store.clone(),
+            hub,
+            lessor: state.lessor.clone(),
+            members: state.members.clone(),
+            waiters: state.waiters.clone(),
+            member_id,
+            db_path,
+            removed,
+            auth: state.auth.clone(),
+            tokens: state.tokens.clone(),
+            alarms: state.alarms.clone(),
+            commit_now: std::cell::Cell::new(false),
+        }
+    }
+
+    fn store_mut(&self) -> parking_lot::RwLockWriteGuard<'_, Store> {
+        self.store.write()
+    }
+
+    /// One batch of the compaction under way (the write lock held for it alone); false when
+    /// none is left.
+    fn compact_batch(&self) -> bool {
+        let mut store = self.store_mut();
+        if !store.compacting() {
+            return false;
+        }
+        let t0 = std::time::Instant::now();
+        store.compact_step();
+        keel_metrics::METRICS.db_compaction_pause.observe(t0.elapsed().as_secs_f64() * 1000.0);
+        store.compacting()
+    }
+
+    fn lessor(&self) -> parking_lot::MutexGuard<'_, Lessor> {
+        self.lessor.lock()
+    }
+
+    /// Hands a write's effects to the lessor (key sets) and to the watchers (store lock held).
+    fn after_write(&self, lessor: &mut Lessor, o: TxnOutcome) -> i64 {
+        for (k, old, new) in &o.lease_changes {
+            lessor.moved(k, *old, *new);
+        }
+        let m = &keel_metrics::METRICS;
+        let mut puts = 0u64;
+        for e in &o.events {
+            if e.r#type == keel_proto::mvccpb::event::EventType::Put as i32 {
+                puts += 1;
+                if let Some(kv) = &e.kv {
+                    m.total_put_size.add((kv.key.len() + kv.value.len()) as i64);
+                }
+            }
+        }
+        m.puts.inc_by(puts);
+        m.deletes.inc_by(o.events.len() as u64 - puts);
+        self.hub.notify(o.revision, &o.events);
+        o.revision
+    }
+
+    /// The permission checks etcd's auth applier makes before a request changes anything.
+    fn authorize(&self, lessor: &Lessor, header: &RequestHeader, req: &Request) -> Result<(), AuthError> {
+        let auth = self.auth.read();
+        let who = AuthInfo { username: header.username.clone(), revision: header.auth_revision };
+        match req {
+            Request::Put(p) => {
+                auth.check(&who, &p.key, &[], Perm::Write)?;
+                check_lease_keys(&auth, &who, lessor, p.lease)?;
+                if p.prev_kv {
+                    auth.check(&who, &p.key, &[], Perm::Read)?;
+                }
+                Ok(())
+            }
+            Request::DeleteRange(d) => {
+                auth.check(&who, &d.key, &d.range_end, Perm::Write)?;
+                if d.prev_kv {
+                    auth.check(&who, &d.key, &d.range_end, Perm::Read)?;
+                }
+                Ok(())
+            }
+            Request::Txn(t) => check_txn(&auth, &who, t),
+            Request::LeaseRevoke(r) => check_lease_keys(&auth, &who, lessor, r.id),
+            r if is_auth_change(r) => auth.check_admin(&who),
+            _ => Ok(()),
+        }
+    }
+
+    fn apply_auth(&self, store: &mut Store, req: Request) -> ApplyResult {
+        let mut auth = self.auth.write();
+        let r = match req {
+            Request::AuthEnable(_) => auth.enable(store),
+            Request::AuthDisable(_) => {
+                if auth.disable(store) {
+                    self.tokens.clear();
+                }
+                Ok(())
+            }
+            Request::Authenticate(a) => {
+                if !auth.enabled() {
+                    Err(AuthError::AuthNotEnabled)
+                } else if auth.revision() != a.checked_revision {
+                    Err(AuthError::OldRevision)
+                } else if auth.password_hash(&a.name).is_err() {
+                    Err(AuthError::AuthFailed)
+                } else {
+                    self.tokens.assign_simple(&a.simple_token, &a.name);
+                    Ok(())
+                }
+            }
+            Request::AuthUserAdd(u) => auth.user_add(store, &u.name, u.hashed_password.as_bytes(), u.options),
+            Request::AuthUserDelete(u) => auth.user_delete(store, &u.name).inspect(|_| self.tokens.invalidate_user(&u.name)),
+            Request::AuthUserChangePassword(u) => {
+                auth.user_change_password(store, &u.name, u.hashed_password.as_bytes()).inspect(|_| self.tokens.invalidate_user(&u.name))
+            }
+            Request::AuthUserGrantRole(g) => auth.user_grant_role(store, &g.user, &g.role),
+            Request::AuthUserRevokeRole(g) => auth.user_revoke_role(store, &g.name, &g.role),
+            Request::AuthRoleAdd(r) => auth.role_add(store, &r.name),
+            Request::AuthRoleGrantPermission(r) => auth.role_grant_permission(store, &r.name, r.perm),
+            Request::AuthRoleRevokePermission(r) => auth.role_revoke_permission(store, &r.role, &r.key, &r.range_end),
+            Request::AuthRoleDelete(r) => auth.role_delete(store, &r.role),
+            _ => return Err(Error::Internal("not an auth request".into())),
+        };
+        r.map(|()| (Applied::Auth, store.current_rev())).map_err(Error::Auth)
+    }
+
+    fn apply_request(&self, store: &mut Store, req: Request, header: Option<RequestHeader>) -> ApplyResult {
+        let mut lessor = self.lessor();
+        if let Some(h) = &header {
+            self.authorize(&lessor, h, &req).map_err(Error::Auth)?;
+        }
+        {
+            // etcd's capped applier: with NOSPACE raised only what frees space goes through;
+            // with CORRUPT nothing that writes.
+            let alarms = self.alarms.read();
+            let adds = match &req {
+                Request::Put(_) | Request::LeaseGrant(_) => true,
+                Request::Txn(t) => kv::txn_has_put(t),
+                _ => false,
+            };
+            let writes = adds || matches!(&req, Request::DeleteRange(_) | Request::Txn(_));
+            if alarms.has(AlarmType::Corrupt) && writes {
+                return Err(Error::Corrupt);
+            }
+            if alarms.has(AlarmType::Nospace) && adds {
+                return Err(Error::NoSpace);
+            }
+        }
+        store.set_events_with_prev(self.hub.wants_prev());
+        match req {
+            Request::Put(p) => {
+                let mut w = store.write();
+                let r = kv::put(&mut w, &p, &LeaseView(&lessor));
+                let (resp, o) = settle(w, r).map_err(Error::Kv)?;
+                Ok((Applied::Put(resp), self.after_write(&mut lessor, o)))
+            }
+            Request::DeleteRange(d) => {
+                let mut w = store.write();
+                let r = kv::delete_range(&mut w, &d);
+                let (resp, o) = settle(w, r).map_err(Error::Kv)?;
+                Ok((Applied::DeleteRange(resp), self.after_write(&mut lessor, o)))
+            }
+            Request::Txn(t) => {
+                let mut w = store.write();
+                let r = kv::txn(&mut w, &t, &LeaseView(&lessor));
+                let (resp, o) = settle(w, r).map_err(Error::Kv)?;
+                Ok((Applied::Txn(resp), self.after_write(&mut lessor, o)))
+            }
+            Request::LeaseGrant(g) => {
+                lessor.grant(g.id, g.ttl).map_err(Error::Lease)?;
+                keel_metrics::METRICS.lease_granted.inc();
+                keel_metrics::METRICS.lease_ttl.observe(g.ttl as f64);
+                store.set_aux(&lease::aux_key(g.id), g.ttl.to_be_bytes().to_vec());
+                let resp = LeaseGrantResponse { header: None, id: g.id, ttl: g.ttl, error: String::new() };
+                Ok((Applied::LeaseGrant(resp), store.current_rev()))
+            }
+            Request::LeaseCheckpoint(c) => {
+                for cp in c.leases {
+                    lessor.checkpoint(cp.id, cp.remaining_ms);
+                }
+                Ok((Applied::LeaseCheckpoint, store.current_rev()))
+            }
+            Request::LeaseRevoke(r) => {
+                // The keys are deleted first, all in one revision; only then is the lease gone.
+                let keys = lessor.keys_of(r.id).map_err(Error::Lease)?;
+                let mut w = store.write();
+                let deleted = keys
+                    .into_iter()
+                    .try_for_each(|k| kv::delete_range(&mut w, &DeleteRangeRequest { key: k, ..Default::default() }).map(drop));
+                let ((), o) = settle(w, deleted).map_err(Error::Kv)?;
+                // A crash here: the keys' deletion is applied, not committed, and the lease still
+                // there; the restart must replay the revoke whole.
+                #[cfg(feature = "failpoints")]
+                fail::fail_point!("apply::lease_revoke", |_| std::process::abort());
+                // The lessor's lock is held from `keys_of` on: the lease is still there. The
+                // keys are gone at the new revision, so from here nothing may return early.
+                if let Err(e) = lessor.revoke(r.id) {
+                    fatal("apply: a lease vanished while it was revoked", e);
+                }
+                store.delete_aux(&lease::aux_key(r.id));
+                let rev = self.after_write(&mut lessor, o);
+                keel_metrics::METRICS.lease_revoked.inc();
+                Ok((Applied::LeaseRevoke(LeaseRevokeResponse { header: None }), rev))
+            }
+            Request::Compaction(c) => {
+                let t0 = std::time::Instant::now();
+                store.compact(c.revision).map_err(Error::Kv)?;
+                let m = &keel_metrics::METRICS;
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                m.index_compaction_pause.observe(ms);
+                m.db_compaction_total.observe(ms);
+                m.db_compaction_last
+                    .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+                // Physical compaction is done once the deletions are durable in the backend.
+                self.commit_now.set(c.physical);
+                Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
+            }
+            Request::MemberAttributes(a) => {
+                keel_metrics::METRICS.store_writes.with_label_values(&["set"]).inc();
+                let mut members = self.members.write();
+                if let Some(m) = members.get_mut(a.id) {
+                    m.name = a.name;
+                    m.client_urls = a.client_urls;
+                }
+                store.set_aux(AUX_MEMBERS, members.encode());
+                Ok((Applied::MemberAttributes, store.current_rev()))
+            }
+            Request::Alarm(a) => {
+                use keel_proto::etcdserverpb::alarm_request::AlarmAction;
+                let mut alarms = self.alarms.write();
+                let list = match AlarmAction::try_from(a.action) {
+                    Ok(AlarmAction::Activate) => alarms.activate(store, a.member_id, a.alarm).into_iter().collect(),
+                    Ok(AlarmAction::Deactivate) => alarms.deactivate(store, a.member_id, a.alarm).into_iter().collect(),
+                    _ => alarms.get(a.alarm),
+                };
+                Ok((Applied::Alarm(list), store.current_rev()))
+            }
+            Request::MemberUpdate(u) => {
+                keel_metrics::METRICS.store_writes.with_label_values(&["update"]).inc();
+                let mut members = self.members.write();
+                if let Some(m) = members.get_mut(u.id) {
+                    m.peer_urls = u.peer_urls;
+                }
+                store.set_aux(AUX_MEMBERS, members.encode());
+                Ok((Applied::Members(members.to_proto()), store.current_rev()))
+            }
+            // The auth store's changes (apply_auth refuses anything else).
+            other => {
+                drop(lessor);
+                self.apply_auth(store, other)
+            }
+        }
+    }
+}
+
+impl Applier {
+    /// Installs a snapshot received from the leader with its backend.
+    fn restore_from(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
+        let path = backend.ok_or("a snapshot arrived without the leader's backend")?;
+        // Everything is checked before anything changes: the received file opens, is at least
+        // as new as the snapshot and holds a member list.
+        let mut new = Store::open(&path).map_err(|e| e.to_string())?;
+        if new.consistent_index() < snap.get_metadata().index {
+            return Err(format!(
+                "the leader's backend (index {}) is older than its snapshot (index {})",
+                new.consistent_index(),
+                snap.get_metadata().index
+            ));
+        }
+        let members = match new.aux(AUX_MEMBERS) {
+            Some(b) => Members::decode(b)?,
+            None => Members::decode(snap.get_data())?,
+        };
+        let mut lessor = Lessor::default();
+        load_leases(&new, &mut lessor);
+        let auth = AuthStore::load(&new);
+        let alarms = Alarms::load(&new);
+        {
+            let mut ex = self.store.exclusive();
+            new.move_to(&self.db_path).map_err(|e| e.to_string())?;
+            // A crash here: the leader's backend is in place, the raft snapshot not yet saved
+            // (the log ends before the backend's index); the restart must start from the backend.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("apply::restore", |_| std::process::abort());
+            *ex.store = new;
+            self.lessor().replace_state(lessor);
+            *self.auth.write() = auth;
+            *self.alarms.write() = alarms;
+            *self.members.write() = members;
+            tracing::info!(
+                consistent_index = ex.store.consistent_index(),
+                revision = ex.store.current_rev(),
+                "restored backend from the leader's snapshot"
+            );
+        }
+        self.hub.resync_all();
+        Ok(())
+    }
+}
+
+/// An apply slower than this is logged and counted, as etcd's "apply request took too long".
+const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Time spent on compaction batches per maintenance turn of the apply stage (each batch is
+/// [`keel_mvcc::store::COMPACTION_BATCH`] keys under the write lock; writes and reads go on in
+/// between, and the next turn comes after the next batch of entries or the next tick).
+const COMPACTION_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The request's name in `etcd_server_apply_duration_seconds{op}`, as etcd names it.
+fn op_name(r: &Request) -> &'static str {
+    match r {
+        Request::Put(_) => "Put",
+        Request::DeleteRange(_) => "DeleteRange",
+        Request::Txn(_) => "Txn",
+        Request::Compaction(_) => "Compaction",
+        Request::MemberAttributes(_) => "ClusterMemberAttrSet",
+        Request::MemberUpdate(_) => "ClusterMemberUpdate",
+        Request::LeaseGrant(_) => "LeaseGrant",
+        Request::LeaseRevoke(_) => "LeaseRevoke",
+        Request::LeaseCheckpoint(_) => "LeaseCheckpoint",
+        Request::AuthEnable(_) => "AuthEnable",
+        Request::AuthDisable(_) => "AuthDisable",
+        Request::Authenticate(_) => "Authenticate",
+        Request::AuthUserAdd(_) => "AuthUserAdd",
+        Request::AuthUserDelete(_) => "AuthUserDelete",
+        Request::AuthUserChangePassword(_) => "AuthUserChangePassword",
+        Request::AuthUserGrantRole(_) => "AuthUserGrantRole",
+        Request::AuthUserRevokeRole(_) => "AuthUserRevokeRole",
+        Request::AuthRoleAdd(_) => "AuthRoleAdd",
+        Request::AuthRoleGrantPermission(_) => "AuthRoleGrantPermission",
+        Request::AuthRoleRevokePermission(_) => "AuthRoleRevokePermission",
+        Request::AuthRoleDelete(_) => "AuthRoleDelete",
+        Request::Alarm(_) => "Alarm",
+    }
+}
+
+impl keel_raft::StateMachine for Applier {
+    fn applied_index(&self) -> u64 {
+        self.store.read().consistent_index()
+    }
+
+    fn applied_term(&self) -> u64 {
+        self.store.read().consistent_term()
+    }
+
+    fn apply(&mut self, entry: &Entry) {
+        let mut store = self.store_mut();
+        if entry.index <= store.consistent_index() {
+            // Already in the backend: a replay after restart.
+            return;
+        }
+        let mut outcome = None;
+        if !entry.get_data().is_empty() {
+            match InternalRequest::decode(entry.get_data()) {
+                Ok(InternalRequest { id, request: Some(req), header }) => {
+                    let op = op_name(&req);
+                    let t0 = std::time::Instant::now();
+                    let r = self.apply_request(&mut store, req, header);
+                    let took = t0.elapsed();
+                    keel_metrics::observe_apply(op, r.is_ok(), took);
+                    if took > SLOW_APPLY {
+                        keel_metrics::METRICS.slow_applies.inc();
+                        tracing::warn!(index = entry.index, op, took = ?took, expected = ?SLOW_APPLY, "apply request took too long");
+                    }
+                    outcome = Some((id, r))
+                }
+                Ok(_) => tracing::warn!(index = entry.index, "apply: empty request"),
+                // Every member would skip it the same way, but it means the log is not what was
+                // proposed: stop rather than hide it.
+                Err(e) => fatal(&format!("apply: the committed entry at index {} cannot be decoded", entry.index), e),
+            }
+        }
+        store.set_consistent_index(entry.index, entry.term);
+        drop(store);
+        if self.commit_now.take() {
+            // A physical compaction: every batch done (each under the write lock on its own,
+            // readers in between), then made durable, before the caller is answered.
+            while self.compact_batch() {}
+            if let Err(e) = self.store.commit() {
+                fatal("backend commit failed", e);
+            }
+        }
+        if let Some((id, r)) = outcome {
+            if id != 0 {
+                self.waiters.trigger(id, r);
+            }
+        }
+        self.waiters.applied(entry.index);
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry, _cs: &ConfState) {
+        let mut store = self.store_mut();
+        if entry.index <= store.consistent_index() {
+            return;
+        }
+        // Members propose conf changes they encoded themselves: a committed one that does not
+        // decode is corruption (or a bug), which skipping would hide; every member stops alike.
+        let cc = match keel_raft::wire::conf_change(entry.get_data()) {
+            Ok(cc) => cc,
+            Err(e) => fatal(&format!("apply: the committed conf change at index {} cannot be decoded", entry.index), e),
+        };
+        let ctx = match ConfChangeContext::decode(cc.get_context()) {
+            Ok(ctx) => ctx,
+            Err(e) => fatal(&format!("apply: the member record of the conf change at index {} cannot be decoded", entry.index), e),
+        };
+        let id = cc.node_id;
+        let mut removed_self = false;
+        let list = {
+            let mut members = self.members.write();
+            match cc.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
+                    match (members.get_mut(id), ctx.member) {
+                        (Some(m), _) => m.is_learner = learner,
+                        (None, Some(mut rec)) => {
+                            rec.id = id;
+                            rec.is_learner = learner;
+                            tracing::info!(member_id = format!("{id:x}"), peer_urls = ?rec.peer_urls, learner, "added member");
+                            keel_metrics::METRICS.store_writes.with_label_values(&["create"]).inc();
+                            members.upsert(rec);
+                        }
+                        (None, None) => tracing::warn!(member_id = format!("{id:x}"), "conf change adds a member without its record"),
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    if members.remove(id) {
+                        tracing::info!(member_id = format!("{id:x}"), "removed member");
+                        keel_metrics::METRICS.store_writes.with_label_values(&["delete"]).inc();
+                    }
+                    removed_self = id == self.member_id;
+                }
+            }
+            store.set_aux(AUX_MEMBERS, members.encode());
+            members.to_proto()
+        };
+        store.set_consistent_index(entry.index, entry.term);
+        let rev = store.current_rev();
+        drop(store);
+        if ctx.request_id != 0 {
+            self.waiters.trigger(ctx.request_id, Ok((Applied::Members(list), rev)));
+        }
+        self.waiters.applied(entry.index);
+        if removed_self {
+            tracing::warn!("the member has been permanently removed from the cluster");
+            self.removed.notify_one();
+        }
+    }
+
+    fn conf_state(&self) -> Option<ConfState> {
+        let members = self.members.read();
+        let (learners, voters): (Vec<_>, Vec<_>) = members.members.iter().partition(|m| m.is_learner);
+        if voters.is_empty() {
+            return None;
+        }
+        Some(ConfState {
+            voters: voters.iter().map(|m| m.id).collect(),
+            learners: learners.iter().map(|m| m.id).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn skip_conf_change(&mut self, entry: &Entry) {
+        let mut store = self.store_mut();
+        if entry.index <= store.consistent_index() {
+            return;
+        }
+        tracing::warn!(index = entry.index, "apply: raft refused the committed conf change; the membership is unchanged");
+        let request_id = keel_raft::wire::conf_change(entry.get_data())
+            .ok()
+            .and_then(|cc| ConfChangeContext::decode(cc.get_context()).ok())
+            .map(|ctx| ctx.request_id)
+            .unwrap_or(0);
+        store.set_consistent_index(entry.index, entry.term);
+        drop(store);
+        if request_id != 0 {
+            self.waiters.trigger(request_id, Err(Error::ConfChangeRefused));
+        }
+        self.waiters.applied(entry.index);
+    }
+
+    fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
+        let m = &keel_metrics::METRICS;
+        m.snapshot_apply_in_progress.set(1);
+        let r = self.restore_from(snap, backend);
+        m.snapshot_apply_in_progress.set(0);
+        r
+    }
+
+    fn maintain(&mut self) {
+        // A compaction's batches run here, a slice at a time, with the store free in between.
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < COMPACTION_SLICE && self.compact_batch() {}
+        if let Err(e) = self.store.commit_if_due() {
+            fatal("backend commit failed", e);
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        self.store.commit().map_err(|e| e.to_string())
+    }
+
+    fn on_stop(&mut self) {
+        self.waiters.fail_all();
+    }
+
+    fn snapshot_data(&self) -> Vec<u8> {
+        self.members.read().encode()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_raft::Proposed;
+
+    fn ok(rev: i64) -> ApplyResult {
+        Ok((Applied::LeaseCheckpoint, rev))
+    }
+
+    #[test]
+    fn a_proposal_overwritten_by_a_new_leader_is_answered_when_its_index_is_applied() {
+        let w = Waiters::default();
+        let mut mine = w.register(1);
+        let mut other = w.register(2);
+        w.placed(1, Proposed { index: 10, term: 3 });
+        w.placed(2, Proposed { index: 11, term: 3 });
+        // Index 10 is applied with another request (a new leader's entry): 1 was lost.
+        w.applied(9);
+        assert!(mine.try_recv().is_err(), "not answered before its index is applied");
+        w.applied(10);
+        let lost = mine.try_recv().expect("answered at once").unwrap_err();
+        assert!(matches!(lost, Error::LeaderChanged), "{lost:?}");
+        // Its own entry at 11 answers 2 normally, and applying 11 does not fail it afterwards.
+        w.trigger(2, ok(7));
+        w.applied(11);
+        assert_eq!(other.try_recv().unwrap().unwrap().1, 7);
+        assert_eq!(w.len(), 0);
+    }
+
+    #[test]
+    fn a_proposal_placed_after_its_index_was_applied_is_lost_at_once() {
+        let w = Waiters::default();
+        w.applied(20);
+        let mut rx = w.register(5);
+        w.placed(5, Proposed { index: 20, term: 2 });
+        assert!(rx.try_recv().unwrap().is_err());
+        // A follower's proposal (no place known) keeps waiting for its entry.
+        let mut f = w.register(6);
+        w.applied(30);
+        assert!(f.try_recv().is_err());
+        w.trigger(6, ok(1));
+        assert!(f.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn stopping_answers_everyone_waiting_and_every_later_caller() {
+        let w = Waiters::default();
+        let mut a = w.register(1);
+        let mut b = w.register(2);
+        w.placed(2, Proposed { index: 4, term: 1 });
+        w.fail_all();
+        for rx in [&mut a, &mut b] {
+            assert!(matches!(rx.try_recv().unwrap().unwrap_err(), Error::Stopped));
+        }
+        let mut late = w.register(3);
+        assert!(matches!(late.try_recv().unwrap().unwrap_err(), Error::Stopped));
+    }
+}

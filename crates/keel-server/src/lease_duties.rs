@@ -1,0 +1,129 @@
+//! The leader's lease duties: renewals, TTL queries, expiry and checkpoints (the lease state
+//! itself is [`keel_lease`]'s). Calls the server to propose and read, the peer transport to
+//! forward to the leader.
+//!
+//! Renewals change only the leader's in-memory deadline; [`run`] batches what they changed into
+//! one checkpoint entry per [`CHECKPOINT_INTERVAL`]. A follower forwards keep-alives and TTL
+//! queries to the leader (the peer transport keeps one channel to it).
+
+use crate::error::Error;
+use crate::peer::PeerTransport;
+use crate::server::Server;
+use keel_proto::etcdserverpb::{LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
+use keel_proto::keelpb::internal_request::Request as Internal;
+use keel_proto::keelpb::{LeaseCheckpoints, LeaseRemaining};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often renewals are checkpointed through raft (one entry for all of them).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// Most leases refreshed per election timeout besides the renewed ones.
+const REFRESH_PER_ELECTION: usize = 1000;
+/// etcd revokes at most 1000 leases per second.
+const REVOKES_PER_TURN: usize = 100;
+
+/// Keep-alive: renewed in this member's memory if it leads, else on the leader. Returns the
+/// lease's TTL (0: no such lease, as etcd answers).
+pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Result<i64, Error> {
+    if server.raft().is_leader() {
+        return Ok(renew_here(server, id));
+    }
+    let leader = server.raft().leader();
+    if leader == 0 {
+        return Err(Error::NoLeader);
+    }
+    transport.forward_lease_renew(leader, id).await.map_err(Error::Forwarded)
+}
+
+/// Renews a lease in this (leading) member's lessor: its TTL, or 0 when it is gone. The
+/// batched checkpoint carries the renewal to the followers.
+pub fn renew_here(server: &Server, id: i64) -> i64 {
+    let ttl = server.lessor().renew(id).unwrap_or(0);
+    if ttl > 0 {
+        keel_metrics::METRICS.lease_renewed.inc();
+    }
+    ttl
+}
+
+/// TTL query on this member if it leads, else on the leader.
+pub async fn time_to_live(server: &Server, transport: &PeerTransport, r: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Error> {
+    if server.raft().is_leader() {
+        return Ok(local_time_to_live(server, &r));
+    }
+    let leader = server.raft().leader();
+    if leader == 0 {
+        return Err(Error::NoLeader);
+    }
+    transport.forward_lease_ttl(leader, r).await.map_err(Error::Forwarded)
+}
+
+/// The leader's answer to a TTL query; TTL -1 for a lease that does not exist.
+pub fn local_time_to_live(server: &Server, r: &LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
+    let rev = server.store().current_rev();
+    match server.lessor().time_to_live(r.id) {
+        Some((ttl, granted, keys)) => LeaseTimeToLiveResponse {
+            header: server.header(rev),
+            id: r.id,
+            ttl,
+            granted_ttl: granted,
+            keys: if r.keys { keys } else { vec![] },
+        },
+        None => LeaseTimeToLiveResponse { header: server.header(rev), id: r.id, ttl: -1, granted_ttl: 0, keys: vec![] },
+    }
+}
+
+/// Follows leadership (promote/demote the lessor); as leader, checkpoints renewals in one batched
+/// entry per interval and revokes leases whose deadline passed, through raft.
+pub async fn run(server: Arc<Server>) {
+    let mut was_leader = false;
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let election = Duration::from_millis(server.cfg().election_timeout);
+    let mut last_refresh = tokio::time::Instant::now();
+    // One checkpoint in flight at a time: a slow one is not joined by more.
+    let mut inflight: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        tick.tick().await;
+        let leader = server.raft().is_leader();
+        if leader != was_leader {
+            if leader {
+                server.lessor().promote(election);
+            } else {
+                server.lessor().demote();
+            }
+            was_leader = leader;
+        }
+        if !leader {
+            continue;
+        }
+        if inflight.as_ref().map(|h| h.is_finished()).unwrap_or(true) {
+            let mut batch = server.lessor().take_renewed();
+            if last_refresh.elapsed() >= election {
+                last_refresh = tokio::time::Instant::now();
+                let have: std::collections::HashSet<i64> = batch.iter().map(|(id, _)| *id).collect();
+                batch.extend(server.lessor().due_checkpoints(REFRESH_PER_ELECTION).into_iter().filter(|(id, _)| !have.contains(id)));
+            }
+            if !batch.is_empty() {
+                let leases = batch.into_iter().map(|(id, remaining_ms)| LeaseRemaining { id, remaining_ms }).collect();
+                let s = server.clone();
+                inflight = Some(tokio::spawn(async move {
+                    if let Err(e) = s.propose(Internal::LeaseCheckpoint(LeaseCheckpoints { leases })).await {
+                        tracing::debug!(error = %e, "lease checkpoint failed; the next refresh carries it");
+                    }
+                }));
+            }
+        }
+        let expired = server.lessor().take_expired(REVOKES_PER_TURN, Duration::from_secs(3));
+        for id in expired {
+            keel_metrics::METRICS.lease_expired.inc();
+            let s = server.clone();
+            tokio::spawn(async move {
+                if let Err(e) = s.propose(Internal::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                    if !matches!(e, Error::Lease(keel_lease::LeaseError::NotFound)) {
+                        tracing::warn!(lease = format!("{id:x}"), error = %e, "failed to revoke an expired lease; will retry");
+                    }
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! The member's core: what every API handler shares. Turns client writes into raft proposals and
+//! waits for their apply; gives reads a linearizable barrier; builds response headers.
+//!
+//! Calls keel-raft (propose, read index) and reads keel-mvcc; never writes the store itself.
+
+use crate::alarm::Alarms;
+use crate::apply::{Applied, State};
+use crate::error::Error;
+use crate::membership::Members;
+use keel_auth::{AuthError, AuthInfo, AuthStore, Tokens};
+use keel_config::Config;
+use keel_lease::Lessor;
+use keel_mvcc::Store;
+use keel_proto::etcdserverpb::ResponseHeader;
+use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestHeader};
+use keel_raft::eraftpb::{ConfChange, ConfChangeType};
+use keel_raft::{NodeHandle, NodeStatus};
+use parking_lot::{MutexGuard, RwLockReadGuard};
+use prost::Message;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub struct Server {
+    cfg: Config,
+    member_id: u64,
+    cluster_id: u64,
+    state: State,
+    node: NodeHandle,
+    /// Serializes defragmentations of this member's backend.
+    defrag_lock: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+    /// Bytes of this member's proposals between their proposal and their answer.
+    proposing: AtomicUsize,
+}
+
+/// A proposal's bytes counted in [`Server`]'s budget until dropped.
+struct Proposing<'a>(&'a AtomicUsize, usize);
+
+impl Drop for Proposing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
+impl Server {
+    pub fn new(cfg: Config, member_id: u64, cluster_id: u64, state: State, node: NodeHandle) -> Arc<Server> {
+        // Request ids: member id in the top 16 bits, start time and a counter below, so ids stay
+        // unique across restarts of this member.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
+        Arc::new(Server {
+            cfg,
+            member_id,
+            cluster_id,
+            state,
+            node,
+            defrag_lock: tokio::sync::Mutex::new(()),
+            next_id: AtomicU64::new(base),
+            proposing: AtomicUsize::new(0),
+        })
+    }
+
+    /// The configuration this member started with.
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.member_id
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// Raft's live status (leader, term, commit and applied indexes), read without the node.
+    pub fn raft(&self) -> &NodeStatus {
+        &self.node.status
+    }
+
+    /// The token provider (simple tokens or JWT).
+    pub fn tokens(&self) -> &Tokens {
+        &self.state.tokens
+    }
+
+    /// Proposals waiting for their apply on this member.
+    pub fn pending_proposals(&self) -> usize {
+        self.state.waiters.len()
+    }
+
+    /// Plans a Range under the store's read lock; the caller loads it with no lock held.
+    /// A read-only transaction planned under the store's read lock (values read by `finish`).
+    pub fn plan_txn_read(&self, r: &keel_proto::etcdserverpb::TxnRequest) -> Result<keel_mvcc::kv::TxnReadPlan, keel_mvcc::KvError> {
+        self.state.store.plan_txn_read(r)
+    }
+
+    pub fn plan_range(&self, r: &keel_proto::etcdserverpb::RangeRequest) -> Result<keel_mvcc::shared::PlannedRange, keel_mvcc::KvError> {
+        self.state.store.plan_range(r)
+    }
+
+    /// The backend with everything applied so far committed to it (for a hash or a copy).
+    pub fn committed_backend(&self) -> Result<keel_mvcc::backend::Backend, keel_mvcc::backend::BackendError> {
+        self.state.store.commit()?;
+        Ok(self.state.store.read().backend())
+    }
+
+    /// Defragments this member's backend without stopping it: copy the committed state into a
+    /// new file while applies and reads go on, then (holding the store briefly) replay what was
+    /// committed meanwhile into the copy and swap it in. Returns the longest time requests were
+    /// held.
+    pub async fn defragment(&self) -> Result<std::time::Duration, keel_mvcc::backend::BackendError> {
+        let _one = self.defrag_lock.lock().await;
+        let store = &self.state.store;
+        let started = std::time::Instant::now();
+        let before = self.store().db_size();
+        let backend = store.exclusive().store.begin_defrag()?;
+        let dest = keel_mvcc::store::defrag_path(backend.path());
+        let copied = tokio::task::spawn_blocking(move || backend.copy_to(&dest)).await.unwrap_or_else(|e| {
+            Err(keel_mvcc::backend::BackendError { path: std::path::PathBuf::new(), msg: format!("defragment task failed: {e}") })
+        });
+        let copy = match copied {
+            Ok((copy, _)) => copy,
+            Err(e) => {
+                store.write().abort_defrag();
+                return Err(e);
+            }
+        };
+        let held = std::time::Instant::now();
+        let (replayed, old) = store.exclusive().store.finish_defrag(copy)?;
+        let stall = held.elapsed();
+        // Closing the old file (redb flushes its allocator state) happens off the store lock.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        let after = self.store().db_size();
+        tracing::info!(
+            took = ?started.elapsed(),
+            stall = ?stall,
+            replayed_records = replayed,
+            size_before = before,
+            size_after = after,
+            "finished defragmenting the backend"
+        );
+        Ok(stall)
+    }
+
+    /// Asks raft to hand leadership to `to` (the caller waits for it to show in [`Self::raft`]).
+    pub fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        self.node.transfer_leader(to).map_err(Error::Propose)
+    }
+
+    /// What a `/metrics` scrape reports of this member now.
+    pub fn scrape(&self) -> keel_metrics::Scrape {
+        let st = self.raft();
+        let me = self.member_id();
+        let (is_learner, members) = {
+            let m = self.members();
+            (m.get(me).is_some_and(|x| x.is_learner), m.ids().collect())
+        };
+        let store = self.store();
+        keel_metrics::Scrape {
+            has_leader: st.leader() != 0,
+            is_leader: st.is_leader(),
+            is_learner,
+            leader_changes: st.leader_changes(),
+            committed: st.commit(),
+            applied: st.applied(),
+            pending_proposals: self.pending_proposals(),
+            member_id: me,
+            quota_backend_bytes: self.cfg().quota_backend_bytes_reported(),
+            members,
+            db_size: store.db_size(),
+            data_size: store.data_size(),
+            keys: store.live_key_count(),
+            current_revision: store.current_rev(),
+            compacted_revision: store.compacted_rev(),
+            auth_revision: self.auth().revision(),
+        }
+    }
+
+    pub fn store(&self) -> RwLockReadGuard<'_, Store> {
+        self.state.store.read()
+    }
+
+    pub fn lessor(&self) -> MutexGuard<'_, Lessor> {
+        self.state.lessor.lock()
+    }
+
+    /// A new lease ID: positive, unique to this member (etcd derives them the same way as request IDs).
+    pub fn new_lease_id(&self) -> i64 {
+        loop {
+            let id = (self.next_id.fetch_add(1, Ordering::Relaxed) & (i64::MAX as u64)) as i64;
+            if id != 0 && !self.lessor().exists(id) {
+                return id;
+            }
+        }
+    }
+
+    /// etcd's minimum lease TTL: 1.5 election timeouts, rounded up to seconds.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let ms = 3 * self.cfg.election_timeout / 2;
+        ms.div_ceil(1000) as i64
+    }
+
+    pub fn auth(&self) -> RwLockReadGuard<'_, AuthStore> {
+        self.state.auth.read()
+    }
+
+    /// A number unique to this member (request ids, token suffixes).
+    pub fn next_seq(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Who sent a client request: the user of its token, else the common name of its verified
+    /// client certificate when `--client-cert-auth` is on, else nobody (an empty [`AuthInfo`]).
+    pub fn auth_info(&self, token: Option<&str>, cert_common_name: Option<&str>) -> Result<AuthInfo, Error> {
+        if let Some(t) = token {
+            let rev = self.auth().revision();
+            return self.state.tokens.info(t, rev).ok_or(Error::Auth(AuthError::InvalidToken));
+        }
+        if self.cfg.client_cert_auth {
+            if let Some(cn) = cert_common_name {
+                return Ok(AuthInfo { username: cn.to_string(), revision: self.auth().revision() });
+            }
+        }
+        Ok(AuthInfo::default())
+    }
+
+    /// Fails unless the caller may administer the cluster (root role), when auth is on.
+    pub fn check_admin(&self, who: &AuthInfo) -> Result<(), Error> {
+        self.auth().check_admin(who).map_err(Error::Auth)
+    }
+
+    /// Fails unless the caller may read `key`..`range_end`, when auth is on.
+    pub fn check_read(&self, who: &AuthInfo, key: &[u8], range_end: &[u8]) -> Result<(), Error> {
+        self.auth().check(who, key, range_end, keel_auth::Perm::Read).map_err(Error::Auth)
+    }
+
+    pub fn alarms(&self) -> RwLockReadGuard<'_, Alarms> {
+        self.state.alarms.read()
+    }
+
+    /// The backend quota in bytes (`--quota-backend-bytes`: 0 means etcd's 2 GiB default, a
+    /// negative value turns the quota off).
+    pub fn quota_bytes(&self) -> Option<u64> {
+        u64::try_from(self.cfg.quota_backend_bytes_reported()).ok()
+    }
+
+    /// etcd's quota check before a write that adds `cost` bytes: when the data would not fit,
+    /// raise the NOSPACE alarm for this member and fail with etcd's error.
+    pub async fn check_quota(&self, cost: u64) -> Result<(), Error> {
+        let Some(quota) = self.quota_bytes() else { return Ok(()) };
+        if cost == 0 || self.store().data_size() + cost < quota {
+            return Ok(());
+        }
+        let req = keel_proto::etcdserverpb::AlarmRequest {
+            action: keel_proto::etcdserverpb::alarm_request::AlarmAction::Activate as i32,
+            member_id: self.member_id,
+            alarm: keel_proto::etcdserverpb::AlarmType::Nospace as i32,
+        };
+        if let Err(e) = self.propose(Request::Alarm(req)).await {
+            tracing::warn!(error = %e, "could not raise the NOSPACE alarm");
+        }
+        Err(Error::NoSpace)
+    }
+
+    pub fn members(&self) -> RwLockReadGuard<'_, Members> {
+        self.state.members.read()
+    }
+
+    /// A response header at `revision`.
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.raft().term() })
+    }
+
+    /// Proposes the member's own request `req` (not permission-checked) and waits until it is
+    /// applied on this member.
+    pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Error> {
+        self.propose_inner(req, None).await
+    }
+
+    /// Proposes a client's request, checked against `who`'s permissions when applied.
+    pub async fn propose_as(&self, req: Request, who: &AuthInfo) -> Result<(Applied, i64), Error> {
+        self.propose_inner(req, Some(RequestHeader { username: who.username.clone(), auth_revision: who.revision })).await
+    }
+
+    async fn propose_inner(&self, req: Request, header: Option<RequestHeader>) -> Result<(Applied, i64), Error> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let data = InternalRequest { id, request: Some(req), header }.encode_to_vec();
+        if data.len() > self.cfg.max_request_bytes as usize {
+            return Err(Error::RequestTooLarge);
+        }
+        let _budget = self.take_proposing(data.len())?;
+        let rx = self.state.waiters.register(id);
+        let t0 = std::time::Instant::now();
+        let failed = || keel_metrics::METRICS.proposals_failed.inc();
+        let work = async {
+            if let Some(at) = self.node.propose(data).await.map_err(Error::Propose).inspect_err(|_| failed())? {
+                self.state.waiters.placed(id, at);
+            }
+            rx.await.map_err(|_| Error::Stopped).inspect_err(|_| failed())?
+        };
+        match tokio::time::timeout(self.cfg.request_timeout(), work).await {
+            Ok(r) => {
+                keel_metrics::METRICS.proposal.observe(t0.elapsed().as_secs_f64());
+                if r.is_err() {
+                    self.state.waiters.cancel(id);
+                }
+                r
+            }
+            Err(_) => {
+                failed();
+                self.state.waiters.cancel(id);
+                Err(Error::Timeout)
+            }
+        }
+    }
+
+    /// Counts `n` bytes of a proposal, or refuses it with etcd's "too many requests" when
+    /// `--max-pending-proposal-bytes` are already held (raft's inbox and uncommitted log, the apply queue,
+    /// the waiting callers), so that many concurrent large writes cannot make the member hold
+    /// their bytes without bound. One request of `--max-request-bytes` always fits.
+    fn take_proposing(&self, n: usize) -> Result<Proposing<'_>, Error> {
+        let limit = (self.cfg.max_pending_proposal_bytes as usize).max(self.cfg.max_request_bytes as usize + 4096);
+        let took = self.proposing.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| (held + n <= limit).then_some(held + n));
+        match took {
+            Ok(_) => Ok(Proposing(&self.proposing, n)),
+            Err(held) => {
+                keel_metrics::METRICS.proposals_failed.inc();
+                tracing::debug!(held, limit, request_bytes = n, "refused a proposal: too many bytes of proposals in flight");
+                Err(Error::TooManyRequests)
+            }
+        }
+    }
+
+    /// Proposes a raft membership change for `node_id` carrying `member`, and waits until it is
+    /// applied here; returns the member list after it.
+    pub async fn propose_conf_change(
+        &self,
+        change: ConfChangeType,
+        node_id: u64,
+        member: Option<MemberRecord>,
+    ) -> Result<(Applied, i64), Error> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ctx = ConfChangeContext { request_id: id, member }.encode_to_vec();
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change);
+        cc.node_id = node_id;
+        cc.context = ctx.into();
+        let rx = self.state.waiters.register(id);
+        let work = async {
+            if let Some(at) = self.node.propose_conf_change(cc).await.map_err(Error::Propose)? {
+                self.state.waiters.placed(id, at);
+            }
+            rx.await.map_err(|_| Error::Stopped)?
+        };
+        let r = match tokio::time::timeout(self.cfg.request_timeout(), work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout),
+        };
+        if r.is_err() {
+            self.state.waiters.cancel(id);
+        }
+        r
+    }
+
+    /// Promotes learner `id` to a voter, on the leader (etcd's rule: the learner has at least 90%
+    /// of the leader's log); returns the member list after it.
+    pub async fn promote_learner(&self, id: u64) -> Result<Vec<keel_proto::etcdserverpb::Member>, Error> {
+        let m = self.members().get(id).cloned().ok_or(Error::MemberNotFound)?;
+        if !m.is_learner {
+            return Err(Error::NotLearner);
+        }
+        let progress = self.node.progress().await.map_err(Error::Propose)?;
+        let leader = progress.get(&self.member_id).ok_or(Error::NotLeader)?;
+        let learner = progress.get(&id).ok_or(Error::LearnerNotReady)?;
+        if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
+            return Err(Error::LearnerNotReady);
+        }
+        match self.propose_conf_change(ConfChangeType::AddNode, id, None).await? {
+            (Applied::Members(m), _) => {
+                keel_metrics::METRICS.learner_promotes.inc();
+                Ok(m)
+            }
+            _ => Err(Error::Internal("unexpected apply result".into())),
+        }
+    }
+
+    /// True when this member is a learner (it does not serve writes or linearizable reads).
+    pub fn is_learner(&self) -> bool {
+        self.members().get(self.member_id).map(|m| m.is_learner).unwrap_or(false)
+    }
+
+    /// Fails with etcd's error when this member is a learner.
+    pub fn not_learner(&self) -> Result<(), Error> {
+        if self.is_learner() {
+            return Err(Error::Learner);
+        }
+        Ok(())
+    }
+
+    /// Waits until this member has applied everything committed before the call (ReadIndex).
+    pub async fn linearizable_barrier(&self) -> Result<(), Error> {
+        let m = &keel_metrics::METRICS;
+        match tokio::time::timeout(self.cfg.request_timeout(), self.node.read_index()).await {
+            Ok(r) => r.map(|_| ()).map_err(Error::Propose).inspect_err(|_| m.read_indexes_failed.inc()),
+            Err(_) => {
+                m.slow_read_indexes.inc();
+                m.read_indexes_failed.inc();
+                Err(Error::Timeout)
+            }
+        }
+    }
+}
