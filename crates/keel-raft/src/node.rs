@@ -70,21 +70,44 @@ pub struct NodeConfig {
     pub catchup_entries: u64,
     /// Tasks the apply stage's queue holds ([`crate::apply::QUEUE`]).
     pub apply_queue: usize,
+    /// Ticks come only from [`NodeHandle::tick`], never from the clock (deterministic tests
+    /// drive several nodes in one process this way); `tick` then paces only the apply stage's
+    /// idle maintenance.
+    pub manual_ticks: bool,
 }
 
 /// The answer to a proposal: where the leader put it (unknown when a follower forwarded it).
 type ProposeDone = oneshot::Sender<Result<Option<Proposed>, ProposeError>>;
 
 enum Msg {
-    Propose { data: Vec<u8>, done: ProposeDone, at: Instant },
-    ReadIndex { done: oneshot::Sender<Result<u64, ProposeError>> },
+    Propose {
+        data: Vec<u8>,
+        done: ProposeDone,
+        at: Instant,
+    },
+    ReadIndex {
+        done: oneshot::Sender<Result<u64, ProposeError>>,
+    },
     Step(Box<Message>),
-    ProposeConfChange { cc: ConfChange, done: ProposeDone },
-    InstallSnapshot { msg: Box<Message>, backend: std::path::PathBuf },
+    ProposeConfChange {
+        cc: ConfChange,
+        done: ProposeDone,
+    },
+    InstallSnapshot {
+        msg: Box<Message>,
+        backend: std::path::PathBuf,
+    },
     Unreachable(u64),
-    SnapshotDone { to: u64, ok: bool },
+    SnapshotDone {
+        to: u64,
+        ok: bool,
+    },
     TransferLeader(u64),
-    Progress { done: oneshot::Sender<HashMap<u64, PeerProgress>> },
+    Progress {
+        done: oneshot::Sender<HashMap<u64, PeerProgress>>,
+    },
+    /// One tick (with [`NodeConfig::manual_ticks`]).
+    Tick,
     Stop,
 }
 
@@ -95,6 +118,8 @@ const BATCH: usize = 8_192;
 /// Committed entries the apply stage may lag behind before proposals are refused with "too many
 /// requests" (etcd's maxGapBetweenApplyAndCommitIndex).
 const MAX_APPLY_GAP: u64 = 5_000;
+/// Longest wait for the inbox with manual ticks (nothing happens without a message then).
+const IDLE_WAIT: Duration = Duration::from_millis(50);
 /// How often the raft loop hands its backlog to a busy apply stage.
 const BACKLOG_POLL: Duration = Duration::from_millis(1);
 /// Most bytes of committed entries in one Ready (one task of the apply stage).
@@ -168,6 +193,12 @@ impl NodeHandle {
         let (done, rx) = oneshot::channel();
         self.send(Msg::Progress { done })?;
         rx.await.map_err(|_| ProposeError::Stopped)
+    }
+
+    /// Advances a node started with [`NodeConfig::manual_ticks`] by one tick (a heartbeat
+    /// interval); waits while the inbox is full.
+    pub fn tick(&self) {
+        let _ = self.tx.send(Msg::Tick);
     }
 
     /// Asks the node to stop after the current Ready.
@@ -360,10 +391,11 @@ impl<T: Transport> Driver<T> {
                 self.stage_gone = true;
             }
             self.flush_reads();
-            if Instant::now() >= next_tick {
-                self.node.tick();
-                self.ticks += 1;
-                self.expire_reads();
+            if self.cfg.manual_ticks {
+                // Only Msg::Tick ticks; the clock's deadline never comes.
+                next_tick = Instant::now() + IDLE_WAIT;
+            } else if Instant::now() >= next_tick {
+                self.tick();
                 next_tick += self.cfg.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.cfg.tick;
@@ -405,9 +437,17 @@ impl<T: Transport> Driver<T> {
         result
     }
 
+    /// One tick of raft's logical clock: elections, heartbeats, read expiry.
+    fn tick(&mut self) {
+        self.node.tick();
+        self.ticks += 1;
+        self.expire_reads();
+    }
+
     /// Handles one inbox message; returns true on Stop.
     fn handle(&mut self, m: Msg) -> bool {
         match m {
+            Msg::Tick => self.tick(),
             Msg::Propose { data, done, at } => {
                 let r = self.apply_gap_ok().and_then(|()| self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader));
                 let placed = r.map(|()| self.proposed());

@@ -60,7 +60,15 @@ fn identity() -> Identity {
 }
 
 fn config() -> NodeConfig {
-    NodeConfig { id: 1, tick: Duration::from_millis(10), election_ticks: 10, snapshot_count: 10_000, catchup_entries: 10, apply_queue: 2 }
+    NodeConfig {
+        id: 1,
+        tick: Duration::from_millis(10),
+        election_ticks: 10,
+        snapshot_count: 10_000,
+        catchup_entries: 10,
+        apply_queue: 2,
+        manual_ticks: false,
+    }
 }
 
 fn dirs(root: &Path) -> (PathBuf, PathBuf) {

@@ -122,6 +122,7 @@ impl Member {
             snapshot_count: cfg.snapshot_count.max(1),
             catchup_entries: cfg.snapshot_catchup_entries(),
             apply_queue: keel_raft::apply::QUEUE,
+            manual_ticks: false,
         };
         let (node, join) =
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;

@@ -1,0 +1,474 @@
+//! Several real node threads in one process, wired by a channel transport the test controls
+//! (it can cut a member off and heal it), with ticks given by the test ([`NodeConfig::manual_ticks`]):
+//! raft's clock advances only when the test says so, so an election timeout, a read's expiry
+//! or a stop's hand-off deadline is a number of ticks, not a wall-clock race. Each test waits
+//! on state it observes (status, what each state machine applied), bounded by a number of
+//! ticks.
+
+use keel_raft::eraftpb::{ConfState, Entry, Message, MessageType, Snapshot};
+use keel_raft::{start, Disk, Identity, NodeConfig, NodeHandle, NodeStatus, ProposeError, StateMachine, Transport};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Ticks in an election timeout.
+const ELECTION_TICKS: usize = 10;
+/// Most tick rounds a test waits for something before it fails.
+const MAX_ROUNDS: usize = 4000;
+
+/// What a member's state machine holds: the data of every normal entry applied, in order.
+#[derive(Default)]
+struct Applied {
+    index: u64,
+    term: u64,
+    data: Vec<Vec<u8>>,
+    conf: Option<ConfState>,
+    /// Snapshots from the leader that replaced the state.
+    restores: usize,
+    /// While set, applying waits (a slow disk).
+    held: bool,
+}
+
+/// The state machine: a log of applied data, shared with the test.
+#[derive(Clone, Default)]
+struct Machine(Arc<(std::sync::Mutex<Applied>, std::sync::Condvar)>);
+
+impl Machine {
+    fn with<R>(&self, f: impl FnOnce(&mut Applied) -> R) -> R {
+        let mut a = self.0 .0.lock().unwrap();
+        let r = f(&mut a);
+        self.0 .1.notify_all();
+        r
+    }
+    fn data(&self) -> Vec<Vec<u8>> {
+        self.with(|a| a.data.clone())
+    }
+    fn hold(&self, held: bool) {
+        self.with(|a| a.held = held);
+    }
+}
+
+fn encode(data: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for d in data {
+        out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        out.extend_from_slice(d);
+    }
+    out
+}
+
+fn decode(mut b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let n = b.get(..4).ok_or("short length")?;
+        let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
+        out.push(b.get(4..4 + n).ok_or("short record")?.to_vec());
+        b = &b[4 + n..];
+    }
+    Ok(out)
+}
+
+impl StateMachine for Machine {
+    fn applied_index(&self) -> u64 {
+        self.with(|a| a.index)
+    }
+    fn applied_term(&self) -> u64 {
+        self.with(|a| a.term)
+    }
+    fn apply(&mut self, e: &Entry) {
+        let mut a = self.0 .0.lock().unwrap();
+        while a.held {
+            a = self.0 .1.wait(a).unwrap();
+        }
+        assert_eq!(e.index, a.index + 1, "entries are applied in order, each once");
+        a.index = e.index;
+        a.term = e.term;
+        if !e.data.is_empty() {
+            a.data.push(e.data.to_vec());
+        }
+    }
+    fn apply_conf_change(&mut self, e: &Entry, cs: &ConfState) {
+        self.with(|a| {
+            assert_eq!(e.index, a.index + 1, "entries are applied in order, each once");
+            a.index = e.index;
+            a.term = e.term;
+            a.conf = Some(cs.clone());
+        });
+    }
+    fn maintain(&mut self) {}
+    fn sync(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    fn snapshot_data(&self) -> Vec<u8> {
+        self.with(|a| encode(&a.data))
+    }
+    fn conf_state(&self) -> Option<ConfState> {
+        self.with(|a| a.conf.clone())
+    }
+    fn restore(&mut self, snap: &Snapshot, backend: Option<PathBuf>) -> Result<(), String> {
+        let data = decode(snap.get_data())?;
+        if let Some(f) = backend {
+            std::fs::remove_file(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        }
+        self.with(|a| {
+            a.index = snap.get_metadata().index;
+            a.term = snap.get_metadata().term;
+            a.data = data;
+            a.conf = Some(snap.get_metadata().get_conf_state().clone());
+            a.restores += 1;
+        });
+        Ok(())
+    }
+}
+
+/// The network: every member's inbox, and who is cut off.
+#[derive(Default)]
+struct Net {
+    handles: Mutex<HashMap<u64, NodeHandle>>,
+    cut: Mutex<HashSet<u64>>,
+}
+
+/// One member's side of the network. Snapshots go as the real transport sends them: the raft
+/// message with a file standing for the leader's backend (empty: the state travels in the
+/// snapshot's data here), then the outcome reported to the sender's raft.
+struct Link {
+    from: u64,
+    net: Arc<Net>,
+    dir: PathBuf,
+    sent_snapshots: u64,
+}
+
+impl Transport for Link {
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            let (dest, me) = {
+                let h = self.net.handles.lock();
+                (h.get(&to).cloned(), h.get(&self.from).cloned())
+            };
+            let cut = {
+                let c = self.net.cut.lock();
+                c.contains(&self.from) || c.contains(&to)
+            };
+            let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+            let (Some(dest), false) = (dest, cut) else {
+                if let (true, Some(me)) = (snapshot, me) {
+                    me.report_snapshot(to, false);
+                }
+                continue;
+            };
+            if snapshot {
+                self.sent_snapshots += 1;
+                let f = self.dir.join(format!("from-{}-to-{}-{}.db", self.from, to, self.sent_snapshots));
+                std::fs::write(&f, b"").unwrap();
+                let ok = dest.install_snapshot(m, f).is_ok();
+                if let Some(me) = me {
+                    me.report_snapshot(to, ok);
+                }
+            } else {
+                let _ = dest.step(m);
+            }
+        }
+    }
+}
+
+struct Member {
+    handle: NodeHandle,
+    status: Arc<NodeStatus>,
+    machine: Machine,
+    join: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+struct Cluster {
+    net: Arc<Net>,
+    members: HashMap<u64, Member>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A new cluster of members 1..=n.
+    fn new(n: u64, snapshot_count: u64, catchup_entries: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Net::default());
+        let voters: Vec<u64> = (1..=n).collect();
+        let bootstrap: Vec<(u64, Vec<u8>)> = voters.iter().map(|id| (*id, Vec::new())).collect();
+        let mut members = HashMap::new();
+        for id in 1..=n {
+            let root = dir.path().join(format!("m{id}"));
+            let (wal, snap) = (root.join("wal"), root.join("snap"));
+            std::fs::create_dir_all(&snap).unwrap();
+            let identity = Identity { cluster_id: 7, member_id: id, initial_voters: voters.clone() };
+            let disk = Disk::open(&wal, &snap, identity, &bootstrap).unwrap();
+            let cfg = NodeConfig {
+                id,
+                tick: Duration::from_millis(10),
+                election_ticks: ELECTION_TICKS,
+                snapshot_count,
+                catchup_entries,
+                apply_queue: 4,
+                manual_ticks: true,
+            };
+            let machine = Machine::default();
+            let status = Arc::new(NodeStatus::default());
+            let link = Link { from: id, net: net.clone(), dir: root.clone(), sent_snapshots: 0 };
+            let (handle, join) = start(cfg, disk, machine.clone(), link, status.clone()).unwrap();
+            net.handles.lock().insert(id, handle.clone());
+            members.insert(id, Member { handle, status, machine, join: Some(join) });
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        Cluster { net, members, rt, _dir: dir }
+    }
+
+    fn member(&self, id: u64) -> &Member {
+        &self.members[&id]
+    }
+
+    /// One tick for every running member, then a moment for the messages it causes to travel
+    /// (the rounds bound a wait; the pause only paces them).
+    fn tick(&self) {
+        for m in self.members.values() {
+            if !m.status.stopped() {
+                m.handle.tick();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    /// Ticks until `done` holds; fails after [`MAX_ROUNDS`] rounds.
+    fn until(&self, what: &str, mut done: impl FnMut(&Cluster) -> bool) {
+        for _ in 0..MAX_ROUNDS {
+            if done(self) {
+                return;
+            }
+            self.tick();
+        }
+        panic!("not reached in {MAX_ROUNDS} ticks: {what}");
+    }
+
+    /// The leader every running member agrees on.
+    fn leader(&self) -> u64 {
+        let mut id = 0;
+        self.until("one leader all running members agree on", |c| {
+            let running: Vec<&Member> = c.members.values().filter(|m| !m.status.stopped()).collect();
+            let l = running.first().map_or(0, |m| m.status.leader());
+            id = l;
+            l != 0 && running.iter().all(|m| m.status.leader() == l) && c.members.get(&l).is_some_and(|m| m.status.is_leader())
+        });
+        id
+    }
+
+    fn cut(&self, id: u64) {
+        self.net.cut.lock().insert(id);
+    }
+
+    fn heal(&self, id: u64) {
+        self.net.cut.lock().remove(&id);
+    }
+
+    fn propose(&self, via: u64, data: Vec<u8>) -> Result<(), ProposeError> {
+        self.rt.block_on(self.member(via).handle.propose(data)).map(drop)
+    }
+
+    /// Proposes `n` entries `prefix-i` through the leader, re-finding it if leadership moves.
+    fn write(&self, prefix: &str, n: usize) {
+        let mut leader = self.leader();
+        for i in 0..n {
+            loop {
+                match self.propose(leader, format!("{prefix}-{i}").into_bytes()) {
+                    Ok(()) => break,
+                    Err(_) => leader = self.leader(),
+                }
+            }
+        }
+    }
+
+    /// Waits until every listed member applied `want` data entries, then checks they agree.
+    fn converge(&self, ids: &[u64], want: usize) -> Vec<Vec<u8>> {
+        self.until("every member applied the same entries", |c| ids.iter().all(|id| c.member(*id).machine.data().len() >= want));
+        let first = self.member(ids[0]).machine.data();
+        for id in ids {
+            assert_eq!(self.member(*id).machine.data(), first, "member {id} applied another sequence");
+        }
+        first
+    }
+
+    /// Stops member `id` and waits for its thread (ticking the others meanwhile).
+    fn stop(&mut self, id: u64) {
+        self.member(id).handle.stop();
+        self.until("the member's thread ended", |c| c.member(id).join.as_ref().is_some_and(|j| j.is_finished()));
+        let join = self.members.get_mut(&id).and_then(|m| m.join.take()).unwrap();
+        join.join().expect("node thread panicked").expect("node stopped with an error");
+        self.net.handles.lock().remove(&id);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in self.members.values() {
+            m.machine.hold(false);
+            m.handle.stop();
+        }
+        for m in self.members.values_mut() {
+            if let Some(j) = m.join.take() {
+                for _ in 0..MAX_ROUNDS {
+                    if j.is_finished() {
+                        break;
+                    }
+                    for o in self.net.handles.lock().values() {
+                        o.tick();
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                if j.is_finished() {
+                    let _ = j.join();
+                }
+            }
+        }
+    }
+}
+
+fn expected(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| format!("{prefix}-{i}").into_bytes()).collect()
+}
+
+#[test]
+fn three_members_elect_one_leader_and_apply_the_same_log_in_order() {
+    let c = Cluster::new(3, 10_000, 100);
+    let leader = c.leader();
+    assert!((1..=3).contains(&leader));
+    c.write("a", 50);
+    assert_eq!(c.converge(&[1, 2, 3], 50), expected("a", 50));
+    // A proposal through a follower reaches the leader and is applied everywhere too.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    c.propose(follower, b"via-follower".to_vec()).unwrap();
+    let all = c.converge(&[1, 2, 3], 51);
+    assert_eq!(all.last().map(Vec::as_slice), Some(&b"via-follower"[..]));
+}
+
+#[test]
+fn a_member_cut_off_past_the_kept_log_catches_up_by_snapshot() {
+    let c = Cluster::new(3, 20, 5);
+    let leader = c.leader();
+    let behind = (1..=3).find(|id| *id != leader).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    c.cut(behind);
+    c.write("b", 120);
+    c.converge(&others, 120);
+    assert_eq!(c.member(behind).machine.with(|a| a.restores), 0);
+    c.heal(behind);
+    assert_eq!(c.converge(&[1, 2, 3], 120), expected("b", 120));
+    assert!(c.member(behind).machine.with(|a| a.restores) >= 1, "caught up by a snapshot, not by entries");
+    // No backend file is left behind by the install.
+    c.write("c", 5);
+    c.converge(&[1, 2, 3], 125);
+}
+
+#[test]
+fn a_read_on_a_member_cut_off_expires_and_a_reissued_one_is_served_after_healing() {
+    let c = Cluster::new(3, 10_000, 100);
+    let leader = c.leader();
+    c.write("r", 3);
+    c.converge(&[1, 2, 3], 3);
+    // On the leader, cut off: no quorum confirms it, so the read fails after two election
+    // timeouts of ticks instead of waiting forever.
+    c.cut(leader);
+    let rx = {
+        let h = c.member(leader).handle.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.rt.spawn(async move {
+            let _ = tx.send(h.read_index().await);
+        });
+        rx
+    };
+    let mut answer = None;
+    c.until("the cut-off read is answered", |c| {
+        c.rt.block_on(tokio::task::yield_now());
+        answer = rx.try_recv().ok();
+        answer.is_some()
+    });
+    assert_eq!(answer, Some(Err(ProposeError::Timeout)));
+    c.heal(leader);
+    let leader = c.leader();
+    // On a follower cut off for a few ticks (less than the expiry): its ReadIndex request to
+    // the leader is lost, and raft does not resend it; the node re-issues it, and once healed
+    // the read is served at an index at least the commit index when it was issued.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    c.cut(follower);
+    let committed = c.member(leader).status.commit();
+    let rx = {
+        let h = c.member(follower).handle.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.rt.spawn(async move {
+            let _ = tx.send(h.read_index().await);
+        });
+        rx
+    };
+    for _ in 0..ELECTION_TICKS / 2 {
+        c.rt.block_on(tokio::task::yield_now());
+        c.tick();
+    }
+    c.heal(follower);
+    let mut answer = None;
+    c.until("the re-issued read is answered", |c| {
+        c.rt.block_on(tokio::task::yield_now());
+        answer = rx.try_recv().ok();
+        answer.is_some()
+    });
+    let index = answer.unwrap().expect("the read is served once the follower is back");
+    assert!(index >= committed, "read index {index} below the commit index {committed} it started after");
+}
+
+#[test]
+fn a_stopping_leader_hands_leadership_to_another_member_and_nothing_is_lost() {
+    let mut c = Cluster::new(3, 10_000, 100);
+    let old = c.leader();
+    let term = c.member(old).status.term();
+    c.write("s", 20);
+    c.stop(old);
+    let new = c.leader();
+    assert_ne!(new, old);
+    assert!(c.member(new).status.term() > term);
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    c.write("t", 5);
+    let all = c.converge(&rest, 25);
+    assert_eq!(&all[..20], &expected("s", 20)[..]);
+    assert_eq!(c.member(old).machine.data(), expected("s", 20), "the stopped member applied everything it acknowledged");
+}
+
+#[test]
+fn a_leader_whose_apply_lags_refuses_proposals_until_it_catches_up() {
+    let c = Cluster::new(3, 100_000, 100);
+    let leader = c.leader();
+    // The leader's state machine stalls (a slow disk); the log is committed by the quorum
+    // regardless, until the gap between commit and apply passes etcd's 5,000 entries.
+    c.member(leader).machine.hold(true);
+    let mut refused = None;
+    for i in 0..20_000 {
+        match c.propose(leader, format!("g-{i}").into_bytes()) {
+            Ok(()) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        if i % 64 == 0 {
+            c.tick();
+        }
+    }
+    let (at, e) = refused.expect("proposals are refused once the apply falls behind");
+    assert_eq!(e, ProposeError::Busy);
+    assert!(at >= 5_000, "refused after {at} entries only");
+    // Raft itself goes on: the leader still leads, ticks and heartbeats reach the followers.
+    for _ in 0..3 * ELECTION_TICKS {
+        c.tick();
+    }
+    assert!(c.member(leader).status.is_leader(), "the stalled apply did not stop the raft loop");
+    c.member(leader).machine.hold(false);
+    c.until("the leader's apply caught up", |c| c.member(leader).status.applied() >= c.member(leader).status.commit());
+    c.propose(leader, b"after".to_vec()).unwrap();
+    let all = c.converge(&[1, 2, 3], at + 1);
+    assert_eq!(all.last().map(Vec::as_slice), Some(&b"after"[..]));
+}
