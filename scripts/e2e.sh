@@ -116,7 +116,7 @@ for t in $tests; do
     find "$rundir" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
   fi
   : >"$work/$t.log"
-  for attempt in 1 2; do
+  for attempt in 1 2 3; do
     set +e
     timeout "$limit" "$work/e2e.test" -bin-dir "$work/bin" -test.run "^${t}\$" -test.v -test.timeout "$((limit - 10))s" >"$work/$t.attempt$attempt.log" 2>&1
     rc=$?
@@ -124,9 +124,12 @@ for t in $tests; do
     # Both attempts' output stay in the test's log.
     { echo "=== attempt $attempt (exit $rc)"; cat "$work/$t.attempt$attempt.log"; } >>"$work/$t.log"
     [ "$rc" -eq 0 ] && break
-    # etcd's harness sometimes fails a passed test on its own goroutine-leak check under load;
-    # such a test is run once more and reported (and counted) as retried.
-    if [ "$attempt" -eq 1 ] && grep -q "^--- PASS: $t " "$work/$t.attempt1.log" && grep -qE "Too many goroutines|Unexpected goroutines running after all test" "$work/$t.attempt1.log"; then
+    # etcd's harness sometimes fails a passed test on its own goroutine-leak check under load
+    # (3.4's ctlV3User never closes its etcdctl process, and the check runs at once after the
+    # test: real etcd 3.4.23 fails it too on a loaded machine, twice in a row at times); such a
+    # test is run again, up to three attempts, and reported (and counted) as retried. A test
+    # that fails any other way is not retried.
+    if [ "$attempt" -lt 3 ] && grep -q "^--- PASS: $t " "$work/$t.attempt$attempt.log" && grep -qE "Too many goroutines|Unexpected goroutines running after all test" "$work/$t.attempt$attempt.log"; then
       echo "--- RETRY: $t (etcd harness goroutine check failed after the test passed)"
       retried=$((retried + 1))
       stop_servers
