@@ -18,6 +18,7 @@
 //! - [`lease_duties`]: the leader's renewals, TTL queries, expiry and checkpoints.
 //! - [`compactor`]: auto compaction.
 //! - [`discovery`]: etcd's v3 discovery (the initial cluster learned from another cluster).
+//! - [`rafthttp`]: etcd's peer protocol (in progress: the stream framing).
 //! - [`error`]: the server's domain errors.
 
 pub mod alarm;
@@ -28,6 +29,7 @@ pub mod error;
 pub mod lease_duties;
 pub mod membership;
 pub mod peer;
+pub mod rafthttp;
 pub mod server;
 
 pub use error::Error;
