@@ -7,6 +7,8 @@
 #   scripts/bench-compare.sh [OUT.md]              full run (about 40 minutes with 4 systems)
 #   KEEL_BENCH_QUICK=1 scripts/bench-compare.sh    tiny totals (a smoke run)
 #   BENCH_SYSTEMS="etcd-3.6 keel"                   which systems (default: etcd-3.6 etcd-3.7 etcd-3.4 keel)
+#   KEEL_BASE_BIN=path/to/old/keel                  adds system keel-base: an earlier Keel build, for
+#                                                   before/after ratios in the same alternating run
 #   BENCH_RUNS=2                                    runs per workload and system (default 2)
 #   BENCH_GROUPS="kv latency bigread lease memory"  which groups of workloads (default: all)
 #   BENCH_TABLE_ONLY=results.jsonl                  only print the table of earlier runs' results
@@ -38,6 +40,7 @@ binary() {
     etcd-3.6) echo "$("$root/scripts/etcd-ref.sh" v3.6.16)/etcd" ;;
     etcd-3.7) echo "$("$root/scripts/etcd-ref.sh" v3.7.3)/etcd" ;;
     etcd-3.4) echo "${ETCD34_BIN:-/usr/bin/etcd}" ;;
+    keel-base) echo "${KEEL_BASE_BIN:-$root/target/keel-base/keel}" ;;
     *) echo "unknown system $1" >&2; return 1 ;;
   esac
 }
