@@ -13,7 +13,7 @@ cd "$root/fuzz"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wal_decode snap_decode backend_records kv_requests bbolt_read etcd_wal etcd_snap h2fix raft_wire)
+[ ${#targets[@]} -gt 0 ] || targets=(wal_decode snap_decode backend_records kv_requests bbolt_read etcd_wal etcd_snap h2fix raft_wire go_duration)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 for t in "${targets[@]}"; do
   echo "fuzz: $t for ${secs}s"

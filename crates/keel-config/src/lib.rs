@@ -449,8 +449,13 @@ impl Config {
     }
 }
 
-/// Parses a Go duration such as `1h30m`, `10m`, `5s`, `500ms`.
+/// Parses a Go duration such as `1h30m`, `10m`, `5s`, `500ms`, `+2s` or `0` (Go's
+/// `time.ParseDuration`); a negative one, which no flag takes, is refused.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
     let mut total = 0f64;
     let mut num = String::new();
     let mut chars = s.chars().peekable();
@@ -640,6 +645,12 @@ mod tests {
         assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
         assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_go_duration("5"), None);
+        assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_go_duration("+2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_go_duration("-2s"), None);
+        assert_eq!(parse_go_duration(""), None);
+        assert_eq!(parse_go_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("9999999999999999999h"), None);
     }
 
     #[test]

@@ -652,6 +652,7 @@ impl WriteTxn<'_> {
         }
         self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
         // Fault injection: the backend failing after a change (the caller rolls back and stops).
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("mvcc::write_error", |_| Err(injected()));
         Ok(prev)
     }
@@ -686,6 +687,7 @@ impl WriteTxn<'_> {
             if let (Some(p), true) = (prev, want_prev) {
                 prevs.push(p);
             }
+            #[cfg(feature = "failpoints")]
             fail::fail_point!("mvcc::write_error", |_| Err(injected()));
         }
         Ok((targets.len() as i64, prevs))
