@@ -3,8 +3,9 @@
 //! socket bytes straight into raft messages and a writer raft messages straight into socket
 //! bytes, with no per-message HTTP or gRPC layer.
 //!
-//! - [`MessageCodec`] (`/raft/stream/message/<id>`, and the pipeline's `POST /raft` body): each
-//!   message is its protobuf size as 8 bytes big-endian, then the protobuf.
+//! - [`MessageCodec`] (`/raft/stream/message/<id>`): each message is its protobuf size as 8
+//!   bytes big-endian, then the protobuf. (The pipeline's `POST /raft` body is one bare protobuf,
+//!   no size: not a stream.)
 //! - [`MsgAppV2Codec`] (`/raft/stream/msgappv2/<id>`, appends only): one type byte, then
 //!   - 0: a link heartbeat (nothing else; it keeps an idle stream alive and is not for raft);
 //!   - 1: appended entries continuing the previous append at the same term: the entry count
