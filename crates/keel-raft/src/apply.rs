@@ -535,10 +535,23 @@ mod tests {
             let (r, rx) = oneshot::channel();
             assert!(st.send(Task::Reads { index: i, senders: vec![r], confirmed: Instant::now() }));
             rx.blocking_recv().unwrap().unwrap();
-            let syncs_before = sm.seen().iter().filter(|s| *s == "sync").count();
-            for e in st.events() {
-                let Event::Snapshot(s) = e;
-                snaps.push((s.get_metadata().index, syncs_before));
+            // At 6 and 12 a snapshot is due: its event may follow the read's answer, so wait
+            // for it (bounded); were it taken only at stop, this wait would fail.
+            let due = i % 6 == 0;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let syncs_before = sm.seen().iter().filter(|s| *s == "sync").count();
+                let mut got = false;
+                for e in st.events() {
+                    let Event::Snapshot(s) = e;
+                    snaps.push((s.get_metadata().index, syncs_before));
+                    got = true;
+                }
+                if !due || got {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no snapshot after entry {i}");
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         let at: Vec<u64> = snaps.iter().map(|(i, _)| *i).collect();
