@@ -69,7 +69,24 @@ fn encode_proto<M: ProtoMessage>(m: &M, dst: &mut BytesMut) -> Result<(), CodecE
     Ok(())
 }
 
-/// The `message` stream's (and the pipeline's) framing.
+/// A message framed as `skip` bytes already read (a type byte), its size (8 bytes big-endian)
+/// and its protobuf: taken from `src` once whole; refused if the size is over `limit`.
+fn sized_message(src: &mut BytesMut, skip: usize, limit: u64) -> Result<Option<Message>, CodecError> {
+    let Some(n) = src.get(skip..skip + 8).map(be_u64) else { return Ok(None) };
+    if n > limit {
+        return Err(CodecError::TooLarge(n));
+    }
+    let total = skip + 8 + n as usize;
+    if src.len() < total {
+        src.reserve(total - src.len());
+        return Ok(None);
+    }
+    src.advance(skip + 8);
+    let body = src.split_to(n as usize);
+    Ok(Some(keel_raft::wire::message(&body)?))
+}
+
+/// The `message` stream's framing.
 #[derive(Debug, Clone)]
 pub struct MessageCodec {
     limit: u64,
@@ -93,21 +110,7 @@ impl Decoder for MessageCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
-        if src.len() < 8 {
-            return Ok(None);
-        }
-        let n = be_u64(src);
-        if n > self.limit {
-            return Err(CodecError::TooLarge(n));
-        }
-        let total = 8 + n as usize;
-        if src.len() < total {
-            src.reserve(total - src.len());
-            return Ok(None);
-        }
-        src.advance(8);
-        let body = src.split_to(n as usize);
-        Ok(Some(keel_raft::wire::message(&body)?))
+        sized_message(src, 0, self.limit)
     }
 }
 
@@ -206,18 +209,7 @@ impl Decoder for MsgAppV2Codec {
                 Ok(Some(m))
             }
             APP => {
-                let Some(n) = src.get(1..9).map(be_u64) else { return Ok(None) };
-                if n > self.limit {
-                    return Err(CodecError::TooLarge(n));
-                }
-                let total = 9 + n as usize;
-                if src.len() < total {
-                    src.reserve(total - src.len());
-                    return Ok(None);
-                }
-                src.advance(9);
-                let body = src.split_to(n as usize);
-                let m = keel_raft::wire::message(&body)?;
+                let Some(m) = sized_message(src, 1, self.limit)? else { return Ok(None) };
                 self.term = m.term;
                 self.index = m.entries.last().map_or(m.index, |e| e.index);
                 Ok(Some(m))
