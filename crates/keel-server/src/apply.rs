@@ -16,7 +16,7 @@ use keel_proto::etcdserverpb::TxnRequest;
 use keel_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
 };
-use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, RequestHeader};
+use keel_proto::keelpb::{internal_raft_request::Request, ConfChangeContext, MemberAttributes};
 use keel_raft::eraftpb::{ConfChangeType, ConfState, Entry, Snapshot};
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
@@ -32,6 +32,9 @@ pub enum Applied {
     Txn(TxnResponse),
     Compaction(CompactionResponse),
     MemberAttributes,
+    /// A request that changes nothing here (reads etcd proposes, cluster version and downgrade
+    /// records Keel does not keep yet).
+    Nothing,
     /// A membership change: the member list after it.
     Members(Vec<keel_proto::etcdserverpb::Member>),
     LeaseGrant(LeaseGrantResponse),
@@ -349,9 +352,9 @@ impl Applier {
     }
 
     /// The permission checks etcd's auth applier makes before a request changes anything.
-    fn authorize(&self, lessor: &Lessor, header: &RequestHeader, req: &Request) -> Result<(), AuthError> {
+    fn authorize(&self, lessor: &Lessor, who: &AuthInfo, req: &Request) -> Result<(), AuthError> {
         let auth = self.auth.read();
-        let who = AuthInfo { username: header.username.clone(), revision: header.auth_revision };
+        let who = who.clone();
         match req {
             Request::Put(p) => {
                 auth.check(&who, &p.key, &[], Perm::Write)?;
@@ -375,6 +378,18 @@ impl Applier {
         }
     }
 
+    /// A member published its name and client URLs.
+    fn set_attributes(&self, store: &mut Store, id: u64, a: MemberAttributes) -> Applied {
+        keel_metrics::METRICS.store_writes.with_label_values(&["set"]).inc();
+        let mut members = self.members.write();
+        if let Some(m) = members.get_mut(id) {
+            m.name = a.name;
+            m.client_urls = a.client_urls;
+        }
+        store.set_aux(AUX_MEMBERS, members.encode());
+        Applied::MemberAttributes
+    }
+
     fn apply_auth(&self, store: &mut Store, req: Request) -> ApplyResult {
         let mut auth = self.auth.write();
         let r = match req {
@@ -388,8 +403,6 @@ impl Applier {
             Request::Authenticate(a) => {
                 if !auth.enabled() {
                     Err(AuthError::AuthNotEnabled)
-                } else if auth.revision() != a.checked_revision {
-                    Err(AuthError::OldRevision)
                 } else if auth.password_hash(&a.name).is_err() {
                     Err(AuthError::AuthFailed)
                 } else {
@@ -413,10 +426,10 @@ impl Applier {
         r.map(|()| (Applied::Auth, store.current_rev())).map_err(Error::Auth)
     }
 
-    fn apply_request(&self, store: &mut Store, req: Request, header: Option<RequestHeader>) -> ApplyResult {
+    fn apply_request(&self, store: &mut Store, req: Request, who: Option<AuthInfo>) -> ApplyResult {
         let mut lessor = self.lessor();
-        if let Some(h) = &header {
-            self.authorize(&lessor, h, &req).map_err(Error::Auth)?;
+        if let Some(who) = &who {
+            self.authorize(&lessor, who, &req).map_err(Error::Auth)?;
         }
         {
             // etcd's capped applier: with NOSPACE raised only what frees space goes through;
@@ -464,8 +477,8 @@ impl Applier {
                 Ok((Applied::LeaseGrant(resp), store.current_rev()))
             }
             Request::LeaseCheckpoint(c) => {
-                for cp in c.leases {
-                    lessor.checkpoint(cp.id, cp.remaining_ms);
+                for cp in c.checkpoints {
+                    lessor.checkpoint(cp.id, cp.remaining_ttl.saturating_mul(1000));
                 }
                 Ok((Applied::LeaseCheckpoint, store.current_rev()))
             }
@@ -504,16 +517,24 @@ impl Applier {
                 self.commit_now.set(c.physical);
                 Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
             }
-            Request::MemberAttributes(a) => {
-                keel_metrics::METRICS.store_writes.with_label_values(&["set"]).inc();
-                let mut members = self.members.write();
-                if let Some(m) = members.get_mut(a.id) {
-                    m.name = a.name;
-                    m.client_urls = a.client_urls;
-                }
-                store.set_aux(AUX_MEMBERS, members.encode());
-                Ok((Applied::MemberAttributes, store.current_rev()))
+            Request::ClusterMemberAttrSet(a) => {
+                Ok((self.set_attributes(store, a.member_id, a.member_attributes.unwrap_or_default()), store.current_rev()))
             }
+            Request::V2(v2) => match crate::entry::v2_member_attributes(&v2.method, &v2.path, &v2.val) {
+                Some((id, a)) => Ok((self.set_attributes(store, id, a), store.current_rev())),
+                None => Ok((Applied::Nothing, store.current_rev())),
+            },
+            // Reads etcd proposes: the proposer answers them; nothing changes.
+            Request::Range(_)
+            | Request::AuthStatus(_)
+            | Request::AuthUserGet(_)
+            | Request::AuthUserList(_)
+            | Request::AuthRoleGet(_)
+            | Request::AuthRoleList(_)
+            // Not kept yet (issue 24: the cluster version and downgrades as etcd decides them).
+            | Request::ClusterVersionSet(_)
+            | Request::DowngradeInfoSet(_)
+            | Request::DowngradeVersionTest(_) => Ok((Applied::Nothing, store.current_rev())),
             Request::Alarm(a) => {
                 use keel_proto::etcdserverpb::alarm_request::AlarmAction;
                 let mut alarms = self.alarms.write();
@@ -594,34 +615,6 @@ const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
 /// between, and the next turn comes after the next batch of entries or the next tick).
 const COMPACTION_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The request's name in `etcd_server_apply_duration_seconds{op}`, as etcd names it.
-fn op_name(r: &Request) -> &'static str {
-    match r {
-        Request::Put(_) => "Put",
-        Request::DeleteRange(_) => "DeleteRange",
-        Request::Txn(_) => "Txn",
-        Request::Compaction(_) => "Compaction",
-        Request::MemberAttributes(_) => "ClusterMemberAttrSet",
-        Request::MemberUpdate(_) => "ClusterMemberUpdate",
-        Request::LeaseGrant(_) => "LeaseGrant",
-        Request::LeaseRevoke(_) => "LeaseRevoke",
-        Request::LeaseCheckpoint(_) => "LeaseCheckpoint",
-        Request::AuthEnable(_) => "AuthEnable",
-        Request::AuthDisable(_) => "AuthDisable",
-        Request::Authenticate(_) => "Authenticate",
-        Request::AuthUserAdd(_) => "AuthUserAdd",
-        Request::AuthUserDelete(_) => "AuthUserDelete",
-        Request::AuthUserChangePassword(_) => "AuthUserChangePassword",
-        Request::AuthUserGrantRole(_) => "AuthUserGrantRole",
-        Request::AuthUserRevokeRole(_) => "AuthUserRevokeRole",
-        Request::AuthRoleAdd(_) => "AuthRoleAdd",
-        Request::AuthRoleGrantPermission(_) => "AuthRoleGrantPermission",
-        Request::AuthRoleRevokePermission(_) => "AuthRoleRevokePermission",
-        Request::AuthRoleDelete(_) => "AuthRoleDelete",
-        Request::Alarm(_) => "Alarm",
-    }
-}
-
 impl keel_raft::StateMachine for Applier {
     fn applied_index(&self) -> u64 {
         self.store.read().consistent_index()
@@ -639,11 +632,11 @@ impl keel_raft::StateMachine for Applier {
         }
         let mut outcome = None;
         if !entry.get_data().is_empty() {
-            match InternalRequest::decode(entry.get_data()) {
-                Ok(InternalRequest { id, request: Some(req), header }) => {
-                    let op = op_name(&req);
+            match crate::entry::decode(entry.get_data()) {
+                Ok(crate::entry::Decoded { id, who, request: req }) => {
+                    let op = crate::entry::op_name(&req);
                     let t0 = std::time::Instant::now();
-                    let r = self.apply_request(&mut store, req, header);
+                    let r = self.apply_request(&mut store, req, who);
                     let took = t0.elapsed();
                     keel_metrics::observe_apply(op, r.is_ok(), took);
                     if took > SLOW_APPLY {
@@ -652,9 +645,9 @@ impl keel_raft::StateMachine for Applier {
                     }
                     outcome = Some((id, r))
                 }
-                Ok(_) => tracing::warn!(index = entry.index, "apply: empty request"),
                 // Every member would skip it the same way, but it means the log is not what was
-                // proposed: stop rather than hide it.
+                // proposed (or holds a request kind from a newer etcd, which etcd's own cluster
+                // version rules keep out): stop rather than diverge, as etcd's applier does.
                 Err(e) => fatal(&format!("apply: the committed entry at index {} cannot be decoded", entry.index), e),
             }
         }

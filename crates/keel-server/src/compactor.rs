@@ -8,7 +8,7 @@
 
 use crate::server::Server;
 use keel_proto::etcdserverpb::CompactionRequest;
-use keel_proto::keelpb::internal_request::Request;
+use keel_proto::keelpb::internal_raft_request::Request;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

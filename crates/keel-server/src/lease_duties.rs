@@ -9,9 +9,10 @@
 use crate::error::Error;
 use crate::peer::PeerTransport;
 use crate::server::Server;
-use keel_proto::etcdserverpb::{LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
-use keel_proto::keelpb::internal_request::Request as Internal;
-use keel_proto::keelpb::{LeaseCheckpoints, LeaseRemaining};
+use keel_proto::etcdserverpb::{
+    LeaseCheckpoint, LeaseCheckpointRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use keel_proto::keelpb::internal_raft_request::Request as Internal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,10 +105,13 @@ pub async fn run(server: Arc<Server>) {
                 batch.extend(server.lessor().due_checkpoints(REFRESH_PER_ELECTION).into_iter().filter(|(id, _)| !have.contains(id)));
             }
             if !batch.is_empty() {
-                let leases = batch.into_iter().map(|(id, remaining_ms)| LeaseRemaining { id, remaining_ms }).collect();
+                let checkpoints = batch
+                    .into_iter()
+                    .map(|(id, remaining_ms)| LeaseCheckpoint { id, remaining_ttl: crate::entry::remaining_seconds(remaining_ms) })
+                    .collect();
                 let s = server.clone();
                 inflight = Some(tokio::spawn(async move {
-                    if let Err(e) = s.propose(Internal::LeaseCheckpoint(LeaseCheckpoints { leases })).await {
+                    if let Err(e) = s.propose(Internal::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints })).await {
                         tracing::debug!(error = %e, "lease checkpoint failed; the next refresh carries it");
                     }
                 }));
@@ -118,7 +122,7 @@ pub async fn run(server: Arc<Server>) {
             keel_metrics::METRICS.lease_expired.inc();
             let s = server.clone();
             tokio::spawn(async move {
-                if let Err(e) = s.propose(Internal::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                if let Err(e) = s.propose_as_root(Internal::LeaseRevoke(LeaseRevokeRequest { id })).await {
                     if !matches!(e, Error::Lease(keel_lease::LeaseError::NotFound)) {
                         tracing::warn!(lease = format!("{id:x}"), error = %e, "failed to revoke an expired lease; will retry");
                     }

@@ -10,6 +10,7 @@
 //!
 //! Modules, in the order data flows through them:
 //! - [`server`]: proposals, linearizable reads, quota, response headers (what handlers share).
+//! - [`entry`]: what a raft entry carries: etcd's `InternalRaftRequest`.
 //! - [`peer`]: the raft transport and the peer service (on a runtime of its own).
 //! - [`apply`]: the state machine keel-raft's apply stage drives (MVCC writes, leases, auth,
 //!   alarms, membership), and the callers waiting for their entries.
@@ -25,6 +26,7 @@ pub mod alarm;
 pub mod apply;
 pub mod compactor;
 pub mod discovery;
+pub mod entry;
 pub mod error;
 pub mod lease_duties;
 pub mod membership;

@@ -12,7 +12,7 @@ use keel_config::Config;
 use keel_lease::Lessor;
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::ResponseHeader;
-use keel_proto::keelpb::{internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestHeader};
+use keel_proto::keelpb::{internal_raft_request::Request, ConfChangeContext, MemberRecord};
 use keel_raft::eraftpb::{ConfChange, ConfChangeType};
 use keel_raft::{NodeHandle, NodeStatus};
 use parking_lot::{MutexGuard, RwLockReadGuard};
@@ -271,20 +271,29 @@ impl Server {
         Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.raft().term() })
     }
 
-    /// Proposes the member's own request `req` (not permission-checked) and waits until it is
-    /// applied on this member.
+    /// Proposes the member's own request `req` (with no user: etcd's apply checks permissions
+    /// only of client writes, lease revokes and auth changes) and waits until it is applied on
+    /// this member.
     pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Error> {
-        self.propose_inner(req, None).await
+        self.propose_inner(req, &AuthInfo::default()).await
     }
 
     /// Proposes a client's request, checked against `who`'s permissions when applied.
     pub async fn propose_as(&self, req: Request, who: &AuthInfo) -> Result<(Applied, i64), Error> {
-        self.propose_inner(req, Some(RequestHeader { username: who.username.clone(), auth_revision: who.revision })).await
+        self.propose_inner(req, who).await
     }
 
-    async fn propose_inner(&self, req: Request, header: Option<RequestHeader>) -> Result<(Applied, i64), Error> {
+    /// Proposes one of this member's own requests that etcd's apply checks permissions for
+    /// (revoking an expired lease) as root at the current auth revision, as etcd does: with
+    /// auth on, it fails if auth changes before it is applied, and is retried.
+    pub async fn propose_as_root(&self, req: Request) -> Result<(Applied, i64), Error> {
+        let root = AuthInfo { username: "root".into(), revision: self.auth().revision() };
+        self.propose_inner(req, &root).await
+    }
+
+    async fn propose_inner(&self, req: Request, who: &AuthInfo) -> Result<(Applied, i64), Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let data = InternalRequest { id, request: Some(req), header }.encode_to_vec();
+        let data = crate::entry::encode(id, who, req);
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(Error::RequestTooLarge);
         }

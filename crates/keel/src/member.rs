@@ -22,7 +22,7 @@ use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::keelpb::peer_server::PeerServer;
-use keel_proto::keelpb::{internal_request::Request, MemberAttributes};
+use keel_proto::keelpb::{internal_raft_request::Request, ClusterMemberAttrSetRequest, MemberAttributes};
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
 use keel_raft::{Disk, Identity, NodeConfig, NodeHandle};
@@ -609,17 +609,14 @@ async fn bootstrap_defrag(server: Arc<Server>, threshold: u64) {
 }
 
 async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
-    let attrs = MemberAttributes {
-        id: server.member_id(),
-        name: server.cfg().name.clone(),
-        client_urls: split_urls(&server.cfg().advertise_client_urls),
-    };
+    let attrs = MemberAttributes { name: server.cfg().name.clone(), client_urls: split_urls(&server.cfg().advertise_client_urls) };
+    let publish = ClusterMemberAttrSetRequest { member_id: server.member_id(), member_attributes: Some(attrs.clone()) };
     loop {
         if server.raft().leader() == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         }
-        match server.propose(Request::MemberAttributes(attrs.clone())).await {
+        match server.propose(Request::ClusterMemberAttrSet(publish.clone())).await {
             Ok(_) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "failed to publish local member to cluster through raft; retrying");

@@ -9,7 +9,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use keel_mvcc::Store;
-use keel_proto::keelpb::{internal_request::Request, InternalRequest};
+use keel_proto::keelpb::internal_raft_request::Request;
 use keel_raft::{Disk, Identity};
 use keel_server::membership::{Members, AUX_MEMBERS};
 use prost::Message;
@@ -308,12 +308,12 @@ fn wal_dump(dir: &Path) -> Result<()> {
                 let e = keel_raft::wire::log_entry(&r.data).context("undecodable entry")?;
                 let what = match e.get_entry_type() {
                     keel_raft::eraftpb::EntryType::EntryNormal if e.get_data().is_empty() => "empty".to_string(),
-                    keel_raft::eraftpb::EntryType::EntryNormal => match InternalRequest::decode(e.get_data()) {
-                        Ok(InternalRequest { id, request: Some(req), header }) => {
-                            let who = header.map(|h| format!(" user={:?}", h.username)).unwrap_or_default();
-                            format!("request id={id:x}{who} {}", describe(&req))
+                    keel_raft::eraftpb::EntryType::EntryNormal => match keel_server::entry::decode(e.get_data()) {
+                        Ok(d) => {
+                            let who =
+                                d.who.filter(|w| !w.username.is_empty()).map(|w| format!(" user={:?}", w.username)).unwrap_or_default();
+                            format!("request id={:x}{who} {}", d.id, describe(&d.request))
                         }
-                        Ok(_) => "request (empty)".into(),
                         Err(err) => format!("undecodable request: {err}"),
                     },
                     other => format!("{other:?}"),
@@ -349,13 +349,11 @@ fn describe(r: &Request) -> String {
         Request::Compaction(c) => format!("compaction revision={} physical={}", c.revision, c.physical),
         Request::LeaseGrant(g) => format!("lease_grant id={:x} ttl={}", g.id, g.ttl),
         Request::LeaseRevoke(g) => format!("lease_revoke id={:x}", g.id),
-        Request::LeaseCheckpoint(c) => format!("lease_checkpoint leases={}", c.leases.len()),
+        Request::LeaseCheckpoint(c) => format!("lease_checkpoint leases={}", c.checkpoints.len()),
+        Request::ClusterMemberAttrSet(a) => format!("member_attributes member={:x}", a.member_id),
         Request::Authenticate(a) => format!("authenticate user={:?}", a.name),
         Request::AuthUserAdd(u) => format!("auth_user_add name={:?}", u.name),
         Request::Alarm(a) => format!("alarm action={} member={:x} alarm={}", a.action, a.member_id, a.alarm),
-        other => {
-            let dbg = format!("{other:?}");
-            dbg.split('(').next().unwrap_or("request").to_string()
-        }
+        other => keel_server::entry::op_name(other).to_string(),
     }
 }

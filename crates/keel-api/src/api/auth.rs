@@ -8,8 +8,8 @@ use crate::errors;
 use keel_auth::{AuthError, AuthInfo};
 use keel_proto::etcdserverpb::auth_server::Auth;
 use keel_proto::etcdserverpb::*;
-use keel_proto::keelpb::internal_request::Request;
-use keel_proto::keelpb::InternalAuthenticate;
+use keel_proto::keelpb::internal_raft_request::Request;
+use keel_proto::keelpb::InternalAuthenticateRequest;
 use keel_server::apply::Applied;
 use keel_server::server::Server;
 use std::sync::Arc;
@@ -74,8 +74,9 @@ impl Auth for AuthService {
         let s = &self.server;
         s.linearizable_barrier().await.map_err(crate::errors::status)?;
         let r = req.into_inner();
-        // An auth change between the password check and the token's entry makes the entry fail
-        // with "old revision"; the check is then made again.
+        // An auth change between the password check and the token's entry (its revision moved)
+        // makes the check run again, as etcd's does; the token already assigned stays until it
+        // expires.
         for _ in 0..3 {
             let (hash, checked_revision) = s.auth().password_hash(&r.name).map_err(errors::auth)?;
             let password = r.password.clone();
@@ -91,12 +92,12 @@ impl Auth for AuthService {
                 return Ok(Response::new(AuthenticateResponse { header: self.header(), token }));
             }
             let token = s.tokens().new_simple_token(s.next_seq());
-            let entry = InternalAuthenticate { name: r.name.clone(), simple_token: token.clone(), checked_revision };
-            match s.propose(Request::Authenticate(entry)).await {
-                Ok((_, rev)) => return Ok(Response::new(AuthenticateResponse { header: s.header(rev), token })),
-                Err(keel_server::error::Error::Auth(AuthError::OldRevision)) => continue,
-                Err(e) => return Err(errors::status(e)),
+            let entry = InternalAuthenticateRequest { name: r.name.clone(), password: String::new(), simple_token: token.clone() };
+            let (_, rev) = s.propose(Request::Authenticate(entry)).await.map_err(errors::status)?;
+            if s.auth().revision() == checked_revision {
+                return Ok(Response::new(AuthenticateResponse { header: s.header(rev), token }));
             }
+            tracing::info!(user_name = %r.name, "revision when password checked became stale; retrying");
         }
         Err(errors::auth(AuthError::OldRevision))
     }

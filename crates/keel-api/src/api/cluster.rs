@@ -4,7 +4,7 @@
 use crate::errors;
 use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::*;
-use keel_proto::keelpb::{internal_request::Request as Internal, MemberRecord, MemberUpdate};
+use keel_proto::keelpb::{internal_raft_request::Request as Internal, MemberRecord, MemberUpdate};
 use keel_raft::eraftpb::ConfChangeType;
 use keel_server::apply::Applied;
 use keel_server::membership::new_member_id;

@@ -5,6 +5,7 @@
 //! (then left to expire).
 
 use crate::errors;
+use keel_auth::AuthInfo;
 use keel_mvcc::kv as mvcc_kv;
 use keel_mvcc::watch::{Spec, WatchHub};
 use keel_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -12,7 +13,7 @@ use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use keel_proto::etcdserverpb::{
     request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
-use keel_proto::keelpb::internal_request::Request as Internal;
+use keel_proto::keelpb::internal_raft_request::Request as Internal;
 use keel_proto::mvccpb::{event::EventType, KeyValue};
 use keel_proto::v3electionpb::election_server::Election;
 use keel_proto::v3electionpb::*;
@@ -102,9 +103,11 @@ impl Concurrency {
         Ok((id, KeepAlive(Some(task))))
     }
 
-    async fn txn(&self, t: TxnRequest) -> Result<(TxnResponse, i64), Status> {
+    /// A transaction as `who` (etcd's servers pass the caller's token to the in-process client,
+    /// so the apply checks the caller's permissions).
+    async fn txn(&self, who: &AuthInfo, t: TxnRequest) -> Result<(TxnResponse, i64), Status> {
         self.server.not_learner().map_err(crate::errors::status)?;
-        match self.server.propose(Internal::Txn(t)).await.map_err(as_client_error)? {
+        match self.server.propose_as(Internal::Txn(t), who).await.map_err(as_client_error)? {
             (Applied::Txn(r), rev) => Ok((r, rev)),
             _ => Err(Status::internal("etcdserver: unexpected apply result")),
         }
@@ -117,7 +120,7 @@ impl Concurrency {
 
     /// Puts `key` (with `lease`) unless it exists; returns its create revision and whether it
     /// was there already (with its value).
-    async fn claim(&self, key: &[u8], value: &[u8], lease: i64) -> Result<(i64, Option<KeyValue>, i64), Status> {
+    async fn claim(&self, who: &AuthInfo, key: &[u8], value: &[u8], lease: i64) -> Result<(i64, Option<KeyValue>, i64), Status> {
         let t = TxnRequest {
             compare: vec![create_rev_is(key, 0)],
             success: vec![op(request_op::Request::RequestPut(PutRequest {
@@ -128,7 +131,7 @@ impl Concurrency {
             }))],
             failure: vec![op(request_op::Request::RequestRange(RangeRequest { key: key.to_vec(), ..Default::default() }))],
         };
-        let (resp, rev) = self.txn(t).await?;
+        let (resp, rev) = self.txn(who, t).await?;
         if resp.succeeded {
             return Ok((rev, None, rev));
         }
@@ -191,7 +194,7 @@ impl Concurrency {
 
 /// With auth on, the caller needs the permissions the operation's own reads and writes on
 /// `name/...` would need (`write` includes read), as with etcd's client-side implementation.
-fn authorize<T>(server: &keel_server::server::Server, req: &Request<T>, name: &[u8], write: bool) -> Result<(), Status> {
+fn authorize<T>(server: &keel_server::server::Server, req: &Request<T>, name: &[u8], write: bool) -> Result<AuthInfo, Status> {
     let who = crate::api::caller(server, req)?;
     let auth = server.auth();
     let pfx = [name, b"/"].concat();
@@ -200,7 +203,8 @@ fn authorize<T>(server: &keel_server::server::Server, req: &Request<T>, name: &[
     if write {
         auth.check(&who, &pfx, &end, keel_auth::Perm::Write).map_err(errors::auth)?;
     }
-    Ok(())
+    drop(auth);
+    Ok(who)
 }
 
 fn lease_key(name: &[u8], lease: i64) -> Vec<u8> {
@@ -210,12 +214,12 @@ fn lease_key(name: &[u8], lease: i64) -> Vec<u8> {
 #[tonic::async_trait]
 impl Lock for Concurrency {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        authorize(&self.server, &req, &req.get_ref().name, true)?;
+        let who = authorize(&self.server, &req, &req.get_ref().name, true)?;
         let mut r = req.into_inner();
         let _alive;
         (r.lease, _alive) = self.session(r.lease).await?;
         let key = lease_key(&r.name, r.lease);
-        let (my_rev, _, _) = self.claim(&key, b"", r.lease).await?;
+        let (my_rev, _, _) = self.claim(&who, &key, b"", r.lease).await?;
         self.wait_deletes(&[r.name.as_slice(), b"/"].concat(), my_rev).await?;
         // The lease may have expired while waiting: then the lock is not held.
         let still = self.range(RangeRequest { key: key.clone(), ..Default::default() }).await?;
@@ -233,7 +237,7 @@ impl Lock for Concurrency {
         self.server.not_learner().map_err(crate::errors::status)?;
         let (_, rev) = self
             .server
-            .propose(Internal::DeleteRange(DeleteRangeRequest { key, ..Default::default() }))
+            .propose_as(Internal::DeleteRange(DeleteRangeRequest { key, ..Default::default() }), &who)
             .await
             .map_err(crate::errors::status)?;
         Ok(Response::new(UnlockResponse { header: self.server.header(rev) }))
@@ -245,15 +249,15 @@ type ObserveStream = Pin<Box<dyn futures::Stream<Item = Result<LeaderResponse, S
 #[tonic::async_trait]
 impl Election for Concurrency {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
-        authorize(&self.server, &req, &req.get_ref().name, true)?;
+        let who = authorize(&self.server, &req, &req.get_ref().name, true)?;
         let mut r = req.into_inner();
         let _alive;
         (r.lease, _alive) = self.session(r.lease).await?;
         let key = lease_key(&r.name, r.lease);
-        let (my_rev, existing, _) = self.claim(&key, &r.value, r.lease).await?;
+        let (my_rev, existing, _) = self.claim(&who, &key, &r.value, r.lease).await?;
         if let Some(kv) = existing {
             if kv.value != r.value {
-                self.proclaim_value(&key, my_rev, r.lease, &r.value).await?;
+                self.proclaim_value(&who, &key, my_rev, r.lease, &r.value).await?;
             }
         }
         self.wait_deletes(&[r.name.as_slice(), b"/"].concat(), my_rev).await?;
@@ -264,10 +268,10 @@ impl Election for Concurrency {
 
     async fn proclaim(&self, req: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
         let name = req.get_ref().leader.as_ref().map(|l| l.name.clone()).unwrap_or_default();
-        authorize(&self.server, &req, &name, true)?;
+        let who = authorize(&self.server, &req, &name, true)?;
         let r = req.into_inner();
         let l = r.leader.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
-        let rev = self.proclaim_value(&l.key, l.rev, l.lease, &r.value).await?;
+        let rev = self.proclaim_value(&who, &l.key, l.rev, l.lease, &r.value).await?;
         Ok(Response::new(ProclaimResponse { header: self.server.header(rev) }))
     }
 
@@ -325,21 +329,21 @@ impl Election for Concurrency {
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
         let name = req.get_ref().leader.as_ref().map(|l| l.name.clone()).unwrap_or_default();
-        authorize(&self.server, &req, &name, true)?;
+        let who = authorize(&self.server, &req, &name, true)?;
         let l = req.into_inner().leader.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
         let t = TxnRequest {
             compare: vec![create_rev_is(&l.key, l.rev)],
             success: vec![op(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key: l.key.clone(), ..Default::default() }))],
             failure: vec![],
         };
-        let (_, rev) = self.txn(t).await?;
+        let (_, rev) = self.txn(&who, t).await?;
         Ok(Response::new(ResignResponse { header: self.server.header(rev) }))
     }
 }
 
 impl Concurrency {
     /// Replaces the leader's value if `key` still holds the leadership of `rev`.
-    async fn proclaim_value(&self, key: &[u8], rev: i64, lease: i64, value: &[u8]) -> Result<i64, Status> {
+    async fn proclaim_value(&self, who: &AuthInfo, key: &[u8], rev: i64, lease: i64, value: &[u8]) -> Result<i64, Status> {
         let t = TxnRequest {
             compare: vec![create_rev_is(key, rev)],
             success: vec![op(request_op::Request::RequestPut(PutRequest {
@@ -350,7 +354,7 @@ impl Concurrency {
             }))],
             failure: vec![],
         };
-        let (resp, at) = self.txn(t).await?;
+        let (resp, at) = self.txn(who, t).await?;
         if !resp.succeeded {
             return Err(Status::unknown("election: not leader"));
         }

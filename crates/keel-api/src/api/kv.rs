@@ -8,7 +8,7 @@ use keel_proto::etcdserverpb::{
     request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
     RangeResponse, TxnRequest, TxnResponse,
 };
-use keel_proto::keelpb::internal_request::Request;
+use keel_proto::keelpb::internal_raft_request::Request;
 use keel_server::apply::Applied;
 use keel_server::server::Server;
 use std::sync::Arc;

@@ -5,7 +5,7 @@ use crate::errors;
 use keel_lease::MAX_TTL;
 use keel_proto::etcdserverpb::lease_server::Lease;
 use keel_proto::etcdserverpb::*;
-use keel_proto::keelpb::internal_request::Request as Internal;
+use keel_proto::keelpb::internal_raft_request::Request as Internal;
 use keel_server::apply::Applied;
 use keel_server::lease_duties::{renew, time_to_live};
 use keel_server::peer::PeerTransport;

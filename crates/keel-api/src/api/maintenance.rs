@@ -7,7 +7,7 @@ use crate::errors;
 use keel_config::{ETCD_STORAGE_VERSION, ETCD_VERSION};
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::*;
-use keel_proto::keelpb::internal_request::Request as Internal;
+use keel_proto::keelpb::internal_raft_request::Request as Internal;
 use keel_server::apply::Applied;
 use keel_server::server::Server;
 use sha2::Digest;
