@@ -33,26 +33,7 @@ struct LeaseRecord {
     remaining_ttl: i64,
 }
 
-/// A member as etcd writes it as JSON: in the `members` bucket (etcd 3.5+) and as the context of
-/// a membership change.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct MemberJson {
-    pub id: u64,
-    #[serde(rename = "peerURLs", default)]
-    pub peer_urls: Vec<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
-    #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
-    pub client_urls: Vec<String>,
-    #[serde(rename = "isLearner", default, skip_serializing_if = "std::ops::Not::not")]
-    pub is_learner: bool,
-}
-
-impl From<MemberJson> for MemberRecord {
-    fn from(m: MemberJson) -> MemberRecord {
-        MemberRecord { id: m.id, name: m.name, peer_urls: m.peer_urls, client_urls: m.client_urls, is_learner: m.is_learner }
-    }
-}
+pub use keel_server::membership::MemberJson;
 
 /// What an import found besides the records it loaded.
 #[derive(Debug, Default)]

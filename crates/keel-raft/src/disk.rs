@@ -1,9 +1,10 @@
 //! A member's persistent raft state: WAL (entries, hard state, snapshot markers) and snapshot
 //! files. Read back once at start; written by the node afterwards.
 
+use crate::wire::{ChangeKind, MemberChange};
 use keel_wal::{Snapshotter, Wal, WalOptions, RECORD_ENTRY, RECORD_SNAPSHOT, RECORD_STATE};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, HardState, Snapshot};
+use raft::eraftpb::{ConfChangeType, Entry, EntryType, HardState, Snapshot};
 use std::path::{Path, PathBuf};
 
 /// Errors reading or writing a member's raft state.
@@ -87,15 +88,12 @@ impl Disk {
             let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
             let mut entries = Vec::with_capacity(bootstrap.len());
             for (i, (id, ctx)) in bootstrap.iter().enumerate() {
-                let mut cc = ConfChange::default();
-                cc.set_change_type(ConfChangeType::AddNode);
-                cc.node_id = *id;
-                cc.context = ctx.clone().into();
+                let cc = MemberChange { id: 0, kind: ChangeKind::AddNode, node_id: *id, context: ctx.clone().into() };
                 let mut e = Entry::default();
                 e.set_entry_type(EntryType::EntryConfChange);
                 e.term = 1;
                 e.index = i as u64 + 1;
-                e.data = cc.write_to_bytes().map_err(|e| decode_err(wal_dir, e))?.into();
+                e.data = cc.encode().into();
                 entries.push(e);
             }
             let mut hard_state = HardState::default();
@@ -199,8 +197,9 @@ impl Disk {
         for e in &self.entries {
             let changes: Vec<(ConfChangeType, u64)> = match e.get_entry_type() {
                 EntryType::EntryConfChange => {
-                    let cc = crate::wire::conf_change(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
-                    vec![(cc.get_change_type(), cc.node_id)]
+                    let cc = crate::wire::member_change(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
+                    // An update changes no configuration.
+                    cc.to_raft().map(|c| (c.get_change_type(), c.node_id)).into_iter().collect()
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = crate::wire::conf_change_v2(&e.data).map_err(|err| decode_err(Path::new("wal"), err))?;
@@ -219,25 +218,23 @@ impl Disk {
         let term = self.hard_state.term.max(self.entries.last().map(|e| e.term).unwrap_or(0));
         let mut added = Vec::new();
         let mut next = commit + 1;
-        let mut push = |kind: ConfChangeType, id: u64| -> Result<(), DiskError> {
-            let mut cc = ConfChange::default();
-            cc.set_change_type(kind);
-            cc.node_id = id;
+        let mut push = |kind: ChangeKind, id: u64| -> Result<(), DiskError> {
+            let cc = MemberChange { id: 0, kind, node_id: id, context: Default::default() };
             let mut e = Entry::default();
             e.set_entry_type(EntryType::EntryConfChange);
             e.term = term;
             e.index = next;
-            e.data = cc.write_to_bytes().map_err(|err| decode_err(Path::new("wal"), err))?.into();
+            e.data = cc.encode().into();
             added.push(e);
             next += 1;
             Ok(())
         };
         let removed: Vec<u64> = ids.iter().copied().filter(|id| *id != me).collect();
         for id in &removed {
-            push(ConfChangeType::RemoveNode, *id)?;
+            push(ChangeKind::RemoveNode, *id)?;
         }
         if !ids.contains(&me) {
-            push(ConfChangeType::AddNode, me)?;
+            push(ChangeKind::AddNode, me)?;
         }
         let mut hs = self.hard_state.clone();
         hs.term = term;
@@ -407,7 +404,7 @@ mod tests {
         assert_eq!(d.hard_state.commit, 3);
         for (e, (id, ctx)) in d.entries.iter().zip(&boot) {
             assert_eq!(e.get_entry_type(), EntryType::EntryConfChange);
-            let cc = crate::wire::conf_change(&e.data).unwrap();
+            let cc = crate::wire::member_change(&e.data).unwrap();
             assert_eq!((cc.node_id, cc.context.as_ref()), (*id, ctx.as_slice()));
         }
     }

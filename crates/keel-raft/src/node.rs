@@ -16,7 +16,7 @@ use crate::hops::{self, Hop};
 pub use crate::machine::{ProposeError, StateMachine};
 pub use crate::status::NodeStatus;
 use crate::storage::LogStore;
-use raft::eraftpb::{ConfChange, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -90,7 +90,7 @@ enum Msg {
     },
     Step(Box<Message>),
     ProposeConfChange {
-        cc: ConfChange,
+        cc: crate::wire::MemberChange,
         done: ProposeDone,
     },
     InstallSnapshot {
@@ -161,8 +161,8 @@ impl NodeHandle {
         self.send(Msg::Step(Box::new(m)))
     }
 
-    /// Proposes a membership change; returns once raft has taken it.
-    pub async fn propose_conf_change(&self, cc: ConfChange) -> Result<Option<Proposed>, ProposeError> {
+    /// Proposes a membership change (in etcd's encoding); returns once raft has taken it.
+    pub async fn propose_conf_change(&self, cc: crate::wire::MemberChange) -> Result<Option<Proposed>, ProposeError> {
         let (done, rx) = oneshot::channel();
         self.send(Msg::ProposeConfChange { cc, done })?;
         rx.await.map_err(|_| ProposeError::Stopped)?
@@ -468,7 +468,14 @@ impl<T: Transport> Driver<T> {
                 }
             }
             Msg::ProposeConfChange { cc, done } => {
-                let r = self.node.propose_conf_change(vec![], cc).map_err(|_| ProposeError::NoLeader);
+                // What RawNode::propose_conf_change does, with etcd's encoding of the change.
+                let mut e = Entry::default();
+                e.set_entry_type(EntryType::EntryConfChange);
+                e.data = cc.encode().into();
+                let mut m = Message::default();
+                m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+                m.set_entries(vec![e].into());
+                let r = self.node.raft.step(m).map_err(|_| ProposeError::NoLeader);
                 let _ = done.send(r.map(|()| self.proposed()));
             }
             Msg::InstallSnapshot { msg, backend } => {
@@ -685,8 +692,12 @@ impl<T: Transport> Driver<T> {
             }
             let conf = match e.get_entry_type() {
                 EntryType::EntryNormal => None,
-                EntryType::EntryConfChange => match crate::wire::conf_change(e.get_data()) {
-                    Ok(cc) => self.apply_conf_change(&e, &cc),
+                EntryType::EntryConfChange => match crate::wire::member_change(e.get_data()) {
+                    Ok(cc) => match cc.to_raft() {
+                        Some(cc) => self.apply_conf_change(&e, &cc),
+                        // A member's peer URLs changed: the configuration stays.
+                        None => Some(self.conf_state.clone()),
+                    },
                     Err(err) => {
                         tracing::error!(index = e.index, error = %err, "raft: undecodable conf change");
                         None

@@ -5,7 +5,8 @@
 //! So nothing in Keel parses with it: this module mirrors `eraftpb.proto` (raft-proto 0.7) field
 //! for field as `prost` messages, decodes with prost (nesting bounded, unknown fields skipped),
 //! and builds raft-rs's types from the result. Encoding stays with raft-rs's types (writing is
-//! not affected). An enum value this version does not know is refused, as is any field raft
+//! not affected), except membership changes: their entries are etcd's `raftpb.ConfChange`
+//! ([`MemberChange`]), whose types are numbered differently from raft-rs's. An enum value this version does not know is refused, as is any field raft
 //! would read that does not decode.
 //!
 //! Calls nothing but prost and raft-rs's generated types; keep it in step with raft-proto's
@@ -229,7 +230,8 @@ fn canonical_conf_changes(m: &mut eraftpb::Message) -> Result<(), WireError> {
     for e in m.mut_entries().iter_mut() {
         let bytes = match e.get_entry_type() {
             eraftpb::EntryType::EntryNormal => continue,
-            eraftpb::EntryType::EntryConfChange => conf_change(&e.data)?.write_to_bytes(),
+            // Kept in etcd's numbering (what the apply reads), not raft-rs's.
+            eraftpb::EntryType::EntryConfChange => Ok(member_change(&e.data)?.encode()),
             eraftpb::EntryType::EntryConfChangeV2 => conf_change_v2(&e.data)?.write_to_bytes(),
         };
         e.data = bytes.map_err(|e| WireError::Encode(e.to_string()))?.into();
@@ -253,15 +255,79 @@ pub fn hard_state(b: &[u8]) -> Result<eraftpb::HardState, WireError> {
     Ok(eraftpb::HardState { term: p.term, vote: p.vote, commit: p.commit, ..Default::default() })
 }
 
-/// The configuration change an `EntryConfChange` entry carries.
-pub fn conf_change(b: &[u8]) -> Result<eraftpb::ConfChange, WireError> {
+/// A membership change's kind, numbered as etcd's `raftpb.ConfChangeType` (raft-rs numbers
+/// learners 2 and has no update).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    AddNode,
+    RemoveNode,
+    /// A member's peer URLs changed: the configuration itself does not.
+    UpdateNode,
+    AddLearnerNode,
+}
+
+impl ChangeKind {
+    fn etcd_number(self) -> i32 {
+        match self {
+            ChangeKind::AddNode => 0,
+            ChangeKind::RemoveNode => 1,
+            ChangeKind::UpdateNode => 2,
+            ChangeKind::AddLearnerNode => 3,
+        }
+    }
+}
+
+/// The membership change an `EntryConfChange` entry carries, as etcd encodes it
+/// (`raftpb.ConfChange`): the proposer's request `id`, the member, and its JSON record as
+/// `context` (etcd's `membership.Member`; empty on a removal).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberChange {
+    pub id: u64,
+    pub kind: ChangeKind,
+    pub node_id: u64,
+    pub context: Bytes,
+}
+
+impl MemberChange {
+    /// etcd's encoding (what an etcd member's raft and apply read).
+    pub fn encode(&self) -> Vec<u8> {
+        use prost::Message as _;
+        PConfChange { change_type: self.kind.etcd_number(), node_id: self.node_id, context: self.context.clone(), id: self.id }
+            .encode_to_vec()
+    }
+
+    /// The change for raft-rs's configuration; `None` for an update, which leaves it as it is.
+    pub fn to_raft(&self) -> Option<eraftpb::ConfChange> {
+        let kind = match self.kind {
+            ChangeKind::AddNode => eraftpb::ConfChangeType::AddNode,
+            ChangeKind::RemoveNode => eraftpb::ConfChangeType::RemoveNode,
+            ChangeKind::AddLearnerNode => eraftpb::ConfChangeType::AddLearnerNode,
+            ChangeKind::UpdateNode => return None,
+        };
+        let mut c = eraftpb::ConfChange::default();
+        c.set_change_type(kind);
+        c.node_id = self.node_id;
+        c.context = self.context.clone();
+        c.id = self.id;
+        Some(c)
+    }
+}
+
+/// Decodes the membership change of an `EntryConfChange` entry: etcd's numbering, or raft-rs's
+/// as earlier Keel builds wrote it. The two differ on 2 only (etcd: update, raft-rs: add
+/// learner); etcd's updates carry a JSON member record, earlier Keel's learner adds a protobuf
+/// one, so the context tells them apart.
+pub fn member_change(b: &[u8]) -> Result<MemberChange, WireError> {
     let p: PConfChange = decode("conf change", b)?;
-    let mut c = eraftpb::ConfChange::default();
-    c.set_change_type(enum_of("conf change type", p.change_type)?);
-    c.node_id = p.node_id;
-    c.context = p.context;
-    c.id = p.id;
-    Ok(c)
+    let json = p.context.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{');
+    let kind = match p.change_type {
+        0 => ChangeKind::AddNode,
+        1 => ChangeKind::RemoveNode,
+        2 if json => ChangeKind::UpdateNode,
+        2 | 3 => ChangeKind::AddLearnerNode,
+        value => return Err(WireError::Enum { what: "conf change type", value }),
+    };
+    Ok(MemberChange { id: p.id, kind, node_id: p.node_id, context: p.context })
 }
 
 /// The configuration change an `EntryConfChangeV2` entry carries.
@@ -286,6 +352,28 @@ mod tests {
     use super::*;
     use prost::Message as _;
     use protobuf::Message as _;
+
+    #[test]
+    fn membership_changes_use_etcds_numbering() {
+        let json = Bytes::from_static(br#"{"id":5,"peerURLs":["http://a:2380"]}"#);
+        for (kind, n) in
+            [(ChangeKind::AddNode, 0), (ChangeKind::RemoveNode, 1), (ChangeKind::UpdateNode, 2), (ChangeKind::AddLearnerNode, 3)]
+        {
+            let mc =
+                MemberChange { id: 7, kind, node_id: 5, context: if kind == ChangeKind::RemoveNode { Bytes::new() } else { json.clone() } };
+            let b = mc.encode();
+            let p: PConfChange = decode("conf change", &b).unwrap();
+            assert_eq!(p.change_type, n, "{kind:?}");
+            assert_eq!(member_change(&b).unwrap(), mc);
+        }
+        // etcd's own bytes: ConfChange{ID: 7, Type: ConfChangeAddLearnerNode, NodeID: 5, Context: "{}"}.
+        let etcd = [0x08, 0x07, 0x10, 0x03, 0x18, 0x05, 0x22, 0x02, b'{', b'}'];
+        let mc = member_change(&etcd).unwrap();
+        assert_eq!((mc.id, mc.kind, mc.node_id), (7, ChangeKind::AddLearnerNode, 5));
+        assert_eq!(mc.to_raft().unwrap().get_change_type(), eraftpb::ConfChangeType::AddLearnerNode);
+        assert_eq!(MemberChange { kind: ChangeKind::UpdateNode, ..mc.clone() }.to_raft(), None);
+        assert!(member_change(&[0x10, 0x04]).is_err(), "no type 4");
+    }
 
     fn sample() -> eraftpb::Message {
         let mut m = eraftpb::Message::default();
@@ -335,12 +423,15 @@ mod tests {
         assert_eq!(snapshot_of(&s.write_to_bytes().expect("encode")).expect("decode"), s);
         let h = eraftpb::HardState { term: 3, vote: 2, commit: 1, ..Default::default() };
         assert_eq!(hard_state(&h.write_to_bytes().expect("encode")).expect("decode"), h);
+        // raft-rs's encoding of a learner add (2), as earlier Keel builds proposed it.
         let mut cc = eraftpb::ConfChange::default();
         cc.set_change_type(eraftpb::ConfChangeType::AddLearnerNode);
         cc.node_id = 9;
         cc.id = 8;
-        cc.context = Bytes::from_static(b"peer urls");
-        assert_eq!(conf_change(&cc.write_to_bytes().expect("encode")).expect("decode"), cc);
+        cc.context = Bytes::from_static(b"\x08\x01");
+        let mc = member_change(&cc.write_to_bytes().expect("encode")).expect("decode");
+        assert_eq!(mc, MemberChange { id: 8, kind: ChangeKind::AddLearnerNode, node_id: 9, context: cc.context.clone() });
+        assert_eq!(mc.to_raft(), Some(cc));
         let mut v2 = eraftpb::ConfChangeV2::default();
         v2.set_transition(eraftpb::ConfChangeTransition::Explicit);
         let mut one = eraftpb::ConfChangeSingle::default();

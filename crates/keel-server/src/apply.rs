@@ -6,7 +6,7 @@
 
 use crate::alarm::Alarms;
 use crate::error::Error;
-use crate::membership::{Members, AUX_MEMBERS};
+use crate::membership::{MemberJson, Members, AUX_MEMBERS};
 use keel_auth::{AuthError, AuthInfo, AuthStore, Perm, Tokens};
 use keel_lease::{self as lease, Lessor};
 use keel_mvcc::kv::{self, Leases};
@@ -16,8 +16,9 @@ use keel_proto::etcdserverpb::TxnRequest;
 use keel_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, TxnResponse,
 };
-use keel_proto::keelpb::{internal_raft_request::Request, ConfChangeContext, MemberAttributes};
-use keel_raft::eraftpb::{ConfChangeType, ConfState, Entry, Snapshot};
+use keel_proto::keelpb::{internal_raft_request::Request, ConfChangeContext, MemberAttributes, MemberRecord};
+use keel_raft::eraftpb::{ConfState, Entry, Snapshot};
+use keel_raft::wire::{ChangeKind, MemberChange};
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use std::collections::HashMap;
@@ -615,6 +616,23 @@ const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
 /// between, and the next turn comes after the next batch of entries or the next tick).
 const COMPACTION_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// A committed membership change, the request ID its proposer waits on, and the member record
+/// it carries: etcd's JSON (`membership.Member`) with the ID in the change, or, in entries of
+/// earlier Keel builds, a `keelpb.ConfChangeContext` holding both.
+fn decode_member_change(data: &[u8]) -> Result<(MemberChange, u64, Option<MemberRecord>), String> {
+    let cc = keel_raft::wire::member_change(data).map_err(|e| e.to_string())?;
+    let ctx = cc.context.as_ref();
+    if ctx.is_empty() {
+        return Ok((cc.clone(), cc.id, None));
+    }
+    if ctx.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{') {
+        let m: MemberJson = serde_json::from_slice(ctx).map_err(|e| format!("member record: {e}"))?;
+        return Ok((cc.clone(), cc.id, Some(m.into())));
+    }
+    let old = ConfChangeContext::decode(ctx).map_err(|e| format!("member record: {e}"))?;
+    Ok((cc.clone(), old.request_id, old.member))
+}
+
 impl keel_raft::StateMachine for Applier {
     fn applied_index(&self) -> u64 {
         self.store.read().consistent_index()
@@ -676,22 +694,19 @@ impl keel_raft::StateMachine for Applier {
         }
         // Members propose conf changes they encoded themselves: a committed one that does not
         // decode is corruption (or a bug), which skipping would hide; every member stops alike.
-        let cc = match keel_raft::wire::conf_change(entry.get_data()) {
-            Ok(cc) => cc,
+        let (cc, request_id, record) = match decode_member_change(entry.get_data()) {
+            Ok(x) => x,
             Err(e) => fatal(&format!("apply: the committed conf change at index {} cannot be decoded", entry.index), e),
-        };
-        let ctx = match ConfChangeContext::decode(cc.get_context()) {
-            Ok(ctx) => ctx,
-            Err(e) => fatal(&format!("apply: the member record of the conf change at index {} cannot be decoded", entry.index), e),
         };
         let id = cc.node_id;
         let mut removed_self = false;
         let list = {
             let mut members = self.members.write();
-            match cc.get_change_type() {
-                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
-                    let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
-                    match (members.get_mut(id), ctx.member) {
+            match cc.kind {
+                ChangeKind::AddNode | ChangeKind::AddLearnerNode => {
+                    let learner = cc.kind == ChangeKind::AddLearnerNode;
+                    match (members.get_mut(id), record) {
+                        // An add of a member already there: a learner promoted (etcd's promote).
                         (Some(m), _) => m.is_learner = learner,
                         (None, Some(mut rec)) => {
                             rec.id = id;
@@ -703,7 +718,17 @@ impl keel_raft::StateMachine for Applier {
                         (None, None) => tracing::warn!(member_id = format!("{id:x}"), "conf change adds a member without its record"),
                     }
                 }
-                ConfChangeType::RemoveNode => {
+                ChangeKind::UpdateNode => {
+                    keel_metrics::METRICS.store_writes.with_label_values(&["update"]).inc();
+                    match (members.get_mut(id), record) {
+                        (Some(m), Some(rec)) => {
+                            tracing::info!(member_id = format!("{id:x}"), peer_urls = ?rec.peer_urls, "updated member");
+                            m.peer_urls = rec.peer_urls;
+                        }
+                        _ => tracing::warn!(member_id = format!("{id:x}"), "conf change updates a member that is not there"),
+                    }
+                }
+                ChangeKind::RemoveNode => {
                     if members.remove(id) {
                         tracing::info!(member_id = format!("{id:x}"), "removed member");
                         keel_metrics::METRICS.store_writes.with_label_values(&["delete"]).inc();
@@ -717,8 +742,8 @@ impl keel_raft::StateMachine for Applier {
         store.set_consistent_index(entry.index, entry.term);
         let rev = store.current_rev();
         drop(store);
-        if ctx.request_id != 0 {
-            self.waiters.trigger(ctx.request_id, Ok((Applied::Members(list), rev)));
+        if request_id != 0 {
+            self.waiters.trigger(request_id, Ok((Applied::Members(list), rev)));
         }
         self.waiters.applied(entry.index);
         if removed_self {
@@ -746,11 +771,7 @@ impl keel_raft::StateMachine for Applier {
             return;
         }
         tracing::warn!(index = entry.index, "apply: raft refused the committed conf change; the membership is unchanged");
-        let request_id = keel_raft::wire::conf_change(entry.get_data())
-            .ok()
-            .and_then(|cc| ConfChangeContext::decode(cc.get_context()).ok())
-            .map(|ctx| ctx.request_id)
-            .unwrap_or(0);
+        let request_id = decode_member_change(entry.get_data()).map(|(_, id, _)| id).unwrap_or(0);
         store.set_consistent_index(entry.index, entry.term);
         drop(store);
         if request_id != 0 {

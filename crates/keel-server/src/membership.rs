@@ -1,10 +1,52 @@
-//! Cluster membership: member IDs derived as etcd derives them, the member list, and its
-//! persistent form (a `keelpb.SnapshotData` record in the backend).
+//! Cluster membership: member IDs derived as etcd derives them, the member list, its
+//! persistent form (a `keelpb.SnapshotData` record in the backend), and etcd's JSON form of a
+//! member (what a membership change's raft entry and etcd's `members` bucket carry).
 
 use keel_proto::etcdserverpb::Member;
 use keel_proto::keelpb::{MemberRecord, SnapshotData};
 use prost::Message;
 use sha1::{Digest, Sha1};
+
+/// A member as etcd writes it as JSON (`membership.Member`): the context of a membership
+/// change's raft entry, and etcd's `members` bucket (3.5+).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MemberJson {
+    pub id: u64,
+    #[serde(rename = "peerURLs", default)]
+    pub peer_urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
+    pub client_urls: Vec<String>,
+    #[serde(rename = "isLearner", default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_learner: bool,
+}
+
+impl From<MemberJson> for MemberRecord {
+    fn from(m: MemberJson) -> MemberRecord {
+        MemberRecord { id: m.id, name: m.name, peer_urls: m.peer_urls, client_urls: m.client_urls, is_learner: m.is_learner }
+    }
+}
+
+impl From<&MemberRecord> for MemberJson {
+    fn from(m: &MemberRecord) -> MemberJson {
+        MemberJson {
+            id: m.id,
+            peer_urls: m.peer_urls.clone(),
+            name: m.name.clone(),
+            client_urls: m.client_urls.clone(),
+            is_learner: m.is_learner,
+        }
+    }
+}
+
+impl MemberJson {
+    /// The JSON bytes etcd writes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
 
 /// Backend record that holds the membership.
 pub const AUX_MEMBERS: &str = "members";

@@ -6,17 +6,16 @@
 use crate::alarm::Alarms;
 use crate::apply::{Applied, State};
 use crate::error::Error;
-use crate::membership::Members;
+use crate::membership::{MemberJson, Members};
 use keel_auth::{AuthError, AuthInfo, AuthStore, Tokens};
 use keel_config::Config;
 use keel_lease::Lessor;
 use keel_mvcc::Store;
 use keel_proto::etcdserverpb::ResponseHeader;
-use keel_proto::keelpb::{internal_raft_request::Request, ConfChangeContext, MemberRecord};
-use keel_raft::eraftpb::{ConfChange, ConfChangeType};
+use keel_proto::keelpb::{internal_raft_request::Request, MemberRecord};
+use keel_raft::wire::{ChangeKind, MemberChange};
 use keel_raft::{NodeHandle, NodeStatus};
 use parking_lot::{MutexGuard, RwLockReadGuard};
-use prost::Message;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -340,20 +339,13 @@ impl Server {
         }
     }
 
-    /// Proposes a raft membership change for `node_id` carrying `member`, and waits until it is
-    /// applied here; returns the member list after it.
-    pub async fn propose_conf_change(
-        &self,
-        change: ConfChangeType,
-        node_id: u64,
-        member: Option<MemberRecord>,
-    ) -> Result<(Applied, i64), Error> {
+    /// Proposes a raft membership change for `node_id` carrying `member` (etcd's JSON record as
+    /// the change's context; a removal carries none), and waits until it is applied here;
+    /// returns the member list after it.
+    pub async fn propose_conf_change(&self, kind: ChangeKind, node_id: u64, member: Option<MemberRecord>) -> Result<(Applied, i64), Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let ctx = ConfChangeContext { request_id: id, member }.encode_to_vec();
-        let mut cc = ConfChange::default();
-        cc.set_change_type(change);
-        cc.node_id = node_id;
-        cc.context = ctx.into();
+        let context = member.map(|m| MemberJson::from(&MemberRecord { id: node_id, ..m }).to_bytes()).unwrap_or_default();
+        let cc = MemberChange { id, kind, node_id, context: context.into() };
         let rx = self.state.waiters.register(id);
         let work = async {
             if let Some(at) = self.node.propose_conf_change(cc).await.map_err(Error::Propose)? {
@@ -384,7 +376,9 @@ impl Server {
         if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
             return Err(Error::LearnerNotReady);
         }
-        match self.propose_conf_change(ConfChangeType::AddNode, id, None).await? {
+        // etcd's promotion: an add of the member, its record saying it is no learner.
+        let promoted = MemberRecord { is_learner: false, ..m };
+        match self.propose_conf_change(ChangeKind::AddNode, id, Some(promoted)).await? {
             (Applied::Members(m), _) => {
                 keel_metrics::METRICS.learner_promotes.inc();
                 Ok(m)

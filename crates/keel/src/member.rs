@@ -31,7 +31,6 @@ use keel_server::membership::{Members, AUX_MEMBERS};
 use keel_server::server::Server;
 use keel_server::{alarm, compactor, lease_duties, peer};
 use parking_lot::RwLock;
-use prost::Message;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -567,11 +566,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
             mine.join(",")
         );
     }
-    let entries = initial
-        .members
-        .iter()
-        .map(|m| (m.id, keel_proto::keelpb::ConfChangeContext { request_id: 0, member: Some(m.clone()) }.encode_to_vec()))
-        .collect();
+    let entries = initial.members.iter().map(|m| (m.id, keel_server::membership::MemberJson::from(m).to_bytes())).collect();
     Ok(Bootstrap {
         identity: Identity {
             cluster_id: initial.cluster_id,

@@ -4,8 +4,8 @@
 use crate::errors;
 use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::*;
-use keel_proto::keelpb::{internal_raft_request::Request as Internal, MemberRecord, MemberUpdate};
-use keel_raft::eraftpb::ConfChangeType;
+use keel_proto::keelpb::MemberRecord;
+use keel_raft::wire::ChangeKind;
 use keel_server::apply::Applied;
 use keel_server::membership::new_member_id;
 use keel_server::peer::PeerTransport;
@@ -139,7 +139,7 @@ impl Cluster for ClusterService {
             return Err(errors::member_exists());
         }
         let rec = MemberRecord { id, name: String::new(), peer_urls: r.peer_ur_ls.clone(), client_urls: vec![], is_learner: r.is_learner };
-        let change = if r.is_learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
+        let change = if r.is_learner { ChangeKind::AddLearnerNode } else { ChangeKind::AddNode };
         let (applied, _) = s.propose_conf_change(change, id, Some(rec)).await.map_err(crate::errors::status)?;
         let members = members_of(applied)?;
         let member = members.iter().find(|m| m.id == id).cloned();
@@ -154,7 +154,7 @@ impl Cluster for ClusterService {
             return Err(errors::member_not_found());
         }
         self.may_remove(id)?;
-        let (applied, _) = s.propose_conf_change(ConfChangeType::RemoveNode, id, None).await.map_err(crate::errors::status)?;
+        let (applied, _) = s.propose_conf_change(ChangeKind::RemoveNode, id, None).await.map_err(crate::errors::status)?;
         Ok(Response::new(MemberRemoveResponse { header: s.header(0), members: members_of(applied)? }))
     }
 
@@ -172,8 +172,9 @@ impl Cluster for ClusterService {
                 return Err(errors::peer_url_exists());
             }
         }
-        let (applied, _) =
-            s.propose(Internal::MemberUpdate(MemberUpdate { id: r.id, peer_urls: r.peer_ur_ls })).await.map_err(crate::errors::status)?;
+        // etcd's update: a conf change whose member record carries the new peer URLs.
+        let rec = MemberRecord { id: r.id, peer_urls: r.peer_ur_ls, ..Default::default() };
+        let (applied, _) = s.propose_conf_change(ChangeKind::UpdateNode, r.id, Some(rec)).await.map_err(crate::errors::status)?;
         Ok(Response::new(MemberUpdateResponse { header: s.header(0), members: members_of(applied)? }))
     }
 
