@@ -156,7 +156,7 @@ async fn debug_vars(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn version() -> Json<serde_json::Value> {
+pub(crate) async fn version() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": ETCD_CLUSTER_VERSION, "storage": ETCD_STORAGE_VERSION }))
 }
 

@@ -13,6 +13,7 @@
 //! - [`api`]: the gRPC services of etcd's v3 API.
 //! - [`errors`]: etcd's gRPC errors, and the server's errors in that form.
 //! - [`gateway`]: the `/v3` JSON gateway; [`http`]: `/health`, `/metrics`, `/version`, ...
+//! - [`peer_http`]: etcd's HTTP endpoints on the peer URLs (`/members`, promotion, `/version`).
 //! - [`serve`], [`tls`], [`h2fix`]: listeners (TCP/unix, plain/TLS), connection bounds, HTTP/2
 //!   settings, the `:authority` fix for etcdctl 3.4.
 //! - [`grpc_metrics`]: the gRPC call metrics middleware (the families are keel-metrics').
@@ -25,5 +26,6 @@ pub mod gateway;
 pub mod grpc_metrics;
 pub mod h2fix;
 pub mod http;
+pub mod peer_http;
 pub mod serve;
 pub mod tls;

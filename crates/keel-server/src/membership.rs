@@ -11,15 +11,16 @@ use sha1::{Digest, Sha1};
 /// change's raft entry, and etcd's `members` bucket (3.5+).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MemberJson {
+    // In etcd's field order (Go writes them as declared).
     pub id: u64,
     #[serde(rename = "peerURLs", default)]
     pub peer_urls: Vec<String>,
+    #[serde(rename = "isLearner", default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_learner: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
     pub client_urls: Vec<String>,
-    #[serde(rename = "isLearner", default, skip_serializing_if = "std::ops::Not::not")]
-    pub is_learner: bool,
 }
 
 impl From<MemberJson> for MemberRecord {

@@ -117,53 +117,79 @@ impl Dialer {
         };
         let local_ip = self.local_ip;
         let connector = tower::service_fn(move |_uri: http::Uri| {
-            let hostport = hostport.clone();
-            let host = host.clone();
-            let tls = tls.clone();
-            async move {
-                let raw: Box<dyn Io> = if unix {
-                    Box::new(tokio::net::UnixStream::connect(&hostport).await?)
-                } else {
-                    let tcp = match local_ip {
-                        Some(ip) => {
-                            let addr = tokio::net::lookup_host(&hostport)
-                                .await?
-                                .find(|a| a.is_ipv4() == ip.is_ipv4())
-                                .ok_or_else(|| std::io::Error::other(format!("cannot resolve {hostport}")))?;
-                            let sock = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-                            sock.bind(std::net::SocketAddr::new(ip, 0))?;
-                            sock.connect(addr).await?
-                        }
-                        None => tokio::net::TcpStream::connect(&hostport).await?,
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    Box::new(tcp)
-                };
-                let io: Box<dyn Io> = match tls {
-                    Some(cfg) => {
-                        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| std::io::Error::other(e.to_string()))?;
-                        match tokio_rustls::TlsConnector::from(cfg).connect(name, raw).await {
-                            Ok(s) => Box::new(s),
-                            Err(e) => {
-                                let rejected = e
-                                    .get_ref()
-                                    .and_then(|i| i.downcast_ref::<rustls::Error>())
-                                    .map(|r| matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)))
-                                    .unwrap_or(false);
-                                if rejected {
-                                    // etcd's (Go's) wording, which operators grep for.
-                                    return Err(std::io::Error::other("remote error: tls: bad certificate"));
-                                }
-                                return Err(e);
-                            }
-                        }
-                    }
-                    None => raw,
-                };
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
-            }
+            let (hostport, host, tls) = (hostport.clone(), host.clone(), tls.clone());
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(dial(&hostport, &host, unix, tls, local_ip).await?)) }
         });
         Ok((ep, connector))
+    }
+
+    /// A connection to `url`'s host (TCP, or a unix socket; TLS for https and unixs), for etcd's
+    /// HTTP/1.1 peer requests. Returns it with the `Host` header the request should carry.
+    pub async fn connect_io(&self, url: &str) -> Result<(Box<dyn Io>, String)> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
+        let hostport = rest.trim_end_matches('/').to_string();
+        let (tls, unix) = match scheme {
+            "https" | "unixs" => {
+                (Some(self.tls.clone().ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?), scheme == "unixs")
+            }
+            "http" | "unix" => (None, scheme == "unix"),
+            other => return Err(anyhow!("unsupported peer URL scheme {other:?}")),
+        };
+        let host = if unix {
+            "localhost".to_string()
+        } else {
+            hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default()
+        };
+        let io = tokio::time::timeout(Duration::from_secs(1), dial(&hostport, &host, unix, tls, self.local_ip))
+            .await
+            .map_err(|_| anyhow!("{url}: dial timed out"))??;
+        Ok((io, if unix { "localhost".to_string() } else { hostport }))
+    }
+}
+
+/// Connects to `hostport` (a unix socket path when `unix`), from `local_ip` when given, and
+/// runs the TLS handshake with `tls` naming `host`.
+async fn dial(
+    hostport: &str,
+    host: &str,
+    unix: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    local_ip: Option<std::net::IpAddr>,
+) -> std::io::Result<Box<dyn Io>> {
+    let raw: Box<dyn Io> = if unix {
+        Box::new(tokio::net::UnixStream::connect(hostport).await?)
+    } else {
+        let tcp = match local_ip {
+            Some(ip) => {
+                let addr = tokio::net::lookup_host(hostport)
+                    .await?
+                    .find(|a| a.is_ipv4() == ip.is_ipv4())
+                    .ok_or_else(|| std::io::Error::other(format!("cannot resolve {hostport}")))?;
+                let sock = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                sock.bind(std::net::SocketAddr::new(ip, 0))?;
+                sock.connect(addr).await?
+            }
+            None => tokio::net::TcpStream::connect(hostport).await?,
+        };
+        let _ = tcp.set_nodelay(true);
+        Box::new(tcp)
+    };
+    let Some(cfg) = tls else { return Ok(raw) };
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| std::io::Error::other(e.to_string()))?;
+    match tokio_rustls::TlsConnector::from(cfg).connect(name, raw).await {
+        Ok(s) => Ok(Box::new(s)),
+        Err(e) => {
+            let rejected = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .map(|r| matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)))
+                .unwrap_or(false);
+            if rejected {
+                // etcd's (Go's) wording, which operators grep for.
+                return Err(std::io::Error::other("remote error: tls: bad certificate"));
+            }
+            Err(e)
+        }
     }
 }
 
@@ -703,23 +729,36 @@ async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
     Ok(())
 }
 
-/// Asks the members at `urls` for the cluster's member list (for joining an existing cluster).
+/// Asks the members at `urls` for the cluster's member list (for joining an existing cluster),
+/// as etcd does: `GET <peer URL>/members`, the cluster ID in `X-Etcd-Cluster-ID`. Answered alike
+/// by etcd and Keel members.
 pub async fn fetch_members(dialer: &Dialer, urls: &[String]) -> Result<SnapshotData> {
     let mut last = anyhow!("no peer URL to ask");
     for _ in 0..30 {
         for u in urls {
-            match dialer.channel(u) {
-                Ok(ch) => match tokio::time::timeout(Duration::from_secs(2), client(ch).members(MembersRequest {})).await {
-                    Ok(Ok(r)) => return Ok(r.into_inner()),
-                    Ok(Err(e)) => last = anyhow!("{u}: {}", e.message()),
-                    Err(_) => last = anyhow!("{u}: timed out"),
-                },
-                Err(e) => last = e,
+            match members_of(dialer, u).await {
+                Ok(d) => return Ok(d),
+                Err(e) => {
+                    tracing::warn!(address = %format!("{u}/members"), error = %e, "failed to get cluster response");
+                    last = e;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(last.context("cannot fetch the cluster's members from its peers"))
+}
+
+async fn members_of(dialer: &Dialer, url: &str) -> Result<SnapshotData> {
+    let a = crate::rafthttp::client::get(dialer, url.trim_end_matches('/'), "/members", Duration::from_secs(2)).await?;
+    let list: Vec<crate::membership::MemberJson> =
+        serde_json::from_slice(&a.body).map_err(|e| anyhow!("{url}/members: not a member list ({}): {e}", a.status))?;
+    let id = a.headers.get("X-Etcd-Cluster-ID").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let cluster_id = u64::from_str_radix(id, 16).map_err(|_| anyhow!("{url}/members: bad cluster ID header {id:?}"))?;
+    if list.is_empty() {
+        return Err(anyhow!("failed to get raft cluster member(s) from the given URLs"));
+    }
+    Ok(SnapshotData { cluster_id, members: list.into_iter().map(Into::into).collect() })
 }
 
 // ---------------------------------------------------------------------------------------------

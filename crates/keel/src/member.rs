@@ -158,7 +158,9 @@ impl Member {
             .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
             .max_encoding_message_size(peer::MAX_PEER_MESSAGE),
         )
-        .into_axum_router();
+        .into_axum_router()
+        // etcd's HTTP endpoints beside it (what an etcd member or etcdctl asks a peer).
+        .merge(keel_api::peer_http::router(self.server.clone()));
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let peer_urls = split_urls(&cfg.listen_peer_urls);
         let endpoint = serve::Endpoint::Peer { check_san: !cfg.peer_skip_client_san_verification };
