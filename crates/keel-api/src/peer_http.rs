@@ -107,6 +107,17 @@ async fn promote(State(s): State<Arc<Server>>, method: Method, Path(id): Path<St
     }
 }
 
+/// The answer to any other path: etcd's `http.NotFound`, or gRPC's unimplemented to a gRPC
+/// call (the peer listener also carries Keel's gRPC peer service). Set as the peer router's
+/// fallback once the gRPC routes are merged in.
+pub async fn not_found(req: axum::extract::Request) -> Response {
+    let grpc = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented("").into_http::<axum::body::Body>();
+    }
+    text(StatusCode::NOT_FOUND, "404 page not found")
+}
+
 async fn version(method: Method) -> Response {
     if let Some(r) = only(&method, "GET") {
         return r;

@@ -160,7 +160,8 @@ impl Member {
         )
         .into_axum_router()
         // etcd's HTTP endpoints beside it (what an etcd member or etcdctl asks a peer).
-        .merge(keel_api::peer_http::router(self.server.clone()));
+        .merge(keel_api::peer_http::router(self.server.clone()))
+        .fallback(keel_api::peer_http::not_found);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let peer_urls = split_urls(&cfg.listen_peer_urls);
         let endpoint = serve::Endpoint::Peer { check_san: !cfg.peer_skip_client_san_verification };
