@@ -100,7 +100,7 @@ async fn promote(State(s): State<Arc<Server>>, method: Method, Path(id): Path<St
                 Error::LearnerNotReady => {
                     text(StatusCode::PRECONDITION_FAILED, "etcdserver: can only promote a learner member which is in sync with leader")
                 }
-                other => text(StatusCode::INTERNAL_SERVER_ERROR, &crate::errors::status(other).message().to_string()),
+                other => text(StatusCode::INTERNAL_SERVER_ERROR, crate::errors::status(other).message()),
             };
             with_cluster(r, cid)
         }
