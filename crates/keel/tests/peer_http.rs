@@ -11,8 +11,11 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 
-/// One raw HTTP/1.0 exchange: status code, the headers named in `keep` (lower case), body.
-fn exchange(addr: &str, method: &str, path: &str, keep: &[&str]) -> (u16, Vec<(String, String)>, String) {
+/// An answer: status code, the headers kept (lower-case names, sorted), body.
+type Answer = (u16, Vec<(String, String)>, String);
+
+/// One raw HTTP/1.0 exchange; of the headers, those named in `keep` (lower case).
+fn exchange(addr: &str, method: &str, path: &str, keep: &[&str]) -> Answer {
     let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").unwrap();
     let mut out = String::new();
@@ -31,7 +34,7 @@ fn exchange(addr: &str, method: &str, path: &str, keep: &[&str]) -> (u16, Vec<(S
 
 const KEEP: &[&str] = &["x-etcd-cluster-id", "content-type", "allow"];
 
-fn answers(peer: &str) -> Vec<(u16, Vec<(String, String)>, String)> {
+fn answers(peer: &str) -> Vec<Answer> {
     vec![
         exchange(peer, "GET", "/members", KEEP),
         exchange(peer, "POST", "/members", KEEP),
