@@ -404,6 +404,7 @@ impl<T: Transport> Driver<T> {
             if let Err(e) = self.on_ready() {
                 break Err(e.to_string());
             }
+            self.status.ticks.store(self.ticks, Ordering::Release);
             if let Err(e) = self.on_stage_events() {
                 break Err(e.to_string());
             }

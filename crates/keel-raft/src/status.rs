@@ -20,6 +20,9 @@ pub struct NodeStatus {
     pub(crate) role: std::sync::atomic::AtomicU8,
     /// Times this member saw a new leader.
     pub(crate) leader_changes: AtomicU64,
+    /// Ticks raft has taken, published once the messages they produced were handed to the
+    /// transport (so a test driving ticks can wait for each one's heartbeats to be out).
+    pub(crate) ticks: AtomicU64,
 }
 
 impl NodeStatus {
@@ -34,6 +37,10 @@ impl NodeStatus {
     }
     pub fn applied(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
+    }
+    /// Ticks taken whose messages are handed to the transport.
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Acquire)
     }
     /// The last index in this member's log.
     pub fn last_index(&self) -> u64 {

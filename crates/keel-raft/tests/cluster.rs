@@ -228,13 +228,24 @@ impl Cluster {
 
     /// One tick for every running member, then a moment for the messages it causes to travel
     /// (the rounds bound a wait; the pause only paces them).
+    /// One tick on every running member, in lockstep: it returns once each has taken the tick
+    /// and handed the messages it produced (heartbeats, votes) to the network, so a loaded
+    /// machine cannot let followers run through ticks while the leader's heartbeats wait.
     fn tick(&self) {
+        let mut want = Vec::new();
         for m in self.members.values() {
             if !m.status.stopped() {
+                want.push((m, m.status.ticks() + 1));
                 m.handle.tick();
             }
         }
-        std::thread::sleep(Duration::from_millis(2));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        for (m, n) in want {
+            while m.status.ticks() < n && !m.status.stopped() {
+                assert!(std::time::Instant::now() < deadline, "a member's raft loop did not take a tick within 60 s");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
     }
 
     /// Ticks until `done` holds; fails after [`MAX_ROUNDS`] rounds.
