@@ -525,17 +525,8 @@ impl Applier {
                 Some((id, a)) => Ok((self.set_attributes(store, id, a), store.current_rev())),
                 None => Ok((Applied::Nothing, store.current_rev())),
             },
-            // Reads etcd proposes: the proposer answers them; nothing changes.
-            Request::Range(_)
-            | Request::AuthStatus(_)
-            | Request::AuthUserGet(_)
-            | Request::AuthUserList(_)
-            | Request::AuthRoleGet(_)
-            | Request::AuthRoleList(_)
-            // Not kept yet (issue 24: the cluster version and downgrades as etcd decides them).
-            | Request::ClusterVersionSet(_)
-            | Request::DowngradeInfoSet(_)
-            | Request::DowngradeVersionTest(_) => Ok((Applied::Nothing, store.current_rev())),
+            // Reads etcd proposes, and (issue 24) the cluster version and downgrade records.
+            ref r if crate::entry::changes_nothing(r) => Ok((Applied::Nothing, store.current_rev())),
             Request::Alarm(a) => {
                 use keel_proto::etcdserverpb::alarm_request::AlarmAction;
                 let mut alarms = self.alarms.write();

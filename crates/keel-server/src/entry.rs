@@ -117,6 +117,23 @@ pub fn remaining_seconds(ms: i64) -> i64 {
     }
 }
 
+/// True for the requests that change no state Keel keeps: reads etcd proposes (their proposer
+/// answers them) and, for now, the cluster-version and downgrade records.
+pub fn changes_nothing(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::Range(_)
+            | Request::AuthStatus(_)
+            | Request::AuthUserGet(_)
+            | Request::AuthUserList(_)
+            | Request::AuthRoleGet(_)
+            | Request::AuthRoleList(_)
+            | Request::ClusterVersionSet(_)
+            | Request::DowngradeInfoSet(_)
+            | Request::DowngradeVersionTest(_)
+    )
+}
+
 /// The request's name in `etcd_server_apply_duration_seconds{op}` and in logs.
 pub fn op_name(r: &Request) -> &'static str {
     match r {

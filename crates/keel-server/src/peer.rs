@@ -80,6 +80,26 @@ impl Dialer {
         Ok(ep.connect_with_connector(connector).await?)
     }
 
+    /// Where `url` leads: the address (or socket path), the TLS server name, and the TLS
+    /// settings when its scheme asks for TLS.
+    fn target(&self, url: &str) -> Result<Target> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
+        let hostport = rest.trim_end_matches('/').to_string();
+        let (tls, unix) = match scheme {
+            "https" | "unixs" => {
+                (Some(self.tls.clone().ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?), scheme == "unixs")
+            }
+            "http" | "unix" => (None, scheme == "unix"),
+            other => return Err(anyhow!("unsupported peer URL scheme {other:?}")),
+        };
+        let host = if unix {
+            "localhost".to_string()
+        } else {
+            hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default()
+        };
+        Ok(Target { hostport, host, unix, tls })
+    }
+
     #[allow(clippy::type_complexity)]
     fn endpoint(
         &self,
@@ -95,26 +115,13 @@ impl Dialer {
             + Send
             + 'static,
     )> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
-        let hostport = rest.trim_end_matches('/').to_string();
-        let (tls, unix) = match scheme {
-            "https" | "unixs" => {
-                (Some(self.tls.clone().ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?), scheme == "unixs")
-            }
-            "http" | "unix" => (None, scheme == "unix"),
-            other => return Err(anyhow!("unsupported peer URL scheme {other:?}")),
-        };
+        let Target { hostport, host, unix, tls } = self.target(url)?;
         // tonic needs an http URI; the connector below decides how to really connect.
         let ep = Endpoint::from_shared(if unix { "http://unix.sock".to_string() } else { format!("http://{hostport}") })?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let host = if unix {
-            "localhost".to_string()
-        } else {
-            hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default()
-        };
         let local_ip = self.local_ip;
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let (hostport, host, tls) = (hostport.clone(), host.clone(), tls.clone());
@@ -126,25 +133,20 @@ impl Dialer {
     /// A connection to `url`'s host (TCP, or a unix socket; TLS for https and unixs), for etcd's
     /// HTTP/1.1 peer requests. Returns it with the `Host` header the request should carry.
     pub async fn connect_io(&self, url: &str) -> Result<(Box<dyn Io>, String)> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow!("bad peer URL {url:?}"))?;
-        let hostport = rest.trim_end_matches('/').to_string();
-        let (tls, unix) = match scheme {
-            "https" | "unixs" => {
-                (Some(self.tls.clone().ok_or_else(|| anyhow!("peer URL {url} needs peer TLS settings"))?), scheme == "unixs")
-            }
-            "http" | "unix" => (None, scheme == "unix"),
-            other => return Err(anyhow!("unsupported peer URL scheme {other:?}")),
-        };
-        let host = if unix {
-            "localhost".to_string()
-        } else {
-            hostport.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or_default()
-        };
+        let Target { hostport, host, unix, tls } = self.target(url)?;
         let io = tokio::time::timeout(Duration::from_secs(1), dial(&hostport, &host, unix, tls, self.local_ip))
             .await
             .map_err(|_| anyhow!("{url}: dial timed out"))??;
         Ok((io, if unix { "localhost".to_string() } else { hostport }))
     }
+}
+
+/// A peer URL taken apart for dialing.
+struct Target {
+    hostport: String,
+    host: String,
+    unix: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Connects to `hostport` (a unix socket path when `unix`), from `local_ip` when given, and
