@@ -438,6 +438,40 @@ impl<T: Transport> Driver<T> {
         result
     }
 
+    /// A proposal carrying membership changes in etcd's encoding (`wire::MemberChange`), from
+    /// this member or forwarded by a follower. raft-rs's leader parses such entries with its own
+    /// numbering, which has no 3 (etcd's learner add), so on the leader this makes the checks
+    /// raft-rs's leader makes for a proposal (a leader transfer or a leader outside the
+    /// configuration drops it; a change proposed while another is not yet applied becomes an
+    /// empty entry, raft's one-change-at-a-time rule) and appends and broadcasts the entries
+    /// itself. Keel and etcd propose single (v1) changes only, so raft never enters a joint
+    /// configuration from these. Elsewhere raft forwards the proposal to the leader unparsed.
+    fn propose_member_changes(&mut self, mut m: Message) -> raft::Result<()> {
+        let r = &mut self.node.raft;
+        if r.state != StateRole::Leader {
+            return r.step(m);
+        }
+        if r.lead_transferee.is_some() || r.prs().get(r.id).is_none() {
+            return Err(raft::Error::ProposalDropped);
+        }
+        for (i, e) in m.mut_entries().iter_mut().enumerate() {
+            if e.get_entry_type() != EntryType::EntryConfChange {
+                continue;
+            }
+            if r.has_pending_conf() {
+                tracing::info!(index = r.pending_conf_index, "raft: ignoring conf change: possible unapplied conf change");
+                *e = Entry::default();
+            } else {
+                r.pending_conf_index = r.raft_log.last_index() + i as u64 + 1;
+            }
+        }
+        if !r.append_entry(m.mut_entries()) {
+            return Err(raft::Error::ProposalDropped);
+        }
+        r.bcast_append();
+        Ok(())
+    }
+
     /// One tick of raft's logical clock: elections, heartbeats, read expiry.
     fn tick(&mut self) {
         self.node.tick();
@@ -464,7 +498,10 @@ impl<T: Transport> Driver<T> {
                 if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend && !m.entries.is_empty() && self.append_since.is_none() {
                     self.append_since = Some(Instant::now());
                 }
-                if let Err(e) = self.node.step(*m) {
+                let conf_proposal = m.get_msg_type() == raft::eraftpb::MessageType::MsgPropose
+                    && m.get_entries().iter().any(|e| e.get_entry_type() == EntryType::EntryConfChange);
+                let r = if conf_proposal { self.propose_member_changes(*m) } else { self.node.step(*m) };
+                if let Err(e) = r {
                     tracing::debug!(error = %e, "raft: step failed");
                 }
             }
@@ -476,7 +513,7 @@ impl<T: Transport> Driver<T> {
                 let mut m = Message::default();
                 m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
                 m.set_entries(vec![e].into());
-                let r = self.node.raft.step(m).map_err(|_| ProposeError::NoLeader);
+                let r = self.propose_member_changes(m).map_err(|_| ProposeError::NoLeader);
                 let _ = done.send(r.map(|()| self.proposed()));
             }
             Msg::InstallSnapshot { msg, backend } => {

@@ -483,3 +483,32 @@ fn a_leader_whose_apply_lags_refuses_proposals_until_it_catches_up() {
     let all = c.converge(&[1, 2, 3], at + 1);
     assert_eq!(all.last().map(Vec::as_slice), Some(&b"after"[..]));
 }
+
+#[test]
+fn membership_changes_in_etcds_encoding_commit_via_leader_and_follower() {
+    use keel_raft::wire::{ChangeKind, MemberChange};
+    let c = Cluster::new(3, 100_000, 100);
+    let leader = c.leader();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let change = |id: u64, kind: ChangeKind, node_id: u64| MemberChange {
+        id,
+        kind,
+        node_id,
+        context: format!("{{\"id\":{node_id},\"peerURLs\":[\"http://127.0.0.1:1\"]}}").into_bytes().into(),
+    };
+    let conf_has = |c: &Cluster, learner: u64| {
+        c.members.values().all(|m| m.machine.with(|a| a.conf.as_ref().is_some_and(|cs| cs.learners.contains(&learner))))
+    };
+    // etcd numbers a learner add 3, which raft-rs's own parser refuses: it goes in through the
+    // leader and through a follower (forwarded) alike, and every member applies it.
+    for (via, learner) in [(leader, 7), (follower, 8)] {
+        let cc = change(100 + learner, ChangeKind::AddLearnerNode, learner);
+        c.rt.block_on(c.member(via).handle.propose_conf_change(cc)).expect("proposed");
+        c.until("every member has the learner", |c| conf_has(c, learner));
+    }
+    // An update (etcd's 2) commits and leaves the configuration as it is.
+    let before = c.member(leader).status.commit();
+    c.rt.block_on(c.member(leader).handle.propose_conf_change(change(200, ChangeKind::UpdateNode, 7))).expect("proposed");
+    c.until("the update is applied everywhere", |c| c.members.values().all(|m| m.machine.with(|a| a.index) > before));
+    assert!(conf_has(&c, 7) && conf_has(&c, 8));
+}
