@@ -313,13 +313,19 @@ impl MemberChange {
     }
 }
 
+/// True when a membership change's context is etcd's JSON member record (it opens with `{`);
+/// earlier Keel builds wrote a protobuf record there, which never does.
+pub fn is_json_record(context: &[u8]) -> bool {
+    context.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// Decodes the membership change of an `EntryConfChange` entry: etcd's numbering, or raft-rs's
 /// as earlier Keel builds wrote it. The two differ on 2 only (etcd: update, raft-rs: add
 /// learner); etcd's updates carry a JSON member record, earlier Keel's learner adds a protobuf
 /// one, so the context tells them apart.
 pub fn member_change(b: &[u8]) -> Result<MemberChange, WireError> {
     let p: PConfChange = decode("conf change", b)?;
-    let json = p.context.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{');
+    let json = is_json_record(&p.context);
     let kind = match p.change_type {
         0 => ChangeKind::AddNode,
         1 => ChangeKind::RemoveNode,

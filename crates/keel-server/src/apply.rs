@@ -355,26 +355,25 @@ impl Applier {
     /// The permission checks etcd's auth applier makes before a request changes anything.
     fn authorize(&self, lessor: &Lessor, who: &AuthInfo, req: &Request) -> Result<(), AuthError> {
         let auth = self.auth.read();
-        let who = who.clone();
         match req {
             Request::Put(p) => {
-                auth.check(&who, &p.key, &[], Perm::Write)?;
-                check_lease_keys(&auth, &who, lessor, p.lease)?;
+                auth.check(who, &p.key, &[], Perm::Write)?;
+                check_lease_keys(&auth, who, lessor, p.lease)?;
                 if p.prev_kv {
-                    auth.check(&who, &p.key, &[], Perm::Read)?;
+                    auth.check(who, &p.key, &[], Perm::Read)?;
                 }
                 Ok(())
             }
             Request::DeleteRange(d) => {
-                auth.check(&who, &d.key, &d.range_end, Perm::Write)?;
+                auth.check(who, &d.key, &d.range_end, Perm::Write)?;
                 if d.prev_kv {
-                    auth.check(&who, &d.key, &d.range_end, Perm::Read)?;
+                    auth.check(who, &d.key, &d.range_end, Perm::Read)?;
                 }
                 Ok(())
             }
-            Request::Txn(t) => check_txn(&auth, &who, t),
-            Request::LeaseRevoke(r) => check_lease_keys(&auth, &who, lessor, r.id),
-            r if is_auth_change(r) => auth.check_admin(&who),
+            Request::Txn(t) => check_txn(&auth, who, t),
+            Request::LeaseRevoke(r) => check_lease_keys(&auth, who, lessor, r.id),
+            r if is_auth_change(r) => auth.check_admin(who),
             _ => Ok(()),
         }
     }
@@ -613,15 +612,16 @@ const COMPACTION_SLICE: std::time::Duration = std::time::Duration::from_millis(1
 fn decode_member_change(data: &[u8]) -> Result<(MemberChange, u64, Option<MemberRecord>), String> {
     let cc = keel_raft::wire::member_change(data).map_err(|e| e.to_string())?;
     let ctx = cc.context.as_ref();
-    if ctx.is_empty() {
-        return Ok((cc.clone(), cc.id, None));
-    }
-    if ctx.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{') {
+    let (request_id, record) = if ctx.is_empty() {
+        (cc.id, None)
+    } else if keel_raft::wire::is_json_record(ctx) {
         let m: MemberJson = serde_json::from_slice(ctx).map_err(|e| format!("member record: {e}"))?;
-        return Ok((cc.clone(), cc.id, Some(m.into())));
-    }
-    let old = ConfChangeContext::decode(ctx).map_err(|e| format!("member record: {e}"))?;
-    Ok((cc.clone(), old.request_id, old.member))
+        (cc.id, Some(m.into()))
+    } else {
+        let old = ConfChangeContext::decode(ctx).map_err(|e| format!("member record: {e}"))?;
+        (old.request_id, old.member)
+    };
+    Ok((cc, request_id, record))
 }
 
 impl keel_raft::StateMachine for Applier {
