@@ -731,38 +731,6 @@ async fn snapshot_stream(inner: &Arc<Inner>, m: Message) -> Result<()> {
     Ok(())
 }
 
-/// Asks the members at `urls` for the cluster's member list (for joining an existing cluster),
-/// as etcd does: `GET <peer URL>/members`, the cluster ID in `X-Etcd-Cluster-ID`. Answered alike
-/// by etcd and Keel members.
-pub async fn fetch_members(dialer: &Dialer, urls: &[String]) -> Result<SnapshotData> {
-    let mut last = anyhow!("no peer URL to ask");
-    for _ in 0..30 {
-        for u in urls {
-            match members_of(dialer, u).await {
-                Ok(d) => return Ok(d),
-                Err(e) => {
-                    tracing::warn!(address = %format!("{u}/members"), error = %e, "failed to get cluster response");
-                    last = e;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(last.context("cannot fetch the cluster's members from its peers"))
-}
-
-async fn members_of(dialer: &Dialer, url: &str) -> Result<SnapshotData> {
-    let a = crate::rafthttp::client::get(dialer, url.trim_end_matches('/'), "/members", Duration::from_secs(2)).await?;
-    let list: Vec<crate::membership::MemberJson> =
-        serde_json::from_slice(&a.body).map_err(|e| anyhow!("{url}/members: not a member list ({}): {e}", a.status))?;
-    let id = a.headers.get("X-Etcd-Cluster-ID").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let cluster_id = u64::from_str_radix(id, 16).map_err(|_| anyhow!("{url}/members: bad cluster ID header {id:?}"))?;
-    if list.is_empty() {
-        return Err(anyhow!("failed to get raft cluster member(s) from the given URLs"));
-    }
-    Ok(SnapshotData { cluster_id, members: list.into_iter().map(Into::into).collect() })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Receiving
 

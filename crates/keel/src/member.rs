@@ -535,7 +535,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
         // Join: the cluster already added this member (etcdctl member add); learn its ID from the
         // other members.
         let others: Vec<String> = initial.members.iter().flat_map(|m| m.peer_urls.clone()).filter(|u| !mine.contains(u)).collect();
-        let data = peer::fetch_members(dialer, &others).await?;
+        let data = keel_server::rafthttp::client::fetch_members(dialer, &others).await?;
         let me = data
             .members
             .iter()

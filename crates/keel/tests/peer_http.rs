@@ -55,13 +55,13 @@ async fn peer_members_endpoint_answers_as_etcd_3_6_and_joining_reads_etcds() {
     let want = answers(&peer);
     // What a joining Keel member reads from etcd's peer URL.
     let dialer = keel_server::peer::Dialer::new(None, None);
-    let joined = keel_server::peer::fetch_members(&dialer, &[format!("http://{peer}")]).await.expect("fetch etcd's members");
+    let joined = keel_server::rafthttp::client::fetch_members(&dialer, &[format!("http://{peer}")]).await.expect("fetch etcd's members");
     ep.stop();
 
     let mut kp = start(&keel_bin(), &tmp.path().join("keel.etcd"), cport, pport, &[]);
     assert!(kp.wait_ready(), "keel did not start: {}", kp.log_text());
     let got = answers(&peer);
-    let from_keel = keel_server::peer::fetch_members(&dialer, &[format!("http://{peer}")]).await.expect("fetch Keel's members");
+    let from_keel = keel_server::rafthttp::client::fetch_members(&dialer, &[format!("http://{peer}")]).await.expect("fetch Keel's members");
     kp.stop();
 
     assert_eq!(want[0].0, 200, "etcd's /members: {:?}", want[0]);
