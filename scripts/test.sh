@@ -25,7 +25,10 @@ scripts/etcd-ref.sh v3.6.16 >/dev/null
 scripts/advisories.sh
 # No import circle among any crate's modules.
 scripts/modcycles.sh
-cargo build --release --workspace
+# Every target at once (tests and examples too): one feature resolution for the binaries and the
+# tests, so `cargo test` below compiles nothing again (building the binaries alone resolved
+# features without dev-dependencies, and the test build then recompiled every crate).
+cargo build --release --workspace --all-targets
 cargo test --release --workspace
 scripts/e2e.sh
 # etcd 3.6.16's suite: the listed tests less those marked slow (the whole list:
