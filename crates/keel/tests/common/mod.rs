@@ -12,16 +12,29 @@ use tonic::transport::Channel;
 /// give a released port out again at once, and two roles of one cluster (a member's client port
 /// and a proxy's, say) sharing one made a member fail with "address already in use".
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
+    // Below Linux's ephemeral range (32768-60999): an outgoing connection from a member's
+    // 127.0.0.x address is given a local port from that range and could take a port handed out
+    // here before its member binds it ("Address already in use", seen in CI under load). Each
+    // test process starts at its own place in the range; a port is handed out once per process,
+    // and only when nothing listens on it at any address.
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut at = next.unwrap_or_else(|| {
+        (std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()))
+            % SPAN
+    });
+    for _ in 0..SPAN {
+        at = (at + 1) % SPAN;
+        let port = (LOW + at) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            *next = Some(at);
             return port;
         }
     }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 /// A server process (keel or etcd) with its data dir and log file.
