@@ -28,4 +28,5 @@ pub mod h2fix;
 pub mod http;
 pub mod peer_http;
 pub mod serve;
+pub mod snapshot_files;
 pub mod tls;

@@ -1,9 +1,10 @@
 //! etcd's HTTP endpoints on the peer URLs (`etcdhttp`'s peer handler), which members and
 //! joining members of either kind call: `GET /members` (the member list as etcd's JSON, the
 //! cluster ID in `X-Etcd-Cluster-ID`), `POST /members/promote/<id>` (promotion, answered by
-//! the leader), `GET /version`. Anything else is 404, as etcd's mux answers.
+//! the leader), `GET /version`, and the peer protocol's `/raft...` and `/leases...` paths
+//! (answered by [`keel_server::rafthttp::Handler`]). Anything else is 404, as etcd's mux answers.
 //!
-//! Calls the server core for the member list and promotion.
+//! Calls the server core for the member list and promotion, and the raft handler.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -17,11 +18,19 @@ use std::sync::Arc;
 /// The cluster ID header of every peer answer about the cluster.
 pub const CLUSTER_ID_HEADER: &str = "X-Etcd-Cluster-ID";
 
-pub fn router(server: Arc<Server>) -> Router {
+pub fn router(server: Arc<Server>, raft: keel_server::rafthttp::Handler) -> Router {
+    let raft = tower::service_fn(move |req: axum::extract::Request| {
+        let raft = raft.clone();
+        async move { Ok::<_, std::convert::Infallible>(raft.handle(req).await) }
+    });
     Router::new()
         .route("/members", any(members))
         .route("/members/promote/{id}", any(promote))
         .route("/version", any(version))
+        .route_service("/raft", raft.clone())
+        .route_service("/raft/{*rest}", raft.clone())
+        .route_service(keel_server::rafthttp::handler::LEASE_PATH, raft.clone())
+        .route_service(keel_server::rafthttp::handler::LEASE_INTERNAL_PATH, raft)
         .with_state(server)
 }
 
@@ -108,8 +117,8 @@ async fn promote(State(s): State<Arc<Server>>, method: Method, Path(id): Path<St
 }
 
 /// The answer to any other path: etcd's `http.NotFound`, or gRPC's unimplemented to a gRPC
-/// call (the peer listener also carries Keel's gRPC peer service). Set as the peer router's
-/// fallback once the gRPC routes are merged in.
+/// call (a Keel member of an earlier build dialing its gRPC peer service). The peer router's
+/// fallback.
 pub async fn not_found(req: axum::extract::Request) -> Response {
     let grpc = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with("application/grpc"));
     if grpc {

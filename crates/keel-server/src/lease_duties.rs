@@ -7,7 +7,7 @@
 //! queries to the leader (the peer transport keeps one channel to it).
 
 use crate::error::Error;
-use crate::peer::PeerTransport;
+use crate::rafthttp::Transport;
 use crate::server::Server;
 use keel_proto::etcdserverpb::{
     LeaseCheckpoint, LeaseCheckpointRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
@@ -25,7 +25,7 @@ const REVOKES_PER_TURN: usize = 100;
 
 /// Keep-alive: renewed in this member's memory if it leads, else on the leader. Returns the
 /// lease's TTL (0: no such lease, as etcd answers).
-pub async fn renew(server: &Server, transport: &PeerTransport, id: i64) -> Result<i64, Error> {
+pub async fn renew(server: &Server, transport: &Transport, id: i64) -> Result<i64, Error> {
     if server.raft().is_leader() {
         return Ok(renew_here(server, id));
     }
@@ -47,7 +47,7 @@ pub fn renew_here(server: &Server, id: i64) -> i64 {
 }
 
 /// TTL query on this member if it leads, else on the leader.
-pub async fn time_to_live(server: &Server, transport: &PeerTransport, r: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Error> {
+pub async fn time_to_live(server: &Server, transport: &Transport, r: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Error> {
     if server.raft().is_leader() {
         return Ok(local_time_to_live(server, &r));
     }

@@ -21,7 +21,6 @@ use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
-use keel_proto::keelpb::peer_server::PeerServer;
 use keel_proto::keelpb::{internal_raft_request::Request, ClusterMemberAttrSetRequest, MemberAttributes};
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
@@ -49,9 +48,8 @@ pub struct Member {
     peer_rt: tokio::runtime::Handle,
     server: Arc<Server>,
     node: NodeHandle,
-    transport: peer::PeerTransport,
+    transport: keel_server::rafthttp::Transport,
     hub: Arc<watch::WatchHub>,
-    members: Arc<RwLock<Members>>,
     /// Told when an applied entry removed this member.
     removed: Arc<tokio::sync::Notify>,
     /// The node thread's end (true: a clean stop).
@@ -94,14 +92,17 @@ impl Member {
             .map_err(|e| anyhow::anyhow!("--auth-token: {e}"))?;
         let state = load_state(rec.store, rec.members, tokens);
         let removed = Arc::new(tokio::sync::Notify::new());
-        let transport = peer::PeerTransport::new(
-            identity.member_id,
-            identity.cluster_id,
-            state.members.clone(),
-            state.store.clone(),
-            rec.dialer,
-            peer_rt.clone(),
-        );
+        let transport = keel_server::rafthttp::Transport::new(keel_server::rafthttp::Setup {
+            id: identity.member_id,
+            cluster_id: identity.cluster_id,
+            urls: split_urls(&cfg.initial_advertise_peer_urls),
+            members: state.members.clone(),
+            dialer: rec.dialer,
+            rt: peer_rt.clone(),
+            files: Arc::new(keel_api::snapshot_files::EtcdBackendFiles { store: state.store.clone(), cluster_id: identity.cluster_id }),
+            snap_dir: PathBuf::from(cfg.snap_dir()),
+            removed: removed.clone(),
+        });
         let node_status = Arc::new(keel_raft::NodeStatus::default());
         let hub = watch::WatchHub::new(
             state.store.clone(),
@@ -134,10 +135,9 @@ impl Member {
                 std::process::exit(if ok { 0 } else { 1 });
             }
         });
-        let members = state.members.clone();
         let server = Server::new(cfg.clone(), identity.member_id, identity.cluster_id, state, node.clone());
         let (ready, _) = tokio::sync::watch::channel(false);
-        Ok(Member { cfg, peer_rt, server, node, transport, hub, members, removed, stopped, ready })
+        Ok(Member { cfg, peer_rt, server, node, transport, hub, removed, stopped, ready })
     }
 
     /// Binds the peer listeners and serves the peer service on the peer runtime; binding errors
@@ -145,23 +145,12 @@ impl Member {
     pub async fn serve_peers(&self) -> Result<()> {
         let cfg = &self.cfg;
         let peer_tls = tls::peer_server(cfg)?;
-        let peer_router = tonic::service::Routes::new(
-            PeerServer::new(peer::PeerService {
-                cluster_id: self.server.cluster_id(),
-                node: self.node.clone(),
-                members: self.members.clone(),
-                snap_dir: Path::new(&cfg.snap_dir()).to_path_buf(),
-                forwarded: Arc::new(forwarded::Leader(self.server.clone())),
-                transport: self.transport.clone(),
-                max_snapshot_bytes: peer::snapshot_limit(cfg.quota_backend_bytes_reported()),
-            })
-            .max_decoding_message_size(peer::MAX_PEER_MESSAGE)
-            .max_encoding_message_size(peer::MAX_PEER_MESSAGE),
-        )
-        .into_axum_router()
-        // etcd's HTTP endpoints beside it (what an etcd member or etcdctl asks a peer).
-        .merge(keel_api::peer_http::router(self.server.clone()))
-        .fallback(keel_api::peer_http::not_found);
+        let raft = keel_server::rafthttp::Handler::new(
+            &self.transport,
+            Arc::new(forwarded::Leader(self.server.clone())),
+            peer::snapshot_limit(cfg.quota_backend_bytes_reported()),
+        );
+        let peer_router = keel_api::peer_http::router(self.server.clone(), raft).fallback(keel_api::peer_http::not_found);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let peer_urls = split_urls(&cfg.listen_peer_urls);
         let endpoint = serve::Endpoint::Peer { check_san: !cfg.peer_skip_client_san_verification };

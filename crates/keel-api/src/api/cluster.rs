@@ -8,7 +8,7 @@ use keel_proto::keelpb::MemberRecord;
 use keel_raft::wire::ChangeKind;
 use keel_server::apply::Applied;
 use keel_server::membership::new_member_id;
-use keel_server::peer::PeerTransport;
+use keel_server::rafthttp::Transport;
 use keel_server::server::Server;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct ClusterService {
     pub server: Arc<Server>,
-    pub transport: PeerTransport,
+    pub transport: Transport,
 }
 
 fn valid_urls(urls: &[String]) -> Result<(), Status> {
@@ -197,7 +197,7 @@ impl Cluster for ClusterService {
             if leader == 0 {
                 return Err(errors::no_leader());
             }
-            self.transport.forward_promote(leader, id).await?
+            self.transport.forward_promote(leader, id).await.map_err(crate::errors::status)?
         };
         Ok(Response::new(MemberPromoteResponse { header: s.header(0), members }))
     }

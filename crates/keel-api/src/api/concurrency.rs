@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 pub struct Concurrency {
     pub server: Arc<Server>,
     pub hub: Arc<WatchHub>,
-    pub transport: keel_server::peer::PeerTransport,
+    pub transport: keel_server::rafthttp::Transport,
 }
 
 /// The TTL of the session lease made for a request without one (clientv3 concurrency's default).

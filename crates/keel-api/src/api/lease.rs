@@ -8,7 +8,7 @@ use keel_proto::etcdserverpb::*;
 use keel_proto::keelpb::internal_raft_request::Request as Internal;
 use keel_server::apply::Applied;
 use keel_server::lease_duties::{renew, time_to_live};
-use keel_server::peer::PeerTransport;
+use keel_server::rafthttp::Transport;
 use keel_server::server::Server;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct LeaseService {
     pub server: Arc<Server>,
-    pub transport: PeerTransport,
+    pub transport: Transport,
 }
 
 type KeepAliveStream = Pin<Box<dyn futures::Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;

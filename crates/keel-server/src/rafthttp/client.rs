@@ -1,16 +1,24 @@
-//! etcd's peer requests over HTTP/1.1, one connection per request (as etcd's peer client
-//! does for `/members` and `/version`): a bounded body, a deadline for the whole exchange; and
-//! the member list a joining member reads with them ([`fetch_members`]).
+//! etcd's peer requests over HTTP/1.1: one connection per request (as etcd's peer client
+//! does for `/members` and `/version`), or kept connections ([`Pool`]) for the requests a
+//! member sends all the time (the pipeline, probes, lease forwarding); a bounded answer body, a
+//! deadline for the whole exchange; and the member list a joining member reads
+//! ([`fetch_members`]).
 
 use crate::peer::Dialer;
 use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use keel_proto::keelpb::SnapshotData;
 use std::time::Duration;
 
-/// The largest answer body read (a member list of hundreds of members fits many times over).
-const MAX_BODY: usize = 4 << 20;
+/// The largest answer body read (a member list of hundreds of members fits many times over;
+/// etcd bounds lease answers at 100 MB, a lease with every key of a large store).
+const MAX_BODY: usize = 100 << 20;
+/// Idle connections kept per peer URL.
+const IDLE_PER_URL: usize = 8;
 
 /// An answer: status, headers and the whole body.
 pub struct Answer {
@@ -76,4 +84,96 @@ async fn members_of(dialer: &Dialer, url: &str) -> Result<SnapshotData> {
         return Err(anyhow!("failed to get raft cluster member(s) from the given URLs"));
     }
     Ok(SnapshotData { cluster_id, members: list.into_iter().map(Into::into).collect() })
+}
+
+/// Kept HTTP/1.1 connections to peers, by peer URL: a request takes an idle one or dials, and
+/// gives it back once its answer is read.
+pub struct Pool {
+    dialer: Dialer,
+    idle: Mutex<HashMap<String, Vec<Kept>>>,
+}
+
+struct Kept {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Pool {
+    pub fn new(dialer: Dialer) -> Pool {
+        Pool { dialer, idle: Mutex::new(HashMap::new()) }
+    }
+
+    /// `POST <base><path>` with `headers` and `body`.
+    pub async fn post(&self, base: &str, path: &str, headers: &[(&str, String)], body: Bytes) -> Result<Answer> {
+        self.exchange(http::Method::POST, base, path, headers, body).await
+    }
+
+    /// `GET <base><path>`.
+    pub async fn get(&self, base: &str, path: &str) -> Result<Answer> {
+        self.exchange(http::Method::GET, base, path, &[], Bytes::new()).await
+    }
+
+    async fn exchange(&self, method: http::Method, base: &str, path: &str, headers: &[(&str, String)], body: Bytes) -> Result<Answer> {
+        let base = base.trim_end_matches('/');
+        // A kept connection the peer closed meanwhile fails at once: then a new one is dialed.
+        let kept = self.take(base);
+        let reused = kept.is_some();
+        let mut k = match kept {
+            Some(k) => k,
+            None => self.connect(base).await?,
+        };
+        let mut sent = send(&mut k, method.clone(), path, headers, body.clone()).await;
+        if sent.is_err() && reused {
+            k = self.connect(base).await?;
+            sent = send(&mut k, method, path, headers, body).await;
+        }
+        let (parts, incoming) = sent?.into_parts();
+        let body = match Limited::new(incoming, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => bail!("{base}{path}: reading the answer: {e}"),
+        };
+        if !k.sender.is_closed() {
+            let mut idle = self.idle.lock();
+            let list = idle.entry(base.to_string()).or_default();
+            if list.len() < IDLE_PER_URL {
+                list.push(k);
+            }
+        }
+        Ok(Answer { status: parts.status, headers: parts.headers, body })
+    }
+
+    fn take(&self, base: &str) -> Option<Kept> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(base)?;
+        while let Some(k) = list.pop() {
+            if !k.sender.is_closed() {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, base: &str) -> Result<Kept> {
+        let (io, host) = self.dialer.connect_io(base).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Kept { sender, host })
+    }
+}
+
+async fn send(
+    k: &mut Kept,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Bytes,
+) -> Result<http::Response<hyper::body::Incoming>> {
+    k.sender.ready().await?;
+    let mut req = http::Request::builder().method(method).uri(path).header(http::header::HOST, &k.host);
+    for (name, value) in headers {
+        req = req.header(*name, value);
+    }
+    Ok(k.sender.send_request(req.body(Full::new(body))?).await?)
 }

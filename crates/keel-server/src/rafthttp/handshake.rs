@@ -35,6 +35,14 @@ impl StreamKind {
         }
     }
 
+    /// The stream's name in etcd's logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamKind::MsgAppV2 => "stream MsgApp v2",
+            StreamKind::Message => "stream Message",
+        }
+    }
+
     /// The path member `local` opens to receive this stream from another member.
     pub fn path(self, local: u64) -> String {
         format!("{}/{}", self.prefix(), id_string(local))

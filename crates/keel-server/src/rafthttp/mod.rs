@@ -1,14 +1,27 @@
-//! etcd's peer protocol (`rafthttp`), which Keel members are to speak with each other and with
-//! etcd members: raft streams opened by the receiver (`/raft/stream/msgappv2/<id>`,
-//! `/raft/stream/message/<id>`), the pipeline (`POST /raft`), snapshots (`POST /raft/snapshot`).
+//! etcd's peer protocol (`rafthttp`), the only protocol Keel members speak with each other and
+//! with etcd members: raft streams opened by the receiver (`/raft/stream/msgapp/<id>`,
+//! `/raft/stream/message/<id>`), the pipeline (`POST /raft`), snapshots (`POST /raft/snapshot`),
+//! probing, and the lease requests followers forward to the leader (`/leases`).
 //!
-//! Built so far (nothing uses them yet; the gRPC peer service still carries raft):
-//! - [`codec`]: the streams' byte framing (both directions, bounded);
-//! - [`handshake`]: the stream request's headers and etcd's decision on it;
-//! - [`client`]: one-shot HTTP/1.1 requests to a peer (`/members`, `/version`).
+//! - [`transport`]: the raft transport: links to peers, where each message goes;
+//! - [`stream`], [`pipeline`], [`snapshot`], [`probe`]: the ways messages travel;
+//! - [`handler`]: what this member answers on its peer URLs for all of them;
+//! - [`codec`]: the streams' byte framing; [`handshake`]: a stream request's headers and rules;
+//! - [`client`]: HTTP/1.1 requests to peers (kept connections, one-shot requests, `/members`).
 //!
-//! Calls keel-raft's wire decoders, keel-config's version and the peer dialer only.
+//! Calls keel-raft's node and wire decoders, the member list, keel-config's version, the peer
+//! dialer and keel-metrics only.
 
 pub mod client;
 pub mod codec;
+pub mod handler;
 pub mod handshake;
+pub mod pipeline;
+pub mod probe;
+pub mod snapshot;
+pub mod stream;
+pub mod transport;
+
+pub use handler::{Forwarded, Handler, NotPrimary};
+pub use snapshot::BackendFiles;
+pub use transport::{Setup, Transport};

@@ -1,0 +1,39 @@
+//! How a member's backend travels in raft snapshots: as an etcd backend (bbolt, etcd's schema),
+//! so that etcd and Keel members send each other snapshots. Export is keel-migrate's writer over
+//! the committed backend; import is its reader, with the member list the sender's backend holds
+//! (etcd 3.5+: its `members` bucket) kept where the apply stage looks for it.
+//!
+//! Owns nothing; calls the store and keel-migrate.
+
+use anyhow::{Context, Result};
+use keel_mvcc::SharedStore;
+use keel_server::membership::{Members, AUX_MEMBERS};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The backend of one member, for its peer transport.
+pub struct EtcdBackendFiles {
+    pub store: Arc<SharedStore>,
+    pub cluster_id: u64,
+}
+
+impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
+    fn export(&self, out: std::fs::File) -> Result<()> {
+        self.store.commit().context("commit before a snapshot")?;
+        let backend = self.store.read().backend();
+        keel_migrate::backend::export(&backend, out, keel_config::ETCD_CLUSTER_VERSION, keel_config::ETCD_STORAGE_VERSION)?;
+        Ok(())
+    }
+
+    fn import(&self, bolt: &Path, dest: &Path) -> Result<()> {
+        let db = keel_bbolt::Db::open(bolt).with_context(|| format!("open the received backend {}", bolt.display()))?;
+        let imported = keel_migrate::backend::import(&db, dest)?;
+        if !imported.members.is_empty() {
+            let mut store = keel_mvcc::Store::open(dest)?;
+            let members = Members { cluster_id: self.cluster_id, members: imported.members };
+            store.set_aux(AUX_MEMBERS, members.encode());
+            store.commit()?;
+        }
+        Ok(())
+    }
+}

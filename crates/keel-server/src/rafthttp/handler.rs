@@ -1,0 +1,282 @@
+//! What a member answers on its peer URLs for raft and leases, as etcd's peer handler does:
+//! `POST /raft` (pipeline), `GET /raft/stream/{msgapp,message}/<id>` (streams), `POST
+//! /raft/snapshot`, `/raft/probing`, and the lease requests followers forward to the leader
+//! (`POST /leases`: keep-alive, `POST /leases/internal`: time to live). Statuses, texts and
+//! headers are etcd's.
+//!
+//! Owns nothing; calls the transport's shared state (streams, node, snapshots) and the member's
+//! lease answers through [`Forwarded`].
+
+use crate::rafthttp::handshake::{self, accept_stream, id_string, Refusal, Sender};
+use crate::rafthttp::snapshot;
+use crate::rafthttp::stream::Outgoing;
+use crate::rafthttp::transport::{Shared, Transport};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use keel_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
+use prost::Message as _;
+use std::sync::Arc;
+
+/// The body of every answer.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Keep-alives forwarded to the leader.
+pub const LEASE_PATH: &str = "/leases";
+/// Time-to-live queries forwarded to the leader.
+pub const LEASE_INTERNAL_PATH: &str = "/leases/internal";
+/// etcd's answer when the leader's apply lags (`ErrLeaseHTTPTimeout`).
+pub const LEASE_TIMEOUT: &str = "waiting for node to catch up its applied index has timed out";
+/// The largest forwarded lease request (etcd's `maxLeaseHTTPRequestSize`).
+const LEASE_REQUEST_LIMIT: usize = 64 * 1024;
+
+/// etcd's `leasepb.LeaseInternalRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseInternalRequest {
+    #[prost(message, optional, tag = "1")]
+    pub request: Option<LeaseTimeToLiveRequest>,
+}
+
+/// etcd's `leasepb.LeaseInternalResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseInternalResponse {
+    #[prost(message, optional, tag = "1")]
+    pub response: Option<LeaseTimeToLiveResponse>,
+}
+
+/// The lease answers only a leader gives, which followers forward to it. The server implements
+/// it; the transport knows nothing of the lessor.
+pub trait Forwarded: Send + Sync + 'static {
+    /// Renews lease `id`: its TTL, None when there is no such lease; Err when this member does
+    /// not lead.
+    fn lease_renew(&self, id: i64) -> Result<Option<i64>, NotPrimary>;
+    /// A lease's remaining TTL, None when there is no such lease; Err when this member does not
+    /// lead.
+    fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<Option<LeaseTimeToLiveResponse>, NotPrimary>;
+}
+
+/// This member's lessor is not the primary one (it does not lead).
+#[derive(Debug)]
+pub struct NotPrimary;
+
+/// The peer URLs' raft and lease endpoints of one member.
+#[derive(Clone)]
+pub struct Handler {
+    shared: Arc<Shared>,
+    forwarded: Arc<dyn Forwarded>,
+    /// The most bytes of backend a received snapshot may hold (None: no bound).
+    snapshot_limit: Option<u64>,
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Go's `http.Error`: the text and a newline, as plain text.
+fn text(status: u16, msg: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{msg}\n")));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = r.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert("X-Content-Type-Options", HeaderValue::from_static("nosniff"));
+    r
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = text(405, "Method Not Allowed");
+    r.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+fn header(req: &http::HeaderMap, name: &str) -> Option<String> {
+    req.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// etcd's `checkClusterCompatibilityFromHeader`.
+fn compatible(cluster: u64, h: &http::HeaderMap) -> Result<(), Refusal> {
+    if !handshake::versions_compatible(header(h, "X-Server-Version").as_deref(), header(h, "X-Min-Cluster-Version").as_deref()) {
+        tracing::warn!(
+            remote_peer_server_version = ?header(h, "X-Server-Version"),
+            remote_peer_server_minimum_cluster_version = ?header(h, "X-Min-Cluster-Version"),
+            "failed to check version compatibility"
+        );
+        return Err(Refusal::INCOMPATIBLE_VERSION);
+    }
+    if header(h, "X-Etcd-Cluster-ID").as_deref() != Some(id_string(cluster).as_str()) {
+        tracing::warn!(
+            local_member_cluster_id = %id_string(cluster),
+            remote_peer_cluster_id = ?header(h, "X-Etcd-Cluster-ID"),
+            remote_peer_server_name = ?header(h, "X-Server-From"),
+            "request cluster ID mismatch"
+        );
+        return Err(Refusal::CLUSTER_ID_MISMATCH);
+    }
+    Ok(())
+}
+
+impl Handler {
+    pub fn new(transport: &Transport, forwarded: Arc<dyn Forwarded>, snapshot_limit: Option<u64>) -> Handler {
+        Handler { shared: transport.shared().clone(), forwarded, snapshot_limit }
+    }
+
+    /// Answers a request for a path under `/raft` or `/leases`.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send + Sync + 'static + Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_string();
+        match path.as_str() {
+            "/raft" => self.pipeline(req).await,
+            "/raft/snapshot" => self.snapshot(req).await,
+            crate::rafthttp::probe::PATH => {
+                let mut r = Response::new(full(crate::rafthttp::probe::answer()));
+                r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                r
+            }
+            LEASE_PATH | LEASE_INTERNAL_PATH => self.lease(req).await,
+            p if p.starts_with("/raft/stream/") => self.stream(req),
+            _ => text(404, "404 page not found"),
+        }
+    }
+
+    fn with_cluster(&self, mut r: Response<Body>) -> Response<Body> {
+        if let Ok(v) = HeaderValue::from_str(&id_string(self.shared.cluster_id)) {
+            r.headers_mut().insert("X-Etcd-Cluster-ID", v);
+        }
+        r
+    }
+
+    fn stream<B>(&self, req: Request<B>) -> Response<Body> {
+        let s = &self.shared;
+        let h = req.headers();
+        let decided = accept_stream(
+            s.id,
+            s.cluster_id,
+            req.method().as_str(),
+            req.uri().path(),
+            |k| header(h, k),
+            |id| if s.is_member(id) { Sender::Member } else { Sender::Unknown },
+        );
+        let mut r = match decided {
+            Err(Refusal::METHOD) => return method_not_allowed("GET"),
+            Err(refusal) => {
+                if refusal == Refusal::UNKNOWN_SENDER {
+                    tracing::warn!(path = req.uri().path(), "failed to find remote peer in cluster");
+                } else if refusal == Refusal::TO_MISMATCH {
+                    tracing::warn!(raft_to = ?header(h, "X-Raft-To"), "ignored streaming request; ID mismatch");
+                }
+                text(refusal.status, refusal.body)
+            }
+            Ok(a) => match Outgoing::attach(s, a.from, a.kind) {
+                Some(body) => Response::new(body.boxed_unsync()),
+                None => text(Refusal::UNKNOWN_SENDER.status, Refusal::UNKNOWN_SENDER.body),
+            },
+        };
+        r.headers_mut().insert("X-Server-Version", HeaderValue::from_static(handshake::SERVER_VERSION));
+        self.with_cluster(r)
+    }
+
+    async fn pipeline<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if req.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        if let Err(r) = compatible(self.shared.cluster_id, req.headers()) {
+            return self.with_cluster(text(r.status, r.body));
+        }
+        let body = match Limited::new(req.into_body(), crate::rafthttp::codec::READ_LIMIT as usize).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to read Raft message");
+                return self.with_cluster(text(400, "error reading raft message"));
+            }
+        };
+        let m = match keel_raft::wire::message(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to unmarshal Raft message");
+                return self.with_cluster(text(400, "error unmarshalling raft message"));
+            }
+        };
+        keel_metrics::METRICS.peer_received_bytes.with_label_values(&[&id_string(m.from)]).inc_by(body.len() as u64);
+        // A busy node drops the message, as a full receive buffer does in etcd: raft resends.
+        if let Some(n) = self.shared.node() {
+            let _ = n.step(m);
+        }
+        self.with_cluster(empty(StatusCode::NO_CONTENT))
+    }
+
+    async fn snapshot<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let metrics = &keel_metrics::METRICS;
+        if req.method() != Method::POST {
+            metrics.snapshot_receive_failures.with_label_values(&["UNKNOWN_SNAPSHOT_SENDER"]).inc();
+            return method_not_allowed("POST");
+        }
+        if let Err(r) = compatible(self.shared.cluster_id, req.headers()) {
+            metrics.snapshot_receive_failures.with_label_values(&["UNKNOWN_SNAPSHOT_SENDER"]).inc();
+            return self.with_cluster(text(r.status, r.body));
+        }
+        let from = header(req.headers(), "X-Server-From").unwrap_or_default();
+        match snapshot::receive(&self.shared, req.into_body(), self.snapshot_limit).await {
+            Ok(()) => {
+                metrics.snapshot_receive_success.with_label_values(&[&from]).inc();
+                self.with_cluster(empty(StatusCode::NO_CONTENT))
+            }
+            Err(r) => {
+                tracing::warn!(remote_snapshot_sender_id = %from, status = r.status, error = %r.text, "failed to receive a database snapshot");
+                metrics.snapshot_receive_failures.with_label_values(&[&from]).inc();
+                self.with_cluster(text(r.status, &r.text))
+            }
+        }
+    }
+
+    async fn lease<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if req.method() != Method::POST {
+            return text(405, "Method Not Allowed");
+        }
+        let internal = req.uri().path() == LEASE_INTERNAL_PATH;
+        let body = match Limited::new(req.into_body(), LEASE_REQUEST_LIMIT).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return text(413, "request body too large"),
+            Err(_) => return text(400, "error reading body"),
+        };
+        let answer = if internal {
+            let Ok(r) = LeaseInternalRequest::decode(body.as_ref()) else { return text(400, "error unmarshalling request") };
+            let r = r.request.unwrap_or_default();
+            match self.forwarded.lease_time_to_live(&r) {
+                Ok(Some(resp)) => LeaseInternalResponse { response: Some(resp) }.encode_to_vec(),
+                Ok(None) => return text(404, "lease not found"),
+                Err(NotPrimary) => return text(500, "not a primary lessor"),
+            }
+        } else {
+            let Ok(r) = LeaseKeepAliveRequest::decode(body.as_ref()) else { return text(400, "error unmarshalling request") };
+            match self.forwarded.lease_renew(r.id) {
+                Ok(Some(ttl)) => keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: None, id: r.id, ttl }.encode_to_vec(),
+                Ok(None) => return text(404, "lease not found"),
+                Err(NotPrimary) => return text(400, "not a primary lessor"),
+            }
+        };
+        let mut r = Response::new(full(answer));
+        r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/protobuf"));
+        r
+    }
+}

@@ -1,0 +1,390 @@
+//! The raft transport over etcd's peer protocol: what this member sends each peer and how
+//! (etcd's `rafthttp.Transport` and `peer`), and the state of its link to each peer.
+//!
+//! Each peer has a [`Link`]: two outgoing streams the peer opened (it is their receiver; see
+//! [`crate::rafthttp::stream`]), a pipeline (`POST /raft`, [`crate::rafthttp::pipeline`]) for
+//! when neither is open, and the readers of the two streams this member opens on the peer.
+//! A message goes, as etcd picks: an append on the msgappv2 stream if it is open, anything else
+//! (and appends when that one is not) on the message stream, else the pipeline; snapshots on
+//! their own request ([`crate::rafthttp::snapshot`]). Sending never blocks the raft thread: every
+//! route is a bounded queue, and a full one drops the message and reports the peer unreachable
+//! to raft, which retries.
+//!
+//! Owns the links and the outgoing queues. Calls the node (step, unreachable, snapshot status),
+//! the peer dialer and the HTTP client, and reads the member list.
+
+use crate::membership::Members;
+use crate::peer::Dialer;
+use crate::rafthttp::client::{Answer, Pool};
+use crate::rafthttp::handshake::{id_string, StreamKind};
+use crate::rafthttp::snapshot::BackendFiles;
+use crate::rafthttp::{pipeline, probe, snapshot, stream};
+use keel_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, Member};
+use keel_raft::eraftpb::{Message, MessageType};
+use keel_raft::NodeHandle;
+use parking_lot::{Mutex, RwLock};
+use prost::Message as _;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Messages queued on an outgoing stream (etcd's `streamBufSize`).
+pub const STREAM_QUEUE: usize = 4096;
+/// Messages queued for the pipeline (etcd's `pipelineBufSize`).
+pub const PIPELINE_QUEUE: usize = 64;
+
+/// The state shared by the transport, its streams, pipeline, prober and snapshot sender.
+pub(crate) struct Shared {
+    pub(crate) id: u64,
+    pub(crate) cluster_id: u64,
+    /// This member's advertised peer URLs (`X-PeerURLs`).
+    pub(crate) urls: Vec<String>,
+    members: Arc<RwLock<Members>>,
+    pub(crate) dialer: Dialer,
+    /// HTTP/1.1 connections kept to peers for requests (pipeline, probes, forwarding).
+    pub(crate) pool: Pool,
+    pub(crate) rt: tokio::runtime::Handle,
+    node: OnceLock<NodeHandle>,
+    links: Mutex<HashMap<u64, Arc<Link>>>,
+    /// How the backend goes into a snapshot and comes out of one.
+    pub(crate) files: Arc<dyn BackendFiles>,
+    /// Where snapshots are staged (the member's snap directory).
+    pub(crate) snap_dir: PathBuf,
+    /// Told when a peer says this member was removed from the cluster.
+    removed: Arc<tokio::sync::Notify>,
+}
+
+/// This member's link to one peer.
+pub(crate) struct Link {
+    pub(crate) id: u64,
+    /// The peer's ID as etcd prints it, for metric labels and logs.
+    pub(crate) label: String,
+    /// The outgoing streams the peer opened, by kind (msgappv2, message): their queues.
+    writers: [Mutex<Option<mpsc::Sender<Message>>>; 2],
+    pipeline: mpsc::Sender<Message>,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// Streams up in either direction.
+    streams: usize,
+    /// Since when at least one has been up.
+    since: Option<Instant>,
+}
+
+fn slot(kind: StreamKind) -> usize {
+    match kind {
+        StreamKind::MsgAppV2 => 0,
+        StreamKind::Message => 1,
+    }
+}
+
+impl Link {
+    /// A stream to or from the peer came up.
+    pub(crate) fn stream_up(&self, local: u64) {
+        let mut s = self.state.lock();
+        s.streams += 1;
+        if s.since.is_none() {
+            s.since = Some(Instant::now());
+            keel_metrics::METRICS.active_peers.with_label_values(&[&id_string(local), &self.label]).set(1);
+            tracing::info!(remote_peer_id = %self.label, "peer became active");
+        }
+    }
+
+    /// A stream to or from the peer went down.
+    pub(crate) fn stream_down(&self, local: u64) {
+        let mut s = self.state.lock();
+        s.streams = s.streams.saturating_sub(1);
+        if s.streams == 0 && s.since.take().is_some() {
+            keel_metrics::METRICS.active_peers.with_label_values(&[&id_string(local), &self.label]).set(0);
+            tracing::warn!(remote_peer_id = %self.label, "peer became inactive (message send to peer failed)");
+        }
+    }
+
+    fn writer(&self, kind: StreamKind) -> Option<mpsc::Sender<Message>> {
+        self.writers[slot(kind)].lock().as_ref().filter(|t| !t.is_closed()).cloned()
+    }
+
+    /// Where `m` goes, as etcd's `peer.pick`.
+    fn pick(&self, m: &Message) -> mpsc::Sender<Message> {
+        if m.get_msg_type() == MessageType::MsgAppend {
+            if let Some(w) = self.writer(StreamKind::MsgAppV2) {
+                return w;
+            }
+        }
+        self.writer(StreamKind::Message).unwrap_or_else(|| self.pipeline.clone())
+    }
+}
+
+impl Shared {
+    pub(crate) fn node(&self) -> Option<&NodeHandle> {
+        self.node.get()
+    }
+
+    pub(crate) fn is_member(&self, id: u64) -> bool {
+        self.members.read().get(id).is_some()
+    }
+
+    /// The peer URLs of member `id` (empty once it is removed).
+    pub(crate) fn peer_urls(&self, id: u64) -> Vec<String> {
+        self.members.read().get(id).map(|m| m.peer_urls.clone()).unwrap_or_default()
+    }
+
+    /// A peer said this member was removed from the cluster.
+    pub(crate) fn removed(&self) {
+        self.removed.notify_one();
+    }
+
+    pub(crate) fn unreachable(&self, to: u64) {
+        if let Some(n) = self.node.get() {
+            n.report_unreachable(to);
+        }
+    }
+
+    /// The link to member `id`, made (with its tasks) the first time; None for a non-member.
+    pub(crate) fn link(self: &Arc<Self>, id: u64) -> Option<Arc<Link>> {
+        if let Some(l) = self.links.lock().get(&id) {
+            return Some(l.clone());
+        }
+        if id == self.id || !self.is_member(id) {
+            return None;
+        }
+        let mut links = self.links.lock();
+        if let Some(l) = links.get(&id) {
+            return Some(l.clone());
+        }
+        let (tx, rx) = mpsc::channel(PIPELINE_QUEUE);
+        let link = Arc::new(Link {
+            id,
+            label: id_string(id),
+            writers: [Mutex::new(None), Mutex::new(None)],
+            pipeline: tx,
+            state: Mutex::new(LinkState::default()),
+        });
+        links.insert(id, link.clone());
+        drop(links);
+        tracing::info!(remote_peer_id = %link.label, "added remote peer");
+        pipeline::start(self.clone(), link.clone(), rx);
+        for kind in [StreamKind::MsgAppV2, StreamKind::Message] {
+            self.rt.spawn(stream::read_loop(self.clone(), link.clone(), kind));
+        }
+        self.rt.spawn(probe::run(self.clone(), link.clone()));
+        Some(link)
+    }
+
+    /// Forgets the link to a member no longer in the cluster (its tasks end by themselves).
+    fn drop_removed(&self) {
+        let members = self.members.read();
+        self.links.lock().retain(|id, l| {
+            let keep = members.get(*id).is_some();
+            if !keep {
+                for w in &l.writers {
+                    w.lock().take();
+                }
+                tracing::info!(remote_peer_id = %l.label, "removed remote peer");
+            }
+            keep
+        });
+    }
+
+    /// A peer opened stream `kind` to receive its messages from this member: the queue now
+    /// feeding it (the previous stream of that kind, if any, ends).
+    pub(crate) fn attach(self: &Arc<Self>, from: u64, kind: StreamKind) -> Option<(Arc<Link>, mpsc::Receiver<Message>)> {
+        let link = self.link(from)?;
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        if let Some(old) = link.writers[slot(kind)].lock().replace(tx) {
+            if !old.is_closed() {
+                tracing::warn!(remote_peer_id = %link.label, stream_type = kind.name(), "closed an existing TCP streaming connection with remote peer");
+            }
+        }
+        Some((link, rx))
+    }
+}
+
+/// The raft transport over etcd's peer protocol. Clone it freely; clones share the links.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Shared>,
+}
+
+/// What a transport needs to know of its member.
+pub struct Setup {
+    pub id: u64,
+    pub cluster_id: u64,
+    /// The member's advertised peer URLs.
+    pub urls: Vec<String>,
+    pub members: Arc<RwLock<Members>>,
+    pub dialer: Dialer,
+    /// The peer runtime: streams, pipeline and snapshots run there, away from client load.
+    pub rt: tokio::runtime::Handle,
+    pub files: Arc<dyn BackendFiles>,
+    pub snap_dir: PathBuf,
+    /// Told when a peer says this member was removed from the cluster.
+    pub removed: Arc<tokio::sync::Notify>,
+}
+
+impl Transport {
+    pub fn new(s: Setup) -> Transport {
+        Transport {
+            inner: Arc::new(Shared {
+                id: s.id,
+                cluster_id: s.cluster_id,
+                urls: s.urls,
+                members: s.members,
+                pool: Pool::new(s.dialer.clone()),
+                dialer: s.dialer,
+                rt: s.rt,
+                node: OnceLock::new(),
+                links: Mutex::new(HashMap::new()),
+                files: s.files,
+                snap_dir: s.snap_dir,
+                removed: s.removed,
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner
+    }
+
+    /// Connects the transport to the node it reports to.
+    pub fn set_node(&self, node: NodeHandle) {
+        let _ = self.inner.node.set(node);
+    }
+
+    /// Since when a stream to or from member `id` has been up, if one is.
+    pub fn active_since(&self, id: u64) -> Option<Instant> {
+        self.inner.links.lock().get(&id).and_then(|l| l.state.lock().since)
+    }
+
+    /// Keeps links to every member, whether or not raft has something to send, so that
+    /// connectivity is known (etcd's strict reconfiguration checks rely on it), and drops the
+    /// links of removed members.
+    pub fn keep_connected(&self) {
+        let s = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let ids: Vec<u64> = s.members.read().ids().collect();
+                for id in ids {
+                    s.link(id);
+                }
+                s.drop_removed();
+            }
+        });
+    }
+
+    /// Asks the leader to promote learner `id` (only it knows the learner's progress), as
+    /// etcd's followers do: `POST /members/promote/<id>` on its peer URLs.
+    pub async fn forward_promote(&self, leader: u64, id: u64) -> Result<Vec<Member>, crate::error::Error> {
+        use crate::error::Error;
+        let path = format!("/members/promote/{id}");
+        let a = self.request(leader, &path, Vec::new(), "application/json", Duration::from_secs(5)).await.map_err(Error::Forwarded)?;
+        let body = String::from_utf8_lossy(&a.body);
+        match a.status.as_u16() {
+            200 => {
+                let list: Vec<crate::membership::MemberJson> = serde_json::from_slice(&a.body)
+                    .map_err(|e| Error::Forwarded(Status::internal(format!("member promote: bad answer: {e}"))))?;
+                Ok(Members { cluster_id: 0, members: list.into_iter().map(Into::into).collect() }.to_proto())
+            }
+            408 => Err(Error::Timeout),
+            404 => Err(Error::MemberNotFound),
+            412 if body.contains("can only promote a learner member which is in sync with leader") => Err(Error::LearnerNotReady),
+            412 if body.contains("can only promote a learner member") => Err(Error::NotLearner),
+            _ => Err(Error::Forwarded(Status::unavailable(format!("member promote: unknown error({})", body.trim_end())))),
+        }
+    }
+
+    /// Renews a lease on the leader (`POST /leases`); its TTL, 0 when there is no such lease.
+    pub async fn forward_lease_renew(&self, leader: u64, id: i64) -> Result<i64, Status> {
+        let body = LeaseKeepAliveRequest { id }.encode_to_vec();
+        let a = self.request(leader, crate::rafthttp::handler::LEASE_PATH, body, "application/protobuf", Duration::from_secs(5)).await?;
+        match a.status.as_u16() {
+            200 => {
+                let r = LeaseKeepAliveResponse::decode(a.body.as_ref()).map_err(|e| Status::internal(format!("lease: {e}")))?;
+                if r.id != id {
+                    return Err(Status::internal("lease: renew id mismatch"));
+                }
+                Ok(r.ttl)
+            }
+            404 => Ok(0),
+            408 => Err(Status::unavailable(crate::rafthttp::handler::LEASE_TIMEOUT)),
+            _ => Err(Status::unavailable(format!("lease: unknown error({})", String::from_utf8_lossy(&a.body).trim_end()))),
+        }
+    }
+
+    /// Asks the leader for a lease's remaining TTL (`POST /leases/internal`); TTL -1 when
+    /// there is no such lease.
+    pub async fn forward_lease_ttl(&self, leader: u64, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status> {
+        let (id, keys) = (req.id, req.keys);
+        let body = crate::rafthttp::handler::LeaseInternalRequest { request: Some(req) }.encode_to_vec();
+        let a = self
+            .request(leader, crate::rafthttp::handler::LEASE_INTERNAL_PATH, body, "application/protobuf", Duration::from_secs(5))
+            .await?;
+        match a.status.as_u16() {
+            200 => {
+                let r = crate::rafthttp::handler::LeaseInternalResponse::decode(a.body.as_ref())
+                    .map_err(|e| Status::internal(format!("lease: {e}")))?;
+                let r = r.response.unwrap_or_default();
+                if r.id != id {
+                    return Err(Status::internal("lease: TTL id mismatch"));
+                }
+                Ok(LeaseTimeToLiveResponse { keys: if keys { r.keys } else { vec![] }, ..r })
+            }
+            404 => Ok(LeaseTimeToLiveResponse { id, ttl: -1, ..Default::default() }),
+            408 => Err(Status::unavailable(crate::rafthttp::handler::LEASE_TIMEOUT)),
+            _ => Err(Status::unavailable(format!("lease: unknown error({})", String::from_utf8_lossy(&a.body).trim_end()))),
+        }
+    }
+
+    /// `POST <path>` with `body` on member `to`, trying its peer URLs in turn.
+    async fn request(&self, to: u64, path: &str, body: Vec<u8>, content_type: &str, timeout: Duration) -> Result<Answer, Status> {
+        let urls = self.inner.peer_urls(to);
+        if urls.is_empty() {
+            return Err(Status::unavailable("etcdserver: no leader"));
+        }
+        let mut last = String::new();
+        for u in &urls {
+            let headers = [("Content-Type", content_type.to_string())];
+            match tokio::time::timeout(timeout, self.inner.pool.post(u, path, &headers, body.clone().into())).await {
+                Ok(Ok(a)) => return Ok(a),
+                Ok(Err(e)) => last = format!("{e:#}"),
+                Err(_) => last = "timed out".into(),
+            }
+        }
+        Err(Status::unavailable(format!("{path} on {}: {last}", id_string(to))))
+    }
+}
+
+impl keel_raft::Transport for Transport {
+    fn send(&mut self, msgs: Vec<Message>) {
+        let metrics = &keel_metrics::METRICS;
+        for m in msgs {
+            let to = m.to;
+            if to == self.inner.id || to == 0 {
+                continue;
+            }
+            let Some(link) = self.inner.link(to) else {
+                tracing::debug!(remote_peer_id = %id_string(to), "ignored message send request; unknown remote peer target");
+                continue;
+            };
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.inner.rt.spawn(snapshot::send(self.inner.clone(), link, m));
+                continue;
+            }
+            let heartbeat = m.get_msg_type() == MessageType::MsgHeartbeat;
+            if link.pick(&m).try_send(m).is_err() {
+                metrics.peer_sent_failures.with_label_values(&[&link.label]).inc();
+                if heartbeat {
+                    metrics.heartbeat_failures.inc();
+                }
+                self.inner.unreachable(to);
+            }
+        }
+    }
+}
