@@ -570,7 +570,7 @@ impl Applier {
         }
         let members = match new.aux(AUX_MEMBERS) {
             Some(b) => Members::decode(b)?,
-            None => Members::decode(snap.get_data())?,
+            None => Members::from_snapshot_data(snap.get_data(), self.members.read().cluster_id)?,
         };
         let mut lessor = Lessor::default();
         load_leases(&new, &mut lessor);
@@ -797,7 +797,7 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn snapshot_data(&self) -> Vec<u8> {
-        self.members.read().encode()
+        self.members.read().to_snapshot_data(keel_config::ETCD_CLUSTER_VERSION)
     }
 }
 

@@ -33,5 +33,6 @@ pub mod membership;
 pub mod peer;
 pub mod rafthttp;
 pub mod server;
+pub mod v2store;
 
 pub use error::Error;

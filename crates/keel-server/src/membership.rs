@@ -142,6 +142,26 @@ impl Members {
         Ok(Members { cluster_id: d.cluster_id, members: d.members })
     }
 
+    /// A raft snapshot's data for this member list: etcd's v2 store JSON (what etcd members
+    /// read from snapshots), marked with `cluster_version`.
+    pub fn to_snapshot_data(&self, cluster_version: &str) -> Vec<u8> {
+        crate::v2store::encode(&crate::v2store::Membership {
+            members: self.members.clone(),
+            removed: vec![],
+            cluster_version: Some(cluster_version.to_string()),
+        })
+    }
+
+    /// The member list in a raft snapshot's data of cluster `cluster_id`: etcd's v2 store JSON,
+    /// or the protobuf record earlier Keel builds wrote.
+    pub fn from_snapshot_data(data: &[u8], cluster_id: u64) -> Result<Members, String> {
+        if crate::v2store::is_v2_store(data) {
+            let m = crate::v2store::decode(data)?;
+            return Ok(Members { cluster_id, members: m.members });
+        }
+        Members::decode(data)
+    }
+
     /// Every member's ID, learners included.
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.members.iter().map(|m| m.id)

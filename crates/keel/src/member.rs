@@ -432,7 +432,7 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     let members = if let Some(b) = store.aux(AUX_MEMBERS) {
         Members::decode(b).map_err(anyhow::Error::msg)?
     } else if let Some(s) = disk.snapshot.as_ref().filter(|s| !s.get_data().is_empty()) {
-        Members::decode(s.get_data()).map_err(anyhow::Error::msg)?
+        Members::from_snapshot_data(s.get_data(), identity.cluster_id).map_err(anyhow::Error::msg)?
     } else {
         store.set_aux(AUX_MEMBERS, boot.members.encode());
         store.commit().context("backend commit")?;

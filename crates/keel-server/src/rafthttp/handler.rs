@@ -280,3 +280,201 @@ impl Handler {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::Members;
+    use crate::rafthttp::snapshot::BackendFiles;
+    use keel_proto::keelpb::MemberRecord;
+    use keel_raft::eraftpb::{Message, MessageType};
+    use keel_raft::ProtoMessage;
+
+    struct NoFiles;
+    impl BackendFiles for NoFiles {
+        fn export(&self, _out: std::fs::File) -> anyhow::Result<()> {
+            anyhow::bail!("no backend")
+        }
+        fn import(&self, _bolt: &std::path::Path, _dest: &std::path::Path) -> anyhow::Result<()> {
+            anyhow::bail!("no backend")
+        }
+    }
+
+    /// Lease 7 exists with TTL 30 on this leader.
+    struct Lessor {
+        leading: bool,
+    }
+    impl Forwarded for Lessor {
+        fn lease_renew(&self, id: i64) -> Result<Option<i64>, NotPrimary> {
+            if !self.leading {
+                return Err(NotPrimary);
+            }
+            Ok((id == 7).then_some(30))
+        }
+        fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<Option<LeaseTimeToLiveResponse>, NotPrimary> {
+            if !self.leading {
+                return Err(NotPrimary);
+            }
+            Ok((r.id == 7).then(|| LeaseTimeToLiveResponse { id: 7, ttl: 29, granted_ttl: 30, keys: vec![b"k".to_vec()], header: None }))
+        }
+    }
+
+    const CLUSTER: u64 = 0xc1;
+
+    fn handler(leading: bool, dir: &std::path::Path) -> Handler {
+        with_transport(leading, dir).0
+    }
+
+    fn with_transport(leading: bool, dir: &std::path::Path) -> (Handler, Transport) {
+        let record = |id: u64| MemberRecord { id, name: format!("m{id}"), peer_urls: vec![format!("http://127.0.0.1:{}", 1 + id)], ..Default::default() };
+        let members = Members { cluster_id: CLUSTER, members: vec![record(1), record(2)] };
+        let t = Transport::new(crate::rafthttp::Setup {
+            id: 1,
+            cluster_id: CLUSTER,
+            urls: vec!["http://127.0.0.1:2".into()],
+            members: Arc::new(parking_lot::RwLock::new(members)),
+            dialer: crate::peer::Dialer::new(None, None),
+            rt: tokio::runtime::Handle::current(),
+            files: Arc::new(NoFiles),
+            snap_dir: dir.to_path_buf(),
+            removed: Arc::new(tokio::sync::Notify::new()),
+        });
+        (Handler::new(&t, Arc::new(Lessor { leading }), Some(1 << 20)), t)
+    }
+
+    fn request(method: &str, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> Request<Full<Bytes>> {
+        let mut r = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            r = r.header(*k, v);
+        }
+        r.body(Full::new(Bytes::from(body))).unwrap()
+    }
+
+    fn peer_headers(cluster: u64) -> Vec<(&'static str, String)> {
+        vec![
+            ("X-Server-From", "2".into()),
+            ("X-Server-Version", "3.6.16".into()),
+            ("X-Min-Cluster-Version", "3.0.0".into()),
+            ("X-Etcd-Cluster-ID", id_string(cluster)),
+        ]
+    }
+
+    async fn answer(r: Response<Body>) -> (u16, http::HeaderMap, Vec<u8>) {
+        let (parts, body) = r.into_parts();
+        (parts.status.as_u16(), parts.headers, body.collect().await.unwrap().to_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn the_pipeline_refuses_as_etcd_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(true, dir.path());
+        let (status, headers, body) = answer(h.handle(request("GET", "/raft", &peer_headers(CLUSTER), vec![])).await).await;
+        assert_eq!((status, headers["Allow"].to_str().unwrap(), &body[..]), (405, "POST", &b"Method Not Allowed\n"[..]));
+        let (status, headers, body) = answer(h.handle(request("POST", "/raft", &peer_headers(0xc2), vec![])).await).await;
+        assert_eq!((status, &body[..]), (412, &b"cluster ID mismatch\n"[..]));
+        assert_eq!(headers["X-Etcd-Cluster-ID"], "c1");
+        let mut old = peer_headers(CLUSTER);
+        old[1].1 = "2.3.8".into();
+        let (status, _, body) = answer(h.handle(request("POST", "/raft", &old, vec![])).await).await;
+        assert_eq!((status, &body[..]), (412, &b"incompatible version\n"[..]));
+        let (status, _, body) = answer(h.handle(request("POST", "/raft", &peer_headers(CLUSTER), vec![0xff, 0xff, 0xff])).await).await;
+        assert_eq!((status, &body[..]), (400, &b"error unmarshalling raft message\n"[..]));
+        // A message is taken (no node yet: dropped, as a busy node drops it).
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term) = (2, 1, 5);
+        let (status, _, _) = answer(h.handle(request("POST", "/raft", &peer_headers(CLUSTER), m.write_to_bytes().unwrap())).await).await;
+        assert_eq!(status, 204);
+    }
+
+    #[tokio::test]
+    async fn streams_are_refused_to_strangers_and_opened_to_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, mut t) = with_transport(true, dir.path());
+        let mut headers = peer_headers(CLUSTER);
+        headers.push(("X-Raft-To", "1".into()));
+        let (status, hdrs, body) = answer(h.handle(request("GET", "/raft/stream/message/9", &headers, vec![])).await).await;
+        assert_eq!((status, &body[..]), (404, &b"error sender not found\n"[..]));
+        assert_eq!(hdrs["X-Server-Version"], handshake::SERVER_VERSION);
+        let r = h.handle(request("GET", "/raft/stream/message/2", &headers, vec![])).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["X-Etcd-Cluster-ID"], "c1");
+        // The member's messages now go on this stream: one sent is the body's first frame.
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term, m.commit) = (1, 2, 3, 4);
+        keel_raft::Transport::send(&mut t, vec![m.clone()]);
+        let mut body = r.into_body();
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        let got = tokio_util::codec::Decoder::decode(&mut crate::rafthttp::codec::MessageCodec::default(), &mut buf).unwrap().unwrap();
+        assert_eq!(got, m);
+        assert!(t.active_since(2).is_some(), "the peer is active while its stream is open");
+        drop(body);
+        assert!(t.active_since(2).is_none(), "and inactive once it closes");
+    }
+
+    #[tokio::test]
+    async fn forwarded_lease_requests_get_etcds_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(true, dir.path());
+        let ask = |path: &'static str, body: Vec<u8>| request("POST", path, &[], body);
+        let (status, headers, body) = answer(h.handle(ask(LEASE_PATH, LeaseKeepAliveRequest { id: 7 }.encode_to_vec())).await).await;
+        assert_eq!((status, headers[http::header::CONTENT_TYPE].to_str().unwrap()), (200, "application/protobuf"));
+        let r = keel_proto::etcdserverpb::LeaseKeepAliveResponse::decode(&body[..]).unwrap();
+        assert_eq!((r.id, r.ttl), (7, 30));
+        let (status, _, body) = answer(h.handle(ask(LEASE_PATH, LeaseKeepAliveRequest { id: 8 }.encode_to_vec())).await).await;
+        assert_eq!((status, &body[..]), (404, &b"lease not found\n"[..]));
+        let q = LeaseInternalRequest { request: Some(LeaseTimeToLiveRequest { id: 7, keys: true }) }.encode_to_vec();
+        let (status, _, body) = answer(h.handle(ask(LEASE_INTERNAL_PATH, q)).await).await;
+        assert_eq!(status, 200);
+        let r = LeaseInternalResponse::decode(&body[..]).unwrap().response.unwrap();
+        assert_eq!((r.ttl, r.granted_ttl, r.keys), (29, 30, vec![b"k".to_vec()]));
+        let (status, _, body) = answer(h.handle(ask(LEASE_PATH, vec![0xff; 3])).await).await;
+        assert_eq!((status, &body[..]), (400, &b"error unmarshalling request\n"[..]));
+        let (status, _, _) = answer(h.handle(ask(LEASE_PATH, vec![0; 70 * 1024])).await).await;
+        assert_eq!(status, 413);
+        let follower = handler(false, dir.path());
+        let (status, _, body) = answer(follower.handle(ask(LEASE_PATH, LeaseKeepAliveRequest { id: 7 }.encode_to_vec())).await).await;
+        assert_eq!((status, &body[..]), (400, &b"not a primary lessor\n"[..]));
+    }
+
+    #[tokio::test]
+    async fn snapshots_that_are_not_snapshots_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(true, dir.path());
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        let proto = m.write_to_bytes().unwrap();
+        let mut body = (proto.len() as u64).to_be_bytes().to_vec();
+        body.extend_from_slice(&proto);
+        let (status, _, text) = answer(h.handle(request("POST", "/raft/snapshot", &peer_headers(CLUSTER), body)).await).await;
+        assert_eq!((status, &text[..]), (400, &b"wrong raft message type\n"[..]));
+        // A snapshot larger than the bound is refused while it arrives.
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgSnapshot);
+        m.mut_snapshot().mut_metadata().index = 9;
+        let proto = m.write_to_bytes().unwrap();
+        let mut body = (proto.len() as u64).to_be_bytes().to_vec();
+        body.extend_from_slice(&proto);
+        body.extend(std::iter::repeat_n(0u8, 2 << 20));
+        let (status, _, text) = answer(h.handle(request("POST", "/raft/snapshot", &peer_headers(CLUSTER), body)).await).await;
+        assert_eq!(status, 500, "{}", String::from_utf8_lossy(&text));
+        assert!(String::from_utf8_lossy(&text).starts_with("failed to save KV snapshot"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing of the refused snapshot stays");
+        let (status, _, text) = answer(h.handle(request("POST", "/raft/snapshot", &peer_headers(CLUSTER), vec![0, 0])).await).await;
+        assert_eq!(status, 400, "{}", String::from_utf8_lossy(&text));
+    }
+
+    #[tokio::test]
+    async fn probes_and_unknown_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(true, dir.path());
+        let (status, _, body) = answer(h.handle(request("GET", "/raft/probing", &[], vec![])).await).await;
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["OK"], true);
+        let (status, _, body) = answer(h.handle(request("GET", "/raft/nothing", &[], vec![])).await).await;
+        assert_eq!((status, &body[..]), (404, &b"404 page not found\n"[..]));
+    }
+}

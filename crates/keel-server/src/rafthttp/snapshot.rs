@@ -191,22 +191,23 @@ where
     let staged = Staged(bolt.clone());
     let save_failed = |e: String| refused(500, format!("failed to save KV snapshot ({e})"));
     let mut file = tokio::fs::File::create(&bolt).await.map_err(|e| save_failed(e.to_string()))?;
-    let mut received = buf.len() as u64;
-    file.write_all(&buf).await.map_err(|e| save_failed(e.to_string()))?;
-    while let Some(f) = body.frame().await {
-        let d = match f {
-            Ok(f) => match f.into_data() {
-                Ok(d) => d,
-                Err(_) => continue,
-            },
-            Err(e) => return Err(save_failed(e.to_string())),
-        };
-        received += d.len() as u64;
+    let mut received = 0u64;
+    let mut next: Bytes = buf.freeze();
+    loop {
+        received += next.len() as u64;
         if let Some(limit) = limit.filter(|l| received > *l) {
             tracing::warn!(index, received, limit, "refused a snapshot larger than twice the backend quota");
             return Err(save_failed(format!("snapshot larger than {limit} bytes (twice --quota-backend-bytes)")));
         }
-        file.write_all(&d).await.map_err(|e| save_failed(e.to_string()))?;
+        file.write_all(&next).await.map_err(|e| save_failed(e.to_string()))?;
+        next = match body.frame().await {
+            None => break,
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => Bytes::new(),
+            },
+            Some(Err(e)) => return Err(save_failed(e.to_string())),
+        };
     }
     file.sync_all().await.map_err(|e| save_failed(e.to_string()))?;
     drop(file);
