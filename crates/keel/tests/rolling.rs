@@ -1,0 +1,273 @@
+//! Rolling migration between etcd 3.6.16 and Keel with the cluster serving, as an operator
+//! upgrades etcd: a member of the other kind is added as a learner (`member add --learner`),
+//! started with `--initial-cluster-state existing`, promoted, and a member of the first kind is
+//! removed; until none of the first kind is left. A writer and a watcher run throughout.
+//! Checked at every step: every member's HashKV is equal at one revision; at the end: every
+//! acknowledged write is there, the watch saw every write once, in revision order, with no
+//! `compacted` error, continuing across the members it was moved between.
+//!
+//! Needs etcd 3.6.16 (`scripts/etcd-ref.sh`); skipped only when `KEEL_SKIP_ETCD_ORACLE=1`.
+
+mod common;
+
+use common::*;
+use keel_proto::etcdserverpb::cluster_client::ClusterClient;
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::watch_client::WatchClient;
+use keel_proto::etcdserverpb::{
+    watch_request, HashKvRequest, MemberAddRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest, RangeRequest, StatusRequest,
+    WatchCreateRequest, WatchRequest,
+};
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string()).unwrap().connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(10)).connect_lazy()
+}
+
+/// A member of the migrating cluster: which binary runs it, its node and process.
+struct Member {
+    keel: bool,
+    node: Node,
+    proc: Proc,
+}
+
+/// Where the members' data dirs go and which members serve clients now.
+struct Ctx {
+    base: PathBuf,
+    live: Live,
+}
+
+/// The client URLs of the members serving now (the writer and the watcher pick from it).
+type Live = Arc<Mutex<Vec<String>>>;
+
+fn initial_cluster(nodes: &[&Node]) -> String {
+    nodes.iter().map(|n| format!("{}={}", n.name, n.purl())).collect::<Vec<_>>().join(",")
+}
+
+/// Retries `f` until it succeeds or `limit` passes; the last error otherwise.
+async fn retry<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Writes `w/<n>` = n, n = 0, 1, ..., on whichever member serves; the numbers acknowledged.
+async fn writer(live: Live, stop: Arc<AtomicBool>) -> Vec<u64> {
+    let mut acked = Vec::new();
+    let mut n = 0u64;
+    let mut turn = 0usize;
+    while !stop.load(Ordering::Acquire) {
+        let url = {
+            let l = live.lock();
+            l[turn % l.len()].clone()
+        };
+        let mut kv = KvClient::new(channel(&url));
+        let put = PutRequest { key: format!("w/{n:08}").into_bytes(), value: n.to_string().into_bytes(), ..Default::default() };
+        match kv.put(put).await {
+            Ok(_) => {
+                acked.push(n);
+                n += 1;
+            }
+            // Not acknowledged: it may or may not be there; the next write takes a new key.
+            Err(_) => {
+                n += 1;
+                turn += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    acked
+}
+
+/// Watches `w/` from revision 1 on whichever member serves, moving to another when its member
+/// goes, from the revision after the last seen. Every event as (key, mod revision), in order
+/// received; fails on a `compacted` answer.
+async fn watcher(live: Live, stop: Arc<AtomicBool>) -> Result<Vec<(String, i64)>, String> {
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    let mut next = 1i64;
+    let mut turn = 0usize;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(seen);
+        }
+        let url = {
+            let l = live.lock();
+            l[turn % l.len()].clone()
+        };
+        turn += 1;
+        let mut w = WatchClient::new(channel(&url));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let create = WatchCreateRequest { key: b"w/".to_vec(), range_end: b"w0".to_vec(), start_revision: next, ..Default::default() };
+        let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
+        let Ok(resp) = w.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut s = resp.into_inner();
+        loop {
+            let msg = tokio::select! {
+                m = s.message() => m,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if stop.load(Ordering::Acquire) { return Ok(seen) }
+                    continue;
+                }
+            };
+            let Ok(Some(r)) = msg else { break };
+            if r.compact_revision != 0 {
+                return Err(format!("watch on {url} from {next}: compacted at {}", r.compact_revision));
+            }
+            if r.canceled {
+                break;
+            }
+            for e in r.events {
+                let kv = e.kv.unwrap_or_default();
+                next = kv.mod_revision + 1;
+                seen.push((String::from_utf8_lossy(&kv.key).into_owned(), kv.mod_revision));
+            }
+        }
+        drop(tx);
+    }
+}
+
+/// HashKV of every member at one revision, all equal (compared at the leader's revision after
+/// every member applied it).
+async fn hashes_agree(members: &[Member]) {
+    let urls: Vec<String> = members.iter().map(|m| m.node.curl()).collect();
+    let rev = retry("status", Duration::from_secs(20), || async {
+        let s = MaintenanceClient::new(channel(&urls[0])).status(StatusRequest {}).await.map_err(|e| e.to_string())?.into_inner();
+        Ok(s.header.unwrap_or_default().revision)
+    })
+    .await;
+    let mut hashes = Vec::new();
+    for (m, url) in members.iter().zip(&urls) {
+        let h = retry(&format!("HashKV at {rev} on {url}"), Duration::from_secs(30), || async {
+            let r = MaintenanceClient::new(channel(url)).hash_kv(HashKvRequest { revision: rev }).await.map_err(|e| e.to_string())?.into_inner();
+            Ok(r.hash)
+        })
+        .await;
+        hashes.push((if m.keel { "keel" } else { "etcd" }, m.node.name.clone(), h));
+    }
+    assert!(hashes.windows(2).all(|w| w[0].2 == w[1].2), "HashKV at revision {rev} differs: {hashes:?}");
+}
+
+/// Replaces `old` (index in `members`) by a new member of the other kind named `name` on `ip`:
+/// learner add, start, promotion, removal of `old`.
+async fn replace(ctx: &Ctx, members: &mut Vec<Member>, old: usize, (name, ip): (&str, &str), bin: &Path, keel: bool) {
+    let (base, live) = (&ctx.base, &ctx.live);
+    let node = Node::new(name, ip);
+    let ask = members.iter().enumerate().find(|(i, _)| *i != old).map(|(_, m)| m.node.curl()).unwrap();
+    let added = retry(&format!("member add {name}"), Duration::from_secs(30), || async {
+        let r = ClusterClient::new(channel(&ask))
+            .member_add(MemberAddRequest { peer_ur_ls: vec![node.purl()], is_learner: true })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(r.into_inner().member.unwrap_or_default().id)
+    })
+    .await;
+    let mut all: Vec<&Node> = members.iter().map(|m| &m.node).collect();
+    all.push(&node);
+    let dir = base.join(name);
+    let mut args = node.args(&dir, &initial_cluster(&all));
+    args.extend(["--initial-cluster-state".to_string(), "existing".to_string()]);
+    let mut proc = spawn(bin, &dir, &node.curl(), &args);
+    assert!(proc.wait_ready(), "{name} did not start:\n{}", proc.log_text());
+    retry(&format!("promote {name}"), Duration::from_secs(60), || async {
+        ClusterClient::new(channel(&ask)).member_promote(MemberPromoteRequest { id: added }).await.map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+    live.lock().push(node.curl());
+    members.push(Member { keel, node, proc });
+    hashes_agree(members).await;
+
+    let gone = members.remove(old);
+    live.lock().retain(|u| *u != gone.node.curl());
+    let ask = members[0].node.curl();
+    let id = retry("member list", Duration::from_secs(20), || async {
+        let l = ClusterClient::new(channel(&ask)).member_list(keel_proto::etcdserverpb::MemberListRequest::default()).await.map_err(|e| e.to_string())?.into_inner();
+        l.members.iter().find(|m| m.name == gone.node.name).map(|m| m.id).ok_or_else(|| "not listed".to_string())
+    })
+    .await;
+    retry(&format!("member remove {}", gone.node.name), Duration::from_secs(30), || async {
+        ClusterClient::new(channel(&ask)).member_remove(MemberRemoveRequest { id }).await.map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+    let mut gone = gone;
+    // A removed member stops by itself (etcd and Keel both); a stop makes sure.
+    gone.proc.stop();
+    hashes_agree(members).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
+    let Some(e) = etcd("3.6") else { return };
+    let keel = keel_bin();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let nodes: Vec<Node> = (1..=3).map(|i| Node::new(&format!("e{i}"), &format!("127.0.0.{i}"))).collect();
+    let ic = initial_cluster(&nodes.iter().collect::<Vec<_>>());
+    let mut procs: Vec<Proc> = nodes.iter().map(|n| n.spawn(&e.server, &base.join(&n.name), &ic)).collect();
+    for (p, n) in procs.iter_mut().zip(&nodes) {
+        assert!(p.wait_ready(), "etcd {} did not start:\n{}", n.name, p.log_text());
+    }
+    let mut members: Vec<Member> =
+        nodes.into_iter().zip(procs).map(|(node, proc)| Member { keel: false, node, proc }).collect();
+    let live: Live = Arc::new(Mutex::new(members.iter().map(|m| m.node.curl()).collect()));
+    let ctx = Ctx { base: base.to_path_buf(), live: live.clone() };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = tokio::spawn(writer(live.clone(), stop.clone()));
+    let watch = tokio::spawn(watcher(live.clone(), stop.clone()));
+
+    // In: each etcd member replaced by a Keel member, on the same addresses' neighbours.
+    for (i, ip) in ["127.0.0.4", "127.0.0.5", "127.0.0.6"].iter().enumerate() {
+        replace(&ctx, &mut members, 0, (&format!("k{}", i + 1), ip), &keel, true).await;
+    }
+    assert!(members.iter().all(|m| m.keel), "only Keel members are left");
+    // Out: back to etcd the same way.
+    for (i, ip) in ["127.0.0.7", "127.0.0.8", "127.0.0.9"].iter().enumerate() {
+        replace(&ctx, &mut members, 0, (&format!("f{}", i + 1), ip), &e.server, false).await;
+    }
+    assert!(members.iter().all(|m| !m.keel), "only etcd members are left");
+
+    stop.store(true, Ordering::Release);
+    let acked = w.await.unwrap();
+    let seen = watch.await.unwrap().expect("the watch never saw a compaction");
+    assert!(acked.len() > 100, "the writer wrote throughout: {} writes", acked.len());
+
+    // Every acknowledged write is there.
+    let mut kv = KvClient::new(channel(&members[0].node.curl()));
+    let r = kv.range(RangeRequest { key: b"w/".to_vec(), range_end: b"w0".to_vec(), ..Default::default() }).await.unwrap().into_inner();
+    let stored: std::collections::BTreeMap<String, i64> =
+        r.kvs.iter().map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), kv.mod_revision)).collect();
+    for n in &acked {
+        assert!(stored.contains_key(&format!("w/{n:08}")), "acknowledged write w/{n:08} is lost");
+    }
+    // The watch saw every write exactly once, in revision order (the last writes may be after
+    // it stopped).
+    assert!(seen.windows(2).all(|p| p[0].1 < p[1].1), "watch events out of order or repeated");
+    let last = seen.last().map(|s| s.1).unwrap_or(0);
+    let watched: std::collections::BTreeMap<String, i64> = seen.into_iter().collect();
+    for (k, rev) in stored.iter().filter(|(_, r)| **r <= last) {
+        assert_eq!(watched.get(k), Some(rev), "the watch missed {k} at revision {rev}");
+    }
+    for m in &mut members {
+        m.proc.stop();
+    }
+}
