@@ -30,7 +30,9 @@ impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
         let imported = keel_migrate::backend::import(&db, dest)?;
         if !imported.members.is_empty() {
             let mut store = keel_mvcc::Store::open(dest)?;
-            let members = Members { cluster_id: self.cluster_id, members: imported.members };
+            let mut removed = imported.removed;
+            removed.sort_unstable();
+            let members = Members { cluster_id: self.cluster_id, members: imported.members, removed };
             store.set_aux(AUX_MEMBERS, members.encode());
             store.commit()?;
         }

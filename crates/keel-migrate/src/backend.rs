@@ -231,12 +231,15 @@ pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_
         leases.insert(id.to_be_bytes().to_vec(), LeaseRecord { id: id as i64, ttl, remaining_ttl: 0 }.encode_to_vec());
     }
     bucket(&mut w, b"lease", leases)?;
-    let members = match aux.get(keel_server::membership::AUX_MEMBERS) {
-        Some(b) => members_json(&Members::decode(b).map_err(anyhow::Error::msg)?)?,
-        None => BTreeMap::new(),
+    let list = match aux.get(keel_server::membership::AUX_MEMBERS) {
+        Some(b) => Some(Members::decode(b).map_err(anyhow::Error::msg)?),
+        None => None,
     };
+    let members = list.as_ref().map(members_json).transpose()?.unwrap_or_default();
     bucket(&mut w, b"members", members)?;
-    bucket(&mut w, b"members_removed", BTreeMap::new())?;
+    // etcd's removed members: hex ID -> "removed".
+    let removed = list.iter().flat_map(|l| &l.removed).map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec())).collect();
+    bucket(&mut w, b"members_removed", removed)?;
     let compacted = Revision::new(meta.compacted_rev, 0).to_key(false);
     let mut m = BTreeMap::new();
     m.insert(b"consistent_index".to_vec(), meta.consistent_index.to_be_bytes().to_vec());

@@ -198,7 +198,7 @@ fn build(member: &Path, new: &Path) -> Result<()> {
     if members.is_empty() {
         bail!("no members found in the etcd data dir (no members bucket, snapshot or membership entries)");
     }
-    let members = Members { cluster_id: log.metadata.cluster_id, members };
+    let members = Members { cluster_id: log.metadata.cluster_id, members, removed: vec![] };
     if !members.members.iter().any(|m| m.id == log.metadata.node_id) {
         bail!("this member ({:x}) is not in the etcd cluster's member list", log.metadata.node_id);
     }

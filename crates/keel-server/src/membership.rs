@@ -93,6 +93,9 @@ fn first8(h: &[u8]) -> u64 {
 pub struct Members {
     pub cluster_id: u64,
     pub members: Vec<MemberRecord>,
+    /// IDs of members removed from the cluster, in ID order: such a member is told so when it
+    /// speaks to a peer (etcd answers it 410/403 and it stops), and its ID is never reused.
+    pub removed: Vec<u64>,
 }
 
 impl Members {
@@ -130,16 +133,16 @@ impl Members {
             }
         }
         let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
-        Ok(Members { cluster_id: cluster_id(&ids), members })
+        Ok(Members { cluster_id: cluster_id(&ids), members, removed: vec![] })
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        SnapshotData { cluster_id: self.cluster_id, members: self.members.clone() }.encode_to_vec()
+        SnapshotData { cluster_id: self.cluster_id, members: self.members.clone(), removed: self.removed.clone() }.encode_to_vec()
     }
 
     pub fn decode(b: &[u8]) -> Result<Members, String> {
         let d = SnapshotData::decode(b).map_err(|e| format!("undecodable membership record: {e}"))?;
-        Ok(Members { cluster_id: d.cluster_id, members: d.members })
+        Ok(Members { cluster_id: d.cluster_id, members: d.members, removed: d.removed })
     }
 
     /// A raft snapshot's data for this member list: etcd's v2 store JSON (what etcd members
@@ -147,7 +150,7 @@ impl Members {
     pub fn to_snapshot_data(&self, cluster_version: &str) -> Vec<u8> {
         crate::v2store::encode(&crate::v2store::Membership {
             members: self.members.clone(),
-            removed: vec![],
+            removed: self.removed.clone(),
             cluster_version: Some(cluster_version.to_string()),
         })
     }
@@ -157,7 +160,7 @@ impl Members {
     pub fn from_snapshot_data(data: &[u8], cluster_id: u64) -> Result<Members, String> {
         if crate::v2store::is_v2_store(data) {
             let m = crate::v2store::decode(data)?;
-            return Ok(Members { cluster_id, members: m.members });
+            return Ok(Members { cluster_id, members: m.members, removed: m.removed });
         }
         Members::decode(data)
     }
@@ -186,10 +189,22 @@ impl Members {
         }
     }
 
+    /// Removes member `id`, remembering it as removed; false when it is not a member.
     pub fn remove(&mut self, id: u64) -> bool {
         let before = self.members.len();
         self.members.retain(|m| m.id != id);
-        before != self.members.len()
+        let was = before != self.members.len();
+        if was {
+            if let Err(at) = self.removed.binary_search(&id) {
+                self.removed.insert(at, id);
+            }
+        }
+        was
+    }
+
+    /// Whether `id` was a member and was removed.
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.binary_search(&id).is_ok()
     }
 
     /// Voting members.

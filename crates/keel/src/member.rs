@@ -540,7 +540,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
         return Ok(Bootstrap {
             identity: Identity { cluster_id: data.cluster_id, member_id: me.id, initial_voters: vec![] },
             entries: vec![],
-            members: Members { cluster_id: data.cluster_id, members: data.members },
+            members: Members { cluster_id: data.cluster_id, members: data.members, removed: data.removed },
         });
     }
     let me = initial

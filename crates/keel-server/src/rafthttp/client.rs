@@ -83,7 +83,7 @@ async fn members_of(dialer: &Dialer, url: &str) -> Result<SnapshotData> {
     if list.is_empty() {
         return Err(anyhow!("failed to get raft cluster member(s) from the given URLs"));
     }
-    Ok(SnapshotData { cluster_id, members: list.into_iter().map(Into::into).collect() })
+    Ok(SnapshotData { cluster_id, members: list.into_iter().map(Into::into).collect(), removed: vec![] })
 }
 
 /// Kept HTTP/1.1 connections to peers, by peer URL: a request takes an idle one or dials, and

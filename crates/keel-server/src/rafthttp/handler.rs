@@ -163,7 +163,7 @@ impl Handler {
             req.method().as_str(),
             req.uri().path(),
             |k| header(h, k),
-            |id| if s.is_member(id) { Sender::Member } else { Sender::Unknown },
+            |id| s.sender(id),
         );
         let mut r = match decided {
             Err(Refusal::METHOD) => return method_not_allowed("GET"),
@@ -210,6 +210,9 @@ impl Handler {
             }
         };
         keel_metrics::METRICS.peer_received_bytes.with_label_values(&[&id_string(m.from)]).inc_by(body.len() as u64);
+        if self.shared.sender(m.from) == Sender::Removed {
+            return self.with_cluster(text(403, "cannot process message from removed member"));
+        }
         // A busy node drops the message, as a full receive buffer does in etcd: raft resends.
         if let Some(n) = self.shared.node() {
             let _ = n.step(m);
@@ -327,7 +330,7 @@ mod tests {
 
     fn with_transport(leading: bool, dir: &std::path::Path) -> (Handler, Transport) {
         let record = |id: u64| MemberRecord { id, name: format!("m{id}"), peer_urls: vec![format!("http://127.0.0.1:{}", 1 + id)], ..Default::default() };
-        let members = Members { cluster_id: CLUSTER, members: vec![record(1), record(2)] };
+        let members = Members { cluster_id: CLUSTER, members: vec![record(1), record(2)], removed: vec![9] };
         let t = Transport::new(crate::rafthttp::Setup {
             id: 1,
             cluster_id: CLUSTER,
@@ -385,6 +388,11 @@ mod tests {
         (m.from, m.to, m.term) = (2, 1, 5);
         let (status, _, _) = answer(h.handle(request("POST", "/raft", &peer_headers(CLUSTER), m.write_to_bytes().unwrap())).await).await;
         assert_eq!(status, 204);
+        // From a removed member: etcd's 403, which tells it it was removed.
+        m.from = 9;
+        let (status, _, body) = answer(h.handle(request("POST", "/raft", &peer_headers(CLUSTER), m.write_to_bytes().unwrap())).await).await;
+        assert_eq!((status, &body[..]), (403, &b"cannot process message from removed member
+"[..]));
     }
 
     #[tokio::test]
@@ -393,8 +401,10 @@ mod tests {
         let (h, mut t) = with_transport(true, dir.path());
         let mut headers = peer_headers(CLUSTER);
         headers.push(("X-Raft-To", "1".into()));
-        let (status, hdrs, body) = answer(h.handle(request("GET", "/raft/stream/message/9", &headers, vec![])).await).await;
+        let (status, hdrs, body) = answer(h.handle(request("GET", "/raft/stream/message/7", &headers, vec![])).await).await;
         assert_eq!((status, &body[..]), (404, &b"error sender not found\n"[..]));
+        let (status, _, body) = answer(h.handle(request("GET", "/raft/stream/message/9", &headers, vec![])).await).await;
+        assert_eq!((status, &body[..]), (410, &b"removed member\n"[..]));
         assert_eq!(hdrs["X-Server-Version"], handshake::SERVER_VERSION);
         let r = h.handle(request("GET", "/raft/stream/message/2", &headers, vec![])).await;
         assert_eq!(r.status(), 200);

@@ -129,6 +129,19 @@ impl Shared {
         self.members.read().get(id).is_some()
     }
 
+    /// What this member knows of `id`, for a peer's request.
+    pub(crate) fn sender(&self, id: u64) -> crate::rafthttp::handshake::Sender {
+        use crate::rafthttp::handshake::Sender;
+        let m = self.members.read();
+        if m.get(id).is_some() {
+            Sender::Member
+        } else if m.is_removed(id) {
+            Sender::Removed
+        } else {
+            Sender::Unknown
+        }
+    }
+
     /// The peer URLs of member `id` (empty once it is removed).
     pub(crate) fn peer_urls(&self, id: u64) -> Vec<String> {
         self.members.read().get(id).map(|m| m.peer_urls.clone()).unwrap_or_default()
@@ -290,7 +303,7 @@ impl Transport {
             200 => {
                 let list: Vec<crate::membership::MemberJson> = serde_json::from_slice(&a.body)
                     .map_err(|e| Error::Forwarded(Status::internal(format!("member promote: bad answer: {e}"))))?;
-                Ok(Members { cluster_id: 0, members: list.into_iter().map(Into::into).collect() }.to_proto())
+                Ok(Members { cluster_id: 0, members: list.into_iter().map(Into::into).collect(), removed: vec![] }.to_proto())
             }
             408 => Err(Error::Timeout),
             404 => Err(Error::MemberNotFound),
