@@ -1,7 +1,7 @@
 //! etcd's HTTP endpoints on the peer URLs (`etcdhttp`'s peer handler), which members and
 //! joining members of either kind call: `GET /members` (the member list as etcd's JSON, the
 //! cluster ID in `X-Etcd-Cluster-ID`), `POST /members/promote/<id>` (promotion, answered by
-//! the leader), `GET /version`, and the peer protocol's `/raft...` and `/leases...` paths
+//! the leader), `GET /version`, `GET /downgrade/enabled`, and the peer protocol's `/raft...` and `/leases...` paths
 //! (answered by [`keel_server::rafthttp::Handler`]). Anything else is 404, as etcd's mux answers.
 //!
 //! Calls the server core for the member list and promotion, and the raft handler.
@@ -27,6 +27,7 @@ pub fn router(server: Arc<Server>, raft: keel_server::rafthttp::Handler) -> Rout
         .route("/members", any(members))
         .route("/members/promote/{id}", any(promote))
         .route("/version", any(version))
+        .route("/downgrade/enabled", any(downgrade_enabled))
         .route_service("/raft", raft.clone())
         .route_service("/raft/{*rest}", raft.clone())
         .route_service(keel_server::rafthttp::handler::LEASE_PATH, raft.clone())
@@ -125,6 +126,22 @@ pub async fn not_found(req: axum::extract::Request) -> Response {
         return tonic::Status::unimplemented("").into_http::<axum::body::Body>();
     }
     text(StatusCode::NOT_FOUND, "404 page not found")
+}
+
+/// etcd's `GET /downgrade/enabled`: whether a downgrade is in progress, read linearizably.
+/// Keel offers no downgrade (see the Maintenance service), so once the read is linearized it is
+/// `false`.
+async fn downgrade_enabled(State(s): State<Arc<Server>>, method: Method) -> Response {
+    if let Some(r) = only(&method, "GET") {
+        return r;
+    }
+    let cid = s.cluster_id();
+    if let Err(e) = s.linearizable_barrier().await {
+        return with_cluster(text(StatusCode::INTERNAL_SERVER_ERROR, &format!("failed linearized read: {e}")), cid);
+    }
+    let mut r = (StatusCode::OK, "false").into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    with_cluster(r, cid)
 }
 
 async fn version(method: Method) -> Response {
