@@ -13,14 +13,21 @@ use sha1::{Digest, Sha1};
 pub struct MemberJson {
     // In etcd's field order (Go writes them as declared).
     pub id: u64,
-    #[serde(rename = "peerURLs", default)]
+    // Go writes a nil list as `null` (etcd's promotion carries `"peerURLs":null`).
+    #[serde(rename = "peerURLs", default, deserialize_with = "null_as_empty")]
     pub peer_urls: Vec<String>,
     #[serde(rename = "isLearner", default, skip_serializing_if = "std::ops::Not::not")]
     pub is_learner: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
-    #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_empty")]
     pub client_urls: Vec<String>,
+}
+
+/// A list Go may have written as `null` (a nil slice).
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
 impl From<MemberJson> for MemberRecord {
@@ -238,6 +245,13 @@ mod tests {
         let m = Members::from_initial_cluster("default=http://localhost:2380", "etcd-cluster").unwrap();
         assert_eq!(format!("{:x}", m.members[0].id), "8e9e05c52164694d");
         assert_eq!(format!("{:x}", m.cluster_id), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn etcds_promotion_record_with_null_lists_decodes() {
+        // What etcd 3.6 puts in a promotion's conf change: a member with no peer URLs, as null.
+        let m: MemberJson = serde_json::from_slice(br#"{"id":1445398286534472031,"peerURLs":null,"name":"","clientURLs":null}"#).unwrap();
+        assert_eq!((m.id, m.peer_urls.len(), m.client_urls.len(), m.is_learner), (1445398286534472031, 0, 0, false));
     }
 
     #[test]
