@@ -98,6 +98,7 @@ async fn promote(State(s): State<Arc<Server>>, method: Method, Path(id): Path<St
                     name: m.name,
                     client_urls: m.client_ur_ls,
                     is_learner: m.is_learner,
+                    is_promote: false,
                 })
                 .collect();
             json_response(cid, &list)
@@ -173,6 +174,7 @@ mod tests {
             name: "default".into(),
             client_urls: vec![],
             is_learner: false,
+            is_promote: false,
         }];
         let r = json_response(0xcdf818194e3a8c32, &list);
         assert_eq!(r.headers()[CLUSTER_ID_HEADER], "cdf818194e3a8c32");

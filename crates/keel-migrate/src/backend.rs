@@ -156,13 +156,7 @@ fn import_into(src: &keel_bbolt::Db, dest: &Path) -> Result<Imported> {
 fn members_json(m: &Members) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     let mut out = BTreeMap::new();
     for r in &m.members {
-        let j = MemberJson {
-            id: r.id,
-            peer_urls: r.peer_urls.clone(),
-            name: r.name.clone(),
-            client_urls: r.client_urls.clone(),
-            is_learner: r.is_learner,
-        };
+        let j = MemberJson::from(r);
         out.insert(format!("{:x}", r.id).into_bytes(), serde_json::to_vec(&j)?);
     }
     Ok(out)

@@ -731,11 +731,34 @@ impl<T: Transport> Driver<T> {
             let conf = match e.get_entry_type() {
                 EntryType::EntryNormal => None,
                 EntryType::EntryConfChange => match crate::wire::member_change(e.get_data()) {
-                    Ok(cc) => match cc.to_raft() {
-                        Some(cc) => self.apply_conf_change(&e, &cc),
-                        // A member's peer URLs changed: the configuration stays.
-                        None => Some(self.conf_state.clone()),
-                    },
+                    Ok(cc) => {
+                        let (voters, learners) = (&self.conf_state.voters, &self.conf_state.learners);
+                        let member = |id: u64| {
+                            if learners.contains(&id) {
+                                Some(true)
+                            } else {
+                                voters.contains(&id).then_some(false)
+                            }
+                        };
+                        match cc.validate(member, learners.len(), |_| false) {
+                            // As etcd: a change its members refuse changes neither the
+                            // configuration nor the member list (the stage skips it).
+                            Err(why) => {
+                                tracing::error!(
+                                    index = e.index,
+                                    node_id = format!("{:x}", cc.node_id),
+                                    error = why,
+                                    "Validation on configuration change failed"
+                                );
+                                None
+                            }
+                            Ok(()) => match cc.to_raft() {
+                                Some(cc) => self.apply_conf_change(&e, &cc),
+                                // A member's peer URLs changed: the configuration stays.
+                                None => Some(self.conf_state.clone()),
+                            },
+                        }
+                    }
                     Err(err) => {
                         tracing::error!(index = e.index, error = %err, "raft: undecodable conf change");
                         None

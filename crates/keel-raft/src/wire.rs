@@ -313,6 +313,63 @@ impl MemberChange {
     }
 }
 
+/// etcd's default bound on learners (`--experimental-max-learners`).
+pub const MAX_LEARNERS: usize = 1;
+
+impl MemberChange {
+    /// Whether this change promotes a learner: etcd's promotion is an AddNode whose context
+    /// says `"isPromote":true`; an earlier Keel build's (protobuf context) was an AddNode of a
+    /// member already a learner.
+    pub fn is_promote(&self, is_learner: impl Fn(u64) -> bool) -> bool {
+        if self.kind != ChangeKind::AddNode {
+            return false;
+        }
+        if is_json_record(&self.context) {
+            #[derive(serde::Deserialize)]
+            struct Flag {
+                #[serde(rename = "isPromote", default)]
+                is_promote: bool,
+            }
+            return serde_json::from_slice::<Flag>(&self.context).map(|f| f.is_promote).unwrap_or(false);
+        }
+        is_learner(self.node_id)
+    }
+
+    /// etcd's check of a committed membership change against the members before it
+    /// (`ValidateConfigurationChange`): a change it refuses is applied by no member (neither to
+    /// raft's configuration nor to the member list), as etcd applies an empty change instead.
+    /// `member(id)`: None when `id` is no member, else whether it is a learner; `learners`: how
+    /// many there are; `removed(id)`: whether `id` was removed.
+    pub fn validate(
+        &self,
+        member: impl Fn(u64) -> Option<bool>,
+        learners: usize,
+        removed: impl Fn(u64) -> bool,
+    ) -> Result<(), &'static str> {
+        let id = self.node_id;
+        if removed(id) {
+            return Err("membership: ID removed");
+        }
+        match self.kind {
+            ChangeKind::AddNode | ChangeKind::AddLearnerNode if self.is_promote(|i| member(i) == Some(true)) => match member(id) {
+                None => Err("membership: ID not found"),
+                Some(false) => Err("membership: can only promote a learner member"),
+                Some(true) => Ok(()),
+            },
+            ChangeKind::AddNode | ChangeKind::AddLearnerNode => {
+                if member(id).is_some() {
+                    return Err("membership: ID exists");
+                }
+                if self.kind == ChangeKind::AddLearnerNode && learners + 1 > MAX_LEARNERS {
+                    return Err("membership: too many learner members in cluster");
+                }
+                Ok(())
+            }
+            ChangeKind::RemoveNode | ChangeKind::UpdateNode => member(id).map(|_| ()).ok_or("membership: ID not found"),
+        }
+    }
+}
+
 /// True when a membership change's context is etcd's JSON member record (it opens with `{`);
 /// earlier Keel builds wrote a protobuf record there, which never does.
 pub fn is_json_record(context: &[u8]) -> bool {
@@ -499,5 +556,42 @@ mod tests {
         let mut b = sample().write_to_bytes().expect("encode");
         b.extend_from_slice(&[0xa0, 0x06, 0x01]); // field 100, varint 1
         assert_eq!(message(&b).expect("decode"), sample());
+    }
+}
+
+#[cfg(test)]
+mod validation_tests {
+    use super::*;
+
+    fn change(kind: ChangeKind, node_id: u64, context: &str) -> MemberChange {
+        MemberChange { id: 1, kind, node_id, context: Bytes::copy_from_slice(context.as_bytes()) }
+    }
+
+    #[test]
+    fn membership_changes_are_checked_as_etcd_checks_them() {
+        // Members: 1 (voter), 2 (learner); 9 was removed.
+        let member = |id: u64| match id {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        };
+        let check = |c: &MemberChange| c.validate(member, 1, |id| id == 9);
+        // etcd's promotion context, as etcd 3.6 writes it.
+        let promote = |id| change(ChangeKind::AddNode, id, &format!(r#"{{"id":{id},"peerURLs":null,"isPromote":true}}"#));
+        assert_eq!(check(&promote(2)), Ok(()));
+        assert_eq!(check(&promote(1)), Err("membership: can only promote a learner member"));
+        assert_eq!(check(&promote(5)), Err("membership: ID not found"));
+        // An add of a member already there, not a promotion: refused (etcd's ErrIDExists).
+        assert_eq!(check(&change(ChangeKind::AddNode, 2, r#"{"id":2,"peerURLs":["http://a"]}"#)), Err("membership: ID exists"));
+        assert_eq!(check(&change(ChangeKind::AddNode, 5, r#"{"id":5,"peerURLs":["http://b"]}"#)), Ok(()));
+        // A second learner with etcd's default bound of one.
+        let learner = change(ChangeKind::AddLearnerNode, 6, r#"{"id":6,"peerURLs":["http://c"],"isLearner":true}"#);
+        assert_eq!(check(&learner), Err("membership: too many learner members in cluster"));
+        assert_eq!(learner.validate(member, 0, |_| false), Ok(()));
+        assert_eq!(check(&change(ChangeKind::RemoveNode, 5, "")), Err("membership: ID not found"));
+        assert_eq!(check(&change(ChangeKind::RemoveNode, 9, "")), Err("membership: ID removed"));
+        assert_eq!(check(&change(ChangeKind::RemoveNode, 1, "")), Ok(()));
+        // An earlier Keel build's promotion: AddNode of a learner with a protobuf record.
+        assert!(change(ChangeKind::AddNode, 2, "\x08\x02").is_promote(|id| id == 2));
     }
 }

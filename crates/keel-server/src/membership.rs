@@ -22,6 +22,10 @@ pub struct MemberJson {
     pub name: String,
     #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_empty")]
     pub client_urls: Vec<String>,
+    /// Set in a promotion's record only (etcd's `ConfigChangeContext.IsPromote`): an AddNode of a
+    /// learner already there; without it such an add is refused ("ID exists").
+    #[serde(rename = "isPromote", default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_promote: bool,
 }
 
 /// A list Go may have written as `null` (a nil slice).
@@ -44,6 +48,7 @@ impl From<&MemberRecord> for MemberJson {
             name: m.name.clone(),
             client_urls: m.client_urls.clone(),
             is_learner: m.is_learner,
+            is_promote: false,
         }
     }
 }

@@ -343,8 +343,12 @@ impl Server {
     /// the change's context; a removal carries none), and waits until it is applied here;
     /// returns the member list after it.
     pub async fn propose_conf_change(&self, kind: ChangeKind, node_id: u64, member: Option<MemberRecord>) -> Result<(Applied, i64), Error> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let context = member.map(|m| MemberJson::from(&MemberRecord { id: node_id, ..m }).to_bytes()).unwrap_or_default();
+        self.propose_member_change(kind, node_id, context).await
+    }
+
+    async fn propose_member_change(&self, kind: ChangeKind, node_id: u64, context: Vec<u8>) -> Result<(Applied, i64), Error> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cc = MemberChange { id, kind, node_id, context: context.into() };
         let rx = self.state.waiters.register(id);
         let work = async {
@@ -376,9 +380,9 @@ impl Server {
         if (learner.matched as f64) < (leader.matched as f64) * 0.9 {
             return Err(Error::LearnerNotReady);
         }
-        // etcd's promotion: an add of the member, its record saying it is no learner.
-        let promoted = MemberRecord { is_learner: false, ..m };
-        match self.propose_conf_change(ChangeKind::AddNode, id, Some(promoted)).await? {
+        // etcd's promotion: an add of the member, its record only its ID and `isPromote`.
+        let promote = MemberJson { id, peer_urls: vec![], is_learner: false, name: String::new(), client_urls: vec![], is_promote: true };
+        match self.propose_member_change(ChangeKind::AddNode, id, promote.to_bytes()).await? {
             (Applied::Members(m), _) => {
                 keel_metrics::METRICS.learner_promotes.inc();
                 Ok(m)

@@ -102,7 +102,8 @@ pub fn encode(m: &Membership) -> Vec<u8> {
     let mut zero = BTreeMap::new();
     zero.insert("members".to_string(), dir("/0/members".into(), members));
     if !m.removed.is_empty() {
-        let removed = m.removed.iter().map(|id| (format!("{id:x}"), leaf(format!("/0/removed_members/{id:x}"), "removed".into()))).collect();
+        let removed =
+            m.removed.iter().map(|id| (format!("{id:x}"), leaf(format!("/0/removed_members/{id:x}"), "removed".into()))).collect();
         zero.insert("removed_members".to_string(), dir("/0/removed_members".into(), removed));
     }
     if let Some(v) = &m.cluster_version {

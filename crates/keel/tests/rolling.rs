@@ -156,7 +156,11 @@ async fn hashes_agree(members: &[Member]) {
     let mut hashes = Vec::new();
     for (m, url) in members.iter().zip(&urls) {
         let h = retry(&format!("HashKV at {rev} on {url}"), Duration::from_secs(30), || async {
-            let r = MaintenanceClient::new(channel(url)).hash_kv(HashKvRequest { revision: rev }).await.map_err(|e| e.to_string())?.into_inner();
+            let r = MaintenanceClient::new(channel(url))
+                .hash_kv(HashKvRequest { revision: rev })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
             Ok(r.hash)
         })
         .await;
@@ -199,7 +203,11 @@ async fn replace(ctx: &Ctx, members: &mut Vec<Member>, old: usize, (name, ip): (
     live.lock().retain(|u| *u != gone.node.curl());
     let ask = members[0].node.curl();
     let id = retry("member list", Duration::from_secs(20), || async {
-        let l = ClusterClient::new(channel(&ask)).member_list(keel_proto::etcdserverpb::MemberListRequest::default()).await.map_err(|e| e.to_string())?.into_inner();
+        let l = ClusterClient::new(channel(&ask))
+            .member_list(keel_proto::etcdserverpb::MemberListRequest::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
         l.members.iter().find(|m| m.name == gone.node.name).map(|m| m.id).ok_or_else(|| "not listed".to_string())
     })
     .await;
@@ -226,8 +234,7 @@ async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
     for (p, n) in procs.iter_mut().zip(&nodes) {
         assert!(p.wait_ready(), "etcd {} did not start:\n{}", n.name, p.log_text());
     }
-    let mut members: Vec<Member> =
-        nodes.into_iter().zip(procs).map(|(node, proc)| Member { keel: false, node, proc }).collect();
+    let mut members: Vec<Member> = nodes.into_iter().zip(procs).map(|(node, proc)| Member { keel: false, node, proc }).collect();
     let live: Live = Arc::new(Mutex::new(members.iter().map(|m| m.node.curl()).collect()));
     let ctx = Ctx { base: base.to_path_buf(), live: live.clone() };
 

@@ -9,9 +9,9 @@ use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
+use keel_proto::keelpb::SnapshotData;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use keel_proto::keelpb::SnapshotData;
 use std::time::Duration;
 
 /// The largest answer body read (a member list of hundreds of members fits many times over;

@@ -157,14 +157,7 @@ impl Handler {
     fn stream<B>(&self, req: Request<B>) -> Response<Body> {
         let s = &self.shared;
         let h = req.headers();
-        let decided = accept_stream(
-            s.id,
-            s.cluster_id,
-            req.method().as_str(),
-            req.uri().path(),
-            |k| header(h, k),
-            |id| s.sender(id),
-        );
+        let decided = accept_stream(s.id, s.cluster_id, req.method().as_str(), req.uri().path(), |k| header(h, k), |id| s.sender(id));
         let mut r = match decided {
             Err(Refusal::METHOD) => return method_not_allowed("GET"),
             Err(refusal) => {
@@ -329,7 +322,12 @@ mod tests {
     }
 
     fn with_transport(leading: bool, dir: &std::path::Path) -> (Handler, Transport) {
-        let record = |id: u64| MemberRecord { id, name: format!("m{id}"), peer_urls: vec![format!("http://127.0.0.1:{}", 1 + id)], ..Default::default() };
+        let record = |id: u64| MemberRecord {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://127.0.0.1:{}", 1 + id)],
+            ..Default::default()
+        };
         let members = Members { cluster_id: CLUSTER, members: vec![record(1), record(2)], removed: vec![9] };
         let t = Transport::new(crate::rafthttp::Setup {
             id: 1,
@@ -391,8 +389,14 @@ mod tests {
         // From a removed member: etcd's 403, which tells it it was removed.
         m.from = 9;
         let (status, _, body) = answer(h.handle(request("POST", "/raft", &peer_headers(CLUSTER), m.write_to_bytes().unwrap())).await).await;
-        assert_eq!((status, &body[..]), (403, &b"cannot process message from removed member
-"[..]));
+        assert_eq!(
+            (status, &body[..]),
+            (
+                403,
+                &b"cannot process message from removed member
+"[..]
+            )
+        );
     }
 
     #[tokio::test]

@@ -100,17 +100,18 @@ async fn send_to(shared: &Shared, link: &Link, m: &Message) -> Result<u64> {
     head.extend_from_slice(&msg);
     let head = head.freeze();
     let total = head.len() as u64 + size;
-    let body = http_body_util::StreamBody::new(futures::stream::unfold((Some(head), file, staged), |(head, mut file, staged)| async move {
-        if let Some(h) = head {
-            return Some((Ok(Frame::data(h)), (None, file, staged)));
-        }
-        let mut buf = BytesMut::with_capacity(CHUNK);
-        match file.read_buf(&mut buf).await {
-            Ok(0) => None,
-            Ok(_) => Some((Ok(Frame::data(buf.freeze())), (None, file, staged))),
-            Err(e) => Some((Err(e), (None, file, staged))),
-        }
-    }));
+    let body =
+        http_body_util::StreamBody::new(futures::stream::unfold((Some(head), file, staged), |(head, mut file, staged)| async move {
+            if let Some(h) = head {
+                return Some((Ok(Frame::data(h)), (None, file, staged)));
+            }
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            match file.read_buf(&mut buf).await {
+                Ok(0) => None,
+                Ok(_) => Some((Ok(Frame::data(buf.freeze())), (None, file, staged))),
+                Err(e) => Some((Err(e), (None, file, staged))),
+            }
+        }));
     let url = shared.peer_urls(link.id).into_iter().next().ok_or_else(|| anyhow!("member {} has no peer URL", link.label))?;
     let (io, host) = shared.dialer.connect_io(&url).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;

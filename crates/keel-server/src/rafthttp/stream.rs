@@ -277,7 +277,9 @@ pub(crate) async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, kind: Stream
                             remote_peer_id = %link.label,
                             "request sent was ignored by remote peer due to server version incompatibility"
                         ),
-                        e => tracing::warn!(remote_peer_id = %link.label, stream_type = kind.name(), url, error = %e, "failed to dial remote peer"),
+                        e => {
+                            tracing::warn!(remote_peer_id = %link.label, stream_type = kind.name(), url, error = %e, "failed to dial remote peer")
+                        }
                     }
                 } else {
                     tracing::debug!(remote_peer_id = %link.label, url, error = %e, "failed to dial remote peer");
