@@ -10,7 +10,7 @@
 //! | `authUsers`, `authRoles`: name → `authpb.User`/`Role` | `auth/users/<name>`, `auth/roles/<name>` |
 //! | `alarm`: `AlarmMember` → empty | `alarm/<member>/<type>` |
 //! | `members`, `members_removed` (etcd 3.5+) | `members` (the caller decides) |
-//! | `cluster`: `clusterVersion` | (written on export) |
+//! | `cluster`: `clusterVersion` | `cluster_version` |
 
 use anyhow::{bail, Context, Result};
 use keel_mvcc::backend::{Backend, Meta, TABLE_AUX, TABLE_KEYS};
@@ -132,6 +132,9 @@ fn import_into(src: &keel_bbolt::Db, dest: &Path) -> Result<Imported> {
         let a = AlarmMember::decode(k.as_slice()).context("undecodable alarm")?;
         batch.push((TABLE_AUX, keel_server::alarm::aux_key(a.member_id, a.alarm).into_bytes(), vec![1]));
     }
+    if let Some(v) = src.bucket_map(b"cluster")?.remove(b"clusterVersion".as_slice()) {
+        batch.push((TABLE_AUX, keel_server::cluster_version::AUX_CLUSTER_VERSION.into(), v));
+    }
     for (k, v) in src.bucket_map(b"members")? {
         let m: MemberJson = serde_json::from_slice(&v).with_context(|| format!("member {}: undecodable", String::from_utf8_lossy(&k)))?;
         imported.members.push(m.into());
@@ -163,8 +166,8 @@ fn members_json(m: &Members) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
 }
 
 /// Writes the committed state of `src` (one consistent read) as an etcd backend to `out`, marked
-/// with the given cluster version (`cluster` bucket) and storage version (`meta` bucket, as etcd
-/// 3.6 marks its schema).
+/// with its applied cluster version (`cluster` bucket; `cluster_version` when it has none) and
+/// the storage version (`meta` bucket, as etcd 3.6 marks its schema).
 pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_version: &str) -> Result<std::fs::File> {
     let mut w = keel_bbolt::Writer::new(std::io::BufWriter::with_capacity(1 << 20, out))?;
     w.bucket(b"key")?;
@@ -217,7 +220,9 @@ pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_
     bucket(&mut w, b"authUsers", users)?;
     let roles = prefixed(&aux, keel_auth::store::AUX_ROLE).map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect();
     bucket(&mut w, b"authRoles", roles)?;
-    bucket(&mut w, b"cluster", BTreeMap::from([(b"clusterVersion".to_vec(), cluster_version.as_bytes().to_vec())]))?;
+    let cluster_version =
+        aux.get(keel_server::cluster_version::AUX_CLUSTER_VERSION).cloned().unwrap_or_else(|| cluster_version.as_bytes().to_vec());
+    bucket(&mut w, b"cluster", BTreeMap::from([(b"clusterVersion".to_vec(), cluster_version)]))?;
     let mut leases = BTreeMap::new();
     for (hex, v) in prefixed(&aux, keel_lease::AUX_PREFIX) {
         let Ok(id) = u64::from_str_radix(hex, 16) else { continue };

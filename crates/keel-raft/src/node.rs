@@ -225,6 +225,10 @@ struct Driver<T: Transport> {
     status: Arc<NodeStatus>,
     snap_index: u64,
     conf_state: ConfState,
+    /// The log's bootstrap entries (1..=this) add the initial members, which the configuration
+    /// raft started with already has: they are not checked against it (etcd checks them against
+    /// its empty member store, where they pass). 0 once the log starts at a snapshot.
+    bootstrap_through: u64,
     ticks: u64,
     read_ctx: u64,
     /// Reads waiting for raft to confirm an index, by context (then the apply stage has them).
@@ -260,6 +264,7 @@ pub fn start<S: StateMachine, T: Transport>(
     let mut snap_index = 0;
     let mut snap_term = 0;
     let conf_state;
+    let mut bootstrap_through = 0;
     {
         let mut core = storage.wl();
         if let Some(snap) = &disk.snapshot {
@@ -268,6 +273,7 @@ pub fn start<S: StateMachine, T: Transport>(
             core.apply_snapshot(snap.clone());
         } else {
             core.conf_state = ConfState { voters: disk.identity.initial_voters.clone(), ..Default::default() };
+            bootstrap_through = disk.identity.initial_voters.len() as u64;
         }
         core.append(&disk.entries).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
         let last = core.last_index();
@@ -341,6 +347,7 @@ pub fn start<S: StateMachine, T: Transport>(
         status,
         snap_index,
         conf_state,
+        bootstrap_through,
         ticks: 0,
         read_ctx: 0,
         reads_waiting: HashMap::new(),
@@ -740,7 +747,9 @@ impl<T: Transport> Driver<T> {
                                 voters.contains(&id).then_some(false)
                             }
                         };
-                        match cc.validate(member, learners.len(), |_| false) {
+                        let checked =
+                            if e.index <= self.bootstrap_through { Ok(()) } else { cc.validate(member, learners.len(), |_| false) };
+                        match checked {
                             // As etcd: a change its members refuse changes neither the
                             // configuration nor the member list (the stage skips it).
                             Err(why) => {

@@ -5,6 +5,7 @@
 //! Called by keel-raft's apply stage only (its own thread, apart from the raft thread).
 
 use crate::alarm::Alarms;
+use crate::cluster_version::AUX_CLUSTER_VERSION;
 use crate::error::Error;
 use crate::membership::{MemberJson, Members, AUX_MEMBERS};
 use keel_auth::{AuthError, AuthInfo, AuthStore, Perm, Tokens};
@@ -524,7 +525,20 @@ impl Applier {
                 Some((id, a)) => Ok((self.set_attributes(store, id, a), store.current_rev())),
                 None => Ok((Applied::Nothing, store.current_rev())),
             },
-            // Reads etcd proposes, and (issue 24) the cluster version and downgrade records.
+            Request::ClusterVersionSet(v) => {
+                match semver::Version::parse(v.ver.trim()) {
+                    Ok(ver) => {
+                        let ver = ver.to_string();
+                        if store.aux(AUX_CLUSTER_VERSION) != Some(ver.as_bytes()) {
+                            tracing::info!(cluster_version = %ver, "set cluster version");
+                            store.set_aux(AUX_CLUSTER_VERSION, ver.into_bytes());
+                        }
+                    }
+                    Err(e) => tracing::error!(version = %v.ver, error = %e, "apply: not a cluster version; ignored"),
+                }
+                Ok((Applied::Nothing, store.current_rev()))
+            }
+            // Reads etcd proposes, and (issue 24) the downgrade records.
             ref r if crate::entry::changes_nothing(r) => Ok((Applied::Nothing, store.current_rev())),
             Request::Alarm(a) => {
                 use keel_proto::etcdserverpb::alarm_request::AlarmAction;
@@ -797,7 +811,8 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn snapshot_data(&self) -> Vec<u8> {
-        self.members.read().to_snapshot_data(keel_config::ETCD_CLUSTER_VERSION)
+        let version = crate::cluster_version::parse(self.store.read().aux(AUX_CLUSTER_VERSION)).map(|v| v.to_string());
+        self.members.read().to_snapshot_data(version.as_deref().unwrap_or(keel_config::ETCD_CLUSTER_VERSION))
     }
 }
 

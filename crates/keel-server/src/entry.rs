@@ -118,7 +118,7 @@ pub fn remaining_seconds(ms: i64) -> i64 {
 }
 
 /// True for the requests that change no state Keel keeps: reads etcd proposes (their proposer
-/// answers them) and, for now, the cluster-version and downgrade records.
+/// answers them) and, for now, the downgrade records (Keel enables no downgrade).
 pub fn changes_nothing(r: &Request) -> bool {
     matches!(
         r,
@@ -128,7 +128,6 @@ pub fn changes_nothing(r: &Request) -> bool {
             | Request::AuthUserList(_)
             | Request::AuthRoleGet(_)
             | Request::AuthRoleList(_)
-            | Request::ClusterVersionSet(_)
             | Request::DowngradeInfoSet(_)
             | Request::DowngradeVersionTest(_)
     )

@@ -11,7 +11,7 @@
 //! Modules, in the order data flows through them:
 //! - [`server`]: proposals, linearizable reads, quota, response headers (what handlers share).
 //! - [`entry`]: what a raft entry carries: etcd's `InternalRaftRequest`.
-//! - [`peer`]: the raft transport and the peer service (on a runtime of its own).
+//! - [`peer`]: the peer dialer (plain or TLS) and the snapshot size bound.
 //! - [`apply`]: the state machine keel-raft's apply stage drives (MVCC writes, leases, auth,
 //!   alarms, membership), and the callers waiting for their entries.
 //! - [`membership`]: member and cluster IDs, the member list.
@@ -19,11 +19,14 @@
 //! - [`lease_duties`]: the leader's renewals, TTL queries, expiry and checkpoints.
 //! - [`compactor`]: auto compaction.
 //! - [`discovery`]: etcd's v3 discovery (the initial cluster learned from another cluster).
-//! - [`rafthttp`]: etcd's peer protocol (in progress: the stream framing).
+//! - [`rafthttp`]: etcd's peer protocol (raft streams, pipeline, snapshots, probing, `/leases`),
+//!   the raft transport of Keel-only and mixed clusters alike, on a runtime of its own.
+//! - [`cluster_version`]: the leader's decision of the cluster version.
 //! - [`error`]: the server's domain errors.
 
 pub mod alarm;
 pub mod apply;
+pub mod cluster_version;
 pub mod compactor;
 pub mod discovery;
 pub mod entry;

@@ -72,6 +72,11 @@ impl Server {
         self.cluster_id
     }
 
+    /// The applied cluster version; None until a leader decided one.
+    pub fn cluster_version(&self) -> Option<semver::Version> {
+        crate::cluster_version::parse(self.store().aux(crate::cluster_version::AUX_CLUSTER_VERSION))
+    }
+
     /// Raft's live status (leader, term, commit and applied indexes), read without the node.
     pub fn raft(&self) -> &NodeStatus {
         &self.node.status

@@ -276,6 +276,7 @@ impl Member {
         }
         tokio::spawn(compactor::run(self.server.clone(), auto_compaction));
         tokio::spawn(lease_duties::run(self.server.clone()));
+        tokio::spawn(keel_server::cluster_version::run(self.server.clone(), self.transport.clone()));
         tokio::select! {
             _ = wait_for_shutdown() => tracing::info!("received a stop signal; stopping"),
             _ = self.removed.notified() => tracing::warn!("this member was removed from the cluster; stopping"),

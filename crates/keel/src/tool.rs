@@ -12,7 +12,6 @@ use keel_mvcc::Store;
 use keel_proto::keelpb::internal_raft_request::Request;
 use keel_raft::{Disk, Identity};
 use keel_server::membership::{Members, AUX_MEMBERS};
-use prost::Message;
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 
@@ -280,11 +279,8 @@ fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u6
     drop(store);
     let identity =
         Identity { cluster_id: members.cluster_id, member_id: me, initial_voters: members.members.iter().map(|m| m.id).collect() };
-    let entries: Vec<(u64, Vec<u8>)> = members
-        .members
-        .iter()
-        .map(|m| (m.id, keel_proto::keelpb::ConfChangeContext { request_id: 0, member: Some(m.clone()) }.encode_to_vec()))
-        .collect();
+    let entries: Vec<(u64, Vec<u8>)> =
+        members.members.iter().map(|m| (m.id, keel_server::membership::MemberJson::from(m).to_bytes())).collect();
     let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), identity, &entries).context("create the WAL")?;
     drop(disk);
     Ok(rev)

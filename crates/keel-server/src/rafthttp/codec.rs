@@ -402,4 +402,38 @@ mod tests {
         }
         assert_eq!(decode_trickled(&mut MessageCodec::default(), &buf), got);
     }
+
+    /// Decodes `bytes` with `d` until it needs more or refuses: never a panic, and a refusal or
+    /// a need for more is final for those bytes.
+    fn decode_all<D: Decoder<Item = Message, Error = CodecError>>(d: &mut D, bytes: &[u8]) -> Vec<Message> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = d.decode(&mut buf) {
+            out.push(m);
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Garbage on a stream (a bad peer, a corrupted connection): the decoders refuse it or
+        /// wait for more, within their size bound, and never panic; what they accept, Keel's
+        /// encoders write back to bytes that decode to the same messages.
+        #[test]
+        fn garbage_on_a_stream_is_refused_never_a_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512), small in proptest::bool::ANY) {
+            let limit = if small { 64 } else { READ_LIMIT };
+            let got = decode_all(&mut MessageCodec::with_limit(limit), &bytes);
+            let mut buf = BytesMut::new();
+            for m in &got {
+                MessageCodec::default().encode(m, &mut buf).unwrap();
+            }
+            proptest::prop_assert_eq!(decode_all(&mut MessageCodec::default(), &buf), got);
+            // msgappv2 frames of every type, with a type byte the fuzzer may get right.
+            let _ = decode_all(&mut MsgAppV2Codec::with_limit(1, 2, limit), &bytes);
+            let mut typed = bytes.clone();
+            if let Some(b) = typed.first_mut() {
+                *b %= 3;
+            }
+            let _ = decode_all(&mut MsgAppV2Codec::with_limit(1, 2, limit), &typed);
+        }
+    }
 }

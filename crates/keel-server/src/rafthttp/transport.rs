@@ -356,6 +356,44 @@ impl Transport {
     }
 
     /// `POST <path>` with `body` on member `to`, trying its peer URLs in turn.
+    /// Member `id`'s server version, as etcd's leader asks it: `GET /version` on each of its
+    /// peer URLs until one answers (`{"etcdserver": ...}`); None when none does.
+    pub async fn server_version(&self, id: u64) -> Option<semver::Version> {
+        for u in self.inner.peer_urls(id) {
+            let answer = tokio::time::timeout(Duration::from_secs(5), self.inner.pool.get(&u, "/version")).await;
+            let a = match answer {
+                Ok(Ok(a)) if a.status.is_success() => a,
+                Ok(Ok(a)) => {
+                    tracing::warn!(address = %format!("{u}/version"), remote_member_id = %id_string(id), status = %a.status, "failed to get version");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(address = %format!("{u}/version"), remote_member_id = %id_string(id), error = %format!("{e:#}"), "failed to reach the peer URL");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(address = %format!("{u}/version"), remote_member_id = %id_string(id), "failed to reach the peer URL: timed out");
+                    continue;
+                }
+            };
+            let server = serde_json::from_slice::<serde_json::Value>(&a.body)
+                .ok()
+                .and_then(|v| v.get("etcdserver").and_then(|s| s.as_str()).map(str::to_string));
+            match server.as_deref().map(semver::Version::parse) {
+                Some(Ok(v)) => return Some(v),
+                _ => {
+                    tracing::warn!(
+                        remote_member_id = %id_string(id),
+                        remote_member_version = %String::from_utf8_lossy(&a.body),
+                        "failed to parse server version of remote member"
+                    );
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
     async fn request(&self, to: u64, path: &str, body: Vec<u8>, content_type: &str, timeout: Duration) -> Result<Answer, Status> {
         let urls = self.inner.peer_urls(to);
         if urls.is_empty() {

@@ -1,0 +1,130 @@
+//! The cluster version, decided as etcd's leader decides it: the lowest server version among
+//! the members (each asked on its peer URLs' `/version`), as major.minor.0, proposed as etcd's
+//! `ClusterVersionSet` when the cluster has none yet or a lower one. etcd members of a mixed
+//! cluster need it: until one is applied they refuse client requests as "not capable".
+//!
+//! Owns the decision only. The applied version is the state machine's (an aux record the apply
+//! stage writes, [`AUX_CLUSTER_VERSION`]). Calls the server to read and propose, the peer
+//! transport to ask members for their versions.
+
+use crate::rafthttp::Transport;
+use crate::server::Server;
+use keel_proto::keelpb::internal_raft_request::Request;
+use keel_proto::keelpb::ClusterVersionSetRequest;
+use semver::Version;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The store's aux record holding the applied cluster version ("3.6.0").
+pub const AUX_CLUSTER_VERSION: &str = "cluster_version";
+/// etcd's `monitorVersionInterval`: the leader checks the versions this often.
+const INTERVAL: Duration = Duration::from_secs(4);
+/// How often a member checks while the cluster has no version yet (etcd checks at the first
+/// commit of a term; a new cluster gets its version as soon as it has a leader).
+const UNDECIDED_INTERVAL: Duration = Duration::from_millis(500);
+/// etcd's `MinClusterVersion`: what a leader proposes when the cluster has no version and some
+/// member's version cannot be learned.
+const MIN_CLUSTER_VERSION: Version = Version::new(3, 0, 0);
+
+/// The applied cluster version in an aux record's bytes; None when absent or not a version.
+pub fn parse(record: Option<&[u8]>) -> Option<Version> {
+    record.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| Version::parse(s.trim()).ok())
+}
+
+/// etcd's decision (downgrades aside: Keel enables none). `current`: the applied cluster
+/// version; `lowest`: the lowest server version of the members, None when some member's is
+/// unknown. The version to propose, major.minor.0, or None to leave it.
+pub fn decide(current: Option<&Version>, lowest: Option<&Version>) -> Option<Version> {
+    let cut = |v: &Version| Version::new(v.major, v.minor, 0);
+    match (current, lowest) {
+        (None, Some(l)) => Some(cut(l)),
+        (None, None) => Some(MIN_CLUSTER_VERSION),
+        (Some(_), None) => None,
+        // An upgrade within a major version only (etcd's IsValidClusterVersionChange).
+        (Some(c), Some(l)) => {
+            let (c, l) = (cut(c), cut(l));
+            (c.major == l.major && c < l).then_some(l)
+        }
+    }
+}
+
+/// `"3.6"`: how etcd logs a cluster version.
+fn major_minor(v: &Version) -> String {
+    format!("{}.{}", v.major, v.minor)
+}
+
+/// The lowest server version among the members (this one's is Keel's etcd version), None when
+/// some member does not answer.
+async fn lowest_server_version(server: &Server, transport: &Transport) -> Option<Version> {
+    let me = server.member_id();
+    let ids: Vec<u64> = server.members().ids().collect();
+    let mut lowest = Version::parse(keel_config::ETCD_VERSION).ok()?;
+    for id in ids.into_iter().filter(|id| *id != me) {
+        let v = transport.server_version(id).await?;
+        if v > lowest {
+            tracing::debug!(remote_member_id = format!("{id:x}"), remote_member_version = %v, "leader found higher-versioned member");
+        }
+        lowest = lowest.min(v);
+    }
+    Some(lowest)
+}
+
+/// The leader's loop: every [`INTERVAL`], when this member leads, proposes the version
+/// [`decide`] gives. Runs until the runtime stops.
+pub async fn run(server: Arc<Server>, transport: Transport) {
+    loop {
+        let current = server.cluster_version();
+        tokio::time::sleep(if current.is_some() { INTERVAL } else { UNDECIDED_INTERVAL }).await;
+        if !server.raft().is_leader() {
+            continue;
+        }
+        let lowest = lowest_server_version(&server, &transport).await;
+        // Leadership or the version may have changed while members were asked.
+        let current = server.cluster_version();
+        if !server.raft().is_leader() {
+            continue;
+        }
+        let Some(next) = decide(current.as_ref(), lowest.as_ref()) else { continue };
+        match &current {
+            None => tracing::info!(cluster_version = %major_minor(&next), "setting up initial cluster version using v3 API"),
+            Some(c) => tracing::info!(from = %major_minor(c), to = %major_minor(&next), "updating cluster version using v3 API"),
+        }
+        match server.propose(Request::ClusterVersionSet(ClusterVersionSetRequest { ver: next.to_string() })).await {
+            Ok(_) => tracing::info!(cluster_version = %major_minor(&next), "cluster version is updated"),
+            Err(e) => tracing::warn!(error = %e, "failed to update cluster version"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        Version::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_new_cluster_takes_its_lowest_member_version() {
+        assert_eq!(decide(None, Some(&v("3.6.16"))), Some(v("3.6.0")));
+        assert_eq!(decide(None, Some(&v("3.5.21"))), Some(v("3.5.0")));
+        // Some member's version unknown: etcd's minimum.
+        assert_eq!(decide(None, None), Some(v("3.0.0")));
+    }
+
+    #[test]
+    fn a_version_only_rises_within_its_major_once_every_member_is_newer() {
+        assert_eq!(decide(Some(&v("3.5.0")), Some(&v("3.6.16"))), Some(v("3.6.0")));
+        assert_eq!(decide(Some(&v("3.6.0")), Some(&v("3.6.16"))), None);
+        assert_eq!(decide(Some(&v("3.6.0")), Some(&v("3.5.21"))), None, "never lowered");
+        assert_eq!(decide(Some(&v("3.6.0")), None), None, "unknown member: left as it is");
+        assert_eq!(decide(Some(&v("3.6.0")), Some(&v("4.0.0"))), None, "no change of major");
+    }
+
+    #[test]
+    fn records_parse() {
+        assert_eq!(parse(Some(b"3.6.0")), Some(v("3.6.0")));
+        assert_eq!(parse(Some(b"x")), None);
+        assert_eq!(parse(None), None);
+    }
+}
