@@ -1,8 +1,8 @@
 //! etcd's raft requests (`etcdserverpb.InternalRaftRequest`, 3.4 to 3.7) for the entries of an
 //! etcd WAL past its backend's consistent index. Keel's entries are etcd's encoding, so most
 //! are taken as they are; what 3.4 wrote differently is made what 3.5+ writes (bare v2
-//! requests, plain-text passwords hashed); reads and cluster-version records, which change no
-//! state Keel keeps, are left out; published member attributes change the member list.
+//! requests, plain-text passwords hashed); reads and downgrade records, which change no state
+//! Keel keeps, are left out; published member attributes change the member list.
 
 use anyhow::{bail, Result};
 use keel_proto::keelpb::{internal_raft_request::Request, InternalRaftRequest, V2Request};
@@ -104,7 +104,13 @@ mod tests {
             translate(&data).unwrap(),
             Translated::Attributes { id: 0x8e9e05c52164694d, name: "n1".into(), client_urls: vec!["http://a:2379".into()] }
         );
+        // The cluster version is kept (etcd members of a mixed cluster need it).
         let data = etcd(Request::ClusterVersionSet(ClusterVersionSetRequest { ver: "3.6.0".into() }), Some(RequestHeader::default()));
+        match translate(&data).unwrap() {
+            Translated::Request(r) => assert!(matches!(r.request, Some(Request::ClusterVersionSet(ref v)) if v.ver == "3.6.0")),
+            other => panic!("{other:?}"),
+        }
+        let data = etcd(Request::DowngradeInfoSet(Default::default()), Some(RequestHeader::default()));
         assert_eq!(translate(&data).unwrap(), Translated::Nothing);
         // A bare v2 request, as etcd 3.4 proposes them.
         let bare = V2Request { id: 9, method: "PUT".into(), path: "/0/members/1/attributes".into(), val: r#"{"name":"x"}"#.into() }
