@@ -133,7 +133,7 @@ fn import_into(src: &keel_bbolt::Db, dest: &Path) -> Result<Imported> {
         batch.push((TABLE_AUX, keel_server::alarm::aux_key(a.member_id, a.alarm).into_bytes(), vec![1]));
     }
     if let Some(v) = src.bucket_map(b"cluster")?.remove(b"clusterVersion".as_slice()) {
-        batch.push((TABLE_AUX, keel_server::cluster_version::AUX_CLUSTER_VERSION.into(), v));
+        batch.push((TABLE_AUX, keel_server::membership::AUX_CLUSTER_VERSION.into(), v));
     }
     for (k, v) in src.bucket_map(b"members")? {
         let m: MemberJson = serde_json::from_slice(&v).with_context(|| format!("member {}: undecodable", String::from_utf8_lossy(&k)))?;
@@ -221,7 +221,7 @@ pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_
     let roles = prefixed(&aux, keel_auth::store::AUX_ROLE).map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect();
     bucket(&mut w, b"authRoles", roles)?;
     let cluster_version =
-        aux.get(keel_server::cluster_version::AUX_CLUSTER_VERSION).cloned().unwrap_or_else(|| cluster_version.as_bytes().to_vec());
+        aux.get(keel_server::membership::AUX_CLUSTER_VERSION).cloned().unwrap_or_else(|| cluster_version.as_bytes().to_vec());
     bucket(&mut w, b"cluster", BTreeMap::from([(b"clusterVersion".to_vec(), cluster_version)]))?;
     let mut leases = BTreeMap::new();
     for (hex, v) in prefixed(&aux, keel_lease::AUX_PREFIX) {

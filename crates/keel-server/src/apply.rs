@@ -5,9 +5,9 @@
 //! Called by keel-raft's apply stage only (its own thread, apart from the raft thread).
 
 use crate::alarm::Alarms;
-use crate::cluster_version::AUX_CLUSTER_VERSION;
+
 use crate::error::Error;
-use crate::membership::{MemberJson, Members, AUX_MEMBERS};
+use crate::membership::{MemberJson, Members, AUX_CLUSTER_VERSION, AUX_MEMBERS};
 use keel_auth::{AuthError, AuthInfo, AuthStore, Perm, Tokens};
 use keel_lease::{self as lease, Lessor};
 use keel_mvcc::kv::{self, Leases};
@@ -811,7 +811,7 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn snapshot_data(&self) -> Vec<u8> {
-        let version = crate::cluster_version::parse(self.store.read().aux(AUX_CLUSTER_VERSION)).map(|v| v.to_string());
+        let version = crate::membership::parse_cluster_version(self.store.read().aux(AUX_CLUSTER_VERSION)).map(|v| v.to_string());
         self.members.read().to_snapshot_data(version.as_deref().unwrap_or(keel_config::ETCD_CLUSTER_VERSION))
     }
 }

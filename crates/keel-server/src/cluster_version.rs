@@ -4,8 +4,8 @@
 //! cluster need it: until one is applied they refuse client requests as "not capable".
 //!
 //! Owns the decision only. The applied version is the state machine's (an aux record the apply
-//! stage writes, [`AUX_CLUSTER_VERSION`]). Calls the server to read and propose, the peer
-//! transport to ask members for their versions.
+//! stage writes, [`crate::membership::AUX_CLUSTER_VERSION`]). Calls the server to read and
+//! propose, the peer transport to ask members for their versions.
 
 use crate::rafthttp::Transport;
 use crate::server::Server;
@@ -15,8 +15,6 @@ use semver::Version;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The store's aux record holding the applied cluster version ("3.6.0").
-pub const AUX_CLUSTER_VERSION: &str = "cluster_version";
 /// etcd's `monitorVersionInterval`: the leader checks the versions this often.
 const INTERVAL: Duration = Duration::from_secs(4);
 /// How often a member checks while the cluster has no version yet (etcd checks at the first
@@ -25,11 +23,6 @@ const UNDECIDED_INTERVAL: Duration = Duration::from_millis(500);
 /// etcd's `MinClusterVersion`: what a leader proposes when the cluster has no version and some
 /// member's version cannot be learned.
 const MIN_CLUSTER_VERSION: Version = Version::new(3, 0, 0);
-
-/// The applied cluster version in an aux record's bytes; None when absent or not a version.
-pub fn parse(record: Option<&[u8]>) -> Option<Version> {
-    record.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| Version::parse(s.trim()).ok())
-}
 
 /// etcd's decision (downgrades aside: Keel enables none). `current`: the applied cluster
 /// version; `lowest`: the lowest server version of the members, None when some member's is
@@ -123,6 +116,7 @@ mod tests {
 
     #[test]
     fn records_parse() {
+        use crate::membership::parse_cluster_version as parse;
         assert_eq!(parse(Some(b"3.6.0")), Some(v("3.6.0")));
         assert_eq!(parse(Some(b"x")), None);
         assert_eq!(parse(None), None);

@@ -63,6 +63,14 @@ impl MemberJson {
 
 /// Backend record that holds the membership.
 pub const AUX_MEMBERS: &str = "members";
+/// The store's aux record holding the applied cluster version ("3.6.0"; the leader decides it:
+/// [`crate::cluster_version`]).
+pub const AUX_CLUSTER_VERSION: &str = "cluster_version";
+
+/// The applied cluster version in an aux record's bytes; None when absent or not a version.
+pub fn parse_cluster_version(record: Option<&[u8]>) -> Option<semver::Version> {
+    record.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| semver::Version::parse(s.trim()).ok())
+}
 
 /// etcd's member ID: the first 8 bytes (big-endian) of SHA-1 over the sorted peer URLs joined,
 /// followed by the cluster token.

@@ -74,7 +74,7 @@ impl Server {
 
     /// The applied cluster version; None until a leader decided one.
     pub fn cluster_version(&self) -> Option<semver::Version> {
-        crate::cluster_version::parse(self.store().aux(crate::cluster_version::AUX_CLUSTER_VERSION))
+        crate::membership::parse_cluster_version(self.store().aux(crate::membership::AUX_CLUSTER_VERSION))
     }
 
     /// Raft's live status (leader, term, commit and applied indexes), read without the node.
