@@ -162,8 +162,30 @@ impl From<anyhow::Error> for OpenError {
 
 impl From<hyper::Error> for OpenError {
     fn from(e: hyper::Error) -> OpenError {
-        OpenError::Other(e.to_string())
+        OpenError::Other(error_text(&e))
     }
+}
+
+/// An HTTP error with its causes. With TLS 1.3 a peer that refuses this member's certificate
+/// says so only after the handshake, as an alert the first read meets, deep in the causes of
+/// hyper's "connection error": that is given in etcd's (Go's) words, which operators and etcd's
+/// tests look for.
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        // rustls' error travels inside an io::Error, whose source() skips it.
+        let tls = c
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>()));
+        let refused = tls.is_some_and(|r| matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)));
+        if refused {
+            return "remote error: tls: bad certificate".to_string();
+        }
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 /// Opens stream `kind` from `link`'s peer at `url`: the answer's body once it is 200.
@@ -239,8 +261,10 @@ async fn read(shared: &Shared, link: &Link, kind: StreamKind, mut body: hyper::b
 /// Keeps stream `kind` from `link`'s peer open while the peer is a member.
 pub(crate) async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, kind: StreamKind) {
     let mut turn = 0usize;
-    // Whether the last attempt failed: failures are logged once per outage.
-    let mut down = false;
+    // The last failure logged: a failure is logged once per outage and again when it changes
+    // (a peer first not listening, then refusing this member's certificate: etcd's operators and
+    // tests look for "remote error: tls: bad certificate").
+    let mut down: Option<String> = None;
     loop {
         let urls = shared.peer_urls(link.id);
         if urls.is_empty() {
@@ -251,7 +275,7 @@ pub(crate) async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, kind: Stream
             Ok(body) => {
                 link.stream_up(shared.id);
                 tracing::info!(remote_peer_id = %link.label, stream_type = kind.name(), "established TCP streaming connection with remote peer (reader)");
-                down = false;
+                down = None;
                 let why = read(&shared, &link, kind, body).await;
                 link.stream_down(shared.id);
                 if shared.is_member(link.id) {
@@ -265,8 +289,9 @@ pub(crate) async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, kind: Stream
             }
             Err(e) => {
                 turn += 1;
-                if !down {
-                    down = true;
+                let text = e.to_string();
+                if down.as_deref() != Some(text.as_str()) {
+                    down = Some(text);
                     match e {
                         OpenError::ClusterIdMismatch => tracing::error!(
                             remote_peer_id = %link.label,
