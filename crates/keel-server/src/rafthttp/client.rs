@@ -115,7 +115,6 @@ impl Pool {
 
     async fn exchange(&self, method: http::Method, base: &str, path: &str, headers: &[(&str, String)], body: Bytes) -> Result<Answer> {
         let base = base.trim_end_matches('/');
-        // A kept connection the peer closed meanwhile fails at once: then a new one is dialed.
         let kept = self.take(base);
         let reused = kept.is_some();
         let mut k = match kept {
@@ -123,11 +122,16 @@ impl Pool {
             None => self.connect(base).await?,
         };
         let mut sent = send(&mut k, method.clone(), path, headers, body.clone()).await;
-        if sent.is_err() && reused {
-            k = self.connect(base).await?;
-            sent = send(&mut k, method, path, headers, body).await;
+        // A kept connection the peer closed meanwhile fails before the request is written: then
+        // it goes once more on a new connection. A request that may have been written is never
+        // sent again: the peer may have taken it (a raft proposal taken twice is two entries).
+        if let Err(Failed { unsent: true, .. }) = sent {
+            if reused {
+                k = self.connect(base).await?;
+                sent = send(&mut k, method, path, headers, body).await;
+            }
         }
-        let (parts, incoming) = sent?.into_parts();
+        let (parts, incoming) = sent.map_err(|f| f.error)?.into_parts();
         let body = match Limited::new(incoming, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => bail!("{base}{path}: reading the answer: {e}"),
@@ -163,17 +167,89 @@ impl Pool {
     }
 }
 
+/// Why a request got no answer, and whether it certainly never left this member.
+struct Failed {
+    unsent: bool,
+    error: anyhow::Error,
+}
+
 async fn send(
     k: &mut Kept,
     method: http::Method,
     path: &str,
     headers: &[(&str, String)],
     body: Bytes,
-) -> Result<http::Response<hyper::body::Incoming>> {
-    k.sender.ready().await?;
+) -> std::result::Result<http::Response<hyper::body::Incoming>, Failed> {
+    let unsent = |e: anyhow::Error| Failed { unsent: true, error: e };
+    k.sender.ready().await.map_err(|e| unsent(e.into()))?;
     let mut req = http::Request::builder().method(method).uri(path).header(http::header::HOST, &k.host);
     for (name, value) in headers {
         req = req.header(*name, value);
     }
-    Ok(k.sender.send_request(req.body(Full::new(body))?).await?)
+    let req = req.body(Full::new(body)).map_err(|e| unsent(e.into()))?;
+    k.sender.try_send_request(req).await.map_err(|mut e| {
+        let unsent = e.take_message().is_some();
+        Failed { unsent, error: e.into_error().into() }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    /// Reads one HTTP/1.1 request (head and Content-Length body); false at the end of the stream.
+    async fn read_request(r: &mut BufReader<tokio::net::TcpStream>) -> bool {
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return false;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        r.read_exact(&mut body).await.is_ok()
+    }
+
+    /// A request whose connection breaks after it was written is not sent again: the peer may
+    /// have taken it. (Chaos found a proposal applied twice when the pool resent it.)
+    #[tokio::test]
+    async fn a_request_that_may_have_arrived_is_not_sent_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut r = BufReader::new(conn);
+                    while read_request(&mut r).await {
+                        // The first request is answered; every later one is taken, then the
+                        // connection breaks before the answer.
+                        if counter.fetch_add(1, Ordering::SeqCst) > 0 {
+                            return;
+                        }
+                        let _ = r.get_mut().write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                    }
+                });
+            }
+        });
+        let pool = Pool::new(Dialer::new(None, None));
+        let a = pool.post(&base, "/raft", &[], Bytes::from_static(b"one")).await.unwrap();
+        assert_eq!(a.status, 204);
+        // The second goes on the kept connection, which the peer breaks after taking it.
+        assert!(pool.post(&base, "/raft", &[], Bytes::from_static(b"two")).await.is_err());
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "the second request was sent again");
+    }
 }

@@ -26,12 +26,15 @@ pub(crate) fn start(shared: Arc<Shared>, link: Arc<Link>, rx: mpsc::Receiver<Mes
         let (shared, rx, link) = (shared.clone(), rx.clone(), link.clone());
         shared.rt.clone().spawn(async move {
             let mut down = false;
+            let mut url = 0;
             loop {
                 let Some(m) = rx.lock().await.recv().await else { return };
                 let Some(link) = link.upgrade() else { return };
-                match post(&shared, &link, &m).await {
+                match post(&shared, &link, &m, url).await {
                     Ok(()) => down = false,
                     Err(e) => {
+                        // The next message tries the peer's next URL (etcd's URL picker).
+                        url = url.wrapping_add(1);
                         shared.unreachable(link.id);
                         keel_metrics::METRICS.peer_sent_failures.with_label_values(&[&link.label]).inc();
                         if !down {
@@ -45,28 +48,19 @@ pub(crate) fn start(shared: Arc<Shared>, link: Arc<Link>, rx: mpsc::Receiver<Mes
     }
 }
 
-/// Sends one message to the peer, trying its peer URLs in turn.
-async fn post(shared: &Shared, link: &Link, m: &Message) -> anyhow::Result<()> {
+/// Sends one message to the peer at its `url`th peer URL (modulo their number), once: a message
+/// whose request failed may still have reached the peer, so it is never sent again (raft
+/// resends what it needs; a proposal sent twice would be two entries). As etcd's pipeline.
+async fn post(shared: &Shared, link: &Link, m: &Message, url: usize) -> anyhow::Result<()> {
     let body = m.write_to_bytes().map_err(|e| anyhow::anyhow!("encode: {e}"))?;
     let headers = post_headers(shared, "application/protobuf");
-    let mut last = anyhow::anyhow!("no peer URL");
-    for u in shared.peer_urls(link.id) {
-        let sent = tokio::time::timeout(DEADLINE, shared.pool.post(&u, "/raft", &headers, body.clone().into())).await;
-        let a = match sent {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                last = e;
-                continue;
-            }
-            Err(_) => {
-                last = anyhow::anyhow!("{u}/raft: timed out");
-                continue;
-            }
-        };
-        keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(body.len() as u64);
-        return check_post_answer(a.status.as_u16(), &a.body, link.id);
-    }
-    Err(last)
+    let urls = shared.peer_urls(link.id);
+    let Some(u) = urls.get(url % urls.len().max(1)) else { anyhow::bail!("no peer URL") };
+    let a = tokio::time::timeout(DEADLINE, shared.pool.post(u, "/raft", &headers, body.clone().into()))
+        .await
+        .map_err(|_| anyhow::anyhow!("{u}/raft: timed out"))??;
+    keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(body.len() as u64);
+    check_post_answer(a.status.as_u16(), &a.body, link.id)
 }
 
 /// The headers of a pipeline or snapshot request (etcd's `createPostRequest`).
