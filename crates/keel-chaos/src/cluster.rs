@@ -1,5 +1,6 @@
-//! A cluster of real `keel` processes on 127.0.0.x: start, SIGKILL, SIGSTOP/SIGCONT, restart,
-//! membership changes through the Cluster API, and gRPC channels to each member.
+//! A cluster of real `keel` processes on 127.0.0.x (or a mixed one: some members real etcd
+//! processes, [`Mix`]): start, SIGKILL, SIGSTOP/SIGCONT, restart, membership changes through the
+//! Cluster API, and gRPC channels to each member.
 //!
 //! Member `i` (1-based, never reused within a run) uses 127.0.0.i: clients on `base`, peers on
 //! `base + 1`, and its proxy ([`crate::proxy`]) on `base + 2`, which is what it advertises.
@@ -20,12 +21,23 @@ pub struct Member {
     pub idx: usize,
     pub child: Option<Child>,
     pub paused: bool,
+    /// An etcd member (started from [`Mix::etcd`]), not a Keel one.
+    pub etcd: bool,
     /// Arguments of the first start (restarts reuse them: the data dir then decides).
     args: Vec<String>,
 }
 
+/// Which members of a new cluster run etcd instead of Keel: the first `members` of them.
+#[derive(Clone, Debug)]
+pub struct Mix {
+    pub etcd: PathBuf,
+    pub members: usize,
+}
+
 pub struct Cluster {
     pub bin: PathBuf,
+    /// The etcd binary of a mixed cluster.
+    etcd: Option<PathBuf>,
     pub dir: PathBuf,
     pub base: u16,
     pub net: Net,
@@ -55,9 +67,25 @@ pub fn channel(idx: usize, base: u16) -> Result<Channel> {
 
 impl Cluster {
     pub async fn start(bin: &Path, dir: &Path, base: u16, n: usize, net: Net, extra: Vec<String>, power: Option<&Path>) -> Result<Cluster> {
+        Cluster::start_mixed(bin, None, dir, base, n, net, extra, power).await
+    }
+
+    /// A cluster of `n` members of which `mix.members` (the first ones) run etcd.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_mixed(
+        bin: &Path,
+        mix: Option<&Mix>,
+        dir: &Path,
+        base: u16,
+        n: usize,
+        net: Net,
+        extra: Vec<String>,
+        power: Option<&Path>,
+    ) -> Result<Cluster> {
         std::fs::create_dir_all(dir)?;
         let mut c = Cluster {
             bin: bin.to_path_buf(),
+            etcd: mix.map(|m| m.etcd.clone()),
             dir: dir.to_path_buf(),
             base,
             net,
@@ -70,8 +98,9 @@ impl Cluster {
         };
         let initial: Vec<String> = (1..=n).map(|i| format!("m{i}={}", peer_url(i, base))).collect();
         let initial = initial.join(",");
+        let etcd_members = mix.map_or(0, |m| m.members);
         for i in 1..=n {
-            c.spawn_member(i, &initial, "new").await?;
+            c.spawn_member(i, &initial, "new", i <= etcd_members).await?;
         }
         c.next_idx = n + 1;
         for i in 1..=n {
@@ -80,7 +109,7 @@ impl Cluster {
         Ok(c)
     }
 
-    async fn spawn_member(&mut self, i: usize, initial: &str, state: &str) -> Result<()> {
+    async fn spawn_member(&mut self, i: usize, initial: &str, state: &str, etcd: bool) -> Result<()> {
         let ip = member_ip(i);
         let dir = match &self.power {
             Some(pfs) => {
@@ -109,14 +138,16 @@ impl Cluster {
             state.into(),
             "--initial-cluster-token".into(),
             "chaos".into(),
-            "--experimental-set-member-localaddr".into(),
+            // Peer connections leave from the member's own address (the proxy tells links apart
+            // by it); etcd 3.6 takes only the feature gate, as Keel does too.
+            "--feature-gates=SetMemberLocalAddr=true".into(),
         ];
         args.extend(self.extra.iter().cloned());
         let target: SocketAddr = format!("{ip}:{}", self.base + 1).parse()?;
         let listen: SocketAddr = format!("{ip}:{}", self.base + 2).parse()?;
         let proxy = self.net.clone().serve(i, listen, target).await.with_context(|| format!("proxy for m{i} on {listen}"))?;
         self.proxies.push(proxy);
-        let mut m = Member { idx: i, child: None, paused: false, args };
+        let mut m = Member { idx: i, child: None, paused: false, etcd, args };
         m.child = Some(self.spawn(&m, None)?);
         self.members.insert(i, m);
         Ok(())
@@ -126,12 +157,27 @@ impl Cluster {
         let log = self.dir.join(format!("m{}.log", m.idx));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(&self.bin);
+        let bin = match (&self.etcd, m.etcd) {
+            (Some(etcd), true) => etcd,
+            _ => &self.bin,
+        };
+        let mut cmd = Command::new(bin);
         cmd.args(&m.args).stdin(Stdio::null()).stdout(out).stderr(err).env("RUST_BACKTRACE", "0");
-        if let Some(fp) = failpoints {
+        if let Some(fp) = failpoints.filter(|_| !m.etcd) {
             cmd.env("FAILPOINTS", fp);
         }
-        cmd.spawn().with_context(|| format!("spawn {}", self.bin.display()))
+        cmd.spawn().with_context(|| format!("spawn {}", bin.display()))
+    }
+
+    /// Whether member `i` runs etcd.
+    pub fn is_etcd(&self, i: usize) -> bool {
+        self.members.get(&i).is_some_and(|m| m.etcd)
+    }
+
+    /// The members as `m1 (etcd), m2, ...`.
+    pub fn describe(&self) -> String {
+        let names: Vec<String> = self.members.values().map(|m| format!("m{}{}", m.idx, if m.etcd { " (etcd)" } else { "" })).collect();
+        names.join(", ")
     }
 
     pub fn ids(&self) -> Vec<usize> {
@@ -321,8 +367,9 @@ impl Cluster {
         Err(last_err)
     }
 
-    /// Adds a fresh member (new index, empty data dir) through the Cluster API and starts it.
-    pub async fn add_member(&mut self) -> Result<usize> {
+    /// Adds a fresh member (new index, empty data dir; an etcd one if `etcd`) through the
+    /// Cluster API and starts it.
+    pub async fn add_member(&mut self, etcd: bool) -> Result<usize> {
         let i = self.next_idx;
         let url = peer_url(i, self.base);
         let mut added = None;
@@ -354,7 +401,7 @@ impl Cluster {
                 initial.push(format!("{name}={u}"));
             }
         }
-        self.spawn_member(i, &initial.join(","), "existing").await?;
+        self.spawn_member(i, &initial.join(","), "existing", etcd && self.etcd.is_some()).await?;
         Ok(i)
     }
 

@@ -128,7 +128,8 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
             let Some(&victim) = followers.choose(rng) else { return Ok(skip(kind, start, shared)) };
             set_members(shared, c.ids().into_iter().filter(|i| *i != victim).collect());
             c.remove_member(victim).await?;
-            let added = c.add_member().await?;
+            // The new member is of the removed one's kind: a mixed cluster stays as mixed.
+            let added = c.add_member(c.is_etcd(victim)).await?;
             c.wait_healthy(added, Duration::from_secs(30)).await?;
             set_members(shared, c.ids());
             format!("removed m{victim}, added m{added}")
@@ -155,7 +156,9 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
         }
         "quota" => quota(c, shared, rng, hold).await?,
         "crash" => {
-            let m = pick(rng);
+            // Crash points are Keel's: an etcd member is never picked.
+            let keel: Vec<usize> = ids.iter().copied().filter(|&i| !c.is_etcd(i)).collect();
+            let Some(&m) = keel.choose(rng) else { return Ok(skip(kind, start, shared)) };
             let point = *CRASH_POINTS.choose(rng).expect("crash points");
             let pct = rng.gen_range(1..=20);
             c.kill(m);

@@ -138,6 +138,13 @@ struct RunArgs {
     /// Keep data dirs of passing histories too.
     #[arg(long)]
     keep: bool,
+    /// Mixed clusters: this etcd binary runs the first `--etcd-members` members of every
+    /// history (members added later are of the kind of the member they replace).
+    #[arg(long)]
+    etcd: Option<PathBuf>,
+    /// How many members of each history run etcd (with `--etcd`; at least one member stays Keel).
+    #[arg(long, default_value_t = 1)]
+    etcd_members: usize,
 }
 
 #[tokio::main]
@@ -360,7 +367,17 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
         Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("keel-powerfs binary {}", p.display()))?),
         None => None,
     };
-    let mut cluster = cluster::Cluster::start(keel, dir, a.base_port, members, net, extra, power.as_deref()).await?;
+    let mix = match &a.etcd {
+        Some(e) => Some(cluster::Mix {
+            etcd: std::fs::canonicalize(e).with_context(|| format!("etcd binary {}", e.display()))?,
+            members: a.etcd_members.min(members - 1),
+        }),
+        None => None,
+    };
+    let mut cluster = cluster::Cluster::start_mixed(keel, mix.as_ref(), dir, a.base_port, members, net, extra, power.as_deref()).await?;
+    if mix.is_some() {
+        println!("  members: {}", cluster.describe());
+    }
     let shared = Arc::new(Shared {
         start: Instant::now(),
         base: a.base_port,

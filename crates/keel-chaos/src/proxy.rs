@@ -2,7 +2,7 @@
 //!
 //! Member `i` listens for peers on `127.0.0.i:PEER` but advertises `127.0.0.i:PROXY`, where this
 //! proxy forwards to it. Members dial peers from their own address
-//! (`--experimental-set-member-localaddr`), so the proxy knows each connection's link
+//! (`--feature-gates=SetMemberLocalAddr=true`), so the proxy knows each connection's link
 //! (`from -> to`) by its source address. Faults: links blocked (partitions: existing connections
 //! are cut, new ones refused), delay on every chunk, and random connection cuts (dropped
 //! messages: raft resends). Works without root or network namespaces.
