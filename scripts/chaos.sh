@@ -6,7 +6,10 @@
 #                           and 3 members with every kind of fault, then 25 crash-loop iterations
 #                           with power cuts, 25 with disk faults, a power-cut history, the
 #                           targeted points and the negative control (without /dev/fuse: 25
-#                           plain crash-loop iterations and the points)
+#                           plain crash-loop iterations and the points); one mixed history: an
+#                           etcd 3.6.16 member and two Keel members
+#   scripts/chaos.sh run --etcd "$(scripts/etcd-ref.sh v3.6.16)/etcd" --etcd-members 2 --members 3
+#                           mixed clusters: the first two members of each history run etcd
 #   scripts/chaos.sh run --histories 200 --duration 40 --members 3,5 --total-seconds 7200
 #                           the long run (histories: real clusters on 127.0.0.x, random faults,
 #                           recorded clients and watchers, linearizability/watch/durability checks)
@@ -36,6 +39,10 @@ chaos=target/release/keel-chaos
 powerfs=target/release/keel-powerfs
 if [ $# -eq 0 ]; then
   "$chaos" run --histories 3 --duration 40 --members 3,5
+  # A mixed cluster: one etcd 3.6.16 member beside two Keel members, in one cluster over etcd's
+  # peer protocol, under every fault (crash points go to Keel members only).
+  etcd_bin=$(scripts/etcd-ref.sh v3.6.16)/etcd
+  "$chaos" run --histories 1 --duration 40 --members 3 --etcd "$etcd_bin" --etcd-members 1
   # keel-powerfs needs root and /dev/fuse; a mount that fails here skips these runs, saying so.
   fuse_ok() {
     local d rc=0

@@ -28,6 +28,11 @@ pub struct Member {
 }
 
 /// Which members of a new cluster run etcd instead of Keel: the first `members` of them.
+///
+/// etcd sets no local address for peer connections on a loopback advertise URL (Keel does), so
+/// an etcd member's connections leave from 127.0.0.1, which the proxy takes for m1's: the link
+/// faults (partitions, bridges) hold exactly for an etcd m1 only; for other etcd members they
+/// cut what reaches them but not all they send.
 #[derive(Clone, Debug)]
 pub struct Mix {
     pub etcd: PathBuf,
