@@ -130,6 +130,9 @@ pub async fn inject(kind: &str, c: &mut Cluster, shared: &Shared, rng: &mut StdR
             c.remove_member(victim).await?;
             // The new member is of the removed one's kind: a mixed cluster stays as mixed.
             let added = c.add_member(c.is_etcd(victim)).await?;
+            if c.is_etcd(added) {
+                shared.etcd.lock().push(added);
+            }
             c.wait_healthy(added, Duration::from_secs(30)).await?;
             set_members(shared, c.ids());
             format!("removed m{victim}, added m{added}")

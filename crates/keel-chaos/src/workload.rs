@@ -36,6 +36,8 @@ pub struct Shared {
     pub base: u16,
     /// Members clients may talk to (the current membership).
     pub members: Mutex<Vec<usize>>,
+    /// Members that run etcd (a mixed cluster).
+    pub etcd: Mutex<Vec<usize>>,
     pub stop: AtomicBool,
     pub ops: Mutex<Vec<Op>>,
     pub watch: Mutex<Vec<WatchResponse>>,
@@ -213,9 +215,11 @@ fn finish(
 ) -> bool {
     let (output, ret, error) = match result {
         Ok(o) => (o, shared.now(), None),
-        // Refused by the quota (checked before proposing, or by the capped applier): certainly
-        // not applied, so it is no operation at all.
-        Err(e) if e.contains("database space exceeded") => return false,
+        // Refused by Keel's quota (checked before proposing, or by the capped applier): certainly
+        // not applied, so it is no operation at all. etcd's apply also answers a write it
+        // applied with this error when its own backend is over the quota (its quota applier):
+        // from an etcd member the outcome is unknown.
+        Err(e) if e.contains("database space exceeded") && !shared.etcd.lock().contains(&at) => return false,
         // Never sent: no connection to the member could be made.
         Err(e) if e.contains("tcp connect error") => {
             *member = shared.pick_member(rng, Some(at));
