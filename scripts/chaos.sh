@@ -40,9 +40,12 @@ powerfs=target/release/keel-powerfs
 if [ $# -eq 0 ]; then
   "$chaos" run --histories 3 --duration 40 --members 3,5
   # A mixed cluster: one etcd 3.6.16 member beside two Keel members, in one cluster over etcd's
-  # peer protocol, under every fault (crash points go to Keel members only).
+  # peer protocol, under every fault but the quota one (crash points go to Keel members only).
+  # etcd answers some writes it applied with NOSPACE, so under the quota fault its clients'
+  # writes have unknown outcomes by the hundred and the check runs out of budget.
   etcd_bin=$(scripts/etcd-ref.sh v3.6.16)/etcd
-  "$chaos" run --histories 1 --duration 40 --members 3 --etcd "$etcd_bin" --etcd-members 1
+  "$chaos" run --histories 1 --duration 40 --members 3 --etcd "$etcd_bin" --etcd-members 1 \
+    --faults kill,kill-leader,pause,pause-leader,partition,partition-leader,bridge,delay,drop,membership,compact,crash
   # keel-powerfs needs root and /dev/fuse; a mount that fails here skips these runs, saying so.
   fuse_ok() {
     local d rc=0
