@@ -187,7 +187,12 @@ fn a_stuck_apply_does_not_stop_the_raft_thread() {
     }
     assert!(placed >= 10, "only {placed} proposals placed");
     let last = status.commit();
-    assert!(status.applied() < last, "apply was stuck");
+    assert!(
+        status.applied() < last,
+        "apply was stuck: applied {}, commit {last}, placed {placed}, seen {:?}",
+        status.applied(),
+        seen.lock()
+    );
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
     wait_for("everything applied", || status.applied() >= last);
