@@ -56,10 +56,11 @@ async fn post(shared: &Shared, link: &Link, m: &Message, url: usize) -> anyhow::
     let headers = post_headers(shared, "application/protobuf");
     let urls = shared.peer_urls(link.id);
     let Some(u) = urls.get(url % urls.len().max(1)) else { anyhow::bail!("no peer URL") };
-    let a = tokio::time::timeout(DEADLINE, shared.pool.post(u, "/raft", &headers, body.clone().into()))
+    let len = body.len() as u64;
+    let a = tokio::time::timeout(DEADLINE, shared.pool.post(u, "/raft", &headers, body.into()))
         .await
         .map_err(|_| anyhow::anyhow!("{u}/raft: timed out"))??;
-    keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(body.len() as u64);
+    keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(len);
     check_post_answer(a.status.as_u16(), &a.body, link.id)
 }
 
