@@ -1,5 +1,9 @@
 //! A member's persistent raft state: WAL (entries, hard state, snapshot markers) and snapshot
-//! files. Read back once at start; written by the node afterwards.
+//! files. Read back once at start; written by the node afterwards. The WAL's records are etcd's:
+//! the metadata is `etcdserverpb.Metadata` (member and cluster ID, plus Keel's initial voters in
+//! a field etcd skips), entries `raftpb.Entry`, hard states `raftpb.HardState`, snapshot markers
+//! `walpb.Snapshot`. A WAL an older Keel wrote in its own format is rewritten in etcd's at start
+//! ([`upgrade_legacy_wal`]).
 
 use crate::wire::{ChangeKind, MemberChange};
 use keel_wal::{Snapshotter, Wal, WalOptions, RECORD_ENTRY, RECORD_SNAPSHOT, RECORD_STATE};
@@ -26,8 +30,35 @@ pub struct Identity {
     pub initial_voters: Vec<u64>,
 }
 
+/// etcd's `etcdserverpb.Metadata`, the WAL's metadata record, with Keel's one addition.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PMetadata {
+    #[prost(uint64, tag = "1")]
+    node_id: u64,
+    #[prost(uint64, tag = "2")]
+    cluster_id: u64,
+    /// Voters of the initial configuration (Keel's; a field number etcd does not use).
+    #[prost(uint64, repeated, packed = "false", tag = "1000")]
+    keel_initial_voters: Vec<u64>,
+}
+
 impl Identity {
     fn encode(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(&PMetadata {
+            node_id: self.member_id,
+            cluster_id: self.cluster_id,
+            keel_initial_voters: self.initial_voters.clone(),
+        })
+    }
+
+    fn decode(b: &[u8]) -> Option<Identity> {
+        let m: PMetadata = prost::Message::decode(b).ok()?;
+        Some(Identity { cluster_id: m.cluster_id, member_id: m.node_id, initial_voters: m.keel_initial_voters })
+    }
+
+    /// The metadata record of the format older Keel versions wrote.
+    #[cfg(test)]
+    fn encode_legacy(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(16 + 8 * self.initial_voters.len());
         b.extend_from_slice(&self.cluster_id.to_be_bytes());
         b.extend_from_slice(&self.member_id.to_be_bytes());
@@ -37,7 +68,7 @@ impl Identity {
         b
     }
 
-    fn decode(b: &[u8]) -> Option<Identity> {
+    fn decode_legacy(b: &[u8]) -> Option<Identity> {
         if b.len() < 16 || !b.len().is_multiple_of(8) {
             return None;
         }
@@ -83,6 +114,7 @@ impl Disk {
     /// that a member added later learns the initial membership from the log. A member joining an
     /// existing cluster passes no bootstrap entries and receives the log from the leader.
     pub fn open(wal_dir: &Path, snap_dir: &Path, identity: Identity, bootstrap: &[(u64, Vec<u8>)]) -> Result<Disk, DiskError> {
+        upgrade_legacy_wal(wal_dir)?;
         let snapshotter = Snapshotter::new(snap_dir)?;
         if !Wal::exists(wal_dir) {
             let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
@@ -152,8 +184,8 @@ impl Disk {
                 RECORD_STATE => {
                     hard_state = crate::wire::hard_state(&r.data).map_err(|e| decode_err(wal_dir, e))?;
                 }
-                RECORD_SNAPSHOT if r.data.len() == 16 => {
-                    let idx = u64::from_be_bytes(r.data[8..16].try_into().unwrap_or([0; 8]));
+                RECORD_SNAPSHOT => {
+                    let (idx, _) = crate::wire::wal_snapshot_mark(&r.data).map_err(|e| decode_err(wal_dir, e))?;
                     if idx == snap_index {
                         saw_snapshot_marker = true;
                     }
@@ -280,6 +312,11 @@ impl Disk {
         Ok(())
     }
 
+    /// The commit index of the last hard state saved (or read at start).
+    pub(crate) fn saved_commit(&self) -> u64 {
+        self.hard_state.commit
+    }
+
     /// Appends entries and hard state; durable when this returns.
     pub(crate) fn save(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), DiskError> {
         let mut bufs: Vec<(u8, Vec<u8>)> = Vec::with_capacity(entries.len() + 1);
@@ -292,6 +329,9 @@ impl Disk {
         let next = entries.last().map(|e| e.index + 1).unwrap_or(0);
         let refs: Vec<(u8, &[u8])> = bufs.iter().map(|(k, d)| (*k, d.as_slice())).collect();
         self.wal.save(&refs, next)?;
+        if let Some(hs) = hs {
+            self.hard_state = hs.clone();
+        }
         Ok(())
     }
 
@@ -300,13 +340,94 @@ impl Disk {
         let m = snap.get_metadata();
         let bytes = snap.write_to_bytes().map_err(|e| decode_err(Path::new("snap"), e))?;
         self.snapshotter.save(m.term, m.index, &bytes)?;
-        let mut marker = Vec::with_capacity(16);
-        marker.extend_from_slice(&m.term.to_be_bytes());
-        marker.extend_from_slice(&m.index.to_be_bytes());
-        self.wal.save(&[(RECORD_SNAPSHOT, &marker)], m.index + 1)?;
+        let marker = crate::wire::wal_snapshot_record(m.index, m.term, Some(m.get_conf_state()));
+        // A snapshot covers only committed entries: the hard state says so too, as etcd's
+        // raft requires of a WAL it restarts from (its commit at least the snapshot's index).
+        if self.hard_state.commit < m.index {
+            let mut hs = self.hard_state.clone();
+            hs.commit = m.index;
+            let state = hs.write_to_bytes().map_err(|e| decode_err(Path::new("wal"), e))?;
+            self.wal.save(&[(RECORD_SNAPSHOT, &marker), (RECORD_STATE, &state)], m.index + 1)?;
+            self.hard_state = hs;
+        } else {
+            self.wal.save(&[(RECORD_SNAPSHOT, &marker)], m.index + 1)?;
+        }
         self.wal.release_to(m.index)?;
         Ok(())
     }
+}
+
+/// Rewrites a WAL an older Keel wrote in its own format (`keel_wal::legacy`) in etcd's, keeping
+/// every record: the new WAL is written and synced beside the old one (`<wal>.etcd-format`),
+/// the old one is renamed to `<wal>.keel-legacy`, the new one into place, then the old one is
+/// removed, each step followed by a directory fsync. A start after a crash in between finds
+/// where it stopped: an old WAL kept beside a new one in place is removed; one with nothing in
+/// place is put back and rewritten again.
+pub fn upgrade_legacy_wal(wal_dir: &Path) -> Result<(), DiskError> {
+    let name = wal_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
+    let parent = wal_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let old = parent.join(format!("{name}.keel-legacy"));
+    let new = parent.join(format!("{name}.etcd-format"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DiskError::Wal(keel_wal::Error::Io { path, source })
+    };
+    if old.exists() {
+        if Wal::exists(wal_dir) && !keel_wal::legacy::is_legacy(wal_dir)? {
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+            keel_wal::sync_dir(parent)?;
+            return Ok(());
+        }
+        if wal_dir.exists() {
+            std::fs::remove_dir_all(wal_dir).map_err(io(wal_dir))?;
+        }
+        std::fs::rename(&old, wal_dir).map_err(io(&old))?;
+        keel_wal::sync_dir(parent)?;
+    }
+    if !Wal::exists(wal_dir) || !keel_wal::legacy::is_legacy(wal_dir)? {
+        return Ok(());
+    }
+    let records = keel_wal::legacy::read(wal_dir)?;
+    let identity = records
+        .first()
+        .filter(|r| r.kind == keel_wal::RECORD_METADATA)
+        .and_then(|r| Identity::decode_legacy(&r.data))
+        .ok_or_else(|| decode_err(wal_dir, "the old-format WAL does not start with its metadata record"))?;
+    if new.exists() {
+        std::fs::remove_dir_all(&new).map_err(io(&new))?;
+    }
+    let mut wal = Wal::create(&new, &identity.encode(), WalOptions::default())?;
+    let (mut entries, mut states) = (0u64, 0u64);
+    for r in records.iter().skip(1) {
+        match r.kind {
+            RECORD_ENTRY => {
+                let index = crate::wire::log_entry(&r.data).map_err(|e| decode_err(wal_dir, e))?.index;
+                wal.save(&[(RECORD_ENTRY, &r.data)], index + 1)?;
+                entries += 1;
+            }
+            RECORD_STATE => {
+                wal.save(&[(RECORD_STATE, &r.data)], 0)?;
+                states += 1;
+            }
+            RECORD_SNAPSHOT if r.data.len() == 16 => {
+                let term = u64::from_be_bytes(r.data[..8].try_into().unwrap_or([0; 8]));
+                let index = u64::from_be_bytes(r.data[8..].try_into().unwrap_or([0; 8]));
+                wal.save(&[(RECORD_SNAPSHOT, &crate::wire::wal_snapshot_record(index, term, None))], index + 1)?;
+            }
+            // Later metadata records repeat the first; the new WAL writes its own.
+            keel_wal::RECORD_METADATA => {}
+            other => return Err(decode_err(wal_dir, format!("old-format WAL record of unknown type {other}"))),
+        }
+    }
+    drop(wal);
+    std::fs::rename(wal_dir, &old).map_err(io(wal_dir))?;
+    keel_wal::sync_dir(parent)?;
+    std::fs::rename(&new, wal_dir).map_err(io(&new))?;
+    keel_wal::sync_dir(parent)?;
+    std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    keel_wal::sync_dir(parent)?;
+    tracing::info!(wal_dir = %wal_dir.display(), entries, hard_states = states, "wal: rewrote the WAL an older Keel wrote in etcd's WAL format");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -407,5 +528,56 @@ mod tests {
             let cc = crate::wire::member_change(&e.data).unwrap();
             assert_eq!((cc.node_id, cc.context.as_ref()), (*id, ctx.as_slice()));
         }
+    }
+
+    /// A WAL an older Keel wrote in its own format: entries, hard state and identity survive the
+    /// rewrite in etcd's format, and a rewrite cut short between its renames is finished.
+    #[test]
+    fn an_old_format_wal_is_rewritten_in_etcds_format_keeping_everything() {
+        use keel_wal::legacy;
+        let t = tempfile::tempdir().unwrap();
+        let (wal, snap) = (t.path().join("wal"), t.path().join("snap"));
+        std::fs::create_dir_all(&wal).unwrap();
+        let id = Identity { cluster_id: 0xabc, member_id: 0x11, initial_voters: vec![0x11, 0x22, 0x33] };
+        let mut b = Vec::new();
+        legacy::encode(&mut b, keel_wal::RECORD_METADATA, &id.encode_legacy());
+        for e in entries(1..=5, 2) {
+            legacy::encode(&mut b, RECORD_ENTRY, &e.write_to_bytes().unwrap());
+        }
+        let hs = HardState { term: 2, vote: 0x22, commit: 4, ..Default::default() };
+        legacy::encode(&mut b, RECORD_STATE, &hs.write_to_bytes().unwrap());
+        b.resize(1 << 16, 0);
+        std::fs::write(wal.join("0000000000000000-0000000000000000.wal"), &b).unwrap();
+        for crash in [false, true] {
+            if crash {
+                // Cut short after the old WAL was moved aside, before the new one was in place.
+                std::fs::rename(&wal, t.path().join("wal.keel-legacy")).unwrap();
+                std::fs::create_dir_all(t.path().join("wal.etcd-format")).unwrap();
+            }
+            let d = Disk::open(&wal, &snap, identity(), &[]).unwrap();
+            assert_eq!(d.identity, id);
+            assert_eq!(ids(&d), vec![(1, 2), (2, 2), (3, 2), (4, 2), (5, 2)]);
+            assert_eq!((d.hard_state.term, d.hard_state.vote, d.hard_state.commit), (2, 0x22, 4));
+            assert!(!keel_wal::legacy::is_legacy(&wal).unwrap());
+            assert!(!t.path().join("wal.keel-legacy").exists() && !t.path().join("wal.etcd-format").exists());
+            drop(d);
+            if !crash {
+                // Put the old format back for the second round.
+                std::fs::remove_dir_all(&wal).unwrap();
+                std::fs::create_dir_all(&wal).unwrap();
+                std::fs::write(wal.join("0000000000000000-0000000000000000.wal"), &b).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn the_metadata_record_is_etcds_with_keels_voters_beside() {
+        let id = Identity { cluster_id: 0xcafe, member_id: 0xbeef, initial_voters: vec![0xbeef, 7] };
+        let b = id.encode();
+        // etcd's Metadata: NodeID field 1, ClusterID field 2.
+        assert_eq!(&b[..3], &[0x08, 0xef, 0xfd]);
+        assert_eq!(Identity::decode(&b), Some(id));
+        let etcd_only = [0x08, 0x05, 0x10, 0x09];
+        assert_eq!(Identity::decode(&etcd_only), Some(Identity { cluster_id: 9, member_id: 5, initial_voters: vec![] }));
     }
 }

@@ -653,7 +653,13 @@ impl<T: Transport> Driver<T> {
             self.install_snapshot(snap)?;
         }
         let entries = rd.take_entries();
-        let hs = rd.hs().cloned();
+        let mut hs = rd.hs().cloned();
+        // raft-rs reports a commit index that moved after its Ready (LightReady) without a hard
+        // state: it rides with the next entries written (no fsync of its own), so the WAL's hard
+        // state follows the commit as etcd's does.
+        if hs.is_none() && !entries.is_empty() && self.node.raft.raft_log.committed > self.disk.saved_commit() {
+            hs = Some(self.node.raft.hard_state());
+        }
         if !entries.is_empty() || hs.is_some() {
             self.disk.save(hs.as_ref(), &entries)?;
             for e in &entries {

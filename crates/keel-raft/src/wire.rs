@@ -255,6 +255,37 @@ pub fn hard_state(b: &[u8]) -> Result<eraftpb::HardState, WireError> {
     Ok(eraftpb::HardState { term: p.term, vote: p.vote, commit: p.commit, ..Default::default() })
 }
 
+/// etcd's `walpb.Snapshot`: the WAL record saying a snapshot was saved at (index, term) with
+/// this configuration.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PWalSnapshot {
+    #[prost(uint64, tag = "1")]
+    index: u64,
+    #[prost(uint64, tag = "2")]
+    term: u64,
+    #[prost(message, optional, tag = "3")]
+    conf_state: Option<PConfState>,
+}
+
+/// The WAL's snapshot record for a snapshot at (`index`, `term`) with configuration `cs`, as
+/// etcd writes it (etcd's reader matches it against the `.snap` files by index and term).
+pub fn wal_snapshot_record(index: u64, term: u64, cs: Option<&eraftpb::ConfState>) -> Vec<u8> {
+    let conf_state = cs.map(|c| PConfState {
+        voters: c.voters.clone(),
+        learners: c.learners.clone(),
+        voters_outgoing: c.voters_outgoing.clone(),
+        learners_next: c.learners_next.clone(),
+        auto_leave: c.auto_leave,
+    });
+    prost::Message::encode_to_vec(&PWalSnapshot { index, term, conf_state })
+}
+
+/// The (index, term) of a WAL snapshot record.
+pub fn wal_snapshot_mark(b: &[u8]) -> Result<(u64, u64), WireError> {
+    let p: PWalSnapshot = decode("WAL snapshot record", b)?;
+    Ok((p.index, p.term))
+}
+
 /// A membership change's kind, numbered as etcd's `raftpb.ConfChangeType` (raft-rs numbers
 /// learners 2 and has no update).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

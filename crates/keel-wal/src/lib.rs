@@ -1,26 +1,31 @@
 //! keel-wal: the write-ahead log and the snapshot files of one member.
 //!
 //! Owns the files in `<data-dir>/member/wal/` (`%016x-%016x.wal`, sequence-index) and
-//! `<data-dir>/member/snap/` (`%016x-%016x.snap`, term-index). Records are opaque bytes with a
-//! one-byte type; what they mean belongs to the caller (keel-raft). Calls nothing else in Keel.
-//!
-//! Record layout, every record 8-byte aligned:
-//! `len: u32 LE | crc32c(type|payload): u32 LE | type: u8 | payload | zero padding`.
-//! `len` counts type and payload. Segments are preallocated with zeros, so a zero `len` marks the
-//! end of the written part.
+//! `<data-dir>/member/snap/` (`%016x-%016x.snap`, term-index). The WAL is in etcd's format, so
+//! that etcd's tools and test harnesses read a Keel member's WAL and an etcd member can be started
+//! on it: frames of an 8-byte length field and a `walpb.Record{type, crc, data}`, padded to 8
+//! bytes (`frame`); a CRC-32C chained over the data of every record; segments preallocated to
+//! 64 MB, each beginning with a crc record carrying the chain on, the metadata record and (the
+//! first segment) an empty snapshot record or (later ones) the latest hard state. What the
+//! records' data mean belongs to the caller (keel-raft). `legacy` reads the format older Keel
+//! versions wrote. Calls nothing else in Keel.
 //!
 //! Recovery rules:
-//! - In the last segment, a record that runs past the end of the file, or whose checksum fails
-//!   while a zeroed sector or nothing but zeros follows it, is a torn write: it and everything
-//!   after it are cut off, with a warning.
-//! - Any other checksum failure, anywhere, is corruption: opening fails with an error naming the
-//!   file and the offset.
+//! - In the last segment, a record that runs past the end of the file, or that does not decode
+//!   or fails its checksum while a zeroed sector or nothing but zeros follows it, is a torn
+//!   write: it and everything after it are cut off, with a warning, unless an intact record lies
+//!   after it.
+//! - Any other damage, anywhere (a checksum failure, a broken chain between segments, metadata
+//!   that differs between segments), is corruption: opening fails with an error naming the file
+//!   and the offset.
 
+mod frame;
+pub mod legacy;
 mod snap;
 mod wal;
 
 pub use snap::{SnapFile, Snapshotter};
-pub use wal::{Record, Wal, WalOptions, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
+pub use wal::{Record, Wal, WalOptions, EMPTY_SNAPSHOT, RECORD_CRC, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
 
 use std::path::PathBuf;
 

@@ -1,20 +1,26 @@
-//! Segmented, checksummed, preallocated log files.
+//! Segmented, checksummed, preallocated log files in etcd's WAL format.
 
+use crate::frame::{self, Parsed, HEADER};
 use crate::{io_err, sync_dir, Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// Member metadata (cluster and member identity); first record of every segment.
+/// Member metadata (etcd's `etcdserverpb.Metadata`); begins every segment after its crc record.
 pub const RECORD_METADATA: u8 = 1;
-/// A raft log entry.
+/// A raft log entry (`raftpb.Entry`).
 pub const RECORD_ENTRY: u8 = 2;
-/// A raft hard state (term, vote, commit).
+/// A raft hard state (`raftpb.HardState`: term, vote, commit).
 pub const RECORD_STATE: u8 = 3;
-/// Marks that a snapshot was taken at some (term, index).
+/// The checksum chain so far; first record of every segment. Never returned to callers.
+pub const RECORD_CRC: u8 = 4;
+/// Marks that a snapshot was saved (`walpb.Snapshot`: index, term, configuration).
 pub const RECORD_SNAPSHOT: u8 = 5;
 
-const HEADER: usize = 8;
+/// The snapshot record every new WAL begins with: `walpb.Snapshot{index: 0, term: 0}` as etcd
+/// encodes it (both fields written), which etcd's reader asks for when it reads from the start.
+pub const EMPTY_SNAPSHOT: [u8; 4] = [0x08, 0x00, 0x10, 0x00];
+
 const SECTOR: usize = 512;
 /// etcd's segment size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1000 * 1000;
@@ -40,13 +46,13 @@ impl Default for WalOptions {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SegmentName {
+pub(crate) struct SegmentName {
     seq: u64,
     index: u64,
 }
 
 impl SegmentName {
-    fn file_name(&self) -> String {
+    pub(crate) fn file_name(&self) -> String {
         format!("{:016x}-{:016x}.wal", self.seq, self.index)
     }
 
@@ -67,6 +73,8 @@ pub struct Wal {
     segments: Vec<SegmentName>,
     file: File,
     offset: u64,
+    /// The checksum chain through the last record written.
+    crc: u32,
     metadata: Vec<u8>,
     last_state: Option<Vec<u8>>,
     /// Highest `next_index` seen; names the next segment.
@@ -74,20 +82,12 @@ pub struct Wal {
     buf: Vec<u8>,
 }
 
-fn padded(len: usize) -> usize {
-    (len + 7) & !7
-}
-
-fn encode_into(buf: &mut Vec<u8>, kind: u8, data: &[u8]) {
-    let len = 1 + data.len();
-    let mut crc = crc32c::crc32c(&[kind]);
-    crc = crc32c::crc32c_append(crc, data);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    buf.extend_from_slice(&crc.to_le_bytes());
-    buf.push(kind);
-    buf.extend_from_slice(data);
-    let pad = padded(len) - len;
-    buf.extend(std::iter::repeat_n(0u8, pad));
+/// Appends a record's frame to `buf`, carrying the checksum chain `crc` on through its data.
+fn encode_into(buf: &mut Vec<u8>, crc: &mut u32, kind: u8, data: &[u8]) {
+    if kind != RECORD_CRC {
+        *crc = crc32c::crc32c_append(*crc, data);
+    }
+    frame::encode(buf, kind as i64, *crc, data);
 }
 
 /// Outcome of scanning one segment's bytes.
@@ -95,87 +95,144 @@ struct Scan {
     records: Vec<Record>,
     /// Offset just past the last good record.
     end: u64,
-    /// Why scanning stopped early, if it was not a clean end.
-    damage: Option<(u64, String, bool)>, // (offset, reason, looks_torn)
+    /// The checksum chain through the last good record.
+    crc: u32,
+    /// Why scanning stopped early, if it was not a clean end: (offset, reason, looks torn).
+    damage: Option<(u64, String, bool)>,
 }
 
-fn scan(bytes: &[u8]) -> Scan {
+/// Scans a segment. It must begin with a crc record; `chain` is the previous segment's chain,
+/// which that record must continue (None for the first segment on disk: the ones before it
+/// were released).
+fn scan(bytes: &[u8], chain: Option<u32>) -> Scan {
     let mut records = Vec::new();
     let mut off = 0usize;
+    let mut crc = 0u32;
     loop {
-        if off + HEADER > bytes.len() {
-            // `off` may lie past the end: the last record's padding was cut off (the file is
-            // extended with zeros when it is reopened for writing).
-            let rest = bytes.get(off..).unwrap_or(&[]);
-            let damage = if rest.iter().all(|b| *b == 0) { None } else { Some((off as u64, "partial record header".to_string(), true)) };
-            return Scan { records, end: off as u64, damage };
+        let damaged = |reason: String, torn: bool, records: Vec<Record>, crc: u32| Scan {
+            records,
+            end: off as u64,
+            crc,
+            damage: Some((off as u64, reason, torn)),
+        };
+        let f = match frame::parse(bytes, off) {
+            Parsed::End => {
+                let rest = bytes.get(off..).unwrap_or(&[]);
+                // `off` may lie past the end: the last frame's padding was cut off (the file is
+                // extended with zeros when it is reopened for writing).
+                let damage = if rest.iter().all(|b| *b == 0) {
+                    None
+                } else if rest.len() < HEADER {
+                    Some((off as u64, "partial length field".to_string(), true))
+                } else {
+                    Some((off as u64, "zero length field followed by data".to_string(), false))
+                };
+                return Scan { records, end: off as u64, crc, damage };
+            }
+            Parsed::Short { len } => {
+                // A record cut short by the end of the file is torn, unless its length is what is
+                // damaged and records written after it are still there.
+                let torn = !intact_record_after(bytes, off, crc);
+                return damaged(format!("record of {len} bytes runs past the end of the file"), torn, records, crc);
+            }
+            Parsed::Garbled(why) => {
+                let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
+                return damaged(format!("undecodable record: {why}"), torn, records, crc);
+            }
+            Parsed::Frame(f) => f,
+        };
+        let Ok(kind) = u8::try_from(f.kind).map_err(|_| ()).and_then(|k| if (1..=5).contains(&k) { Ok(k) } else { Err(()) }) else {
+            let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
+            return damaged(format!("unknown record type {}", f.kind), torn, records, crc);
+        };
+        if off == 0 {
+            if kind != RECORD_CRC {
+                return damaged("segment does not start with a crc record".into(), false, records, crc);
+            }
+            if let Some(prev) = chain.filter(|c| *c != 0 && *c != f.crc) {
+                return damaged(
+                    format!("crc record {:#010x} does not continue the previous segment's {prev:#010x}", f.crc),
+                    false,
+                    records,
+                    crc,
+                );
+            }
+            crc = f.crc;
+        } else if kind == RECORD_CRC {
+            return damaged("crc record inside a segment".into(), false, records, crc);
+        } else {
+            let want = crc32c::crc32c_append(crc, f.data);
+            if want != f.crc {
+                let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
+                return damaged(format!("crc mismatch (stored {:#010x}, computed {want:#010x})", f.crc), torn, records, crc);
+            }
+            crc = want;
+            records.push(Record { kind, data: f.data.to_vec() });
         }
-        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-        let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap_or([0; 4]));
-        if len == 0 {
-            let rest = bytes.get(off..).unwrap_or(&[]);
-            let damage = if rest.iter().all(|b| *b == 0) {
-                None
-            } else {
-                Some((off as u64, "zero-length record followed by data".to_string(), false))
-            };
-            return Scan { records, end: off as u64, damage };
-        }
-        let body_start = off + HEADER;
-        if body_start + len > bytes.len() {
-            // A record cut short by the end of the file is torn, unless its length is what is
-            // damaged and records written after it are still there.
-            let torn = !intact_record_after(bytes, off);
-            return Scan {
-                records,
-                end: off as u64,
-                damage: Some((off as u64, format!("record of {len} bytes runs past the end of the file"), torn)),
-            };
-        }
-        let body = &bytes[body_start..body_start + len];
-        if crc32c::crc32c(body) != crc {
-            // A torn write leaves a whole sector unwritten (zeros) inside the record, or leaves
-            // nothing valid behind it.
-            let rec_end = (body_start + padded(len)).min(bytes.len());
-            let has_zero_sector = {
-                let first = off.div_ceil(SECTOR) * SECTOR;
-                let mut s = first;
-                let mut found = false;
-                while s + SECTOR <= rec_end {
-                    if bytes[s..s + SECTOR].iter().all(|b| *b == 0) {
-                        found = true;
-                        break;
-                    }
-                    s += SECTOR;
-                }
-                found
-            };
-            let tail_zero = bytes[rec_end..].iter().all(|b| *b == 0);
-            let torn = (has_zero_sector || tail_zero) && !intact_record_after(bytes, off);
-            return Scan { records, end: off as u64, damage: Some((off as u64, format!("crc mismatch (stored {crc:#010x})"), torn)) };
-        }
-        records.push(Record { kind: body[0], data: body[1..].to_vec() });
-        off = body_start + padded(len);
+        off = f.next;
     }
 }
 
-/// True when a whole record with a matching checksum starts somewhere after the damaged one at
-/// `off` (records are 8-byte aligned). A torn write damages only the last record written, so
-/// anything intact after the damage means the damage is not a torn tail but corruption (a
-/// damaged length field, say, which would otherwise hide every record fsynced after it).
-fn intact_record_after(bytes: &[u8], off: usize) -> bool {
+/// A torn write leaves a whole sector unwritten (zeros) inside the damaged frame, or leaves
+/// nothing but zeros after it.
+fn looks_torn(bytes: &[u8], off: usize) -> bool {
+    let field = bytes.get(off..off + HEADER).map(|h| u64::from_le_bytes(h.try_into().unwrap_or([0; 8]))).unwrap_or(0);
+    let len = (field & !(0xffu64 << 56)).min(bytes.len() as u64) as usize;
+    let end = (off + HEADER).saturating_add(len).next_multiple_of(8).min(bytes.len());
+    let mut s = off.div_ceil(SECTOR) * SECTOR;
+    while s + SECTOR <= end {
+        if bytes[s..s + SECTOR].iter().all(|b| *b == 0) {
+            return true;
+        }
+        s += SECTOR;
+    }
+    bytes[end..].iter().all(|b| *b == 0)
+}
+
+/// True when an intact record lies somewhere after the damaged frame at `off` (frames are
+/// 8-byte aligned): a frame whose checksum continues the chain before the damage, or the damaged
+/// record's own stored checksum, or a frame followed by one whose checksum continues it. A torn
+/// write damages only the last record written, so anything intact after the damage means the
+/// damage is corruption (a damaged length field, say, which would otherwise hide every record
+/// fsynced after it).
+fn intact_record_after(bytes: &[u8], off: usize, chain: u32) -> bool {
+    let mut from = vec![chain];
+    if let Some(stored) = stored_crc(bytes, off) {
+        from.push(stored);
+    }
     let mut at = off + 8;
     while at + HEADER <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
-        if len > 0 && at + HEADER + len <= bytes.len() {
-            let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or([0; 4]));
-            if crc32c::crc32c(&bytes[at + HEADER..at + HEADER + len]) == crc {
-                return true;
+        if let Parsed::Frame(f) = frame::parse(bytes, at) {
+            if f.kind != RECORD_CRC as i64 {
+                if from.iter().any(|c| crc32c::crc32c_append(*c, f.data) == f.crc) {
+                    return true;
+                }
+                if let Parsed::Frame(g) = frame::parse(bytes, f.next) {
+                    if g.kind != RECORD_CRC as i64 && crc32c::crc32c_append(f.crc, g.data) == g.crc {
+                        return true;
+                    }
+                }
             }
         }
         at += 8;
     }
     false
+}
+
+/// The crc field of the (damaged) record at `off`, when its first bytes still decode: etcd's
+/// encoder writes the type, then the crc.
+fn stored_crc(bytes: &[u8], off: usize) -> Option<u32> {
+    let mut b = bytes.get(off + HEADER..)?;
+    if b.first() != Some(&0x08) {
+        return None;
+    }
+    b = &b[1..];
+    prost::encoding::decode_varint(&mut b).ok()?;
+    if b.first() != Some(&0x10) {
+        return None;
+    }
+    b = &b[1..];
+    u32::try_from(prost::encoding::decode_varint(&mut b).ok()?).ok()
 }
 
 impl Wal {
@@ -192,14 +249,15 @@ impl Wal {
             return Err(Error::Invalid(format!("{} already holds a WAL", dir.display())));
         }
         let name = SegmentName { seq: 0, index: 0 };
-        let file = create_segment(dir, name, &opts, metadata, None)?;
-        let offset = file_offset_after_header(metadata, None);
+        // As etcd: the first segment holds the empty snapshot record after the metadata.
+        let (file, offset, crc) = create_segment(dir, name, &opts, 0, metadata, RECORD_SNAPSHOT, Some(&EMPTY_SNAPSHOT))?;
         Ok(Wal {
             dir: dir.to_path_buf(),
             opts,
             segments: vec![name],
             file,
             offset,
+            crc,
             metadata: metadata.to_vec(),
             last_state: None,
             next_index: 0,
@@ -224,34 +282,7 @@ impl Wal {
                 )));
             }
         }
-        let mut all = Vec::new();
-        let mut tail_end = 0u64;
-        for (i, seg) in segments.iter().enumerate() {
-            let path = dir.join(seg.file_name());
-            let mut bytes = Vec::new();
-            File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(&path))?;
-            let s = scan(&bytes);
-            let last = i + 1 == segments.len();
-            if let Some((offset, reason, torn)) = s.damage {
-                if last && torn {
-                    tracing::warn!(
-                        file = %path.display(),
-                        offset,
-                        reason = %reason,
-                        "wal: torn last record; truncating the tail of the WAL"
-                    );
-                } else {
-                    return Err(Error::Corrupt { path, offset, reason });
-                }
-            }
-            if s.records.first().map(|r| r.kind) != Some(RECORD_METADATA) {
-                return Err(Error::Corrupt { path, offset: 0, reason: "segment does not start with metadata".into() });
-            }
-            if last {
-                tail_end = s.end;
-            }
-            all.extend(s.records);
-        }
+        let (all, tail_end, crc) = read_segments(dir, &segments, true)?;
         let metadata = all.first().map(|r| r.data.clone()).unwrap_or_default();
         let last_state = all.iter().rev().find(|r| r.kind == RECORD_STATE).map(|r| r.data.clone());
         let last = *segments.last().ok_or_else(|| Error::Invalid("no segment".into()))?;
@@ -266,8 +297,19 @@ impl Wal {
         preallocate(&file, opts.segment_bytes.max(tail_end)).map_err(io_err(&path))?;
         file.sync_all().map_err(io_err(&path))?;
         let next_index = last.index;
-        let wal = Wal { dir: dir.to_path_buf(), opts, segments, file, offset: tail_end, metadata, last_state, next_index, buf: Vec::new() };
+        let wal =
+            Wal { dir: dir.to_path_buf(), opts, segments, file, offset: tail_end, crc, metadata, last_state, next_index, buf: Vec::new() };
         Ok((wal, all))
+    }
+
+    /// Every record of the WAL in `dir`, in order, changing nothing on disk (a torn tail of the
+    /// last segment ends the log; other damage is an error). For reading another member's WAL.
+    pub fn read(dir: &Path) -> Result<Vec<Record>> {
+        let segments = segments_in(dir, true)?;
+        if segments.is_empty() {
+            return Err(Error::Invalid(format!("no WAL segment in {}", dir.display())));
+        }
+        Ok(read_segments(dir, &segments, false)?.0)
     }
 
     /// Appends `records` and makes them durable (fdatasync) before returning. `next_index` is the
@@ -279,8 +321,12 @@ impl Wal {
         }
         self.next_index = self.next_index.max(next_index);
         self.buf.clear();
+        let mut crc = self.crc;
         for (kind, data) in records {
-            encode_into(&mut self.buf, *kind, data);
+            if *kind == RECORD_CRC {
+                return Err(Error::Invalid("crc records are the WAL's own".into()));
+            }
+            encode_into(&mut self.buf, &mut crc, *kind, data);
             if *kind == RECORD_STATE {
                 self.last_state = Some(data.to_vec());
             }
@@ -290,6 +336,7 @@ impl Wal {
         self.file.seek(SeekFrom::Start(self.offset)).map_err(io_err(&path))?;
         self.file.write_all(&self.buf).map_err(io_err(&path))?;
         self.offset += self.buf.len() as u64;
+        self.crc = crc;
         if let Some(observe) = crate::WRITE_OBSERVER.get() {
             observe(self.buf.len(), w0.elapsed());
         }
@@ -330,14 +377,17 @@ impl Wal {
         }
     }
 
-    /// Starts a new segment; it begins with the metadata and the latest hard state.
+    /// Starts a new segment; as etcd's, it begins with the checksum chain so far, the metadata
+    /// and the latest hard state.
     fn cut(&mut self, next_index: u64) -> Result<()> {
         let seq = self.segments.last().map(|s| s.seq + 1).unwrap_or(0);
         #[cfg(feature = "failpoints")]
         fail::fail_point!("wal::cut", |_| std::process::abort());
         let name = SegmentName { seq, index: next_index };
-        let file = create_segment(&self.dir, name, &self.opts, &self.metadata, self.last_state.as_deref())?;
-        self.offset = file_offset_after_header(&self.metadata, self.last_state.as_deref());
+        let (file, offset, crc) =
+            create_segment(&self.dir, name, &self.opts, self.crc, &self.metadata, RECORD_STATE, self.last_state.as_deref())?;
+        self.offset = offset;
+        self.crc = crc;
         self.file = file;
         self.segments.push(name);
         tracing::info!(segment = %name.file_name(), "wal: cut a new segment");
@@ -375,12 +425,47 @@ impl Wal {
     }
 }
 
-fn file_offset_after_header(metadata: &[u8], state: Option<&[u8]>) -> u64 {
-    let mut n = padded(HEADER + 1 + metadata.len());
-    if let Some(s) = state {
-        n += padded(HEADER + 1 + s.len());
+/// Reads and checks `segments` of `dir` in order: every record but the crc records, the offset
+/// just past the last good record of the last segment, and the checksum chain there. With
+/// `repair`, a torn tail of the last segment is reported as one to be cut off; without, it
+/// just ends the log.
+fn read_segments(dir: &Path, segments: &[SegmentName], repair: bool) -> Result<(Vec<Record>, u64, u32)> {
+    let mut all = Vec::new();
+    let mut tail_end = 0u64;
+    let mut chain = None;
+    let mut metadata: Option<Vec<u8>> = None;
+    for (i, seg) in segments.iter().enumerate() {
+        let path = dir.join(seg.file_name());
+        let mut bytes = Vec::new();
+        File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(&path))?;
+        let s = scan(&bytes, chain);
+        let last = i + 1 == segments.len();
+        if let Some((offset, reason, torn)) = s.damage {
+            if last && torn {
+                if repair {
+                    tracing::warn!(file = %path.display(), offset, reason = %reason, "wal: torn last record; truncating the tail of the WAL");
+                } else {
+                    tracing::warn!(file = %path.display(), offset, reason = %reason, "wal: torn last record ends the log");
+                }
+            } else {
+                return Err(Error::Corrupt { path, offset, reason });
+            }
+        }
+        match (s.records.first(), &metadata) {
+            (Some(r), None) if r.kind == RECORD_METADATA => metadata = Some(r.data.clone()),
+            (Some(r), Some(m)) if r.kind == RECORD_METADATA && r.data != *m => {
+                return Err(Error::Corrupt { path, offset: 0, reason: "metadata differs from the first segment's".into() });
+            }
+            (Some(r), Some(_)) if r.kind == RECORD_METADATA => {}
+            _ => return Err(Error::Corrupt { path, offset: 0, reason: "segment does not start with metadata".into() }),
+        }
+        chain = Some(s.crc);
+        if last {
+            tail_end = s.end;
+        }
+        all.extend(s.records);
     }
-    n as u64
+    Ok((all, tail_end, chain.unwrap_or(0)))
 }
 
 /// Reserves `len` bytes of disk for `f` (zero-filled) so that appends never wait for block
@@ -398,24 +483,42 @@ fn preallocate(f: &File, len: u64) -> std::io::Result<()> {
     f.set_len(len)
 }
 
-fn create_segment(dir: &Path, name: SegmentName, opts: &WalOptions, metadata: &[u8], state: Option<&[u8]>) -> Result<File> {
+/// Creates segment `name` durably: a crc record carrying `crc` on, the metadata, then
+/// (`third_kind`, `third`) if given. Returns it open, the offset after its records and the chain.
+fn create_segment(
+    dir: &Path,
+    name: SegmentName,
+    opts: &WalOptions,
+    crc: u32,
+    metadata: &[u8],
+    third_kind: u8,
+    third: Option<&[u8]>,
+) -> Result<(File, u64, u32)> {
     let tmp = dir.join(format!("{}.tmp", name.file_name()));
     let fin = dir.join(name.file_name());
     let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(io_err(&tmp))?;
     let mut buf = Vec::new();
-    encode_into(&mut buf, RECORD_METADATA, metadata);
-    if let Some(s) = state {
-        encode_into(&mut buf, RECORD_STATE, s);
+    let mut crc = crc;
+    encode_into(&mut buf, &mut crc, RECORD_CRC, &[]);
+    encode_into(&mut buf, &mut crc, RECORD_METADATA, metadata);
+    if let Some(s) = third {
+        encode_into(&mut buf, &mut crc, third_kind, s);
     }
     f.write_all(&buf).map_err(io_err(&tmp))?;
     preallocate(&f, opts.segment_bytes.max(buf.len() as u64)).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, &fin).map_err(io_err(&fin))?;
     sync_dir(dir)?;
-    Ok(f)
+    Ok((f, buf.len() as u64, crc))
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<SegmentName>> {
+/// The segments in `dir` by sequence. `.tmp` files (a segment whose creation did not finish, or
+/// etcd's next preallocated segment) are removed, unless `read_only`.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentName>> {
+    segments_in(dir, false)
+}
+
+fn segments_in(dir: &Path, read_only: bool) -> Result<Vec<SegmentName>> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -426,7 +529,7 @@ fn list_segments(dir: &Path) -> Result<Vec<SegmentName>> {
         let ent = ent.map_err(io_err(dir))?;
         let name = ent.file_name();
         let name = name.to_string_lossy();
-        if name.ends_with(".tmp") {
+        if name.ends_with(".tmp") && !read_only {
             // A segment whose creation did not finish: never held acknowledged data.
             let _ = fs::remove_file(ent.path());
             continue;
@@ -512,13 +615,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
         let mut bytes = Vec::new();
-        encode_into(&mut bytes, RECORD_METADATA, b"m");
-        encode_into(&mut bytes, RECORD_ENTRY, b"0123456789");
+        let mut crc = 0;
+        encode_into(&mut bytes, &mut crc, RECORD_CRC, &[]);
+        encode_into(&mut bytes, &mut crc, RECORD_METADATA, b"m");
+        encode_into(&mut bytes, &mut crc, RECORD_ENTRY, b"0123456789");
         assert!(bytes.len() % 8 == 0 && bytes.ends_with(&[0]), "the last record is padded");
         bytes.truncate(bytes.len() - 1);
         std::fs::write(&path, &bytes).unwrap();
         let (mut w, recs) = Wal::open(d.path(), small()).unwrap();
         assert_eq!(recs.len(), 2);
+        assert_eq!(w.crc, crc, "the chain goes on from the last record");
         w.save(&[(RECORD_ENTRY, b"next")], 0).unwrap();
         drop(w);
         let (_, recs) = Wal::open(d.path(), small()).unwrap();
@@ -554,15 +660,15 @@ mod tests {
         drop(w);
         let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
         let bytes = fs::read(&path).unwrap();
-        // The fifth entry's length (records: metadata, entries 1..10, state).
+        // The fifth entry's length (records: crc, metadata, empty snapshot, entries 1..10, state).
         let mut off = 0usize;
-        for _ in 0..5 {
-            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
-            off += HEADER + padded(len);
+        for _ in 0..7 {
+            let Parsed::Frame(f) = frame::parse(&bytes, off) else { panic!("no frame at {off}") };
+            off = f.next;
         }
-        for (len, what) in [(4000u32, "longer, over later records"), (1u32 << 20, "longer, over the zeros after them")] {
+        for (len, what) in [(4000u64, "longer, over later records"), (1u64 << 20, "longer, over the zeros after them")] {
             let mut b = bytes.clone();
-            b[off..off + 4].copy_from_slice(&len.to_le_bytes());
+            b[off..off + 8].copy_from_slice(&len.to_le_bytes());
             fs::write(&path, &b).unwrap();
             match Wal::open(d.path(), WalOptions::default()) {
                 Err(Error::Corrupt { path: p, offset, .. }) => {
@@ -604,9 +710,52 @@ mod tests {
         drop(w);
         let mut bytes = fs::read(&first).unwrap();
         // Damage the last record of the closed first segment: still corruption, not a torn tail.
-        let s = scan(&bytes);
+        let s = scan(&bytes, None);
         bytes[s.end as usize - 10] ^= 0x01;
         fs::write(&first, &bytes).unwrap();
         assert!(matches!(Wal::open(d.path(), small()), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn the_chain_continues_across_segments_and_a_broken_link_is_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", small()).unwrap();
+        entries(&mut w, 1, 100);
+        let segs = w.segment_files();
+        drop(w);
+        let second = d.path().join(&segs[1]);
+        let mut bytes = fs::read(&second).unwrap();
+        let Parsed::Frame(f) = frame::parse(&bytes, 0) else { panic!("no crc record") };
+        assert_eq!(f.kind, RECORD_CRC as i64);
+        assert_ne!(f.crc, 0, "a later segment carries the chain on");
+        // The crc record's frame: length field, 0x08 4 (type), 0x10 then the chain as a varint.
+        // Flipping its low bit keeps its encoded length: the link is broken, nothing else.
+        assert_eq!(&bytes[8..11], &[0x08, 0x04, 0x10]);
+        bytes[11] ^= 0x01;
+        fs::write(&second, &bytes).unwrap();
+        match Wal::open(d.path(), small()) {
+            Err(Error::Corrupt { path, offset, .. }) => assert_eq!((path, offset), (second, 0)),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a broken chain was not detected"),
+        }
+    }
+
+    #[test]
+    fn read_changes_nothing_and_stops_at_a_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", WalOptions::default()).unwrap();
+        entries(&mut w, 1, 10);
+        let end = w.offset;
+        drop(w);
+        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(end - 50).unwrap();
+        drop(f);
+        let before = fs::read(&path).unwrap();
+        let recs = Wal::read(d.path()).unwrap();
+        assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 9);
+        assert_eq!(recs[0], Record { kind: RECORD_METADATA, data: b"meta".to_vec() });
+        assert_eq!(recs[1], Record { kind: RECORD_SNAPSHOT, data: EMPTY_SNAPSHOT.to_vec() });
+        assert_eq!(fs::read(&path).unwrap(), before);
     }
 }

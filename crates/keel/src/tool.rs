@@ -288,15 +288,11 @@ fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u6
 
 fn wal_dump(dir: &Path) -> Result<()> {
     let wal_dir = if dir.join("member/wal").is_dir() { dir.join("member/wal") } else { dir.to_path_buf() };
-    // Read a copy: opening a WAL may cut a torn tail, which must not happen under a live member.
-    let scratch = tempfile::tempdir()?;
-    for e in std::fs::read_dir(&wal_dir).with_context(|| format!("read {}", wal_dir.display()))? {
-        let e = e?;
-        if e.file_name().to_string_lossy().ends_with(".wal") {
-            std::fs::copy(e.path(), scratch.path().join(e.file_name()))?;
-        }
+    // Read only: a torn tail ends the dump and is left as it is (a live member may own it).
+    if keel_wal::legacy::is_legacy(&wal_dir).unwrap_or(false) {
+        bail!("{} is in the WAL format of an older Keel: start that member once with this Keel to rewrite it in etcd's", wal_dir.display());
     }
-    let (_wal, records) = keel_wal::Wal::open(scratch.path(), keel_wal::WalOptions::default()).context("open WAL")?;
+    let records = keel_wal::Wal::read(&wal_dir).context("read WAL")?;
     println!("WAL {}: {} records", wal_dir.display(), records.len());
     for r in records {
         match r.kind {
@@ -320,9 +316,8 @@ fn wal_dump(dir: &Path) -> Result<()> {
                 let hs = keel_raft::wire::hard_state(&r.data).context("undecodable hard state")?;
                 println!("hardstate term={} vote={:x} commit={}", hs.term, hs.vote, hs.commit);
             }
-            keel_wal::RECORD_SNAPSHOT if r.data.len() == 16 => {
-                let term = u64::from_be_bytes(r.data[..8].try_into().unwrap_or([0; 8]));
-                let index = u64::from_be_bytes(r.data[8..].try_into().unwrap_or([0; 8]));
+            keel_wal::RECORD_SNAPSHOT => {
+                let (index, term) = keel_raft::wire::wal_snapshot_mark(&r.data).context("undecodable snapshot record")?;
                 println!("snapshot term={term} index={index}");
             }
             keel_wal::RECORD_METADATA => println!("metadata {} bytes", r.data.len()),
