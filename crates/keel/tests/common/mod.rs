@@ -254,7 +254,9 @@ pub fn etcd(version: &'static str) -> Option<Etcd> {
     let e = match version {
         "3.4" => Etcd { version, server: "/usr/bin/etcd".into(), ctl: "/usr/bin/etcdctl".into(), utl: None },
         _ => {
-            let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/etcd-ref/v3.6.16/bin");
+            // "3.6" is the pinned 3.6.16; a full version ("v3.7.3") is that release's build.
+            let release = if version.starts_with('v') { version } else { "v3.6.16" };
+            let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/etcd-ref").join(release).join("bin");
             Etcd { version, server: bin.join("etcd"), ctl: bin.join("etcdctl"), utl: Some(bin.join("etcdutl")) }
         }
     };
@@ -266,7 +268,7 @@ pub fn etcd(version: &'static str) -> Option<Etcd> {
         return None;
     }
     panic!(
-        "{} is needed (etcd {version}: Debian etcd-server, or scripts/etcd-ref.sh v3.6.16); KEEL_SKIP_ETCD_ORACLE=1 skips",
+        "{} is needed (etcd {version}: Debian etcd-server, or scripts/etcd-ref.sh VERSION); KEEL_SKIP_ETCD_ORACLE=1 skips",
         e.server.display()
     );
 }
@@ -325,5 +327,26 @@ impl Node {
         let mut p = self.spawn(bin, dir, initial_cluster);
         assert!(p.wait_ready(), "{} did not start from {}:\n{}", bin.display(), dir.display(), p.log_text());
         p
+    }
+}
+
+/// A lazily connecting client channel to `url` (1 s connect, 10 s per request).
+pub fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string()).unwrap().connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(10)).connect_lazy()
+}
+
+/// Retries `f` until it succeeds or `limit` passes; the last error otherwise.
+pub async fn retry<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
 }

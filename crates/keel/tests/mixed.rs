@@ -1,0 +1,249 @@
+//! One cluster of etcd 3.6.16 and Keel members, over etcd's peer protocol: what each kind serves
+//! as a follower of a leader of the other kind, and how a member of one kind that fell behind
+//! catches up from a leader of the other kind by a snapshot (the raft snapshot message and the
+//! backend in bbolt form).
+//!
+//! Needs etcd 3.6.16 (`scripts/etcd-ref.sh`); skipped only when `KEEL_SKIP_ETCD_ORACLE=1`.
+
+mod common;
+
+use common::*;
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::watch_client::WatchClient;
+use keel_proto::etcdserverpb::{
+    watch_request, HashKvRequest, MoveLeaderRequest, PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
+};
+use std::path::Path;
+use std::time::Duration;
+
+/// A member: which kind runs it, its node, data dir and process.
+struct Member {
+    keel: bool,
+    node: Node,
+    dir: std::path::PathBuf,
+    proc: Proc,
+}
+
+impl Member {
+    fn kind(&self) -> &'static str {
+        if self.keel {
+            "keel"
+        } else {
+            "etcd"
+        }
+    }
+}
+
+/// Starts one cluster whose members run etcd (`false`) or Keel (`true`) as `kinds` says, each
+/// with `extra` flags, on 127.0.0.11 and up.
+fn start_cluster(base: &Path, etcd_bin: &Path, kinds: &[bool], extra: &[&str]) -> Vec<Member> {
+    let nodes: Vec<Node> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| Node::new(&format!("{}{i}", if *k { "k" } else { "e" }), &format!("127.0.0.{}", 11 + i)))
+        .collect();
+    let ic = nodes.iter().map(|n| format!("{}={}", n.name, n.purl())).collect::<Vec<_>>().join(",");
+    let mut members = Vec::new();
+    for (node, keel) in nodes.into_iter().zip(kinds) {
+        let dir = base.join(&node.name);
+        let bin = if *keel { keel_bin() } else { etcd_bin.to_path_buf() };
+        let mut args = node.args(&dir, &ic);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = spawn(&bin, &dir, &node.curl(), &args);
+        members.push(Member { keel: *keel, node, dir, proc });
+    }
+    for m in &mut members {
+        assert!(m.proc.wait_ready(), "{} {} did not start:\n{}", m.kind(), m.node.name, m.proc.log_text());
+    }
+    members
+}
+
+/// (member ID, leader ID) as `url`'s member reports them.
+async fn status(url: &str) -> Result<(u64, u64), String> {
+    let s = MaintenanceClient::new(channel(url)).status(StatusRequest {}).await.map_err(|e| e.to_string())?.into_inner();
+    Ok((s.header.unwrap_or_default().member_id, s.leader))
+}
+
+/// Makes `members[to]` the leader (MoveLeader, sent to the current leader) and waits until every
+/// member sees it lead.
+async fn lead(members: &[Member], to: usize) {
+    let (target, _) = retry("status", Duration::from_secs(20), || status_of(&members[to])).await;
+    retry(&format!("move the leader to {}", members[to].node.name), Duration::from_secs(60), || async {
+        let mut ids = Vec::new();
+        for m in members {
+            ids.push(status_of(m).await?);
+        }
+        if ids.iter().all(|(_, l)| *l == target) {
+            return Ok(());
+        }
+        let leader = ids.iter().find(|(id, l)| id == l).ok_or("no leader yet")?;
+        let at = members.iter().zip(&ids).find(|(_, (id, _))| *id == leader.0).map(|(m, _)| m.node.curl()).ok_or("leader unknown")?;
+        MaintenanceClient::new(channel(&at)).move_leader(MoveLeaderRequest { target_id: target }).await.map_err(|e| e.to_string())?;
+        Err("moved; checking".into())
+    })
+    .await;
+}
+
+async fn status_of(m: &Member) -> Result<(u64, u64), String> {
+    status(&m.node.curl()).await
+}
+
+/// HashKV of `members` at the revision of `members[0]`, once all agree.
+async fn hashes_agree(members: &[&Member]) {
+    let url0 = members[0].node.curl();
+    let rev = retry("status", Duration::from_secs(20), || async {
+        let s = MaintenanceClient::new(channel(&url0)).status(StatusRequest {}).await.map_err(|e| e.to_string())?.into_inner();
+        Ok(s.header.unwrap_or_default().revision)
+    })
+    .await;
+    retry(&format!("equal HashKV at revision {rev}"), Duration::from_secs(60), || async {
+        let mut hashes = Vec::new();
+        for m in members {
+            let r = MaintenanceClient::new(channel(&m.node.curl()))
+                .hash_kv(HashKvRequest { revision: rev })
+                .await
+                .map_err(|e| format!("{} {}: {e}", m.kind(), m.node.name))?
+                .into_inner();
+            hashes.push((m.kind(), m.node.name.clone(), r.hash));
+        }
+        if hashes.windows(2).all(|w| w[0].2 == w[1].2) {
+            Ok(())
+        } else {
+            Err(format!("{hashes:?}"))
+        }
+    })
+    .await;
+}
+
+/// A counter of `name` on `url`'s `/metrics`, summed over its labels.
+fn metric_sum(url: &str, name: &str) -> f64 {
+    let text = http_get(url, "/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Through a follower `f` of a leader `l` of the other kind: each write acknowledged by `l` is
+/// seen at once by a linearizable read on `f`, and a watch on `f` delivers every write once, in
+/// order, at the revision `l` acknowledged.
+async fn reads_and_watch_through(l: &Member, f: &Member, prefix: &str) {
+    let (fid, fleader) = retry("status", Duration::from_secs(20), || status_of(f)).await;
+    let (lid, _) = retry("status", Duration::from_secs(20), || status_of(l)).await;
+    assert!(fleader == lid && fid != lid, "{} {} must follow {} {}", f.kind(), f.node.name, l.kind(), l.node.name);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let create = WatchCreateRequest { key: prefix.as_bytes().to_vec(), range_end: format!("{prefix}~").into_bytes(), ..Default::default() };
+    tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await.unwrap();
+    let mut watch =
+        WatchClient::new(channel(&f.node.curl())).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let created = watch.message().await.unwrap().expect("watch created");
+    assert!(created.created, "{created:?}");
+    let (mut lkv, mut fkv) = (KvClient::new(channel(&l.node.curl())), KvClient::new(channel(&f.node.curl())));
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        let key = format!("{prefix}{i:03}");
+        let r = lkv
+            .put(PutRequest { key: key.clone().into(), value: format!("v{i}").into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        let rev = r.header.unwrap_or_default().revision;
+        let got = fkv.range(RangeRequest { key: key.clone().into(), ..Default::default() }).await.unwrap().into_inner();
+        let kv = got.kvs.first().unwrap_or_else(|| panic!("{} follower {} missed {key} acknowledged at {rev}", f.kind(), f.node.name));
+        assert_eq!((kv.mod_revision, kv.value.as_slice()), (rev, format!("v{i}").as_bytes()), "{key}");
+        assert!(got.header.unwrap_or_default().revision >= rev);
+        acked.push((key, rev));
+    }
+    let mut seen = Vec::new();
+    while seen.len() < acked.len() {
+        let m = tokio::time::timeout(Duration::from_secs(20), watch.message()).await.expect("watch events").unwrap().expect("watch open");
+        assert!(!m.canceled && m.compact_revision == 0, "{m:?}");
+        seen.extend(m.events.iter().map(|e| {
+            let kv = e.kv.clone().unwrap_or_default();
+            (String::from_utf8_lossy(&kv.key).into_owned(), kv.mod_revision)
+        }));
+    }
+    drop(tx);
+    assert_eq!(seen, acked, "the watch on {} {} saw every write once, in order", f.kind(), f.node.name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linearizable_reads_and_watches_via_followers_of_the_other_kind() {
+    let Some(e) = etcd("3.6") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = start_cluster(tmp.path(), &e.server, &[false, true, true], &[]);
+    // An etcd leader: both Keel members follow it.
+    lead(&members, 0).await;
+    reads_and_watch_through(&members[0], &members[1], "a/").await;
+    reads_and_watch_through(&members[0], &members[2], "b/").await;
+    // A Keel leader: the etcd member follows it.
+    lead(&members, 1).await;
+    reads_and_watch_through(&members[1], &members[0], "c/").await;
+    hashes_agree(&members.iter().collect::<Vec<_>>()).await;
+    for m in &mut members {
+        m.proc.stop();
+    }
+}
+
+/// Stops `members[lag]`, writes until the leader `members[leader]` has compacted its log past
+/// it, restarts it, and checks it caught up by a snapshot from the leader.
+async fn catch_up_by_snapshot(members: &mut [Member], leader: usize, lag: usize, etcd_bin: &Path, ic: &str, prefix: &str) {
+    lead(members, leader).await;
+    let url = members[leader].node.curl();
+    let sent_before = metric_sum(&url, "etcd_network_snapshot_send_success");
+    // etcd re-raises SIGTERM after its shutdown, so only Keel's exit status is 0.
+    let code = members[lag].proc.stop();
+    assert!(!members[lag].keel || code == Some(0), "{:?}\n{}", code, members[lag].proc.log_text());
+    let mut kv = KvClient::new(channel(&url));
+    // --snapshot-count 20, --snapshot-catchup-entries 10: 300 entries leave the stopped member's
+    // index far before the leader's first log entry.
+    for i in 0..300 {
+        kv.put(PutRequest { key: format!("{prefix}{i:04}").into(), value: vec![b'x'; 100], ..Default::default() }).await.unwrap();
+    }
+    let m = &mut members[lag];
+    let bin = if m.keel { keel_bin() } else { etcd_bin.to_path_buf() };
+    let mut args = m.node.args(&m.dir, ic);
+    args.extend(["--snapshot-count", "20", "--snapshot-catchup-entries", "10"].iter().map(|s| s.to_string()));
+    m.proc = spawn(&bin, &m.dir, &m.node.curl(), &args);
+    assert!(m.proc.wait_ready(), "{} {} did not restart:\n{}", m.kind(), m.node.name, m.proc.log_text());
+    hashes_agree(&[&members[leader], &members[lag]]).await;
+    let lag_url = members[lag].node.curl();
+    let got = KvClient::new(channel(&lag_url))
+        .range(RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: format!("{prefix}~").into_bytes(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.count, 300);
+    let received = metric_sum(&lag_url, "etcd_network_snapshot_receive_success");
+    let sent = metric_sum(&url, "etcd_network_snapshot_send_success");
+    assert!(
+        received >= 1.0 && sent > sent_before,
+        "{} {} caught up from {} {} without a snapshot (received {received}, sent {sent_before} -> {sent})",
+        members[lag].kind(),
+        members[lag].node.name,
+        members[leader].kind(),
+        members[leader].node.name
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_member_catches_up_by_snapshot_from_a_leader_of_the_other_kind() {
+    let Some(e) = etcd("3.6") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ["--snapshot-count", "20", "--snapshot-catchup-entries", "10"];
+    let mut members = start_cluster(tmp.path(), &e.server, &[false, true, false], &extra);
+    let ic = members.iter().map(|m| format!("{}={}", m.node.name, m.node.purl())).collect::<Vec<_>>().join(",");
+    // A Keel member behind an etcd leader, then an etcd member behind a Keel leader.
+    catch_up_by_snapshot(&mut members, 0, 1, &e.server, &ic, "s1/").await;
+    catch_up_by_snapshot(&mut members, 1, 0, &e.server, &ic, "s2/").await;
+    hashes_agree(&members.iter().collect::<Vec<_>>()).await;
+    for m in &mut members {
+        m.proc.stop();
+    }
+}
