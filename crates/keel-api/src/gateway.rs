@@ -262,10 +262,22 @@ async fn watch(g: &Gateway, body: Bytes, token: &Token, permit: tokio::sync::Own
     {
         return error(e);
     }
+    if c.start_revision < 0 {
+        let rev = server.store().current_rev();
+        let resp = keel_proto::etcdserverpb::WatchResponse {
+            header: g.hub.header(rev),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: crate::api::watch::COMPACTED.to_string(),
+            ..Default::default()
+        };
+        return ([(header::CONTENT_TYPE, "application/json")], result_line(&resp)).into_response();
+    }
     let spec = Spec::from_create(&c);
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
     let stream_id = (1u64 << 62) + g.next_stream.fetch_add(1, Ordering::Relaxed);
-    let handle = match g.hub.watch((stream_id, 0), spec, c.start_revision.max(0), tx) {
+    let handle = match g.hub.watch((stream_id, 0), spec, c.start_revision, tx) {
         Ok(h) => h,
         Err(resp) => return ([(header::CONTENT_TYPE, "application/json")], result_line(&resp)).into_response(),
     };

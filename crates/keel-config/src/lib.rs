@@ -117,6 +117,10 @@ pub struct Config {
     /// Dial peers from the IP of the first advertised peer URL (when it is an IP address).
     #[arg(long, env = "ETCD_EXPERIMENTAL_SET_MEMBER_LOCALADDR", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub experimental_set_member_localaddr: bool,
+    /// The leader checkpoints remaining lease TTLs through raft, so that a new leader resumes
+    /// each lease where it was (etcd 3.5's flag; the `LeaseCheckpoint` feature gate in 3.6).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub experimental_enable_lease_checkpoint: bool,
     /// Duration of periodic watch progress notifications (e.g. 10m, 500ms).
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m")]
     pub experimental_watch_progress_notify_interval: String,
@@ -340,6 +344,12 @@ impl Config {
         } else {
             self.quota_backend_bytes
         }
+    }
+
+    /// Whether lease checkpoints are on: `--experimental-enable-lease-checkpoint` or the
+    /// `LeaseCheckpoint` feature gate (off by default, as etcd).
+    pub fn lease_checkpoint(&self) -> bool {
+        self.experimental_enable_lease_checkpoint || self.feature("LeaseCheckpoint")
     }
 
     /// The source IP for peer connections, with `--experimental-set-member-localaddr`.

@@ -42,9 +42,23 @@ pub struct Lessor {
     primary: bool,
     /// Leases renewed since the last checkpoint was taken (leader only).
     renewed: HashSet<i64>,
+    /// etcd's `LeaseCheckpoint` feature: the leader checkpoints remaining TTLs through raft, and
+    /// a new leader resumes each lease from its checkpoint. Off (etcd's default), a new leader
+    /// gives every lease its full TTL from when it took over.
+    checkpointing: bool,
 }
 
 impl Lessor {
+    /// Turns checkpointing (etcd's `LeaseCheckpoint` feature) on or off.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Whether the leader checkpoints remaining TTLs through raft.
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
     pub fn exists(&self, id: i64) -> bool {
         self.leases.contains_key(&id)
     }
@@ -186,14 +200,16 @@ impl Lessor {
         Some((remaining, l.ttl, l.keys.iter().cloned().collect()))
     }
 
-    /// This member became leader: every lease runs from its last checkpoint (or its full TTL)
-    /// plus `extend`, which covers renewals since that checkpoint.
+    /// This member became leader: every lease runs from its last checkpoint plus `extend`,
+    /// which covers renewals since that checkpoint, when checkpointing is on; from its full TTL
+    /// plus `extend` otherwise (as etcd's lessor, which knows no remaining TTL then).
     pub fn promote(&mut self, extend: Duration) {
         self.primary = true;
         let now = Instant::now();
+        let checkpointing = self.checkpointing;
         for l in self.leases.values_mut() {
-            let full = now + Duration::from_secs(l.ttl.max(0) as u64);
-            let from_checkpoint = l.checkpointed.map(|(at, ms)| at + Duration::from_millis(ms as u64) + extend);
+            let full = now + Duration::from_secs(l.ttl.max(0) as u64) + if checkpointing { Duration::ZERO } else { extend };
+            let from_checkpoint = l.checkpointed.filter(|_| checkpointing).map(|(at, ms)| at + Duration::from_millis(ms as u64) + extend);
             l.deadline = Some(from_checkpoint.map(|d| d.min(full)).unwrap_or(full));
             l.revoking_since = None;
         }
@@ -240,6 +256,7 @@ mod tests {
     #[test]
     fn a_new_leader_resumes_from_the_checkpoint() {
         let mut l = Lessor::default();
+        l.set_checkpointing(true);
         l.grant(1, 100).unwrap();
         l.promote(Duration::ZERO);
         let due = l.due_checkpoints(10);
@@ -275,11 +292,24 @@ mod tests {
     #[test]
     fn a_granted_lease_resumes_from_its_grant_on_a_new_leader() {
         let mut l = Lessor::default();
+        l.set_checkpointing(true);
         l.grant(1, 100).unwrap();
         l.promote(Duration::from_secs(1));
         let (remaining, _, _) = l.time_to_live(1).unwrap();
         // Whole seconds, truncated as etcd answers: 99 once a few microseconds of the 100 passed.
         assert!((99..=101).contains(&remaining), "granted TTL plus one election timeout at most: {remaining}");
+    }
+
+    /// etcd's default (no `LeaseCheckpoint`): a new leader knows no remaining TTL and gives
+    /// every lease its full TTL plus the extension, whatever was checkpointed.
+    #[test]
+    fn without_checkpointing_a_new_leader_gives_the_full_ttl() {
+        let mut l = Lessor::default();
+        l.grant(1, 100).unwrap();
+        l.checkpoint(1, 7_000);
+        l.promote(Duration::from_secs(2));
+        let (remaining, _, _) = l.time_to_live(1).unwrap();
+        assert!((101..=102).contains(&remaining), "full TTL plus the extension: {remaining}");
     }
 
     #[test]

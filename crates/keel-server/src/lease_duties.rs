@@ -2,8 +2,11 @@
 //! itself is [`keel_lease`]'s). Calls the server to propose and read, the peer transport to
 //! forward to the leader.
 //!
-//! Renewals change only the leader's in-memory deadline; [`run`] batches what they changed into
-//! one checkpoint entry per [`CHECKPOINT_INTERVAL`]. A follower forwards keep-alives and TTL
+//! Renewals change only the leader's in-memory deadline. With etcd's `LeaseCheckpoint` feature
+//! on, [`run`] batches what they changed into one checkpoint entry per [`CHECKPOINT_INTERVAL`]
+//! (and refreshes the others every election timeout) so that a new leader resumes each lease
+//! where it was; off (etcd's default) no checkpoint is proposed and a new leader gives every
+//! lease its full TTL, as etcd does. A follower forwards keep-alives and TTL
 //! queries to the leader (the peer transport keeps one channel to it).
 
 use crate::error::Error;
@@ -76,6 +79,7 @@ pub fn local_time_to_live(server: &Server, r: &LeaseTimeToLiveRequest) -> LeaseT
 /// Follows leadership (promote/demote the lessor); as leader, checkpoints renewals in one batched
 /// entry per interval and revokes leases whose deadline passed, through raft.
 pub async fn run(server: Arc<Server>) {
+    server.lessor().set_checkpointing(server.cfg().lease_checkpoint());
     let mut was_leader = false;
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -97,7 +101,10 @@ pub async fn run(server: Arc<Server>) {
         if !leader {
             continue;
         }
-        if inflight.as_ref().map(|h| h.is_finished()).unwrap_or(true) {
+        if !server.lessor().checkpointing() {
+            // etcd's default: renewals stay in the leader's memory; no checkpoint entries.
+            server.lessor().take_renewed();
+        } else if inflight.as_ref().map(|h| h.is_finished()).unwrap_or(true) {
             let mut batch = server.lessor().take_renewed();
             if last_refresh.elapsed() >= election {
                 last_refresh = tokio::time::Instant::now();

@@ -290,3 +290,45 @@ async fn progress_notifications_and_fragments() {
     assert!(fragments > 0, "the response was not fragmented");
     assert_eq!(events.len(), 20);
 }
+
+/// A watch from a negative revision (etcd's robustness traffic opens them: a revision offset
+/// below the current one) is refused as etcd 3.6 refuses it: one response, created and cancelled
+/// with watch ID -1 and etcd's "compacted" reason, before any compaction and after one. Found by
+/// etcd's robustness suite: Keel took it for 0 and sent the events after the current revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_negative_revision_answers_as_etcd_3_6() {
+    let Some(e) = etcd("3.6") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut answers = Vec::new();
+    for (name, bin) in [("etcd", e.server.clone()), ("keel", keel_bin())] {
+        let mut p = start(&bin, &tmp.path().join(name), free_port(), free_port(), &[]);
+        assert!(p.wait_ready(), "{}", p.log_text());
+        let ch = Channel::from_shared(p.endpoint()).unwrap().connect().await.unwrap();
+        let mut kv = keel_proto::etcdserverpb::kv_client::KvClient::new(ch.clone());
+        let mut got = Vec::new();
+        for round in 0..2 {
+            for i in 0..3 {
+                kv.put(PutRequest { key: format!("n/{i}").into(), value: b"v".to_vec(), ..Default::default() }).await.unwrap();
+            }
+            if round == 1 {
+                kv.compact(CompactionRequest { revision: 3, physical: true }).await.unwrap();
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(create("n/", "n0", -2, false)).await.unwrap();
+            let mut s = WatchClient::new(ch.clone()).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+            let r = tokio::time::timeout(Duration::from_secs(10), s.message())
+                .await
+                .unwrap_or_else(|_| panic!("{name} round {round}: no answer"))
+                .unwrap()
+                .unwrap();
+            let rev = r.header.as_ref().map(|h| h.revision).unwrap_or(0);
+            got.push((r.created, r.canceled, r.watch_id, r.cancel_reason, r.compact_revision, r.events.len(), rev));
+            // Nothing follows on that stream.
+            let next = tokio::time::timeout(Duration::from_millis(300), s.message()).await;
+            assert!(next.is_err(), "{name} round {round}: more after the refusal: {next:?}");
+        }
+        answers.push(got);
+        p.stop();
+    }
+    assert_eq!(answers[1], answers[0], "keel (right) vs etcd (left)");
+}

@@ -17,6 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 /// Responses buffered per stream; a watcher whose stream is full is caught up later.
 const STREAM_BUFFER: usize = 1024;
 
+/// etcd's cancel reason for a watch from a negative revision (`rpctypes.ErrCompacted`).
+pub(crate) const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+
 pub struct WatchService {
     pub server: Arc<Server>,
     pub hub: Arc<WatchHub>,
@@ -90,7 +93,10 @@ impl Watch for WatchService {
                             .and_then(|who| server.check_read(&who, &c.key, &c.range_end).map_err(crate::errors::status));
                         // As etcd 3.6: a refused permission is reported with the gRPC error's
                         // text and watch ID -1.
-                        let refused = if watchers.contains_key(&id) || id < 0 {
+                        let refused = if c.start_revision < 0 {
+                            // As etcd 3.6: a negative start revision is older than any history.
+                            Some((COMPACTED.to_string(), -1))
+                        } else if watchers.contains_key(&id) || id < 0 {
                             Some(("etcdserver: watcher ID already exists".to_string(), id))
                         } else if watchers.len() >= max_watchers {
                             Some((format!("keel: too many watchers on this stream (--max-watchers-per-stream={max_watchers})"), -1))
@@ -117,7 +123,7 @@ impl Watch for WatchService {
                             progress_ids.push(id);
                         }
                         let prev = spec.prev_kv;
-                        match hub.watch((stream_id, id), spec, c.start_revision.max(0), tx.clone()) {
+                        match hub.watch((stream_id, id), spec, c.start_revision, tx.clone()) {
                             Ok(h) => {
                                 watchers.insert(id, (h, prev));
                             }
