@@ -34,6 +34,9 @@ scripts/e2e.sh
 # etcd 3.6.16's suite: the listed tests less those marked slow (the whole list:
 # scripts/e2e.sh --suite 3.6).
 scripts/e2e.sh --suite 3.6 --quick
+# etcd 3.7.3's robustness suite: its Regression scenarios that need no gofail, with the members'
+# WALs read by etcd's reader and watches and serializable reads validated.
+scripts/robustness.sh
 # A short schedule of the fault-injection harness (rebuilds the server with its crash points,
 # so it runs last).
 scripts/chaos.sh
