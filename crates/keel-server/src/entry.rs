@@ -1,7 +1,8 @@
 //! The data of a normal raft entry: proposals are encoded as etcd's `InternalRaftRequest`
 //! (field for field, so an etcd member applies what Keel proposes and the reverse); committed
-//! entries decode from it, or from the encoding earlier Keel builds wrote (their WALs are
-//! replayed after an upgrade).
+//! entries decode from it, from etcd's v2 `Request` (etcd 3.5 still proposes the cluster version
+//! and a member's attributes that way; taken as etcd 3.6 takes them), or from the encoding
+//! earlier Keel builds wrote (their WALs are replayed after an upgrade).
 //!
 //! Owns the format and nothing else. Calls keel-proto and keel-auth's `AuthInfo` only.
 
@@ -56,6 +57,10 @@ pub fn decode(data: &[u8]) -> Result<Decoded, DecodeError> {
         let request = request.clone().ok_or(DecodeError::Unknown)?;
         return Ok(Decoded { id: h.id, who: Some(AuthInfo { username: h.username.clone(), revision: h.auth_revision }), request });
     }
+    // etcd's v2 entries have no header either; their method and path are unmistakable.
+    if let Some(d) = from_v2(data) {
+        return Ok(d);
+    }
     if let Ok(old) = LegacyRequest::decode(data) {
         if let Some(request) = old.request {
             let who = old.header.map(|h| AuthInfo { username: h.username, revision: h.auth_revision });
@@ -66,6 +71,51 @@ pub fn decode(data: &[u8]) -> Result<Decoded, DecodeError> {
         Ok(r) => Ok(Decoded { id: r.id, who: Some(AuthInfo::default()), request: r.request.ok_or(DecodeError::Unknown)? }),
         Err(e) => Err(DecodeError::Undecodable(e)),
     }
+}
+
+/// etcd's v2 `etcdserverpb.Request`, the fields a v2 entry etcd 3.5 proposes carries (the rest
+/// are skipped).
+#[derive(Clone, PartialEq, prost::Message)]
+struct V2Request {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(string, tag = "2")]
+    method: String,
+    #[prost(string, tag = "3")]
+    path: String,
+    #[prost(string, tag = "4")]
+    val: String,
+}
+
+/// The member attributes a v2 entry carries as JSON.
+#[derive(serde::Deserialize)]
+struct V2Attributes {
+    #[serde(default)]
+    name: String,
+    #[serde(default, rename = "clientURLs")]
+    client_urls: Vec<String>,
+}
+
+/// A v2 entry as etcd 3.6 takes it (`v2ToV3Request`): a PUT of `/0/version` is a cluster version
+/// set, a PUT of `/0/members/<hex ID>/attributes` a member's attributes. Anything else is not a
+/// v2 entry etcd 3.6 applies (None: not decodable).
+fn from_v2(data: &[u8]) -> Option<Decoded> {
+    let r = V2Request::decode(data).ok()?;
+    if r.method != "PUT" {
+        return None;
+    }
+    let request = if r.path == "/0/version" {
+        Request::ClusterVersionSet(keel_proto::keelpb::ClusterVersionSetRequest { ver: r.val })
+    } else {
+        let hex = r.path.strip_prefix("/0/members/")?.strip_suffix("/attributes")?;
+        let member_id = u64::from_str_radix(hex, 16).ok()?;
+        let a: V2Attributes = serde_json::from_str(&r.val).ok()?;
+        Request::ClusterMemberAttrSet(ClusterMemberAttrSetRequest {
+            member_id,
+            member_attributes: Some(MemberAttributes { name: a.name, client_urls: a.client_urls }),
+        })
+    };
+    Some(Decoded { id: r.id, who: Some(AuthInfo::default()), request })
 }
 
 fn from_legacy(r: Legacy) -> Request {
@@ -285,5 +335,27 @@ mod tests {
         assert_eq!(remaining_seconds(1), 1);
         assert_eq!(remaining_seconds(1000), 1);
         assert_eq!(remaining_seconds(1001), 2);
+    }
+
+    /// etcd 3.5's v2 entries (its cluster version and a member's attributes), as etcd encodes
+    /// them, decode as the requests etcd 3.6 makes of them. Found rolling Keel into an etcd 3.5.36
+    /// cluster: the joining Keel member stopped at the cluster version entry.
+    #[test]
+    fn etcd_3_5_v2_entries_decode_as_etcd_3_6_takes_them() {
+        let v2 = |id: u64, path: &str, val: &str| {
+            super::V2Request { id, method: "PUT".into(), path: path.into(), val: val.into() }.encode_to_vec()
+        };
+        let d = decode(&v2(7, "/0/version", "3.5.0")).unwrap();
+        assert_eq!(d.id, 7);
+        assert_eq!(d.request, Request::ClusterVersionSet(keel_proto::keelpb::ClusterVersionSetRequest { ver: "3.5.0".into() }));
+        let d = decode(&v2(8, "/0/members/8e9e05c52164694d/attributes", r#"{"name":"e1","clientURLs":["http://a:2379"]}"#)).unwrap();
+        assert_eq!(
+            d.request,
+            Request::ClusterMemberAttrSet(ClusterMemberAttrSetRequest {
+                member_id: 0x8e9e05c52164694d,
+                member_attributes: Some(MemberAttributes { name: "e1".into(), client_urls: vec!["http://a:2379".into()] }),
+            })
+        );
+        assert!(decode(&v2(9, "/1/foo", "bar")).is_err(), "a v2 key-space write is not an entry etcd 3.6 applies");
     }
 }

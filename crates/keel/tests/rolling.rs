@@ -206,8 +206,13 @@ async fn replace(ctx: &Ctx, members: &mut Vec<Member>, old: usize, (name, ip): (
 async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
     // KEEL_ROLLING_ETCD=v3.7.3 (or v3.5.36, ...) runs it against that release's build
     // (scripts/etcd-ref.sh VERSION); 3.6.16 by default.
+    // KEEL_ROLLING_BACK_ETCD names the release rolled back out to (the same by default): once
+    // only Keel is left the cluster version is 3.6, which an etcd 3.5 member refuses to join
+    // ("incompatible with current running cluster"), as it refuses an etcd 3.6 cluster.
     let version: &'static str = std::env::var("KEEL_ROLLING_ETCD").map(|v| &*v.leak()).unwrap_or("3.6");
+    let back: &'static str = std::env::var("KEEL_ROLLING_BACK_ETCD").map(|v| &*v.leak()).unwrap_or(version);
     let Some(e) = etcd(version) else { return };
+    let Some(out) = etcd(back) else { return };
     let keel = keel_bin();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path();
@@ -232,7 +237,7 @@ async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
     assert!(members.iter().all(|m| m.keel), "only Keel members are left");
     // Out: back to etcd the same way.
     for (i, ip) in ["127.0.0.7", "127.0.0.8", "127.0.0.9"].iter().enumerate() {
-        replace(&ctx, &mut members, 0, (&format!("f{}", i + 1), ip), &e.server, false).await;
+        replace(&ctx, &mut members, 0, (&format!("f{}", i + 1), ip), &out.server, false).await;
     }
     assert!(members.iter().all(|m| !m.keel), "only etcd members are left");
 
