@@ -350,19 +350,19 @@ rolling() {
   local step=0 total=20
   step_objects 0 20
   ok "kube-apiserver on 3 etcd 3.6.16 members: 20 configmaps and 5 secrets created and listed"
-  for i in 1 2 3; do
-    step=$((step + 1))
-    replace_member "e$i" "$i" "k$i" "$((3 + i))" "$keel"
-    total=$((total + 20))
-    step_objects "$step" "$total"
-    ok "e$i replaced by Keel member k$i: HashKV equal on every member; $total configmaps listed"
-  done
-  for i in 1 2 3; do
-    step=$((step + 1))
-    replace_member "k$i" "$((3 + i))" "f$i" "$((6 + i))" "$etcd_bin"
-    total=$((total + 20))
-    step_objects "$step" "$total"
-    ok "k$i replaced by etcd member f$i: HashKV equal on every member; $total configmaps listed"
+  # In: e1-e3 (127.0.0.1-3) by Keel k1-k3 (.4-.6); out: k1-k3 by etcd f1-f3 (.7-.9).
+  local from to base bin kind
+  for pass in "e k 0 keel" "k f 3 etcd"; do
+    read -r from to base kind <<<"$pass"
+    bin=$keel
+    [ "$kind" = etcd ] && bin=$etcd_bin
+    for i in 1 2 3; do
+      step=$((step + 1))
+      replace_member "$from$i" "$((base + i))" "$to$i" "$((base + 3 + i))" "$bin"
+      total=$((total + 20))
+      step_objects "$step" "$total"
+      ok "$from$i replaced by $kind member $to$i: HashKV equal on every member; $total configmaps listed"
+    done
   done
   local secrets=$(((step + 1) * 5))
   all_seen() { [ "$(events ADDED "$work/watch-cm.json")" = "$total" ] && [ "$(events ADDED "$work/watch-secrets.json")" = "$secrets" ]; }

@@ -588,18 +588,22 @@ mod tests {
         assert!(idx <= 61, "entry 61 must survive release_to(60), first is {idx}");
     }
 
-    #[test]
-    fn torn_tail_is_truncated() {
-        let d = tempfile::tempdir().unwrap();
-        let mut w = Wal::create(d.path(), b"meta", WalOptions::default()).unwrap();
+    /// A WAL in `dir` with 10 entries whose last record is cut in half; its segment's path.
+    fn torn_after_ten(dir: &Path) -> PathBuf {
+        let mut w = Wal::create(dir, b"meta", WalOptions::default()).unwrap();
         entries(&mut w, 1, 10);
         let end = w.offset;
         drop(w);
-        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
-        // Cut the last record in half.
+        let path = dir.join(SegmentName { seq: 0, index: 0 }.file_name());
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(end - 50).unwrap();
-        drop(f);
+        path
+    }
+
+    #[test]
+    fn torn_tail_is_truncated() {
+        let d = tempfile::tempdir().unwrap();
+        torn_after_ten(d.path());
         let (mut w, recs) = Wal::open(d.path(), WalOptions::default()).unwrap();
         assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 9);
         entries(&mut w, 10, 12);
@@ -743,14 +747,7 @@ mod tests {
     #[test]
     fn read_changes_nothing_and_stops_at_a_torn_tail() {
         let d = tempfile::tempdir().unwrap();
-        let mut w = Wal::create(d.path(), b"meta", WalOptions::default()).unwrap();
-        entries(&mut w, 1, 10);
-        let end = w.offset;
-        drop(w);
-        let path = d.path().join(SegmentName { seq: 0, index: 0 }.file_name());
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(end - 50).unwrap();
-        drop(f);
+        let path = torn_after_ten(d.path());
         let before = fs::read(&path).unwrap();
         let recs = Wal::read(d.path()).unwrap();
         assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 9);
