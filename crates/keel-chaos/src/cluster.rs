@@ -143,10 +143,13 @@ impl Cluster {
             state.into(),
             "--initial-cluster-token".into(),
             "chaos".into(),
-            // Peer connections leave from the member's own address (the proxy tells links apart
-            // by it); etcd 3.6 takes only the feature gate, as Keel does too.
-            "--feature-gates=SetMemberLocalAddr=true".into(),
         ];
+        // Peer connections leave from the member's own address (the proxy tells links apart by
+        // it); etcd 3.6 takes only the feature gate, as Keel does too; etcd 3.5 has neither the
+        // gate nor the flag (its links are told apart as loosely as an etcd member on loopback).
+        if !etcd || self.etcd.as_deref().is_some_and(etcd_has_feature_gates) {
+            args.push("--feature-gates=SetMemberLocalAddr=true".into());
+        }
         args.extend(self.extra.iter().cloned());
         let target: SocketAddr = format!("{ip}:{}", self.base + 1).parse()?;
         let listen: SocketAddr = format!("{ip}:{}", self.base + 2).parse()?;
@@ -436,4 +439,11 @@ impl Drop for Cluster {
             p.abort();
         }
     }
+}
+
+/// True when the etcd binary at `bin` takes `--feature-gates` (3.6 and later).
+fn etcd_has_feature_gates(bin: &std::path::Path) -> bool {
+    let out = std::process::Command::new(bin).arg("--version").output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    !text.contains("etcd Version: 3.5.") && !text.contains("etcd Version: 3.4.")
 }
