@@ -7,7 +7,7 @@
 //! segment. Parsing is done here by hand on the segment's bytes (no copy of the data, no
 //! allocation), so that scanning a damaged segment for intact frames stays cheap.
 //!
-//! Owns nothing; called by `wal` and `legacy`'s callers only through [`encode`] and [`parse`].
+//! Owns nothing and calls nothing in the crate; `wal` uses it through [`encode`] and [`parse`].
 
 use prost::encoding::{decode_varint, encode_varint};
 
@@ -42,14 +42,14 @@ fn padding(len: usize) -> usize {
     (8 - len % 8) % 8
 }
 
-/// Appends one frame holding (`kind`, `crc`, `data`) to `buf`. A crc record (etcd writes it with
-/// no data) carries no data field.
-pub fn encode(buf: &mut Vec<u8>, kind: i64, crc: u32, data: &[u8]) {
+/// Appends one frame holding (`kind`, `crc`, `data`) to `buf`; the data field is left out when
+/// `with_data` is false (etcd writes its crc record without one).
+pub fn encode(buf: &mut Vec<u8>, kind: i64, crc: u32, data: &[u8], with_data: bool) {
     let mut rec_len = 1 + prost::encoding::encoded_len_varint(kind as u64);
     if crc != 0 {
         rec_len += 1 + prost::encoding::encoded_len_varint(crc as u64);
     }
-    let with_data = !data.is_empty() || kind != crate::wal::RECORD_CRC as i64;
+    let with_data = with_data || !data.is_empty();
     if with_data {
         rec_len += 1 + prost::encoding::encoded_len_varint(data.len() as u64) + data.len();
     }
@@ -153,7 +153,7 @@ mod tests {
             [(1i64, 7u32, b"meta".to_vec()), (2, 0xffff_ffff, vec![9; 1000]), (4, 0, vec![]), (5, 3, vec![8, 0, 16, 0])]
         {
             let mut buf = Vec::new();
-            encode(&mut buf, kind, crc, &data);
+            encode(&mut buf, kind, crc, &data, kind != 4);
             assert_eq!(buf.len() % 8, 0);
             let Parsed::Frame(f) = parse(&buf, 0) else { panic!("not a frame") };
             assert_eq!((f.kind, f.crc, f.data, f.next), (kind, crc, data.as_slice(), buf.len()));
@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn truncated_and_zero_frames() {
         let mut buf = Vec::new();
-        encode(&mut buf, 2, 1, &[1; 20]);
+        encode(&mut buf, 2, 1, &[1; 20], true);
         assert_eq!(parse(&buf[..10], 0), Parsed::Short { len: 26 });
         assert_eq!(parse(&[0u8; 16], 0), Parsed::End);
         assert_eq!(parse(&buf[..4], 0), Parsed::End);

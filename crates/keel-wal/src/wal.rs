@@ -87,7 +87,7 @@ fn encode_into(buf: &mut Vec<u8>, crc: &mut u32, kind: u8, data: &[u8]) {
     if kind != RECORD_CRC {
         *crc = crc32c::crc32c_append(*crc, data);
     }
-    frame::encode(buf, kind as i64, *crc, data);
+    frame::encode(buf, kind as i64, *crc, data, kind != RECORD_CRC);
 }
 
 /// Outcome of scanning one segment's bytes.
