@@ -5,7 +5,7 @@
 use raft::eraftpb::{ConfState, Entry, Snapshot};
 
 /// What the node needs from the application it replicates. Driven by the apply stage's thread
-/// (every method but the first two, which are asked once at start).
+/// (every method but the first two and `removed_members`, which are asked once at start).
 pub trait StateMachine: Send + 'static {
     /// Index of the last entry whose effects are already in the state machine (from its durable
     /// state at start). Entries at or below it are delivered again after a restart and must be
@@ -31,6 +31,11 @@ pub trait StateMachine: Send + 'static {
     /// machine is ahead of the log, as etcd takes it from its backend's members.
     fn conf_state(&self) -> Option<ConfState> {
         None
+    }
+    /// IDs of members removed from the cluster as of [`StateMachine::applied_index`] (asked once
+    /// at start): a membership change adding one again is refused at apply, as etcd refuses it.
+    fn removed_members(&self) -> Vec<u64> {
+        Vec::new()
     }
     /// Replaces the whole state with a snapshot received from the leader; `backend` is the file
     /// holding the leader's backend that came with it.

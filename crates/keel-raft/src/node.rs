@@ -18,7 +18,7 @@ pub use crate::status::NodeStatus;
 use crate::storage::LogStore;
 use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -229,6 +229,9 @@ struct Driver<T: Transport> {
     /// raft started with already has: they are not checked against it (etcd checks them against
     /// its empty member store, where they pass). 0 once the log starts at a snapshot.
     bootstrap_through: u64,
+    /// Members removed from the cluster as of the entry handed over last: a change adding one
+    /// again is refused at apply, as etcd's removed-member check refuses it. See [`removed_at`].
+    removed: HashSet<u64>,
     ticks: u64,
     read_ctx: u64,
     /// Reads waiting for raft to confirm an index, by context (then the apply stage has them).
@@ -265,6 +268,7 @@ pub fn start<S: StateMachine, T: Transport>(
     let mut snap_term = 0;
     let conf_state;
     let mut bootstrap_through = 0;
+    let removed;
     {
         let mut core = storage.wl();
         if let Some(snap) = &disk.snapshot {
@@ -278,6 +282,7 @@ pub fn start<S: StateMachine, T: Transport>(
         core.append(&disk.entries).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
         let last = core.last_index();
         let applied = sm.applied_index();
+        removed = removed_at(sm.removed_members(), &disk.entries, snap_index, applied);
         if applied > last {
             // The WAL lost its tail (a torn write was cut off) but the backend already holds the
             // effects of those committed entries: the backend is a snapshot at `applied`.
@@ -348,6 +353,7 @@ pub fn start<S: StateMachine, T: Transport>(
         snap_index,
         conf_state,
         bootstrap_through,
+        removed,
         ticks: 0,
         read_ctx: 0,
         reads_waiting: HashMap::new(),
@@ -753,8 +759,12 @@ impl<T: Transport> Driver<T> {
                                 voters.contains(&id).then_some(false)
                             }
                         };
-                        let checked =
-                            if e.index <= self.bootstrap_through { Ok(()) } else { cc.validate(member, learners.len(), |_| false) };
+                        let removed = &self.removed;
+                        let checked = if e.index <= self.bootstrap_through {
+                            Ok(())
+                        } else {
+                            cc.validate(member, learners.len(), |id| removed.contains(&id))
+                        };
                         match checked {
                             // As etcd: a change its members refuse changes neither the
                             // configuration nor the member list (the stage skips it).
@@ -768,6 +778,10 @@ impl<T: Transport> Driver<T> {
                                 None
                             }
                             Ok(()) => match cc.to_raft() {
+                                Some(rc) if cc.kind == crate::wire::ChangeKind::RemoveNode => {
+                                    self.removed.insert(cc.node_id);
+                                    self.apply_conf_change(&e, &rc)
+                                }
                                 Some(cc) => self.apply_conf_change(&e, &cc),
                                 // A member's peer URLs changed: the configuration stays.
                                 None => Some(self.conf_state.clone()),
@@ -868,7 +882,17 @@ impl<T: Transport> Driver<T> {
         let idx = snap.get_metadata().index;
         let term = snap.get_metadata().term;
         tracing::info!(index = idx, term, "raft: installed snapshot from the leader");
-        self.conf_state = snap.get_metadata().get_conf_state().clone();
+        // Members the leader's snapshot no longer has were removed (those added and removed
+        // while this member was behind are not known here; the state machine has them).
+        let after = snap.get_metadata().get_conf_state().clone();
+        let gone = self
+            .conf_state
+            .voters
+            .iter()
+            .chain(&self.conf_state.learners)
+            .filter(|id| !after.voters.contains(id) && !after.learners.contains(id));
+        self.removed.extend(gone.copied().collect::<Vec<u64>>());
+        self.conf_state = after;
         self.node.mut_store().wl().apply_snapshot(snap);
         self.snap_index = idx;
         Ok(())
@@ -910,6 +934,22 @@ fn parse_read_ctx(member: u64, b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(c.try_into().ok()?))
 }
 
+/// The removed members as of the snapshot the log replays from: the state machine's (as of
+/// `applied`) less those the log's removals in (`snap_index`, `applied`] removed, which the
+/// replay removes again in order. Seeding with the state machine's set alone would refuse a
+/// replayed removal (its member already "removed") and leave raft's configuration with it.
+fn removed_at(sm_removed: Vec<u64>, log: &[Entry], snap_index: u64, applied: u64) -> HashSet<u64> {
+    let mut removed: HashSet<u64> = sm_removed.into_iter().collect();
+    for e in log.iter().filter(|e| e.index > snap_index && e.index <= applied && e.get_entry_type() == EntryType::EntryConfChange) {
+        if let Ok(cc) = crate::wire::member_change(e.get_data()) {
+            if cc.kind == crate::wire::ChangeKind::RemoveNode {
+                removed.remove(&cc.node_id);
+            }
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod read_ctx_tests {
     use super::*;
@@ -920,5 +960,25 @@ mod read_ctx_tests {
         assert_eq!(parse_read_ctx(1, &read_ctx(1, 5)), Some(5));
         assert_eq!(parse_read_ctx(2, &read_ctx(1, 5)), None);
         assert_eq!(parse_read_ctx(1, &[0; 8]), None);
+    }
+
+    /// The set a restart replays from: removals the log replays (after the snapshot, up to what
+    /// the state machine applied) are taken out, to be made again in order; older ones and
+    /// those beyond `applied` are as the state machine says.
+    #[test]
+    fn the_removed_set_is_the_one_at_the_snapshot_the_log_replays_from() {
+        use crate::wire::{ChangeKind, MemberChange};
+        let remove = |index: u64, node_id: u64| {
+            let mut e = Entry::default();
+            e.set_entry_type(EntryType::EntryConfChange);
+            e.index = index;
+            e.data = MemberChange { id: 0, kind: ChangeKind::RemoveNode, node_id, context: Default::default() }.encode().into();
+            e
+        };
+        let log = vec![remove(11, 4), remove(12, 5), remove(20, 6)];
+        let got = removed_at(vec![3, 4, 5], &log, 10, 15);
+        assert_eq!(got, HashSet::from([3]), "4 and 5 are removed again by the replay");
+        let got = removed_at(vec![3, 4, 5], &log, 11, 15);
+        assert_eq!(got, HashSet::from([3, 4]), "the removal of 4 is in the snapshot");
     }
 }

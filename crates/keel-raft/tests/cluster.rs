@@ -526,6 +526,12 @@ fn membership_changes_in_etcds_encoding_commit_via_leader_and_follower() {
     c.until("learner 7 is gone everywhere", |c| {
         c.members.values().all(|m| m.machine.with(|a| a.conf.as_ref().is_some_and(|cs| !cs.learners.contains(&7))))
     });
+    // A removed ID cannot come back (etcd's removed-member check, at apply on every member):
+    // the re-add commits as no change.
+    let before = c.member(leader).status.commit();
+    c.rt.block_on(c.member(leader).handle.propose_conf_change(change(301, ChangeKind::AddLearnerNode, 7))).expect("proposed");
+    c.until("the refused re-add is applied everywhere", |c| applied_past(c, before));
+    assert!(!conf_has(&c, 7), "removed member 7 was added again");
     c.rt.block_on(c.member(follower).handle.propose_conf_change(change(308, ChangeKind::AddLearnerNode, 8))).expect("proposed");
     c.until("every member has learner 8", |c| conf_has(c, 8));
 }

@@ -757,6 +757,10 @@ impl keel_raft::StateMachine for Applier {
         }
     }
 
+    fn removed_members(&self) -> Vec<u64> {
+        self.members.read().removed.clone()
+    }
+
     fn conf_state(&self) -> Option<ConfState> {
         let members = self.members.read();
         let (learners, voters): (Vec<_>, Vec<_>) = members.members.iter().partition(|m| m.is_learner);
