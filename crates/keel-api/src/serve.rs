@@ -225,15 +225,16 @@ pub async fn serve(
     h2: H2,
     endpoint: Endpoint,
     limit: ConnLimit,
+    streams: Option<keel_server::rafthttp::Handler>,
 ) {
     let fix_authority = endpoint == Endpoint::Client;
     loop {
-        let accepted: std::io::Result<(Box<dyn Io>, Option<SocketAddr>)> = match &listener {
+        let accepted: std::io::Result<(Accepted, Option<SocketAddr>)> = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                 let _ = s.set_nodelay(true);
-                (Box::new(s) as Box<dyn Io>, Some(a))
+                (Accepted::Tcp(s), Some(a))
             }),
-            Listener::Unix(l) => l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn Io>, None)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| (Accepted::Other(Box::new(s)), None)),
         };
         let (sock, remote) = match accepted {
             Ok(s) => s,
@@ -253,9 +254,21 @@ pub async fn serve(
         };
         let router = router.clone();
         let tls = tls.clone();
+        let streams = streams.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut sock = sock;
+            let mut sock: Box<dyn Io> = match sock {
+                // A peer's raft stream over plain TCP is written by the raft thread itself.
+                Accepted::Tcp(s) if tls.is_none() => match &streams {
+                    Some(h) => match h.offer_stream(s).await {
+                        Ok(()) => return,
+                        Err((s, head)) => Box::new(Prefixed { head, inner: Box::new(s) }),
+                    },
+                    None => Box::new(s),
+                },
+                Accepted::Tcp(s) => Box::new(s),
+                Accepted::Other(s) => s,
+            };
             // A TLS connection starts with a handshake record (0x16); anything else is plaintext.
             let tls = match tls {
                 Some(acc) if plain_too => {
@@ -328,6 +341,12 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// A connection just accepted.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Other(Box<dyn Io>),
 }
 
 /// The common name of a verified client certificate, put on each request of its connection.

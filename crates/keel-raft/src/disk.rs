@@ -319,6 +319,19 @@ impl Disk {
 
     /// Appends entries and hard state; durable when this returns.
     pub(crate) fn save(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), DiskError> {
+        self.append(hs, entries, true)
+    }
+
+    /// What a Ready asks to persist: as [`Disk::save`], but a hard state that only moves the
+    /// commit index is written without waiting for the disk, as etcd's `MustSync` decides (raft
+    /// learns a lost commit index again from the leader): the next save that must be durable
+    /// makes it durable too. Entries, a new term or a vote are always durable on return.
+    pub(crate) fn save_ready(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), DiskError> {
+        let sync = must_sync(&self.hard_state, hs, entries.len());
+        self.append(hs, entries, sync)
+    }
+
+    fn append(&mut self, hs: Option<&HardState>, entries: &[Entry], sync: bool) -> Result<(), DiskError> {
         let mut bufs: Vec<(u8, Vec<u8>)> = Vec::with_capacity(entries.len() + 1);
         for e in entries {
             bufs.push((RECORD_ENTRY, e.write_to_bytes().map_err(|e| decode_err(Path::new("wal"), e))?));
@@ -328,7 +341,11 @@ impl Disk {
         }
         let next = entries.last().map(|e| e.index + 1).unwrap_or(0);
         let refs: Vec<(u8, &[u8])> = bufs.iter().map(|(k, d)| (*k, d.as_slice())).collect();
-        self.wal.save(&refs, next)?;
+        if sync {
+            self.wal.save(&refs, next)?;
+        } else {
+            self.wal.write(&refs, next)?;
+        }
         if let Some(hs) = hs {
             self.hard_state = hs.clone();
         }
@@ -355,6 +372,12 @@ impl Disk {
         self.wal.release_to(m.index)?;
         Ok(())
     }
+}
+
+/// Whether a Ready's writes must be durable before its messages go out (etcd's `MustSync`):
+/// entries, or a hard state with a new term or vote. A commit index alone need not be.
+fn must_sync(prev: &HardState, hs: Option<&HardState>, entries: usize) -> bool {
+    entries != 0 || hs.is_some_and(|h| h.term != prev.term || h.vote != prev.vote)
 }
 
 /// Rewrites a WAL an older Keel wrote in its own format (`keel_wal::legacy`) in etcd's, keeping
@@ -491,6 +514,32 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let err = replay(t.path(), &[entries(2..=3, 1)]).err().expect("a log not starting at 1 must be refused");
         assert!(err.to_string().contains("WAL entries start at 2 but the snapshot is at 0"), "{err}");
+    }
+
+    #[test]
+    fn only_a_commit_index_alone_is_written_without_waiting_for_the_disk() {
+        let prev = HardState { term: 2, vote: 1, commit: 5, ..Default::default() };
+        let commit = HardState { commit: 9, ..prev.clone() };
+        assert!(!must_sync(&prev, Some(&commit), 0));
+        assert!(!must_sync(&prev, None, 0));
+        assert!(must_sync(&prev, Some(&commit), 1));
+        assert!(must_sync(&prev, Some(&HardState { term: 3, ..commit.clone() }), 0));
+        assert!(must_sync(&prev, Some(&HardState { vote: 2, ..commit }), 0));
+    }
+
+    #[test]
+    fn a_commit_saved_without_sync_is_read_back_after_a_clean_stop() {
+        let t = tempfile::tempdir().unwrap();
+        let (wal, snap) = (t.path().join("wal"), t.path().join("snap"));
+        let mut d = Disk::open(&wal, &snap, identity(), &[]).unwrap();
+        let mut hs = HardState { term: 1, commit: 2, ..Default::default() };
+        d.save_ready(Some(&hs), &entries(1..=5, 1)).unwrap();
+        hs.commit = 5;
+        d.save_ready(Some(&hs), &[]).unwrap();
+        drop(d);
+        let d = Disk::open(&wal, &snap, identity(), &[]).unwrap();
+        assert_eq!(d.hard_state.commit, 5);
+        assert_eq!(ids(&d).len(), 5);
     }
 
     #[test]

@@ -667,7 +667,7 @@ impl<T: Transport> Driver<T> {
             hs = Some(self.node.raft.hard_state());
         }
         if !entries.is_empty() || hs.is_some() {
-            self.disk.save(hs.as_ref(), &entries)?;
+            self.disk.save_ready(hs.as_ref(), &entries)?;
             for e in &entries {
                 if let Some(t) = self.proposed_at.get(&e.index) {
                     hops::observe(Hop::Append, t.elapsed());

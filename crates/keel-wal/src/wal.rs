@@ -316,6 +316,18 @@ impl Wal {
     /// index the next raft entry after these records would get (0 if unknown); the highest one
     /// seen names the next segment, so a segment's name never exceeds the entries before it.
     pub fn save(&mut self, records: &[(u8, &[u8])], next_index: u64) -> Result<()> {
+        self.append(records, next_index, true)
+    }
+
+    /// Appends `records` without waiting for them to be durable: the next [`Wal::save`] makes
+    /// them so, and a power cut before it may lose them (torn-tail repair drops a partial one).
+    /// For what raft does not need durable, as etcd's `MustSync` decides: a hard state that only
+    /// moves the commit index. A write that fills the segment is synced all the same.
+    pub fn write(&mut self, records: &[(u8, &[u8])], next_index: u64) -> Result<()> {
+        self.append(records, next_index, false)
+    }
+
+    fn append(&mut self, records: &[(u8, &[u8])], next_index: u64, sync: bool) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -339,6 +351,9 @@ impl Wal {
         self.crc = crc;
         if let Some(observe) = crate::WRITE_OBSERVER.get() {
             observe(self.buf.len(), w0.elapsed());
+        }
+        if !sync && self.offset < self.opts.segment_bytes {
+            return Ok(());
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("wal::before_fsync", |_| std::process::abort());
@@ -555,6 +570,23 @@ mod tests {
             let data = format!("entry-{i:08}-{}", "x".repeat(100));
             wal.save(&[(RECORD_ENTRY, data.as_bytes())], i + 1).expect("save");
         }
+    }
+
+    #[test]
+    fn unsynced_writes_keep_the_order_and_chain_and_fill_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", small()).unwrap();
+        for i in 1..=60u64 {
+            let data = format!("entry-{i:08}-{}", "x".repeat(100));
+            w.save(&[(RECORD_ENTRY, data.as_bytes())], i + 1).unwrap();
+            w.write(&[(RECORD_STATE, format!("commit-{i}").as_bytes())], 0).unwrap();
+        }
+        assert!(w.segment_files().len() > 1, "unsynced writes cut segments too");
+        drop(w);
+        let (_, recs) = Wal::open(d.path(), small()).unwrap();
+        let states: Vec<_> = recs.iter().filter(|r| r.kind == RECORD_STATE && r.data.starts_with(b"commit-")).collect();
+        assert_eq!(states.last().map(|r| r.data.clone()), Some(b"commit-60".to_vec()));
+        assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 60);
     }
 
     #[test]

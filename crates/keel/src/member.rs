@@ -150,7 +150,7 @@ impl Member {
             Arc::new(forwarded::Leader(self.server.clone())),
             peer::snapshot_limit(cfg.quota_backend_bytes_reported()),
         );
-        let peer_router = keel_api::peer_http::router(self.server.clone(), raft).fallback(keel_api::peer_http::not_found);
+        let peer_router = keel_api::peer_http::router(self.server.clone(), raft.clone()).fallback(keel_api::peer_http::not_found);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let peer_urls = split_urls(&cfg.listen_peer_urls);
         let endpoint = serve::Endpoint::Peer { check_san: !cfg.peer_skip_client_san_verification };
@@ -185,6 +185,7 @@ impl Member {
                     serve::H2::DEFAULT,
                     endpoint,
                     peer_limit.clone(),
+                    Some(raft.clone()),
                 )));
             }
             let _ = bound_tx.send(Ok(()));
@@ -237,7 +238,7 @@ impl Member {
                     return;
                 }
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-                serve::serve(l, acceptor, lu.plain_too, router, client_h2, serve::Endpoint::Client, limit).await
+                serve::serve(l, acceptor, lu.plain_too, router, client_h2, serve::Endpoint::Client, limit, None).await
             });
         }
         if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
@@ -258,6 +259,7 @@ impl Member {
                     serve::H2::DEFAULT,
                     serve::Endpoint::Metrics,
                     limit.clone(),
+                    None,
                 ));
             }
         }

@@ -126,6 +126,13 @@ impl Handler {
         Handler { shared: transport.shared().clone(), forwarded, snapshot_limit }
     }
 
+    /// Offers a new plain-TCP connection to this member's peer listener for a stream this member
+    /// writes itself ([`crate::rafthttp::direct`]): `Ok` when it was taken, else the connection
+    /// and the bytes read from it, for the HTTP server to go on with.
+    pub async fn offer_stream(&self, sock: tokio::net::TcpStream) -> Result<(), (tokio::net::TcpStream, Vec<u8>)> {
+        crate::rafthttp::direct::offer(&self.shared, sock).await
+    }
+
     /// Answers a request for a path under `/raft` or `/leases`.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
     where

@@ -37,20 +37,20 @@ pub const FRAME_BYTES: usize = 1 << 20;
 /// Pause before a broken stream is opened again (etcd's stream reader's rate limit).
 const REDIAL: Duration = Duration::from_millis(100);
 
-enum Codec {
+pub(crate) enum Codec {
     MsgApp(MsgAppV2Codec),
     Message(MessageCodec),
 }
 
 impl Codec {
-    fn new(kind: StreamKind, local: u64, remote: u64) -> Codec {
+    pub(crate) fn new(kind: StreamKind, local: u64, remote: u64) -> Codec {
         match kind {
             StreamKind::MsgAppV2 => Codec::MsgApp(MsgAppV2Codec::new(local, remote)),
             StreamKind::Message => Codec::Message(MessageCodec::default()),
         }
     }
 
-    fn encode(&mut self, m: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+    pub(crate) fn encode(&mut self, m: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
         match self {
             Codec::MsgApp(c) => c.encode(m, dst),
             Codec::Message(c) => c.encode(m, dst),
@@ -65,7 +65,7 @@ impl Codec {
     }
 }
 
-fn link_heartbeat() -> Message {
+pub(crate) fn link_heartbeat() -> Message {
     let mut m = Message::default();
     m.set_msg_type(keel_raft::eraftpb::MessageType::MsgHeartbeat);
     m

@@ -16,6 +16,7 @@
 use crate::membership::Members;
 use crate::peer::Dialer;
 use crate::rafthttp::client::{Answer, Pool};
+use crate::rafthttp::direct::DirectWriter;
 use crate::rafthttp::handshake::{id_string, StreamKind};
 use crate::rafthttp::snapshot::BackendFiles;
 use crate::rafthttp::{pipeline, probe, snapshot, stream};
@@ -62,10 +63,35 @@ pub(crate) struct Link {
     pub(crate) id: u64,
     /// The peer's ID as etcd prints it, for metric labels and logs.
     pub(crate) label: String,
-    /// The outgoing streams the peer opened, by kind (msgappv2, message): their queues.
-    writers: [Mutex<Option<mpsc::Sender<Message>>>; 2],
+    /// The outgoing streams the peer opened, by kind (msgappv2, message).
+    writers: [Mutex<Option<Route>>; 2],
     pipeline: mpsc::Sender<Message>,
     state: Mutex<LinkState>,
+}
+
+/// How messages reach one outgoing stream.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// Through a queue that the stream's HTTP answer body takes from ([`stream::Outgoing`]).
+    Queue(mpsc::Sender<Message>),
+    /// Written to the socket by the sender itself ([`DirectWriter`]).
+    Direct(Arc<DirectWriter>),
+}
+
+impl Route {
+    fn is_closed(&self) -> bool {
+        match self {
+            Route::Queue(q) => q.is_closed(),
+            Route::Direct(w) => w.is_closed(),
+        }
+    }
+
+    /// Ends the stream this route feeds.
+    fn close(self) {
+        if let Route::Direct(w) = self {
+            w.close();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -105,18 +131,18 @@ impl Link {
         }
     }
 
-    fn writer(&self, kind: StreamKind) -> Option<mpsc::Sender<Message>> {
+    fn writer(&self, kind: StreamKind) -> Option<Route> {
         self.writers[slot(kind)].lock().as_ref().filter(|t| !t.is_closed()).cloned()
     }
 
     /// Where `m` goes, as etcd's `peer.pick`.
-    fn pick(&self, m: &Message) -> mpsc::Sender<Message> {
+    fn pick(&self, m: &Message) -> Route {
         if m.get_msg_type() == MessageType::MsgAppend {
             if let Some(w) = self.writer(StreamKind::MsgAppV2) {
                 return w;
             }
         }
-        self.writer(StreamKind::Message).unwrap_or_else(|| self.pipeline.clone())
+        self.writer(StreamKind::Message).unwrap_or_else(|| Route::Queue(self.pipeline.clone()))
     }
 }
 
@@ -196,7 +222,9 @@ impl Shared {
             let keep = members.get(*id).is_some();
             if !keep {
                 for w in &l.writers {
-                    w.lock().take();
+                    if let Some(r) = w.lock().take() {
+                        r.close();
+                    }
                 }
                 tracing::info!(remote_peer_id = %l.label, "removed remote peer");
             }
@@ -207,14 +235,33 @@ impl Shared {
     /// A peer opened stream `kind` to receive its messages from this member: the queue now
     /// feeding it (the previous stream of that kind, if any, ends).
     pub(crate) fn attach(self: &Arc<Self>, from: u64, kind: StreamKind) -> Option<(Arc<Link>, mpsc::Receiver<Message>)> {
-        let link = self.link(from)?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        if let Some(old) = link.writers[slot(kind)].lock().replace(tx) {
+        let link = self.attach_route(from, kind, Route::Queue(tx))?;
+        Some((link, rx))
+    }
+
+    /// As [`Shared::attach`], for a stream this member writes itself.
+    pub(crate) fn attach_direct(self: &Arc<Self>, from: u64, kind: StreamKind, w: Arc<DirectWriter>) -> Option<Arc<Link>> {
+        self.attach_route(from, kind, Route::Direct(w))
+    }
+
+    fn attach_route(self: &Arc<Self>, from: u64, kind: StreamKind, route: Route) -> Option<Arc<Link>> {
+        let link = self.link(from)?;
+        if let Some(old) = link.writers[slot(kind)].lock().replace(route) {
             if !old.is_closed() {
                 tracing::warn!(remote_peer_id = %link.label, stream_type = kind.name(), "closed an existing TCP streaming connection with remote peer");
             }
+            old.close();
         }
-        Some((link, rx))
+        Some(link)
+    }
+
+    /// A stream this member wrote itself ended: it no longer takes messages.
+    pub(crate) fn detach_direct(&self, link: &Link, kind: StreamKind, w: &Arc<DirectWriter>) {
+        let mut held = link.writers[slot(kind)].lock();
+        if matches!(&*held, Some(Route::Direct(cur)) if Arc::ptr_eq(cur, w)) {
+            held.take();
+        }
     }
 }
 
@@ -415,6 +462,8 @@ impl Transport {
 impl keel_raft::Transport for Transport {
     fn send(&mut self, msgs: Vec<Message>) {
         let metrics = &keel_metrics::METRICS;
+        // Streams written directly get one chunk per call: their batches are flushed at the end.
+        let mut batches: Vec<(Arc<DirectWriter>, Arc<Link>)> = Vec::new();
         for m in msgs {
             let to = m.to;
             if to == self.inner.id || to == 0 {
@@ -429,13 +478,27 @@ impl keel_raft::Transport for Transport {
                 continue;
             }
             let heartbeat = m.get_msg_type() == MessageType::MsgHeartbeat;
-            if link.pick(&m).try_send(m).is_err() {
+            let sent = match link.pick(&m) {
+                Route::Queue(q) => q.try_send(m).is_ok(),
+                Route::Direct(w) => {
+                    let ok = w.push(&m);
+                    if ok && !batches.iter().any(|(b, _)| Arc::ptr_eq(b, &w)) {
+                        batches.push((w, link.clone()));
+                    }
+                    ok
+                }
+            };
+            if !sent {
                 metrics.peer_sent_failures.with_label_values(&[&link.label]).inc();
                 if heartbeat {
                     metrics.heartbeat_failures.inc();
                 }
                 self.inner.unreachable(to);
             }
+        }
+        for (w, link) in batches {
+            let n = w.flush();
+            metrics.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(n as u64);
         }
     }
 }
