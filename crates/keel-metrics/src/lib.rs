@@ -22,6 +22,9 @@ use prometheus::{
     exponential_buckets, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// One counter of a labelled family, kept by whoever increments it often.
+pub type Counter = prometheus::IntCounter;
 use std::sync::LazyLock;
 
 /// etcd's `--metrics extensive`: also the per-method gRPC latency histograms.

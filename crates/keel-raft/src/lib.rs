@@ -7,6 +7,8 @@
 //!
 //! - [`disk`]: what a member has on disk (WAL + snapshot files) and how it is read back.
 //! - [`node`]: the raft thread and the handle the server uses to propose and to read.
+//! - [`inbox`]: how the raft thread sleeps: its inbox and the connections its transport reads
+//!   on it, in one poll.
 //! - [`apply`]: the apply stage: committed entries in order, reads answered once applied,
 //!   snapshots of the state machine.
 //! - [`storage`]: the in-memory raft log raft reads.
@@ -20,6 +22,7 @@
 pub mod apply;
 pub mod disk;
 pub mod hops;
+pub mod inbox;
 pub mod logger;
 pub mod machine;
 pub mod node;

@@ -13,6 +13,7 @@
 use crate::apply::{ApplyConfig, Committed, Event, ReadSender, Stage, Task};
 use crate::disk::{Disk, DiskError};
 use crate::hops::{self, Hop};
+use crate::inbox::{Bell, Closed, Sleeper};
 pub use crate::machine::{ProposeError, StateMachine};
 pub use crate::status::NodeStatus;
 use crate::storage::LogStore;
@@ -20,7 +21,7 @@ use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -41,9 +42,19 @@ pub struct PeerProgress {
     pub recent_active: bool,
 }
 
-/// Sends raft messages to other members. Must not block.
+/// Sends raft messages to other members, and may read some of theirs on the raft thread.
+/// Nothing here may block.
 pub trait Transport: Send + 'static {
     fn send(&mut self, msgs: Vec<Message>);
+
+    /// Called once, before the raft thread starts: connections registered with `registry`
+    /// (with tokens below [`crate::inbox::BELL`]) wake the raft thread when they are readable,
+    /// and are then read by [`Transport::receive`] on it.
+    fn attach(&mut self, _registry: &mio::Registry) {}
+
+    /// Called on the raft thread on every pass of its loop, with the tokens of the registered
+    /// connections that became readable since the last call: the raft messages read go to `out`.
+    fn receive(&mut self, _ready: &[mio::Token], _out: &mut Vec<Message>) {}
 }
 
 /// A transport for a cluster of one.
@@ -129,6 +140,7 @@ const MAX_COMMITTED_PER_READY: u64 = 16 << 20;
 #[derive(Clone)]
 pub struct NodeHandle {
     tx: SyncSender<Msg>,
+    bell: Arc<Bell>,
     pub status: Arc<NodeStatus>,
 }
 
@@ -137,7 +149,16 @@ impl NodeHandle {
         self.tx.try_send(m).map_err(|e| match e {
             TrySendError::Full(_) => ProposeError::Busy,
             TrySendError::Disconnected(_) => ProposeError::Stopped,
-        })
+        })?;
+        self.bell.ring();
+        Ok(())
+    }
+
+    /// As [`NodeHandle::send`], waiting for room in the inbox.
+    fn send_waiting(&self, m: Msg) {
+        if self.tx.send(m).is_ok() {
+            self.bell.ring();
+        }
     }
 
     /// Proposes `data`; returns once raft has taken it (not once it is committed), with where
@@ -198,12 +219,17 @@ impl NodeHandle {
     /// Advances a node started with [`NodeConfig::manual_ticks`] by one tick (a heartbeat
     /// interval); waits while the inbox is full.
     pub fn tick(&self) {
-        let _ = self.tx.send(Msg::Tick);
+        self.send_waiting(Msg::Tick);
+    }
+
+    /// Wakes the raft thread if it sleeps (its transport has something for it to read).
+    pub fn nudge(&self) {
+        self.bell.ring_always();
     }
 
     /// Asks the node to stop after the current Ready.
     pub fn stop(&self) {
-        let _ = self.tx.send(Msg::Stop);
+        self.send_waiting(Msg::Stop);
     }
 }
 
@@ -342,7 +368,10 @@ pub fn start<S: StateMachine, T: Transport>(
     // committed log (e.g. the bootstrap configuration) is applied, as raft requires.
     let campaign_when_applied = disk.forced || (conf_state.voters == [cfg.id] && conf_state.learners.is_empty());
     let (tx, rx) = mpsc::sync_channel(INBOX);
-    let handle = NodeHandle { tx, status: status.clone() };
+    let (sleeper, bell) = Sleeper::new(rx).map_err(|e| format!("raft: cannot make the raft thread's poll: {e}"))?;
+    let mut transport = transport;
+    transport.attach(sleeper.registry());
+    let handle = NodeHandle { tx, bell, status: status.clone() };
     let driver = Driver {
         cfg,
         node,
@@ -369,36 +398,44 @@ pub fn start<S: StateMachine, T: Transport>(
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
-        .spawn(move || driver.run(rx))
+        .spawn(move || driver.run(sleeper))
         .map_err(|e| format!("raft: cannot start thread: {e}"))?;
     Ok((handle, join))
 }
 
 impl<T: Transport> Driver<T> {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) -> Result<(), String> {
+    fn run(mut self, mut inbox: Sleeper<Msg>) -> Result<(), String> {
         let mut next_tick = Instant::now() + self.cfg.tick;
         // Sticky: a Stop handled in a pass that ends early (the campaign below) still counts.
         let mut stop = false;
+        let mut ready = Vec::new();
+        let mut received = Vec::new();
         let result = loop {
             let mut wait = next_tick.saturating_duration_since(Instant::now());
             if self.stage.backlogged() {
                 // Hand the backlog on as the stage makes room.
                 wait = wait.min(BACKLOG_POLL);
             }
-            match rx.recv_timeout(wait) {
-                Ok(m) => {
+            ready.clear();
+            match inbox.next(wait, &mut ready) {
+                Ok(Some(m)) => {
                     stop |= self.handle(m);
                     let mut n = 1;
                     while n < BATCH {
-                        match rx.try_recv() {
-                            Ok(m) => stop |= self.handle(m),
-                            Err(_) => break,
+                        match inbox.try_next() {
+                            Some(m) => stop |= self.handle(m),
+                            None => break,
                         }
                         n += 1;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stop = true,
+                Ok(None) => {}
+                Err(Closed) => stop = true,
+            }
+            // What the transport reads on this thread goes to raft as a peer message would.
+            self.transport.receive(&ready, &mut received);
+            for m in received.drain(..) {
+                stop |= self.handle(Msg::Step(Box::new(m)));
             }
             if !self.stage.pump() {
                 self.stage_gone = true;

@@ -101,6 +101,21 @@ impl Dialer {
     }
 }
 
+impl Dialer {
+    /// A plain TCP connection to `url`'s host when `url` is `http://` over TCP (None for TLS
+    /// and unix sockets), with the `Host` header a request should carry.
+    pub async fn connect_plain_tcp(&self, url: &str) -> Result<Option<(tokio::net::TcpStream, String)>> {
+        let Target { hostport, unix, tls, .. } = self.target(url)?;
+        if unix || tls.is_some() {
+            return Ok(None);
+        }
+        let tcp = tokio::time::timeout(Duration::from_secs(1), dial_tcp(&hostport, self.local_ip))
+            .await
+            .map_err(|_| anyhow!("{url}: dial timed out"))??;
+        Ok(Some((tcp, hostport)))
+    }
+}
+
 /// A peer URL taken apart for dialing.
 struct Target {
     hostport: String,
@@ -118,24 +133,8 @@ async fn dial(
     tls: Option<Arc<rustls::ClientConfig>>,
     local_ip: Option<std::net::IpAddr>,
 ) -> std::io::Result<Box<dyn Io>> {
-    let raw: Box<dyn Io> = if unix {
-        Box::new(tokio::net::UnixStream::connect(hostport).await?)
-    } else {
-        let tcp = match local_ip {
-            Some(ip) => {
-                let addr = tokio::net::lookup_host(hostport)
-                    .await?
-                    .find(|a| a.is_ipv4() == ip.is_ipv4())
-                    .ok_or_else(|| std::io::Error::other(format!("cannot resolve {hostport}")))?;
-                let sock = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-                sock.bind(std::net::SocketAddr::new(ip, 0))?;
-                sock.connect(addr).await?
-            }
-            None => tokio::net::TcpStream::connect(hostport).await?,
-        };
-        let _ = tcp.set_nodelay(true);
-        Box::new(tcp)
-    };
+    let raw: Box<dyn Io> =
+        if unix { Box::new(tokio::net::UnixStream::connect(hostport).await?) } else { Box::new(dial_tcp(hostport, local_ip).await?) };
     let Some(cfg) = tls else { return Ok(raw) };
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| std::io::Error::other(e.to_string()))?;
     match tokio_rustls::TlsConnector::from(cfg).connect(name, raw).await {
@@ -153,6 +152,24 @@ async fn dial(
             Err(e)
         }
     }
+}
+
+/// A TCP connection to `hostport`, from `local_ip` when given, with Nagle off.
+async fn dial_tcp(hostport: &str, local_ip: Option<std::net::IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = match local_ip {
+        Some(ip) => {
+            let addr = tokio::net::lookup_host(hostport)
+                .await?
+                .find(|a| a.is_ipv4() == ip.is_ipv4())
+                .ok_or_else(|| std::io::Error::other(format!("cannot resolve {hostport}")))?;
+            let sock = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            sock.bind(std::net::SocketAddr::new(ip, 0))?;
+            sock.connect(addr).await?
+        }
+        None => tokio::net::TcpStream::connect(hostport).await?,
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// The most bytes of backend a received snapshot may hold with backend quota `quota` (as

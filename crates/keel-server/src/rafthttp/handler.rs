@@ -130,7 +130,7 @@ impl Handler {
     /// writes itself ([`crate::rafthttp::direct`]): `Ok` when it was taken, else the connection
     /// and the bytes read from it, for the HTTP server to go on with.
     pub async fn offer_stream(&self, sock: tokio::net::TcpStream) -> Result<(), (tokio::net::TcpStream, Vec<u8>)> {
-        crate::rafthttp::direct::offer(&self.shared, sock).await
+        crate::rafthttp::writer::offer(&self.shared, sock).await
     }
 
     /// Answers a request for a path under `/raft` or `/leases`.

@@ -4,7 +4,7 @@
 //! probing, and the lease requests followers forward to the leader (`/leases`).
 //!
 //! - [`transport`]: the raft transport: links to peers, where each message goes;
-//! - [`stream`], [`direct`] (streams whose socket the raft thread writes), [`pipeline`], [`snapshot`], [`probe`]: the ways messages travel;
+//! - [`stream`], [`writer`] and [`reader`] (streams the raft thread writes and reads itself), [`pipeline`], [`snapshot`], [`probe`]: the ways messages travel;
 //! - [`handler`]: what this member answers on its peer URLs for all of them;
 //! - [`codec`]: the streams' byte framing; [`handshake`]: a stream request's headers and rules;
 //! - [`client`]: HTTP/1.1 requests to peers (kept connections, one-shot requests, `/members`).
@@ -14,14 +14,15 @@
 
 pub mod client;
 pub mod codec;
-pub mod direct;
 pub mod handler;
 pub mod handshake;
 pub mod pipeline;
 pub mod probe;
+pub mod reader;
 pub mod snapshot;
 pub mod stream;
 pub mod transport;
+pub mod writer;
 
 pub use handler::{Forwarded, Handler, NotPrimary};
 pub use snapshot::BackendFiles;

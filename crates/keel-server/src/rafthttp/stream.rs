@@ -16,6 +16,7 @@
 
 use crate::rafthttp::codec::{is_link_heartbeat, CodecError, MessageCodec, MsgAppV2Codec};
 use crate::rafthttp::handshake::{self, id_string, StreamKind};
+use crate::rafthttp::reader;
 use crate::rafthttp::transport::{Link, Shared};
 use bytes::{Bytes, BytesMut};
 use http_body::Frame;
@@ -57,7 +58,7 @@ impl Codec {
         }
     }
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
+    pub(crate) fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
         match self {
             Codec::MsgApp(c) => c.decode(src),
             Codec::Message(c) => c.decode(src),
@@ -143,7 +144,7 @@ impl Drop for Outgoing {
 
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
-enum OpenError {
+pub(crate) enum OpenError {
     #[error("the member has been permanently removed from the cluster")]
     Removed,
     #[error("incompatible version")]
@@ -205,20 +206,31 @@ async fn open(shared: &Shared, peer: u64, kind: StreamKind, url: &str) -> Result
         .map_err(|_| OpenError::Other("timed out waiting for the stream's answer".into()))??;
     match resp.status().as_u16() {
         200 => Ok(resp.into_body()),
-        410 => Err(OpenError::Removed),
-        404 => Err(OpenError::Other(format!("peer {} failed to find local node {}", id_string(peer), id_string(shared.id)))),
-        412 => {
-            let body = tokio::time::timeout(READ_TIMEOUT, resp.into_body().collect())
-                .await
-                .map_err(|_| OpenError::Other("timed out reading a refusal".into()))??
-                .to_bytes();
-            match String::from_utf8_lossy(&body).trim_end_matches('\n') {
-                "incompatible version" => Err(OpenError::IncompatibleVersion),
-                "cluster ID mismatch" => Err(OpenError::ClusterIdMismatch),
-                other => Err(OpenError::Other(format!("unhandled error {other:?} when precondition failed"))),
-            }
+        status => {
+            let body = if status == 412 {
+                tokio::time::timeout(READ_TIMEOUT, resp.into_body().collect())
+                    .await
+                    .map_err(|_| OpenError::Other("timed out reading a refusal".into()))??
+                    .to_bytes()
+            } else {
+                Bytes::new()
+            };
+            Err(refusal(status, &body, shared.id, peer))
         }
-        other => Err(OpenError::Other(format!("unhandled http status {other}"))),
+    }
+}
+
+/// What a peer's answer other than 200 to a stream request means (`body` only read for 412).
+pub(crate) fn refusal(status: u16, body: &[u8], local: u64, peer: u64) -> OpenError {
+    match status {
+        410 => OpenError::Removed,
+        404 => OpenError::Other(format!("peer {} failed to find local node {}", id_string(peer), id_string(local))),
+        412 => match String::from_utf8_lossy(body).trim_end_matches('\n') {
+            "incompatible version" => OpenError::IncompatibleVersion,
+            "cluster ID mismatch" => OpenError::ClusterIdMismatch,
+            other => OpenError::Other(format!("unhandled error {other:?} when precondition failed")),
+        },
+        other => OpenError::Other(format!("unhandled http status {other}")),
     }
 }
 
@@ -258,6 +270,12 @@ async fn read(shared: &Shared, link: &Link, kind: StreamKind, mut body: hyper::b
     }
 }
 
+/// An open incoming stream: read by the raft thread, or here from the HTTP answer's body.
+enum Session {
+    RaftThread(tokio::sync::oneshot::Receiver<String>),
+    Body(hyper::body::Incoming),
+}
+
 /// Keeps stream `kind` from `link`'s peer open while the peer is a member.
 pub(crate) async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, kind: StreamKind) {
     let mut turn = 0usize;
@@ -271,12 +289,20 @@ pub(crate) async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, kind: Stream
             return;
         }
         let url = &urls[turn % urls.len()];
-        match open(&shared, link.id, kind, url).await {
-            Ok(body) => {
+        let opened = match reader::open(&shared, &link, kind, url).await {
+            Ok(Some(ended)) => Ok(Session::RaftThread(ended)),
+            Ok(None) => open(&shared, link.id, kind, url).await.map(Session::Body),
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(session) => {
                 link.stream_up(shared.id);
                 tracing::info!(remote_peer_id = %link.label, stream_type = kind.name(), "established TCP streaming connection with remote peer (reader)");
                 down = None;
-                let why = read(&shared, &link, kind, body).await;
+                let why = match session {
+                    Session::RaftThread(ended) => ended.await.unwrap_or_else(|_| "the raft thread stopped".into()),
+                    Session::Body(body) => read(&shared, &link, kind, body).await,
+                };
                 link.stream_down(shared.id);
                 if shared.is_member(link.id) {
                     tracing::warn!(remote_peer_id = %link.label, stream_type = kind.name(), error = %why, "lost TCP streaming connection with remote peer (reader)");

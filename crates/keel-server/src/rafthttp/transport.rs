@@ -16,9 +16,10 @@
 use crate::membership::Members;
 use crate::peer::Dialer;
 use crate::rafthttp::client::{Answer, Pool};
-use crate::rafthttp::direct::DirectWriter;
 use crate::rafthttp::handshake::{id_string, StreamKind};
+use crate::rafthttp::reader::{Reader, Readers};
 use crate::rafthttp::snapshot::BackendFiles;
+use crate::rafthttp::writer::DirectWriter;
 use crate::rafthttp::{pipeline, probe, snapshot, stream};
 use keel_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, Member};
 use keel_raft::eraftpb::{Message, MessageType};
@@ -27,6 +28,7 @@ use parking_lot::{Mutex, RwLock};
 use prost::Message as _;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -56,6 +58,13 @@ pub(crate) struct Shared {
     pub(crate) snap_dir: PathBuf,
     /// Told when a peer says this member was removed from the cluster.
     removed: Arc<tokio::sync::Notify>,
+    /// The raft thread's poll, once the node has it ([`keel_raft::Transport::attach`]):
+    /// incoming streams over plain TCP are registered there and read by the raft thread.
+    registry: OnceLock<mio::Registry>,
+    /// Incoming streams opened but not yet taken by the raft thread.
+    arrivals: Mutex<Vec<Reader>>,
+    arrived: AtomicBool,
+    next_token: AtomicUsize,
 }
 
 /// This member's link to one peer.
@@ -149,6 +158,28 @@ impl Link {
 impl Shared {
     pub(crate) fn node(&self) -> Option<&NodeHandle> {
         self.node.get()
+    }
+
+    pub(crate) fn registry(&self) -> Option<&mio::Registry> {
+        self.registry.get()
+    }
+
+    /// A poll token for a new incoming stream.
+    pub(crate) fn next_token(&self) -> mio::Token {
+        mio::Token(self.next_token.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// An incoming stream for the raft thread to take.
+    pub(crate) fn arrive(&self, r: Reader) {
+        self.arrivals.lock().push(r);
+        self.arrived.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn take_arrivals(&self) -> Vec<Reader> {
+        if !self.arrived.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.arrivals.lock())
     }
 
     pub(crate) fn is_member(&self, id: u64) -> bool {
@@ -265,10 +296,17 @@ impl Shared {
     }
 }
 
-/// The raft transport over etcd's peer protocol. Clone it freely; clones share the links.
-#[derive(Clone)]
+/// The raft transport over etcd's peer protocol. Clone it freely; clones share the links (the
+/// incoming streams the raft thread reads are the node's clone's alone).
 pub struct Transport {
     inner: Arc<Shared>,
+    readers: Readers,
+}
+
+impl Clone for Transport {
+    fn clone(&self) -> Transport {
+        Transport { inner: self.inner.clone(), readers: Readers::default() }
+    }
 }
 
 /// What a transport needs to know of its member.
@@ -303,7 +341,12 @@ impl Transport {
                 files: s.files,
                 snap_dir: s.snap_dir,
                 removed: s.removed,
+                registry: OnceLock::new(),
+                arrivals: Mutex::new(Vec::new()),
+                arrived: AtomicBool::new(false),
+                next_token: AtomicUsize::new(1),
             }),
+            readers: Readers::default(),
         }
     }
 
@@ -460,6 +503,19 @@ impl Transport {
 }
 
 impl keel_raft::Transport for Transport {
+    fn attach(&mut self, registry: &mio::Registry) {
+        match registry.try_clone() {
+            Ok(r) => {
+                let _ = self.inner.registry.set(r);
+            }
+            Err(e) => tracing::warn!(error = %e, "raft streams are read off the raft thread: cannot share its poll"),
+        }
+    }
+
+    fn receive(&mut self, ready: &[mio::Token], out: &mut Vec<Message>) {
+        self.readers.receive(&self.inner, ready, out);
+    }
+
     fn send(&mut self, msgs: Vec<Message>) {
         let metrics = &keel_metrics::METRICS;
         // Streams written directly get one chunk per call: their batches are flushed at the end.
