@@ -225,8 +225,37 @@ pub async fn serve(
     h2: H2,
     endpoint: Endpoint,
     limit: ConnLimit,
-    streams: Option<keel_server::rafthttp::Handler>,
 ) {
+    accept_loop(listener, router, Settings { tls, plain_too, h2, endpoint, limit, streams: None }).await
+}
+
+/// Serves a peer listener: as [`serve`], and a connection over plain TCP whose first request
+/// opens a raft stream from this member is kept for the raft thread to write
+/// ([`keel_server::rafthttp::Handler::offer_stream`]).
+pub async fn serve_peer(
+    listener: Listener,
+    tls: Option<TlsAcceptor>,
+    router: axum::Router,
+    endpoint: Endpoint,
+    limit: ConnLimit,
+    streams: keel_server::rafthttp::Handler,
+) {
+    let settings = Settings { tls, plain_too: false, h2: H2::DEFAULT, endpoint, limit, streams: Some(streams) };
+    accept_loop(listener, router, settings).await
+}
+
+/// How a listener's connections are served.
+struct Settings {
+    tls: Option<TlsAcceptor>,
+    plain_too: bool,
+    h2: H2,
+    endpoint: Endpoint,
+    limit: ConnLimit,
+    streams: Option<keel_server::rafthttp::Handler>,
+}
+
+async fn accept_loop(listener: Listener, router: axum::Router, settings: Settings) {
+    let Settings { tls, plain_too, h2, endpoint, limit, streams } = settings;
     let fix_authority = endpoint == Endpoint::Client;
     loop {
         let accepted: std::io::Result<(Accepted, Option<SocketAddr>)> = match &listener {

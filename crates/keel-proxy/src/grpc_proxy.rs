@@ -373,7 +373,6 @@ async fn run(a: Args) -> Result<()> {
         serve::H2::DEFAULT,
         serve::Endpoint::Client,
         serve::ConnLimit::new(serve::default_max_connections()),
-        None,
     );
     tokio::select! {
         _ = serving => Ok(()),

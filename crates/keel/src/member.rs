@@ -177,16 +177,7 @@ impl Member {
                     (false, _) => None,
                 };
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving peer traffic on {}", lu.url);
-                serving.push(tokio::spawn(serve::serve(
-                    l,
-                    acceptor,
-                    false,
-                    peer_router.clone(),
-                    serve::H2::DEFAULT,
-                    endpoint,
-                    peer_limit.clone(),
-                    Some(raft.clone()),
-                )));
+                serving.push(tokio::spawn(serve::serve_peer(l, acceptor, peer_router.clone(), endpoint, peer_limit.clone(), raft.clone())));
             }
             let _ = bound_tx.send(Ok(()));
             for s in serving {
@@ -238,7 +229,7 @@ impl Member {
                     return;
                 }
                 tracing::info!(address = %lu.addr, tls = lu.tls, "serving client traffic on {}", lu.url);
-                serve::serve(l, acceptor, lu.plain_too, router, client_h2, serve::Endpoint::Client, limit, None).await
+                serve::serve(l, acceptor, lu.plain_too, router, client_h2, serve::Endpoint::Client, limit).await
             });
         }
         if let Some(urls) = cfg.listen_metrics_urls.as_deref().filter(|u| !u.is_empty()) {
@@ -259,7 +250,6 @@ impl Member {
                     serve::H2::DEFAULT,
                     serve::Endpoint::Metrics,
                     limit.clone(),
-                    None,
                 ));
             }
         }

@@ -287,67 +287,13 @@ impl Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::Members;
-    use crate::rafthttp::snapshot::BackendFiles;
-    use keel_proto::keelpb::MemberRecord;
     use keel_raft::eraftpb::{Message, MessageType};
     use keel_raft::ProtoMessage;
 
-    struct NoFiles;
-    impl BackendFiles for NoFiles {
-        fn export(&self, _out: std::fs::File) -> anyhow::Result<()> {
-            anyhow::bail!("no backend")
-        }
-        fn import(&self, _bolt: &std::path::Path, _dest: &std::path::Path) -> anyhow::Result<()> {
-            anyhow::bail!("no backend")
-        }
-    }
-
-    /// Lease 7 exists with TTL 30 on this leader.
-    struct Lessor {
-        leading: bool,
-    }
-    impl Forwarded for Lessor {
-        fn lease_renew(&self, id: i64) -> Result<Option<i64>, NotPrimary> {
-            if !self.leading {
-                return Err(NotPrimary);
-            }
-            Ok((id == 7).then_some(30))
-        }
-        fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<Option<LeaseTimeToLiveResponse>, NotPrimary> {
-            if !self.leading {
-                return Err(NotPrimary);
-            }
-            Ok((r.id == 7).then(|| LeaseTimeToLiveResponse { id: 7, ttl: 29, granted_ttl: 30, keys: vec![b"k".to_vec()], header: None }))
-        }
-    }
-
-    const CLUSTER: u64 = 0xc1;
+    use crate::rafthttp::testing::{with_transport, CLUSTER};
 
     fn handler(leading: bool, dir: &std::path::Path) -> Handler {
         with_transport(leading, dir).0
-    }
-
-    fn with_transport(leading: bool, dir: &std::path::Path) -> (Handler, Transport) {
-        let record = |id: u64| MemberRecord {
-            id,
-            name: format!("m{id}"),
-            peer_urls: vec![format!("http://127.0.0.1:{}", 1 + id)],
-            ..Default::default()
-        };
-        let members = Members { cluster_id: CLUSTER, members: vec![record(1), record(2)], removed: vec![9] };
-        let t = Transport::new(crate::rafthttp::Setup {
-            id: 1,
-            cluster_id: CLUSTER,
-            urls: vec!["http://127.0.0.1:2".into()],
-            members: Arc::new(parking_lot::RwLock::new(members)),
-            dialer: crate::peer::Dialer::new(None, None),
-            rt: tokio::runtime::Handle::current(),
-            files: Arc::new(NoFiles),
-            snap_dir: dir.to_path_buf(),
-            removed: Arc::new(tokio::sync::Notify::new()),
-        });
-        (Handler::new(&t, Arc::new(Lessor { leading }), Some(1 << 20)), t)
     }
 
     fn request(method: &str, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> Request<Full<Bytes>> {
@@ -358,14 +304,7 @@ mod tests {
         r.body(Full::new(Bytes::from(body))).unwrap()
     }
 
-    fn peer_headers(cluster: u64) -> Vec<(&'static str, String)> {
-        vec![
-            ("X-Server-From", "2".into()),
-            ("X-Server-Version", "3.6.16".into()),
-            ("X-Min-Cluster-Version", "3.0.0".into()),
-            ("X-Etcd-Cluster-ID", id_string(cluster)),
-        ]
-    }
+    use crate::rafthttp::testing::peer_headers;
 
     async fn answer(r: Response<Body>) -> (u16, http::HeaderMap, Vec<u8>) {
         let (parts, body) = r.into_parts();

@@ -21,6 +21,8 @@ pub mod probe;
 pub mod reader;
 pub mod snapshot;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 pub mod writer;
 

@@ -98,6 +98,9 @@ impl Dechunker {
             Some(i) => {
                 self.line.extend_from_slice(&src[..i]);
                 *src = &src[i + 1..];
+                if self.line.len() > LINE_LIMIT {
+                    return Err("malformed chunked encoding: line too long".into());
+                }
                 let mut line = std::mem::take(&mut self.line);
                 if line.last() == Some(&b'\r') {
                     line.pop();
@@ -237,7 +240,7 @@ pub(crate) async fn open(
     kind: StreamKind,
     url: &str,
 ) -> Result<Option<oneshot::Receiver<String>>, OpenError> {
-    let (Some(registry), Some(node)) = (shared.registry(), shared.node()) else { return Ok(None) };
+    let Some(registry) = shared.registry() else { return Ok(None) };
     let Some((mut sock, host)) = shared.dialer.connect_plain_tcp(url).await? else { return Ok(None) };
     let mut req = format!("GET {} HTTP/1.1\r\nHost: {host}\r\n", kind.path(shared.id));
     for (name, value) in handshake::stream_request_headers(shared.id, shared.cluster_id, link.id, &shared.urls) {
@@ -299,7 +302,9 @@ pub(crate) async fn open(
     }
     reader.early = early;
     shared.arrive(reader);
-    node.nudge();
+    if let Some(node) = shared.node() {
+        node.nudge();
+    }
     Ok(Some(ended))
 }
 
@@ -339,6 +344,153 @@ async fn read_answer_head(sock: &mut tokio::net::TcpStream) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rafthttp::codec::MessageCodec;
+    use crate::rafthttp::testing::with_peer;
+    use keel_raft::eraftpb::MessageType;
+    use keel_raft::Transport as _;
+    use tokio_util::codec::Encoder;
+
+    fn heartbeat(commit: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term, m.commit) = (2, 1, 3, commit);
+        m
+    }
+
+    fn frames(msgs: &[Message]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        for m in msgs {
+            MessageCodec::default().encode(m, &mut b).unwrap();
+        }
+        b.to_vec()
+    }
+
+    fn chunk(body: &[u8]) -> Vec<u8> {
+        let mut c = format!("{:x}\r\n", body.len()).into_bytes();
+        c.extend_from_slice(body);
+        c.extend_from_slice(b"\r\n");
+        c
+    }
+
+    /// A peer that answers the first stream request with `head`, then, once told, with `rest`,
+    /// and then hangs up (after the other side does, so that nothing it sent is cut off).
+    async fn peer(head: Vec<u8>, rest: Vec<Vec<u8>>) -> (String, tokio::task::JoinHandle<String>, oneshot::Sender<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let (go, went) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut b = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&b[..n]);
+            }
+            // Writes fail once the other side has given up on the stream: that is its right.
+            let _ = s.write_all(&head).await;
+            if went.await.is_ok() {
+                for p in rest {
+                    let _ = s.write_all(&p).await;
+                    let _ = s.flush().await;
+                }
+            }
+            let _ = s.shutdown().await;
+            while s.read(&mut b).await.is_ok_and(|n| n > 0) {}
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        (url, task, go)
+    }
+
+    /// Member 1 opens its message stream on a peer answering `pieces`; the raft side's reads
+    /// until the stream ends: the messages stepped and why it ended.
+    async fn read_stream(head: Vec<u8>, rest: Vec<Vec<u8>>) -> (String, Result<(Vec<Message>, String), OpenError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, peer, go) = peer(head, rest).await;
+        let (_h, mut t) = with_peer(true, dir.path(), &url);
+        let mut poll = mio::Poll::new().unwrap();
+        t.attach(poll.registry());
+        let shared = t.shared().clone();
+        // A link of its own: the transport's would open its streams on the peer too.
+        let (link, _pipeline) = crate::rafthttp::transport::Link::new(2);
+        let opened = open(&shared, &link, StreamKind::Message, &url).await;
+        let mut ended = match opened {
+            Ok(Some(e)) => e,
+            Ok(None) => panic!("a plain TCP stream must be read by the raft thread"),
+            Err(e) => {
+                drop(go);
+                return (peer.await.unwrap(), Err(e));
+            }
+        };
+        let _ = go.send(());
+        let raft_side = tokio::task::spawn_blocking(move || {
+            let mut events = mio::Events::with_capacity(8);
+            let mut stepped = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
+                let ready: Vec<mio::Token> = events.iter().map(|e| e.token()).collect();
+                t.receive(&ready, &mut stepped);
+                if let Ok(why) = ended.try_recv() {
+                    return (stepped, why);
+                }
+                assert!(Instant::now() < deadline, "the stream never ended; stepped {stepped:?}");
+            }
+        });
+        let got = raft_side.await.unwrap();
+        (peer.await.unwrap(), Ok(got))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_read_on_the_raft_thread_steps_every_message_in_order_until_it_ends() {
+        let (m1, m2, m3) = (heartbeat(1), heartbeat(2), heartbeat(3));
+        let mut link_heartbeat = Message::default();
+        link_heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+        let mut head = b"HTTP/1.1 200 OK\r\nX-Server-Version: 3.6.16\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        head.extend(chunk(&frames(std::slice::from_ref(&m1))));
+        let second = chunk(&frames(&[m2.clone(), link_heartbeat, m3.clone()]));
+        let (a, b) = second.split_at(7);
+        let (request, got) = read_stream(head, vec![a.to_vec(), b.to_vec(), b"0\r\n\r\n".to_vec()]).await;
+        assert!(request.starts_with("GET /raft/stream/message/1 HTTP/1.1\r\n"), "{request}");
+        assert!(request.contains("X-Etcd-Cluster-ID: c1\r\n") && request.contains("X-Raft-To: 2\r\n"), "{request}");
+        let (stepped, why) = got.unwrap();
+        assert_eq!(stepped, vec![m1, m2, m3], "the link heartbeat is not raft's");
+        assert_eq!(why, "EOF");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_on_a_stream_ends_it_and_steps_nothing_more() {
+        let m1 = heartbeat(1);
+        let mut body = frames(std::slice::from_ref(&m1));
+        body.extend_from_slice(&5u64.to_be_bytes());
+        body.extend_from_slice(&[0xff; 5]);
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let (_, got) = read_stream(head, vec![chunk(&body), chunk(&frames(&[heartbeat(2)]))]).await;
+        let (stepped, why) = got.unwrap();
+        assert_eq!(stepped, vec![m1]);
+        assert!(why.starts_with("rafthttp:"), "{why}");
+        // A bad chunk size is as bad.
+        let (_, got) = read_stream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), vec![b"xyz\r\n".to_vec()]).await;
+        let (stepped, why) = got.unwrap();
+        assert!(stepped.is_empty() && why.contains("malformed chunk size"), "{why}");
+        // With the head, it refuses the stream.
+        let (_, got) = read_stream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\n".to_vec(), vec![]).await;
+        assert!(matches!(&got, Err(OpenError::Other(e)) if e.contains("malformed chunk size")), "{got:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_are_etcds() {
+        let (_, got) =
+            read_stream(b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 20\r\n\r\ncluster ID mismatch\n".to_vec(), vec![]).await;
+        assert!(matches!(got, Err(OpenError::ClusterIdMismatch)), "{got:?}");
+        let (_, got) =
+            read_stream(b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 21\r\n\r\nincompatible version\n".to_vec(), vec![]).await;
+        assert!(matches!(got, Err(OpenError::IncompatibleVersion)), "{got:?}");
+        let (_, got) = read_stream(b"HTTP/1.1 410 Gone\r\nContent-Length: 15\r\n\r\nremoved member\n".to_vec(), vec![]).await;
+        assert!(matches!(got, Err(OpenError::Removed)), "{got:?}");
+        let (_, got) = read_stream(b"not http at all\r\n\r\n".to_vec(), vec![]).await;
+        assert!(matches!(&got, Err(OpenError::Other(e)) if e.contains("malformed HTTP answer")), "{got:?}");
+    }
 
     fn dechunk_in_pieces(wire: &[u8], piece: usize) -> (Vec<u8>, bool) {
         let mut d = Dechunker::default();

@@ -119,6 +119,19 @@ fn slot(kind: StreamKind) -> usize {
 }
 
 impl Link {
+    /// A link to peer `id`, and the receiving end of its pipeline's queue.
+    pub(crate) fn new(id: u64) -> (Arc<Link>, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(PIPELINE_QUEUE);
+        let link = Arc::new(Link {
+            id,
+            label: id_string(id),
+            writers: [Mutex::new(None), Mutex::new(None)],
+            pipeline: tx,
+            state: Mutex::new(LinkState::default()),
+        });
+        (link, rx)
+    }
+
     /// A stream to or from the peer came up.
     pub(crate) fn stream_up(&self, local: u64) {
         let mut s = self.state.lock();
@@ -227,14 +240,7 @@ impl Shared {
         if let Some(l) = links.get(&id) {
             return Some(l.clone());
         }
-        let (tx, rx) = mpsc::channel(PIPELINE_QUEUE);
-        let link = Arc::new(Link {
-            id,
-            label: id_string(id),
-            writers: [Mutex::new(None), Mutex::new(None)],
-            pipeline: tx,
-            state: Mutex::new(LinkState::default()),
-        });
+        let (link, rx) = Link::new(id);
         links.insert(id, link.clone());
         drop(links);
         tracing::info!(remote_peer_id = %link.label, "added remote peer");

@@ -255,3 +255,95 @@ async fn run(shared: Arc<Shared>, link: Arc<Link>, kind: StreamKind, w: Arc<Dire
     link.stream_down(shared.id);
     tracing::warn!(remote_peer_id = %link.label, stream_type = kind.name(), error = %why, "lost TCP streaming connection with remote peer (writer)");
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::rafthttp::codec::MessageCodec;
+    use crate::rafthttp::reader::Dechunker;
+    use crate::rafthttp::testing::{peer_headers, with_transport, CLUSTER};
+    use bytes::BytesMut;
+    use keel_raft::eraftpb::{Message, MessageType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::codec::Decoder;
+
+    fn stream_request(cluster: u64) -> Vec<u8> {
+        let mut r = String::from("GET /raft/stream/message/2 HTTP/1.1\r\nHost: m1\r\nX-Raft-To: 1\r\n");
+        for (k, v) in peer_headers(cluster) {
+            r.push_str(&format!("{k}: {v}\r\n"));
+        }
+        r.push_str("\r\n");
+        r.into_bytes()
+    }
+
+    async fn read_until(c: &mut TcpStream, buf: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) {
+        let mut b = [0u8; 4096];
+        while !done(buf) {
+            let n = c.read(&mut b).await.unwrap();
+            assert!(n > 0, "EOF after {:?}", String::from_utf8_lossy(buf));
+            buf.extend_from_slice(&b[..n]);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_over_plain_tcp_is_written_by_the_sender_itself_and_anything_else_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, mut t) = with_transport(true, dir.path());
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (offered, mut outcome) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let _ = offered.send(h.offer_stream(s).await.err().map(|(_, head)| head));
+            }
+        });
+
+        // A stream request is taken: the answer's head, then each send's messages as one chunk.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&stream_request(CLUSTER)).await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut c, &mut got, |b| b.windows(4).any(|w| w == b"\r\n\r\n")).await;
+        let head = String::from_utf8_lossy(&got).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\nTransfer-Encoding: chunked\r\n") && head.contains("\r\nX-Etcd-Cluster-Id: c1\r\n"), "{head}");
+        assert_eq!(outcome.recv().await.unwrap(), None, "the connection was taken");
+        assert!(t.active_since(2).is_some(), "the peer is active while its stream is open");
+        let mut msgs = Vec::new();
+        for commit in 1..=2 {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgHeartbeat);
+            (m.from, m.to, m.term, m.commit) = (1, 2, 3, commit);
+            msgs.push(m);
+        }
+        keel_raft::Transport::send(&mut t, msgs.clone());
+        let mut body = Vec::new();
+        read_until(&mut c, &mut body, |b| b.ends_with(b"\r\n") && b.len() > 4).await;
+        let size = std::str::from_utf8(&body[..body.iter().position(|b| *b == b'\r').unwrap()]).unwrap().to_string();
+        let mut frames = BytesMut::new();
+        assert!(!Dechunker::default().feed(&body, &mut frames).unwrap());
+        assert_eq!(usize::from_str_radix(&size, 16).unwrap(), frames.len(), "one chunk holds the send's messages");
+        let mut codec = MessageCodec::default();
+        let decoded: Vec<Message> = std::iter::from_fn(|| codec.decode(&mut frames).unwrap()).collect();
+        assert_eq!(decoded, msgs);
+
+        // The peer hangs up: the stream ends and the link knows it.
+        drop(c);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while t.active_since(2).is_some() {
+            assert!(std::time::Instant::now() < deadline, "the stream outlived its connection");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+
+        // Anything else goes on to the HTTP server with every byte read: a pipeline request as
+        // soon as it shows it is not a stream, a stream refused (here: another cluster) whole.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST /raft HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc").await.unwrap();
+        let head = outcome.recv().await.unwrap().expect("not taken");
+        assert!(!head.is_empty() && b"POST /raft HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".starts_with(&head), "{head:?}");
+        let mut c2 = TcpStream::connect(addr).await.unwrap();
+        c2.write_all(&stream_request(0xc2)).await.unwrap();
+        assert_eq!(outcome.recv().await.unwrap(), Some(stream_request(0xc2)));
+        drop((c, c2));
+    }
+}
