@@ -3,12 +3,15 @@
 # benchmark v3.6.8, what operators measure etcd with): 3 members on 127.0.0.1-3, one client on
 # one connection, put via the leader and via a follower, linearizable get via the leader and via
 # a follower. Systems alternate run by run; each run starts fresh members. Prints one line per
-# run and workload: system, workload, mean latency, requests/s, and the members' own CPU
-# (utime+stime of all three, from /proc) per request.
+# run and workload: system, workload, mean, p50 and p99 latency (the tool's `--precise`),
+# requests/s, and the members' own CPU (utime+stime of all three, from /proc) per request; then
+# a table of the medians over runs with Keel's ratio to each etcd (< 1 is better for Keel,
+# except requests/s).
 #
-#   scripts/bench-etcd-tool.sh                 etcd 3.6.16 against Keel (target/release/keel)
+#   scripts/bench-etcd-tool.sh                 etcd 3.6.16 and 3.7.3 against Keel (target/release/keel)
+#   BENCH_ETCD="v3.6.16"                        which etcd releases (default: v3.6.16 v3.7.3)
 #   KEEL_BASE_BIN=path/to/old/keel ...          adds an earlier Keel build (before/after)
-#   BENCH_RUNS=2 BENCH_TOTAL=3000               runs per system, requests per workload
+#   BENCH_RUNS=3 BENCH_TOTAL=3000               runs per system (default 3), requests per workload
 #
 # Needs go (builds the tool once into target/etcd-bench) and scripts/etcd-ref.sh's etcd.
 set -euo pipefail
@@ -30,11 +33,16 @@ if [ ! -x "$bm" ]; then
     go build -o "$bm" go.etcd.io/etcd/v3/tools/benchmark
   )
 fi
-ref=$(scripts/etcd-ref.sh v3.6.16)
-ctl=$ref/etcdctl
+declare -A bin=([keel]=$root/target/release/keel)
+systems=()
+for v in ${BENCH_ETCD:-v3.6.16 v3.7.3}; do
+  ref=$(scripts/etcd-ref.sh "$v")
+  name=etcd-$(cut -d. -f1,2 <<<"${v#v}")
+  bin[$name]=$ref/etcd
+  systems+=("$name")
+done
+ctl=$(scripts/etcd-ref.sh v3.6.16)/etcdctl
 [ -x target/release/keel ] || cargo build --release --bin keel
-declare -A bin=([etcd-3.6]=$ref/etcd [keel]=$root/target/release/keel)
-systems=(etcd-3.6)
 if [ -n "${KEEL_BASE_BIN:-}" ]; then
   bin[keel-base]=$KEEL_BASE_BIN
   systems+=(keel-base)
@@ -74,18 +82,45 @@ run_sys() {
     read -r name op ep <<<"$w"
     c0=$(cpu_of "${pids[@]}")
     if [ "$op" = put ]; then
-      out=$("$bm" --endpoints "$ep" --conns 1 --clients 1 put --total "$total" --key-space-size 100000 --val-size 256 2>/dev/null)
+      out=$("$bm" --precise --endpoints "$ep" --conns 1 --clients 1 put --total "$total" --key-space-size 100000 --val-size 256 2>/dev/null)
     else
-      out=$("$bm" --endpoints "$ep" --conns 1 --clients 1 range 00000000 --consistency l --total "$total" 2>/dev/null)
+      out=$("$bm" --precise --endpoints "$ep" --conns 1 --clients 1 range 00000000 --consistency l --total "$total" 2>/dev/null)
     fi
     c1=$(cpu_of "${pids[@]}")
-    printf '%s %s %s mean_ms=%s req_per_s=%s cpu_ms_per_req=%s\n' "$round" "$sys" "$name" \
-      "$(grep -m1 'Average:' <<<"$out" | awk '{print $2 * 1000}')" "$(grep -m1 'Requests/sec:' <<<"$out" | awk '{print $2}')" \
-      "$(awk -v a="$c0" -v b="$c1" -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", (b - a) * 1000 / hz / n }')"
+    printf '%s %s %s mean_ms=%s p50_ms=%s p99_ms=%s req_per_s=%s cpu_ms_per_req=%s\n' "$round" "$sys" "$name" \
+      "$(grep -m1 'Average:' <<<"$out" | awk '{printf "%.3f", $2 * 1000}')" \
+      "$(grep -m1 ' 50% in' <<<"$out" | awk '{printf "%.3f", $3 * 1000}')" \
+      "$(grep -m1 ' 99% in' <<<"$out" | awk '{printf "%.3f", $3 * 1000}')" \
+      "$(grep -m1 'Requests/sec:' <<<"$out" | awk '{printf "%.1f", $2}')" \
+      "$(awk -v a="$c0" -v b="$c1" -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", (b - a) * 1000 / hz / n }')" | tee -a "$results"
   done
   kill "${pids[@]}" 2>/dev/null || true
   wait "${pids[@]}" 2>/dev/null || true
 }
-for round in $(seq 1 "${BENCH_RUNS:-2}"); do
+results=$root/target/etcd-bench/results.txt
+: >"$results"
+for round in $(seq 1 "${BENCH_RUNS:-3}"); do
   for sys in "${systems[@]}"; do run_sys "$sys" "$round"; done
 done
+# The medians over runs, and Keel's ratio to each etcd.
+python3 - "$results" "${systems[@]}" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    vals = dict(kv.split("=") for kv in f[3:])
+    for k, v in vals.items():
+        rows.setdefault((f[2], k, f[1]), []).append(float(v))
+systems = sys.argv[2:]
+etcds = [s for s in systems if s.startswith("etcd")]
+print("| workload | metric | " + " | ".join(systems) + " | " + " | ".join(f"keel/{e}" for e in etcds) + " |")
+print("|---" * (2 + len(systems) + len(etcds)) + "|")
+for w in ["put-via-leader", "put-via-follower", "get-via-leader", "get-via-follower"]:
+    for m in ["p50_ms", "p99_ms", "mean_ms", "req_per_s", "cpu_ms_per_req"]:
+        med = {s: statistics.median(rows[(w, m, s)]) for s in systems if (w, m, s) in rows}
+        if not med:
+            continue
+        cells = [f"{med[s]:g}" if s in med else "-" for s in systems]
+        ratios = [f"{med['keel'] / med[e]:.2f}x" if "keel" in med and med.get(e) else "-" for e in etcds]
+        print(f"| {w} | {m} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+PY
