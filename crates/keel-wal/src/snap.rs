@@ -1,4 +1,7 @@
-//! Snapshot files: `%016x-%016x.snap` (term-index), each `crc32c: u32 LE | data`.
+//! Snapshot files: `%016x-%016x.snap` (term-index) in etcd's format: a `snappb.Snapshot`
+//! protobuf (field 1 the CRC-32C of the data, field 2 the data: raft's snapshot message), so that
+//! etcd starts on a Keel member's directory and Keel on an etcd member's. Files of earlier Keel
+//! builds (`crc32c: u32 LE | data`) are still read.
 
 use crate::{io_err, sync_dir, Result};
 use std::fs;
@@ -41,9 +44,7 @@ impl Snapshotter {
         let name = format!("{term:016x}-{index:016x}.snap");
         let tmp = self.dir.join(format!("{name}.tmp"));
         let path = self.dir.join(&name);
-        let mut bytes = Vec::with_capacity(4 + data.len());
-        bytes.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
-        bytes.extend_from_slice(data);
+        let bytes = prost::Message::encode_to_vec(&SnapPb { crc: crc32c::crc32c(data), data: data.to_vec() });
         {
             use std::io::Write;
             let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
@@ -67,6 +68,34 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Rewrites snapshot files an earlier Keel wrote in etcd's format (each crash-safe: written
+    /// beside, synced, renamed over); returns how many. Damaged files are left as they are.
+    pub fn rewrite_older_files(&self) -> Result<usize> {
+        let mut n = 0;
+        for (_, _, name) in self.names()? {
+            let path = self.dir.join(&name);
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            let is_etcds = <SnapPb as prost::Message>::decode(bytes.as_slice()).is_ok_and(|pb| crc32c::crc32c(&pb.data) == pb.crc);
+            if is_etcds {
+                continue;
+            }
+            let Some(data) = decode(bytes) else { continue };
+            let tmp = self.dir.join(format!("{name}.tmp"));
+            {
+                use std::io::Write;
+                let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+                f.write_all(&prost::Message::encode_to_vec(&SnapPb { crc: crc32c::crc32c(&data), data })).map_err(io_err(&tmp))?;
+                f.sync_all().map_err(io_err(&tmp))?;
+            }
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            n += 1;
+        }
+        if n > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(n)
+    }
+
     /// Snapshot files sorted oldest first, as (term, index, file name).
     fn names(&self) -> Result<Vec<(u64, u64, String)>> {
         let mut out = Vec::new();
@@ -88,12 +117,8 @@ impl Snapshotter {
         for (term, index, name) in names.into_iter().rev() {
             let path = self.dir.join(&name);
             let bytes = fs::read(&path).map_err(io_err(&path))?;
-            let ok = bytes.len() >= 4 && {
-                let crc = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-                crc32c::crc32c(&bytes[4..]) == crc
-            };
-            if ok {
-                return Ok(Some(SnapFile { term, index, data: bytes[4..].to_vec() }));
+            if let Some(data) = decode(bytes) {
+                return Ok(Some(SnapFile { term, index, data }));
             }
             tracing::warn!(file = %path.display(), "snap: checksum mismatch; renaming to .broken");
             let broken = self.dir.join(format!("{name}.broken"));
@@ -101,6 +126,26 @@ impl Snapshotter {
         }
         Ok(None)
     }
+}
+
+/// etcd's `snappb.Snapshot`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SnapPb {
+    #[prost(uint32, tag = "1")]
+    crc: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    data: Vec<u8>,
+}
+
+/// A snapshot file's data when its checksum holds: etcd's format, else an earlier Keel's.
+fn decode(bytes: Vec<u8>) -> Option<Vec<u8>> {
+    if let Ok(pb) = <SnapPb as prost::Message>::decode(bytes.as_slice()) {
+        if crc32c::crc32c(&pb.data) == pb.crc && !(pb.data.is_empty() && bytes.len() > 8) {
+            return Some(pb.data);
+        }
+    }
+    let crc = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
+    (crc32c::crc32c(&bytes[4..]) == crc).then(|| bytes[4..].to_vec())
 }
 
 #[cfg(test)]
@@ -124,5 +169,36 @@ mod tests {
         fs::write(&p, b).unwrap();
         let got = s.load_newest().unwrap().unwrap();
         assert_eq!(got.index, 60);
+    }
+
+    #[test]
+    fn files_are_etcds_snappb_and_earlier_keel_files_still_read() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Snapshotter::new(d.path()).unwrap();
+        s.save(3, 20, b"raft snapshot").unwrap();
+        let b = fs::read(d.path().join(format!("{:016x}-{:016x}.snap", 3, 20))).unwrap();
+        // etcd's snappb.Snapshot: field 1 (varint) the CRC-32C, field 2 (bytes) the data.
+        let crc = crc32c::crc32c(b"raft snapshot");
+        let mut want = vec![0x08];
+        let mut v = crc as u64;
+        while v >= 0x80 {
+            want.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        want.push(v as u8);
+        want.extend_from_slice(&[0x12, 13]);
+        want.extend_from_slice(b"raft snapshot");
+        assert_eq!(b, want);
+        // A file an earlier Keel wrote, newer: read.
+        let mut old = crc32c::crc32c(b"older format").to_le_bytes().to_vec();
+        old.extend_from_slice(b"older format");
+        fs::write(d.path().join(format!("{:016x}-{:016x}.snap", 3, 30)), old).unwrap();
+        let got = s.load_newest().unwrap().unwrap();
+        assert_eq!((got.index, got.data), (30, b"older format".to_vec()));
+        assert_eq!(s.rewrite_older_files().unwrap(), 1);
+        assert_eq!(s.rewrite_older_files().unwrap(), 0);
+        let b = fs::read(d.path().join(format!("{:016x}-{:016x}.snap", 3, 30))).unwrap();
+        assert_eq!(decode(b), Some(b"older format".to_vec()));
+        assert_eq!(b[0], 0x08, "etcd's format now");
     }
 }

@@ -1,7 +1,7 @@
 //! The offline tool (etcd's `etcdutl`): `keel snapshot status|restore` for snapshots taken with
 //! Maintenance.Snapshot (`etcdctl snapshot save`) from etcd or from Keel (both are bbolt files in
 //! etcd's schema; older Keel snapshots are redb files, also read), and `keel wal dump` for
-//! debugging.
+//! debugging, and `keel migrate to-etcd`, which readies a stopped member's directory for etcd.
 //!
 //! Works on files only, never on a running member's data directory it could race with (the WAL
 //! dump reads a copy). Calls keel-mvcc, keel-wal and keel-raft's disk layer.
@@ -30,6 +30,20 @@ enum Cmd {
     /// The write-ahead log.
     #[command(subcommand)]
     Wal(WalCmd),
+    /// A stopped member's data directory, for etcd.
+    #[command(subcommand)]
+    Migrate(MigrateCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrateCmd {
+    /// Makes a stopped Keel member's data directory one etcd (3.5-3.7) starts on as the same
+    /// member: the backend becomes etcd's (bbolt, `member/snap/db`; Keel's is kept as
+    /// `member/snap/db.keel`); the WAL and snapshot files are etcd's format already.
+    ToEtcd {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,7 +87,7 @@ enum WalCmd {
 
 /// True when `args` (the process's arguments) name a tool command.
 pub fn is_tool(args: &[String]) -> bool {
-    matches!(args.get(1).map(String::as_str), Some("snapshot" | "wal"))
+    matches!(args.get(1).map(String::as_str), Some("snapshot" | "wal" | "migrate"))
 }
 
 pub fn main(args: Vec<String>) -> std::process::ExitCode {
@@ -110,6 +124,7 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
             )
         }
         Cmd::Wal(WalCmd::Dump { dir }) => wal_dump(&dir),
+        Cmd::Migrate(MigrateCmd::ToEtcd { data_dir }) => to_etcd(&data_dir),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -284,6 +299,44 @@ fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u6
     let disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), identity, &entries).context("create the WAL")?;
     drop(disk);
     Ok(rev)
+}
+
+/// `keel migrate to-etcd`: the backend written as etcd's beside Keel's, synced, then swapped in
+/// (Keel's kept as `db.keel`), each rename followed by a directory fsync. Refused while the member
+/// runs (its backend is locked) and on a directory that is etcd's already.
+fn to_etcd(data_dir: &Path) -> Result<()> {
+    let snap_dir = data_dir.join("member/snap");
+    let db = snap_dir.join("db");
+    let (tmp, kept) = (snap_dir.join("db.etcd-format"), snap_dir.join("db.keel"));
+    if !db.exists() && kept.exists() && tmp.exists() {
+        // Stopped between the two renames: the etcd backend was written and synced.
+        std::fs::rename(&tmp, &db).with_context(|| format!("rename {} to {}", tmp.display(), db.display()))?;
+        keel_wal::sync_dir(&snap_dir)?;
+    }
+    if !db.exists() {
+        bail!("{} has no backend: not a member's data directory", data_dir.display());
+    }
+    if keel_migrate::is_bbolt(&db) {
+        println!("{}: the backend is etcd's already", db.display());
+        return Ok(());
+    }
+    let store = Store::open(&db).with_context(|| format!("open {} (is the member still running?)", db.display()))?;
+    let rewritten = keel_wal::Snapshotter::new(&snap_dir)?.rewrite_older_files()?;
+    let (index, rev) = (store.consistent_index(), store.current_rev());
+    let out = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    keel_migrate::backend::export(&store.backend(), out, keel_config::ETCD_CLUSTER_VERSION, keel_config::ETCD_STORAGE_VERSION)?;
+    drop(store);
+    std::fs::rename(&db, &kept).with_context(|| format!("rename {} to {}", db.display(), kept.display()))?;
+    keel_wal::sync_dir(&snap_dir)?;
+    std::fs::rename(&tmp, &db).with_context(|| format!("rename {} to {}", tmp.display(), db.display()))?;
+    keel_wal::sync_dir(&snap_dir)?;
+    println!(
+        "{}: etcd's backend now (consistent index {index}, revision {rev}{}); Keel's is kept as {}. Start etcd with this member's --name, --data-dir and URLs.",
+        db.display(),
+        if rewritten > 0 { format!(", {rewritten} snapshot files rewritten in etcd's format") } else { String::new() },
+        kept.display()
+    );
+    Ok(())
 }
 
 fn wal_dump(dir: &Path) -> Result<()> {
