@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(s.rewrite_older_files().unwrap(), 1);
         assert_eq!(s.rewrite_older_files().unwrap(), 0);
         let b = fs::read(d.path().join(format!("{:016x}-{:016x}.snap", 3, 30))).unwrap();
-        assert_eq!(decode(b), Some(b"older format".to_vec()));
+        assert_eq!(decode(b.clone()), Some(b"older format".to_vec()));
         assert_eq!(b[0], 0x08, "etcd's format now");
     }
 }
