@@ -216,6 +216,14 @@ pub fn invalid_downgrade_target_version() -> Status {
     Status::invalid_argument("etcdserver: invalid downgrade target version")
 }
 
+pub fn cluster_version_unavailable() -> Status {
+    Status::failed_precondition("etcdserver: cluster version not found during downgrade")
+}
+
+pub fn downgrade_in_process() -> Status {
+    Status::failed_precondition("etcdserver: cluster has a downgrade job in progress")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

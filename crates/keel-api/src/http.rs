@@ -5,7 +5,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use keel_config::{ETCD_CLUSTER_VERSION, ETCD_STORAGE_VERSION, ETCD_VERSION};
+use keel_config::{ETCD_STORAGE_VERSION, ETCD_VERSION};
 use keel_proto::etcdserverpb::RangeRequest;
 use keel_server::server::Server;
 use std::sync::Arc;
@@ -156,8 +156,11 @@ async fn debug_vars(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
     }))
 }
 
-pub(crate) async fn version() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": ETCD_CLUSTER_VERSION, "storage": ETCD_STORAGE_VERSION }))
+/// etcd's `/version`: the server's version, the applied cluster version ("not_decided" before
+/// the first is applied) and the storage version.
+pub(crate) async fn version(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
+    let cluster = s.cluster_version().map(|v| v.to_string()).unwrap_or_else(|| "not_decided".to_string());
+    Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": cluster, "storage": ETCD_STORAGE_VERSION }))
 }
 
 /// etcd 3.6's `/health`: no alarm (less those in `?exclude=`), a leader (unless

@@ -130,8 +130,6 @@ pub async fn not_found(req: axum::extract::Request) -> Response {
 }
 
 /// etcd's `GET /downgrade/enabled`: whether a downgrade is in progress, read linearizably.
-/// Keel offers no downgrade (see the Maintenance service), so once the read is linearized it is
-/// `false`.
 async fn downgrade_enabled(State(s): State<Arc<Server>>, method: Method) -> Response {
     if let Some(r) = only(&method, "GET") {
         return r;
@@ -140,16 +138,16 @@ async fn downgrade_enabled(State(s): State<Arc<Server>>, method: Method) -> Resp
     if let Err(e) = s.linearizable_barrier().await {
         return with_cluster(text(StatusCode::INTERNAL_SERVER_ERROR, &format!("failed linearized read: {e}")), cid);
     }
-    let mut r = (StatusCode::OK, "false").into_response();
+    let mut r = (StatusCode::OK, if s.downgrade().enabled { "true" } else { "false" }).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     with_cluster(r, cid)
 }
 
-async fn version(method: Method) -> Response {
+async fn version(state: State<Arc<Server>>, method: Method) -> Response {
     if let Some(r) = only(&method, "GET") {
         return r;
     }
-    crate::http::version().await.into_response()
+    crate::http::version(state).await.into_response()
 }
 
 #[cfg(test)]

@@ -132,8 +132,12 @@ fn import_into(src: &keel_bbolt::Db, dest: &Path) -> Result<Imported> {
         let a = AlarmMember::decode(k.as_slice()).context("undecodable alarm")?;
         batch.push((TABLE_AUX, keel_server::alarm::aux_key(a.member_id, a.alarm).into_bytes(), vec![1]));
     }
-    if let Some(v) = src.bucket_map(b"cluster")?.remove(b"clusterVersion".as_slice()) {
+    let mut cluster = src.bucket_map(b"cluster")?;
+    if let Some(v) = cluster.remove(b"clusterVersion".as_slice()) {
         batch.push((TABLE_AUX, keel_server::membership::AUX_CLUSTER_VERSION.into(), v));
+    }
+    if let Some(v) = cluster.remove(b"downgrade".as_slice()) {
+        batch.push((TABLE_AUX, keel_server::membership::AUX_DOWNGRADE.into(), v));
     }
     for (k, v) in src.bucket_map(b"members")? {
         let m: MemberJson = serde_json::from_slice(&v).with_context(|| format!("member {}: undecodable", String::from_utf8_lossy(&k)))?;
@@ -222,7 +226,11 @@ pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_
     bucket(&mut w, b"authRoles", roles)?;
     let cluster_version =
         aux.get(keel_server::membership::AUX_CLUSTER_VERSION).cloned().unwrap_or_else(|| cluster_version.as_bytes().to_vec());
-    bucket(&mut w, b"cluster", BTreeMap::from([(b"clusterVersion".to_vec(), cluster_version)]))?;
+    let mut cluster = BTreeMap::from([(b"clusterVersion".to_vec(), cluster_version)]);
+    if let Some(d) = aux.get(keel_server::membership::AUX_DOWNGRADE) {
+        cluster.insert(b"downgrade".to_vec(), d.clone());
+    }
+    bucket(&mut w, b"cluster", cluster)?;
     let mut leases = BTreeMap::new();
     for (hex, v) in prefixed(&aux, keel_lease::AUX_PREFIX) {
         let Ok(id) = u64::from_str_radix(hex, 16) else { continue };

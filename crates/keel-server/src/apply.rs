@@ -538,7 +538,21 @@ impl Applier {
                 }
                 Ok((Applied::Nothing, store.current_rev()))
             }
-            // Reads etcd proposes, and (issue 24) the downgrade records.
+            Request::DowngradeInfoSet(d) => {
+                let info = if d.enabled {
+                    crate::membership::Downgrade { target_version: d.ver, enabled: true }
+                } else {
+                    crate::membership::Downgrade::default()
+                };
+                if info.enabled {
+                    tracing::info!(target_version = %info.target_version, "downgrade enabled: the leader lowers the cluster version to the target");
+                } else {
+                    tracing::info!("downgrade cancelled");
+                }
+                store.set_aux(crate::membership::AUX_DOWNGRADE, info.to_bytes());
+                Ok((Applied::Nothing, store.current_rev()))
+            }
+            // Reads etcd proposes (their proposer answers them).
             ref r if crate::entry::changes_nothing(r) => Ok((Applied::Nothing, store.current_rev())),
             Request::Alarm(a) => {
                 use keel_proto::etcdserverpb::alarm_request::AlarmAction;

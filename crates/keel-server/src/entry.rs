@@ -168,7 +168,7 @@ pub fn remaining_seconds(ms: i64) -> i64 {
 }
 
 /// True for the requests that change no state Keel keeps: reads etcd proposes (their proposer
-/// answers them) and, for now, the downgrade records (Keel enables no downgrade).
+/// answers them) and etcd's downgrade test record.
 pub fn changes_nothing(r: &Request) -> bool {
     matches!(
         r,
@@ -178,7 +178,6 @@ pub fn changes_nothing(r: &Request) -> bool {
             | Request::AuthUserList(_)
             | Request::AuthRoleGet(_)
             | Request::AuthRoleList(_)
-            | Request::DowngradeInfoSet(_)
             | Request::DowngradeVersionTest(_)
     )
 }

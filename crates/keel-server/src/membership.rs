@@ -67,6 +67,40 @@ pub const AUX_MEMBERS: &str = "members";
 /// [`crate::cluster_version`]).
 pub const AUX_CLUSTER_VERSION: &str = "cluster_version";
 
+/// The store's aux record holding the downgrade etcd's `DowngradeInfoSet` entries set, in the
+/// JSON etcd keeps in its backend (`cluster` bucket, key `downgrade`).
+pub const AUX_DOWNGRADE: &str = "downgrade";
+
+/// etcd's downgrade info: while enabled, the leader lowers the cluster version to the target, so
+/// that members of the target version (etcd one minor release older) can join.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Downgrade {
+    #[serde(rename = "target-version", default)]
+    pub target_version: String,
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+impl Downgrade {
+    /// The downgrade an aux record holds (none when absent or unreadable).
+    pub fn parse(record: Option<&[u8]>) -> Downgrade {
+        record.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default()
+    }
+
+    /// The JSON etcd writes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The target version while a downgrade is enabled.
+    pub fn target(&self) -> Option<semver::Version> {
+        if !self.enabled {
+            return None;
+        }
+        parse_cluster_version(Some(self.target_version.as_bytes()))
+    }
+}
+
 /// The applied cluster version in an aux record's bytes; None when absent or not a version.
 pub fn parse_cluster_version(record: Option<&[u8]>) -> Option<semver::Version> {
     record.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| semver::Version::parse(s.trim()).ok())

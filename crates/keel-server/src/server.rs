@@ -73,6 +73,11 @@ impl Server {
     }
 
     /// The applied cluster version; None until a leader decided one.
+    /// The downgrade applied last (etcd's downgrade info).
+    pub fn downgrade(&self) -> crate::membership::Downgrade {
+        crate::membership::Downgrade::parse(self.store().aux(crate::membership::AUX_DOWNGRADE))
+    }
+
     pub fn cluster_version(&self) -> Option<semver::Version> {
         crate::membership::parse_cluster_version(self.store().aux(crate::membership::AUX_CLUSTER_VERSION))
     }

@@ -324,7 +324,14 @@ fn to_etcd(data_dir: &Path) -> Result<()> {
     let rewritten = keel_wal::Snapshotter::new(&snap_dir)?.rewrite_older_files()?;
     let (index, rev) = (store.consistent_index(), store.current_rev());
     let out = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    keel_migrate::backend::export(&store.backend(), out, keel_config::ETCD_CLUSTER_VERSION, keel_config::ETCD_STORAGE_VERSION)?;
+    // The storage version follows the cluster version, as etcd 3.6 migrates its schema down
+    // when a downgrade lowered it.
+    let cv = keel_server::membership::parse_cluster_version(store.aux(keel_server::membership::AUX_CLUSTER_VERSION));
+    let storage = match cv {
+        Some(v) if v < semver::Version::new(3, 6, 0) => format!("{}.{}.0", v.major, v.minor),
+        _ => keel_config::ETCD_STORAGE_VERSION.to_string(),
+    };
+    keel_migrate::backend::export(&store.backend(), out, keel_config::ETCD_CLUSTER_VERSION, &storage)?;
     drop(store);
     std::fs::rename(&db, &kept).with_context(|| format!("rename {} to {}", db.display(), kept.display()))?;
     keel_wal::sync_dir(&snap_dir)?;

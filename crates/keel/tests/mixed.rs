@@ -317,3 +317,59 @@ async fn etcd_starts_in_place_on_a_keel_members_directory_and_keel_on_it_again()
         m.proc.stop();
     }
 }
+
+/// The cluster version `m` reports on `/version`.
+fn cluster_version_of(m: &Member) -> String {
+    let v: serde_json::Value = serde_json::from_str(&http_get(&m.node.curl(), "/version")).unwrap_or_default();
+    v["etcdcluster"].as_str().unwrap_or_default().to_string()
+}
+
+async fn cluster_version_is(members: &[Member], want: &str) {
+    retry(&format!("cluster version {want} on every member"), Duration::from_secs(30), || async {
+        let got: Vec<String> = members.iter().map(cluster_version_of).collect();
+        if got.iter().all(|v| v == want) {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_downgrade_lowers_the_cluster_version_until_it_is_cancelled() {
+    use keel_proto::etcdserverpb::downgrade_request::DowngradeAction;
+    use keel_proto::etcdserverpb::DowngradeRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = start_cluster(tmp.path(), Path::new("unused"), &[true, true, true], &[]);
+    cluster_version_is(&members, "3.6.0").await;
+    let mut mt = MaintenanceClient::new(channel(&members[1].node.curl()));
+    let ask = |action: DowngradeAction, version: &str| DowngradeRequest { action: action as i32, version: version.into() };
+    // etcd 3.6's answers.
+    let e = mt.downgrade(ask(DowngradeAction::Validate, "3.4")).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: invalid downgrade target version"));
+    let e = mt.downgrade(ask(DowngradeAction::Enable, "three")).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: wrong downgrade target version format"));
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Cancel, "")).await.unwrap().into_inner().version, "3.6", "nothing to cancel: answered");
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Validate, "3.5")).await.unwrap().into_inner().version, "3.6");
+    cluster_version_is(&members, "3.6.0").await;
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Enable, "3.5.1")).await.unwrap().into_inner().version, "3.6");
+    let e = mt.downgrade(ask(DowngradeAction::Enable, "3.5")).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (tonic::Code::FailedPrecondition, "etcdserver: cluster has a downgrade job in progress"));
+    // The leader lowers the cluster version to the target and holds it there.
+    cluster_version_is(&members, "3.5.0").await;
+    for m in &members {
+        assert_eq!(http_get(&m.node.purl(), "/downgrade/enabled").trim(), "true");
+        let d = MaintenanceClient::new(channel(&m.node.curl())).status(StatusRequest {}).await.unwrap().into_inner().downgrade_info.unwrap();
+        assert!(d.enabled && d.target_version == "3.5.0", "{d:?}");
+    }
+    // Cancelled: every member runs 3.6, so the version rises again.
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Cancel, "")).await.unwrap().into_inner().version, "3.5");
+    cluster_version_is(&members, "3.6.0").await;
+    for m in &members {
+        assert_eq!(http_get(&m.node.purl(), "/downgrade/enabled").trim(), "false");
+    }
+    for m in &mut members {
+        m.proc.stop();
+    }
+}

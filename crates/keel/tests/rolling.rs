@@ -17,8 +17,8 @@ use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::{
-    watch_request, HashKvRequest, MemberAddRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest, RangeRequest, StatusRequest,
-    WatchCreateRequest, WatchRequest,
+    watch_request, DowngradeRequest, HashKvRequest, MemberAddRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest, RangeRequest,
+    StatusRequest, WatchCreateRequest, WatchRequest,
 };
 use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
@@ -202,13 +202,70 @@ async fn replace(ctx: &Ctx, members: &mut Vec<Member>, old: usize, (name, ip): (
     hashes_agree(members).await;
 }
 
+/// Replaces Keel member `i` by etcd (`bin`) in place, as etcd's downgrade replaces a binary:
+/// taken out of the clients' set and stopped, its directory readied for etcd (`keel migrate
+/// to-etcd`), etcd started on it as the same member.
+async fn replace_in_place(ctx: &Ctx, members: &mut [Member], i: usize, bin: &Path) {
+    let url = members[i].node.curl();
+    ctx.live.lock().retain(|u| *u != url);
+    assert_eq!(members[i].proc.stop(), Some(0), "{}", members[i].proc.log_text());
+    let dir = ctx.base.join(&members[i].node.name);
+    let out = std::process::Command::new(keel_bin()).args(["migrate", "to-etcd", "--data-dir"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let ic = initial_cluster(&members.iter().map(|m| &m.node).collect::<Vec<_>>());
+    let args = members[i].node.args(&dir, &ic);
+    members[i].proc = spawn(bin, &dir, &url, &args);
+    assert!(members[i].proc.wait_ready(), "etcd did not start in place of {}:\n{}", members[i].node.name, members[i].proc.log_text());
+    members[i].keel = false;
+    ctx.live.lock().push(url);
+    hashes_agree(members).await;
+}
+
+/// The cluster version every member reports on `/version`.
+fn cluster_versions(members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_str(&http_get(&m.node.curl(), "/version")).unwrap_or_default();
+            v["etcdcluster"].as_str().unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+/// etcd's downgrade to `target` ("3.5"): validated, enabled, and the cluster version lowered on
+/// every member by the leader.
+async fn downgrade_to(members: &[Member], target: &str) {
+    use keel_proto::etcdserverpb::downgrade_request::DowngradeAction;
+    let mut mt = MaintenanceClient::new(channel(&members[0].node.curl()));
+    for action in [DowngradeAction::Validate, DowngradeAction::Enable] {
+        let r = mt.downgrade(DowngradeRequest { action: action as i32, version: target.into() }).await.unwrap().into_inner();
+        assert_eq!(r.version, "3.6", "{action:?} answers with the cluster version before the downgrade");
+    }
+    let again = mt.downgrade(DowngradeRequest { action: DowngradeAction::Enable as i32, version: target.into() }).await.unwrap_err();
+    assert_eq!(again.message(), "etcdserver: cluster has a downgrade job in progress");
+    let want = format!("{target}.0");
+    retry(&format!("cluster version {want} on every member"), Duration::from_secs(30), || async {
+        let got = cluster_versions(members);
+        if got.iter().all(|v| *v == want) {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    })
+    .await;
+    let s = mt.status(StatusRequest {}).await.unwrap().into_inner();
+    let d = s.downgrade_info.unwrap_or_default();
+    assert!(d.enabled && d.target_version == want, "{d:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
     // KEEL_ROLLING_ETCD=v3.7.3 (or v3.5.36, ...) runs it against that release's build
     // (scripts/etcd-ref.sh VERSION); 3.6.16 by default.
     // KEEL_ROLLING_BACK_ETCD names the release rolled back out to (the same by default): once
     // only Keel is left the cluster version is 3.6, which an etcd 3.5 member refuses to join
-    // ("incompatible with current running cluster"), as it refuses an etcd 3.6 cluster.
+    // ("incompatible with current running cluster"), as it refuses an etcd 3.6 cluster; so a
+    // way out to 3.5 starts with etcd's downgrade (`downgrade_to`).
     let version: &'static str = std::env::var("KEEL_ROLLING_ETCD").map(|v| &*v.leak()).unwrap_or("3.6");
     let back: &'static str = std::env::var("KEEL_ROLLING_BACK_ETCD").map(|v| &*v.leak()).unwrap_or(version);
     let Some(e) = etcd(version) else { return };
@@ -235,9 +292,30 @@ async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
         replace(&ctx, &mut members, 0, (&format!("k{}", i + 1), ip), &keel, true).await;
     }
     assert!(members.iter().all(|m| m.keel), "only Keel members are left");
-    // Out: back to etcd the same way.
-    for (i, ip) in ["127.0.0.7", "127.0.0.8", "127.0.0.9"].iter().enumerate() {
-        replace(&ctx, &mut members, 0, (&format!("f{}", i + 1), ip), &out.server, false).await;
+    // Out to an older minor release (etcd 3.5) takes etcd's downgrade first: the cluster version
+    // (3.6 once only Keel is left, as with etcd 3.6 members) is lowered to the target, which
+    // etcd 3.5 members can join.
+    if let Some(target) = back.strip_prefix("v3.5").map(|_| "3.5") {
+        downgrade_to(&members, target).await;
+        // etcd 3.5 joins a downgrading cluster only as a member it already was (a new one
+        // expects a 3.6 cluster version while a downgrade is on): each Keel member becomes
+        // etcd 3.5 in place, as etcd's downgrade swaps binaries.
+        for i in 0..members.len() {
+            replace_in_place(&ctx, &mut members, i, &out.server).await;
+        }
+        // Every member runs the target: etcd's leader ends the downgrade.
+        retry("the downgrade ends", Duration::from_secs(60), || async {
+            match http_get(&members[0].node.purl(), "/downgrade/enabled").trim() {
+                "false" => Ok(()),
+                other => Err(other.to_string()),
+            }
+        })
+        .await;
+    } else {
+        // Out: back to etcd the same way.
+        for (i, ip) in ["127.0.0.7", "127.0.0.8", "127.0.0.9"].iter().enumerate() {
+            replace(&ctx, &mut members, 0, (&format!("f{}", i + 1), ip), &out.server, false).await;
+        }
     }
     assert!(members.iter().all(|m| !m.keel), "only etcd members are left");
 

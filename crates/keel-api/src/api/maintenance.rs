@@ -8,6 +8,7 @@ use keel_config::{ETCD_STORAGE_VERSION, ETCD_VERSION};
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::*;
 use keel_proto::keelpb::internal_raft_request::Request as Internal;
+use keel_proto::keelpb::DowngradeInfoSetRequest;
 use keel_server::apply::Applied;
 use keel_server::server::Server;
 use sha2::Digest;
@@ -103,8 +104,10 @@ impl Maintenance for MaintenanceService {
             is_learner,
             storage_version: ETCD_STORAGE_VERSION.to_string(),
             db_size_quota: s.cfg().quota_backend_bytes_reported(),
-            // Keel has no downgrade to offer (see `downgrade`): never enabled.
-            downgrade_info: Some(DowngradeInfo { enabled: false, target_version: String::new() }),
+            downgrade_info: Some({
+                let d = s.downgrade();
+                DowngradeInfo { enabled: d.enabled, target_version: d.target_version }
+            }),
         }))
     }
 
@@ -221,39 +224,57 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(MoveLeaderResponse { header: None }))
     }
 
-    /// etcd 3.6's Downgrade: VALIDATE checks the target (one minor below the cluster version,
-    /// as etcd allows); ENABLE is refused after the same checks, since no etcd 3.5 member can
-    /// join a Keel cluster (the way back to etcd is a snapshot, see the README); CANCEL has no
-    /// downgrade to cancel and, as etcd's, succeeds.
+    /// etcd 3.6's Downgrade. VALIDATE: the target (major.minor[.patch]) must be one minor
+    /// release below the applied cluster version, read linearizably, with no downgrade already
+    /// enabled. ENABLE: the same checks, then etcd's `DowngradeInfoSet` entry; the leader then
+    /// lowers the cluster version to the target ([`keel_server::cluster_version`]), so that etcd
+    /// members of that release can join, and cancels the downgrade once every member runs it.
+    /// CANCEL: a `DowngradeInfoSet` that disables it; with none enabled, etcd's warning and an
+    /// answer all the same.
     async fn downgrade(&self, req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
         let s = &self.server;
         s.check_admin(&crate::api::caller(s, &req)?).map_err(crate::errors::status)?;
         let r = req.into_inner();
-        let cluster: Vec<&str> = keel_config::ETCD_CLUSTER_VERSION.split('.').take(2).collect();
-        let version = cluster.join(".");
-        let header = s.header(s.store().current_rev());
+        let cluster = |s: &keel_server::server::Server| s.cluster_version().map(|v| format!("{}.{}", v.major, v.minor));
         use downgrade_request::DowngradeAction;
-        match DowngradeAction::try_from(r.action) {
-            Ok(DowngradeAction::Cancel) => {
-                tracing::warn!("failed to cancel downgrade: etcdserver: no inflight downgrade job");
-                return Ok(Response::new(DowngradeResponse { header, version }));
+        let action = DowngradeAction::try_from(r.action).map_err(|_| Status::unimplemented("etcdserver: unknown method"))?;
+        if action == DowngradeAction::Cancel {
+            s.linearizable_barrier().await.map_err(crate::errors::status)?;
+            if s.downgrade().enabled {
+                let cancel = Internal::DowngradeInfoSet(DowngradeInfoSetRequest { enabled: false, ver: String::new() });
+                s.propose(cancel).await.map_err(crate::errors::status)?;
+            } else {
+                tracing::warn!(error = "etcdserver: no inflight downgrade job", "failed to cancel downgrade");
             }
-            Ok(DowngradeAction::Validate | DowngradeAction::Enable) => {}
-            Err(_) => return Err(Status::unimplemented("etcdserver: unknown method")),
+            let header = s.header(s.store().current_rev());
+            return Ok(Response::new(DowngradeResponse { header, version: cluster(s).unwrap_or_default() }));
         }
-        let target = downgrade_target(&r.version).ok_or_else(errors::wrong_downgrade_version_format)?;
-        let (major, minor): (u64, u64) = (cluster[0].parse().unwrap_or(3), cluster[1].parse().unwrap_or(6));
-        if minor == 0 || target != (major, minor - 1) {
-            return Err(errors::invalid_downgrade_target_version());
+        let enable = action == DowngradeAction::Enable;
+        let refuse = |e: Status| {
+            if enable {
+                tracing::warn!(error = %e.message(), "reject downgrade request");
+            }
+            e
+        };
+        let (major, minor) = downgrade_target(&r.version).ok_or_else(|| refuse(errors::wrong_downgrade_version_format()))?;
+        if s.cluster_version().is_none() {
+            return Err(refuse(errors::cluster_version_unavailable()));
         }
         s.linearizable_barrier().await.map_err(crate::errors::status)?;
-        if r.action == DowngradeAction::Enable as i32 {
-            tracing::warn!(target_version = %r.version, "reject downgrade request: Keel cannot run etcd 3.5 members");
-            return Err(Status::failed_precondition(
-                "etcdserver: downgrade is not supported by Keel; move to etcd 3.5 through a snapshot (etcdutl snapshot restore)",
-            ));
+        let cv = s.cluster_version().ok_or_else(|| refuse(errors::cluster_version_unavailable()))?;
+        let target = semver::Version::new(major, minor, 0);
+        if !keel_server::cluster_version::is_valid_downgrade(&cv, &target) {
+            return Err(refuse(errors::invalid_downgrade_target_version()));
         }
-        Ok(Response::new(DowngradeResponse { header, version }))
+        if s.downgrade().enabled {
+            return Err(refuse(errors::downgrade_in_process()));
+        }
+        if enable {
+            let set = Internal::DowngradeInfoSet(DowngradeInfoSetRequest { enabled: true, ver: target.to_string() });
+            s.propose(set).await.map_err(crate::errors::status)?;
+        }
+        let header = s.header(s.store().current_rev());
+        Ok(Response::new(DowngradeResponse { header, version: cluster(s).unwrap_or_default() }))
     }
 }
 
