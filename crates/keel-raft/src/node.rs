@@ -922,13 +922,9 @@ impl<T: Transport> Driver<T> {
         // Members the leader's snapshot no longer has were removed (those added and removed
         // while this member was behind are not known here; the state machine has them).
         let after = snap.get_metadata().get_conf_state().clone();
-        let gone = self
-            .conf_state
-            .voters
-            .iter()
-            .chain(&self.conf_state.learners)
-            .filter(|id| !after.voters.contains(id) && !after.learners.contains(id));
-        self.removed.extend(gone.copied().collect::<Vec<u64>>());
+        let (before, removed) = (&self.conf_state, &mut self.removed);
+        removed
+            .extend(before.voters.iter().chain(&before.learners).filter(|id| !after.voters.contains(id) && !after.learners.contains(id)));
         self.conf_state = after;
         self.node.mut_store().wl().apply_snapshot(snap);
         self.snap_index = idx;

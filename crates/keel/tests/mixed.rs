@@ -360,7 +360,8 @@ async fn a_downgrade_lowers_the_cluster_version_until_it_is_cancelled() {
     cluster_version_is(&members, "3.5.0").await;
     for m in &members {
         assert_eq!(http_get(&m.node.purl(), "/downgrade/enabled").trim(), "true");
-        let d = MaintenanceClient::new(channel(&m.node.curl())).status(StatusRequest {}).await.unwrap().into_inner().downgrade_info.unwrap();
+        let d =
+            MaintenanceClient::new(channel(&m.node.curl())).status(StatusRequest {}).await.unwrap().into_inner().downgrade_info.unwrap();
         assert!(d.enabled && d.target_version == "3.5.0", "{d:?}");
     }
     // Cancelled: every member runs 3.6, so the version rises again.
