@@ -110,8 +110,12 @@ mod tests {
             Translated::Request(r) => assert!(matches!(r.request, Some(Request::ClusterVersionSet(ref v)) if v.ver == "3.6.0")),
             other => panic!("{other:?}"),
         }
-        let data = etcd(Request::DowngradeInfoSet(Default::default()), Some(RequestHeader::default()));
-        assert_eq!(translate(&data).unwrap(), Translated::Nothing);
+        // So is a downgrade (etcd 3.5 members joining later need it).
+        let d = keel_proto::keelpb::DowngradeInfoSetRequest { enabled: true, ver: "3.5.0".into() };
+        match translate(&etcd(Request::DowngradeInfoSet(d.clone()), Some(RequestHeader::default()))).unwrap() {
+            Translated::Request(r) => assert_eq!(r.request, Some(Request::DowngradeInfoSet(d))),
+            other => panic!("{other:?}"),
+        }
         // A bare v2 request, as etcd 3.4 proposes them.
         let bare = V2Request { id: 9, method: "PUT".into(), path: "/0/members/1/attributes".into(), val: r#"{"name":"x"}"#.into() }
             .encode_to_vec();
