@@ -17,6 +17,8 @@ use std::time::Duration;
 const ELECTION_TICKS: usize = 10;
 /// Most tick rounds a test waits for something before it fails.
 const MAX_ROUNDS: usize = 4000;
+/// Ticks after which a membership change not yet seen is proposed again.
+const RETRY_ROUNDS: usize = 200;
 
 /// What a member's state machine holds: the data of every normal entry applied, in order.
 #[derive(Default)]
@@ -258,6 +260,23 @@ impl Cluster {
     /// Ticks until `done` holds; fails after [`MAX_ROUNDS`] rounds.
     fn until(&self, what: &str, mut done: impl FnMut(&Cluster) -> bool) {
         for _ in 0..MAX_ROUNDS {
+            if done(self) {
+                return;
+            }
+            self.tick();
+        }
+        panic!("not reached in {MAX_ROUNDS} ticks: {what}");
+    }
+
+    /// Proposes the membership change `cc` through member `via` until `done` holds. Raft drops a
+    /// proposal without a word in some moments (a new leader takes a configuration change only
+    /// once it has applied its own log), and etcd's clients retry: so does this, every
+    /// [`RETRY_ROUNDS`] ticks.
+    fn change_until(&self, via: u64, cc: keel_raft::wire::MemberChange, what: &str, mut done: impl FnMut(&Cluster) -> bool) {
+        for round in 0..MAX_ROUNDS {
+            if round % RETRY_ROUNDS == 0 {
+                let _ = self.rt.block_on(self.member(via).handle.propose_conf_change(cc.clone()));
+            }
             if done(self) {
                 return;
             }
@@ -509,29 +528,27 @@ fn membership_changes_in_etcds_encoding_commit_via_leader_and_follower() {
     let applied_past = |c: &Cluster, index: u64| c.members.values().all(|m| m.machine.with(|a| a.index) > index);
     // etcd numbers a learner add 3, which raft-rs's own parser refuses: it goes in through the
     // leader, and every member applies it.
-    c.rt.block_on(c.member(leader).handle.propose_conf_change(change(107, ChangeKind::AddLearnerNode, 7))).expect("proposed");
-    c.until("every member has learner 7", |c| conf_has(c, 7));
+    c.change_until(leader, change(107, ChangeKind::AddLearnerNode, 7), "every member has learner 7", |c| conf_has(c, 7));
     // An update (etcd's 2) commits and leaves the configuration as it is.
     let before = c.member(leader).status.commit();
-    c.rt.block_on(c.member(leader).handle.propose_conf_change(change(200, ChangeKind::UpdateNode, 7))).expect("proposed");
-    c.until("the update is applied everywhere", |c| applied_past(c, before));
+    c.change_until(leader, change(200, ChangeKind::UpdateNode, 7), "the update is applied everywhere", |c| applied_past(c, before));
     assert!(conf_has(&c, 7));
     // A second learner is refused as etcd refuses it (one at most): it commits as no change.
     let before = c.member(leader).status.commit();
-    c.rt.block_on(c.member(leader).handle.propose_conf_change(change(108, ChangeKind::AddLearnerNode, 8))).expect("proposed");
-    c.until("the refused add is applied everywhere", |c| applied_past(c, before));
+    c.change_until(leader, change(108, ChangeKind::AddLearnerNode, 8), "the refused add is applied everywhere", |c| {
+        applied_past(c, before)
+    });
     assert!(!conf_has(&c, 8) && conf_has(&c, 7));
     // Through a follower (forwarded): the learner's removal, then another learner's add.
-    c.rt.block_on(c.member(follower).handle.propose_conf_change(change(300, ChangeKind::RemoveNode, 7))).expect("proposed");
-    c.until("learner 7 is gone everywhere", |c| {
+    c.change_until(follower, change(300, ChangeKind::RemoveNode, 7), "learner 7 is gone everywhere", |c| {
         c.members.values().all(|m| m.machine.with(|a| a.conf.as_ref().is_some_and(|cs| !cs.learners.contains(&7))))
     });
     // A removed ID cannot come back (etcd's removed-member check, at apply on every member):
     // the re-add commits as no change.
     let before = c.member(leader).status.commit();
-    c.rt.block_on(c.member(leader).handle.propose_conf_change(change(301, ChangeKind::AddLearnerNode, 7))).expect("proposed");
-    c.until("the refused re-add is applied everywhere", |c| applied_past(c, before));
+    c.change_until(leader, change(301, ChangeKind::AddLearnerNode, 7), "the refused re-add is applied everywhere", |c| {
+        applied_past(c, before)
+    });
     assert!(!conf_has(&c, 7), "removed member 7 was added again");
-    c.rt.block_on(c.member(follower).handle.propose_conf_change(change(308, ChangeKind::AddLearnerNode, 8))).expect("proposed");
-    c.until("every member has learner 8", |c| conf_has(c, 8));
+    c.change_until(follower, change(308, ChangeKind::AddLearnerNode, 8), "every member has learner 8", |c| conf_has(c, 8));
 }
