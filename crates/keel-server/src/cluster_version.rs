@@ -21,7 +21,7 @@ use std::time::Duration;
 const INTERVAL: Duration = Duration::from_secs(4);
 /// How often a member checks while the cluster has no version yet (etcd checks at the first
 /// commit of a term; a new cluster gets its version as soon as it has a leader).
-const UNDECIDED_INTERVAL: Duration = Duration::from_millis(500);
+const UNDECIDED_INTERVAL: Duration = Duration::from_millis(20);
 /// etcd's `MinClusterVersion`: what a leader proposes when the cluster has no version and some
 /// member's version cannot be learned.
 const MIN_CLUSTER_VERSION: Version = Version::new(3, 0, 0);

@@ -604,6 +604,16 @@ async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
             }
         }
     }
+    // A new cluster's leader sets the cluster version as soon as it leads (as etcd's does at its
+    // first commit of the term): clients are served once it is applied here, so that what
+    // depends on it (Downgrade, `/version`) answers as etcd's would; bounded, in case no
+    // leader can decide one.
+    for _ in 0..500 {
+        if server.cluster_version().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     tracing::info!(cluster_version = %config::ETCD_CLUSTER_VERSION.rsplit_once('.').map(|(mm, _)| mm).unwrap_or(config::ETCD_CLUSTER_VERSION), "enabled capabilities for version");
     tracing::info!(
         local_member_id = format!("{:x}", server.member_id()),
