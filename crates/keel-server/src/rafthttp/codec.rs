@@ -49,7 +49,8 @@ pub fn is_link_heartbeat(m: &Message) -> bool {
     m.get_msg_type() == MessageType::MsgHeartbeat && m.from == 0 && m.to == 0
 }
 
-fn link_heartbeat() -> Message {
+/// A link heartbeat, as an idle stream carries it.
+pub fn link_heartbeat() -> Message {
     let mut m = Message::default();
     m.set_msg_type(MessageType::MsgHeartbeat);
     m

@@ -14,7 +14,7 @@
 //! Owns the stream connections. Calls the codec, the handshake rules, the node (step) and the
 //! link's state.
 
-use crate::rafthttp::codec::{is_link_heartbeat, CodecError, MessageCodec, MsgAppV2Codec};
+use crate::rafthttp::codec::{is_link_heartbeat, link_heartbeat, CodecError, MessageCodec, MsgAppV2Codec};
 use crate::rafthttp::handshake::{self, id_string, StreamKind};
 use crate::rafthttp::reader;
 use crate::rafthttp::transport::{Link, Shared};
@@ -64,12 +64,6 @@ impl Codec {
             Codec::Message(c) => c.decode(src),
         }
     }
-}
-
-pub(crate) fn link_heartbeat() -> Message {
-    let mut m = Message::default();
-    m.set_msg_type(keel_raft::eraftpb::MessageType::MsgHeartbeat);
-    m
 }
 
 /// The body of this member's answer to a peer's stream request: the peer's messages of that

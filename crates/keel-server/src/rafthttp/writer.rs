@@ -15,8 +15,9 @@
 //!
 //! Owns the kept connections. Calls the codec, the handshake rules and the link's state.
 
+use crate::rafthttp::codec::link_heartbeat;
 use crate::rafthttp::handshake::{self, accept_stream, StreamKind};
-use crate::rafthttp::stream::{link_heartbeat, Codec, HEARTBEAT};
+use crate::rafthttp::stream::{Codec, HEARTBEAT};
 use crate::rafthttp::transport::{Link, Shared};
 use bytes::{Buf, BytesMut};
 use keel_raft::eraftpb::Message;
