@@ -60,7 +60,7 @@ async fn post(shared: &Shared, link: &Link, m: &Message, url: usize) -> anyhow::
     let a = tokio::time::timeout(DEADLINE, shared.pool.post(u, "/raft", &headers, body.into()))
         .await
         .map_err(|_| anyhow::anyhow!("{u}/raft: timed out"))??;
-    keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(len);
+    link.sent_bytes.inc_by(len);
     check_post_answer(a.status.as_u16(), &a.body, link.id)
 }
 

@@ -132,7 +132,7 @@ async fn send_to(shared: &Shared, link: &Link, m: &Message) -> Result<u64> {
         .map_err(|_| anyhow!("timed out reading the answer"))?
         .map_err(|e| anyhow!("reading the answer: {e}"))?
         .to_bytes();
-    keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(total);
+    link.sent_bytes.inc_by(total);
     check_post_answer(status, &answer, link.id)?;
     Ok(total)
 }

@@ -119,7 +119,7 @@ impl http_body::Body for Outgoing {
         }
         if !this.buf.is_empty() {
             let chunk = this.buf.split().freeze();
-            keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&this.link.label]).inc_by(chunk.len() as u64);
+            this.link.sent_bytes.inc_by(chunk.len() as u64);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if ended {

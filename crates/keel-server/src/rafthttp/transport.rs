@@ -72,6 +72,9 @@ pub(crate) struct Link {
     pub(crate) id: u64,
     /// The peer's ID as etcd prints it, for metric labels and logs.
     pub(crate) label: String,
+    /// `etcd_network_peer_sent_bytes_total` for the peer, looked up once (the raft thread adds
+    /// to it on every send).
+    pub(crate) sent_bytes: keel_metrics::Counter,
     /// The outgoing streams the peer opened, by kind (msgappv2, message).
     writers: [Mutex<Option<Route>>; 2],
     pipeline: mpsc::Sender<Message>,
@@ -125,6 +128,7 @@ impl Link {
         let link = Arc::new(Link {
             id,
             label: id_string(id),
+            sent_bytes: keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&id_string(id)]),
             writers: [Mutex::new(None), Mutex::new(None)],
             pipeline: tx,
             state: Mutex::new(LinkState::default()),
@@ -559,8 +563,7 @@ impl keel_raft::Transport for Transport {
             }
         }
         for (w, link) in batches {
-            let n = w.flush();
-            metrics.peer_sent_bytes.with_label_values(&[&link.label]).inc_by(n as u64);
+            link.sent_bytes.inc_by(w.flush() as u64);
         }
     }
 }

@@ -220,7 +220,6 @@ async fn run(shared: Arc<Shared>, link: Arc<Link>, kind: StreamKind, w: Arc<Dire
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scratch = [0u8; 512];
-    let sent = keel_metrics::METRICS.peer_sent_bytes.with_label_values(&[&link.label]);
     let why = loop {
         if w.is_closed() {
             break "closed".to_string();
@@ -233,7 +232,7 @@ async fn run(shared: Arc<Shared>, link: Arc<Link>, kind: StreamKind, w: Arc<Dire
             _ = heartbeat.tick() => {
                 let idle = w.state.lock().last.elapsed() >= HEARTBEAT;
                 if idle && w.push(&link_heartbeat()) {
-                    sent.inc_by(w.flush() as u64);
+                    link.sent_bytes.inc_by(w.flush() as u64);
                 }
             }
             r = w.sock.readable() => {
