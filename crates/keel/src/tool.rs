@@ -320,25 +320,28 @@ fn to_etcd(data_dir: &Path) -> Result<()> {
         println!("{}: the backend is etcd's already", db.display());
         return Ok(());
     }
-    let store = Store::open(&db).with_context(|| format!("open {} (is the member still running?)", db.display()))?;
+    // The backend alone (its key index is not needed: the export reads the tables once).
+    let backend =
+        keel_mvcc::backend::Backend::open(&db).with_context(|| format!("open {} (is the member still running?)", db.display()))?;
     let rewritten = keel_wal::Snapshotter::new(&snap_dir)?.rewrite_older_files()?;
-    let (index, rev) = (store.consistent_index(), store.current_rev());
-    let out = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
     // The storage version follows the cluster version, as etcd 3.6 migrates its schema down
     // when a downgrade lowered it.
-    let cv = keel_server::membership::parse_cluster_version(store.aux(keel_server::membership::AUX_CLUSTER_VERSION));
+    let aux = backend.read_aux()?;
+    let cv = keel_server::membership::parse_cluster_version(aux.get(keel_server::membership::AUX_CLUSTER_VERSION).map(Vec::as_slice));
     let storage = match cv {
         Some(v) if v < semver::Version::new(3, 6, 0) => format!("{}.{}.0", v.major, v.minor),
         _ => keel_config::ETCD_STORAGE_VERSION.to_string(),
     };
-    keel_migrate::backend::export(&store.backend(), out, keel_config::ETCD_CLUSTER_VERSION, &storage)?;
-    drop(store);
+    let out = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    keel_migrate::backend::export(&backend, out, keel_config::ETCD_CLUSTER_VERSION, &storage)?;
+    let index = backend.read_meta()?.consistent_index;
+    drop(backend);
     std::fs::rename(&db, &kept).with_context(|| format!("rename {} to {}", db.display(), kept.display()))?;
     keel_wal::sync_dir(&snap_dir)?;
     std::fs::rename(&tmp, &db).with_context(|| format!("rename {} to {}", tmp.display(), db.display()))?;
     keel_wal::sync_dir(&snap_dir)?;
     println!(
-        "{}: etcd's backend now (consistent index {index}, revision {rev}{}); Keel's is kept as {}. Start etcd with this member's --name, --data-dir and URLs.",
+        "{}: etcd's backend now (consistent index {index}{}); Keel's is kept as {}. Start etcd with this member's --name, --data-dir and URLs.",
         db.display(),
         if rewritten > 0 { format!(", {rewritten} snapshot files rewritten in etcd's format") } else { String::new() },
         kept.display()
