@@ -201,6 +201,17 @@ pub struct Applier {
     /// Set by an entry whose effects must be durable before its caller is answered (a physical
     /// compaction): the apply commits the backend once the store lock is released.
     commit_now: std::cell::Cell<bool>,
+    /// The last snapshot data built, with the member list and cluster version (their backend
+    /// records) it was built from: the apply stage asks for it after every batch, and it
+    /// changes only with those records, so it is rebuilt only when they change.
+    snapshot_data: std::cell::RefCell<Option<SnapshotData>>,
+}
+
+/// Snapshot data and the backend records (`AUX_MEMBERS`, `AUX_CLUSTER_VERSION`) it was built from.
+struct SnapshotData {
+    members: Option<Vec<u8>>,
+    version: Option<Vec<u8>>,
+    data: Vec<u8>,
 }
 
 /// Changes of the auth store (root only once auth is on).
@@ -308,6 +319,7 @@ impl Applier {
             tokens: state.tokens.clone(),
             alarms: state.alarms.clone(),
             commit_now: std::cell::Cell::new(false),
+            snapshot_data: std::cell::RefCell::new(None),
         }
     }
 
@@ -806,6 +818,8 @@ impl keel_raft::StateMachine for Applier {
     fn restore(&mut self, snap: &Snapshot, backend: Option<std::path::PathBuf>) -> Result<(), String> {
         let m = &keel_metrics::METRICS;
         m.snapshot_apply_in_progress.set(1);
+        // The member list is replaced whole, whatever its backend record says.
+        *self.snapshot_data.borrow_mut() = None;
         let r = self.restore_from(snap, backend);
         m.snapshot_apply_in_progress.set(0);
         r
@@ -829,8 +843,16 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn snapshot_data(&self) -> Vec<u8> {
-        let version = crate::membership::parse_cluster_version(self.store.read().aux(AUX_CLUSTER_VERSION)).map(|v| v.to_string());
-        self.members.read().to_snapshot_data(version.as_deref().unwrap_or(keel_config::ETCD_CLUSTER_VERSION))
+        let store = self.store.read();
+        let (members, version) = (store.aux(AUX_MEMBERS), store.aux(AUX_CLUSTER_VERSION));
+        let mut cache = self.snapshot_data.borrow_mut();
+        if let Some(c) = cache.as_ref().filter(|c| c.members.as_deref() == members && c.version.as_deref() == version) {
+            return c.data.clone();
+        }
+        let parsed = crate::membership::parse_cluster_version(version).map(|v| v.to_string());
+        let data = self.members.read().to_snapshot_data(parsed.as_deref().unwrap_or(keel_config::ETCD_CLUSTER_VERSION));
+        *cache = Some(SnapshotData { members: members.map(<[u8]>::to_vec), version: version.map(<[u8]>::to_vec), data: data.clone() });
+        data
     }
 }
 
