@@ -7,6 +7,7 @@
 #   scripts/bench-compare.sh [OUT.md]              full run (about 40 minutes with 4 systems)
 #   KEEL_BENCH_QUICK=1 scripts/bench-compare.sh    tiny totals (a smoke run)
 #   BENCH_SYSTEMS="etcd-3.6 keel"                   which systems (default: etcd-3.6 etcd-3.7 etcd-3.4 keel)
+#   KEEL_BIN=path/to/keel KEEL_BENCH_BIN=...        measure these builds (no cargo build)
 #   KEEL_BASE_BIN=path/to/old/keel                  adds system keel-base: an earlier Keel build, for
 #                                                   before/after ratios in the same alternating run
 #   BENCH_RUNS=2                                    runs per workload and system (default 2)
@@ -27,9 +28,12 @@ quick=${KEEL_BENCH_QUICK:-0}
 runs=${BENCH_RUNS:-2}
 groups=${BENCH_GROUPS:-kv latency bigread lease memory}
 systems=${BENCH_SYSTEMS:-etcd-3.6 etcd-3.7 etcd-3.4 keel}
-(cd "$root" && cargo build --release --bin keel --bin keel-bench >/dev/null 2>&1)
-keel_bin=$root/target/release/keel
-bench=$root/target/release/keel-bench
+# KEEL_BIN (and KEEL_BENCH_BIN) measure given builds instead of this checkout's.
+if [ -z "${KEEL_BIN:-}" ]; then
+  (cd "$root" && cargo build --release --bin keel --bin keel-bench >/dev/null 2>&1)
+fi
+keel_bin=${KEEL_BIN:-$root/target/release/keel}
+bench=${KEEL_BENCH_BIN:-$root/target/release/keel-bench}
 ctl=$("$root/scripts/etcd-ref.sh" v3.6.16)/etcdctl
 clk=$(getconf CLK_TCK)
 export RUST_BACKTRACE=0
