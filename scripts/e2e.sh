@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs etcd's own end-to-end suite against Keel (or, as the oracle, against real etcd).
 #
-#   scripts/e2e.sh [--suite 3.4|3.6] [--server keel|etcd] [REGEX]
+#   scripts/e2e.sh [--suite 3.4|3.6|3.7] [--server keel|etcd] [REGEX]
 #
 #   --suite 3.4   etcd 3.4.23's suite (Debian golang-etcd-server-dev) with Debian's etcdctl 3.4;
 #                 the default. Its list of tests Keel passes: tests/e2e-passing.txt.
 #   --suite 3.6   etcd 3.6.16's suite (module go.etcd.io/etcd/tests/v3, package e2e, from the Go
 #                 module proxy) with etcdctl and etcdutl 3.6.16 (scripts/etcd-ref.sh). Its list:
 #                 tests/e2e36-passing.txt.
+#   --suite 3.7   etcd 3.7.3's suite, built the same way, with etcdctl and etcdutl 3.7.3. Its
+#                 list: tests/e2e37-passing.txt.
 #   --server etcd runs the suite against the real etcd of that line instead of Keel: how the lists'
 #                 "what real etcd passes here" was learned.
 #   --quick       leave out the tests the list marks "# slow" or "# flaky" (CI runs the 3.6
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
     --server) server=$2; shift 2 ;;
     --quick) quick=1; shift ;;
     --) shift; break ;;
-    -*) echo "usage: $0 [--suite 3.4|3.6] [--server keel|etcd] [--quick] [REGEX]" >&2; exit 2 ;;
+    -*) echo "usage: $0 [--suite 3.4|3.6|3.7] [--server keel|etcd] [--quick] [REGEX]" >&2; exit 2 ;;
     *) break ;;
   esac
 done
@@ -49,10 +51,11 @@ case "$suite" in
     # The suite finds its fixtures relative to its own directory.
     rundir=$srcdir
     ;;
-  3.6)
-    ver=v3.6.16
-    work=${KEEL_E2E_DIR:-$root/target/e2e36}
-    list=$root/tests/e2e36-passing.txt
+  3.6 | 3.7)
+    ver=$([ "$suite" = 3.6 ] && echo v3.6.16 || echo v3.7.3)
+    tag=${suite//./}
+    work=${KEEL_E2E_DIR:-$root/target/e2e$tag}
+    list=$root/tests/e2e$tag-passing.txt
     ref=$("$root/scripts/etcd-ref.sh" "$ver")
     etcd_bin=$ref/etcd
     mkdir -p "$work/bin" "$work/src"
@@ -62,7 +65,7 @@ case "$suite" in
     if [ ! -x "$work/e2e.test" ]; then
       (
         cd "$work/src"
-        printf 'module keel.local/e2e36\ngo 1.24\n' >go.mod
+        printf 'module keel.local/e2e%s\ngo 1.24\n' "$tag" >go.mod
         printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/tests/v3/e2e"\n' >tools.go
         go get "go.etcd.io/etcd/tests/v3@$ver" >&2
         go test -c -o "$work/e2e.test" go.etcd.io/etcd/tests/v3/e2e
@@ -75,7 +78,7 @@ case "$suite" in
     mkdir -p "$rundir"
     ln -sfn "$(go env GOMODCACHE)/go.etcd.io/etcd/tests/v3@$ver/fixtures" "$work/run/fixtures"
     ;;
-  *) echo "e2e: unknown suite $suite (3.4 or 3.6)" >&2; exit 2 ;;
+  *) echo "e2e: unknown suite $suite (3.4, 3.6 or 3.7)" >&2; exit 2 ;;
 esac
 
 case "$server" in
@@ -112,7 +115,7 @@ failed_names=()
 stop_servers() { pkill -9 -f "$work/bin/etcd " 2>/dev/null || true; }
 for t in $tests; do
   limit=${KEEL_E2E_TIMEOUT:-300}
-  if [ "$suite" = 3.6 ]; then
+  if [ "$suite" != 3.4 ]; then
     find "$rundir" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
   fi
   : >"$work/$t.log"

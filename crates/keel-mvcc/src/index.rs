@@ -52,6 +52,13 @@ impl KeyHistory {
     }
 }
 
+/// A key's create revision and version at some revision (see [`Index::range_at_meta`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyMeta {
+    pub create_revision: i64,
+    pub version: i64,
+}
+
 /// A key's state before a change (see [`Index::before`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Before {
@@ -181,6 +188,34 @@ impl Index {
             h.version = version;
             h.lease = lease;
         }
+    }
+
+    /// Like [`Index::range_at`], with what a keys-only answer needs of each key besides its
+    /// revision: its create revision and version at `at`, when the index knows them (the change
+    /// visible at `at` belongs to the key's live generation, whose create revision and version
+    /// the index keeps); None when that generation has ended (its start may be compacted away).
+    pub fn range_at_meta<'a>(
+        &'a self,
+        key: &'a [u8],
+        end: &'a [u8],
+        at: i64,
+    ) -> impl Iterator<Item = (&'a [u8], Revision, Option<KeyMeta>)> + 'a {
+        let empty = empty_range(key, end);
+        let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
+        it.into_iter().flatten().filter_map(move |(k, h)| {
+            let pos = h.changes.partition_point(|c| c.rev.main <= at);
+            let c = h.changes.get(pos.checked_sub(1)?)?;
+            if c.tombstone {
+                return None;
+            }
+            let later = &h.changes[pos..];
+            let meta = (h.created != 0 && !later.iter().any(|c| c.tombstone)).then(|| {
+                let version = h.version - later.len() as i64;
+                debug_assert!(version >= 1 && h.created <= c.rev.main, "index: live generation of {k:?} inconsistent at {at}");
+                KeyMeta { create_revision: h.created, version }
+            });
+            Some((&**k, c.rev, meta))
+        })
     }
 
     /// Keys in `[key, end)` that exist at revision `at`, in key order, with the visible revision.

@@ -5,7 +5,7 @@
 //! any change, so that a failing request changes nothing.
 
 pub use crate::error::KvError;
-use crate::store::{Store, WriteTxn};
+use crate::store::{Fetch, Store, WriteTxn};
 use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use keel_proto::etcdserverpb::{
     compare, request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
@@ -36,7 +36,7 @@ impl Leases for NoLeases {
 trait View {
     fn store(&self) -> &Store;
     fn read_rev(&self) -> i64;
-    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError>;
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch) -> Result<(Vec<KeyValue>, i64), KvError>;
 }
 
 impl View for Store {
@@ -46,8 +46,8 @@ impl View for Store {
     fn read_rev(&self) -> i64 {
         self.current_rev()
     }
-    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
-        self.range_at(key, end, at, limit, count_only)
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch) -> Result<(Vec<KeyValue>, i64), KvError> {
+        self.range_at(key, end, at, limit, fetch)
     }
 }
 
@@ -58,8 +58,8 @@ impl View for WriteTxn<'_> {
     fn read_rev(&self) -> i64 {
         WriteTxn::read_rev(self)
     }
-    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
-        self.range_at(key, end, at, limit, count_only)
+    fn range_kvs(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch) -> Result<(Vec<KeyValue>, i64), KvError> {
+        self.range_at(key, end, at, limit, fetch)
     }
 }
 
@@ -92,7 +92,7 @@ pub fn fetch_limit(req: &RangeRequest) -> usize {
 fn do_range(view: &dyn View, req: &RangeRequest) -> Result<RangeResponse, KvError> {
     let cur = view.read_rev();
     let at = view.store().check_rev(req.revision, cur)?;
-    let (kvs, count) = view.range_kvs(&req.key, &req.range_end, at, fetch_limit(req), req.count_only)?;
+    let (kvs, count) = view.range_kvs(&req.key, &req.range_end, at, fetch_limit(req), Fetch::of(req))?;
     Ok(shape_range(req, kvs, count, cur))
 }
 
@@ -136,6 +136,7 @@ pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, count: i64, cur: 
         more = true;
     }
     if req.keys_only {
+        // Read with their values only to be sorted by them (else read as `Fetch::Keys`).
         for kv in &mut kvs {
             kv.value.clear();
         }
@@ -196,7 +197,7 @@ pub fn delete_range(w: &mut WriteTxn, req: &DeleteRangeRequest) -> Result<Delete
 /// Evaluates one comparison against the view.
 fn compare_holds(view: &dyn View, c: &Compare) -> Result<bool, KvError> {
     let at = view.read_rev();
-    let (kvs, _) = view.range_kvs(&c.key, &c.range_end, at, 0, false)?;
+    let (kvs, _) = view.range_kvs(&c.key, &c.range_end, at, 0, Fetch::Values)?;
     let target = compare::CompareTarget::try_from(c.target).unwrap_or(compare::CompareTarget::Version);
     if kvs.is_empty() {
         if target == compare::CompareTarget::Value {
@@ -336,7 +337,7 @@ fn plan_branch(store: &Store, req: &TxnRequest, path: &[bool], pos: &mut usize, 
         planned.push(match &op.request {
             Some(request_op::Request::RequestRange(r)) => {
                 let at = store.check_rev(r.revision, cur)?;
-                let (plan, count) = store.plan_range(&r.key, &r.range_end, at, fetch_limit(r), r.count_only)?;
+                let (plan, count) = store.plan_range(&r.key, &r.range_end, at, fetch_limit(r), Fetch::of(r))?;
                 let shape = RangeRequest { key: Vec::new(), range_end: Vec::new(), ..r.clone() };
                 PlannedOp::Range { req: Box::new(shape), plan: Box::new(plan), count }
             }

@@ -88,7 +88,7 @@ impl SharedStore {
         let s = self.store.read();
         let cur = s.current_rev();
         let at = s.check_rev(req.revision, cur)?;
-        let (plan, count) = s.plan_range(&req.key, &req.range_end, at, kv::fetch_limit(req), req.count_only)?;
+        let (plan, count) = s.plan_range(&req.key, &req.range_end, at, kv::fetch_limit(req), crate::store::Fetch::of(req))?;
         Ok(PlannedRange { plan, count, cur, shape: ShapeOf::from(req) })
     }
 

@@ -398,34 +398,87 @@ impl Store {
     }
 
     /// Plans a read of the keys in `[key, end)` at revision `at` (already validated): up to
-    /// `limit` key-values (0: all) unless `count_only`, and the number of keys in the range.
+    /// `limit` key-values (0: all) as `fetch` says, and the number of keys in the range.
     /// Cheap (an index walk); [`ReadPlan::load`] then reads the values without the store.
-    pub fn plan_range(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(ReadPlan, i64), KvError> {
+    pub fn plan_range(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch) -> Result<(ReadPlan, i64), KvError> {
+        let (plan, count, _) = self.plan(key, end, at, limit, fetch, true)?;
+        Ok((plan, count))
+    }
+
+    /// One page of a streamed range: up to `limit` (at least 1) key-values of `[key, end)` at
+    /// `at` (already validated), and whether more keys follow. The keys after the page are not
+    /// counted (see [`Store::count_at`]).
+    pub fn plan_page(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch) -> Result<(ReadPlan, bool), KvError> {
+        let (plan, _, more) = self.plan(key, end, at, limit.max(1), fetch, false)?;
+        Ok((plan, more))
+    }
+
+    /// The number of keys in `[key, end)` at `at` (already validated), from the index.
+    pub fn count_at(&self, key: &[u8], end: &[u8], at: i64) -> i64 {
+        self.index.range_at(key, end, at).count() as i64
+    }
+
+    /// The index walk of [`Store::plan_range`] and [`Store::plan_page`]: the slots, the keys
+    /// counted (all of them when `count_all`, else those planned), and whether keys follow the
+    /// last one planned.
+    fn plan(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch, count_all: bool) -> Result<(ReadPlan, i64, bool), KvError> {
         let mut slots = Vec::new();
         let mut count = 0i64;
         let mut stored = false;
-        for (_, rev) in self.index.range_at(key, end, at) {
-            count += 1;
-            if !count_only && (limit == 0 || slots.len() < limit) {
-                let s = self.slot(rev)?;
-                stored |= matches!(s, Slot::Stored(_));
-                slots.push(s);
+        let mut more = false;
+        for (k, rev, meta) in self.index.range_at_meta(key, end, at) {
+            if fetch == Fetch::Count || (limit != 0 && slots.len() >= limit) {
+                more = true;
+                if !count_all {
+                    break;
+                }
+                count += 1;
+                continue;
             }
+            count += 1;
+            let s = self.slot_for(k, rev, meta, fetch)?;
+            stored |= matches!(s, Slot::Stored(_));
+            slots.push(s);
         }
         let reader = if stored { Some(self.backend.reader().map_err(KvError::Backend)?) } else { None };
-        Ok((ReadPlan { slots, reader }, count))
+        Ok((ReadPlan { slots, reader, keys_only: fetch == Fetch::Keys }, count, more))
+    }
+
+    /// Where a planned read finds one key-value: for a keys-only read, the index itself when it
+    /// knows the key's create revision and version.
+    fn slot_for(&self, key: &[u8], rev: Revision, meta: Option<crate::index::KeyMeta>, fetch: Fetch) -> Result<Slot, KvError> {
+        match (fetch, meta) {
+            (Fetch::Keys, Some(m)) => Ok(Slot::Known(KeyValue {
+                key: key.to_vec(),
+                create_revision: m.create_revision,
+                mod_revision: rev.main,
+                version: m.version,
+                ..Default::default()
+            })),
+            _ => self.slot(rev),
+        }
     }
 
     /// Keys in `[key, end)` at revision `at` (already validated): up to `limit` key-values (0: all)
-    /// unless `count_only`, and the number of keys in the range.
-    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
+    /// as `fetch` says, and the number of keys in the range.
+    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch) -> Result<(Vec<KeyValue>, i64), KvError> {
         let mut reader = None;
         let mut kvs = Vec::new();
         let mut count = 0i64;
-        for (_, rev) in self.index.range_at(key, end, at) {
+        for (k, rev, meta) in self.index.range_at_meta(key, end, at) {
             count += 1;
-            if !count_only && (limit == 0 || kvs.len() < limit) {
-                kvs.push(self.fetch(&mut reader, rev)?);
+            if fetch != Fetch::Count && (limit == 0 || kvs.len() < limit) {
+                kvs.push(match (fetch, meta) {
+                    (Fetch::Keys, Some(m)) => KeyValue {
+                        key: k.to_vec(),
+                        create_revision: m.create_revision,
+                        mod_revision: rev.main,
+                        version: m.version,
+                        ..Default::default()
+                    },
+                    (Fetch::Keys, None) => keys_only(self.fetch(&mut reader, rev)?),
+                    _ => self.fetch(&mut reader, rev)?,
+                });
             }
         }
         Ok((kvs, count))
@@ -694,8 +747,8 @@ impl WriteTxn<'_> {
     }
 
     /// Range as seen inside this transaction (`at` already validated against `read_rev`).
-    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, count_only: bool) -> Result<(Vec<KeyValue>, i64), KvError> {
-        self.store.range_at(key, end, at, limit, count_only)
+    pub fn range_at(&self, key: &[u8], end: &[u8], at: i64, limit: usize, fetch: Fetch) -> Result<(Vec<KeyValue>, i64), KvError> {
+        self.store.range_at(key, end, at, limit, fetch)
     }
 
     /// Ends the transaction; returns the revision it produced (or the unchanged current one) and
@@ -760,12 +813,65 @@ impl Drop for WriteTxn<'_> {
     }
 }
 
+/// What a range reads of each key-value in range (etcd 3.7's range options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// Nothing: only the number of keys (`count_only`).
+    Count,
+    /// Keys and their revisions (`keys_only`, not sorted by value): from the index where it
+    /// knows them, without reading values (etcd 3.7's fast keys-only read; no lease either).
+    Keys,
+    /// Whole key-values.
+    Values,
+}
+
+impl Fetch {
+    /// What `req` needs read, as etcd 3.7 decides it.
+    pub fn of(req: &keel_proto::etcdserverpb::RangeRequest) -> Fetch {
+        use keel_proto::etcdserverpb::range_request::SortTarget;
+        if req.count_only {
+            Fetch::Count
+        } else if req.keys_only && req.sort_target != SortTarget::Value as i32 {
+            Fetch::Keys
+        } else {
+            Fetch::Values
+        }
+    }
+}
+
 /// Where a planned read finds one value.
 enum Slot {
+    /// The key-value itself, from the index (a keys-only read).
+    Known(KeyValue),
     /// The record, not yet in the backend.
     Record(Arc<[u8]>),
     /// The revision key of a record in the backend (at the plan's read transaction).
     Stored(Vec<u8>),
+}
+
+/// A key-value as a keys-only read answers it (etcd 3.7's, from its index): no value, no lease.
+fn keys_only(kv: KeyValue) -> KeyValue {
+    KeyValue { value: Vec::new(), lease: 0, ..kv }
+}
+
+impl Slot {
+    /// The key-value, read through `reader` (the plan's read transaction) if it is stored.
+    fn read(self, reader: Option<&Reader>) -> Result<KeyValue, KvError> {
+        match self {
+            Slot::Known(kv) => Ok(kv),
+            Slot::Record(v) => decode_kv(&v),
+            Slot::Stored(k) => {
+                let r = reader.ok_or_else(|| KvError::Corrupt("planned read without a reader".into()))?;
+                match r.get(&k).map_err(KvError::Backend)? {
+                    Some(v) => decode_kv(&v),
+                    None => {
+                        let rev = Revision::from_key(&k).map(|(r, _)| r).unwrap_or_default();
+                        Err(KvError::Corrupt(format!("revision {rev:?} is indexed but missing from the backend")))
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A read planned under the store's lock, loaded without it: the values of the planned
@@ -774,6 +880,8 @@ enum Slot {
 pub struct ReadPlan {
     slots: Vec<Slot>,
     reader: Option<Reader>,
+    /// A keys-only read: what is read from the backend loses its value and lease too.
+    keys_only: bool,
 }
 
 impl ReadPlan {
@@ -790,19 +898,8 @@ impl ReadPlan {
     pub fn load(self) -> Result<Vec<KeyValue>, KvError> {
         let mut out = Vec::with_capacity(self.slots.len());
         for s in self.slots {
-            out.push(match s {
-                Slot::Record(v) => decode_kv(&v)?,
-                Slot::Stored(k) => {
-                    let r = self.reader.as_ref().ok_or_else(|| KvError::Corrupt("planned read without a reader".into()))?;
-                    match r.get(&k).map_err(KvError::Backend)? {
-                        Some(v) => decode_kv(&v)?,
-                        None => {
-                            let rev = Revision::from_key(&k).map(|(r, _)| r).unwrap_or_default();
-                            return Err(KvError::Corrupt(format!("revision {rev:?} is indexed but missing from the backend")));
-                        }
-                    }
-                }
-            });
+            let kv = s.read(self.reader.as_ref())?;
+            out.push(if self.keys_only { keys_only(kv) } else { kv });
         }
         Ok(out)
     }
@@ -898,16 +995,7 @@ pub struct EventsPlan {
 
 impl EventsPlan {
     fn read(&self, s: Slot) -> Result<KeyValue, KvError> {
-        match s {
-            Slot::Record(v) => decode_kv(&v),
-            Slot::Stored(k) => {
-                let r = self.reader.as_ref().ok_or_else(|| KvError::Corrupt("planned read without a reader".into()))?;
-                match r.get(&k).map_err(KvError::Backend)? {
-                    Some(v) => decode_kv(&v),
-                    None => Err(KvError::Corrupt(format!("revision key {k:?} is indexed but missing from the backend"))),
-                }
-            }
-        }
+        s.read(self.reader.as_ref())
     }
 
     /// The planned events, in revision order.
