@@ -780,9 +780,10 @@ pub fn observe_apply(op: &str, ok: bool, d: std::time::Duration) {
 pub fn grpc_type(service: &str, method: &str) -> &'static str {
     match (service, method) {
         ("etcdserverpb.Watch", "Watch") | ("etcdserverpb.Lease", "LeaseKeepAlive") => "bidi_stream",
-        ("etcdserverpb.Maintenance", "Snapshot") | ("v3electionpb.Election", "Observe") | ("grpc.health.v1.Health", "Watch") => {
-            "server_stream"
-        }
+        ("etcdserverpb.Maintenance", "Snapshot")
+        | ("etcdserverpb.KV", "RangeStream")
+        | ("v3electionpb.Election", "Observe")
+        | ("grpc.health.v1.Health", "Watch") => "server_stream",
         _ => "unary",
     }
 }

@@ -15,7 +15,7 @@
 
 use crate::backend::BackendError;
 use crate::kv::{self, KvError};
-use crate::store::Store;
+use crate::store::{Fetch, Store};
 use keel_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use keel_proto::mvccpb::Event;
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -88,8 +88,27 @@ impl SharedStore {
         let s = self.store.read();
         let cur = s.current_rev();
         let at = s.check_rev(req.revision, cur)?;
-        let (plan, count) = s.plan_range(&req.key, &req.range_end, at, kv::fetch_limit(req), crate::store::Fetch::of(req))?;
+        let (plan, count) = s.plan_range(&req.key, &req.range_end, at, kv::fetch_limit(req), Fetch::of(req))?;
         Ok(PlannedRange { plan, count, cur, shape: ShapeOf::from(req) })
+    }
+
+    /// Plans one page of a streamed Range under the read lock: up to `limit` key-values of
+    /// `[key, end)` at revision `rev` (0: the current one), as `fetch` says;
+    /// [`PlannedPage::finish`] reads them without the lock. A revision compacted meanwhile is
+    /// refused (as etcd refuses a stream's next chunk then).
+    pub fn plan_page(&self, key: &[u8], end: &[u8], rev: i64, limit: usize, fetch: Fetch) -> Result<PlannedPage, KvError> {
+        let s = self.store.read();
+        let cur = s.current_rev();
+        let at = s.check_rev(rev, cur)?;
+        let (plan, more) = s.plan_page(key, end, at, limit, fetch)?;
+        Ok(PlannedPage { plan, more, at, cur })
+    }
+
+    /// The number of keys in `[key, end)` at revision `at`, from the index.
+    pub fn count_at(&self, key: &[u8], end: &[u8], at: i64) -> Result<i64, KvError> {
+        let s = self.store.read();
+        let at = s.check_rev(at, s.current_rev())?;
+        Ok(s.count_at(key, end, at))
     }
 
     /// Plans a read-only transaction under the read lock (compares, index walks);
@@ -108,6 +127,45 @@ impl SharedStore {
     pub fn events_between(&self, key: &[u8], end: &[u8], from: i64, to: i64, with_prev: bool) -> Result<Vec<Event>, KvError> {
         let plan = self.store.read().plan_events(key, end, from, to, with_prev)?;
         plan.load()
+    }
+}
+
+/// One page of a streamed Range planned under the store's lock (see [`SharedStore::plan_page`]).
+pub struct PlannedPage {
+    plan: crate::store::ReadPlan,
+    more: bool,
+    at: i64,
+    cur: i64,
+}
+
+impl PlannedPage {
+    /// Key-values it will read.
+    pub fn len(&self) -> usize {
+        self.plan.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plan.len() == 0
+    }
+
+    /// Whether keys in range follow this page's last.
+    pub fn more(&self) -> bool {
+        self.more
+    }
+
+    /// The revision read at.
+    pub fn at(&self) -> i64 {
+        self.at
+    }
+
+    /// The store's revision when the page was planned.
+    pub fn current(&self) -> i64 {
+        self.cur
+    }
+
+    /// Reads the key-values, in key order.
+    pub fn finish(self) -> Result<Vec<keel_proto::mvccpb::KeyValue>, KvError> {
+        self.plan.load()
     }
 }
 

@@ -107,6 +107,23 @@ impl Server {
         self.state.store.plan_range(r)
     }
 
+    /// One page of a streamed range (see [`keel_mvcc::SharedStore::plan_page`]).
+    pub fn plan_range_page(
+        &self,
+        key: &[u8],
+        end: &[u8],
+        rev: i64,
+        limit: usize,
+        fetch: keel_mvcc::store::Fetch,
+    ) -> Result<keel_mvcc::shared::PlannedPage, keel_mvcc::KvError> {
+        self.state.store.plan_page(key, end, rev, limit, fetch)
+    }
+
+    /// The number of keys in `[key, end)` at revision `at`, from the index.
+    pub fn count_range_at(&self, key: &[u8], end: &[u8], at: i64) -> Result<i64, keel_mvcc::KvError> {
+        self.state.store.count_at(key, end, at)
+    }
+
     /// The backend with everything applied so far committed to it (for a hash or a copy).
     pub fn committed_backend(&self) -> Result<keel_mvcc::backend::Backend, keel_mvcc::backend::BackendError> {
         self.state.store.commit()?;

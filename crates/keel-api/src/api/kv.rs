@@ -1,4 +1,5 @@
-//! etcdserverpb.KV: Range, Put, DeleteRange, Txn, Compact.
+//! etcdserverpb.KV: Range, RangeStream (its chunks: `super::range_stream`), Put, DeleteRange, Txn,
+//! Compact.
 
 use super::validate;
 use crate::errors;
@@ -6,13 +7,15 @@ use keel_mvcc::kv as mvcc_kv;
 use keel_proto::etcdserverpb::kv_server::Kv;
 use keel_proto::etcdserverpb::{
     request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, TxnRequest, TxnResponse,
+    RangeResponse, RangeStreamResponse, TxnRequest, TxnResponse,
 };
 use keel_proto::keelpb::internal_raft_request::Request;
 use keel_server::apply::Applied;
 use keel_server::server::Server;
 use std::sync::Arc;
 use tonic::{Request as GrpcRequest, Response, Status};
+
+type RangeStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RangeStreamResponse, Status>> + Send>>;
 
 pub struct KvService {
     pub server: Arc<Server>,
@@ -80,6 +83,24 @@ impl Kv for KvService {
         m.ranges.inc();
         m.range_duration.with_label_values(&[if resp.is_ok() { "true" } else { "false" }]).observe(t0.elapsed().as_secs_f64());
         resp.map(Response::new)
+    }
+
+    type RangeStreamStream = RangeStreamStream;
+
+    async fn range_stream(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<Self::RangeStreamStream>, Status> {
+        let who = crate::api::caller(&self.server, &req)?;
+        let r = req.into_inner();
+        super::range_stream::check(&r)?;
+        // etcd serves no stream but Snapshot on a learner.
+        self.server.not_learner().map_err(crate::errors::status)?;
+        if !r.serializable {
+            self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
+        }
+        self.server.check_read(&who, &r.key, &r.range_end).map_err(crate::errors::status)?;
+        // One chunk waits to be taken at most: memory per stream is a chunk or two.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(super::range_stream::run(self.server.clone(), r, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {

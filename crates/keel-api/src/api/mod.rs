@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod range_stream;
 pub mod validate;
 pub mod watch;
 
