@@ -11,10 +11,14 @@ use std::sync::Arc;
 pub struct Leader(pub Arc<Server>);
 
 impl keel_server::rafthttp::Forwarded for Leader {
-    fn lease_renew(&self, id: i64) -> Result<Option<i64>, NotPrimary> {
-        self.leading()?;
-        let ttl = keel_server::lease_duties::renew_here(&self.0, id);
-        Ok((ttl > 0).then_some(ttl))
+    fn lease_renew(&self, id: i64) -> futures::future::BoxFuture<'_, Result<Option<i64>, NotPrimary>> {
+        Box::pin(async move {
+            self.leading()?;
+            // A renewal that cannot wait for this member's apply (it lost the lead, or timed
+            // out) is refused as by a member that does not lead: the follower tries again.
+            let ttl = keel_server::lease_duties::renew_leading(&self.0, id).await.map_err(|_| NotPrimary)?;
+            Ok((ttl > 0).then_some(ttl))
+        })
     }
 
     fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<Option<LeaseTimeToLiveResponse>, NotPrimary> {

@@ -209,8 +209,10 @@ pub struct Config {
     /// V3 discovery: password for authentication (when --discovery-user has none).
     #[arg(long, env = "ETCD_DISCOVERY_PASSWORD", default_value = "")]
     pub discovery_password: String,
-    /// etcd 3.6's feature gates, `Name=true|false,...` (SetMemberLocalAddr is honoured; the
-    /// others are accepted and change nothing in Keel).
+    /// etcd 3.7's feature gates, `Name=true|false,...` (AllAlpha and AllBeta set every gate of
+    /// their stage not named). Honoured: SetMemberLocalAddr, FastLeaseKeepAlive, PriorityRequest,
+    /// LeaseCheckpoint, LeaseCheckpointPersist; the others are accepted and change nothing in
+    /// Keel.
     #[arg(long, env = "ETCD_FEATURE_GATES", default_value = "")]
     pub feature_gates: String,
     /// Defragment the backend at start when at least this many MB of it are free (0: never).
@@ -379,12 +381,24 @@ impl Config {
     /// Whether a feature gate is on: `--feature-gates` (`Name=true,Other=false`) over etcd 3.6's
     /// defaults ([`keel_metrics::FEATURE_GATES`]).
     pub fn feature(&self, name: &str) -> bool {
-        let default = keel_metrics::FEATURE_GATES.iter().find(|(n, _, _)| *n == name).is_some_and(|(_, _, on)| *on);
-        self.feature_gates
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .rfind(|(k, _)| k.trim() == name)
-            .map_or(default, |(_, v)| v.trim() == "true")
+        let Some((_, stage, default)) = keel_metrics::FEATURE_GATES.iter().find(|(n, _, _)| *n == name) else {
+            return false;
+        };
+        let set = |gate: &str| {
+            self.feature_gates
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .filter(|(k, _)| k.trim() == gate)
+                .filter_map(|(_, v)| parse_go_bool(v.trim()))
+                .next_back()
+        };
+        // A gate set by name wins; else AllAlpha or AllBeta sets every gate of its stage.
+        let all = match *stage {
+            "ALPHA" if name != "AllAlpha" => set("AllAlpha"),
+            "BETA" if name != "AllBeta" => set("AllBeta"),
+            _ => None,
+        };
+        set(name).or(all).unwrap_or(*default)
     }
 
     /// Entries kept for slow followers after a snapshot (5000 unless a flag says otherwise).
@@ -428,7 +442,7 @@ impl Config {
             if !keel_metrics::FEATURE_GATES.iter().any(|(n, _, _)| *n == k.trim()) {
                 return Err(format!("invalid value of --feature-gates: unrecognized feature gate: {}", k.trim()));
             }
-            if v.trim() != "true" && v.trim() != "false" {
+            if parse_go_bool(v.trim()).is_none() {
                 return Err(format!(
                     "invalid value of --feature-gates: invalid value of {k}={v}, err: strconv.ParseBool: parsing {v:?}: invalid syntax"
                 ));
@@ -456,6 +470,15 @@ impl Config {
             return Err("--max-txn-ops must be > 0".into());
         }
         Ok(())
+    }
+}
+
+/// Go's `strconv.ParseBool`: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False.
+pub fn parse_go_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
     }
 }
 
@@ -603,6 +626,31 @@ mod tests {
     fn negative_numbers_are_values_as_in_go() {
         assert_eq!(parse(&["--quota-backend-bytes", "-1"]).quota_backend_bytes, -1);
         assert_eq!(parse(&["--quota-backend-bytes=-1"]).quota_backend_bytes, -1);
+    }
+
+    /// etcd 3.7's gates: its list, Go's booleans, AllAlpha and AllBeta for the gates not named.
+    #[test]
+    fn feature_gates_as_etcd_3_7() {
+        let c = parse(&[]);
+        assert!(c.feature("FastLeaseKeepAlive") && c.feature("TxnModeWriteWithSharedBuffer"), "beta gates on by default");
+        assert!(!c.feature("PriorityRequest") && !c.feature("LeaseCheckpoint"), "alpha gates off by default");
+        let c = parse(&["--feature-gates=AllAlpha=true,LeaseCheckpoint=False,FastLeaseKeepAlive=0"]);
+        assert!(c.validate().is_ok());
+        assert!(c.feature("PriorityRequest") && c.feature("CompactHashCheck"), "AllAlpha turns on the alpha gates not named");
+        assert!(!c.feature("LeaseCheckpoint"), "a gate named wins over AllAlpha");
+        assert!(!c.feature("FastLeaseKeepAlive"), "Go's 0 is false");
+        let c = parse(&["--feature-gates=AllBeta=F"]);
+        assert!(!c.feature("FastLeaseKeepAlive") && !c.feature("TxnModeWriteWithSharedBuffer") && !c.feature("PriorityRequest"));
+        for (gates, err) in [
+            ("Nope=true", "invalid value of --feature-gates: unrecognized feature gate: Nope"),
+            ("PriorityRequest", "invalid value of --feature-gates: missing bool value for PriorityRequest"),
+            (
+                "PriorityRequest=yes",
+                "invalid value of --feature-gates: invalid value of PriorityRequest=yes, err: strconv.ParseBool: parsing \"yes\": invalid syntax",
+            ),
+        ] {
+            assert_eq!(parse(&[&format!("--feature-gates={gates}")]).validate().unwrap_err(), err);
+        }
     }
 
     #[test]

@@ -224,14 +224,16 @@ pub const GRPC_METHODS: &[(&str, &[&str])] = &[
     ("grpc.health.v1.Health", &["Check", "Watch"]),
 ];
 
-/// etcd 3.6's feature gates with their stage (`etcd_server_feature_enabled`).
+/// etcd 3.7's feature gates with their stage and default (`etcd_server_feature_enabled`).
 pub const FEATURE_GATES: &[(&str, &str, bool)] = &[
     ("AllAlpha", "ALPHA", false),
     ("AllBeta", "BETA", false),
     ("CompactHashCheck", "ALPHA", false),
+    ("FastLeaseKeepAlive", "BETA", true),
     ("InitialCorruptCheck", "ALPHA", false),
     ("LeaseCheckpoint", "ALPHA", false),
     ("LeaseCheckpointPersist", "ALPHA", false),
+    ("PriorityRequest", "ALPHA", false),
     ("SetMemberLocalAddr", "ALPHA", false),
     ("StopGRPCServiceOnDefrag", "ALPHA", false),
     ("TxnModeWriteWithSharedBuffer", "BETA", true),

@@ -95,6 +95,8 @@ enum Msg {
         data: Vec<u8>,
         done: ProposeDone,
         at: Instant,
+        /// Taken while the apply lags up to twice as far (see [`NodeHandle::propose_with`]).
+        priority: bool,
     },
     ReadIndex {
         done: oneshot::Sender<Result<u64, ProposeError>>,
@@ -164,8 +166,15 @@ impl NodeHandle {
     /// Proposes `data`; returns once raft has taken it (not once it is committed), with where
     /// it went in the log when this member leads.
     pub async fn propose(&self, data: Vec<u8>) -> Result<Option<Proposed>, ProposeError> {
+        self.propose_with(data, false).await
+    }
+
+    /// [`NodeHandle::propose`]; a `priority` proposal is still taken while the apply stage lags
+    /// up to twice as far behind the commit index as others may (etcd 3.7's PriorityRequest,
+    /// for lease revocations).
+    pub async fn propose_with(&self, data: Vec<u8>, priority: bool) -> Result<Option<Proposed>, ProposeError> {
         let (done, rx) = oneshot::channel();
-        self.send(Msg::Propose { data, done, at: Instant::now() })?;
+        self.send(Msg::Propose { data, done, at: Instant::now(), priority })?;
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
@@ -533,8 +542,8 @@ impl<T: Transport> Driver<T> {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Tick => self.tick(),
-            Msg::Propose { data, done, at } => {
-                let r = self.apply_gap_ok().and_then(|()| self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader));
+            Msg::Propose { data, done, at, priority } => {
+                let r = self.apply_gap_ok(priority).and_then(|()| self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader));
                 let placed = r.map(|()| self.proposed());
                 if let Ok(Some(p)) = placed {
                     if self.proposed_at.len() < TIMED_PROPOSALS {
@@ -605,9 +614,11 @@ impl<T: Transport> Driver<T> {
         false
     }
 
-    /// Refuses new proposals while the apply stage lags too far behind the commit index.
-    fn apply_gap_ok(&self) -> Result<(), ProposeError> {
-        if self.node.raft.raft_log.committed.saturating_sub(self.status.applied()) > MAX_APPLY_GAP {
+    /// Refuses new proposals while the apply stage lags too far behind the commit index (twice
+    /// as far for a priority proposal).
+    fn apply_gap_ok(&self, priority: bool) -> Result<(), ProposeError> {
+        let limit = if priority { 2 * MAX_APPLY_GAP } else { MAX_APPLY_GAP };
+        if self.node.raft.raft_log.committed.saturating_sub(self.status.applied()) > limit {
             return Err(ProposeError::Busy);
         }
         Ok(())

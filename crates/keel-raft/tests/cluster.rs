@@ -498,6 +498,25 @@ fn a_leader_whose_apply_lags_refuses_proposals_until_it_catches_up() {
     let (at, e) = refused.expect("proposals are refused once the apply falls behind");
     assert_eq!(e, ProposeError::Busy);
     assert!(at >= 5_000, "refused after {at} entries only");
+    // Priority proposals (lease revocations under etcd 3.7's PriorityRequest) are still taken,
+    // until the gap is twice as large.
+    let mut refused = None;
+    for i in 0..20_000 {
+        match c.rt.block_on(c.member(leader).handle.propose_with(format!("p-{i}").into_bytes(), true)) {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        if i % 64 == 0 {
+            c.tick();
+        }
+    }
+    let (more, e) = refused.expect("priority proposals are refused past twice the gap");
+    assert_eq!(e, ProposeError::Busy);
+    assert!(more > 0 && at + more >= 10_000, "priority proposals refused after {at} + {more} entries");
+    let at = at + more;
     // Raft itself goes on: the leader still leads, ticks and heartbeats reach the followers.
     for _ in 0..3 * ELECTION_TICKS {
         c.tick();

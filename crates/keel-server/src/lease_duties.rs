@@ -30,7 +30,7 @@ const REVOKES_PER_TURN: usize = 100;
 /// lease's TTL (0: no such lease, as etcd answers).
 pub async fn renew(server: &Server, transport: &Transport, id: i64) -> Result<i64, Error> {
     if server.raft().is_leader() {
-        return Ok(renew_here(server, id));
+        return renew_leading(server, id).await;
     }
     let leader = server.raft().leader();
     if leader == 0 {
@@ -39,9 +39,21 @@ pub async fn renew(server: &Server, transport: &Transport, id: i64) -> Result<i6
     transport.forward_lease_renew(leader, id).await.map_err(Error::Forwarded)
 }
 
+/// Renews a lease on this leading member (a client's keep-alive, or one a follower forwarded):
+/// its TTL, or 0 when it is gone. A lease granted through another member may be committed but
+/// not yet applied here: the renewal waits for everything committed to be applied before
+/// answering that a lease is gone (etcd 3.7's FastLeaseKeepAlive, on by default), or before
+/// every renewal with that gate off (as etcd 3.6).
+pub async fn renew_leading(server: &Server, id: i64) -> Result<i64, Error> {
+    if !server.cfg().feature("FastLeaseKeepAlive") || !server.lessor().exists(id) {
+        server.linearizable_barrier().await?;
+    }
+    Ok(renew_here(server, id))
+}
+
 /// Renews a lease in this (leading) member's lessor: its TTL, or 0 when it is gone. The
 /// batched checkpoint carries the renewal to the followers.
-pub fn renew_here(server: &Server, id: i64) -> i64 {
+fn renew_here(server: &Server, id: i64) -> i64 {
     let ttl = server.lessor().renew(id).unwrap_or(0);
     if ttl > 0 {
         keel_metrics::METRICS.lease_renewed.inc();

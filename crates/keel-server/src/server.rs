@@ -319,6 +319,8 @@ impl Server {
 
     async fn propose_inner(&self, req: Request, who: &AuthInfo) -> Result<(Applied, i64), Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // etcd 3.7's PriorityRequest: lease revocations go in while the apply lags further.
+        let priority = matches!(req, Request::LeaseRevoke(_)) && self.cfg.feature("PriorityRequest");
         let data = crate::entry::encode(id, who, req);
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(Error::RequestTooLarge);
@@ -328,7 +330,7 @@ impl Server {
         let t0 = std::time::Instant::now();
         let failed = || keel_metrics::METRICS.proposals_failed.inc();
         let work = async {
-            if let Some(at) = self.node.propose(data).await.map_err(Error::Propose).inspect_err(|_| failed())? {
+            if let Some(at) = self.node.propose_with(data, priority).await.map_err(Error::Propose).inspect_err(|_| failed())? {
                 self.state.waiters.placed(id, at);
             }
             rx.await.map_err(|_| Error::Stopped).inspect_err(|_| failed())?

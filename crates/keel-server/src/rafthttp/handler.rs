@@ -50,7 +50,7 @@ pub struct LeaseInternalResponse {
 pub trait Forwarded: Send + Sync + 'static {
     /// Renews lease `id`: its TTL, None when there is no such lease; Err when this member does
     /// not lead.
-    fn lease_renew(&self, id: i64) -> Result<Option<i64>, NotPrimary>;
+    fn lease_renew(&self, id: i64) -> futures::future::BoxFuture<'_, Result<Option<i64>, NotPrimary>>;
     /// A lease's remaining TTL, None when there is no such lease; Err when this member does not
     /// lead.
     fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<Option<LeaseTimeToLiveResponse>, NotPrimary>;
@@ -272,7 +272,7 @@ impl Handler {
             }
         } else {
             let Ok(r) = LeaseKeepAliveRequest::decode(body.as_ref()) else { return text(400, "error unmarshalling request") };
-            match self.forwarded.lease_renew(r.id) {
+            match self.forwarded.lease_renew(r.id).await {
                 Ok(Some(ttl)) => keel_proto::etcdserverpb::LeaseKeepAliveResponse { header: None, id: r.id, ttl }.encode_to_vec(),
                 Ok(None) => return text(404, "lease not found"),
                 Err(NotPrimary) => return text(400, "not a primary lessor"),

@@ -25,11 +25,9 @@ pub(crate) struct Lessor {
     pub(crate) leading: bool,
 }
 impl Forwarded for Lessor {
-    fn lease_renew(&self, id: i64) -> Result<Option<i64>, NotPrimary> {
-        if !self.leading {
-            return Err(NotPrimary);
-        }
-        Ok((id == 7).then_some(30))
+    fn lease_renew(&self, id: i64) -> futures::future::BoxFuture<'_, Result<Option<i64>, NotPrimary>> {
+        let r = if self.leading { Ok((id == 7).then_some(30)) } else { Err(NotPrimary) };
+        Box::pin(std::future::ready(r))
     }
     fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> Result<Option<LeaseTimeToLiveResponse>, NotPrimary> {
         if !self.leading {
