@@ -121,9 +121,18 @@ pub struct Config {
     /// each lease where it was (etcd 3.5's flag; the `LeaseCheckpoint` feature gate in 3.6).
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub experimental_enable_lease_checkpoint: bool,
-    /// Duration of periodic watch progress notifications (e.g. 10m, 500ms).
-    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m")]
+    /// Duration of periodic watch progress notifications (e.g. 10m, 500ms; etcd's default 10m).
+    #[arg(long, env = "ETCD_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "")]
+    pub watch_progress_notify_interval: String,
+    /// The same (etcd 3.6's experimental spelling, removed in 3.7; Keel still takes it).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "")]
     pub experimental_watch_progress_notify_interval: String,
+    /// Keys compacted per batch; writes and reads go on between batches (etcd's default 1000).
+    #[arg(long, alias = "experimental-compaction-batch-limit", env = "ETCD_COMPACTION_BATCH_LIMIT", default_value_t = 1000)]
+    pub compaction_batch_limit: u64,
+    /// Pause between two batches of a compaction (Go duration; etcd's default 10ms).
+    #[arg(long, alias = "experimental-compaction-sleep-interval", env = "ETCD_COMPACTION_SLEEP_INTERVAL", default_value = "")]
+    pub compaction_sleep_interval: String,
     /// Restart as a one-member cluster: uncommitted log entries are dropped and every other
     /// member (voters and learners) is removed by entries appended to this member's log.
     #[arg(long, env = "ETCD_FORCE_NEW_CLUSTER", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
@@ -367,9 +376,22 @@ impl Config {
 
     /// The watch progress interval (Go duration syntax: `10m`, `5s`, `500ms`), at least 100 ms.
     pub fn watch_progress_notify_interval(&self) -> Duration {
-        parse_go_duration(&self.experimental_watch_progress_notify_interval)
-            .unwrap_or(Duration::from_secs(600))
-            .max(Duration::from_millis(100))
+        let v = if self.watch_progress_notify_interval.is_empty() {
+            &self.experimental_watch_progress_notify_interval
+        } else {
+            &self.watch_progress_notify_interval
+        };
+        parse_go_duration(v).unwrap_or(Duration::from_secs(600)).max(Duration::from_millis(100))
+    }
+
+    /// Keys per compaction batch (at least 1).
+    pub fn compaction_batch_limit(&self) -> usize {
+        (self.compaction_batch_limit as usize).max(1)
+    }
+
+    /// The pause between two compaction batches (10 ms unless a flag says otherwise).
+    pub fn compaction_sleep_interval(&self) -> Duration {
+        parse_go_duration(&self.compaction_sleep_interval).unwrap_or(Duration::from_millis(10))
     }
 
     /// etcd's request timeout: 5 s + 2 × election timeout.
@@ -427,7 +449,15 @@ impl Config {
                 "cannot set --experimental-warning-unary-request-duration and --warning-unary-request-duration at the same time".into()
             );
         }
+        if !self.watch_progress_notify_interval.is_empty() && !self.experimental_watch_progress_notify_interval.is_empty() {
+            return Err(
+                "cannot set --experimental-watch-progress-notify-interval and --watch-progress-notify-interval at the same time".into()
+            );
+        }
         for (flag, v) in [
+            ("--watch-progress-notify-interval", &self.watch_progress_notify_interval),
+            ("--experimental-watch-progress-notify-interval", &self.experimental_watch_progress_notify_interval),
+            ("--compaction-sleep-interval", &self.compaction_sleep_interval),
             ("--warning-unary-request-duration", &self.warning_unary_request_duration),
             ("--experimental-warning-unary-request-duration", &self.experimental_warning_unary_request_duration),
         ] {

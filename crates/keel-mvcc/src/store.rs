@@ -606,11 +606,18 @@ impl Store {
         self.compacting.is_some()
     }
 
-    /// Runs one batch of the compaction under way, if any; returns the revisions it dropped.
+    /// Runs one batch ([`COMPACTION_BATCH`] keys) of the compaction under way, if any; returns
+    /// the revisions it dropped.
     pub fn compact_step(&mut self) -> usize {
+        self.compact_keys(COMPACTION_BATCH)
+    }
+
+    /// Runs one batch of `keys` keys (at least one) of the compaction under way, if any; returns
+    /// the revisions it dropped.
+    pub fn compact_keys(&mut self, keys: usize) -> usize {
         let Some((rev, from)) = self.compacting.take() else { return 0 };
         let mut dropped: Vec<Change> = Vec::new();
-        let next = self.index.compact_batch(rev, &from, COMPACTION_BATCH, &mut dropped);
+        let next = self.index.compact_batch(rev, &from, keys.max(1), &mut dropped);
         for c in &dropped {
             self.pending.insert(c.rev.to_key(c.tombstone), None);
             self.data_bytes = self.data_bytes.saturating_sub(c.size as u64);

@@ -235,7 +235,8 @@ impl<S: StateMachine> Worker<S> {
     fn run(mut self, rx: Receiver<Task>) {
         let mut last_maintain = Instant::now();
         loop {
-            let first = match rx.recv_timeout(self.cfg.idle) {
+            let due = self.sm.maintain_in();
+            let first = match rx.recv_timeout(due.map_or(self.cfg.idle, |d| d.min(self.cfg.idle))) {
                 Ok(t) => Some(t),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => Some(Task::Stop),
@@ -262,7 +263,8 @@ impl<S: StateMachine> Worker<S> {
                 self.publish();
             }
             self.release_reads();
-            if self.applied != before || last_maintain.elapsed() >= self.cfg.idle {
+            let wanted = self.sm.maintain_in().is_some_and(|d| d.is_zero());
+            if self.applied != before || wanted || last_maintain.elapsed() >= self.cfg.idle {
                 self.sm.maintain();
                 last_maintain = Instant::now();
             }

@@ -20,8 +20,14 @@ pub trait StateMachine: Send + 'static {
     /// A committed configuration change raft refused or that does not decode: the configuration
     /// stays as it was, and whoever proposed it must be answered now (not at its timeout).
     fn skip_conf_change(&mut self, _entry: &Entry) {}
-    /// Called on every tick and after every batch of applies (e.g. to commit backend batches).
+    /// Called on every tick, after every batch of applies, and when [`StateMachine::maintain_in`]
+    /// says (e.g. to commit backend batches, or run a compaction's next batch).
     fn maintain(&mut self);
+    /// How soon the state machine wants [`StateMachine::maintain`] called again, if sooner than
+    /// the next tick (a compaction paced by its sleep interval).
+    fn maintain_in(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Makes everything applied so far durable; called before a snapshot lets WAL go.
     fn sync(&mut self) -> Result<(), String>;
     /// The application data a snapshot at the current applied index carries.

@@ -205,6 +205,19 @@ pub struct Applier {
     /// records) it was built from: the apply stage asks for it after every batch, and it
     /// changes only with those records, so it is rebuilt only when they change.
     snapshot_data: std::cell::RefCell<Option<SnapshotData>>,
+    compaction: Compaction,
+    /// When the compaction under way may run its next batch (after its sleep interval).
+    next_compaction_batch: std::cell::Cell<std::time::Instant>,
+}
+
+/// How a compaction is paced (etcd's `--compaction-batch-limit` and
+/// `--compaction-sleep-interval`): batches of `batch` keys, each under the store's write lock
+/// alone, `sleep` apart (the apply stage goes on meanwhile). A physical compaction, whose
+/// caller waits for it, runs its batches back to back.
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    pub batch: usize,
+    pub sleep: std::time::Duration,
 }
 
 /// Snapshot data and the backend records (`AUX_MEMBERS`, `AUX_CLUSTER_VERSION`) it was built from.
@@ -305,8 +318,11 @@ impl Applier {
         member_id: u64,
         db_path: std::path::PathBuf,
         removed: Arc<tokio::sync::Notify>,
+        compaction: Compaction,
     ) -> Applier {
         Applier {
+            compaction,
+            next_compaction_batch: std::cell::Cell::new(std::time::Instant::now()),
             store: state.store.clone(),
             hub,
             lessor: state.lessor.clone(),
@@ -335,8 +351,9 @@ impl Applier {
             return false;
         }
         let t0 = std::time::Instant::now();
-        store.compact_step();
+        store.compact_keys(self.compaction.batch);
         keel_metrics::METRICS.db_compaction_pause.observe(t0.elapsed().as_secs_f64() * 1000.0);
+        self.next_compaction_batch.set(std::time::Instant::now() + self.compaction.sleep);
         store.compacting()
     }
 
@@ -641,9 +658,8 @@ impl Applier {
 
 /// An apply slower than this is logged and counted, as etcd's "apply request took too long".
 const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
-/// Time spent on compaction batches per maintenance turn of the apply stage (each batch is
-/// [`keel_mvcc::store::COMPACTION_BATCH`] keys under the write lock; writes and reads go on in
-/// between, and the next turn comes after the next batch of entries or the next tick).
+/// Time spent on compaction batches per maintenance turn of the apply stage when batches are
+/// not paced (a zero `--compaction-sleep-interval`); writes and reads go on in between.
 const COMPACTION_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A committed membership change, the request ID its proposer waits on, and the member record
@@ -826,12 +842,21 @@ impl keel_raft::StateMachine for Applier {
     }
 
     fn maintain(&mut self) {
-        // A compaction's batches run here, a slice at a time, with the store free in between.
+        // A compaction's batches run here, one per sleep interval, with the store free in
+        // between (back to back for up to a slice when the interval is zero).
         let t0 = std::time::Instant::now();
-        while t0.elapsed() < COMPACTION_SLICE && self.compact_batch() {}
+        while std::time::Instant::now() >= self.next_compaction_batch.get() && self.compact_batch() {
+            if !self.compaction.sleep.is_zero() || t0.elapsed() >= COMPACTION_SLICE {
+                break;
+            }
+        }
         if let Err(e) = self.store.commit_if_due() {
             fatal("backend commit failed", e);
         }
+    }
+
+    fn maintain_in(&self) -> Option<std::time::Duration> {
+        self.store.read().compacting().then(|| self.next_compaction_batch.get().saturating_duration_since(std::time::Instant::now()))
     }
 
     fn sync(&mut self) -> Result<(), String> {

@@ -114,7 +114,8 @@ impl Member {
             identity.member_id,
             cfg.max_request_bytes as usize,
         );
-        let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone());
+        let compaction = keel_server::apply::Compaction { batch: cfg.compaction_batch_limit(), sleep: cfg.compaction_sleep_interval() };
+        let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone(), compaction);
         let node_cfg = NodeConfig {
             id: identity.member_id,
             tick: cfg.heartbeat(),
