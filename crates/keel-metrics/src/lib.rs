@@ -182,6 +182,14 @@ pub struct Metrics {
     hop_hists: Vec<Histogram>,
     /// Keel's own: a proposal from the handler to its applied result.
     pub proposal: Histogram,
+    /// etcd 3.7: a request's latency by type (`Range`, `ReadonlyTxn`, and every proposed kind).
+    pub request_duration: HistogramVec,
+    /// etcd 3.7: a watch stream sending a response of events (all of them, and per event), a
+    /// control response (created, canceled), a progress notification.
+    pub watch_send_events: Histogram,
+    pub watch_send_per_event: Histogram,
+    pub watch_send_control: Histogram,
+    pub watch_send_progress: Histogram,
 }
 
 /// `count` buckets from `start`, each `factor` times the last (Go's ExponentialBuckets).
@@ -192,7 +200,7 @@ fn exp(start: f64, factor: f64, count: usize) -> Vec<f64> {
 /// The gRPC services and methods Keel serves, with go-grpc-prometheus' stream kind: every
 /// (method, code) pair starts at zero, as etcd's interceptors pre-register them.
 pub const GRPC_METHODS: &[(&str, &[&str])] = &[
-    ("etcdserverpb.KV", &["Range", "Put", "DeleteRange", "Txn", "Compact"]),
+    ("etcdserverpb.KV", &["Range", "RangeStream", "Put", "DeleteRange", "Txn", "Compact"]),
     ("etcdserverpb.Watch", &["Watch"]),
     ("etcdserverpb.Lease", &["LeaseGrant", "LeaseRevoke", "LeaseKeepAlive", "LeaseTimeToLive", "LeaseLeases"]),
     ("etcdserverpb.Cluster", &["MemberAdd", "MemberRemove", "MemberUpdate", "MemberList", "MemberPromote"]),
@@ -596,6 +604,32 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Keel: time from a request handler proposing to it holding the applied result.",
             exp(0.000_01, 2.0, 17),
         ),
+        request_duration: r.hists(
+            "etcd_server_request_duration_seconds",
+            "Response latency distribution in seconds for each type.",
+            exp(0.001, 2.0, 14),
+            &["type", "success"],
+        ),
+        watch_send_events: r.hist(
+            "etcd_debugging_server_watch_send_loop_watch_stream_duration_seconds",
+            "The total duration in seconds of running through the send loop watch stream response all events.",
+            exp(0.001, 2.0, 14),
+        ),
+        watch_send_per_event: r.hist(
+            "etcd_debugging_server_watch_send_loop_watch_stream_duration_per_event_seconds",
+            "The average duration in seconds of running through the send loop watch stream response, per event.",
+            exp(0.001, 2.0, 14),
+        ),
+        watch_send_control: r.hist(
+            "etcd_debugging_server_watch_send_loop_control_stream_duration_seconds",
+            "The total duration in seconds of running through the send loop control stream response.",
+            exp(0.001, 2.0, 14),
+        ),
+        watch_send_progress: r.hist(
+            "etcd_debugging_server_watch_send_loop_progress_duration_seconds",
+            "The total duration in seconds of running through the progress loop control stream response.",
+            exp(0.001, 2.0, 14),
+        ),
         registry: Registry::new(),
         extensive: Registry::new(),
     };
@@ -774,6 +808,11 @@ fn read_process(m: &Metrics) {
 }
 
 /// Times an apply of one request (`etcd_server_apply_duration_seconds`).
+/// etcd 3.7's request latency by type (`etcd_server_request_duration_seconds`).
+pub fn observe_request(kind: &str, ok: bool, d: std::time::Duration) {
+    METRICS.request_duration.with_label_values(&[kind, if ok { "true" } else { "false" }]).observe(d.as_secs_f64());
+}
+
 pub fn observe_apply(op: &str, ok: bool, d: std::time::Duration) {
     METRICS.apply_duration.with_label_values(&["v3", op, if ok { "true" } else { "false" }]).observe(d.as_secs_f64());
 }

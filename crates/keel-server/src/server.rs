@@ -321,6 +321,7 @@ impl Server {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // etcd 3.7's PriorityRequest: lease revocations go in while the apply lags further.
         let priority = matches!(req, Request::LeaseRevoke(_)) && self.cfg.feature("PriorityRequest");
+        let kind = crate::entry::op_name(&req);
         let data = crate::entry::encode(id, who, req);
         if data.len() > self.cfg.max_request_bytes as usize {
             return Err(Error::RequestTooLarge);
@@ -335,7 +336,9 @@ impl Server {
             }
             rx.await.map_err(|_| Error::Stopped).inspect_err(|_| failed())?
         };
-        match tokio::time::timeout(self.cfg.request_timeout(), work).await {
+        let r = tokio::time::timeout(self.cfg.request_timeout(), work).await;
+        keel_metrics::observe_request(kind, matches!(r, Ok(Ok((_, _)))), t0.elapsed());
+        match r {
             Ok(r) => {
                 keel_metrics::METRICS.proposal.observe(t0.elapsed().as_secs_f64());
                 if r.is_err() {

@@ -48,6 +48,27 @@ fn unexpected() -> Status {
 }
 
 impl KvService {
+    /// A transaction that writes nothing: no proposal; a linearizable barrier unless every read
+    /// is serializable.
+    async fn read_only_txn(&self, r: &TxnRequest, who: &keel_auth::AuthInfo) -> Result<TxnResponse, Status> {
+        if !mvcc_kv::txn_serializable(r) {
+            self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
+        }
+        keel_server::apply::check_txn(&self.server.auth(), who, r).map_err(errors::auth)?;
+        // Planned under the store's read lock, values read after it, a big one on a blocking
+        // thread (as Range): it holds back neither apply nor other requests.
+        let planned = self.server.plan_txn_read(r).map_err(errors::kv)?;
+        let mut resp = if planned.len() > BIG_RANGE {
+            tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            planned.finish()
+        }
+        .map_err(errors::kv)?;
+        let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        resp.header = self.server.header(rev);
+        Ok(resp)
+    }
+
     /// A checked range's key-values and header.
     async fn read_range(&self, r: &RangeRequest) -> Result<RangeResponse, Status> {
         // Planned under the store's read lock, values read after it (apply never waits long). A
@@ -72,16 +93,22 @@ impl Kv for KvService {
         let who = crate::api::caller(&self.server, &req)?;
         let r = req.into_inner();
         validate::range(&r)?;
-        if !r.serializable {
-            self.server.not_learner().map_err(crate::errors::status)?;
-            self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
+        let started = std::time::Instant::now();
+        let resp = async {
+            if !r.serializable {
+                self.server.not_learner().map_err(crate::errors::status)?;
+                self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
+            }
+            self.server.check_read(&who, &r.key, &r.range_end).map_err(crate::errors::status)?;
+            let t0 = std::time::Instant::now();
+            let resp = self.read_range(&r).await;
+            let m = &keel_metrics::METRICS;
+            m.ranges.inc();
+            m.range_duration.with_label_values(&[if resp.is_ok() { "true" } else { "false" }]).observe(t0.elapsed().as_secs_f64());
+            resp
         }
-        self.server.check_read(&who, &r.key, &r.range_end).map_err(crate::errors::status)?;
-        let t0 = std::time::Instant::now();
-        let resp = self.read_range(&r).await;
-        let m = &keel_metrics::METRICS;
-        m.ranges.inc();
-        m.range_duration.with_label_values(&[if resp.is_ok() { "true" } else { "false" }]).observe(t0.elapsed().as_secs_f64());
+        .await;
+        keel_metrics::observe_request("Range", resp.is_ok(), started.elapsed());
         resp.map(Response::new)
     }
 
@@ -142,23 +169,10 @@ impl Kv for KvService {
             self.server.not_learner().map_err(crate::errors::status)?;
         }
         if mvcc_kv::txn_is_read_only(&r) {
-            // Read-only: no proposal; a linearizable barrier unless every read is serializable.
-            if !mvcc_kv::txn_serializable(&r) {
-                self.server.linearizable_barrier().await.map_err(crate::errors::status)?;
-            }
-            keel_server::apply::check_txn(&self.server.auth(), &who, &r).map_err(errors::auth)?;
-            // Planned under the store's read lock, values read after it, a big one on a
-            // blocking thread (as Range): it holds back neither apply nor other requests.
-            let planned = self.server.plan_txn_read(&r).map_err(errors::kv)?;
-            let mut resp = if planned.len() > BIG_RANGE {
-                tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
-            } else {
-                planned.finish()
-            }
-            .map_err(errors::kv)?;
-            let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
-            resp.header = self.server.header(rev);
-            return Ok(Response::new(resp));
+            let t0 = std::time::Instant::now();
+            let resp = self.read_only_txn(&r, &who).await;
+            keel_metrics::observe_request("ReadonlyTxn", resp.is_ok(), t0.elapsed());
+            return resp.map(Response::new);
         }
         self.server.check_quota(cost_txn(&r)).await.map_err(crate::errors::status)?;
         match self.server.propose_as(Request::Txn(r), &who).await.map_err(crate::errors::status)? {

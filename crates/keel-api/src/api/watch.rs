@@ -158,8 +158,53 @@ impl Watch for WatchService {
                 hub.cancel((stream_id, id), &h, prev);
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        Ok(Response::new(Box::pin(SendTimed { rx: ReceiverStream::new(rx), sending: None })))
     }
 }
 
-use tokio_stream::StreamExt;
+/// What a watch response is, for etcd 3.7's send-loop histograms.
+#[derive(Clone, Copy)]
+enum Sent {
+    Events(usize),
+    Control,
+    Progress,
+}
+
+/// A watch stream's responses as the gRPC sender takes them, each timed from when the sender
+/// takes it until it asks for the next (encoding it and handing it to the connection, waiting
+/// for the client's flow control): etcd 3.7's send-loop histograms, by kind.
+struct SendTimed {
+    rx: ReceiverStream<WatchResponse>,
+    sending: Option<(std::time::Instant, Sent)>,
+}
+
+impl futures::Stream for SendTimed {
+    type Item = Result<WatchResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        if let Some((t, kind)) = self.sending.take() {
+            let m = &keel_metrics::METRICS;
+            let took = t.elapsed().as_secs_f64();
+            match kind {
+                Sent::Events(n) => {
+                    m.watch_send_events.observe(took);
+                    m.watch_send_per_event.observe(took / n as f64);
+                }
+                Sent::Control => m.watch_send_control.observe(took),
+                Sent::Progress => m.watch_send_progress.observe(took),
+            }
+        }
+        let next = futures::Stream::poll_next(Pin::new(&mut self.rx), cx);
+        if let std::task::Poll::Ready(Some(r)) = &next {
+            let kind = if r.created || r.canceled {
+                Sent::Control
+            } else if !r.events.is_empty() {
+                Sent::Events(r.events.len())
+            } else {
+                Sent::Progress
+            };
+            self.sending = Some((std::time::Instant::now(), kind));
+        }
+        next.map(|r| r.map(Ok))
+    }
+}
