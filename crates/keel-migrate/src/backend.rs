@@ -264,23 +264,56 @@ pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_
 
 /// etcd's snapshot status of a bbolt file: the CRC-32C of every bucket's name followed by its
 /// keys and values, the newest revision in `key`, and the number of keys.
-pub fn status(db: &keel_bbolt::Db) -> Result<(u32, i64, usize)> {
+pub fn status(db: &keel_bbolt::Db) -> Result<SnapshotStatus> {
     let mut h = 0u32;
-    let (mut rev, mut keys) = (0i64, 0usize);
+    let mut rev = 0i64;
+    // Keys live at the end of the history: put by a revision and not deleted by a later one.
+    let mut live: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let mut version = None;
+    let mut bad = None;
     for name in db.buckets()? {
-        let is_key = name == b"key";
+        let (is_key, is_meta) = (name == b"key", name == b"meta");
         h = crc32c::crc32c_append(h, &name);
         db.for_each(&name, &mut |k, v| {
             h = crc32c::crc32c_append(h, k);
             h = crc32c::crc32c_append(h, v);
-            if is_key {
-                if let Some((r, _)) = Revision::from_key(k) {
-                    rev = r.main;
+            if is_key && bad.is_none() {
+                let Some((r, tombstone)) = Revision::from_key(k) else {
+                    bad = Some(format!("not a revision key in bucket key: {k:?}"));
+                    return Ok(());
+                };
+                rev = r.main;
+                match keel_proto::mvccpb::KeyValue::decode(v) {
+                    Ok(kv) if tombstone => {
+                        live.remove(&kv.key);
+                    }
+                    Ok(kv) => {
+                        live.insert(kv.key);
+                    }
+                    Err(e) => bad = Some(format!("undecodable key-value at revision {}: {e}", r.main)),
                 }
             }
-            keys += 1;
+            if is_meta && k == b"storageVersion" {
+                version = std::str::from_utf8(v).ok().and_then(|v| semver::Version::parse(v).ok()).map(|v| v.to_string());
+            }
             Ok(())
         })?;
     }
-    Ok((h, rev, keys))
+    if let Some(why) = bad {
+        bail!("{why}");
+    }
+    Ok(SnapshotStatus { hash: h, revision: rev, total_keys: live.len(), version })
+}
+
+/// What `etcdutl snapshot status` reports of a snapshot (etcd 3.6's and 3.7's rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotStatus {
+    /// CRC-32C of every bucket's name, keys and values, in order.
+    pub hash: u32,
+    /// The main revision of the last record in the key bucket.
+    pub revision: i64,
+    /// Keys live at that revision.
+    pub total_keys: usize,
+    /// The storage version recorded in the meta bucket, if any.
+    pub version: Option<String>,
 }

@@ -48,10 +48,10 @@ enum MigrateCmd {
 
 #[derive(Subcommand, Debug)]
 enum SnapshotCmd {
-    /// Prints the snapshot's hash, revision, key count and size.
+    /// Prints the snapshot's hash, revision, live keys, size and storage version.
     Status {
         file: PathBuf,
-        /// table, json or simple.
+        /// simple, table, json or fields.
         #[arg(short = 'w', long = "write-out", default_value = "simple")]
         write_out: String,
     },
@@ -184,7 +184,7 @@ fn human(bytes: u64) -> String {
 fn status(file: &Path, write_out: &str) -> Result<()> {
     let mut size = std::fs::metadata(file).with_context(|| format!("stat {}", file.display()))?.len();
     let db = snapshot_db(file, true)?;
-    let (hash, rev, keys) = if keel_bbolt::is_bbolt(&db) {
+    let st = if keel_bbolt::is_bbolt(&db) {
         let db = keel_bbolt::Db::from_bytes(&file.display().to_string(), db)?;
         // etcd reports the database's size (its pages), not the file's.
         size = db.meta().pgid * db.meta().page_size as u64;
@@ -192,24 +192,37 @@ fn status(file: &Path, write_out: &str) -> Result<()> {
     } else {
         let (_dir, store) = open_redb(db)?;
         let (hash, _) = store.backend().hash().context("hash")?;
-        (hash, store.current_rev(), store.key_count())
+        keel_migrate::backend::SnapshotStatus { hash, revision: store.current_rev(), total_keys: store.key_count(), version: None }
     };
-    match write_out {
-        "json" => println!("{}", serde_json::json!({"hash": hash, "revision": rev, "totalKey": keys, "totalSize": size})),
-        "table" => {
-            let row = [format!("{hash:x}"), rev.to_string(), keys.to_string(), human(size)];
-            let head = ["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE"];
-            let w: Vec<usize> = head.iter().zip(&row).map(|(h, r)| h.len().max(r.len()) + 2).collect();
-            let line = format!("+{}+", w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("+"));
-            println!("{line}");
-            println!("|{}|", head.iter().zip(&w).map(|(h, n)| format!("{h:^n$}")).collect::<Vec<_>>().join("|"));
-            println!("{line}");
-            println!("|{}|", row.iter().zip(&w).map(|(r, n)| format!(" {r:<m$} ", m = n - 2)).collect::<Vec<_>>().join("|"));
-            println!("{line}");
-        }
-        _ => println!("{hash:x}, {rev}, {keys}, {}", human(size)),
-    }
+    print!("{}", status_text(&st, size, write_out));
     Ok(())
+}
+
+/// `etcdutl snapshot status`'s output (etcd 3.6 and 3.7): `-w simple` (the default), `table`,
+/// `json` or `fields`.
+fn status_text(st: &keel_migrate::backend::SnapshotStatus, size: u64, write_out: &str) -> String {
+    let version = st.version.clone().unwrap_or_default();
+    match write_out {
+        "json" => format!(
+            "{}\n",
+            serde_json::json!({"hash": st.hash, "revision": st.revision, "totalKey": st.total_keys, "totalSize": size, "version": version})
+        ),
+        "fields" => format!(
+            "\"Hash\" : {}\n\"Revision\" : {}\n\"Keys\" : {}\n\"Size\" : {}\n\"Version\" : {}\n",
+            st.hash, st.revision, st.total_keys, size, version
+        ),
+        "table" => {
+            let row = [format!("{:x}", st.hash), st.revision.to_string(), st.total_keys.to_string(), human(size), version];
+            let head = ["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE", "VERSION"];
+            let w: Vec<usize> = head.iter().zip(&row).map(|(h, r)| h.len().max(r.len()) + 2).collect();
+            let line = format!("+{}+\n", w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("+"));
+            let head = format!("|{}|\n", head.iter().zip(&w).map(|(h, n)| format!("{h:^n$}")).collect::<Vec<_>>().join("|"));
+            // Cells right-aligned, as etcdutl's table writer sets them.
+            let row = format!("|{}|\n", row.iter().zip(&w).map(|(r, n)| format!(" {r:>m$} ", m = n - 2)).collect::<Vec<_>>().join("|"));
+            format!("{line}{head}{line}{row}{line}")
+        }
+        _ => format!("{:x}, {}, {}, {}, {}\n", st.hash, st.revision, st.total_keys, human(size), version),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -293,3 +293,28 @@ async fn a_stopped_three_member_etcd_cluster_starts_as_keel() {
         assert_eq!(names, ["m1", "m2", "m3"], "etcd {v}: {members:?}");
     }
 }
+
+/// `keel snapshot status` prints what etcdutl 3.6.16 prints (live keys, the storage version, the
+/// database's size), for a snapshot taken from etcd and one taken from Keel, in each format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_status_prints_what_etcdutl_prints() {
+    let Some(e) = etcd("3.6") else { return };
+    let utl = e.utl.clone().expect("etcdutl 3.6");
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, bin) in [("etcd", e.server.clone()), ("keel", keel_bin())] {
+        let n = Node::new(name, "127.0.0.1");
+        let mut p = n.start(&bin, &tmp.path().join(format!("{name}.etcd")), &format!("{name}={}", n.purl()));
+        write_history(&n.curl()).await;
+        let file = tmp.path().join(format!("{name}.snapshot"));
+        save_snapshot(&n.curl(), &file).await;
+        p.stop();
+        for w in ["simple", "table", "json", "fields"] {
+            let out = |bin: &std::path::Path| {
+                let o = Command::new(bin).args(["snapshot", "status"]).arg(&file).args(["-w", w]).output().expect("run");
+                assert!(o.status.success(), "{bin:?} -w {w}: {}", String::from_utf8_lossy(&o.stderr));
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            };
+            assert_eq!(out(&keel_bin()), out(&utl), "the status of {name}'s snapshot, -w {w}");
+        }
+    }
+}
