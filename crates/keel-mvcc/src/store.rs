@@ -174,6 +174,13 @@ impl Store {
 
     /// Forgets which raft entries the backend holds (restoring a snapshot into a new cluster,
     /// whose log starts over). Offline use only.
+    /// Moves the current revision `amount` ahead with no change at the revisions passed over
+    /// (etcdutl's `snapshot restore --bump-revision`); returns the new current revision.
+    pub fn bump_revision(&mut self, amount: i64) -> i64 {
+        self.meta.current_rev += amount.max(0);
+        self.meta.current_rev
+    }
+
     pub fn reset_consistent_index(&mut self) {
         self.meta.consistent_index = 0;
         self.meta.term = 0;

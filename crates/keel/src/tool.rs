@@ -73,6 +73,19 @@ enum SnapshotCmd {
         /// Accept a file without the trailing sha256 (a copy of member/snap/db).
         #[arg(long)]
         skip_hash_check: bool,
+        /// Move the revision this far past the snapshot's (with --mark-compacted): clients
+        /// watching from before the restore are told their revision is compacted, as after
+        /// etcdutl's (Kubernetes' restore procedure).
+        #[arg(long, default_value_t = 0)]
+        bump_revision: u64,
+        /// Mark the revision after the bump compacted (required with --bump-revision > 0,
+        /// refused without it, as etcdutl does).
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
+        mark_compacted: bool,
+        /// etcd's initial memory map size of the bbolt database; Keel's backend (redb) maps no
+        /// file, so it is accepted and has no effect.
+        #[arg(long, default_value_t = 0)]
+        initial_memory_map_size: u64,
     },
 }
 
@@ -109,7 +122,15 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
             initial_cluster_token,
             initial_advertise_peer_urls,
             skip_hash_check,
+            bump_revision,
+            mark_compacted,
+            initial_memory_map_size: _,
         }) => {
+            if (bump_revision == 0) == mark_compacted {
+                // etcdutl's message and its exit code for bad arguments.
+                eprintln!("Error: --mark-compacted required if --revision-bump > 0");
+                return std::process::ExitCode::from(128);
+            }
             let data_dir = data_dir.unwrap_or_else(|| format!("{name}.etcd"));
             let wal_dir = wal_dir.unwrap_or_else(|| format!("{data_dir}/member/wal"));
             restore(
@@ -121,6 +142,7 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
                 &initial_cluster_token,
                 &initial_advertise_peer_urls,
                 skip_hash_check,
+                bump_revision as i64,
             )
         }
         Cmd::Wal(WalCmd::Dump { dir }) => wal_dump(&dir),
@@ -235,6 +257,7 @@ fn restore(
     token: &str,
     advertise: &str,
     skip_hash_check: bool,
+    bump: i64,
 ) -> Result<()> {
     if Path::new(data_dir).exists() {
         bail!("data-dir {data_dir:?} exists");
@@ -257,7 +280,7 @@ fn restore(
     // durable: a failure leaves no half-made data dir.
     let scratch = format!("{}.restoring", data_dir.trim_end_matches('/'));
     let _ = std::fs::remove_dir_all(&scratch);
-    let r = restore_into(&file.display().to_string(), &db, &scratch, &members, me.id);
+    let r = restore_into(&file.display().to_string(), &db, &scratch, &members, me.id, bump);
     if let Err(e) = r {
         let _ = std::fs::remove_dir_all(&scratch);
         return Err(e);
@@ -286,7 +309,7 @@ fn restore(
 
 /// Makes a new member's data dir in `data_dir` from the snapshot database `db`; returns its
 /// revision.
-fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u64) -> Result<i64> {
+fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u64, bump: i64) -> Result<i64> {
     let snap_dir = format!("{data_dir}/member/snap");
     let wal_dir = format!("{data_dir}/member/wal");
     keel_wal::create_dir_all_durable(Path::new(&snap_dir)).with_context(|| format!("create {snap_dir}"))?;
@@ -302,6 +325,15 @@ fn restore_into(name: &str, db: &[u8], data_dir: &str, members: &Members, me: u6
     // of the new log is applied. Alarms stay, as etcd's restore keeps them.
     store.set_aux(AUX_MEMBERS, members.encode());
     store.reset_consistent_index();
+    if bump > 0 {
+        // etcdutl's --bump-revision with --mark-compacted: the revision moves on, and everything
+        // before it reads as compacted (a watch from before the restore is told so).
+        let rev = store.bump_revision(bump);
+        store.compact(rev).context("mark the bumped revision compacted")?;
+        while store.compacting() {
+            store.compact_step();
+        }
+    }
     store.commit().context("commit the restored database")?;
     let rev = store.current_rev();
     drop(store);
