@@ -20,6 +20,9 @@ fi
 # etcd 3.6 (server, etcdctl, etcdutl) from the Go module proxy: the oracle of the differential,
 # metrics and migration tests, and the etcdctl/etcdutl of the 3.6 e2e suite.
 scripts/etcd-ref.sh v3.6.16 >/dev/null
+# etcd 3.7.3: the oracle of RangeStream, keys-only ranges, 3.7's metrics and the reproductions
+# of its fixes.
+scripts/etcd-ref.sh v3.7.3 >/dev/null
 # No dependency with a known advisory (cargo-deny, offline, against the RustSec snapshot in
 # third_party/advisory-db; exceptions with reasons in deny.toml).
 scripts/advisories.sh
