@@ -3,7 +3,8 @@
 # crate, `--features failpoints`) and keel-chaos, then runs it.
 #
 #   scripts/chaos.sh        the short schedule (CI, a few minutes): 3 histories of 40 s on 3, 5
-#                           and 3 members with every kind of fault, then 25 crash-loop iterations
+#                           and 3 members with every kind of fault, paused leaders and their
+#                           negative control (reads served unconfirmed), then 25 crash-loop iterations
 #                           with power cuts, 25 with disk faults, a power-cut history, the
 #                           targeted points and the negative control (without /dev/fuse: 25
 #                           plain crash-loop iterations and the points); one mixed history: an
@@ -39,6 +40,18 @@ chaos=target/release/keel-chaos
 powerfs=target/release/keel-powerfs
 if [ $# -eq 0 ]; then
   "$chaos" run --histories 3 --duration 40 --members 3,5
+  # Paused leaders (SIGSTOP across an election, SIGCONT with reads in flight) must not serve a
+  # stale read; the negative control: with the leader answering reads at its own commit index
+  # without confirming it still leads, the checker must find one.
+  "$chaos" run --histories 1 --duration 30 --members 3 --faults pause-leader --out target/chaos/pause
+  rc=0
+  "$chaos" run --histories 1 --duration 30 --members 3 --faults pause-leader --always 'raft::read_index_local=return' \
+    --out target/chaos/negative-reads || rc=$?
+  if [ "$rc" -ne 1 ]; then
+    echo "chaos: the negative control (reads served unconfirmed) was not caught (exit $rc)" >&2
+    exit 1
+  fi
+  echo "chaos: stale-read negative control caught, as it must be"
   # A mixed cluster: one etcd 3.6.16 member beside two Keel members, in one cluster over etcd's
   # peer protocol, under every fault but the quota one (crash points go to Keel members only).
   # etcd answers some writes it applied with NOSPACE, so under the quota fault its clients'

@@ -56,6 +56,9 @@ pub struct Cluster {
     /// keel-powerfs: each member's data dir on a power-loss filesystem of its own.
     power: Option<PathBuf>,
     disks: BTreeMap<usize, crate::powerfs::Disk>,
+    /// Failpoints armed in every start of a Keel member (a negative control), besides those of
+    /// a restart.
+    always: Option<String>,
 }
 
 pub fn client_url(idx: usize, base: u16) -> String {
@@ -72,7 +75,7 @@ pub fn channel(idx: usize, base: u16) -> Result<Channel> {
 
 impl Cluster {
     pub async fn start(bin: &Path, dir: &Path, base: u16, n: usize, net: Net, extra: Vec<String>, power: Option<&Path>) -> Result<Cluster> {
-        Cluster::start_mixed(bin, None, dir, base, n, net, extra, power).await
+        Cluster::start_mixed(bin, None, dir, base, n, net, extra, power, None).await
     }
 
     /// A cluster of `n` members of which `mix.members` (the first ones) run etcd.
@@ -86,6 +89,7 @@ impl Cluster {
         net: Net,
         extra: Vec<String>,
         power: Option<&Path>,
+        always: Option<String>,
     ) -> Result<Cluster> {
         std::fs::create_dir_all(dir)?;
         let mut c = Cluster {
@@ -100,6 +104,7 @@ impl Cluster {
             proxies: Vec::new(),
             power: power.map(Path::to_path_buf),
             disks: BTreeMap::new(),
+            always,
         };
         let initial: Vec<String> = (1..=n).map(|i| format!("m{i}={}", peer_url(i, base))).collect();
         let initial = initial.join(",");
@@ -171,8 +176,9 @@ impl Cluster {
         };
         let mut cmd = Command::new(bin);
         cmd.args(&m.args).stdin(Stdio::null()).stdout(out).stderr(err).env("RUST_BACKTRACE", "0");
-        if let Some(fp) = failpoints.filter(|_| !m.etcd) {
-            cmd.env("FAILPOINTS", fp);
+        let armed: Vec<&str> = self.always.as_deref().into_iter().chain(failpoints).collect();
+        if !armed.is_empty() && !m.etcd {
+            cmd.env("FAILPOINTS", armed.join(";"));
         }
         cmd.spawn().with_context(|| format!("spawn {}", bin.display()))
     }

@@ -145,6 +145,10 @@ struct RunArgs {
     /// How many members of each history run etcd (with `--etcd`; at least one member stays Keel).
     #[arg(long, default_value_t = 1)]
     etcd_members: usize,
+    /// Failpoints armed in every start of every Keel member: a negative control (e.g.
+    /// `raft::read_index_local=return`, reads served unconfirmed), whose history must fail.
+    #[arg(long)]
+    always: Option<String>,
 }
 
 #[tokio::main]
@@ -374,7 +378,9 @@ async fn one_history(a: &RunArgs, keel: &Path, kinds: &[String], members: usize,
         }),
         None => None,
     };
-    let mut cluster = cluster::Cluster::start_mixed(keel, mix.as_ref(), dir, a.base_port, members, net, extra, power.as_deref()).await?;
+    let mut cluster =
+        cluster::Cluster::start_mixed(keel, mix.as_ref(), dir, a.base_port, members, net, extra, power.as_deref(), a.always.clone())
+            .await?;
     if mix.is_some() {
         println!("  members: {}", cluster.describe());
     }
