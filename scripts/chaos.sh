@@ -40,12 +40,12 @@ chaos=target/release/keel-chaos
 powerfs=target/release/keel-powerfs
 if [ $# -eq 0 ]; then
   "$chaos" run --histories 3 --duration 40 --members 3,5
-  # Paused leaders (SIGSTOP across an election, SIGCONT with reads in flight) must not serve a
-  # stale read; the negative control: with the leader answering reads at its own commit index
-  # without confirming it still leads, the checker must find one.
-  "$chaos" run --histories 1 --duration 30 --members 3 --faults pause-leader --out target/chaos/pause
+  # Paused members (a leader SIGSTOPped across an election, SIGCONT with reads in flight) must
+  # not serve a stale read; the negative control: with members answering reads at their own
+  # commit index (no ReadIndex round), the checker must find one.
+  "$chaos" run --histories 1 --duration 30 --members 3 --faults pause,pause-leader --out target/chaos/pause
   rc=0
-  "$chaos" run --histories 1 --duration 30 --members 3 --faults pause-leader --always 'raft::read_index_local=return' \
+  "$chaos" run --histories 1 --duration 30 --members 3 --faults pause,pause-leader --always 'raft::read_index_local=return' \
     --out target/chaos/negative-reads || rc=$?
   if [ "$rc" -ne 1 ]; then
     echo "chaos: the negative control (reads served unconfirmed) was not caught (exit $rc)" >&2

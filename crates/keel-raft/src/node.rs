@@ -658,11 +658,12 @@ impl<T: Transport> Driver<T> {
         if self.reads_new.is_empty() {
             return;
         }
-        // keel-chaos's negative control for its pause faults: a leader that serves reads at its
-        // own commit index without confirming that it still leads (a paused, deposed leader
-        // then answers from its stale state: the stale read of etcd#20418).
+        // keel-chaos's negative control for its pause faults: a member that serves linearizable
+        // reads at its own commit index, without a ReadIndex round (a paused member, deposed
+        // leader or lagging follower, then answers from its stale state: the stale reads of
+        // etcd#20418).
         #[cfg(feature = "failpoints")]
-        fail::fail_point!("raft::read_index_local", self.node.raft.state == StateRole::Leader, |_| {
+        fail::fail_point!("raft::read_index_local", |_| {
             let index = self.node.raft.raft_log.committed;
             let senders = std::mem::take(&mut self.reads_new);
             self.queue_for_stage(Task::Reads { index, senders, confirmed: Instant::now() });
