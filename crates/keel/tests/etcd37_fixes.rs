@@ -6,6 +6,7 @@
 //!   revision;
 //! - etcd#17780: the revision went back after a crash during (or right after) a compaction whose
 //!   last revision was a delete.
+//!
 //! The stale reads of a paused leader (etcd#20418, #21375, #21399) are keel-chaos's: its
 //! `pause-leader` fault and the negative control in scripts/chaos.sh.
 //!

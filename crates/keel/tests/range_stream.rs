@@ -60,7 +60,7 @@ impl Streamed {
         for c in &self.chunks {
             out.kvs.extend(c.kvs.iter().cloned());
             if c.header.is_some() {
-                out.header = c.header.clone();
+                out.header = c.header;
             }
             out.more |= c.more;
             if c.count != 0 {
