@@ -27,6 +27,12 @@ fn put(k: &str, v: &str) -> PutRequest {
     PutRequest { key: k.into(), value: v.into(), ..Default::default() }
 }
 
+/// Deletes `[key, end)`; the revision of the delete.
+async fn delete(kv: &mut KvClient<Channel>, key: &str, end: &str) -> i64 {
+    let r = DeleteRangeRequest { key: key.into(), range_end: end.into(), ..Default::default() };
+    kv.delete_range(r).await.unwrap().into_inner().header.unwrap().revision
+}
+
 async fn current(kv: &mut KvClient<Channel>) -> i64 {
     kv.range(RangeRequest { key: b"\0".to_vec(), count_only: true, ..Default::default() })
         .await
@@ -91,14 +97,7 @@ async fn delete_at_compaction(ep: &str) -> (Vec<(String, i64, i32)>, i64) {
     let mut kv = KvClient::new(ch.clone());
     kv.put(put("d/a", "1")).await.unwrap();
     kv.put(put("d/b", "1")).await.unwrap();
-    let del = kv
-        .delete_range(DeleteRangeRequest { key: b"d/a".to_vec(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let del = delete(&mut kv, "d/a", "").await;
     kv.put(put("d/b", "2")).await.unwrap();
     kv.compact(CompactionRequest { revision: del, physical: true }).await.unwrap();
     let create = WatchCreateRequest { key: b"d/".to_vec(), range_end: b"d0".to_vec(), start_revision: del, ..Default::default() };
@@ -152,14 +151,7 @@ async fn the_revision_never_goes_back_after_a_kill_around_a_compaction() {
         for i in 0..20 {
             kv.put(put(&format!("r/{i}"), &round.to_string())).await.unwrap();
         }
-        let last = kv
-            .delete_range(DeleteRangeRequest { key: b"r/".to_vec(), range_end: b"r0".to_vec(), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .revision;
+        let last = delete(&mut kv, "r/", "r0").await;
         kv.compact(CompactionRequest { revision: last, physical: round == 1 }).await.unwrap();
         kp.sigkill();
         kp = start(&keel_bin(), &dir, cport, pport, &flags);

@@ -58,12 +58,7 @@ impl KvService {
         // Planned under the store's read lock, values read after it, a big one on a blocking
         // thread (as Range): it holds back neither apply nor other requests.
         let planned = self.server.plan_txn_read(r).map_err(errors::kv)?;
-        let mut resp = if planned.len() > BIG_RANGE {
-            tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
-        } else {
-            planned.finish()
-        }
-        .map_err(errors::kv)?;
+        let mut resp = read_planned(planned.len(), move || planned.finish()).await?;
         let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
         resp.header = self.server.header(rev);
         Ok(resp)
@@ -75,16 +70,31 @@ impl KvService {
         // big one is read on a blocking thread: decoding tens of MB would hold a runtime worker
         // from every other request for as long.
         let planned = self.server.plan_range(r).map_err(errors::kv)?;
-        let mut resp = if planned.len() > BIG_RANGE {
-            tokio::task::spawn_blocking(move || planned.finish()).await.map_err(|e| Status::internal(e.to_string()))?
-        } else {
-            planned.finish()
-        }
-        .map_err(errors::kv)?;
+        let mut resp = read_planned(planned.len(), move || planned.finish()).await?;
         let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
         resp.header = self.server.header(rev);
         Ok(resp)
     }
+}
+
+/// Reads a planned read's values (`finish`) on a blocking thread when it has more than `limit`
+/// key-values, on this task otherwise: decoding tens of MB would hold a runtime worker from every
+/// other request for as long.
+pub(crate) async fn read_planned_over<T: Send + 'static>(
+    len: usize,
+    limit: usize,
+    finish: impl FnOnce() -> Result<T, keel_mvcc::KvError> + Send + 'static,
+) -> Result<T, Status> {
+    if len > limit { tokio::task::spawn_blocking(finish).await.map_err(|e| Status::internal(e.to_string()))? } else { finish() }
+        .map_err(errors::kv)
+}
+
+/// [`read_planned_over`] with the limit of Range and read-only Txn.
+async fn read_planned<T: Send + 'static>(
+    len: usize,
+    finish: impl FnOnce() -> Result<T, keel_mvcc::KvError> + Send + 'static,
+) -> Result<T, Status> {
+    read_planned_over(len, BIG_RANGE, finish).await
 }
 
 #[tonic::async_trait]

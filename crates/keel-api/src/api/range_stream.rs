@@ -98,12 +98,7 @@ async fn stream(server: &Server, r: RangeRequest, tx: &mpsc::Sender<Result<Range
             rev = page.at();
         }
         let more = page.more();
-        let kvs = if page.len() > BLOCKING_PAGE {
-            tokio::task::spawn_blocking(move || page.finish()).await.map_err(|e| Status::internal(e.to_string()))?
-        } else {
-            page.finish()
-        }
-        .map_err(errors::kv)?;
+        let kvs = super::kv::read_planned_over(page.len(), BLOCKING_PAGE, move || page.finish()).await?;
         let mut out = keel_mvcc::kv::shape_range(&shape, kvs, 0, header_rev);
         out.header = None;
         out.count = 0;
