@@ -59,6 +59,19 @@ pub struct KeyMeta {
     pub version: i64,
 }
 
+impl KeyMeta {
+    /// The key-value a keys-only read answers for `key` changed at `rev`: no value, no lease.
+    pub fn key_value(&self, key: &[u8], rev: Revision) -> keel_proto::mvccpb::KeyValue {
+        keel_proto::mvccpb::KeyValue {
+            key: key.to_vec(),
+            create_revision: self.create_revision,
+            mod_revision: rev.main,
+            version: self.version,
+            ..Default::default()
+        }
+    }
+}
+
 /// A key's state before a change (see [`Index::before`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Before {

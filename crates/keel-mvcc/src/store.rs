@@ -172,15 +172,16 @@ impl Store {
         self.meta.term = term;
     }
 
-    /// Forgets which raft entries the backend holds (restoring a snapshot into a new cluster,
-    /// whose log starts over). Offline use only.
     /// Moves the current revision `amount` ahead with no change at the revisions passed over
     /// (etcdutl's `snapshot restore --bump-revision`); returns the new current revision.
+    /// Offline use only.
     pub fn bump_revision(&mut self, amount: i64) -> i64 {
         self.meta.current_rev += amount.max(0);
         self.meta.current_rev
     }
 
+    /// Forgets which raft entries the backend holds (restoring a snapshot into a new cluster,
+    /// whose log starts over). Offline use only.
     pub fn reset_consistent_index(&mut self) {
         self.meta.consistent_index = 0;
         self.meta.term = 0;
@@ -455,13 +456,7 @@ impl Store {
     /// knows the key's create revision and version.
     fn slot_for(&self, key: &[u8], rev: Revision, meta: Option<crate::index::KeyMeta>, fetch: Fetch) -> Result<Slot, KvError> {
         match (fetch, meta) {
-            (Fetch::Keys, Some(m)) => Ok(Slot::Known(KeyValue {
-                key: key.to_vec(),
-                create_revision: m.create_revision,
-                mod_revision: rev.main,
-                version: m.version,
-                ..Default::default()
-            })),
+            (Fetch::Keys, Some(m)) => Ok(Slot::Known(m.key_value(key, rev))),
             _ => self.slot(rev),
         }
     }
@@ -476,13 +471,7 @@ impl Store {
             count += 1;
             if fetch != Fetch::Count && (limit == 0 || kvs.len() < limit) {
                 kvs.push(match (fetch, meta) {
-                    (Fetch::Keys, Some(m)) => KeyValue {
-                        key: k.to_vec(),
-                        create_revision: m.create_revision,
-                        mod_revision: rev.main,
-                        version: m.version,
-                        ..Default::default()
-                    },
+                    (Fetch::Keys, Some(m)) => m.key_value(k, rev),
                     (Fetch::Keys, None) => keys_only(self.fetch(&mut reader, rev)?),
                     _ => self.fetch(&mut reader, rev)?,
                 });
