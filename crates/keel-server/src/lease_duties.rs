@@ -45,7 +45,7 @@ pub async fn renew(server: &Server, transport: &Transport, id: i64) -> Result<i6
 /// answering that a lease is gone (etcd 3.7's FastLeaseKeepAlive, on by default), or before
 /// every renewal with that gate off (as etcd 3.6).
 pub async fn renew_leading(server: &Server, id: i64) -> Result<i64, Error> {
-    if !server.cfg().feature("FastLeaseKeepAlive") || !server.lessor().exists(id) {
+    if !server.fast_lease_keep_alive() || !server.lessor().exists(id) {
         server.linearizable_barrier().await?;
     }
     Ok(renew_here(server, id))

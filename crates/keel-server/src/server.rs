@@ -30,6 +30,8 @@ pub struct Server {
     next_id: AtomicU64,
     /// Bytes of this member's proposals between their proposal and their answer.
     proposing: AtomicUsize,
+    /// etcd 3.7's `FastLeaseKeepAlive` gate, resolved once (asked on every keep-alive).
+    fast_lease_keep_alive: bool,
 }
 
 /// A proposal's bytes counted in [`Server`]'s budget until dropped.
@@ -48,6 +50,7 @@ impl Server {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
         Arc::new(Server {
+            fast_lease_keep_alive: cfg.feature("FastLeaseKeepAlive"),
             cfg,
             member_id,
             cluster_id,
@@ -105,6 +108,12 @@ impl Server {
 
     pub fn plan_range(&self, r: &keel_proto::etcdserverpb::RangeRequest) -> Result<keel_mvcc::shared::PlannedRange, keel_mvcc::KvError> {
         self.state.store.plan_range(r)
+    }
+
+    /// Whether a renewal on the leader waits for its apply only when the lease is not there yet
+    /// (etcd 3.7's `FastLeaseKeepAlive`, on by default) rather than always.
+    pub fn fast_lease_keep_alive(&self) -> bool {
+        self.fast_lease_keep_alive
     }
 
     /// One page of a streamed range (see [`keel_mvcc::SharedStore::plan_page`]).
