@@ -376,11 +376,7 @@ impl Config {
 
     /// The watch progress interval (Go duration syntax: `10m`, `5s`, `500ms`), at least 100 ms.
     pub fn watch_progress_notify_interval(&self) -> Duration {
-        let v = if self.watch_progress_notify_interval.is_empty() {
-            &self.experimental_watch_progress_notify_interval
-        } else {
-            &self.watch_progress_notify_interval
-        };
+        let v = given(&self.watch_progress_notify_interval, &self.experimental_watch_progress_notify_interval);
         parse_go_duration(v).unwrap_or(Duration::from_secs(600)).max(Duration::from_millis(100))
     }
 
@@ -430,11 +426,7 @@ impl Config {
 
     /// The unary request duration above which a "request stats" warning is logged (300 ms).
     pub fn warning_unary_request_duration(&self) -> Duration {
-        let v = if self.warning_unary_request_duration.is_empty() {
-            &self.experimental_warning_unary_request_duration
-        } else {
-            &self.warning_unary_request_duration
-        };
+        let v = given(&self.warning_unary_request_duration, &self.experimental_warning_unary_request_duration);
         parse_go_duration(v).unwrap_or(Duration::from_millis(300))
     }
 
@@ -444,15 +436,14 @@ impl Config {
                 return Err(format!("invalid value {v:?} for flag -v2-deprecation: invalid value {v:?}"));
             }
         }
-        if !self.warning_unary_request_duration.is_empty() && !self.experimental_warning_unary_request_duration.is_empty() {
-            return Err(
-                "cannot set --experimental-warning-unary-request-duration and --warning-unary-request-duration at the same time".into()
-            );
-        }
-        if !self.watch_progress_notify_interval.is_empty() && !self.experimental_watch_progress_notify_interval.is_empty() {
-            return Err(
-                "cannot set --experimental-watch-progress-notify-interval and --watch-progress-notify-interval at the same time".into()
-            );
+        // A flag and its experimental spelling both given is refused, as etcd 3.6 refuses it.
+        for (flag, v, old) in [
+            ("warning-unary-request-duration", &self.warning_unary_request_duration, &self.experimental_warning_unary_request_duration),
+            ("watch-progress-notify-interval", &self.watch_progress_notify_interval, &self.experimental_watch_progress_notify_interval),
+        ] {
+            if !v.is_empty() && !old.is_empty() {
+                return Err(format!("cannot set --experimental-{flag} and --{flag} at the same time"));
+            }
         }
         for (flag, v) in [
             ("--watch-progress-notify-interval", &self.watch_progress_notify_interval),
@@ -500,6 +491,15 @@ impl Config {
             return Err("--max-txn-ops must be > 0".into());
         }
         Ok(())
+    }
+}
+
+/// The value of a flag given in its etcd 3.7 spelling (`new`) or its experimental one.
+fn given<'a>(new: &'a str, experimental: &'a str) -> &'a str {
+    if new.is_empty() {
+        experimental
+    } else {
+        new
     }
 }
 
