@@ -5,7 +5,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use keel_config::{ETCD_STORAGE_VERSION, ETCD_VERSION};
+use keel_config::ETCD_VERSION;
 use keel_proto::etcdserverpb::RangeRequest;
 use keel_server::server::Server;
 use std::sync::Arc;
@@ -157,10 +157,11 @@ async fn debug_vars(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
 }
 
 /// etcd's `/version`: the server's version, the applied cluster version ("not_decided" before
-/// the first is applied) and the storage version.
+/// the first is applied) and the storage version ("unknown" before it).
 pub(crate) async fn version(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
     let cluster = s.cluster_version().map(|v| v.to_string()).unwrap_or_else(|| "not_decided".to_string());
-    Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": cluster, "storage": ETCD_STORAGE_VERSION }))
+    let storage = s.storage_version().unwrap_or_else(|| "unknown".to_string());
+    Json(serde_json::json!({ "etcdserver": ETCD_VERSION, "etcdcluster": cluster, "storage": storage }))
 }
 
 /// etcd 3.6's `/health`: no alarm (less those in `?exclude=`), a leader (unless

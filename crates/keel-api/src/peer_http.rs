@@ -1,7 +1,8 @@
 //! etcd's HTTP endpoints on the peer URLs (`etcdhttp`'s peer handler), which members and
 //! joining members of either kind call: `GET /members` (the member list as etcd's JSON, the
 //! cluster ID in `X-Etcd-Cluster-ID`), `POST /members/promote/<id>` (promotion, answered by
-//! the leader), `GET /version`, `GET /downgrade/enabled`, and the peer protocol's `/raft...` and `/leases...` paths
+//! the leader), `GET /members/hashkv` (this member's hash at a revision, for the corruption
+//! checks), `GET /version`, `GET /downgrade/enabled`, and the peer protocol's `/raft...` and `/leases...` paths
 //! (answered by [`keel_server::rafthttp::Handler`]). Anything else is 404, as etcd's mux answers.
 //!
 //! Calls the server core for the member list and promotion, and the raft handler.
@@ -26,6 +27,7 @@ pub fn router(server: Arc<Server>, raft: keel_server::rafthttp::Handler) -> Rout
     Router::new()
         .route("/members", any(members))
         .route("/members/promote/{id}", any(promote))
+        .route(keel_server::corruption::HASH_KV_PATH, any(hash_kv))
         .route("/version", any(version))
         .route("/downgrade/enabled", any(downgrade_enabled))
         .route_service("/raft", raft.clone())
@@ -77,6 +79,40 @@ async fn members(State(s): State<Arc<Server>>, method: Method) -> Response {
     let mut list: Vec<MemberJson> = s.members().members.iter().map(MemberJson::from).collect();
     list.sort_by_key(|m| m.id);
     json_response(s.cluster_id(), &list)
+}
+
+/// etcd's `hashKVHandler`: the hash at the revision the JSON body asks (0: the current one), or
+/// the compaction hash stored for it.
+async fn hash_kv(State(s): State<Arc<Server>>, method: Method, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Some(r) = only(&method, "GET") {
+        return r;
+    }
+    let cid = format!("{:x}", s.cluster_id());
+    if let Some(given) = headers.get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
+        if given != cid {
+            return text(StatusCode::PRECONDITION_FAILED, "cluster ID mismatch");
+        }
+    }
+    let req: keel_server::corruption::PeerHashKvRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to unmarshal request");
+            return text(StatusCode::BAD_REQUEST, "error unmarshalling request");
+        }
+    };
+    match s.hash_by_rev(req.revision).await {
+        Ok((h, current)) => {
+            let answer = keel_server::corruption::PeerHashKv::new(h, current);
+            let b = serde_json::to_vec(&answer).unwrap_or_default();
+            let mut r = (StatusCode::OK, b).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            with_cluster(r, s.cluster_id())
+        }
+        Err(e) => {
+            tracing::warn!(revision = req.revision, error = %e, "failed to get hashKV");
+            text(StatusCode::BAD_REQUEST, &e)
+        }
+    }
 }
 
 async fn promote(State(s): State<Arc<Server>>, method: Method, Path(id): Path<String>) -> Response {

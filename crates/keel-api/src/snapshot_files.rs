@@ -21,7 +21,7 @@ impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
     fn export(&self, out: std::fs::File) -> Result<()> {
         self.store.commit().context("commit before a snapshot")?;
         let backend = self.store.read().backend();
-        keel_migrate::backend::export(&backend, out, keel_config::ETCD_CLUSTER_VERSION, keel_config::ETCD_STORAGE_VERSION)?;
+        keel_migrate::backend::export(&backend, out)?;
         Ok(())
     }
 

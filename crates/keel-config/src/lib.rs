@@ -7,14 +7,16 @@
 use clap::{ArgAction, CommandFactory, Parser};
 use std::time::Duration;
 
-/// The etcd release whose observable behaviour Keel matches (etcd 3.6.16, the reference built by
+/// The etcd release whose observable behaviour Keel matches (etcd 3.7.3, the reference built by
 /// `scripts/etcd-ref.sh`), as `/version`, Maintenance.Status and the version metrics report it.
-pub const ETCD_VERSION: &str = "3.6.16";
-/// The cluster version Keel members agree on (etcd's `etcdcluster`, major.minor.0).
-pub const ETCD_CLUSTER_VERSION: &str = "3.6.0";
-/// The storage schema version etcd 3.6 writes into its backend and reports in Status and
-/// Snapshot; Keel's snapshots carry etcd 3.6's schema.
-pub const ETCD_STORAGE_VERSION: &str = "3.6.0";
+pub const ETCD_VERSION: &str = "3.7.3";
+/// The cluster version a cluster of Keel members alone agrees on (etcd's `etcdcluster`,
+/// major.minor.0); with older etcd members, or during a downgrade, it is lower.
+pub const ETCD_CLUSTER_VERSION: &str = "3.7.0";
+/// The storage schema version of a backend whose cluster version is not decided yet. Once it
+/// is, the storage version follows it (`keel_server::membership::storage_version`), as etcd
+/// 3.6+ migrates its schema to the cluster version.
+pub const ETCD_STORAGE_VERSION: &str = "3.7.0";
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -133,6 +135,20 @@ pub struct Config {
     /// Pause between two batches of a compaction (Go duration; etcd's default 10ms).
     #[arg(long, alias = "experimental-compaction-sleep-interval", env = "ETCD_COMPACTION_SLEEP_INTERVAL", default_value = "")]
     pub compaction_sleep_interval: String,
+    /// Duration between two corruption checks by the leader, which compares its hash with every
+    /// member's (Go duration; etcd's default 0: no periodic check).
+    #[arg(long, alias = "experimental-corrupt-check-time", env = "ETCD_CORRUPT_CHECK_TIME", default_value = "")]
+    pub corrupt_check_time: String,
+    /// Duration between two checks by the leader of the hashes members computed at their
+    /// compactions (with the CompactHashCheck gate; Go duration, etcd's default 1m).
+    #[arg(long, alias = "experimental-compact-hash-check-time", env = "ETCD_COMPACT_HASH_CHECK_TIME", default_value = "")]
+    pub compact_hash_check_time: String,
+    /// etcd 3.6's spelling of the InitialCorruptCheck gate (removed in 3.7; Keel still takes it).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub experimental_initial_corrupt_check: bool,
+    /// etcd 3.6's spelling of the CompactHashCheck gate (removed in 3.7; Keel still takes it).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACT_HASH_CHECK_ENABLED", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub experimental_compact_hash_check_enabled: bool,
     /// Restart as a one-member cluster: uncommitted log entries are dropped and every other
     /// member (voters and learners) is removed by entries appended to this member's log.
     #[arg(long, env = "ETCD_FORCE_NEW_CLUSTER", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
@@ -390,6 +406,26 @@ impl Config {
         parse_go_duration(&self.compaction_sleep_interval).unwrap_or(Duration::from_millis(10))
     }
 
+    /// The leader's periodic corruption check interval; zero: no periodic check.
+    pub fn corrupt_check_time(&self) -> Duration {
+        parse_go_duration(&self.corrupt_check_time).unwrap_or(Duration::ZERO)
+    }
+
+    /// The leader's compaction hash check interval (1 minute unless a flag says otherwise).
+    pub fn compact_hash_check_time(&self) -> Duration {
+        parse_go_duration(&self.compact_hash_check_time).unwrap_or(Duration::from_secs(60))
+    }
+
+    /// Whether a restarted member compares its hash with its peers' before it serves.
+    pub fn initial_corrupt_check(&self) -> bool {
+        self.experimental_initial_corrupt_check || self.feature("InitialCorruptCheck")
+    }
+
+    /// Whether the leader checks the members' compaction hashes.
+    pub fn compact_hash_check(&self) -> bool {
+        self.experimental_compact_hash_check_enabled || self.feature("CompactHashCheck")
+    }
+
     /// etcd's request timeout: 5 s + 2 × election timeout.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(5) + Duration::from_millis(2 * self.election_timeout)
@@ -449,12 +485,17 @@ impl Config {
             ("--watch-progress-notify-interval", &self.watch_progress_notify_interval),
             ("--experimental-watch-progress-notify-interval", &self.experimental_watch_progress_notify_interval),
             ("--compaction-sleep-interval", &self.compaction_sleep_interval),
+            ("--corrupt-check-time", &self.corrupt_check_time),
+            ("--compact-hash-check-time", &self.compact_hash_check_time),
             ("--warning-unary-request-duration", &self.warning_unary_request_duration),
             ("--experimental-warning-unary-request-duration", &self.experimental_warning_unary_request_duration),
         ] {
             if !v.is_empty() && parse_go_duration(v).is_none() {
                 return Err(format!("invalid value {v:?} for {flag}: a duration such as 300ms"));
             }
+        }
+        if !self.compact_hash_check_time.is_empty() && self.compact_hash_check_time().is_zero() {
+            return Err("--compact-hash-check-time must be >0 (set to 0s)".into());
         }
         for kv in self.feature_gates.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
             let Some((k, v)) = kv.split_once('=') else {
@@ -725,6 +766,27 @@ mod tests {
         let both = parse(&["--experimental-snapshot-catchup-entries", "7", "--snapshot-catchup-entries", "9"]);
         assert_eq!(both.snapshot_catchup_entries(), 7, "etcd 3.6: the experimental flag, when given, wins");
         assert_eq!(c.initial_cluster(), "n1=http://localhost:2380");
+    }
+
+    #[test]
+    fn corruption_check_flags_as_etcd_3_7_and_3_6() {
+        let c = parse(&[]);
+        assert_eq!((c.corrupt_check_time(), c.compact_hash_check_time()), (Duration::ZERO, Duration::from_secs(60)));
+        assert!(!c.initial_corrupt_check() && !c.compact_hash_check());
+        let c = parse(&["--corrupt-check-time", "2s", "--compact-hash-check-time=500ms", "--feature-gates=CompactHashCheck=true"]);
+        assert_eq!((c.corrupt_check_time(), c.compact_hash_check_time()), (Duration::from_secs(2), Duration::from_millis(500)));
+        assert!(c.compact_hash_check() && !c.initial_corrupt_check());
+        let c = parse(&[
+            "--experimental-corrupt-check-time",
+            "3s",
+            "--experimental-initial-corrupt-check",
+            "--experimental-compact-hash-check-enabled",
+        ]);
+        assert_eq!(c.corrupt_check_time(), Duration::from_secs(3));
+        assert!(c.initial_corrupt_check() && c.compact_hash_check());
+        assert!(parse(&["--feature-gates", "InitialCorruptCheck=true"]).initial_corrupt_check());
+        assert_eq!(parse(&["--compact-hash-check-time", "0"]).validate().unwrap_err(), "--compact-hash-check-time must be >0 (set to 0s)");
+        assert!(parse(&["--corrupt-check-time", "soon"]).validate().is_err());
     }
 
     #[test]

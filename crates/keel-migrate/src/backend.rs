@@ -170,9 +170,10 @@ fn members_json(m: &Members) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
 }
 
 /// Writes the committed state of `src` (one consistent read) as an etcd backend to `out`, marked
-/// with its applied cluster version (`cluster` bucket; `cluster_version` when it has none) and
-/// the storage version (`meta` bucket, as etcd 3.6 marks its schema).
-pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_version: &str) -> Result<std::fs::File> {
+/// with its applied cluster version (`cluster` bucket; Keel's own when it has none) and the
+/// storage version that follows it (`meta` bucket, as etcd 3.6+ marks its schema: an etcd
+/// older than the cluster version refuses the file, as it refuses etcd's own).
+pub fn export(src: &Backend, out: std::fs::File) -> Result<std::fs::File> {
     let mut w = keel_bbolt::Writer::new(std::io::BufWriter::with_capacity(1 << 20, out))?;
     w.bucket(b"key")?;
     let mut aux: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -224,8 +225,13 @@ pub fn export(src: &Backend, out: std::fs::File, cluster_version: &str, storage_
     bucket(&mut w, b"authUsers", users)?;
     let roles = prefixed(&aux, keel_auth::store::AUX_ROLE).map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect();
     bucket(&mut w, b"authRoles", roles)?;
-    let cluster_version =
-        aux.get(keel_server::membership::AUX_CLUSTER_VERSION).cloned().unwrap_or_else(|| cluster_version.as_bytes().to_vec());
+    let cluster_version = aux
+        .get(keel_server::membership::AUX_CLUSTER_VERSION)
+        .cloned()
+        .unwrap_or_else(|| keel_config::ETCD_CLUSTER_VERSION.as_bytes().to_vec());
+    let storage_version =
+        keel_server::membership::storage_version(keel_server::membership::parse_cluster_version(Some(&cluster_version)).as_ref())
+            .unwrap_or_else(|| keel_config::ETCD_STORAGE_VERSION.to_string());
     let mut cluster = BTreeMap::from([(b"clusterVersion".to_vec(), cluster_version)]);
     if let Some(d) = aux.get(keel_server::membership::AUX_DOWNGRADE) {
         cluster.insert(b"downgrade".to_vec(), d.clone());

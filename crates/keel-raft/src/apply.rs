@@ -351,7 +351,8 @@ impl<S: StateMachine> Worker<S> {
     }
 
     fn maybe_snapshot(&mut self) {
-        if self.applied <= self.snap_index + self.cfg.snapshot_count {
+        let forced = self.sm.take_snapshot_wish() && self.applied > self.snap_index;
+        if !forced && self.applied <= self.snap_index + self.cfg.snapshot_count {
             return;
         }
         if let Err(e) = self.sm.sync() {
@@ -375,6 +376,9 @@ mod tests {
         log: Arc<Mutex<Vec<String>>>,
         delay: Option<Duration>,
         gate: Option<Arc<std::sync::Barrier>>,
+        /// Applying this index makes the recorder wish for a snapshot.
+        wish_at: Option<u64>,
+        wish: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Recorder {
@@ -401,6 +405,12 @@ mod tests {
                 std::thread::sleep(d);
             }
             self.say(format!("apply {}", e.index));
+            if self.wish_at == Some(e.index) {
+                self.wish.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        fn take_snapshot_wish(&mut self) -> bool {
+            self.wish.swap(false, std::sync::atomic::Ordering::SeqCst)
         }
         fn apply_conf_change(&mut self, e: &Entry, cs: &ConfState) {
             self.say(format!("conf {} {:?}", e.index, cs.voters));
@@ -560,5 +570,29 @@ mod tests {
         assert_eq!(at, [6, 12], "a snapshot every 5 entries past the last one");
         assert!(snaps.iter().enumerate().all(|(n, (_, syncs))| *syncs > n), "made durable before each snapshot: {snaps:?}");
         st.stop();
+    }
+
+    #[test]
+    fn a_wished_snapshot_is_taken_at_once_whatever_the_count() {
+        let sm = Recorder { wish_at: Some(3), ..Default::default() };
+        let (mut st, _status) = stage(sm.clone(), 64, 1_000);
+        for i in 1..=5 {
+            assert!(st.send(Task::Entries(vec![entry(i)])));
+        }
+        let (r, rx) = oneshot::channel();
+        assert!(st.send(Task::Reads { index: 5, senders: vec![r], confirmed: Instant::now() }));
+        rx.blocking_recv().unwrap().unwrap();
+        st.stop();
+        let at: Vec<u64> = st
+            .events()
+            .into_iter()
+            .map(|e| {
+                let Event::Snapshot(s) = e;
+                s.get_metadata().index
+            })
+            .collect();
+        // Entries may be applied in one batch or several: the snapshot is at or after 3, once.
+        assert_eq!(at.len(), 1, "one snapshot: {at:?}");
+        assert!((3..=5).contains(&at[0]), "{at:?}");
     }
 }

@@ -28,6 +28,13 @@ pub trait StateMachine: Send + 'static {
     fn maintain_in(&self) -> Option<std::time::Duration> {
         None
     }
+    /// True when the state machine wants a snapshot at the current applied index now, whatever
+    /// the snapshot count (etcd's ForceSnapshot after a cluster-version downgrade: a member
+    /// restarted as the older release must not replay entries it refuses). Asked after every
+    /// batch; answering true clears the wish.
+    fn take_snapshot_wish(&mut self) -> bool {
+        false
+    }
     /// Makes everything applied so far durable; called before a snapshot lets WAL go.
     fn sync(&mut self) -> Result<(), String>;
     /// The application data a snapshot at the current applied index carries.

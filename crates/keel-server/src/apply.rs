@@ -182,6 +182,8 @@ pub struct State {
     pub tokens: Arc<Tokens>,
     pub alarms: Arc<RwLock<Alarms>>,
     pub waiters: Arc<Waiters>,
+    /// The hashes computed when compactions were scheduled (the corruption checks').
+    pub hashes: Arc<crate::corruption::CompactionHashes>,
 }
 
 pub struct Applier {
@@ -198,9 +200,14 @@ pub struct Applier {
     auth: Arc<RwLock<AuthStore>>,
     tokens: Arc<Tokens>,
     alarms: Arc<RwLock<Alarms>>,
+    hashes: Arc<crate::corruption::CompactionHashes>,
     /// Set by an entry whose effects must be durable before its caller is answered (a physical
     /// compaction): the apply commits the backend once the store lock is released.
     commit_now: std::cell::Cell<bool>,
+    /// Set by a cluster version lowered (a downgrade): a snapshot is taken after the batch, as
+    /// etcd forces one, so that a member restarted as the older release replays no entry of the
+    /// newer cluster version (etcd refuses to start on one).
+    snapshot_wish: std::cell::Cell<bool>,
     /// The last snapshot data built, with the member list and cluster version (their backend
     /// records) it was built from: the apply stage asks for it after every batch, and it
     /// changes only with those records, so it is rebuilt only when they change.
@@ -334,7 +341,9 @@ impl Applier {
             auth: state.auth.clone(),
             tokens: state.tokens.clone(),
             alarms: state.alarms.clone(),
+            hashes: state.hashes.clone(),
             commit_now: std::cell::Cell::new(false),
+            snapshot_wish: std::cell::Cell::new(false),
             snapshot_data: std::cell::RefCell::new(None),
         }
     }
@@ -536,7 +545,23 @@ impl Applier {
             }
             Request::Compaction(c) => {
                 let t0 = std::time::Instant::now();
+                // The hash at the compaction revision, from the data before the compaction (as
+                // etcd's compaction computes it): planned now, run off the apply stage.
+                let plan = store.plan_hash_kv(c.revision);
                 store.compact(c.revision).map_err(Error::Kv)?;
+                if let Ok(plan) = plan {
+                    let (hashes, revision) = (self.hashes.clone(), c.revision);
+                    let spawned = std::thread::Builder::new().name("compaction-hash".into()).spawn(move || match plan.run() {
+                        Ok((hash, _, compacted)) => {
+                            let compact_revision = if compacted == 0 { -1 } else { compacted };
+                            hashes.store(crate::corruption::KeyValueHash { hash, compact_revision, revision });
+                        }
+                        Err(e) => tracing::warn!(revision, error = %e, "cannot hash the key space at the compaction revision"),
+                    });
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot start the compaction hash");
+                    }
+                }
                 let m = &keel_metrics::METRICS;
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 m.index_compaction_pause.observe(ms);
@@ -557,10 +582,14 @@ impl Applier {
             Request::ClusterVersionSet(v) => {
                 match semver::Version::parse(v.ver.trim()) {
                     Ok(ver) => {
-                        let ver = ver.to_string();
-                        if store.aux(AUX_CLUSTER_VERSION) != Some(ver.as_bytes()) {
+                        let before = crate::membership::parse_cluster_version(store.aux(AUX_CLUSTER_VERSION));
+                        if before.as_ref() != Some(&ver) {
                             tracing::info!(cluster_version = %ver, "set cluster version");
-                            store.set_aux(AUX_CLUSTER_VERSION, ver.into_bytes());
+                            store.set_aux(AUX_CLUSTER_VERSION, ver.to_string().into_bytes());
+                        }
+                        if let Some(b) = before.filter(|b| ver < *b) {
+                            tracing::info!(prev_cluster_version = %b, new_cluster_version = %ver, "Cluster version downgrade detected, forcing snapshot");
+                            self.snapshot_wish.set(true);
                         }
                     }
                     Err(e) => tracing::error!(version = %v.ver, error = %e, "apply: not a cluster version; ignored"),
@@ -681,6 +710,10 @@ fn decode_member_change(data: &[u8]) -> Result<(MemberChange, u64, Option<Member
 }
 
 impl keel_raft::StateMachine for Applier {
+    fn take_snapshot_wish(&mut self) -> bool {
+        self.snapshot_wish.take()
+    }
+
     fn applied_index(&self) -> u64 {
         self.store.read().consistent_index()
     }

@@ -161,7 +161,7 @@ mod tests {
         assert_eq!(decide(Some(&v("3.6.0")), Some(&v("3.5.36")), Some(&v("3.5.0"))), None);
         assert_eq!(decide(Some(&v("3.6.0")), None, Some(&t)), None, "unknown member: left as it is");
         assert!(all_at(&[v("3.5.36"), v("3.5.21")], &t));
-        assert!(!all_at(&[v("3.5.36"), v("3.6.16")], &t), "a Keel member (3.6) holds the downgrade open");
+        assert!(!all_at(&[v("3.5.36"), v("3.7.3")], &t), "a Keel member (3.7) holds the downgrade open");
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod alarm;
 pub mod apply;
 pub mod cluster_version;
 pub mod compactor;
+pub mod corruption;
 pub mod discovery;
 pub mod entry;
 pub mod error;

@@ -106,6 +106,13 @@ pub fn parse_cluster_version(record: Option<&[u8]>) -> Option<semver::Version> {
     record.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| semver::Version::parse(s.trim()).ok())
 }
 
+/// The storage schema version of a backend whose cluster version is `cluster` (major.minor.0):
+/// etcd 3.6+ migrates its schema to the cluster version as soon as it is decided (up on an
+/// upgrade, down on a downgrade). None while it is undecided.
+pub fn storage_version(cluster: Option<&semver::Version>) -> Option<String> {
+    cluster.map(|v| format!("{}.{}.0", v.major, v.minor))
+}
+
 /// etcd's member ID: the first 8 bytes (big-endian) of SHA-1 over the sorted peer URLs joined,
 /// followed by the cluster token.
 pub fn member_id(peer_urls: &[String], token: &str) -> u64 {

@@ -85,6 +85,34 @@ impl Server {
         crate::membership::parse_cluster_version(self.store().aux(crate::membership::AUX_CLUSTER_VERSION))
     }
 
+    /// The hashes this member computed when it scheduled its newest compactions.
+    pub fn compaction_hashes(&self) -> &crate::corruption::CompactionHashes {
+        &self.state.hashes
+    }
+
+    /// etcd's `HashByRev`: the hash stored for compaction revision `rev` if there is one, else
+    /// the key space hashed up to `rev` (0: the current revision); with the current revision.
+    /// The error is etcd's text (`mvcc: required revision has been compacted`, ...).
+    pub async fn hash_by_rev(&self, rev: i64) -> Result<(crate::corruption::KeyValueHash, i64), String> {
+        if rev > 0 {
+            if let Some(h) = self.state.hashes.at(rev) {
+                return Ok((h, self.store().current_rev()));
+            }
+        }
+        let plan = self.store().plan_hash_kv(rev).map_err(|e| e.to_string())?;
+        let revision = plan.revision();
+        let (hash, current, compacted) =
+            tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        let compact_revision = if compacted == 0 { -1 } else { compacted };
+        Ok((crate::corruption::KeyValueHash { hash, compact_revision, revision }, current))
+    }
+
+    /// The storage version: the applied cluster version's major.minor.0; None until a leader
+    /// decided one (etcd reports "" in Status and Snapshot then, "unknown" on `/version`).
+    pub fn storage_version(&self) -> Option<String> {
+        crate::membership::storage_version(self.cluster_version().as_ref())
+    }
+
     /// Raft's live status (leader, term, commit and applied indexes), read without the node.
     pub fn raft(&self) -> &NodeStatus {
         &self.node.status

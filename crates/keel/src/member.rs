@@ -38,6 +38,14 @@ use std::time::Duration;
 pub async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
     let member = Member::start(cfg, peer_rt).await?;
     member.serve_peers().await?;
+    // As etcd: a member that ran before compares its data with its peers' before it serves
+    // (a new member has nothing to compare).
+    if member.initialized && member.cfg.initial_corrupt_check() {
+        if let Err(e) = keel_server::corruption::initial_check(&member.server, &member.transport).await {
+            tracing::error!(error = %e, "checkInitialHashKV failed");
+            anyhow::bail!(e);
+        }
+    }
     member.serve_clients().await?;
     member.run().await
 }
@@ -56,6 +64,8 @@ pub struct Member {
     stopped: tokio::sync::oneshot::Receiver<bool>,
     /// Set once the member published itself: the client listeners serve from then on.
     ready: tokio::sync::watch::Sender<bool>,
+    /// The member ran before (its data dir had a WAL).
+    initialized: bool,
 }
 
 /// The data dir as found (or made) at start, before raft runs.
@@ -88,6 +98,7 @@ impl Member {
         }
         let rec = recover(&cfg).await?;
         let identity = rec.disk.identity.clone();
+        let initialized = !rec.disk.fresh;
         let tokens = auth::Tokens::from_flag(&cfg.auth_token, Duration::from_secs(cfg.auth_token_ttl.max(1)))
             .map_err(|e| anyhow::anyhow!("--auth-token: {e}"))?;
         let state = load_state(rec.store, rec.members, tokens);
@@ -138,7 +149,7 @@ impl Member {
         });
         let server = Server::new(cfg.clone(), identity.member_id, identity.cluster_id, state, node.clone());
         let (ready, _) = tokio::sync::watch::channel(false);
-        Ok(Member { cfg, peer_rt, server, node, transport, hub, removed, stopped, ready })
+        Ok(Member { cfg, peer_rt, server, node, transport, hub, removed, stopped, ready, initialized })
     }
 
     /// Binds the peer listeners and serves the peer service on the peer runtime; binding errors
@@ -270,6 +281,13 @@ impl Member {
         tokio::spawn(compactor::run(self.server.clone(), auto_compaction));
         tokio::spawn(lease_duties::run(self.server.clone()));
         tokio::spawn(keel_server::cluster_version::run(self.server.clone(), self.transport.clone()));
+        if !self.cfg.corrupt_check_time().is_zero() {
+            tokio::spawn(keel_server::corruption::run_periodic(self.server.clone(), self.transport.clone(), self.cfg.corrupt_check_time()));
+        }
+        if self.cfg.compact_hash_check() {
+            let every = self.cfg.compact_hash_check_time();
+            tokio::spawn(keel_server::corruption::run_compact_hash(self.server.clone(), self.transport.clone(), every));
+        }
         tokio::select! {
             _ = wait_for_shutdown() => tracing::info!("received a stop signal; stopping"),
             _ = self.removed.notified() => tracing::warn!("this member was removed from the cluster; stopping"),
@@ -499,6 +517,7 @@ fn load_state(store: Store, members: Members, tokens: auth::Tokens) -> State {
         tokens: Arc::new(tokens),
         alarms: Arc::new(RwLock::new(alarms)),
         waiters: Arc::new(Waiters::default()),
+        hashes: Arc::default(),
     }
 }
 

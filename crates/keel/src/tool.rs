@@ -369,16 +369,11 @@ fn to_etcd(data_dir: &Path) -> Result<()> {
     let backend =
         keel_mvcc::backend::Backend::open(&db).with_context(|| format!("open {} (is the member still running?)", db.display()))?;
     let rewritten = keel_wal::Snapshotter::new(&snap_dir)?.rewrite_older_files()?;
-    // The storage version follows the cluster version, as etcd 3.6 migrates its schema down
-    // when a downgrade lowered it.
-    let aux = backend.read_aux()?;
-    let cv = keel_server::membership::parse_cluster_version(aux.get(keel_server::membership::AUX_CLUSTER_VERSION).map(Vec::as_slice));
-    let storage = match cv {
-        Some(v) if v < semver::Version::new(3, 6, 0) => format!("{}.{}.0", v.major, v.minor),
-        _ => keel_config::ETCD_STORAGE_VERSION.to_string(),
-    };
+    // The storage version follows the cluster version (lowered by a downgrade, as etcd migrates
+    // its schema down): an etcd older than the cluster version refuses the directory, as it
+    // refuses etcd's own.
     let out = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    keel_migrate::backend::export(&backend, out, keel_config::ETCD_CLUSTER_VERSION, &storage)?;
+    keel_migrate::backend::export(&backend, out)?;
     let index = backend.read_meta()?.consistent_index;
     drop(backend);
     std::fs::rename(&db, &kept).with_context(|| format!("rename {} to {}", db.display(), kept.display()))?;

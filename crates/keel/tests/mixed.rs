@@ -342,31 +342,47 @@ async fn a_downgrade_lowers_the_cluster_version_until_it_is_cancelled() {
     use keel_proto::etcdserverpb::DowngradeRequest;
     let tmp = tempfile::tempdir().unwrap();
     let mut members = start_cluster(tmp.path(), Path::new("unused"), &[true, true, true], &[]);
-    cluster_version_is(&members, "3.6.0").await;
+    cluster_version_is(&members, "3.7.0").await;
     let mut mt = MaintenanceClient::new(channel(&members[1].node.curl()));
     let ask = |action: DowngradeAction, version: &str| DowngradeRequest { action: action as i32, version: version.into() };
-    // etcd 3.6's answers.
-    let e = mt.downgrade(ask(DowngradeAction::Validate, "3.4")).await.unwrap_err();
+    // etcd 3.7's answers (one minor release down only).
+    let e = mt.downgrade(ask(DowngradeAction::Validate, "3.5")).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: invalid downgrade target version"));
     let e = mt.downgrade(ask(DowngradeAction::Enable, "three")).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: wrong downgrade target version format"));
-    assert_eq!(mt.downgrade(ask(DowngradeAction::Cancel, "")).await.unwrap().into_inner().version, "3.6", "nothing to cancel: answered");
-    assert_eq!(mt.downgrade(ask(DowngradeAction::Validate, "3.5")).await.unwrap().into_inner().version, "3.6");
-    cluster_version_is(&members, "3.6.0").await;
-    assert_eq!(mt.downgrade(ask(DowngradeAction::Enable, "3.5.1")).await.unwrap().into_inner().version, "3.6");
-    let e = mt.downgrade(ask(DowngradeAction::Enable, "3.5")).await.unwrap_err();
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Cancel, "")).await.unwrap().into_inner().version, "3.7", "nothing to cancel: answered");
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Validate, "3.6")).await.unwrap().into_inner().version, "3.7");
+    cluster_version_is(&members, "3.7.0").await;
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Enable, "3.6.1")).await.unwrap().into_inner().version, "3.7");
+    let e = mt.downgrade(ask(DowngradeAction::Enable, "3.6")).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (tonic::Code::FailedPrecondition, "etcdserver: cluster has a downgrade job in progress"));
     // The leader lowers the cluster version to the target and holds it there.
-    cluster_version_is(&members, "3.5.0").await;
+    cluster_version_is(&members, "3.6.0").await;
     for m in &members {
         assert_eq!(http_get(&m.node.purl(), "/downgrade/enabled").trim(), "true");
         let d =
             MaintenanceClient::new(channel(&m.node.curl())).status(StatusRequest {}).await.unwrap().into_inner().downgrade_info.unwrap();
-        assert!(d.enabled && d.target_version == "3.5.0", "{d:?}");
+        assert!(d.enabled && d.target_version == "3.6.0", "{d:?}");
+        // As etcd: the lowered cluster version forces a snapshot (the count, 10,000, is far),
+        // so that etcd 3.6 started in place replays no entry of the 3.7 cluster version.
+        let snap = m.dir.join("member/snap");
+        retry(&format!("a snapshot file in {}", snap.display()), Duration::from_secs(30), || async {
+            let n = std::fs::read_dir(&snap)
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+                .count();
+            if n > 0 {
+                Ok(())
+            } else {
+                Err("none".to_string())
+            }
+        })
+        .await;
     }
-    // Cancelled: every member runs 3.6, so the version rises again.
-    assert_eq!(mt.downgrade(ask(DowngradeAction::Cancel, "")).await.unwrap().into_inner().version, "3.5");
-    cluster_version_is(&members, "3.6.0").await;
+    // Cancelled: every member runs 3.7, so the version rises again.
+    assert_eq!(mt.downgrade(ask(DowngradeAction::Cancel, "")).await.unwrap().into_inner().version, "3.6");
+    cluster_version_is(&members, "3.7.0").await;
     for m in &members {
         assert_eq!(http_get(&m.node.purl(), "/downgrade/enabled").trim(), "false");
     }

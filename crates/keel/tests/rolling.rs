@@ -232,14 +232,15 @@ fn cluster_versions(members: &[Member]) -> Vec<String> {
         .collect()
 }
 
-/// etcd's downgrade to `target` ("3.5"): validated, enabled, and the cluster version lowered on
-/// every member by the leader.
+/// etcd's downgrade to `target` ("3.6"): validated, enabled, and the cluster version lowered on
+/// every member by the leader; a snapshot follows on every member (as etcd forces one), so
+/// that the older release, started in place, replays no entry of the newer cluster version.
 async fn downgrade_to(members: &[Member], target: &str) {
     use keel_proto::etcdserverpb::downgrade_request::DowngradeAction;
     let mut mt = MaintenanceClient::new(channel(&members[0].node.curl()));
     for action in [DowngradeAction::Validate, DowngradeAction::Enable] {
         let r = mt.downgrade(DowngradeRequest { action: action as i32, version: target.into() }).await.unwrap().into_inner();
-        assert_eq!(r.version, "3.6", "{action:?} answers with the cluster version before the downgrade");
+        assert_eq!(r.version, "3.7", "{action:?} answers with the cluster version before the downgrade");
     }
     let again = mt.downgrade(DowngradeRequest { action: DowngradeAction::Enable as i32, version: target.into() }).await.unwrap_err();
     assert_eq!(again.message(), "etcdserver: cluster has a downgrade job in progress");
@@ -256,6 +257,7 @@ async fn downgrade_to(members: &[Member], target: &str) {
     let s = mt.status(StatusRequest {}).await.unwrap().into_inner();
     let d = s.downgrade_info.unwrap_or_default();
     assert!(d.enabled && d.target_version == want, "{d:?}");
+    assert_eq!(s.storage_version, want, "the storage version follows the cluster version");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -263,9 +265,10 @@ async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
     // KEEL_ROLLING_ETCD=v3.7.3 (or v3.5.36, ...) runs it against that release's build
     // (scripts/etcd-ref.sh VERSION); 3.6.16 by default.
     // KEEL_ROLLING_BACK_ETCD names the release rolled back out to (the same by default): once
-    // only Keel is left the cluster version is 3.6, which an etcd 3.5 member refuses to join
-    // ("incompatible with current running cluster"), as it refuses an etcd 3.6 cluster; so a
-    // way out to 3.5 starts with etcd's downgrade (`downgrade_to`).
+    // only Keel is left the cluster version is Keel's (3.7), which an older etcd member refuses
+    // to join ("incompatible with current running cluster"), as it refuses an etcd 3.7 cluster;
+    // so a way out to 3.6 starts with etcd's downgrade (`downgrade_to`). etcd downgrades one
+    // minor release at a time: out to 3.5 is not a way from 3.7 (nor from etcd 3.7).
     let version: &'static str = std::env::var("KEEL_ROLLING_ETCD").map(|v| &*v.leak()).unwrap_or("3.6");
     let back: &'static str = std::env::var("KEEL_ROLLING_BACK_ETCD").map(|v| &*v.leak()).unwrap_or(version);
     let Some(e) = etcd(version) else { return };
@@ -292,14 +295,15 @@ async fn rolling_migration_from_etcd_3_6_to_keel_and_back_under_load() {
         replace(&ctx, &mut members, 0, (&format!("k{}", i + 1), ip), &keel, true).await;
     }
     assert!(members.iter().all(|m| m.keel), "only Keel members are left");
-    // Out to an older minor release (etcd 3.5) takes etcd's downgrade first: the cluster version
-    // (3.6 once only Keel is left, as with etcd 3.6 members) is lowered to the target, which
-    // etcd 3.5 members can join.
-    if let Some(target) = back.strip_prefix("v3.5").map(|_| "3.5") {
-        downgrade_to(&members, target).await;
-        // etcd 3.5 joins a downgrading cluster only as a member it already was (a new one
-        // expects a 3.6 cluster version while a downgrade is on): each Keel member becomes
-        // etcd 3.5 in place, as etcd's downgrade swaps binaries.
+    // Out to an older minor release (etcd 3.6) takes etcd's downgrade first: the cluster version
+    // (3.7 once only Keel is left, as with etcd 3.7 members) is lowered to the target, which
+    // etcd 3.6 members can join.
+    let back_minor = if back == "3.6" { "3.6" } else { back.trim_start_matches('v').rsplit_once('.').map_or(back, |(mm, _)| mm) };
+    if back_minor != "3.7" {
+        downgrade_to(&members, back_minor).await;
+        // etcd 3.6 joins a downgrading cluster only as a member it already was (a new one
+        // expects a 3.7 cluster version while a downgrade is on): each Keel member becomes
+        // etcd 3.6 in place, as etcd's downgrade swaps binaries.
         for i in 0..members.len() {
             replace_in_place(&ctx, &mut members, i, &out.server).await;
         }

@@ -1,4 +1,4 @@
-//! Differential test of every RPC outside KV and Auth against real etcd 3.6.16: Maintenance
+//! Differential test of every RPC outside KV and Auth against real etcd 3.7.3 and 3.6.16: Maintenance
 //! (Status, Alarm, Defragment, Hash, HashKV, MoveLeader, Snapshot, Downgrade), Cluster, Lease,
 //! Election and Lock, good requests and bad, on a single member of each. Whole responses are
 //! compared (their Debug text, headers included or absent as etcd sends them), or the gRPC code
@@ -6,9 +6,11 @@
 //! named in `mask`: member and cluster IDs (from different peer URLs), the backend's size, raft
 //! indexes (etcd commits internal entries Keel does not have), the Hash RPC's value (a hash of
 //! the backend file, bbolt against redb), the snapshot's bytes and sizes, and the member's URLs
-//! (other ports).
+//! (other ports). Each server's own release (server, cluster and minor versions) is named too,
+//! so that Keel (3.7) is compared with etcd 3.6.16 on everything else; against 3.7.3 the names
+//! are the same strings.
 //!
-//! Needs etcd 3.6.16 (`scripts/etcd-ref.sh`); skipped only when `KEEL_SKIP_ETCD_ORACLE=1`.
+//! Needs etcd 3.7.3 and 3.6.16 (`scripts/etcd-ref.sh`); skipped only when `KEEL_SKIP_ETCD_ORACLE=1`.
 
 mod common;
 
@@ -30,6 +32,20 @@ struct Target {
     member_id: u64,
     cluster_id: u64,
     urls: Vec<(String, &'static str)>,
+    /// The server's release ("3.7.3").
+    release: &'static str,
+}
+
+impl Target {
+    /// The release's major.minor ("3.7").
+    fn minor(&self) -> &'static str {
+        self.release.rsplit_once('.').map_or(self.release, |(mm, _)| mm)
+    }
+    /// The minor release `n` below this one ("3.6" for n = 1).
+    fn below(&self, n: u64) -> String {
+        let (major, minor) = self.minor().split_once('.').unwrap();
+        format!("{major}.{}", minor.parse::<u64>().unwrap() - n)
+    }
 }
 
 /// The answer as text: the response's Debug, or the error's code and message.
@@ -46,12 +62,16 @@ fn out<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, shape: 
 
 fn keep<T>(_: &mut T) {}
 
-/// Replaces this server's member and cluster IDs (decimal, and hex in messages) by names.
+/// Replaces this server's member and cluster IDs (decimal, and hex in messages) and its
+/// release's versions by names.
 fn mask(t: &Target, s: String) -> String {
     let s = t.urls.iter().fold(s, |s, (url, name)| s.replace(url.as_str(), name));
     s.replace(&t.member_id.to_string(), "MEMBER")
         .replace(&format!("{:x}", t.member_id), "MEMBER")
         .replace(&t.cluster_id.to_string(), "CLUSTER")
+        .replace(&format!("\"{}\"", t.release), "\"SERVER_VERSION\"")
+        .replace(&format!("\"{}.0\"", t.minor()), "\"CLUSTER_VERSION\"")
+        .replace(&format!("\"{}\"", t.minor()), "\"MINOR\"")
 }
 
 fn mask_status(r: &mut StatusResponse) {
@@ -111,8 +131,14 @@ async fn script(t: &Target) -> Vec<(String, String)> {
         }
         Err(e) => step!("snapshot", format!("error {:?}: {}", e.code(), e.message())),
     }
-    for (name, action, version) in [("validate 3.5", 0, "3.5"), ("validate 3.0", 0, "3.0"), ("validate junk", 0, "x.y"), ("cancel", 2, "")]
-    {
+    let (one_below, two_below) = (t.below(1), t.below(2));
+    for (name, action, version) in [
+        ("validate one minor below", 0, one_below.as_str()),
+        ("validate two below", 0, two_below.as_str()),
+        ("validate 3.0", 0, "3.0"),
+        ("validate junk", 0, "x.y"),
+        ("cancel", 2, ""),
+    ] {
         step!(format!("downgrade {name}"), out(mt.downgrade(DowngradeRequest { action, version: version.into() }).await, keep));
     }
     // Cluster.
@@ -169,7 +195,7 @@ async fn script(t: &Target) -> Vec<(String, String)> {
     steps
 }
 
-async fn target(p: &Proc) -> Target {
+async fn target(p: &Proc, release: &'static str) -> Target {
     let ch = Channel::from_shared(p.endpoint()).unwrap().connect().await.unwrap_or_else(|e| panic!("connect {}: {e}", p.endpoint()));
     let h = MaintenanceClient::new(ch.clone()).status(StatusRequest {}).await.unwrap().into_inner().header.unwrap();
     let m = ClusterClient::new(ch.clone()).member_list(MemberListRequest::default()).await.unwrap().into_inner();
@@ -178,21 +204,32 @@ async fn target(p: &Proc) -> Target {
         .into_iter()
         .flat_map(|(us, n)| us.into_iter().map(move |u| (u, n)))
         .collect();
-    Target { ch, member_id: h.member_id, cluster_id: h.cluster_id, urls }
+    Target { ch, member_id: h.member_id, cluster_id: h.cluster_id, urls, release }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn maintenance_cluster_lease_election_and_lock_answer_as_etcd_3_6() {
-    let Some(e) = etcd("3.6") else { return };
+/// The script on etcd `version` and on Keel, answer by answer.
+async fn compare(version: &'static str, release: &'static str) {
+    let Some(e) = etcd(version) else { return };
     let tmp = tempfile::tempdir().unwrap();
     let mut ep = start(&e.server, &tmp.path().join("etcd.etcd"), free_port(), free_port(), &[]);
     let mut kp = start(&keel_bin(), &tmp.path().join("keel.etcd"), free_port(), free_port(), &[]);
     assert!(ep.wait_ready(), "etcd did not start: {}", ep.log_text());
     assert!(kp.wait_ready(), "keel did not start: {}", kp.log_text());
-    let want = script(&target(&ep).await).await;
-    let got = script(&target(&kp).await).await;
+    let want = script(&target(&ep, release).await).await;
+    // Keel is etcd 3.7.3: named so, its answers with any other version differ.
+    let got = script(&target(&kp, "3.7.3").await).await;
     assert_eq!(want.len(), got.len(), "the scripts took different paths:\netcd: {want:#?}\nkeel: {got:#?}");
     let diffs: Vec<String> =
         want.iter().zip(&got).filter(|(w, g)| w != g).map(|((name, w), (_, g))| format!("{name}:\n  etcd: {w}\n  keel: {g}")).collect();
-    assert!(diffs.is_empty(), "{} of {} answers differ from etcd 3.6.16:\n{}", diffs.len(), want.len(), diffs.join("\n"));
+    assert!(diffs.is_empty(), "{} of {} answers differ from etcd {release}:\n{}", diffs.len(), want.len(), diffs.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_cluster_lease_election_and_lock_answer_as_etcd_3_7() {
+    compare("v3.7.3", "3.7.3").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_cluster_lease_election_and_lock_answer_as_etcd_3_6() {
+    compare("3.6", "3.6.16").await
 }

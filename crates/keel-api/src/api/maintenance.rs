@@ -4,7 +4,7 @@
 //! final swap holds the store); Snapshot streams such a copy followed by its sha256, as etcd.
 
 use crate::errors;
-use keel_config::{ETCD_STORAGE_VERSION, ETCD_VERSION};
+use keel_config::ETCD_VERSION;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::*;
 use keel_proto::keelpb::internal_raft_request::Request as Internal;
@@ -40,7 +40,7 @@ async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
     let d = dest.clone();
     let made = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let f = std::fs::File::create(&d)?;
-        keel_migrate::backend::export(&backend, f, keel_config::ETCD_CLUSTER_VERSION, ETCD_STORAGE_VERSION)?;
+        keel_migrate::backend::export(&backend, f)?;
         Ok(())
     })
     .await
@@ -102,7 +102,7 @@ impl Maintenance for MaintenanceService {
             errors,
             db_size_in_use: in_use.min(db_size) as i64,
             is_learner,
-            storage_version: ETCD_STORAGE_VERSION.to_string(),
+            storage_version: s.storage_version().unwrap_or_default(),
             db_size_quota: s.cfg().quota_backend_bytes_reported(),
             downgrade_info: Some({
                 let d = s.downgrade();
@@ -156,6 +156,8 @@ impl Maintenance for MaintenanceService {
         let s = &self.server;
         s.check_admin(&crate::api::caller(s, &req)?).map_err(crate::errors::status)?;
         let t0 = std::time::Instant::now();
+        // The storage version the copy is marked with (it follows the cluster version).
+        let version = s.storage_version().unwrap_or_default();
         let path = backend_copy(s).await?;
         keel_metrics::METRICS.backend_snapshot.observe(t0.elapsed().as_secs_f64());
         let tmp = TempFile(path);
@@ -183,15 +185,14 @@ impl Maintenance for MaintenanceService {
                     header: None,
                     remaining_bytes: total.saturating_sub(sent),
                     blob: buf[..n].to_vec(),
-                    version: ETCD_STORAGE_VERSION.into(),
+                    version: version.clone(),
                 };
                 if tx.blocking_send(Ok(msg)).is_err() {
                     return;
                 }
             }
             // The last message carries the sha256 of everything before it.
-            let msg =
-                SnapshotResponse { header: None, remaining_bytes: 0, blob: sha.finalize().to_vec(), version: ETCD_STORAGE_VERSION.into() };
+            let msg = SnapshotResponse { header: None, remaining_bytes: 0, blob: sha.finalize().to_vec(), version };
             let _ = tx.blocking_send(Ok(msg));
             tracing::info!(size = sent, "sent database snapshot to client");
         });

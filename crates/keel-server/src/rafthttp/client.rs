@@ -113,6 +113,12 @@ impl Pool {
         self.exchange(http::Method::GET, base, path, &[], Bytes::new()).await
     }
 
+    /// `GET <base><path>` with `headers` and a body (etcd's `/members/hashkv` takes its request
+    /// so).
+    pub async fn get_with_body(&self, base: &str, path: &str, headers: &[(&str, String)], body: Bytes) -> Result<Answer> {
+        self.exchange(http::Method::GET, base, path, headers, body).await
+    }
+
     async fn exchange(&self, method: http::Method, base: &str, path: &str, headers: &[(&str, String)], body: Bytes) -> Result<Answer> {
         let base = base.trim_end_matches('/');
         let kept = self.take(base);

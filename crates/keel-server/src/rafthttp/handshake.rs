@@ -229,14 +229,14 @@ mod tests {
 
     #[test]
     fn versions_follow_etcds_major_minor_rule() {
-        // etcd 3.5, 3.6 and 3.7 members and Keel (3.6) talk to each other.
+        // etcd 3.5, 3.6 and 3.7 members and Keel (3.7) talk to each other.
         for v in ["3.5.21", "3.6.16", "3.7.3"] {
             assert!(versions_compatible(Some(v), Some("3.0.0")), "{v}");
         }
         // No version header: etcd 2.0, below the minimum cluster version 3.0.
         assert!(!versions_compatible(None, None));
-        // A member that needs a cluster of 3.7 or later.
-        assert!(!versions_compatible(Some("3.7.3"), Some("3.7.0")));
-        assert!(versions_compatible(Some("3.6.99-alpha.0"), Some("3.6.0")));
+        // A member that needs a cluster of 3.8 or later.
+        assert!(!versions_compatible(Some("3.8.0"), Some("3.8.0")));
+        assert!(versions_compatible(Some("3.7.99-alpha.0"), Some("3.7.0")));
     }
 }

@@ -494,6 +494,44 @@ impl Transport {
         None
     }
 
+    /// Member `id`'s hash at `rev` (etcd's `HashByRev` over the peer URLs: `GET
+    /// /members/hashkv` with a JSON `HashKVRequest`), each peer URL tried in turn.
+    pub async fn peer_hash_kv(
+        &self,
+        id: u64,
+        rev: i64,
+        timeout: Duration,
+    ) -> Result<crate::corruption::PeerHashKv, crate::corruption::PeerError> {
+        use crate::corruption::{PeerError, PeerHashKvRequest, HASH_KV_PATH};
+        let body = serde_json::to_vec(&PeerHashKvRequest { revision: rev }).map_err(|e| PeerError::Other(e.to_string()))?;
+        let headers = [("Content-Type", "application/json".to_string()), ("X-Etcd-Cluster-ID", id_string(self.inner.cluster_id))];
+        let mut last = PeerError::Other(format!("member {} has no peer URL", id_string(id)));
+        for u in self.inner.peer_urls(id) {
+            let answer =
+                tokio::time::timeout(timeout, self.inner.pool.get_with_body(&u, HASH_KV_PATH, &headers, body.clone().into())).await;
+            let a = match answer {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    last = PeerError::Other(format!("{e:#}"));
+                    continue;
+                }
+                Err(_) => {
+                    last = PeerError::Other("timed out".into());
+                    continue;
+                }
+            };
+            let text = String::from_utf8_lossy(&a.body);
+            return match a.status.as_u16() {
+                200 => serde_json::from_slice(&a.body).map_err(|e| PeerError::Other(format!("bad answer: {e}"))),
+                400 if text.contains("required revision has been compacted") => Err(PeerError::Compacted),
+                400 if text.contains("required revision is a future revision") => Err(PeerError::FutureRev),
+                412 if text.contains("cluster ID mismatch") => Err(PeerError::ClusterIdMismatch),
+                _ => Err(PeerError::Other(format!("unknown error: {}", text.trim_end()))),
+            };
+        }
+        Err(last)
+    }
+
     async fn request(&self, to: u64, path: &str, body: Vec<u8>, content_type: &str, timeout: Duration) -> Result<Answer, Status> {
         let urls = self.inner.peer_urls(to);
         if urls.is_empty() {
