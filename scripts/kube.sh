@@ -12,10 +12,17 @@
 #     before it then get 410 Gone, as on etcd;
 #   - RequestWatchProgress in use: consistent lists of secrets are served from the watch cache
 #     (apiserver_watch_cache_consistent_read_total with fallback="false"), which kube-apiserver
-#     does only when the store reports an etcd version that has progress requests (3.6 here).
+#     does only when the store reports an etcd version that has progress requests (3.7 here);
+#   - RangeStream in use: lists of configmaps are streamed (apiserver_storage_list_duration_seconds
+#     with streamed="true"), which kube-apiserver 1.37 does when the store answers RangeStream.
 #
 #   scripts/kube.sh            build what is missing, run the checks, stop everything
-#   scripts/kube.sh rolling    kube-apiserver on 3 etcd 3.6.16 members, the members replaced by
+#   scripts/kube.sh biglist    a LIST of 100,000 configmaps of 1 KiB (KUBE_BIG_N) through
+#                              kube-apiserver, served by RangeStream (EtcdRangeStream on; no
+#                              watch cache for configmaps), unpaginated and paginated, on 3 Keel
+#                              members and then on 3 etcd 3.7.3 members: every object listed once,
+#                              each member's peak resident memory during each LIST and its time
+#   scripts/kube.sh rolling    kube-apiserver on 3 etcd 3.7.3 members, the members replaced by
 #                              Keel members one by one (learner add, start, promote, remove)
 #                              and then by etcd members again, with kube-apiserver serving:
 #                              after every step every member's HashKV agrees, and objects are
@@ -23,12 +30,12 @@
 #                              store and one by the watch cache see every new object once, in
 #                              order)
 #
-# Environment: KUBE_VERSION (default v1.36.3), KEEL_BIN (default target/release/keel, built if
+# Environment: KUBE_VERSION (default v1.37.2), KEEL_BIN (default target/release/keel, built if
 # missing), KUBE_WORK (scratch directory, default target/kube-run). Needs go, curl, jq, openssl.
 # Prints one line per check and `kube: N checks passed`; exits non-zero at the first failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-kver=${KUBE_VERSION:-v1.36.3}
+kver=${KUBE_VERSION:-v1.37.2}
 minor=${kver#v1.}
 minor=${minor%%.*}
 staging=v0.${kver#v1.}
@@ -40,6 +47,10 @@ keel=${KEEL_BIN:-$root/target/release/keel}
 main() {
   if [ "${1:-}" = rolling ]; then
     rolling
+    return
+  fi
+  if [ "${1:-}" = biglist ]; then
+    biglist
     return
   fi
   build_apiserver
@@ -115,13 +126,14 @@ wait_for() {
   return 1
 }
 
+# Starts 3 members of BIN (default Keel) on 127.0.0.1-3; their pids are pids[0..2].
 start_keel() {
-  local cluster="" i
+  local bin=${1:-$keel} cluster="" i
   for i in 1 2 3; do cluster+="k$i=http://127.0.0.$i:24800,"; done
   cluster=${cluster%,}
   eps=""
   for i in 1 2 3; do
-    "$keel" --name "k$i" --data-dir "$work/k$i" \
+    "$bin" --name "k$i" --data-dir "$work/k$i" \
       --listen-client-urls "http://127.0.0.$i:24790" --advertise-client-urls "http://127.0.0.$i:24790" \
       --listen-peer-urls "http://127.0.0.$i:24800" --initial-advertise-peer-urls "http://127.0.0.$i:24800" \
       --initial-cluster "$cluster" --initial-cluster-token kube >"$work/k$i.log" 2>&1 &
@@ -130,8 +142,8 @@ start_keel() {
   done
   eps=${eps%,}
   healthy() { "$ctl" --endpoints "$eps" endpoint health >/dev/null 2>&1; }
-  wait_for 60 healthy || fail "the Keel cluster did not become healthy"
-  ok "3 members ($(basename "$keel")) healthy; they report etcd $(curl -s http://127.0.0.1:24790/version | jq -r .etcdserver)"
+  wait_for 60 healthy || fail "the cluster of $(basename "$bin") did not become healthy"
+  ok "3 members ($(basename "$bin")) healthy; they report etcd $(curl -s http://127.0.0.1:24790/version | jq -r .etcdserver)"
 }
 
 token=keel-kube-admin
@@ -147,7 +159,8 @@ start_apiserver() {
     --cert-dir="$work/certs" --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$work/sa.pub" --service-account-signing-key-file="$work/sa.key" \
     --token-auth-file="$work/tokens.csv" --authorization-mode=RBAC --service-cluster-ip-range=10.0.0.0/24 \
-    --etcd-compaction-interval=10s --watch-cache-sizes=configmaps#0 >"$work/kube-apiserver.log" 2>&1 &
+    --etcd-compaction-interval=10s --watch-cache-sizes=configmaps#0 --feature-gates=EtcdRangeStream=true \
+    --request-timeout=5m >"$work/kube-apiserver.log" 2>&1 &
   pids+=($!)
   ready() { [ "$(k "$api/readyz" 2>/dev/null)" = ok ]; }
   wait_for 180 ready || fail "kube-apiserver did not become ready"
@@ -214,6 +227,10 @@ checks() {
   [ "$(sort -u <<<"$names" | wc -l)" = 249 ] || fail "paged list: duplicate names"
   grep -qx cm-1 <<<"$names" && fail "paged list: the deleted configmap is listed"
   ok "paged list of configmaps (limit 40, 7 pages, served by Keel): 249 distinct names"
+  local streamed
+  streamed=$(k "$api/metrics" | awk '/^apiserver_storage_list_duration_seconds_count\{/ && /resource="configmaps"/ && /streamed="true"/ { s += $2 } END { print s + 0 }')
+  [ "$streamed" -ge 7 ] || fail "lists of configmaps streamed by RangeStream: $streamed, want at least 7 (RangeStream not in use)"
+  ok "lists of configmaps served by RangeStream: $streamed"
 
   # Watches: every event, in resourceVersion order.
   cm_events() { [ "$(events ADDED "$work/watch-cm.json")" = 250 ] && [ "$(events MODIFIED "$work/watch-cm.json")" = 1 ] &&
@@ -342,7 +359,7 @@ rolling() {
   build_apiserver
   if [ ! -x "$keel" ]; then (cd "$root" && cargo build --release --bin keel); fi
   local ref etcd_bin
-  ref=$("$root/scripts/etcd-ref.sh" v3.6.16)
+  ref=$("$root/scripts/etcd-ref.sh" v3.7.3)
   ctl=$ref/etcdctl
   etcd_bin=$ref/etcd
   rm -rf "$work"
@@ -358,12 +375,12 @@ rolling() {
   # kube-apiserver knows every address a member will have (its etcd client skips the dead).
   eps=$(for i in $(seq 1 9); do printf 'http://127.0.0.%s:24790,' "$i"; done)
   eps=${eps%,}
-  store="etcd 3.6.16" start_apiserver
+  store="etcd 3.7.3" start_apiserver
   k -o /dev/null -H 'Content-Type: application/json' -X POST "$api/api/v1/namespaces" \
     -d '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"keel"}}'
   local step=0 total=20
   step_objects 0 20
-  ok "kube-apiserver on 3 etcd 3.6.16 members: 20 configmaps and 5 secrets created, listed and watched"
+  ok "kube-apiserver on 3 etcd 3.7.3 members: 20 configmaps and 5 secrets created, listed and watched"
   # In: e1-e3 (127.0.0.1-3) by Keel k1-k3 (.4-.6); out: k1-k3 by etcd f1-f3 (.7-.9).
   local from to base bin kind
   for pass in "e k 0 keel" "k f 3 etcd"; do
@@ -378,7 +395,95 @@ rolling() {
       ok "$from$i replaced by $kind member $to$i: HashKV equal; $total configmaps listed; new objects watched (store and watch cache) in order"
     done
   done
-  echo "kube: $passed checks passed (kube-apiserver $kver; etcd 3.6.16 -> Keel -> etcd 3.6.16, one member at a time)"
+  echo "kube: $passed checks passed (kube-apiserver $kver; etcd 3.7.3 -> Keel -> etcd 3.7.3, one member at a time)"
+}
+
+# --- a LIST of 100,000 configmaps ------------------------------------------------------------
+big_n=${KUBE_BIG_N:-100000}
+
+# Writes N configmaps of 1 KiB (big-000000...) into namespace keel straight through the store's
+# /v3 gateway at URL, 128 per transaction, as kube-apiserver stores objects (its storage decoder
+# reads JSON as it reads its own protobuf): through kube-apiserver one by one it would take an
+# hour here.
+load_big() {
+  python3 - "$1" "$2" <<'PY'
+import base64, json, sys, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+b64 = lambda s: base64.b64encode(s.encode()).decode()
+ops = []
+for i in range(n):
+    name = f"big-{i:06d}"
+    obj = {"kind": "ConfigMap", "apiVersion": "v1",
+           "metadata": {"name": name, "namespace": "keel", "uid": f"00000000-0000-4000-8000-{i:012d}",
+                        "creationTimestamp": "2026-12-05T00:00:00Z"},
+           "data": {"v": "x" * 1024}}
+    ops.append({"request_put": {"key": b64(f"/registry/configmaps/keel/{name}"), "value": b64(json.dumps(obj, separators=(",", ":")))}})
+    if len(ops) == 128 or i == n - 1:
+        body = json.dumps({"success": ops}).encode()
+        urllib.request.urlopen(urllib.request.Request(url + "/v3/kv/txn", data=body, headers={"Content-Type": "application/json"})).read()
+        ops = []
+PY
+}
+
+# Resets the peak resident memory of the member processes (pids[0..2]).
+reset_peaks() { local i; for i in 0 1 2; do echo 5 >"/proc/${pids[i]}/clear_refs"; done; }
+# "k1 123 MiB, k2 ..." : each member's peak resident memory since the last reset, in MiB.
+peaks() {
+  local i out=""
+  for i in 0 1 2; do out+="k$((i + 1)) $(awk '/^VmHWM/ { printf "%d", $2 / 1024 }' "/proc/${pids[i]}/status") MiB, "; done
+  echo "${out%, }"
+}
+# The leader's name (k1-k3).
+leader_name() {
+  local i st
+  for i in 1 2 3; do
+    st=$("$ctl" --endpoints "http://127.0.0.$i:24790" endpoint status -w json)
+    [ "$(jq -r '.[0].Status.leader' <<<"$st")" = "$(jq -r '.[0].Status.header.member_id' <<<"$st")" ] && { echo "k$i"; return; }
+  done
+}
+
+biglist() {
+  build_apiserver
+  if [ ! -x "$keel" ]; then (cd "$root" && cargo build --release --bin keel); fi
+  local ref
+  ref=$("$root/scripts/etcd-ref.sh" v3.7.3)
+  ctl=$ref/etcdctl
+  trap stop_all EXIT
+  local kind bin label out t names secs
+  for kind in keel etcd; do
+    bin=$keel label=Keel
+    [ "$kind" = etcd ] && bin=$ref/etcd label="etcd 3.7.3"
+    stop_all
+    rm -rf "$work"
+    mkdir -p "$work"
+    start_keel "$bin"
+    store=$label start_apiserver
+    k -o /dev/null -H 'Content-Type: application/json' -X POST "$api/api/v1/namespaces" \
+      -d '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"keel"}}'
+    t=$(date +%s)
+    load_big "http://127.0.0.1:24790" "$big_n"
+    ok "$label: $big_n configmaps of 1 KiB written in $(($(date +%s) - t)) s; leader $(leader_name); members' peak resident memory so far: $(peaks)"
+    # Unpaginated: one LIST, streamed from the store.
+    reset_peaks
+    out=$(k -o "$work/big.json" -w '%{http_code} %{time_total}' "$api/api/v1/namespaces/keel/configmaps")
+    [ "${out%% *}" = 200 ] || fail "$label: LIST of $big_n configmaps: HTTP ${out%% *}"
+    names=$(grep -oE '"name": ?"big-[0-9]+"' "$work/big.json" | sort -u | wc -l)
+    [ "$names" = "$big_n" ] || fail "$label: LIST returned $names distinct configmaps, want $big_n"
+    ok "$label: unpaginated LIST of $big_n configmaps in ${out#* } s ($(du -m "$work/big.json" | cut -f1) MB); members' peak resident memory during it: $(peaks)"
+    rm -f "$work/big.json"
+    # Paginated: limit 1000.
+    reset_peaks
+    t=$(date +%s.%N)
+    names=$(list_paged configmaps 1000 | sort -u | wc -l)
+    secs=$(echo "$(date +%s.%N) - $t" | bc)
+    [ "$names" = "$big_n" ] || fail "$label: paginated LIST returned $names distinct configmaps, want $big_n"
+    ok "$label: paginated LIST (limit 1000, $((big_n / 1000)) pages) in $secs s; members' peak resident memory during it: $(peaks)"
+    local streamed
+    streamed=$(k "$api/metrics" | awk '/^apiserver_storage_list_duration_seconds_count\{/ && /resource="configmaps"/ && /streamed="true"/ { s += $2 } END { print s + 0 }')
+    [ "$streamed" -ge 2 ] || fail "$label: lists of configmaps streamed: $streamed (RangeStream not in use)"
+    ok "$label: $streamed lists of configmaps served by RangeStream"
+  done
+  echo "kube: $passed checks passed (kube-apiserver $kver; $big_n configmaps listed on Keel and on etcd 3.7.3)"
 }
 
 main "$@"

@@ -37,7 +37,15 @@ pub struct ListenUrl {
 }
 
 pub fn parse_listen_url(u: &str) -> Result<ListenUrl> {
-    let (scheme, rest) = u.split_once("://").ok_or_else(|| anyhow!("URL {u:?} has no scheme"))?;
+    // `unix:/path` (no authority, etcd 3.7's documented form) names the socket by its path, as
+    // `unix:///path` does.
+    let (scheme, rest) = match u.split_once("://") {
+        Some(sr) => sr,
+        None => u
+            .split_once(':')
+            .filter(|(s, r)| matches!(*s, "unix" | "unixs") && !r.is_empty())
+            .ok_or_else(|| anyhow!("URL {u:?} has no scheme"))?,
+    };
     let hostport = rest.trim_end_matches('/');
     let (tls, unix) = match scheme {
         "http" => (false, false),
@@ -500,4 +508,25 @@ pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     Some(cn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_urls_as_etcd_takes_them() {
+        let unix = |u: &str| match parse_listen_url(u).unwrap().addr {
+            Addr::Unix(p) => p,
+            Addr::Tcp(a) => panic!("{u}: tcp {a}"),
+        };
+        assert_eq!(unix("unix:///tmp/a.sock"), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(unix("unix:/tmp/a.sock"), PathBuf::from("/tmp/a.sock"), "etcd 3.7's unix:/path form");
+        assert_eq!(unix("unix://rel.sock"), PathBuf::from("rel.sock"));
+        assert!(parse_listen_url("unixs:/tmp/b.sock").unwrap().tls);
+        assert!(parse_listen_url("127.0.0.1:2379").is_err());
+        assert!(parse_listen_url("unix:").is_err());
+        let t = parse_listen_url("http://localhost:2379").unwrap();
+        assert!(matches!(t.addr, Addr::Tcp(a) if a.port() == 2379));
+    }
 }

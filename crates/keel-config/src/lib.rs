@@ -1,8 +1,10 @@
 //! Command-line flags and `ETCD_*` environment variables, as etcd spells them.
 //!
 //! Flags follow Go's flag syntax as etcd users type it: `--flag value`, `--flag=value`, a single
-//! dash, and bare booleans (`--client-cert-auth`). etcd flags Keel does not implement and that
-//! change no semantics are accepted with a warning.
+//! dash, and bare booleans (`--client-cert-auth`). etcd flags (of any release 3.4-3.7) Keel does
+//! not implement are accepted with a warning; a flag no etcd defines is refused, as etcd does.
+
+mod etcd_flags;
 
 use clap::{ArgAction, CommandFactory, Parser};
 use std::time::Duration;
@@ -315,6 +317,10 @@ impl Config {
 
     pub fn parse_from_args(args: Vec<String>) -> Result<Config, clap::Error> {
         let (args, ignored) = normalize_args(args);
+        // As etcd: a flag no etcd defines is refused (a typo must not pass unnoticed).
+        if let Some(f) = ignored.iter().find(|f| etcd_flags::ETCD_FLAGS.binary_search(&f.as_str()).is_err()) {
+            return Err(clap::Error::raw(clap::error::ErrorKind::UnknownArgument, format!("flag provided but not defined: -{f}\n")));
+        }
         let mut cfg = Config::try_parse_from(args)?;
         cfg.ignored = ignored;
         Ok(cfg)
@@ -766,6 +772,17 @@ mod tests {
         let both = parse(&["--experimental-snapshot-catchup-entries", "7", "--snapshot-catchup-entries", "9"]);
         assert_eq!(both.snapshot_catchup_entries(), 7, "etcd 3.6: the experimental flag, when given, wins");
         assert_eq!(c.initial_cluster(), "n1=http://localhost:2380");
+    }
+
+    #[test]
+    fn a_flag_no_etcd_defines_is_refused_as_etcd_refuses_it() {
+        let e = Config::parse_from_args(vec!["keel".into(), "--bogus-flag".into(), "1".into()]).unwrap_err();
+        assert_eq!(e.to_string().trim_end(), "error: flag provided but not defined: -bogus-flag");
+        assert!(e.use_stderr());
+        // etcd flags Keel does not implement, of 3.4 to 3.7, are taken.
+        for f in ["--enable-pprof", "--experimental-memory-mlock", "--log-package-levels=x", "--proxy=off"] {
+            assert!(Config::parse_from_args(vec!["keel".into(), f.into()]).is_ok(), "{f}");
+        }
     }
 
     #[test]
