@@ -143,23 +143,18 @@ impl Endpoint {
 #[derive(Clone, Debug)]
 pub struct ConnLimit {
     max: usize,
-    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    places: std::sync::Arc<tokio::sync::Semaphore>,
     /// When a refusal was last logged (seconds since the epoch), so that a flood logs once a second.
     logged: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One open connection counted by a [`ConnLimit`]; dropping it frees the place.
-pub struct ConnSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
+pub type ConnSlot = tokio::sync::OwnedSemaphorePermit;
 
 impl ConnLimit {
     pub fn new(max: usize) -> ConnLimit {
-        ConnLimit { max: max.max(1), open: Default::default(), logged: Default::default() }
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        ConnLimit { max, places: std::sync::Arc::new(tokio::sync::Semaphore::new(max)), logged: Default::default() }
     }
 
     pub fn max(&self) -> usize {
@@ -167,14 +162,12 @@ impl ConnLimit {
     }
 
     pub fn open(&self) -> usize {
-        self.open.load(std::sync::atomic::Ordering::Acquire)
+        self.max - self.places.available_permits()
     }
 
     /// A place for one more connection, or None when `max` are open.
     pub fn try_take(&self) -> Option<ConnSlot> {
-        use std::sync::atomic::Ordering;
-        self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).ok()?;
-        Some(ConnSlot(self.open.clone()))
+        self.places.clone().try_acquire_owned().ok()
     }
 
     /// Whether a refusal should be logged now (at most once a second).
@@ -528,5 +521,17 @@ mod tests {
         assert!(parse_listen_url("unix:").is_err());
         let t = parse_listen_url("http://localhost:2379").unwrap();
         assert!(matches!(t.addr, Addr::Tcp(a) if a.port() == 2379));
+    }
+
+    #[test]
+    fn a_connection_limit_frees_a_place_when_a_slot_drops() {
+        let l = ConnLimit::new(2);
+        let (a, b) = (l.try_take(), l.try_take());
+        assert!(a.is_some() && b.is_some());
+        assert!(l.try_take().is_none(), "full at 2");
+        assert_eq!(l.open(), 2);
+        drop(a);
+        assert_eq!(l.open(), 1);
+        assert!(l.clone().try_take().is_some(), "clones share the count");
     }
 }

@@ -16,7 +16,7 @@ use keel_proto::keelpb::{internal_raft_request::Request, MemberRecord};
 use keel_raft::wire::{ChangeKind, MemberChange};
 use keel_raft::{NodeHandle, NodeStatus};
 use parking_lot::{MutexGuard, RwLockReadGuard};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub struct Server {
@@ -28,19 +28,11 @@ pub struct Server {
     /// Serializes defragmentations of this member's backend.
     defrag_lock: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
-    /// Bytes of this member's proposals between their proposal and their answer.
-    proposing: AtomicUsize,
+    /// Bytes of this member's proposals between their proposal and their answer: one permit a
+    /// byte, [`Server::proposal_budget`] of them.
+    proposing: tokio::sync::Semaphore,
     /// etcd 3.7's `FastLeaseKeepAlive` gate, resolved once (asked on every keep-alive).
     fast_lease_keep_alive: bool,
-}
-
-/// A proposal's bytes counted in [`Server`]'s budget until dropped.
-struct Proposing<'a>(&'a AtomicUsize, usize);
-
-impl Drop for Proposing<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::AcqRel);
-    }
 }
 
 impl Server {
@@ -49,6 +41,7 @@ impl Server {
         // unique across restarts of this member.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let base = ((member_id & 0xffff) << 48) | ((now & 0xff_ffff_ffff) << 8);
+        let budget = Server::proposal_budget(&cfg);
         Arc::new(Server {
             fast_lease_keep_alive: cfg.feature("FastLeaseKeepAlive"),
             cfg,
@@ -58,7 +51,7 @@ impl Server {
             node,
             defrag_lock: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(base),
-            proposing: AtomicUsize::new(0),
+            proposing: tokio::sync::Semaphore::new(budget),
         })
     }
 
@@ -395,17 +388,22 @@ impl Server {
     /// `--max-pending-proposal-bytes` are already held (raft's inbox and uncommitted log, the apply queue,
     /// the waiting callers), so that many concurrent large writes cannot make the member hold
     /// their bytes without bound. One request of `--max-request-bytes` always fits.
-    fn take_proposing(&self, n: usize) -> Result<Proposing<'_>, Error> {
-        let limit = (self.cfg.max_pending_proposal_bytes as usize).max(self.cfg.max_request_bytes as usize + 4096);
-        let took = self.proposing.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| (held + n <= limit).then_some(held + n));
-        match took {
-            Ok(_) => Ok(Proposing(&self.proposing, n)),
-            Err(held) => {
+    fn take_proposing(&self, n: usize) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
+        match u32::try_from(n).ok().and_then(|n| self.proposing.try_acquire_many(n).ok()) {
+            Some(p) => Ok(p),
+            None => {
                 keel_metrics::METRICS.proposals_failed.inc();
-                tracing::debug!(held, limit, request_bytes = n, "refused a proposal: too many bytes of proposals in flight");
+                let (limit, free) = (Server::proposal_budget(&self.cfg), self.proposing.available_permits());
+                tracing::debug!(held = limit - free, limit, request_bytes = n, "refused a proposal: too many bytes of proposals in flight");
                 Err(Error::TooManyRequests)
             }
         }
+    }
+
+    /// The bytes of proposals a member holds at most (`--max-pending-proposal-bytes`; one request
+    /// of `--max-request-bytes` always fits).
+    fn proposal_budget(cfg: &Config) -> usize {
+        (cfg.max_pending_proposal_bytes as usize).max(cfg.max_request_bytes as usize + 4096).min(tokio::sync::Semaphore::MAX_PERMITS)
     }
 
     /// Proposes a raft membership change for `node_id` carrying `member` (etcd's JSON record as
