@@ -159,7 +159,7 @@ start_apiserver() {
     --cert-dir="$work/certs" --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$work/sa.pub" --service-account-signing-key-file="$work/sa.key" \
     --token-auth-file="$work/tokens.csv" --authorization-mode=RBAC --service-cluster-ip-range=10.0.0.0/24 \
-    --etcd-compaction-interval=10s --watch-cache-sizes=configmaps#0 --feature-gates=EtcdRangeStream=true \
+    --etcd-compaction-interval="${compaction_interval:-10s}" --watch-cache-sizes=configmaps#0 --feature-gates=EtcdRangeStream=true \
     --request-timeout=5m >"$work/kube-apiserver.log" 2>&1 &
   pids+=($!)
   ready() { [ "$(k "$api/readyz" 2>/dev/null)" = ok ]; }
@@ -457,7 +457,9 @@ biglist() {
     rm -rf "$work"
     mkdir -p "$work"
     start_keel "$bin"
-    store=$label start_apiserver
+    # kube-apiserver's default compaction interval (5m): with the checks' 10 s, a paged list of
+    # 100 pages outlives its first page's revision and gets 410 Expired, on etcd as on Keel.
+    store=$label compaction_interval=5m start_apiserver
     k -o /dev/null -H 'Content-Type: application/json' -X POST "$api/api/v1/namespaces" \
       -d '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"keel"}}'
     t=$(date +%s)
@@ -471,6 +473,10 @@ biglist() {
     [ "$names" = "$big_n" ] || fail "$label: LIST returned $names distinct configmaps, want $big_n"
     ok "$label: unpaginated LIST of $big_n configmaps in ${out#* } s ($(du -m "$work/big.json" | cut -f1) MB); members' peak resident memory during it: $(peaks)"
     rm -f "$work/big.json"
+    # Again, with the caches warm: what a LIST costs beyond them (peaks since before the first).
+    out=$(k -o /dev/null -w '%{http_code} %{time_total}' "$api/api/v1/namespaces/keel/configmaps")
+    [ "${out%% *}" = 200 ] || fail "$label: second LIST: HTTP ${out%% *}"
+    ok "$label: the LIST again in ${out#* } s; members' peak resident memory over both: $(peaks)"
     # Paginated: limit 1000.
     reset_peaks
     t=$(date +%s.%N)
