@@ -311,7 +311,7 @@ replace_member() {
   # etcd refuses a change until every member has been connected for 5 s ("unhealthy cluster").
   add() { out=$("$ctl" --endpoints "$(live_eps)" member add "$new" --learner --peer-urls="http://127.0.0.$newip:24800" 2>&1); }
   wait_for 60 add || fail "member add $new: $out"
-  id=$(grep -o 'Member [0-9a-f]* added' <<<"$out" | awk '{print $2}')
+  id=$(grep -oE 'Member +[0-9a-f]+ added' <<<"$out" | awk '{print $2}')  # %16x: space-padded
   ic=$(sed -n 's/^ETCD_INITIAL_CLUSTER="\(.*\)"$/\1/p' <<<"$out")
   start_member "$new" "$newip" "$bin" --initial-cluster "$ic" --initial-cluster-state existing
   promote() { "$ctl" --endpoints "$(live_eps)" member promote "$id" >/dev/null 2>&1; }
