@@ -220,8 +220,8 @@ fn status(file: &Path, write_out: &str) -> Result<()> {
     Ok(())
 }
 
-/// `etcdutl snapshot status`'s output (etcd 3.6 and 3.7): `-w simple` (the default), `table`,
-/// `json` or `fields`.
+/// `etcdutl snapshot status`'s output (etcd 3.7's; 3.6's differs only in the table's lines):
+/// `-w simple` (the default), `table`, `json` or `fields`.
 fn status_text(st: &keel_migrate::backend::SnapshotStatus, size: u64, write_out: &str) -> String {
     let version = st.version.clone().unwrap_or_default();
     match write_out {
@@ -237,11 +237,12 @@ fn status_text(st: &keel_migrate::backend::SnapshotStatus, size: u64, write_out:
             let row = [format!("{:x}", st.hash), st.revision.to_string(), st.total_keys.to_string(), human(size), version];
             let head = ["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE", "VERSION"];
             let w: Vec<usize> = head.iter().zip(&row).map(|(h, r)| h.len().max(r.len()) + 2).collect();
-            let line = format!("+{}+\n", w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("+"));
-            let head = format!("|{}|\n", head.iter().zip(&w).map(|(h, n)| format!("{h:^n$}")).collect::<Vec<_>>().join("|"));
+            // etcdutl 3.7's table: box drawing (3.6 drew it with +, - and |).
+            let line = |l: &str, m: &str, r: &str| format!("{l}{}{r}\n", w.iter().map(|n| "─".repeat(*n)).collect::<Vec<_>>().join(m));
+            let head = format!("│{}│\n", head.iter().zip(&w).map(|(h, n)| format!("{h:^n$}")).collect::<Vec<_>>().join("│"));
             // Cells right-aligned, as etcdutl's table writer sets them.
-            let row = format!("|{}|\n", row.iter().zip(&w).map(|(r, n)| format!(" {r:>m$} ", m = n - 2)).collect::<Vec<_>>().join("|"));
-            format!("{line}{head}{line}{row}{line}")
+            let row = format!("│{}│\n", row.iter().zip(&w).map(|(r, n)| format!(" {r:>m$} ", m = n - 2)).collect::<Vec<_>>().join("│"));
+            format!("{}{head}{}{row}{}", line("┌", "┬", "┐"), line("├", "┼", "┤"), line("└", "┴", "┘"))
         }
         _ => format!("{:x}, {}, {}, {}, {}\n", st.hash, st.revision, st.total_keys, human(size), version),
     }

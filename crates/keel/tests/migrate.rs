@@ -302,12 +302,12 @@ async fn a_stopped_three_member_etcd_cluster_starts_as_keel() {
     }
 }
 
-/// `keel snapshot status` prints what etcdutl 3.6.16 prints (live keys, the storage version, the
+/// `keel snapshot status` prints what etcdutl 3.7.3 prints (live keys, the storage version, the
 /// database's size), for a snapshot taken from etcd and one taken from Keel, in each format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_status_prints_what_etcdutl_prints() {
-    let Some(e) = etcd("3.6") else { return };
-    let utl = e.utl.clone().expect("etcdutl 3.6");
+    let Some(e) = etcd("v3.7.3") else { return };
+    let utl = e.utl.clone().expect("etcdutl 3.7");
     let tmp = tempfile::tempdir().unwrap();
     for (name, bin) in [("etcd", e.server.clone()), ("keel", keel_bin())] {
         let n = Node::new(name, "127.0.0.1");
