@@ -27,7 +27,7 @@ pub fn router(server: Arc<Server>, raft: keel_server::rafthttp::Handler) -> Rout
     Router::new()
         .route("/members", any(members))
         .route("/members/promote/{id}", any(promote))
-        .route(keel_server::corruption::HASH_KV_PATH, any(hash_kv))
+        .route(keel_server::kv_hash::HASH_KV_PATH, any(hash_kv))
         .route("/version", any(version))
         .route("/downgrade/enabled", any(downgrade_enabled))
         .route_service("/raft", raft.clone())
@@ -93,7 +93,7 @@ async fn hash_kv(State(s): State<Arc<Server>>, method: Method, headers: axum::ht
             return text(StatusCode::PRECONDITION_FAILED, "cluster ID mismatch");
         }
     }
-    let req: keel_server::corruption::PeerHashKvRequest = match serde_json::from_slice(&body) {
+    let req: keel_server::kv_hash::PeerHashKvRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "failed to unmarshal request");
@@ -102,7 +102,7 @@ async fn hash_kv(State(s): State<Arc<Server>>, method: Method, headers: axum::ht
     };
     match s.hash_by_rev(req.revision).await {
         Ok((h, current)) => {
-            let answer = keel_server::corruption::PeerHashKv::new(h, current);
+            let answer = keel_server::kv_hash::PeerHashKv::new(h, current);
             let b = serde_json::to_vec(&answer).unwrap_or_default();
             let mut r = (StatusCode::OK, b).into_response();
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -183,7 +183,7 @@ pub struct State {
     pub alarms: Arc<RwLock<Alarms>>,
     pub waiters: Arc<Waiters>,
     /// The hashes computed when compactions were scheduled (the corruption checks').
-    pub hashes: Arc<crate::corruption::CompactionHashes>,
+    pub hashes: Arc<crate::kv_hash::CompactionHashes>,
 }
 
 pub struct Applier {
@@ -200,7 +200,7 @@ pub struct Applier {
     auth: Arc<RwLock<AuthStore>>,
     tokens: Arc<Tokens>,
     alarms: Arc<RwLock<Alarms>>,
-    hashes: Arc<crate::corruption::CompactionHashes>,
+    hashes: Arc<crate::kv_hash::CompactionHashes>,
     /// Set by an entry whose effects must be durable before its caller is answered (a physical
     /// compaction): the apply commits the backend once the store lock is released.
     commit_now: std::cell::Cell<bool>,
@@ -554,7 +554,7 @@ impl Applier {
                     let spawned = std::thread::Builder::new().name("compaction-hash".into()).spawn(move || match plan.run() {
                         Ok((hash, _, compacted)) => {
                             let compact_revision = if compacted == 0 { -1 } else { compacted };
-                            hashes.store(crate::corruption::KeyValueHash { hash, compact_revision, revision });
+                            hashes.store(crate::kv_hash::KeyValueHash { hash, compact_revision, revision });
                         }
                         Err(e) => tracing::warn!(revision, error = %e, "cannot hash the key space at the compaction revision"),
                     });

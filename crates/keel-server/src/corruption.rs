@@ -5,140 +5,22 @@
 //! A mismatch raises the CORRUPT alarm for the member found different (etcd's rules, below), or
 //! stops the restarted member.
 //!
-//! Owns the compaction hashes ([`CompactionHashes`]: the apply stage stores one for each
-//! compaction it schedules; peers read them through `/members/hashkv`) and the checks' verdicts
-//! (pure functions of the hashes, so that they are tested without a cluster). Calls the server
-//! for local hashes, leadership and alarms, the peer transport for the other members' hashes.
+//! Owns the checks' verdicts (pure functions of the hashes, so that they are tested without a
+//! cluster) and the loops that run them. The hashes themselves are [`crate::kv_hash`]'s. Calls
+//! the server for local hashes, leadership and alarms, the peer transport for the other
+//! members' hashes.
 
+use crate::kv_hash::{KeyValueHash, PeerError, PeerHash};
 use crate::rafthttp::Transport;
 use crate::server::Server;
 use keel_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
 use keel_proto::keelpb::internal_raft_request::Request;
-use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// etcd's peer path for a member's hash at a revision (`GET`, a JSON `HashKVRequest` body).
-pub const HASH_KV_PATH: &str = "/members/hashkv";
-/// etcd's `hashStorageMaxSize`: compaction hashes kept.
-const KEPT: usize = 10;
-
 fn hex(id: u64) -> String {
     format!("{id:x}")
-}
-
-/// A hash of the key space up to `revision` (etcd's `KeyValueHash`): what HashKV answers;
-/// `compact_revision` is the compaction it starts from (-1: none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyValueHash {
-    pub hash: u32,
-    pub compact_revision: i64,
-    pub revision: i64,
-}
-
-/// The hashes this member computed when it scheduled its newest compactions (etcd's
-/// `hashStorage`): a peer asked for the hash at a compaction revision gets the one computed
-/// before that compaction, so that members compare the same data whatever their compaction's
-/// progress.
-#[derive(Default)]
-pub struct CompactionHashes {
-    by_revision: Mutex<BTreeMap<i64, KeyValueHash>>,
-}
-
-impl CompactionHashes {
-    pub fn store(&self, h: KeyValueHash) {
-        tracing::info!(hash = h.hash, revision = h.revision, compact_revision = h.compact_revision, "storing new hash");
-        let mut m = self.by_revision.lock();
-        m.insert(h.revision, h);
-        while m.len() > KEPT {
-            m.pop_first();
-        }
-    }
-
-    /// The hash stored for compaction revision `rev`.
-    pub fn at(&self, rev: i64) -> Option<KeyValueHash> {
-        self.by_revision.lock().get(&rev).copied()
-    }
-
-    /// Every stored hash, newest first.
-    pub fn newest_first(&self) -> Vec<KeyValueHash> {
-        self.by_revision.lock().values().rev().copied().collect()
-    }
-}
-
-/// etcd's `HashKVResponse` as its peers exchange it (Go's JSON of the generated struct: snake
-/// case, zero values left out).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerHashKv {
-    #[serde(default)]
-    pub header: PeerHeader,
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
-    pub hash: u32,
-    #[serde(default, skip_serializing_if = "is_zero_i64")]
-    pub compact_revision: i64,
-    #[serde(default, skip_serializing_if = "is_zero_i64")]
-    pub hash_revision: i64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerHeader {
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
-    pub cluster_id: u64,
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
-    pub member_id: u64,
-    #[serde(default, skip_serializing_if = "is_zero_i64")]
-    pub revision: i64,
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
-    pub raft_term: u64,
-}
-
-fn is_zero_u32(v: &u32) -> bool {
-    *v == 0
-}
-fn is_zero_u64(v: &u64) -> bool {
-    *v == 0
-}
-fn is_zero_i64(v: &i64) -> bool {
-    *v == 0
-}
-
-/// etcd's `HashKVRequest` as JSON.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PeerHashKvRequest {
-    #[serde(default, skip_serializing_if = "is_zero_i64")]
-    pub revision: i64,
-}
-
-impl PeerHashKv {
-    /// The answer for `h` on a member at `current` revision.
-    pub fn new(h: KeyValueHash, current: i64) -> PeerHashKv {
-        PeerHashKv {
-            header: PeerHeader { revision: current, ..Default::default() },
-            hash: h.hash,
-            compact_revision: h.compact_revision,
-            hash_revision: h.revision,
-        }
-    }
-}
-
-/// Why a peer gave no hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerError {
-    /// The revision is compacted on the peer.
-    Compacted,
-    /// The revision is ahead of the peer.
-    FutureRev,
-    ClusterIdMismatch,
-    Other(String),
-}
-
-/// One peer's answer.
-#[derive(Debug, Clone)]
-pub struct PeerHash {
-    pub id: u64,
-    pub answer: Result<PeerHashKv, PeerError>,
 }
 
 /// etcd's `InitialCheck` verdict: the peers whose hash differs at the same compaction revision
@@ -376,6 +258,7 @@ pub async fn run_compact_hash(server: Arc<Server>, transport: Transport, every: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_hash::PeerHashKv;
 
     fn h(hash: u32, compact_revision: i64, revision: i64) -> KeyValueHash {
         KeyValueHash { hash, compact_revision, revision }
@@ -383,29 +266,6 @@ mod tests {
 
     fn peer(id: u64, hash: u32, compact_revision: i64, revision: i64) -> PeerHash {
         PeerHash { id, answer: Ok(PeerHashKv::new(h(hash, compact_revision, revision), revision)) }
-    }
-
-    #[test]
-    fn compaction_hashes_keep_the_newest_ten() {
-        let s = CompactionHashes::default();
-        for r in 1..=12 {
-            s.store(h(r as u32, r - 1, r));
-        }
-        let all = s.newest_first();
-        assert_eq!(all.len(), 10);
-        assert_eq!((all[0].revision, all[9].revision), (12, 3));
-        assert_eq!(s.at(2), None);
-        assert_eq!(s.at(7), Some(h(7, 6, 7)));
-    }
-
-    #[test]
-    fn peer_json_is_etcds() {
-        let r = PeerHashKv::new(h(7, -1, 10), 12);
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"header":{"revision":12},"hash":7,"compact_revision":-1,"hash_revision":10}"#);
-        let back: PeerHashKv = serde_json::from_str(r#"{"header":{"revision":3},"hash_revision":3}"#).unwrap();
-        assert_eq!(back, PeerHashKv { header: PeerHeader { revision: 3, ..Default::default() }, hash_revision: 3, ..Default::default() });
-        let req: PeerHashKvRequest = serde_json::from_str("{}").unwrap();
-        assert_eq!(req.revision, 0);
     }
 
     #[test]

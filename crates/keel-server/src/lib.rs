@@ -32,6 +32,7 @@ pub mod corruption;
 pub mod discovery;
 pub mod entry;
 pub mod error;
+pub mod kv_hash;
 pub mod lease_duties;
 pub mod membership;
 pub mod peer;

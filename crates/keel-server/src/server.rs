@@ -79,14 +79,14 @@ impl Server {
     }
 
     /// The hashes this member computed when it scheduled its newest compactions.
-    pub fn compaction_hashes(&self) -> &crate::corruption::CompactionHashes {
+    pub fn compaction_hashes(&self) -> &crate::kv_hash::CompactionHashes {
         &self.state.hashes
     }
 
     /// etcd's `HashByRev`: the hash stored for compaction revision `rev` if there is one, else
     /// the key space hashed up to `rev` (0: the current revision); with the current revision.
     /// The error is etcd's text (`mvcc: required revision has been compacted`, ...).
-    pub async fn hash_by_rev(&self, rev: i64) -> Result<(crate::corruption::KeyValueHash, i64), String> {
+    pub async fn hash_by_rev(&self, rev: i64) -> Result<(crate::kv_hash::KeyValueHash, i64), String> {
         if rev > 0 {
             if let Some(h) = self.state.hashes.at(rev) {
                 return Ok((h, self.store().current_rev()));
@@ -97,7 +97,7 @@ impl Server {
         let (hash, current, compacted) =
             tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         let compact_revision = if compacted == 0 { -1 } else { compacted };
-        Ok((crate::corruption::KeyValueHash { hash, compact_revision, revision }, current))
+        Ok((crate::kv_hash::KeyValueHash { hash, compact_revision, revision }, current))
     }
 
     /// The storage version: the applied cluster version's major.minor.0; None until a leader

@@ -501,8 +501,8 @@ impl Transport {
         id: u64,
         rev: i64,
         timeout: Duration,
-    ) -> Result<crate::corruption::PeerHashKv, crate::corruption::PeerError> {
-        use crate::corruption::{PeerError, PeerHashKvRequest, HASH_KV_PATH};
+    ) -> Result<crate::kv_hash::PeerHashKv, crate::kv_hash::PeerError> {
+        use crate::kv_hash::{PeerError, PeerHashKvRequest, HASH_KV_PATH};
         let body = serde_json::to_vec(&PeerHashKvRequest { revision: rev }).map_err(|e| PeerError::Other(e.to_string()))?;
         let headers = [("Content-Type", "application/json".to_string()), ("X-Etcd-Cluster-ID", id_string(self.inner.cluster_id))];
         let mut last = PeerError::Other(format!("member {} has no peer URL", id_string(id)));
