@@ -701,6 +701,8 @@ pub struct Scrape {
     /// Every member's ID.
     pub members: Vec<u64>,
     pub db_size: u64,
+    /// The backend's bytes in use (pages; etcd's "in use").
+    pub db_size_in_use: u64,
     pub data_size: u64,
     pub keys: usize,
     pub current_revision: i64,
@@ -730,7 +732,7 @@ pub fn render(s: &Scrape) -> String {
     m.slow_watchers.set(w.slow_watchers());
     advance_to(&m.events, w.events());
     m.db_size.set(s.db_size as i64);
-    m.db_size_in_use.set(s.data_size.min(s.db_size) as i64);
+    m.db_size_in_use.set(s.db_size_in_use.min(s.db_size) as i64);
     m.keys_total.set(s.keys as i64);
     m.current_revision.set(s.current_revision);
     m.compact_revision.set(s.compacted_revision);

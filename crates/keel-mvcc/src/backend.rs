@@ -334,6 +334,17 @@ impl Backend {
     pub fn size(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
+
+    /// Bytes of the file's pages in use (allocated to the tables and redb's own records; the
+    /// rest is free space a defragmentation gives back): etcd's "in use", bbolt's pages less its
+    /// free list. redb counts them by walking every table, under a write transaction: a call
+    /// costs a read of the whole file and holds commits back meanwhile.
+    pub fn pages_in_use(&self) -> Result<u64, BackendError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let st = tx.stats().map_err(|e| self.err(e))?;
+        tx.abort().map_err(|e| self.err(e))?;
+        Ok(st.allocated_pages() * st.page_size() as u64)
+    }
 }
 
 /// A read-only view of the committed key table.

@@ -45,6 +45,9 @@ pub struct Store {
     /// Bytes of the auxiliary records (names and values), kept as they change: the quota check
     /// reads it on every write, and there is one record per lease.
     aux_bytes: u64,
+    /// The backend's pages in use when last counted, and [`Store::data_size`] then: what is in
+    /// use now is estimated from them ([`Store::db_size_in_use`]).
+    in_use_base: (u64, u64),
     meta: Meta,
     committed: Meta,
     /// Fill in prev_kv on every event (some watcher asked for it).
@@ -121,7 +124,8 @@ impl Store {
             "mvcc: restored store"
         );
         let aux = backend.read_aux()?;
-        let aux_bytes = aux.iter().map(|(k, v)| aux_size(k, v)).sum();
+        let aux_bytes: u64 = aux.iter().map(|(k, v)| aux_size(k, v)).sum();
+        let in_use_base = (backend.pages_in_use()?, data_bytes + aux_bytes);
         Ok(Store {
             backend,
             index,
@@ -130,6 +134,7 @@ impl Store {
             aux,
             aux_dirty: BTreeMap::new(),
             aux_bytes,
+            in_use_base,
             committed: meta,
             meta,
             events_with_prev: false,
@@ -337,8 +342,10 @@ impl Store {
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("mvcc::defrag", |_| std::process::abort());
+        let in_use = copy.pages_in_use()?;
         let new = copy.rename_to(self.backend.path())?;
         let old = std::mem::replace(&mut self.backend, new);
+        self.in_use_base = (in_use, self.data_size());
         Ok((replayed, old))
     }
 
@@ -347,6 +354,16 @@ impl Store {
     pub fn move_to(&mut self, dest: &Path) -> Result<(), BackendError> {
         self.backend = self.backend.clone().rename_to(dest)?;
         Ok(())
+    }
+
+    /// The backend's bytes in use (etcd's `dbSizeInUse`): its pages in use when they were last
+    /// counted (at open and after a defragmentation), moved by the data written or compacted
+    /// away since; at most the file's size. A compaction makes it fall and the file does not
+    /// shrink: the difference is what a defragmentation would give back, as on etcd.
+    pub fn db_size_in_use(&self) -> u64 {
+        let (pages, data) = self.in_use_base;
+        let now = (pages as i128 + self.data_size() as i128 - data as i128).max(0) as u64;
+        now.min(self.db_size())
     }
 
     /// Abandons a defragmentation (the copy failed).

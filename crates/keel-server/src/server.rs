@@ -224,6 +224,7 @@ impl Server {
             quota_backend_bytes: self.cfg().quota_backend_bytes_reported(),
             members,
             db_size: store.db_size(),
+            db_size_in_use: store.db_size_in_use(),
             data_size: store.data_size(),
             keys: store.live_key_count(),
             current_revision: store.current_rev(),

@@ -590,7 +590,7 @@ async fn bootstrap(cfg: &Config, initial: &Members, dialer: &peer::Dialer) -> Re
 async fn bootstrap_defrag(server: Arc<Server>, threshold: u64) {
     let (size, in_use) = {
         let store = server.store();
-        (store.db_size(), store.data_size().min(store.db_size()))
+        (store.db_size(), store.db_size_in_use())
     };
     let free = size - in_use;
     if free < threshold {

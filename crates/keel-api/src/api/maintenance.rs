@@ -79,7 +79,7 @@ impl Maintenance for MaintenanceService {
         let s = &self.server;
         let (rev, db_size, in_use) = {
             let store = s.store();
-            (store.current_rev(), store.db_size(), store.data_size())
+            (store.current_rev(), store.db_size(), store.db_size_in_use())
         };
         let st = s.raft();
         let is_learner = s.members().get(s.member_id()).map(|m| m.is_learner).unwrap_or(false);
