@@ -69,6 +69,8 @@ const DEFRAG_TAIL_LIMIT: usize = 2_000_000;
 
 #[derive(Default)]
 struct DefragTail {
+    /// [`Store::data_size`] when the copy began: the copy's pages in use hold that much data.
+    data_at_begin: u64,
     changes: Changes,
     aux: BTreeMap<String, Vec<u8>>,
     meta: Option<Meta>,
@@ -318,15 +320,17 @@ impl Store {
             return Err(BackendError { path: self.backend.path().to_path_buf(), msg: "a defragmentation is already running".into() });
         }
         self.commit()?;
-        self.defrag = Some(DefragTail::default());
+        self.defrag = Some(DefragTail { data_at_begin: self.data_size(), ..Default::default() });
         Ok(self.backend.clone())
     }
 
     /// Ends a defragmentation: the batches committed since it began are written to `copy`, which
-    /// then replaces the backend file. Returns how many records were replayed, and the old
-    /// backend: dropping it closes the old file, which takes a while for a big one, so the caller
-    /// should drop it without holding the store. On error the old backend stays in use.
-    pub fn finish_defrag(&mut self, copy: Backend) -> Result<(usize, Backend), BackendError> {
+    /// then replaces the backend file. `copy_in_use`: the copy's pages in use before those
+    /// batches ([`Backend::pages_in_use`], counted by the caller without holding the store).
+    /// Returns how many records were replayed, and the old backend: dropping it closes the old
+    /// file, which takes a while for a big one, so the caller should drop it without holding the
+    /// store. On error the old backend stays in use.
+    pub fn finish_defrag(&mut self, copy: Backend, copy_in_use: u64) -> Result<(usize, Backend), BackendError> {
         // The last batch goes into the tail too.
         let committed = self.commit();
         let fail = |msg: &str| BackendError { path: self.backend.path().to_path_buf(), msg: msg.to_string() };
@@ -342,10 +346,9 @@ impl Store {
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("mvcc::defrag", |_| std::process::abort());
-        let in_use = copy.pages_in_use()?;
         let new = copy.rename_to(self.backend.path())?;
         let old = std::mem::replace(&mut self.backend, new);
-        self.in_use_base = (in_use, self.data_size());
+        self.in_use_base = (copy_in_use, tail.data_at_begin);
         Ok((replayed, old))
     }
 

@@ -171,18 +171,26 @@ impl Server {
         let before = self.store().db_size();
         let backend = store.exclusive().store.begin_defrag()?;
         let dest = keel_mvcc::store::defrag_path(backend.path());
-        let copied = tokio::task::spawn_blocking(move || backend.copy_to(&dest)).await.unwrap_or_else(|e| {
+        // The copy, and its pages in use counted (a walk of the new file) before the store is
+        // held for the swap.
+        let copied = tokio::task::spawn_blocking(move || {
+            let (copy, _) = backend.copy_to(&dest)?;
+            let in_use = copy.pages_in_use()?;
+            Ok((copy, in_use))
+        })
+        .await
+        .unwrap_or_else(|e| {
             Err(keel_mvcc::backend::BackendError { path: std::path::PathBuf::new(), msg: format!("defragment task failed: {e}") })
         });
-        let copy = match copied {
-            Ok((copy, _)) => copy,
+        let (copy, copy_in_use) = match copied {
+            Ok(c) => c,
             Err(e) => {
                 store.write().abort_defrag();
                 return Err(e);
             }
         };
         let held = std::time::Instant::now();
-        let (replayed, old) = store.exclusive().store.finish_defrag(copy)?;
+        let (replayed, old) = store.exclusive().store.finish_defrag(copy, copy_in_use)?;
         let stall = held.elapsed();
         // Closing the old file (redb flushes its allocator state) happens off the store lock.
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
