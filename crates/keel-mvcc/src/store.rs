@@ -46,8 +46,9 @@ pub struct Store {
     /// reads it on every write, and there is one record per lease.
     aux_bytes: u64,
     /// The backend's pages in use when last counted, and [`Store::data_size`] then: what is in
-    /// use now is estimated from them ([`Store::db_size_in_use`]).
-    in_use_base: (u64, u64),
+    /// use now is estimated from them ([`Store::db_size_in_use`]). None until counted (a walk
+    /// of the whole file: not at open, where it would lengthen every restart).
+    in_use_base: Option<(u64, u64)>,
     meta: Meta,
     committed: Meta,
     /// Fill in prev_kv on every event (some watcher asked for it).
@@ -127,7 +128,6 @@ impl Store {
         );
         let aux = backend.read_aux()?;
         let aux_bytes: u64 = aux.iter().map(|(k, v)| aux_size(k, v)).sum();
-        let in_use_base = (backend.pages_in_use()?, data_bytes + aux_bytes);
         Ok(Store {
             backend,
             index,
@@ -136,7 +136,7 @@ impl Store {
             aux,
             aux_dirty: BTreeMap::new(),
             aux_bytes,
-            in_use_base,
+            in_use_base: None,
             committed: meta,
             meta,
             events_with_prev: false,
@@ -348,7 +348,7 @@ impl Store {
         fail::fail_point!("mvcc::defrag", |_| std::process::abort());
         let new = copy.rename_to(self.backend.path())?;
         let old = std::mem::replace(&mut self.backend, new);
-        self.in_use_base = (copy_in_use, tail.data_at_begin);
+        self.in_use_base = Some((copy_in_use, tail.data_at_begin));
         Ok((replayed, old))
     }
 
@@ -360,13 +360,23 @@ impl Store {
     }
 
     /// The backend's bytes in use (etcd's `dbSizeInUse`): its pages in use when they were last
-    /// counted (at open and after a defragmentation), moved by the data written or compacted
-    /// away since; at most the file's size. A compaction makes it fall and the file does not
-    /// shrink: the difference is what a defragmentation would give back, as on etcd.
+    /// counted ([`Store::set_pages_in_use`], and after a defragmentation), moved by the data
+    /// written or compacted away since; at most the file's size. A compaction makes it fall and
+    /// the file does not shrink: the difference is what a defragmentation would give back, as on
+    /// etcd. Before the first count: the data's bytes.
     pub fn db_size_in_use(&self) -> u64 {
-        let (pages, data) = self.in_use_base;
-        let now = (pages as i128 + self.data_size() as i128 - data as i128).max(0) as u64;
+        let now = match self.in_use_base {
+            Some((pages, data)) => (pages as i128 + self.data_size() as i128 - data as i128).max(0) as u64,
+            None => self.data_size(),
+        };
         now.min(self.db_size())
+    }
+
+    /// Records the backend's pages in use, `pages`, counted ([`Backend::pages_in_use`], without
+    /// holding the store) when the data's size was `data`; unless a defragmentation counted
+    /// them since.
+    pub fn set_pages_in_use(&mut self, pages: u64, data: u64) {
+        self.in_use_base.get_or_insert((pages, data));
     }
 
     /// Abandons a defragmentation (the copy failed).

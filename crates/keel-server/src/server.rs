@@ -241,6 +241,11 @@ impl Server {
         }
     }
 
+    /// Records the backend's pages in use (see `keel_mvcc::Store::set_pages_in_use`).
+    pub fn set_pages_in_use(&self, pages: u64, data: u64) {
+        self.state.store.write().set_pages_in_use(pages, data);
+    }
+
     pub fn store(&self) -> RwLockReadGuard<'_, Store> {
         self.state.store.read()
     }

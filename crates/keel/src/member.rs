@@ -279,6 +279,19 @@ impl Member {
             tokio::spawn(bootstrap_defrag(self.server.clone(), self.cfg.bootstrap_defrag_threshold_megabytes << 20));
         }
         tokio::spawn(compactor::run(self.server.clone(), auto_compaction));
+        // Status' "in use" counts the backend's pages: a walk of the whole file, done once in
+        // the background rather than at open (it would lengthen every restart).
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || {
+            let (backend, data) = {
+                let store = server.store();
+                (store.backend(), store.data_size())
+            };
+            match backend.pages_in_use() {
+                Ok(pages) => server.set_pages_in_use(pages, data),
+                Err(e) => tracing::warn!(error = %e, "cannot count the backend's pages in use"),
+            }
+        });
         tokio::spawn(lease_duties::run(self.server.clone()));
         tokio::spawn(keel_server::cluster_version::run(self.server.clone(), self.transport.clone()));
         if !self.cfg.corrupt_check_time().is_zero() {
