@@ -553,7 +553,7 @@ impl Applier {
                     let (hashes, revision) = (self.hashes.clone(), c.revision);
                     let spawned = std::thread::Builder::new().name("compaction-hash".into()).spawn(move || match plan.run() {
                         Ok((hash, _, compacted)) => {
-                            let compact_revision = if compacted == 0 { -1 } else { compacted };
+                            let compact_revision = crate::kv_hash::compact_revision(compacted);
                             hashes.store(crate::kv_hash::KeyValueHash { hash, compact_revision, revision });
                         }
                         Err(e) => tracing::warn!(revision, error = %e, "cannot hash the key space at the compaction revision"),

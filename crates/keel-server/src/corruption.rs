@@ -11,6 +11,7 @@
 //! members' hashes.
 
 use crate::kv_hash::{KeyValueHash, PeerError, PeerHash};
+use crate::rafthttp::handshake::id_string as hex;
 use crate::rafthttp::Transport;
 use crate::server::Server;
 use keel_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
@@ -18,10 +19,6 @@ use keel_proto::keelpb::internal_raft_request::Request;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-fn hex(id: u64) -> String {
-    format!("{id:x}")
-}
 
 /// etcd's `InitialCheck` verdict: the peers whose hash differs at the same compaction revision
 /// (empty: no corruption found). Peers that could not answer, or compacted differently, are

@@ -21,6 +21,15 @@ pub struct KeyValueHash {
     pub revision: i64,
 }
 
+/// etcd's compaction revision in a hash: -1 for a store never compacted (Keel's 0).
+pub fn compact_revision(compacted: i64) -> i64 {
+    if compacted == 0 {
+        -1
+    } else {
+        compacted
+    }
+}
+
 /// The hashes this member computed when it scheduled its newest compactions (etcd's
 /// `hashStorage`): a peer asked for the hash at a compaction revision gets the one computed
 /// before that compaction, so that members compare the same data whatever their compaction's

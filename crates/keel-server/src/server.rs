@@ -96,7 +96,7 @@ impl Server {
         let revision = plan.revision();
         let (hash, current, compacted) =
             tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        let compact_revision = if compacted == 0 { -1 } else { compacted };
+        let compact_revision = crate::kv_hash::compact_revision(compacted);
         Ok((crate::kv_hash::KeyValueHash { hash, compact_revision, revision }, current))
     }
 

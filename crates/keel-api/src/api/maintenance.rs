@@ -145,8 +145,7 @@ impl Maintenance for MaintenanceService {
         let (hash, cur, compacted) =
             tokio::task::spawn_blocking(move || plan.run()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(errors::kv)?;
         keel_metrics::METRICS.hash_rev.observe(t0.elapsed().as_secs_f64());
-        // etcd reports -1 for a store that was never compacted.
-        let compact_revision = if compacted == 0 { -1 } else { compacted };
+        let compact_revision = keel_server::kv_hash::compact_revision(compacted);
         Ok(Response::new(HashKvResponse { header: self.server.header(cur), hash, compact_revision, hash_revision }))
     }
 
