@@ -92,6 +92,13 @@ pub struct RangeArgs {
     /// Read every key (KEY and END are ignored: the range ["\0", "\0")).
     #[arg(long)]
     all_keys: bool,
+    /// Each request reads one key picked at random among this many, named as `put` names them
+    /// (KEY and END are ignored; 0: read KEY).
+    #[arg(long, default_value_t = 0)]
+    key_space_size: u64,
+    /// Size of those keys (as `put --key-size`).
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -262,8 +269,13 @@ pub async fn run(ctx: &Ctx, cmd: &Cmd) -> Result<Report> {
                 ..Default::default()
             };
             let name = if req.serializable { "range (serializable)" } else { "range (linearizable)" };
+            let (space, key_size) = (a.key_space_size, a.key_size);
             drive(ctx, name, &a.common, move |c, _| {
-                let (kvs, req, token) = (kvs.clone(), req.clone(), token.clone());
+                let (kvs, mut req, token) = (kvs.clone(), req.clone(), token.clone());
+                if space > 0 {
+                    req.key = key_bytes(rand::random::<u64>() % space, key_size);
+                    req.range_end = Vec::new();
+                }
                 async move { kvs[c].lock().await.range(token_req(&token, req)).await.map(|_| ()) }
             })
             .await

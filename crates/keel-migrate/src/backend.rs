@@ -47,8 +47,10 @@ pub struct Imported {
     pub revisions: usize,
 }
 
-/// Records per backend transaction while importing.
+/// Records, and bytes, per backend transaction while importing: what is held in memory at once
+/// (10,000 values of 16 KiB would be 160 MB).
 const BATCH: usize = 10_000;
+const BATCH_BYTES: usize = 8 << 20;
 
 fn be_u64(v: &[u8], what: &str) -> Result<u64> {
     let b: [u8; 8] = v.get(..8).and_then(|b| b.try_into().ok()).with_context(|| format!("{what}: {} bytes, want 8", v.len()))?;
@@ -73,6 +75,7 @@ fn import_into(src: &keel_bbolt::Db, dest: &Path) -> Result<Imported> {
     let mut imported = Imported::default();
     let mut batch: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::with_capacity(BATCH);
     let mut max_rev = 0i64;
+    let mut bytes = 0usize;
     let mut failed: Option<anyhow::Error> = None;
     let found = src.for_each(b"key", &mut |k, v| {
         let bad = |msg: String| keel_bbolt::Error { file: "key bucket".into(), offset: 0, msg };
@@ -81,7 +84,9 @@ fn import_into(src: &keel_bbolt::Db, dest: &Path) -> Result<Imported> {
         max_rev = max_rev.max(rev.main);
         batch.push((TABLE_KEYS, k.to_vec(), v.to_vec()));
         imported.revisions += 1;
-        if batch.len() >= BATCH {
+        bytes += k.len() + v.len();
+        if batch.len() >= BATCH || bytes >= BATCH_BYTES {
+            bytes = 0;
             if let Err(e) = out.load(&batch, None) {
                 failed = Some(e.into());
                 return Err(bad("backend write failed".into()));

@@ -82,10 +82,22 @@ impl Backend {
             std::fs::create_dir_all(dir).map_err(|e| mk(&e))?;
         }
         let new = !path.exists();
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| mk(&e))?;
+        let shown = path.display().to_string();
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .set_repair_callback(move |session| {
+                // Only a file whose last commit did not record the allocator state (one written
+                // before quick repair, or by an older Keel) is walked in full.
+                if session.progress() == 0.0 {
+                    tracing::warn!(path = %shown, "backend was not shut down cleanly and has no recorded allocator state: checking and repairing the whole file");
+                }
+            })
+            .create(path)
+            .map_err(|e| mk(&e))?;
         let b = Backend { db: std::sync::Arc::new(db), path: path.to_path_buf() };
         // Make sure both tables exist so that read transactions can always open them.
-        let tx = b.db.begin_write().map_err(|e| b.err(e))?;
+        let mut tx = b.db.begin_write().map_err(|e| b.err(e))?;
+        tx.set_quick_repair(true);
         {
             tx.open_table(KEYS).map_err(|e| b.err(e))?;
             tx.open_table(META).map_err(|e| b.err(e))?;
@@ -140,7 +152,11 @@ impl Backend {
 
     /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
     pub fn commit(&self, changes: &Changes, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        // Quick repair: the commit records redb's allocator state (two-phase commit), so that
+        // opening the file after a crash loads it instead of walking and checksumming every page
+        // (a full repair reads the whole file: seconds per GB).
+        tx.set_quick_repair(true);
         {
             let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;
             for (k, v) in aux {
@@ -242,7 +258,9 @@ impl Backend {
 
     fn load_with(&self, records: &[(u32, Vec<u8>, Vec<u8>)], meta: Option<&Meta>, durable: bool) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        if !durable {
+        if durable {
+            tx.set_quick_repair(true);
+        } else {
             tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
         }
         {

@@ -90,6 +90,20 @@ pub fn defrag_path(db: &Path) -> std::path::PathBuf {
     p.into()
 }
 
+/// The fields of a stored mvccpb.KeyValue the index is rebuilt from at open: the value (field 5)
+/// and mod_revision (3, the record's own key) are skipped by the decoder, not copied.
+#[derive(Clone, PartialEq, prost::Message)]
+struct IndexFields {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(int64, tag = "2")]
+    create_revision: i64,
+    #[prost(int64, tag = "4")]
+    version: i64,
+    #[prost(int64, tag = "6")]
+    lease: i64,
+}
+
 fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
     KeyValue::decode(bytes).map_err(|e| KvError::Corrupt(format!("undecodable key-value record: {e}")))
 }
@@ -107,7 +121,7 @@ impl Store {
         let bad = |msg: String| BackendError { path: path.to_path_buf(), msg };
         backend.scan(|k, v| {
             let (rev, tomb) = Revision::from_key(k).ok_or_else(|| bad(format!("bad revision key {k:?}")))?;
-            let kv = KeyValue::decode(v).map_err(|e| bad(format!("bad record at {rev:?}: {e}")))?;
+            let kv = IndexFields::decode(v).map_err(|e| bad(format!("bad record at {rev:?}: {e}")))?;
             let size = (k.len() + v.len()) as u32;
             data_bytes += size as u64;
             index.restore(&kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease, size);

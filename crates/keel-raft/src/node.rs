@@ -121,6 +121,8 @@ enum Msg {
     },
     /// One tick (with [`NodeConfig::manual_ticks`]).
     Tick,
+    /// Ticks at once, while no leader is known (see [`NodeHandle::advance_ticks`]).
+    AdvanceTicks(usize),
     Stop,
 }
 
@@ -229,6 +231,13 @@ impl NodeHandle {
     /// interval); waits while the inbox is full.
     pub fn tick(&self) {
         self.send_waiting(Msg::Tick);
+    }
+
+    /// Moves the election clock `n` ticks on at once if this member knows no leader (etcd's
+    /// fast-forward at start, once peers are connected: a restarted cluster elects in a few
+    /// ticks instead of a whole election timeout). Ignored once a leader is known.
+    pub fn advance_ticks(&self, n: usize) {
+        self.send_waiting(Msg::AdvanceTicks(n));
     }
 
     /// Wakes the raft thread if it sleeps (its transport has something for it to read).
@@ -542,6 +551,13 @@ impl<T: Transport> Driver<T> {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Tick => self.tick(),
+            Msg::AdvanceTicks(n) => {
+                if self.node.raft.leader_id == raft::INVALID_ID {
+                    for _ in 0..n {
+                        self.tick();
+                    }
+                }
+            }
             Msg::Propose { data, done, at, priority } => {
                 let r = self.apply_gap_ok(priority).and_then(|()| self.node.propose(vec![], data).map_err(|_| ProposeError::NoLeader));
                 let placed = r.map(|()| self.proposed());

@@ -127,10 +127,11 @@ impl Member {
         );
         let compaction = keel_server::apply::Compaction { batch: cfg.compaction_batch_limit(), sleep: cfg.compaction_sleep_interval() };
         let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone(), compaction);
+        let node_cfg_election_ticks = (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize;
         let node_cfg = NodeConfig {
             id: identity.member_id,
             tick: cfg.heartbeat(),
-            election_ticks: (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize,
+            election_ticks: node_cfg_election_ticks,
             snapshot_count: cfg.snapshot_count.max(1),
             catchup_entries: cfg.snapshot_catchup_entries(),
             apply_queue: keel_raft::apply::QUEUE,
@@ -140,6 +141,7 @@ impl Member {
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;
         transport.set_node(node.clone());
         transport.keep_connected();
+        fast_forward_election(&peer_rt, transport.clone(), node.clone(), node_cfg_election_ticks, cfg.heartbeat());
         let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<bool>();
         std::thread::spawn(move || {
             let ok = matches!(join.join(), Ok(Ok(())));
@@ -656,6 +658,36 @@ async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
     );
     let _ = ready.send(true);
     tracing::info!("ready to serve client requests");
+}
+
+/// etcd's fast-forward of the election clock at start: once a stream to another member is up
+/// (waiting up to 5 s, etcd's connection read timeout), the clock is moved to two ticks short of
+/// an election timeout, so that a cluster whose members all restarted elects within a few ticks
+/// rather than a whole randomized timeout. Nothing happens once a leader is known (a member that
+/// restarts into a live cluster hears its heartbeats first), nor in a cluster of one (it
+/// campaigns at once).
+fn fast_forward_election(rt: &tokio::runtime::Handle, transport: keel_server::rafthttp::Transport, node: keel_raft::NodeHandle, election_ticks: usize, tick: std::time::Duration) {
+    let forward = election_ticks.saturating_sub(2);
+    if forward == 0 {
+        return;
+    }
+    rt.spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let active = transport.active_peers();
+            if active > 0 {
+                tracing::info!(
+                    forward_ticks = forward,
+                    forward_duration = ?tick * forward as u32,
+                    election_ticks,
+                    active_remote_members = active,
+                    "initialized peer connections; fast-forwarding election ticks"
+                );
+                node.advance_ticks(forward);
+                return;
+            }
+        }
+    });
 }
 
 async fn wait_for_shutdown() {
