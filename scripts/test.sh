@@ -41,6 +41,9 @@ scripts/e2e.sh --suite 3.7 --quick
 # etcd 3.6.16's suite: the listed tests less those marked slow or flaky, and less those the 3.7
 # list has (they just ran, from 3.7's suite; the whole list: scripts/e2e.sh --suite 3.6).
 scripts/e2e.sh --suite 3.6 --quick --except tests/e2e37-passing.txt
+# Issue 26's scale matrix at a smoke size (2,000 keys of 1 KiB, 200 of 16 KiB; Keel and etcd
+# 3.7.3): every step runs and yields its figure.
+KEEL_BIN=target/release/keel KEEL_BENCH_BIN=target/release/keel-bench BENCH_SCALE_SMOKE=1 scripts/bench-scale.sh target/bench-scale/smoke.md
 # etcd 3.7.3's robustness suite: its Regression scenarios that need no gofail, with the members'
 # WALs read by etcd's reader and watches and serializable reads validated.
 scripts/robustness.sh

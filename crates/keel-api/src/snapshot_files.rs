@@ -21,7 +21,7 @@ impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
     fn export(&self, out: std::fs::File) -> Result<()> {
         self.store.commit().context("commit before a snapshot")?;
         let backend = self.store.read().backend();
-        keel_migrate::backend::export(&backend, out)?;
+        keel_migrate::backend::export_staged(&backend, out)?;
         Ok(())
     }
 
@@ -29,12 +29,14 @@ impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
         let db = keel_bbolt::Db::open(bolt).with_context(|| format!("open the received backend {}", bolt.display()))?;
         let imported = keel_migrate::backend::import(&db, dest)?;
         if !imported.members.is_empty() {
-            let mut store = keel_mvcc::Store::open(dest)?;
+            // The member list goes straight into the backend (opening a store would rebuild its
+            // key index only to drop it: the install opens the backend again).
+            let backend = keel_mvcc::backend::Backend::open(dest)?;
             let mut removed = imported.removed;
             removed.sort_unstable();
             let members = Members { cluster_id: self.cluster_id, members: imported.members, removed };
-            store.set_aux(AUX_MEMBERS, members.encode());
-            store.commit()?;
+            let meta = backend.read_meta()?;
+            backend.load(&[(keel_mvcc::backend::TABLE_AUX, AUX_MEMBERS.as_bytes().to_vec(), members.encode())], Some(&meta))?;
         }
         Ok(())
     }

@@ -179,6 +179,15 @@ fn members_json(m: &Members) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
 /// storage version that follows it (`meta` bucket, as etcd 3.6+ marks its schema: an etcd
 /// older than the cluster version refuses the file, as it refuses etcd's own).
 pub fn export(src: &Backend, out: std::fs::File) -> Result<std::fs::File> {
+    let out = export_staged(src, out)?;
+    out.sync_all()?;
+    Ok(out)
+}
+
+/// [`export`] without the final fsync: for a copy that only stages bytes to send (a raft
+/// snapshot, the Snapshot RPC's stream) and is deleted afterwards, where a crash loses nothing
+/// and syncing gigabytes would only hold up the WAL's fsyncs on the same disk.
+pub fn export_staged(src: &Backend, out: std::fs::File) -> Result<std::fs::File> {
     let mut w = keel_bbolt::Writer::new(std::io::BufWriter::with_capacity(1 << 20, out))?;
     w.bucket(b"key")?;
     let mut aux: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -269,7 +278,6 @@ pub fn export(src: &Backend, out: std::fs::File) -> Result<std::fs::File> {
     }
     bucket(&mut w, b"meta", m)?;
     let out = w.finish()?.into_inner().map_err(|e| e.into_error())?;
-    out.sync_all()?;
     Ok(out)
 }
 

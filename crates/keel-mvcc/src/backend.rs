@@ -45,6 +45,8 @@ pub struct Meta {
 pub struct Backend {
     db: std::sync::Arc<Database>,
     path: PathBuf,
+    /// Opening the file walked and checked all of it (see [`Backend::repaired`]).
+    repaired: bool,
 }
 
 /// Told how long each backend batch commit took (the server's metrics); set once at start.
@@ -83,18 +85,21 @@ impl Backend {
         }
         let new = !path.exists();
         let shown = path.display().to_string();
+        let repairing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = repairing.clone();
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .set_repair_callback(move |session| {
                 // Only a file whose last commit did not record the allocator state (one written
                 // before quick repair, or by an older Keel) is walked in full.
-                if session.progress() == 0.0 {
-                    tracing::warn!(path = %shown, "backend was not shut down cleanly and has no recorded allocator state: checking and repairing the whole file");
+                if !seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(path = %shown, progress = session.progress(), "backend was not shut down cleanly and has no recorded allocator state: checking and repairing the whole file");
                 }
             })
             .create(path)
             .map_err(|e| mk(&e))?;
-        let b = Backend { db: std::sync::Arc::new(db), path: path.to_path_buf() };
+        let repaired = repairing.load(std::sync::atomic::Ordering::Relaxed);
+        let b = Backend { db: std::sync::Arc::new(db), path: path.to_path_buf(), repaired };
         // Make sure both tables exist so that read transactions can always open them.
         let mut tx = b.db.begin_write().map_err(|e| b.err(e))?;
         tx.set_quick_repair(true);
@@ -109,6 +114,14 @@ impl Backend {
             sync_parent(path)?;
         }
         Ok(b)
+    }
+
+    /// True when opening the file had to walk and checksum all of it to rebuild redb's
+    /// allocator state (seconds per GB): its last commit before a crash did not record that
+    /// state. Every commit of this backend records it (redb's quick repair), so only a file
+    /// written otherwise (an older Keel) is walked.
+    pub fn repaired(&self) -> bool {
+        self.repaired
     }
 
     pub fn read_meta(&self) -> Result<Meta, BackendError> {
@@ -320,7 +333,7 @@ impl Backend {
         let mut db =
             std::sync::Arc::try_unwrap(out.db).map_err(|_| BackendError { path: dest.to_path_buf(), msg: "the copy is shared".into() })?;
         db.compact().map_err(|e| BackendError { path: dest.to_path_buf(), msg: e.to_string() })?;
-        Ok((Backend { db: std::sync::Arc::new(db), path: out.path }, meta))
+        Ok((Backend { db: std::sync::Arc::new(db), path: out.path, repaired: false }, meta))
     }
 
     /// A CRC-32C over every key record and auxiliary record of the committed state (the
@@ -390,6 +403,58 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::revision::Revision;
+
+    /// The child half of the crash tests: commits to the backend at `KEEL_CRASH_DB` (through
+    /// [`Backend::commit`], or with a plain redb transaction when `KEEL_CRASH_PLAIN` is set), then
+    /// aborts the process: no clean shutdown.
+    #[test]
+    fn crash_child() {
+        let Ok(path) = std::env::var("KEEL_CRASH_DB") else { return };
+        let b = Backend::open(Path::new(&path)).unwrap();
+        let mut changes = Changes::new();
+        for i in 0..1000u32 {
+            changes.insert(Revision { main: i as i64 + 1, sub: 0 }.to_key(false), Some(vec![b'v'; 500].into()));
+        }
+        b.commit(&changes, &BTreeMap::new(), &Meta { consistent_index: 9, term: 1, current_rev: 1000, compacted_rev: 0 }).unwrap();
+        if std::env::var("KEEL_CRASH_PLAIN").is_ok() {
+            let tx = b.db.begin_write().unwrap();
+            tx.open_table(KEYS).unwrap().insert(b"x".as_slice(), b"y".as_slice()).unwrap();
+            tx.commit().unwrap();
+        }
+        std::process::abort();
+    }
+
+    /// Runs [`crash_child`] in a child process on a fresh backend; returns its path.
+    fn crashed_backend(dir: &Path, plain: bool) -> PathBuf {
+        let path = dir.join("db");
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "backend::tests::crash_child", "--nocapture", "--test-threads=1"]).env("KEEL_CRASH_DB", &path);
+        if plain {
+            cmd.env("KEEL_CRASH_PLAIN", "1");
+        }
+        let st = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().unwrap();
+        assert!(!st.success(), "the child must die without a clean shutdown");
+        path
+    }
+
+    /// After a crash, a backend whose last commit was Keel's opens without walking the file
+    /// (redb's recorded allocator state, quick repair), with what was committed.
+    #[test]
+    fn a_crash_after_a_commit_needs_no_full_repair() {
+        let d = tempfile::tempdir().unwrap();
+        let path = crashed_backend(d.path(), false);
+        let b = Backend::open(&path).unwrap();
+        assert!(!b.repaired(), "opened with the recorded allocator state");
+        assert_eq!(b.read_meta().unwrap().consistent_index, 9);
+        assert_eq!(b.reader().unwrap().get(&Revision { main: 1000, sub: 0 }.to_key(false)).unwrap().map(|v| v.len()), Some(500));
+        // The negative control: a last commit that did not record the state is walked.
+        let d2 = tempfile::tempdir().unwrap();
+        let plain = crashed_backend(d2.path(), true);
+        let b2 = Backend::open(&plain).unwrap();
+        assert!(b2.repaired(), "a commit without quick repair leaves a full repair to the next open");
+        assert_eq!(b2.read_meta().unwrap().consistent_index, 9);
+    }
 
     /// A defragmented copy holds the committed records and is no larger than the pages they use
     /// (redb's fresh file is 1 MiB; etcd's defragmented small store is 20 kB).

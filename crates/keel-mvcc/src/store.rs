@@ -138,6 +138,7 @@ impl Store {
             current_revision = meta.current_rev,
             compacted_revision = meta.compacted_rev,
             keys = index.len(),
+            full_repair = backend.repaired(),
             "mvcc: restored store"
         );
         let aux = backend.read_aux()?;

@@ -184,6 +184,9 @@ pub struct State {
     pub waiters: Arc<Waiters>,
     /// The hashes computed when compactions were scheduled (the corruption checks').
     pub hashes: Arc<crate::kv_hash::CompactionHashes>,
+    /// The newest compaction revision whose deletions are all durable in the backend (a
+    /// physical compaction's caller waits for it; 0 until one finishes after start).
+    pub compacted: Arc<tokio::sync::watch::Sender<i64>>,
 }
 
 pub struct Applier {
@@ -201,9 +204,11 @@ pub struct Applier {
     tokens: Arc<Tokens>,
     alarms: Arc<RwLock<Alarms>>,
     hashes: Arc<crate::kv_hash::CompactionHashes>,
-    /// Set by an entry whose effects must be durable before its caller is answered (a physical
-    /// compaction): the apply commits the backend once the store lock is released.
-    commit_now: std::cell::Cell<bool>,
+    /// Published when a compaction's last batch is durable.
+    compacted: Arc<tokio::sync::watch::Sender<i64>>,
+    /// Set by the batch that finished a compaction (its revision): the backend is committed and
+    /// the revision published on [`State::compacted`] before the next entry.
+    compaction_done: std::cell::Cell<Option<i64>>,
     /// Set by a cluster version lowered (a downgrade): a snapshot is taken after the batch, as
     /// etcd forces one, so that a member restarted as the older release replays no entry of the
     /// newer cluster version (etcd refuses to start on one).
@@ -219,8 +224,10 @@ pub struct Applier {
 
 /// How a compaction is paced (etcd's `--compaction-batch-limit` and
 /// `--compaction-sleep-interval`): batches of `batch` keys, each under the store's write lock
-/// alone, `sleep` apart (the apply stage goes on meanwhile). A physical compaction, whose
-/// caller waits for it, runs its batches back to back.
+/// alone, `sleep` apart (the apply stage goes on meanwhile, and the backend commits the
+/// deletions in its ordinary bounded batches). A physical compaction is paced the same: its
+/// caller waits (as etcd's does, with no request timeout) until the last batch is durable, while
+/// writes go on.
 #[derive(Debug, Clone, Copy)]
 pub struct Compaction {
     pub batch: usize,
@@ -342,7 +349,8 @@ impl Applier {
             tokens: state.tokens.clone(),
             alarms: state.alarms.clone(),
             hashes: state.hashes.clone(),
-            commit_now: std::cell::Cell::new(false),
+            compacted: state.compacted.clone(),
+            compaction_done: std::cell::Cell::new(None),
             snapshot_wish: std::cell::Cell::new(false),
             snapshot_data: std::cell::RefCell::new(None),
         }
@@ -363,7 +371,26 @@ impl Applier {
         store.compact_keys(self.compaction.batch);
         keel_metrics::METRICS.db_compaction_pause.observe(t0.elapsed().as_secs_f64() * 1000.0);
         self.next_compaction_batch.set(std::time::Instant::now() + self.compaction.sleep);
+        if !store.compacting() {
+            self.compaction_done.set(Some(store.compacted_rev()));
+        }
         store.compacting()
+    }
+
+    /// After a compaction's last batch: its deletions made durable, then its revision published
+    /// to the physical compactions waiting for it.
+    fn publish_compaction(&self) {
+        let Some(rev) = self.compaction_done.take() else { return };
+        if let Err(e) = self.store.commit() {
+            fatal("backend commit failed", e);
+        }
+        self.compacted.send_if_modified(|c| {
+            let newer = rev > *c;
+            if newer {
+                *c = rev;
+            }
+            newer
+        });
     }
 
     fn lessor(&self) -> parking_lot::MutexGuard<'_, Lessor> {
@@ -568,8 +595,7 @@ impl Applier {
                 m.db_compaction_total.observe(ms);
                 m.db_compaction_last
                     .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
-                // Physical compaction is done once the deletions are durable in the backend.
-                self.commit_now.set(c.physical);
+                // A physical compaction's caller waits on `State::compacted` (see `Compaction`).
                 Ok((Applied::Compaction(CompactionResponse { header: None }), store.current_rev()))
             }
             Request::ClusterMemberAttrSet(a) => {
@@ -751,14 +777,6 @@ impl keel_raft::StateMachine for Applier {
         }
         store.set_consistent_index(entry.index, entry.term);
         drop(store);
-        if self.commit_now.take() {
-            // A physical compaction: every batch done (each under the write lock on its own,
-            // readers in between), then made durable, before the caller is answered.
-            while self.compact_batch() {}
-            if let Err(e) = self.store.commit() {
-                fatal("backend commit failed", e);
-            }
-        }
         if let Some((id, r)) = outcome {
             if id != 0 {
                 self.waiters.trigger(id, r);
@@ -883,6 +901,7 @@ impl keel_raft::StateMachine for Applier {
                 break;
             }
         }
+        self.publish_compaction();
         if let Err(e) = self.store.commit_if_due() {
             fatal("backend commit failed", e);
         }

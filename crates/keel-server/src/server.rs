@@ -344,6 +344,14 @@ impl Server {
     /// Proposes the member's own request `req` (with no user: etcd's apply checks permissions
     /// only of client writes, lease revokes and auth changes) and waits until it is applied on
     /// this member.
+    /// Waits until the compaction at `rev`, or a newer one, is physically done: every revision
+    /// it supersedes deleted, durably (etcd's `physical` Compact, which waits with no request
+    /// timeout while writes go on).
+    pub async fn wait_compacted(&self, rev: i64) -> Result<(), Error> {
+        let mut rx = self.state.compacted.subscribe();
+        rx.wait_for(|c| *c >= rev).await.map(|_| ()).map_err(|_| Error::Stopped)
+    }
+
     pub async fn propose(&self, req: Request) -> Result<(Applied, i64), Error> {
         self.propose_inner(req, &AuthInfo::default()).await
     }

@@ -524,6 +524,8 @@ fn load_state(store: Store, members: Members, tokens: auth::Tokens) -> State {
     keel_server::apply::load_leases(&store, &mut lessor);
     let auth = auth::AuthStore::load(&store);
     let alarms = alarm::Alarms::load(&store);
+    // A compaction resumed at start publishes its revision when it finishes.
+    let compacted = if store.compacting() { 0 } else { store.compacted_rev() };
     State {
         store: Arc::new(SharedStore::new(store)),
         members: Arc::new(RwLock::new(members)),
@@ -533,6 +535,7 @@ fn load_state(store: Store, members: Members, tokens: auth::Tokens) -> State {
         alarms: Arc::new(RwLock::new(alarms)),
         waiters: Arc::new(Waiters::default()),
         hashes: Arc::default(),
+        compacted: Arc::new(tokio::sync::watch::channel(compacted).0),
     }
 }
 
@@ -666,7 +669,13 @@ async fn publish(server: Arc<Server>, ready: tokio::sync::watch::Sender<bool>) {
 /// rather than a whole randomized timeout. Nothing happens once a leader is known (a member that
 /// restarts into a live cluster hears its heartbeats first), nor in a cluster of one (it
 /// campaigns at once).
-fn fast_forward_election(rt: &tokio::runtime::Handle, transport: keel_server::rafthttp::Transport, node: keel_raft::NodeHandle, election_ticks: usize, tick: std::time::Duration) {
+fn fast_forward_election(
+    rt: &tokio::runtime::Handle,
+    transport: keel_server::rafthttp::Transport,
+    node: keel_raft::NodeHandle,
+    election_ticks: usize,
+    tick: std::time::Duration,
+) {
     let forward = election_ticks.saturating_sub(2);
     if forward == 0 {
         return;

@@ -198,8 +198,12 @@ impl Kv for KvService {
         let who = crate::api::caller(&self.server, &req)?;
         let r = req.into_inner();
         self.server.not_learner().map_err(crate::errors::status)?;
+        let (physical, at) = (r.physical, r.revision);
         match self.server.propose_as(Request::Compaction(r), &who).await.map_err(crate::errors::status)? {
             (Applied::Compaction(mut resp), rev) => {
+                if physical {
+                    self.server.wait_compacted(at).await.map_err(crate::errors::status)?;
+                }
                 resp.header = self.server.header(rev);
                 Ok(Response::new(resp))
             }

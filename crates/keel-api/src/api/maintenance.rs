@@ -40,7 +40,7 @@ async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
     let d = dest.clone();
     let made = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let f = std::fs::File::create(&d)?;
-        keel_migrate::backend::export(&backend, f)?;
+        keel_migrate::backend::export_staged(&backend, f)?;
         Ok(())
     })
     .await

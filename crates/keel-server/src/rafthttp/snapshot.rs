@@ -210,7 +210,9 @@ where
             Some(Err(e)) => return Err(save_failed(e.to_string())),
         };
     }
-    file.sync_all().await.map_err(|e| save_failed(e.to_string()))?;
+    // Not synced: the received file is only the import's input, removed after it; what must be
+    // durable is the imported backend, which the import makes so.
+    file.flush().await.map_err(|e| save_failed(e.to_string()))?;
     drop(file);
     metrics.peer_received_bytes.with_label_values(&[&from]).inc_by(received);
     // The received backend as this member keeps it, then in place under its final name.
