@@ -153,6 +153,9 @@ leader_changes() {
   echo "$t"
 }
 now() { date +%s.%N; }
+# The blocks the leader's backend file takes on the disk, in KiB (its length, Status' dbSize,
+# may be larger: redb grows its file by regions, sparse until used).
+disk_kb() { local i=${1#127.0.0.}; du -k "$work/data/m${i%%:*}/member/snap/db" | awk '{print $1}'; }
 # calc EXPR: bc's result as a JSON number (4 decimals).
 calc() { printf '%.4f' "$(echo "$1" | bc -l)"; }
 since() { calc "$(now) - $1"; }
@@ -199,7 +202,8 @@ point() {
   "$kbench" --endpoints "$l" --clients 100 --conns 100 --json put --total "$keys" --key-space-size "$keys" --sequential-keys --val-size "$val" >"$work/load.json"
   wait_revision "$((keys + 1))" ${eps//,/ }
   record "$sys" "$shape" load "load rate (100 clients)" "$(calc "$keys / $(since "$t0")")" "puts/s"
-  record "$sys" "$shape" load "backend size (leader)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
+  record "$sys" "$shape" load "backend size (leader's Status dbSize)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
+  record "$sys" "$shape" load "backend on disk (leader, du)" "$(mb "$(disk_kb "$l")")" "MiB"
   peak=0
   for i in 1 2 3; do p=$(rss_kb "${pids[$i]}"); [ "$p" -gt "$peak" ] && peak=$p; done
   record "$sys" "$shape" load "resident memory after load (largest member)" "$(mb "$peak")" "MiB"
@@ -302,7 +306,8 @@ point() {
   record "$sys" "$shape" compaction "write p99 meanwhile (worst 2 s)" "$(writer_stat compact p99_ms)" ms
   record "$sys" "$shape" compaction "failed writes meanwhile" "$(writer_errors compact)" ""
   record "$sys" "$shape" compaction "leader changes meanwhile" "$(( $(leader_changes) - lc0 ))" ""
-  record "$sys" "$shape" compaction "backend size after defragment (leader)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
+  record "$sys" "$shape" compaction "backend size after defragment (leader's dbSize)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
+  record "$sys" "$shape" compaction "backend on disk after defragment (leader, du)" "$(mb "$(disk_kb "$l")")" "MiB"
   stop_all
   rm -rf "$work/data"
 }
