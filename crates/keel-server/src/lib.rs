@@ -22,10 +22,12 @@
 //! - [`rafthttp`]: etcd's peer protocol (raft streams, pipeline, snapshots, probing, `/leases`),
 //!   the raft transport of Keel-only and mixed clusters alike, on a runtime of its own.
 //! - [`cluster_version`]: the leader's decision of the cluster version.
+//! - [`background`]: whole-backend copies (snapshots, defragmentation) on niced threads.
 //! - [`error`]: the server's domain errors.
 
 pub mod alarm;
 pub mod apply;
+pub mod background;
 pub mod cluster_version;
 pub mod compactor;
 pub mod corruption;

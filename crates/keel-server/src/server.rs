@@ -173,7 +173,7 @@ impl Server {
         let dest = keel_mvcc::store::defrag_path(backend.path());
         // The copy, and its pages in use counted (a walk of the new file) before the store is
         // held for the swap.
-        let copied = tokio::task::spawn_blocking(move || {
+        let copied = crate::background::run("defrag-copy", move || {
             let (copy, _) = backend.copy_to(&dest)?;
             let in_use = copy.pages_in_use()?;
             Ok((copy, in_use))

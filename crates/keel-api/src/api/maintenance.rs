@@ -38,7 +38,7 @@ async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
     name.push(format!(".snapshot-{:x}", s.next_seq()));
     let dest = std::path::PathBuf::from(name);
     let d = dest.clone();
-    let made = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let made = keel_server::background::run("snapshot-copy", move || -> anyhow::Result<()> {
         let f = std::fs::File::create(&d)?;
         keel_migrate::backend::export_staged(&backend, f)?;
         Ok(())

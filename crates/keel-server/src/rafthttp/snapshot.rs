@@ -88,10 +88,12 @@ async fn send_to(shared: &Shared, link: &Link, m: &Message) -> Result<u64> {
     let staged = Staged(path.clone());
     let files = shared.files.clone();
     let p = path.clone();
-    tokio::task::spawn_blocking(move || files.export(std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?))
-        .await
-        .map_err(|e| anyhow!("export task: {e}"))?
-        .context("write the backend for a snapshot")?;
+    crate::background::run("snapshot-export", move || {
+        files.export(std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?)
+    })
+    .await
+    .map_err(|e| anyhow!("export task: {e}"))?
+    .context("write the backend for a snapshot")?;
     let file = tokio::fs::File::open(&path).await.with_context(|| format!("open {}", path.display()))?;
     let size = file.metadata().await?.len();
     let msg = m.write_to_bytes().map_err(|e| anyhow!("encode the snapshot message: {e}"))?;
