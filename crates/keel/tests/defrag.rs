@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 /// (start, end) of every completed request.
 type Spans = Vec<(Instant, Instant)>;
 
+/// The store's current revision.
+async fn revision(kv: &mut keel_proto::etcdserverpb::kv_client::KvClient<tonic::transport::Channel>) -> i64 {
+    kv.range(RangeRequest { key: vec![0], count_only: true, ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn defragment_keeps_reads_and_writes_flowing() {
     let mb: usize = std::env::var("KEEL_DEFRAG_TEST_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
@@ -44,14 +49,7 @@ async fn defragment_keeps_reads_and_writes_flowing() {
     for i in (0..mb).step_by(2) {
         kv.delete_range(DeleteRangeRequest { key: format!("big/{i:05}").into(), ..Default::default() }).await.unwrap();
     }
-    let rev = kv
-        .range(RangeRequest { key: b"big/".to_vec(), count_only: true, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = revision(&mut kv).await;
     kv.compact(CompactionRequest { revision: rev, physical: true }).await.unwrap();
     let mut mt = MaintenanceClient::new(ch.clone());
     let before = mt.status(StatusRequest {}).await.unwrap().into_inner();
@@ -177,14 +175,7 @@ async fn writes_go_on_while_a_physical_compaction_runs() {
             kv.put(PutRequest { key: format!("k/{i:04}").into(), value: vec![b'0' + round; 100], ..Default::default() }).await.unwrap();
         }
     }
-    let rev = kv
-        .range(RangeRequest { key: b"k/".to_vec(), count_only: true, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = revision(&mut kv).await;
     let done = Arc::new(AtomicBool::new(false));
     let compaction = {
         let (mut kv, done) = (kv.clone(), done.clone());
