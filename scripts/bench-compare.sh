@@ -105,15 +105,7 @@ cpu_ticks() {
   done
   echo "$t"
 }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-leader_changes() { # summed over members
-  local t=0 e v
-  for e in ${eps//,/ }; do
-    v=$(curl -sf "http://$e/metrics" | awk '/^etcd_server_leader_changes_seen_total/ {print $2}' || true)
-    t=$(( t + ${v:-0} ))
-  done
-  echo "$t"
-}
+. "$root/scripts/bench-lib.sh" # rss_kb, leader_changes
 raft_index() { "$ctl" --endpoints "$eps" endpoint status -w json 2>/dev/null | jq '[.[].Status.raft_index] | max'; }
 
 results=$work/results.jsonl

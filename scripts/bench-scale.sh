@@ -106,7 +106,7 @@ member() {
     >>"$work/$sys-m$i.log" 2>&1 &
   pids[$i]=$!
 }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+. "$root/scripts/bench-lib.sh" # rss_kb, leader_changes
 hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # The leader's client endpoint.
 leader() {
@@ -143,14 +143,6 @@ wait_revision() {
   done
   echo "revision $want not reached" >&2
   return 1
-}
-leader_changes() {
-  local t=0 e v
-  for e in ${eps//,/ }; do
-    v=$(curl -sf "http://$e/metrics" | awk '/^etcd_server_leader_changes_seen_total/ {s += $2} END {print s + 0}' || true)
-    t=$(( t + ${v:-0} ))
-  done
-  echo "$t"
 }
 now() { date +%s.%N; }
 # The blocks the leader's backend file takes on the disk, in KiB (its length, Status' dbSize,

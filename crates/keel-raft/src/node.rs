@@ -235,9 +235,10 @@ impl NodeHandle {
 
     /// Moves the election clock `n` ticks on at once if this member knows no leader (etcd's
     /// fast-forward at start, once peers are connected: a restarted cluster elects in a few
-    /// ticks instead of a whole election timeout). Ignored once a leader is known.
+    /// ticks instead of a whole election timeout). Ignored once a leader is known; best effort:
+    /// dropped, without waiting, when the inbox is full (it is called from async tasks).
     pub fn advance_ticks(&self, n: usize) {
-        self.send_waiting(Msg::AdvanceTicks(n));
+        let _ = self.send(Msg::AdvanceTicks(n));
     }
 
     /// Wakes the raft thread if it sleeps (its transport has something for it to read).

@@ -127,11 +127,11 @@ impl Member {
         );
         let compaction = keel_server::apply::Compaction { batch: cfg.compaction_batch_limit(), sleep: cfg.compaction_sleep_interval() };
         let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone(), compaction);
-        let node_cfg_election_ticks = (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize;
+        let election_ticks = (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize;
         let node_cfg = NodeConfig {
             id: identity.member_id,
             tick: cfg.heartbeat(),
-            election_ticks: node_cfg_election_ticks,
+            election_ticks,
             snapshot_count: cfg.snapshot_count.max(1),
             catchup_entries: cfg.snapshot_catchup_entries(),
             apply_queue: keel_raft::apply::QUEUE,
@@ -141,7 +141,7 @@ impl Member {
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;
         transport.set_node(node.clone());
         transport.keep_connected();
-        fast_forward_election(&peer_rt, transport.clone(), node.clone(), node_cfg_election_ticks, cfg.heartbeat());
+        fast_forward_election(&peer_rt, transport.clone(), node.clone(), election_ticks, cfg.heartbeat());
         let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<bool>();
         std::thread::spawn(move || {
             let ok = matches!(join.join(), Ok(Ok(())));

@@ -374,12 +374,6 @@ impl Transport {
         self.inner.links.lock().values().filter(|l| l.state.lock().since.is_some()).count()
     }
 
-    /// How many remote members there are links for (every other member once
-    /// [`Transport::keep_connected`] has run).
-    pub fn peer_count(&self) -> usize {
-        self.inner.links.lock().len()
-    }
-
     /// Since when a stream to or from member `id` has been up, if one is.
     pub fn active_since(&self, id: u64) -> Option<Instant> {
         self.inner.links.lock().get(&id).and_then(|l| l.state.lock().since)
