@@ -168,22 +168,43 @@ async fn a_changed_member_is_alarmed_by_the_compaction_hash_check() {
 
 /// `GET /members/hashkv` with `body` and the cluster ID header `cid` on the peer URL `purl`:
 /// (status, body).
+///
+/// The connection is kept alive and the response read to its end: a request marked
+/// `Connection: close` lets etcd's Go server answer a refusal without reading the request's
+/// body and then close with that body unread, which resets the connection and can lose the
+/// answer on a loaded machine.
 fn hash_kv(purl: &str, method: &str, body: &str, cid: Option<&str>) -> (u16, String) {
     let addr = purl.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     let cid = cid.map(|c| format!("X-Etcd-Cluster-ID: {c}\r\n")).unwrap_or_default();
-    write!(
-        s,
-        "{method} /members/hashkv HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{cid}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let req = format!(
+        "{method} /members/hashkv HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{cid}Content-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (head, body) = loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let lower = head.to_ascii_lowercase();
+            let length = lower.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+            let done = match length {
+                Some(n) => rest.len() >= n,
+                // Chunked: the last chunk is empty.
+                None => rest.ends_with("0\r\n\r\n"),
+            };
+            if done {
+                // Keel answers with a length, etcd's Go server chunked or with a length.
+                let body = if length.is_some() { rest.to_string() } else { dechunk(rest) };
+                break (head.to_string(), body);
+            }
+        }
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("{method} {purl} {body:?}: {e}"));
+        assert!(n > 0, "{method} {purl} {body:?}: the connection ended after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
     let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    // Keel answers with a length, etcd's Go server chunked or with a length: the body alone.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
     (status, body)
 }
 
