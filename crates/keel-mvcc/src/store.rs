@@ -115,7 +115,7 @@ impl Store {
         let _ = std::fs::remove_file(defrag_path(path));
         let backend = Backend::open(path)?;
         let mut meta = backend.read_meta()?;
-        let mut index = Index::default();
+        let mut built = crate::index::Builder::default();
         let mut last_main = 0i64;
         let mut data_bytes = 0u64;
         let bad = |msg: String| BackendError { path: path.to_path_buf(), msg };
@@ -124,10 +124,11 @@ impl Store {
             let kv = IndexFields::decode(v).map_err(|e| bad(format!("bad record at {rev:?}: {e}")))?;
             let size = (k.len() + v.len()) as u32;
             data_bytes += size as u64;
-            index.restore(&kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease, size);
+            built.push(kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease, size);
             last_main = last_main.max(rev.main);
             Ok(())
         })?;
+        let index = built.finish();
         meta.current_rev = meta.current_rev.max(last_main).max(meta.compacted_rev);
         if meta.current_rev == 0 {
             // etcd starts at revision 1: the empty store.
