@@ -1,10 +1,13 @@
-//! The persistent backend: redb tables `key` (revision -> mvccpb.KeyValue) and `meta`.
+//! The persistent backend: redb tables `key` (revision -> mvccpb.KeyValue), `key_index` (the
+//! key index's rows, see [`Backend::read_index`]), `meta` and `aux`.
 //!
 //! Writes are buffered by the store and committed here in batches, each batch in one redb
 //! transaction together with the consistent index, so that a crash leaves the backend at a batch
 //! boundary and replaying the WAL from the stored consistent index applies each entry exactly once.
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crate::revision::{Revision, REV_BYTES};
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +16,13 @@ pub type Changes = BTreeMap<Vec<u8>, Option<std::sync::Arc<[u8]>>>;
 
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("key");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The persisted key index: one row per `key` record, keyed by the record's revision key
+/// (tombstone mark left out), holding what the in-memory index needs of the record: its user key
+/// and [`IndexRow`]. Written in the same transactions as the records, so that a start reads these
+/// small rows instead of every record with its value. Keyed by revision, as the records are, so
+/// that writes append to it (keyed by user key, each write would copy a random leaf page: 4x
+/// slower loads).
+const KEY_INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("key_index");
 /// Records of other modules (members, ...), committed in the same batches as keys.
 const AUX: TableDefinition<&str, &[u8]> = TableDefinition::new("aux");
 
@@ -20,6 +30,12 @@ const META_CONSISTENT_INDEX: &str = "consistent_index";
 const META_TERM: &str = "term";
 const META_CURRENT_REV: &str = "current_revision";
 const META_COMPACTED_REV: &str = "finished_compact_revision";
+/// Present (1) when `key_index` holds a row for every `key` record: set when the file is created
+/// and when an index is built for a file that had none (written by an older Keel).
+const META_KEY_INDEX: &str = "key_index_complete";
+
+/// Rows per transaction when building the key index of a file that has none.
+const INDEX_BUILD_BATCH: usize = 100_000;
 
 /// A backend failure: the disk or the redb file. Not recoverable by the caller.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +123,12 @@ impl Backend {
             tx.open_table(KEYS).map_err(|e| b.err(e))?;
             tx.open_table(META).map_err(|e| b.err(e))?;
             tx.open_table(AUX).map_err(|e| b.err(e))?;
+            tx.open_table(KEY_INDEX).map_err(|e| b.err(e))?;
+            if new {
+                // No records yet: the (empty) index is complete, and every write keeps it so.
+                let mut m = tx.open_table(META).map_err(|e| b.err(e))?;
+                m.insert(META_KEY_INDEX, 1u64.to_be_bytes().as_slice()).map_err(|e| b.err(e))?;
+            }
         }
         tx.commit().map_err(|e| b.err(e))?;
         if new {
@@ -181,13 +203,21 @@ impl Backend {
                 }
             }
             let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+            let mut index = tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
             for (k, v) in changes {
                 match v {
                     Some(v) => {
                         keys.insert(k.as_slice(), &v[..]).map_err(|e| self.err(e))?;
+                        let (row_key, row) = self.index_row(k, v)?;
+                        index.insert(&row_key[..], row.as_slice()).map_err(|e| self.err(e))?;
                     }
                     None => {
-                        keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
+                        let old = keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
+                        if let Some(old) = old {
+                            let (row_key, _) = self.index_row(k, old.value())?;
+                            drop(old);
+                            index.remove(&row_key[..]).map_err(|e| self.err(e))?;
+                        }
                     }
                 }
             }
@@ -202,6 +232,157 @@ impl Backend {
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("backend::after_commit", |_| std::process::abort());
+        Ok(())
+    }
+
+    /// The key index row of the `key` record `v` at revision key `k`: (row key, row).
+    fn index_row(&self, k: &[u8], v: &[u8]) -> Result<([u8; REV_BYTES], Vec<u8>), BackendError> {
+        let (rev, tombstone) = Revision::from_key(k).ok_or_else(|| self.err(format!("bad revision key {k:?} in table key")))?;
+        let f = IndexFields::decode(v).map_err(|e| self.err(format!("undecodable record at revision {rev:?} in table key: {e}")))?;
+        let row = IndexRow {
+            rev,
+            tombstone,
+            create_revision: f.create_revision,
+            version: f.version,
+            lease: f.lease,
+            size: (k.len() + v.len()) as u32,
+        };
+        Ok((rev.key_bytes(), row.encode(&f.key)))
+    }
+
+    /// Gives `sink` a row for every record of the committed state, in revision order: from the
+    /// persisted key index when it is complete (no record value is read), else from the records
+    /// themselves, after which the index is built for the next
+    /// start. Returns how the rows were read.
+    ///
+    /// The index counts as complete when the file's meta says so and it has exactly one row per
+    /// record (two lengths redb keeps). One that is not, or that holds a row that does not
+    /// decode, is built again from the records, after a warning (and `sink.clear()` when rows
+    /// were already given).
+    pub fn read_index(&self, sink: &mut dyn IndexSink) -> Result<IndexSource, BackendError> {
+        let damaged = match self.read_persisted_index(sink)? {
+            Ok(()) => return Ok(IndexSource::Persisted),
+            Err(damaged) => damaged,
+        };
+        self.index_from_records(sink, damaged)
+    }
+
+    /// The persisted index's rows to `sink`: `Ok(Err(why))` when it cannot be used (why: None
+    /// when there is none, the reason when it is damaged; `sink` then holds nothing).
+    fn read_persisted_index(&self, sink: &mut dyn IndexSink) -> Result<Result<(), Option<String>>, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let complete = tx
+            .open_table(META)
+            .map_err(|e| self.err(e))?
+            .get(META_KEY_INDEX)
+            .map_err(|e| self.err(e))?
+            .is_some_and(|v| v.value() == 1u64.to_be_bytes());
+        let index = match tx.open_table(KEY_INDEX) {
+            Ok(t) if complete => t,
+            Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Err(None)),
+            Err(e) => return Err(self.err(e)),
+        };
+        let records = tx.open_table(KEYS).map_err(|e| self.err(e))?.len().map_err(|e| self.err(e))?;
+        let rows = index.len().map_err(|e| self.err(e))?;
+        if records != rows {
+            return Ok(Err(Some(format!("{rows} index rows for {records} records"))));
+        }
+        for item in index.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (k, v) = (k.value(), v.value());
+            let Some((key, row)) = IndexRow::decode(k, v) else {
+                sink.clear();
+                return Ok(Err(Some(format!("index row {k:?} does not decode"))));
+            };
+            sink.row(key, row);
+        }
+        Ok(Ok(()))
+    }
+
+    /// [`Backend::read_index`] from the records, then the index built; `damaged` says why the
+    /// persisted one was not used, when it was there.
+    fn index_from_records(&self, sink: &mut dyn IndexSink, damaged: Option<String>) -> Result<IndexSource, BackendError> {
+        if let Some(why) = &damaged {
+            tracing::warn!(path = %self.path.display(), reason = %why, "mvcc: the persisted key index does not match the records; building it again");
+        }
+        self.scan(|k, v| {
+            let (row_key, row) = self.index_row(k, v)?;
+            let (key, row) = IndexRow::decode(&row_key, &row).ok_or_else(|| self.err("key index row does not round-trip"))?;
+            sink.row(key, row);
+            Ok(())
+        })?;
+        self.build_index()?;
+        Ok(IndexSource::Built)
+    }
+
+    /// Builds the key index from the records (a file written by an older Keel, or one whose index
+    /// was found damaged): the old rows are dropped, the new ones written in transactions of
+    /// [`INDEX_BUILD_BATCH`] records, and the index marked complete in the last, durable one. A
+    /// crash before that leaves it marked incomplete, to be built again at the next start. Runs
+    /// before the store serves: no other transaction writes meanwhile.
+    pub fn build_index(&self) -> Result<(), BackendError> {
+        self.build_index_in(INDEX_BUILD_BATCH, |_| {})
+    }
+
+    /// [`Backend::build_index`] in transactions of `batch` records; `committed(n)` is told of
+    /// each of them but the last, after its commit.
+    fn build_index_in(&self, batch: usize, mut committed: impl FnMut(usize)) -> Result<(), BackendError> {
+        let started = std::time::Instant::now();
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
+        {
+            tx.open_table(META).map_err(|e| self.err(e))?.remove(META_KEY_INDEX).map_err(|e| self.err(e))?;
+            tx.delete_table(KEY_INDEX).map_err(|e| self.err(e))?;
+            tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        let mut from: Option<Vec<u8>> = None;
+        let mut rows = 0u64;
+        let mut n_batches = 0usize;
+        loop {
+            let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+            let last;
+            {
+                let keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+                let mut index = tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
+                let range = match &from {
+                    Some(f) => keys.range::<&[u8]>((std::ops::Bound::Excluded(f.as_slice()), std::ops::Bound::Unbounded)),
+                    None => keys.range::<&[u8]>(..),
+                }
+                .map_err(|e| self.err(e))?;
+                let mut n = 0;
+                let mut end = None;
+                for item in range {
+                    let (k, v) = item.map_err(|e| self.err(e))?;
+                    let (row_key, row) = self.index_row(k.value(), v.value())?;
+                    index.insert(&row_key[..], row.as_slice()).map_err(|e| self.err(e))?;
+                    n += 1;
+                    if n == batch {
+                        end = Some(k.value().to_vec());
+                        break;
+                    }
+                }
+                rows += n as u64;
+                last = end.is_none();
+                from = end;
+                if last {
+                    let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+                    m.insert(META_KEY_INDEX, 1u64.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+                }
+            }
+            if last {
+                tx.set_quick_repair(true);
+            } else {
+                tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
+            }
+            tx.commit().map_err(|e| self.err(e))?;
+            if last {
+                break;
+            }
+            committed(n_batches);
+            n_batches += 1;
+        }
+        tracing::info!(path = %self.path.display(), rows, took = ?started.elapsed(), "mvcc: built the persisted key index");
         Ok(())
     }
 
@@ -278,11 +459,14 @@ impl Backend {
         }
         {
             let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+            let mut index = tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
             let mut aux = tx.open_table(AUX).map_err(|e| self.err(e))?;
             for (table, k, v) in records {
                 match *table {
                     TABLE_KEYS => {
                         keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
+                        let (row_key, row) = self.index_row(k, v)?;
+                        index.insert(&row_key[..], row.as_slice()).map_err(|e| self.err(e))?;
                     }
                     TABLE_AUX => {
                         let name = std::str::from_utf8(k).map_err(|_| self.err("aux record name is not UTF-8"))?;
@@ -378,6 +562,94 @@ impl Backend {
     }
 }
 
+/// Takes the rows [`Backend::read_index`] reads.
+pub trait IndexSink {
+    /// One record's row; `key` is its user key.
+    fn row(&mut self, key: &[u8], row: IndexRow);
+    /// Forgets every row given so far (the persisted index proved damaged part way through).
+    fn clear(&mut self);
+}
+
+/// How [`Backend::read_index`] read the key index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexSource {
+    /// From the persisted index's rows.
+    Persisted,
+    /// From the records, after which the persisted index was built.
+    Built,
+}
+
+impl IndexSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            IndexSource::Persisted => "persisted",
+            IndexSource::Built => "built from the records",
+        }
+    }
+}
+
+/// What the in-memory index keeps of one `key` record: a row of the persisted key index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexRow {
+    pub rev: Revision,
+    pub tombstone: bool,
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+    /// Bytes of the record (revision key and value), for the store's size accounting.
+    pub size: u32,
+}
+
+impl IndexRow {
+    /// Encoded length before the user key: tombstone (1), create revision, version, lease (8
+    /// each, big-endian), size (4).
+    const FIXED: usize = 29;
+
+    /// The row's value: the fixed fields, then `key`.
+    fn encode(&self, key: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::FIXED + key.len());
+        b.push(self.tombstone as u8);
+        b.extend_from_slice(&self.create_revision.to_be_bytes());
+        b.extend_from_slice(&self.version.to_be_bytes());
+        b.extend_from_slice(&self.lease.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(key);
+        b
+    }
+
+    /// The user key and row at revision key `row_key` holding `v`; None when either is malformed.
+    fn decode<'a>(row_key: &[u8], v: &'a [u8]) -> Option<(&'a [u8], IndexRow)> {
+        let (rev, false) = Revision::from_key(row_key)? else { return None };
+        if v.len() < Self::FIXED || v[0] > 1 {
+            return None;
+        }
+        let i64_at = |i: usize| v[i..i + 8].try_into().ok().map(i64::from_be_bytes);
+        let row = IndexRow {
+            rev,
+            tombstone: v[0] == 1,
+            create_revision: i64_at(1)?,
+            version: i64_at(9)?,
+            lease: i64_at(17)?,
+            size: u32::from_be_bytes(v[25..29].try_into().ok()?),
+        };
+        Some((&v[Self::FIXED..], row))
+    }
+}
+
+/// The fields of a stored mvccpb.KeyValue the key index keeps: the value (field 5) and
+/// mod_revision (3, the record's own key) are skipped by the decoder, not copied.
+#[derive(Clone, PartialEq, prost::Message)]
+struct IndexFields {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(int64, tag = "2")]
+    create_revision: i64,
+    #[prost(int64, tag = "4")]
+    version: i64,
+    #[prost(int64, tag = "6")]
+    lease: i64,
+}
+
 /// A read-only view of the committed key table.
 pub struct Reader {
     table: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
@@ -405,6 +677,19 @@ mod tests {
     use super::*;
     use crate::revision::Revision;
 
+    /// A `key` record of `key` put at `main` (its first version), with `len` bytes of value.
+    fn record(key: &[u8], main: i64, len: usize) -> Vec<u8> {
+        keel_proto::mvccpb::KeyValue {
+            key: key.to_vec(),
+            create_revision: main,
+            mod_revision: main,
+            version: 1,
+            value: vec![b'v'; len],
+            lease: 0,
+        }
+        .encode_to_vec()
+    }
+
     /// The child half of the crash tests: commits to the backend at `KEEL_CRASH_DB` (through
     /// [`Backend::commit`], or with a plain redb transaction when `KEEL_CRASH_PLAIN` is set), then
     /// aborts the process: no clean shutdown.
@@ -414,7 +699,7 @@ mod tests {
         let b = Backend::open(Path::new(&path)).unwrap();
         let mut changes = Changes::new();
         for i in 0..1000u32 {
-            changes.insert(Revision { main: i as i64 + 1, sub: 0 }.to_key(false), Some(vec![b'v'; 500].into()));
+            changes.insert(Revision { main: i as i64 + 1, sub: 0 }.to_key(false), Some(record(&i.to_be_bytes(), i as i64 + 1, 500).into()));
         }
         b.commit(&changes, &BTreeMap::new(), &Meta { consistent_index: 9, term: 1, current_rev: 1000, compacted_rev: 0 }).unwrap();
         if std::env::var("KEEL_CRASH_PLAIN").is_ok() {
@@ -427,9 +712,15 @@ mod tests {
 
     /// Runs [`crash_child`] in a child process on a fresh backend; returns its path.
     fn crashed_backend(dir: &Path, plain: bool) -> PathBuf {
+        crashed_in(dir, "backend::tests::crash_child", plain)
+    }
+
+    /// Runs the test `child` in a child process with `KEEL_CRASH_DB` set to a path in `dir`,
+    /// which it returns.
+    fn crashed_in(dir: &Path, child: &str, plain: bool) -> PathBuf {
         let path = dir.join("db");
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", "backend::tests::crash_child", "--nocapture", "--test-threads=1"]).env("KEEL_CRASH_DB", &path);
+        cmd.args(["--exact", child, "--nocapture", "--test-threads=1"]).env("KEEL_CRASH_DB", &path);
         if plain {
             cmd.env("KEEL_CRASH_PLAIN", "1");
         }
@@ -447,7 +738,10 @@ mod tests {
         let b = Backend::open(&path).unwrap();
         assert!(!b.repaired(), "opened with the recorded allocator state");
         assert_eq!(b.read_meta().unwrap().consistent_index, 9);
-        assert_eq!(b.reader().unwrap().get(&Revision { main: 1000, sub: 0 }.to_key(false)).unwrap().map(|v| v.len()), Some(500));
+        assert_eq!(
+            b.reader().unwrap().get(&Revision { main: 1000, sub: 0 }.to_key(false)).unwrap(),
+            Some(record(&999u32.to_be_bytes(), 1000, 500))
+        );
         // The negative control: a last commit that did not record the state is walked.
         let d2 = tempfile::tempdir().unwrap();
         let plain = crashed_backend(d2.path(), true);
@@ -462,12 +756,124 @@ mod tests {
     fn a_copy_is_compact_and_complete() {
         let d = tempfile::tempdir().unwrap();
         let src = Backend::open(&d.path().join("db")).unwrap();
-        let records: Vec<(u32, Vec<u8>, Vec<u8>)> = (0..100u32).map(|i| (TABLE_KEYS, i.to_be_bytes().to_vec(), vec![b'v'; 100])).collect();
+        let records: Vec<(u32, Vec<u8>, Vec<u8>)> =
+            (1..=100i64).map(|i| (TABLE_KEYS, Revision::new(i, 0).to_key(false), record(&i.to_be_bytes(), i, 100))).collect();
         src.load(&records, Some(&Meta { consistent_index: 7, term: 2, current_rev: 101, compacted_rev: 0 })).unwrap();
         let (copy, meta) = src.copy_to(&d.path().join("copy")).unwrap();
         assert_eq!((meta.consistent_index, meta.current_rev), (7, 101));
         assert_eq!(copy.hash().unwrap().0, src.hash().unwrap().0, "the same records");
         let size = std::fs::metadata(d.path().join("copy")).unwrap().len();
         assert!(size <= 64 << 10, "a copy of 100 small records takes {size} bytes");
+    }
+
+    /// What [`Backend::read_index`] hands out, and how it read it.
+    #[derive(Default, Debug, PartialEq)]
+    struct Collected(Vec<(Vec<u8>, IndexRow)>);
+
+    impl IndexSink for Collected {
+        fn row(&mut self, key: &[u8], row: IndexRow) {
+            self.0.push((key.to_vec(), row));
+        }
+        fn clear(&mut self) {
+            self.0.clear();
+        }
+    }
+
+    fn read(b: &Backend) -> (IndexSource, Vec<(Vec<u8>, IndexRow)>) {
+        let mut c = Collected::default();
+        let how = b.read_index(&mut c).unwrap();
+        (how, c.0)
+    }
+
+    /// Makes `b` look written by a Keel without the persisted index: no table, no mark.
+    fn drop_index(b: &Backend) {
+        let tx = b.db.begin_write().unwrap();
+        tx.delete_table(KEY_INDEX).unwrap();
+        tx.open_table(META).unwrap().remove(META_KEY_INDEX).unwrap();
+        tx.commit().unwrap();
+    }
+
+    /// Puts of keys k0..k9 over revisions 2..=41, tombstones of some, then a compaction-like
+    /// removal of the oldest records: what a store's batches do.
+    fn history(b: &Backend) {
+        let mut changes = Changes::new();
+        for main in 2..=41i64 {
+            let key = format!("k{}", main % 10);
+            let tomb = main % 7 == 0;
+            let v = keel_proto::mvccpb::KeyValue {
+                key: key.into_bytes(),
+                create_revision: main - 1,
+                mod_revision: main,
+                version: 2,
+                lease: main % 3,
+                value: b"x".to_vec(),
+            };
+            changes.insert(Revision::new(main, 0).to_key(tomb), Some(v.encode_to_vec().into()));
+        }
+        b.commit(&changes, &BTreeMap::new(), &Meta { consistent_index: 1, term: 1, current_rev: 41, compacted_rev: 0 }).unwrap();
+        let mut removed = Changes::new();
+        for main in 2..=12i64 {
+            removed.insert(Revision::new(main, 0).to_key(main % 7 == 0), None);
+        }
+        b.commit(&removed, &BTreeMap::new(), &Meta { consistent_index: 2, term: 1, current_rev: 41, compacted_rev: 12 }).unwrap();
+    }
+
+    /// The persisted index hands out, without reading a value, exactly the rows the records
+    /// give; a file without it (an older Keel's) or with a damaged one gets it built.
+    #[test]
+    fn the_persisted_index_matches_the_records() {
+        let d = tempfile::tempdir().unwrap();
+        let b = Backend::open(&d.path().join("db")).unwrap();
+        history(&b);
+        let (how, persisted) = read(&b);
+        assert_eq!(how, IndexSource::Persisted);
+        assert_eq!(persisted.len(), 29, "40 records less the 11 removed");
+        assert!(persisted.iter().any(|(_, r)| r.tombstone) && persisted.iter().any(|(_, r)| r.lease == 2));
+        drop_index(&b);
+        let (how, from_records) = read(&b);
+        assert_eq!(how, IndexSource::Built);
+        assert_eq!(from_records, persisted);
+        assert_eq!(read(&b), (IndexSource::Persisted, persisted.clone()), "built for the next start");
+        // A row missing (the counts differ) or damaged: built again, the same.
+        let tx = b.db.begin_write().unwrap();
+        tx.open_table(KEY_INDEX).unwrap().remove(&Revision::new(20, 0).key_bytes()[..]).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(read(&b), (IndexSource::Built, persisted.clone()));
+        let tx = b.db.begin_write().unwrap();
+        tx.open_table(KEY_INDEX).unwrap().insert(&Revision::new(40, 0).key_bytes()[..], b"short".as_slice()).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(read(&b), (IndexSource::Built, persisted.clone()));
+        assert_eq!(read(&b), (IndexSource::Persisted, persisted));
+    }
+
+    /// The child half of [`a_crash_while_the_index_is_built_leaves_it_to_be_built_again`]:
+    /// 1,000 records without an index, then a build in batches of 100 that dies after the third.
+    #[test]
+    fn index_build_crash_child() {
+        let Ok(path) = std::env::var("KEEL_CRASH_DB") else { return };
+        let b = Backend::open(Path::new(&path)).unwrap();
+        let mut changes = Changes::new();
+        for i in 0..1000u32 {
+            changes.insert(Revision::new(i as i64 + 1, 0).to_key(false), Some(record(&i.to_be_bytes(), i as i64 + 1, 100).into()));
+        }
+        b.commit(&changes, &BTreeMap::new(), &Meta { consistent_index: 9, term: 1, current_rev: 1000, compacted_rev: 0 }).unwrap();
+        drop_index(&b);
+        let _ = b.build_index_in(100, |n| {
+            if n == 2 {
+                std::process::abort();
+            }
+        });
+    }
+
+    #[test]
+    fn a_crash_while_the_index_is_built_leaves_it_to_be_built_again() {
+        let d = tempfile::tempdir().unwrap();
+        let path = crashed_in(d.path(), "backend::tests::index_build_crash_child", false);
+        let b = Backend::open(&path).unwrap();
+        let (how, rows) = read(&b);
+        assert_eq!(how, IndexSource::Built, "the unfinished index is not used");
+        assert_eq!(rows.len(), 1000);
+        assert!(rows.iter().enumerate().all(|(i, (k, r))| k[..] == (i as u32).to_be_bytes() && r.rev.main == i as i64 + 1));
+        assert_eq!(read(&b), (IndexSource::Persisted, rows));
     }
 }

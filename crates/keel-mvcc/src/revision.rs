@@ -29,6 +29,15 @@ impl Revision {
         k
     }
 
+    /// The backend key of a change that is not a tombstone, without allocating.
+    pub fn key_bytes(self) -> [u8; REV_BYTES] {
+        let mut k = [0u8; REV_BYTES];
+        k[..8].copy_from_slice(&self.main.to_be_bytes());
+        k[8] = b'_';
+        k[9..].copy_from_slice(&self.sub.to_be_bytes());
+        k
+    }
+
     /// Parses a backend key; returns the revision and whether it marks a tombstone.
     pub fn from_key(k: &[u8]) -> Option<(Revision, bool)> {
         if k.len() != REV_BYTES && k.len() != REV_BYTES + 1 {
@@ -55,5 +64,6 @@ mod tests {
         let c = Revision::new(2, 1).to_key(false);
         assert!(a < b && b < c);
         assert_eq!(Revision::from_key(&b), Some((Revision::new(2, 0), true)));
+        assert_eq!(Revision::new(2, 1).key_bytes().to_vec(), c);
     }
 }

@@ -90,44 +90,40 @@ pub fn defrag_path(db: &Path) -> std::path::PathBuf {
     p.into()
 }
 
-/// The fields of a stored mvccpb.KeyValue the index is rebuilt from at open: the value (field 5)
-/// and mod_revision (3, the record's own key) are skipped by the decoder, not copied.
-#[derive(Clone, PartialEq, prost::Message)]
-struct IndexFields {
-    #[prost(bytes = "vec", tag = "1")]
-    key: Vec<u8>,
-    #[prost(int64, tag = "2")]
-    create_revision: i64,
-    #[prost(int64, tag = "4")]
-    version: i64,
-    #[prost(int64, tag = "6")]
-    lease: i64,
-}
-
 fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
     KeyValue::decode(bytes).map_err(|e| KvError::Corrupt(format!("undecodable key-value record: {e}")))
 }
 
+/// The key index's rows as [`Store::open`] reads them.
+#[derive(Default)]
+struct Rows {
+    built: crate::index::Builder,
+    last_main: i64,
+    data_bytes: u64,
+}
+
+impl crate::backend::IndexSink for Rows {
+    fn row(&mut self, key: &[u8], r: crate::backend::IndexRow) {
+        self.data_bytes += r.size as u64;
+        self.last_main = self.last_main.max(r.rev.main);
+        self.built.push(key.to_vec(), r.rev, r.tombstone, r.create_revision, r.version, r.lease, r.size);
+    }
+
+    fn clear(&mut self) {
+        *self = Rows::default();
+    }
+}
+
 impl Store {
-    /// Opens the backend at `path` and rebuilds the index from it.
+    /// Opens the backend at `path` and loads the index from it (see [`Backend::read_index`]).
     pub fn open(path: &Path) -> Result<Store, BackendError> {
         // A defragmentation that did not finish leaves its partial copy behind.
         let _ = std::fs::remove_file(defrag_path(path));
         let backend = Backend::open(path)?;
         let mut meta = backend.read_meta()?;
-        let mut built = crate::index::Builder::default();
-        let mut last_main = 0i64;
-        let mut data_bytes = 0u64;
-        let bad = |msg: String| BackendError { path: path.to_path_buf(), msg };
-        backend.scan(|k, v| {
-            let (rev, tomb) = Revision::from_key(k).ok_or_else(|| bad(format!("bad revision key {k:?}")))?;
-            let kv = IndexFields::decode(v).map_err(|e| bad(format!("bad record at {rev:?}: {e}")))?;
-            let size = (k.len() + v.len()) as u32;
-            data_bytes += size as u64;
-            built.push(kv.key, rev, tomb, kv.create_revision, kv.version, kv.lease, size);
-            last_main = last_main.max(rev.main);
-            Ok(())
-        })?;
+        let mut rows = Rows::default();
+        let source = backend.read_index(&mut rows)?;
+        let Rows { built, last_main, data_bytes } = rows;
         let index = built.finish();
         meta.current_rev = meta.current_rev.max(last_main).max(meta.compacted_rev);
         if meta.current_rev == 0 {
@@ -140,6 +136,7 @@ impl Store {
             compacted_revision = meta.compacted_rev,
             keys = index.len(),
             full_repair = backend.repaired(),
+            key_index = source.name(),
             "mvcc: restored store"
         );
         let aux = backend.read_aux()?;
