@@ -550,11 +550,25 @@ impl Backend {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
 
-    /// Bytes of the file's pages in use (allocated to the tables and redb's own records; the
-    /// rest is free space a defragmentation gives back): etcd's "in use", bbolt's pages less its
-    /// free list. redb counts them by walking every table, under a write transaction: a call
-    /// costs a read of the whole file and holds commits back meanwhile.
+    /// Bytes of the file's pages in use by the tables (the rest is free space a defragmentation
+    /// gives back): etcd's "in use", bbolt's pages less its free list. Counted by walking every
+    /// table in one read transaction: a call costs a read of the whole file but holds nothing
+    /// back (redb's own count of allocated pages needs a write transaction, which would stop
+    /// every commit for the walk: a second per GB after each start). redb's own records (its
+    /// allocator state and table directory, a few pages) are left out.
     pub fn pages_in_use(&self) -> Result<u64, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let mut bytes = 0u64;
+        for handle in tx.list_tables().map_err(|e| self.err(e))? {
+            let st = tx.open_untyped_table(handle).map_err(|e| self.err(e))?.stats().map_err(|e| self.err(e))?;
+            bytes += st.stored_bytes() + st.metadata_bytes() + st.fragmented_bytes();
+        }
+        Ok(bytes)
+    }
+
+    /// [`Backend::pages_in_use`] as redb counts it: every allocated page, under a write
+    /// transaction (commits wait for the walk).
+    pub fn pages_in_use_exclusive(&self) -> Result<u64, BackendError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let st = tx.stats().map_err(|e| self.err(e))?;
         tx.abort().map_err(|e| self.err(e))?;

@@ -67,6 +67,8 @@ pub const COMPACTION_BATCH: usize = 1000;
 
 /// Most records a defragmentation buffers from concurrent commits before it gives up.
 const DEFRAG_TAIL_LIMIT: usize = 2_000_000;
+const DEFRAG_OVERFLOW: &str = "too many writes during defragmentation; try again when the load is lower";
+const DEFRAG_INTERRUPTED: &str = "defragmentation was interrupted (the backend was replaced)";
 
 #[derive(Default)]
 struct DefragTail {
@@ -208,6 +210,11 @@ impl Store {
     }
 
     /// True when the batch is due: old enough or large enough.
+    /// Changes applied but not yet handed to a backend commit.
+    pub fn pending_changes(&self) -> usize {
+        self.pending.len()
+    }
+
     pub fn commit_due(&self) -> bool {
         self.pending.len() >= BATCH_LIMIT || (self.meta != self.committed && self.last_commit.elapsed() >= BATCH_INTERVAL)
     }
@@ -326,33 +333,49 @@ impl Store {
         self.backend.clone()
     }
 
-    /// Starts a defragmentation: commits, then returns the backend to copy (with
-    /// [`Backend::copy_to`], without holding the store) while commits go on and are remembered.
+    /// Starts a defragmentation: returns the backend to copy (with [`Backend::copy_to`], without
+    /// holding the store) while commits go on and are remembered from now on. Call with no
+    /// commit in progress. Nothing is committed here: the pending batch is remembered when it is
+    /// committed, and a batch both in the copy and remembered is written to the copy twice,
+    /// which changes nothing (a record's revision key names one value).
     pub fn begin_defrag(&mut self) -> Result<Backend, BackendError> {
         if self.defrag.is_some() {
             return Err(BackendError { path: self.backend.path().to_path_buf(), msg: "a defragmentation is already running".into() });
         }
-        self.commit()?;
         self.defrag = Some(DefragTail { data_at_begin: self.data_size(), ..Default::default() });
         Ok(self.backend.clone())
     }
 
-    /// Ends a defragmentation: the batches committed since it began are written to `copy`, which
-    /// then replaces the backend file. `copy_in_use`: the copy's pages in use before those
-    /// batches ([`Backend::pages_in_use`], counted by the caller without holding the store).
-    /// Returns how many records were replayed, and the old backend: dropping it closes the old
-    /// file, which takes a while for a big one, so the caller should drop it without holding the
+    /// The batches committed since the defragmentation began, or since the last call, to be
+    /// written to the copy without holding the store ([`Backend::commit`]); `None` when there
+    /// are none. Keeps what [`Store::finish_defrag`] must still write (and the store held
+    /// meanwhile) small.
+    pub fn take_defrag_tail(&mut self) -> Result<Option<Batch>, BackendError> {
+        let fail = |msg: &str| BackendError { path: self.backend.path().to_path_buf(), msg: msg.to_string() };
+        match &mut self.defrag {
+            Some(t) if t.overflowed => Err(fail(DEFRAG_OVERFLOW)),
+            Some(t) => {
+                Ok(t.meta.take().map(|meta| Batch { changes: std::mem::take(&mut t.changes), aux: std::mem::take(&mut t.aux), meta }))
+            }
+            None => Err(fail(DEFRAG_INTERRUPTED)),
+        }
+    }
+
+    /// Ends a defragmentation: the batches committed since it began (or since the last
+    /// [`Store::take_defrag_tail`]) are written to `copy`, which then replaces the backend file;
+    /// the pending batch is committed to it later, as any other. Call with no commit in
+    /// progress. `copy_in_use`: the copy's pages in use before the remembered batches
+    /// ([`Backend::pages_in_use`], counted by the caller without holding the store). Returns how
+    /// many records were written here, and the old backend: dropping it closes the old file,
+    /// which takes a while for a big one, so the caller should drop it without holding the
     /// store. On error the old backend stays in use.
     pub fn finish_defrag(&mut self, copy: Backend, copy_in_use: u64) -> Result<(usize, Backend), BackendError> {
-        // The last batch goes into the tail too.
-        let committed = self.commit();
         let fail = |msg: &str| BackendError { path: self.backend.path().to_path_buf(), msg: msg.to_string() };
         let tail = match self.defrag.take() {
-            Some(t) if t.overflowed => return Err(fail("too many writes during defragmentation; try again when the load is lower")),
+            Some(t) if t.overflowed => return Err(fail(DEFRAG_OVERFLOW)),
             Some(t) => t,
-            None => return Err(fail("defragmentation was interrupted (the backend was replaced)")),
+            None => return Err(fail(DEFRAG_INTERRUPTED)),
         };
-        committed?;
         let replayed = tail.changes.len() + tail.aux.len();
         if let Some(meta) = tail.meta {
             copy.commit(&tail.changes, &tail.aux, &meta)?;

@@ -191,6 +191,8 @@ pub struct State {
 
 pub struct Applier {
     store: Arc<SharedStore>,
+    /// Makes the pending batch durable when due, off this thread.
+    committer: crate::committer::Committer,
     hub: Arc<keel_mvcc::watch::WatchHub>,
     lessor: Arc<Mutex<Lessor>>,
     members: Arc<RwLock<Members>>,
@@ -334,7 +336,10 @@ impl Applier {
         removed: Arc<tokio::sync::Notify>,
         compaction: Compaction,
     ) -> Applier {
+        let committer = crate::committer::Committer::start(state.store.clone())
+            .unwrap_or_else(|e| fatal("cannot start the backend committer thread", e));
         Applier {
+            committer,
             compaction,
             next_compaction_batch: std::cell::Cell::new(std::time::Instant::now()),
             store: state.store.clone(),
@@ -366,6 +371,13 @@ impl Applier {
         let mut store = self.store_mut();
         if !store.compacting() {
             return false;
+        }
+        if store.pending_changes() >= COMPACTION_PENDING_MAX {
+            // The committer is behind (commits run beside the applies): the next batch waits for
+            // it, so that a compaction's deletions do not pile up in memory.
+            self.next_compaction_batch.set(std::time::Instant::now() + self.compaction.sleep.max(COMPACTION_BACKOFF));
+            self.committer.nudge();
+            return true;
         }
         let t0 = std::time::Instant::now();
         store.compact_keys(self.compaction.batch);
@@ -716,6 +728,11 @@ const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Time spent on compaction batches per maintenance turn of the apply stage when batches are
 /// not paced (a zero `--compaction-sleep-interval`); writes and reads go on in between.
 const COMPACTION_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+/// Uncommitted changes above which a compaction's next batch waits for the committer (two
+/// backend batches' worth).
+const COMPACTION_PENDING_MAX: usize = 2 * keel_mvcc::store::BATCH_LIMIT;
+/// How long a compaction batch put off by [`COMPACTION_PENDING_MAX`] waits at least.
+const COMPACTION_BACKOFF: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// A committed membership change, the request ID its proposer waits on, and the member record
 /// it carries: etcd's JSON (`membership.Member`) with the ID in the change, or, in entries of
@@ -902,8 +919,8 @@ impl keel_raft::StateMachine for Applier {
             }
         }
         self.publish_compaction();
-        if let Err(e) = self.store.commit_if_due() {
-            fatal("backend commit failed", e);
+        if self.store.read().commit_due() {
+            self.committer.nudge();
         }
     }
 

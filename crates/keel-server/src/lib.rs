@@ -29,6 +29,7 @@ pub mod alarm;
 pub mod apply;
 pub mod background;
 pub mod cluster_version;
+pub mod committer;
 pub mod compactor;
 pub mod corruption;
 pub mod discovery;

@@ -19,6 +19,12 @@ use parking_lot::{MutexGuard, RwLockReadGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Most rounds of writing what was committed during a defragment's copy into the copy before
+/// the swap (each round writes what came in during the previous one).
+const DEFRAG_CATCH_UP_ROUNDS: usize = 8;
+/// Records few enough for the swap to write while it holds the store.
+const DEFRAG_SWAP_RECORDS: usize = 1_000;
+
 pub struct Server {
     cfg: Config,
     member_id: u64,
@@ -161,9 +167,9 @@ impl Server {
     }
 
     /// Defragments this member's backend without stopping it: copy the committed state into a
-    /// new file while applies and reads go on, then (holding the store briefly) replay what was
-    /// committed meanwhile into the copy and swap it in. Returns the longest time requests were
-    /// held.
+    /// new file while applies and reads go on, write what was committed meanwhile into the copy
+    /// (a few rounds, still not holding the store), then, holding the store briefly, the last
+    /// few records and swap it in. Returns the longest time requests were held.
     pub async fn defragment(&self) -> Result<std::time::Duration, keel_mvcc::backend::BackendError> {
         let _one = self.defrag_lock.lock().await;
         let store = &self.state.store;
@@ -189,8 +195,32 @@ impl Server {
                 return Err(e);
             }
         };
+        // What was committed meanwhile goes to the copy without holding the store, until little
+        // is left for the swap to write while it holds it.
+        let mut caught_up = 0usize;
+        for _ in 0..DEFRAG_CATCH_UP_ROUNDS {
+            let taken = store.write().take_defrag_tail();
+            let batch = match taken {
+                Ok(Some(t)) => t,
+                Ok(None) => break,
+                Err(e) => {
+                    store.write().abort_defrag();
+                    return Err(e);
+                }
+            };
+            let n = batch.changes.len() + batch.aux.len();
+            if let Err(e) = copy.commit(&batch.changes, &batch.aux, &batch.meta) {
+                store.write().abort_defrag();
+                return Err(e);
+            }
+            caught_up += n;
+            if n <= DEFRAG_SWAP_RECORDS {
+                break;
+            }
+        }
         let held = std::time::Instant::now();
         let (replayed, old) = store.exclusive().store.finish_defrag(copy, copy_in_use)?;
+        let replayed = replayed + caught_up;
         let stall = held.elapsed();
         // Closing the old file (redb flushes its allocator state) happens off the store lock.
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
