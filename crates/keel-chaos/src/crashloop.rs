@@ -57,6 +57,91 @@ pub struct Options<'a> {
     /// ENOSPC) under the load; a member that hits one must stop naming the file, and start again
     /// with every acknowledged write once the fault is cleared.
     pub disk_faults: bool,
+    /// (keys, value bytes): data at size written first, each key twice, and checked after every
+    /// restart; the iterations then run longer (up to 4 s) and compact and defragment more often,
+    /// so that kills and power cuts land in every step of a compaction and a defragment of a
+    /// large backend.
+    pub preload: Option<(usize, usize)>,
+}
+
+/// The preloaded key `i`.
+fn preload_key(i: usize) -> String {
+    format!("/size/{i:08}")
+}
+
+/// The value of the preloaded key `key` after its second write: `len` bytes.
+fn preload_value(key: &str, len: usize) -> Vec<u8> {
+    let mut v = format!("{key}=2:").into_bytes();
+    v.resize(len.max(v.len()), b'x');
+    v
+}
+
+/// Writes the preloaded data (`keys` keys of `len` bytes, each twice) through 8 clients.
+async fn preload(ch: &Channel, keys: usize, len: usize) -> Result<()> {
+    let started = Instant::now();
+    for pass in [1u8, 2] {
+        let mut tasks = Vec::new();
+        for c in 0..8 {
+            let mut kv = KvClient::new(ch.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in (c..keys).step_by(8) {
+                    let key = preload_key(i);
+                    let mut value = preload_value(&key, len);
+                    if pass == 1 {
+                        value[key.len() + 1] = b'1';
+                    }
+                    let mut tries = 0;
+                    while let Err(e) = kv.put(PutRequest { key: key.clone().into(), value: value.clone(), ..Default::default() }).await {
+                        tries += 1;
+                        if tries > 20 {
+                            bail!("preload of {key}: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+    }
+    println!("crash-loop: preloaded {keys} keys of {len} bytes, each written twice, in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Checks the preloaded data: all `keys` keys there, and 200 random ones with their second
+/// value.
+async fn check_preload(ch: &Channel, keys: usize, len: usize, rng: &mut StdRng) -> Result<(), Check> {
+    let unreachable = |e: tonic::Status, what: &str| Check::Unreachable(anyhow::Error::new(e).context(what.to_string()));
+    let mut kv = KvClient::new(ch.clone());
+    let count = kv
+        .range(RangeRequest { key: b"/size/".to_vec(), range_end: b"/size0".to_vec(), count_only: true, serializable: true, ..Default::default() })
+        .await
+        .map_err(|e| unreachable(e, "count the preloaded keys"))?
+        .into_inner()
+        .count;
+    if count as usize != keys {
+        return Err(Check::Violation(anyhow::anyhow!("{count} preloaded keys after a crash, {keys} were written")));
+    }
+    for _ in 0..200 {
+        let key = preload_key(rng.gen_range(0..keys));
+        let resp = kv
+            .range(RangeRequest { key: key.clone().into(), serializable: true, ..Default::default() })
+            .await
+            .map_err(|e| unreachable(e, "read a preloaded key"))?
+            .into_inner();
+        match resp.kvs.first() {
+            Some(k) if k.value == preload_value(&key, len) && k.version == 2 => {}
+            other => {
+                return Err(Check::Violation(anyhow::anyhow!(
+                    "preloaded {key} lost or changed after a crash: {:?}",
+                    other.map(|k| (k.version, String::from_utf8_lossy(&k.value[..k.value.len().min(40)]).into_owned()))
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Arms one random disk fault; what was armed.
@@ -245,6 +330,21 @@ async fn run_on(
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut max_rev = 0i64;
     let mut out = Outcome { iterations: 0, acked: 0, crashed_at_points: 0, killed: 0, power_cuts: 0, stopped_on_fault: 0, disk_faults: 0 };
+    if let Some((keys, len)) = opts.preload {
+        let mut child = spawn(bin, dir, port, None)?;
+        if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
+            bail!("the member does not start for the preload (see {})", dir.join("member.log").display());
+        }
+        preload(&ch, keys, len).await?;
+        let status = MaintenanceClient::new(ch.clone()).status(StatusRequest {}).await?.into_inner();
+        max_rev = status.header.map(|h| h.revision).unwrap_or(0);
+        println!("crash-loop: backend {} MB at revision {max_rev}", status.db_size >> 20);
+        drop(child);
+        if let Some(d) = disk.as_mut() {
+            d.cut()?;
+            cuts += 1;
+        }
+    }
     for it in 0..iterations {
         // Disk-fault runs arm no crash point: a stop is then the disk fault's.
         let fp = if !opts.disk_faults && rng.gen_bool(0.5) {
@@ -313,6 +413,12 @@ async fn run_on(
                 }
             }
         };
+        if let Some((keys, len)) = opts.preload {
+            match check_preload(&ch, keys, len, &mut rng).await {
+                Ok(()) => {}
+                Err(Check::Violation(e) | Check::Unreachable(e)) => return Err(e.context(format!("iteration {it}"))),
+            }
+        }
         let armed = match disk.as_mut() {
             Some(d) if opts.disk_faults => Some(arm_disk_fault(d, &mut rng)?),
             _ => None,
@@ -347,7 +453,7 @@ async fn run_on(
                 }
             }));
         }
-        if rng.gen_bool(0.2) {
+        if rng.gen_bool(if opts.preload.is_some() { 0.6 } else { 0.2 }) {
             let floor = max_rev.max(rev);
             let (mut kv, mut m) = (KvClient::new(ch.clone()), MaintenanceClient::new(ch.clone()));
             tasks.push(tokio::spawn(async move {
@@ -357,7 +463,8 @@ async fn run_on(
                 let _ = m.defragment(DefragmentRequest {}).await;
             }));
         }
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..400))).await;
+        let longest = if opts.preload.is_some() { 4000 } else { 400 };
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..longest))).await;
         let stopped = child.0.try_wait()?.is_some();
         if stopped && armed.is_some() {
             out.stopped_on_fault += 1;

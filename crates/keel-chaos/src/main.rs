@@ -76,6 +76,14 @@ enum Cmd {
         /// With --power: a random disk fault (EIO on write/fsync/read, ENOSPC) in every iteration.
         #[arg(long)]
         disk_faults: bool,
+        /// Data at size first: this many keys, each written twice (half of the records are then
+        /// superseded), so that the iterations' compactions and defragments, and the kills and
+        /// power cuts in them, work on a large backend; checked after every restart.
+        #[arg(long, default_value_t = 0)]
+        preload: usize,
+        /// Bytes of each preloaded value.
+        #[arg(long, default_value_t = 1024)]
+        preload_value_size: usize,
     },
     /// Drives the lease-revoke and snapshot-restore apply paths to their crash points (a
     /// failpoints build) and checks each restart ([`points`]).
@@ -157,8 +165,14 @@ async fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a).await,
         Cmd::Check { file } => check_file(&file),
-        Cmd::CrashLoop { iterations, keel, out, port, seed, power, always, disk_faults } => {
-            let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: always.as_deref(), disk_faults };
+        Cmd::CrashLoop { iterations, keel, out, port, seed, power, always, disk_faults, preload, preload_value_size } => {
+            let opts = crashloop::Options {
+                keel: &keel,
+                power: power.as_deref(),
+                always: always.as_deref(),
+                disk_faults,
+                preload: (preload > 0).then_some((preload, preload_value_size)),
+            };
             crash_loop(&opts, iterations, &out, port, seed).await
         }
         Cmd::Points { keel, out, base_port, power } => points(&keel, power.as_deref(), &out, base_port).await,
@@ -182,7 +196,7 @@ async fn crash_loop(opts: &crashloop::Options<'_>, iterations: usize, out: &Path
     if opts.disk_faults && power.is_none() {
         bail!("--disk-faults needs --power (the faults are injected by keel-powerfs)");
     }
-    let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: opts.always, disk_faults: opts.disk_faults };
+    let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: opts.always, disk_faults: opts.disk_faults, preload: opts.preload };
     let seed = seed.unwrap_or_else(|| rand::thread_rng().gen());
     println!("crash-loop: seed {seed}, {iterations} iterations, data in {}", out.display());
     match crashloop::run(&opts, out, port, iterations, seed).await {
