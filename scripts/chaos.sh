@@ -5,7 +5,8 @@
 #   scripts/chaos.sh        the short schedule (CI, a few minutes): 3 histories of 40 s on 3, 5
 #                           and 3 members with every kind of fault, paused leaders and their
 #                           negative control (reads served unconfirmed), then 25 crash-loop iterations
-#                           with power cuts, 25 with disk faults, a power-cut history, the
+#                           with power cuts, 25 with disk faults, 10 at size (20,000 keys
+#                           preloaded: cuts inside compactions and defragments), a power-cut history, the
 #                           targeted points and the negative control (without /dev/fuse: 25
 #                           plain crash-loop iterations and the points); one mixed history: an
 #                           etcd 3.6.16 member and two Keel members
@@ -19,6 +20,9 @@
 #   scripts/chaos.sh crash-loop --iterations 500 --power target/release/keel-powerfs [--disk-faults]
 #                           the same on a power-loss filesystem: a power cut after every kill
 #                           (and with --disk-faults a random EIO/ENOSPC fault in every iteration)
+#   scripts/chaos.sh crash-loop --iterations 100 --power target/release/keel-powerfs --preload 500000
+#                           at size: 500,000 keys of 1 KiB written twice first (--preload-value-size),
+#                           then every kill and cut lands in a compaction or defragment of them
 #   scripts/chaos.sh run --histories 10 --keys 20 --faults power,power-all,kill,compact,crash \
 #                        --power target/release/keel-powerfs
 #                           3-member clusters with power cuts of one member and of all of them
@@ -72,6 +76,9 @@ if [ $# -eq 0 ]; then
     # power-cut loop is the plain crash loop (SIGKILLs, crash points) with a cut after each.
     "$chaos" crash-loop --iterations 25 --power "$powerfs"
     "$chaos" crash-loop --iterations 25 --power "$powerfs" --disk-faults
+    # At size: 20,000 keys of 1 KiB written twice first, then kills, crash points and power cuts
+    # inside compactions and defragments of that backend (issue 26).
+    "$chaos" crash-loop --iterations 10 --power "$powerfs" --preload 20000 --out target/chaos/at-size
     "$chaos" run --histories 1 --duration 40 --members 3 --keys 20 --faults power,power-all,kill,compact --power "$powerfs"
     # The lease-revoke and snapshot-restore apply paths driven to their crash points, each crash
     # followed by a power cut.
