@@ -44,6 +44,10 @@ pub struct Outcome {
     pub stopped_on_fault: usize,
     /// Disk faults injected in all.
     pub disk_faults: u64,
+    /// Iterations that started a compaction and a defragment, and the defragments that
+    /// finished before the kill (the rest were cut short, at some step).
+    pub maintenance: usize,
+    pub defrags_done: usize,
 }
 
 /// What the crash loop runs on.
@@ -329,7 +333,18 @@ async fn run_on(
     // Every acknowledged write: (key, revision). Keys are unique, values equal keys.
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut max_rev = 0i64;
-    let mut out = Outcome { iterations: 0, acked: 0, crashed_at_points: 0, killed: 0, power_cuts: 0, stopped_on_fault: 0, disk_faults: 0 };
+    let mut out = Outcome {
+        iterations: 0,
+        acked: 0,
+        crashed_at_points: 0,
+        killed: 0,
+        power_cuts: 0,
+        stopped_on_fault: 0,
+        disk_faults: 0,
+        maintenance: 0,
+        defrags_done: 0,
+    };
+    let defrags_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if let Some((keys, len)) = opts.preload {
         let mut child = spawn(bin, dir, port, None)?;
         if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
@@ -456,11 +471,15 @@ async fn run_on(
         if rng.gen_bool(if opts.preload.is_some() { 0.6 } else { 0.2 }) {
             let floor = max_rev.max(rev);
             let (mut kv, mut m) = (KvClient::new(ch.clone()), MaintenanceClient::new(ch.clone()));
+            let done = defrags_done.clone();
+            out.maintenance += 1;
             tasks.push(tokio::spawn(async move {
                 if floor > 1 {
                     let _ = kv.compact(CompactionRequest { revision: floor, physical: false }).await;
                 }
-                let _ = m.defragment(DefragmentRequest {}).await;
+                if m.defragment(DefragmentRequest {}).await.is_ok() {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }));
         }
         let longest = if opts.preload.is_some() { 4000 } else { 400 };
@@ -511,5 +530,6 @@ async fn run_on(
     }
     out.acked = acked.len();
     out.power_cuts = cuts;
+    out.defrags_done = defrags_done.load(std::sync::atomic::Ordering::Relaxed);
     Ok(out)
 }

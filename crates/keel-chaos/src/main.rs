@@ -202,8 +202,8 @@ async fn crash_loop(opts: &crashloop::Options<'_>, iterations: usize, out: &Path
     match crashloop::run(&opts, out, port, iterations, seed).await {
         Ok(o) => {
             println!(
-                "crash-loop: ok: {} iterations ({} SIGKILLs, {} crashes at crash points, {} power cuts, {} disk faults injected, {} stops on them naming the file), {} acknowledged writes, every one present after every restart",
-                o.iterations, o.killed, o.crashed_at_points, o.power_cuts, o.disk_faults, o.stopped_on_fault, o.acked
+                "crash-loop: ok: {} iterations ({} SIGKILLs, {} crashes at crash points, {} power cuts, {} disk faults injected, {} stops on them naming the file; {} with a compaction and a defragment, {} of those defragments finished before the kill), {} acknowledged writes, every one present after every restart",
+                o.iterations, o.killed, o.crashed_at_points, o.power_cuts, o.disk_faults, o.stopped_on_fault, o.maintenance, o.defrags_done, o.acked
             );
             let _ = std::fs::remove_dir_all(out);
             Ok(true)
