@@ -196,7 +196,13 @@ async fn crash_loop(opts: &crashloop::Options<'_>, iterations: usize, out: &Path
     if opts.disk_faults && power.is_none() {
         bail!("--disk-faults needs --power (the faults are injected by keel-powerfs)");
     }
-    let opts = crashloop::Options { keel: &keel, power: power.as_deref(), always: opts.always, disk_faults: opts.disk_faults, preload: opts.preload };
+    let opts = crashloop::Options {
+        keel: &keel,
+        power: power.as_deref(),
+        always: opts.always,
+        disk_faults: opts.disk_faults,
+        preload: opts.preload,
+    };
     let seed = seed.unwrap_or_else(|| rand::thread_rng().gen());
     println!("crash-loop: seed {seed}, {iterations} iterations, data in {}", out.display());
     match crashloop::run(&opts, out, port, iterations, seed).await {
