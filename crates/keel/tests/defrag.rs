@@ -214,3 +214,46 @@ async fn writes_go_on_while_a_physical_compaction_runs() {
     assert_eq!(got.kvs.len(), 400);
     assert!(got.kvs.iter().all(|kv| kv.value == vec![b'1'; 100]));
 }
+
+/// A Defragment whose caller goes away half way (a deadline, a closed connection) still
+/// finishes on the server, as etcd's does: the next one is not refused as already running.
+/// (The handler's future used to be dropped with the call, in the middle of the copy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_defragment_whose_caller_goes_away_still_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut p = start(&keel_bin(), &tmp.path().join("cancel.etcd"), free_port(), free_port(), &[]);
+    assert!(p.wait_ready(), "{}", p.log_text());
+    let ch = tonic::transport::Channel::from_shared(p.endpoint()).unwrap().connect().await.unwrap();
+    let mut kv = keel_proto::etcdserverpb::kv_client::KvClient::new(ch.clone());
+    // 96 MB: a copy long enough to be caught while it runs.
+    for i in 0..384 {
+        kv.put(PutRequest { key: format!("big/{i:04}").into(), value: vec![b'x'; 256 << 10], ..Default::default() }).await.unwrap();
+    }
+    let url = p.endpoint();
+    let inflight = |want: &str| http_get(&url, "/metrics").lines().any(|l| l == format!("etcd_disk_defrag_inflight {want}"));
+    let mut mt = MaintenanceClient::new(ch.clone());
+    let call = tokio::spawn(async move { mt.defragment(DefragmentRequest {}).await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !inflight("1") {
+        assert!(!call.is_finished(), "the defragment ended before it was seen running");
+        assert!(Instant::now() < deadline, "the defragment was not seen running");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The caller goes away: its stream is reset.
+    call.abort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !inflight("0") {
+        assert!(Instant::now() < deadline, "the abandoned defragment never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(p.log_text().contains("finished defragmenting the backend"), "{}", p.log_text());
+    let mut mt = MaintenanceClient::new(ch.clone());
+    mt.defragment(DefragmentRequest {}).await.expect("a defragment after an abandoned one");
+    let n = kv
+        .range(RangeRequest { key: b"big/".to_vec(), range_end: b"big0".to_vec(), count_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(n, 384);
+}

@@ -113,12 +113,22 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         self.server.check_admin(&crate::api::caller(&self.server, &req)?).map_err(crate::errors::status)?;
-        let m = &keel_metrics::METRICS;
-        m.defrag_inflight.set(1);
-        let t0 = std::time::Instant::now();
-        let done = self.server.defragment().await;
-        m.defrag_inflight.set(0);
-        m.backend_defrag.observe(t0.elapsed().as_secs_f64());
+        // The defragment runs to its end on a task of its own, as etcd's does whatever its
+        // caller does: a caller that goes away (a deadline, a closed connection) would otherwise
+        // drop it half way, leaving the store remembering every commit for a copy that is never
+        // swapped in, and every later defragment refused as already running.
+        let server = self.server.clone();
+        let done = tokio::spawn(async move {
+            let m = &keel_metrics::METRICS;
+            m.defrag_inflight.set(1);
+            let t0 = std::time::Instant::now();
+            let done = server.defragment().await;
+            m.defrag_inflight.set(0);
+            m.backend_defrag.observe(t0.elapsed().as_secs_f64());
+            done
+        })
+        .await
+        .map_err(|e| Status::internal(format!("defragment task failed: {e}")))?;
         done.map_err(backend_err)?;
         // etcd 3.6 answers without a header.
         Ok(Response::new(DefragmentResponse { header: None }))
