@@ -336,6 +336,11 @@ async fn run_on(
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(3))
         .connect_lazy();
+    // Compactions and defragments: a defragment at size takes longer than 3 s.
+    let ch_long = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(180))
+        .connect_lazy();
     // Every acknowledged write: (key, revision). Keys are unique, values equal keys.
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut max_rev = 0i64;
@@ -476,7 +481,7 @@ async fn run_on(
         }
         if rng.gen_bool(if opts.preload.is_some() { 0.6 } else { 0.2 }) {
             let floor = max_rev.max(rev);
-            let (mut kv, mut m) = (KvClient::new(ch.clone()), MaintenanceClient::new(ch.clone()));
+            let (mut kv, mut m) = (KvClient::new(ch_long.clone()), MaintenanceClient::new(ch_long.clone()));
             let done = defrags_done.clone();
             out.maintenance += 1;
             let task = tokio::spawn(async move {
