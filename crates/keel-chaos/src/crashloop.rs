@@ -117,20 +117,8 @@ async fn preload(ch: &Channel, keys: usize, len: usize) -> Result<()> {
 /// Checks the preloaded data: all `keys` keys there, and 200 random ones with their second
 /// value.
 async fn check_preload(ch: &Channel, keys: usize, len: usize, rng: &mut StdRng) -> Result<(), Check> {
-    let unreachable = |e: tonic::Status, what: &str| Check::Unreachable(anyhow::Error::new(e).context(what.to_string()));
     let mut kv = KvClient::new(ch.clone());
-    let count = kv
-        .range(RangeRequest {
-            key: b"/size/".to_vec(),
-            range_end: b"/size0".to_vec(),
-            count_only: true,
-            serializable: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unreachable(e, "count the preloaded keys"))?
-        .into_inner()
-        .count;
+    let count = count(&mut kv, b"/size/", b"/size0").await.map_err(|e| unreachable(e, "count the preloaded keys"))?;
     if count as usize != keys {
         return Err(Check::Violation(anyhow::anyhow!("{count} preloaded keys after a crash, {keys} were written")));
     }
@@ -223,6 +211,19 @@ async fn ready(ch: &Channel, child: &mut Member, limit: Duration) -> Result<bool
     }
 }
 
+/// The member did not answer `what`.
+fn unreachable(e: tonic::Status, what: &str) -> Check {
+    Check::Unreachable(anyhow::Error::new(e).context(what.to_string()))
+}
+
+/// The number of keys in `[key, end)`, read serializably (from the member alone).
+async fn count(kv: &mut KvClient<Channel>, key: &[u8], end: &[u8]) -> Result<i64, tonic::Status> {
+    let r = kv
+        .range(RangeRequest { key: key.to_vec(), range_end: end.to_vec(), count_only: true, serializable: true, ..Default::default() })
+        .await?;
+    Ok(r.into_inner().count)
+}
+
 /// Why a check of the acknowledged writes failed.
 enum Check {
     /// The member answered, and the answer breaks a guarantee.
@@ -248,7 +249,6 @@ async fn exited(child: &mut Member, limit: Duration) -> Result<bool> {
 /// Checks that the member's revision is not behind `max_rev` and that the last 400 and 200 more
 /// random acknowledged writes are there with their revisions; returns the member's revision.
 async fn check(ch: &Channel, acked: &[(String, i64)], max_rev: i64, rng: &mut StdRng) -> Result<i64, Check> {
-    let unreachable = |e: tonic::Status, what: &str| Check::Unreachable(anyhow::Error::new(e).context(what.to_string()));
     let mut kv = KvClient::new(ch.clone());
     let status = MaintenanceClient::new(ch.clone()).status(StatusRequest {}).await.map_err(|e| unreachable(e, "status"))?.into_inner();
     let rev = status.header.map(|h| h.revision).unwrap_or(0);
@@ -273,18 +273,7 @@ async fn check(ch: &Channel, acked: &[(String, i64)], max_rev: i64, rng: &mut St
             }
         }
     }
-    let count = kv
-        .range(RangeRequest {
-            key: b"/crash/".to_vec(),
-            range_end: b"/crash0".to_vec(),
-            count_only: true,
-            serializable: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unreachable(e, "count"))?
-        .into_inner()
-        .count;
+    let count = count(&mut kv, b"/crash/", b"/crash0").await.map_err(|e| unreachable(e, "count"))?;
     if (count as usize) < acked.len() {
         return Err(Check::Violation(anyhow::anyhow!("{count} keys after a crash, {} were acknowledged", acked.len())));
     }

@@ -5,7 +5,7 @@
 //! transaction together with the consistent index, so that a crash leaves the backend at a batch
 //! boundary and replaying the WAL from the stored consistent index applies each entry exactly once.
 
-use crate::revision::{Revision, REV_BYTES};
+use crate::revision::Revision;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::BTreeMap;
@@ -208,16 +208,12 @@ impl Backend {
                 match v {
                     Some(v) => {
                         keys.insert(k.as_slice(), &v[..]).map_err(|e| self.err(e))?;
-                        let (row_key, row) = self.index_row(k, v)?;
-                        index.insert(&row_key[..], row.as_slice()).map_err(|e| self.err(e))?;
+                        self.put_index_row(&mut index, k, v)?;
                     }
                     None => {
-                        let old = keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
-                        if let Some(old) = old {
-                            let (row_key, _) = self.index_row(k, old.value())?;
-                            drop(old);
-                            index.remove(&row_key[..]).map_err(|e| self.err(e))?;
-                        }
+                        keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
+                        // The row is keyed by the record's revision: no need to read the record.
+                        index.remove(&self.revision(k)?.0.key_bytes()[..]).map_err(|e| self.err(e))?;
                     }
                 }
             }
@@ -235,9 +231,14 @@ impl Backend {
         Ok(())
     }
 
-    /// The key index row of the `key` record `v` at revision key `k`: (row key, row).
-    fn index_row(&self, k: &[u8], v: &[u8]) -> Result<([u8; REV_BYTES], Vec<u8>), BackendError> {
-        let (rev, tombstone) = Revision::from_key(k).ok_or_else(|| self.err(format!("bad revision key {k:?} in table key")))?;
+    /// The revision (and tombstone mark) of the revision key `k` of table `key`.
+    fn revision(&self, k: &[u8]) -> Result<(Revision, bool), BackendError> {
+        Revision::from_key(k).ok_or_else(|| self.err(format!("bad revision key {k:?} in table key")))
+    }
+
+    /// The key index entry of the `key` record `v` at revision key `k`: its user key and row.
+    fn index_entry(&self, k: &[u8], v: &[u8]) -> Result<(Vec<u8>, IndexRow), BackendError> {
+        let (rev, tombstone) = self.revision(k)?;
         let f = IndexFields::decode(v).map_err(|e| self.err(format!("undecodable record at revision {rev:?} in table key: {e}")))?;
         let row = IndexRow {
             rev,
@@ -247,7 +248,15 @@ impl Backend {
             lease: f.lease,
             size: (k.len() + v.len()) as u32,
         };
-        Ok((rev.key_bytes(), row.encode(&f.key)))
+        Ok((f.key, row))
+    }
+
+    /// Writes the key index row of the `key` record `v` at revision key `k` into `index`; returns
+    /// its user key and row.
+    fn put_index_row(&self, index: &mut redb::Table<&[u8], &[u8]>, k: &[u8], v: &[u8]) -> Result<(Vec<u8>, IndexRow), BackendError> {
+        let (key, row) = self.index_entry(k, v)?;
+        index.insert(&row.rev.key_bytes()[..], row.encode(&key).as_slice()).map_err(|e| self.err(e))?;
+        Ok((key, row))
     }
 
     /// Gives `sink` a row for every record of the committed state, in revision order: from the
@@ -264,7 +273,11 @@ impl Backend {
             Ok(()) => return Ok(IndexSource::Persisted),
             Err(damaged) => damaged,
         };
-        self.index_from_records(sink, damaged)
+        if let Some(why) = &damaged {
+            tracing::warn!(path = %self.path.display(), reason = %why, "mvcc: the persisted key index does not match the records; building it again");
+        }
+        self.build_index(sink)?;
+        Ok(IndexSource::Built)
     }
 
     /// The persisted index's rows to `sink`: `Ok(Err(why))` when it cannot be used (why: None
@@ -299,34 +312,19 @@ impl Backend {
         Ok(Ok(()))
     }
 
-    /// [`Backend::read_index`] from the records, then the index built; `damaged` says why the
-    /// persisted one was not used, when it was there.
-    fn index_from_records(&self, sink: &mut dyn IndexSink, damaged: Option<String>) -> Result<IndexSource, BackendError> {
-        if let Some(why) = &damaged {
-            tracing::warn!(path = %self.path.display(), reason = %why, "mvcc: the persisted key index does not match the records; building it again");
-        }
-        self.scan(|k, v| {
-            let (row_key, row) = self.index_row(k, v)?;
-            let (key, row) = IndexRow::decode(&row_key, &row).ok_or_else(|| self.err("key index row does not round-trip"))?;
-            sink.row(key, row);
-            Ok(())
-        })?;
-        self.build_index()?;
-        Ok(IndexSource::Built)
-    }
-
     /// Builds the key index from the records (a file written by an older Keel, or one whose index
-    /// was found damaged): the old rows are dropped, the new ones written in transactions of
-    /// [`INDEX_BUILD_BATCH`] records, and the index marked complete in the last, durable one. A
-    /// crash before that leaves it marked incomplete, to be built again at the next start. Runs
-    /// before the store serves: no other transaction writes meanwhile.
-    pub fn build_index(&self) -> Result<(), BackendError> {
-        self.build_index_in(INDEX_BUILD_BATCH, |_| {})
+    /// was found damaged), giving `sink` each row as it goes (one read of the records): the old
+    /// rows are dropped, the new ones written in transactions of [`INDEX_BUILD_BATCH`] records,
+    /// and the index marked complete in the last, durable one. A crash before that leaves it
+    /// marked incomplete, to be built again at the next start. Runs before the store serves: no
+    /// other transaction writes meanwhile.
+    fn build_index(&self, sink: &mut dyn IndexSink) -> Result<(), BackendError> {
+        self.build_index_in(INDEX_BUILD_BATCH, sink, |_| {})
     }
 
     /// [`Backend::build_index`] in transactions of `batch` records; `committed(n)` is told of
     /// each of them but the last, after its commit.
-    fn build_index_in(&self, batch: usize, mut committed: impl FnMut(usize)) -> Result<(), BackendError> {
+    fn build_index_in(&self, batch: usize, sink: &mut dyn IndexSink, mut committed: impl FnMut(usize)) -> Result<(), BackendError> {
         let started = std::time::Instant::now();
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
@@ -354,8 +352,8 @@ impl Backend {
                 let mut end = None;
                 for item in range {
                     let (k, v) = item.map_err(|e| self.err(e))?;
-                    let (row_key, row) = self.index_row(k.value(), v.value())?;
-                    index.insert(&row_key[..], row.as_slice()).map_err(|e| self.err(e))?;
+                    let (key, row) = self.put_index_row(&mut index, k.value(), v.value())?;
+                    sink.row(&key, row);
                     n += 1;
                     if n == batch {
                         end = Some(k.value().to_vec());
@@ -465,8 +463,7 @@ impl Backend {
                 match *table {
                     TABLE_KEYS => {
                         keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
-                        let (row_key, row) = self.index_row(k, v)?;
-                        index.insert(&row_key[..], row.as_slice()).map_err(|e| self.err(e))?;
+                        self.put_index_row(&mut index, k, v)?;
                     }
                     TABLE_AUX => {
                         let name = std::str::from_utf8(k).map_err(|_| self.err("aux record name is not UTF-8"))?;
@@ -564,15 +561,6 @@ impl Backend {
             bytes += st.stored_bytes() + st.metadata_bytes() + st.fragmented_bytes();
         }
         Ok(bytes)
-    }
-
-    /// [`Backend::pages_in_use`] as redb counts it: every allocated page, under a write
-    /// transaction (commits wait for the walk).
-    pub fn pages_in_use_exclusive(&self) -> Result<u64, BackendError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        let st = tx.stats().map_err(|e| self.err(e))?;
-        tx.abort().map_err(|e| self.err(e))?;
-        Ok(st.allocated_pages() * st.page_size() as u64)
     }
 }
 
@@ -872,7 +860,7 @@ mod tests {
         }
         b.commit(&changes, &BTreeMap::new(), &Meta { consistent_index: 9, term: 1, current_rev: 1000, compacted_rev: 0 }).unwrap();
         drop_index(&b);
-        let _ = b.build_index_in(100, |n| {
+        let _ = b.build_index_in(100, &mut Collected::default(), |n| {
             if n == 2 {
                 std::process::abort();
             }

@@ -121,17 +121,18 @@ impl Builder {
         let mut live = 0usize;
         let mut grouped: Vec<(Box<[u8]>, KeyHistory)> = Vec::new();
         for r in self.records {
+            // A tombstone ends the key's generation: as `Index::restore` takes it.
+            let (created, version, lease) = if r.change.tombstone { (0, 0, 0) } else { (r.created, r.version, r.lease) };
             match grouped.last_mut() {
                 Some((k, h)) if *k == r.key => {
                     debug_assert!(h.changes.last().map(|c| c.rev < r.change.rev).unwrap_or(true), "revisions must increase");
                     h.changes.push(r.change);
-                    (h.created, h.version, h.lease) = if r.change.tombstone { (0, 0, 0) } else { (r.created, r.version, r.lease) };
+                    (h.created, h.version, h.lease) = (created, version, lease);
                 }
                 _ => {
                     if grouped.last().is_some_and(|(_, h)| h.is_live()) {
                         live += 1;
                     }
-                    let (created, version, lease) = if r.change.tombstone { (0, 0, 0) } else { (r.created, r.version, r.lease) };
                     let mut changes = Changes::new();
                     changes.push(r.change);
                     grouped.push((r.key, KeyHistory { changes, created, version, lease }));

@@ -370,21 +370,19 @@ impl Store {
     /// which takes a while for a big one, so the caller should drop it without holding the
     /// store. On error the old backend stays in use.
     pub fn finish_defrag(&mut self, copy: Backend, copy_in_use: u64) -> Result<(usize, Backend), BackendError> {
-        let fail = |msg: &str| BackendError { path: self.backend.path().to_path_buf(), msg: msg.to_string() };
-        let tail = match self.defrag.take() {
-            Some(t) if t.overflowed => return Err(fail(DEFRAG_OVERFLOW)),
-            Some(t) => t,
-            None => return Err(fail(DEFRAG_INTERRUPTED)),
-        };
-        let replayed = tail.changes.len() + tail.aux.len();
-        if let Some(meta) = tail.meta {
-            copy.commit(&tail.changes, &tail.aux, &meta)?;
+        // Whatever happens next, the defragmentation is over: nothing more is remembered.
+        let rest = self.take_defrag_tail();
+        let data_at_begin = self.defrag.take().map_or(0, |t| t.data_at_begin);
+        let mut replayed = 0;
+        if let Some(b) = rest? {
+            replayed = b.changes.len() + b.aux.len();
+            copy.commit(&b.changes, &b.aux, &b.meta)?;
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("mvcc::defrag", |_| std::process::abort());
         let new = copy.rename_to(self.backend.path())?;
         let old = std::mem::replace(&mut self.backend, new);
-        self.in_use_base = Some((copy_in_use, tail.data_at_begin));
+        self.in_use_base = Some((copy_in_use, data_at_begin));
         Ok((replayed, old))
     }
 

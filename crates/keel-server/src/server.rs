@@ -19,6 +19,24 @@ use parking_lot::{MutexGuard, RwLockReadGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Writes into a defragment's `copy` what `store` committed since the copy began, in rounds (each
+/// writing what came in during the previous one), without holding the store while writing;
+/// returns the records written.
+fn catch_up_defrag(store: &keel_mvcc::SharedStore, copy: &keel_mvcc::backend::Backend) -> Result<usize, keel_mvcc::backend::BackendError> {
+    let mut written = 0;
+    for _ in 0..DEFRAG_CATCH_UP_ROUNDS {
+        let taken = store.write().take_defrag_tail();
+        let Some(batch) = taken? else { break };
+        let n = batch.changes.len() + batch.aux.len();
+        copy.commit(&batch.changes, &batch.aux, &batch.meta)?;
+        written += n;
+        if n <= DEFRAG_SWAP_RECORDS {
+            break;
+        }
+    }
+    Ok(written)
+}
+
 /// Most rounds of writing what was committed during a defragment's copy into the copy before
 /// the swap (each round writes what came in during the previous one).
 const DEFRAG_CATCH_UP_ROUNDS: usize = 8;
@@ -188,36 +206,16 @@ impl Server {
         .unwrap_or_else(|e| {
             Err(keel_mvcc::backend::BackendError { path: std::path::PathBuf::new(), msg: format!("defragment task failed: {e}") })
         });
-        let (copy, copy_in_use) = match copied {
-            Ok(c) => c,
+        // What was committed meanwhile goes to the copy without holding the store, until little
+        // is left for the swap to write while it holds it.
+        let prepared = copied.and_then(|(copy, copy_in_use)| Ok((catch_up_defrag(store, &copy)?, copy, copy_in_use)));
+        let (caught_up, copy, copy_in_use) = match prepared {
+            Ok(p) => p,
             Err(e) => {
                 store.write().abort_defrag();
                 return Err(e);
             }
         };
-        // What was committed meanwhile goes to the copy without holding the store, until little
-        // is left for the swap to write while it holds it.
-        let mut caught_up = 0usize;
-        for _ in 0..DEFRAG_CATCH_UP_ROUNDS {
-            let taken = store.write().take_defrag_tail();
-            let batch = match taken {
-                Ok(Some(t)) => t,
-                Ok(None) => break,
-                Err(e) => {
-                    store.write().abort_defrag();
-                    return Err(e);
-                }
-            };
-            let n = batch.changes.len() + batch.aux.len();
-            if let Err(e) = copy.commit(&batch.changes, &batch.aux, &batch.meta) {
-                store.write().abort_defrag();
-                return Err(e);
-            }
-            caught_up += n;
-            if n <= DEFRAG_SWAP_RECORDS {
-                break;
-            }
-        }
         let held = std::time::Instant::now();
         let (replayed, old) = store.exclusive().store.finish_defrag(copy, copy_in_use)?;
         let replayed = replayed + caught_up;
