@@ -126,6 +126,10 @@ enum Msg {
     Stop,
 }
 
+/// Applied entries between two compactions of the in-memory log (etcd 3.7's
+/// memorySnapshotCount): the log then holds about `catchup_entries` applied entries, not up to
+/// `snapshot_count` more between disk snapshots.
+const LOG_COMPACT_EVERY: u64 = 100;
 /// Bound of the node's inbox: a full inbox answers "too many requests" instead of queueing more.
 const INBOX: usize = 65_536;
 /// Most messages taken from the inbox before the next Ready is handled.
@@ -297,6 +301,8 @@ struct Driver<T: Transport> {
     reissue_reads: bool,
     /// Campaign once everything committed is applied (single-voter start).
     campaign_when_applied: bool,
+    /// The applied index at which the in-memory log was last compacted.
+    log_compacted_at: u64,
 }
 
 /// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
@@ -414,6 +420,7 @@ pub fn start<S: StateMachine, T: Transport>(
         stopping: None,
         reissue_reads: false,
         campaign_when_applied,
+        log_compacted_at: 0,
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
@@ -477,6 +484,7 @@ impl<T: Transport> Driver<T> {
             if let Err(e) = self.on_stage_events() {
                 break Err(e.to_string());
             }
+            self.compact_memory_log();
             if self.stage_gone {
                 break Err("the apply stage stopped".into());
             }
@@ -967,6 +975,23 @@ impl<T: Transport> Driver<T> {
         self.node.mut_store().wl().apply_snapshot(snap);
         self.snap_index = idx;
         Ok(())
+    }
+
+    /// Every [`LOG_COMPACT_EVERY`] applied entries, drops the in-memory log's entries older than
+    /// `catchup_entries` before the applied index, as etcd 3.7 does (the WAL keeps them until the
+    /// next disk snapshot). Not while a follower is being sent a snapshot: it needs the entries
+    /// after the snapshot's index once it has it (etcd pauses its compaction likewise).
+    fn compact_memory_log(&mut self) {
+        let applied = self.status.applied();
+        if applied < self.log_compacted_at + LOG_COMPACT_EVERY {
+            return;
+        }
+        if self.node.raft.prs().iter().any(|(_, pr)| pr.state == raft::ProgressState::Snapshot) {
+            return;
+        }
+        self.log_compacted_at = applied;
+        let keep_from = applied.saturating_sub(self.cfg.catchup_entries) + 1;
+        self.node.mut_store().wl().compact(keep_from);
     }
 
     /// Saves a snapshot the apply stage took (its state machine is durable up to it) and lets

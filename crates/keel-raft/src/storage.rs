@@ -15,8 +15,11 @@ pub struct Core {
     pub conf_state: ConfState,
     /// The newest snapshot; its metadata marks where `entries` begin.
     pub snapshot: Snapshot,
-    /// Entries after the snapshot index, contiguous.
+    /// Entries after the snapshot index (or after `compacted`), contiguous.
     pub entries: Vec<Entry>,
+    /// Index and term of the last entry dropped from the front of `entries` (0, 0: none): raft
+    /// asks for the term of the entry before the first one it has.
+    compacted: (u64, u64),
     /// What a snapshot for a follower is built from: the applied index and its term, and the
     /// application's snapshot data at that index (kept current by the driver).
     pub applied_index: u64,
@@ -29,11 +32,46 @@ pub struct Core {
 
 impl Core {
     pub fn first_index(&self) -> u64 {
-        self.entries.first().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index + 1)
+        self.entries.first().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index.max(self.compacted.0) + 1)
+    }
+
+    /// The term of entry `idx` if this log knows it (an entry it holds, the snapshot's last one,
+    /// or the last one dropped from its front).
+    fn term_of(&self, idx: u64) -> Result<u64, StorageError> {
+        let m = self.snapshot.get_metadata();
+        if idx == m.index {
+            return Ok(m.term);
+        }
+        if idx == self.compacted.0 && idx != 0 {
+            return Ok(self.compacted.1);
+        }
+        let first = self.first_index();
+        if idx < first {
+            return Err(StorageError::Compacted);
+        }
+        if idx > self.last_index() {
+            return Err(StorageError::Unavailable);
+        }
+        Ok(self.entries[(idx - first) as usize].term)
+    }
+
+    /// Drops the entries before `keep_from` (at most those there are), remembering the last
+    /// one's term. Returns how many were dropped.
+    pub fn compact(&mut self, keep_from: u64) -> usize {
+        let first = self.first_index();
+        if keep_from <= first {
+            return 0;
+        }
+        let n = ((keep_from - first) as usize).min(self.entries.len());
+        if let Some(last) = n.checked_sub(1).and_then(|i| self.entries.get(i)) {
+            self.compacted = (last.index, last.term);
+        }
+        self.entries.drain(..n);
+        n
     }
 
     pub fn last_index(&self) -> u64 {
-        self.entries.last().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index)
+        self.entries.last().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index.max(self.compacted.0))
     }
 
     /// Appends entries, replacing any existing entries at or after the first new index.
@@ -64,17 +102,14 @@ impl Core {
         }
         self.conf_state = m.get_conf_state().clone();
         self.entries.clear();
+        self.compacted = (0, 0);
         self.snapshot = snap;
     }
 
     /// Records a snapshot taken locally at an applied index, keeping entries after `keep_from`.
     pub fn set_snapshot(&mut self, snap: Snapshot, keep_from: u64) {
         let keep_from = keep_from.min(snap.get_metadata().index + 1);
-        let first = self.first_index();
-        if keep_from > first {
-            let n = ((keep_from - first) as usize).min(self.entries.len());
-            self.entries.drain(..n);
-        }
+        self.compact(keep_from);
         // Kept entries may start before the snapshot index; raft asks for a snapshot only for
         // entries before them.
         self.snapshot = snap;
@@ -128,18 +163,7 @@ impl Storage for LogStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let c = self.rl();
-        if idx == c.snapshot.get_metadata().index {
-            return Ok(c.snapshot.get_metadata().term);
-        }
-        let first = c.first_index();
-        if idx < first {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if idx > c.last_index() {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        Ok(c.entries[(idx - first) as usize].term)
+        self.rl().term_of(idx).map_err(raft::Error::Store)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -172,4 +196,32 @@ pub fn snapshot_at(index: u64, term: u64, conf: ConfState, data: Vec<u8>) -> Sna
     m.term = term;
     m.set_conf_state(conf);
     snap
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { index, term, ..Default::default() }
+    }
+
+    #[test]
+    fn a_compacted_log_still_knows_the_term_before_its_first_entry() {
+        let log = LogStore::default();
+        log.wl().append(&(1..=10).map(|i| entry(i, 1 + i / 5)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(log.wl().compact(7), 6);
+        assert_eq!((log.rl().first_index(), log.rl().last_index()), (7, 10));
+        assert_eq!(log.term(6).unwrap(), 2, "the entry before the first one");
+        assert!(matches!(log.term(5), Err(raft::Error::Store(StorageError::Compacted))));
+        assert!(matches!(log.entries(6, 8, None, GetEntriesContext::empty(false)), Err(raft::Error::Store(StorageError::Compacted))));
+        assert_eq!(log.entries(7, 11, None, GetEntriesContext::empty(false)).unwrap().len(), 4);
+        // Compacting no further than what is there, then everything.
+        assert_eq!(log.wl().compact(3), 0);
+        assert_eq!(log.wl().compact(100), 4);
+        assert_eq!((log.rl().first_index(), log.rl().last_index()), (11, 10));
+        assert_eq!(log.term(10).unwrap(), 3);
+        log.wl().append(&[entry(11, 3)]).unwrap();
+        assert_eq!((log.rl().first_index(), log.rl().last_index()), (11, 11));
+    }
 }

@@ -403,6 +403,31 @@ fn a_member_cut_off_past_the_kept_log_catches_up_by_snapshot() {
     c.converge(&[1, 2, 3], 125);
 }
 
+/// The in-memory log is compacted every 100 applied entries to the last `catchup_entries`
+/// (etcd 3.7), not only at disk snapshots: with no disk snapshot in sight, a member behind by
+/// more than the catch-up entries gets a snapshot, and one behind by fewer gets entries.
+#[test]
+fn the_in_memory_log_keeps_the_catch_up_entries_between_disk_snapshots() {
+    let c = Cluster::new(3, 1_000_000, 150);
+    let leader = c.leader();
+    let behind = (1..=3).find(|id| *id != leader).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    // Behind by 120 entries, fewer than the 150 kept: caught up by entries.
+    c.cut(behind);
+    c.write("a", 120);
+    c.converge(&others, 120);
+    c.heal(behind);
+    assert_eq!(c.converge(&[1, 2, 3], 120), expected("a", 120));
+    assert_eq!(c.member(behind).machine.with(|a| a.restores), 0, "caught up by entries");
+    // Behind by 400 entries: the leader kept only the last 150-250, so a snapshot.
+    c.cut(behind);
+    c.write("b", 400);
+    c.converge(&others, 520);
+    c.heal(behind);
+    c.converge(&[1, 2, 3], 520);
+    assert!(c.member(behind).machine.with(|a| a.restores) >= 1, "caught up by a snapshot, not by entries");
+}
+
 #[test]
 fn a_read_on_a_member_cut_off_expires_and_a_reissued_one_is_served_after_healing() {
     let c = Cluster::new(3, 10_000, 100);
