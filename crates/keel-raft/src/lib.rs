@@ -3,7 +3,8 @@
 //! Owns the `RawNode`, the tick timer and the Ready loop: persist entries and hard state to the
 //! WAL and fsync, then hand committed entries to the apply stage, which applies them to the
 //! state machine on a thread of its own; then advance. Also owns snapshots (taken by the apply
-//! stage every `snapshot_count` applied entries, saved by the raft thread) and WAL release.
+//! stage every `snapshot_count` applied entries, saved by the raft thread), WAL release, and the
+//! in-memory log's compaction to the last `catchup_entries` every 100 applied entries.
 //!
 //! - [`disk`]: what a member has on disk (WAL + snapshot files) and how it is read back.
 //! - [`node`]: the raft thread and the handle the server uses to propose and to read.
@@ -11,7 +12,7 @@
 //!   on it, in one poll.
 //! - [`apply`]: the apply stage: committed entries in order, reads answered once applied,
 //!   snapshots of the state machine.
-//! - [`storage`]: the in-memory raft log raft reads.
+//! - [`storage`]: the in-memory raft log raft reads (entries since the last compaction).
 //! - [`hops`]: how long each hop of a write and of a read takes (observed for metrics).
 //! - [`logger`]: raft-rs logs (slog) forwarded to `tracing`.
 //! - [`wire`]: the decoder of raft's messages from peers and disk (prost, not protobuf 2).
