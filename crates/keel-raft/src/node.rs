@@ -979,19 +979,39 @@ impl<T: Transport> Driver<T> {
 
     /// Every [`LOG_COMPACT_EVERY`] applied entries, drops the in-memory log's entries older than
     /// `catchup_entries` before the applied index, as etcd 3.7 does (the WAL keeps them until the
-    /// next disk snapshot). Not while a follower is being sent a snapshot: it needs the entries
-    /// after the snapshot's index once it has it (etcd pauses its compaction likewise).
+    /// next disk snapshot), less what followers being caught up need
+    /// ([`Driver::keep_for_followers`]).
     fn compact_memory_log(&mut self) {
         let applied = self.status.applied();
         if applied < self.log_compacted_at + LOG_COMPACT_EVERY {
             return;
         }
-        if self.node.raft.prs().iter().any(|(_, pr)| pr.state == raft::ProgressState::Snapshot) {
-            return;
-        }
         self.log_compacted_at = applied;
-        let keep_from = applied.saturating_sub(self.cfg.catchup_entries) + 1;
+        let keep_from = (applied.saturating_sub(self.cfg.catchup_entries) + 1).min(self.keep_for_followers());
         self.node.mut_store().wl().compact(keep_from);
+    }
+
+    /// The first entry the log must keep for followers being caught up (`u64::MAX`: none):
+    /// everything while one is sent a snapshot (it needs the entries after the snapshot's index
+    /// once installed, however long the send takes; etcd pauses its compaction likewise), and
+    /// from its next entry for one probed after a snapshot or a gap while it answers (it has not
+    /// acknowledged the snapshot yet: installing a big one takes seconds). Found at 5 GB: a 70 s
+    /// send, then the entries after it dropped before the follower could ask for them, and a
+    /// snapshot again, over and over.
+    fn keep_for_followers(&self) -> u64 {
+        let me = self.cfg.id;
+        let mut keep = u64::MAX;
+        for (id, pr) in self.node.raft.prs().iter() {
+            if *id == me {
+                continue;
+            }
+            match pr.state {
+                raft::ProgressState::Snapshot => return 0,
+                raft::ProgressState::Probe if pr.recent_active => keep = keep.min(pr.next_idx),
+                _ => {}
+            }
+        }
+        keep
     }
 
     /// Saves a snapshot the apply stage took (its state machine is durable up to it) and lets
@@ -1005,7 +1025,7 @@ impl<T: Transport> Driver<T> {
         self.disk.save_snapshot(&snap)?;
         tracing::info!(index, term, "raft: saved snapshot");
         self.snap_index = index;
-        let keep_from = index.saturating_sub(self.cfg.catchup_entries) + 1;
+        let keep_from = (index.saturating_sub(self.cfg.catchup_entries) + 1).min(self.keep_for_followers());
         self.node.mut_store().wl().set_snapshot(snap, keep_from);
         Ok(())
     }

@@ -137,6 +137,45 @@ impl StateMachine for Machine {
 struct Net {
     handles: Mutex<HashMap<u64, NodeHandle>>,
     cut: Mutex<HashSet<u64>>,
+    /// Snapshots are held here (as if still being sent) while set.
+    hold_snapshots: Mutex<Option<Vec<HeldSnapshot>>>,
+}
+
+/// A snapshot message on its way: its sender, the message and the backend file standing for it.
+struct HeldSnapshot {
+    from: u64,
+    msg: Message,
+    file: PathBuf,
+}
+
+impl Net {
+    /// Hands a snapshot to its destination and reports the outcome to its sender.
+    fn deliver_snapshot(&self, s: HeldSnapshot) {
+        let (dest, me) = {
+            let h = self.handles.lock();
+            (h.get(&s.msg.to).cloned(), h.get(&s.from).cloned())
+        };
+        let to = s.msg.to;
+        let ok = dest.is_some_and(|d| d.install_snapshot(s.msg, s.file).is_ok());
+        if let Some(me) = me {
+            me.report_snapshot(to, ok);
+        }
+    }
+
+    /// Holds the snapshots sent from now on, as if each took long to send.
+    fn hold_snapshots(&self) {
+        *self.hold_snapshots.lock() = Some(Vec::new());
+    }
+
+    /// Sends the held snapshots; later ones go at once again. Returns how many were held.
+    fn release_snapshots(&self) -> usize {
+        let held = self.hold_snapshots.lock().take().unwrap_or_default();
+        let n = held.len();
+        for s in held {
+            self.deliver_snapshot(s);
+        }
+        n
+    }
 }
 
 /// One member's side of the network. Snapshots go as the real transport sends them: the raft
@@ -172,10 +211,15 @@ impl Transport for Link {
                 self.sent_snapshots += 1;
                 let f = self.dir.join(format!("from-{}-to-{}-{}.db", self.from, to, self.sent_snapshots));
                 std::fs::write(&f, b"").unwrap();
-                let ok = dest.install_snapshot(m, f).is_ok();
-                if let Some(me) = me {
-                    me.report_snapshot(to, ok);
-                }
+                let s = HeldSnapshot { from: self.from, msg: m, file: f };
+                let s = match &mut *self.net.hold_snapshots.lock() {
+                    Some(held) => {
+                        held.push(s);
+                        continue;
+                    }
+                    None => s,
+                };
+                self.net.deliver_snapshot(s);
             } else {
                 let _ = dest.step(m);
             }
@@ -426,6 +470,29 @@ fn the_in_memory_log_keeps_the_catch_up_entries_between_disk_snapshots() {
     c.heal(behind);
     c.converge(&[1, 2, 3], 520);
     assert!(c.member(behind).machine.with(|a| a.restores) >= 1, "caught up by a snapshot, not by entries");
+}
+
+/// A snapshot that takes long to send: the leader keeps the entries after it however many disk
+/// snapshots it takes meanwhile (etcd pauses its compaction likewise), so the follower catches
+/// up by entries once it has installed it instead of needing another snapshot, and another.
+#[test]
+fn the_entries_after_a_snapshot_being_sent_are_kept_until_it_is_sent() {
+    let c = Cluster::new(3, 50, 20);
+    let leader = c.leader();
+    let behind = (1..=3).find(|id| *id != leader).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    c.cut(behind);
+    c.write("a", 200);
+    c.converge(&others, 200);
+    c.net.hold_snapshots();
+    c.heal(behind);
+    c.until("the leader sends a snapshot", |c| !c.net.hold_snapshots.lock().as_ref().is_none_or(|h| h.is_empty()));
+    // Six disk snapshots' worth of entries while it is on its way.
+    c.write("b", 300);
+    c.converge(&others, 500);
+    assert_eq!(c.net.release_snapshots(), 1);
+    assert_eq!(c.converge(&[1, 2, 3], 500).len(), 500);
+    assert_eq!(c.member(behind).machine.with(|a| a.restores), 1, "one snapshot, then entries");
 }
 
 #[test]
