@@ -991,8 +991,8 @@ impl<T: Transport> Driver<T> {
         self.node.mut_store().wl().compact(keep_from);
     }
 
-    /// The first entry the log must keep for followers being caught up (`u64::MAX`: none):
-    /// everything while one is sent a snapshot (it needs the entries after the snapshot's index
+    /// The first entry the log must keep for followers being caught up and heard from within
+    /// the last election timeout (`u64::MAX`: none): everything while one is sent a snapshot (it needs the entries after the snapshot's index
     /// once installed, however long the send takes; etcd pauses its compaction likewise), and
     /// from its next entry for one probed after a snapshot or a gap while it answers (it has not
     /// acknowledged the snapshot yet: installing a big one takes seconds). Found at 5 GB: a 70 s
@@ -1005,10 +1005,15 @@ impl<T: Transport> Driver<T> {
             if *id == me {
                 continue;
             }
+            // Only for a follower heard from lately: one that is down (a snapshot to it may not
+            // fail for a while) must not hold the log.
+            if !pr.recent_active {
+                continue;
+            }
             match pr.state {
                 raft::ProgressState::Snapshot => return 0,
-                raft::ProgressState::Probe if pr.recent_active => keep = keep.min(pr.next_idx),
-                _ => {}
+                raft::ProgressState::Probe => keep = keep.min(pr.next_idx),
+                raft::ProgressState::Replicate => {}
             }
         }
         keep
