@@ -992,12 +992,12 @@ impl<T: Transport> Driver<T> {
     }
 
     /// The first entry the log must keep for followers being caught up and heard from within
-    /// the last election timeout (`u64::MAX`: none): everything while one is sent a snapshot (it needs the entries after the snapshot's index
-    /// once installed, however long the send takes; etcd pauses its compaction likewise), and
-    /// from its next entry for one probed after a snapshot or a gap while it answers (it has not
-    /// acknowledged the snapshot yet: installing a big one takes seconds). Found at 5 GB: a 70 s
-    /// send, then the entries after it dropped before the follower could ask for them, and a
-    /// snapshot again, over and over.
+    /// the last election timeout (`u64::MAX`: none): everything while one is sent a snapshot
+    /// (it needs the entries after the snapshot's index once installed, however long the send
+    /// takes; etcd pauses its compaction likewise), and from its next entry for one probed after
+    /// a snapshot or a gap while it answers (it has not acknowledged the snapshot yet:
+    /// installing a big one takes seconds). Found at 5 GB: a 70 s send, then the entries after
+    /// it dropped before the follower could ask for them, and a snapshot again, over and over.
     fn keep_for_followers(&self) -> u64 {
         let me = self.cfg.id;
         let mut keep = u64::MAX;
