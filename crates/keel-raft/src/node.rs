@@ -303,6 +303,9 @@ struct Driver<T: Transport> {
     campaign_when_applied: bool,
     /// The applied index at which the in-memory log was last compacted.
     log_compacted_at: u64,
+    /// The last compaction kept entries for a follower ([`Driver::keep_for_followers`]): try
+    /// again at each tick, so that one found down lets them go without waiting for new entries.
+    log_held: bool,
 }
 
 /// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
@@ -421,6 +424,7 @@ pub fn start<S: StateMachine, T: Transport>(
         reissue_reads: false,
         campaign_when_applied,
         log_compacted_at: 0,
+        log_held: false,
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
@@ -554,6 +558,9 @@ impl<T: Transport> Driver<T> {
         self.node.tick();
         self.ticks += 1;
         self.expire_reads();
+        if self.log_held {
+            self.trim_memory_log();
+        }
     }
 
     /// Handles one inbox message; returns true on Stop.
@@ -936,6 +943,7 @@ impl<T: Transport> Driver<T> {
         self.status.vote.store(raft.vote, Ordering::Release);
         self.status.commit.store(raft.raft_log.committed, Ordering::Release);
         self.status.last_index.store(raft.raft_log.last_index(), Ordering::Release);
+        self.status.log_first.store(raft.raft_log.store.rl().first_index(), Ordering::Release);
     }
 
     /// Applies a committed configuration change to raft; returns the configuration after it.
@@ -982,13 +990,22 @@ impl<T: Transport> Driver<T> {
     /// next disk snapshot), less what followers being caught up need
     /// ([`Driver::keep_for_followers`]).
     fn compact_memory_log(&mut self) {
-        let applied = self.status.applied();
-        if applied < self.log_compacted_at + LOG_COMPACT_EVERY {
-            return;
+        if self.status.applied() >= self.log_compacted_at + LOG_COMPACT_EVERY {
+            self.trim_memory_log();
         }
+    }
+
+    /// Drops the in-memory log's entries older than `catchup_entries` before the applied index
+    /// and not needed by a follower being caught up; the one place the log is trimmed.
+    fn trim_memory_log(&mut self) {
+        let applied = self.status.applied();
         self.log_compacted_at = applied;
-        let keep_from = (applied.saturating_sub(self.cfg.catchup_entries) + 1).min(self.keep_for_followers());
-        self.node.mut_store().wl().compact(keep_from);
+        let want = applied.saturating_sub(self.cfg.catchup_entries) + 1;
+        let keep_from = want.min(self.keep_for_followers());
+        self.log_held = keep_from < want;
+        let mut log = self.node.mut_store().wl();
+        log.compact(keep_from);
+        self.status.log_first.store(log.first_index(), Ordering::Release);
     }
 
     /// The first entry the log must keep for followers being caught up and heard from within
@@ -1030,8 +1047,10 @@ impl<T: Transport> Driver<T> {
         self.disk.save_snapshot(&snap)?;
         tracing::info!(index, term, "raft: saved snapshot");
         self.snap_index = index;
-        let keep_from = (index.saturating_sub(self.cfg.catchup_entries) + 1).min(self.keep_for_followers());
-        self.node.mut_store().wl().set_snapshot(snap, keep_from);
+        self.node.mut_store().wl().set_snapshot(snap);
+        // The snapshot is at most the applied index: what the log keeps beyond it is the
+        // applied index's bound.
+        self.trim_memory_log();
         Ok(())
     }
 }

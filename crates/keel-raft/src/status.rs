@@ -12,6 +12,8 @@ pub struct NodeStatus {
     pub(crate) commit: AtomicU64,
     pub(crate) applied: AtomicU64,
     pub(crate) last_index: AtomicU64,
+    /// The first entry the in-memory log holds (older ones reach a follower by snapshot).
+    pub(crate) log_first: AtomicU64,
     pub(crate) is_leader: AtomicBool,
     pub(crate) stopped: AtomicBool,
     /// Whom this member voted for in the current term (0: nobody).
@@ -45,6 +47,10 @@ impl NodeStatus {
     /// The last index in this member's log.
     pub fn last_index(&self) -> u64 {
         self.last_index.load(Ordering::Acquire)
+    }
+    /// The first entry the in-memory log holds: a follower behind it is sent a snapshot.
+    pub fn log_first_index(&self) -> u64 {
+        self.log_first.load(Ordering::Acquire)
     }
     /// True while this member leads.
     pub fn is_leader(&self) -> bool {

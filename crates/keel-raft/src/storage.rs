@@ -106,10 +106,8 @@ impl Core {
         self.snapshot = snap;
     }
 
-    /// Records a snapshot taken locally at an applied index, keeping entries after `keep_from`.
-    pub fn set_snapshot(&mut self, snap: Snapshot, keep_from: u64) {
-        let keep_from = keep_from.min(snap.get_metadata().index + 1);
-        self.compact(keep_from);
+    /// Records a snapshot taken locally at an applied index; the entries stay (the driver trims them).
+    pub fn set_snapshot(&mut self, snap: Snapshot) {
         // Kept entries may start before the snapshot index; raft asks for a snapshot only for
         // entries before them.
         self.snapshot = snap;

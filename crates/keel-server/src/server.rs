@@ -255,6 +255,7 @@ impl Server {
             leader_changes: st.leader_changes(),
             committed: st.commit(),
             applied: st.applied(),
+            raft_log_first_index: st.log_first_index(),
             pending_proposals: self.pending_proposals(),
             member_id: me,
             quota_backend_bytes: self.cfg().quota_backend_bytes_reported(),

@@ -972,8 +972,18 @@ async fn lagging_follower_catches_up_by_snapshot_with_the_quota_off() {
     let f = (0..3).find(|i| *i != leader).unwrap();
     let others: Vec<usize> = (0..3).filter(|i| *i != f).collect();
     c.members[f].proc.as_mut().unwrap().stop();
+    // The stopped follower's log ends at or before the leader's last entry now.
+    let url = c.members[leader].client_url();
+    let stopped_at = MaintenanceClient::new(channel(&url).await).status(StatusRequest {}).await.unwrap().into_inner().raft_index;
     let n = 1400;
     load(&c, &others, "q/", n, 8).await;
+    // The leader keeps the log for a follower it heard from within the last election timeout;
+    // once it finds this one down it lets the entries go (at a tick, without further writes).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_sum(&url, "keel_raft_log_first_index") <= (stopped_at + 1) as f64 {
+        assert!(Instant::now() < deadline, "the leader still holds the stopped follower's entries after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.restart(f, &extra);
     let mut kv_f = c.kv(f).await;
     let deadline = Instant::now() + Duration::from_secs(60);
