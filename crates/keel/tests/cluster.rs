@@ -237,6 +237,24 @@ fn snapshots_received(c: &Cluster, i: usize) -> f64 {
     metric_sum(&c.members[i].client_url(), "etcd_network_snapshot_receive_success")
 }
 
+/// Member `i`'s raft index now (its Status).
+async fn raft_index(c: &Cluster, i: usize) -> u64 {
+    MaintenanceClient::new(channel(&c.members[i].client_url()).await).status(StatusRequest {}).await.unwrap().into_inner().raft_index
+}
+
+/// Waits until leader `i`'s in-memory log starts after entry `index + 1`, so a follower whose log
+/// ends at `index` needs a snapshot. A leader keeps its log for a follower heard from within the
+/// last election timeout and lets it go once it finds the follower gone; a burst of writes may
+/// end before that.
+async fn wait_log_passes(c: &Cluster, i: usize, index: u64) {
+    let url = c.members[i].client_url();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_sum(&url, "keel_raft_log_first_index") <= (index + 1) as f64 {
+        assert!(Instant::now() < deadline, "the leader still holds the cut-off follower's entries after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string()).unwrap().connect_timeout(Duration::from_secs(1)).connect_lazy()
 }
@@ -850,8 +868,10 @@ async fn follower_with_watchers_survives_installing_a_snapshot() {
         c.members[i].proxy.as_ref().unwrap().block(Some(f_ip));
     }
     // Beyond the 5,000 entries the leader keeps for slow followers after a snapshot.
+    let cut_at = raft_index(&c, leader).await;
     let n = 6000;
     load(&c, &others, "snap/", n, 32).await;
+    wait_log_passes(&c, leader, cut_at).await;
     for m in &c.members {
         m.proxy.as_ref().unwrap().heal();
     }
@@ -973,17 +993,10 @@ async fn lagging_follower_catches_up_by_snapshot_with_the_quota_off() {
     let others: Vec<usize> = (0..3).filter(|i| *i != f).collect();
     c.members[f].proc.as_mut().unwrap().stop();
     // The stopped follower's log ends at or before the leader's last entry now.
-    let url = c.members[leader].client_url();
-    let stopped_at = MaintenanceClient::new(channel(&url).await).status(StatusRequest {}).await.unwrap().into_inner().raft_index;
+    let stopped_at = raft_index(&c, leader).await;
     let n = 1400;
     load(&c, &others, "q/", n, 8).await;
-    // The leader keeps the log for a follower it heard from within the last election timeout;
-    // once it finds this one down it lets the entries go (at a tick, without further writes).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric_sum(&url, "keel_raft_log_first_index") <= (stopped_at + 1) as f64 {
-        assert!(Instant::now() < deadline, "the leader still holds the stopped follower's entries after 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_log_passes(&c, leader, stopped_at).await;
     c.restart(f, &extra);
     let mut kv_f = c.kv(f).await;
     let deadline = Instant::now() + Duration::from_secs(60);
