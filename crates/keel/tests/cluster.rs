@@ -242,19 +242,6 @@ async fn raft_index(c: &Cluster, i: usize) -> u64 {
     MaintenanceClient::new(channel(&c.members[i].client_url()).await).status(StatusRequest {}).await.unwrap().into_inner().raft_index
 }
 
-/// Waits until leader `i`'s in-memory log starts after entry `index + 1`, so a follower whose log
-/// ends at `index` needs a snapshot. A leader keeps its log for a follower heard from within the
-/// last election timeout and lets it go once it finds the follower gone; a burst of writes may
-/// end before that.
-async fn wait_log_passes(c: &Cluster, i: usize, index: u64) {
-    let url = c.members[i].client_url();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric_sum(&url, "keel_raft_log_first_index") <= (index + 1) as f64 {
-        assert!(Instant::now() < deadline, "the leader still holds the cut-off follower's entries after 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string()).unwrap().connect_timeout(Duration::from_secs(1)).connect_lazy()
 }
@@ -871,7 +858,7 @@ async fn follower_with_watchers_survives_installing_a_snapshot() {
     let cut_at = raft_index(&c, leader).await;
     let n = 6000;
     load(&c, &others, "snap/", n, 32).await;
-    wait_log_passes(&c, leader, cut_at).await;
+    wait_raft_log_past(&c.members[leader].client_url(), cut_at).await;
     for m in &c.members {
         m.proxy.as_ref().unwrap().heal();
     }
@@ -996,7 +983,7 @@ async fn lagging_follower_catches_up_by_snapshot_with_the_quota_off() {
     let stopped_at = raft_index(&c, leader).await;
     let n = 1400;
     load(&c, &others, "q/", n, 8).await;
-    wait_log_passes(&c, leader, stopped_at).await;
+    wait_raft_log_past(&c.members[leader].client_url(), stopped_at).await;
     c.restart(f, &extra);
     let mut kv_f = c.kv(f).await;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -330,6 +330,24 @@ impl Node {
     }
 }
 
+/// Waits until the Keel leader at `client_url` holds no log entry at or before `index + 1`
+/// (`keel_raft_log_first_index`), so a follower whose log ends at `index` needs a snapshot. A
+/// Keel leader keeps its log for a follower heard from within the last election timeout and
+/// lets it go once it finds the follower gone; a burst of writes may end before that.
+pub async fn wait_raft_log_past(client_url: &str, index: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let first = http_get(client_url, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("keel_raft_log_first_index ").and_then(|v| v.trim().parse::<u64>().ok()));
+        if first.is_some_and(|f| f > index + 1) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the leader still holds the cut-off follower's entries after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A lazily connecting client channel to `url` (1 s connect, 10 s per request).
 pub fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string()).unwrap().connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(10)).connect_lazy()
