@@ -130,6 +130,9 @@ enum Msg {
 /// memorySnapshotCount): the log then holds about `catchup_entries` applied entries, not up to
 /// `snapshot_count` more between disk snapshots.
 const LOG_COMPACT_EVERY: u64 = 100;
+/// Election timeouts a leader keeps the entries after a snapshot it sent while the follower
+/// installs it without answering ([`Driver::keep_for_followers`]).
+const INSTALL_GRACE_ELECTIONS: u64 = 30;
 /// Bound of the node's inbox: a full inbox answers "too many requests" instead of queueing more.
 const INBOX: usize = 65_536;
 /// Most messages taken from the inbox before the next Ready is handled.
@@ -306,6 +309,9 @@ struct Driver<T: Transport> {
     /// The last compaction kept entries for a follower ([`Driver::keep_for_followers`]): try
     /// again at each tick, so that one found down lets them go without waiting for new entries.
     log_held: bool,
+    /// Leader: followers sent a snapshot lately, with its index and the tick until which the
+    /// entries after it are kept while the follower installs it (it answers nothing meanwhile).
+    snapshot_sent: HashMap<u64, (u64, u64)>,
 }
 
 /// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
@@ -425,6 +431,7 @@ pub fn start<S: StateMachine, T: Transport>(
         campaign_when_applied,
         log_compacted_at: 0,
         log_held: false,
+        snapshot_sent: HashMap::new(),
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
@@ -558,6 +565,8 @@ impl<T: Transport> Driver<T> {
         self.node.tick();
         self.ticks += 1;
         self.expire_reads();
+        let (ticks, prs) = (self.ticks, self.node.raft.prs());
+        self.snapshot_sent.retain(|id, (index, until)| ticks < *until && prs.get(*id).is_some_and(|p| p.matched < *index));
         if self.log_held {
             self.trim_memory_log();
         }
@@ -627,6 +636,11 @@ impl<T: Transport> Driver<T> {
             }
             Msg::Unreachable(id) => self.node.report_unreachable(id),
             Msg::SnapshotDone { to, ok } => {
+                let sending = self.node.raft.prs().get(to).filter(|p| p.state == raft::ProgressState::Snapshot);
+                if let (true, Some(pr)) = (ok, sending) {
+                    let until = self.ticks + INSTALL_GRACE_ELECTIONS * self.cfg.election_ticks as u64;
+                    self.snapshot_sent.insert(to, (pr.pending_snapshot, until));
+                }
                 let st = if ok { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
                 self.node.report_snapshot(to, st);
             }
@@ -1021,6 +1035,13 @@ impl<T: Transport> Driver<T> {
         for (id, pr) in self.node.raft.prs().iter() {
             if *id == me {
                 continue;
+            }
+            // A follower installing a snapshot just sent answers nothing until it has: the
+            // entries after it stay for a while however long that takes (found at 5 GB: a
+            // 3-4 s install, the follower found inactive meanwhile, its entries dropped, and
+            // another 7 GB snapshot, over and over).
+            if let Some((index, _)) = self.snapshot_sent.get(id).filter(|_| self.node.raft.state == StateRole::Leader) {
+                keep = keep.min(index + 1);
             }
             // Only for a follower heard from lately: one that is down (a snapshot to it may not
             // fail for a while) must not hold the log.

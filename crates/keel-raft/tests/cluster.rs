@@ -495,6 +495,44 @@ fn the_entries_after_a_snapshot_being_sent_are_kept_until_it_is_sent() {
     assert_eq!(c.member(behind).machine.with(|a| a.restores), 1, "one snapshot, then entries");
 }
 
+/// A follower installing a big snapshot answers nothing for seconds (its raft thread waits for
+/// the restore), so the leader finds it inactive: the entries written while the snapshot was on
+/// its way (more than the catch-up entries) must still be kept until it answers, or it needs
+/// another snapshot, and another (found at 5 GB).
+#[test]
+fn a_follower_silent_while_installing_a_snapshot_still_catches_up_by_entries() {
+    let c = Cluster::new(3, 50, 20);
+    let leader = c.leader();
+    let behind = (1..=3).find(|id| *id != leader).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    c.cut(behind);
+    c.write("a", 200);
+    c.converge(&others, 200);
+    c.net.hold_snapshots();
+    c.heal(behind);
+    c.until("the leader sends a snapshot", |c| !c.net.hold_snapshots.lock().as_ref().is_none_or(|h| h.is_empty()));
+    c.write("b", 300);
+    c.converge(&others, 500);
+    // Installed and reported sent, but the follower's answers are lost for several election
+    // timeouts while more entries come and the leader compacts.
+    c.cut(behind);
+    assert_eq!(c.net.release_snapshots(), 1);
+    for _ in 0..3 * ELECTION_TICKS {
+        c.tick();
+    }
+    // (Through the leader: the silent follower no longer agrees on one.)
+    for i in 0..150 {
+        c.propose(leader, format!("c-{i}").into_bytes()).expect("the leader takes the write");
+    }
+    c.converge(&others, 650);
+    for _ in 0..3 * ELECTION_TICKS {
+        c.tick();
+    }
+    c.heal(behind);
+    assert_eq!(c.converge(&[1, 2, 3], 650).len(), 650);
+    assert_eq!(c.member(behind).machine.with(|a| a.restores), 1, "one snapshot, then entries");
+}
+
 #[test]
 fn a_read_on_a_member_cut_off_expires_and_a_reissued_one_is_served_after_healing() {
     let c = Cluster::new(3, 10_000, 100);
