@@ -390,6 +390,7 @@ pub fn start<S: StateMachine, T: Transport>(
     config.validate().map_err(|e| format!("raft: bad configuration: {e}"))?;
     let node = RawNode::new(&config, storage.clone(), &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
     status.applied.store(snap_index, Ordering::Release);
+    status.log_first.store(storage.rl().first_index(), Ordering::Release);
     let stage = Stage::start(
         sm,
         ApplyConfig { snapshot_count: cfg.snapshot_count, idle: cfg.tick, queue: cfg.apply_queue },
@@ -957,7 +958,6 @@ impl<T: Transport> Driver<T> {
         self.status.vote.store(raft.vote, Ordering::Release);
         self.status.commit.store(raft.raft_log.committed, Ordering::Release);
         self.status.last_index.store(raft.raft_log.last_index(), Ordering::Release);
-        self.status.log_first.store(raft.raft_log.store.rl().first_index(), Ordering::Release);
     }
 
     /// Applies a committed configuration change to raft; returns the configuration after it.
@@ -994,15 +994,19 @@ impl<T: Transport> Driver<T> {
         removed
             .extend(before.voters.iter().chain(&before.learners).filter(|id| !after.voters.contains(id) && !after.learners.contains(id)));
         self.conf_state = after;
-        self.node.mut_store().wl().apply_snapshot(snap);
+        let mut log = self.node.mut_store().wl();
+        log.apply_snapshot(snap);
+        // The log starts after the snapshot now (the status' first index changes only here, at
+        // a trim and at start).
+        self.status.log_first.store(log.first_index(), Ordering::Release);
+        drop(log);
         self.snap_index = idx;
         Ok(())
     }
 
-    /// Every [`LOG_COMPACT_EVERY`] applied entries, drops the in-memory log's entries older than
-    /// `catchup_entries` before the applied index, as etcd 3.7 does (the WAL keeps them until the
-    /// next disk snapshot), less what followers being caught up need
-    /// ([`Driver::keep_for_followers`]).
+    /// Every [`LOG_COMPACT_EVERY`] applied entries, trims the in-memory log
+    /// ([`Driver::trim_memory_log`]), as etcd 3.7 compacts its memory storage (the WAL keeps the
+    /// entries until the next disk snapshot).
     fn compact_memory_log(&mut self) {
         if self.status.applied() >= self.log_compacted_at + LOG_COMPACT_EVERY {
             self.trim_memory_log();
