@@ -1,7 +1,8 @@
 //! How a member's backend travels in raft snapshots: as an etcd backend (bbolt, etcd's schema),
 //! so that etcd and Keel members send each other snapshots. Export is keel-migrate's writer over
 //! the committed backend; import is its reader, with the member list the sender's backend holds
-//! (etcd 3.5+: its `members` bucket) kept where the apply stage looks for it.
+//! (etcd 3.5+: its `members` bucket) kept where the apply stage looks for it. Between Keel
+//! members the committed backend itself is read (keel-server's `records`).
 //!
 //! Owns nothing; calls the store and keel-migrate.
 
@@ -23,6 +24,11 @@ impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
         let backend = self.store.read().backend();
         keel_migrate::backend::export_staged(&backend, out)?;
         Ok(())
+    }
+
+    fn backend(&self) -> Result<keel_mvcc::backend::Backend> {
+        self.store.commit().context("commit before a snapshot")?;
+        Ok(self.store.read().backend())
     }
 
     fn import(&self, bolt: &Path, dest: &Path) -> Result<()> {

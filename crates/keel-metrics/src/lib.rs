@@ -156,6 +156,8 @@ pub struct Metrics {
     pub peer_received_bytes: IntCounterVec,
     pub snapshot_send_success: IntCounterVec,
     pub snapshot_send_failures: IntCounterVec,
+    /// Keel's own: snapshot sends by the body sent, etcd's (`etcd`) or Keel's records (`keel`).
+    pub snapshot_send_format: IntCounterVec,
     pub snapshot_receive_success: IntCounterVec,
     pub snapshot_receive_failures: IntCounterVec,
     pub peer_sent_failures: IntCounterVec,
@@ -557,6 +559,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         peer_received_bytes: r.counters("etcd_network_peer_received_bytes_total", "The total number of bytes received from peers.", &["From"]),
         snapshot_send_success: r.counters("etcd_network_snapshot_send_success", "Total number of successful snapshot sends", &["To"]),
         snapshot_send_failures: r.counters("etcd_network_snapshot_send_failures", "Total number of snapshot send failures", &["To"]),
+        snapshot_send_format: r.counters(
+            "keel_network_snapshot_send_format_total",
+            "Snapshot sends to each peer by the body sent: etcd's backend file (etcd) or Keel's records (keel).",
+            &["To", "format"],
+        ),
         snapshot_receive_success: r.counters(
             "etcd_network_snapshot_receive_success",
             "Total number of successful snapshot receives",

@@ -999,4 +999,8 @@ async fn lagging_follower_catches_up_by_snapshot_with_the_quota_off() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(snapshots_received(&c, f) >= 1.0, "the follower caught up without a snapshot: the test did not test the bound");
+    // Between Keel members the backend travels as Keel's records, not as an etcd file.
+    let sent = |format| others.iter().map(|i| snapshots_sent_as(&c.members[*i].client_url(), format)).sum::<f64>();
+    let (as_keel, as_etcd) = (sent("keel"), sent("etcd"));
+    assert!(as_keel >= 1.0 && as_etcd == 0.0, "Keel to Keel: {as_keel} sends of Keel's records, {as_etcd} of etcd's file");
 }

@@ -235,6 +235,11 @@ async fn catch_up_by_snapshot(members: &mut [Member], leader: usize, lag: usize,
         members[leader].kind(),
         members[leader].node.name
     );
+    if members[leader].keel {
+        // An etcd member was sent etcd's backend file, never Keel's records.
+        let (as_etcd, as_keel) = (snapshots_sent_as(&url, "etcd"), snapshots_sent_as(&url, "keel"));
+        assert!(as_etcd >= 1.0 && as_keel == 0.0, "Keel leader to an etcd member: {as_etcd} etcd backend files, {as_keel} Keel records");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,9 +8,9 @@
 //! lease answers through [`Forwarded`].
 
 use crate::rafthttp::handshake::{self, accept_stream, id_string, Refusal, Sender};
-use crate::rafthttp::snapshot;
 use crate::rafthttp::stream::Outgoing;
 use crate::rafthttp::transport::{Shared, Transport};
+use crate::rafthttp::{records, snapshot};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -142,7 +142,13 @@ impl Handler {
         let path = req.uri().path().to_string();
         match path.as_str() {
             "/raft" => self.pipeline(req).await,
-            "/raft/snapshot" => self.snapshot(req).await,
+            "/raft/snapshot" => self.snapshot(req, false).await,
+            records::FORMAT_PATH if req.method() == Method::GET => {
+                let mut r = Response::new(full(records::FORMAT));
+                r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                r
+            }
+            records::FORMAT_PATH => self.snapshot(req, true).await,
             crate::rafthttp::probe::PATH => {
                 let mut r = Response::new(full(crate::rafthttp::probe::answer()));
                 r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -220,7 +226,8 @@ impl Handler {
         self.with_cluster(empty(StatusCode::NO_CONTENT))
     }
 
-    async fn snapshot<B>(&self, req: Request<B>) -> Response<Body>
+    /// A snapshot sent with etcd's body, or with Keel's records when `records`.
+    async fn snapshot<B>(&self, req: Request<B>, records: bool) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
@@ -235,7 +242,12 @@ impl Handler {
             return self.with_cluster(text(r.status, r.body));
         }
         let from = header(req.headers(), "X-Server-From").unwrap_or_default();
-        match snapshot::receive(&self.shared, req.into_body(), self.snapshot_limit).await {
+        let received = if records {
+            snapshot::receive_records(&self.shared, req.into_body(), self.snapshot_limit).await
+        } else {
+            snapshot::receive(&self.shared, req.into_body(), self.snapshot_limit).await
+        };
+        match received {
             Ok(()) => {
                 metrics.snapshot_receive_success.with_label_values(&[&from]).inc();
                 self.with_cluster(empty(StatusCode::NO_CONTENT))
@@ -424,6 +436,38 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing of the refused snapshot stays");
         let (status, _, text) = answer(h.handle(request("POST", "/raft/snapshot", &peer_headers(CLUSTER), vec![0, 0])).await).await;
         assert_eq!(status, 400, "{}", String::from_utf8_lossy(&text));
+    }
+
+    #[tokio::test]
+    async fn keels_records_are_offered_and_a_damaged_or_cut_body_is_refused_leaving_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(true, dir.path());
+        let (status, _, text) = answer(h.handle(request("GET", records::FORMAT_PATH, &[], vec![])).await).await;
+        assert_eq!((status, &text[..]), (200, records::FORMAT.as_bytes()));
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgSnapshot);
+        m.mut_snapshot().mut_metadata().index = 9;
+        let proto = m.write_to_bytes().unwrap();
+        let mut head = (proto.len() as u64).to_be_bytes().to_vec();
+        head.extend_from_slice(&proto);
+        let mut frames = bytes::BytesMut::new();
+        let mut enc = records::Encoder::default();
+        enc.record(&mut frames, keel_mvcc::backend::TABLE_AUX, b"a", b"b");
+        let cut = frames.len();
+        enc.end(&mut frames, &keel_mvcc::backend::Meta::default());
+        let mut damaged = frames.to_vec();
+        damaged[cut - 1] ^= 1;
+        for (what, tail) in [("cut before its end", &frames[..cut]), ("with a changed byte", &damaged[..])] {
+            let body = [head.clone(), tail.to_vec()].concat();
+            let (status, _, text) = answer(h.handle(request("POST", records::FORMAT_PATH, &peer_headers(CLUSTER), body)).await).await;
+            let text = String::from_utf8_lossy(&text);
+            assert_eq!(status, 500, "{what}: {text}");
+            assert!(text.starts_with("failed to save KV snapshot"), "{what}: {text}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{what}: nothing of the refused snapshot stays");
+        }
+        // From another cluster: refused before the body is read.
+        let (status, _, _) = answer(h.handle(request("POST", records::FORMAT_PATH, &peer_headers(CLUSTER + 1), head)).await).await;
+        assert_eq!(status, 412);
     }
 
     #[tokio::test]

@@ -18,6 +18,9 @@ impl BackendFiles for NoFiles {
     fn import(&self, _bolt: &std::path::Path, _dest: &std::path::Path) -> anyhow::Result<()> {
         anyhow::bail!("no backend")
     }
+    fn backend(&self) -> anyhow::Result<keel_mvcc::backend::Backend> {
+        anyhow::bail!("no backend")
+    }
 }
 
 /// Lease 7 exists with TTL 30 on this leader.

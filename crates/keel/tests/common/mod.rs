@@ -348,6 +348,17 @@ pub async fn wait_raft_log_past(client_url: &str, index: u64) {
     }
 }
 
+/// Snapshots the member at `client_url` has sent with body `format` (`keel`: Keel's records, to
+/// Keel members; `etcd`: etcd's backend file), summed over peers.
+pub fn snapshots_sent_as(client_url: &str, format: &str) -> f64 {
+    let label = format!("format=\"{format}\"");
+    http_get(client_url, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with("keel_network_snapshot_send_format_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
 /// A lazily connecting client channel to `url` (1 s connect, 10 s per request).
 pub fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string()).unwrap().connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(10)).connect_lazy()
