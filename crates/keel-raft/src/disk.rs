@@ -116,6 +116,7 @@ impl Disk {
     pub fn open(wal_dir: &Path, snap_dir: &Path, identity: Identity, bootstrap: &[(u64, Vec<u8>)]) -> Result<Disk, DiskError> {
         upgrade_legacy_wal(wal_dir)?;
         let snapshotter = Snapshotter::new(snap_dir)?;
+        snapshotter.remove_partial_files()?;
         if !Wal::exists(wal_dir) {
             let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
             let mut entries = Vec::with_capacity(bootstrap.len());

@@ -96,6 +96,30 @@ impl Snapshotter {
         Ok(n)
     }
 
+    /// Removes the partial files a crash left in the snapshot directory (names ending `.tmp`:
+    /// a snapshot file being written, a backend being received from the leader or staged for a
+    /// peer), as etcd removes its leftover `db.tmp` files at start; returns how many. Only at a
+    /// member's start, before anything writes here.
+    pub fn remove_partial_files(&self) -> Result<usize> {
+        let mut n = 0;
+        for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let e = e.map_err(io_err(&self.dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".tmp") || !e.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let path = e.path();
+            let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            tracing::info!(path = %path.display(), bytes, "removed a partial file left by a crash");
+            n += 1;
+        }
+        if n > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(n)
+    }
+
     /// Snapshot files sorted oldest first, as (term, index, file name).
     fn names(&self) -> Result<Vec<(u64, u64, String)>> {
         let mut out = Vec::new();
@@ -169,6 +193,24 @@ mod tests {
         fs::write(&p, b).unwrap();
         let got = s.load_newest().unwrap().unwrap();
         assert_eq!(got.index, 60);
+    }
+
+    #[test]
+    fn partial_files_a_crash_left_are_removed_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Snapshotter::new(d.path()).unwrap();
+        s.save(2, 10, b"kept").unwrap();
+        fs::write(d.path().join("db"), b"backend").unwrap();
+        fs::write(d.path().join("db.defrag"), b"a defragment's copy").unwrap();
+        for name in ["0000000000000010.snap.db.tmp", "0000000000000010.snap.bolt.tmp", "0000000000000010.snap.db.to-abc.tmp"] {
+            fs::write(d.path().join(name), b"partial").unwrap();
+        }
+        assert_eq!(s.remove_partial_files().unwrap(), 3);
+        let mut left: Vec<String> =
+            fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, vec!["0000000000000002-000000000000000a.snap", "db", "db.defrag"]);
+        assert_eq!(s.remove_partial_files().unwrap(), 0);
     }
 
     #[test]
