@@ -315,11 +315,19 @@ fn install(shared: &Shared, m: Message, staged_tmp: Staged, received: u64, t0: I
     Ok(())
 }
 
-/// The staged file the received backend is made in (removed if it is there).
+/// A staged file of one reception: `<index>.snap.<what>.<n>.tmp`, `n` unique in the process, so
+/// that a reception still running when the leader has given up on it and sent the snapshot again
+/// never touches the new one's files (nor renames them into place half made). Leftovers of a
+/// crash are removed at the next start (`Snapshotter::remove_partial_files`).
+fn staged(shared: &Shared, index: u64, what: &str) -> Staged {
+    static RECEPTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RECEPTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Staged(shared.snap_dir.join(format!("{index:016x}.snap.{what}.{n}.tmp")))
+}
+
+/// The staged file the received backend is made in.
 fn backend_tmp(shared: &Shared, index: u64) -> Staged {
-    let tmp = shared.snap_dir.join(format!("{index:016x}.snap.db.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    Staged(tmp)
+    staged(shared, index, "db")
 }
 
 /// Records per batch a received Keel snapshot is loaded in, and their most bytes.
@@ -417,8 +425,8 @@ where
     let (m, buf) = read_message(&mut body).await?;
     let from = id_string(m.from);
     let index = m.get_snapshot().get_metadata().index;
-    let bolt = shared.snap_dir.join(format!("{index:016x}.snap.bolt.tmp"));
-    let staged = Staged(bolt.clone());
+    let staged = staged(shared, index, "bolt");
+    let bolt = staged.0.clone();
     let save_failed = |e: String| refused(500, format!("failed to save KV snapshot ({e})"));
     let mut file = tokio::fs::File::create(&bolt).await.map_err(|e| save_failed(e.to_string()))?;
     let mut received = 0u64;
