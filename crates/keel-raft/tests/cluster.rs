@@ -472,12 +472,9 @@ fn the_in_memory_log_keeps_the_catch_up_entries_between_disk_snapshots() {
     assert!(c.member(behind).machine.with(|a| a.restores) >= 1, "caught up by a snapshot, not by entries");
 }
 
-/// A snapshot that takes long to send: the leader keeps the entries after it however many disk
-/// snapshots it takes meanwhile (etcd pauses its compaction likewise), so the follower catches
-/// up by entries once it has installed it instead of needing another snapshot, and another.
-#[test]
-fn the_entries_after_a_snapshot_being_sent_are_kept_until_it_is_sent() {
-    let c = Cluster::new(3, 50, 20);
+/// A follower cut off while 200 entries are written, healed, and sent a snapshot the network
+/// holds while 300 more come (six disk snapshots' worth); returns (leader, follower, the others).
+fn snapshot_on_its_way(c: &Cluster) -> (u64, u64, Vec<u64>) {
     let leader = c.leader();
     let behind = (1..=3).find(|id| *id != leader).unwrap();
     let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
@@ -487,9 +484,18 @@ fn the_entries_after_a_snapshot_being_sent_are_kept_until_it_is_sent() {
     c.net.hold_snapshots();
     c.heal(behind);
     c.until("the leader sends a snapshot", |c| !c.net.hold_snapshots.lock().as_ref().is_none_or(|h| h.is_empty()));
-    // Six disk snapshots' worth of entries while it is on its way.
     c.write("b", 300);
     c.converge(&others, 500);
+    (leader, behind, others)
+}
+
+/// A snapshot that takes long to send: the leader keeps the entries after it however many disk
+/// snapshots it takes meanwhile (etcd pauses its compaction likewise), so the follower catches
+/// up by entries once it has installed it instead of needing another snapshot, and another.
+#[test]
+fn the_entries_after_a_snapshot_being_sent_are_kept_until_it_is_sent() {
+    let c = Cluster::new(3, 50, 20);
+    let (_, behind, _) = snapshot_on_its_way(&c);
     assert_eq!(c.net.release_snapshots(), 1);
     assert_eq!(c.converge(&[1, 2, 3], 500).len(), 500);
     assert_eq!(c.member(behind).machine.with(|a| a.restores), 1, "one snapshot, then entries");
@@ -502,17 +508,7 @@ fn the_entries_after_a_snapshot_being_sent_are_kept_until_it_is_sent() {
 #[test]
 fn a_follower_silent_while_installing_a_snapshot_still_catches_up_by_entries() {
     let c = Cluster::new(3, 50, 20);
-    let leader = c.leader();
-    let behind = (1..=3).find(|id| *id != leader).unwrap();
-    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
-    c.cut(behind);
-    c.write("a", 200);
-    c.converge(&others, 200);
-    c.net.hold_snapshots();
-    c.heal(behind);
-    c.until("the leader sends a snapshot", |c| !c.net.hold_snapshots.lock().as_ref().is_none_or(|h| h.is_empty()));
-    c.write("b", 300);
-    c.converge(&others, 500);
+    let (leader, behind, others) = snapshot_on_its_way(&c);
     // Installed and reported sent, but the follower's answers are lost for several election
     // timeouts while more entries come and the leader compacts.
     c.cut(behind);
