@@ -312,6 +312,10 @@ struct Driver<T: Transport> {
     /// Leader: followers sent a snapshot lately, with its index and the tick until which the
     /// entries after it are kept while the follower installs it (it answers nothing meanwhile).
     snapshot_sent: HashMap<u64, (u64, u64)>,
+    /// The tick each peer was last heard from (any message it sent). Raft's own `recent_active`
+    /// is cleared for every peer at each check-quorum round until the peer's next message, so a
+    /// compaction at that moment found every follower inactive.
+    heard_at: HashMap<u64, u64>,
 }
 
 /// Starts the node thread. `disk` is the member's recovered (or fresh) raft state.
@@ -433,6 +437,7 @@ pub fn start<S: StateMachine, T: Transport>(
         log_compacted_at: 0,
         log_held: false,
         snapshot_sent: HashMap::new(),
+        heard_at: HashMap::new(),
     };
     let join = std::thread::Builder::new()
         .name("raft".into())
@@ -596,6 +601,9 @@ impl<T: Transport> Driver<T> {
             }
             Msg::ReadIndex { done } => self.reads_new.push(done),
             Msg::Step(m) => {
+                if m.from != 0 {
+                    self.heard_at.insert(m.from, self.ticks);
+                }
                 if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend && !m.entries.is_empty() && self.append_since.is_none() {
                     self.append_since = Some(Instant::now());
                 }
@@ -1047,9 +1055,13 @@ impl<T: Transport> Driver<T> {
             if let Some((index, _)) = self.snapshot_sent.get(id).filter(|_| self.node.raft.state == StateRole::Leader) {
                 keep = keep.min(index + 1);
             }
-            // Only for a follower heard from lately: one that is down (a snapshot to it may not
-            // fail for a while) must not hold the log.
-            if !pr.recent_active {
+            // Only for a follower heard from within the last election timeout: one that is down
+            // (a snapshot to it may not fail for a while) must not hold the log. Not raft's
+            // `recent_active`: check-quorum clears it for every peer each election timeout, and a
+            // compaction right then dropped the entries after a snapshot being sent (found at
+            // 500,000 keys with a writer: a learner sent a snapshot, then another, and another).
+            let heard = self.heard_at.get(id).is_some_and(|t| self.ticks.saturating_sub(*t) <= self.cfg.election_ticks as u64);
+            if !heard {
                 continue;
             }
             match pr.state {

@@ -481,6 +481,10 @@ fn snapshot_on_its_way(c: &Cluster) -> (u64, u64, Vec<u64>) {
     c.cut(behind);
     c.write("a", 200);
     c.converge(&others, 200);
+    // Not heard from for over an election timeout: the leader lets its entries go.
+    for _ in 0..2 * ELECTION_TICKS {
+        c.tick();
+    }
     c.net.hold_snapshots();
     c.heal(behind);
     c.until("the leader sends a snapshot", |c| !c.net.hold_snapshots.lock().as_ref().is_none_or(|h| h.is_empty()));
@@ -496,6 +500,11 @@ fn snapshot_on_its_way(c: &Cluster) -> (u64, u64, Vec<u64>) {
 fn the_entries_after_a_snapshot_being_sent_are_kept_until_it_is_sent() {
     let c = Cluster::new(3, 50, 20);
     let (_, behind, _) = snapshot_on_its_way(&c);
+    // Check-quorum rounds pass while it is on its way (each clears raft's own idea of who is
+    // active until the next answer): the entries stay all the same.
+    for _ in 0..3 * ELECTION_TICKS {
+        c.tick();
+    }
     assert_eq!(c.net.release_snapshots(), 1);
     assert_eq!(c.converge(&[1, 2, 3], 500).len(), 500);
     assert_eq!(c.member(behind).machine.with(|a| a.restores), 1, "one snapshot, then entries");
