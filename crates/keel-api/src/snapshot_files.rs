@@ -20,9 +20,7 @@ pub struct EtcdBackendFiles {
 
 impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
     fn export(&self, out: std::fs::File) -> Result<()> {
-        self.store.commit().context("commit before a snapshot")?;
-        let backend = self.store.read().backend();
-        keel_migrate::backend::export_staged(&backend, out)?;
+        keel_migrate::backend::export_staged(&self.backend()?, out)?;
         Ok(())
     }
 
