@@ -25,8 +25,7 @@ impl keel_server::rafthttp::BackendFiles for EtcdBackendFiles {
     }
 
     fn backend(&self) -> Result<keel_mvcc::backend::Backend> {
-        self.store.commit().context("commit before a snapshot")?;
-        Ok(self.store.read().backend())
+        self.store.committed_backend().context("commit before a snapshot")
     }
 
     fn import(&self, bolt: &Path, dest: &Path) -> Result<()> {

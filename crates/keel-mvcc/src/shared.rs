@@ -70,6 +70,13 @@ impl SharedStore {
         }
     }
 
+    /// The backend with everything applied so far committed to it (for a hash, a copy or a
+    /// snapshot: a read transaction on it sees the whole applied state).
+    pub fn committed_backend(&self) -> Result<crate::backend::Backend, BackendError> {
+        self.commit()?;
+        Ok(self.store.read().backend())
+    }
+
     /// Commits when the batch is due (old or big enough); returns whether it committed.
     pub fn commit_if_due(&self) -> Result<bool, BackendError> {
         if !self.store.read().commit_due() {

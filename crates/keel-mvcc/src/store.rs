@@ -51,6 +51,8 @@ pub struct Store {
     in_use_base: Option<(u64, u64)>,
     meta: Meta,
     committed: Meta,
+    /// Batches made durable by this store so far (see [`Store::durable_mark`]).
+    committed_batches: u64,
     /// Fill in prev_kv on every event (some watcher asked for it).
     events_with_prev: bool,
     last_commit: Instant,
@@ -153,6 +155,7 @@ impl Store {
             aux_bytes,
             in_use_base: None,
             committed: meta,
+            committed_batches: 0,
             meta,
             events_with_prev: false,
             last_commit: Instant::now(),
@@ -216,7 +219,26 @@ impl Store {
     }
 
     pub fn commit_due(&self) -> bool {
-        self.pending.len() >= BATCH_LIMIT || (self.meta != self.committed && self.last_commit.elapsed() >= BATCH_INTERVAL)
+        self.pending.len() >= BATCH_LIMIT || (self.dirty() && self.last_commit.elapsed() >= BATCH_INTERVAL)
+    }
+
+    /// Anything applied, dropped or set since the last batch was taken (a compaction's
+    /// deletions alone count: they are due after a batch interval like any change).
+    fn dirty(&self) -> bool {
+        !self.pending.is_empty() || !self.aux_dirty.is_empty() || self.meta != self.committed
+    }
+
+    /// Batches made durable so far; everything applied and dropped before
+    /// [`Store::durable_mark`] answered is durable once this reaches it.
+    pub fn committed_batches(&self) -> u64 {
+        self.committed_batches
+    }
+
+    /// The [`Store::committed_batches`] at which everything changed so far is durable: after the
+    /// batch being committed (if one is) and the next (if anything is pending). Never early: a
+    /// failed commit puts its changes back, and only a later batch counts.
+    pub fn durable_mark(&self) -> u64 {
+        self.committed_batches + u64::from(self.committing.is_some()) + u64::from(self.dirty())
     }
 
     /// Commits the pending batch to the backend now (durably), holding `&mut self` throughout.
@@ -242,7 +264,7 @@ impl Store {
     pub fn take_batch(&mut self) -> Option<(Arc<Batch>, Backend)> {
         self.last_commit = Instant::now();
         assert!(self.committing.is_none(), "mvcc: a backend commit is already in progress");
-        if self.pending.is_empty() && self.aux_dirty.is_empty() && self.meta == self.committed {
+        if !self.dirty() {
             return None;
         }
         let batch =
@@ -256,6 +278,7 @@ impl Store {
         debug_assert!(self.committing.as_ref().map(|c| Arc::ptr_eq(c, batch)).unwrap_or(false));
         self.committing = None;
         self.committed = batch.meta;
+        self.committed_batches += 1;
         if let Some(tail) = &mut self.defrag {
             if !tail.overflowed {
                 tail.changes.extend(batch.changes.iter().map(|(k, v)| (k.clone(), v.clone())));

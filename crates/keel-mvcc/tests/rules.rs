@@ -443,3 +443,58 @@ fn compaction_runs_in_batches_and_resumes_after_a_restart() {
     put(&mut s, "after", "x");
     assert_eq!(s.hash_kv(at).unwrap().0, hash_now.0, "HashKV at the compaction revision is unchanged");
 }
+
+/// A compaction's last deletions are due for a commit on their own (no write after them), and
+/// the durable mark taken when it finished is reached only by a batch that holds them: before
+/// it, on a failed commit, or with a batch already being written, it is not.
+#[test]
+fn a_compactions_deletions_are_durable_once_the_mark_taken_at_its_end_is_reached() {
+    let (d, mut s) = open();
+    for i in 0..300 {
+        put(&mut s, &format!("k{i:03}"), "a");
+        put(&mut s, &format!("k{i:03}"), "b");
+    }
+    s.commit().unwrap();
+    assert_eq!(s.durable_mark(), s.committed_batches(), "nothing changed since the commit");
+    let at = s.current_rev();
+    compact(&mut s, at);
+    s.commit().unwrap();
+    // A second compaction's deletions alone (no revision, no index change after them).
+    for i in 0..300 {
+        put(&mut s, &format!("k{i:03}"), "c");
+    }
+    s.commit().unwrap();
+    let at = s.current_rev();
+    s.compact(at).unwrap();
+    s.commit().unwrap();
+    while s.compacting() {
+        s.compact_step();
+    }
+    assert!(s.pending_changes() > 0);
+    let mark = s.durable_mark();
+    assert_eq!(mark, s.committed_batches() + 1);
+    // Due a batch interval after the last commit, with no write since.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !s.commit_due() {
+        assert!(std::time::Instant::now() < deadline, "a compaction's deletions alone never came due");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // A batch taken: the mark is reached when it is durable, not before; a failed one does not
+    // count and gives its deletions back.
+    let (batch, backend) = s.take_batch().unwrap();
+    drop(backend);
+    assert_eq!(s.durable_mark(), mark, "the batch in flight holds everything");
+    s.abort_batch(batch);
+    assert_eq!(s.committed_batches(), mark - 1);
+    assert_eq!(s.durable_mark(), mark, "given back: the next batch holds them");
+    s.commit().unwrap();
+    assert_eq!(s.committed_batches(), mark);
+    drop(s);
+    // Reopened, the compaction goes over its keys again: nothing is left to drop.
+    let mut s = Store::open(&d.path().join("db")).unwrap();
+    let mut dropped = 0;
+    while s.compacting() {
+        dropped += s.compact_step();
+    }
+    assert_eq!(dropped, 0, "the compaction's deletions are all in the backend");
+}

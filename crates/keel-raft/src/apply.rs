@@ -109,7 +109,8 @@ impl Stage {
         let (tx, rx) = mpsc::sync_channel(cfg.queue);
         let (etx, events) = mpsc::channel();
         let (applied, applied_term, conf) = at;
-        let worker = Worker { sm, cfg, status, log, applied, applied_term, conf, snap_index, reads: Vec::new(), events: etx };
+        let worker =
+            Worker { sm, cfg, status, log, applied, applied_term, conf, snap_index, undurable: None, reads: Vec::new(), events: etx };
         let join = std::thread::Builder::new()
             .name("apply".into())
             .spawn(move || worker.run(rx))
@@ -227,6 +228,9 @@ struct Worker<S: StateMachine> {
     /// The configuration as of `applied`.
     conf: ConfState,
     snap_index: u64,
+    /// A snapshot taken at `snap_index` that waits for the state machine to make it durable
+    /// ([`StateMachine::durable_index`]) before it goes to the raft thread.
+    undurable: Option<Snapshot>,
     reads: Vec<(u64, Vec<ReadSender>, Instant)>,
     events: Sender<Event>,
 }
@@ -346,21 +350,47 @@ impl<S: StateMachine> Worker<S> {
         self.applied_term = m.term;
         self.conf = m.get_conf_state().clone();
         self.snap_index = m.index;
+        // A local snapshot still waiting is older than the leader's.
+        self.undurable = None;
         self.publish();
         Ok(())
     }
 
+    /// Takes a snapshot every `snapshot_count` entries (or when the state machine wishes one).
+    /// It goes to the raft thread once the state machine holds it durably: at once after a
+    /// [`StateMachine::sync`], or, for a state machine that commits in the background, once its
+    /// [`StateMachine::durable_index`] reaches it (looked at again on every turn of the loop,
+    /// the applies going on meanwhile).
     fn maybe_snapshot(&mut self) {
+        if let Some(snap) = self.undurable.take() {
+            self.send_when_durable(snap);
+            return;
+        }
         let forced = self.sm.take_snapshot_wish() && self.applied > self.snap_index;
         if !forced && self.applied <= self.snap_index + self.cfg.snapshot_count {
             return;
         }
-        if let Err(e) = self.sm.sync() {
-            tracing::error!(error = %e, "apply: cannot sync the state machine; snapshot postponed");
-            return;
+        let background = self.sm.durable_index().is_some();
+        // A wished-for snapshot is made durable now: it must be saved before the next entry.
+        if forced || !background {
+            if let Err(e) = self.sm.sync() {
+                tracing::error!(error = %e, "apply: cannot sync the state machine; snapshot postponed");
+                return;
+            }
         }
         let snap = crate::storage::snapshot_at(self.applied, self.applied_term, self.conf.clone(), self.sm.snapshot_data());
         self.snap_index = self.applied;
+        self.send_when_durable(snap);
+    }
+
+    /// Sends `snap` to the raft thread if the state machine holds its index durably, else keeps
+    /// it for the next turn.
+    fn send_when_durable(&mut self, snap: Snapshot) {
+        let index = snap.get_metadata().index;
+        if self.sm.durable_index().is_some_and(|d| d < index) {
+            self.undurable = Some(snap);
+            return;
+        }
         let _ = self.events.send(Event::Snapshot(Box::new(snap)));
     }
 }
@@ -379,6 +409,8 @@ mod tests {
         /// Applying this index makes the recorder wish for a snapshot.
         wish_at: Option<u64>,
         wish: Arc<std::sync::atomic::AtomicBool>,
+        /// Set: the recorder commits in the background, durable up to this index.
+        durable: Option<Arc<std::sync::atomic::AtomicU64>>,
     }
 
     impl Recorder {
@@ -422,6 +454,9 @@ mod tests {
         fn sync(&mut self) -> Result<(), String> {
             self.say("sync".into());
             Ok(())
+        }
+        fn durable_index(&self) -> Option<u64> {
+            self.durable.as_ref().map(|d| d.load(std::sync::atomic::Ordering::SeqCst))
         }
         fn snapshot_data(&self) -> Vec<u8> {
             Vec::new()
@@ -569,6 +604,46 @@ mod tests {
         let at: Vec<u64> = snaps.iter().map(|(i, _)| *i).collect();
         assert_eq!(at, [6, 12], "a snapshot every 5 entries past the last one");
         assert!(snaps.iter().enumerate().all(|(n, (_, syncs))| *syncs > n), "made durable before each snapshot: {snaps:?}");
+        st.stop();
+    }
+
+    /// Waits until the stage answered a read at `index` (it has turned its loop once more).
+    fn read(st: &mut Stage, index: u64) {
+        let (r, rx) = oneshot::channel();
+        assert!(st.send(Task::Reads { index, senders: vec![r], confirmed: Instant::now() }));
+        rx.blocking_recv().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_waits_for_the_background_commit_while_the_applies_go_on() {
+        let durable = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sm = Recorder { durable: Some(durable.clone()), ..Default::default() };
+        let (mut st, _status) = stage(sm.clone(), 64, 5);
+        for i in 1..=6 {
+            assert!(st.send(Task::Entries(vec![entry(i)])));
+        }
+        read(&mut st, 6);
+        // Due at 6, not durable: the entries after it are applied all the same, and the
+        // snapshot waits (two more turns of the loop, each looking at it again).
+        for i in 7..=8 {
+            assert!(st.send(Task::Entries(vec![entry(i)])));
+        }
+        read(&mut st, 8);
+        read(&mut st, 8);
+        assert!(st.events().is_empty(), "a snapshot went before its index was durable");
+        assert!(!sm.seen().iter().any(|s| s == "sync"), "the apply stage synced: {:?}", sm.seen());
+        // The background commit reaches 8: the snapshot at 6 goes, without a sync.
+        durable.store(8, std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let snap = loop {
+            if let Some(Event::Snapshot(s)) = st.events().into_iter().next() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no snapshot once durable");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(snap.get_metadata().index, 6);
+        assert!(!sm.seen().iter().any(|s| s == "sync"), "the apply stage synced: {:?}", sm.seen());
         st.stop();
     }
 

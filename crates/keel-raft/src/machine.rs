@@ -37,6 +37,14 @@ pub trait StateMachine: Send + 'static {
     }
     /// Makes everything applied so far durable; called before a snapshot lets WAL go.
     fn sync(&mut self) -> Result<(), String>;
+    /// Index of the last applied entry whose effects are already durable, for a state machine
+    /// that makes them durable by itself in the background (None: only [`StateMachine::sync`]
+    /// does). With it, a snapshot that falls due waits for that index to reach it instead of
+    /// syncing on the apply thread, where every apply behind it would wait too (a commit of a
+    /// compaction's deletions: 350 ms at 5 GB).
+    fn durable_index(&self) -> Option<u64> {
+        None
+    }
     /// The application data a snapshot at the current applied index carries.
     fn snapshot_data(&self) -> Vec<u8>;
     /// The configuration as of [`StateMachine::applied_index`], from the members the state

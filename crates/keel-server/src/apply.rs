@@ -208,9 +208,10 @@ pub struct Applier {
     hashes: Arc<crate::kv_hash::CompactionHashes>,
     /// Published when a compaction's last batch is durable.
     compacted: Arc<tokio::sync::watch::Sender<i64>>,
-    /// Set by the batch that finished a compaction (its revision): the backend is committed and
-    /// the revision published on [`State::compacted`] before the next entry.
-    compaction_done: std::cell::Cell<Option<i64>>,
+    /// Set by the batch that finished a compaction (its revision, and the store's durable mark
+    /// then): the revision is published on [`State::compacted`] once the committer has made the
+    /// deletions durable.
+    compaction_done: std::cell::Cell<Option<(i64, u64)>>,
     /// Set by a cluster version lowered (a downgrade): a snapshot is taken after the batch, as
     /// etcd forces one, so that a member restarted as the older release replays no entry of the
     /// newer cluster version (etcd refuses to start on one).
@@ -384,18 +385,25 @@ impl Applier {
         keel_metrics::METRICS.db_compaction_pause.observe(t0.elapsed().as_secs_f64() * 1000.0);
         self.next_compaction_batch.set(std::time::Instant::now() + self.compaction.sleep);
         if !store.compacting() {
-            self.compaction_done.set(Some(store.compacted_rev()));
+            self.compaction_done.set(Some((store.compacted_rev(), store.durable_mark())));
         }
         store.compacting()
     }
 
-    /// After a compaction's last batch: its deletions made durable, then its revision published
-    /// to the physical compactions waiting for it.
+    /// After a compaction's last batch, once the committer has made its deletions durable: its
+    /// revision published to the physical compactions waiting for it. Not committed here: the
+    /// applies behind a commit of a compaction's last deletions waited for it (up to 500 ms
+    /// with 16 KiB values).
     fn publish_compaction(&self) {
-        let Some(rev) = self.compaction_done.take() else { return };
-        if let Err(e) = self.store.commit() {
-            fatal("backend commit failed", e);
+        let Some((rev, mark)) = self.compaction_done.get() else { return };
+        if self.store.read().committed_batches() < mark {
+            return;
         }
+        self.compaction_done.set(None);
+        self.publish_compacted(rev);
+    }
+
+    fn publish_compacted(&self, rev: i64) {
         self.compacted.send_if_modified(|c| {
             let newer = rev > *c;
             if newer {
@@ -708,6 +716,11 @@ impl Applier {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("apply::restore", |_| std::process::abort());
             *ex.store = new;
+            // A compaction whose deletions waited for a commit of the old store: the leader's
+            // state replaces it (the new store counts its own batches).
+            if let Some((rev, _)) = self.compaction_done.take() {
+                self.publish_compacted(rev);
+            }
             self.lessor().replace_state(lessor);
             *self.auth.write() = auth;
             *self.alarms.write() = alarms;
@@ -930,6 +943,11 @@ impl keel_raft::StateMachine for Applier {
 
     fn sync(&mut self) -> Result<(), String> {
         self.store.commit().map_err(|e| e.to_string())
+    }
+
+    fn durable_index(&self) -> Option<u64> {
+        // The committer makes every applied entry durable within a batch interval or two.
+        Some(self.store.read().committed_index())
     }
 
     fn on_stop(&mut self) {

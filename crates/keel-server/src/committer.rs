@@ -6,8 +6,10 @@
 //! compaction's deletions: ~100 ms each at 1 GB) waited for it.
 //!
 //! Owns its thread and the channel that wakes it; calls only `keel_mvcc::SharedStore`. Whoever
-//! needs a batch durable at a point (a snapshot, the final sync, a compaction's end) still
-//! commits itself: commits take turns on the store's commit lock.
+//! needs a batch durable at a point (the final sync, a compaction's end, a wished-for snapshot)
+//! still commits itself: commits take turns on the store's commit lock. A raft snapshot every
+//! `--snapshot-count` entries does not: it waits for this thread's commits to reach its index
+//! (`keel_raft::StateMachine::durable_index`).
 
 use keel_mvcc::SharedStore;
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};

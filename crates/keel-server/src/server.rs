@@ -180,8 +180,7 @@ impl Server {
 
     /// The backend with everything applied so far committed to it (for a hash or a copy).
     pub fn committed_backend(&self) -> Result<keel_mvcc::backend::Backend, keel_mvcc::backend::BackendError> {
-        self.state.store.commit()?;
-        Ok(self.state.store.read().backend())
+        self.state.store.committed_backend()
     }
 
     /// Defragments this member's backend without stopping it: copy the committed state into a
