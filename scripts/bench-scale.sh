@@ -27,6 +27,8 @@
 #   BENCH_SCALE_POINTS="1 2"                 many-keys points, in GB
 #   BENCH_SCALE_BIG=100000                   keys of the big-values point (0: none)
 #   BENCH_SYSTEMS="etcd-3.7 keel"            which systems (default both)
+#   BENCH_SCALE_STEPS="compaction"           which steps after the load (default all: latency
+#                                            restart learner snapshot compaction)
 #   BENCH_SCALE_SMOKE=1                      a smoke run: 2,000 keys, 200 big values, few requests
 #   KEEL_BIN=... KEEL_BENCH_BIN=...          measure these builds (no cargo build)
 #   BENCH_TABLE_ONLY=results.jsonl           only print the table of an earlier run
@@ -51,6 +53,8 @@ else
   lat_total_many=30000
 fi
 systems=${BENCH_SYSTEMS:-etcd-3.7 keel}
+steps=" ${BENCH_SCALE_STEPS:-latency restart learner snapshot compaction} "
+step() { [[ "$steps" == *" $1 "* ]]; }
 if [ -z "${KEEL_BIN:-}" ]; then
   (cd "$root" && cargo build --release --bin keel --bin keel-bench >/dev/null 2>&1)
 fi
@@ -201,105 +205,116 @@ point() {
   record "$sys" "$shape" load "resident memory after load (largest member)" "$(mb "$peak")" "MiB"
 
   # latency
-  record "$sys" "$shape" latency "put p99, 1 client" \
-    "$("$bm" --endpoints "$l" --clients 1 --conns 1 --precise put --total "$lat_total" --key-space-size "$keys" --val-size "$val" 2>/dev/null | tool_p99)" ms
-  record "$sys" "$shape" latency "put p99, 100 clients" \
-    "$("$bm" --endpoints "$l" --clients 100 --conns 100 --precise put --total "$lat_total_many" --key-space-size "$keys" --val-size "$val" 2>/dev/null | tool_p99)" ms
-  record "$sys" "$shape" latency "linearizable get p99, 1 client" \
-    "$("$kbench" --endpoints "$l" --json range x --key-space-size "$keys" --total "$lat_total" | jq .p99_ms)" ms
-  record "$sys" "$shape" latency "linearizable get p99, 100 clients" \
-    "$("$kbench" --endpoints "$l" --clients 100 --conns 100 --json range x --key-space-size "$keys" --total "$lat_total_many" | jq .p99_ms)" ms
+  if step latency; then
+    record "$sys" "$shape" latency "put p99, 1 client" \
+      "$("$bm" --endpoints "$l" --clients 1 --conns 1 --precise put --total "$lat_total" --key-space-size "$keys" --val-size "$val" 2>/dev/null | tool_p99)" ms
+    record "$sys" "$shape" latency "put p99, 100 clients" \
+      "$("$bm" --endpoints "$l" --clients 100 --conns 100 --precise put --total "$lat_total_many" --key-space-size "$keys" --val-size "$val" 2>/dev/null | tool_p99)" ms
+    record "$sys" "$shape" latency "linearizable get p99, 1 client" \
+      "$("$kbench" --endpoints "$l" --json range x --key-space-size "$keys" --total "$lat_total" | jq .p99_ms)" ms
+    record "$sys" "$shape" latency "linearizable get p99, 100 clients" \
+      "$("$kbench" --endpoints "$l" --clients 100 --conns 100 --json range x --key-space-size "$keys" --total "$lat_total_many" | jq .p99_ms)" ms
+  fi
 
   # restart after kill -9 of every member
-  r0=$(revision_of "$l")
-  for i in 1 2 3; do kill -KILL "${pids[$i]}" 2>/dev/null || true; done
-  for i in 1 2 3; do wait "${pids[$i]}" 2>/dev/null || true; done
-  pids=()
-  t0=$(now)
-  for i in 1 2 3; do member "$sys" "$i" --initial-cluster "$cluster"; done
-  for _ in $(seq 1 60000); do
-    "$kbench" --endpoints 127.0.0.1:23790 --json range x --total 1 2>/dev/null | jq -e '.errors == 0' >/dev/null 2>&1 && break
-    sleep 0.01
-  done
-  record "$sys" "$shape" restart "kill -9 to first linearizable Range" "$(since "$t0")" s
-  wait_revision "$r0" ${eps//,/ }
-  peak=0
-  for i in 1 2 3; do p=$(rss_kb "${pids[$i]}"); [ "$p" -gt "$peak" ] && peak=$p; done
-  record "$sys" "$shape" restart "resident memory after restart (largest member)" "$(mb "$peak")" "MiB"
-  l=$(wait_leader)
+  if step restart; then
+    r0=$(revision_of "$l")
+    for i in 1 2 3; do kill -KILL "${pids[$i]}" 2>/dev/null || true; done
+    for i in 1 2 3; do wait "${pids[$i]}" 2>/dev/null || true; done
+    pids=()
+    t0=$(now)
+    for i in 1 2 3; do member "$sys" "$i" --initial-cluster "$cluster"; done
+    for _ in $(seq 1 60000); do
+      "$kbench" --endpoints 127.0.0.1:23790 --json range x --total 1 2>/dev/null | jq -e '.errors == 0' >/dev/null 2>&1 && break
+      sleep 0.01
+    done
+    record "$sys" "$shape" restart "kill -9 to first linearizable Range" "$(since "$t0")" s
+    wait_revision "$r0" ${eps//,/ }
+    peak=0
+    for i in 1 2 3; do p=$(rss_kb "${pids[$i]}"); [ "$p" -gt "$peak" ] && peak=$p; done
+    record "$sys" "$shape" restart "resident memory after restart (largest member)" "$(mb "$peak")" "MiB"
+    l=$(wait_leader)
+  fi
 
   # learner catch-up
-  start_writer "$l" base
-  sleep 4
-  stop_writer
-  start_writer "$l" learner
-  # etcd refuses a new member until its peers have been connected for 5 s ("unhealthy cluster").
-  for i in $(seq 1 300); do
-    "$ctl" --endpoints "$l" member add m4 --learner --peer-urls http://127.0.0.4:23800 >/dev/null 2>&1 && break
-    [ "$i" = 300 ] && { echo "member add failed" >&2; return 1; }
-    sleep 0.2
-  done
-  r0=$(revision_of "$l")
-  t0=$(now)
-  member "$sys" 4 --initial-cluster "$cluster,m4=http://127.0.0.4:23800" --initial-cluster-state existing
-  wait_revision "$r0" 127.0.0.4:23790
-  record "$sys" "$shape" learner "learner catch-up from nothing" "$(since "$t0")" s
-  stop_writer
-  record "$sys" "$shape" learner "learner peak resident memory" "$(mb "$(hwm_kb "${pids[4]}")")" MiB
-  record "$sys" "$shape" learner "leader write p99 before / while sending" \
-    "$(calc "$(writer_stat learner p99_ms) / $(writer_stat base p99_ms)")" x
-  kill -TERM "${pids[4]}"; wait "${pids[4]}" 2>/dev/null || true; unset 'pids[4]'
-  # (The simple listing: member IDs above 2^53 do not survive jq's numbers.)
-  id=$("$ctl" --endpoints "$l" member list | awk -F', ' '$4 == "http://127.0.0.4:23800" {print $1}')
-  "$ctl" --endpoints "$l" member remove "$id" >/dev/null
-  rm -rf "$work/data/m4"
+  if step learner; then
+    start_writer "$l" base
+    sleep 4
+    stop_writer
+    start_writer "$l" learner
+    # etcd refuses a new member until its peers have been connected for 5 s ("unhealthy cluster").
+    for i in $(seq 1 300); do
+      "$ctl" --endpoints "$l" member add m4 --learner --peer-urls http://127.0.0.4:23800 >/dev/null 2>&1 && break
+      [ "$i" = 300 ] && { echo "member add failed" >&2; return 1; }
+      sleep 0.2
+    done
+    r0=$(revision_of "$l")
+    t0=$(now)
+    member "$sys" 4 --initial-cluster "$cluster,m4=http://127.0.0.4:23800" --initial-cluster-state existing
+    wait_revision "$r0" 127.0.0.4:23790
+    record "$sys" "$shape" learner "learner catch-up from nothing" "$(since "$t0")" s
+    stop_writer
+    record "$sys" "$shape" learner "learner peak resident memory" "$(mb "$(hwm_kb "${pids[4]}")")" MiB
+    record "$sys" "$shape" learner "leader write p99 before / while sending" \
+      "$(calc "$(writer_stat learner p99_ms) / $(writer_stat base p99_ms)")" x
+    kill -TERM "${pids[4]}"; wait "${pids[4]}" 2>/dev/null || true; unset 'pids[4]'
+    # (The simple listing: member IDs above 2^53 do not survive jq's numbers.)
+    id=$("$ctl" --endpoints "$l" member list | awk -F', ' '$4 == "http://127.0.0.4:23800" {print $1}')
+    "$ctl" --endpoints "$l" member remove "$id" >/dev/null
+    rm -rf "$work/data/m4"
+  fi
 
   # snapshot save
-  lead_pid=""
-  for i in 1 2 3; do [ "$l" = "127.0.0.$i:23790" ] && lead_pid=${pids[$i]}; done
-  snap=$work/data/snapshot.db
-  rm -f "$snap"
-  t0=$(now)
-  "$ctl" --endpoints "$l" snapshot save "$snap" >/dev/null 2>&1 &
-  p=$!
-  peak=$(rss_kb "$lead_pid")
-  while kill -0 "$p" 2>/dev/null; do
-    i=$(rss_kb "$lead_pid"); [ "$i" -gt "$peak" ] && peak=$i
-    sleep 0.1
-  done
-  wait "$p"
-  record "$sys" "$shape" snapshot "snapshot save" "$(since "$t0")" s
-  record "$sys" "$shape" snapshot "snapshot file" "$(mb "$(( $(stat -c %s "$snap") / 1024 ))")" MiB
-  record "$sys" "$shape" snapshot "leader resident memory while saving (most)" "$(mb "$peak")" MiB
-  rm -f "$snap"
+  if step snapshot; then
+    lead_pid=""
+    for i in 1 2 3; do [ "$l" = "127.0.0.$i:23790" ] && lead_pid=${pids[$i]}; done
+    snap=$work/data/snapshot.db
+    rm -f "$snap"
+    t0=$(now)
+    "$ctl" --endpoints "$l" snapshot save "$snap" >/dev/null 2>&1 &
+    p=$!
+    peak=$(rss_kb "$lead_pid")
+    while kill -0 "$p" 2>/dev/null; do
+      i=$(rss_kb "$lead_pid"); [ "$i" -gt "$peak" ] && peak=$i
+      sleep 0.1
+    done
+    wait "$p"
+    record "$sys" "$shape" snapshot "snapshot save" "$(since "$t0")" s
+    record "$sys" "$shape" snapshot "snapshot file" "$(mb "$(( $(stat -c %s "$snap") / 1024 ))")" MiB
+    record "$sys" "$shape" snapshot "leader resident memory while saving (most)" "$(mb "$peak")" MiB
+    rm -f "$snap"
+  fi
 
   # compaction and defragment under a writer
-  "$kbench" --endpoints "$l" --clients 100 --conns 100 --json put --total "$((keys / 2))" --key-space-size "$((keys / 2))" --sequential-keys --val-size "$val" >/dev/null
-  r0=$(revision_of "$l")
-  wait_revision "$r0" ${eps//,/ }
-  local lc0 tc td dmax=0 d
-  lc0=$(leader_changes)
-  start_writer "$l" compact
-  sleep 2
-  t0=$(now)
-  # A step that fails is recorded (its figure then missing) and the run goes on.
-  if "$ctl" --endpoints "$l" --command-timeout 3600s compact "$r0" --physical >/dev/null; then tc=$(since "$t0"); else tc=""; fi
-  for i in 1 2 3; do
+  if step compaction; then
+    "$kbench" --endpoints "$l" --clients 100 --conns 100 --json put --total "$((keys / 2))" --key-space-size "$((keys / 2))" --sequential-keys --val-size "$val" >/dev/null
+    r0=$(revision_of "$l")
+    wait_revision "$r0" ${eps//,/ }
+    local lc0 tc td dmax=0 d
+    lc0=$(leader_changes)
+    start_writer "$l" compact
+    sleep 2
     t0=$(now)
-    if ! "$ctl" --endpoints "127.0.0.$i:23790" --command-timeout 3600s defrag >/dev/null; then dmax=""; break; fi
-    d=$(since "$t0")
-    [ "$(echo "$d > $dmax" | bc -l)" = 1 ] && dmax=$d
-  done
-  sleep 2
-  stop_writer
-  record "$sys" "$shape" compaction "compaction of the superseded half" "$tc" s
-  record "$sys" "$shape" compaction "defragment (slowest member)" "$dmax" s
-  record "$sys" "$shape" compaction "longest write meanwhile" "$(writer_stat compact max_ms)" ms
-  record "$sys" "$shape" compaction "write p99 meanwhile (worst 2 s)" "$(writer_stat compact p99_ms)" ms
-  record "$sys" "$shape" compaction "failed writes meanwhile" "$(writer_errors compact)" ""
-  record "$sys" "$shape" compaction "leader changes meanwhile" "$(( $(leader_changes) - lc0 ))" ""
-  record "$sys" "$shape" compaction "backend size after defragment (leader's dbSize)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
-  record "$sys" "$shape" compaction "backend on disk after defragment (leader, du)" "$(mb "$(disk_kb "$l")")" "MiB"
+    # A step that fails is recorded (its figure then missing) and the run goes on.
+    if "$ctl" --endpoints "$l" --command-timeout 3600s compact "$r0" --physical >/dev/null; then tc=$(since "$t0"); else tc=""; fi
+    for i in 1 2 3; do
+      t0=$(now)
+      if ! "$ctl" --endpoints "127.0.0.$i:23790" --command-timeout 3600s defrag >/dev/null; then dmax=""; break; fi
+      d=$(since "$t0")
+      [ "$(echo "$d > $dmax" | bc -l)" = 1 ] && dmax=$d
+    done
+    sleep 2
+    stop_writer
+    record "$sys" "$shape" compaction "compaction of the superseded half" "$tc" s
+    record "$sys" "$shape" compaction "defragment (slowest member)" "$dmax" s
+    record "$sys" "$shape" compaction "longest write meanwhile" "$(writer_stat compact max_ms)" ms
+    record "$sys" "$shape" compaction "write p99 meanwhile (worst 2 s)" "$(writer_stat compact p99_ms)" ms
+    record "$sys" "$shape" compaction "failed writes meanwhile" "$(writer_errors compact)" ""
+    record "$sys" "$shape" compaction "leader changes meanwhile" "$(( $(leader_changes) - lc0 ))" ""
+    record "$sys" "$shape" compaction "backend size after defragment (leader's dbSize)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
+    record "$sys" "$shape" compaction "backend on disk after defragment (leader, du)" "$(mb "$(disk_kb "$l")")" "MiB"
+  fi
+
   stop_all
   rm -rf "$work/data"
 }

@@ -277,8 +277,15 @@ impl<S: StateMachine> Worker<S> {
                 break;
             }
         }
-        if let Err(e) = self.sm.sync() {
-            tracing::error!(error = %e, "apply: final sync of the state machine failed");
+        match self.sm.sync() {
+            // A snapshot waiting for the background commit is durable now: it goes to the raft
+            // thread, which saves it as it stops (as a snapshot taken at its index would be).
+            Ok(()) => {
+                if let Some(snap) = self.undurable.take() {
+                    self.send_when_durable(snap);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "apply: final sync of the state machine failed"),
         }
         for (_, senders, _) in self.reads.drain(..) {
             for s in senders {
@@ -409,8 +416,10 @@ mod tests {
         /// Applying this index makes the recorder wish for a snapshot.
         wish_at: Option<u64>,
         wish: Arc<std::sync::atomic::AtomicBool>,
-        /// Set: the recorder commits in the background, durable up to this index.
+        /// Set: the recorder commits in the background, durable up to this index (a sync makes
+        /// everything applied durable).
         durable: Option<Arc<std::sync::atomic::AtomicU64>>,
+        applied: u64,
     }
 
     impl Recorder {
@@ -437,6 +446,7 @@ mod tests {
                 std::thread::sleep(d);
             }
             self.say(format!("apply {}", e.index));
+            self.applied = e.index;
             if self.wish_at == Some(e.index) {
                 self.wish.store(true, std::sync::atomic::Ordering::SeqCst);
             }
@@ -453,6 +463,9 @@ mod tests {
         fn maintain(&mut self) {}
         fn sync(&mut self) -> Result<(), String> {
             self.say("sync".into());
+            if let Some(d) = &self.durable {
+                d.store(self.applied, std::sync::atomic::Ordering::SeqCst);
+            }
             Ok(())
         }
         fn durable_index(&self) -> Option<u64> {
@@ -645,6 +658,31 @@ mod tests {
         assert_eq!(snap.get_metadata().index, 6);
         assert!(!sm.seen().iter().any(|s| s == "sync"), "the apply stage synced: {:?}", sm.seen());
         st.stop();
+    }
+
+    #[test]
+    fn a_snapshot_waiting_for_the_background_commit_goes_out_at_stop() {
+        let durable = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sm = Recorder { durable: Some(durable), ..Default::default() };
+        let (mut st, _status) = stage(sm.clone(), 64, 5);
+        for i in 1..=7 {
+            assert!(st.send(Task::Entries(vec![entry(i)])));
+        }
+        read(&mut st, 7);
+        read(&mut st, 7);
+        assert!(st.events().is_empty(), "a snapshot went before its index was durable");
+        // The final sync makes it durable: the raft thread gets it as the stage ends.
+        st.stop();
+        let at: Vec<u64> = st
+            .events()
+            .into_iter()
+            .map(|e| {
+                let Event::Snapshot(s) = e;
+                s.get_metadata().index
+            })
+            .collect();
+        // Due once 6 entries are applied (at 6 or 7: the entries may arrive in one batch).
+        assert!(at.len() == 1 && (6..=7).contains(&at[0]), "one snapshot, at 6 or 7: {at:?}");
     }
 
     #[test]
