@@ -620,6 +620,17 @@ mod tests {
         st.stop();
     }
 
+    /// The indexes of the snapshots the stage has handed over since last asked.
+    fn snapshot_indexes(st: &Stage) -> Vec<u64> {
+        st.events()
+            .into_iter()
+            .map(|e| {
+                let Event::Snapshot(s) = e;
+                s.get_metadata().index
+            })
+            .collect()
+    }
+
     /// Waits until the stage answered a read at `index` (it has turned its loop once more).
     fn read(st: &mut Stage, index: u64) {
         let (r, rx) = oneshot::channel();
@@ -673,14 +684,7 @@ mod tests {
         assert!(st.events().is_empty(), "a snapshot went before its index was durable");
         // The final sync makes it durable: the raft thread gets it as the stage ends.
         st.stop();
-        let at: Vec<u64> = st
-            .events()
-            .into_iter()
-            .map(|e| {
-                let Event::Snapshot(s) = e;
-                s.get_metadata().index
-            })
-            .collect();
+        let at = snapshot_indexes(&st);
         // Due once 6 entries are applied (at 6 or 7: the entries may arrive in one batch).
         assert!(at.len() == 1 && (6..=7).contains(&at[0]), "one snapshot, at 6 or 7: {at:?}");
     }
@@ -692,18 +696,9 @@ mod tests {
         for i in 1..=5 {
             assert!(st.send(Task::Entries(vec![entry(i)])));
         }
-        let (r, rx) = oneshot::channel();
-        assert!(st.send(Task::Reads { index: 5, senders: vec![r], confirmed: Instant::now() }));
-        rx.blocking_recv().unwrap().unwrap();
+        read(&mut st, 5);
         st.stop();
-        let at: Vec<u64> = st
-            .events()
-            .into_iter()
-            .map(|e| {
-                let Event::Snapshot(s) = e;
-                s.get_metadata().index
-            })
-            .collect();
+        let at = snapshot_indexes(&st);
         // Entries may be applied in one batch or several: the snapshot is at or after 3, once.
         assert_eq!(at.len(), 1, "one snapshot: {at:?}");
         assert!((3..=5).contains(&at[0]), "{at:?}");
