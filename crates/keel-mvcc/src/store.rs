@@ -605,20 +605,20 @@ impl Store {
             s
         };
         for (k, h) in self.index.range_all(key, end) {
-            let first = h.changes.partition_point(|c| c.rev.main < from);
+            let first = h.changes.partition_point(|c| c.main() < from);
             for i in first..h.changes.len() {
                 let c = h.changes[i];
-                if c.rev.main > to {
+                if c.main() > to {
                     break;
                 }
                 let prev =
-                    if with_prev && i > 0 && !h.changes[i - 1].tombstone { Some(note(self.slot(h.changes[i - 1].rev)?)) } else { None };
-                let ev = if c.tombstone {
-                    PlannedEvent::Delete { key: k.to_vec(), rev: c.rev.main, prev }
+                    if with_prev && i > 0 && !h.changes[i - 1].tombstone() { Some(note(self.slot(h.changes[i - 1].rev())?)) } else { None };
+                let ev = if c.tombstone() {
+                    PlannedEvent::Delete { key: k.to_vec(), rev: c.main(), prev }
                 } else {
-                    PlannedEvent::Put { value: note(self.slot(c.rev)?), prev }
+                    PlannedEvent::Put { value: note(self.slot(c.rev())?), prev }
                 };
-                items.push((c.rev, ev));
+                items.push((c.rev(), ev));
             }
         }
         items.sort_by_key(|(r, _)| *r);
@@ -702,8 +702,8 @@ impl Store {
         let mut dropped: Vec<Change> = Vec::new();
         let next = self.index.compact_batch(rev, &from, keys.max(1), &mut dropped);
         for c in &dropped {
-            self.pending.insert(c.rev.to_key(c.tombstone), None);
-            self.data_bytes = self.data_bytes.saturating_sub(c.size as u64);
+            self.pending.insert(c.rev().to_key(c.tombstone()), None);
+            self.data_bytes = self.data_bytes.saturating_sub(c.size() as u64);
         }
         match next {
             Some(k) => self.compacting = Some((rev, k)),
@@ -762,7 +762,7 @@ impl WriteTxn<'_> {
         let old_lease = self.store.live(key).map(|h| h.lease).unwrap_or(0);
         let (created, version, prev) = match self.store.live(key) {
             Some(h) => {
-                let cur = h.changes.last().map(|c| c.rev).unwrap_or_default();
+                let cur = h.changes.last().map(|c| c.rev()).unwrap_or_default();
                 let (created, version) = (h.created, h.version);
                 let prev = if want_prev || value.is_none() || lease.is_none() || self.store.events_with_prev {
                     let mut r = None;
@@ -807,7 +807,7 @@ impl WriteTxn<'_> {
             .store
             .index
             .live_range(key, end)
-            .map(|(k, h)| (k.to_vec(), h.changes.last().map(|c| c.rev).unwrap_or_default(), h.lease))
+            .map(|(k, h)| (k.to_vec(), h.changes.last().map(|c| c.rev()).unwrap_or_default(), h.lease))
             .collect();
         let mut prevs = Vec::new();
         let mut reader = None;
