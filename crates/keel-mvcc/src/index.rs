@@ -85,6 +85,44 @@ impl KeyHistory {
     }
 }
 
+/// The revisions a walk over the keys found visible at one revision (each key's newest change
+/// up to it, when not a tombstone), kept only up to `upto`; and whether it found any at all.
+/// What a hash of the key space at that revision needs of the index (etcd's `Keep`).
+#[derive(Debug, Default)]
+pub struct Visible {
+    upto: i64,
+    revs: Vec<Revision>,
+    any: bool,
+}
+
+impl Visible {
+    /// Nothing seen yet; revisions above `upto` are not kept.
+    pub fn new(upto: i64) -> Visible {
+        Visible { upto, revs: Vec::new(), any: false }
+    }
+
+    /// A key whose newest change up to the walk's revision is `c`.
+    fn saw(&mut self, c: &Change) {
+        if c.tombstone() {
+            return;
+        }
+        self.any = true;
+        if c.main() <= self.upto {
+            self.revs.push(c.rev());
+        }
+    }
+
+    /// True when some key was visible.
+    pub fn any(&self) -> bool {
+        self.any
+    }
+
+    /// The kept revisions, in the walk's (key) order.
+    pub fn into_revs(self) -> Vec<Revision> {
+        self.revs
+    }
+}
+
 /// A key's create revision and version at some revision (see [`Index::range_at_meta`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyMeta {
@@ -321,6 +359,18 @@ impl Index {
         })
     }
 
+    /// What every key shows at revision `at` (see [`Visible`]), keeping revisions up to `upto`.
+    pub fn visible_at(&self, at: i64, upto: i64) -> Visible {
+        let mut v = Visible::new(upto);
+        for h in self.keys.values() {
+            let pos = h.changes.partition_point(|c| c.main() <= at);
+            if pos > 0 {
+                v.saw(&h.changes[pos - 1]);
+            }
+        }
+        v
+    }
+
     /// Keys in `[key, end)` that exist at revision `at`, in key order, with the visible revision.
     pub fn range_at<'a>(&'a self, key: &'a [u8], end: &'a [u8], at: i64) -> impl Iterator<Item = (&'a [u8], Revision)> + 'a {
         let empty = empty_range(key, end);
@@ -351,16 +401,23 @@ impl Index {
         let mut dropped = Vec::new();
         let mut from = Some(Vec::new());
         while let Some(f) = from {
-            from = self.compact_batch(at, &f, usize::MAX, &mut dropped);
+            from = self.compact_batch(at, &f, usize::MAX, &mut dropped, None);
         }
         dropped
     }
 
     /// Compacts the histories of at most `limit` keys from `from` on (in key order) up to `at`,
-    /// adding the changes it drops to `dropped`. Returns the key to go on from, None when every
-    /// key after `from` is done. Keys not reached yet keep revisions older than `at`, which no
-    /// read at or after `at` sees.
-    pub fn compact_batch(&mut self, at: i64, from: &[u8], limit: usize, dropped: &mut Vec<Change>) -> Option<Vec<u8>> {
+    /// adding the changes it drops to `dropped`, and to `visible` what each key shows at `at`.
+    /// Returns the key to go on from, None when every key after `from` is done. Keys not reached
+    /// yet keep revisions older than `at`, which no read at or after `at` sees.
+    pub fn compact_batch(
+        &mut self,
+        at: i64,
+        from: &[u8],
+        limit: usize,
+        dropped: &mut Vec<Change>,
+        mut visible: Option<&mut Visible>,
+    ) -> Option<Vec<u8>> {
         let mut emptied = Vec::new();
         let mut next = None;
         for (n, (k, h)) in self.keys.range_mut::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded)).enumerate() {
@@ -373,6 +430,9 @@ impl Index {
                 continue;
             }
             let newest = h.changes[pos - 1];
+            if let Some(v) = visible.as_deref_mut() {
+                v.saw(&newest);
+            }
             let cut = if newest.tombstone() && newest.main() != at { pos } else { pos - 1 };
             dropped.extend(h.changes.drain(..cut));
             if h.changes.is_empty() {

@@ -498,3 +498,40 @@ fn a_compactions_deletions_are_durable_once_the_mark_taken_at_its_end_is_reached
     }
     assert_eq!(dropped, 0, "the compaction's deletions are all in the backend");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// A compaction's hash (planned as it begins, the revisions it keeps collected by its
+    /// batches) is HashKV at its revision taken just before it, as etcd's compaction hash is:
+    /// after earlier compactions, with writes and deletes between its batches (one key a
+    /// batch), and a newer compaction started before it finished dropping its hash.
+    #[test]
+    fn a_compactions_hash_is_hashkv_at_its_revision(ops in prop::collection::vec((0u8..6, 0u8..10), 1..80)) {
+        let (_d, mut s) = open();
+        let mut expected: Option<(i64, u32)> = None;
+        for (i, (key, what)) in ops.into_iter().enumerate() {
+            let k = format!("k{key}");
+            match what {
+                0 | 1 => {
+                    del(&mut s, &k, "");
+                }
+                2 => {
+                    let at = s.current_rev();
+                    if at > s.compacted_rev() {
+                        expected = Some((at, s.hash_kv(at).unwrap().0));
+                        s.compact(at).unwrap();
+                    }
+                }
+                _ => {
+                    put(&mut s, &k, &format!("v{i}"));
+                }
+            }
+            s.compact_keys(1);
+            if let Some(plan) = s.take_compaction_hash() {
+                let (at, want) = expected.take().expect("a hash only for the compaction under way");
+                prop_assert_eq!(plan.revision(), at);
+                prop_assert_eq!(plan.run().unwrap().0, want, "compaction at {}", at);
+            }
+        }
+    }
+}
