@@ -19,6 +19,11 @@
 #                a compaction at the current revision (the superseded half goes) and a defragment
 #                of each member in turn: the writer's longest and p99 write, the leader changes
 #                meanwhile, and how long compaction and each defragment took
+#   recompaction a second compaction, at the current revision, under the same writer: the store
+#                compacted before (by the compaction step, or here first), so its hash keeps
+#                what each key shows from below the first one (Kubernetes compacts every 5
+#                minutes): how long it took, the writer's longest and p99 write, failed writes,
+#                leader changes
 #
 # Shapes: "many keys" points of BENCH_SCALE_POINTS GB (1,000,000 keys of 1 KiB per GB) and one
 # "big values" point of BENCH_SCALE_BIG keys of 16 KiB. Systems alternate point by point.
@@ -28,7 +33,7 @@
 #   BENCH_SCALE_BIG=100000                   keys of the big-values point (0: none)
 #   BENCH_SYSTEMS="etcd-3.7 keel"            which systems (default both)
 #   BENCH_SCALE_STEPS="compaction"           which steps after the load (default all: latency
-#                                            restart learner snapshot compaction)
+#                                            restart learner snapshot compaction recompaction)
 #   BENCH_SCALE_SMOKE=1                      a smoke run: 2,000 keys, 200 big values, few requests
 #   KEEL_BIN=... KEEL_BENCH_BIN=...          measure these builds (no cargo build)
 #   BENCH_TABLE_ONLY=results.jsonl           only print the table of an earlier run
@@ -53,7 +58,7 @@ else
   lat_total_many=30000
 fi
 systems=${BENCH_SYSTEMS:-etcd-3.7 keel}
-steps=" ${BENCH_SCALE_STEPS:-latency restart learner snapshot compaction} "
+steps=" ${BENCH_SCALE_STEPS:-latency restart learner snapshot compaction recompaction} "
 step() { [[ "$steps" == *" $1 "* ]]; }
 if [ -z "${KEEL_BIN:-}" ]; then
   (cd "$root" && cargo build --release --bin keel --bin keel-bench >/dev/null 2>&1)
@@ -313,6 +318,24 @@ point() {
     record "$sys" "$shape" compaction "leader changes meanwhile" "$(( $(leader_changes) - lc0 ))" ""
     record "$sys" "$shape" compaction "backend size after defragment (leader's dbSize)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
     record "$sys" "$shape" compaction "backend on disk after defragment (leader, du)" "$(mb "$(disk_kb "$l")")" "MiB"
+  fi
+
+  # a second compaction under a writer
+  if step recompaction; then
+    local lc1 tr
+    step compaction || "$ctl" --endpoints "$l" --command-timeout 3600s compact "$(revision_of "$l")" --physical >/dev/null || true
+    lc1=$(leader_changes)
+    start_writer "$l" recompact
+    sleep 2
+    t0=$(now)
+    if "$ctl" --endpoints "$l" --command-timeout 3600s compact "$(revision_of "$l")" --physical >/dev/null; then tr=$(since "$t0"); else tr=""; fi
+    sleep 2
+    stop_writer
+    record "$sys" "$shape" recompaction "second compaction (physical)" "$tr" s
+    record "$sys" "$shape" recompaction "longest write meanwhile" "$(writer_stat recompact max_ms)" ms
+    record "$sys" "$shape" recompaction "write p99 meanwhile (worst 2 s)" "$(writer_stat recompact p99_ms)" ms
+    record "$sys" "$shape" recompaction "failed writes meanwhile" "$(writer_errors recompact)" ""
+    record "$sys" "$shape" recompaction "leader changes meanwhile" "$(( $(leader_changes) - lc1 ))" ""
   fi
 
   stop_all
