@@ -66,18 +66,15 @@ pub struct KeyHistory {
 }
 
 impl KeyHistory {
+    /// The newest change with main <= at, tombstone or not.
+    fn newest_at(&self, at: i64) -> Option<Change> {
+        let pos = self.changes.partition_point(|c| c.main() <= at);
+        pos.checked_sub(1).map(|i| self.changes[i])
+    }
+
     /// The change visible at revision `at`: the newest with main <= at, if it is not a tombstone.
     pub fn visible_at(&self, at: i64) -> Option<Revision> {
-        let pos = self.changes.partition_point(|c| c.main() <= at);
-        if pos == 0 {
-            return None;
-        }
-        let c = self.changes[pos - 1];
-        if c.tombstone() {
-            None
-        } else {
-            Some(c.rev())
-        }
+        self.newest_at(at).filter(|c| !c.tombstone()).map(|c| c.rev())
     }
 
     pub fn is_live(&self) -> bool {
@@ -360,13 +357,10 @@ impl Index {
     }
 
     /// What every key shows at revision `at` (see [`Visible`]), keeping revisions up to `upto`.
-    pub fn visible_at(&self, at: i64, upto: i64) -> Visible {
+    pub fn visible_revisions(&self, at: i64, upto: i64) -> Visible {
         let mut v = Visible::new(upto);
-        for h in self.keys.values() {
-            let pos = h.changes.partition_point(|c| c.main() <= at);
-            if pos > 0 {
-                v.saw(&h.changes[pos - 1]);
-            }
+        for c in self.keys.values().filter_map(|h| h.newest_at(at)) {
+            v.saw(&c);
         }
         v
     }

@@ -644,15 +644,13 @@ impl Store {
     /// Plans etcd's HashKV (see [`HashPlan::run`]) at `rev` (0: current): what it needs from the
     /// index and the unflushed batches, and a read transaction of the backend, at one instant.
     pub fn plan_hash_kv(&self, rev: i64) -> Result<HashPlan, KvError> {
-        let mut plan = self.plan_hash_of_backend(rev)?;
-        // As etcd: entries at or below the compaction revision count only when they are their
-        // key's newest value at `upper`. One walk of every key (no allocation per key).
-        if plan.compacted > 0 {
-            let visible = self.index.visible_at(plan.upper, plan.compacted);
-            plan.any_live = visible.any();
-            plan.keep = visible.into_revs();
+        let plan = self.plan_hash_of_backend(rev)?;
+        if plan.compacted == 0 {
+            return Ok(plan);
         }
-        Ok(plan)
+        // One walk of every key (no allocation per key).
+        let visible = self.index.visible_revisions(plan.upper, plan.compacted);
+        Ok(plan.keeping(visible))
     }
 
     /// A [`HashPlan`] of the backend as it is now, with no revision kept from below the
@@ -737,13 +735,7 @@ impl Store {
             Some(k) => self.compacting = Some((rev, k)),
             None => {
                 tracing::info!(compact_revision = rev, "mvcc: finished scheduled compaction");
-                self.finished_hash = self.compaction_hash.take().map(|(mut plan, visible)| {
-                    if plan.compacted > 0 {
-                        plan.any_live = visible.any();
-                        plan.keep = visible.into_revs();
-                    }
-                    plan
-                });
+                self.finished_hash = self.compaction_hash.take().map(|(plan, visible)| plan.keeping(visible));
             }
         }
         dropped.len()
@@ -1052,6 +1044,17 @@ pub struct HashPlan {
 }
 
 impl HashPlan {
+    /// The plan with what a walk of the keys found visible at its revision, kept up to its
+    /// compaction revision. As etcd: entries at or below the compaction revision count only
+    /// when they are their key's newest value at the revision hashed (with no compaction, all).
+    fn keeping(mut self, visible: crate::index::Visible) -> HashPlan {
+        if self.compacted > 0 {
+            self.any_live = visible.any();
+            self.keep = visible.into_revs();
+        }
+        self
+    }
+
     /// The revision the hash covers up to: the one asked for, or the current one for 0.
     pub fn revision(&self) -> i64 {
         self.upper

@@ -14,13 +14,9 @@ pub const NICE: i32 = 10;
 /// Runs `f` on a new thread named `name` at nice [`NICE`], and waits for its result.
 pub async fn run<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            lower_priority();
-            let _ = tx.send(f());
-        })
-        .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+    spawn(name, move || {
+        let _ = tx.send(f());
+    })?;
     rx.await.map_err(|_| format!("the {name} thread ended without a result"))
 }
 
@@ -58,17 +54,18 @@ fn lower_priority() {
 
 #[cfg(test)]
 mod tests {
+    /// The calling thread's nice value, and whether it is another thread than `caller`.
+    fn seen_from(caller: std::thread::ThreadId) -> (bool, i32) {
+        // SAFETY: as in lower_priority.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        (std::thread::current().id() != caller, nice)
+    }
+
     /// The work runs on its own thread, at nice +10, and its result comes back.
     #[tokio::test]
     async fn runs_niced_on_its_own_thread() {
         let caller = std::thread::current().id();
-        let (other, nice) = super::run("test-copy", move || {
-            // SAFETY: as in lower_priority.
-            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
-            (std::thread::current().id() != caller, nice)
-        })
-        .await
-        .unwrap();
+        let (other, nice) = super::run("test-copy", move || seen_from(caller)).await.unwrap();
         assert!(other);
         assert!(nice >= super::NICE, "nice {nice}");
     }
@@ -79,9 +76,7 @@ mod tests {
         let caller = std::thread::current().id();
         let (tx, rx) = std::sync::mpsc::channel();
         super::spawn("test-hash", move || {
-            // SAFETY: as in lower_priority.
-            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
-            let _ = tx.send((std::thread::current().id() != caller, nice));
+            let _ = tx.send(seen_from(caller));
         })
         .unwrap();
         let (other, nice) = rx.recv().unwrap();
