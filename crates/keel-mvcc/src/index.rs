@@ -80,6 +80,105 @@ impl KeyHistory {
     pub fn is_live(&self) -> bool {
         self.changes.last().map(|c| !c.tombstone()).unwrap_or(false)
     }
+
+    /// Encoded length of the fixed fields: created, version, lease (8 bytes each, big-endian).
+    const FIXED: usize = 24;
+    /// Encoded length of one change: main (8), sub (4), size and tombstone mark (4).
+    const CHANGE: usize = 16;
+
+    /// The history's stored form (a row of a table keyed by user key): the fixed fields, then
+    /// each change in revision order.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::FIXED + Self::CHANGE * self.changes.len());
+        for f in [self.created, self.version, self.lease] {
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        for c in &self.changes {
+            b.extend_from_slice(&c.main.to_be_bytes());
+            b.extend_from_slice(&c.sub.to_be_bytes());
+            b.extend_from_slice(&c.size_tomb.to_be_bytes());
+        }
+        b
+    }
+
+    /// The history encoded in `b` by [`KeyHistory::encode`]; None when `b` is not one (a
+    /// length that does not fit, revisions that do not increase, no change at all).
+    pub fn decode(b: &[u8]) -> Option<KeyHistory> {
+        if b.len() < Self::FIXED + Self::CHANGE || !(b.len() - Self::FIXED).is_multiple_of(Self::CHANGE) {
+            return None;
+        }
+        let i64_at = |i: usize| b.get(i..i + 8).and_then(|s| s.try_into().ok()).map(i64::from_be_bytes);
+        let u32_at = |i: usize| b.get(i..i + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes);
+        let mut h = KeyHistory { changes: Changes::new(), created: i64_at(0)?, version: i64_at(8)?, lease: i64_at(16)? };
+        for at in (Self::FIXED..b.len()).step_by(Self::CHANGE) {
+            let c = Change { main: i64_at(at)?, sub: u32_at(at + 8)?, size_tomb: u32_at(at + 12)? };
+            if h.changes.last().is_some_and(|last| last.rev() >= c.rev()) {
+                return None;
+            }
+            h.changes.push(c);
+        }
+        Some(h)
+    }
+
+    /// Records a put at `rev`; true when it starts a new generation (the key was not live).
+    pub fn put(&mut self, rev: Revision, lease: i64, size: u32) -> bool {
+        debug_assert!(self.changes.last().map(|c| c.rev() < rev).unwrap_or(true), "revisions must increase");
+        let new_generation = !self.is_live();
+        if new_generation {
+            self.created = rev.main;
+            self.version = 0;
+        }
+        self.version += 1;
+        self.lease = lease;
+        self.changes.push(Change::new(rev, false, size));
+        new_generation
+    }
+
+    /// Records a tombstone at `rev`, ending the live generation.
+    pub fn tombstone(&mut self, rev: Revision, size: u32) {
+        debug_assert!(self.is_live(), "tombstone on a deleted key");
+        self.changes.push(Change::new(rev, true, size));
+        self.created = 0;
+        self.version = 0;
+        self.lease = 0;
+    }
+
+    /// What a read at revision `at` shows of the key: the revision of its visible change, and
+    /// its create revision and version at `at` when the history knows them (the visible change
+    /// belongs to the live generation, whose create revision and version are kept; None when
+    /// that generation has ended: its start may be compacted away). None when nothing is
+    /// visible at `at`.
+    pub fn shown_at(&self, at: i64) -> Option<(Revision, Option<KeyMeta>)> {
+        let pos = self.changes.partition_point(|c| c.main() <= at);
+        let c = self.changes.get(pos.checked_sub(1)?)?;
+        if c.tombstone() {
+            return None;
+        }
+        let later = &self.changes[pos..];
+        let meta = (self.created != 0 && !later.iter().any(|c| c.tombstone())).then(|| {
+            let version = self.version - later.len() as i64;
+            debug_assert!(version >= 1 && self.created <= c.main(), "index: live generation inconsistent at {at}");
+            KeyMeta { create_revision: self.created, version }
+        });
+        Some((c.rev(), meta))
+    }
+
+    /// Drops the changes a compaction at `at` supersedes (see [`Index::compact`]) into
+    /// `dropped`, telling `visible` what the key shows at `at`. True when nothing is left (the
+    /// key leaves the index).
+    pub fn compact(&mut self, at: i64, dropped: &mut Vec<Change>, visible: Option<&mut Visible>) -> bool {
+        let pos = self.changes.partition_point(|c| c.main() <= at);
+        if pos == 0 {
+            return false;
+        }
+        let newest = self.changes[pos - 1];
+        if let Some(v) = visible {
+            v.saw(&newest);
+        }
+        let cut = if newest.tombstone() && newest.main() != at { pos } else { pos - 1 };
+        dropped.extend(self.changes.drain(..cut));
+        self.changes.is_empty()
+    }
 }
 
 /// The revisions a walk over the keys found visible at one revision (each key's newest change
@@ -106,6 +205,13 @@ impl Visible {
         self.any = true;
         if c.main() <= self.upto {
             self.revs.push(c.rev());
+        }
+    }
+
+    /// A key with history `h`, at the walk's revision `at`.
+    pub(crate) fn see(&mut self, h: &KeyHistory, at: i64) {
+        if let Some(c) = h.newest_at(at) {
+            self.saw(&c);
         }
     }
 
@@ -227,7 +333,7 @@ pub fn bounds<'a>(key: &'a [u8], end: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [
 }
 
 /// True when the range is empty by construction (end <= key, end not special).
-fn empty_range(key: &[u8], end: &[u8]) -> bool {
+pub(crate) fn empty_range(key: &[u8], end: &[u8]) -> bool {
     !end.is_empty() && end != [0u8] && end <= key
 }
 
@@ -246,27 +352,16 @@ impl Index {
 
     /// Records a put at `rev`; returns the history's state before it.
     pub fn put(&mut self, key: &[u8], rev: Revision, lease: i64, size: u32) {
-        let h = history_mut(&mut self.keys, key);
-        debug_assert!(h.changes.last().map(|c| c.rev() < rev).unwrap_or(true), "revisions must increase");
-        if !h.is_live() {
-            h.created = rev.main;
-            h.version = 0;
+        if history_mut(&mut self.keys, key).put(rev, lease, size) {
             self.live += 1;
         }
-        h.version += 1;
-        h.lease = lease;
-        h.changes.push(Change::new(rev, false, size));
     }
 
     /// Records a tombstone at `rev`. The key must be live.
     pub fn tombstone(&mut self, key: &[u8], rev: Revision, size: u32) {
         if let Some(h) = self.keys.get_mut(key) {
-            debug_assert!(h.is_live(), "tombstone on a deleted key");
-            h.changes.push(Change::new(rev, true, size));
+            h.tombstone(rev, size);
             self.live -= 1;
-            h.created = 0;
-            h.version = 0;
-            h.lease = 0;
         }
     }
 
@@ -329,9 +424,7 @@ impl Index {
     }
 
     /// Like [`Index::range_at`], with what a keys-only answer needs of each key besides its
-    /// revision: its create revision and version at `at`, when the index knows them (the change
-    /// visible at `at` belongs to the key's live generation, whose create revision and version
-    /// the index keeps); None when that generation has ended (its start may be compacted away).
+    /// revision (see [`KeyHistory::shown_at`]).
     pub fn range_at_meta<'a>(
         &'a self,
         key: &'a [u8],
@@ -340,27 +433,14 @@ impl Index {
     ) -> impl Iterator<Item = (&'a [u8], Revision, Option<KeyMeta>)> + 'a {
         let empty = empty_range(key, end);
         let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
-        it.into_iter().flatten().filter_map(move |(k, h)| {
-            let pos = h.changes.partition_point(|c| c.main() <= at);
-            let c = h.changes.get(pos.checked_sub(1)?)?;
-            if c.tombstone() {
-                return None;
-            }
-            let later = &h.changes[pos..];
-            let meta = (h.created != 0 && !later.iter().any(|c| c.tombstone())).then(|| {
-                let version = h.version - later.len() as i64;
-                debug_assert!(version >= 1 && h.created <= c.main(), "index: live generation of {k:?} inconsistent at {at}");
-                KeyMeta { create_revision: h.created, version }
-            });
-            Some((&**k, c.rev(), meta))
-        })
+        it.into_iter().flatten().filter_map(move |(k, h)| h.shown_at(at).map(|(rev, meta)| (&**k, rev, meta)))
     }
 
     /// What every key shows at revision `at` (see [`Visible`]), keeping revisions up to `upto`.
     pub fn visible_revisions(&self, at: i64, upto: i64) -> Visible {
         let mut v = Visible::new(upto);
-        for c in self.keys.values().filter_map(|h| h.newest_at(at)) {
-            v.saw(&c);
+        for h in self.keys.values() {
+            v.see(h, at);
         }
         v
     }
@@ -419,17 +499,7 @@ impl Index {
                 next = Some(k.to_vec());
                 break;
             }
-            let pos = h.changes.partition_point(|c| c.main() <= at);
-            if pos == 0 {
-                continue;
-            }
-            let newest = h.changes[pos - 1];
-            if let Some(v) = visible.as_deref_mut() {
-                v.saw(&newest);
-            }
-            let cut = if newest.tombstone() && newest.main() != at { pos } else { pos - 1 };
-            dropped.extend(h.changes.drain(..cut));
-            if h.changes.is_empty() {
+            if h.compact(at, dropped, visible.as_deref_mut()) {
                 emptied.push(k.clone());
             }
         }
@@ -561,6 +631,30 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A history's stored form decodes to the same history; a cut or lengthened one does
+        /// not decode.
+        #[test]
+        fn a_history_decodes_from_its_stored_form(
+            fixed in (proptest::num::i64::ANY, proptest::num::i64::ANY, proptest::num::i64::ANY),
+            changes in proptest::collection::vec((1i64..1000, 0u32..4, proptest::bool::ANY, 0u32..5000), 1..6),
+            cut in 1usize..16,
+        ) {
+            let mut h = KeyHistory { changes: Changes::new(), created: fixed.0, version: fixed.1, lease: fixed.2 };
+            let mut main = 0;
+            for (step, sub, tomb, size) in changes {
+                main += step;
+                h.changes.push(Change::new(Revision::new(main, sub as i64), tomb, size));
+            }
+            let b = h.encode();
+            let back = KeyHistory::decode(&b).expect("decodes");
+            proptest::prop_assert_eq!(&back.changes[..], &h.changes[..]);
+            proptest::prop_assert_eq!((back.created, back.version, back.lease), (h.created, h.version, h.lease));
+            proptest::prop_assert!(KeyHistory::decode(&b[..b.len() - cut]).is_none());
+            let mut longer = b.clone();
+            longer.push(0);
+            proptest::prop_assert!(KeyHistory::decode(&longer).is_none());
+        }
+
         /// The bulk builder gives the index that restoring each record in revision order gives.
         #[test]
         fn the_builder_builds_what_restoring_builds(ops in proptest::collection::vec((0u8..6, proptest::bool::ANY, 0i64..3), 0..200)) {

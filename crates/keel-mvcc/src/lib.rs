@@ -5,6 +5,8 @@
 //! a tombstone that ends the key's generation; reads at any revision that is not compacted.
 //!
 //! - [`index`]: the in-memory ordered index, key -> revision history.
+//! - [`layered`]: the index as layers of changed histories over committed ones read on demand
+//!   (for an index kept in the backend; not used by the store yet).
 //! - [`backend`]: the redb tables, committed in batches together with the consistent index.
 //! - [`store`]: ties index and backend together: versioned reads, atomic write transactions,
 //!   compaction, restore on open.
@@ -21,6 +23,7 @@ pub mod backend;
 pub mod error;
 pub mod index;
 pub mod kv;
+pub mod layered;
 pub mod revision;
 pub mod shared;
 pub mod store;
