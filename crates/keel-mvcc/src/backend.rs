@@ -40,13 +40,7 @@ const META_KEY_INDEX: &str = "key_index_complete";
 /// Rows per transaction when building the key index of a file that has none.
 const INDEX_BUILD_BATCH: usize = 100_000;
 
-/// A backend failure: the disk or the redb file. Not recoverable by the caller.
-#[derive(Debug, thiserror::Error)]
-#[error("backend {path}: {msg}")]
-pub struct BackendError {
-    pub path: PathBuf,
-    pub msg: String,
-}
+pub use crate::error::BackendError;
 
 /// What the backend records besides keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,7 +1,15 @@
-//! What fails in the MVCC store ([`KvError`]): etcd's errors that depend on the store's state,
-//! and the backend's. Calls nothing but the backend's error type.
+//! What fails in the MVCC store: etcd's errors that depend on the store's state ([`KvError`]),
+//! and the backend's ([`BackendError`]). Calls nothing.
 
-use crate::backend::BackendError;
+use std::path::PathBuf;
+
+/// A backend failure: the disk or the redb file. Not recoverable by the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("backend {path}: {msg}")]
+pub struct BackendError {
+    pub path: PathBuf,
+    pub msg: String,
+}
 
 /// Failures that depend on the store's state. Messages are etcd's (without "etcdserver: ").
 #[derive(Debug, thiserror::Error)]

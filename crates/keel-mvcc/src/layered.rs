@@ -3,8 +3,9 @@
 //! holds in memory is bounded by the write batches rather than by the number of keys.
 //!
 //! Pure data structure: the base is anything that answers [`Base`] (the backend's table, or a
-//! map in tests). Owns the two layers above it, each a key → history map in which `None` marks a
-//! key gone (compacted away):
+//! map in tests); calls only the index's history type and the backend's error type. Owns the
+//! two layers above it, each a key → history map in which `None` marks a key gone (compacted
+//! away):
 //! - `pending`: the histories changed since the last batch was taken;
 //! - `committing`: those of the batch being written to the base (taken by
 //!   [`Layers::take_batch`], dropped by [`Layers::finish_batch`] once the base holds it, or put
@@ -17,7 +18,7 @@
 //!
 //! Answers as [`crate::index::Index`] does for the same changes (property test below).
 
-use crate::backend::BackendError;
+use crate::error::BackendError;
 use crate::index::{bounds, empty_range, Change, KeyHistory, KeyMeta, Visible};
 use crate::revision::Revision;
 use std::collections::BTreeMap;
