@@ -120,6 +120,16 @@ impl KeyHistory {
         Some(h)
     }
 
+    /// Appends a change read back from the backend (a record's index row), with the key's
+    /// generation as the row gives it: a tombstone ends it.
+    /// Returns whether the key was live before and is after.
+    pub fn restore(&mut self, rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64, size: u32) -> (bool, bool) {
+        let was_live = self.is_live();
+        self.changes.push(Change::new(rev, tombstone, size));
+        (self.created, self.version, self.lease) = if tombstone { (0, 0, 0) } else { (created, version, lease) };
+        (was_live, self.is_live())
+    }
+
     /// Records a put at `rev`; true when it starts a new generation (the key was not live).
     pub fn put(&mut self, rev: Revision, lease: i64, size: u32) -> bool {
         debug_assert!(self.changes.last().map(|c| c.rev() < rev).unwrap_or(true), "revisions must increase");
@@ -337,6 +347,15 @@ pub(crate) fn empty_range(key: &[u8], end: &[u8]) -> bool {
     !end.is_empty() && end != [0u8] && end <= key
 }
 
+/// Keeps a count of live keys as one key goes from live (`was`) or not to live (`now`) or not.
+pub(crate) fn count_live(live: &mut usize, was: bool, now: bool) {
+    match (was, now) {
+        (false, true) => *live += 1,
+        (true, false) => *live -= 1,
+        _ => {}
+    }
+}
+
 /// The key's history, created empty if new (the key is copied only then).
 fn history_mut<'a>(keys: &'a mut BTreeMap<Box<[u8]>, KeyHistory>, key: &[u8]) -> &'a mut KeyHistory {
     if !keys.contains_key(key) {
@@ -387,12 +406,7 @@ impl Index {
         }
         let was_live = h.is_live();
         h.changes.pop();
-        let live = h.is_live();
-        match (was_live, live) {
-            (true, false) => self.live -= 1,
-            (false, true) => self.live += 1,
-            _ => {}
-        }
+        count_live(&mut self.live, was_live, h.is_live());
         h.created = before.created;
         h.version = before.version;
         h.lease = before.lease;
@@ -404,23 +418,8 @@ impl Index {
     /// Restores one change read back from the backend, in revision order.
     #[allow(clippy::too_many_arguments)]
     pub fn restore(&mut self, key: &[u8], rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64, size: u32) {
-        let h = history_mut(&mut self.keys, key);
-        let was_live = h.is_live();
-        h.changes.push(Change::new(rev, tombstone, size));
-        match (was_live, tombstone) {
-            (false, false) => self.live += 1,
-            (true, true) => self.live -= 1,
-            _ => {}
-        }
-        if tombstone {
-            h.created = 0;
-            h.version = 0;
-            h.lease = 0;
-        } else {
-            h.created = created;
-            h.version = version;
-            h.lease = lease;
-        }
+        let (was, now) = history_mut(&mut self.keys, key).restore(rev, tombstone, created, version, lease, size);
+        count_live(&mut self.live, was, now);
     }
 
     /// Like [`Index::range_at`], with what a keys-only answer needs of each key besides its
