@@ -33,6 +33,11 @@ const META_CONSISTENT_INDEX: &str = "consistent_index";
 const META_TERM: &str = "term";
 const META_CURRENT_REV: &str = "current_revision";
 const META_COMPACTED_REV: &str = "finished_compact_revision";
+/// What table `key_by_key` holds (see [`ByKeyMeta`]).
+const META_BY_KEY_UPTO: &str = "key_by_key_upto";
+const META_BY_KEY_LIVE: &str = "key_by_key_live";
+const META_BY_KEY_TOTAL: &str = "key_by_key_total";
+const META_BY_KEY_BYTES: &str = "key_by_key_bytes";
 /// Present (1) when `key_index` holds a row for every `key` record: set when the file is created
 /// and when an index is built for a file that had none (written by an older Keel).
 const META_KEY_INDEX: &str = "key_index_complete";
@@ -50,6 +55,16 @@ pub struct Meta {
     pub term: u64,
     pub current_rev: i64,
     pub compacted_rev: i64,
+}
+
+/// What table `key_by_key` holds: every change up to revision `upto` (the last merge's), and
+/// its rows counted: keys, live keys, and bytes of the records their changes stand for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByKeyMeta {
+    pub upto: i64,
+    pub live: u64,
+    pub total: u64,
+    pub bytes: u64,
 }
 
 /// A handle to the backend file; clones share it (a snapshot sender reads while the store
@@ -151,21 +166,24 @@ impl Backend {
     /// The meta record as one read transaction sees it.
     fn meta_of(&self, tx: &redb::ReadTransaction) -> Result<Meta, BackendError> {
         let t = tx.open_table(META).map_err(|e| self.err(e))?;
-        let get = |k: &str| -> Result<u64, BackendError> {
-            match t.get(k).map_err(|e| self.err(e))? {
-                Some(v) => {
-                    let b: [u8; 8] = v.value().try_into().map_err(|_| self.err(format!("meta {k} is not 8 bytes")))?;
-                    Ok(u64::from_be_bytes(b))
-                }
-                None => Ok(0),
-            }
-        };
+        let get = |k: &str| self.meta_u64(&t, k);
         Ok(Meta {
             consistent_index: get(META_CONSISTENT_INDEX)?,
             term: get(META_TERM)?,
             current_rev: get(META_CURRENT_REV)? as i64,
             compacted_rev: get(META_COMPACTED_REV)? as i64,
         })
+    }
+
+    /// A number of the meta table (0 when absent).
+    fn meta_u64(&self, t: &impl ReadableTable<&'static str, &'static [u8]>, k: &str) -> Result<u64, BackendError> {
+        match t.get(k).map_err(|e| self.err(e))? {
+            Some(v) => {
+                let b: [u8; 8] = v.value().try_into().map_err(|_| self.err(format!("meta {k} is not 8 bytes")))?;
+                Ok(u64::from_be_bytes(b))
+            }
+            None => Ok(0),
+        }
     }
 
     /// Writes the meta record within a write transaction.
@@ -412,23 +430,66 @@ impl Backend {
         Ok(Histories { table, path: self.path.clone() })
     }
 
-    /// Durably writes a batch of histories (`None`: the key's history removed) into table
-    /// `key_by_key`. For tests of the layered index until the store writes them with its
-    /// batches.
-    pub fn commit_histories(&self, batch: &crate::layered::Layer) -> Result<(), BackendError> {
+    /// What table `key_by_key` holds, as its meta records say.
+    pub fn by_key_meta(&self) -> Result<ByKeyMeta, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(META).map_err(|e| self.err(e))?;
+        Ok(ByKeyMeta {
+            upto: self.meta_u64(&t, META_BY_KEY_UPTO)? as i64,
+            live: self.meta_u64(&t, META_BY_KEY_LIVE)?,
+            total: self.meta_u64(&t, META_BY_KEY_TOTAL)?,
+            bytes: self.meta_u64(&t, META_BY_KEY_BYTES)?,
+        })
+    }
+
+    /// Durably writes one part of a merge of a layer into table `key_by_key`: each key's history
+    /// (`None`: removed), with the table's counts changed by as much as the part changes them
+    /// (each key's row before, read in the same transaction, against after), so that the counts
+    /// always describe the rows, whatever part a crash stops at. `upto`, given with the merge's
+    /// last part, records that the table holds every change up to that revision. Returns the
+    /// table's meta after the part.
+    pub fn merge_histories<'a>(
+        &self,
+        part: impl IntoIterator<Item = (&'a [u8], &'a Option<crate::index::KeyHistory>)>,
+        upto: Option<i64>,
+    ) -> Result<ByKeyMeta, BackendError> {
+        let mut meta = self.by_key_meta()?;
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.set_quick_repair(true);
         {
             let mut t = tx.open_table(KEY_BY_KEY).map_err(|e| self.err(e))?;
-            for (k, h) in batch {
-                match h {
-                    Some(h) => t.insert(&k[..], h.encode().as_slice()).map(drop),
-                    None => t.remove(&k[..]).map(drop),
+            let view = Histories { table: None, path: self.path.clone() };
+            for (k, h) in part {
+                let old = match h {
+                    Some(h) => t.insert(k, h.encode().as_slice()),
+                    None => t.remove(k),
                 }
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.err(e))?
+                .map(|v| view.decode(k, v.value()))
+                .transpose()?;
+                for (h, sign) in [(old.as_ref(), -1i64), (h.as_ref(), 1)] {
+                    if let Some(h) = h {
+                        meta.total = meta.total.wrapping_add_signed(sign);
+                        meta.live = meta.live.wrapping_add_signed(if h.is_live() { sign } else { 0 });
+                        meta.bytes = meta.bytes.wrapping_add_signed(sign * h.record_bytes() as i64);
+                    }
+                }
+            }
+            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+            if let Some(upto) = upto {
+                meta.upto = upto;
+            }
+            for (k, v) in [
+                (META_BY_KEY_UPTO, meta.upto as u64),
+                (META_BY_KEY_LIVE, meta.live),
+                (META_BY_KEY_TOTAL, meta.total),
+                (META_BY_KEY_BYTES, meta.bytes),
+            ] {
+                m.insert(k, v.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
             }
         }
-        tx.commit().map_err(|e| self.err(e))
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(meta)
     }
 
     /// Calls `f` for every stored (revision key, value) in revision order.
@@ -777,6 +838,33 @@ mod tests {
             tx.commit().unwrap();
         }
         std::process::abort();
+    }
+
+    /// A merge written in parts: the revision it reached is recorded with its last part only,
+    /// the counts with every part; a part that removes keys takes them out of the counts.
+    #[test]
+    fn a_merge_records_its_revision_with_its_last_part() {
+        use crate::index::KeyHistory;
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(&dir.path().join("db")).unwrap();
+        assert_eq!(b.by_key_meta().unwrap(), ByKeyMeta::default());
+        let live = |main: i64| {
+            let mut h = KeyHistory::default();
+            h.put(Revision::new(main, 0), 0, 100);
+            Some(h)
+        };
+        let mut deleted = live(3);
+        if let Some(h) = deleted.as_mut() {
+            h.tombstone(Revision::new(4, 0), 10);
+        }
+        let m = b.merge_histories([(b"a".as_slice(), &live(2)), (b"b".as_slice(), &deleted)], None).unwrap();
+        assert_eq!(m, ByKeyMeta { upto: 0, live: 1, total: 2, bytes: 210 });
+        let m = b.merge_histories([(b"c".as_slice(), &live(5))], Some(5)).unwrap();
+        assert_eq!(m, ByKeyMeta { upto: 5, live: 2, total: 3, bytes: 310 });
+        // The next merge: b compacted away, a written again; not finished.
+        let m = b.merge_histories([(b"b".as_slice(), &None), (b"a".as_slice(), &live(6))], None).unwrap();
+        assert_eq!(m, ByKeyMeta { upto: 5, live: 2, total: 2, bytes: 200 });
+        assert_eq!(b.by_key_meta().unwrap(), m, "the meta records read back");
     }
 
     /// A history row that does not decode is reported with its table and key, by a lookup and

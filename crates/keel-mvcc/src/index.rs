@@ -77,6 +77,11 @@ impl KeyHistory {
         self.newest_at(at).filter(|c| !c.tombstone()).map(|c| c.rev())
     }
 
+    /// Bytes of the backend records the history's changes stand for.
+    pub fn record_bytes(&self) -> u64 {
+        self.changes.iter().map(|c| c.size() as u64).sum()
+    }
+
     pub fn is_live(&self) -> bool {
         self.changes.last().map(|c| !c.tombstone()).unwrap_or(false)
     }

@@ -438,7 +438,13 @@ mod tests {
 
     impl TestBase for RedbBase {
         fn write(&mut self, batch: &Layer) {
-            self.backend.commit_histories(batch).unwrap();
+            let meta = self.backend.merge_histories(batch.iter().map(|(k, h)| (&k[..], h)), None).unwrap();
+            self.view = self.backend.histories().unwrap();
+            // The table's counts follow its rows.
+            let rows: Vec<KeyHistory> = self.view.range(Bound::Unbounded, Bound::Unbounded).unwrap().map(|e| e.unwrap().1).collect();
+            assert_eq!(meta.total, rows.len() as u64);
+            assert_eq!(meta.live, rows.iter().filter(|h| h.is_live()).count() as u64);
+            assert_eq!(meta.bytes, rows.iter().map(KeyHistory::record_bytes).sum::<u64>());
             self.view = self.backend.histories().unwrap();
         }
     }
