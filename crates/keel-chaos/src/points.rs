@@ -13,7 +13,7 @@
 //! With `power`, each crash is followed by a power cut of the crashed members. Uses
 //! [`crate::cluster`] only.
 
-use crate::cluster::{channel, Cluster};
+use crate::cluster::{channel, client_url, Cluster};
 use crate::proxy::Net;
 use anyhow::{bail, Context, Result};
 use keel_proto::etcdserverpb::kv_client::KvClient;
@@ -22,8 +22,8 @@ use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_proto::etcdserverpb::{
-    HashKvRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest, WatchCreateRequest,
-    WatchRequest,
+    HashKvRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest, StatusRequest,
+    WatchCreateRequest, WatchRequest,
 };
 use keel_proto::mvccpb::event::EventType;
 use std::path::Path;
@@ -199,14 +199,46 @@ async fn deletes_at(ch: tonic::transport::Channel, rev: i64) -> Result<usize> {
     }
 }
 
+/// The first entry of member `i`'s in-memory raft log (its `keel_raft_log_first_index`
+/// gauge, read from /metrics on its client URL).
+async fn log_first_index(i: usize, base: u16) -> Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = client_url(i, base).trim_start_matches("http://").to_string();
+    let mut conn =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await.context("connecting for /metrics")??;
+    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut body)).await.context("reading /metrics")??;
+    let line = body.lines().find(|l| l.starts_with("keel_raft_log_first_index ")).context("no keel_raft_log_first_index in /metrics")?;
+    let v: f64 = line.split_whitespace().nth(1).context("an empty gauge line")?.parse()?;
+    Ok(v as u64)
+}
+
 async fn restore(c: &mut Cluster) -> Result<String> {
     let base = c.base;
     let l = leader(c).await?;
     let f = c.ids().into_iter().find(|&i| i != l).context("a follower")?;
     c.kill(f);
+    // What the stopped follower can hold: no entry past the leader's index now.
+    let held = MaintenanceClient::new(channel(l, base)?).status(StatusRequest {}).await?.into_inner().raft_index;
     let mut kv = KvClient::new(channel(l, base)?);
     for k in 0..BEHIND_WRITES {
         kv.put(PutRequest { key: format!("/points/restore/{k:04}").into(), value: format!("v{k}").into(), ..Default::default() }).await?;
+    }
+    // The leader keeps the entries a follower lacks until it has not heard from it for an
+    // election timeout, and trims its log every 100 applied entries: writes (of other keys) go
+    // on until its log no longer holds the entry the follower needs next, so that only a
+    // snapshot can catch it up (the writes above can all fit in that timeout on a fast machine).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut filler = 0;
+    while log_first_index(l, base).await? <= held + 1 {
+        if Instant::now() > deadline {
+            bail!("the leader m{l} kept its log for the stopped m{f} (it still holds entry {}, the next it needs)", held + 1);
+        }
+        for _ in 0..20 {
+            kv.put(PutRequest { key: format!("/points/filler/{filler:05}").into(), value: b"f".to_vec(), ..Default::default() }).await?;
+            filler += 1;
+        }
     }
     c.restart(f, Some("apply::restore=return"))?;
     if !exits(c, f, Duration::from_secs(30)).await {
