@@ -433,12 +433,16 @@ impl Backend {
     /// What table `key_by_key` holds, as its meta records say.
     pub fn by_key_meta(&self) -> Result<ByKeyMeta, BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(META).map_err(|e| self.err(e))?;
+        self.by_key_meta_of(&tx.open_table(META).map_err(|e| self.err(e))?)
+    }
+
+    /// [`Backend::by_key_meta`] as the meta table `t` holds it.
+    fn by_key_meta_of(&self, t: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<ByKeyMeta, BackendError> {
         Ok(ByKeyMeta {
-            upto: self.meta_u64(&t, META_BY_KEY_UPTO)? as i64,
-            live: self.meta_u64(&t, META_BY_KEY_LIVE)?,
-            total: self.meta_u64(&t, META_BY_KEY_TOTAL)?,
-            bytes: self.meta_u64(&t, META_BY_KEY_BYTES)?,
+            upto: self.meta_u64(t, META_BY_KEY_UPTO)? as i64,
+            live: self.meta_u64(t, META_BY_KEY_LIVE)?,
+            total: self.meta_u64(t, META_BY_KEY_TOTAL)?,
+            bytes: self.meta_u64(t, META_BY_KEY_BYTES)?,
         })
     }
 
@@ -453,19 +457,21 @@ impl Backend {
         part: impl IntoIterator<Item = (&'a [u8], &'a Option<crate::index::KeyHistory>)>,
         upto: Option<i64>,
     ) -> Result<ByKeyMeta, BackendError> {
-        let mut meta = self.by_key_meta()?;
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.set_quick_repair(true);
+        let mut meta;
         {
+            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+            // The counts as this transaction sees them, so that each part adds to the last.
+            meta = self.by_key_meta_of(&m)?;
             let mut t = tx.open_table(KEY_BY_KEY).map_err(|e| self.err(e))?;
-            let view = Histories { table: None, path: self.path.clone() };
             for (k, h) in part {
                 let old = match h {
                     Some(h) => t.insert(k, h.encode().as_slice()),
                     None => t.remove(k),
                 }
                 .map_err(|e| self.err(e))?
-                .map(|v| view.decode(k, v.value()))
+                .map(|v| history_of(&self.path, k, v.value()))
                 .transpose()?;
                 for (h, sign) in [(old.as_ref(), -1i64), (h.as_ref(), 1)] {
                     if let Some(h) = h {
@@ -475,7 +481,6 @@ impl Backend {
                     }
                 }
             }
-            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
             if let Some(upto) = upto {
                 meta.upto = upto;
             }
@@ -774,18 +779,22 @@ impl Histories {
     fn err(&self, e: impl std::fmt::Display) -> BackendError {
         BackendError { path: self.path.clone(), msg: e.to_string() }
     }
+}
 
-    fn decode(&self, key: &[u8], v: &[u8]) -> Result<crate::index::KeyHistory, BackendError> {
-        crate::index::KeyHistory::decode(v)
-            .ok_or_else(|| self.err(format!("undecodable history of key \"{}\" in table key_by_key", key.escape_ascii())))
-    }
+/// The history a `key_by_key` row of `key` holds, in the backend at `path`; an error naming
+/// the key and the table when it does not decode.
+fn history_of(path: &Path, key: &[u8], v: &[u8]) -> Result<crate::index::KeyHistory, BackendError> {
+    crate::index::KeyHistory::decode(v).ok_or_else(|| BackendError {
+        path: path.to_path_buf(),
+        msg: format!("undecodable history of key \"{}\" in table key_by_key", key.escape_ascii()),
+    })
 }
 
 impl crate::layered::Base for Histories {
     fn get(&self, key: &[u8]) -> Result<Option<crate::index::KeyHistory>, BackendError> {
         let Some(t) = &self.table else { return Ok(None) };
         match t.get(key).map_err(|e| self.err(e))? {
-            Some(v) => self.decode(key, v.value()).map(Some),
+            Some(v) => history_of(&self.path, key, v.value()).map(Some),
             None => Ok(None),
         }
     }
@@ -796,7 +805,7 @@ impl crate::layered::Base for Histories {
         Ok(Box::new(it.map(move |item| {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let key = k.value().to_vec();
-            let h = self.decode(&key, v.value())?;
+            let h = history_of(&self.path, &key, v.value())?;
             Ok((key, h))
         })))
     }

@@ -119,11 +119,7 @@ impl Layers {
     pub fn undo(&mut self, key: &[u8], before: Before) {
         match before.slot {
             Some(slot) => self.set_pending(key, slot),
-            None => {
-                if let Some(old) = self.pending.remove(key) {
-                    self.pending_bytes -= entry_bytes(key, &old);
-                }
-            }
+            None => self.remove_pending(key),
         }
         (self.live, self.total) = (before.live, before.total);
     }
@@ -160,6 +156,13 @@ impl Layers {
     fn set_pending(&mut self, key: &[u8], h: Option<KeyHistory>) {
         self.pending_bytes += entry_bytes(key, &h);
         if let Some(old) = self.pending.insert(key.into(), h) {
+            self.pending_bytes -= entry_bytes(key, &old);
+        }
+    }
+
+    /// Takes `key`'s slot out of `pending`, keeping its byte count.
+    fn remove_pending(&mut self, key: &[u8]) {
+        if let Some(old) = self.pending.remove(key) {
             self.pending_bytes -= entry_bytes(key, &old);
         }
     }
