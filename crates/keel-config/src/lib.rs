@@ -294,6 +294,13 @@ pub struct Config {
     /// off and retry). At least one `--max-request-bytes` request always fits.
     #[arg(long, default_value_t = 256 << 20)]
     pub max_pending_proposal_bytes: u64,
+    /// Keel: where the key index lives. 0 (the default): all of it in memory, rebuilt from the
+    /// backend at every start, as etcd keeps it (about 100-150 bytes per key). Above 0: kept in
+    /// the backend, with at most about this many bytes of changed key histories in memory (twice
+    /// that while they are merged into the backend), so that memory does not grow with the
+    /// number of keys and a start reads only the changes since the last merge.
+    #[arg(long, default_value_t = 0)]
+    pub key_index_memory_bytes: u64,
 }
 
 /// etcd flags Keel accepts and ignores (they tune etcd internals or select features Keel does

@@ -5,6 +5,7 @@
 //! transaction together with the consistent index, so that a crash leaves the backend at a batch
 //! boundary and replaying the WAL from the stored consistent index applies each entry exactly once.
 
+use crate::layered::IndexLog;
 use crate::revision::Revision;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -84,9 +85,16 @@ pub static COMMIT_OBSERVER: std::sync::OnceLock<fn(std::time::Duration)> = std::
 /// page cache; redb's default (1 GiB) made resident memory grow with the database.
 const CACHE_BYTES: usize = 64 << 20;
 
+/// A table of byte keys and values.
+type BytesTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
 /// Table numbers in a backend dump.
 pub const TABLE_KEYS: u32 = 0;
 pub const TABLE_AUX: u32 = 1;
+/// Rows of table `key_index`, as they are (a defragmentation's copy of an index kept in the backend).
+pub const TABLE_INDEX_ROWS: u32 = 2;
+/// Rows of table `key_by_key`, as they are.
+pub const TABLE_BY_KEY: u32 = 3;
 
 /// Records, and bytes, per transaction when copying a backend.
 const COPY_BATCH: usize = 10_000;
@@ -202,6 +210,12 @@ impl Backend {
 
     /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
     pub fn commit(&self, changes: &Changes, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
+        self.commit_with(changes, aux, meta, &IndexLog::default())
+    }
+
+    /// [`Backend::commit`] with what an index kept in the backend writes in the same transaction
+    /// (see [`IndexLog`]): its merge parts, after the records.
+    pub fn commit_with(&self, changes: &Changes, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta, log: &IndexLog) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         // Quick repair: the commit records redb's allocator state (two-phase commit), so that
         // opening the file after a crash loads it instead of walking and checksumming every page
@@ -228,10 +242,23 @@ impl Backend {
                     None => {
                         keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
                         // The row is keyed by the record's revision: no need to read the record.
-                        index.remove(&self.revision(k)?.0.key_bytes()[..]).map_err(|e| self.err(e))?;
+                        if !log.keep_rows {
+                            index.remove(&self.revision(k)?.0.key_bytes()[..]).map_err(|e| self.err(e))?;
+                        }
                     }
                 }
             }
+        }
+        if !log.rows.is_empty() {
+            let mut index = tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
+            for (k, v) in &log.rows {
+                if let Some(v) = v {
+                    self.put_index_row(&mut index, k, v)?;
+                }
+            }
+        }
+        for part in &log.parts {
+            self.write_histories(&tx, part.entries(), part.upto())?;
         }
         self.put_meta(&tx, meta)?;
         #[cfg(feature = "failpoints")]
@@ -459,42 +486,95 @@ impl Backend {
     ) -> Result<ByKeyMeta, BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.set_quick_repair(true);
-        let mut meta;
-        {
-            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-            // The counts as this transaction sees them, so that each part adds to the last.
-            meta = self.by_key_meta_of(&m)?;
-            let mut t = tx.open_table(KEY_BY_KEY).map_err(|e| self.err(e))?;
-            for (k, h) in part {
-                let old = match h {
-                    Some(h) => t.insert(k, h.encode().as_slice()),
-                    None => t.remove(k),
-                }
-                .map_err(|e| self.err(e))?
-                .map(|v| history_of(&self.path, k, v.value()))
-                .transpose()?;
-                for (h, sign) in [(old.as_ref(), -1i64), (h.as_ref(), 1)] {
-                    if let Some(h) = h {
-                        meta.total = meta.total.wrapping_add_signed(sign);
-                        meta.live = meta.live.wrapping_add_signed(if h.is_live() { sign } else { 0 });
-                        meta.bytes = meta.bytes.wrapping_add_signed(sign * h.record_bytes() as i64);
-                    }
-                }
-            }
-            if let Some(upto) = upto {
-                meta.upto = upto;
-            }
-            for (k, v) in [
-                (META_BY_KEY_UPTO, meta.upto as u64),
-                (META_BY_KEY_LIVE, meta.live),
-                (META_BY_KEY_TOTAL, meta.total),
-                (META_BY_KEY_BYTES, meta.bytes),
-            ] {
-                m.insert(k, v.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
-            }
-        }
+        let meta = self.write_histories(&tx, part, upto)?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(meta)
+    }
+
+    /// Writes one part of a merge in `tx` (see [`Backend::merge_histories`]); with `upto`, also
+    /// drops the index's log rows up to it (the table now holds their changes).
+    fn write_histories<'a>(
+        &self,
+        tx: &redb::WriteTransaction,
+        part: impl IntoIterator<Item = (&'a [u8], &'a Option<crate::index::KeyHistory>)>,
+        upto: Option<i64>,
+    ) -> Result<ByKeyMeta, BackendError> {
+        let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+        // The counts as this transaction sees them, so that each part adds to the last.
+        let mut meta = self.by_key_meta_of(&m)?;
+        let mut t = tx.open_table(KEY_BY_KEY).map_err(|e| self.err(e))?;
+        for (k, h) in part {
+            let old = match h {
+                Some(h) => t.insert(k, h.encode().as_slice()),
+                None => t.remove(k),
+            }
+            .map_err(|e| self.err(e))?
+            .map(|v| history_of(&self.path, k, v.value()))
+            .transpose()?;
+            for (h, sign) in [(old.as_ref(), -1i64), (h.as_ref(), 1)] {
+                if let Some(h) = h {
+                    meta.total = meta.total.wrapping_add_signed(sign);
+                    meta.live = meta.live.wrapping_add_signed(if h.is_live() { sign } else { 0 });
+                    meta.bytes = meta.bytes.wrapping_add_signed(sign * h.record_bytes() as i64);
+                }
+            }
+        }
+        if let Some(upto) = upto {
+            meta.upto = upto;
+            let end = Revision::new(upto, i64::MAX).key_bytes();
+            let mut index = tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
+            index.retain_in::<&[u8], _>(..=&end[..], |_, _| false).map_err(|e| self.err(e))?;
+        }
+        self.put_by_key_meta(&mut m, &meta)?;
+        Ok(meta)
+    }
+
+    /// Records what table `key_by_key` holds (a copy's, written before its rows).
+    fn put_by_key(&self, meta: &ByKeyMeta) -> Result<(), BackendError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        self.put_by_key_meta(&mut tx.open_table(META).map_err(|e| self.err(e))?, meta)?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn put_by_key_meta(&self, m: &mut redb::Table<&str, &[u8]>, meta: &ByKeyMeta) -> Result<(), BackendError> {
+        for (k, v) in [
+            (META_BY_KEY_UPTO, meta.upto as u64),
+            (META_BY_KEY_LIVE, meta.live),
+            (META_BY_KEY_TOTAL, meta.total),
+            (META_BY_KEY_BYTES, meta.bytes),
+        ] {
+            m.insert(k, v.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// The index's log: `f(key, row)` for every row above revision `upto` (the changes table
+    /// `key_by_key` does not hold), in revision order. A row that does not decode is an error
+    /// naming it.
+    pub fn read_log(&self, upto: i64, mut f: impl FnMut(&[u8], IndexRow) -> Result<(), BackendError>) -> Result<(), BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let index = match tx.open_table(KEY_INDEX) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let start = Revision::new(upto, i64::MAX).key_bytes();
+        for item in index.range::<&[u8]>((std::ops::Bound::Excluded(&start[..]), std::ops::Bound::Unbounded)).map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (k, v) = (k.value(), v.value());
+            let (key, row) =
+                IndexRow::decode(k, v).ok_or_else(|| self.err(format!("index row {k:?} in table key_index does not decode")))?;
+            f(key, row)?;
+        }
+        Ok(())
+    }
+
+    /// True when table `key_index` holds a row for every record (the file's meta says so).
+    pub fn log_complete(&self) -> Result<bool, BackendError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let m = tx.open_table(META).map_err(|e| self.err(e))?;
+        let v = m.get(META_KEY_INDEX).map_err(|e| self.err(e))?;
+        Ok(v.is_some_and(|v| v.value() == 1u64.to_be_bytes()))
     }
 
     /// Calls `f` for every stored (revision key, value) in revision order.
@@ -510,11 +590,27 @@ impl Backend {
 
     /// Calls `f(table, key, value)` for every key and auxiliary record of one consistent read
     /// (the committed state), then returns that state's meta record.
-    pub fn dump(&self, mut f: impl FnMut(u32, &[u8], &[u8]) -> bool) -> Result<Meta, BackendError> {
+    pub fn dump(&self, f: impl FnMut(u32, &[u8], &[u8]) -> bool) -> Result<Meta, BackendError> {
+        Ok(self.dump_tables(false, f)?.0)
+    }
+
+    /// [`Backend::dump`], with the index's tables too when `with_index` (table `key_index` as
+    /// [`TABLE_INDEX_ROWS`], `key_by_key` as [`TABLE_BY_KEY`]) and what `key_by_key` holds.
+    fn dump_tables(&self, with_index: bool, mut f: impl FnMut(u32, &[u8], &[u8]) -> bool) -> Result<(Meta, ByKeyMeta), BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let meta = self.meta_of(&tx)?;
-        for (num, def) in [(TABLE_KEYS, KEYS)] {
-            let t = tx.open_table(def).map_err(|e| self.err(e))?;
+        let by_key = self.by_key_meta_of(&tx.open_table(META).map_err(|e| self.err(e))?)?;
+        let tables: &[(u32, BytesTable)] = if with_index {
+            &[(TABLE_KEYS, KEYS), (TABLE_INDEX_ROWS, KEY_INDEX), (TABLE_BY_KEY, KEY_BY_KEY)]
+        } else {
+            &[(TABLE_KEYS, KEYS)]
+        };
+        for &(num, def) in tables {
+            let t = match tx.open_table(def) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) if num != TABLE_KEYS => continue,
+                Err(e) => return Err(self.err(e)),
+            };
             for item in t.iter().map_err(|e| self.err(e))? {
                 let (k, v) = item.map_err(|e| self.err(e))?;
                 if !f(num, k.value(), v.value()) {
@@ -529,7 +625,7 @@ impl Backend {
                 return Err(self.err("dump aborted"));
             }
         }
-        Ok(meta)
+        Ok((meta, by_key))
     }
 
     /// Adds dumped records to this (new) backend, durably.
@@ -553,11 +649,18 @@ impl Backend {
             let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
             let mut index = tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
             let mut aux = tx.open_table(AUX).map_err(|e| self.err(e))?;
+            let mut by_key = tx.open_table(KEY_BY_KEY).map_err(|e| self.err(e))?;
             for (table, k, v) in records {
                 match *table {
                     TABLE_KEYS => {
                         keys.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
                         self.put_index_row(&mut index, k, v)?;
+                    }
+                    TABLE_INDEX_ROWS => {
+                        index.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
+                    }
+                    TABLE_BY_KEY => {
+                        by_key.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
                     }
                     TABLE_AUX => {
                         let name = std::str::from_utf8(k).map_err(|_| self.err("aux record name is not UTF-8"))?;
@@ -577,13 +680,17 @@ impl Backend {
     /// Writes a compact copy of the committed state to a new backend file at `dest` (replaced if
     /// present) and returns the copy's meta record. Reads one consistent state; the store may
     /// keep committing meanwhile.
-    pub fn copy_to(&self, dest: &Path) -> Result<(Backend, Meta), BackendError> {
+    ///
+    /// With `with_index` the index's tables are copied as they are (an index kept in the backend:
+    /// its histories and its log, which holds rows of records already deleted); else the copy's
+    /// log is built from its records.
+    pub fn copy_to(&self, dest: &Path, with_index: bool) -> Result<(Backend, Meta), BackendError> {
         let _ = std::fs::remove_file(dest);
         let out = Backend::open(dest)?;
         let mut batch: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::with_capacity(COPY_BATCH);
         let mut bytes = 0usize;
         let mut failed = None;
-        let meta = self.dump(|t, k, v| {
+        let dumped = self.dump_tables(with_index, |t, k, v| {
             batch.push((t, k.to_vec(), v.to_vec()));
             bytes += k.len() + v.len();
             if batch.len() >= COPY_BATCH || bytes >= COPY_BATCH_BYTES {
@@ -601,7 +708,10 @@ impl Backend {
         if let Some(e) = failed {
             return Err(e);
         }
-        let meta = meta?;
+        let (meta, by_key) = dumped?;
+        if with_index {
+            out.put_by_key(&by_key)?;
+        }
         out.load(&batch, Some(&meta))?;
         // redb preallocates 1 MiB and grows by regions: the copy is shrunk to the pages it uses,
         // as a defragmented bbolt file is (a small store's file is 20 kB, not 1 MB).
@@ -944,7 +1054,7 @@ mod tests {
         let records: Vec<(u32, Vec<u8>, Vec<u8>)> =
             (1..=100i64).map(|i| (TABLE_KEYS, Revision::new(i, 0).to_key(false), record(&i.to_be_bytes(), i, 100))).collect();
         src.load(&records, Some(&Meta { consistent_index: 7, term: 2, current_rev: 101, compacted_rev: 0 })).unwrap();
-        let (copy, meta) = src.copy_to(&d.path().join("copy")).unwrap();
+        let (copy, meta) = src.copy_to(&d.path().join("copy"), false).unwrap();
         assert_eq!((meta.consistent_index, meta.current_rev), (7, 101));
         assert_eq!(copy.hash().unwrap().0, src.hash().unwrap().0, "the same records");
         let size = std::fs::metadata(d.path().join("copy")).unwrap().len();

@@ -23,7 +23,7 @@ pub enum KvError {
     #[error("key not found")]
     KeyNotFound,
     #[error("{0}")]
-    Backend(BackendError),
+    Backend(#[from] BackendError),
     #[error("mvcc: corrupt store: {0}")]
     Corrupt(String),
 }

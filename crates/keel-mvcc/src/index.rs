@@ -370,6 +370,12 @@ fn history_mut<'a>(keys: &'a mut BTreeMap<Box<[u8]>, KeyHistory>, key: &[u8]) ->
 }
 
 impl Index {
+    /// The index of these histories, given in key order.
+    pub fn from_sorted(histories: Vec<(Vec<u8>, KeyHistory)>) -> Index {
+        let live = histories.iter().filter(|(_, h)| h.is_live()).count();
+        Index { keys: histories.into_iter().map(|(k, h)| (k.into_boxed_slice(), h)).collect(), live }
+    }
+
     pub fn get(&self, key: &[u8]) -> Option<&KeyHistory> {
         self.keys.get(key)
     }

@@ -145,7 +145,7 @@ pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, count: i64, cur: 
 }
 
 fn check_put(view: &dyn View, req: &PutRequest, leases: &dyn Leases) -> Result<(), KvError> {
-    if (req.ignore_value || req.ignore_lease) && view.store().live(&req.key).is_none() {
+    if (req.ignore_value || req.ignore_lease) && view.store().live(&req.key)?.is_none() {
         return Err(KvError::KeyNotFound);
     }
     if !req.ignore_lease && req.lease != 0 && !leases.exists(req.lease) {

@@ -55,6 +55,59 @@ pub struct Before {
     total: usize,
 }
 
+/// One part of a merge of a frozen layer into the backend's table of histories: the layer's
+/// keys in `[from, to)` (None: unbounded). The last part carries `upto`, the revision up to which
+/// the layer holds every change: once it is written the table holds them all, and the index's
+/// log rows up to it are dropped.
+#[derive(Debug, Clone)]
+pub struct MergePart {
+    layer: Arc<Layer>,
+    from: Option<Box<[u8]>>,
+    to: Option<Box<[u8]>>,
+    upto: Option<i64>,
+}
+
+impl MergePart {
+    /// The part of `layer` from `from` on, of at most `keys` keys; the last one (nothing after it)
+    /// carries `upto`.
+    pub fn of(layer: Arc<Layer>, from: Option<Box<[u8]>>, keys: usize, upto: i64) -> MergePart {
+        let lo = from.as_deref().map_or(Bound::Unbounded, Bound::Included);
+        let to = layer.range::<[u8], _>((lo, Bound::Unbounded)).nth(keys.max(1)).map(|(k, _)| k.clone());
+        let upto = to.is_none().then_some(upto);
+        MergePart { layer, from, to, upto }
+    }
+
+    /// The histories the part writes (`None`: the key is gone), in key order.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &Option<KeyHistory>)> {
+        let lo = self.from.as_deref().map_or(Bound::Unbounded, Bound::Included);
+        let hi = self.to.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        self.layer.range::<[u8], _>((lo, hi)).map(|(k, h)| (&**k, h))
+    }
+
+    /// Where the next part begins; None after the last.
+    pub fn next(&self) -> Option<&[u8]> {
+        self.to.as_deref()
+    }
+
+    /// Set on the last part: the revision the table holds every change up to once it is written.
+    pub fn upto(&self) -> Option<i64> {
+        self.upto
+    }
+}
+
+/// What a backend batch writes for an index kept in the backend, besides the records' log rows.
+#[derive(Debug, Clone, Default)]
+pub struct IndexLog {
+    /// Keep the log rows of deleted records (the index is replayed from the log since its last
+    /// merge: a compacted-away tombstone's row is what says the key is gone).
+    pub keep_rows: bool,
+    /// Parts of merges to write, oldest first.
+    pub parts: Vec<MergePart>,
+    /// Records whose log rows are written without them (a compaction dropped them before any
+    /// batch wrote them: the log must still say what they did).
+    pub rows: BTreeMap<Vec<u8>, Option<Arc<[u8]>>>,
+}
+
 /// The layers above a base; see the module's documentation.
 #[derive(Debug, Default)]
 pub struct Layers {

@@ -5,8 +5,9 @@
 //! a tombstone that ends the key's generation; reads at any revision that is not compacted.
 //!
 //! - [`index`]: the in-memory ordered index, key -> revision history.
-//! - [`layered`]: the index as layers of changed histories over committed ones read on demand
-//!   (for an index kept in the backend; not used by the store yet).
+//! - [`layered`]: the index as layers of changed histories over committed ones read on demand.
+//! - [`keyindex`]: the store's index, all in memory ([`index`]) or kept in the backend
+//!   ([`layered`] over a table of histories, merged into it in parts that ride the batches).
 //! - [`backend`]: the redb tables, committed in batches together with the consistent index.
 //! - [`store`]: ties index and backend together: versioned reads, atomic write transactions,
 //!   compaction, restore on open.
@@ -22,6 +23,7 @@
 pub mod backend;
 pub mod error;
 pub mod index;
+pub mod keyindex;
 pub mod kv;
 pub mod layered;
 pub mod revision;
@@ -29,6 +31,7 @@ pub mod shared;
 pub mod store;
 pub mod watch;
 
+pub use keyindex::IndexMode;
 pub use kv::{KvError, TxnLimits};
 pub use revision::Revision;
 pub use shared::SharedStore;

@@ -58,7 +58,7 @@ impl SharedStore {
     pub fn commit(&self) -> Result<(), BackendError> {
         let _c = self.commit.lock();
         let Some((batch, backend)) = self.store.write().take_batch() else { return Ok(()) };
-        match backend.commit(&batch.changes, &batch.aux, &batch.meta) {
+        match batch.write_to(&backend) {
             Ok(()) => {
                 self.store.write().finish_batch(&batch);
                 Ok(())
@@ -115,7 +115,7 @@ impl SharedStore {
     pub fn count_at(&self, key: &[u8], end: &[u8], at: i64) -> Result<i64, KvError> {
         let s = self.store.read();
         let at = s.check_rev(at, s.current_rev())?;
-        Ok(s.count_at(key, end, at))
+        s.count_at(key, end, at)
     }
 
     /// Plans a read-only transaction under the read lock (compares, index walks);

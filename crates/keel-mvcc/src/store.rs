@@ -9,10 +9,13 @@
 
 use crate::backend::{Backend, BackendError, Meta, Reader};
 use crate::error::KvError;
-use crate::index::{Change, Index, KeyHistory};
+use crate::index::{Change, KeyHistory};
+use crate::keyindex::{IndexMode, KeyIndex};
+use crate::layered::IndexLog;
 use crate::revision::Revision;
 use keel_proto::mvccpb::{event::EventType, Event, KeyValue};
 use prost::Message;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,13 +33,25 @@ pub struct Batch {
     pub changes: Changes,
     pub aux: BTreeMap<String, Vec<u8>>,
     pub meta: Meta,
+    /// What the batch writes for an index kept in the backend.
+    pub log: IndexLog,
+}
+
+impl Batch {
+    /// Writes the batch to `backend`, durably, in one transaction.
+    pub fn write_to(&self, backend: &Backend) -> Result<(), BackendError> {
+        backend.commit_with(&self.changes, &self.aux, &self.meta, &self.log)
+    }
 }
 
 pub struct Store {
     backend: Backend,
-    index: Index,
+    index: KeyIndex,
     /// Changes not yet in the backend.
     pending: Changes,
+    /// Records a compaction dropped before any batch wrote them, whose log rows the next batch
+    /// writes (an index kept as a log: see [`IndexLog::rows`]).
+    log_only: Changes,
     /// The batch being written to the backend right now (readers find its values here).
     committing: Option<Arc<Batch>>,
     /// Auxiliary records (other modules' state), all of them; `aux_dirty` are not yet committed.
@@ -86,6 +101,9 @@ struct DefragTail {
     changes: Changes,
     aux: BTreeMap<String, Vec<u8>>,
     meta: Option<Meta>,
+    /// Merge parts of the index kept in the backend, oldest first.
+    parts: Vec<crate::layered::MergePart>,
+    rows: Changes,
     overflowed: bool,
 }
 
@@ -105,37 +123,20 @@ fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
     KeyValue::decode(bytes).map_err(|e| KvError::Corrupt(format!("undecodable key-value record: {e}")))
 }
 
-/// The key index's rows as [`Store::open`] reads them.
-#[derive(Default)]
-struct Rows {
-    built: crate::index::Builder,
-    last_main: i64,
-    data_bytes: u64,
-}
-
-impl crate::backend::IndexSink for Rows {
-    fn row(&mut self, key: &[u8], r: crate::backend::IndexRow) {
-        self.data_bytes += r.size as u64;
-        self.last_main = self.last_main.max(r.rev.main);
-        self.built.push(key.to_vec(), r.rev, r.tombstone, r.create_revision, r.version, r.lease, r.size);
-    }
-
-    fn clear(&mut self) {
-        *self = Rows::default();
-    }
-}
-
 impl Store {
-    /// Opens the backend at `path` and loads the index from it (see [`Backend::read_index`]).
+    /// Opens the backend at `path` and loads the index from it, all in memory (see
+    /// [`Backend::read_index`]).
     pub fn open(path: &Path) -> Result<Store, BackendError> {
+        Self::open_with(path, IndexMode::Memory)
+    }
+
+    /// Opens the backend at `path` with its key index kept as `mode` says.
+    pub fn open_with(path: &Path, mode: IndexMode) -> Result<Store, BackendError> {
         // A defragmentation that did not finish leaves its partial copy behind.
         let _ = std::fs::remove_file(defrag_path(path));
         let backend = Backend::open(path)?;
         let mut meta = backend.read_meta()?;
-        let mut rows = Rows::default();
-        let source = backend.read_index(&mut rows)?;
-        let Rows { built, last_main, data_bytes } = rows;
-        let index = built.finish();
+        let crate::keyindex::Opened { index, last_main, data_bytes } = KeyIndex::open(&backend, mode)?;
         meta.current_rev = meta.current_rev.max(last_main).max(meta.compacted_rev);
         if meta.current_rev == 0 {
             // etcd starts at revision 1: the empty store.
@@ -147,7 +148,7 @@ impl Store {
             compacted_revision = meta.compacted_rev,
             keys = index.len(),
             full_repair = backend.repaired(),
-            key_index = source.name(),
+            key_index_in_backend = index.in_backend(),
             "mvcc: restored store"
         );
         let aux = backend.read_aux()?;
@@ -156,6 +157,7 @@ impl Store {
             backend,
             index,
             pending: BTreeMap::new(),
+            log_only: BTreeMap::new(),
             committing: None,
             aux,
             aux_dirty: BTreeMap::new(),
@@ -234,7 +236,11 @@ impl Store {
     /// Anything applied, dropped or set since the last batch was taken (a compaction's
     /// deletions alone count: they are due after a batch interval like any change).
     fn dirty(&self) -> bool {
-        !self.pending.is_empty() || !self.aux_dirty.is_empty() || self.meta != self.committed
+        !self.pending.is_empty()
+            || !self.aux_dirty.is_empty()
+            || self.meta != self.committed
+            || self.index.merging()
+            || !self.log_only.is_empty()
     }
 
     /// Batches made durable so far; everything applied and dropped before
@@ -255,7 +261,7 @@ impl Store {
     /// [`crate::shared::SharedStore::commit`], which does not hold the lock while writing.
     pub fn commit(&mut self) -> Result<(), BackendError> {
         let Some((batch, backend)) = self.take_batch() else { return Ok(()) };
-        match backend.commit(&batch.changes, &batch.aux, &batch.meta) {
+        match batch.write_to(&backend) {
             Ok(()) => {
                 self.finish_batch(&batch);
                 Ok(())
@@ -276,8 +282,10 @@ impl Store {
         if !self.dirty() {
             return None;
         }
+        let mut log = self.index.batch_log(self.meta.current_rev);
+        log.rows = std::mem::take(&mut self.log_only);
         let batch =
-            Arc::new(Batch { changes: std::mem::take(&mut self.pending), aux: std::mem::take(&mut self.aux_dirty), meta: self.meta });
+            Arc::new(Batch { changes: std::mem::take(&mut self.pending), aux: std::mem::take(&mut self.aux_dirty), meta: self.meta, log });
         self.committing = Some(batch.clone());
         Some((batch, self.backend.clone()))
     }
@@ -288,15 +296,20 @@ impl Store {
         self.committing = None;
         self.committed = batch.meta;
         self.committed_batches += 1;
+        self.index.batch_written(&batch.log, &self.backend);
         if let Some(tail) = &mut self.defrag {
             if !tail.overflowed {
                 tail.changes.extend(batch.changes.iter().map(|(k, v)| (k.clone(), v.clone())));
                 tail.aux.extend(batch.aux.iter().map(|(k, v)| (k.clone(), v.clone())));
+                tail.parts.extend(batch.log.parts.iter().cloned());
+                tail.rows.extend(batch.log.rows.iter().map(|(k, v)| (k.clone(), v.clone())));
                 tail.meta = Some(batch.meta);
                 if tail.changes.len() + tail.aux.len() > DEFRAG_TAIL_LIMIT {
                     tail.overflowed = true;
                     tail.changes.clear();
                     tail.aux.clear();
+                    tail.parts.clear();
+                    tail.rows.clear();
                 }
             }
         }
@@ -306,7 +319,17 @@ impl Store {
     /// are newer), to be committed with them next time.
     pub fn abort_batch(&mut self, batch: Arc<Batch>) {
         self.committing = None;
-        let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| Batch { changes: b.changes.clone(), aux: b.aux.clone(), meta: b.meta });
+        // Its merge part (if any) is not lost: the merge goes on from where its last durable
+        // part ended.
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| Batch {
+            changes: b.changes.clone(),
+            aux: b.aux.clone(),
+            meta: b.meta,
+            log: IndexLog { rows: b.log.rows.clone(), ..IndexLog::default() },
+        });
+        let mut rows = batch.log.rows;
+        rows.extend(std::mem::take(&mut self.log_only));
+        self.log_only = rows;
         let mut changes = batch.changes;
         changes.extend(std::mem::take(&mut self.pending));
         self.pending = changes;
@@ -351,8 +374,15 @@ impl Store {
     }
 
     /// Live keys that are attached to a lease, with the lease.
-    pub fn leased_keys(&self) -> Vec<(Vec<u8>, i64)> {
-        self.index.live_range(&[0], &[0]).filter(|(_, h)| h.lease != 0).map(|(k, h)| (k.to_vec(), h.lease)).collect()
+    pub fn leased_keys(&self) -> Result<Vec<(Vec<u8>, i64)>, BackendError> {
+        let mut out = Vec::new();
+        self.index.walk(&[0], &[0], |k, h| {
+            if h.is_live() && h.lease != 0 {
+                out.push((k.to_vec(), h.lease));
+            }
+            Ok::<_, BackendError>(true)
+        })?;
+        Ok(out)
     }
 
     pub fn aux(&self, key: &str) -> Option<&[u8]> {
@@ -371,6 +401,7 @@ impl Store {
     /// committed, and a batch both in the copy and remembered is written to the copy twice,
     /// which changes nothing (a record's revision key names one value).
     pub fn begin_defrag(&mut self) -> Result<Backend, BackendError> {
+        debug_assert!(self.committing.is_none(), "a defragmentation begins with no commit in progress");
         if self.defrag.is_some() {
             return Err(BackendError { path: self.backend.path().to_path_buf(), msg: "a defragmentation is already running".into() });
         }
@@ -384,11 +415,15 @@ impl Store {
     /// meanwhile) small.
     pub fn take_defrag_tail(&mut self) -> Result<Option<Batch>, BackendError> {
         let fail = |msg: &str| BackendError { path: self.backend.path().to_path_buf(), msg: msg.to_string() };
+        let keep_rows = self.index.keeps_rows();
         match &mut self.defrag {
             Some(t) if t.overflowed => Err(fail(DEFRAG_OVERFLOW)),
-            Some(t) => {
-                Ok(t.meta.take().map(|meta| Batch { changes: std::mem::take(&mut t.changes), aux: std::mem::take(&mut t.aux), meta }))
-            }
+            Some(t) => Ok(t.meta.take().map(|meta| Batch {
+                changes: std::mem::take(&mut t.changes),
+                aux: std::mem::take(&mut t.aux),
+                meta,
+                log: IndexLog { keep_rows, parts: std::mem::take(&mut t.parts), rows: std::mem::take(&mut t.rows) },
+            })),
             None => Err(fail(DEFRAG_INTERRUPTED)),
         }
     }
@@ -408,12 +443,13 @@ impl Store {
         let mut replayed = 0;
         if let Some(b) = rest? {
             replayed = b.changes.len() + b.aux.len();
-            copy.commit(&b.changes, &b.aux, &b.meta)?;
+            b.write_to(&copy)?;
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("mvcc::defrag", |_| std::process::abort());
         let new = copy.rename_to(self.backend.path())?;
         let old = std::mem::replace(&mut self.backend, new);
+        self.index.backend_replaced(&self.backend);
         self.in_use_base = Some((copy_in_use, data_at_begin));
         Ok((replayed, old))
     }
@@ -518,8 +554,45 @@ impl Store {
     }
 
     /// The number of keys in `[key, end)` at `at` (already validated), from the index.
-    pub fn count_at(&self, key: &[u8], end: &[u8], at: i64) -> i64 {
-        self.index.range_at(key, end, at).count() as i64
+    pub fn count_at(&self, key: &[u8], end: &[u8], at: i64) -> Result<i64, KvError> {
+        let mut n = 0;
+        self.walk_at(key, end, at, |_, _, _| {
+            n += 1;
+            Ok(true)
+        })?;
+        Ok(n)
+    }
+
+    /// Calls `f` with every key in `[key, end)` that exists at `at`, its visible revision and
+    /// what the index knows of it (see [`KeyHistory::shown_at`]), in key order, while it returns
+    /// true.
+    fn walk_at(
+        &self,
+        key: &[u8],
+        end: &[u8],
+        at: i64,
+        mut f: impl FnMut(&[u8], Revision, Option<crate::index::KeyMeta>) -> Result<bool, KvError>,
+    ) -> Result<(), KvError> {
+        self.index.walk(key, end, |k, h| match h.shown_at(at) {
+            Some((rev, meta)) => f(k, rev, meta),
+            None => Ok(true),
+        })
+    }
+
+    /// True when the index is kept in the backend (see [`IndexMode`]).
+    pub fn index_in_backend(&self) -> bool {
+        self.index.in_backend()
+    }
+
+    /// True when a copy of the backend must copy the index's tables as they are (see
+    /// [`Backend::copy_to`]).
+    pub fn copies_index(&self) -> bool {
+        self.index.keeps_rows()
+    }
+
+    /// Bytes of the index's changed histories held in memory (kept in the backend; else 0).
+    pub fn index_pending_bytes(&self) -> usize {
+        self.index.pending_bytes()
     }
 
     /// The index walk of [`Store::plan_range`] and [`Store::plan_page`]: the slots, the keys
@@ -530,20 +603,21 @@ impl Store {
         let mut count = 0i64;
         let mut stored = false;
         let mut more = false;
-        for (k, rev, meta) in self.index.range_at_meta(key, end, at) {
+        self.walk_at(key, end, at, |k, rev, meta| {
             if fetch == Fetch::Count || (limit != 0 && slots.len() >= limit) {
                 more = true;
                 if !count_all {
-                    break;
+                    return Ok(false);
                 }
                 count += 1;
-                continue;
+                return Ok(true);
             }
             count += 1;
             let s = self.slot_for(k, rev, meta, fetch)?;
             stored |= matches!(s, Slot::Stored(_));
             slots.push(s);
-        }
+            Ok(true)
+        })?;
         let reader = if stored { Some(self.backend.reader().map_err(KvError::Backend)?) } else { None };
         Ok((ReadPlan { slots, reader, keys_only: fetch == Fetch::Keys }, count, more))
     }
@@ -563,7 +637,7 @@ impl Store {
         let mut reader = None;
         let mut kvs = Vec::new();
         let mut count = 0i64;
-        for (k, rev, meta) in self.index.range_at_meta(key, end, at) {
+        self.walk_at(key, end, at, |k, rev, meta| {
             count += 1;
             if fetch != Fetch::Count && (limit == 0 || kvs.len() < limit) {
                 kvs.push(match (fetch, meta) {
@@ -572,7 +646,8 @@ impl Store {
                     _ => self.fetch(&mut reader, rev)?,
                 });
             }
-        }
+            Ok(true)
+        })?;
         Ok((kvs, count))
     }
 
@@ -589,8 +664,8 @@ impl Store {
     }
 
     /// The live history of `key`, if the key exists now.
-    pub fn live(&self, key: &[u8]) -> Option<&KeyHistory> {
-        self.index.get(key).filter(|h| h.is_live())
+    pub fn live(&self, key: &[u8]) -> Result<Option<Cow<'_, KeyHistory>>, KvError> {
+        Ok(self.index.get(key).map_err(KvError::Backend)?.filter(|h| h.is_live()))
     }
 
     /// Makes write transactions fill in every event's prev_kv (for watchers that want it).
@@ -613,7 +688,7 @@ impl Store {
             stored |= matches!(s, Slot::Stored(_));
             s
         };
-        for (k, h) in self.index.range_all(key, end) {
+        self.index.walk(key, end, |k, h| {
             let first = h.changes.partition_point(|c| c.main() < from);
             for i in first..h.changes.len() {
                 let c = h.changes[i];
@@ -629,7 +704,8 @@ impl Store {
                 };
                 items.push((c.rev(), ev));
             }
-        }
+            Ok::<_, KvError>(true)
+        })?;
         items.sort_by_key(|(r, _)| *r);
         let reader = if stored { Some(self.backend.reader().map_err(KvError::Backend)?) } else { None };
         Ok(EventsPlan { items, reader })
@@ -649,7 +725,7 @@ impl Store {
             return Ok(plan);
         }
         // One walk of every key (no allocation per key).
-        let visible = self.index.visible_revisions(plan.upper, plan.compacted);
+        let visible = self.index.visible_revisions(plan.upper, plan.compacted).map_err(KvError::Backend)?;
         Ok(plan.keeping(visible))
     }
 
@@ -726,9 +802,24 @@ impl Store {
         let Some((rev, from)) = self.compacting.take() else { return 0 };
         let mut dropped: Vec<Change> = Vec::new();
         let visible = self.compaction_hash.as_mut().map(|(_, v)| v);
-        let next = self.index.compact_batch(rev, &from, keys.max(1), &mut dropped, visible);
+        let next = match self.index.compact_batch(rev, &from, keys.max(1), &mut dropped, visible) {
+            Ok(next) => next,
+            Err(e) => {
+                // Nothing was changed: the batch is tried again at the next step.
+                tracing::warn!(compact_revision = rev, error = %e, "mvcc: compaction batch failed");
+                self.compacting = Some((rev, from));
+                return 0;
+            }
+        };
+        let keep_rows = self.index.keeps_rows();
         for c in &dropped {
-            self.pending.insert(c.rev().to_key(c.tombstone()), None);
+            let k = c.rev().to_key(c.tombstone());
+            if keep_rows {
+                if let Some(Some(v)) = self.pending.get(&k) {
+                    self.log_only.insert(k.clone(), Some(v.clone()));
+                }
+            }
+            self.pending.insert(k, None);
             self.data_bytes = self.data_bytes.saturating_sub(c.size() as u64);
         }
         match next {
@@ -763,7 +854,7 @@ pub struct WriteTxn<'a> {
     lease_changes: Vec<(Vec<u8>, i64, i64)>,
     /// For each change (the event of the same position names its key): its revision, the key's
     /// state before it and the record's size.
-    undo: Vec<(Revision, crate::index::Before, u32)>,
+    undo: Vec<(Revision, crate::keyindex::Before, u32)>,
     finished: bool,
 }
 
@@ -795,8 +886,9 @@ impl WriteTxn<'_> {
     /// caller has checked that the key exists in that case. Returns the previous key-value.
     pub fn put(&mut self, key: &[u8], value: Option<&[u8]>, lease: Option<i64>, want_prev: bool) -> Result<Option<KeyValue>, KvError> {
         let rev = Revision::new(self.main, self.sub);
-        let old_lease = self.store.live(key).map(|h| h.lease).unwrap_or(0);
-        let (created, version, prev) = match self.store.live(key) {
+        let live = self.store.live(key)?.map(Cow::into_owned);
+        let old_lease = live.as_ref().map(|h| h.lease).unwrap_or(0);
+        let (created, version, prev) = match &live {
             Some(h) => {
                 let cur = h.changes.last().map(|c| c.rev()).unwrap_or_default();
                 let (created, version) = (h.created, h.version);
@@ -821,10 +913,11 @@ impl WriteTxn<'_> {
         let kv = KeyValue { key: key.to_vec(), create_revision: created, mod_revision: self.main, version: version + 1, value, lease };
         let rec = kv.encode_to_vec();
         let size = (rec.len() + crate::revision::REV_BYTES) as u32;
-        self.undo.push((rev, self.store.index.before(key), size));
+        let before = self.store.index.before(key);
+        self.store.index.put(key, rev, lease, size).map_err(KvError::Backend)?;
+        self.undo.push((rev, before, size));
         self.store.data_bytes += size as u64;
         self.store.pending.insert(rev.to_key(false), Some(Arc::from(rec)));
-        self.store.index.put(key, rev, lease, size);
         self.sub += 1;
         if old_lease != 0 || lease != 0 {
             self.lease_changes.push((key.to_vec(), old_lease, lease));
@@ -839,12 +932,13 @@ impl WriteTxn<'_> {
     /// Deletes the live keys in `[key, end)`; returns the deleted key-values when asked (else
     /// bare keys), and their number.
     pub fn delete_range(&mut self, key: &[u8], end: &[u8], want_prev: bool) -> Result<(i64, Vec<KeyValue>), KvError> {
-        let targets: Vec<(Vec<u8>, Revision, i64)> = self
-            .store
-            .index
-            .live_range(key, end)
-            .map(|(k, h)| (k.to_vec(), h.changes.last().map(|c| c.rev()).unwrap_or_default(), h.lease))
-            .collect();
+        let mut targets: Vec<(Vec<u8>, Revision, i64)> = Vec::new();
+        self.store.index.walk(key, end, |k, h| {
+            if h.is_live() {
+                targets.push((k.to_vec(), h.changes.last().map(|c| c.rev()).unwrap_or_default(), h.lease));
+            }
+            Ok::<_, KvError>(true)
+        })?;
         let mut prevs = Vec::new();
         let mut reader = None;
         for (k, cur, lease) in &targets {
@@ -856,10 +950,11 @@ impl WriteTxn<'_> {
             let tomb = KeyValue { key: k.clone(), ..Default::default() };
             let rec = tomb.encode_to_vec();
             let size = (rec.len() + crate::revision::REV_BYTES + 1) as u32;
-            self.undo.push((rev, self.store.index.before(k), size));
+            let before = self.store.index.before(k);
+            self.store.index.tombstone(k, rev, size).map_err(KvError::Backend)?;
+            self.undo.push((rev, before, size));
             self.store.data_bytes += size as u64;
             self.store.pending.insert(rev.to_key(true), Some(Arc::from(rec)));
-            self.store.index.tombstone(k, rev, size);
             self.sub += 1;
             let ev_kv = KeyValue { key: k.clone(), mod_revision: self.main, ..Default::default() };
             self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(ev_kv), prev_kv: prev.clone() });

@@ -70,7 +70,7 @@ pub fn load_leases(store: &Store, lessor: &mut Lessor) {
             lessor.restore(id, ttl);
         }
     }
-    for (k, id) in store.leased_keys() {
+    for (k, id) in store.leased_keys().unwrap_or_else(|e| fatal("cannot read the leased keys from the key index", e)) {
         lessor.moved(&k, 0, id);
     }
 }
@@ -200,6 +200,8 @@ pub struct Applier {
     member_id: u64,
     /// Where the backend lives (replaced when a snapshot from the leader is installed).
     db_path: std::path::PathBuf,
+    /// Where a backend installed from the leader keeps its key index.
+    index_mode: keel_mvcc::IndexMode,
     /// Told when this member has been removed from the cluster.
     removed: Arc<tokio::sync::Notify>,
     auth: Arc<RwLock<AuthStore>>,
@@ -336,6 +338,7 @@ impl Applier {
         db_path: std::path::PathBuf,
         removed: Arc<tokio::sync::Notify>,
         compaction: Compaction,
+        index_mode: keel_mvcc::IndexMode,
     ) -> Applier {
         let committer = crate::committer::Committer::start(state.store.clone())
             .unwrap_or_else(|e| fatal("cannot start the backend committer thread", e));
@@ -350,6 +353,7 @@ impl Applier {
             waiters: state.waiters.clone(),
             member_id,
             db_path,
+            index_mode,
             removed,
             auth: state.auth.clone(),
             tokens: state.tokens.clone(),
@@ -698,7 +702,7 @@ impl Applier {
         let path = backend.ok_or("a snapshot arrived without the leader's backend")?;
         // Everything is checked before anything changes: the received file opens, is at least
         // as new as the snapshot and holds a member list.
-        let mut new = Store::open(&path).map_err(|e| e.to_string())?;
+        let mut new = Store::open_with(&path, self.index_mode).map_err(|e| e.to_string())?;
         if new.consistent_index() < snap.get_metadata().index {
             return Err(format!(
                 "the leader's backend (index {}) is older than its snapshot (index {})",

@@ -28,7 +28,7 @@ fn catch_up_defrag(store: &keel_mvcc::SharedStore, copy: &keel_mvcc::backend::Ba
         let taken = store.write().take_defrag_tail();
         let Some(batch) = taken? else { break };
         let n = batch.changes.len() + batch.aux.len();
-        copy.commit(&batch.changes, &batch.aux, &batch.meta)?;
+        batch.write_to(copy)?;
         written += n;
         if n <= DEFRAG_SWAP_RECORDS {
             break;
@@ -192,12 +192,15 @@ impl Server {
         let store = &self.state.store;
         let started = std::time::Instant::now();
         let before = self.store().db_size();
-        let backend = store.exclusive().store.begin_defrag()?;
+        let (backend, with_index) = {
+            let mut ex = store.exclusive();
+            (ex.store.begin_defrag()?, ex.store.copies_index())
+        };
         let dest = keel_mvcc::store::defrag_path(backend.path());
         // The copy, and its pages in use counted (a walk of the new file) before the store is
         // held for the swap.
         let copied = crate::background::run("defrag-copy", move || {
-            let (copy, _) = backend.copy_to(&dest)?;
+            let (copy, _) = backend.copy_to(&dest, with_index)?;
             let in_use = copy.pages_in_use()?;
             Ok((copy, in_use))
         })

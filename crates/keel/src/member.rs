@@ -126,7 +126,7 @@ impl Member {
             cfg.max_request_bytes as usize,
         );
         let compaction = keel_server::apply::Compaction { batch: cfg.compaction_batch_limit(), sleep: cfg.compaction_sleep_interval() };
-        let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone(), compaction);
+        let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone(), compaction, index_mode(&cfg));
         let election_ticks = (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize;
         let node_cfg = NodeConfig {
             id: identity.member_id,
@@ -443,10 +443,10 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     };
 
     let db_path = Path::new(&snap_dir).join("db");
-    let mut store = Store::open(&db_path).context("open backend")?;
+    let mut store = Store::open_with(&db_path, index_mode(cfg)).context("open backend")?;
     let mut disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries).context("open WAL")?;
     if let Some(snap) = disk.snapshot.as_ref() {
-        store = backend_for_snapshot(store, &db_path, Path::new(&snap_dir), snap.get_metadata().index)?;
+        store = backend_for_snapshot(store, &db_path, Path::new(&snap_dir), snap.get_metadata().index, index_mode(cfg))?;
     }
     // As etcd: the flag acts on a restart only (a new member is a one-member cluster or joins).
     if cfg.force_new_cluster && existed {
@@ -487,7 +487,15 @@ fn release_freed_memory() {
 /// a backend copied back by hand) would silently miss every entry up to the snapshot. As etcd:
 /// the backend received with the snapshot (`<index>.snap.db`) takes its place, and without it
 /// the member refuses to start.
-fn backend_for_snapshot(store: Store, db_path: &Path, snap_dir: &Path, index: u64) -> Result<Store> {
+/// Where the member's store keeps its key index (`--key-index-memory-bytes`).
+fn index_mode(cfg: &Config) -> keel_mvcc::IndexMode {
+    match cfg.key_index_memory_bytes {
+        0 => keel_mvcc::IndexMode::Memory,
+        n => keel_mvcc::IndexMode::Backend { budget: usize::try_from(n).unwrap_or(usize::MAX) },
+    }
+}
+
+fn backend_for_snapshot(store: Store, db_path: &Path, snap_dir: &Path, index: u64, mode: keel_mvcc::IndexMode) -> Result<Store> {
     let have = store.consistent_index();
     if have >= index {
         return Ok(store);
@@ -502,7 +510,7 @@ fn backend_for_snapshot(store: Store, db_path: &Path, snap_dir: &Path, index: u6
     }
     tracing::info!(snapshot_index = index, backend_index = have, file = %received.display(), "recovering the backend from the snapshot's database file");
     drop(store);
-    let mut new = Store::open(&received).context("open the snapshot's database file")?;
+    let mut new = Store::open_with(&received, mode).context("open the snapshot's database file")?;
     if new.consistent_index() < index {
         bail!(
             "the snapshot's database file {} holds index {}, older than its snapshot at index {index}",
