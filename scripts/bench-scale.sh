@@ -31,7 +31,9 @@
 #   scripts/bench-scale.sh [OUT.md]         the matrix (default points 1 2 5 10, big 1000000)
 #   BENCH_SCALE_POINTS="1 2"                 many-keys points, in GB
 #   BENCH_SCALE_BIG=100000                   keys of the big-values point (0: none)
-#   BENCH_SYSTEMS="etcd-3.7 keel"            which systems (default both)
+#   BENCH_SYSTEMS="etcd-3.7 keel keel-ix"    which systems (default all three; keel-ix: Keel
+#                                            with --key-index-memory-bytes BENCH_SCALE_IX_BYTES,
+#                                            default 64 MiB)
 #   BENCH_SCALE_STEPS="compaction"           which steps after the load (default all: latency
 #                                            restart learner snapshot compaction recompaction)
 #   BENCH_SCALE_SMOKE=1                      a smoke run: 2,000 keys, 200 big values, few requests
@@ -57,7 +59,7 @@ else
   lat_total=3000
   lat_total_many=30000
 fi
-systems=${BENCH_SYSTEMS:-etcd-3.7 keel}
+systems=${BENCH_SYSTEMS:-etcd-3.7 keel keel-ix}
 steps=" ${BENCH_SCALE_STEPS:-latency restart learner snapshot compaction recompaction} "
 step() { [[ "$steps" == *" $1 "* ]]; }
 if [ -z "${KEEL_BIN:-}" ]; then
@@ -75,7 +77,7 @@ fi
 export RUST_BACKTRACE=0
 binary() {
   case "$1" in
-    keel) echo "$keel_bin" ;;
+    keel | keel-ix) echo "$keel_bin" ;;
     etcd-3.7) echo "$ref/etcd" ;;
     *) echo "unknown system $1" >&2; return 1 ;;
   esac
@@ -104,6 +106,11 @@ trap cleanup EXIT
 
 cluster="m1=http://127.0.0.1:23800,m2=http://127.0.0.2:23800,m3=http://127.0.0.3:23800"
 eps="127.0.0.1:23790,127.0.0.2:23790,127.0.0.3:23790"
+# System keel-ix: Keel with its key index kept in the backend, BENCH_SCALE_IX_BYTES of changed
+# histories in memory (default 64 MiB; 64 KiB in a smoke run).
+# A smoke run's budget is small, so that its few keys are merged in many parts.
+if [ "${BENCH_SCALE_SMOKE:-0}" = 1 ]; then ix_default=65536; else ix_default=67108864; fi
+ix_flags() { [ "$1" = keel-ix ] && echo "--key-index-memory-bytes ${BENCH_SCALE_IX_BYTES:-$ix_default}" || true; }
 # member SYS I [EXTRA FLAGS...]: starts member I (127.0.0.I) on its data directory.
 member() {
   local sys=$1 i=$2
@@ -111,7 +118,7 @@ member() {
   "$(binary "$sys")" --name "m$i" --data-dir "$work/data/m$i" \
     --listen-client-urls "http://127.0.0.$i:23790" --advertise-client-urls "http://127.0.0.$i:23790" \
     --listen-peer-urls "http://127.0.0.$i:23800" --initial-advertise-peer-urls "http://127.0.0.$i:23800" \
-    --initial-cluster-token scale --quota-backend-bytes 68719476736 "$@" \
+    --initial-cluster-token scale --quota-backend-bytes 68719476736 $(ix_flags "$sys") "$@" \
     >>"$work/$sys-m$i.log" 2>&1 &
   pids[$i]=$!
 }
@@ -366,8 +373,8 @@ fi
 
 # One table: a row per (shape, step, metric), each system's value and Keel's ratio to etcd.
 {
-  echo "| shape | step | metric | etcd 3.7.3 | Keel | Keel/etcd |"
-  echo "|---|---|---|---|---|---|"
+  echo "| shape | step | metric | etcd 3.7.3 | Keel | Keel/etcd | Keel, index in backend | its /etcd |"
+  echo "|---|---|---|---|---|---|---|---|"
   jq -rs '
     def r2: . * 100 | round / 100;
     to_entries | map(.value + {n: .key})
@@ -375,10 +382,13 @@ fi
     | . as $g
     | ([$g[] | select(.system == "etcd-3.7") | .value][0]) as $e
     | ([$g[] | select(.system == "keel") | .value][0]) as $k
+    | ([$g[] | select(.system == "keel-ix") | .value][0]) as $x
     | "| \($g[0].shape) | \($g[0].step) | \($g[0].metric)\(if $g[0].unit == "" then "" else " (" + $g[0].unit + ")" end) | "
       + (if $e == null then "-" else ($e | r2 | tostring) end) + " | "
       + (if $k == null then "-" else ($k | r2 | tostring) end) + " | "
-      + (if $e == null or $k == null or $e == 0 then "-" else ($k / $e | r2 | tostring) + "x" end) + " |"
+      + (if $e == null or $k == null or $e == 0 then "-" else ($k / $e | r2 | tostring) + "x" end) + " | "
+      + (if $x == null then "-" else ($x | r2 | tostring) end) + " | "
+      + (if $e == null or $x == null or $e == 0 then "-" else ($x / $e | r2 | tostring) + "x" end) + " |"
   ' "$results"
 } | tee "$out"
 if [ "$smoke" = 1 ] && jq -e 'select(.value == null)' "$results" >/dev/null; then

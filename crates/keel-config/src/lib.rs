@@ -299,7 +299,7 @@ pub struct Config {
     /// the backend, with at most about this many bytes of changed key histories in memory (twice
     /// that while they are merged into the backend), so that memory does not grow with the
     /// number of keys and a start reads only the changes since the last merge.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "ETCD_KEY_INDEX_MEMORY_BYTES", default_value_t = 0)]
     pub key_index_memory_bytes: u64,
 }
 

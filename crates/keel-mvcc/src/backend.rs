@@ -40,8 +40,12 @@ const META_BY_KEY_LIVE: &str = "key_by_key_live";
 const META_BY_KEY_TOTAL: &str = "key_by_key_total";
 const META_BY_KEY_BYTES: &str = "key_by_key_bytes";
 /// Present (1) when `key_index` holds a row for every `key` record: set when the file is created
-/// and when an index is built for a file that had none (written by an older Keel).
+/// and when an index is built for a file that had none (written by an older Keel). 2 when the
+/// index is kept in the backend: `key_by_key` holds every change up to its merge revision and
+/// `key_index` is the log since (any other value makes `key_by_key` stale: dropped at open).
 const META_KEY_INDEX: &str = "key_index_complete";
+const KEY_INDEX_COMPLETE: u64 = 1;
+const KEY_INDEX_LOG: u64 = 2;
 
 /// Rows per transaction when building the key index of a file that has none.
 const INDEX_BUILD_BATCH: usize = 100_000;
@@ -331,7 +335,7 @@ impl Backend {
             .map_err(|e| self.err(e))?
             .get(META_KEY_INDEX)
             .map_err(|e| self.err(e))?
-            .is_some_and(|v| v.value() == 1u64.to_be_bytes());
+            .is_some_and(|v| v.value() == KEY_INDEX_COMPLETE.to_be_bytes());
         let index = match tx.open_table(KEY_INDEX) {
             Ok(t) if complete => t,
             Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Err(None)),
@@ -536,7 +540,12 @@ impl Backend {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// Records what table `key_by_key` holds; once a merge has completed (`upto` > 0) the file's
+    /// `key_index` is the log since it ([`KEY_INDEX_LOG`]).
     fn put_by_key_meta(&self, m: &mut redb::Table<&str, &[u8]>, meta: &ByKeyMeta) -> Result<(), BackendError> {
+        if meta.upto > 0 {
+            m.insert(META_KEY_INDEX, KEY_INDEX_LOG.to_be_bytes().as_slice()).map_err(|e| self.err(e))?;
+        }
         for (k, v) in [
             (META_BY_KEY_UPTO, meta.upto as u64),
             (META_BY_KEY_LIVE, meta.live),
@@ -573,8 +582,50 @@ impl Backend {
     pub fn log_complete(&self) -> Result<bool, BackendError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let m = tx.open_table(META).map_err(|e| self.err(e))?;
-        let v = m.get(META_KEY_INDEX).map_err(|e| self.err(e))?;
-        Ok(v.is_some_and(|v| v.value() == 1u64.to_be_bytes()))
+        Ok(self.meta_u64(&m, META_KEY_INDEX)? == KEY_INDEX_COMPLETE)
+    }
+
+    /// Marks `key_index` as holding a row for every record, as a Keel that does not keep the
+    /// index in the backend does.
+    #[cfg(test)]
+    pub(crate) fn mark_log_complete_for_test(&self) {
+        let tx = self.db.begin_write().unwrap();
+        tx.open_table(META).unwrap().insert(META_KEY_INDEX, KEY_INDEX_COMPLETE.to_be_bytes().as_slice()).unwrap();
+        tx.commit().unwrap();
+    }
+
+    /// Drops table `key_by_key` and what the meta says of it when the file does not mark its
+    /// `key_index` as the log since the table's merge ([`KEY_INDEX_LOG`]): a merge that never
+    /// completed, or a file an older Keel wrote after one (its log is whole: the table is
+    /// stale). Returns whether it dropped anything.
+    pub fn drop_stale_histories(&self) -> Result<bool, BackendError> {
+        {
+            let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+            if self.meta_u64(&tx.open_table(META).map_err(|e| self.err(e))?, META_KEY_INDEX)? == KEY_INDEX_LOG {
+                return Ok(false);
+            }
+            let rows = match tx.open_table(KEY_BY_KEY) {
+                Ok(t) => t.len().map_err(|e| self.err(e))?,
+                Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                Err(e) => return Err(self.err(e)),
+            };
+            let by_key = self.by_key_meta()?;
+            if rows == 0 && by_key == ByKeyMeta::default() {
+                return Ok(false);
+            }
+        }
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_quick_repair(true);
+        tx.delete_table(KEY_BY_KEY).map_err(|e| self.err(e))?;
+        {
+            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
+            for k in [META_BY_KEY_UPTO, META_BY_KEY_LIVE, META_BY_KEY_TOTAL, META_BY_KEY_BYTES] {
+                m.remove(k).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        tracing::warn!(path = %self.path.display(), "mvcc: dropped a stale table of key histories (its merge did not complete, or an older Keel wrote the file since); the key index is read from its log");
+        Ok(true)
     }
 
     /// Calls `f` for every stored (revision key, value) in revision order.

@@ -60,6 +60,7 @@ struct Merge {
     next: Option<Box<[u8]>>,
     /// The last part is durable but the base could not be read again yet.
     written: bool,
+    started: std::time::Instant,
 }
 
 /// A key's state before a change, for [`KeyIndex::undo`].
@@ -81,6 +82,7 @@ impl KeyIndex {
     /// log is longer than the budget is merged as it is read (a file whose index was in memory:
     /// its whole log).
     pub(crate) fn open(backend: &Backend, mode: IndexMode) -> Result<Opened, BackendError> {
+        backend.drop_stale_histories()?;
         let by_key = backend.by_key_meta()?;
         let budget = match mode {
             IndexMode::Memory if by_key.upto == 0 => return Self::open_in_memory(backend),
@@ -269,8 +271,8 @@ impl KeyIndex {
         };
         if p.merge.is_none() && p.layers.pending_bytes() > p.budget {
             let layer = p.layers.take_batch();
-            tracing::debug!(keys = layer.len(), upto = current, "mvcc: merging the key index's changes into the backend");
-            p.merge = Some(Merge { layer, upto: current, next: None, written: false });
+            tracing::info!(keys = layer.len(), upto = current, "mvcc: merging the key index's changed histories into the backend");
+            p.merge = Some(Merge { layer, upto: current, next: None, written: false, started: std::time::Instant::now() });
         }
         let parts = match &p.merge {
             Some(m) if !m.written => vec![MergePart::of(m.layer.clone(), m.next.clone(), part_keys(p.budget), m.upto)],
@@ -307,9 +309,9 @@ impl Persisted {
         match backend.histories() {
             Ok(base) => {
                 self.base = base;
-                if self.merge.as_ref().is_some_and(|m| m.written) {
-                    self.merge = None;
+                if let Some(m) = self.merge.take_if(|m| m.written) {
                     self.layers.finish_batch();
+                    tracing::info!(keys = m.layer.len(), upto = m.upto, took = ?m.started.elapsed(), "mvcc: merged the key index's changed histories");
                 }
             }
             // The old base and the frozen layer still answer; the next batch tries again.
@@ -321,6 +323,7 @@ impl Persisted {
     /// transactions (a start, before the store serves).
     fn merge_now(&mut self, backend: &Backend, upto: i64) -> Result<(), BackendError> {
         let layer = self.layers.take_batch();
+        tracing::info!(keys = layer.len(), upto, "mvcc: merging the key index's log into the backend");
         let mut next: Option<Box<[u8]>> = None;
         loop {
             let part = MergePart::of(layer.clone(), next.take(), part_keys(self.budget), upto);
@@ -362,4 +365,135 @@ struct Discard;
 impl crate::backend::IndexSink for Discard {
     fn row(&mut self, _: &[u8], _: IndexRow) {}
     fn clear(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Fetch, Store};
+    use std::path::Path;
+
+    /// Merges at every batch, a key per part: a merge spans many batches.
+    const TINY: IndexMode = IndexMode::Backend { budget: 0 };
+    const MODES: [IndexMode; 3] = [IndexMode::Memory, TINY, IndexMode::Backend { budget: 1 << 20 }];
+
+    /// Writes, deletes and compacts, committing every second change; returns after the
+    /// `commits`-th commit (or at the end).
+    fn script(s: &mut Store, commits: usize) {
+        let mut done = 0;
+        for i in 0..60i64 {
+            let mut w = s.write();
+            if i % 5 == 4 {
+                let k = [b'k', (i % 7) as u8];
+                w.delete_range(&k, &[], false).unwrap();
+            } else {
+                w.put(&[b'k', (i % 13) as u8], Some(format!("v{i}").as_bytes()), None, false).unwrap();
+            }
+            w.finish();
+            if i == 30 {
+                s.compact(s.current_rev() - 5).unwrap();
+            }
+            s.compact_step();
+            if i % 2 == 1 {
+                s.commit().unwrap();
+                done += 1;
+                if done == commits {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// What a store serves: every key-value now, its counts and sizes (its resumed compaction
+    /// run first).
+    fn seen(s: &mut Store) -> (i64, usize, usize, u64, Vec<keel_proto::mvccpb::KeyValue>) {
+        while s.compacting() {
+            s.compact_step();
+        }
+        let cur = s.current_rev();
+        let (kvs, _) = s.range_at(&[0], &[0], cur, 0, Fetch::Values).unwrap();
+        (cur, s.live_key_count(), s.key_count(), s.data_size(), kvs)
+    }
+
+    /// The child half of [`a_crash_during_a_merge_loses_nothing`]: the script up to commit
+    /// `KEEL_MERGE_CRASH_AFTER`, then death without a clean shutdown.
+    #[test]
+    fn merge_crash_child() {
+        let (Ok(path), Ok(n)) = (std::env::var("KEEL_MERGE_CRASH_DB"), std::env::var("KEEL_MERGE_CRASH_AFTER")) else { return };
+        let mut s = Store::open_with(Path::new(&path), TINY).unwrap();
+        script(&mut s, n.parse().unwrap());
+        std::process::abort();
+    }
+
+    /// A member killed between any two batches of a merge of its key index (some parts in the
+    /// table, the log not yet trimmed) restarts, in any mode, with what it had committed: what a
+    /// store that ran the same changes and closed cleanly serves.
+    #[test]
+    fn a_crash_during_a_merge_loses_nothing() {
+        for commits in 1..=30 {
+            let d = tempfile::tempdir().unwrap();
+            let crashed = d.path().join("crashed");
+            let st = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "keyindex::tests::merge_crash_child", "--nocapture", "--test-threads=1"])
+                .env("KEEL_MERGE_CRASH_DB", &crashed)
+                .env("KEEL_MERGE_CRASH_AFTER", commits.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(!st.success(), "the child must die without a clean shutdown");
+            let model = {
+                let mut s = Store::open_with(&d.path().join("model"), IndexMode::Memory).unwrap();
+                script(&mut s, commits);
+                seen(&mut s)
+            };
+            for (i, mode) in MODES.iter().enumerate() {
+                let copy = d.path().join(format!("copy{i}"));
+                std::fs::copy(&crashed, &copy).unwrap();
+                let mut s = Store::open_with(&copy, *mode).unwrap();
+                assert_eq!(seen(&mut s), model, "after commit {commits}, reopened as {mode:?}");
+                // And once more, after a clean close in that mode.
+                drop(s);
+                let mut s = Store::open_with(&copy, TINY).unwrap();
+                assert_eq!(seen(&mut s), model, "after commit {commits}, reopened as {mode:?} then with the index in the backend");
+            }
+        }
+    }
+
+    /// A file whose log an older Keel made whole again after a merge (it knows no table of
+    /// histories, and drops log rows with their records) is read from its log: the stale
+    /// table is dropped.
+    #[test]
+    fn a_stale_table_of_histories_is_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("db");
+        let mut s = Store::open_with(&path, TINY).unwrap();
+        let mut w = s.write();
+        w.put(b"a", Some(b"1"), None, false).unwrap();
+        w.finish();
+        s.commit().unwrap();
+        s.commit().unwrap();
+        assert!(s.backend().by_key_meta().unwrap().upto > 0, "the merge completed");
+        drop(s);
+        // The older Keel: the key deleted and compacted away, its rows gone with its records,
+        // the log marked whole.
+        {
+            let b = Backend::open(&path).unwrap();
+            let mut changes = crate::backend::Changes::new();
+            changes.insert(Revision::new(2, 0).to_key(false), None);
+            b.commit(
+                &changes,
+                &Default::default(),
+                &crate::backend::Meta { consistent_index: 0, term: 0, current_rev: 3, compacted_rev: 3 },
+            )
+            .unwrap();
+            b.mark_log_complete_for_test();
+        }
+        for mode in MODES {
+            let copy = d.path().join(format!("{mode:?}"));
+            std::fs::copy(&path, &copy).unwrap();
+            let mut s = Store::open_with(&copy, mode).unwrap();
+            assert_eq!(seen(&mut s).4, vec![], "as {mode:?}");
+        }
+    }
 }

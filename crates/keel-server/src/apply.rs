@@ -63,12 +63,19 @@ impl Leases for LeaseView<'_> {
 /// Rebuilds the lessor from the backend: lease records, then the keys attached to them.
 pub fn load_leases(store: &Store, lessor: &mut Lessor) {
     lessor.clear();
+    let mut leases = 0usize;
     for (name, v) in store.aux_prefix(lease::AUX_PREFIX) {
         let id = u64::from_str_radix(&name[lease::AUX_PREFIX.len()..], 16).unwrap_or(0) as i64;
         let ttl = v.try_into().map(i64::from_be_bytes).unwrap_or(0);
         if id != 0 {
             lessor.restore(id, ttl);
+            leases += 1;
         }
+    }
+    // With no lease no key is attached to one: no walk of every key (with the index kept in the
+    // backend, a read of every key's history).
+    if leases == 0 {
+        return;
     }
     for (k, id) in store.leased_keys().unwrap_or_else(|e| fatal("cannot read the leased keys from the key index", e)) {
         lessor.moved(&k, 0, id);
