@@ -114,6 +114,22 @@ async fn preload(ch: &Channel, keys: usize, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// [`check`], then [`check_preload`] when there is a preload (`(keys, len)`): a crash point
+/// that ends the member during either is a crash like any other.
+async fn check_all(
+    ch: &Channel,
+    acked: &[(String, i64)],
+    max_rev: i64,
+    rng: &mut StdRng,
+    preload: Option<(usize, usize)>,
+) -> Result<i64, Check> {
+    let rev = check(ch, acked, max_rev, rng).await?;
+    if let Some((keys, len)) = preload {
+        check_preload(ch, keys, len, rng).await?;
+    }
+    Ok(rev)
+}
+
 /// Checks the preloaded data: all `keys` keys there, and 200 random ones with their second
 /// value.
 async fn check_preload(ch: &Channel, keys: usize, len: usize, rng: &mut StdRng) -> Result<(), Check> {
@@ -406,7 +422,7 @@ async fn run_on(
         // Everything acknowledged before must be there, at a revision no older. An armed crash
         // point may end the member while it is being checked (a backend commit on a timer): that
         // is a crash like any other, so the member is started again, unarmed, and checked again.
-        let rev = match check(&ch, &acked, max_rev, &mut rng).await {
+        let rev = match check_all(&ch, &acked, max_rev, &mut rng, opts.preload).await {
             Ok(rev) => rev,
             Err(Check::Violation(e)) => return Err(e.context(format!("iteration {it}"))),
             Err(Check::Unreachable(e)) => {
@@ -422,18 +438,12 @@ async fn run_on(
                 if !ready(&ch, &mut child, Duration::from_secs(30)).await? {
                     bail!("iteration {it}: the member does not start after a crash (see {})", dir.join("member.log").display());
                 }
-                match check(&ch, &acked, max_rev, &mut rng).await {
+                match check_all(&ch, &acked, max_rev, &mut rng, opts.preload).await {
                     Ok(rev) => rev,
                     Err(Check::Violation(e) | Check::Unreachable(e)) => return Err(e.context(format!("iteration {it}"))),
                 }
             }
         };
-        if let Some((keys, len)) = opts.preload {
-            match check_preload(&ch, keys, len, &mut rng).await {
-                Ok(()) => {}
-                Err(Check::Violation(e) | Check::Unreachable(e)) => return Err(e.context(format!("iteration {it}"))),
-            }
-        }
         let armed = match disk.as_mut() {
             Some(d) if opts.disk_faults => Some(arm_disk_fault(d, &mut rng)?),
             _ => None,

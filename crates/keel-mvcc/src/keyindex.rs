@@ -19,10 +19,18 @@ use std::sync::Arc;
 /// Most keys one merge part writes (one backend batch's share of a merge).
 pub const MERGE_PART_KEYS: usize = 20_000;
 
-/// Keys per merge part for a budget: a merge spans several batches (a small budget, as in
-/// tests, merges a key per batch).
+/// Least bytes of log a start replays before it merges them (each merge is durable
+/// transactions of its own: a small budget must not make a start merge row by row).
+const START_MERGE_BYTES: usize = 16 << 20;
+
+/// Keys per merge part for a budget: a merge spans several batches, of at least 256 keys each
+/// so that it keeps up with writes whatever the budget (a budget of 0, in tests, merges a key
+/// per batch).
 fn part_keys(budget: usize) -> usize {
-    (budget / 4096).clamp(1, MERGE_PART_KEYS)
+    match budget {
+        0 => 1,
+        b => (b / 4096).clamp(256, MERGE_PART_KEYS),
+    }
 }
 
 /// Where the store keeps its key index.
@@ -79,8 +87,8 @@ pub(crate) struct Opened {
 
 impl KeyIndex {
     /// Reads the index of `backend` the way `mode` keeps it. An index kept in the backend whose
-    /// log is longer than the budget is merged as it is read (a file whose index was in memory:
-    /// its whole log).
+    /// log is longer than the budget (and [`START_MERGE_BYTES`]) is merged as it is read (a file
+    /// whose index was in memory: its whole log).
     pub(crate) fn open(backend: &Backend, mode: IndexMode) -> Result<Opened, BackendError> {
         backend.drop_stale_histories()?;
         let by_key = backend.by_key_meta()?;
@@ -98,7 +106,7 @@ impl KeyIndex {
             Persisted { layers: Layers::new(by_key.live as usize, by_key.total as usize), base: backend.histories()?, budget, merge: None };
         let (mut last_main, mut data_bytes) = (by_key.upto, by_key.bytes);
         backend.read_log(by_key.upto, |key, r| {
-            if r.rev.main > last_main && p.layers.pending_bytes() > p.budget {
+            if r.rev.main > last_main && p.layers.pending_bytes() > p.budget.max(START_MERGE_BYTES) {
                 // Every row up to `last_main` is replayed: they can go.
                 p.merge_now(backend, last_main)?;
             }
