@@ -7,8 +7,10 @@
 #                           negative control (reads served unconfirmed), then 25 crash-loop iterations
 #                           with power cuts, 25 with disk faults, 10 at size (20,000 keys
 #                           preloaded: cuts inside compactions and defragments), a power-cut history, the
-#                           targeted points and the negative control (without /dev/fuse: 25
-#                           plain crash-loop iterations and the points); one mixed history: an
+#                           same at-size loop and a power-cut history with the key index kept in the
+#                           backend (ETCD_KEY_INDEX_MEMORY_BYTES=4096), the targeted points and the
+#                           negative control (without /dev/fuse: 25 plain crash-loop iterations, 10 at
+#                           size with the index in the backend, and the points); one mixed history: an
 #                           etcd 3.6.16 member and two Keel members
 #   scripts/chaos.sh run --etcd "$(scripts/etcd-ref.sh v3.6.16)/etcd" --etcd-members 2 --members 3
 #                           mixed clusters: the first two members of each history run etcd
@@ -80,6 +82,11 @@ if [ $# -eq 0 ]; then
     # inside compactions and defragments of that backend (issue 26).
     "$chaos" crash-loop --iterations 10 --power "$powerfs" --preload 20000 --out target/chaos/at-size
     "$chaos" run --histories 1 --duration 40 --members 3 --keys 20 --faults power,power-all,kill,compact --power "$powerfs"
+    # The key index kept in the backend with a 4 KiB budget (a merge every few batches): the
+    # same at-size loop and a history with power cuts, each member merging all along.
+    ETCD_KEY_INDEX_MEMORY_BYTES=4096 "$chaos" crash-loop --iterations 10 --power "$powerfs" --preload 20000 --out target/chaos/ix-at-size
+    ETCD_KEY_INDEX_MEMORY_BYTES=4096 "$chaos" run --histories 1 --duration 30 --members 3 --keys 20 \
+      --faults power,power-all,kill,compact,crash --power "$powerfs" --out target/chaos/ix-run
     # The lease-revoke and snapshot-restore apply paths driven to their crash points, each crash
     # followed by a power cut.
     "$chaos" points --power "$powerfs"
@@ -94,6 +101,7 @@ if [ $# -eq 0 ]; then
   else
     echo "chaos: power-cut and disk-fault runs SKIPPED (they need root and a working /dev/fuse)"
     "$chaos" crash-loop --iterations 25
+    ETCD_KEY_INDEX_MEMORY_BYTES=4096 "$chaos" crash-loop --iterations 10 --preload 20000 --out target/chaos/ix-at-size
     "$chaos" points
   fi
 else

@@ -19,6 +19,9 @@ use std::sync::Arc;
 /// Most keys one merge part writes (one backend batch's share of a merge).
 pub const MERGE_PART_KEYS: usize = 20_000;
 
+/// Keys per transaction when [`KeyIndex::build_table`] writes a whole index.
+const BUILD_PART_KEYS: usize = 50_000;
+
 /// Least bytes of log a start replays before it merges them (each merge is durable
 /// transactions of its own: a small budget must not make a start merge row by row).
 const START_MERGE_BYTES: usize = 16 << 20;
@@ -97,11 +100,13 @@ impl KeyIndex {
             IndexMode::Memory => usize::MAX,
             IndexMode::Backend { budget } => budget,
         };
-        if by_key.upto == 0 && !backend.log_complete()? {
-            // A file with no log (an older Keel's): build it from the records (rows are kept in
-            // the file; the histories come from the replay below).
-            backend.read_index(&mut Discard)?;
+        if by_key.upto == 0 && matches!(mode, IndexMode::Backend { .. }) {
+            // A file whose index was all in memory (a learner's received backend, an etcd
+            // import, an older Keel's, a first start with the flag): its histories are built in
+            // memory once, from the log or the records, and written into the table in key order.
+            Self::build_table(backend)?;
         }
+        let by_key = backend.by_key_meta()?;
         let mut p =
             Persisted { layers: Layers::new(by_key.live as usize, by_key.total as usize), base: backend.histories()?, budget, merge: None };
         let (mut last_main, mut data_bytes) = (by_key.upto, by_key.bytes);
@@ -125,6 +130,31 @@ impl KeyIndex {
             IndexMode::Backend { .. } => KeyIndex::Backend(Box::new(p)),
         };
         Ok(Opened { index, last_main, data_bytes })
+    }
+
+    /// Builds table `key_by_key` of a file that has none: the whole index in memory once
+    /// ([`Self::open_in_memory`]), written in key order in parts of [`BUILD_PART_KEYS`] keys,
+    /// the last marking the log up to the newest revision merged.
+    fn build_table(backend: &Backend) -> Result<(), BackendError> {
+        let started = std::time::Instant::now();
+        let Opened { index, last_main, .. } = Self::open_in_memory(backend)?;
+        let KeyIndex::Memory(index, _) = index else { return Ok(()) };
+        if last_main == 0 {
+            return Ok(());
+        }
+        let mut all = index.range_all(&[0], &[0]).peekable();
+        let mut part: Vec<(&[u8], Option<KeyHistory>)> = Vec::with_capacity(BUILD_PART_KEYS);
+        loop {
+            part.clear();
+            part.extend(all.by_ref().take(BUILD_PART_KEYS).map(|(k, h)| (k, Some(h.clone()))));
+            let last = all.peek().is_none();
+            backend.merge_histories(part.iter().map(|(k, h)| (*k, h)), last.then_some(last_main))?;
+            if last {
+                break;
+            }
+        }
+        tracing::info!(keys = index.len(), upto = last_main, took = ?started.elapsed(), "mvcc: built the table of key histories");
+        Ok(())
     }
 
     fn open_in_memory(backend: &Backend) -> Result<Opened, BackendError> {
@@ -365,14 +395,6 @@ impl crate::backend::IndexSink for Rows {
     fn clear(&mut self) {
         *self = Rows::default();
     }
-}
-
-/// Rows nobody keeps (a log built for a file that had none, read again afterwards).
-struct Discard;
-
-impl crate::backend::IndexSink for Discard {
-    fn row(&mut self, _: &[u8], _: IndexRow) {}
-    fn clear(&mut self) {}
 }
 
 #[cfg(test)]
