@@ -469,13 +469,6 @@ impl Index {
         it.into_iter().flatten().map(|(k, h)| (&**k, h))
     }
 
-    /// Keys in `[key, end)` that are live now, with their history.
-    pub fn live_range<'a>(&'a self, key: &'a [u8], end: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a KeyHistory)> + 'a {
-        let empty = empty_range(key, end);
-        let it = if empty { None } else { Some(self.keys.range::<[u8], _>(bounds(key, end))) };
-        it.into_iter().flatten().filter(|(_, h)| h.is_live()).map(|(k, h)| (&**k, h))
-    }
-
     /// Drops every change superseded at revision `at`: for each key, all changes older than the
     /// newest one with main <= at, and that one too if it is a tombstone older than `at`. A
     /// tombstone at `at` itself stays (as etcd 3.6 keeps it), so that a watch from the compaction

@@ -286,14 +286,6 @@ impl KeyIndex {
         }
     }
 
-    /// Bytes of changed histories held in memory (0 for an index all in memory).
-    pub(crate) fn pending_bytes(&self) -> usize {
-        match self {
-            KeyIndex::Memory(..) => 0,
-            KeyIndex::Backend(p) => p.layers.pending_bytes(),
-        }
-    }
-
     /// True while a merge has parts left to write.
     pub(crate) fn merging(&self) -> bool {
         matches!(self, KeyIndex::Backend(p) if p.merge.as_ref().is_some_and(|m| !m.written))

@@ -293,16 +293,6 @@ impl Layers {
         }))
     }
 
-    /// Keys in `[key, end)` that are live now, with their history.
-    pub fn live_range<'a>(
-        &'a self,
-        base: &'a dyn Base,
-        key: &'a [u8],
-        end: &'a [u8],
-    ) -> Result<impl Iterator<Item = Result<Entry, BackendError>> + 'a, BackendError> {
-        Ok(self.range_all(base, key, end)?.filter(|e| e.as_ref().map(|(_, h)| h.is_live()).unwrap_or(true)))
-    }
-
     /// What every key shows at revision `at` (see [`Visible`]), keeping revisions up to `upto`.
     pub fn visible_revisions(&self, base: &dyn Base, at: i64, upto: i64) -> Result<Visible, BackendError> {
         let mut v = Visible::new(upto);

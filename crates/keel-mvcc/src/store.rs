@@ -579,20 +579,10 @@ impl Store {
         })
     }
 
-    /// True when the index is kept in the backend (see [`IndexMode`]).
-    pub fn index_in_backend(&self) -> bool {
-        self.index.in_backend()
-    }
-
     /// True when a copy of the backend must copy the index's tables as they are (see
     /// [`Backend::copy_to`]).
     pub fn copies_index(&self) -> bool {
         self.index.keeps_rows()
-    }
-
-    /// Bytes of the index's changed histories held in memory (kept in the backend; else 0).
-    pub fn index_pending_bytes(&self) -> usize {
-        self.index.pending_bytes()
     }
 
     /// The index walk of [`Store::plan_range`] and [`Store::plan_page`]: the slots, the keys
