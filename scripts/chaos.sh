@@ -6,7 +6,8 @@
 #                           and 3 members with every kind of fault, paused leaders and their
 #                           negative control (reads served unconfirmed), then 25 crash-loop iterations
 #                           with power cuts, 25 with disk faults, 10 at size (20,000 keys
-#                           preloaded: cuts inside compactions and defragments), a power-cut history, the
+#                           preloaded: cuts inside compactions and defragments; 10 more with 2,000
+#                           values of 16 KiB), a power-cut history, the
 #                           same at-size loop and a power-cut history with the key index kept in the
 #                           backend (ETCD_KEY_INDEX_MEMORY_BYTES=4096), the targeted points and the
 #                           negative control (without /dev/fuse: 25 plain crash-loop iterations, 10 at
@@ -96,6 +97,9 @@ if [ $# -eq 0 ]; then
     # At size: 20,000 keys of 1 KiB written twice first, then kills, crash points and power cuts
     # inside compactions and defragments of that backend (issue 26).
     "$chaos" crash-loop --iterations 10 --power "$powerfs" --preload 20000 --out target/chaos/at-size
+    # The same with 16 KiB values, each record stored as page-sized parts (keel-mvcc parts.rs):
+    # cuts inside compactions and defragments that delete and copy parts.
+    "$chaos" crash-loop --iterations 10 --power "$powerfs" --preload 2000 --preload-value-size 16384 --out target/chaos/big-at-size
     "$chaos" run --histories 1 --duration 40 --members 3 --keys 20 --faults power,power-all,kill,compact --power "$powerfs"
     # The key index kept in the backend with a 4 KiB budget (a merge every few batches): the
     # same at-size loop and a history with power cuts, each member merging all along.
