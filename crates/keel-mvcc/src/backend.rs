@@ -1,5 +1,5 @@
 //! The persistent backend: redb tables `key` (revision -> mvccpb.KeyValue; a record longer than
-//! a page keeps its full parts in `key_part`, see [`crate::parts`]), `key_index` (the key index's
+//! a page keeps its full parts in `key_part`, see module `parts`), `key_index` (the key index's
 //! rows, see [`Backend::read_index`]), `meta` and `aux`.
 //!
 //! Writes are buffered by the store and committed here in batches, each batch in one redb
