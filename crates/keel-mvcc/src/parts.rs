@@ -39,7 +39,8 @@ struct Marker {
 }
 
 impl Marker {
-    /// The marker at the head of `key` entry `v`, if it has one (checked against its tail).
+    /// The marker at the head of `key` entry `v`, if it has one (its length and part count are
+    /// checked against the parts and tail by [`record`]).
     fn of(v: &[u8]) -> Option<Marker> {
         if v.len() < MARKER_BYTES || v[0] != 0 {
             return None;
