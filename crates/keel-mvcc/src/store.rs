@@ -299,6 +299,17 @@ impl Store {
         self.index.batch_written(&batch.log, &self.backend);
         if let Some(tail) = &mut self.defrag {
             if !tail.overflowed {
+                if batch.log.keep_rows {
+                    // A record an earlier batch of the tail wrote and this one removes (a
+                    // compaction) never reaches the copy, but its log row must: a kept row of a
+                    // deleted record (a tombstone's above all) is what tells a start the key's
+                    // history moved on.
+                    for (k, v) in &batch.changes {
+                        if let (None, Some(Some(written))) = (v, tail.changes.get(k)) {
+                            tail.rows.insert(k.clone(), Some(written.clone()));
+                        }
+                    }
+                }
                 tail.changes.extend(batch.changes.iter().map(|(k, v)| (k.clone(), v.clone())));
                 tail.aux.extend(batch.aux.iter().map(|(k, v)| (k.clone(), v.clone())));
                 tail.parts.extend(batch.log.parts.iter().cloned());
