@@ -11,6 +11,7 @@ use crate::parts::{self, PARTS};
 use crate::revision::Revision;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -704,28 +705,44 @@ impl Backend {
             tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
         }
         {
-            let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-            let mut parts = tx.open_table(PARTS).map_err(|e| self.err(e))?;
-            let mut index = tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
+            // Each table's entries are gathered first: records come in key order (a dump walks
+            // each table in order), and entries in order after a table's last are appended
+            // through a cursor, at about half the CPU of inserting them one by one (1,000,000
+            // records of 1 KiB: 7.3 s of user time -> 4.1, `examples/load_cost.rs`).
+            let (mut key_entries, mut part_entries, mut rows, mut by_key_entries) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let mut aux = tx.open_table(AUX).map_err(|e| self.err(e))?;
-            let mut by_key = tx.open_table(KEY_BY_KEY).map_err(|e| self.err(e))?;
             for (table, k, v) in records {
                 match *table {
                     TABLE_KEYS => {
-                        parts::put(&mut keys, &mut parts, k, v).map_err(|e| self.err(e))?;
-                        self.put_index_row(&mut index, k, v)?;
+                        let (entry, parts) = parts::split(k, v).map_err(|e| self.err(e))?;
+                        key_entries.push((Cow::Borrowed(k.as_slice()), entry));
+                        part_entries.extend(parts.into_iter().map(|(pk, chunk)| (Cow::Owned(pk), Cow::Borrowed(chunk))));
+                        let (key, row) = self.index_entry(k, v)?;
+                        rows.push((Cow::Owned(row.rev.key_bytes().to_vec()), Cow::Owned(row.encode(&key))));
                     }
-                    TABLE_INDEX_ROWS => {
-                        index.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
-                    }
-                    TABLE_BY_KEY => {
-                        by_key.insert(k.as_slice(), v.as_slice()).map_err(|e| self.err(e))?;
-                    }
+                    TABLE_INDEX_ROWS => rows.push((Cow::Borrowed(k.as_slice()), Cow::Borrowed(v.as_slice()))),
+                    TABLE_BY_KEY => by_key_entries.push((Cow::Borrowed(k.as_slice()), Cow::Borrowed(v.as_slice()))),
                     TABLE_AUX => {
                         let name = std::str::from_utf8(k).map_err(|_| self.err("aux record name is not UTF-8"))?;
                         aux.insert(name, v.as_slice()).map_err(|e| self.err(e))?;
                     }
                     other => return Err(self.err(format!("unknown table {other} in snapshot"))),
+                }
+            }
+            let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+            let mut parts = tx.open_table(PARTS).map_err(|e| self.err(e))?;
+            if !append_in_order(&mut keys, &key_entries).map_err(|e| self.err(e))? {
+                // Not after the table's last: stored one by one (parts of replaced records go).
+                for (_, k, v) in records.iter().filter(|r| r.0 == TABLE_KEYS) {
+                    parts::put(&mut keys, &mut parts, k, v).map_err(|e| self.err(e))?;
+                }
+            } else if !append_in_order(&mut parts, &part_entries).map_err(|e| self.err(e))? {
+                insert_each(&mut parts, &part_entries).map_err(|e| self.err(e))?;
+            }
+            for (def, entries) in [(KEY_INDEX, &rows), (KEY_BY_KEY, &by_key_entries)] {
+                let mut t = tx.open_table(def).map_err(|e| self.err(e))?;
+                if !append_in_order(&mut t, entries).map_err(|e| self.err(e))? {
+                    insert_each(&mut t, entries).map_err(|e| self.err(e))?;
                 }
             }
         }
@@ -987,6 +1004,39 @@ impl crate::layered::Base for Histories {
     }
 }
 
+/// Entries of a table gathered for one transaction.
+type Entries<'a> = [(Cow<'a, [u8]>, Cow<'a, [u8]>)];
+
+/// Appends `entries` to `table` through a cursor at its end when they are in strictly
+/// increasing key order after the table's last key; false, with nothing written, when they are
+/// not.
+fn append_in_order(table: &mut redb::Table<&[u8], &[u8]>, entries: &Entries) -> Result<bool, redb::Error> {
+    let Some((first, _)) = entries.first() else { return Ok(true) };
+    let in_order = entries.windows(2).all(|w| w[0].0 < w[1].0);
+    let after_last = match table.last()? {
+        Some((last, _)) => last.value() < first.as_ref(),
+        None => true,
+    };
+    if !(in_order && after_last) {
+        return Ok(false);
+    }
+    let mut cursor = table.upper_bound_mut(std::ops::Bound::<&[u8]>::Unbounded)?;
+    for (k, v) in entries {
+        cursor.insert_before(k.as_ref(), v.as_ref())?;
+    }
+    cursor.close()?;
+    Ok(true)
+}
+
+/// Inserts `entries` into `table` one by one, in their order (a later one replaces an earlier
+/// one with the same key).
+fn insert_each(table: &mut redb::Table<&[u8], &[u8]>, entries: &Entries) -> Result<(), redb::Error> {
+    for (k, v) in entries {
+        table.insert(k.as_ref(), v.as_ref())?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1170,6 +1220,41 @@ mod tests {
         assert!((left as f64) < used as f64 * 0.6, "{left} bytes of pages in use after deleting half of {used}");
         assert_eq!(b.reader().unwrap().get(&key(1)).unwrap(), None);
         assert_eq!(b.reader().unwrap().get(&key(2)).unwrap(), Some(record(&2i64.to_be_bytes(), 2, 16 << 10)));
+    }
+
+    /// Loaded records land as committed ones do, whether they come in order after what the
+    /// file holds (appended through cursors) or not (stored one by one, a replaced record's parts
+    /// dropped): same hash, same index rows, the same parts.
+    #[test]
+    fn loads_in_order_and_out_of_order_match_commits() {
+        let d = tempfile::tempdir().unwrap();
+        let key = |i: i64| Revision::new(i, 0).to_key(false);
+        // Every third record in parts; the last batch goes back before the first's end and
+        // replaces a long record by a short one and a short one by a long one.
+        let val = |i: i64, round: usize| record(&i.to_be_bytes(), i, if (i as usize + round).is_multiple_of(3) { 9000 } else { 100 });
+        let batches: Vec<Vec<(i64, usize)>> =
+            vec![(10..=20).map(|i| (i, 0)).collect(), (21..=25).map(|i| (i, 0)).collect(), vec![(5, 0), (6, 0), (12, 1), (15, 1), (7, 0)]];
+        let loaded = Backend::open(&d.path().join("loaded")).unwrap();
+        let committed = Backend::open(&d.path().join("committed")).unwrap();
+        for (n, batch) in batches.iter().enumerate() {
+            let records: Vec<(u32, Vec<u8>, Vec<u8>)> = batch.iter().map(|&(i, r)| (TABLE_KEYS, key(i), val(i, r))).collect();
+            let meta = Meta { consistent_index: n as u64 + 1, term: 1, current_rev: 25, compacted_rev: 0 };
+            loaded.load(&records, Some(&meta)).unwrap();
+            let changes: Changes = batch.iter().map(|&(i, r)| (key(i), Some(val(i, r).into()))).collect();
+            committed.commit(&changes, &BTreeMap::new(), &meta).unwrap();
+        }
+        assert_eq!(loaded.hash().unwrap(), committed.hash().unwrap());
+        assert_eq!(read(&loaded), read(&committed));
+        let parts = |b: &Backend| {
+            let tx = b.db.begin_read().unwrap();
+            let t = tx.open_table(PARTS).unwrap();
+            t.iter().unwrap().map(|e| e.unwrap().0.value().to_vec()).collect::<Vec<_>>()
+        };
+        assert_eq!(parts(&loaded), parts(&committed));
+        assert!(!parts(&loaded).is_empty());
+        for (i, r) in [(12, 1), (15, 1), (7, 0), (25, 0)] {
+            assert_eq!(loaded.reader().unwrap().get(&key(i)).unwrap(), Some(val(i, r)));
+        }
     }
 
     /// What [`Backend::read_index`] hands out, and how it read it.

@@ -68,26 +68,35 @@ fn drop_parts(parts: &mut Table<&[u8], &[u8]>, k: &[u8], old: Option<Marker>) ->
     Ok(())
 }
 
-/// Stores record `v` at revision key `k` (replacing what was there, parts included).
-pub(crate) fn put(keys: &mut Table<&[u8], &[u8]>, parts: &mut Table<&[u8], &[u8]>, k: &[u8], v: &[u8]) -> Result<(), redb::Error> {
+/// The full parts of a record with their `key_part` keys, in key order.
+pub(crate) type Parts<'v> = Vec<(Vec<u8>, &'v [u8])>;
+
+/// What record `v` at revision key `k` is stored as: its `key` entry (`v` itself, or a marker
+/// and the tail) and its full parts.
+pub(crate) fn split<'v>(k: &[u8], v: &'v [u8]) -> Result<(Cow<'v, [u8]>, Parts<'v>), redb::Error> {
     if v.len() <= PART_BYTES {
-        let old = keys.insert(k, v)?.and_then(|g| Marker::of(g.value()));
-        return drop_parts(parts, k, old);
+        return Ok((Cow::Borrowed(v), Vec::new()));
     }
     let full = v.len() / PART_BYTES;
-    let (len, n) = match (u32::try_from(v.len()), u32::try_from(full)) {
-        (Ok(len), Ok(n)) => (len, n),
-        _ => return Err(redb::Error::ValueTooLarge(v.len())),
-    };
+    let len = u32::try_from(v.len()).map_err(|_| redb::Error::ValueTooLarge(v.len()))?;
+    // full < len, so it fits too.
+    let n = full as u32;
     let mut entry = Vec::with_capacity(MARKER_BYTES + v.len() - full * PART_BYTES);
     entry.push(0);
     entry.extend_from_slice(&len.to_be_bytes());
     entry.extend_from_slice(&n.to_be_bytes());
     entry.extend_from_slice(&v[full * PART_BYTES..]);
-    let old = keys.insert(k, entry.as_slice())?.and_then(|g| Marker::of(g.value()));
+    let parts = v[..full * PART_BYTES].chunks(PART_BYTES).enumerate().map(|(i, chunk)| (part_key(k, i as u32), chunk)).collect();
+    Ok((Cow::Owned(entry), parts))
+}
+
+/// Stores record `v` at revision key `k` (replacing what was there, parts included).
+pub(crate) fn put(keys: &mut Table<&[u8], &[u8]>, parts: &mut Table<&[u8], &[u8]>, k: &[u8], v: &[u8]) -> Result<(), redb::Error> {
+    let (entry, new_parts) = split(k, v)?;
+    let old = keys.insert(k, entry.as_ref())?.and_then(|g| Marker::of(g.value()));
     drop_parts(parts, k, old)?;
-    for (i, chunk) in v[..full * PART_BYTES].chunks(PART_BYTES).enumerate() {
-        parts.insert(part_key(k, i as u32).as_slice(), chunk)?;
+    for (pk, chunk) in new_parts {
+        parts.insert(pk.as_slice(), chunk)?;
     }
     Ok(())
 }
