@@ -1,7 +1,7 @@
-//! What loading a received snapshot costs (the learner's loader): N records of 1 KiB in
+//! What loading a received snapshot costs (the learner's loader): N records (1 KiB values unless told) in
 //! batches of 10,000 into a new backend through `Backend::load`, the last one durable.
 //!
-//! `cargo run --release -p keel-mvcc --example load_cost -- N [DIR]`
+//! `cargo run --release -p keel-mvcc --example load_cost -- N [DIR [BATCH [VALUE_BYTES]]]`
 
 use keel_mvcc::backend::{Backend, Meta, TABLE_KEYS};
 use keel_mvcc::Revision;
@@ -18,7 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::path::Path::new(&dir).join("db");
     let _ = std::fs::remove_file(&path);
     let b = Backend::open(&path)?;
-    let value = vec![7u8; 1024];
+    let size: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(1024);
+    let value = vec![7u8; size];
     let t0 = Instant::now();
     let mut gen = 0.0;
     let mut batch = Vec::with_capacity(10_000);
