@@ -41,7 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let meta = Meta { consistent_index: 1, term: 1, current_rev: n + 1, compacted_rev: 0 };
+    let last = Instant::now();
     b.load(&batch, Some(&meta))?;
+    println!("last (durable) batch: {:.2} s", last.elapsed().as_secs_f64());
     let s = t0.elapsed().as_secs_f64() - gen;
     drop(b);
     let db = redb::Database::open(&path)?;
