@@ -1,6 +1,7 @@
 //! The one-pass writer: a fresh database from buckets given one after another (in any order,
-//! each name once), each bucket's keys in key order. Leaves are filled up to a page (values larger than a page get overflow pages, up to four sharing a node as in bbolt),
-//! branch levels are built above them, the root bucket lists the buckets; pages 0 and 1 hold the
+//! each name once), each bucket's keys in key order. Leaves are filled up to a page (values
+//! larger than a page get overflow pages, up to four sharing a node as in bbolt), branch levels
+//! are built above them, the root bucket lists the buckets; pages 0 and 1 hold the
 //! metas (transaction ids 0 and 1, as bbolt's own initialisation writes them) and page 2 an
 //! empty freelist: every page below the high-water mark is in use. A bucket small enough (one
 //! leaf of at most a quarter page, as bbolt decides) is stored inline in the root bucket's leaf,
