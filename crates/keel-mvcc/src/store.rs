@@ -133,7 +133,7 @@ impl Store {
     /// Opens the backend at `path` with its key index kept as `mode` says.
     pub fn open_with(path: &Path, mode: IndexMode) -> Result<Store, BackendError> {
         // A defragmentation that did not finish leaves its partial copy behind.
-        let _ = std::fs::remove_file(defrag_path(path));
+        let _ = keel_reclaim::remove(&defrag_path(path));
         let backend = Backend::open(path)?;
         let mut meta = backend.read_meta()?;
         let crate::keyindex::Opened { index, last_main, data_bytes } = KeyIndex::open(&backend, mode)?;
@@ -458,11 +458,20 @@ impl Store {
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("mvcc::defrag", |_| std::process::abort());
+        // The old file's blocks go back in steps once nothing reads it any more.
+        self.backend.retire();
         let new = copy.rename_to(self.backend.path())?;
         let old = std::mem::replace(&mut self.backend, new);
         self.index.backend_replaced(&self.backend);
         self.in_use_base = Some((copy_in_use, data_at_begin));
         Ok((replayed, old))
+    }
+
+    /// Marks the backend's file as about to be replaced by another store's
+    /// ([`Store::move_to`]): its blocks go back in steps once this store and its readers are
+    /// gone ([`Backend::retire`]).
+    pub fn retire_backend(&self) {
+        self.backend.retire();
     }
 
     /// Moves the backend file to `dest` (an atomic rename over whatever is there) and keeps

@@ -627,7 +627,7 @@ impl<T: Transport> Driver<T> {
             }
             Msg::InstallSnapshot { msg, backend } => {
                 if let Some(old) = self.pending_backend.replace(backend) {
-                    let _ = std::fs::remove_file(old);
+                    let _ = keel_reclaim::remove(&old);
                 }
                 let index = msg.get_snapshot().get_metadata().index;
                 if let Err(e) = self.node.step(*msg) {
@@ -639,7 +639,7 @@ impl<T: Transport> Driver<T> {
                 if !taken {
                     if let Some(file) = self.pending_backend.take() {
                         tracing::info!(index, file = %file.display(), "raft: snapshot not needed; its backend file removed");
-                        let _ = std::fs::remove_file(file);
+                        let _ = keel_reclaim::remove(&file);
                     }
                 }
             }

@@ -725,14 +725,16 @@ impl Applier {
         load_leases(&new, &mut lessor);
         let auth = AuthStore::load(&new);
         let alarms = Alarms::load(&new);
-        {
+        let old = {
             let mut ex = self.store.exclusive();
+            // The replaced file's blocks go back in steps, off this stage, once nothing reads it.
+            ex.store.retire_backend();
             new.move_to(&self.db_path).map_err(|e| e.to_string())?;
             // A crash here: the leader's backend is in place, the raft snapshot not yet saved
             // (the log ends before the backend's index); the restart must start from the backend.
             #[cfg(feature = "failpoints")]
             fail::fail_point!("apply::restore", |_| std::process::abort());
-            *ex.store = new;
+            let old = std::mem::replace(&mut *ex.store, new);
             // A compaction whose deletions waited for a commit of the old store: the leader's
             // state replaces it (the new store counts its own batches).
             if let Some((rev, _)) = self.compaction_done.take() {
@@ -747,7 +749,10 @@ impl Applier {
                 revision = ex.store.current_rev(),
                 "restored backend from the leader's snapshot"
             );
-        }
+            old
+        };
+        // Closed outside the store's lock (redb records its allocator state as it closes).
+        drop(old);
         self.hub.resync_all();
         Ok(())
     }

@@ -46,7 +46,7 @@ async fn backend_copy(s: &Server) -> Result<std::path::PathBuf, Status> {
     .await
     .map_err(|e| Status::internal(e.to_string()))?;
     if let Err(e) = made {
-        let _ = std::fs::remove_file(&dest);
+        let _ = keel_reclaim::remove(&dest);
         return Err(Status::internal(format!("etcdserver: snapshot: {e:#}")));
     }
     Ok(dest)
@@ -57,7 +57,8 @@ struct TempFile(std::path::PathBuf);
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // A backend's worth of bytes: given back in steps (keel_reclaim).
+        let _ = keel_reclaim::remove(&self.0);
     }
 }
 

@@ -55,7 +55,8 @@ struct Staged(PathBuf);
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // A backend's worth of bytes: given back in steps (keel_reclaim).
+        let _ = keel_reclaim::remove(&self.0);
     }
 }
 
