@@ -10,14 +10,17 @@
 //! rest to the kernel, which frees an unlinked file when its last descriptor closes.
 //!
 //! Only files without a name are ever truncated: [`release`] checks the link count, so a file
-//! handed over while it still has a name (a rename that did not happen) is only closed.
+//! handed over while it still has a name (a rename that did not happen) is only closed. And no
+//! step reaches the disk before the removal does: [`remove`]'s directory is synced before the
+//! first step (a power cut must not bring back a name whose file was cut short), and a file
+//! given to [`release`] lost its name by a rename its caller synced.
 //!
 //! Owns the reclaim thread and its queue. Calls std's file system functions and `tracing`.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::OnceLock;
 
@@ -35,7 +38,8 @@ pub fn remove(path: &Path) -> io::Result<()> {
     let file = std::fs::OpenOptions::new().write(true).open(path);
     std::fs::remove_file(path)?;
     if let Ok(f) = file {
-        release(f);
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        hand_over(f, Some(dir.to_path_buf()));
     }
     Ok(())
 }
@@ -43,9 +47,13 @@ pub fn remove(path: &Path) -> io::Result<()> {
 /// Gives the blocks of `file`, once it has no name left, back in steps, later; a file that
 /// still has a name is only closed.
 pub fn release(file: File) {
-    match queue().try_send(Job::Free(file)) {
+    hand_over(file, None);
+}
+
+fn hand_over(file: File, dir: Option<PathBuf>) {
+    match queue().try_send(Job::Free(file, dir)) {
         Ok(()) => {}
-        Err(TrySendError::Full(Job::Free(f))) | Err(TrySendError::Disconnected(Job::Free(f))) => free(f),
+        Err(TrySendError::Full(Job::Free(f, d))) | Err(TrySendError::Disconnected(Job::Free(f, d))) => free(f, d.as_deref()),
         Err(_) => {}
     }
 }
@@ -60,7 +68,8 @@ pub fn wait_idle() {
 
 /// What the reclaim thread is given.
 enum Job {
-    Free(File),
+    /// A file to free, and the directory to sync first (its name's removal made durable).
+    Free(File, Option<PathBuf>),
     /// Answered once every job before it is done.
     Mark(SyncSender<()>),
 }
@@ -72,7 +81,7 @@ fn queue() -> &'static SyncSender<Job> {
         let spawned = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
             while let Ok(job) = rx.recv() {
                 match job {
-                    Job::Free(f) => free(f),
+                    Job::Free(f, dir) => free(f, dir.as_deref()),
                     Job::Mark(done) => {
                         let _ = done.send(());
                     }
@@ -88,13 +97,20 @@ fn queue() -> &'static SyncSender<Job> {
 }
 
 /// Truncates `file` to nothing in [`STEP`]s, syncing each, if it has no name; then closes it.
-fn free(file: File) {
+/// `dir`, where its name was, is synced first; if it cannot be, the file is only closed.
+fn free(file: File, dir: Option<&Path>) {
     let meta = match file.metadata() {
         Ok(m) => m,
         Err(_) => return,
     };
     if meta.nlink() > 0 {
         return;
+    }
+    if let Some(d) = dir {
+        if let Err(e) = File::open(d).and_then(|d| d.sync_all()) {
+            tracing::debug!(dir = %d.display(), error = %e, "cannot sync a removed file's directory; the file is freed when it closes");
+            return;
+        }
     }
     let mut size = meta.len();
     while size > 0 {
@@ -139,7 +155,7 @@ mod tests {
     fn a_file_with_a_name_is_left_whole() {
         let dir = tempfile::tempdir().unwrap();
         let p = file_of(dir.path(), "kept", STEP + 1);
-        free(std::fs::OpenOptions::new().write(true).open(&p).unwrap());
+        free(std::fs::OpenOptions::new().write(true).open(&p).unwrap(), Some(dir.path()));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), STEP + 1);
     }
 
@@ -151,7 +167,7 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         let watcher = File::open(&p).unwrap();
         std::fs::remove_file(&p).unwrap();
-        free(f);
+        free(f, None);
         assert_eq!(watcher.metadata().unwrap().len(), 0);
     }
 
