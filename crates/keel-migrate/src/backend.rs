@@ -48,9 +48,10 @@ pub struct Imported {
 }
 
 /// Records, and bytes, per backend transaction while importing: what is held in memory at once
-/// (10,000 values of 16 KiB would be 160 MB).
+/// (10,000 values of 16 KiB would be 160 MB), and what another file's fsync may wait for (each
+/// is synced, [`Backend::load`]).
 const BATCH: usize = 10_000;
-const BATCH_BYTES: usize = 8 << 20;
+const BATCH_BYTES: usize = 4 << 20;
 
 fn be_u64(v: &[u8], what: &str) -> Result<u64> {
     let b: [u8; 8] = v.get(..8).and_then(|b| b.try_into().ok()).with_context(|| format!("{what}: {} bytes, want 8", v.len()))?;

@@ -1,5 +1,5 @@
 //! What loading a received snapshot costs (the learner's loader): N records (1 KiB values unless told) in
-//! batches of 10,000 into a new backend through `Backend::load`, the last one durable.
+//! batches of 10,000 (unless told) into a new backend through `Backend::load`, each synced.
 //!
 //! `cargo run --release -p keel-mvcc --example load_cost -- N [DIR [BATCH [VALUE_BYTES]]]`
 
@@ -36,21 +36,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         batch.push((TABLE_KEYS, Revision::new(i + 2, 0).to_key(false), kv.encode_to_vec()));
         gen += g.elapsed().as_secs_f64();
         if batch.len() == per_batch {
-            // DURABLE_BATCHES=1: each batch synced, as a defragmentation's copy is.
-            let each = std::env::var_os("DURABLE_BATCHES").is_some().then_some(Meta {
-                consistent_index: 1,
-                term: 1,
-                current_rev: i + 1,
-                compacted_rev: 0,
-            });
-            b.load(&batch, each.as_ref())?;
+            b.load(&batch, None)?;
             batch.clear();
         }
     }
     let meta = Meta { consistent_index: 1, term: 1, current_rev: n + 1, compacted_rev: 0 };
     let last = Instant::now();
     b.load(&batch, Some(&meta))?;
-    println!("last (durable) batch: {:.2} s", last.elapsed().as_secs_f64());
+    println!("last batch: {:.2} s", last.elapsed().as_secs_f64());
     let s = t0.elapsed().as_secs_f64() - gen;
     // What the loader wrote: bytes passed to write calls, and bytes that reached the disk.
     if let Ok(io) = std::fs::read_to_string("/proc/self/io") {

@@ -711,23 +711,14 @@ impl Backend {
         Ok((meta, by_key))
     }
 
-    /// Adds dumped records to this (new) backend, durably.
-    fn load_durable(&self, records: &[(u32, Vec<u8>, Vec<u8>)]) -> Result<(), BackendError> {
-        self.load_with(records, None, true)
-    }
-
-    /// Adds dumped records to this (new) backend; durable when `meta` is given (the last call).
+    /// Adds dumped records to this (new) backend in one transaction, synced; `meta` (the last
+    /// call's) records where the dump was taken. Each batch is synced on its own so that another
+    /// file's fsync on the same disk (a WAL's) waits for one batch's writes at most, never for a
+    /// whole backend's: a learner that synced only its last batch held the leader's writes up to
+    /// 0.8 s (PERFORMANCE.md run 13); callers keep batches to a few MiB.
     pub fn load(&self, records: &[(u32, Vec<u8>, Vec<u8>)], meta: Option<&Meta>) -> Result<(), BackendError> {
-        self.load_with(records, meta, meta.is_some())
-    }
-
-    fn load_with(&self, records: &[(u32, Vec<u8>, Vec<u8>)], meta: Option<&Meta>, durable: bool) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        if durable {
-            tx.set_quick_repair(true);
-        } else {
-            tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
-        }
+        tx.set_quick_repair(true);
         {
             // Each table's entries are gathered first: records come in key order (a dump walks
             // each table in order), and entries in order after a table's last are appended
@@ -794,10 +785,10 @@ impl Backend {
             batch.push((t, k.to_vec(), v.to_vec()));
             bytes += k.len() + v.len();
             if batch.len() >= COPY_BATCH || bytes >= COPY_BATCH_BYTES {
-                // Each batch is made durable on its own: one huge flush at the end would hold up
+                // Each batch is synced on its own: one huge flush at the end would hold up
                 // the WAL's fsyncs on the same disk.
                 bytes = 0;
-                if let Err(e) = out.load_durable(&batch) {
+                if let Err(e) = out.load(&batch, None) {
                     failed = Some(e);
                     return false;
                 }
