@@ -5,6 +5,9 @@
 //! Writes are buffered by the store and committed here in batches, each batch in one redb
 //! transaction together with the consistent index, so that a crash leaves the backend at a batch
 //! boundary and replaying the WAL from the stored consistent index applies each entry exactly once.
+//!
+//! Owns the redb database of one file. Calls redb, module `parts`, and `keel_reclaim` for a
+//! replaced file ([`Backend::retire`]).
 
 use crate::layered::IndexLog;
 use crate::parts::{self, PARTS};

@@ -1,4 +1,7 @@
 //! Segmented, checksummed, preallocated log files in etcd's WAL format.
+//!
+//! Owns the segment files of one WAL directory. Calls `frame` and, for released segments,
+//! `keel_reclaim`.
 
 use crate::frame::{self, Parsed, HEADER};
 use crate::{io_err, sync_dir, Error, Result};

@@ -12,8 +12,8 @@
 //!   backend in the snap directory (bounded by twice the backend quota) as a Keel backend, and
 //!   hand both to raft; nothing of a failed or refused transfer stays on disk.
 //!
-//! Owns the staged files. Calls [`BackendFiles`] for the conversions and the backend, the
-//! node, the dialer.
+//! Owns the staged files (removed through `keel_reclaim`). Calls [`BackendFiles`] for the
+//! conversions and the backend, the node, the dialer.
 
 use crate::rafthttp::handshake::id_string;
 use crate::rafthttp::pipeline::{check_post_answer, post_headers};
