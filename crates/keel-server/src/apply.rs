@@ -396,6 +396,8 @@ impl Applier {
         keel_metrics::METRICS.db_compaction_pause.observe(t0.elapsed().as_secs_f64() * 1000.0);
         self.next_compaction_batch.set(std::time::Instant::now() + self.compaction.sleep);
         if !store.compacting() {
+            // Published once durable: the next batch is, at once.
+            store.want_sync();
             self.compaction_done.set(Some((store.compacted_rev(), store.durable_mark())));
             if let Some(plan) = store.take_compaction_hash() {
                 self.run_compaction_hash(plan);

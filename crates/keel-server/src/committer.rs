@@ -1,13 +1,16 @@
-//! The backend committer: a thread of its own that makes the store's pending batch durable when
-//! it is due (etcd's batch interval and limit, `keel_mvcc::store::BATCH_INTERVAL` and
-//! `BATCH_LIMIT`), so that the apply stage never waits for a backend commit. A commit does not
+//! The backend committer: a thread of its own that commits the store's pending batch when it
+//! is due (etcd's batch interval and limit, `keel_mvcc::store::BATCH_INTERVAL` and
+//! `BATCH_LIMIT`), so that the apply stage never waits for a backend commit; at most one batch
+//! per `keel_mvcc::store::SYNC_INTERVAL` (or at once when one is wanted) is made durable, the
+//! others only visible (`keel_mvcc::backend::Sync`). A commit does not
 //! hold the store's lock while it writes (`keel_mvcc::SharedStore::commit`), so applies and
 //! reads go on beside it; on the apply thread, every write applied behind a big commit (a
 //! compaction's deletions: ~100 ms each at 1 GB) waited for it.
 //!
 //! Owns its thread and the channel that wakes it; calls only `keel_mvcc::SharedStore`. Whoever
-//! needs a batch durable at a point (the final sync, a compaction's end, a wished-for snapshot)
-//! still commits itself: commits take turns on the store's commit lock. A raft snapshot every
+//! needs a batch durable at a point (the final sync, a wished-for snapshot) still commits
+//! itself: commits take turns on the store's commit lock. A compaction's end asks for the next
+//! batch to be durable (`keel_mvcc::Store::want_sync`). A raft snapshot every
 //! `--snapshot-count` entries does not: it waits for this thread's commits to reach its index
 //! (`keel_raft::StateMachine::durable_index`).
 
