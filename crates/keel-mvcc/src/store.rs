@@ -349,6 +349,10 @@ impl Store {
             // Put back if the commit fails (abort_batch).
             self.unsynced = false;
             self.sync_wanted = false;
+            // The interval runs from this batch's take, on the batch interval's clock: timed
+            // from its end, the next batch taken a batch interval later would be found early
+            // and only made visible, every other batch.
+            self.last_sync = self.last_commit;
         }
         let mut log = self.index.batch_log(self.meta.current_rev);
         log.rows = std::mem::take(&mut self.log_only);
@@ -372,7 +376,6 @@ impl Store {
             Sync::Durable => {
                 self.durable_index = batch.meta.consistent_index;
                 self.committed_batches += 1;
-                self.last_sync = Instant::now();
             }
             Sync::Visible => self.unsynced = true,
         }

@@ -528,6 +528,39 @@ fn write_batch(s: &mut Store) -> Sync {
     batch.sync
 }
 
+/// At the default interval every batch taken on the batch interval's clock is durable (the
+/// interval runs from a durable batch's take, not its end), and only one taken sooner, at the
+/// batch limit, is just visible.
+#[test]
+fn batches_due_by_the_clock_are_durable_and_early_ones_only_visible() {
+    let (_d, mut s) = open();
+    put(&mut s, "a", "1");
+    s.commit().unwrap();
+    let mut last_durable = std::time::Instant::now();
+    for round in 0..3 {
+        put(&mut s, "a", &format!("{round}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !s.commit_due() {
+            assert!(std::time::Instant::now() < deadline, "a batch never came due");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        last_durable = std::time::Instant::now();
+        assert_eq!(write_batch(&mut s), Sync::Durable, "round {round}: due by the clock");
+    }
+    for i in 0..keel_mvcc::store::BATCH_LIMIT {
+        put(&mut s, &format!("k{i:05}"), "v");
+    }
+    assert!(s.commit_due(), "the batch limit makes a batch due at once");
+    let durable = s.committed_batches();
+    // Taken within a batch interval of the last durable batch's take: only visible (unless
+    // this machine took a whole batch interval to apply the changes above: then it was owed).
+    let how = write_batch(&mut s);
+    if last_durable.elapsed() < keel_mvcc::store::BATCH_INTERVAL {
+        assert_eq!(how, Sync::Visible);
+        assert_eq!(s.committed_batches(), durable);
+    }
+}
+
 /// The committer's batches between two durable ones are only made visible: later reads find
 /// their values in the backend, but neither the durable index (what a raft snapshot and the
 /// WAL's release wait for) nor the durable mark moves until a durable batch, empty if nothing
