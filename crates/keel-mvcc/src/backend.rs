@@ -121,7 +121,7 @@ impl Drop for Retire {
 /// durable commit (whose allocator state is still the one a start loads), from where the WAL
 /// replays what followed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Sync {
+pub enum CommitMode {
     #[default]
     Durable,
     Visible,
@@ -262,7 +262,7 @@ impl Backend {
 
     /// Durably commits one batch: key puts (`Some`) and deletes (`None`) plus the meta record.
     pub fn commit(&self, changes: &Changes, aux: &BTreeMap<String, Vec<u8>>, meta: &Meta) -> Result<(), BackendError> {
-        self.commit_with(changes, aux, meta, &IndexLog::default(), Sync::Durable)
+        self.commit_with(changes, aux, meta, &IndexLog::default(), CommitMode::Durable)
     }
 
     /// [`Backend::commit`] with what an index kept in the backend writes in the same transaction
@@ -273,15 +273,15 @@ impl Backend {
         aux: &BTreeMap<String, Vec<u8>>,
         meta: &Meta,
         log: &IndexLog,
-        sync: Sync,
+        sync: CommitMode,
     ) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         match sync {
             // Quick repair: the commit records redb's allocator state (two-phase commit), so
             // that opening the file after a crash loads it instead of walking and checksumming
             // every page (a full repair reads the whole file: seconds per GB).
-            Sync::Durable => tx.set_quick_repair(true),
-            Sync::Visible => tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?,
+            CommitMode::Durable => tx.set_quick_repair(true),
+            CommitMode::Visible => tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?,
         }
         {
             let mut a = tx.open_table(AUX).map_err(|e| self.err(e))?;
@@ -748,7 +748,7 @@ impl Backend {
     /// 0.8 s (PERFORMANCE.md run 13); callers keep batches to a few MiB.
     pub fn load(&self, records: &[(u32, Vec<u8>, Vec<u8>)], meta: Option<&Meta>) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        // Only the last batch records the allocator state (see [`Sync`]): the file is staged,
+        // Only the last batch records the allocator state (see [`CommitMode`]): the file is staged,
         // and a crash before its last batch leaves it to be discarded, never opened.
         tx.set_quick_repair(meta.is_some());
         {

@@ -13,7 +13,7 @@
 //!
 //! Calls only [`Store`].
 
-use crate::backend::{BackendError, Sync};
+use crate::backend::{BackendError, CommitMode};
 use crate::kv::{self, KvError};
 use crate::store::{Fetch, Store};
 use keel_proto::etcdserverpb::{RangeRequest, RangeResponse};
@@ -56,12 +56,12 @@ impl SharedStore {
     /// Makes everything applied so far durable in the backend. The store stays readable and
     /// writable while the batch is written; concurrent commits wait for each other.
     pub fn commit(&self) -> Result<(), BackendError> {
-        self.commit_at_least(Sync::Durable)
+        self.commit_at_least(CommitMode::Durable)
     }
 
     /// Commits the pending batch, durably if `at_least` says so or one is owed
     /// ([`Store::take_batch`]).
-    fn commit_at_least(&self, at_least: Sync) -> Result<(), BackendError> {
+    fn commit_at_least(&self, at_least: CommitMode) -> Result<(), BackendError> {
         let _c = self.commit.lock();
         let Some((batch, backend)) = self.store.write().take_batch(at_least) else { return Ok(()) };
         match batch.write_to(&backend) {
@@ -88,7 +88,7 @@ impl SharedStore {
         if !self.store.read().commit_due() {
             return Ok(false);
         }
-        self.commit_at_least(Sync::Visible).map(|()| true)
+        self.commit_at_least(CommitMode::Visible).map(|()| true)
     }
 
     /// etcd's Range on the current state: planned under the read lock, values loaded after.

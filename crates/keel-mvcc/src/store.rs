@@ -26,7 +26,7 @@ pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 pub const BATCH_LIMIT: usize = 10_000;
 /// How often, at most, a batch is made durable by default ([`Store::set_sync_interval`]):
 /// batches taken sooner after a durable one (the batch limit reached under a heavy load) are
-/// only made visible ([`Sync::Visible`]), which writes no allocator state and syncs nothing,
+/// only made visible ([`CommitMode::Visible`]), which writes no allocator state and syncs nothing,
 /// and the next batch is durable. A crash loses at most the batches since the last durable
 /// one, which the WAL replays at start (it keeps every entry past the backend's durable index:
 /// [`Store::committed_index`]). Not longer: a second (PERFORMANCE.md run 14) left ten batches'
@@ -34,7 +34,7 @@ pub const BATCH_LIMIT: usize = 10_000;
 /// 4.1 -> 5.2 ms with 1 client, 41 -> 86 ms with 100).
 pub const SYNC_INTERVAL: Duration = BATCH_INTERVAL;
 
-pub use crate::backend::{Changes, Sync};
+pub use crate::backend::{Changes, CommitMode};
 
 /// One batch of changes on its way to the backend, with the meta record it ends at.
 #[derive(Debug, Default)]
@@ -45,7 +45,7 @@ pub struct Batch {
     /// What the batch writes for an index kept in the backend.
     pub log: IndexLog,
     /// Whether its commit is durable (and with it every commit before it).
-    pub sync: Sync,
+    pub sync: CommitMode,
 }
 
 impl Batch {
@@ -88,7 +88,9 @@ pub struct Store {
     committed_batches: u64,
     /// Fill in prev_kv on every event (some watcher asked for it).
     events_with_prev: bool,
+    /// When the last batch was taken: the batch interval is timed from it.
     last_commit: Instant,
+    /// When the last durable batch was taken: a durable one is owed `sync_interval` after it.
     last_sync: Instant,
     sync_interval: Duration,
     /// Set while a defragmentation copies the backend: the batches committed since it began.
@@ -305,8 +307,9 @@ impl Store {
     /// pending or only visible). Never early: a failed commit puts its changes back, and only a
     /// later batch counts.
     pub fn durable_mark(&self) -> u64 {
-        let durable_in_flight = self.committing.as_ref().is_some_and(|b| b.sync == Sync::Durable);
-        let visible_in_flight = self.committing.as_ref().is_some_and(|b| b.sync == Sync::Visible);
+        let in_flight = self.committing.as_ref().map(|b| b.sync);
+        let durable_in_flight = in_flight == Some(CommitMode::Durable);
+        let visible_in_flight = in_flight == Some(CommitMode::Visible);
         self.committed_batches + u64::from(durable_in_flight) + u64::from(self.dirty() || visible_in_flight)
     }
 
@@ -314,7 +317,7 @@ impl Store {
     /// For single-threaded use (start, offline tools); a shared store commits through
     /// [`crate::shared::SharedStore::commit`], which does not hold the lock while writing.
     pub fn commit(&mut self) -> Result<(), BackendError> {
-        let Some((batch, backend)) = self.take_batch(Sync::Durable) else { return Ok(()) };
+        let Some((batch, backend)) = self.take_batch(CommitMode::Durable) else { return Ok(()) };
         match batch.write_to(&backend) {
             Ok(()) => {
                 self.finish_batch(&batch);
@@ -331,21 +334,21 @@ impl Store {
     /// there is nothing to commit. Until [`Store::finish_batch`] (or [`Store::abort_batch`]),
     /// reads find the batch's values in it. One batch at a time (the caller serializes commits).
     ///
-    /// `at_least` [`Sync::Visible`]: the batch is made durable only when one is owed (the last
+    /// `at_least` [`CommitMode::Visible`]: the batch is made durable only when one is owed (the last
     /// durable one is [`SYNC_INTERVAL`] old, or [`Store::want_sync`] asked); an empty durable
     /// batch when only that is left to do.
-    pub fn take_batch(&mut self, at_least: Sync) -> Option<(Arc<Batch>, Backend)> {
+    pub fn take_batch(&mut self, at_least: CommitMode) -> Option<(Arc<Batch>, Backend)> {
         self.last_commit = Instant::now();
         assert!(self.committing.is_none(), "mvcc: a backend commit is already in progress");
-        let sync = if at_least == Sync::Durable || self.sync_owed() { Sync::Durable } else { Sync::Visible };
+        let sync = if at_least == CommitMode::Durable || self.sync_owed() { CommitMode::Durable } else { CommitMode::Visible };
         let due = match sync {
-            Sync::Durable => self.dirty(),
-            Sync::Visible => self.changed(),
+            CommitMode::Durable => self.dirty(),
+            CommitMode::Visible => self.changed(),
         };
         if !due {
             return None;
         }
-        if sync == Sync::Durable {
+        if sync == CommitMode::Durable {
             // Put back if the commit fails (abort_batch).
             self.unsynced = false;
             self.sync_wanted = false;
@@ -373,11 +376,11 @@ impl Store {
         self.committing = None;
         self.committed = batch.meta;
         match batch.sync {
-            Sync::Durable => {
+            CommitMode::Durable => {
                 self.durable_index = batch.meta.consistent_index;
                 self.committed_batches += 1;
             }
-            Sync::Visible => self.unsynced = true,
+            CommitMode::Visible => self.unsynced = true,
         }
         self.index.batch_written(&batch.log, &self.backend);
         if let Some(tail) = &mut self.defrag {
@@ -413,7 +416,7 @@ impl Store {
     /// are newer), to be committed with them next time.
     pub fn abort_batch(&mut self, batch: Arc<Batch>) {
         self.committing = None;
-        if batch.sync == Sync::Durable {
+        if batch.sync == CommitMode::Durable {
             // What the visible batches before it wrote is still not durable, and whoever
             // waited for it still waits.
             self.unsynced = true;
@@ -525,7 +528,7 @@ impl Store {
                 meta,
                 log: IndexLog { keep_rows, parts: std::mem::take(&mut t.parts), rows: std::mem::take(&mut t.rows) },
                 // The copy takes the backend's place: it must hold durably all the backend held.
-                sync: Sync::Durable,
+                sync: CommitMode::Durable,
             })),
             None => Err(fail(DEFRAG_INTERRUPTED)),
         }

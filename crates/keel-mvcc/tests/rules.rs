@@ -3,7 +3,7 @@
 //! `crates/keel/tests/etcd_oracle.rs`.
 
 use keel_mvcc::kv::{self, NoLeases};
-use keel_mvcc::store::{Fetch, Sync};
+use keel_mvcc::store::{CommitMode, Fetch};
 use keel_mvcc::{IndexMode, KvError, Store};
 use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use keel_proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest};
@@ -502,7 +502,7 @@ fn a_compactions_deletions_are_durable_once_the_mark_taken_at_its_end_is_reached
     }
     // A batch taken: the mark is reached when it is durable, not before; a failed one does not
     // count and gives its deletions back.
-    let (batch, backend) = s.take_batch(Sync::Durable).unwrap();
+    let (batch, backend) = s.take_batch(CommitMode::Durable).unwrap();
     drop(backend);
     assert_eq!(s.durable_mark(), mark, "the batch in flight holds everything");
     s.abort_batch(batch);
@@ -521,8 +521,8 @@ fn a_compactions_deletions_are_durable_once_the_mark_taken_at_its_end_is_reached
 }
 
 /// Takes and writes a batch as the committer does (durable only when one is owed); returns how.
-fn write_batch(s: &mut Store) -> Sync {
-    let (batch, backend) = s.take_batch(Sync::Visible).unwrap();
+fn write_batch(s: &mut Store) -> CommitMode {
+    let (batch, backend) = s.take_batch(CommitMode::Visible).unwrap();
     batch.write_to(&backend).unwrap();
     s.finish_batch(&batch);
     batch.sync
@@ -545,7 +545,7 @@ fn batches_due_by_the_clock_are_durable_and_early_ones_only_visible() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         last_durable = std::time::Instant::now();
-        assert_eq!(write_batch(&mut s), Sync::Durable, "round {round}: due by the clock");
+        assert_eq!(write_batch(&mut s), CommitMode::Durable, "round {round}: due by the clock");
     }
     for i in 0..keel_mvcc::store::BATCH_LIMIT {
         put(&mut s, &format!("k{i:05}"), "v");
@@ -556,7 +556,7 @@ fn batches_due_by_the_clock_are_durable_and_early_ones_only_visible() {
     // this machine took a whole batch interval to apply the changes above: then it was owed).
     let how = write_batch(&mut s);
     if last_durable.elapsed() < keel_mvcc::store::BATCH_INTERVAL {
-        assert_eq!(how, Sync::Visible);
+        assert_eq!(how, CommitMode::Visible);
         assert_eq!(s.committed_batches(), durable);
     }
 }
@@ -579,28 +579,28 @@ fn visible_batches_count_as_durable_only_once_a_durable_batch_follows() {
     s.set_consistent_index(6, 1);
     let mark = s.durable_mark();
     assert_eq!(mark, durable + 1);
-    assert_eq!(write_batch(&mut s), Sync::Visible, "no durable batch is owed yet");
+    assert_eq!(write_batch(&mut s), CommitMode::Visible, "no durable batch is owed yet");
     assert_eq!(s.committed_index(), 5, "a visible batch is not durable");
     assert_eq!(s.committed_batches(), durable);
     assert_eq!(s.durable_mark(), mark, "a durable batch is still owed");
     assert_eq!(s.pending_changes(), 0);
     assert_eq!(get_at(&s, "b", 0).unwrap().unwrap().value, b"2", "read back from the backend");
-    assert!(s.take_batch(Sync::Visible).is_none(), "nothing new to make visible");
+    assert!(s.take_batch(CommitMode::Visible).is_none(), "nothing new to make visible");
     s.commit().unwrap();
     assert_eq!(s.committed_index(), 6, "the empty durable batch covers the visible one");
     assert_eq!(s.committed_batches(), mark);
-    assert!(s.take_batch(Sync::Durable).is_none(), "everything is durable");
+    assert!(s.take_batch(CommitMode::Durable).is_none(), "everything is durable");
     // A waiter's wish: due at once, and durable even when taken as visible.
     put(&mut s, "c", "3");
     s.set_consistent_index(7, 1);
     s.want_sync();
     assert!(s.commit_due());
-    assert_eq!(write_batch(&mut s), Sync::Durable);
+    assert_eq!(write_batch(&mut s), CommitMode::Durable);
     assert_eq!(s.committed_index(), 7);
     // A visible batch then a clean close: redb makes it durable as it closes.
     put(&mut s, "d", "4");
     s.set_consistent_index(8, 1);
-    assert_eq!(write_batch(&mut s), Sync::Visible);
+    assert_eq!(write_batch(&mut s), CommitMode::Visible);
     drop(s);
     let s = Store::open(&d.path().join("db")).unwrap();
     assert_eq!(s.consistent_index(), 8);

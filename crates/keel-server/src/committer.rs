@@ -2,7 +2,7 @@
 //! is due (etcd's batch interval and limit, `keel_mvcc::store::BATCH_INTERVAL` and
 //! `BATCH_LIMIT`), so that the apply stage never waits for a backend commit; at most one batch
 //! per `keel_mvcc::store::SYNC_INTERVAL` (or at once when one is wanted) is made durable, the
-//! others only visible (`keel_mvcc::backend::Sync`). A commit does not
+//! others only visible (`keel_mvcc::backend::CommitMode`). A commit does not
 //! hold the store's lock while it writes (`keel_mvcc::SharedStore::commit`), so applies and
 //! reads go on beside it; on the apply thread, every write applied behind a big commit (a
 //! compaction's deletions: ~100 ms each at 1 GB) waited for it.
