@@ -173,25 +173,28 @@ tool_p99() { awk '/99% in/ {print $3 * 1000}' | tail -1; }
 
 # The writer used under compaction and beside the learner: 1 client, 200 puts/s of 1 KiB on 1,000
 # keys of its own, in 2-second rounds until $work/stop-writer appears; each round's JSON report
-# is kept.
+# is kept, named after the phase ($work/writer-phase, set by writer_phase) it began in.
 start_writer() {
   local ep=$1 name=$2
   rm -f "$work/stop-writer" "$work/writer-$name".*.json
+  writer_phase all
   (
     r=0
     while [ ! -e "$work/stop-writer" ]; do
       r=$((r + 1))
-      "$kbench" --endpoints "$ep" --json put --total 400 --rate 200 --key-space-size 1000 --key-size 12 --val-size 1024 >"$work/writer-$name.$r.json" 2>/dev/null || true
+      "$kbench" --endpoints "$ep" --json put --total 400 --rate 200 --key-space-size 1000 --key-size 12 --val-size 1024 >"$work/writer-$name.$(cat "$work/writer-phase").$r.json" 2>/dev/null || true
     done
   ) &
   writer_pid=$!
 }
+writer_phase() { echo "$1" >"$work/writer-phase"; }
 stop_writer() {
   touch "$work/stop-writer"
   wait "$writer_pid" 2>/dev/null || true
   writer_pid=""
 }
-# writer_stat NAME FIELD: the largest FIELD (max_ms, p99_ms) over the rounds; errors summed.
+# writer_stat NAME[.PHASE] FIELD: the largest FIELD (max_ms, p99_ms) over the rounds; errors
+# summed.
 writer_stat() { cat "$work/writer-$1".*.json 2>/dev/null | jq -s "map(.$2) | max // 0"; }
 writer_errors() { cat "$work/writer-$1".*.json 2>/dev/null | jq -s 'map(.errors) | add // 0'; }
 
@@ -307,9 +310,11 @@ point() {
     start_writer "$l" compact
     sleep 2
     t0=$(now)
+    writer_phase compaction
     # A step that fails is recorded (its figure then missing) and the run goes on.
     if "$ctl" --endpoints "$l" --command-timeout 3600s compact "$r0" --physical >/dev/null; then tc=$(since "$t0"); else tc=""; fi
     for i in 1 2 3; do
+      writer_phase defragment
       t0=$(now)
       if ! "$ctl" --endpoints "127.0.0.$i:23790" --command-timeout 3600s defrag >/dev/null; then dmax=""; break; fi
       d=$(since "$t0")
@@ -321,6 +326,8 @@ point() {
     record "$sys" "$shape" compaction "defragment (slowest member)" "$dmax" s
     record "$sys" "$shape" compaction "longest write meanwhile" "$(writer_stat compact max_ms)" ms
     record "$sys" "$shape" compaction "write p99 meanwhile (worst 2 s)" "$(writer_stat compact p99_ms)" ms
+    record "$sys" "$shape" compaction "of which in rounds begun while compacting" "$(writer_stat compact.compaction max_ms)" ms
+    record "$sys" "$shape" compaction "of which in rounds begun while defragmenting" "$(writer_stat compact.defragment max_ms)" ms
     record "$sys" "$shape" compaction "failed writes meanwhile" "$(writer_errors compact)" ""
     record "$sys" "$shape" compaction "leader changes meanwhile" "$(( $(leader_changes) - lc0 ))" ""
     record "$sys" "$shape" compaction "backend size after defragment (leader's dbSize)" "$(mb "$(( $("$ctl" --endpoints "$l" endpoint status -w json | jq '.[0].Status.dbSize') / 1024 ))")" "MiB"
