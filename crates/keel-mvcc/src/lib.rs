@@ -9,6 +9,7 @@
 //! - [`keyindex`]: the store's index, all in memory ([`index`]) or kept in the backend
 //!   ([`layered`] over a table of histories, merged into it in parts that ride the batches).
 //! - [`backend`]: the redb tables, committed in batches together with the consistent index.
+//! - `pace`: a background walk's disk reads kept to a rate (the WALs share the disk).
 //! - `parts`: records longer than a page, stored as page-sized parts (the backend's layout).
 //! - [`store`]: ties index and backend together: versioned reads, atomic write transactions,
 //!   compaction, restore on open.
@@ -27,6 +28,7 @@ pub mod index;
 pub mod keyindex;
 pub mod kv;
 pub mod layered;
+mod pace;
 mod parts;
 pub mod revision;
 pub mod shared;

@@ -411,7 +411,7 @@ impl Applier {
     /// the peers' corruption checks.
     fn run_compaction_hash(&self, plan: keel_mvcc::store::HashPlan) {
         let (hashes, revision) = (self.hashes.clone(), plan.revision());
-        let spawned = crate::background::spawn("compaction-hash", move || match plan.run() {
+        let spawned = crate::background::spawn("compaction-hash", move || match plan.run_paced() {
             Ok((hash, _, compacted)) => {
                 let compact_revision = crate::kv_hash::compact_revision(compacted);
                 hashes.store(crate::kv_hash::KeyValueHash { hash, compact_revision, revision });
