@@ -1,7 +1,7 @@
 //! Paces a background walk's reads from the disk (a finished compaction's hash of a backend
 //! that is not in the page cache).
 //!
-//! The members' WALs share the disk with the copy, and every write waits for their fdatasyncs.
+//! The members' WALs share the disk with the walk, and every write waits for their fdatasyncs.
 //! Reading a cold file 4 KiB at a time as fast as the disk serves it took a WAL-like probe's
 //! fdatasync p99 from 0.3 to 16 ms (max 25 ms); paced at 50 MiB/s, 3.7 ms; at 20 MiB/s, 1.3 ms
 //! (`keel-wal`'s `examples/fsync_contention.rs`, `read` mode). Only what the thread really read
