@@ -37,6 +37,10 @@
 #   BENCH_SCALE_STEPS="compaction"           which steps after the load (default all: latency
 #                                            restart learner snapshot compaction recompaction)
 #   BENCH_SCALE_SMOKE=1                      a smoke run: 2,000 keys, 200 big values, few requests
+#   BENCH_SCALE_TRACE_SYNCS=1                the compaction step also records every fsync on the
+#                                            machine (scripts/trace-syncs.sh; root and perf) and
+#                                            reports them in $work/syncs-compaction.txt, beside
+#                                            the writer's puts of 40 ms or more (writer-compact.slow)
 #   KEEL_BIN=... KEEL_BENCH_BIN=...          measure these builds (no cargo build)
 #   BENCH_TABLE_ONLY=results.jsonl           only print the table of an earlier run
 #
@@ -173,16 +177,17 @@ tool_p99() { awk '/99% in/ {print $3 * 1000}' | tail -1; }
 
 # The writer used under compaction and beside the learner: 1 client, 200 puts/s of 1 KiB on 1,000
 # keys of its own, in 2-second rounds until $work/stop-writer appears; each round's JSON report
-# is kept, named after the phase ($work/writer-phase, set by writer_phase) it began in.
+# is kept, named after the phase ($work/writer-phase, set by writer_phase) it began in; each put
+# of 40 ms or more is listed in $work/writer-NAME.slow with when it began (Unix seconds).
 start_writer() {
   local ep=$1 name=$2
-  rm -f "$work/stop-writer" "$work/writer-$name".*.json
+  rm -f "$work/stop-writer" "$work/writer-$name".*.json "$work/writer-$name.slow"
   writer_phase all
   (
     r=0
     while [ ! -e "$work/stop-writer" ]; do
       r=$((r + 1))
-      "$kbench" --endpoints "$ep" --json put --total 400 --rate 200 --key-space-size 1000 --key-size 12 --val-size 1024 >"$work/writer-$name.$(cat "$work/writer-phase").$r.json" 2>/dev/null || true
+      "$kbench" --endpoints "$ep" --json put --total 400 --rate 200 --key-space-size 1000 --key-size 12 --val-size 1024 --slow-ms 40 >"$work/writer-$name.$(cat "$work/writer-phase").$r.json" 2>>"$work/writer-$name.slow" || true
     done
   ) &
   writer_pid=$!
@@ -307,6 +312,12 @@ point() {
     wait_revision "$r0" ${eps//,/ }
     local lc0 tc td dmax=0 d
     lc0=$(leader_changes)
+    local tracer=""
+    if [ "${BENCH_SCALE_TRACE_SYNCS:-0}" = 1 ]; then
+      rm -rf "$work/syncs"
+      "$root/scripts/trace-syncs.sh" record "$work/syncs" &
+      tracer=$!
+    fi
     start_writer "$l" compact
     sleep 2
     t0=$(now)
@@ -322,6 +333,11 @@ point() {
     done
     sleep 2
     stop_writer
+    if [ -n "$tracer" ]; then
+      kill -INT "$tracer" 2>/dev/null || true
+      wait "$tracer" 2>/dev/null || true
+      "$root/scripts/trace-syncs.sh" report "$work/syncs" 40 >"$work/syncs-compaction.txt" || true
+    fi
     record "$sys" "$shape" compaction "compaction of the superseded half" "$tc" s
     record "$sys" "$shape" compaction "defragment (slowest member)" "$dmax" s
     record "$sys" "$shape" compaction "longest write meanwhile" "$(writer_stat compact max_ms)" ms

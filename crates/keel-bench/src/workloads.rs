@@ -58,6 +58,11 @@ pub struct Common {
     /// Requests per second over all clients (0: as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Prints each request slower than this many milliseconds to stderr, with when it began
+    /// (Unix time in seconds) and how long it took, to line it up with the servers' own
+    /// records (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    slow_ms: f64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -163,6 +168,7 @@ where
     let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let total = c.total;
     let rate = c.rate;
+    let slow = Duration::from_secs_f64(c.slow_ms.max(0.0) / 1e3);
     let bar = if ctx.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -178,10 +184,15 @@ where
                 if rate > 0.0 {
                     tokio::time::sleep_until((start + Duration::from_secs_f64(n as f64 / rate)).into()).await;
                 }
-                let t = Instant::now();
+                let (t, began) = (Instant::now(), std::time::SystemTime::now());
                 match f(client, n).await {
                     Ok(()) => {
-                        let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+                        let took = t.elapsed();
+                        let _ = h.record((took.as_micros() as u64).max(1));
+                        if !slow.is_zero() && took >= slow {
+                            let at = began.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                            eprintln!("slow request: began {:.3} took {:.2} ms", at.as_secs_f64(), took.as_secs_f64() * 1e3);
+                        }
                     }
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);

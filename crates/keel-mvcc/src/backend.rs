@@ -808,6 +808,7 @@ impl Backend {
     /// its histories and its log, which holds rows of records already deleted); else the copy's
     /// log is built from its records.
     pub fn copy_to(&self, dest: &Path, with_index: bool) -> Result<(Backend, Meta), BackendError> {
+        let started = std::time::Instant::now();
         let _ = keel_reclaim::remove(dest);
         let out = Backend::open(dest)?;
         let mut batch: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::with_capacity(COPY_BATCH);
@@ -836,11 +837,14 @@ impl Backend {
             out.put_by_key(&by_key)?;
         }
         out.load(&batch, Some(&meta))?;
+        tracing::debug!(path = %dest.display(), took = ?started.elapsed(), "copied the backend's records");
         // redb preallocates 1 MiB and grows by regions: the copy is shrunk to the pages it uses,
         // as a defragmented bbolt file is (a small store's file is 20 kB, not 1 MB).
         let mut db =
             std::sync::Arc::try_unwrap(out.db).map_err(|_| BackendError { path: dest.to_path_buf(), msg: "the copy is shared".into() })?;
+        let compacting = std::time::Instant::now();
         db.compact().map_err(|e| BackendError { path: dest.to_path_buf(), msg: e.to_string() })?;
+        tracing::debug!(path = %dest.display(), took = ?compacting.elapsed(), "compacted the copy");
         Ok((Backend { db: std::sync::Arc::new(db), retire: Default::default(), path: out.path, repaired: false }, meta))
     }
 

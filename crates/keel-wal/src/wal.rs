@@ -25,6 +25,8 @@ pub const RECORD_SNAPSHOT: u8 = 5;
 pub const EMPTY_SNAPSHOT: [u8; 4] = [0x08, 0x00, 0x10, 0x00];
 
 const SECTOR: usize = 512;
+/// A WAL sync slower than this is logged, as etcd's "slow fdatasync" (its `warnSyncDuration`).
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
 /// etcd's segment size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1000 * 1000;
 
@@ -377,8 +379,12 @@ impl Wal {
                 self.file.sync_data().map_err(io_err(&path))?;
             }
         }
+        let took = t0.elapsed();
+        if took > SLOW_SYNC {
+            tracing::warn!(took = ?took, expected_duration = ?SLOW_SYNC, "slow fdatasync");
+        }
         if let Some(observe) = crate::FSYNC_OBSERVER.get() {
-            observe(t0.elapsed());
+            observe(took);
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("wal::after_fsync", |_| std::process::abort());
