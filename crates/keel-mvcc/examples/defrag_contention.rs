@@ -6,12 +6,14 @@
 //!
 //! The backend is built once in DIR (kept for later runs of the same N): N records, then the
 //! older half of them deleted, as a compaction of half the revisions leaves a file; each run
-//! works on a copy of it. With `DROP_CACHES=1` the page cache is dropped before the copy (as root), so the copy
-//! reads a cold file as a member's defragment does at 5 GB.
+//! works on a copy of it. With `DROP_CACHES=1` the page cache is dropped before the copy (as
+//! root), so the copy reads a cold file as a member's defragment does at 5 GB. With
+//! `IOPRIO_IDLE=1` the copying thread runs at the idle I/O priority class (it changed nothing
+//! here: PERFORMANCE.md run 16).
 //!
-//! Prints, per phase, the appends' `write` and `fdatasync` latencies (p50, p99, max) and the
-//! twelve slowest appends with the phase and the time into it; the copy's own steps are
-//! printed as they happen (tracing at debug).
+//! Prints, per phase, the appends' `write` and `fdatasync` latencies (p50, p99, max; syncs over
+//! 10 ms) and the twelve slowest appends with the phase and the time into it; the copy's own
+//! steps are printed as they happen (tracing at debug).
 //!
 //! `cargo run --release -p keel-mvcc --example defrag_contention -- N DIR`
 
