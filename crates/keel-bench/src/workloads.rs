@@ -184,12 +184,14 @@ where
                 if rate > 0.0 {
                     tokio::time::sleep_until((start + Duration::from_secs_f64(n as f64 / rate)).into()).await;
                 }
-                let (t, began) = (Instant::now(), std::time::SystemTime::now());
+                // The wall clock only when slow requests are listed.
+                let began = (!slow.is_zero()).then(std::time::SystemTime::now);
+                let t = Instant::now();
                 match f(client, n).await {
                     Ok(()) => {
                         let took = t.elapsed();
                         let _ = h.record((took.as_micros() as u64).max(1));
-                        if !slow.is_zero() && took >= slow {
+                        if let Some(began) = began.filter(|_| took >= slow) {
                             let at = began.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                             eprintln!("slow request: began {:.3} took {:.2} ms", at.as_secs_f64(), took.as_secs_f64() * 1e3);
                         }

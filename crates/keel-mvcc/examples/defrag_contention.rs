@@ -75,11 +75,11 @@ struct Append {
     sync: Duration,
 }
 
-fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
+/// The `p` quantile of `v`, which is sorted, in ms (0 when empty).
+fn pct(v: &[Duration], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
-    v.sort();
     let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
     v[i].as_secs_f64() * 1e3
 }
@@ -188,19 +188,21 @@ fn main() -> Result<(), Error> {
         "phase", "appends", "write p50", "p99", "max", "sync p50", "p99", "max", ">10ms"
     );
     for (p, name) in PHASES.iter().enumerate() {
-        let w: Vec<_> = v.iter().filter(|a| a.phase == p).map(|a| a.write).collect();
-        let s: Vec<_> = v.iter().filter(|a| a.phase == p).map(|a| a.sync).collect();
-        let over = s.iter().filter(|d| d.as_millis() > 10).count();
+        let mut w: Vec<_> = v.iter().filter(|a| a.phase == p).map(|a| a.write).collect();
+        let mut s: Vec<_> = v.iter().filter(|a| a.phase == p).map(|a| a.sync).collect();
+        w.sort();
+        s.sort();
+        let over = s.iter().filter(|d| **d > Duration::from_millis(10)).count();
         println!(
             "{:<16} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>6}",
             name,
             w.len(),
-            pct(w.clone(), 0.5),
-            pct(w.clone(), 0.99),
-            pct(w, 1.0),
-            pct(s.clone(), 0.5),
-            pct(s.clone(), 0.99),
-            pct(s, 1.0),
+            pct(&w, 0.5),
+            pct(&w, 0.99),
+            pct(&w, 1.0),
+            pct(&s, 0.5),
+            pct(&s, 0.99),
+            pct(&s, 1.0),
             over
         );
     }
