@@ -301,6 +301,13 @@ pub struct Config {
     /// number of keys and a start reads only the changes since the last merge.
     #[arg(long, env = "ETCD_KEY_INDEX_MEMORY_BYTES", default_value_t = 0)]
     pub key_index_memory_bytes: u64,
+    /// Keel: most bytes of entries' data the raft log keeps in memory. Older entries of the
+    /// `--snapshot-catchup-entries` kept for slow followers are read back from the WAL when one
+    /// needs them, and the WAL keeps them until they leave the log (etcd keeps all of them in
+    /// memory: 5,000 entries of 16 KiB are 80 MB per member). Entries not yet applied always
+    /// stay.
+    #[arg(long, env = "ETCD_RAFT_LOG_MEMORY_BYTES", default_value_t = 16 << 20)]
+    pub raft_log_memory_bytes: u64,
 }
 
 /// etcd flags Keel accepts and ignores (they tune etcd internals or select features Keel does

@@ -6,7 +6,7 @@
 //! ([`upgrade_legacy_wal`]).
 
 use crate::wire::{ChangeKind, MemberChange};
-use keel_wal::{Snapshotter, Wal, WalOptions, RECORD_ENTRY, RECORD_SNAPSHOT, RECORD_STATE};
+use keel_wal::{RecordAt, Snapshotter, Wal, WalOptions, RECORD_ENTRY, RECORD_SNAPSHOT, RECORD_STATE};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeType, Entry, EntryType, HardState, Snapshot};
 use std::path::{Path, PathBuf};
@@ -85,6 +85,8 @@ pub struct Disk {
     pub snapshot: Option<Snapshot>,
     /// Entries after the snapshot, in index order.
     pub entries: Vec<Entry>,
+    /// Where in the WAL each of `entries` lies (as many, or none).
+    pub(crate) placed: Vec<RecordAt>,
     pub hard_state: HardState,
     /// Set by [`Disk::force_new_cluster`]: this member is to lead alone once its log is applied.
     pub(crate) forced: bool,
@@ -99,7 +101,7 @@ fn decode_err(path: &Path, msg: impl std::fmt::Display) -> DiskError {
 impl Disk {
     /// A new member's state around a just-created WAL (nothing in it yet).
     fn new_member(identity: Identity, hard_state: HardState, wal: Wal, snapshotter: Snapshotter) -> Disk {
-        Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), hard_state, forced: false, wal, snapshotter }
+        Disk { identity, fresh: true, snapshot: None, entries: Vec::new(), placed: Vec::new(), hard_state, forced: false, wal, snapshotter }
     }
 
     /// True if `wal_dir` already holds a WAL (the member was started before).
@@ -137,6 +139,7 @@ impl Disk {
             let mut disk = Disk::new_member(identity, hard_state.clone(), wal, snapshotter);
             if !entries.is_empty() {
                 disk.save(Some(&hard_state), &entries)?;
+                disk.placed = disk.wal.placed()[..entries.len()].to_vec();
             }
             disk.entries = entries;
             return Ok(disk);
@@ -151,13 +154,14 @@ impl Disk {
             }
             None => None,
         };
-        let (wal, records) = Wal::open(wal_dir, WalOptions::default())?;
+        let (wal, records, places) = Wal::open_placed(wal_dir, WalOptions::default())?;
         let identity = Identity::decode(wal.metadata()).ok_or_else(|| decode_err(wal_dir, "bad WAL metadata record"))?;
         let snap_index = snapshot.as_ref().map(|s| s.get_metadata().index).unwrap_or(0);
         let mut entries: Vec<Entry> = Vec::new();
+        let mut placed: Vec<RecordAt> = Vec::new();
         let mut hard_state = HardState::default();
         let mut saw_snapshot_marker = snap_index == 0;
-        for r in records {
+        for (r, at) in records.into_iter().zip(places) {
             match r.kind {
                 RECORD_ENTRY => {
                     let e = crate::wire::log_entry(&r.data).map_err(|e| decode_err(wal_dir, e))?;
@@ -172,6 +176,7 @@ impl Disk {
                         } else {
                             entries.truncate((e.index - first) as usize);
                         }
+                        placed.truncate(entries.len());
                     }
                     if let Some(last) = entries.last() {
                         if last.index + 1 != e.index {
@@ -181,6 +186,7 @@ impl Disk {
                         return Err(decode_err(wal_dir, format!("WAL entries start at {} but the snapshot is at {}", e.index, snap_index)));
                     }
                     entries.push(e);
+                    placed.push(at);
                 }
                 RECORD_STATE => {
                     hard_state = crate::wire::hard_state(&r.data).map_err(|e| decode_err(wal_dir, e))?;
@@ -206,7 +212,7 @@ impl Disk {
             term = hard_state.term,
             "raft: recovered state from WAL and snapshot"
         );
-        Ok(Disk { identity, fresh: false, snapshot, entries, hard_state, forced: false, wal, snapshotter })
+        Ok(Disk { identity, fresh: false, snapshot, entries, placed, hard_state, forced: false, wal, snapshotter })
     }
 
     /// Turns the recovered log into a one-member cluster's (etcd's `--force-new-cluster`):
@@ -220,6 +226,7 @@ impl Disk {
         let last = self.entries.last().map(|e| e.index).unwrap_or(snap_index);
         let commit = self.hard_state.commit.max(applied).max(snap_index).min(last);
         self.entries.retain(|e| e.index <= commit);
+        self.placed.truncate(self.entries.len());
         let mut ids: std::collections::BTreeSet<u64> = match &self.snapshot {
             Some(s) => {
                 let cs = s.get_metadata().get_conf_state();
@@ -273,6 +280,10 @@ impl Disk {
         hs.term = term;
         hs.commit = added.last().map(|e| e.index).unwrap_or(commit);
         self.save(Some(&hs), &added)?;
+        self.placed.truncate(self.entries.len());
+        if self.placed.len() == self.entries.len() {
+            self.placed.extend_from_slice(&self.wal.placed()[..added.len()]);
+        }
         self.entries.extend(added);
         self.hard_state = hs;
         self.forced = true;
@@ -308,7 +319,7 @@ impl Disk {
         let snapshotter = Snapshotter::new(snap_dir)?;
         let wal = Wal::create(wal_dir, &identity.encode(), WalOptions::default())?;
         let mut disk = Disk::new_member(identity, hard_state.clone(), wal, snapshotter);
-        disk.save_snapshot(snap)?;
+        disk.save_snapshot(snap, u64::MAX)?;
         disk.save(Some(hard_state), entries)?;
         Ok(())
     }
@@ -327,9 +338,11 @@ impl Disk {
     /// commit index is written without waiting for the disk, as etcd's `MustSync` decides (raft
     /// learns a lost commit index again from the leader): the next save that must be durable
     /// makes it durable too. Entries, a new term or a vote are always durable on return.
-    pub(crate) fn save_ready(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), DiskError> {
+    /// Returns where in the WAL each entry went, in order.
+    pub(crate) fn save_ready(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<&[RecordAt], DiskError> {
         let sync = must_sync(&self.hard_state, hs, entries.len());
-        self.append(hs, entries, sync)
+        self.append(hs, entries, sync)?;
+        Ok(&self.wal.placed()[..entries.len()])
     }
 
     fn append(&mut self, hs: Option<&HardState>, entries: &[Entry], sync: bool) -> Result<(), DiskError> {
@@ -353,8 +366,9 @@ impl Disk {
         Ok(())
     }
 
-    /// Durably saves a snapshot file and its WAL marker, then releases WAL segments it covers.
-    pub(crate) fn save_snapshot(&mut self, snap: &Snapshot) -> Result<(), DiskError> {
+    /// Durably saves a snapshot file and its WAL marker, then releases WAL segments it covers
+    /// that hold no entry from `keep_from` on (the raft log reads those back).
+    pub(crate) fn save_snapshot(&mut self, snap: &Snapshot, keep_from: u64) -> Result<(), DiskError> {
         let m = snap.get_metadata();
         let bytes = snap.write_to_bytes().map_err(|e| decode_err(Path::new("snap"), e))?;
         self.snapshotter.save(m.term, m.index, &bytes)?;
@@ -370,7 +384,7 @@ impl Disk {
         } else {
             self.wal.save(&[(RECORD_SNAPSHOT, &marker)], m.index + 1)?;
         }
-        self.wal.release_to(m.index)?;
+        self.wal.release_to(m.index.min(keep_from.saturating_sub(1)))?;
         Ok(())
     }
 }
@@ -550,7 +564,7 @@ mod tests {
         let mut d = Disk::open(&wal, &snap, identity(), &[]).unwrap();
         let mut hs = HardState { term: 1, commit: 2, ..Default::default() };
         d.save(Some(&hs), &entries(1..=5, 1)).unwrap();
-        d.save_snapshot(&crate::storage::snapshot_at(3, 1, Default::default(), vec![])).unwrap();
+        d.save_snapshot(&crate::storage::snapshot_at(3, 1, Default::default(), vec![]), u64::MAX).unwrap();
         hs.commit = 5;
         hs.vote = 1;
         d.save(Some(&hs), &[]).unwrap();

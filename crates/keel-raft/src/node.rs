@@ -77,8 +77,12 @@ pub struct NodeConfig {
     pub election_ticks: usize,
     /// `--snapshot-count`.
     pub snapshot_count: u64,
-    /// Entries kept in memory after a snapshot for slow followers (etcd: 5000).
+    /// Entries kept after a snapshot for slow followers (etcd: 5000).
     pub catchup_entries: u64,
+    /// Bytes of entries' data the log keeps in memory: older applied entries of the
+    /// `catchup_entries` are read back from the WAL when a follower needs them
+    /// ([`crate::storage::Core::cool`]).
+    pub log_memory_bytes: usize,
     /// Tasks the apply stage's queue holds ([`crate::apply::QUEUE`]).
     pub apply_queue: usize,
     /// Ticks come only from [`NodeHandle::tick`], never from the clock (deterministic tests
@@ -343,7 +347,7 @@ pub fn start<S: StateMachine, T: Transport>(
             core.conf_state = ConfState { voters: disk.identity.initial_voters.clone(), ..Default::default() };
             bootstrap_through = disk.identity.initial_voters.len() as u64;
         }
-        core.append(&disk.entries).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
+        core.append(&disk.entries, &disk.placed).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
         let last = core.last_index();
         let applied = sm.applied_index();
         removed = removed_at(sm.removed_members(), &disk.entries, snap_index, applied);
@@ -359,7 +363,7 @@ pub fn start<S: StateMachine, T: Transport>(
             // old snapshot are in it, not in the old snapshot (nor in the lost log tail).
             let conf = sm.conf_state().unwrap_or_else(|| core.conf_state.clone());
             let snap = crate::storage::snapshot_at(applied, sm.applied_term(), conf, sm.snapshot_data());
-            disk.save_snapshot(&snap).map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
+            disk.save_snapshot(&snap, u64::MAX).map_err(|e| format!("raft: cannot save snapshot: {e}"))?;
             snap_index = applied;
             snap_term = snap.get_metadata().term;
             core.apply_snapshot(snap);
@@ -395,6 +399,7 @@ pub fn start<S: StateMachine, T: Transport>(
     let node = RawNode::new(&config, storage.clone(), &crate::logger::logger()).map_err(|e| format!("raft: {e}"))?;
     status.applied.store(snap_index, Ordering::Release);
     status.log_first.store(storage.rl().first_index(), Ordering::Release);
+    status.log_memory_first.store(storage.rl().hot_first(), Ordering::Release);
     let stage = Stage::start(
         sm,
         ApplyConfig { snapshot_count: cfg.snapshot_count, idle: cfg.tick, queue: cfg.apply_queue },
@@ -780,7 +785,7 @@ impl<T: Transport> Driver<T> {
             hs = Some(self.node.raft.hard_state());
         }
         if !entries.is_empty() || hs.is_some() {
-            self.disk.save_ready(hs.as_ref(), &entries)?;
+            let placed = self.disk.save_ready(hs.as_ref(), &entries)?;
             for e in &entries {
                 if let Some(t) = self.proposed_at.get(&e.index) {
                     hops::observe(Hop::Append, t.elapsed());
@@ -788,7 +793,7 @@ impl<T: Transport> Driver<T> {
             }
             let mut core = self.node.mut_store().wl();
             if !entries.is_empty() {
-                core.append(&entries).map_err(|e| DiskError::Decode { path: "raft log".into(), msg: e })?;
+                core.append(&entries, placed).map_err(|e| DiskError::Decode { path: "raft log".into(), msg: e })?;
             }
             if let Some(hs) = hs {
                 core.hard_state = hs;
@@ -991,7 +996,7 @@ impl<T: Transport> Driver<T> {
         if let Err(e) = self.stage.restore(snap.clone(), backend) {
             return Err(DiskError::Decode { path: "snapshot".into(), msg: e });
         }
-        self.disk.save_snapshot(&snap)?;
+        self.disk.save_snapshot(&snap, u64::MAX)?;
         let idx = snap.get_metadata().index;
         let term = snap.get_metadata().term;
         tracing::info!(index = idx, term, "raft: installed snapshot from the leader");
@@ -1007,6 +1012,7 @@ impl<T: Transport> Driver<T> {
         // The log starts after the snapshot now (the status' first index changes only here, at
         // a trim and at start).
         self.status.log_first.store(log.first_index(), Ordering::Release);
+        self.status.log_memory_first.store(log.hot_first(), Ordering::Release);
         drop(log);
         self.snap_index = idx;
         Ok(())
@@ -1031,7 +1037,9 @@ impl<T: Transport> Driver<T> {
         self.log_held = keep_from < want;
         let mut log = self.node.mut_store().wl();
         log.compact(keep_from);
+        log.cool(self.cfg.log_memory_bytes, applied);
         self.status.log_first.store(log.first_index(), Ordering::Release);
+        self.status.log_memory_first.store(log.hot_first(), Ordering::Release);
     }
 
     /// The first entry the log must keep for followers being caught up and heard from within
@@ -1087,7 +1095,9 @@ impl<T: Transport> Driver<T> {
             // A leader's snapshot was installed since.
             return Ok(());
         }
-        self.disk.save_snapshot(&snap)?;
+        // The WAL keeps the entries the log still holds: the cold ones are read back from it.
+        let keep_from = self.node.store().rl().first_index();
+        self.disk.save_snapshot(&snap, keep_from)?;
         tracing::info!(index, term, "raft: saved snapshot");
         self.snap_index = index;
         self.node.mut_store().wl().set_snapshot(snap);

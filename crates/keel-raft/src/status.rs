@@ -12,8 +12,10 @@ pub struct NodeStatus {
     pub(crate) commit: AtomicU64,
     pub(crate) applied: AtomicU64,
     pub(crate) last_index: AtomicU64,
-    /// The first entry the in-memory log holds (older ones reach a follower by snapshot).
+    /// The first entry the log holds (older ones reach a follower by snapshot).
     pub(crate) log_first: AtomicU64,
+    /// The first entry the log holds in memory (older ones are read back from the WAL).
+    pub(crate) log_memory_first: AtomicU64,
     pub(crate) is_leader: AtomicBool,
     pub(crate) stopped: AtomicBool,
     /// Whom this member voted for in the current term (0: nobody).
@@ -48,9 +50,14 @@ impl NodeStatus {
     pub fn last_index(&self) -> u64 {
         self.last_index.load(Ordering::Acquire)
     }
-    /// The first entry the in-memory log holds: a follower behind it is sent a snapshot.
+    /// The first entry the log holds: a follower behind it is sent a snapshot.
     pub fn log_first_index(&self) -> u64 {
         self.log_first.load(Ordering::Acquire)
+    }
+    /// The first entry the log holds in memory: a follower behind it is sent entries read back
+    /// from the WAL.
+    pub fn log_memory_first_index(&self) -> u64 {
+        self.log_memory_first.load(Ordering::Acquire)
     }
     /// True while this member leads.
     pub fn is_leader(&self) -> bool {

@@ -1,13 +1,28 @@
-//! The raft log in memory: what raft reads back (entries, terms, hard state, the latest
-//! snapshot). The WAL makes it durable; this is rebuilt from the WAL at start.
+//! The raft log raft reads back (entries, terms, hard state, the latest snapshot). The WAL
+//! makes it durable; this is rebuilt from the WAL at start.
+//!
+//! The newest entries are held in memory ("hot"); older applied ones, kept for followers that
+//! fall behind, may be held only as their place in the WAL and their term ("cold",
+//! [`Core::cool`]) and are read back from it when a follower asks for them, so the log's memory
+//! is bounded in bytes whatever the entries' size (etcd keeps its last 5,000 entries whole:
+//! 80 MB of 16 KiB values per member). An entry written before the last start has no place
+//! known and stays hot.
 //!
 //! Unlike raft-rs's `MemStorage`, the snapshot kept here carries the application's data, so the
 //! leader can send it to a follower that fell behind the compacted log.
 
+use keel_wal::RecordAt;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+/// An entry held only as its place in the WAL.
+struct Cold {
+    term: u64,
+    at: RecordAt,
+}
 
 #[derive(Default)]
 pub struct Core {
@@ -15,8 +30,14 @@ pub struct Core {
     pub conf_state: ConfState,
     /// The newest snapshot; its metadata marks where `entries` begin.
     pub snapshot: Snapshot,
-    /// Entries after the snapshot index (or after `compacted`), contiguous.
-    pub entries: Vec<Entry>,
+    /// Entries held only as their place in the WAL, from `cold_first` on; the hot entries
+    /// follow them without a gap.
+    cold: VecDeque<Cold>,
+    cold_first: u64,
+    /// Entries in memory after the cold ones (or after the snapshot index or `compacted`),
+    /// contiguous, and where in the WAL each went (None: written before this start).
+    entries: Vec<Entry>,
+    placed: Vec<Option<RecordAt>>,
     /// Index and term of the last entry dropped from the front of `entries` (0, 0: none): raft
     /// asks for the term of the entry before the first one it has.
     compacted: (u64, u64),
@@ -32,7 +53,15 @@ pub struct Core {
 
 impl Core {
     pub fn first_index(&self) -> u64 {
+        if !self.cold.is_empty() {
+            return self.cold_first;
+        }
         self.entries.first().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index.max(self.compacted.0) + 1)
+    }
+
+    /// The first entry held in memory (one past the last index when none is).
+    pub fn hot_first(&self) -> u64 {
+        self.entries.first().map(|e| e.index).unwrap_or(self.last_index() + 1)
     }
 
     /// The term of entry `idx` if this log knows it (an entry it holds, the snapshot's last one,
@@ -52,7 +81,11 @@ impl Core {
         if idx > self.last_index() {
             return Err(StorageError::Unavailable);
         }
-        Ok(self.entries[(idx - first) as usize].term)
+        let hot = self.hot_first();
+        if idx < hot {
+            return Ok(self.cold[(idx - self.cold_first) as usize].term);
+        }
+        Ok(self.entries[(idx - hot) as usize].term)
     }
 
     /// Drops the entries before `keep_from` (at most those there are), remembering the last
@@ -62,20 +95,67 @@ impl Core {
         if keep_from <= first {
             return 0;
         }
-        let n = ((keep_from - first) as usize).min(self.entries.len());
-        if let Some(last) = n.checked_sub(1).and_then(|i| self.entries.get(i)) {
+        let mut n = (keep_from - first) as usize;
+        let cold = n.min(self.cold.len());
+        if let Some(last) = cold.checked_sub(1).and_then(|i| self.cold.get(i)) {
+            self.compacted = (self.cold_first + cold as u64 - 1, last.term);
+        }
+        self.cold.drain(..cold);
+        self.cold_first += cold as u64;
+        n -= cold;
+        let hot = n.min(self.entries.len());
+        if let Some(last) = hot.checked_sub(1).and_then(|i| self.entries.get(i)) {
             self.compacted = (last.index, last.term);
         }
-        self.entries.drain(..n);
+        self.entries.drain(..hot);
+        self.placed.drain(..hot);
+        cold + hot
+    }
+
+    /// Keeps in memory only the newest entries that fit in `budget` bytes of data, and every
+    /// entry after `applied` (raft reads those back to apply them): older ones whose place in
+    /// the WAL is known are dropped from memory and read back from the WAL when asked for.
+    /// Returns how many went cold.
+    pub fn cool(&mut self, budget: usize, applied: u64) -> usize {
+        let mut bytes = 0usize;
+        let mut keep = self.entries.len();
+        while keep > 0 {
+            let e = &self.entries[keep - 1];
+            bytes += e.data.len() + e.context.len();
+            if bytes > budget && e.index <= applied {
+                break;
+            }
+            keep -= 1;
+        }
+        // `keep` entries from the front go cold, as far as their places are known.
+        let n = self.placed[..keep].iter().take_while(|p| p.is_some()).count();
+        if n == 0 {
+            return 0;
+        }
+        if self.cold.is_empty() {
+            self.cold_first = self.entries[0].index;
+        }
+        for (e, at) in self.entries.drain(..n).zip(self.placed.drain(..n)) {
+            if let Some(at) = at {
+                self.cold.push_back(Cold { term: e.term, at });
+            }
+        }
         n
     }
 
     pub fn last_index(&self) -> u64 {
-        self.entries.last().map(|e| e.index).unwrap_or(self.snapshot.get_metadata().index.max(self.compacted.0))
+        if let Some(e) = self.entries.last() {
+            return e.index;
+        }
+        if !self.cold.is_empty() {
+            return self.cold_first + self.cold.len() as u64 - 1;
+        }
+        self.snapshot.get_metadata().index.max(self.compacted.0)
     }
 
-    /// Appends entries, replacing any existing entries at or after the first new index.
-    pub fn append(&mut self, ents: &[Entry]) -> Result<(), String> {
+    /// Appends entries, replacing any existing entries at or after the first new index; `placed`
+    /// says where in the WAL each went (in order; empty when not known).
+    pub fn append(&mut self, ents: &[Entry], placed: &[RecordAt]) -> Result<(), String> {
         let Some(first_new) = ents.first().map(|e| e.index) else {
             return Ok(());
         };
@@ -86,8 +166,18 @@ impl Core {
         if first_new > self.last_index() + 1 {
             return Err(format!("append at {first_new} leaves a gap after {}", self.last_index()));
         }
-        self.entries.truncate((first_new - first) as usize);
+        let hot = self.hot_first();
+        if first_new < hot {
+            // Only committed entries go cold and those are never replaced; kept whole all the same.
+            self.cold.truncate((first_new - self.cold_first) as usize);
+            self.entries.clear();
+            self.placed.clear();
+        } else {
+            self.entries.truncate((first_new - hot) as usize);
+            self.placed.truncate((first_new - hot) as usize);
+        }
         self.entries.extend_from_slice(ents);
+        self.placed.extend((0..ents.len()).map(|i| placed.get(i).cloned()));
         Ok(())
     }
 
@@ -101,7 +191,9 @@ impl Core {
             self.hard_state.commit = m.index;
         }
         self.conf_state = m.get_conf_state().clone();
+        self.cold.clear();
         self.entries.clear();
+        self.placed.clear();
         self.compacted = (0, 0);
         self.snapshot = snap;
     }
@@ -111,6 +203,21 @@ impl Core {
         // Kept entries may start before the snapshot index; raft asks for a snapshot only for
         // entries before them.
         self.snapshot = snap;
+    }
+
+    /// Entry `idx`, which this log holds, from memory or read back from the WAL.
+    fn entry(&self, idx: u64) -> Result<Entry, String> {
+        let hot = self.hot_first();
+        if idx >= hot {
+            return Ok(self.entries[(idx - hot) as usize].clone());
+        }
+        let cold = &self.cold[(idx - self.cold_first) as usize];
+        let data = cold.at.read().map_err(|e| e.to_string())?;
+        let e = crate::wire::log_entry(&data).map_err(|e| e.to_string())?;
+        if e.index != idx || e.term != cold.term {
+            return Err(format!("the WAL holds entry {} of term {} where {idx} of term {} was written", e.index, e.term, cold.term));
+        }
+        Ok(e)
     }
 }
 
@@ -145,17 +252,23 @@ impl Storage for LogStore {
         if high > c.last_index() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let lo = (low - first) as usize;
-        let hi = (high - first) as usize;
         let max = max_size.into().unwrap_or(u64::MAX);
-        let mut out = Vec::with_capacity(hi - lo);
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
-        for e in &c.entries[lo..hi] {
-            size += protobuf::Message::compute_size(e) as u64;
+        for idx in low..high {
+            let e = match c.entry(idx) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Raft sends a snapshot instead, as for entries compacted away.
+                    tracing::warn!(index = idx, error = %e, "raft: cannot read back a log entry from the WAL");
+                    return Err(raft::Error::Store(StorageError::Compacted));
+                }
+            };
+            size += protobuf::Message::compute_size(&e) as u64;
             if !out.is_empty() && size > max {
                 break;
             }
-            out.push(e.clone());
+            out.push(e);
         }
         Ok(out)
     }
@@ -207,7 +320,7 @@ mod tests {
     #[test]
     fn a_compacted_log_still_knows_the_term_before_its_first_entry() {
         let log = LogStore::default();
-        log.wl().append(&(1..=10).map(|i| entry(i, 1 + i / 5)).collect::<Vec<_>>()).unwrap();
+        log.wl().append(&(1..=10).map(|i| entry(i, 1 + i / 5)).collect::<Vec<_>>(), &[]).unwrap();
         assert_eq!(log.wl().compact(7), 6);
         assert_eq!((log.rl().first_index(), log.rl().last_index()), (7, 10));
         assert_eq!(log.term(6).unwrap(), 2, "the entry before the first one");
@@ -219,7 +332,7 @@ mod tests {
         assert_eq!(log.wl().compact(100), 4);
         assert_eq!((log.rl().first_index(), log.rl().last_index()), (11, 10));
         assert_eq!(log.term(10).unwrap(), 3);
-        log.wl().append(&[entry(11, 3)]).unwrap();
+        log.wl().append(&[entry(11, 3)], &[]).unwrap();
         assert_eq!((log.rl().first_index(), log.rl().last_index()), (11, 11));
     }
 }

@@ -263,6 +263,8 @@ impl Cluster {
                 catchup_entries,
                 apply_queue: 4,
                 manual_ticks: true,
+                // Every applied entry past the trim leaves memory: catching up reads the WAL.
+                log_memory_bytes: 0,
             };
             let machine = Machine::default();
             let status = Arc::new(NodeStatus::default());
@@ -475,6 +477,32 @@ fn the_in_memory_log_keeps_the_catch_up_entries_between_disk_snapshots() {
     c.heal(behind);
     c.converge(&[1, 2, 3], 520);
     assert!(c.member(behind).machine.with(|a| a.restores) >= 1, "caught up by a snapshot, not by entries");
+}
+
+/// With no memory for entries' data (`log_memory_bytes: 0`), the applied entries kept for
+/// followers are held only as their place in the WAL: a member behind by fewer than the
+/// catch-up entries still catches up by entries, read back from the leader's WAL, and a
+/// snapshot meanwhile keeps the WAL segments holding them.
+#[test]
+fn a_member_behind_catches_up_by_entries_read_back_from_the_wal() {
+    let c = Cluster::new(3, 60, 150);
+    let leader = c.leader();
+    let behind = (1..=3).find(|id| *id != leader).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    c.write("a", 10);
+    c.converge(&[1, 2, 3], 10);
+    c.cut(behind);
+    c.write("b", 120);
+    c.converge(&others, 130);
+    // A turn of the leader's loop after the last entry applied (the log is trimmed there).
+    c.tick();
+    let st = &c.member(leader).status;
+    let needed = c.member(behind).status.applied() + 1;
+    assert!(st.log_first_index() <= needed, "the leader still holds entry {needed} (from {})", st.log_first_index());
+    assert!(st.log_memory_first_index() > needed, "entry {needed} is not in memory (from {})", st.log_memory_first_index());
+    c.heal(behind);
+    assert_eq!(c.converge(&[1, 2, 3], 130)[10..], expected("b", 120)[..]);
+    assert_eq!(c.member(behind).machine.with(|a| a.restores), 0, "caught up by entries, not by a snapshot");
 }
 
 /// Every member trims its in-memory log, followers too: a follower's own records of its peers'

@@ -68,6 +68,7 @@ fn config() -> NodeConfig {
         catchup_entries: 10,
         apply_queue: 2,
         manual_ticks: false,
+        log_memory_bytes: 0,
     }
 }
 

@@ -25,7 +25,9 @@ mod snap;
 mod wal;
 
 pub use snap::{SnapFile, Snapshotter};
-pub use wal::{Record, Wal, WalOptions, EMPTY_SNAPSHOT, RECORD_CRC, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
+pub use wal::{
+    Record, RecordAt, Wal, WalOptions, EMPTY_SNAPSHOT, RECORD_CRC, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE,
+};
 
 use std::path::PathBuf;
 

@@ -7,7 +7,9 @@ use crate::frame::{self, Parsed, HEADER};
 use crate::{io_err, sync_dir, Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Member metadata (etcd's `etcdserverpb.Metadata`); begins every segment after its crc record.
 pub const RECORD_METADATA: u8 = 1;
@@ -71,12 +73,59 @@ impl SegmentName {
     }
 }
 
+/// A segment open for reading back records written to it ([`RecordAt::read`]); the
+/// descriptor is the writer's, duplicated (reads at an offset do not move it).
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    file: File,
+}
+
+impl Segment {
+    fn of(path: PathBuf, writer: &File) -> Result<Arc<Segment>> {
+        let file = writer.try_clone().map_err(io_err(&path))?;
+        Ok(Arc::new(Segment { path, file }))
+    }
+}
+
+/// Where one record this WAL wrote lies, to read it back later ([`RecordAt::read`]) instead of
+/// keeping it in memory. It holds its segment open: a released segment's blocks are freed once
+/// every `RecordAt` in it is dropped, and its reads fail from then on, if ever its free begins
+/// sooner (the caller keeps segments it still reads: [`Wal::release_to`]).
+#[derive(Debug, Clone)]
+pub struct RecordAt {
+    segment: Arc<Segment>,
+    offset: u64,
+    len: u32,
+    /// The checksum chain before the record: its stored checksum continues it.
+    chain: u32,
+}
+
+impl RecordAt {
+    /// The record's data, checked against its checksum as when it was written.
+    pub fn read(&self) -> Result<Vec<u8>> {
+        let path = &self.segment.path;
+        let mut buf = vec![0u8; self.len as usize];
+        self.segment.file.read_exact_at(&mut buf, self.offset).map_err(io_err(path))?;
+        let reason = match frame::parse(&buf, 0) {
+            Parsed::Frame(f) if crc32c::crc32c_append(self.chain, f.data) == f.crc => return Ok(f.data.to_vec()),
+            Parsed::Frame(_) => "checksum mismatch reading back a record".to_string(),
+            other => format!("reading back a record: {other:?}"),
+        };
+        Err(Error::Corrupt { path: path.clone(), offset: self.offset, reason })
+    }
+}
+
 /// An open write-ahead log, positioned for appending at the end of its last segment.
 pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,
     segments: Vec<SegmentName>,
     file: File,
+    /// The last segment, for [`RecordAt`]s of records appended to it.
+    segment: Arc<Segment>,
+    /// Where each record of the last append went, in order.
+    placed: Vec<RecordAt>,
     offset: u64,
     /// The checksum chain through the last record written.
     crc: u32,
@@ -98,6 +147,8 @@ fn encode_into(buf: &mut Vec<u8>, crc: &mut u32, kind: u8, data: &[u8]) {
 /// Outcome of scanning one segment's bytes.
 struct Scan {
     records: Vec<Record>,
+    /// Where each record lies: offset, length of its frame, the checksum chain before it.
+    places: Vec<(u64, u32, u32)>,
     /// Offset just past the last good record.
     end: u64,
     /// The checksum chain through the last good record.
@@ -111,11 +162,13 @@ struct Scan {
 /// were released).
 fn scan(bytes: &[u8], chain: Option<u32>) -> Scan {
     let mut records = Vec::new();
+    let mut places = Vec::new();
     let mut off = 0usize;
     let mut crc = 0u32;
     loop {
-        let damaged = |reason: String, torn: bool, records: Vec<Record>, crc: u32| Scan {
+        let damaged = |reason: String, torn: bool, records: Vec<Record>, places: Vec<(u64, u32, u32)>, crc: u32| Scan {
             records,
+            places,
             end: off as u64,
             crc,
             damage: Some((off as u64, reason, torn)),
@@ -132,45 +185,48 @@ fn scan(bytes: &[u8], chain: Option<u32>) -> Scan {
                 } else {
                     Some((off as u64, "zero length field followed by data".to_string(), false))
                 };
-                return Scan { records, end: off as u64, crc, damage };
+                return Scan { records, places, end: off as u64, crc, damage };
             }
             Parsed::Short { len } => {
                 // A record cut short by the end of the file is torn, unless its length is what is
                 // damaged and records written after it are still there.
                 let torn = !intact_record_after(bytes, off, crc);
-                return damaged(format!("record of {len} bytes runs past the end of the file"), torn, records, crc);
+                return damaged(format!("record of {len} bytes runs past the end of the file"), torn, records, places, crc);
             }
             Parsed::Garbled(why) => {
                 let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
-                return damaged(format!("undecodable record: {why}"), torn, records, crc);
+                return damaged(format!("undecodable record: {why}"), torn, records, places, crc);
             }
             Parsed::Frame(f) => f,
         };
         let Ok(kind) = u8::try_from(f.kind).map_err(|_| ()).and_then(|k| if (1..=5).contains(&k) { Ok(k) } else { Err(()) }) else {
             let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
-            return damaged(format!("unknown record type {}", f.kind), torn, records, crc);
+            return damaged(format!("unknown record type {}", f.kind), torn, records, places, crc);
         };
         if off == 0 {
             if kind != RECORD_CRC {
-                return damaged("segment does not start with a crc record".into(), false, records, crc);
+                return damaged("segment does not start with a crc record".into(), false, records, places, crc);
             }
             if let Some(prev) = chain.filter(|c| *c != 0 && *c != f.crc) {
                 return damaged(
                     format!("crc record {:#010x} does not continue the previous segment's {prev:#010x}", f.crc),
                     false,
                     records,
+                    places,
                     crc,
                 );
             }
             crc = f.crc;
         } else if kind == RECORD_CRC {
-            return damaged("crc record inside a segment".into(), false, records, crc);
+            return damaged("crc record inside a segment".into(), false, records, places, crc);
         } else {
             let want = crc32c::crc32c_append(crc, f.data);
             if want != f.crc {
                 let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
-                return damaged(format!("crc mismatch (stored {:#010x}, computed {want:#010x})", f.crc), torn, records, crc);
+                return damaged(format!("crc mismatch (stored {:#010x}, computed {want:#010x})", f.crc), torn, records, places, crc);
             }
+            let len = f.next.min(bytes.len()) - off;
+            places.push((off as u64, u32::try_from(len).unwrap_or(u32::MAX), crc));
             crc = want;
             records.push(Record { kind, data: f.data.to_vec() });
         }
@@ -256,11 +312,14 @@ impl Wal {
         let name = SegmentName { seq: 0, index: 0 };
         // As etcd: the first segment holds the empty snapshot record after the metadata.
         let (file, offset, crc) = create_segment(dir, name, &opts, 0, metadata, RECORD_SNAPSHOT, Some(&EMPTY_SNAPSHOT))?;
+        let segment = Segment::of(dir.join(name.file_name()), &file)?;
         Ok(Wal {
             dir: dir.to_path_buf(),
             opts,
             segments: vec![name],
             file,
+            segment,
+            placed: Vec::new(),
             offset,
             crc,
             metadata: metadata.to_vec(),
@@ -273,6 +332,11 @@ impl Wal {
     /// Opens the WAL in `dir`, checks every record and returns them in order. A torn tail of the
     /// last segment is cut off (with a warning); other damage is an error.
     pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Vec<Record>)> {
+        Wal::open_placed(dir, opts).map(|(wal, records, _)| (wal, records))
+    }
+
+    /// [`Wal::open`], also telling where each record returned lies, to read it back later.
+    pub fn open_placed(dir: &Path, opts: WalOptions) -> Result<(Wal, Vec<Record>, Vec<RecordAt>)> {
         let segments = list_segments(dir)?;
         if segments.is_empty() {
             return Err(Error::Invalid(format!("no WAL segment in {}", dir.display())));
@@ -287,7 +351,7 @@ impl Wal {
                 )));
             }
         }
-        let (all, tail_end, crc) = read_segments(dir, &segments, true)?;
+        let (all, places, tail_end, crc) = read_segments(dir, &segments, true)?;
         let metadata = all.first().map(|r| r.data.clone()).unwrap_or_default();
         let last_state = all.iter().rev().find(|r| r.kind == RECORD_STATE).map(|r| r.data.clone());
         let last = *segments.last().ok_or_else(|| Error::Invalid("no segment".into()))?;
@@ -302,9 +366,22 @@ impl Wal {
         preallocate(&file, opts.segment_bytes.max(tail_end)).map_err(io_err(&path))?;
         file.sync_all().map_err(io_err(&path))?;
         let next_index = last.index;
-        let wal =
-            Wal { dir: dir.to_path_buf(), opts, segments, file, offset: tail_end, crc, metadata, last_state, next_index, buf: Vec::new() };
-        Ok((wal, all))
+        let segment = Segment::of(path, &file)?;
+        let wal = Wal {
+            dir: dir.to_path_buf(),
+            opts,
+            segments,
+            file,
+            segment,
+            placed: Vec::new(),
+            offset: tail_end,
+            crc,
+            metadata,
+            last_state,
+            next_index,
+            buf: Vec::new(),
+        };
+        Ok((wal, all, places))
     }
 
     /// Every record of the WAL in `dir`, in order, changing nothing on disk (a torn tail of the
@@ -338,12 +415,16 @@ impl Wal {
         }
         self.next_index = self.next_index.max(next_index);
         self.buf.clear();
+        self.placed.clear();
         let mut crc = self.crc;
         for (kind, data) in records {
             if *kind == RECORD_CRC {
                 return Err(Error::Invalid("crc records are the WAL's own".into()));
             }
+            let (at, chain) = (self.buf.len(), crc);
             encode_into(&mut self.buf, &mut crc, *kind, data);
+            let len = u32::try_from(self.buf.len() - at).map_err(|_| Error::Invalid(format!("a record of {} bytes", data.len())))?;
+            self.placed.push(RecordAt { segment: self.segment.clone(), offset: self.offset + at as u64, len, chain });
             if *kind == RECORD_STATE {
                 self.last_state = Some(data.to_vec());
             }
@@ -410,6 +491,7 @@ impl Wal {
         let name = SegmentName { seq, index: next_index };
         let (file, offset, crc) =
             create_segment(&self.dir, name, &self.opts, self.crc, &self.metadata, RECORD_STATE, self.last_state.as_deref())?;
+        self.segment = Segment::of(self.dir.join(name.file_name()), &file)?;
         self.offset = offset;
         self.crc = crc;
         self.file = file;
@@ -440,6 +522,11 @@ impl Wal {
         Ok(())
     }
 
+    /// Where each record of the last [`Wal::save`] or [`Wal::write`] went, in the order given.
+    pub fn placed(&self) -> &[RecordAt] {
+        &self.placed
+    }
+
     /// The names of the segments currently on disk, oldest first.
     pub fn segment_files(&self) -> Vec<String> {
         self.segments.iter().map(|s| s.file_name()).collect()
@@ -455,15 +542,17 @@ impl Wal {
 /// just past the last good record of the last segment, and the checksum chain there. With
 /// `repair`, a torn tail of the last segment is reported as one to be cut off; without, it
 /// just ends the log.
-fn read_segments(dir: &Path, segments: &[SegmentName], repair: bool) -> Result<(Vec<Record>, u64, u32)> {
+fn read_segments(dir: &Path, segments: &[SegmentName], repair: bool) -> Result<(Vec<Record>, Vec<RecordAt>, u64, u32)> {
     let mut all = Vec::new();
+    let mut places = Vec::new();
     let mut tail_end = 0u64;
     let mut chain = None;
     let mut metadata: Option<Vec<u8>> = None;
     for (i, seg) in segments.iter().enumerate() {
         let path = dir.join(seg.file_name());
         let mut bytes = Vec::new();
-        File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(&path))?;
+        let mut file = File::open(&path).map_err(io_err(&path))?;
+        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
         let s = scan(&bytes, chain);
         let last = i + 1 == segments.len();
         if let Some((offset, reason, torn)) = s.damage {
@@ -489,9 +578,11 @@ fn read_segments(dir: &Path, segments: &[SegmentName], repair: bool) -> Result<(
         if last {
             tail_end = s.end;
         }
+        let segment = Arc::new(Segment { path, file });
+        places.extend(s.places.iter().map(|&(offset, len, chain)| RecordAt { segment: segment.clone(), offset, len, chain }));
         all.extend(s.records);
     }
-    Ok((all, tail_end, chain.unwrap_or(0)))
+    Ok((all, places, tail_end, chain.unwrap_or(0)))
 }
 
 /// Reserves `len` bytes of disk for `f` (zero-filled) so that appends never wait for block
@@ -598,6 +689,40 @@ mod tests {
         let states: Vec<_> = recs.iter().filter(|r| r.kind == RECORD_STATE && r.data.starts_with(b"commit-")).collect();
         assert_eq!(states.last().map(|r| r.data.clone()), Some(b"commit-60".to_vec()));
         assert_eq!(recs.iter().filter(|r| r.kind == RECORD_ENTRY).count(), 60);
+    }
+
+    /// Every record's place, across segment cuts and a reopen, reads back what was written;
+    /// a byte changed on disk under one is reported as corruption naming the file and offset.
+    #[test]
+    fn placed_records_read_back_across_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(d.path(), b"meta", small()).unwrap();
+        let mut placed = Vec::new();
+        for i in 1..=60u64 {
+            let data = format!("entry-{i:08}-{}", "x".repeat(100));
+            w.save(&[(RECORD_ENTRY, data.as_bytes()), (RECORD_STATE, b"hs")], i + 1).unwrap();
+            assert_eq!(w.placed().len(), 2);
+            placed.push((data, w.placed()[0].clone()));
+            assert_eq!(w.placed()[1].read().unwrap(), b"hs");
+        }
+        assert!(w.segment_files().len() >= 3, "the records span several segments");
+        drop(w);
+        let (mut w, records, places) = Wal::open_placed(d.path(), small()).unwrap();
+        assert_eq!(records.len(), places.len());
+        for (r, at) in records.iter().zip(&places) {
+            assert_eq!(at.read().unwrap(), r.data, "a recovered record's place reads it back");
+        }
+        w.save(&[(RECORD_ENTRY, b"after reopen")], 62).unwrap();
+        placed.push(("after reopen".to_string(), w.placed()[0].clone()));
+        for (data, at) in &placed {
+            assert_eq!(at.read().unwrap(), data.as_bytes());
+        }
+        // A flipped byte inside the tenth record's data.
+        let at = &placed[9].1;
+        at.segment.file.write_all_at(b"?", at.offset + at.len as u64 - 20).unwrap();
+        let err = at.read().unwrap_err().to_string();
+        assert!(err.contains(&at.segment.path.display().to_string()) && err.contains(&format!("offset {}", at.offset)), "{err}");
+        assert_eq!(placed[10].1.read().unwrap(), placed[10].0.as_bytes());
     }
 
     #[test]

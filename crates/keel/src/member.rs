@@ -136,6 +136,7 @@ impl Member {
             catchup_entries: cfg.snapshot_catchup_entries(),
             apply_queue: keel_raft::apply::QUEUE,
             manual_ticks: false,
+            log_memory_bytes: usize::try_from(cfg.raft_log_memory_bytes).unwrap_or(usize::MAX),
         };
         let (node, join) =
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;
