@@ -83,7 +83,7 @@ pub struct Disk {
     /// True when this start created the WAL (a new member).
     pub fresh: bool,
     pub snapshot: Option<Snapshot>,
-    /// Entries after the snapshot, in index order.
+    /// Entries after the snapshot, in index order (until the node starts: it takes them).
     pub entries: Vec<Entry>,
     /// Where in the WAL each of `entries` lies (as many, or none).
     pub(crate) placed: Vec<RecordAt>,

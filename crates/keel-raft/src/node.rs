@@ -347,10 +347,15 @@ pub fn start<S: StateMachine, T: Transport>(
             core.conf_state = ConfState { voters: disk.identity.initial_voters.clone(), ..Default::default() };
             bootstrap_through = disk.identity.initial_voters.len() as u64;
         }
-        core.append(&disk.entries, &disk.placed).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
+        // The recovered entries move into the log: the disk keeps no copy of them.
+        let (entries, placed) = (std::mem::take(&mut disk.entries), std::mem::take(&mut disk.placed));
+        core.append(&entries, &placed).map_err(|e| format!("raft: cannot restore entries: {e}"))?;
         let last = core.last_index();
         let applied = sm.applied_index();
-        removed = removed_at(sm.removed_members(), &disk.entries, snap_index, applied);
+        removed = removed_at(sm.removed_members(), &entries, snap_index, applied);
+        drop((entries, placed));
+        // Those the backend holds already are applied: beyond the budget, read back when needed.
+        core.cool(cfg.log_memory_bytes, applied);
         if applied > last {
             // The WAL lost its tail (a torn write was cut off) but the backend already holds the
             // effects of those committed entries: the backend is a snapshot at `applied`.

@@ -317,6 +317,54 @@ mod tests {
         Entry { index, term, ..Default::default() }
     }
 
+    /// Entries written to a WAL in `dir`, 1..=n of 100 bytes each, and where each went.
+    fn written(dir: &std::path::Path, n: u64) -> (Vec<Entry>, Vec<RecordAt>) {
+        let mut wal = keel_wal::Wal::create(dir, b"meta", Default::default()).unwrap();
+        let mut ents = Vec::new();
+        let mut placed = Vec::new();
+        for i in 1..=n {
+            let e = Entry { index: i, term: 1 + i / 10, data: vec![i as u8; 100].into(), ..Default::default() };
+            wal.save(&[(keel_wal::RECORD_ENTRY, &protobuf::Message::write_to_bytes(&e).unwrap())], i + 1).unwrap();
+            placed.push(wal.placed()[0].clone());
+            ents.push(e);
+        }
+        (ents, placed)
+    }
+
+    /// Cooling keeps the newest entries within the budget and every unapplied one in memory;
+    /// the cold ones keep their terms and read back whole; compaction and a replaced tail work
+    /// across the boundary.
+    #[test]
+    fn cold_entries_keep_their_terms_and_read_back_from_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ents, placed) = written(dir.path(), 30);
+        let log = LogStore::default();
+        log.wl().append(&ents, &placed).unwrap();
+        // 1,250 bytes: 21..=30 (not applied) and the newest two applied ones fit.
+        assert_eq!(log.wl().cool(1250, 20), 18);
+        assert_eq!((log.rl().first_index(), log.rl().hot_first(), log.rl().last_index()), (1, 19, 30));
+        let got = log.entries(1, 31, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(got, ents);
+        for i in 1..=30 {
+            assert_eq!(log.term(i).unwrap(), 1 + i / 10);
+        }
+        // The size limit counts read-back entries too: at least one, then as many as fit.
+        assert_eq!(log.entries(3, 31, Some(1), GetEntriesContext::empty(false)).unwrap().len(), 1);
+        // Nothing more goes cold while the budget holds, and entries without a place stay.
+        assert_eq!(log.wl().cool(1250, 20), 0);
+        assert_eq!(log.wl().compact(11), 10);
+        assert_eq!((log.rl().first_index(), log.term(10).unwrap()), (11, 2));
+        assert!(matches!(log.entries(10, 12, None, GetEntriesContext::empty(false)), Err(raft::Error::Store(StorageError::Compacted))));
+        // A new leader's entries from 25 on replace the tail (in memory).
+        let new_tail: Vec<Entry> = (25..=26).map(|i| entry(i, 9)).collect();
+        log.wl().append(&new_tail, &[]).unwrap();
+        assert_eq!(log.rl().last_index(), 26);
+        assert_eq!(log.term(25).unwrap(), 9);
+        assert_eq!(log.entries(11, 27, None, GetEntriesContext::empty(false)).unwrap()[..8], ents[10..18]);
+        assert_eq!(log.wl().cool(0, 26), 6, "19..=24 had places; 25 and 26 have none");
+        assert_eq!(log.rl().hot_first(), 25);
+    }
+
     #[test]
     fn a_compacted_log_still_knows_the_term_before_its_first_entry() {
         let log = LogStore::default();

@@ -202,3 +202,37 @@ fn a_stuck_apply_does_not_stop_the_raft_thread() {
     assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "applied in order without gaps: {seen:?}");
     stop(node, join);
 }
+
+/// A restart moves the entries recovered from the WAL into the log, and those the backend
+/// holds already leave memory at once (the log's budget, 0 here): what a follower may still ask
+/// for is read back from the WAL. Before, the recovered entries stayed whole in memory twice
+/// (the log and the disk's copy) until enough new entries came.
+#[test]
+fn a_restart_keeps_entries_the_backend_holds_only_in_the_wal() {
+    let t = tempfile::tempdir().unwrap();
+    let (wal, snap) = dirs(t.path());
+    let disk = Disk::open(&wal, &snap, identity(), &[(1, Vec::new())]).unwrap();
+    let sm = Backend::default();
+    let seen = sm.seen.clone();
+    let status = Arc::new(NodeStatus::default());
+    let (node, join) = start(config(), disk, sm, NoTransport, status.clone()).unwrap();
+    wait_for("leadership", || status.is_leader() && !seen.lock().is_empty());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for i in 0..8u32 {
+        rt.block_on(node.propose(vec![i as u8; 1000])).expect("proposal").expect("placed");
+    }
+    let last = status.commit();
+    wait_for("everything applied", || status.applied() >= last);
+    stop(node, join);
+
+    let disk = Disk::open(&wal, &snap, identity(), &[]).unwrap();
+    let recovered = disk.entries.len() as u64;
+    assert!(recovered >= 9, "the bootstrap entry, an empty one per term, the proposals: {recovered}");
+    let sm = Backend { applied: last, term: status.term(), ..Default::default() };
+    let status = Arc::new(NodeStatus::default());
+    let (node, join) = start(config(), disk, sm, NoTransport, status.clone()).unwrap();
+    assert_eq!(status.log_first_index(), 1, "the log still holds every recovered entry");
+    assert_eq!(status.log_memory_first_index(), last + 1, "but none the backend holds in memory");
+    wait_for("leadership again", || status.is_leader());
+    stop(node, join);
+}

@@ -16,10 +16,12 @@
 //! Modules here:
 //! - `member`: assembles one member and runs it until it stops.
 //! - `logging`: the log, in etcd's JSON format.
+//! - `memory`: freed memory handed back to the OS (at start, and as threads go idle).
 //! - `tool`: the offline tool (`keel snapshot ...`, `keel wal dump`).
 
 mod logging;
 mod member;
+mod memory;
 mod tool;
 
 use config::Config;
@@ -92,7 +94,12 @@ pub fn main() -> ExitCode {
     // encoding a response of hundreds of MB) leaves others to run every other request, and the
     // kernel shares the cores among them, as Go's scheduler would.
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads((2 * cores).max(4)).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads((2 * cores).max(4))
+        .on_thread_park(memory::release_when_idle)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -101,7 +108,13 @@ pub fn main() -> ExitCode {
     };
     // Raft's peer traffic has a runtime of its own: a client request that keeps a worker of the
     // main runtime busy (decoding a huge range, say) cannot delay heartbeats and acknowledgements.
-    let peer_rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("keel-peer").enable_all().build() {
+    let peer_rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("keel-peer")
+        .on_thread_park(memory::release_when_idle)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the peer runtime");

@@ -140,6 +140,8 @@ impl Member {
         };
         let (node, join) =
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;
+        // The WAL's recovered entries were freed here, those beyond the raft log's budget.
+        release_freed_memory();
         transport.set_node(node.clone());
         transport.keep_connected();
         fast_forward_election(&peer_rt, transport.clone(), node.clone(), election_ticks, cfg.heartbeat());
@@ -474,13 +476,11 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
 }
 
 /// Hands the memory freed so far back to the OS. Opening the store built the key index through
-/// sort buffers about the index's own size, freed on this thread; mimalloc (the binary's
-/// allocator) returns freed pages lazily, on later allocations, so a member at 5 GB served its
-/// first requests with 1.25 GB resident that settled at 600 MB seconds later. Cheap once at
-/// start; with another allocator (the tests) it finds nothing to release.
+/// sort buffers about the index's own size, freed on this thread; mimalloc returns freed pages
+/// lazily, so a member at 5 GB served its first requests with 1.25 GB resident that settled at
+/// 600 MB seconds later. Cheap once at start.
 fn release_freed_memory() {
-    // SAFETY: mi_collect takes no pointers; forcing it only walks mimalloc's own free lists.
-    unsafe { libmimalloc_sys::mi_collect(true) };
+    crate::memory::release_freed();
 }
 
 /// The raft log starts after its newest snapshot, so the backend must hold at least that
