@@ -80,8 +80,10 @@ pub struct Metrics {
     pub leader_changes: IntCounter,
     pub proposals_committed: IntGauge,
     pub proposals_applied: IntGauge,
-    /// Keel's own: the first entry the in-memory raft log holds.
+    /// Keel's own: the first entry the raft log holds.
     pub raft_log_first_index: IntGauge,
+    /// Keel's own: the first entry the raft log holds in memory.
+    pub raft_log_memory_first_index: IntGauge,
     pub proposals_pending: IntGauge,
     pub proposals_failed: IntCounter,
     pub slow_applies: IntCounter,
@@ -409,7 +411,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         proposals_applied: r.gauge("etcd_server_proposals_applied_total", "The total number of consensus proposals applied."),
         raft_log_first_index: r.gauge(
             "keel_raft_log_first_index",
-            "Keel: the first entry this member's in-memory raft log holds; a follower behind it is sent a snapshot.",
+            "Keel: the first entry this member's raft log holds; a follower behind it is sent a snapshot.",
+        ),
+        raft_log_memory_first_index: r.gauge(
+            "keel_raft_log_memory_first_index",
+            "Keel: the first entry this member's raft log holds in memory; older ones are read back from the WAL for a follower behind it.",
         ),
         proposals_pending: r.gauge("etcd_server_proposals_pending", "The current number of pending proposals to commit."),
         proposals_failed: r.counter("etcd_server_proposals_failed_total", "The total number of failed proposals seen."),
@@ -708,8 +714,10 @@ pub struct Scrape {
     pub leader_changes: u64,
     pub committed: u64,
     pub applied: u64,
-    /// The first entry the in-memory raft log holds.
+    /// The first entry the raft log holds.
     pub raft_log_first_index: u64,
+    /// The first entry the raft log holds in memory.
+    pub raft_log_memory_first_index: u64,
     pub pending_proposals: usize,
     pub member_id: u64,
     pub quota_backend_bytes: i64,
@@ -734,6 +742,7 @@ pub fn render(s: &Scrape) -> String {
     m.proposals_committed.set(s.committed as i64);
     m.proposals_applied.set(s.applied as i64);
     m.raft_log_first_index.set(s.raft_log_first_index as i64);
+    m.raft_log_memory_first_index.set(s.raft_log_memory_first_index as i64);
     m.proposals_pending.set(s.pending_proposals as i64);
     let local = format!("{:x}", s.member_id);
     m.server_id.with_label_values(&[&local]).set(1);

@@ -258,6 +258,7 @@ impl Server {
             committed: st.commit(),
             applied: st.applied(),
             raft_log_first_index: st.log_first_index(),
+            raft_log_memory_first_index: st.log_memory_first_index(),
             pending_proposals: self.pending_proposals(),
             member_id: me,
             quota_backend_bytes: self.cfg().quota_backend_bytes_reported(),
