@@ -343,6 +343,13 @@ impl Cluster {
         id
     }
 
+    /// The leader of a cluster of three, a follower, and the two others than that follower.
+    fn leader_follower_others(&self) -> (u64, u64, Vec<u64>) {
+        let leader = self.leader();
+        let follower = (1..=3).find(|id| *id != leader).unwrap_or(0);
+        (leader, follower, (1..=3).filter(|id| *id != follower).collect())
+    }
+
     fn cut(&self, id: u64) {
         self.net.cut.lock().insert(id);
     }
@@ -434,9 +441,7 @@ fn three_members_elect_one_leader_and_apply_the_same_log_in_order() {
 #[test]
 fn a_member_cut_off_past_the_kept_log_catches_up_by_snapshot() {
     let c = Cluster::new(3, 20, 5);
-    let leader = c.leader();
-    let behind = (1..=3).find(|id| *id != leader).unwrap();
-    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    let (_, behind, others) = c.leader_follower_others();
     c.cut(behind);
     c.write("b", 120);
     c.converge(&others, 120);
@@ -460,9 +465,7 @@ fn a_member_cut_off_past_the_kept_log_catches_up_by_snapshot() {
 #[test]
 fn the_in_memory_log_keeps_the_catch_up_entries_between_disk_snapshots() {
     let c = Cluster::new(3, 1_000_000, 150);
-    let leader = c.leader();
-    let behind = (1..=3).find(|id| *id != leader).unwrap();
-    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    let (_, behind, others) = c.leader_follower_others();
     // Behind by 120 entries, fewer than the 150 kept: caught up by entries.
     c.cut(behind);
     c.write("a", 120);
@@ -486,9 +489,7 @@ fn the_in_memory_log_keeps_the_catch_up_entries_between_disk_snapshots() {
 #[test]
 fn a_member_behind_catches_up_by_entries_read_back_from_the_wal() {
     let c = Cluster::new(3, 60, 150);
-    let leader = c.leader();
-    let behind = (1..=3).find(|id| *id != leader).unwrap();
-    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    let (leader, behind, others) = c.leader_follower_others();
     c.write("a", 10);
     c.converge(&[1, 2, 3], 10);
     c.cut(behind);
@@ -527,9 +528,7 @@ fn followers_trim_their_in_memory_log_as_the_leader_does() {
 /// A follower cut off while 200 entries are written, healed, and sent a snapshot the network
 /// holds while 300 more come (six disk snapshots' worth); returns (leader, follower, the others).
 fn snapshot_on_its_way(c: &Cluster) -> (u64, u64, Vec<u64>) {
-    let leader = c.leader();
-    let behind = (1..=3).find(|id| *id != leader).unwrap();
-    let others: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+    let (leader, behind, others) = c.leader_follower_others();
     c.cut(behind);
     c.write("a", 200);
     c.converge(&others, 200);

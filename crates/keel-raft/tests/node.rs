@@ -97,6 +97,20 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A new member of one started on the WAL and snapshot directories under `root` with `sm`,
+/// once it leads and applied its bootstrap entry: (node, its thread, status, what `sm` saw).
+type Started = (keel_raft::NodeHandle, std::thread::JoinHandle<Result<(), String>>, Arc<NodeStatus>, Arc<Mutex<Vec<u64>>>);
+fn leading(root: &Path, sm: Backend) -> Started {
+    let (wal, snap) = dirs(root);
+    let disk = Disk::open(&wal, &snap, identity(), &[(1, Vec::new())]).unwrap();
+    let seen = sm.seen.clone();
+    let status = Arc::new(NodeStatus::default());
+    let (node, join) = start(config(), disk, sm, NoTransport, status.clone()).unwrap();
+    // A member of one leads once its bootstrap entry is applied: term 2 at least.
+    wait_for("leadership", || status.is_leader() && status.term() >= 2 && !seen.lock().is_empty());
+    (node, join, status, seen)
+}
+
 /// Regression (defect 2 of the house issue): a member whose backend is ahead of its WAL (the
 /// log's tail was lost after the backend took it, the `apply::restore` crash point) continued
 /// from a snapshot built with the configuration of the old snapshot (here: the initial one),
@@ -129,15 +143,8 @@ fn a_backend_ahead_of_the_wal_keeps_its_membership() {
 #[test]
 fn a_snapshot_raft_ignores_leaves_no_backend_file() {
     let t = tempfile::tempdir().unwrap();
-    let (wal, snap) = dirs(t.path());
-    let disk = Disk::open(&wal, &snap, identity(), &[(1, Vec::new())]).unwrap();
-    let sm = Backend::default();
-    let seen = sm.seen.clone();
-    let status = Arc::new(NodeStatus::default());
-    let (node, join) = start(config(), disk, sm, NoTransport, status.clone()).unwrap();
-    // A member of one leads once its bootstrap entry is applied: term 2 at least.
-    wait_for("leadership", || status.is_leader() && status.term() >= 2 && !seen.lock().is_empty());
-    let file = snap.join("0000000000000064.snap.db");
+    let (node, join, status, _) = leading(t.path(), Backend::default());
+    let file = dirs(t.path()).1.join("0000000000000064.snap.db");
     std::fs::write(&file, b"a backend").unwrap();
     let mut m = Message::default();
     m.set_msg_type(MessageType::MsgSnapshot);
@@ -163,14 +170,8 @@ fn a_snapshot_raft_ignores_leaves_no_backend_file() {
 #[test]
 fn a_stuck_apply_does_not_stop_the_raft_thread() {
     let t = tempfile::tempdir().unwrap();
-    let (wal, snap) = dirs(t.path());
-    let disk = Disk::open(&wal, &snap, identity(), &[(1, Vec::new())]).unwrap();
     let gate = Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new()));
-    let sm = Backend { gate: Some(gate.clone()), ..Default::default() };
-    let seen = sm.seen.clone();
-    let status = Arc::new(NodeStatus::default());
-    let (node, join) = start(config(), disk, sm, NoTransport, status.clone()).unwrap();
-    wait_for("leadership", || status.is_leader() && !seen.lock().is_empty());
+    let (node, join, status, seen) = leading(t.path(), Backend { gate: Some(gate.clone()), ..Default::default() });
     *gate.0.lock().unwrap() = false;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut placed = 0;
@@ -210,13 +211,7 @@ fn a_stuck_apply_does_not_stop_the_raft_thread() {
 #[test]
 fn a_restart_keeps_entries_the_backend_holds_only_in_the_wal() {
     let t = tempfile::tempdir().unwrap();
-    let (wal, snap) = dirs(t.path());
-    let disk = Disk::open(&wal, &snap, identity(), &[(1, Vec::new())]).unwrap();
-    let sm = Backend::default();
-    let seen = sm.seen.clone();
-    let status = Arc::new(NodeStatus::default());
-    let (node, join) = start(config(), disk, sm, NoTransport, status.clone()).unwrap();
-    wait_for("leadership", || status.is_leader() && !seen.lock().is_empty());
+    let (node, join, status, _) = leading(t.path(), Backend::default());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for i in 0..8u32 {
         rt.block_on(node.propose(vec![i as u8; 1000])).expect("proposal").expect("placed");
@@ -225,6 +220,7 @@ fn a_restart_keeps_entries_the_backend_holds_only_in_the_wal() {
     wait_for("everything applied", || status.applied() >= last);
     stop(node, join);
 
+    let (wal, snap) = dirs(t.path());
     let disk = Disk::open(&wal, &snap, identity(), &[]).unwrap();
     let recovered = disk.entries.len() as u64;
     assert!(recovered >= 9, "the bootstrap entry, an empty one per term, the proposals: {recovered}");
