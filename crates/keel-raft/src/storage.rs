@@ -5,8 +5,8 @@
 //! fall behind, may be held only as their place in the WAL and their term ("cold",
 //! [`Core::cool`]) and are read back from it when a follower asks for them, so the log's memory
 //! is bounded in bytes whatever the entries' size (etcd keeps its last 5,000 entries whole:
-//! 80 MB of 16 KiB values per member). An entry written before the last start has no place
-//! known and stays hot.
+//! 80 MB of 16 KiB values per member). An entry appended without its place (none is, but a
+//! caller may) stays hot, and so does every entry after it.
 //!
 //! Unlike raft-rs's `MemStorage`, the snapshot kept here carries the application's data, so the
 //! leader can send it to a follower that fell behind the compacted log.
@@ -35,7 +35,7 @@ pub struct Core {
     cold: VecDeque<Cold>,
     cold_first: u64,
     /// Entries in memory after the cold ones (or after the snapshot index or `compacted`),
-    /// contiguous, and where in the WAL each went (None: written before this start).
+    /// contiguous, and where in the WAL each went (None: not told).
     entries: Vec<Entry>,
     placed: Vec<Option<RecordAt>>,
     /// Index and term of the last entry dropped from the front of `entries` (0, 0: none): raft
