@@ -1100,15 +1100,15 @@ impl<T: Transport> Driver<T> {
             // A leader's snapshot was installed since.
             return Ok(());
         }
-        // The WAL keeps the entries the log still holds: the cold ones are read back from it.
+        // The snapshot is at most the applied index: what the log keeps beyond it is the
+        // applied index's bound. Trimmed first: the WAL keeps the entries the log still holds
+        // (the cold ones are read back from it), and no more.
+        self.trim_memory_log();
         let keep_from = self.node.store().rl().first_index();
         self.disk.save_snapshot(&snap, keep_from)?;
         tracing::info!(index, term, "raft: saved snapshot");
         self.snap_index = index;
         self.node.mut_store().wl().set_snapshot(snap);
-        // The snapshot is at most the applied index: what the log keeps beyond it is the
-        // applied index's bound.
-        self.trim_memory_log();
         Ok(())
     }
 }

@@ -1,5 +1,7 @@
 //! Snapshots every --snapshot-count applied entries, and recovery from snapshot + WAL once the
-//! WAL before the snapshot is gone (it is released when a later segment holds the snapshot).
+//! WAL before the snapshot is gone (it is released when a later segment holds the snapshot and
+//! the raft log keeps none of its entries for followers: the last --snapshot-catchup-entries
+//! applied ones, read back from the WAL past --raft-log-memory-bytes).
 
 mod common;
 
@@ -11,14 +13,16 @@ async fn snapshots_are_taken_and_recovered_from() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("snap.etcd");
     let (cp, pp) = (free_port(), free_port());
-    let mut p = start(&keel_bin(), &dir, cp, pp, &["--snapshot-count", "50"]);
+    let flags = ["--snapshot-count", "50", "--snapshot-catchup-entries", "20"];
+    let mut p = start(&keel_bin(), &dir, cp, pp, &flags);
     assert!(p.wait_ready(), "{}", p.log_text());
     let mut kv = p.kv().await;
     for i in 0..300 {
         kv.put(PutRequest { key: format!("s{i:04}").into(), value: format!("{i}").into(), ..Default::default() }).await.unwrap();
     }
-    // Past one 64 MB WAL segment, so that the first one is released after a snapshot and the
-    // restart below cannot replay the log from its beginning.
+    // Past one 64 MB WAL segment, so that the first one is released after a snapshot (the log
+    // keeps only the last 20 entries for followers) and the restart below cannot replay the log
+    // from its beginning.
     for i in 0..70u8 {
         kv.put(PutRequest { key: b"big".to_vec(), value: vec![i; 1 << 20], ..Default::default() }).await.unwrap();
     }
@@ -46,7 +50,7 @@ async fn snapshots_are_taken_and_recovered_from() {
     assert!(snaps.len() <= 5, "old snapshot files are not purged: {}", snaps.len());
     p.sigkill();
 
-    let mut p2 = start(&keel_bin(), &dir, cp, pp, &["--snapshot-count", "50"]);
+    let mut p2 = start(&keel_bin(), &dir, cp, pp, &flags);
     assert!(p2.wait_ready(), "{}", p2.log_text());
     let mut kv = p2.kv().await;
     let r = kv.range(RangeRequest { key: b"s".to_vec(), range_end: b"u".to_vec(), ..Default::default() }).await.unwrap().into_inner();
