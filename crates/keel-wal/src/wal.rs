@@ -89,9 +89,9 @@ impl Segment {
 }
 
 /// Where one record this WAL wrote lies, to read it back later ([`RecordAt::read`]) instead of
-/// keeping it in memory. It holds its segment open: a released segment's blocks are freed once
-/// every `RecordAt` in it is dropped, and its reads fail from then on, if ever its free begins
-/// sooner (the caller keeps segments it still reads: [`Wal::release_to`]).
+/// keeping it in memory. It holds its segment open, but a released segment is truncated step by
+/// step all the same (`keel_reclaim`), and reads of its records fail from then on: the caller
+/// releases no segment it still reads ([`Wal::release_to`]).
 #[derive(Debug, Clone)]
 pub struct RecordAt {
     segment: Arc<Segment>,
