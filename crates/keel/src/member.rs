@@ -141,7 +141,7 @@ impl Member {
         let (node, join) =
             keel_raft::node::start(node_cfg, rec.disk, applier, transport.clone(), node_status).map_err(anyhow::Error::msg)?;
         // The WAL's recovered entries were freed here, those beyond the raft log's budget.
-        release_freed_memory();
+        crate::memory::release_freed();
         transport.set_node(node.clone());
         transport.keep_connected();
         fast_forward_election(&peer_rt, transport.clone(), node.clone(), election_ticks, cfg.heartbeat());
@@ -471,16 +471,11 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     if members.cluster_id != identity.cluster_id {
         bail!("cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}", members.cluster_id, identity.cluster_id);
     }
-    release_freed_memory();
-    Ok(Recovered { disk, store, members, db_path, dialer })
-}
-
-/// Hands the memory freed so far back to the OS. Opening the store built the key index through
-/// sort buffers about the index's own size, freed on this thread; mimalloc returns freed pages
-/// lazily, so a member at 5 GB served its first requests with 1.25 GB resident that settled at
-/// 600 MB seconds later. Cheap once at start.
-fn release_freed_memory() {
+    // Opening the store built the key index through sort buffers about the index's own size,
+    // freed on this thread: a member at 5 GB served its first requests with 1.25 GB resident
+    // that settled at 600 MB seconds later, until this.
     crate::memory::release_freed();
+    Ok(Recovered { disk, store, members, db_path, dialer })
 }
 
 /// The raft log starts after its newest snapshot, so the backend must hold at least that
