@@ -117,18 +117,20 @@ impl Core {
     /// the WAL is known are dropped from memory and read back from the WAL when asked for.
     /// Returns how many went cold.
     pub fn cool(&mut self, budget: usize, applied: u64) -> usize {
+        // Walked from the newest: the first applied entry past the budget and all before it
+        // leave memory.
         let mut bytes = 0usize;
-        let mut keep = self.entries.len();
-        while keep > 0 {
-            let e = &self.entries[keep - 1];
+        let mut leaving = self.entries.len();
+        while leaving > 0 {
+            let e = &self.entries[leaving - 1];
             bytes += e.data.len() + e.context.len();
             if bytes > budget && e.index <= applied {
                 break;
             }
-            keep -= 1;
+            leaving -= 1;
         }
-        // `keep` entries from the front go cold, as far as their places are known.
-        let n = self.placed[..keep].iter().take_while(|p| p.is_some()).count();
+        // As far as their places are known.
+        let n = self.placed[..leaving].iter().take_while(|p| p.is_some()).count();
         if n == 0 {
             return 0;
         }
