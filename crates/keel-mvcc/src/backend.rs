@@ -405,6 +405,7 @@ impl Backend {
         if records != rows {
             return Ok(Err(Some(format!("{rows} index rows for {records} records"))));
         }
+        sink.reserve(self.plausible_rows(rows));
         for item in index.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let (k, v) = (k.value(), v.value());
@@ -427,6 +428,14 @@ impl Backend {
         self.build_index_in(INDEX_BUILD_BATCH, sink, |_| {})
     }
 
+    /// `rows` (a table's length, as the file records it) as a count to make room for: at most
+    /// one per 17 bytes of the file (a record's key alone is a 17-byte revision), so that a
+    /// damaged length cannot ask for more memory than the file could describe.
+    fn plausible_rows(&self, rows: u64) -> usize {
+        let file = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        usize::try_from(rows.min(file / 17)).unwrap_or(0)
+    }
+
     /// [`Backend::build_index`] in transactions of `batch` records; `committed(n)` is told of
     /// each of them but the last, after its commit.
     fn build_index_in(&self, batch: usize, sink: &mut dyn IndexSink, mut committed: impl FnMut(usize)) -> Result<(), BackendError> {
@@ -439,6 +448,9 @@ impl Backend {
             tx.open_table(KEY_INDEX).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
+        let records =
+            self.db.begin_read().map_err(|e| self.err(e))?.open_table(KEYS).map_err(|e| self.err(e))?.len().map_err(|e| self.err(e))?;
+        sink.reserve(self.plausible_rows(records));
         let mut from: Option<Vec<u8>> = None;
         let mut rows = 0u64;
         let mut n_batches = 0usize;
@@ -917,6 +929,8 @@ impl Backend {
 
 /// Takes the rows [`Backend::read_index`] reads.
 pub trait IndexSink {
+    /// About `rows` rows are coming (told once before the first, where the count is known).
+    fn reserve(&mut self, _rows: usize) {}
     /// One record's row; `key` is its user key.
     fn row(&mut self, key: &[u8], row: IndexRow);
     /// Forgets every row given so far (the persisted index proved damaged part way through).

@@ -282,57 +282,51 @@ pub struct Index {
 /// Builds an [`Index`] from a backend's records, read in revision order: one sort by key and a
 /// bulk build, instead of one tree insertion per record (records come in revision order, which
 /// is random key order, so each insertion walks the tree through cold memory).
+///
+/// Each record is kept as the one-change history it starts as, so that a key's records merge
+/// in place and the tree is built from the same buffer: a start touches that buffer and the
+/// tree's nodes, no third copy (fresh memory is what a start mostly waits for: the kernel
+/// zeroing pages it faults in).
 #[derive(Debug, Default)]
 pub struct Builder {
-    records: Vec<Record>,
-}
-
-#[derive(Debug)]
-struct Record {
-    key: Box<[u8]>,
-    change: Change,
-    created: i64,
-    version: i64,
-    lease: i64,
+    records: Vec<(Box<[u8]>, KeyHistory)>,
 }
 
 impl Builder {
+    /// Makes room for `n` more records, so that the buffer is not grown (and copied) as they come.
+    pub fn reserve(&mut self, n: usize) {
+        self.records.reserve_exact(n);
+    }
+
     /// Adds one record, as [`Index::restore`] would take it.
     #[allow(clippy::too_many_arguments)]
     pub fn push(&mut self, key: Vec<u8>, rev: Revision, tombstone: bool, created: i64, version: i64, lease: i64, size: u32) {
-        self.records.push(Record { key: key.into_boxed_slice(), change: Change::new(rev, tombstone, size), created, version, lease });
+        // A tombstone ends the key's generation: as `Index::restore` takes it.
+        let (created, version, lease) = if tombstone { (0, 0, 0) } else { (created, version, lease) };
+        let mut changes = Changes::new();
+        changes.push(Change::new(rev, tombstone, size));
+        self.records.push((key.into_boxed_slice(), KeyHistory { changes, created, version, lease }));
     }
 
     /// The index holding every record pushed: as if each had been restored in revision order.
     pub fn finish(mut self) -> Index {
-        // Each key's records end up together, in revision order.
-        self.records.sort_unstable_by(|a, b| a.key.cmp(&b.key).then(a.change.rev().cmp(&b.change.rev())));
-        let mut live = 0usize;
-        let mut grouped: Vec<(Box<[u8]>, KeyHistory)> = Vec::new();
-        for r in self.records {
-            // A tombstone ends the key's generation: as `Index::restore` takes it.
-            let (created, version, lease) = if r.change.tombstone() { (0, 0, 0) } else { (r.created, r.version, r.lease) };
-            match grouped.last_mut() {
-                Some((k, h)) if *k == r.key => {
-                    debug_assert!(h.changes.last().map(|c| c.rev() < r.change.rev()).unwrap_or(true), "revisions must increase");
-                    h.changes.push(r.change);
-                    (h.created, h.version, h.lease) = (created, version, lease);
-                }
-                _ => {
-                    if grouped.last().is_some_and(|(_, h)| h.is_live()) {
-                        live += 1;
-                    }
-                    let mut changes = Changes::new();
-                    changes.push(r.change);
-                    grouped.push((r.key, KeyHistory { changes, created, version, lease }));
-                }
+        // Each key's records end up together, in revision order (every history holds one change
+        // until the merge below).
+        self.records.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.changes[0].rev().cmp(&b.1.changes[0].rev())));
+        // A key's later records merge into its first, in place; the later state wins.
+        self.records.dedup_by(|later, first| {
+            if later.0 != first.0 {
+                return false;
             }
-        }
-        if grouped.last().is_some_and(|(_, h)| h.is_live()) {
-            live += 1;
-        }
+            let change = later.1.changes[0];
+            debug_assert!(first.1.changes.last().is_some_and(|c| c.rev() < change.rev()), "revisions must increase");
+            first.1.changes.push(change);
+            (first.1.created, first.1.version, first.1.lease) = (later.1.created, later.1.version, later.1.lease);
+            true
+        });
+        let live = self.records.iter().filter(|(_, h)| h.is_live()).count();
         // Sorted and without duplicates: BTreeMap builds it in one pass.
-        Index { keys: grouped.into_iter().collect(), live }
+        Index { keys: self.records.into_iter().collect(), live }
     }
 }
 

@@ -378,6 +378,10 @@ struct Rows {
 }
 
 impl crate::backend::IndexSink for Rows {
+    fn reserve(&mut self, rows: usize) {
+        self.built.reserve(rows);
+    }
+
     fn row(&mut self, key: &[u8], r: IndexRow) {
         self.data_bytes += r.size as u64;
         self.last_main = self.last_main.max(r.rev.main);
