@@ -465,8 +465,9 @@ impl<T: Transport> Driver<T> {
         let mut received = Vec::new();
         let result = loop {
             let mut wait = next_tick.saturating_duration_since(Instant::now());
-            if self.stage.backlogged() {
-                // Hand the backlog on as the stage makes room.
+            if self.stage.backlogged() || self.campaign_when_applied {
+                // Hand the backlog on as the stage makes room; a cluster of one campaigns as soon
+                // as the stage has applied what is committed (it does not wake this thread).
                 wait = wait.min(BACKLOG_POLL);
             }
             ready.clear();
@@ -494,6 +495,13 @@ impl<T: Transport> Driver<T> {
                 self.stage_gone = true;
             }
             self.flush_reads();
+            if self.campaign_when_applied && self.status.applied() >= self.node.raft.raft_log.committed {
+                self.campaign_when_applied = false;
+                // Its Ready (a cluster of one is leader at once) is handled below, not a tick later.
+                if let Err(e) = self.node.campaign() {
+                    tracing::warn!(error = %e, "raft: campaign failed");
+                }
+            }
             if self.cfg.manual_ticks {
                 // Only Msg::Tick ticks; the clock's deadline never comes.
                 next_tick = Instant::now() + IDLE_WAIT;
@@ -514,13 +522,6 @@ impl<T: Transport> Driver<T> {
             self.compact_memory_log();
             if self.stage_gone {
                 break Err("the apply stage stopped".into());
-            }
-            if self.campaign_when_applied && self.status.applied() >= self.node.raft.raft_log.committed {
-                self.campaign_when_applied = false;
-                if let Err(e) = self.node.campaign() {
-                    tracing::warn!(error = %e, "raft: campaign failed");
-                }
-                continue;
             }
             if stop && self.stopping.is_none() {
                 self.stopping = Some(self.ticks + self.cfg.election_ticks as u64);

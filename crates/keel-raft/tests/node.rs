@@ -140,6 +140,26 @@ fn a_backend_ahead_of_the_wal_keeps_its_membership() {
 }
 
 /// A snapshot raft does not take (from an older term, here) leaves no backend file behind.
+/// A member of one campaigns as soon as its committed log is applied, and its Ready (it leads
+/// at once) is handled then: neither waits for a tick. Regression: the raft thread looked for
+/// "applied" only when woken (a tick, a message) and, once it had campaigned, slept until the
+/// next tick before handling the Ready: two ticks (200 ms by default) at every start of a
+/// member of one. Here a tick is an hour away.
+#[test]
+fn a_member_of_one_leads_without_waiting_for_a_tick() {
+    let t = tempfile::tempdir().unwrap();
+    let (wal, snap) = dirs(t.path());
+    let disk = Disk::open(&wal, &snap, identity(), &[(1, Vec::new())]).unwrap();
+    let sm = Backend::default();
+    let seen = sm.seen.clone();
+    let status = Arc::new(NodeStatus::default());
+    let cfg = NodeConfig { tick: Duration::from_secs(3600), ..config() };
+    let (node, join) = start(cfg, disk, sm, NoTransport, status.clone()).unwrap();
+    wait_for("leadership with no tick", || status.is_leader() && !seen.lock().is_empty());
+    assert_eq!(status.ticks(), 0, "no tick was needed");
+    stop(node, join);
+}
+
 #[test]
 fn a_snapshot_raft_ignores_leaves_no_backend_file() {
     let t = tempfile::tempdir().unwrap();
