@@ -548,10 +548,13 @@ fn read_segments(dir: &Path, segments: &[SegmentName], repair: bool) -> Result<(
     let mut tail_end = 0u64;
     let mut chain = None;
     let mut metadata: Option<Vec<u8>> = None;
+    // One buffer for every segment: each is as long as its preallocation (64 MB by default), and
+    // fresh memory is what reading them mostly cost (the kernel zeroing the pages it faults in).
+    let mut bytes = Vec::new();
     for (i, seg) in segments.iter().enumerate() {
         let path = dir.join(seg.file_name());
-        let mut bytes = Vec::new();
         let mut file = File::open(&path).map_err(io_err(&path))?;
+        bytes.clear();
         file.read_to_end(&mut bytes).map_err(io_err(&path))?;
         let s = scan(&bytes, chain);
         let last = i + 1 == segments.len();
