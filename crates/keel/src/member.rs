@@ -446,8 +446,15 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     };
 
     let db_path = Path::new(&snap_dir).join("db");
-    let mut store = Store::open_with(&db_path, index_mode(cfg)).context("open backend")?;
-    let mut disk = Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries).context("open WAL")?;
+    // The backend (its key index loaded) and the WAL (read whole) open side by side: neither
+    // needs the other, and each is a good part of a restart.
+    let (store, disk) = std::thread::scope(|s| {
+        let wal = s.spawn(|| Disk::open(Path::new(&wal_dir), Path::new(&snap_dir), boot.identity.clone(), &boot.entries));
+        let store = Store::open_with(&db_path, index_mode(cfg));
+        (store, wal.join())
+    });
+    let mut store = store.context("open backend")?;
+    let mut disk = disk.map_err(|_| anyhow::anyhow!("open WAL: the thread reading it panicked"))?.context("open WAL")?;
     if let Some(snap) = disk.snapshot.as_ref() {
         store = backend_for_snapshot(store, &db_path, Path::new(&snap_dir), snap.get_metadata().index, index_mode(cfg))?;
     }
