@@ -71,10 +71,45 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
-/// Binds every URL; fails if any cannot be bound. An `http://` and an `https://` URL on one TCP
-/// address share one listener that takes both.
-pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, Listener)>> {
-    let mut out: Vec<(ListenUrl, Listener)> = Vec::new();
+/// A socket bound and listening, not yet tied to a runtime: bound at once (as etcd binds its
+/// listeners before it reads its data dir), served later by the runtime that serves it.
+pub enum Bound {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Bound {
+    /// The listener, registered with the runtime this is called on.
+    pub fn listener(self) -> Result<Listener> {
+        Ok(match self {
+            Bound::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Tcp(TcpListener::from_std(l)?)
+            }
+            Bound::Unix(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Unix(UnixListener::from_std(l)?)
+            }
+        })
+    }
+}
+
+/// Connections the kernel holds for a listener before they are accepted (tokio's own default):
+/// a client connecting during a long start waits there rather than being refused.
+const BACKLOG: i32 = 1024;
+
+fn bind_tcp(a: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(a), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&a.into())?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
+/// Binds every URL now, outside any runtime; fails if any cannot be bound. An `http://` and an
+/// `https://` URL on one TCP address share one listener that takes both.
+pub fn bind_now(urls: &[String]) -> Result<Vec<(ListenUrl, Bound)>> {
+    let mut out: Vec<(ListenUrl, Bound)> = Vec::new();
     for u in urls {
         let lu = parse_listen_url(u)?;
         if let Some((other, _)) = out.iter_mut().find(|(o, _)| matches!((&o.addr, &lu.addr), (Addr::Tcp(a), Addr::Tcp(b)) if a == b)) {
@@ -88,15 +123,20 @@ pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, Listener)>> {
             }
         }
         let l = match &lu.addr {
-            Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await.with_context(|| format!("listen on {u}"))?),
+            Addr::Tcp(a) => Bound::Tcp(bind_tcp(*a).with_context(|| format!("listen on {u}"))?),
             Addr::Unix(p) => {
                 let _ = std::fs::remove_file(p);
-                Listener::Unix(UnixListener::bind(p).with_context(|| format!("listen on {u}"))?)
+                Bound::Unix(std::os::unix::net::UnixListener::bind(p).with_context(|| format!("listen on {u}"))?)
             }
         };
         out.push((lu, l));
     }
     Ok(out)
+}
+
+/// [`bind_now`], each listener registered with the current runtime.
+pub async fn bind(urls: &[String]) -> Result<Vec<(ListenUrl, Listener)>> {
+    bind_now(urls)?.into_iter().map(|(lu, b)| Ok((lu, b.listener()?))).collect()
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}

@@ -1,8 +1,8 @@
-//! member: assembles one member from its flags and runs it. The steps, in order:
-//! [`Member::start`] recovers (or creates) the data dir's state and starts raft and its apply
-//! stage; [`Member::serve_peers`] binds the peer listeners on the peer runtime;
-//! [`Member::serve_clients`] binds the client and metrics listeners (served once the member has
-//! published itself); [`Member::run`] starts the background duties (publish, auto compaction,
+//! member: assembles one member from its flags and runs it. The steps, in order: the peer and
+//! client listeners are bound (`Bound`); [`Member::start`] recovers (or creates) the data dir's
+//! state and starts raft and its apply stage; `Member::serve_peers` serves the peer listeners on
+//! the peer runtime; `Member::serve_clients` serves the client listeners (once the member has
+//! published itself) and binds and serves the metrics listeners; [`Member::run`] starts the background duties (publish, auto compaction,
 //! leases) and waits for a stop signal or this member's removal, then stops raft.
 //!
 //! Calls everything below it in the module map (server, peer, raft, mvcc, apply, watch, lease,
@@ -36,8 +36,9 @@ use std::time::Duration;
 
 /// Starts a member from `cfg` and runs it until it is stopped or removed.
 pub async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
+    let bound = Bound::bind(&cfg)?;
     let member = Member::start(cfg, peer_rt).await?;
-    member.serve_peers().await?;
+    member.serve_peers(bound.peers).await?;
     // As etcd: a member that ran before compares its data with its peers' before it serves
     // (a new member has nothing to compare).
     if member.initialized && member.cfg.initial_corrupt_check() {
@@ -46,8 +47,30 @@ pub async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
             anyhow::bail!(e);
         }
     }
-    member.serve_clients().await?;
+    member.serve_clients(bound.clients, bound.client_http).await?;
     member.run().await
+}
+
+/// The peer and client listeners, bound before anything else, as etcd binds them before it
+/// reads its data dir: a port in use fails the start at once, not after the key index of a big
+/// store is loaded, and a client or peer connecting during a long start waits in the
+/// listener's backlog (answered once the member serves) instead of being refused and backing
+/// off. The metrics listeners are bound when they are served.
+struct Bound {
+    peers: Vec<(serve::ListenUrl, serve::Bound)>,
+    clients: Vec<(serve::ListenUrl, serve::Bound)>,
+    /// `--listen-client-http-urls`.
+    client_http: Vec<(serve::ListenUrl, serve::Bound)>,
+}
+
+impl Bound {
+    fn bind(cfg: &Config) -> Result<Bound> {
+        Ok(Bound {
+            peers: serve::bind_now(&split_urls(&cfg.listen_peer_urls))?,
+            clients: serve::bind_now(&split_urls(&cfg.listen_client_urls))?,
+            client_http: serve::bind_now(&split_urls(&cfg.listen_client_http_urls))?,
+        })
+    }
 }
 
 /// A started member: raft runs, the server answers; listeners are added by the steps below.
@@ -157,9 +180,9 @@ impl Member {
         Ok(Member { cfg, peer_rt, server, node, transport, hub, removed, stopped, ready, initialized })
     }
 
-    /// Binds the peer listeners and serves the peer service on the peer runtime; binding errors
-    /// come back here.
-    pub async fn serve_peers(&self) -> Result<()> {
+    /// Serves the peer service on the peer runtime on the bound peer listeners; errors (a TLS
+    /// URL without certificates) come back here.
+    async fn serve_peers(&self, bound: Vec<(serve::ListenUrl, serve::Bound)>) -> Result<()> {
         let cfg = &self.cfg;
         let peer_tls = tls::peer_server(cfg)?;
         let raft = keel_server::rafthttp::Handler::new(
@@ -169,19 +192,19 @@ impl Member {
         );
         let peer_router = keel_api::peer_http::router(self.server.clone(), raft.clone()).fallback(keel_api::peer_http::not_found);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<()>>();
-        let peer_urls = split_urls(&cfg.listen_peer_urls);
         let endpoint = serve::Endpoint::Peer { check_san: !cfg.peer_skip_client_san_verification };
         let peer_limit = serve::ConnLimit::new(serve::MAX_PEER_CONNECTIONS);
         self.peer_rt.spawn(async move {
-            let listeners = match serve::bind(&peer_urls).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = bound_tx.send(Err(e));
-                    return;
-                }
-            };
             let mut serving = Vec::new();
-            for (lu, l) in listeners {
+            for (lu, l) in bound {
+                // Registered with the peer runtime, which serves it.
+                let l = match l.listener() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e.context(format!("listen on {}", lu.url))));
+                        return;
+                    }
+                };
                 let acceptor = match (lu.tls, &peer_tls) {
                     (true, Some(t)) => Some(t.clone()),
                     (true, None) => {
@@ -204,11 +227,16 @@ impl Member {
         bound_rx.await.map_err(|_| anyhow::anyhow!("the peer runtime stopped"))?
     }
 
-    /// Binds the client and metrics listeners. As etcd: the client ports are bound now but
-    /// served only once this member is ready (its attributes published through raft, so every
-    /// entry before them is applied). Serving earlier would show a restarted member's pre-replay
-    /// state: a revision older than writes it had acknowledged.
-    pub async fn serve_clients(&self) -> Result<()> {
+    /// Serves the bound client listeners and binds and serves the metrics listeners. As etcd:
+    /// the client ports are bound from the start but served only once this member is ready (its
+    /// attributes published through raft, so every entry before them is applied). Serving
+    /// earlier would show a restarted member's pre-replay state: a revision older than writes it
+    /// had acknowledged.
+    async fn serve_clients(
+        &self,
+        clients: Vec<(serve::ListenUrl, serve::Bound)>,
+        client_http: Vec<(serve::ListenUrl, serve::Bound)>,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let client_h2 = client_h2(cfg)?;
         let client_tls = tls::client_server(cfg)?;
@@ -219,16 +247,15 @@ impl Member {
         tracing::info!(max_client_connections = limit.max(), "bounding client connections");
         // As etcd: with --listen-client-http-urls the HTTP services move there and the client
         // URLs serve gRPC only.
-        let http_urls = split_urls(&cfg.listen_client_http_urls);
         let mut listeners: Vec<(serve::ListenUrl, serve::Listener, axum::Router)> = Vec::new();
-        let router = self.client_router(true, http_urls.is_empty());
-        for (lu, l) in serve::bind(&split_urls(&cfg.listen_client_urls)).await? {
-            listeners.push((lu, l, router.clone()));
+        let router = self.client_router(true, client_http.is_empty());
+        for (lu, l) in clients {
+            listeners.push((lu, l.listener()?, router.clone()));
         }
-        if !http_urls.is_empty() {
+        if !client_http.is_empty() {
             let router = self.client_router(false, true);
-            for (lu, l) in serve::bind(&http_urls).await? {
-                listeners.push((lu, l, router.clone()));
+            for (lu, l) in client_http {
+                listeners.push((lu, l.listener()?, router.clone()));
             }
         }
         for (lu, l, router) in listeners {

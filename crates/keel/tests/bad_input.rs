@@ -416,3 +416,18 @@ async fn the_gateway_takes_any_value_max_request_bytes_allows() {
     let r = kv.range(RangeRequest { key: b"gw".to_vec(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(r.kvs.first().map(|kv| kv.value.len()), Some(n));
 }
+
+/// As etcd, the peer and client listeners are bound before the data dir is read or made: a
+/// client port already taken fails the start at once, naming the URL, and leaves no data dir
+/// behind (it was made, a member bootstrapped in it, and only then the port found taken).
+#[test]
+fn a_taken_port_fails_the_start_before_the_data_dir_is_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("taken.etcd");
+    let (cp, pp) = (free_port(), free_port());
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", cp)).unwrap();
+    let mut p = start(&keel_bin(), &dir, cp, pp, &[]);
+    assert_ne!(p.wait_exit(), Some(0), "{}", p.log_text());
+    assert!(p.log_text().contains(&format!("listen on http://127.0.0.1:{cp}")), "{}", p.log_text());
+    assert!(!dir.exists(), "the data dir was made before the port was bound:\n{}", p.log_text());
+}
