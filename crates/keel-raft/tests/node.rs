@@ -139,7 +139,6 @@ fn a_backend_ahead_of_the_wal_keeps_its_membership() {
     assert_eq!((cs.voters.clone(), cs.learners.clone()), (members.voters, members.learners), "membership of the backend");
 }
 
-/// A snapshot raft does not take (from an older term, here) leaves no backend file behind.
 /// A member of one campaigns as soon as its committed log is applied, and its Ready (it leads
 /// at once) is handled then: neither waits for a tick. Regression: the raft thread looked for
 /// "applied" only when woken (a tick, a message) and, once it had campaigned, slept until the
@@ -160,6 +159,7 @@ fn a_member_of_one_leads_without_waiting_for_a_tick() {
     stop(node, join);
 }
 
+/// A snapshot raft does not take (from an older term, here) leaves no backend file behind.
 #[test]
 fn a_snapshot_raft_ignores_leaves_no_backend_file() {
     let t = tempfile::tempdir().unwrap();

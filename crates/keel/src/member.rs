@@ -2,8 +2,9 @@
 //! client listeners are bound (`Bound`); [`Member::start`] recovers (or creates) the data dir's
 //! state and starts raft and its apply stage; `Member::serve_peers` serves the peer listeners on
 //! the peer runtime; `Member::serve_clients` serves the client listeners (once the member has
-//! published itself) and binds and serves the metrics listeners; [`Member::run`] starts the background duties (publish, auto compaction,
-//! leases) and waits for a stop signal or this member's removal, then stops raft.
+//! published itself) and binds and serves the metrics listeners; [`Member::run`] starts the
+//! background duties (publish, auto compaction, leases) and waits for a stop signal or this
+//! member's removal, then stops raft.
 //!
 //! Calls everything below it in the module map (server, peer, raft, mvcc, apply, watch, lease,
 //! auth, alarm); nothing calls it but `main`.
