@@ -1,5 +1,5 @@
 //! member: assembles one member from its flags and runs it. The steps, in order: the peer and
-//! client listeners are bound (`Bound`); [`Member::start`] recovers (or creates) the data dir's
+//! client listeners are bound (`Listeners`); [`Member::start`] recovers (or creates) the data dir's
 //! state and starts raft and its apply stage; `Member::serve_peers` serves the peer listeners on
 //! the peer runtime; `Member::serve_clients` serves the client listeners (once the member has
 //! published itself) and binds and serves the metrics listeners; [`Member::run`] starts the
@@ -37,7 +37,7 @@ use std::time::Duration;
 
 /// Starts a member from `cfg` and runs it until it is stopped or removed.
 pub async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
-    let bound = Bound::bind(&cfg)?;
+    let bound = Listeners::bind(&cfg)?;
     let member = Member::start(cfg, peer_rt).await?;
     member.serve_peers(bound.peers).await?;
     // As etcd: a member that ran before compares its data with its peers' before it serves
@@ -57,16 +57,16 @@ pub async fn run(cfg: Config, peer_rt: tokio::runtime::Handle) -> Result<()> {
 /// store is loaded, and a client or peer connecting during a long start waits in the
 /// listener's backlog (answered once the member serves) instead of being refused and backing
 /// off. The metrics listeners are bound when they are served.
-struct Bound {
+struct Listeners {
     peers: Vec<(serve::ListenUrl, serve::Bound)>,
     clients: Vec<(serve::ListenUrl, serve::Bound)>,
     /// `--listen-client-http-urls`.
     client_http: Vec<(serve::ListenUrl, serve::Bound)>,
 }
 
-impl Bound {
-    fn bind(cfg: &Config) -> Result<Bound> {
-        Ok(Bound {
+impl Listeners {
+    fn bind(cfg: &Config) -> Result<Listeners> {
+        Ok(Listeners {
             peers: serve::bind_now(&split_urls(&cfg.listen_peer_urls))?,
             clients: serve::bind_now(&split_urls(&cfg.listen_client_urls))?,
             client_http: serve::bind_now(&split_urls(&cfg.listen_client_http_urls))?,
