@@ -506,9 +506,9 @@ async fn recover(cfg: &Config) -> Result<Recovered> {
     if members.cluster_id != identity.cluster_id {
         bail!("cluster ID mismatch: the backend belongs to cluster {:x}, the WAL to {:x}", members.cluster_id, identity.cluster_id);
     }
-    // Opening the store built the key index through sort buffers about the index's own size,
-    // freed on this thread: a member at 5 GB served its first requests with 1.25 GB resident
-    // that settled at 600 MB seconds later, until this.
+    // Opening the store built the key index through a buffer of rows about the index's own
+    // size, freed on this thread (and the WAL's read buffer on its own): a member at 5 GB served
+    // its first requests with 1.25 GB resident that settled at 600 MB seconds later, until this.
     crate::memory::release_freed();
     Ok(Recovered { disk, store, members, db_path, dialer })
 }
