@@ -59,6 +59,11 @@ impl Lessor {
         self.checkpointing
     }
 
+    /// Whether this lessor times its leases (promoted, and not demoted since).
+    pub fn is_primary(&self) -> bool {
+        self.primary
+    }
+
     pub fn exists(&self, id: i64) -> bool {
         self.leases.contains_key(&id)
     }

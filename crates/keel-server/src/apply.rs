@@ -211,6 +211,10 @@ pub struct Applier {
     index_mode: keel_mvcc::IndexMode,
     /// Told when this member has been removed from the cluster.
     removed: Arc<tokio::sync::Notify>,
+    /// Whether this member leads now, asked when a new leader's no-op is applied.
+    leading: Box<dyn Fn() -> bool + Send>,
+    /// What a promoted lessor adds to every lease (etcd's election timeout).
+    lease_extend: std::time::Duration,
     auth: Arc<RwLock<AuthStore>>,
     tokens: Arc<Tokens>,
     alarms: Arc<RwLock<Alarms>>,
@@ -232,6 +236,26 @@ pub struct Applier {
     compaction: Compaction,
     /// When the compaction under way may run its next batch (after its sleep interval).
     next_compaction_batch: std::cell::Cell<std::time::Instant>,
+}
+
+/// What an [`Applier`] is built from besides the shared [`State`].
+pub struct Setup {
+    /// Where applied writes are published to watchers.
+    pub hub: Arc<keel_mvcc::watch::WatchHub>,
+    pub member_id: u64,
+    /// Where the backend lives.
+    pub db_path: std::path::PathBuf,
+    /// Told when an applied entry removes this member.
+    pub removed: Arc<tokio::sync::Notify>,
+    pub compaction: Compaction,
+    /// Where a backend installed from the leader keeps its key index.
+    pub index_mode: keel_mvcc::IndexMode,
+    /// Whether this member leads now (raft's status, which the raft thread writes before it
+    /// hands over the entries of the same Ready).
+    pub leading: Box<dyn Fn() -> bool + Send>,
+    /// What the lessor adds to every lease when this member's leadership starts (etcd's
+    /// election timeout).
+    pub lease_extend: std::time::Duration,
 }
 
 /// How a compaction is paced (etcd's `--compaction-batch-limit` and
@@ -336,32 +360,25 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
 }
 
 impl Applier {
-    /// The state machine of member `member_id` over `state`, publishing to `hub`; `removed` is
-    /// told when an applied entry removes this member.
-    pub fn new(
-        state: &State,
-        hub: Arc<keel_mvcc::watch::WatchHub>,
-        member_id: u64,
-        db_path: std::path::PathBuf,
-        removed: Arc<tokio::sync::Notify>,
-        compaction: Compaction,
-        index_mode: keel_mvcc::IndexMode,
-    ) -> Applier {
+    /// The state machine over `state`, built as `setup` says.
+    pub fn new(state: &State, setup: Setup) -> Applier {
         let committer = crate::committer::Committer::start(state.store.clone())
             .unwrap_or_else(|e| fatal("cannot start the backend committer thread", e));
         Applier {
             committer,
-            compaction,
+            compaction: setup.compaction,
             next_compaction_batch: std::cell::Cell::new(std::time::Instant::now()),
             store: state.store.clone(),
-            hub,
+            hub: setup.hub,
             lessor: state.lessor.clone(),
             members: state.members.clone(),
             waiters: state.waiters.clone(),
-            member_id,
-            db_path,
-            index_mode,
-            removed,
+            member_id: setup.member_id,
+            db_path: setup.db_path,
+            index_mode: setup.index_mode,
+            removed: setup.removed,
+            leading: setup.leading,
+            lease_extend: setup.lease_extend,
             auth: state.auth.clone(),
             tokens: state.tokens.clone(),
             alarms: state.alarms.clone(),
@@ -448,6 +465,18 @@ impl Applier {
 
     fn lessor(&self) -> parking_lot::MutexGuard<'_, Lessor> {
         self.lessor.lock()
+    }
+
+    /// A no-op was applied (a new leader appends one in its term): if this member leads,
+    /// everything of the terms before it is applied, and the lessor starts timing its leases
+    /// here, each from its full TTL (or checkpoint) plus the election timeout, as etcd's server
+    /// promotes its lessor on applying that entry. A grant applied after it is timed from its
+    /// own apply. Leadership is read under the lessor's lock, where the lease duties demote.
+    fn promote_lessor_if_leading(&self) {
+        let mut lessor = self.lessor();
+        if (self.leading)() {
+            lessor.promote(self.lease_extend);
+        }
     }
 
     /// Hands a write's effects to the lessor (key sets) and to the watchers (store lock held).
@@ -831,6 +860,9 @@ impl keel_raft::StateMachine for Applier {
         }
         store.set_consistent_index(entry.index, entry.term);
         drop(store);
+        if entry.get_data().is_empty() {
+            self.promote_lessor_if_leading();
+        }
         if let Some((id, r)) = outcome {
             if id != 0 {
                 self.waiters.trigger(id, r);
@@ -1034,6 +1066,67 @@ mod tests {
         assert!(f.try_recv().is_err());
         w.trigger(6, ok(1));
         assert!(f.try_recv().unwrap().is_ok());
+    }
+
+    /// An applier over a fresh store in `dir`, leading or not as `leading` says.
+    fn applier(dir: &std::path::Path, leading: bool) -> (Applier, State) {
+        let store = Store::open(&dir.join("db")).unwrap();
+        let state = State {
+            lessor: Arc::default(),
+            auth: Arc::new(RwLock::new(AuthStore::load(&store))),
+            tokens: Arc::new(Tokens::from_flag("simple", std::time::Duration::from_secs(300)).unwrap()),
+            alarms: Arc::new(RwLock::new(Alarms::load(&store))),
+            store: Arc::new(SharedStore::new(store)),
+            members: Arc::default(),
+            waiters: Arc::default(),
+            hashes: Arc::default(),
+            compacted: Arc::new(tokio::sync::watch::channel(0).0),
+        };
+        let hub = keel_mvcc::watch::WatchHub::new(state.store.clone(), Box::new(|| 2), 1, 1, 1 << 20);
+        let setup = Setup {
+            hub,
+            member_id: 1,
+            db_path: dir.join("db"),
+            removed: Arc::default(),
+            compaction: Compaction { batch: 1000, sleep: std::time::Duration::ZERO },
+            index_mode: keel_mvcc::IndexMode::default(),
+            leading: Box::new(move || leading),
+            lease_extend: std::time::Duration::from_secs(1),
+        };
+        (Applier::new(&state, setup), state)
+    }
+
+    fn entry(index: u64, data: Vec<u8>) -> Entry {
+        Entry { index, term: 2, data: data.into(), ..Default::default() }
+    }
+
+    fn grant(id: i64, ttl: i64) -> Vec<u8> {
+        let r = keel_proto::etcdserverpb::LeaseGrantRequest { id, ttl };
+        crate::entry::encode(0, &AuthInfo::default(), Request::LeaseGrant(r))
+    }
+
+    /// A lease granted just after an election is timed from its grant: the lessor is promoted
+    /// when the new leader's no-op is applied, before any request of its term (as etcd's), not
+    /// when a timer notices the leadership later and gives every lease an election timeout
+    /// more (a 3 s lease then lived 4 s, and etcd's e2e TTL tests saw it still there).
+    #[test]
+    fn the_new_leaders_no_op_starts_the_lease_clocks() {
+        use keel_raft::StateMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, state) = applier(dir.path(), true);
+        a.apply(&entry(1, vec![]));
+        assert!(state.lessor.lock().is_primary(), "promoted at the no-op");
+        a.apply(&entry(2, grant(7, 3)));
+        let due = state.lessor.lock().due_checkpoints(10);
+        assert_eq!(due.len(), 1, "the lease is timed from its grant: {due:?}");
+        assert!(due[0].1 > 2_000 && due[0].1 <= 3_000, "a full TTL from the grant, no extension: {due:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, state) = applier(dir.path(), false);
+        f.apply(&entry(1, vec![]));
+        f.apply(&entry(2, grant(7, 3)));
+        assert!(!state.lessor.lock().is_primary(), "a follower times no lease");
+        assert!(state.lessor.lock().due_checkpoints(10).is_empty());
     }
 
     #[test]

@@ -88,11 +88,11 @@ pub fn local_time_to_live(server: &Server, r: &LeaseTimeToLiveRequest) -> LeaseT
     }
 }
 
-/// Follows leadership (promote/demote the lessor); as leader, checkpoints renewals in one batched
-/// entry per interval and revokes leases whose deadline passed, through raft.
+/// Demotes the lessor when this member stops leading (the apply stage promotes it when a new
+/// leader's no-op is applied); as leader, checkpoints renewals in one batched entry per interval
+/// and revokes leases whose deadline passed, through raft.
 pub async fn run(server: Arc<Server>) {
     server.lessor().set_checkpointing(server.cfg().lease_checkpoint());
-    let mut was_leader = false;
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let election = Duration::from_millis(server.cfg().election_timeout);
@@ -101,16 +101,13 @@ pub async fn run(server: Arc<Server>) {
     let mut inflight: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tick.tick().await;
-        let leader = server.raft().is_leader();
-        if leader != was_leader {
-            if leader {
-                server.lessor().promote(election);
-            } else {
-                server.lessor().demote();
+        if !server.raft().is_leader() {
+            let mut lessor = server.lessor();
+            // Read again under the lock the apply stage promotes under: a member elected since
+            // the first read keeps the promotion its no-op gave it.
+            if lessor.is_primary() && !server.raft().is_leader() {
+                lessor.demote();
             }
-            was_leader = leader;
-        }
-        if !leader {
             continue;
         }
         if !server.lessor().checkpointing() {

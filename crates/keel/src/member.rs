@@ -150,7 +150,22 @@ impl Member {
             cfg.max_request_bytes as usize,
         );
         let compaction = keel_server::apply::Compaction { batch: cfg.compaction_batch_limit(), sleep: cfg.compaction_sleep_interval() };
-        let applier = Applier::new(&state, hub.clone(), identity.member_id, rec.db_path, removed.clone(), compaction, index_mode(&cfg));
+        let applier = Applier::new(
+            &state,
+            keel_server::apply::Setup {
+                hub: hub.clone(),
+                member_id: identity.member_id,
+                db_path: rec.db_path,
+                removed: removed.clone(),
+                compaction,
+                index_mode: index_mode(&cfg),
+                leading: {
+                    let status = node_status.clone();
+                    Box::new(move || status.is_leader())
+                },
+                lease_extend: std::time::Duration::from_millis(cfg.election_timeout),
+            },
+        );
         let election_ticks = (cfg.election_timeout / cfg.heartbeat_interval).max(2) as usize;
         let node_cfg = NodeConfig {
             id: identity.member_id,
