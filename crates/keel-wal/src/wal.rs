@@ -99,6 +99,8 @@ pub struct RecordAt {
     len: u32,
     /// The checksum chain before the record: its stored checksum continues it.
     chain: u32,
+    /// The record's type, which the frame read back must have too.
+    kind: u8,
 }
 
 impl RecordAt {
@@ -108,6 +110,9 @@ impl RecordAt {
         let mut buf = vec![0u8; self.len as usize];
         self.segment.file.read_exact_at(&mut buf, self.offset).map_err(io_err(path))?;
         let reason = match frame::parse(&buf, 0) {
+            Parsed::Frame(f) if f.kind != i64::from(self.kind) => {
+                format!("reading back a record of type {}: found type {}", self.kind, f.kind)
+            }
             Parsed::Frame(f) if crc32c::crc32c_append(self.chain, f.data) == f.crc => return Ok(f.data.to_vec()),
             Parsed::Frame(_) => "checksum mismatch reading back a record".to_string(),
             other => format!("reading back a record: {other:?}"),
@@ -161,17 +166,14 @@ struct Scan {
 /// which that record must continue (None for the first segment on disk: the ones before it
 /// were released).
 fn scan(bytes: &[u8], chain: Option<u32>) -> Scan {
-    let mut records = Vec::new();
-    let mut places = Vec::new();
+    // `crc` is the chain through the last good record; `end` and `damage` are set on the way out.
+    let mut out = Scan { records: Vec::new(), places: Vec::new(), end: 0, crc: 0, damage: None };
     let mut off = 0usize;
-    let mut crc = 0u32;
     loop {
-        let damaged = |reason: String, torn: bool, records: Vec<Record>, places: Vec<(u64, u32, u32)>, crc: u32| Scan {
-            records,
-            places,
+        let stop = |out: Scan, damage: Option<(String, bool)>| Scan {
             end: off as u64,
-            crc,
-            damage: Some((off as u64, reason, torn)),
+            damage: damage.map(|(reason, torn)| (off as u64, reason, torn)),
+            ..out
         };
         let f = match frame::parse(bytes, off) {
             Parsed::End => {
@@ -181,54 +183,51 @@ fn scan(bytes: &[u8], chain: Option<u32>) -> Scan {
                 let damage = if rest.iter().all(|b| *b == 0) {
                     None
                 } else if rest.len() < HEADER {
-                    Some((off as u64, "partial length field".to_string(), true))
+                    Some(("partial length field".to_string(), true))
                 } else {
-                    Some((off as u64, "zero length field followed by data".to_string(), false))
+                    Some(("zero length field followed by data".to_string(), false))
                 };
-                return Scan { records, places, end: off as u64, crc, damage };
+                return stop(out, damage);
             }
             Parsed::Short { len } => {
                 // A record cut short by the end of the file is torn, unless its length is what is
                 // damaged and records written after it are still there.
-                let torn = !intact_record_after(bytes, off, crc);
-                return damaged(format!("record of {len} bytes runs past the end of the file"), torn, records, places, crc);
+                let torn = !intact_record_after(bytes, off, out.crc);
+                return stop(out, Some((format!("record of {len} bytes runs past the end of the file"), torn)));
             }
             Parsed::Garbled(why) => {
-                let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
-                return damaged(format!("undecodable record: {why}"), torn, records, places, crc);
+                let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, out.crc);
+                return stop(out, Some((format!("undecodable record: {why}"), torn)));
             }
             Parsed::Frame(f) => f,
         };
         let Ok(kind) = u8::try_from(f.kind).map_err(|_| ()).and_then(|k| if (1..=5).contains(&k) { Ok(k) } else { Err(()) }) else {
-            let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
-            return damaged(format!("unknown record type {}", f.kind), torn, records, places, crc);
+            let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, out.crc);
+            return stop(out, Some((format!("unknown record type {}", f.kind), torn)));
         };
         if off == 0 {
             if kind != RECORD_CRC {
-                return damaged("segment does not start with a crc record".into(), false, records, places, crc);
+                return stop(out, Some(("segment does not start with a crc record".into(), false)));
             }
             if let Some(prev) = chain.filter(|c| *c != 0 && *c != f.crc) {
-                return damaged(
-                    format!("crc record {:#010x} does not continue the previous segment's {prev:#010x}", f.crc),
-                    false,
-                    records,
-                    places,
-                    crc,
+                return stop(
+                    out,
+                    Some((format!("crc record {:#010x} does not continue the previous segment's {prev:#010x}", f.crc), false)),
                 );
             }
-            crc = f.crc;
+            out.crc = f.crc;
         } else if kind == RECORD_CRC {
-            return damaged("crc record inside a segment".into(), false, records, places, crc);
+            return stop(out, Some(("crc record inside a segment".into(), false)));
         } else {
-            let want = crc32c::crc32c_append(crc, f.data);
+            let want = crc32c::crc32c_append(out.crc, f.data);
             if want != f.crc {
-                let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, crc);
-                return damaged(format!("crc mismatch (stored {:#010x}, computed {want:#010x})", f.crc), torn, records, places, crc);
+                let torn = looks_torn(bytes, off) && !intact_record_after(bytes, off, out.crc);
+                return stop(out, Some((format!("crc mismatch (stored {:#010x}, computed {want:#010x})", f.crc), torn)));
             }
             let len = f.next.min(bytes.len()) - off;
-            places.push((off as u64, u32::try_from(len).unwrap_or(u32::MAX), crc));
-            crc = want;
-            records.push(Record { kind, data: f.data.to_vec() });
+            out.places.push((off as u64, u32::try_from(len).unwrap_or(u32::MAX), out.crc));
+            out.crc = want;
+            out.records.push(Record { kind, data: f.data.to_vec() });
         }
         off = f.next;
     }
@@ -351,7 +350,7 @@ impl Wal {
                 )));
             }
         }
-        let (all, places, tail_end, crc) = read_segments(dir, &segments, true)?;
+        let (all, places, tail_end, crc) = read_segments(dir, &segments, ReadFor::Opening)?;
         let metadata = all.first().map(|r| r.data.clone()).unwrap_or_default();
         let last_state = all.iter().rev().find(|r| r.kind == RECORD_STATE).map(|r| r.data.clone());
         let last = *segments.last().ok_or_else(|| Error::Invalid("no segment".into()))?;
@@ -391,7 +390,7 @@ impl Wal {
         if segments.is_empty() {
             return Err(Error::Invalid(format!("no WAL segment in {}", dir.display())));
         }
-        Ok(read_segments(dir, &segments, false)?.0)
+        Ok(read_segments(dir, &segments, ReadFor::Reading)?.0)
     }
 
     /// Appends `records` and makes them durable (fdatasync) before returning. `next_index` is the
@@ -424,7 +423,7 @@ impl Wal {
             let (at, chain) = (self.buf.len(), crc);
             encode_into(&mut self.buf, &mut crc, *kind, data);
             let len = u32::try_from(self.buf.len() - at).map_err(|_| Error::Invalid(format!("a record of {} bytes", data.len())))?;
-            self.placed.push(RecordAt { segment: self.segment.clone(), offset: self.offset + at as u64, len, chain });
+            self.placed.push(RecordAt { segment: self.segment.clone(), offset: self.offset + at as u64, len, chain, kind: *kind });
             if *kind == RECORD_STATE {
                 self.last_state = Some(data.to_vec());
             }
@@ -542,7 +541,16 @@ impl Wal {
 /// just past the last good record of the last segment, and the checksum chain there. With
 /// `repair`, a torn tail of the last segment is reported as one to be cut off; without, it
 /// just ends the log.
-fn read_segments(dir: &Path, segments: &[SegmentName], repair: bool) -> Result<(Vec<Record>, Vec<RecordAt>, u64, u32)> {
+/// Why the segments are read: to open the WAL for appending (a torn tail is repaired, and
+/// each record's place is kept to read it back later) or only to read them (neither).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadFor {
+    Opening,
+    Reading,
+}
+
+fn read_segments(dir: &Path, segments: &[SegmentName], read_for: ReadFor) -> Result<(Vec<Record>, Vec<RecordAt>, u64, u32)> {
+    let repair = read_for == ReadFor::Opening;
     let mut all = Vec::new();
     let mut places = Vec::new();
     let mut tail_end = 0u64;
@@ -581,8 +589,17 @@ fn read_segments(dir: &Path, segments: &[SegmentName], repair: bool) -> Result<(
         if last {
             tail_end = s.end;
         }
-        let segment = Arc::new(Segment { path, file });
-        places.extend(s.places.iter().map(|&(offset, len, chain)| RecordAt { segment: segment.clone(), offset, len, chain }));
+        if read_for == ReadFor::Opening {
+            let segment = Arc::new(Segment { path, file });
+            // One place per record, in order (`scan` pushes both together).
+            places.extend(s.places.iter().zip(&s.records).map(|(&(offset, len, chain), r)| RecordAt {
+                segment: segment.clone(),
+                offset,
+                len,
+                chain,
+                kind: r.kind,
+            }));
+        }
         all.extend(s.records);
     }
     Ok((all, places, tail_end, chain.unwrap_or(0)))
@@ -726,6 +743,10 @@ mod tests {
         let err = at.read().unwrap_err().to_string();
         assert!(err.contains(&at.segment.path.display().to_string()) && err.contains(&format!("offset {}", at.offset)), "{err}");
         assert_eq!(placed[10].1.read().unwrap(), placed[10].0.as_bytes());
+        // A place that says another type than the frame it finds (an entry read as a state).
+        let wrong = RecordAt { kind: RECORD_STATE, ..placed[10].1.clone() };
+        let err = wrong.read().unwrap_err().to_string();
+        assert!(err.contains("found type"), "{err}");
     }
 
     #[test]
