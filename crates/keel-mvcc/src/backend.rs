@@ -406,16 +406,37 @@ impl Backend {
             return Ok(Err(Some(format!("{rows} index rows for {records} records"))));
         }
         sink.reserve(self.plausible_rows(rows));
-        for item in index.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let (k, v) = (k.value(), v.value());
-            let Some((key, row)) = IndexRow::decode(k, v) else {
-                sink.clear();
-                return Ok(Err(Some(format!("index row {k:?} does not decode"))));
-            };
-            sink.row(key, row);
-        }
-        Ok(Ok(()))
+        let span = match (index.first().map_err(|e| self.err(e))?, index.last().map_err(|e| self.err(e))?) {
+            (Some((a, _)), Some((b, _))) => {
+                Revision::from_key(a.value()).zip(Revision::from_key(b.value())).map(|((a, _), (b, _))| (a.main, b.main))
+            }
+            _ => None,
+        };
+        let reader = prefetch::Reader::default();
+        std::thread::scope(|scope| -> Result<Result<(), Option<String>>, BackendError> {
+            let started = std::time::Instant::now();
+            for (n, item) in index.iter().map_err(|e| self.err(e))?.enumerate() {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let (k, v) = (k.value(), v.value());
+                let Some((key, row)) = IndexRow::decode(k, v) else {
+                    reader.done();
+                    sink.clear();
+                    return Ok(Err(Some(format!("index row {k:?} does not decode"))));
+                };
+                if n == prefetch::PROBE_ROWS && started.elapsed() > prefetch::COLD {
+                    if let Some((first, last)) = span {
+                        // Joined at the scope's end; what they walked is of no use here.
+                        drop(reader.start(scope, &self.db, row.rev.main, last.max(first)));
+                    }
+                }
+                if n % prefetch::PROBE_ROWS == 0 {
+                    reader.at(row.rev.main);
+                }
+                sink.row(key, row);
+            }
+            reader.done();
+            Ok(Ok(()))
+        })
     }
 
     /// Builds the key index from the records (a file written by an older Keel, or one whose index
@@ -1130,6 +1151,97 @@ fn insert_each(table: &mut redb::Table<&[u8], &[u8]>, entries: &Entries) -> Resu
     Ok(())
 }
 
+/// Reading the persisted key index from a cold page cache: its pages lie among the records'
+/// pages, and one reader walking them waits for each in turn. When the first rows come slowly,
+/// helper threads walk the rest of the table ahead of the reader, each its own part of the
+/// revisions, so that the disk serves several reads at once and the reader finds their pages
+/// cached. A hint only: the helpers read in their own transactions, keep nothing, and stop once
+/// the reader has passed them or is done.
+mod prefetch {
+    use super::{ReadableDatabase, KEY_INDEX};
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::time::Duration;
+
+    /// Rows read before the reader decides whether the table is cold (and how often it says
+    /// where it is).
+    pub(super) const PROBE_ROWS: usize = 16_384;
+    /// Longer than this for the first [`PROBE_ROWS`] rows: read from the disk (from the page
+    /// cache they take about 2 ms).
+    pub(super) const COLD: Duration = Duration::from_millis(25);
+    /// Helper threads walking ahead of the reader (the disk's parallelism, not the cores': they
+    /// wait on reads).
+    const HELPERS: i64 = 3;
+
+    /// The reader's position and whether it is done, shared with the helpers.
+    #[derive(Default)]
+    pub(super) struct Reader {
+        at: AtomicI64,
+        done: AtomicBool,
+    }
+
+    impl Reader {
+        /// The reader reached main revision `rev`.
+        pub(super) fn at(&self, rev: i64) {
+            self.at.store(rev, Ordering::Relaxed);
+        }
+
+        /// The reader stopped: the helpers stop too.
+        pub(super) fn done(&self) {
+            self.done.store(true, Ordering::Relaxed);
+        }
+
+        /// Starts the helpers on revisions `from..=last` in [`HELPERS`] + 1 equal parts, each
+        /// but the first (the reader's own) walked by one helper, which answers how many rows it
+        /// walked.
+        pub(super) fn start<'scope, 'env: 'scope>(
+            &'env self,
+            scope: &'scope std::thread::Scope<'scope, 'env>,
+            db: &'env redb::Database,
+            from: i64,
+            last: i64,
+        ) -> Vec<std::thread::ScopedJoinHandle<'scope, usize>> {
+            let part = (last - from) / (HELPERS + 1) + 1;
+            tracing::debug!(from, last, helpers = HELPERS, "the key index is read from the disk: reading ahead");
+            let mut helpers = Vec::new();
+            for i in 1..=HELPERS {
+                let start = from.saturating_add(part.saturating_mul(i));
+                if start > last {
+                    break;
+                }
+                let end = start.saturating_add(part);
+                match std::thread::Builder::new().name("keel-index-ahead".into()).spawn_scoped(scope, move || self.walk(db, start, end)) {
+                    Ok(h) => helpers.push(h),
+                    Err(_) => break,
+                }
+            }
+            helpers
+        }
+
+        /// Walks the rows of main revisions `start..end`, which loads their pages, until the
+        /// reader passes the walk's position or is done; answers the rows walked.
+        fn walk(&self, db: &redb::Database, start: i64, end: i64) -> usize {
+            let Ok(tx) = db.begin_read() else { return 0 };
+            let Ok(table) = tx.open_table(KEY_INDEX) else { return 0 };
+            let (lo, hi) = (start.to_be_bytes(), end.to_be_bytes());
+            let Ok(range) = table.range::<&[u8]>(lo.as_slice()..hi.as_slice()) else { return 0 };
+            let mut walked = 0;
+            for item in range {
+                if walked % 1024 == 0 {
+                    let main = item
+                        .as_ref()
+                        .ok()
+                        .and_then(|(k, _)| k.value().get(..8).map(|b| i64::from_be_bytes(b.try_into().unwrap_or_default())));
+                    if self.done.load(Ordering::Relaxed) || main.is_none_or(|m| self.at.load(Ordering::Relaxed) >= m) {
+                        break;
+                    }
+                }
+                walked += 1;
+            }
+            walked
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1475,6 +1587,35 @@ mod tests {
         tx.commit().unwrap();
         assert_eq!(read(&b), (IndexSource::Built, persisted.clone()));
         assert_eq!(read(&b), (IndexSource::Persisted, persisted));
+    }
+
+    /// The helpers reading a cold index ahead walk the parts after the reader's, and stop once
+    /// the reader is done or has passed them.
+    #[test]
+    fn the_index_read_ahead_walks_the_later_parts_and_stops_behind_the_reader() {
+        let d = tempfile::tempdir().unwrap();
+        let b = Backend::open(&d.path().join("db")).unwrap();
+        let tx = b.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(KEY_INDEX).unwrap();
+            for main in 1..=40_000i64 {
+                t.insert(&Revision::new(main, 0).key_bytes()[..], b"row".as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        let walked = |at: i64, done: bool| -> Vec<usize> {
+            let reader = prefetch::Reader::default();
+            reader.at(at);
+            if done {
+                reader.done();
+            }
+            std::thread::scope(|s| reader.start(s, &b.db, 1, 40_000).into_iter().map(|h| h.join().unwrap()).collect())
+        };
+        assert_eq!(walked(0, false), vec![10_000, 10_000, 10_000], "each helper its quarter, the reader the first");
+        assert_eq!(walked(0, true), vec![0, 0, 0], "the reader is done");
+        let behind = walked(25_000, false);
+        assert_eq!(behind[..2], [0, 0], "the reader has passed the second and third quarters");
+        assert_eq!(behind[2], 10_000);
     }
 
     /// The child half of [`a_crash_while_the_index_is_built_leaves_it_to_be_built_again`]:
