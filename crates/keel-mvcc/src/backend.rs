@@ -406,11 +406,9 @@ impl Backend {
             return Ok(Err(Some(format!("{rows} index rows for {records} records"))));
         }
         sink.reserve(self.plausible_rows(rows));
-        let span = match (index.first().map_err(|e| self.err(e))?, index.last().map_err(|e| self.err(e))?) {
-            (Some((a, _)), Some((b, _))) => {
-                Revision::from_key(a.value()).zip(Revision::from_key(b.value())).map(|((a, _), (b, _))| (a.main, b.main))
-            }
-            _ => None,
+        let last = match index.last().map_err(|e| self.err(e))? {
+            Some((k, _)) => Revision::from_key(k.value()).map(|(r, _)| r.main),
+            None => None,
         };
         let reader = prefetch::Reader::default();
         std::thread::scope(|scope| -> Result<Result<(), Option<String>>, BackendError> {
@@ -424,9 +422,9 @@ impl Backend {
                     return Ok(Err(Some(format!("index row {k:?} does not decode"))));
                 };
                 if n == prefetch::PROBE_ROWS && started.elapsed() > prefetch::COLD {
-                    if let Some((first, last)) = span {
+                    if let Some(last) = last {
                         // Joined at the scope's end; what they walked is of no use here.
-                        drop(reader.start(scope, &self.db, row.rev.main, last.max(first)));
+                        drop(reader.start(scope, &self.db, row.rev.main, last));
                     }
                 }
                 if n % prefetch::PROBE_ROWS == 0 {
@@ -1158,7 +1156,7 @@ fn insert_each(table: &mut redb::Table<&[u8], &[u8]>, entries: &Entries) -> Resu
 /// cached. A hint only: the helpers read in their own transactions, keep nothing, and stop once
 /// the reader has passed them or is done.
 mod prefetch {
-    use super::{ReadableDatabase, KEY_INDEX};
+    use super::{ReadableDatabase, Revision, KEY_INDEX};
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     use std::time::Duration;
 
@@ -1227,10 +1225,7 @@ mod prefetch {
             let mut walked = 0;
             for item in range {
                 if walked % 1024 == 0 {
-                    let main = item
-                        .as_ref()
-                        .ok()
-                        .and_then(|(k, _)| k.value().get(..8).map(|b| i64::from_be_bytes(b.try_into().unwrap_or_default())));
+                    let main = item.as_ref().ok().and_then(|(k, _)| Revision::from_key(k.value())).map(|(r, _)| r.main);
                     if self.done.load(Ordering::Relaxed) || main.is_none_or(|m| self.at.load(Ordering::Relaxed) >= m) {
                         break;
                     }

@@ -537,10 +537,6 @@ impl Wal {
     }
 }
 
-/// Reads and checks `segments` of `dir` in order: every record but the crc records, the offset
-/// just past the last good record of the last segment, and the checksum chain there. With
-/// `repair`, a torn tail of the last segment is reported as one to be cut off; without, it
-/// just ends the log.
 /// Why the segments are read: to open the WAL for appending (a torn tail is repaired, and
 /// each record's place is kept to read it back later) or only to read them (neither).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -549,6 +545,11 @@ enum ReadFor {
     Reading,
 }
 
+/// Reads and checks `segments` of `dir` in order: every record but the crc records, the offset
+/// just past the last good record of the last segment, and the checksum chain there. With
+/// [`ReadFor::Opening`], a torn tail of the last segment is reported as one to be cut off, and
+/// each record's place is returned; [`ReadFor::Reading`] reads only: a torn tail just ends the
+/// log, and no place is kept.
 fn read_segments(dir: &Path, segments: &[SegmentName], read_for: ReadFor) -> Result<(Vec<Record>, Vec<RecordAt>, u64, u32)> {
     let repair = read_for == ReadFor::Opening;
     let mut all = Vec::new();
